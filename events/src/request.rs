@@ -1,0 +1,426 @@
+//! Requests: what producers publish, how they are decoded, and what makes one valid.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use crate::SCHEMA_VERSION;
+
+/// A platform a worker can provision on. The wire name is the kebab-case string.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlatformName {
+    /// Containers on a Docker engine, or Podman's Docker-compatible API.
+    Docker,
+    /// A local command from the worker's allow-list, health-checked on its port.
+    Process,
+    AwsEc2,
+    AwsEcs,
+    Kubernetes,
+    GcpCompute,
+    GcpCloudRun,
+    AzureVm,
+    AzureContainerInstances,
+}
+
+impl PlatformName {
+    pub const ALL: [PlatformName; 9] = [
+        PlatformName::Docker,
+        PlatformName::Process,
+        PlatformName::AwsEc2,
+        PlatformName::AwsEcs,
+        PlatformName::Kubernetes,
+        PlatformName::GcpCompute,
+        PlatformName::GcpCloudRun,
+        PlatformName::AzureVm,
+        PlatformName::AzureContainerInstances,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlatformName::Docker => "docker",
+            PlatformName::Process => "process",
+            PlatformName::AwsEc2 => "aws-ec2",
+            PlatformName::AwsEcs => "aws-ecs",
+            PlatformName::Kubernetes => "kubernetes",
+            PlatformName::GcpCompute => "gcp-compute",
+            PlatformName::GcpCloudRun => "gcp-cloud-run",
+            PlatformName::AzureVm => "azure-vm",
+            PlatformName::AzureContainerInstances => "azure-container-instances",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<PlatformName> {
+        Self::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+}
+
+impl fmt::Display for PlatformName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a request asks for. `provision` and `teardown` are served today; the others are
+/// reserved so producers and the schema already know their names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    Provision,
+    Teardown,
+    Start,
+    Stop,
+    Reboot,
+    Describe,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Provision => "provision",
+            Operation::Teardown => "teardown",
+            Operation::Start => "start",
+            Operation::Stop => "stop",
+            Operation::Reboot => "reboot",
+            Operation::Describe => "describe",
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A client-chosen request id: the idempotency key. 1 to 128 characters of ASCII letters,
+/// digits, `.`, `_` and `-`, starting with a letter or digit, so every platform can derive
+/// resource names and tags from it.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(try_from = "String", into = "String")]
+#[schemars(with = "RequestIdSchema")]
+pub struct RequestId(String);
+
+/// Schema stand-in for [`RequestId`] carrying its pattern.
+#[derive(JsonSchema)]
+#[schemars(transparent)]
+#[allow(dead_code)]
+struct RequestIdSchema(#[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"))] String);
+
+impl RequestId {
+    pub const MAX_LEN: usize = 128;
+
+    pub fn new(id: impl Into<String>) -> Result<RequestId, String> {
+        let id = id.into();
+        if id.is_empty() {
+            return Err("request_id is empty".into());
+        }
+        if id.len() > Self::MAX_LEN {
+            return Err(format!(
+                "request_id is {} characters long; the limit is {}",
+                id.len(),
+                Self::MAX_LEN
+            ));
+        }
+        if !id.as_bytes()[0].is_ascii_alphanumeric() {
+            return Err(format!(
+                "request_id {id:?} must start with a letter or digit"
+            ));
+        }
+        if let Some(bad) = id
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(format!(
+                "request_id {id:?} contains {bad:?}; allowed are ASCII letters, digits, '.', '_' and '-'"
+            ));
+        }
+        Ok(RequestId(id))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for RequestId {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        RequestId::new(value)
+    }
+}
+
+impl From<RequestId> for String {
+    fn from(value: RequestId) -> String {
+        value.0
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A provisioning request, as published to the `provisioning.requests` exchange.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(title = "Provisioning request")]
+pub struct Request {
+    /// Version of this format; this release reads and writes 1.
+    pub schema_version: u32,
+    /// Client-chosen id and idempotency key: the same id always means the same request.
+    pub request_id: RequestId,
+    pub operation: Operation,
+    pub platform: PlatformName,
+    /// The platform's parameters (see the per-platform spec schemas). Required for
+    /// `provision`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<serde_json::Map<String, serde_json::Value>>,
+    /// For `teardown` (and the later start/stop/reboot/describe): the `request_id` of
+    /// the provision request whose resource to act on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_request_id: Option<RequestId>,
+    /// Alternatively: the platform's own id of the resource (container id, instance id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_id: Option<String>,
+    /// Free-form labels copied onto the resource where the platform supports them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Past this instant the request is not retried any more (RFC 3339).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
+    pub deadline: Option<OffsetDateTime>,
+    /// Who the request is on behalf of; carried through to status events and logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+/// What a teardown (or another operation on an existing resource) acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TeardownTarget {
+    /// The resource made by this provision request.
+    Request(RequestId),
+    /// The platform's own resource id.
+    Resource(String),
+}
+
+impl fmt::Display for TeardownTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TeardownTarget::Request(id) => write!(f, "request {id}"),
+            TeardownTarget::Resource(id) => write!(f, "resource {id}"),
+        }
+    }
+}
+
+const MAX_LABELS: usize = 64;
+const MAX_LABEL_KEY_LEN: usize = 63;
+const MAX_LABEL_VALUE_LEN: usize = 256;
+const MAX_TENANT_LEN: usize = 128;
+const MAX_RESOURCE_ID_LEN: usize = 256;
+
+impl Request {
+    /// Checks everything about a request that does not depend on the platform: the schema
+    /// version, the fields each operation needs, label and id shapes.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.schema_version != SCHEMA_VERSION {
+            return Err(format!(
+                "schema_version {} is not supported; this worker reads version {SCHEMA_VERSION}",
+                self.schema_version
+            ));
+        }
+        match self.operation {
+            Operation::Provision => {
+                if self.spec.is_none() {
+                    return Err("a provision request needs a \"spec\" object with the platform's parameters".into());
+                }
+                if self.target_request_id.is_some() || self.resource_id.is_some() {
+                    return Err("a provision request names no target_request_id or resource_id; those are for teardown".into());
+                }
+            }
+            Operation::Teardown
+            | Operation::Start
+            | Operation::Stop
+            | Operation::Reboot
+            | Operation::Describe => {
+                self.target()?;
+            }
+        }
+        if let Some(resource_id) = &self.resource_id {
+            if resource_id.is_empty()
+                || resource_id.len() > MAX_RESOURCE_ID_LEN
+                || resource_id
+                    .chars()
+                    .any(|c| c.is_control() || c.is_whitespace())
+            {
+                return Err(format!(
+                    "resource_id {resource_id:?} must be 1 to {MAX_RESOURCE_ID_LEN} characters without spaces or control characters"
+                ));
+            }
+        }
+        if self.labels.len() > MAX_LABELS {
+            return Err(format!(
+                "{} labels given; the limit is {MAX_LABELS}",
+                self.labels.len()
+            ));
+        }
+        for (key, value) in &self.labels {
+            let key_ok = !key.is_empty()
+                && key.len() <= MAX_LABEL_KEY_LEN
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+            if !key_ok {
+                return Err(format!(
+                    "label key {key:?} must be 1 to {MAX_LABEL_KEY_LEN} ASCII letters, digits, '.', '_', '-' or '/'"
+                ));
+            }
+            if value.len() > MAX_LABEL_VALUE_LEN || value.chars().any(char::is_control) {
+                return Err(format!(
+                    "label {key:?} has a value over {MAX_LABEL_VALUE_LEN} bytes or with control characters"
+                ));
+            }
+        }
+        if let Some(tenant) = &self.tenant {
+            if tenant.is_empty()
+                || tenant.len() > MAX_TENANT_LEN
+                || tenant.chars().any(char::is_control)
+            {
+                return Err(format!(
+                    "tenant must be 1 to {MAX_TENANT_LEN} characters without control characters"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What a teardown-like request acts on: exactly one of `target_request_id` and
+    /// `resource_id`.
+    pub fn target(&self) -> Result<TeardownTarget, String> {
+        match (&self.target_request_id, &self.resource_id) {
+            (Some(id), None) => Ok(TeardownTarget::Request(id.clone())),
+            (None, Some(id)) => Ok(TeardownTarget::Resource(id.clone())),
+            (None, None) => Err(format!(
+                "a {} request needs \"target_request_id\" (the provision request's id) or \"resource_id\"",
+                self.operation
+            )),
+            (Some(_), Some(_)) => Err(format!(
+                "a {} request names either \"target_request_id\" or \"resource_id\", not both",
+                self.operation
+            )),
+        }
+    }
+
+    /// SHA-256 over the canonical JSON of the request as this version understands it
+    /// (keys sorted, unknown fields dropped). Two deliveries with the same request id and
+    /// different hashes are a conflict.
+    pub fn payload_hash(&self) -> String {
+        let value = serde_json::to_value(self).expect("a Request always serializes");
+        let mut canonical = Vec::new();
+        write_canonical(&value, &mut canonical);
+        let digest = Sha256::digest(&canonical);
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn routing_key(&self) -> String {
+        crate::request_routing_key(self.platform, self.operation)
+    }
+}
+
+/// Serializes JSON with object keys in sorted order, whatever map type serde_json uses.
+fn write_canonical(value: &serde_json::Value, out: &mut Vec<u8>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(
+                    serde_json::Value::String(key.clone())
+                        .to_string()
+                        .as_bytes(),
+                );
+                out.push(b':');
+                write_canonical(&map[key], out);
+            }
+            out.push(b'}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        scalar => out.extend_from_slice(scalar.to_string().as_bytes()),
+    }
+}
+
+/// Why a message could not be accepted as a request. It keeps whatever could still be read
+/// (the request id, the platform, the operation) so the rejection can be reported on the
+/// status topic under the producer's own id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DecodeError {
+    pub message: String,
+    /// The `request_id` as it appeared, when it was a string.
+    pub request_id: Option<String>,
+    /// The `platform` as it appeared, when it was a string.
+    pub platform: Option<String>,
+    /// The `operation`, when it was a known one.
+    pub operation: Option<Operation>,
+}
+
+/// Reads and validates one message body. Malformed JSON, missing or unknown fields' values,
+/// bad ids and unsupported versions all give a [`DecodeError`] a person can act on.
+pub fn decode_request(body: &[u8]) -> Result<Request, DecodeError> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| DecodeError {
+        message: format!("the message is not valid JSON: {e}"),
+        request_id: None,
+        platform: None,
+        operation: None,
+    })?;
+    let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+    let readable = |message: String| DecodeError {
+        message,
+        request_id: field("request_id"),
+        platform: field("platform"),
+        operation: value
+            .get("operation")
+            .and_then(|v| serde_json::from_value(v.clone()).ok()),
+    };
+    if !value.is_object() {
+        return Err(readable("a request is a JSON object".into()));
+    }
+    if let Some(platform) = field("platform") {
+        if PlatformName::parse(&platform).is_none() {
+            let known: Vec<&str> = PlatformName::ALL.iter().map(|p| p.as_str()).collect();
+            return Err(readable(format!(
+                "unknown platform {platform:?}; known platforms: {}",
+                known.join(", ")
+            )));
+        }
+    }
+    let request: Request = serde_json::from_value(value.clone())
+        .map_err(|e| readable(format!("invalid request: {e}")))?;
+    request.validate().map_err(readable)?;
+    Ok(request)
+}

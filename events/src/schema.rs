@@ -1,0 +1,32 @@
+//! JSON Schemas generated from the types of this crate, for producers in other languages.
+//! `events/schema/*.json` holds them committed; `tests/schema.rs` fails when they drift.
+
+use crate::spec::{docker::DockerSpec, process::ProcessSpec};
+use crate::{Request, StatusEvent};
+
+/// Every published schema: its file name under `events/schema/` and its JSON text.
+pub fn all() -> Vec<(&'static str, String)> {
+    let render = |schema: schemars::Schema| {
+        let mut text = serde_json::to_string_pretty(&schema).expect("schemas serialize");
+        text.push('\n');
+        text
+    };
+    vec![
+        (
+            "request.schema.json",
+            render(schemars::schema_for!(Request)),
+        ),
+        (
+            "status-event.schema.json",
+            render(schemars::schema_for!(StatusEvent)),
+        ),
+        (
+            "spec-docker.schema.json",
+            render(schemars::schema_for!(DockerSpec)),
+        ),
+        (
+            "spec-process.schema.json",
+            render(schemars::schema_for!(ProcessSpec)),
+        ),
+    ]
+}

@@ -1,0 +1,65 @@
+//! The `spec` of each platform: its parameters, part of the public contract.
+//!
+//! A request carries its spec as a JSON object; the platform's worker reads it into the
+//! type here, so a producer can validate against the generated schema before publishing.
+
+pub mod docker;
+pub mod process;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// How to tell that a resource is ready. Any HTTP answer counts as healthy, 404 included:
+/// the check asks "is something serving", not "is the app happy".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum HealthCheck {
+    /// An HTTP GET of `path` on `port`.
+    Http {
+        /// Defaults to the first published port.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+        #[serde(default = "root_path")]
+        path: String,
+    },
+    /// A TCP connection to `port`.
+    Tcp {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+    },
+}
+
+fn root_path() -> String {
+    "/".into()
+}
+
+impl HealthCheck {
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            HealthCheck::Http { port, .. } | HealthCheck::Tcp { port } => *port,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.port() == Some(0) {
+            return Err("health check port 0 is not a port".into());
+        }
+        if let HealthCheck::Http { path, .. } = self {
+            if !path.starts_with('/') || path.chars().any(|c| c.is_control() || c == ' ') {
+                return Err(format!(
+                    "health check path {path:?} must start with '/' and contain no spaces or control characters"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads a spec object into a platform's spec type with a message naming the platform.
+pub fn parse_spec<T: serde::de::DeserializeOwned>(
+    platform: &str,
+    spec: &serde_json::Map<String, serde_json::Value>,
+) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::Object(spec.clone()))
+        .map_err(|e| format!("invalid {platform} spec: {e}"))
+}

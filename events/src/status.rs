@@ -1,0 +1,174 @@
+//! Status events: every step of a request's life, as published to the status topic.
+
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::request::Operation;
+
+/// The life cycle states of the source documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    NotStarted,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Error,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::NotStarted => "not_started",
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+            State::Error => "error",
+        }
+    }
+
+    /// A state after which no further event comes for the request.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, State::Running | State::Stopped | State::Error)
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What kind of failure an `error` event reports, so a producer can decide what to do
+/// without parsing messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// The request is malformed or its spec is refused; fix it and send a new request id.
+    InvalidRequest,
+    /// The request id was used before with a different payload, or the name is taken.
+    Conflict,
+    /// Something the request names (an image, a target) does not exist.
+    NotFound,
+    /// The worker's credentials or policy do not allow it.
+    Permission,
+    /// An account or project limit was hit.
+    Quota,
+    /// The platform has no capacity for it right now.
+    Capacity,
+    /// The platform asked us to slow down and retries ran out.
+    Throttled,
+    /// A passing fault (network, restart) outlasted the retries.
+    Transient,
+    /// The resource did not become ready in time, or the request's deadline passed.
+    Timeout,
+    /// The platform does not support this operation.
+    Unsupported,
+    /// A bug or unexpected answer in the worker; the message says what.
+    Internal,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::InvalidRequest => "invalid_request",
+            ErrorClass::Conflict => "conflict",
+            ErrorClass::NotFound => "not_found",
+            ErrorClass::Permission => "permission",
+            ErrorClass::Quota => "quota",
+            ErrorClass::Capacity => "capacity",
+            ErrorClass::Throttled => "throttled",
+            ErrorClass::Transient => "transient",
+            ErrorClass::Timeout => "timeout",
+            ErrorClass::Unsupported => "unsupported",
+            ErrorClass::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The failure carried by an `error` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorInfo {
+    pub class: ErrorClass,
+    /// What went wrong and what to do about it, for a person.
+    pub message: String,
+}
+
+/// One network endpoint of a resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Endpoint {
+    /// The port the service listens on inside the resource (container port).
+    pub port: u16,
+    /// Where it is reachable from the worker's side.
+    pub host: String,
+    pub host_port: u16,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+}
+
+fn tcp() -> String {
+    "tcp".into()
+}
+
+/// What was made, as far as it is known.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct Resource {
+    /// The platform's own id (container id, instance id, process id).
+    pub id: String,
+    /// The name the worker gave it, derived from the request id.
+    pub name: String,
+    /// The host or IP address it is reachable at, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A status event, as published to the `provisioning.status` exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(title = "Provisioning status event")]
+pub struct StatusEvent {
+    pub schema_version: u32,
+    /// The request this event is about (as the producer wrote it, even when rejected).
+    pub request_id: String,
+    /// Absent only when the message was so malformed that no operation could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<Operation>,
+    /// The platform name as the request gave it (`unknown` when it gave none).
+    pub platform: String,
+    pub state: State,
+    /// Increases by one with every event of the request, across workers; order events by
+    /// it. A rejection of a message that never became a request has `seq` 0.
+    pub seq: u64,
+    /// Which delivery attempt this event came from, starting at 1.
+    pub attempt: u32,
+    /// When the event was made (RFC 3339, UTC).
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
+    pub timestamp: OffsetDateTime,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<Resource>,
+    /// Present exactly when `state` is `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    /// The request's tenant, when it named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+impl StatusEvent {
+    pub fn routing_key(&self) -> String {
+        crate::status_routing_key(&self.platform, self.state)
+    }
+}

@@ -1,0 +1,283 @@
+//! The wire contract pinned: golden fixtures, generated schemas, and the schemas checked
+//! against the fixtures, so a change to the format is always a visible diff.
+//!
+//! Set `UPDATE_GOLDEN=1` to rewrite the golden files after an intended change.
+
+use std::path::{Path, PathBuf};
+
+use provisioner_events::spec::docker::DockerSpec;
+use provisioner_events::spec::parse_spec;
+use provisioner_events::*;
+use time::macros::datetime;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn updating() -> bool {
+    std::env::var_os("UPDATE_GOLDEN").is_some()
+}
+
+fn json_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("fixture dir")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no fixtures in {}", dir.display());
+    files
+}
+
+/// Compares `actual` with the committed file, or rewrites it under UPDATE_GOLDEN.
+fn golden(path: &Path, actual: &str) {
+    if updating() {
+        std::fs::write(path, actual).expect("write golden");
+        return;
+    }
+    let expected = std::fs::read_to_string(path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with UPDATE_GOLDEN=1 to create)",
+            path.display()
+        )
+    });
+    assert_eq!(
+        expected,
+        actual,
+        "{} drifted from the code; if the change is intended run UPDATE_GOLDEN=1 cargo test -p provisioner-events",
+        path.display()
+    );
+}
+
+#[test]
+fn the_issue_examples_are_accepted_exactly_as_written() {
+    let provision = decode_request(
+        br#"{"schema_version":1,"request_id":"demo-web-1","operation":"provision","platform":"docker","spec":{"image":"localhost/busybox:latest","command":["httpd","-f","-p","8080"],"ports":[8080],"env":{"GREETING":"hi"},"health":{"http":{"port":8080,"path":"/"}}},"labels":{"team":"demo"}}"#,
+    )
+    .expect("provision example");
+    assert_eq!(provision.request_id.as_str(), "demo-web-1");
+    assert_eq!(provision.routing_key(), "docker.provision");
+    let spec: DockerSpec =
+        parse_spec("docker", provision.spec.as_ref().expect("spec")).expect("docker spec");
+    spec.validate().expect("valid docker spec");
+    assert_eq!(spec.ports[0].container_port(), 8080);
+
+    let teardown = decode_request(
+        br#"{"schema_version":1,"request_id":"demo-web-1-down","operation":"teardown","platform":"docker","target_request_id":"demo-web-1"}"#,
+    )
+    .expect("teardown example");
+    assert_eq!(
+        teardown.target(),
+        Ok(TeardownTarget::Request(
+            RequestId::new("demo-web-1").expect("id")
+        ))
+    );
+}
+
+#[test]
+fn every_valid_fixture_decodes_and_round_trips() {
+    for path in json_files(&fixtures().join("requests/valid")) {
+        let body = std::fs::read(&path).expect("read");
+        let request = decode_request(&body).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let again = decode_request(&serde_json::to_vec(&request).expect("serialize"))
+            .unwrap_or_else(|e| panic!("{} after a round trip: {e}", path.display()));
+        assert_eq!(request, again, "{}", path.display());
+        assert_eq!(request.payload_hash(), again.payload_hash());
+    }
+}
+
+#[test]
+fn every_invalid_fixture_is_rejected_with_a_pinned_message() {
+    let mut report = String::new();
+    for path in json_files(&fixtures().join("requests/invalid")) {
+        let body = std::fs::read(&path).expect("read");
+        let error = decode_request(&body).expect_err(&path.display().to_string());
+        report.push_str(&format!(
+            "{}\n  request_id: {:?}\n  platform: {:?}\n  message: {}\n",
+            path.file_name().expect("name").to_string_lossy(),
+            error.request_id,
+            error.platform,
+            error.message
+        ));
+    }
+    golden(
+        &fixtures().join("requests/invalid/REJECTIONS.golden"),
+        &report,
+    );
+}
+
+#[test]
+fn unknown_fields_are_ignored_and_do_not_change_the_payload_hash() {
+    let plain = decode_request(
+        br#"{"schema_version":1,"request_id":"a-1","operation":"teardown","platform":"docker","target_request_id":"b"}"#,
+    )
+    .expect("plain");
+    let extended = decode_request(
+        br#"{"new_field":[1],"schema_version":1,"request_id":"a-1","operation":"teardown","platform":"docker","target_request_id":"b","x":{}}"#,
+    )
+    .expect("extended");
+    assert_eq!(plain.payload_hash(), extended.payload_hash());
+}
+
+#[test]
+fn payload_hash_ignores_key_order_but_not_values() {
+    let a = decode_request(
+        br#"{"schema_version":1,"request_id":"h","operation":"provision","platform":"docker","spec":{"image":"i","env":{"A":"1","B":"2"}}}"#,
+    )
+    .expect("a");
+    let b = decode_request(
+        br#"{"spec":{"env":{"B":"2","A":"1"},"image":"i"},"platform":"docker","operation":"provision","request_id":"h","schema_version":1}"#,
+    )
+    .expect("b");
+    let c = decode_request(
+        br#"{"schema_version":1,"request_id":"h","operation":"provision","platform":"docker","spec":{"image":"i","env":{"A":"1","B":"3"}}}"#,
+    )
+    .expect("c");
+    assert_eq!(a.payload_hash(), b.payload_hash());
+    assert_ne!(a.payload_hash(), c.payload_hash());
+}
+
+#[test]
+fn request_ids_are_bounded_in_charset_and_length() {
+    assert!(RequestId::new("a").is_ok());
+    assert!(RequestId::new("A.b_c-9").is_ok());
+    assert!(RequestId::new("x".repeat(128)).is_ok());
+    assert!(RequestId::new("x".repeat(129)).is_err());
+    for bad in ["", "-leading", ".x", "a/b", "a b", "a:b", "ü", "a\n"] {
+        assert!(RequestId::new(bad).is_err(), "{bad:?} accepted");
+    }
+}
+
+fn sample_events() -> Vec<(&'static str, StatusEvent)> {
+    let base = StatusEvent {
+        schema_version: SCHEMA_VERSION,
+        request_id: "demo-web-1".into(),
+        operation: Some(Operation::Provision),
+        platform: "docker".into(),
+        state: State::Starting,
+        seq: 1,
+        attempt: 1,
+        timestamp: datetime!(2026-11-21 09:00:00 UTC),
+        resource: None,
+        error: None,
+        tenant: None,
+    };
+    let running = StatusEvent {
+        state: State::Running,
+        seq: 2,
+        timestamp: datetime!(2026-11-21 09:00:01.250 UTC),
+        resource: Some(Resource {
+            id: "4c1e0b7f9a2d".into(),
+            name: "prov-demo-web-1".into(),
+            address: Some("127.0.0.1".into()),
+            endpoints: vec![Endpoint {
+                port: 8080,
+                host: "127.0.0.1".into(),
+                host_port: 40123,
+                protocol: "tcp".into(),
+            }],
+        }),
+        ..base.clone()
+    };
+    let error = StatusEvent {
+        state: State::Error,
+        seq: 2,
+        error: Some(ErrorInfo {
+            class: ErrorClass::NotFound,
+            message: "image localhost/nope:latest is not on the engine and could not be pulled"
+                .into(),
+        }),
+        ..base.clone()
+    };
+    let rejected = StatusEvent {
+        request_id: "x-1".into(),
+        operation: Some(Operation::Provision),
+        platform: "openstack".into(),
+        state: State::Error,
+        seq: 0,
+        error: Some(ErrorInfo {
+            class: ErrorClass::InvalidRequest,
+            message: "unknown platform \"openstack\"".into(),
+        }),
+        ..base.clone()
+    };
+    vec![
+        ("starting", base),
+        ("running", running),
+        ("error", error),
+        ("rejected", rejected),
+    ]
+}
+
+#[test]
+fn status_events_serialize_as_the_golden_files() {
+    for (name, event) in sample_events() {
+        let mut text = serde_json::to_string_pretty(&event).expect("serialize");
+        text.push('\n');
+        golden(&fixtures().join(format!("status/{name}.json")), &text);
+        let back: StatusEvent = serde_json::from_str(&text).expect("deserialize");
+        assert_eq!(back, event);
+    }
+}
+
+#[test]
+fn status_event_routing_keys() {
+    let events = sample_events();
+    assert_eq!(events[1].1.routing_key(), "docker.running");
+    assert_eq!(events[3].1.routing_key(), "openstack.error");
+}
+
+#[test]
+fn committed_schemas_match_the_code() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema");
+    for (file, text) in schema::all() {
+        golden(&dir.join(file), &text);
+    }
+}
+
+fn validator(file: &str) -> jsonschema::Validator {
+    let text = schema::all()
+        .into_iter()
+        .find(|(name, _)| *name == file)
+        .expect("schema exists")
+        .1;
+    let schema: serde_json::Value = serde_json::from_str(&text).expect("schema is JSON");
+    jsonschema::validator_for(&schema).expect("schema compiles")
+}
+
+#[test]
+fn fixtures_validate_against_the_published_schemas() {
+    let request_schema = validator("request.schema.json");
+    let docker_schema = validator("spec-docker.schema.json");
+    let process_schema = validator("spec-process.schema.json");
+    for path in json_files(&fixtures().join("requests/valid")) {
+        let value: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        let errors: Vec<String> = request_schema
+            .iter_errors(&value)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{}: {errors:?}", path.display());
+        if let Some(spec) = value.get("spec") {
+            let validator = match value["platform"].as_str() {
+                Some("docker") => &docker_schema,
+                Some("process") => &process_schema,
+                other => panic!("no spec schema for {other:?}"),
+            };
+            let errors: Vec<String> = validator.iter_errors(spec).map(|e| e.to_string()).collect();
+            assert!(errors.is_empty(), "{} spec: {errors:?}", path.display());
+        }
+    }
+    let status_schema = validator("status-event.schema.json");
+    for path in json_files(&fixtures().join("status")) {
+        let value: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        assert!(status_schema.is_valid(&value), "{}", path.display());
+    }
+    // The schema is strict where the code is: a bad request id is refused by both.
+    let bad: serde_json::Value = serde_json::json!({
+        "schema_version": 1, "request_id": "has space", "operation": "teardown",
+        "platform": "docker", "target_request_id": "a"
+    });
+    assert!(!request_schema.is_valid(&bad));
+}

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Installs (when missing) and starts every service the tests need on a Debian 12 machine:
+# RabbitMQ, Redis, and Podman serving the Docker Engine API with a local busybox image.
+# Idempotent: a second run only checks that each service answers.
+# Recipes follow shared/ENVIRONMENT.md; each was tried on this kind of machine.
+set -euo pipefail
+
+PODMAN_SOCKET_PATH=${PODMAN_SOCKET_PATH:-/run/podman/podman.sock}
+BUSYBOX_IMAGE=${BUSYBOX_IMAGE:-localhost/busybox:latest}
+LOG_DIR=${SERVICES_LOG_DIR:-/tmp/provisioner-services}
+mkdir -p "$LOG_DIR"
+
+say() { printf '[services] %s\n' "$*" >&2; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v podman >/dev/null || missing+=(podman)
+command -v runc >/dev/null || missing+=(runc)
+[ -x /bin/busybox ] || missing+=(busybox-static)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >"$LOG_DIR/apt.log" 2>&1 \
+    || { cat "$LOG_DIR/apt.log" >&2; exit 1; }
+fi
+
+# Redis: an ephemeral store for tests, no persistence.
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  say "starting redis"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --logfile "$LOG_DIR/redis.log"
+  for _ in $(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null
+
+# RabbitMQ: 3.10 from Debian has quorum queues, delivery limits and dead-letter exchanges.
+if ! rabbitmqctl -q status >/dev/null 2>&1; then
+  say "starting rabbitmq (about 15 s)"
+  as_root rabbitmq-server -detached
+fi
+# await_startup fails at once while the node has not yet registered with epmd: poll first.
+for _ in $(seq 120); do rabbitmqctl -q await_startup --timeout 5 >/dev/null 2>&1 && break; sleep 1; done
+rabbitmqctl -q await_startup --timeout 10 >/dev/null
+
+# Podman: the Docker Engine API on a unix socket, with runc and cgroupfs (crun and the
+# default ulimits fail in this sandbox).
+if [ ! -f /etc/containers/containers.conf ] || ! grep -q 'runtime = "runc"' /etc/containers/containers.conf; then
+  as_root mkdir -p /etc/containers
+  printf '[containers]\ndefault_ulimits = []\n[engine]\ncgroup_manager = "cgroupfs"\nruntime = "runc"\n' \
+    | as_root tee /etc/containers/containers.conf >/dev/null
+fi
+if ! podman image exists "$BUSYBOX_IMAGE"; then
+  say "importing $BUSYBOX_IMAGE from /bin/busybox"
+  root=$(mktemp -d)
+  mkdir -p "$root/bin"
+  cp /bin/busybox "$root/bin/"
+  (cd "$root/bin" && for c in sh sleep httpd echo cat nc wget true false; do ln -sf busybox "$c"; done)
+  tar -C "$root" -cf "$root.tar" .
+  podman import "$root.tar" "$BUSYBOX_IMAGE" >/dev/null
+  rm -rf "$root" "$root.tar"
+fi
+if ! curl -fsS --unix-socket "$PODMAN_SOCKET_PATH" http://d/_ping >/dev/null 2>&1; then
+  say "starting podman API service on $PODMAN_SOCKET_PATH"
+  as_root mkdir -p "$(dirname "$PODMAN_SOCKET_PATH")"
+  rm -f "$PODMAN_SOCKET_PATH"
+  nohup podman system service --time=0 "unix://$PODMAN_SOCKET_PATH" >"$LOG_DIR/podman.log" 2>&1 &
+  for _ in $(seq 100); do
+    curl -fsS --unix-socket "$PODMAN_SOCKET_PATH" http://d/_ping >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+fi
+curl -fsS --unix-socket "$PODMAN_SOCKET_PATH" http://d/_ping >/dev/null \
+  || { say "podman API did not come up; see $LOG_DIR/podman.log"; exit 1; }
+
+say "ready: AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f REDIS_URL=redis://127.0.0.1:6379 DOCKER_HOST=unix://$PODMAN_SOCKET_PATH"
