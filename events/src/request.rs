@@ -258,17 +258,16 @@ impl Request {
                 self.target()?;
             }
         }
-        if let Some(resource_id) = &self.resource_id {
-            if resource_id.is_empty()
+        if let Some(resource_id) = &self.resource_id
+            && (resource_id.is_empty()
                 || resource_id.len() > MAX_RESOURCE_ID_LEN
                 || resource_id
                     .chars()
-                    .any(|c| c.is_control() || c.is_whitespace())
-            {
-                return Err(format!(
-                    "resource_id {resource_id:?} must be 1 to {MAX_RESOURCE_ID_LEN} characters without spaces or control characters"
-                ));
-            }
+                    .any(|c| c.is_control() || c.is_whitespace()))
+        {
+            return Err(format!(
+                "resource_id {resource_id:?} must be 1 to {MAX_RESOURCE_ID_LEN} characters without spaces or control characters"
+            ));
         }
         if self.labels.len() > MAX_LABELS {
             return Err(format!(
@@ -293,15 +292,14 @@ impl Request {
                 ));
             }
         }
-        if let Some(tenant) = &self.tenant {
-            if tenant.is_empty()
+        if let Some(tenant) = &self.tenant
+            && (tenant.is_empty()
                 || tenant.len() > MAX_TENANT_LEN
-                || tenant.chars().any(char::is_control)
-            {
-                return Err(format!(
-                    "tenant must be 1 to {MAX_TENANT_LEN} characters without control characters"
-                ));
-            }
+                || tenant.chars().any(char::is_control))
+        {
+            return Err(format!(
+                "tenant must be 1 to {MAX_TENANT_LEN} characters without control characters"
+            ));
         }
         Ok(())
     }
@@ -410,14 +408,14 @@ pub fn decode_request(body: &[u8]) -> Result<Request, DecodeError> {
     if !value.is_object() {
         return Err(readable("a request is a JSON object".into()));
     }
-    if let Some(platform) = field("platform") {
-        if PlatformName::parse(&platform).is_none() {
-            let known: Vec<&str> = PlatformName::ALL.iter().map(|p| p.as_str()).collect();
-            return Err(readable(format!(
-                "unknown platform {platform:?}; known platforms: {}",
-                known.join(", ")
-            )));
-        }
+    if let Some(platform) = field("platform")
+        && PlatformName::parse(&platform).is_none()
+    {
+        let known: Vec<&str> = PlatformName::ALL.iter().map(|p| p.as_str()).collect();
+        return Err(readable(format!(
+            "unknown platform {platform:?}; known platforms: {}",
+            known.join(", ")
+        )));
     }
     let request: Request = serde_json::from_value(value.clone())
         .map_err(|e| readable(format!("invalid request: {e}")))?;

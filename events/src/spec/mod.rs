@@ -44,12 +44,12 @@ impl HealthCheck {
         if self.port() == Some(0) {
             return Err("health check port 0 is not a port".into());
         }
-        if let HealthCheck::Http { path, .. } = self {
-            if !path.starts_with('/') || path.chars().any(|c| c.is_control() || c == ' ') {
-                return Err(format!(
-                    "health check path {path:?} must start with '/' and contain no spaces or control characters"
-                ));
-            }
+        if let HealthCheck::Http { path, .. } = self
+            && (!path.starts_with('/') || path.chars().any(|c| c.is_control() || c == ' '))
+        {
+            return Err(format!(
+                "health check path {path:?} must start with '/' and contain no spaces or control characters"
+            ));
         }
         Ok(())
     }

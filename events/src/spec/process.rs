@@ -48,12 +48,12 @@ impl ProcessSpec {
         }
         if let Some(health) = &self.health {
             health.validate()?;
-            if let (Some(check), Some(port)) = (health.port(), self.port) {
-                if check != port {
-                    return Err(format!(
-                        "the health check uses port {check} but the program listens on {port}"
-                    ));
-                }
+            if let (Some(check), Some(port)) = (health.port(), self.port)
+                && check != port
+            {
+                return Err(format!(
+                    "the health check uses port {check} but the program listens on {port}"
+                ));
             }
         }
         for arg in &self.args {

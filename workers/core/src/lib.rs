@@ -1,1 +1,35 @@
+//! The platform-agnostic worker runtime.
+//!
+//! A worker consumes requests for one platform, claims each in the state store (a lease
+//! with a fencing token), publishes a status event for every step, calls the platform,
+//! records the result and acknowledges the delivery only after that result is stored and
+//! its event confirmed by the broker. The pieces:
+//!
+//! - [`platform`]: the [`Platform`] trait every platform worker implements, and its errors.
+//! - [`policy`]: the pure decision of what happens after a failure (retry when, or stop).
+//! - [`store`]: the [`StateStore`] trait (idempotency records, leases, fencing) with an
+//!   in-memory implementation; [`redis_store`] is the Redis one.
+//! - [`broker`]: the [`Broker`] trait (deliveries, settlement, status publishing) with an
+//!   in-memory implementation; [`amqp`] is the RabbitMQ one.
+//! - [`runtime`]: the consume loop and the per-delivery state machine.
+//! - [`conformance`]: the tests every platform must pass (each operation twice).
+//!
+//! Platform crates depend only on [`platform`] and `provisioner-events`; the RabbitMQ and
+//! Redis adapters sit behind the `rabbitmq` and `redis` features.
 
+#[cfg(feature = "rabbitmq")]
+pub mod amqp;
+pub mod broker;
+pub mod conformance;
+pub mod health;
+pub mod platform;
+pub mod policy;
+#[cfg(feature = "redis")]
+pub mod redis_store;
+pub mod runtime;
+pub mod store;
+
+pub use broker::{Broker, BrokerError, Delivery, MemoryBroker, Settlement};
+pub use platform::{Platform, PlatformError};
+pub use runtime::{Worker, WorkerConfig};
+pub use store::{Claim, MemoryStore, StateStore, StoreError};

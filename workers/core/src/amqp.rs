@@ -1,0 +1,711 @@
+//! The broker on RabbitMQ (AMQP 0-9-1, lapin).
+//!
+//! Topology, declared idempotently by every worker and producer:
+//!
+//! | name | kind | purpose |
+//! |---|---|---|
+//! | `provisioning.requests` | topic exchange | requests, key `<platform>.<operation>`; unroutable ones go to `provisioning.unrouted` |
+//! | `provisioning.status` | topic exchange | status events, key `<platform>.<state>` |
+//! | `provisioning.status.journal` | queue on `#` | keeps the latest events (bounded) so a status publish always has a route |
+//! | `provisioning.<platform>` | quorum queue on `<platform>.*` | the work queue, with a delivery limit and a dead-letter exchange |
+//! | `provisioning.dead-letter` | topic exchange | dead letters, into `provisioning.<platform>.dead-letter` |
+//! | `provisioning.<platform>.retry.<N>s` | queue, TTL N s | delayed retries: expired messages dead-letter back into the work queue |
+//! | `provisioning.unrouted` | fanout exchange + queue | requests no queue was bound for |
+//!
+//! Delayed retries use fixed-TTL tier queues (1 s, 2 s, … 512 s) rather than per-message
+//! TTLs, because RabbitMQ expires messages only at a queue's head: one long delay would
+//! hold back every shorter one behind it. A delay is rounded onto the two nearest tiers at
+//! random in proportion to its distance from each, which keeps the mean delay and the
+//! spread of the jitter.
+//!
+//! Every publish uses publisher confirms and `mandatory`; a nack or a return is an error.
+//! The connection is made lazily and made again after it drops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::stream::{BoxStream, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use provisioner_events::{PlatformName, REQUESTS_EXCHANGE, STATUS_EXCHANGE, StatusEvent};
+use tokio::sync::Mutex;
+use tracing::{debug, warn};
+
+use crate::broker::{
+    Broker, BrokerError, Delivery, DeliveryParts, DeliveryStream, Settle, Settlement,
+};
+
+pub const DEAD_LETTER_EXCHANGE: &str = "provisioning.dead-letter";
+pub const UNROUTED_EXCHANGE: &str = "provisioning.unrouted";
+pub const UNROUTED_QUEUE: &str = "provisioning.unrouted";
+pub const STATUS_JOURNAL_QUEUE: &str = "provisioning.status.journal";
+/// Header carrying the runtime's attempt number (1-based).
+pub const ATTEMPT_HEADER: &str = "x-provisioner-attempt";
+/// Header keeping a retried message's original routing key (a retry travels by queue name).
+pub const ROUTING_KEY_HEADER: &str = "x-provisioner-routing-key";
+/// Headers of a dead letter: why it was refused, and the error class.
+pub const REASON_HEADER: &str = "x-provisioner-reason";
+pub const CLASS_HEADER: &str = "x-provisioner-error-class";
+
+/// Delay tiers of the retry queues, in seconds.
+pub const RETRY_TIERS_S: [u64; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
+
+pub fn work_queue(platform: PlatformName) -> String {
+    format!("provisioning.{platform}")
+}
+
+pub fn dead_letter_queue(platform: PlatformName) -> String {
+    format!("provisioning.{platform}.dead-letter")
+}
+
+pub fn retry_queue(platform: PlatformName, tier_s: u64) -> String {
+    format!("provisioning.{platform}.retry.{tier_s}s")
+}
+
+/// Picks the retry tier for `delay`: one of the two tiers around it, the upper one with a
+/// probability growing linearly with the distance from the lower (`draw` in 0..1).
+pub fn retry_tier(delay: Duration, draw: f64) -> u64 {
+    let seconds = delay.as_secs_f64();
+    let first = RETRY_TIERS_S[0];
+    let last = RETRY_TIERS_S[RETRY_TIERS_S.len() - 1];
+    if seconds <= first as f64 {
+        return first;
+    }
+    if seconds >= last as f64 {
+        return last;
+    }
+    for pair in RETRY_TIERS_S.windows(2) {
+        let (low, high) = (pair[0] as f64, pair[1] as f64);
+        if seconds <= high {
+            let upper_probability = (seconds - low) / (high - low);
+            return if draw < upper_probability {
+                pair[1]
+            } else {
+                pair[0]
+            };
+        }
+    }
+    last
+}
+
+/// Broker settings beyond the URL.
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    pub url: String,
+    /// Shown in the management UI for this connection.
+    pub connection_name: String,
+    /// Deliveries of one message before the queue dead-letters it (crash loops, panics).
+    pub delivery_limit: i32,
+    /// How many status events the journal queue keeps (oldest dropped first).
+    pub journal_max_length: i64,
+}
+
+impl AmqpConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        AmqpConfig {
+            url: url.into(),
+            connection_name: "provisioner".into(),
+            delivery_limit: 10,
+            journal_max_length: 10_000,
+        }
+    }
+}
+
+struct Session {
+    connection: Arc<Connection>,
+    publisher: Channel,
+}
+
+struct Inner {
+    config: AmqpConfig,
+    session: Mutex<Option<Session>>,
+}
+
+/// The RabbitMQ [`Broker`].
+#[derive(Clone)]
+pub struct AmqpBroker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AmqpBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBroker")
+            .field("connection_name", &self.inner.config.connection_name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(error: lapin::Error) -> BrokerError {
+    use lapin::ErrorKind;
+    match error.kind() {
+        ErrorKind::ProtocolError(_) if error.is_amqp_soft_error() => {
+            BrokerError::Refused(error.to_string())
+        }
+        _ => BrokerError::Unavailable(error.to_string()),
+    }
+}
+
+fn long_string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(value.into())
+}
+
+fn header_u32(properties: &BasicProperties, name: &str) -> Option<u32> {
+    let value = properties.headers().as_ref()?.inner().get(name)?;
+    let number = match value {
+        AMQPValue::LongLongInt(v) => *v,
+        AMQPValue::LongInt(v) => i64::from(*v),
+        AMQPValue::LongUInt(v) => i64::from(*v),
+        AMQPValue::ShortInt(v) => i64::from(*v),
+        AMQPValue::ShortUInt(v) => i64::from(*v),
+        AMQPValue::ShortShortInt(v) => i64::from(*v),
+        AMQPValue::ShortShortUInt(v) => i64::from(*v),
+        _ => return None,
+    };
+    u32::try_from(number).ok()
+}
+
+fn header_string(properties: &BasicProperties, name: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn short(value: &str) -> Result<ShortString, BrokerError> {
+    ShortString::try_new(value.to_owned())
+        .map_err(|_| BrokerError::Refused(format!("name over 255 bytes: {value:.40}…")))
+}
+
+impl AmqpBroker {
+    /// Makes no connection yet; the first operation connects.
+    pub fn new(config: AmqpConfig) -> Self {
+        AmqpBroker {
+            inner: Arc::new(Inner {
+                config,
+                session: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Connects now, so a bad URL or a broker that is down shows at start.
+    pub async fn connect(config: AmqpConfig) -> Result<Self, BrokerError> {
+        let broker = Self::new(config);
+        broker.publisher().await?;
+        Ok(broker)
+    }
+
+    async fn connection(&self) -> Result<(Arc<Connection>, Channel), BrokerError> {
+        let mut session = self.inner.session.lock().await;
+        if let Some(current) = session.as_ref() {
+            if current.connection.status().connected() && current.publisher.status().connected() {
+                return Ok((current.connection.clone(), current.publisher.clone()));
+            }
+            debug!("AMQP connection lost; reconnecting");
+        }
+        let properties = ConnectionProperties::default()
+            .with_connection_name(self.inner.config.connection_name.clone().into());
+        let connection = Arc::new(
+            Connection::connect(&self.inner.config.url, properties)
+                .await
+                .map_err(unavailable)?,
+        );
+        let publisher = connection.create_channel().await.map_err(unavailable)?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(unavailable)?;
+        declare_exchanges(&publisher, &self.inner.config).await?;
+        *session = Some(Session {
+            connection: connection.clone(),
+            publisher: publisher.clone(),
+        });
+        Ok((connection, publisher))
+    }
+
+    async fn publisher(&self) -> Result<Channel, BrokerError> {
+        Ok(self.connection().await?.1)
+    }
+
+    /// Publishes with `mandatory` and waits for the confirm; a nack or return is an error.
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        let channel = self.publisher().await?;
+        let confirm = channel
+            .basic_publish(
+                short(exchange)?,
+                short(routing_key)?,
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                properties,
+            )
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(unavailable)?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(BrokerError::NotConfirmed(format!(
+                "exchange {exchange:?} has no queue bound for routing key {routing_key:?} ({} {})",
+                returned.reply_code, returned.reply_text
+            ))),
+            Confirmation::Nack(_) => Err(BrokerError::NotConfirmed(format!(
+                "the broker refused the message for {exchange:?} / {routing_key:?} (nack)"
+            ))),
+            Confirmation::NotRequested => Err(BrokerError::NotConfirmed(
+                "publisher confirms are off on this channel".into(),
+            )),
+        }
+    }
+
+    /// Messages waiting in a queue, for tests and operators. Declares nothing.
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, BrokerError> {
+        let (connection, _) = self.connection().await?;
+        // A passive declare of a missing queue closes its channel: use a throwaway one.
+        let probe = connection.create_channel().await.map_err(unavailable)?;
+        let declared = probe
+            .queue_declare(
+                short(queue)?,
+                QueueDeclareOptions::default().passive(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        let _ = probe.close(200, "OK".into()).await;
+        Ok(declared.message_count())
+    }
+}
+
+async fn declare_exchanges(channel: &Channel, config: &AmqpConfig) -> Result<(), BrokerError> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let mut requests_args = FieldTable::default();
+    requests_args.insert("alternate-exchange".into(), long_string(UNROUTED_EXCHANGE));
+    channel
+        .exchange_declare(
+            UNROUTED_EXCHANGE.into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
+    channel
+        .queue_declare(
+            UNROUTED_QUEUE.into(),
+            QueueDeclareOptions::durable(),
+            quorum_args(None, None),
+        )
+        .await
+        .map_err(unavailable)?;
+    channel
+        .queue_bind(
+            UNROUTED_QUEUE.into(),
+            UNROUTED_EXCHANGE.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
+    channel
+        .exchange_declare(
+            REQUESTS_EXCHANGE.into(),
+            ExchangeKind::Topic,
+            durable,
+            requests_args,
+        )
+        .await
+        .map_err(unavailable)?;
+    channel
+        .exchange_declare(
+            STATUS_EXCHANGE.into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
+    channel
+        .exchange_declare(
+            DEAD_LETTER_EXCHANGE.into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
+    let mut journal_args = FieldTable::default();
+    journal_args
+        .insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(config.journal_max_length),
+        )
+        .insert("x-overflow".into(), long_string("drop-head"));
+    channel
+        .queue_declare(
+            STATUS_JOURNAL_QUEUE.into(),
+            QueueDeclareOptions::durable(),
+            journal_args,
+        )
+        .await
+        .map_err(unavailable)?;
+    channel
+        .queue_bind(
+            STATUS_JOURNAL_QUEUE.into(),
+            STATUS_EXCHANGE.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+fn quorum_args(delivery_limit: Option<i32>, dead_letter_exchange: Option<&str>) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long_string("quorum"));
+    if let Some(limit) = delivery_limit {
+        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(limit));
+    }
+    if let Some(exchange) = dead_letter_exchange {
+        args.insert("x-dead-letter-exchange".into(), long_string(exchange));
+    }
+    args
+}
+
+async fn declare_platform(
+    channel: &Channel,
+    config: &AmqpConfig,
+    platform: PlatformName,
+) -> Result<(), BrokerError> {
+    let work = work_queue(platform);
+    let dead = dead_letter_queue(platform);
+    let bind = |queue: String, exchange: &'static str, key: String| async move {
+        channel
+            .queue_bind(
+                short(&queue)?,
+                exchange.into(),
+                short(&key)?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)
+    };
+    channel
+        .queue_declare(
+            short(&work)?,
+            QueueDeclareOptions::durable(),
+            quorum_args(Some(config.delivery_limit), Some(DEAD_LETTER_EXCHANGE)),
+        )
+        .await
+        .map_err(unavailable)?;
+    bind(work.clone(), REQUESTS_EXCHANGE, format!("{platform}.*")).await?;
+    channel
+        .queue_declare(
+            short(&dead)?,
+            QueueDeclareOptions::durable(),
+            quorum_args(None, None),
+        )
+        .await
+        .map_err(unavailable)?;
+    bind(dead.clone(), DEAD_LETTER_EXCHANGE, format!("{platform}.#")).await?;
+    // Messages that came back from a retry queue carry the work queue's name as their key.
+    bind(dead, DEAD_LETTER_EXCHANGE, work.clone()).await?;
+    for tier in RETRY_TIERS_S {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt((tier * 1000) as i64),
+        )
+        .insert("x-dead-letter-exchange".into(), long_string(""))
+        .insert("x-dead-letter-routing-key".into(), long_string(&work));
+        channel
+            .queue_declare(
+                short(&retry_queue(platform, tier))?,
+                QueueDeclareOptions::durable(),
+                args,
+            )
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+fn persistent(message_id: &str, headers: FieldTable) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(message_id.into())
+        .with_headers(headers)
+}
+
+struct AmqpSettle {
+    broker: AmqpBroker,
+    acker: lapin::Acker,
+    platform: PlatformName,
+    message_id: String,
+}
+
+impl AmqpSettle {
+    async fn nack(&self, requeue: bool) {
+        if let Err(e) = self
+            .acker
+            .nack(BasicNackOptions {
+                requeue,
+                ..Default::default()
+            })
+            .await
+        {
+            warn!(error = %e, "nack failed; the broker redelivers when the channel closes");
+        }
+    }
+}
+
+#[async_trait]
+impl Settle for AmqpSettle {
+    async fn settle(
+        self: Box<Self>,
+        delivery: DeliveryParts,
+        settlement: Settlement,
+    ) -> Result<(), BrokerError> {
+        match settlement {
+            Settlement::Ack => {}
+            Settlement::Requeue => {
+                self.nack(true).await;
+                return Ok(());
+            }
+            Settlement::Retry { delay, attempt } => {
+                let tier = retry_tier(delay, rand::random::<f64>());
+                let mut headers = FieldTable::default();
+                headers
+                    .insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(attempt as i32))
+                    .insert(
+                        ROUTING_KEY_HEADER.into(),
+                        long_string(&delivery.routing_key),
+                    );
+                let published = self
+                    .broker
+                    .publish(
+                        "",
+                        &retry_queue(self.platform, tier),
+                        &delivery.body,
+                        persistent(&self.message_id, headers),
+                    )
+                    .await;
+                if let Err(e) = published {
+                    self.nack(true).await;
+                    return Err(e);
+                }
+            }
+            Settlement::DeadLetter { class, reason } => {
+                let mut headers = FieldTable::default();
+                headers
+                    .insert(REASON_HEADER.into(), long_string(&reason))
+                    .insert(CLASS_HEADER.into(), long_string(class.as_str()))
+                    .insert(
+                        ATTEMPT_HEADER.into(),
+                        AMQPValue::LongInt(delivery.attempt as i32),
+                    );
+                let published = self
+                    .broker
+                    .publish(
+                        DEAD_LETTER_EXCHANGE,
+                        &delivery.routing_key,
+                        &delivery.body,
+                        persistent(&self.message_id, headers),
+                    )
+                    .await;
+                if let Err(e) = published {
+                    // The queue's own dead-lettering keeps it, without our reason.
+                    self.nack(false).await;
+                    return Err(e);
+                }
+            }
+        }
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(unavailable)
+            .map(drop)
+    }
+}
+
+#[async_trait]
+impl Broker for AmqpBroker {
+    async fn declare(&self, platform: PlatformName) -> Result<(), BrokerError> {
+        let (connection, _) = self.connection().await?;
+        // A refused declaration closes its channel: keep it off the publisher's.
+        let channel = connection.create_channel().await.map_err(unavailable)?;
+        declare_platform(&channel, &self.inner.config, platform).await?;
+        let _ = channel.close(200, "OK".into()).await;
+        Ok(())
+    }
+
+    async fn consume(
+        &self,
+        platform: PlatformName,
+        prefetch: u16,
+    ) -> Result<DeliveryStream, BrokerError> {
+        let (connection, _) = self.connection().await?;
+        let channel = connection.create_channel().await.map_err(unavailable)?;
+        channel
+            .basic_qos(prefetch.max(1), BasicQosOptions::default())
+            .await
+            .map_err(unavailable)?;
+        let consumer = channel
+            .basic_consume(
+                short(&work_queue(platform))?,
+                short(&self.inner.config.connection_name)?,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        let broker = self.clone();
+        // The channel lives as long as the stream: the closure owns a handle to it.
+        let deliveries = consumer.map(move |item| {
+            let _keep_open = &channel;
+            let delivery = item.map_err(unavailable)?;
+            let properties = &delivery.properties;
+            let attempt = header_u32(properties, ATTEMPT_HEADER).unwrap_or(1);
+            let routing_key = header_string(properties, ROUTING_KEY_HEADER)
+                .unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
+            let message_id = properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_owned())
+                .unwrap_or_default();
+            let settle = AmqpSettle {
+                broker: broker.clone(),
+                acker: delivery.acker.clone(),
+                platform,
+                message_id,
+            };
+            Ok(Delivery::new(
+                delivery.data,
+                routing_key,
+                attempt,
+                delivery.redelivered,
+                Box::new(settle),
+            ))
+        });
+        Ok(deliveries.boxed())
+    }
+
+    async fn publish_status(&self, event: &StatusEvent) -> Result<(), BrokerError> {
+        let body = serde_json::to_vec(event).map_err(|e| BrokerError::Refused(e.to_string()))?;
+        let message_id = format!("{}#{}", event.request_id, event.seq);
+        self.publish(
+            STATUS_EXCHANGE,
+            &event.routing_key(),
+            &body,
+            persistent(&message_id, FieldTable::default()),
+        )
+        .await
+    }
+
+    async fn publish_request(
+        &self,
+        routing_key: &str,
+        request_id: &str,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
+        self.publish(
+            REQUESTS_EXCHANGE,
+            routing_key,
+            body,
+            persistent(request_id, FieldTable::default()),
+        )
+        .await
+    }
+
+    async fn subscribe_status(&self) -> Result<BoxStream<'static, StatusEvent>, BrokerError> {
+        let (connection, _) = self.connection().await?;
+        let channel = connection.create_channel().await.map_err(unavailable)?;
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                STATUS_EXCHANGE.into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        let consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        let events = consumer
+            .take_while(|item| std::future::ready(item.is_ok()))
+            .filter_map(move |item| {
+                let _keep_open = &channel;
+                let event = item.ok().and_then(|delivery| {
+                    serde_json::from_slice::<StatusEvent>(&delivery.data).ok()
+                });
+                std::future::ready(event)
+            });
+        Ok(events.boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_tiers_round_stochastically_between_neighbours() {
+        assert_eq!(retry_tier(Duration::from_millis(10), 0.0), 1);
+        assert_eq!(retry_tier(Duration::from_secs(4), 0.99), 4);
+        assert_eq!(retry_tier(Duration::from_secs(3), 0.49), 4);
+        assert_eq!(retry_tier(Duration::from_secs(3), 0.51), 2);
+        assert_eq!(retry_tier(Duration::from_secs(10_000), 0.5), 512);
+        // The mean of the rounded delay is the delay itself.
+        let draws = 1000;
+        let mean: f64 = (0..draws)
+            .map(|i| retry_tier(Duration::from_secs(5), (i as f64 + 0.5) / draws as f64) as f64)
+            .sum::<f64>()
+            / draws as f64;
+        assert!((mean - 5.0).abs() < 0.05, "{mean}");
+    }
+}

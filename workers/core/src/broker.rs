@@ -1,0 +1,367 @@
+//! The message broker as the runtime sees it: a stream of deliveries for a platform, a
+//! way to settle each (ack, retry later, dead-letter, requeue), and confirmed publishing
+//! of status events and requests.
+//!
+//! [`MemoryBroker`] implements it in process for the embedded mode and tests;
+//! `amqp::AmqpBroker` implements it on RabbitMQ.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::stream::{self, BoxStream, StreamExt};
+use provisioner_events::{ErrorClass, PlatformName, StatusEvent};
+use tokio::sync::{broadcast, mpsc};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// The connection or channel is gone; reconnecting may help.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker refused a publish (nack) or returned it as unroutable.
+    #[error("broker did not take the message: {0}")]
+    NotConfirmed(String),
+    /// The topology or a declaration was refused; an operator must look.
+    #[error("broker refused: {0}")]
+    Refused(String),
+}
+
+/// How a delivery ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Done: remove it from the queue.
+    Ack,
+    /// Deliver it again after `delay`, as attempt `attempt`, without blocking the queue.
+    Retry { delay: Duration, attempt: u32 },
+    /// It can never succeed: move it to the platform's dead-letter queue with the reason.
+    DeadLetter { class: ErrorClass, reason: String },
+    /// Give it back now (shutdown, a panic, lost contact with the status topic); bounded
+    /// by the queue's delivery limit.
+    Requeue,
+}
+
+/// One message taken from a platform's queue. It must be settled exactly once; dropping
+/// it unsettled leaves it to the broker to deliver again.
+pub struct Delivery {
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    /// Which attempt this is, 1 for the first; counted by the runtime's own retries.
+    pub attempt: u32,
+    /// The broker delivered this message before (a consumer died or gave it back).
+    pub redelivered: bool,
+    settler: Box<dyn Settle>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("routing_key", &self.routing_key)
+            .field("attempt", &self.attempt)
+            .field("redelivered", &self.redelivered)
+            .field("bytes", &self.body.len())
+            .finish()
+    }
+}
+
+/// The broker-specific half of a delivery.
+#[async_trait]
+pub trait Settle: Send + Sync {
+    async fn settle(
+        self: Box<Self>,
+        delivery: DeliveryParts,
+        settlement: Settlement,
+    ) -> Result<(), BrokerError>;
+}
+
+/// What a [`Settle`] gets back of its delivery.
+#[derive(Debug)]
+pub struct DeliveryParts {
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    pub attempt: u32,
+}
+
+impl Delivery {
+    pub fn new(
+        body: Vec<u8>,
+        routing_key: String,
+        attempt: u32,
+        redelivered: bool,
+        settler: Box<dyn Settle>,
+    ) -> Self {
+        Delivery {
+            body,
+            routing_key,
+            attempt: attempt.max(1),
+            redelivered,
+            settler,
+        }
+    }
+
+    pub async fn settle(self, settlement: Settlement) -> Result<(), BrokerError> {
+        let parts = DeliveryParts {
+            body: self.body,
+            routing_key: self.routing_key,
+            attempt: self.attempt,
+        };
+        self.settler.settle(parts, settlement).await
+    }
+}
+
+pub type DeliveryStream = BoxStream<'static, Result<Delivery, BrokerError>>;
+
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Declares the exchanges and the platform's queues (idempotent).
+    async fn declare(&self, platform: PlatformName) -> Result<(), BrokerError>;
+
+    /// Deliveries of the platform's queue, at most `prefetch` unsettled at a time. The
+    /// stream ends (or yields an error) when the connection is lost; call again.
+    async fn consume(
+        &self,
+        platform: PlatformName,
+        prefetch: u16,
+    ) -> Result<DeliveryStream, BrokerError>;
+
+    /// Publishes a status event and waits for the broker to confirm it.
+    async fn publish_status(&self, event: &StatusEvent) -> Result<(), BrokerError>;
+
+    /// Publishes a request body (as the producer wrote it) and waits for the confirm.
+    async fn publish_request(
+        &self,
+        routing_key: &str,
+        request_id: &str,
+        body: &[u8],
+    ) -> Result<(), BrokerError>;
+
+    /// Every status event published from now on.
+    async fn subscribe_status(&self) -> Result<BoxStream<'static, StatusEvent>, BrokerError>;
+}
+
+/// A message waiting in a [`MemoryBroker`] queue.
+#[derive(Debug, Clone)]
+struct QueuedMessage {
+    body: Vec<u8>,
+    routing_key: String,
+    attempt: u32,
+    redelivered: bool,
+}
+
+/// A dead-lettered message, kept for inspection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    pub class: ErrorClass,
+    pub reason: String,
+}
+
+struct MemoryQueue {
+    sender: mpsc::UnboundedSender<QueuedMessage>,
+    receiver: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<QueuedMessage>>>,
+}
+
+struct MemoryInner {
+    queues: Mutex<HashMap<PlatformName, MemoryQueue>>,
+    status: broadcast::Sender<StatusEvent>,
+    dead_letters: Mutex<Vec<DeadLetter>>,
+}
+
+/// An in-process broker with the semantics the runtime relies on: competing consumers on
+/// a queue per platform, delayed retries, dead letters and a status topic.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    inner: Arc<MemoryInner>,
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker").finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        let (status, _) = broadcast::channel(4096);
+        MemoryBroker {
+            inner: Arc::new(MemoryInner {
+                queues: Mutex::new(HashMap::new()),
+                status,
+                dead_letters: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+}
+
+impl MemoryBroker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn queue(
+        &self,
+        platform: PlatformName,
+    ) -> (
+        mpsc::UnboundedSender<QueuedMessage>,
+        Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<QueuedMessage>>>,
+    ) {
+        let mut queues = self.inner.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = queues.entry(platform).or_insert_with(|| {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            MemoryQueue {
+                sender,
+                receiver: Arc::new(tokio::sync::Mutex::new(receiver)),
+            }
+        });
+        (queue.sender.clone(), queue.receiver.clone())
+    }
+
+    /// Messages dead-lettered so far.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.inner
+            .dead_letters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn enqueue(&self, platform: PlatformName, message: QueuedMessage) {
+        let (sender, _) = self.queue(platform);
+        // The receiver lives as long as the broker, so the send cannot fail.
+        let _ = sender.send(message);
+    }
+}
+
+fn platform_of(routing_key: &str) -> Result<PlatformName, BrokerError> {
+    let name = routing_key.split('.').next().unwrap_or_default();
+    PlatformName::parse(name).ok_or_else(|| {
+        BrokerError::NotConfirmed(format!("no queue for routing key {routing_key:?}"))
+    })
+}
+
+struct MemorySettle {
+    broker: MemoryBroker,
+}
+
+#[async_trait]
+impl Settle for MemorySettle {
+    async fn settle(
+        self: Box<Self>,
+        delivery: DeliveryParts,
+        settlement: Settlement,
+    ) -> Result<(), BrokerError> {
+        let platform = platform_of(&delivery.routing_key)?;
+        match settlement {
+            Settlement::Ack => {}
+            Settlement::Retry { delay, attempt } => {
+                let broker = self.broker.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    broker.enqueue(
+                        platform,
+                        QueuedMessage {
+                            body: delivery.body,
+                            routing_key: delivery.routing_key,
+                            attempt,
+                            redelivered: false,
+                        },
+                    );
+                });
+            }
+            Settlement::DeadLetter { class, reason } => {
+                self.broker
+                    .inner
+                    .dead_letters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(DeadLetter {
+                        body: delivery.body,
+                        routing_key: delivery.routing_key,
+                        class,
+                        reason,
+                    });
+            }
+            Settlement::Requeue => self.broker.enqueue(
+                platform,
+                QueuedMessage {
+                    body: delivery.body,
+                    routing_key: delivery.routing_key,
+                    attempt: delivery.attempt,
+                    redelivered: true,
+                },
+            ),
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    async fn declare(&self, platform: PlatformName) -> Result<(), BrokerError> {
+        self.queue(platform);
+        Ok(())
+    }
+
+    async fn consume(
+        &self,
+        platform: PlatformName,
+        _prefetch: u16,
+    ) -> Result<DeliveryStream, BrokerError> {
+        let (_, receiver) = self.queue(platform);
+        let broker = self.clone();
+        let deliveries = stream::unfold((receiver, broker), |(receiver, broker)| async move {
+            let message = receiver.lock().await.recv().await?;
+            let delivery = Delivery::new(
+                message.body,
+                message.routing_key,
+                message.attempt,
+                message.redelivered,
+                Box::new(MemorySettle {
+                    broker: broker.clone(),
+                }),
+            );
+            Some((Ok(delivery), (receiver, broker)))
+        });
+        Ok(deliveries.boxed())
+    }
+
+    async fn publish_status(&self, event: &StatusEvent) -> Result<(), BrokerError> {
+        // No subscriber is not an error in process: nothing durable would have kept it.
+        let _ = self.inner.status.send(event.clone());
+        Ok(())
+    }
+
+    async fn publish_request(
+        &self,
+        routing_key: &str,
+        _request_id: &str,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
+        let platform = platform_of(routing_key)?;
+        self.enqueue(
+            platform,
+            QueuedMessage {
+                body: body.to_vec(),
+                routing_key: routing_key.to_owned(),
+                attempt: 1,
+                redelivered: false,
+            },
+        );
+        Ok(())
+    }
+
+    async fn subscribe_status(&self) -> Result<BoxStream<'static, StatusEvent>, BrokerError> {
+        let receiver = self.inner.status.subscribe();
+        Ok(stream::unfold(receiver, |mut receiver| async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(event) => return Some((event, receiver)),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .boxed())
+    }
+}

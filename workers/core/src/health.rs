@@ -1,0 +1,157 @@
+//! Readiness checks shared by platforms: a TCP connect, or an HTTP GET where any HTTP
+//! answer (404 included) means something is serving.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One probe of a resource's readiness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    Http {
+        host: String,
+        port: u16,
+        path: String,
+    },
+}
+
+impl std::fmt::Display for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Probe::Tcp { host, port } => write!(f, "TCP {host}:{port}"),
+            Probe::Http { host, port, path } => write!(f, "HTTP GET http://{host}:{port}{path}"),
+        }
+    }
+}
+
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Probe {
+    /// One attempt: Ok when ready, Err with what was seen otherwise.
+    pub async fn check_once(&self) -> Result<(), String> {
+        match self {
+            Probe::Tcp { host, port } => {
+                tokio::time::timeout(ATTEMPT_TIMEOUT, TcpStream::connect((host.as_str(), *port)))
+                    .await
+                    .map_err(|_| "connect timed out".to_string())?
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+            Probe::Http { host, port, path } => {
+                let exchange = async {
+                    let mut stream = TcpStream::connect((host.as_str(), *port))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let request = format!(
+                        "GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: provisioner-health\r\nConnection: close\r\n\r\n"
+                    );
+                    stream
+                        .write_all(request.as_bytes())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let mut head = [0u8; 12];
+                    let mut read = 0;
+                    while read < head.len() {
+                        let n = stream
+                            .read(&mut head[read..])
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if n == 0 {
+                            break;
+                        }
+                        read += n;
+                    }
+                    if head[..read].starts_with(b"HTTP/") {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "answered without an HTTP status line ({:?})",
+                            String::from_utf8_lossy(&head[..read])
+                        ))
+                    }
+                };
+                tokio::time::timeout(ATTEMPT_TIMEOUT, exchange)
+                    .await
+                    .map_err(|_| "no HTTP answer in time".to_string())?
+            }
+        }
+    }
+
+    /// Probes until ready or until `timeout` passes; the error names the last failure.
+    /// `still_alive` is asked between attempts so a resource that died fails fast.
+    pub async fn wait_ready<F, Fut>(
+        &self,
+        timeout: Duration,
+        mut still_alive: F,
+    ) -> Result<(), String>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let last = match self.check_once().await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            still_alive().await?;
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(format!(
+                    "{self} did not answer within {} s (last: {last})",
+                    timeout.as_secs()
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn http_probe_counts_any_http_answer_and_refuses_other_bytes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            for answer in [&b"HTTP/1.0 404 Not Found\r\n\r\n"[..], b"SSH-2.0-nope\r\n"] {
+                let (mut socket, _) = listener.accept().await.expect("accept");
+                let mut buf = [0u8; 512];
+                let _ = socket.read(&mut buf).await;
+                socket.write_all(answer).await.expect("write");
+            }
+        });
+        let probe = Probe::Http {
+            host: "127.0.0.1".into(),
+            port,
+            path: "/".into(),
+        };
+        assert_eq!(probe.check_once().await, Ok(()));
+        assert!(probe.check_once().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn wait_ready_gives_up_with_the_last_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        let probe = Probe::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let error = probe
+            .wait_ready(Duration::from_millis(300), || async { Ok(()) })
+            .await
+            .expect_err("nothing listens");
+        assert!(error.contains("did not answer"), "{error}");
+    }
+}

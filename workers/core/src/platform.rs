@@ -1,0 +1,108 @@
+//! The contract between the runtime and a platform: the [`Platform`] trait.
+//!
+//! Every operation must be idempotent: the same request id converges on the same
+//! resource (names and tags are derived from it), and tearing down what is already gone
+//! succeeds. The runtime may call any operation again after a crash or a retry.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use provisioner_events::{ErrorClass, PlatformName, Request, Resource, TeardownTarget};
+
+/// A failure from a platform, classified where it happened, while the typed error of the
+/// SDK was still at hand.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{class}: {message}")]
+pub struct PlatformError {
+    pub class: ErrorClass,
+    /// Whether the same call may succeed later (network faults, throttling, capacity).
+    pub retryable: bool,
+    /// What went wrong and what a person can do about it.
+    pub message: String,
+    /// The platform asked us to wait at least this long (throttling).
+    pub retry_after: Option<Duration>,
+}
+
+impl PlatformError {
+    /// A permanent failure of the given class: no retry.
+    pub fn permanent(class: ErrorClass, message: impl Into<String>) -> Self {
+        PlatformError {
+            class,
+            retryable: false,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The request (or its spec) is refused: fix it and send a new request.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::permanent(ErrorClass::InvalidRequest, message)
+    }
+
+    /// A passing fault: retried with backoff.
+    pub fn transient(message: impl Into<String>) -> Self {
+        PlatformError {
+            class: ErrorClass::Transient,
+            retryable: true,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// A retryable failure of a specific class (throttled, capacity).
+    pub fn retryable(class: ErrorClass, message: impl Into<String>) -> Self {
+        PlatformError {
+            class,
+            retryable: true,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn unsupported(platform: PlatformName, operation: &str) -> Self {
+        Self::permanent(
+            ErrorClass::Unsupported,
+            format!("the {platform} platform does not support {operation} yet"),
+        )
+    }
+}
+
+/// One platform's implementation. The runtime owns queueing, claiming, retries and status;
+/// a platform only talks to its API.
+#[async_trait]
+pub trait Platform: Send + Sync + 'static {
+    fn name(&self) -> PlatformName;
+
+    /// Checks the request's spec, and the worker's own policy (allow-lists, refused
+    /// privileges), before anything is claimed or touched. Errors here are permanent.
+    fn validate(&self, request: &Request) -> Result<(), PlatformError>;
+
+    /// Makes the resource of `request` and waits until it is ready. Called again for the
+    /// same request (retry, takeover), it finds what it made before instead of making more.
+    async fn provision(&self, request: &Request) -> Result<Resource, PlatformError>;
+
+    /// Removes the target. Already gone is success (`Ok(None)`); otherwise returns what
+    /// was removed.
+    async fn teardown(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError>;
+
+    /// The resource of a target as it is now, or `None` when there is none.
+    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+        let _ = target;
+        Err(PlatformError::unsupported(self.name(), "describe"))
+    }
+
+    /// Every resource this worker's platform holds that the provisioner made.
+    async fn list(&self) -> Result<Vec<Resource>, PlatformError> {
+        Err(PlatformError::unsupported(self.name(), "list"))
+    }
+
+    async fn start(&self, target: &TeardownTarget) -> Result<Resource, PlatformError> {
+        let _ = target;
+        Err(PlatformError::unsupported(self.name(), "start"))
+    }
+
+    async fn stop(&self, target: &TeardownTarget) -> Result<Resource, PlatformError> {
+        let _ = target;
+        Err(PlatformError::unsupported(self.name(), "stop"))
+    }
+}
