@@ -1,1 +1,696 @@
+//! The Docker platform: one container per provision request, through the Docker Engine
+//! API (or Podman's Docker-compatible socket) with bollard.
+//!
+//! Idempotency: the container is named `prov-<request_id>` and labelled with the request
+//! id, so a retry or a takeover finds the container it made instead of making another, and
+//! a teardown by request id needs no state. Safety: whoever can publish a request can start
+//! a container, so [`DockerPolicy`] refuses privileged containers, host mounts, host
+//! networking and added capabilities unless the worker's own configuration allows them,
+//! and can restrict images to an allow-list.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::errors::Error as DockerError;
+use bollard::models::{ContainerCreateBody, ContainerInspectResponse, HostConfig, PortBinding};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+};
+use futures_util::TryStreamExt;
+use provisioner_core::health::Probe;
+use provisioner_core::{Platform, PlatformError};
+use provisioner_events::spec::docker::{DockerSpec, PullPolicy};
+use provisioner_events::spec::{HealthCheck, parse_spec};
+use provisioner_events::{Endpoint, ErrorClass, PlatformName, Request, Resource, TeardownTarget};
+use tracing::{debug, info};
+
+/// Label set on every container the provisioner makes.
+pub const MANAGED_LABEL: &str = "io.provisioner.managed";
+/// Label holding the request id the container was made for.
+pub const REQUEST_LABEL: &str = "io.provisioner.request-id";
+/// Label holding the tenant, when the request named one.
+pub const TENANT_LABEL: &str = "io.provisioner.tenant";
+
+/// The container name for a request id. Request ids are already valid container names.
+pub fn container_name(request_id: &str) -> String {
+    format!("prov-{request_id}")
+}
+
+/// What this worker allows requests to do; from the worker's configuration, never from
+/// a message.
+#[derive(Debug, Clone)]
+pub struct DockerPolicy {
+    pub allow_privileged: bool,
+    pub allow_host_mounts: bool,
+    pub allow_host_network: bool,
+    pub allow_cap_add: bool,
+    /// Image patterns allowed; empty allows every image. `prefix*` matches by prefix.
+    pub allowed_images: Vec<String>,
+    /// The host address published ports bind to, and that events report.
+    pub publish_address: String,
+}
+
+impl Default for DockerPolicy {
+    fn default() -> Self {
+        DockerPolicy {
+            allow_privileged: false,
+            allow_host_mounts: false,
+            allow_host_network: false,
+            allow_cap_add: false,
+            allowed_images: Vec::new(),
+            publish_address: "127.0.0.1".into(),
+        }
+    }
+}
+
+impl DockerPolicy {
+    fn image_allowed(&self, image: &str) -> bool {
+        self.allowed_images.is_empty()
+            || self
+                .allowed_images
+                .iter()
+                .any(|pattern| match pattern.strip_suffix('*') {
+                    Some(prefix) => image.starts_with(prefix),
+                    None => image == pattern,
+                })
+    }
+
+    /// Refuses what the worker's configuration does not allow.
+    pub fn check(&self, spec: &DockerSpec) -> Result<(), PlatformError> {
+        let refuse = |what: &str, setting: &str| {
+            Err(PlatformError::permanent(
+                ErrorClass::Permission,
+                format!(
+                    "{what} is not allowed by this worker's policy (set {setting} on the worker to allow it)"
+                ),
+            ))
+        };
+        if spec.privileged && !self.allow_privileged {
+            return refuse("a privileged container", "DOCKER_ALLOW_PRIVILEGED=true");
+        }
+        if !spec.binds.is_empty() && !self.allow_host_mounts {
+            return refuse("mounting host paths", "DOCKER_ALLOW_HOST_MOUNTS=true");
+        }
+        if !spec.cap_add.is_empty() && !self.allow_cap_add {
+            return refuse("adding capabilities", "DOCKER_ALLOW_CAP_ADD=true");
+        }
+        if let Some(mode) = &spec.network_mode {
+            let host_like =
+                mode == "host" || mode.starts_with("container:") || mode.starts_with("ns:");
+            if host_like && !self.allow_host_network {
+                return refuse(
+                    &format!("network mode {mode:?}"),
+                    "DOCKER_ALLOW_HOST_NETWORK=true",
+                );
+            }
+        }
+        if !self.image_allowed(&spec.image) {
+            return Err(PlatformError::permanent(
+                ErrorClass::Permission,
+                format!(
+                    "image {} is not on this worker's allow-list ({})",
+                    spec.image,
+                    self.allowed_images.join(", ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The Docker [`Platform`].
+#[derive(Debug, Clone)]
+pub struct DockerPlatform {
+    docker: Docker,
+    policy: DockerPolicy,
+    /// Where the engine is, for error messages.
+    endpoint: String,
+}
+
+/// Sorts an engine error into the runtime's classes, keeping the engine's words.
+pub fn classify(error: &DockerError, doing: &str) -> PlatformError {
+    match error {
+        DockerError::DockerResponseServerError {
+            status_code,
+            message,
+        } => {
+            let message = format!("{doing}: {message}");
+            match status_code {
+                400 => PlatformError::invalid(message),
+                401 | 403 => PlatformError::permanent(ErrorClass::Permission, message),
+                404 => PlatformError::permanent(ErrorClass::NotFound, message),
+                409 => PlatformError::permanent(ErrorClass::Conflict, message),
+                429 => PlatformError::retryable(ErrorClass::Throttled, message),
+                _ => PlatformError::transient(message),
+            }
+        }
+        DockerError::RequestTimeoutError => {
+            PlatformError::transient(format!("{doing}: the Docker engine did not answer in time"))
+        }
+        other => PlatformError::transient(format!(
+            "{doing}: the Docker engine is unreachable: {other}"
+        )),
+    }
+}
+
+fn is_status(error: &DockerError, code: u16) -> bool {
+    matches!(error, DockerError::DockerResponseServerError { status_code, .. } if *status_code == code)
+}
+
+fn with_tag(image: &str) -> String {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') || last.contains(':') {
+        image.to_owned()
+    } else {
+        format!("{image}:latest")
+    }
+}
+
+fn spec_of(request: &Request) -> Result<DockerSpec, PlatformError> {
+    let spec = request
+        .spec
+        .as_ref()
+        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
+    let spec: DockerSpec = parse_spec("docker", spec).map_err(PlatformError::invalid)?;
+    spec.validate().map_err(PlatformError::invalid)?;
+    Ok(spec)
+}
+
+const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_GRACE_S: i32 = 10;
+
+impl DockerPlatform {
+    /// Connects to `docker_host` (`unix:///path` or `tcp://host:port`; `None` reads
+    /// `DOCKER_HOST`, else the local default socket) and checks that the engine answers, so
+    /// a worker with no engine fails at start with a clear message.
+    pub async fn connect(docker_host: Option<&str>, policy: DockerPolicy) -> Result<Self, String> {
+        let endpoint = match docker_host {
+            Some(host) => host.to_owned(),
+            None => std::env::var("DOCKER_HOST")
+                .unwrap_or_else(|_| "unix:///var/run/docker.sock".into()),
+        };
+        let docker = if let Some(path) = endpoint.strip_prefix("unix://") {
+            Docker::connect_with_unix(path, 30, bollard::API_DEFAULT_VERSION)
+        } else if endpoint.starts_with("tcp://") || endpoint.starts_with("http://") {
+            Docker::connect_with_http(&endpoint, 30, bollard::API_DEFAULT_VERSION)
+        } else {
+            return Err(format!(
+                "DOCKER_HOST {endpoint:?} must start with unix:// or tcp://"
+            ));
+        }
+        .map_err(|e| format!("cannot use the Docker engine at {endpoint}: {e}"))?;
+        docker
+            .ping()
+            .await
+            .map_err(|e| format!("the Docker engine at {endpoint} does not answer: {e}"))?;
+        Ok(DockerPlatform {
+            docker,
+            policy,
+            endpoint,
+        })
+    }
+
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    async fn inspect(
+        &self,
+        name_or_id: &str,
+    ) -> Result<Option<ContainerInspectResponse>, PlatformError> {
+        match self
+            .docker
+            .inspect_container(name_or_id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(info) => Ok(Some(info)),
+            Err(e) if is_status(&e, 404) => Ok(None),
+            Err(e) => Err(classify(&e, &format!("inspecting container {name_or_id}"))),
+        }
+    }
+
+    fn create_body(&self, request: &Request, spec: &DockerSpec) -> ContainerCreateBody {
+        let mut labels: HashMap<String, String> = request.labels.clone().into_iter().collect();
+        labels.extend(spec.labels.clone());
+        labels.insert(MANAGED_LABEL.into(), "true".into());
+        labels.insert(REQUEST_LABEL.into(), request.request_id.to_string());
+        if let Some(tenant) = &request.tenant {
+            labels.insert(TENANT_LABEL.into(), tenant.clone());
+        }
+        let port_bindings = spec
+            .ports
+            .iter()
+            .map(|mapping| {
+                (
+                    format!("{}/tcp", mapping.container_port()),
+                    Some(vec![PortBinding {
+                        host_ip: Some(self.policy.publish_address.clone()),
+                        host_port: Some(
+                            mapping
+                                .host_port()
+                                .map(|p| p.to_string())
+                                .unwrap_or_default(),
+                        ),
+                    }]),
+                )
+            })
+            .collect::<HashMap<_, _>>();
+        ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
+            entrypoint: spec.entrypoint.clone(),
+            env: (!spec.env.is_empty())
+                .then(|| spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(labels),
+            exposed_ports: Some(port_bindings.keys().cloned().collect()),
+            host_config: Some(HostConfig {
+                port_bindings: Some(port_bindings),
+                privileged: Some(spec.privileged),
+                cap_add: (!spec.cap_add.is_empty()).then(|| spec.cap_add.clone()),
+                binds: (!spec.binds.is_empty()).then(|| spec.binds.clone()),
+                network_mode: spec.network_mode.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), PlatformError> {
+        let reference = with_tag(image);
+        info!(image = %reference, "pulling image");
+        let options = CreateImageOptionsBuilder::default()
+            .from_image(&reference)
+            .build();
+        self.docker
+            .create_image(Some(options), None, None)
+            .try_collect::<Vec<_>>()
+            .await
+            .map(drop)
+            .map_err(|e| {
+                PlatformError::permanent(
+                    ErrorClass::NotFound,
+                    format!(
+                        "image {image} is not on the Docker engine and pulling it failed: {}",
+                        classify(&e, "pull").message
+                    ),
+                )
+            })
+    }
+
+    /// Creates the container, pulling its image when missing and allowed; a concurrent
+    /// creation of the same name is found instead of failing.
+    async fn create(
+        &self,
+        request: &Request,
+        spec: &DockerSpec,
+        name: &str,
+    ) -> Result<(), PlatformError> {
+        let options = || CreateContainerOptionsBuilder::default().name(name).build();
+        let mut pulled = false;
+        loop {
+            match self
+                .docker
+                .create_container(Some(options()), self.create_body(request, spec))
+                .await
+            {
+                Ok(created) => {
+                    info!(container.id = %created.id, container.name = name, "created container");
+                    return Ok(());
+                }
+                Err(e) if is_status(&e, 409) => {
+                    debug!("container {name} appeared meanwhile; using it");
+                    return Ok(());
+                }
+                Err(e) if is_status(&e, 404) && !pulled => {
+                    if spec.pull == PullPolicy::Never {
+                        return Err(PlatformError::permanent(
+                            ErrorClass::NotFound,
+                            format!(
+                                "image {} is not on the Docker engine and the spec says pull: never",
+                                spec.image
+                            ),
+                        ));
+                    }
+                    self.pull(&spec.image).await?;
+                    pulled = true;
+                }
+                Err(e) => {
+                    return Err(classify(
+                        &e,
+                        &format!("creating container {name} from {}", spec.image),
+                    ));
+                }
+            }
+        }
+    }
+
+    fn resource(&self, info: &ContainerInspectResponse) -> Resource {
+        let name = info
+            .name
+            .as_deref()
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_owned();
+        let mut endpoints = Vec::new();
+        if let Some(ports) = info
+            .network_settings
+            .as_ref()
+            .and_then(|n| n.ports.as_ref())
+        {
+            for (key, bindings) in ports {
+                let Some(port) = key.strip_suffix("/tcp").and_then(|p| p.parse::<u16>().ok())
+                else {
+                    continue;
+                };
+                let host_port = bindings
+                    .iter()
+                    .flatten()
+                    .find_map(|b| b.host_port.as_deref().and_then(|p| p.parse::<u16>().ok()));
+                if let Some(host_port) = host_port {
+                    endpoints.push(Endpoint {
+                        port,
+                        host: self.policy.publish_address.clone(),
+                        host_port,
+                        protocol: "tcp".into(),
+                    });
+                }
+            }
+        }
+        endpoints.sort_by_key(|e| e.port);
+        Resource {
+            id: info.id.clone().unwrap_or_default(),
+            name,
+            address: Some(self.policy.publish_address.clone()),
+            endpoints,
+        }
+    }
+
+    /// Why a container is not running, from its state, for error messages.
+    fn not_running(info: &ContainerInspectResponse) -> Option<String> {
+        let state = info.state.as_ref()?;
+        if state.running == Some(true) {
+            return None;
+        }
+        Some(format!(
+            "the container stopped (status {}, exit code {}{})",
+            state
+                .status
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "unknown".into()),
+            state.exit_code.unwrap_or_default(),
+            state
+                .error
+                .as_deref()
+                .filter(|e| !e.is_empty())
+                .map(|e| format!(", {e}"))
+                .unwrap_or_default()
+        ))
+    }
+
+    async fn wait_ready(&self, spec: &DockerSpec, name: &str) -> Result<Resource, PlatformError> {
+        let info = self.inspect(name).await?.ok_or_else(|| {
+            PlatformError::transient(format!("container {name} vanished after it was started"))
+        })?;
+        if let Some(why) = Self::not_running(&info) {
+            return Err(PlatformError::invalid(format!(
+                "{why}; check the image and command"
+            )));
+        }
+        let resource = self.resource(&info);
+        let Some(health) = &spec.health else {
+            return Ok(resource);
+        };
+        let container_port = health
+            .port()
+            .or_else(|| spec.ports.first().map(|p| p.container_port()))
+            .ok_or_else(|| PlatformError::invalid("a health check needs a published port"))?;
+        let endpoint = resource
+            .endpoints
+            .iter()
+            .find(|e| e.port == container_port)
+            .ok_or_else(|| {
+                PlatformError::transient(format!(
+                    "port {container_port} of {name} has no host port yet"
+                ))
+            })?;
+        let probe = match health {
+            HealthCheck::Http { path, .. } => Probe::Http {
+                host: endpoint.host.clone(),
+                port: endpoint.host_port,
+                path: path.clone(),
+            },
+            HealthCheck::Tcp { .. } => Probe::Tcp {
+                host: endpoint.host.clone(),
+                port: endpoint.host_port,
+            },
+        };
+        let timeout = spec
+            .ready_timeout_seconds
+            .map_or(DEFAULT_READY_TIMEOUT, Duration::from_secs);
+        let alive = || async {
+            match self.inspect(name).await {
+                Ok(Some(info)) => match Self::not_running(&info) {
+                    Some(why) => Err(why),
+                    None => Ok(()),
+                },
+                Ok(None) => Err("the container was removed".into()),
+                Err(_) => Ok(()), // the engine blinked; keep probing until the timeout
+            }
+        };
+        match probe.wait_ready(timeout, alive).await {
+            Ok(()) => Ok(resource),
+            Err(why) => {
+                // It will not become healthy by retrying: remove it rather than leak it.
+                self.remove(name).await.ok();
+                Err(PlatformError::permanent(
+                    ErrorClass::Timeout,
+                    format!(
+                        "container {name} did not pass its health check: {why}; it was removed"
+                    ),
+                ))
+            }
+        }
+    }
+
+    async fn remove(&self, name_or_id: &str) -> Result<(), PlatformError> {
+        let stop = StopContainerOptionsBuilder::default()
+            .t(STOP_GRACE_S)
+            .build();
+        match self.docker.stop_container(name_or_id, Some(stop)).await {
+            Ok(()) => {}
+            Err(e) if is_status(&e, 404) => return Ok(()),
+            Err(e) if is_status(&e, 409) => {}
+            Err(e) => return Err(classify(&e, &format!("stopping container {name_or_id}"))),
+        }
+        let remove = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build();
+        match self.docker.remove_container(name_or_id, Some(remove)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_status(&e, 404) => Ok(()),
+            Err(e) => Err(classify(&e, &format!("removing container {name_or_id}"))),
+        }
+    }
+
+    /// The container of a target, refusing to touch containers the provisioner did not make.
+    async fn find(
+        &self,
+        target: &TeardownTarget,
+    ) -> Result<Option<ContainerInspectResponse>, PlatformError> {
+        let (key, expected_request) = match target {
+            TeardownTarget::Request(id) => (container_name(id.as_str()), Some(id.as_str())),
+            TeardownTarget::Resource(id) => (id.clone(), None),
+        };
+        let Some(info) = self.inspect(&key).await? else {
+            return Ok(None);
+        };
+        let labels = info.config.as_ref().and_then(|c| c.labels.as_ref());
+        let made_for = labels
+            .and_then(|l| l.get(REQUEST_LABEL))
+            .map(String::as_str);
+        let managed = labels
+            .and_then(|l| l.get(MANAGED_LABEL))
+            .is_some_and(|v| v == "true");
+        if !managed || (expected_request.is_some() && made_for != expected_request) {
+            return Err(PlatformError::permanent(
+                ErrorClass::Conflict,
+                format!(
+                    "container {key} exists but was not made by the provisioner for this request; it was left alone"
+                ),
+            ));
+        }
+        Ok(Some(info))
+    }
+}
+
+#[async_trait]
+impl Platform for DockerPlatform {
+    fn name(&self) -> PlatformName {
+        PlatformName::Docker
+    }
+
+    fn validate(&self, request: &Request) -> Result<(), PlatformError> {
+        if request.operation == provisioner_events::Operation::Provision {
+            let spec = spec_of(request)?;
+            self.policy.check(&spec)?;
+        }
+        Ok(())
+    }
+
+    async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
+        let spec = spec_of(request)?;
+        self.policy.check(&spec)?;
+        let name = container_name(request.request_id.as_str());
+        let target = TeardownTarget::Request(request.request_id.clone());
+        if self.find(&target).await?.is_none() {
+            self.create(request, &spec, &name).await?;
+        }
+        // Starting a running container is a no-op (304), so a retry just goes on.
+        self.docker
+            .start_container(&name, None)
+            .await
+            .map_err(|e| {
+                classify(
+                    &e,
+                    &format!("starting container {name} on {}", self.endpoint),
+                )
+            })?;
+        self.wait_ready(&spec, &name).await
+    }
+
+    async fn teardown(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+        let Some(info) = self.find(target).await? else {
+            return Ok(None);
+        };
+        let resource = self.resource(&info);
+        self.remove(&resource.id).await?;
+        info!(container.id = %resource.id, container.name = %resource.name, "removed container");
+        Ok(Some(Resource {
+            endpoints: Vec::new(),
+            ..resource
+        }))
+    }
+
+    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+        Ok(self.find(target).await?.map(|info| self.resource(&info)))
+    }
+
+    async fn list(&self) -> Result<Vec<Resource>, PlatformError> {
+        let filters = HashMap::from([("label", vec![format!("{MANAGED_LABEL}=true")])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| classify(&e, "listing containers"))?;
+        Ok(containers
+            .into_iter()
+            .map(|c| Resource {
+                id: c.id.unwrap_or_default(),
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_owned(),
+                address: Some(self.policy.publish_address.clone()),
+                endpoints: Vec::new(),
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(extra: serde_json::Value) -> DockerSpec {
+        let mut value = serde_json::json!({"image": "localhost/busybox:latest"});
+        value
+            .as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        serde_json::from_value(value).expect("spec")
+    }
+
+    #[test]
+    fn the_default_policy_refuses_every_escalation() {
+        let policy = DockerPolicy::default();
+        for extra in [
+            serde_json::json!({"privileged": true}),
+            serde_json::json!({"binds": ["/:/host"]}),
+            serde_json::json!({"cap_add": ["SYS_ADMIN"]}),
+            serde_json::json!({"network_mode": "host"}),
+            serde_json::json!({"network_mode": "container:other"}),
+        ] {
+            let error = policy
+                .check(&spec(extra.clone()))
+                .expect_err(&extra.to_string());
+            assert_eq!(error.class, ErrorClass::Permission, "{extra}");
+            assert!(error.message.contains("DOCKER_ALLOW_"), "{}", error.message);
+        }
+        policy
+            .check(&spec(serde_json::json!({"network_mode": "bridge"})))
+            .expect("bridge is fine");
+    }
+
+    #[test]
+    fn a_permissive_policy_allows_what_it_names_and_the_allow_list_restricts_images() {
+        let policy = DockerPolicy {
+            allow_privileged: true,
+            allow_host_mounts: true,
+            allow_host_network: true,
+            allow_cap_add: true,
+            allowed_images: vec!["localhost/*".into(), "docker.io/library/redis:7".into()],
+            ..DockerPolicy::default()
+        };
+        policy
+            .check(&spec(serde_json::json!({"privileged": true, "binds": ["/a:/b"], "cap_add": ["NET_ADMIN"], "network_mode": "host"})))
+            .expect("allowed");
+        let mut other = spec(serde_json::json!({}));
+        other.image = "docker.io/library/redis:7".into();
+        policy.check(&other).expect("exact match");
+        other.image = "docker.io/library/redis:8".into();
+        assert_eq!(
+            policy.check(&other).expect_err("not listed").class,
+            ErrorClass::Permission
+        );
+    }
+
+    #[test]
+    fn engine_errors_are_classified() {
+        let server = |status_code| DockerError::DockerResponseServerError {
+            status_code,
+            message: "m".into(),
+        };
+        assert_eq!(classify(&server(404), "x").class, ErrorClass::NotFound);
+        assert_eq!(classify(&server(409), "x").class, ErrorClass::Conflict);
+        assert_eq!(
+            classify(&server(400), "x").class,
+            ErrorClass::InvalidRequest
+        );
+        assert_eq!(classify(&server(403), "x").class, ErrorClass::Permission);
+        assert!(classify(&server(500), "x").retryable);
+        assert!(classify(&server(429), "x").retryable);
+        assert!(classify(&DockerError::RequestTimeoutError, "x").retryable);
+        assert!(!classify(&server(404), "x").retryable);
+    }
+
+    #[test]
+    fn images_without_a_tag_are_pulled_as_latest() {
+        assert_eq!(with_tag("busybox"), "busybox:latest");
+        assert_eq!(
+            with_tag("localhost:5000/busybox"),
+            "localhost:5000/busybox:latest"
+        );
+        assert_eq!(with_tag("localhost/busybox:1"), "localhost/busybox:1");
+        assert_eq!(with_tag("busybox@sha256:abc"), "busybox@sha256:abc");
+    }
+}

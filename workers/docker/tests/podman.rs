@@ -1,0 +1,177 @@
+//! The Docker platform against a real engine: Podman's Docker API at `DOCKER_HOST`
+//! (default `unix:///run/podman/podman.sock`), with the `localhost/busybox:latest` image
+//! that the README's test command imports. Test names end in `_on_engine`.
+
+use provisioner_core::conformance::check_platform;
+use provisioner_core::{Platform, health::Probe};
+use provisioner_docker::{DockerPlatform, DockerPolicy, container_name};
+use provisioner_events::{ErrorClass, Request, TeardownTarget, decode_request};
+
+fn docker_host() -> String {
+    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///run/podman/podman.sock".into())
+}
+
+async fn platform() -> DockerPlatform {
+    DockerPlatform::connect(Some(&docker_host()), DockerPolicy::default())
+        .await
+        .expect(
+            "a Docker-compatible engine must be running (the README's test command starts Podman)",
+        )
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+fn request(id: &str, spec: serde_json::Value) -> Request {
+    let body = serde_json::json!({
+        "schema_version": 1, "request_id": id, "operation": "provision",
+        "platform": "docker", "spec": spec, "labels": {"suite": "podman"}
+    });
+    decode_request(body.to_string().as_bytes()).expect("valid request")
+}
+
+fn web_spec() -> serde_json::Value {
+    serde_json::json!({
+        "image": "localhost/busybox:latest",
+        "command": ["httpd", "-f", "-p", "8080"],
+        "ports": [8080],
+        "env": {"GREETING": "hi"},
+        "health": {"http": {"port": 8080, "path": "/"}}
+    })
+}
+
+#[tokio::test]
+async fn docker_platform_conforms_on_engine() {
+    let platform = platform().await;
+    let request = request(&unique("conf"), web_spec());
+    let docker = platform.docker().clone();
+    check_platform(&platform, &request, |resource| {
+        let docker = docker.clone();
+        async move {
+            docker
+                .inspect_container(
+                    &resource.id,
+                    None::<bollard::query_parameters::InspectContainerOptions>,
+                )
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_provisioned_container_serves_on_its_reported_port_on_engine() {
+    let platform = platform().await;
+    let id = unique("web");
+    let resource = platform
+        .provision(&request(&id, web_spec()))
+        .await
+        .expect("provision");
+    assert_eq!(resource.name, container_name(&id));
+    let endpoint = &resource.endpoints[0];
+    assert_eq!(endpoint.port, 8080);
+    let probe = Probe::Http {
+        host: endpoint.host.clone(),
+        port: endpoint.host_port,
+        path: "/".into(),
+    };
+    probe
+        .check_once()
+        .await
+        .expect("the reported endpoint answers HTTP");
+    let listed = platform.list().await.expect("list");
+    assert!(listed.iter().any(|r| r.id == resource.id));
+    platform
+        .teardown(&TeardownTarget::Request(
+            request(&id, web_spec()).request_id,
+        ))
+        .await
+        .expect("teardown");
+}
+
+#[tokio::test]
+async fn a_missing_image_is_a_clear_not_found_on_engine() {
+    let platform = platform().await;
+    for pull in ["never", "if_missing"] {
+        let spec = serde_json::json!({"image": "localhost/does-not-exist:latest", "pull": pull});
+        let error = platform
+            .provision(&request(&unique("noimg"), spec))
+            .await
+            .expect_err("no such image");
+        assert_eq!(error.class, ErrorClass::NotFound, "{pull}: {error}");
+        assert!(!error.retryable, "{pull}");
+        assert!(
+            error.message.contains("localhost/does-not-exist"),
+            "{pull}: {}",
+            error.message
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_container_that_exits_or_never_gets_healthy_fails_and_is_removed_on_engine() {
+    let platform = platform().await;
+    let id = unique("exits");
+    let spec = serde_json::json!({
+        "image": "localhost/busybox:latest", "command": ["sh", "-c", "exit 3"],
+        "ports": [8080], "health": {"tcp": {"port": 8080}}, "ready_timeout_seconds": 5
+    });
+    let error = platform
+        .provision(&request(&id, spec))
+        .await
+        .expect_err("exits");
+    assert!(error.message.contains("exit code 3"), "{}", error.message);
+    assert!(!error.retryable);
+    let gone = platform
+        .describe(&TeardownTarget::Request(
+            request(&id, web_spec()).request_id,
+        ))
+        .await
+        .expect("describe");
+    assert_eq!(gone, None, "a failed container is not leaked");
+}
+
+#[tokio::test]
+async fn containers_not_made_by_the_provisioner_are_left_alone_on_engine() {
+    let platform = platform().await;
+    let name = unique("foreign");
+    let body = bollard::models::ContainerCreateBody {
+        image: Some("localhost/busybox:latest".into()),
+        cmd: Some(vec!["sleep".into(), "60".into()]),
+        ..Default::default()
+    };
+    let created = platform
+        .docker()
+        .create_container(
+            Some(
+                bollard::query_parameters::CreateContainerOptionsBuilder::default()
+                    .name(&name)
+                    .build(),
+            ),
+            body,
+        )
+        .await
+        .expect("create foreign container");
+    let error = platform
+        .teardown(&TeardownTarget::Resource(created.id.clone()))
+        .await
+        .expect_err("not ours");
+    assert_eq!(error.class, ErrorClass::Conflict);
+    platform
+        .docker()
+        .remove_container(
+            &created.id,
+            Some(
+                bollard::query_parameters::RemoveContainerOptionsBuilder::default()
+                    .force(true)
+                    .build(),
+            ),
+        )
+        .await
+        .expect("cleanup");
+}
