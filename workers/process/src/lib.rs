@@ -1,1 +1,304 @@
+//! The `process` platform: a local program as the "machine" (the LOCAL flavour of the
+//! source documents), health-checked on its port. It needs nothing installed, so the
+//! embedded mode can show the whole flow on any machine.
+//!
+//! Running a command named in a message would be remote code execution for anyone who can
+//! publish, so only programs on the worker's own allow-list run, by absolute path, never
+//! through a shell. A process lives as long as the worker that started it (it is killed
+//! when the worker exits); idempotency holds within that worker: the same request id finds
+//! its running process instead of starting another.
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use provisioner_core::health::Probe;
+use provisioner_core::{Platform, PlatformError};
+use provisioner_events::spec::process::ProcessSpec;
+use provisioner_events::spec::{HealthCheck, parse_spec};
+use provisioner_events::{
+    Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, TeardownTarget,
+};
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+use tracing::info;
+
+/// A program requests may run: the name they use, the file it is, and arguments that
+/// always come first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedProgram {
+    pub path: PathBuf,
+    pub leading_args: Vec<String>,
+}
+
+/// The allow-list, from the worker's configuration.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessPolicy {
+    pub programs: BTreeMap<String, AllowedProgram>,
+}
+
+impl ProcessPolicy {
+    /// Parses `name=/abs/path,other=/abs/path2` (the `PROCESS_ALLOW` setting).
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut programs = BTreeMap::new();
+        for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (name, path) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("allow-list entry {entry:?} is not name=/absolute/path"))?;
+            let path = PathBuf::from(path);
+            if !path.is_absolute() {
+                return Err(format!(
+                    "allow-list entry {entry:?}: the path must be absolute"
+                ));
+            }
+            programs.insert(
+                name.to_owned(),
+                AllowedProgram {
+                    path,
+                    leading_args: Vec::new(),
+                },
+            );
+        }
+        Ok(ProcessPolicy { programs })
+    }
+}
+
+struct Running {
+    child: Child,
+    pid: u32,
+    port: u16,
+}
+
+/// The process [`Platform`].
+pub struct ProcessPlatform {
+    policy: ProcessPolicy,
+    address: String,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+impl std::fmt::Debug for ProcessPlatform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessPlatform")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn spec_of(request: &Request) -> Result<ProcessSpec, PlatformError> {
+    let spec = request
+        .spec
+        .as_ref()
+        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
+    let spec: ProcessSpec = parse_spec("process", spec).map_err(PlatformError::invalid)?;
+    spec.validate().map_err(PlatformError::invalid)?;
+    Ok(spec)
+}
+
+fn free_port() -> Result<u16, PlatformError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| PlatformError::transient(format!("no free local port: {e}")))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| PlatformError::transient(format!("no free local port: {e}")))
+}
+
+impl ProcessPlatform {
+    pub fn new(policy: ProcessPolicy) -> Self {
+        ProcessPlatform {
+            policy,
+            address: "127.0.0.1".into(),
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn program(&self, spec: &ProcessSpec) -> Result<&AllowedProgram, PlatformError> {
+        self.policy.programs.get(&spec.program).ok_or_else(|| {
+            let allowed: Vec<&str> = self.policy.programs.keys().map(String::as_str).collect();
+            PlatformError::permanent(
+                ErrorClass::Permission,
+                format!(
+                    "program {:?} is not on this worker's allow-list (allowed: {}); add it to PROCESS_ALLOW on the worker",
+                    spec.program,
+                    if allowed.is_empty() { "none".into() } else { allowed.join(", ") }
+                ),
+            )
+        })
+    }
+
+    fn resource(&self, request_id: &str, running: &Running) -> Resource {
+        Resource {
+            id: running.pid.to_string(),
+            name: format!("proc-{request_id}"),
+            address: Some(self.address.clone()),
+            endpoints: vec![Endpoint {
+                port: running.port,
+                host: self.address.clone(),
+                host_port: running.port,
+                protocol: "tcp".into(),
+            }],
+        }
+    }
+
+    /// The request id of a target whose process is still alive; forgets dead ones.
+    async fn find(&self, target: &TeardownTarget) -> Option<String> {
+        let mut running = self.running.lock().await;
+        running.retain(|_, r| matches!(r.child.try_wait(), Ok(None)));
+        match target {
+            TeardownTarget::Request(id) => {
+                running.contains_key(id.as_str()).then(|| id.to_string())
+            }
+            TeardownTarget::Resource(pid) => running
+                .iter()
+                .find(|(_, r)| r.pid.to_string() == *pid)
+                .map(|(id, _)| id.clone()),
+        }
+    }
+}
+
+#[async_trait]
+impl Platform for ProcessPlatform {
+    fn name(&self) -> PlatformName {
+        PlatformName::Process
+    }
+
+    fn validate(&self, request: &Request) -> Result<(), PlatformError> {
+        if request.operation == Operation::Provision {
+            let spec = spec_of(request)?;
+            self.program(&spec)?;
+        }
+        Ok(())
+    }
+
+    async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
+        let spec = spec_of(request)?;
+        let program = self.program(&spec)?.clone();
+        let id = request.request_id.to_string();
+        let mut running = self.running.lock().await;
+        if let Some(existing) = running.get_mut(&id) {
+            if matches!(existing.child.try_wait(), Ok(None)) {
+                return Ok(self.resource(&id, existing));
+            }
+            running.remove(&id);
+        }
+        let port = match spec.port {
+            Some(port) => port,
+            None => free_port()?,
+        };
+        let args: Vec<String> = program
+            .leading_args
+            .iter()
+            .chain(&spec.args)
+            .map(|arg| arg.replace("{port}", &port.to_string()))
+            .collect();
+        let child = Command::new(&program.path)
+            .args(&args)
+            .envs(&spec.env)
+            .env("PORT", port.to_string())
+            .env("PROVISIONER_REQUEST_ID", &id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                PlatformError::permanent(
+                    ErrorClass::NotFound,
+                    format!(
+                        "cannot start {} ({}): {e}",
+                        spec.program,
+                        program.path.display()
+                    ),
+                )
+            })?;
+        let pid = child.id().unwrap_or_default();
+        info!(pid, port, program = %spec.program, "started process");
+        running.insert(id.clone(), Running { child, pid, port });
+        drop(running);
+
+        let probe = match &spec.health {
+            Some(HealthCheck::Http { path, .. }) => Probe::Http {
+                host: self.address.clone(),
+                port,
+                path: path.clone(),
+            },
+            Some(HealthCheck::Tcp { .. }) | None => Probe::Tcp {
+                host: self.address.clone(),
+                port,
+            },
+        };
+        let timeout = spec
+            .ready_timeout_seconds
+            .map_or(DEFAULT_READY_TIMEOUT, Duration::from_secs);
+        let alive = || async {
+            let mut running = self.running.lock().await;
+            match running.get_mut(&id).map(|r| r.child.try_wait()) {
+                Some(Ok(None)) => Ok(()),
+                Some(Ok(Some(status))) => Err(format!("the process exited ({status})")),
+                Some(Err(e)) => Err(format!("the process cannot be waited on: {e}")),
+                None => Err("the process was torn down".into()),
+            }
+        };
+        match probe.wait_ready(timeout, alive).await {
+            Ok(()) => {
+                let running = self.running.lock().await;
+                let entry = running.get(&id).ok_or_else(|| {
+                    PlatformError::transient("the process was torn down while starting")
+                })?;
+                Ok(self.resource(&id, entry))
+            }
+            Err(why) => {
+                if let Some(mut failed) = self.running.lock().await.remove(&id) {
+                    let _ = failed.child.kill().await;
+                }
+                Err(PlatformError::permanent(
+                    ErrorClass::Timeout,
+                    format!(
+                        "{} did not become ready: {why}; it was stopped",
+                        spec.program
+                    ),
+                ))
+            }
+        }
+    }
+
+    async fn teardown(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+        let Some(id) = self.find(target).await else {
+            return Ok(None);
+        };
+        let Some(mut entry) = self.running.lock().await.remove(&id) else {
+            return Ok(None);
+        };
+        let resource = self.resource(&id, &entry);
+        entry.child.kill().await.map_err(|e| {
+            PlatformError::transient(format!("cannot stop process {}: {e}", entry.pid))
+        })?;
+        info!(pid = entry.pid, "stopped process");
+        Ok(Some(Resource {
+            endpoints: Vec::new(),
+            ..resource
+        }))
+    }
+
+    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+        let Some(id) = self.find(target).await else {
+            return Ok(None);
+        };
+        Ok(self
+            .running
+            .lock()
+            .await
+            .get(&id)
+            .map(|entry| self.resource(&id, entry)))
+    }
+
+    async fn list(&self) -> Result<Vec<Resource>, PlatformError> {
+        let mut running = self.running.lock().await;
+        running.retain(|_, r| matches!(r.child.try_wait(), Ok(None)));
+        Ok(running.iter().map(|(id, r)| self.resource(id, r)).collect())
+    }
+}
