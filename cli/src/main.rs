@@ -1,1 +1,288 @@
-fn main() {}
+//! `provisioner`: the worker daemon, the producer and observer commands, and the embedded
+//! default that runs everything in one process when no `AMQP_URL`/`REDIS_URL` is given.
+//!
+//! Configuration is read once here, validated, and passed down; a bad setting exits with
+//! code 64 and a message naming it, an unreachable service with 69.
+
+mod config;
+mod demo_http;
+mod submit;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use provisioner_core::amqp::{AmqpBroker, AmqpConfig};
+use provisioner_core::redis_store::RedisStore;
+use provisioner_core::{Broker, StateStore, Worker};
+use provisioner_events::PlatformName;
+
+use crate::config::{Connections, PlatformSettings, WorkerSettings};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "provisioner",
+    version,
+    about = "Provisioning driven by messages: RabbitMQ in, status events out, Redis for idempotency."
+)]
+struct Cli {
+    #[command(flatten)]
+    connections: Connections,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a worker for one platform until SIGTERM or Ctrl-C.
+    Worker {
+        #[command(flatten)]
+        settings: WorkerSettings,
+        #[command(flatten)]
+        platforms: PlatformSettings,
+    },
+    /// Publish requests from a file (one JSON object, an array, or JSON lines; `-` for stdin).
+    ///
+    /// Without AMQP_URL and REDIS_URL it runs embedded: an in-process broker, store and the
+    /// workers the requests need, waiting for every request to end.
+    Submit(submit::SubmitArgs),
+    /// Print status events as they are published.
+    Watch {
+        /// Only this request.
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Only this platform.
+        #[arg(long)]
+        platform: Option<String>,
+        /// Print each event as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what the state store knows of a request.
+    Status { request_id: String },
+    /// A tiny HTTP server, the program of the shipped process examples.
+    #[command(hide = true)]
+    DemoHttp {
+        #[arg(long, env = "PORT")]
+        port: u16,
+    },
+}
+
+/// Exit codes from sysexits: bad usage or configuration, unavailable service.
+pub const EXIT_CONFIG: u8 = 64;
+pub const EXIT_DATA: u8 = 65;
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(e) => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    // A daemon logs its work; a command a person runs only says what went wrong.
+    let default_filter = match cli.command {
+        Command::Worker { .. } => {
+            "warn,provisioner=info,provisioner_core=info,provisioner_docker=info,provisioner_process=info"
+        }
+        _ => "error,provisioner_core=warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PROVISIONER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+/// An error with the exit code it deserves.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl Failure {
+    pub fn config(error: impl Into<anyhow::Error>) -> Self {
+        Failure {
+            code: EXIT_CONFIG,
+            error: error.into(),
+        }
+    }
+    pub fn unavailable(error: impl Into<anyhow::Error>) -> Self {
+        Failure {
+            code: EXIT_UNAVAILABLE,
+            error: error.into(),
+        }
+    }
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(error: E) -> Self {
+        Failure {
+            code: 1,
+            error: error.into(),
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Worker {
+            settings,
+            platforms,
+        } => worker(&cli.connections, settings, platforms).await,
+        Command::Submit(args) => submit::run(&cli.connections, args).await,
+        Command::Watch {
+            request_id,
+            platform,
+            json,
+        } => watch(&cli.connections, request_id, platform, json).await,
+        Command::Status { request_id } => status(&cli.connections, &request_id).await,
+        Command::DemoHttp { port } => demo_http::serve(port).await.map_err(Failure::from),
+    };
+    match result {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("error: {:#}", failure.error);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+async fn amqp(connections: &Connections, name: &str) -> Result<AmqpBroker, Failure> {
+    let url = connections.require_amqp()?;
+    let mut config = AmqpConfig::new(url);
+    config.connection_name = name.to_owned();
+    AmqpBroker::connect(config).await.map_err(|e| {
+        Failure::unavailable(anyhow::anyhow!("RabbitMQ at {}: {e}", config::redact(url)))
+    })
+}
+
+async fn redis(connections: &Connections) -> Result<RedisStore, Failure> {
+    let url = connections.require_redis()?;
+    RedisStore::connect(
+        url,
+        &connections.redis_key_prefix,
+        provisioner_core::redis_store::DEFAULT_RETENTION,
+    )
+    .await
+    .map_err(|e| Failure::unavailable(anyhow::anyhow!("Redis at {}: {e}", config::redact(url))))
+}
+
+async fn worker(
+    connections: &Connections,
+    settings: WorkerSettings,
+    platforms: PlatformSettings,
+) -> Result<ExitCode, Failure> {
+    let config = settings.validate()?;
+    connections.require_amqp()?;
+    connections.require_redis()?;
+    let platform = platforms.build(settings.platform).await?;
+    let store: Arc<dyn StateStore> = Arc::new(redis(connections).await?);
+    let broker: Arc<dyn Broker> = Arc::new(amqp(connections, &config.worker_id).await?);
+    let worker = Arc::new(Worker::new(platform, store, broker, config));
+    worker.run(shutdown_signal()).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+}
+
+async fn watch(
+    connections: &Connections,
+    request_id: Option<String>,
+    platform: Option<String>,
+    json: bool,
+) -> Result<ExitCode, Failure> {
+    if let Some(platform) = &platform
+        && PlatformName::parse(platform).is_none() {
+            return Err(Failure::config(anyhow::anyhow!(
+                "unknown platform {platform:?}"
+            )));
+        }
+    let broker = amqp(connections, "provisioner-watch").await?;
+    let mut events = broker
+        .subscribe_status()
+        .await
+        .context("subscribing to the status topic")?;
+    let mut stop = std::pin::pin!(shutdown_signal());
+    loop {
+        let event = tokio::select! {
+            _ = &mut stop => return Ok(ExitCode::SUCCESS),
+            event = events.next() => event,
+        };
+        let Some(event) = event else {
+            return Err(Failure::unavailable(anyhow::anyhow!(
+                "the connection to RabbitMQ was lost"
+            )));
+        };
+        if request_id
+            .as_ref()
+            .is_some_and(|id| *id != event.request_id)
+            || platform.as_ref().is_some_and(|p| *p != event.platform)
+        {
+            continue;
+        }
+        submit::print_event(&event, json);
+    }
+}
+
+async fn status(connections: &Connections, request_id: &str) -> Result<ExitCode, Failure> {
+    let store = redis(connections).await?;
+    let Some(record) = store
+        .get(request_id)
+        .await
+        .context("reading the state store")?
+    else {
+        eprintln!(
+            "no request {request_id} is known (never received, or finished longer ago than the retention)"
+        );
+        return Ok(ExitCode::from(EXIT_DATA));
+    };
+    let output = serde_json::json!({
+        "request_id": request_id,
+        "state": record.state,
+        "owner": record.owner,
+        "fence": record.fence,
+        "seq": record.seq,
+        "lease_remaining_ms": record.lease_remaining.map(|d| d.as_millis() as u64),
+        "result": record.result,
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&output).context("formatting")?
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,287 @@
+//! Settings from flags and the environment, validated once at start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use provisioner_core::policy::RetryPolicy;
+use provisioner_core::{Platform, WorkerConfig};
+use provisioner_docker::{DockerPlatform, DockerPolicy};
+use provisioner_events::PlatformName;
+use provisioner_process::{AllowedProgram, ProcessPlatform, ProcessPolicy};
+
+use crate::Failure;
+
+/// Where the broker and the state store are. Neither given: the embedded mode.
+#[derive(Debug, Clone, Args)]
+pub struct Connections {
+    /// RabbitMQ, e.g. amqp://guest:guest@127.0.0.1:5672/%2f
+    #[arg(long, env = "AMQP_URL", global = true)]
+    pub amqp_url: Option<String>,
+    /// Redis, e.g. redis://127.0.0.1:6379
+    #[arg(long, env = "REDIS_URL", global = true)]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key, so deployments can share a Redis.
+    #[arg(
+        long,
+        env = "REDIS_KEY_PREFIX",
+        default_value = "provisioner:",
+        global = true
+    )]
+    pub redis_key_prefix: String,
+}
+
+/// Hides the password of a URL for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Connections {
+    /// Both set: the real services; neither: embedded; one alone is a mistake.
+    pub fn embedded(&self) -> Result<bool, Failure> {
+        match (&self.amqp_url, &self.redis_url) {
+            (None, None) => Ok(true),
+            (Some(_), Some(_)) => Ok(false),
+            (Some(_), None) => Err(Failure::config(anyhow::anyhow!(
+                "AMQP_URL is set but REDIS_URL is not: set both to use RabbitMQ and Redis, or neither for the embedded mode"
+            ))),
+            (None, Some(_)) => Err(Failure::config(anyhow::anyhow!(
+                "REDIS_URL is set but AMQP_URL is not: set both to use RabbitMQ and Redis, or neither for the embedded mode"
+            ))),
+        }
+    }
+
+    pub fn require_amqp(&self) -> Result<&str, Failure> {
+        let url = self.amqp_url.as_deref().ok_or_else(|| {
+            Failure::config(anyhow::anyhow!(
+                "AMQP_URL is not set (e.g. amqp://guest:guest@127.0.0.1:5672/%2f)"
+            ))
+        })?;
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(Failure::config(anyhow::anyhow!(
+                "AMQP_URL {} must start with amqp:// or amqps://",
+                redact(url)
+            )));
+        }
+        Ok(url)
+    }
+
+    pub fn require_redis(&self) -> Result<&str, Failure> {
+        let url = self.redis_url.as_deref().ok_or_else(|| {
+            Failure::config(anyhow::anyhow!(
+                "REDIS_URL is not set (e.g. redis://127.0.0.1:6379)"
+            ))
+        })?;
+        if !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("unix://"))
+        {
+            return Err(Failure::config(anyhow::anyhow!(
+                "REDIS_URL {} must start with redis://, rediss:// or unix://",
+                redact(url)
+            )));
+        }
+        Ok(url)
+    }
+}
+
+fn parse_platform(name: &str) -> Result<PlatformName, String> {
+    PlatformName::parse(name).ok_or_else(|| {
+        let known: Vec<&str> = PlatformName::ALL.iter().map(|p| p.as_str()).collect();
+        format!("unknown platform {name:?}; known: {}", known.join(", "))
+    })
+}
+
+/// The runtime's settings.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerSettings {
+    /// The platform this worker serves.
+    #[arg(long, env = "PLATFORM", value_parser = parse_platform)]
+    pub platform: PlatformName,
+    /// Unique name of this worker in leases and logs (default: random).
+    #[arg(long, env = "WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Deliveries handled at once.
+    #[arg(long, env = "PREFETCH", default_value_t = 16)]
+    pub prefetch: u16,
+    /// Lease length; a crashed worker's requests are taken over after it.
+    #[arg(long, env = "LEASE_SECONDS", default_value_t = 30)]
+    pub lease_seconds: u64,
+    /// Attempts per request, the first included.
+    #[arg(long, env = "MAX_ATTEMPTS", default_value_t = 8)]
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubles each time, with jitter.
+    #[arg(long, env = "RETRY_BASE_MS", default_value_t = 1000)]
+    pub retry_base_ms: u64,
+    /// Longest delay between retries.
+    #[arg(long, env = "RETRY_MAX_SECONDS", default_value_t = 300)]
+    pub retry_max_seconds: u64,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    pub shutdown_grace_seconds: u64,
+}
+
+impl WorkerSettings {
+    pub fn validate(&self) -> Result<WorkerConfig, Failure> {
+        let bad = |what: String| Err(Failure::config(anyhow::anyhow!(what)));
+        if self.prefetch == 0 {
+            return bad("PREFETCH must be at least 1".into());
+        }
+        if self.lease_seconds < 2 {
+            return bad(format!(
+                "LEASE_SECONDS {} is too short; at least 2",
+                self.lease_seconds
+            ));
+        }
+        if self.max_attempts == 0 {
+            return bad("MAX_ATTEMPTS must be at least 1".into());
+        }
+        if self.retry_base_ms == 0
+            || Duration::from_millis(self.retry_base_ms)
+                > Duration::from_secs(self.retry_max_seconds)
+        {
+            return bad("RETRY_BASE_MS must be above 0 and below RETRY_MAX_SECONDS".into());
+        }
+        let worker_id = match &self.worker_id {
+            Some(id)
+                if id.is_empty()
+                    || id.len() > 128
+                    || id.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+            {
+                return bad(format!(
+                    "WORKER_ID {id:?} must be 1 to 128 characters without spaces"
+                ));
+            }
+            Some(id) => id.clone(),
+            None => format!(
+                "{}-{}",
+                self.platform,
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+        };
+        Ok(WorkerConfig {
+            worker_id,
+            prefetch: self.prefetch,
+            lease: Duration::from_secs(self.lease_seconds),
+            retry: RetryPolicy {
+                max_attempts: self.max_attempts,
+                base_delay: Duration::from_millis(self.retry_base_ms),
+                max_delay: Duration::from_secs(self.retry_max_seconds),
+            },
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+            ..WorkerConfig::default()
+        })
+    }
+}
+
+fn parse_bool(value: &str) -> Result<bool, String> {
+    match value {
+        "1" | "true" | "yes" => Ok(true),
+        "0" | "false" | "no" => Ok(false),
+        other => Err(format!("{other:?} is not true or false")),
+    }
+}
+
+/// Each platform's own settings: what the worker allows.
+#[derive(Debug, Clone, Args)]
+pub struct PlatformSettings {
+    /// The Docker engine: unix:///path or tcp://host:port.
+    #[arg(long, env = "DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    #[arg(long, env = "DOCKER_ALLOW_PRIVILEGED", value_parser = parse_bool, default_value = "false")]
+    pub docker_allow_privileged: bool,
+    #[arg(long, env = "DOCKER_ALLOW_HOST_MOUNTS", value_parser = parse_bool, default_value = "false")]
+    pub docker_allow_host_mounts: bool,
+    #[arg(long, env = "DOCKER_ALLOW_HOST_NETWORK", value_parser = parse_bool, default_value = "false")]
+    pub docker_allow_host_network: bool,
+    #[arg(long, env = "DOCKER_ALLOW_CAP_ADD", value_parser = parse_bool, default_value = "false")]
+    pub docker_allow_cap_add: bool,
+    /// Comma-separated image patterns (`prefix*` allowed); empty allows all.
+    #[arg(long, env = "DOCKER_ALLOWED_IMAGES", default_value = "")]
+    pub docker_allowed_images: String,
+    /// The address published ports bind to and events report.
+    #[arg(long, env = "DOCKER_PUBLISH_ADDRESS", default_value = "127.0.0.1")]
+    pub docker_publish_address: String,
+    /// Programs the process platform may run: name=/absolute/path,...
+    #[arg(long, env = "PROCESS_ALLOW", default_value = "")]
+    pub process_allow: String,
+}
+
+impl PlatformSettings {
+    pub fn docker_policy(&self) -> DockerPolicy {
+        DockerPolicy {
+            allow_privileged: self.docker_allow_privileged,
+            allow_host_mounts: self.docker_allow_host_mounts,
+            allow_host_network: self.docker_allow_host_network,
+            allow_cap_add: self.docker_allow_cap_add,
+            allowed_images: self
+                .docker_allowed_images
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            publish_address: self.docker_publish_address.clone(),
+        }
+    }
+
+    /// The process allow-list; the embedded mode adds the shipped demo program.
+    pub fn process_policy(&self, with_demo: bool) -> Result<ProcessPolicy, Failure> {
+        let mut policy = ProcessPolicy::parse(&self.process_allow)
+            .map_err(|e| Failure::config(anyhow::anyhow!("PROCESS_ALLOW: {e}")))?;
+        if with_demo {
+            let exe = std::env::current_exe().map_err(|e| {
+                Failure::config(anyhow::anyhow!("cannot find this program's path: {e}"))
+            })?;
+            policy.programs.insert(
+                "demo-http".into(),
+                AllowedProgram {
+                    path: exe,
+                    leading_args: vec!["demo-http".into()],
+                },
+            );
+        }
+        Ok(policy)
+    }
+
+    pub async fn build(&self, platform: PlatformName) -> Result<Arc<dyn Platform>, Failure> {
+        match platform {
+            PlatformName::Docker => {
+                let docker =
+                    DockerPlatform::connect(self.docker_host.as_deref(), self.docker_policy())
+                        .await
+                        .map_err(|e| Failure::unavailable(anyhow::anyhow!(e)))?;
+                Ok(Arc::new(docker))
+            }
+            PlatformName::Process => {
+                Ok(Arc::new(ProcessPlatform::new(self.process_policy(false)?)))
+            }
+            other => Err(Failure::config(anyhow::anyhow!(
+                "the {other} worker is not part of this build yet; available: docker, process"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

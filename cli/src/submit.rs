@@ -1,0 +1,302 @@
+//! `provisioner submit`: validate requests locally, publish them with confirms, and with
+//! `--wait` follow the status topic until each is terminal. Embedded when no services are
+//! configured.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Read;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use clap::Args;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use provisioner_core::{Broker, MemoryBroker, MemoryStore, Platform, Worker, WorkerConfig};
+use provisioner_docker::DockerPlatform;
+use provisioner_events::{Operation, PlatformName, Request, State, StatusEvent, decode_request};
+use provisioner_process::ProcessPlatform;
+
+use crate::config::{Connections, PlatformSettings};
+use crate::{EXIT_DATA, Failure};
+
+#[derive(Debug, Clone, Args)]
+pub struct SubmitArgs {
+    /// Requests: one JSON object, a JSON array, or one object per line; `-` reads stdin.
+    pub file: String,
+    /// Follow each request to its terminal state; exit 1 if any ends in `error`.
+    /// Requests that act on an existing resource (teardown) are published only after every
+    /// earlier request in the file has ended. Always on in the embedded mode.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this long (exit 75).
+    #[arg(long, default_value_t = 300)]
+    pub timeout_seconds: u64,
+    /// Print events as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub platforms: PlatformSettings,
+}
+
+const EXIT_TEMPFAIL: u8 = 75;
+
+/// One request to publish: what it says, and the bytes as the producer wrote them.
+struct Outgoing {
+    request: Request,
+    body: Vec<u8>,
+}
+
+fn read_requests(file: &str) -> Result<Vec<Outgoing>, Failure> {
+    let text = if file == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading stdin")?;
+        text
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|e| Failure::config(anyhow!("cannot read {file}: {e}")))?
+    };
+    let items: Vec<serde_json::Value> = match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(serde_json::Value::Array(items)) => items,
+        Ok(item) => vec![item],
+        Err(_) => text
+            .lines()
+            .enumerate()
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(|(n, line)| {
+                serde_json::from_str(line).map_err(|e| Failure {
+                    code: EXIT_DATA,
+                    error: anyhow!("{file} line {}: not JSON: {e}", n + 1),
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    if items.is_empty() {
+        return Err(Failure {
+            code: EXIT_DATA,
+            error: anyhow!("{file} holds no requests"),
+        });
+    }
+    let mut outgoing = Vec::new();
+    let mut problems = Vec::new();
+    for (n, item) in items.into_iter().enumerate() {
+        let body = serde_json::to_vec(&item).context("re-encoding a request")?;
+        match decode_request(&body) {
+            Ok(request) => outgoing.push(Outgoing { request, body }),
+            Err(e) => problems.push(format!(
+                "request {} ({}): {}",
+                n + 1,
+                e.request_id.as_deref().unwrap_or("no request_id"),
+                e.message
+            )),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Failure {
+            code: EXIT_DATA,
+            error: anyhow!(
+                "nothing was published; fix these first:\n  {}",
+                problems.join("\n  ")
+            ),
+        });
+    }
+    Ok(outgoing)
+}
+
+pub fn print_event(event: &StatusEvent, json: bool) {
+    if json {
+        if let Ok(line) = serde_json::to_string(event) {
+            println!("{line}");
+        }
+        return;
+    }
+    let time = event.timestamp.time();
+    let mut line = format!(
+        "{:02}:{:02}:{:02}  {:<24} {:<10} {:<8} seq {} attempt {}",
+        time.hour(),
+        time.minute(),
+        time.second(),
+        event.request_id,
+        event.platform,
+        event.state,
+        event.seq,
+        event.attempt
+    );
+    if let Some(resource) = &event.resource {
+        line.push_str(&format!("  {} ({})", resource.name, short_id(&resource.id)));
+        for endpoint in &resource.endpoints {
+            line.push_str(&format!(
+                "  {}:{}->{}",
+                endpoint.host, endpoint.host_port, endpoint.port
+            ));
+        }
+    }
+    if let Some(error) = &event.error {
+        line.push_str(&format!("  {}: {}", error.class, error.message));
+    }
+    println!("{line}");
+}
+
+fn short_id(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+pub async fn run(connections: &Connections, args: SubmitArgs) -> Result<ExitCode, Failure> {
+    let requests = read_requests(&args.file)?;
+    if connections.embedded()? {
+        return embedded(args, requests).await;
+    }
+    let broker = crate::amqp(connections, "provisioner-submit").await?;
+    // Declaring the platforms' queues makes requests wait for a worker that is not up yet.
+    for platform in platforms_of(&requests) {
+        broker
+            .declare(platform)
+            .await
+            .with_context(|| format!("declaring the {platform} queue"))?;
+    }
+    publish_and_wait(&broker, requests, args.wait, &args).await
+}
+
+fn platforms_of(requests: &[Outgoing]) -> BTreeSet<PlatformName> {
+    requests.iter().map(|o| o.request.platform).collect()
+}
+
+fn acts_on_existing(operation: Operation) -> bool {
+    !matches!(operation, Operation::Provision)
+}
+
+async fn publish_and_wait(
+    broker: &dyn Broker,
+    requests: Vec<Outgoing>,
+    wait: bool,
+    args: &SubmitArgs,
+) -> Result<ExitCode, Failure> {
+    // Subscribe before publishing, so no event can come before we listen.
+    let mut events = if wait {
+        Some(
+            broker
+                .subscribe_status()
+                .await
+                .context("subscribing to the status topic")?,
+        )
+    } else {
+        None
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_seconds);
+    let mut outcome: HashMap<String, Option<StatusEvent>> = HashMap::new();
+    for outgoing in requests {
+        let id = outgoing.request.request_id.to_string();
+        if let Some(events) = events.as_mut()
+            && acts_on_existing(outgoing.request.operation) {
+                follow(events, &mut outcome, deadline, args.json).await?;
+            }
+        broker
+            .publish_request(&outgoing.request.routing_key(), &id, &outgoing.body)
+            .await
+            .with_context(|| format!("publishing {id}"))?;
+        eprintln!("published {id} ({})", outgoing.request.routing_key());
+        outcome.entry(id).or_insert(None);
+    }
+    let Some(mut events) = events else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    follow(&mut events, &mut outcome, deadline, args.json).await?;
+    let failed: Vec<&String> = outcome
+        .iter()
+        .filter(|(_, event)| event.as_ref().is_some_and(|e| e.state == State::Error))
+        .map(|(id, _)| id)
+        .collect();
+    if failed.is_empty() {
+        eprintln!("all {} request(s) ended well", outcome.len());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "{} of {} request(s) ended in error",
+            failed.len(),
+            outcome.len()
+        );
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Prints events of our requests until every one of them has a terminal event.
+async fn follow(
+    events: &mut BoxStream<'static, StatusEvent>,
+    outcome: &mut HashMap<String, Option<StatusEvent>>,
+    deadline: tokio::time::Instant,
+    json: bool,
+) -> Result<(), Failure> {
+    while outcome.values().any(Option::is_none) {
+        let event = match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                return Err(Failure::unavailable(anyhow!(
+                    "the status stream ended (connection lost)"
+                )));
+            }
+            Err(_) => {
+                let waiting: Vec<&String> = outcome
+                    .iter()
+                    .filter(|(_, e)| e.is_none())
+                    .map(|(id, _)| id)
+                    .collect();
+                return Err(Failure {
+                    code: EXIT_TEMPFAIL,
+                    error: anyhow!("timed out waiting for {waiting:?}"),
+                });
+            }
+        };
+        let Some(slot) = outcome.get_mut(&event.request_id) else {
+            continue;
+        };
+        print_event(&event, json);
+        if event.state.is_terminal() && slot.is_none() {
+            *slot = Some(event);
+        }
+    }
+    Ok(())
+}
+
+/// Everything in this process: an in-memory broker and store, and a worker for each
+/// platform the requests name.
+async fn embedded(args: SubmitArgs, requests: Vec<Outgoing>) -> Result<ExitCode, Failure> {
+    eprintln!(
+        "no AMQP_URL/REDIS_URL: running embedded (in-process broker, state store and workers)"
+    );
+    let broker = Arc::new(MemoryBroker::new());
+    let store = Arc::new(MemoryStore::new());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut workers = Vec::new();
+    for platform_name in platforms_of(&requests) {
+        let platform: Arc<dyn Platform> = match platform_name {
+            PlatformName::Process => Arc::new(ProcessPlatform::new(args.platforms.process_policy(true)?)),
+            PlatformName::Docker => Arc::new(
+                DockerPlatform::connect(args.platforms.docker_host.as_deref(), args.platforms.docker_policy())
+                    .await
+                    .map_err(|e| Failure::unavailable(anyhow!("{e} (the docker requests need an engine; the process examples need nothing)")))?,
+            ),
+            other => {
+                return Err(Failure::config(anyhow!(
+                    "the embedded mode has no {other} worker in this build; available: docker, process"
+                )));
+            }
+        };
+        let config = WorkerConfig {
+            worker_id: format!("embedded-{platform_name}"),
+            ..WorkerConfig::default()
+        };
+        let worker = Arc::new(Worker::new(platform, store.clone(), broker.clone(), config));
+        let mut stop = stop_rx.clone();
+        workers.push(tokio::spawn(worker.run(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        })));
+    }
+    let result = publish_and_wait(broker.as_ref(), requests, true, &args).await;
+    let _ = stop_tx.send(true);
+    for worker in workers {
+        let _ = worker.await;
+    }
+    result
+}
