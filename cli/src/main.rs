@@ -227,11 +227,12 @@ async fn watch(
     json: bool,
 ) -> Result<ExitCode, Failure> {
     if let Some(platform) = &platform
-        && PlatformName::parse(platform).is_none() {
-            return Err(Failure::config(anyhow::anyhow!(
-                "unknown platform {platform:?}"
-            )));
-        }
+        && PlatformName::parse(platform).is_none()
+    {
+        return Err(Failure::config(anyhow::anyhow!(
+            "unknown platform {platform:?}"
+        )));
+    }
     let broker = amqp(connections, "provisioner-watch").await?;
     let mut events = broker
         .subscribe_status()

@@ -189,9 +189,10 @@ async fn publish_and_wait(
     for outgoing in requests {
         let id = outgoing.request.request_id.to_string();
         if let Some(events) = events.as_mut()
-            && acts_on_existing(outgoing.request.operation) {
-                follow(events, &mut outcome, deadline, args.json).await?;
-            }
+            && acts_on_existing(outgoing.request.operation)
+        {
+            follow(events, &mut outcome, deadline, args.json).await?;
+        }
         broker
             .publish_request(&outgoing.request.routing_key(), &id, &outgoing.body)
             .await

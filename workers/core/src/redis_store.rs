@@ -37,32 +37,41 @@ redis.call('PERSIST', KEYS[1])
 return {'claimed', tostring(fence), rec[5] or '0', existed and '1' or '0'}
 "#;
 
-/// KEYS[1]; ARGV fence, lease_ms. Returns 1, or 0 when fenced off.
+/// Fenced scripts answer -1 when fenced off and -2 when the record is gone.
+/// KEYS[1]; ARGV fence, lease_ms. Returns 1.
 const RENEW: &str = r#"
-if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
+local fence = redis.call('HGET', KEYS[1], 'fence')
+if not fence then return -2 end
+if fence ~= ARGV[1] then return -1 end
 redis.call('HSET', KEYS[1], 'lease_until', tostring(now + tonumber(ARGV[2])))
 return 1
 "#;
 
-/// KEYS[1]; ARGV fence. Returns the next seq, or -1 when fenced off.
+/// KEYS[1]; ARGV fence. Returns the next seq.
 const NEXT_SEQ: &str = r#"
-if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return -1 end
+local fence = redis.call('HGET', KEYS[1], 'fence')
+if not fence then return -2 end
+if fence ~= ARGV[1] then return -1 end
 redis.call('HSET', KEYS[1], 'updated_ms', tostring(now))
 return redis.call('HINCRBY', KEYS[1], 'seq', 1)
 "#;
 
-/// KEYS[1]; ARGV fence, state, result_json, retention_ms. Returns 1, or 0 when fenced off.
+/// KEYS[1]; ARGV fence, state, result_json, retention_ms. Returns 1.
 const COMPLETE: &str = r#"
-if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
+local fence = redis.call('HGET', KEYS[1], 'fence')
+if not fence then return -2 end
+if fence ~= ARGV[1] then return -1 end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'result', ARGV[3], 'lease_until', '0', 'owner', '',
   'updated_ms', tostring(now))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 "#;
 
-/// KEYS[1]; ARGV fence. Returns 1, or 0 when fenced off.
+/// KEYS[1]; ARGV fence. Returns 1.
 const RELEASE: &str = r#"
-if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
+local fence = redis.call('HGET', KEYS[1], 'fence')
+if not fence then return -2 end
+if fence ~= ARGV[1] then return -1 end
 redis.call('HSET', KEYS[1], 'lease_until', '0', 'updated_ms', tostring(now))
 return 1
 "#;
@@ -180,8 +189,10 @@ impl RedisStore {
             .invoke_async(&mut connection)
             .await
             .map_err(classify)?;
-        if answer <= 0 {
-            return Err(StoreError::Fenced(fence));
+        match answer {
+            -2 => return Err(StoreError::Missing(request_id.to_owned())),
+            answer if answer <= 0 => return Err(StoreError::Fenced(fence)),
+            _ => {}
         }
         Ok(answer)
     }

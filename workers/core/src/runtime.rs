@@ -283,7 +283,8 @@ impl Worker {
                 Settlement::Requeue
             }
             Err(Abort::Store(e)) => {
-                warn!(error = %e, "state store unavailable; retrying later");
+                // Unreachable past the budget, or it lost our record: claim again later.
+                warn!(error = %e, "state store trouble; retrying later");
                 Settlement::Retry {
                     delay: self.config.retry.base_delay.max(Duration::from_secs(2)),
                     attempt: delivery.attempt,

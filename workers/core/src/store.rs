@@ -49,6 +49,10 @@ pub enum StoreError {
     /// A newer holder took the request over: this worker's write was refused.
     #[error("fenced off: the request was taken over by another worker (token {0} is stale)")]
     Fenced(u64),
+    /// The request's record is gone (a store that lost data); the request must be
+    /// claimed again.
+    #[error("the record of request {0} is gone from the state store")]
+    Missing(String),
     /// The store could not be reached or answered late; worth retrying.
     #[error("state store unavailable: {0}")]
     Unavailable(String),
@@ -136,7 +140,8 @@ impl MemoryStore {
         let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
         match records.get_mut(request_id) {
             Some(record) if record.fence == fence => Ok(f(record)),
-            _ => Err(StoreError::Fenced(fence)),
+            Some(_) => Err(StoreError::Fenced(fence)),
+            None => Err(StoreError::Missing(request_id.to_owned())),
         }
     }
 }
