@@ -203,6 +203,23 @@ impl AmqpBroker {
     }
 
     async fn connection(&self) -> Result<(Arc<Connection>, Channel), BrokerError> {
+        let connected = self.connect_session().await;
+        self.forget_if_unavailable(connected).await
+    }
+
+    /// After the broker drops a connection, lapin may report it connected for a moment:
+    /// whatever fails as unavailable makes the next call connect afresh.
+    async fn forget_if_unavailable<T>(
+        &self,
+        result: Result<T, BrokerError>,
+    ) -> Result<T, BrokerError> {
+        if matches!(result, Err(BrokerError::Unavailable(_))) {
+            *self.inner.session.lock().await = None;
+        }
+        result
+    }
+
+    async fn connect_session(&self) -> Result<(Arc<Connection>, Channel), BrokerError> {
         let mut session = self.inner.session.lock().await;
         if let Some(current) = session.as_ref() {
             if current.connection.status().connected() && current.publisher.status().connected() {
@@ -236,6 +253,19 @@ impl AmqpBroker {
 
     /// Publishes with `mandatory` and waits for the confirm; a nack or return is an error.
     async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        let published = self
+            .publish_once(exchange, routing_key, body, properties)
+            .await;
+        self.forget_if_unavailable(published).await
+    }
+
+    async fn publish_once(
         &self,
         exchange: &str,
         routing_key: &str,
@@ -553,12 +583,16 @@ impl Settle for AmqpSettle {
 #[async_trait]
 impl Broker for AmqpBroker {
     async fn declare(&self, platform: PlatformName) -> Result<(), BrokerError> {
-        let (connection, _) = self.connection().await?;
-        // A refused declaration closes its channel: keep it off the publisher's.
-        let channel = connection.create_channel().await.map_err(unavailable)?;
-        declare_platform(&channel, &self.inner.config, platform).await?;
-        let _ = channel.close(200, "OK".into()).await;
-        Ok(())
+        let result = async {
+            let (connection, _) = self.connection().await?;
+            // A refused declaration closes its channel: keep it off the publisher's.
+            let channel = connection.create_channel().await.map_err(unavailable)?;
+            declare_platform(&channel, &self.inner.config, platform).await?;
+            let _ = channel.close(200, "OK".into()).await;
+            Ok(())
+        }
+        .await;
+        self.forget_if_unavailable(result).await
     }
 
     async fn consume(
@@ -566,50 +600,54 @@ impl Broker for AmqpBroker {
         platform: PlatformName,
         prefetch: u16,
     ) -> Result<DeliveryStream, BrokerError> {
-        let (connection, _) = self.connection().await?;
-        let channel = connection.create_channel().await.map_err(unavailable)?;
-        channel
-            .basic_qos(prefetch.max(1), BasicQosOptions::default())
-            .await
-            .map_err(unavailable)?;
-        let consumer = channel
-            .basic_consume(
-                short(&work_queue(platform))?,
-                short(&self.inner.config.connection_name)?,
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(unavailable)?;
-        let broker = self.clone();
-        // The channel lives as long as the stream: the closure owns a handle to it.
-        let deliveries = consumer.map(move |item| {
-            let _keep_open = &channel;
-            let delivery = item.map_err(unavailable)?;
-            let properties = &delivery.properties;
-            let attempt = header_u32(properties, ATTEMPT_HEADER).unwrap_or(1);
-            let routing_key = header_string(properties, ROUTING_KEY_HEADER)
-                .unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
-            let message_id = properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.as_str().to_owned())
-                .unwrap_or_default();
-            let settle = AmqpSettle {
-                broker: broker.clone(),
-                acker: delivery.acker.clone(),
-                platform,
-                message_id,
-            };
-            Ok(Delivery::new(
-                delivery.data,
-                routing_key,
-                attempt,
-                delivery.redelivered,
-                Box::new(settle),
-            ))
-        });
-        Ok(deliveries.boxed())
+        let result = async {
+            let (connection, _) = self.connection().await?;
+            let channel = connection.create_channel().await.map_err(unavailable)?;
+            channel
+                .basic_qos(prefetch.max(1), BasicQosOptions::default())
+                .await
+                .map_err(unavailable)?;
+            let consumer = channel
+                .basic_consume(
+                    short(&work_queue(platform))?,
+                    short(&self.inner.config.connection_name)?,
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(unavailable)?;
+            let broker = self.clone();
+            // The channel lives as long as the stream: the closure owns a handle to it.
+            let deliveries = consumer.map(move |item| {
+                let _keep_open = &channel;
+                let delivery = item.map_err(unavailable)?;
+                let properties = &delivery.properties;
+                let attempt = header_u32(properties, ATTEMPT_HEADER).unwrap_or(1);
+                let routing_key = header_string(properties, ROUTING_KEY_HEADER)
+                    .unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
+                let message_id = properties
+                    .message_id()
+                    .as_ref()
+                    .map(|id| id.as_str().to_owned())
+                    .unwrap_or_default();
+                let settle = AmqpSettle {
+                    broker: broker.clone(),
+                    acker: delivery.acker.clone(),
+                    platform,
+                    message_id,
+                };
+                Ok(Delivery::new(
+                    delivery.data,
+                    routing_key,
+                    attempt,
+                    delivery.redelivered,
+                    Box::new(settle),
+                ))
+            });
+            Ok(deliveries.boxed())
+        }
+        .await;
+        self.forget_if_unavailable(result).await
     }
 
     async fn publish_status(&self, event: &StatusEvent) -> Result<(), BrokerError> {
@@ -640,52 +678,56 @@ impl Broker for AmqpBroker {
     }
 
     async fn subscribe_status(&self) -> Result<BoxStream<'static, StatusEvent>, BrokerError> {
-        let (connection, _) = self.connection().await?;
-        let channel = connection.create_channel().await.map_err(unavailable)?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(unavailable)?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                STATUS_EXCHANGE.into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(unavailable)?;
-        let consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(unavailable)?;
-        let events = consumer
-            .take_while(|item| std::future::ready(item.is_ok()))
-            .filter_map(move |item| {
-                let _keep_open = &channel;
-                let event = item.ok().and_then(|delivery| {
-                    serde_json::from_slice::<StatusEvent>(&delivery.data).ok()
+        let result = async {
+            let (connection, _) = self.connection().await?;
+            let channel = connection.create_channel().await.map_err(unavailable)?;
+            let queue = channel
+                .queue_declare(
+                    "".into(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(unavailable)?;
+            channel
+                .queue_bind(
+                    queue.name().clone(),
+                    STATUS_EXCHANGE.into(),
+                    "#".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(unavailable)?;
+            let consumer = channel
+                .basic_consume(
+                    queue.name().clone(),
+                    "".into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(unavailable)?;
+            let events = consumer
+                .take_while(|item| std::future::ready(item.is_ok()))
+                .filter_map(move |item| {
+                    let _keep_open = &channel;
+                    let event = item.ok().and_then(|delivery| {
+                        serde_json::from_slice::<StatusEvent>(&delivery.data).ok()
+                    });
+                    std::future::ready(event)
                 });
-                std::future::ready(event)
-            });
-        Ok(events.boxed())
+            Ok(events.boxed())
+        }
+        .await;
+        self.forget_if_unavailable(result).await
     }
 }
 

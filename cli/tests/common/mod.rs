@@ -1,0 +1,351 @@
+//! The end-to-end harness: a private RabbitMQ vhost and Redis key prefix per test, worker
+//! processes of the real `provisioner` binary, and the status topic collected in the test.
+//! Needs RabbitMQ, Redis and Podman as `scripts/test.sh` starts them.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use provisioner_core::Broker;
+use provisioner_core::amqp::{AmqpBroker, AmqpConfig};
+use provisioner_events::StatusEvent;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_provisioner");
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub fn docker_host() -> String {
+    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///run/podman/podman.sock".into())
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl must be installed (scripts/test.sh installs RabbitMQ)");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// One test's world: its own vhost, key prefix and container label.
+pub struct TestEnv {
+    pub run_id: String,
+    pub vhost: String,
+    pub amqp_url: String,
+    pub redis_url: String,
+    pub redis_prefix: String,
+    pub broker: AmqpBroker,
+    workers: Vec<Child>,
+}
+
+impl TestEnv {
+    pub async fn new() -> TestEnv {
+        Self::with_redis(redis_url()).await
+    }
+
+    pub async fn with_redis(redis_url: String) -> TestEnv {
+        let run_id = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let vhost = format!("test-{run_id}");
+        rabbitmqctl(&["-q", "add_vhost", &vhost]);
+        rabbitmqctl(&[
+            "-q",
+            "set_permissions",
+            "-p",
+            &vhost,
+            "guest",
+            ".*",
+            ".*",
+            ".*",
+        ]);
+        let amqp_url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
+        let mut config = AmqpConfig::new(&amqp_url);
+        config.connection_name = format!("test-{run_id}");
+        let broker = AmqpBroker::connect(config)
+            .await
+            .expect("RabbitMQ must be running");
+        TestEnv {
+            redis_prefix: format!("test-{run_id}:"),
+            run_id,
+            vhost,
+            amqp_url,
+            redis_url,
+            broker,
+            workers: Vec::new(),
+        }
+    }
+
+    /// Environment for a worker or CLI process of this test.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AMQP_URL", self.amqp_url.as_str()),
+            ("REDIS_URL", self.redis_url.as_str()),
+            ("REDIS_KEY_PREFIX", self.redis_prefix.as_str()),
+            ("DOCKER_HOST", &docker_host()),
+            ("LEASE_SECONDS", "3"),
+            ("RETRY_BASE_MS", "300"),
+            ("RETRY_MAX_SECONDS", "4"),
+            ("SHUTDOWN_GRACE_SECONDS", "20"),
+            ("PROVISIONER_LOG", "info"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    /// Starts a docker worker process; it is killed when the env drops.
+    pub fn start_worker(&mut self, name: &str) -> usize {
+        self.start_worker_with(name, &[])
+    }
+
+    pub fn start_worker_with(&mut self, name: &str, extra: &[(&str, &str)]) -> usize {
+        let log = std::fs::File::create(
+            std::env::temp_dir().join(format!("provisioner-{}-{name}.log", self.run_id)),
+        )
+        .expect("log file");
+        let child = Command::new(BIN)
+            .args(["worker", "--platform", "docker"])
+            .envs(self.env())
+            .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .env("WORKER_ID", format!("{name}-{}", self.run_id))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start worker");
+        self.workers.push(child);
+        self.workers.len() - 1
+    }
+
+    pub fn worker(&mut self, index: usize) -> &mut Child {
+        &mut self.workers[index]
+    }
+
+    pub fn worker_log(&self, name: &str) -> String {
+        std::fs::read_to_string(
+            std::env::temp_dir().join(format!("provisioner-{}-{name}.log", self.run_id)),
+        )
+        .unwrap_or_default()
+    }
+
+    pub async fn events(&self) -> Events {
+        // The first call after a dropped connection may fail once while it reconnects.
+        let mut attempts = 0;
+        let stream = loop {
+            match self.broker.subscribe_status().await {
+                Ok(stream) => break stream,
+                Err(e) if attempts < 3 => {
+                    attempts += 1;
+                    eprintln!("subscribe failed ({e}); retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("subscribe: {e}"),
+            }
+        };
+        Events {
+            stream,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Publishes raw bytes as a request, as any producer could.
+    pub async fn publish_raw(&self, routing_key: &str, message_id: &str, body: &[u8]) {
+        self.broker
+            .declare(provisioner_events::PlatformName::Docker)
+            .await
+            .expect("declare");
+        self.broker
+            .publish_request(routing_key, message_id, body)
+            .await
+            .expect("publish");
+    }
+
+    pub async fn publish(&self, request: &serde_json::Value) {
+        let id = request["request_id"].as_str().unwrap_or("none").to_owned();
+        let key = format!(
+            "{}.{}",
+            request["platform"].as_str().unwrap_or("docker"),
+            request["operation"].as_str().unwrap_or("provision")
+        );
+        self.publish_raw(&key, &id, request.to_string().as_bytes())
+            .await;
+    }
+
+    /// A web container request labelled with this test's run id.
+    pub fn web(&self, id: &str) -> serde_json::Value {
+        self.web_with(id, serde_json::json!(["httpd", "-f", "-p", "8080"]))
+    }
+
+    pub fn web_with(&self, id: &str, command: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "schema_version": 1, "request_id": format!("{id}-{}", self.run_id),
+            "operation": "provision", "platform": "docker",
+            "spec": {"image": "localhost/busybox:latest", "command": command, "ports": [8080],
+                     "env": {"GREETING": "hi"}, "health": {"http": {"port": 8080, "path": "/"}}},
+            "labels": {"test-run": self.run_id}
+        })
+    }
+
+    pub fn teardown(&self, id: &str, target: &str) -> serde_json::Value {
+        serde_json::json!({
+            "schema_version": 1, "request_id": format!("{id}-{}", self.run_id),
+            "operation": "teardown", "platform": "docker", "target_request_id": target
+        })
+    }
+
+    /// Containers this test made, by request id.
+    pub async fn containers(&self) -> HashMap<String, Vec<String>> {
+        let docker = bollard::Docker::connect_with_unix(
+            docker_host().trim_start_matches("unix://"),
+            30,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .expect("docker");
+        let filters = HashMap::from([("label", vec![format!("test-run={}", self.run_id)])]);
+        let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let mut by_request: HashMap<String, Vec<String>> = HashMap::new();
+        for container in docker.list_containers(Some(options)).await.expect("list") {
+            let request = container
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(provisioner_docker::REQUEST_LABEL))
+                .cloned()
+                .unwrap_or_default();
+            by_request
+                .entry(request)
+                .or_default()
+                .push(container.id.unwrap_or_default());
+        }
+        by_request
+    }
+
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        self.broker.queue_depth(queue).await.expect("queue depth")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for worker in &mut self.workers {
+            let _ = worker.kill();
+            let _ = worker.wait();
+        }
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "podman ps -aq --filter label=test-run={} | xargs -r podman rm -f -t 0",
+                    self.run_id
+                ),
+            ])
+            .output();
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "delete_vhost", &self.vhost])
+            .output();
+    }
+}
+
+/// The status topic as the test saw it.
+pub struct Events {
+    stream: BoxStream<'static, StatusEvent>,
+    pub seen: Vec<StatusEvent>,
+}
+
+impl Events {
+    /// Waits for an event matching `want`, keeping every event seen.
+    pub async fn until(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        want: impl Fn(&StatusEvent) -> bool,
+    ) -> StatusEvent {
+        if let Some(found) = self.seen.iter().find(|e| want(e)) {
+            return found.clone();
+        }
+        let result = tokio::time::timeout(timeout, async {
+            loop {
+                let event = self.stream.next().await.expect("status stream ended");
+                self.seen.push(event.clone());
+                if want(&event) {
+                    return event;
+                }
+            }
+        })
+        .await;
+        match result {
+            Ok(event) => event,
+            Err(_) => panic!("timed out waiting for {what}; seen: {:#?}", self.seen),
+        }
+    }
+
+    pub async fn terminal(&mut self, request_id: &str) -> StatusEvent {
+        let id = request_id.to_owned();
+        self.until(
+            Duration::from_secs(60),
+            &format!("a terminal event of {request_id}"),
+            move |e| e.request_id == id && e.state.is_terminal(),
+        )
+        .await
+    }
+
+    /// Waits until `count` terminal events of `request_id` have been seen.
+    pub async fn terminal_count(&mut self, request_id: &str, count: usize) -> Vec<StatusEvent> {
+        let id = request_id.to_owned();
+        let result = tokio::time::timeout(Duration::from_secs(90), async {
+            loop {
+                let terminal: Vec<StatusEvent> = self
+                    .seen
+                    .iter()
+                    .filter(|e| e.request_id == id && e.state.is_terminal())
+                    .cloned()
+                    .collect();
+                if terminal.len() >= count {
+                    return terminal;
+                }
+                let event = self.stream.next().await.expect("status stream ended");
+                self.seen.push(event);
+            }
+        })
+        .await;
+        result.unwrap_or_else(|_| {
+            panic!(
+                "timed out waiting for {count} terminal events of {request_id}; seen: {:#?}",
+                self.seen
+            )
+        })
+    }
+
+    /// Collects events for `extra` more time.
+    pub async fn drain(&mut self, extra: Duration) {
+        let _ = tokio::time::timeout(extra, async {
+            while let Some(event) = self.stream.next().await {
+                self.seen.push(event);
+            }
+        })
+        .await;
+    }
+
+    pub fn of(&self, request_id: &str) -> Vec<&StatusEvent> {
+        self.seen
+            .iter()
+            .filter(|e| e.request_id == request_id)
+            .collect()
+    }
+}
+
+pub fn id(request: &serde_json::Value) -> String {
+    request["request_id"]
+        .as_str()
+        .expect("request_id")
+        .to_owned()
+}

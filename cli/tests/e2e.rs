@@ -1,0 +1,463 @@
+//! End to end over the real RabbitMQ, Redis and Podman, with `provisioner worker`
+//! processes: every behaviour the core issue promises, as a user would see it on the
+//! status topic and in the container engine.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestEnv, id};
+use provisioner_core::amqp::{dead_letter_queue, work_queue};
+use provisioner_events::{ErrorClass, PlatformName, State};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn provision_runs_a_reachable_container_and_teardown_removes_it_twice_over() {
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_worker("a");
+    let web = env.web("web");
+    env.publish(&web).await;
+    let running = events.terminal(&id(&web)).await;
+    assert_eq!(running.state, State::Running, "{running:?}");
+    let endpoint = &running.resource.as_ref().expect("resource").endpoints[0];
+    assert_eq!(endpoint.port, 8080);
+    let probe = provisioner_core::health::Probe::Http {
+        host: endpoint.host.clone(),
+        port: endpoint.host_port,
+        path: "/".into(),
+    };
+    probe
+        .check_once()
+        .await
+        .expect("the container answers on the reported port");
+    let states: Vec<(State, u64)> = events
+        .of(&id(&web))
+        .iter()
+        .map(|e| (e.state, e.seq))
+        .collect();
+    assert_eq!(states, vec![(State::Starting, 1), (State::Running, 2)]);
+    assert_eq!(env.containers().await[&id(&web)].len(), 1);
+
+    let down = env.teardown("down", &id(&web));
+    env.publish(&down).await;
+    let stopped = events.terminal(&id(&down)).await;
+    assert_eq!(stopped.state, State::Stopped, "{stopped:?}");
+    assert!(env.containers().await.is_empty(), "container removed");
+    let down_again = env.teardown("down-again", &id(&web));
+    env.publish(&down_again).await;
+    let again = events.terminal(&id(&down_again)).await;
+    assert_eq!(
+        again.state,
+        State::Stopped,
+        "tearing down what is gone succeeds: {again:?}"
+    );
+
+    // `provisioner status` reads the record: the provision's resource is now stopped.
+    let output = std::process::Command::new(common::BIN)
+        .args(["status", &id(&web)])
+        .envs(env.env())
+        .output()
+        .expect("status");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let record: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(record["state"], "stopped");
+    assert_eq!(record["result"]["state"], "running");
+}
+
+#[tokio::test]
+async fn the_same_request_five_times_makes_one_container_and_identical_terminal_events() {
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_worker("a");
+    let web = env.web("dup");
+    for _ in 0..5 {
+        env.publish(&web).await;
+    }
+    let terminal = events.terminal_count(&id(&web), 5).await;
+    assert!(
+        terminal.iter().all(|e| *e == terminal[0]),
+        "identical: {terminal:#?}"
+    );
+    assert_eq!(terminal[0].state, State::Running);
+    assert_eq!(env.containers().await[&id(&web)].len(), 1, "one container");
+}
+
+#[tokio::test]
+async fn two_workers_with_duplicate_requests_make_one_container_each() {
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_worker("a");
+    env.start_worker("b");
+    let requests: Vec<serde_json::Value> = (0..4).map(|n| env.web(&format!("pair{n}"))).collect();
+    for _ in 0..3 {
+        for request in &requests {
+            env.publish(request).await;
+        }
+    }
+    for request in &requests {
+        let terminal = events.terminal_count(&id(request), 3).await;
+        assert!(
+            terminal.iter().all(|e| e.state == State::Running),
+            "{terminal:#?}"
+        );
+        assert!(
+            terminal.iter().all(|e| *e == terminal[0]),
+            "identical: {terminal:#?}"
+        );
+    }
+    let containers = env.containers().await;
+    assert_eq!(containers.len(), 4, "{containers:?}");
+    assert!(
+        containers.values().all(|ids| ids.len() == 1),
+        "{containers:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_provision_is_finished_by_another_with_one_container() {
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    let first = env.start_worker("doomed");
+    // The container takes a few seconds to serve, so the kill lands mid-provision.
+    let slow = env.web_with(
+        "slow",
+        serde_json::json!(["sh", "-c", "sleep 4; exec httpd -f -p 8080"]),
+    );
+    env.publish(&slow).await;
+    let request_id = id(&slow);
+    events
+        .until(20 * SECOND, "starting", |e| {
+            e.request_id == request_id && e.state == State::Starting
+        })
+        .await;
+    tokio::time::sleep(SECOND).await;
+    env.worker(first).kill().expect("SIGKILL");
+    env.worker(first).wait().expect("reaped");
+    env.start_worker("rescuer");
+    let terminal = events.terminal(&request_id).await;
+    assert_eq!(terminal.state, State::Running, "{terminal:#?}");
+    let seqs: Vec<u64> = events.of(&request_id).iter().map(|e| e.seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "seq increases across workers: {seqs:?}"
+    );
+    assert_eq!(
+        env.containers().await[&request_id].len(),
+        1,
+        "one container"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_is_rejected_and_dead_lettered_and_the_worker_keeps_consuming() {
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_worker("a");
+    let run = env.run_id.clone();
+    let bad: Vec<(&str, String, Option<ErrorClass>)> = vec![
+        ("malformed JSON", "{\"schema_version\":1,\"request_id\":".into(), None),
+        ("unknown platform", format!(r#"{{"schema_version":1,"request_id":"plat-{run}","operation":"provision","platform":"openstack","spec":{{}}}}"#), Some(ErrorClass::InvalidRequest)),
+        ("missing operation", format!(r#"{{"schema_version":1,"request_id":"miss-{run}","platform":"docker","spec":{{"image":"x"}}}}"#), Some(ErrorClass::InvalidRequest)),
+        ("invalid request id", r#"{"schema_version":1,"request_id":"bad id!","operation":"teardown","platform":"docker","target_request_id":"x"}"#.into(), Some(ErrorClass::InvalidRequest)),
+        ("invalid container name", format!(r#"{{"schema_version":1,"request_id":"img-{run}","operation":"provision","platform":"docker","spec":{{"image":"has space"}}}}"#), Some(ErrorClass::InvalidRequest)),
+        ("privileged refused", format!(r#"{{"schema_version":1,"request_id":"priv-{run}","operation":"provision","platform":"docker","spec":{{"image":"localhost/busybox:latest","privileged":true}}}}"#), Some(ErrorClass::Permission)),
+    ];
+    for (_, body, _) in &bad {
+        env.publish_raw("docker.provision", "bad", body.as_bytes())
+            .await;
+    }
+    for (what, body, class) in &bad {
+        let Some(class) = class else { continue };
+        let request_id =
+            serde_json::from_str::<serde_json::Value>(body).expect("json")["request_id"]
+                .as_str()
+                .expect("id")
+                .to_owned();
+        let event = events.terminal(&request_id).await;
+        assert_eq!(event.state, State::Error, "{what}");
+        let error = event.error.expect("error");
+        assert_eq!(error.class, *class, "{what}: {}", error.message);
+        assert!(!error.message.is_empty());
+    }
+    // The worker is still consuming: a good request still runs.
+    let good = env.web("after-bad");
+    env.publish(&good).await;
+    assert_eq!(events.terminal(&id(&good)).await.state, State::Running);
+    // Every bad message is in the dead-letter queue, none left in the work queue.
+    let deadline = tokio::time::Instant::now() + 10 * SECOND;
+    loop {
+        let dead = env
+            .queue_depth(&dead_letter_queue(PlatformName::Docker))
+            .await;
+        if dead as usize == bad.len() || tokio::time::Instant::now() > deadline {
+            assert_eq!(dead as usize, bad.len(), "dead letters");
+            break;
+        }
+        tokio::time::sleep(SECOND / 5).await;
+    }
+    assert_eq!(env.queue_depth(&work_queue(PlatformName::Docker)).await, 0);
+}
+
+#[tokio::test]
+async fn a_missing_image_ends_in_a_clear_error() {
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_worker("a");
+    let request = serde_json::json!({
+        "schema_version": 1, "request_id": format!("noimage-{}", env.run_id),
+        "operation": "provision", "platform": "docker",
+        "spec": {"image": "localhost/no-such-image:1.0", "pull": "never"}
+    });
+    env.publish(&request).await;
+    let event = events.terminal(&id(&request)).await;
+    assert_eq!(event.state, State::Error);
+    let error = event.error.expect("error");
+    assert_eq!(error.class, ErrorClass::NotFound);
+    assert!(
+        error.message.contains("localhost/no-such-image:1.0"),
+        "{}",
+        error.message
+    );
+}
+
+#[tokio::test]
+async fn a_broker_connection_drop_is_survived_without_losing_requests() {
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    let worker = env.start_worker("a");
+    let first = env.web("before-drop");
+    env.publish(&first).await;
+    assert_eq!(events.terminal(&id(&first)).await.state, State::Running);
+    // Close the worker's connections from the broker side, as a broker restart would.
+    let output = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "close_all_connections",
+            "--vhost",
+            &env.vhost,
+            "test: simulated broker restart",
+        ])
+        .output()
+        .expect("rabbitmqctl");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Our own test connection was closed too: a fresh environment handle re-subscribes.
+    let mut events = env.events().await;
+    let second = env.web("after-drop");
+    env.publish(&second).await;
+    assert_eq!(events.terminal(&id(&second)).await.state, State::Running);
+    assert!(
+        env.worker(worker).try_wait().expect("status").is_none(),
+        "the worker is still running"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_work_finish_then_exits() {
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    let worker = env.start_worker("a");
+    let slow = env.web_with(
+        "graceful",
+        serde_json::json!(["sh", "-c", "sleep 3; exec httpd -f -p 8080"]),
+    );
+    env.publish(&slow).await;
+    let request_id = id(&slow);
+    events
+        .until(20 * SECOND, "starting", |e| {
+            e.request_id == request_id && e.state == State::Starting
+        })
+        .await;
+    let pid = env.worker(worker).id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert_eq!(
+        events.terminal(&request_id).await.state,
+        State::Running,
+        "in-flight work finished"
+    );
+    let status = tokio::task::spawn_blocking({
+        let mut child = std::mem::replace(
+            env.worker(worker),
+            std::process::Command::new("true").spawn().expect("true"),
+        );
+        move || child.wait()
+    })
+    .await
+    .expect("join")
+    .expect("wait");
+    assert!(status.success(), "clean exit: {status:?}");
+}
+
+#[tokio::test]
+async fn submit_wait_follows_requests_and_fails_on_error() {
+    let env = TestEnv::new().await;
+    let dir = std::env::temp_dir().join(format!("submit-{}", env.run_id));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let good = dir.join("good.jsonl");
+    let web = env.web("submitted");
+    let down = env.teardown("submitted-down", &id(&web));
+    std::fs::write(&good, format!("{web}\n{down}\n")).expect("write");
+    // The request waits in its queue until a worker comes.
+    let mut env = env;
+    env.start_worker("a");
+    let output = std::process::Command::new(common::BIN)
+        .args(["submit", "--wait", good.to_str().expect("path")])
+        .envs(env.env())
+        .output()
+        .expect("submit");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("running") && stdout.contains("stopped"),
+        "{stdout}"
+    );
+
+    let bad = dir.join("bad.json");
+    let missing = serde_json::json!({
+        "schema_version": 1, "request_id": format!("submit-noimage-{}", env.run_id),
+        "operation": "provision", "platform": "docker",
+        "spec": {"image": "localhost/absent:1", "pull": "never"}
+    });
+    std::fs::write(&bad, missing.to_string()).expect("write");
+    let output = std::process::Command::new(common::BIN)
+        .args(["submit", "--wait", "--json", bad.to_str().expect("path")])
+        .envs(env.env())
+        .output()
+        .expect("submit");
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let last: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .last()
+            .expect("an event line"),
+    )
+    .expect("json line");
+    assert_eq!(last["error"]["class"], "not_found");
+}
+
+/// A Redis server of the test's own, so it can be killed and restarted.
+struct PrivateRedis {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    fn start(port: u16, dir: &std::path::Path) -> std::process::Child {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    }
+
+    fn new() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let dir = std::env::temp_dir().join(format!("redis-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let child = Self::start(port, &dir);
+        PrivateRedis { port, dir, child }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().expect("kill redis");
+        self.child.wait().expect("reap redis");
+    }
+
+    fn restart(&mut self) {
+        self.child = Self::start(self.port, &self.dir);
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn redis_restarting_mid_run_loses_no_request() {
+    let mut redis = PrivateRedis::new();
+    let mut env = TestEnv::with_redis(redis.url()).await;
+    let mut events = env.events().await;
+    env.start_worker("a");
+    env.start_worker("b");
+    let requests: Vec<serde_json::Value> = (0..6)
+        .map(|n| {
+            env.web_with(
+                &format!("redis{n}"),
+                serde_json::json!(["sh", "-c", "sleep 2; exec httpd -f -p 8080"]),
+            )
+        })
+        .collect();
+    for request in &requests {
+        env.publish(request).await;
+    }
+    let first = id(&requests[0]);
+    events
+        .until(20 * SECOND, "a starting event", |e| {
+            e.request_id == first && e.state == State::Starting
+        })
+        .await;
+    redis.kill();
+    tokio::time::sleep(2 * SECOND).await;
+    redis.restart();
+    for request in &requests {
+        let event = events.terminal(&id(request)).await;
+        assert_eq!(event.state, State::Running, "{event:#?}");
+    }
+    let containers = env.containers().await;
+    assert_eq!(containers.len(), requests.len(), "{containers:?}");
+    assert!(
+        containers.values().all(|ids| ids.len() == 1),
+        "one container each: {containers:?}"
+    );
+}
