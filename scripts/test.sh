@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The one command that runs every test: installs and starts RabbitMQ, Redis and Podman
+# when they are missing (scripts/dev-services.sh), then runs the whole workspace's tests
+# against them. Extra arguments go to `cargo test` (e.g. `-p provisioner-core`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/dev-services.sh
+
+export DOCKER_HOST=${DOCKER_HOST:-unix:///run/podman/podman.sock}
+export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+# Tests make their own vhosts and key prefixes; AMQP_URL would only confuse the
+# embedded-mode tests, which must see no services configured.
+unset AMQP_URL
+
+cargo test --workspace --locked "$@"
