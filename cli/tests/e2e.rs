@@ -461,3 +461,51 @@ async fn redis_restarting_mid_run_loses_no_request() {
         "one container each: {containers:?}"
     );
 }
+
+#[tokio::test]
+async fn watch_prints_the_events_of_the_request_it_follows() {
+    use std::io::BufRead;
+    let mut env = TestEnv::new().await;
+    let web = env.web("watched");
+    let other = env.web("unwatched");
+    let mut watch = std::process::Command::new(common::BIN)
+        .args(["watch", "--json", "--request-id", &id(&web)])
+        .envs(env.env())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("watch");
+    let stdout = watch.stdout.take().expect("stdout");
+    let lines = std::thread::spawn(move || {
+        let mut states = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let event: serde_json::Value =
+                serde_json::from_str(&line.expect("line")).expect("JSON line");
+            states.push((
+                event["request_id"].as_str().unwrap_or_default().to_owned(),
+                event["state"].as_str().unwrap_or_default().to_owned(),
+            ));
+            if states.last().is_some_and(|(_, state)| state == "running") {
+                break;
+            }
+        }
+        states
+    });
+    // Give watch its subscription before anything is published.
+    tokio::time::sleep(2 * SECOND).await;
+    env.start_worker("a");
+    env.publish(&other).await;
+    env.publish(&web).await;
+    let states = tokio::task::spawn_blocking(move || lines.join().expect("reader"))
+        .await
+        .expect("join");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_eq!(
+        states,
+        vec![
+            (id(&web), "starting".to_owned()),
+            (id(&web), "running".to_owned())
+        ]
+    );
+}

@@ -17,7 +17,8 @@ use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, ContainerInspectResponse, HostConfig, PortBinding};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 use futures_util::TryStreamExt;
 use provisioner_core::health::Probe;
@@ -147,6 +148,9 @@ pub fn classify(error: &DockerError, doing: &str) -> PlatformError {
                 _ => PlatformError::transient(message),
             }
         }
+        DockerError::JsonDataError { message, .. } => PlatformError::transient(format!(
+            "{doing}: the engine answered something this worker cannot read ({message})"
+        )),
         DockerError::RequestTimeoutError => {
             PlatformError::transient(format!("{doing}: the Docker engine did not answer in time"))
         }
@@ -221,14 +225,26 @@ impl DockerPlatform {
         &self,
         name_or_id: &str,
     ) -> Result<Option<ContainerInspectResponse>, PlatformError> {
-        match self
-            .docker
-            .inspect_container(name_or_id, None::<InspectContainerOptions>)
-            .await
-        {
-            Ok(info) => Ok(Some(info)),
-            Err(e) if is_status(&e, 404) => Ok(None),
-            Err(e) => Err(classify(&e, &format!("inspecting container {name_or_id}"))),
+        // Podman briefly reports a container that just exited as "stopped", a state the
+        // Docker API does not have, until its cleanup marks it "exited": such an answer
+        // cannot be read, so ask again for a little while.
+        let mut unreadable_answers = 0;
+        loop {
+            match self
+                .docker
+                .inspect_container(name_or_id, None::<InspectContainerOptions>)
+                .await
+            {
+                Ok(info) => return Ok(Some(info)),
+                Err(e) if is_status(&e, 404) => return Ok(None),
+                Err(DockerError::JsonDataError { .. }) if unreadable_answers < 30 => {
+                    unreadable_answers += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(classify(&e, &format!("inspecting container {name_or_id}")));
+                }
+            }
         }
     }
 
@@ -415,9 +431,10 @@ impl DockerPlatform {
             PlatformError::transient(format!("container {name} vanished after it was started"))
         })?;
         if let Some(why) = Self::not_running(&info) {
-            return Err(PlatformError::invalid(format!(
-                "{why}; check the image and command"
-            )));
+            let message = format!("{why}; check the image and command");
+            return Err(self
+                .give_up(name, ErrorClass::InvalidRequest, message)
+                .await);
         }
         let resource = self.resource(&info);
         let Some(health) = &spec.health else {
@@ -463,16 +480,48 @@ impl DockerPlatform {
         match probe.wait_ready(timeout, alive).await {
             Ok(()) => Ok(resource),
             Err(why) => {
-                // It will not become healthy by retrying: remove it rather than leak it.
-                self.remove(name).await.ok();
-                Err(PlatformError::permanent(
-                    ErrorClass::Timeout,
-                    format!(
-                        "container {name} did not pass its health check: {why}; it was removed"
-                    ),
-                ))
+                // Timed out, or the container stopped while being probed.
+                let class = if why.contains("did not answer") {
+                    ErrorClass::Timeout
+                } else {
+                    ErrorClass::InvalidRequest
+                };
+                let message = format!("container {name} did not pass its health check: {why}");
+                Err(self.give_up(name, class, message).await)
             }
         }
+    }
+
+    /// A container that will not become healthy by retrying: keep the end of its log in
+    /// the error, then remove it rather than leak it.
+    async fn give_up(&self, name: &str, class: ErrorClass, message: String) -> PlatformError {
+        let options = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .tail("5")
+            .build();
+        let lines = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.docker
+                .logs(name, Some(options))
+                .try_collect::<Vec<_>>(),
+        )
+        .await;
+        let tail: String = match lines {
+            Ok(Ok(lines)) => lines.iter().map(ToString::to_string).collect(),
+            _ => String::new(),
+        };
+        let tail = tail.trim();
+        let removed = match self.remove(name).await {
+            Ok(()) => "it was removed".to_owned(),
+            Err(e) => format!("removing it failed too: {}", e.message),
+        };
+        let log = if tail.is_empty() {
+            String::new()
+        } else {
+            format!("; its log ended with: {tail:.500}")
+        };
+        PlatformError::permanent(class, format!("{message}{log}; {removed}"))
     }
 
     async fn remove(&self, name_or_id: &str) -> Result<(), PlatformError> {

@@ -118,7 +118,7 @@ async fn a_container_that_exits_or_never_gets_healthy_fails_and_is_removed_on_en
     let platform = platform().await;
     let id = unique("exits");
     let spec = serde_json::json!({
-        "image": "localhost/busybox:latest", "command": ["sh", "-c", "exit 3"],
+        "image": "localhost/busybox:latest", "command": ["sh", "-c", "echo cannot start >&2; exit 3"],
         "ports": [8080], "health": {"tcp": {"port": 8080}}, "ready_timeout_seconds": 5
     });
     let error = platform
@@ -126,6 +126,11 @@ async fn a_container_that_exits_or_never_gets_healthy_fails_and_is_removed_on_en
         .await
         .expect_err("exits");
     assert!(error.message.contains("exit code 3"), "{}", error.message);
+    assert!(
+        error.message.contains("cannot start"),
+        "the log tail is kept: {}",
+        error.message
+    );
     assert!(!error.retryable);
     let gone = platform
         .describe(&TeardownTarget::Request(
