@@ -12,6 +12,33 @@ use provisioner_events::{ErrorClass, PlatformName, State};
 
 const SECOND: Duration = Duration::from_secs(1);
 
+/// Publishes a container that serves only after `delay_s` seconds, and waits until a
+/// worker has started on it: the moment to break something mid-provision.
+async fn start_slow_web(
+    env: &TestEnv,
+    events: &mut common::Events,
+    name: &str,
+    delay_s: u32,
+) -> String {
+    let slow = env.web_with(
+        name,
+        serde_json::json!([
+            "sh",
+            "-c",
+            format!("sleep {delay_s}; exec httpd -f -p 8080")
+        ]),
+    );
+    env.publish(&slow).await;
+    let request_id = id(&slow);
+    let wanted = request_id.clone();
+    events
+        .until(20 * SECOND, "starting", move |e| {
+            e.request_id == wanted && e.state == State::Starting
+        })
+        .await;
+    request_id
+}
+
 #[tokio::test]
 async fn provision_runs_a_reachable_container_and_teardown_removes_it_twice_over() {
     let mut env = TestEnv::new().await;
@@ -125,17 +152,7 @@ async fn a_worker_killed_mid_provision_is_finished_by_another_with_one_container
     let mut events = env.events().await;
     let first = env.start_worker("doomed");
     // The container takes a few seconds to serve, so the kill lands mid-provision.
-    let slow = env.web_with(
-        "slow",
-        serde_json::json!(["sh", "-c", "sleep 4; exec httpd -f -p 8080"]),
-    );
-    env.publish(&slow).await;
-    let request_id = id(&slow);
-    events
-        .until(20 * SECOND, "starting", |e| {
-            e.request_id == request_id && e.state == State::Starting
-        })
-        .await;
+    let request_id = start_slow_web(&env, &mut events, "slow", 4).await;
     tokio::time::sleep(SECOND).await;
     env.worker(first).kill().expect("SIGKILL");
     env.worker(first).wait().expect("reaped");
@@ -266,17 +283,7 @@ async fn sigterm_lets_in_flight_work_finish_then_exits() {
     let mut env = TestEnv::new().await;
     let mut events = env.events().await;
     let worker = env.start_worker("a");
-    let slow = env.web_with(
-        "graceful",
-        serde_json::json!(["sh", "-c", "sleep 3; exec httpd -f -p 8080"]),
-    );
-    env.publish(&slow).await;
-    let request_id = id(&slow);
-    events
-        .until(20 * SECOND, "starting", |e| {
-            e.request_id == request_id && e.state == State::Starting
-        })
-        .await;
+    let request_id = start_slow_web(&env, &mut events, "graceful", 3).await;
     let pid = env.worker(worker).id().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &pid])

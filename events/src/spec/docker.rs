@@ -119,14 +119,6 @@ impl DockerSpec {
                 _ => {}
             }
         }
-        for key in self.env.keys() {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(format!("environment variable name {key:?} is not valid"));
-            }
-        }
-        if self.ready_timeout_seconds == Some(0) {
-            return Err("ready_timeout_seconds must be at least 1".into());
-        }
-        Ok(())
+        super::validate_env_and_timeout(&self.env, self.ready_timeout_seconds)
     }
 }

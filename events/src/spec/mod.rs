@@ -55,6 +55,22 @@ impl HealthCheck {
     }
 }
 
+/// Checks environment variable names and the readiness timeout, common to every spec.
+pub(crate) fn validate_env_and_timeout(
+    env: &std::collections::BTreeMap<String, String>,
+    ready_timeout_seconds: Option<u64>,
+) -> Result<(), String> {
+    for key in env.keys() {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(format!("environment variable name {key:?} is not valid"));
+        }
+    }
+    if ready_timeout_seconds == Some(0) {
+        return Err("ready_timeout_seconds must be at least 1".into());
+    }
+    Ok(())
+}
+
 /// Reads a spec object into a platform's spec type with a message naming the platform.
 pub fn parse_spec<T: serde::de::DeserializeOwned>(
     platform: &str,
