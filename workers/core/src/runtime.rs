@@ -392,6 +392,16 @@ impl Worker {
             Operation::Teardown | Operation::Stop => (State::Stopping, State::Stopped),
             Operation::Describe => (State::NotStarted, State::Running),
         };
+        if let Some(wait) = self.target_in_progress(request).await? {
+            debug!(
+                wait_ms = wait.as_millis() as u64,
+                "the target is still being provisioned; waiting for it"
+            );
+            return Ok(Settlement::Retry {
+                delay: wait,
+                attempt,
+            });
+        }
         let payload_hash = request.payload_hash();
         let id = request.request_id.as_str();
         let claim = self
@@ -493,6 +503,25 @@ impl Worker {
             }
             other => other,
         }
+    }
+
+    /// A request acting on another request's resource (teardown) waits while that one
+    /// is being worked on: torn down mid-provision, the provision would make the resource
+    /// again right after, and it would leak.
+    async fn target_in_progress(&self, request: &Request) -> Result<Option<Duration>, Abort> {
+        if request.operation == Operation::Provision {
+            return Ok(None);
+        }
+        let Ok(TeardownTarget::Request(target)) = request.target() else {
+            return Ok(None);
+        };
+        let record = self.store_call(|| self.store.get(target.as_str())).await?;
+        Ok(record
+            .filter(|record| record.result.is_none())
+            .and_then(|record| record.lease_remaining)
+            .map(|remaining| {
+                remaining.max(Duration::from_millis(500)) + Duration::from_millis(250)
+            }))
     }
 
     async fn call_platform(&self, request: &Request) -> Result<Option<Resource>, PlatformError> {

@@ -305,3 +305,35 @@ async fn an_expired_lease_is_taken_over_and_the_old_holder_is_fenced() {
         "the dead worker's token is stale"
     );
 }
+
+#[tokio::test]
+async fn a_teardown_waits_while_its_target_is_being_provisioned() {
+    let mut h = harness(1).await;
+    // Another worker holds the target's provision for a while yet.
+    h.store
+        .claim(ClaimRequest {
+            request_id: "busy",
+            payload_hash: "h",
+            owner: "other-worker",
+            lease: Duration::from_millis(800),
+            working_state: State::Starting,
+        })
+        .await
+        .expect("claim");
+    let started = tokio::time::Instant::now();
+    h.broker
+        .publish_request(
+            "process.teardown",
+            "busy-down",
+            br#"{"schema_version":1,"request_id":"busy-down","operation":"teardown","platform":"process","target_request_id":"busy"}"#,
+        )
+        .await
+        .expect("publish");
+    let events = h.until_terminal("busy-down", 1).await;
+    assert_eq!(events.last().expect("event").state, State::Stopped);
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "the teardown ran while its target was in progress ({:?})",
+        started.elapsed()
+    );
+}
