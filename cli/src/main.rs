@@ -234,29 +234,59 @@ async fn watch(
         )));
     }
     let broker = amqp(connections, "provisioner-watch").await?;
-    let mut events = broker
-        .subscribe_status()
-        .await
-        .context("subscribing to the status topic")?;
     let mut stop = std::pin::pin!(shutdown_signal());
+    let mut reconnect_delay = std::time::Duration::from_millis(250);
+    // Set when a subscription ended or failed, so the watcher says when it is back.
+    let mut interrupted = false;
     loop {
-        let event = tokio::select! {
+        let subscribed = tokio::select! {
             _ = &mut stop => return Ok(ExitCode::SUCCESS),
-            event = events.next() => event,
+            subscribed = broker.subscribe_status() => subscribed,
         };
-        let Some(event) = event else {
-            return Err(Failure::unavailable(anyhow::anyhow!(
-                "the connection to RabbitMQ was lost"
-            )));
+        let mut events = match subscribed {
+            Ok(events) => {
+                if interrupted {
+                    eprintln!("watch: subscribed again");
+                }
+                reconnect_delay = std::time::Duration::from_millis(250);
+                events
+            }
+            Err(e) => {
+                // A watcher outlives broker restarts: say so, and subscribe again.
+                interrupted = true;
+                eprintln!(
+                    "watch: cannot subscribe ({e}); retrying in {} ms",
+                    reconnect_delay.as_millis()
+                );
+                tokio::select! {
+                    _ = &mut stop => return Ok(ExitCode::SUCCESS),
+                    _ = tokio::time::sleep(reconnect_delay) => {}
+                }
+                reconnect_delay = (reconnect_delay * 2).min(std::time::Duration::from_secs(10));
+                continue;
+            }
         };
-        if request_id
-            .as_ref()
-            .is_some_and(|id| *id != event.request_id)
-            || platform.as_ref().is_some_and(|p| *p != event.platform)
-        {
-            continue;
+        loop {
+            let event = tokio::select! {
+                _ = &mut stop => return Ok(ExitCode::SUCCESS),
+                event = events.next() => event,
+            };
+            let Some(event) = event else {
+                eprintln!(
+                    "watch: lost the connection to RabbitMQ; events until it is back are not shown"
+                );
+                interrupted = true;
+                break;
+            };
+            if request_id
+                .as_ref()
+                .is_some_and(|id| *id != event.request_id)
+                || platform.as_ref().is_some_and(|p| *p != event.platform)
+            {
+                continue;
+            }
+            submit::print_event(&event, json);
         }
-        submit::print_event(&event, json);
     }
 }
 

@@ -84,7 +84,7 @@ async fn rabbitmq_restarting_mid_run_loses_no_request_and_the_worker_survives() 
         "the worker is still running"
     );
 
-    // And it still takes new work after the restart.
+    // It still takes new work after the restart.
     let mut events = env.events().await;
     let after = env.web("after-restart");
     env.publish(&after).await;

@@ -54,6 +54,12 @@ pub const ROUTING_KEY_HEADER: &str = "x-provisioner-routing-key";
 pub const REASON_HEADER: &str = "x-provisioner-reason";
 pub const CLASS_HEADER: &str = "x-provisioner-error-class";
 
+/// Routing key and message-id prefix of the probe that proves a status subscription
+/// receives; probes are not status events and every reader skips them.
+pub const PROBE_ROUTING_KEY: &str = "provisioner.subscription-probe";
+const PROBE_PREFIX: &str = "subscription-probe-";
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Delay tiers of the retry queues, in seconds.
 pub const RETRY_TIERS_S: [u64; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
 
@@ -105,6 +111,8 @@ pub struct AmqpConfig {
     pub delivery_limit: i32,
     /// How many status events the journal queue keeps (oldest dropped first).
     pub journal_max_length: i64,
+    /// How long connecting (handshake and topology included) may take.
+    pub connect_timeout: Duration,
 }
 
 impl AmqpConfig {
@@ -114,6 +122,7 @@ impl AmqpConfig {
             connection_name: "provisioner".into(),
             delivery_limit: 10,
             journal_max_length: 10_000,
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -229,17 +238,31 @@ impl AmqpBroker {
         }
         let properties = ConnectionProperties::default()
             .with_connection_name(self.inner.config.connection_name.clone().into());
-        let connection = Arc::new(
-            Connection::connect(&self.inner.config.url, properties)
+        // A broker that is still booting can accept the TCP connection and never finish
+        // the handshake; without a bound, a reconnecting worker would wait forever.
+        let setup = async {
+            let connection = Arc::new(
+                Connection::connect(&self.inner.config.url, properties)
+                    .await
+                    .map_err(unavailable)?,
+            );
+            let publisher = connection.create_channel().await.map_err(unavailable)?;
+            publisher
+                .confirm_select(ConfirmSelectOptions::default())
                 .await
-                .map_err(unavailable)?,
-        );
-        let publisher = connection.create_channel().await.map_err(unavailable)?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(unavailable)?;
-        declare_exchanges(&publisher, &self.inner.config).await?;
+                .map_err(unavailable)?;
+            declare_exchanges(&publisher, &self.inner.config).await?;
+            Ok::<_, BrokerError>((connection, publisher))
+        };
+        let (connection, publisher) =
+            tokio::time::timeout(self.inner.config.connect_timeout, setup)
+                .await
+                .map_err(|_| {
+                    BrokerError::Unavailable(format!(
+                        "no answer from the broker within {} s of connecting",
+                        self.inner.config.connect_timeout.as_secs()
+                    ))
+                })??;
         *session = Some(Session {
             connection: connection.clone(),
             publisher: publisher.clone(),
@@ -703,7 +726,7 @@ impl Broker for AmqpBroker {
                 )
                 .await
                 .map_err(unavailable)?;
-            let consumer = channel
+            let mut consumer = channel
                 .basic_consume(
                     queue.name().clone(),
                     "".into(),
@@ -715,15 +738,51 @@ impl Broker for AmqpBroker {
                 )
                 .await
                 .map_err(unavailable)?;
-            let events = consumer
-                .take_while(|item| std::future::ready(item.is_ok()))
-                .filter_map(move |item| {
-                    let _keep_open = &channel;
-                    let event = item.ok().and_then(|delivery| {
-                        serde_json::from_slice::<StatusEvent>(&delivery.data).ok()
-                    });
-                    std::future::ready(event)
-                });
+            // Prove the subscription hears the exchange before relying on it: a binding
+            // made while the broker is still recovering a vhost can be listed yet route
+            // nothing, and a watcher or `submit --wait` would then wait for ever.
+            let probe_id = format!("{PROBE_PREFIX}{}", uuid::Uuid::new_v4().simple());
+            self.publish_once(
+                STATUS_EXCHANGE,
+                PROBE_ROUTING_KEY,
+                b"{}",
+                BasicProperties::default().with_message_id(probe_id.as_str().into()),
+            )
+            .await?;
+            let mut early = Vec::new();
+            let heard = tokio::time::timeout(PROBE_TIMEOUT, async {
+                while let Some(item) = consumer.next().await {
+                    let delivery = item.map_err(unavailable)?;
+                    let id = delivery.properties.message_id().as_ref().map(|id| id.as_str().to_owned());
+                    if id.as_deref() == Some(probe_id.as_str()) {
+                        return Ok(());
+                    }
+                    early.push(delivery);
+                }
+                Err(BrokerError::Unavailable("the subscription ended at once".into()))
+            })
+            .await;
+            match heard {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(BrokerError::Unavailable(format!(
+                        "the status subscription did not receive its probe within {} s (is the broker still starting?)",
+                        PROBE_TIMEOUT.as_secs()
+                    )));
+                }
+            }
+            let decode = |delivery: lapin::message::Delivery| serde_json::from_slice::<StatusEvent>(&delivery.data).ok();
+            let early: Vec<StatusEvent> = early.into_iter().filter_map(decode).collect();
+            let events = futures_util::stream::iter(early).chain(
+                consumer
+                    .take_while(|item| std::future::ready(item.is_ok()))
+                    .filter_map(move |item| {
+                        let _keep_open = &channel;
+                        // Probes (ours and other subscribers') are not status events.
+                        std::future::ready(item.ok().and_then(decode))
+                    }),
+            );
             Ok(events.boxed())
         }
         .await;
