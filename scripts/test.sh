@@ -6,9 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/dev-services.sh
+bash localstack/start.sh
 
 export DOCKER_HOST=${DOCKER_HOST:-unix:///run/podman/podman.sock}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+# The AWS tests talk to LocalStack with its dummy credentials, set per test client and
+# per worker process, never exported here (a real AWS_* environment stays untouched).
+export PROVISIONER_TEST_AWS_ENDPOINT=${PROVISIONER_TEST_AWS_ENDPOINT:-http://127.0.0.1:4566}
 # Tests make their own vhosts and key prefixes; AMQP_URL would only confuse the
 # embedded-mode tests, which must see no services configured.
 unset AMQP_URL

@@ -265,8 +265,14 @@ impl PlatformSettings {
             PlatformName::Process => {
                 Ok(Arc::new(ProcessPlatform::new(self.process_policy(false)?)))
             }
+            PlatformName::AwsEc2 => {
+                let ec2 = provisioner_aws_ec2::Ec2Platform::from_environment()
+                    .await
+                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
+                Ok(Arc::new(ec2))
+            }
             other => Err(Failure::config(anyhow::anyhow!(
-                "the {other} worker is not part of this build yet; available: docker, process"
+                "the {other} worker is not part of this build yet; available: docker, process, aws-ec2"
             ))),
         }
     }

@@ -278,9 +278,10 @@ async fn embedded(args: SubmitArgs, requests: Vec<Outgoing>) -> Result<ExitCode,
                     .await
                     .map_err(|e| Failure::unavailable(anyhow!("{e} (the docker requests need an engine; the process examples need nothing)")))?,
             ),
+            PlatformName::AwsEc2 => args.platforms.build(PlatformName::AwsEc2).await?,
             other => {
                 return Err(Failure::config(anyhow!(
-                    "the embedded mode has no {other} worker in this build; available: docker, process"
+                    "the embedded mode has no {other} worker in this build; available: docker, process, aws-ec2"
                 )));
             }
         };

@@ -75,6 +75,22 @@ fn the_issue_examples_are_accepted_exactly_as_written() {
 }
 
 #[test]
+fn the_ec2_example_of_the_aws_issue_is_accepted_exactly_as_written() {
+    let request = decode_request(
+        br#"{"schema_version":1,"request_id":"ec2-demo-1","operation":"provision","platform":"aws-ec2","spec":{"image_id":"ami-12345678","instance_type":"t3.micro","tags":{"env":"demo"}}}"#,
+    )
+    .expect("ec2 example");
+    let spec: provisioner_events::spec::aws_ec2::AwsEc2Spec =
+        parse_spec("aws-ec2", request.spec.as_ref().expect("spec")).expect("ec2 spec");
+    spec.validate().expect("valid ec2 spec");
+    for bad in ["not-an-ami", "ami-1234", "ami-ZZZZZZZZ"] {
+        let mut wrong = spec.clone();
+        wrong.image_id = bad.into();
+        assert!(wrong.validate().is_err(), "{bad} accepted");
+    }
+}
+
+#[test]
 fn every_valid_fixture_decodes_and_round_trips() {
     for path in json_files(&fixtures().join("requests/valid")) {
         let body = std::fs::read(&path).expect("read");
@@ -250,6 +266,7 @@ fn fixtures_validate_against_the_published_schemas() {
     let request_schema = validator("request.schema.json");
     let docker_schema = validator("spec-docker.schema.json");
     let process_schema = validator("spec-process.schema.json");
+    let ec2_schema = validator("spec-aws-ec2.schema.json");
     for path in json_files(&fixtures().join("requests/valid")) {
         let value: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
@@ -262,6 +279,7 @@ fn fixtures_validate_against_the_published_schemas() {
             let validator = match value["platform"].as_str() {
                 Some("docker") => &docker_schema,
                 Some("process") => &process_schema,
+                Some("aws-ec2") => &ec2_schema,
                 other => panic!("no spec schema for {other:?}"),
             };
             let errors: Vec<String> = validator.iter_errors(spec).map(|e| e.to_string()).collect();

@@ -19,6 +19,11 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+pub fn aws_endpoint() -> String {
+    std::env::var("PROVISIONER_TEST_AWS_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:4566".into())
+}
+
 pub fn docker_host() -> String {
     std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///run/podman/podman.sock".into())
 }
@@ -106,12 +111,36 @@ impl TestEnv {
     }
 
     pub fn start_worker_with(&mut self, name: &str, extra: &[(&str, &str)]) -> usize {
+        self.start_platform_worker("docker", name, extra)
+    }
+
+    /// An aws-ec2 worker pointed at LocalStack with its dummy credentials.
+    pub fn start_ec2_worker(&mut self, name: &str) -> usize {
+        let endpoint = aws_endpoint();
+        self.start_platform_worker(
+            "aws-ec2",
+            name,
+            &[
+                ("AWS_ENDPOINT_URL", endpoint.as_str()),
+                ("AWS_ACCESS_KEY_ID", "test"),
+                ("AWS_SECRET_ACCESS_KEY", "test"),
+                ("AWS_REGION", "us-east-1"),
+            ],
+        )
+    }
+
+    pub fn start_platform_worker(
+        &mut self,
+        platform: &str,
+        name: &str,
+        extra: &[(&str, &str)],
+    ) -> usize {
         let log = std::fs::File::create(
             std::env::temp_dir().join(format!("provisioner-{}-{name}.log", self.run_id)),
         )
         .expect("log file");
         let child = Command::new(BIN)
-            .args(["worker", "--platform", "docker"])
+            .args(["worker", "--platform", platform])
             .envs(self.env())
             .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .env("WORKER_ID", format!("{name}-{}", self.run_id))

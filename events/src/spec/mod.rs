@@ -3,6 +3,7 @@
 //! A request carries its spec as a JSON object; the platform's worker reads it into the
 //! type here, so a producer can validate against the generated schema before publishing.
 
+pub mod aws_ec2;
 pub mod docker;
 pub mod process;
 

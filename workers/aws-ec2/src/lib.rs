@@ -1,0 +1,544 @@
+//! The AWS EC2 platform: one instance per provision request, through aws-sdk-ec2.
+//!
+//! Idempotent two ways: a `ClientToken` derived from the request id (real EC2 honours it),
+//! and ownership tags set atomically at launch (`provisioner:request-id`) that are looked
+//! up before anything is launched — the emulators ignore `ClientToken`, and a worker that
+//! crashed between RunInstances and its Redis write must find the instance it made.
+//! Errors are classified from the SDK's error codes while the typed error is at hand.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, Filter, Instance, InstanceStateName, InstanceType,
+    ResourceType, Tag, TagSpecification, VolumeType,
+};
+use base64::Engine;
+use provisioner_core::health::Probe;
+use provisioner_core::{Platform, PlatformError};
+use provisioner_events::spec::aws_ec2::AwsEc2Spec;
+use provisioner_events::spec::{HealthCheck, parse_spec};
+use provisioner_events::{
+    Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, TeardownTarget,
+};
+use sha2::{Digest, Sha256};
+use tracing::info;
+
+/// Tag holding the request id an instance was launched for.
+pub const REQUEST_TAG: &str = "provisioner:request-id";
+/// Tag marking every instance the provisioner launched.
+pub const MANAGED_TAG: &str = "provisioner:managed";
+
+const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// States of an instance that still exists (not terminated, not on its way there).
+const LIVE_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
+
+/// The `ClientToken` of a request: at most 64 ASCII characters, the same for every retry.
+pub fn client_token(request_id: &str) -> String {
+    let digest = Sha256::digest(request_id.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("prov-{}", &hex[..59])
+}
+
+pub fn instance_name(request_id: &str) -> String {
+    format!("prov-{request_id}")
+}
+
+/// Sorts an EC2 error code into the runtime's classes: the pure half of [`classify`].
+pub fn classify_code(code: &str) -> (ErrorClass, bool) {
+    match code {
+        "RequestLimitExceeded" | "Throttling" | "ThrottlingException" => {
+            (ErrorClass::Throttled, true)
+        }
+        "InsufficientInstanceCapacity"
+        | "InsufficientHostCapacity"
+        | "InsufficientReservedInstanceCapacity"
+        | "InsufficientCapacity" => (ErrorClass::Capacity, true),
+        "UnauthorizedOperation"
+        | "AuthFailure"
+        | "Blocked"
+        | "OptInRequired"
+        | "PendingVerification" => (ErrorClass::Permission, false),
+        "IdempotentParameterMismatch" => (ErrorClass::Conflict, false),
+        "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable" => {
+            (ErrorClass::Transient, true)
+        }
+        "InvalidParameterValue"
+        | "InvalidParameterCombination"
+        | "InvalidParameter"
+        | "MissingParameter"
+        | "UnknownParameter"
+        | "InvalidUserData.Malformed"
+        | "InvalidBlockDeviceMapping" => (ErrorClass::InvalidRequest, false),
+        code if code.starts_with("InvalidAMIID") => (ErrorClass::InvalidRequest, false),
+        code if code.ends_with("LimitExceeded") => (ErrorClass::Quota, false),
+        code if code.ends_with(".NotFound") => (ErrorClass::NotFound, false),
+        code if code.ends_with(".Malformed") => (ErrorClass::InvalidRequest, false),
+        _ => (ErrorClass::Internal, false),
+    }
+}
+
+/// Classifies an SDK error: transport trouble is transient, service errors go by code.
+pub fn classify<E>(error: &SdkError<E>, doing: &str) -> PlatformError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match error {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            PlatformError::transient(format!(
+                "{doing}: EC2 is unreachable: {}",
+                aws_sdk_ec2::error::DisplayErrorContext(error)
+            ))
+        }
+        _ => {
+            let code = error.code().unwrap_or("Unknown");
+            let message = error.message().unwrap_or("no message");
+            let (class, retryable) = classify_code(code);
+            PlatformError {
+                class,
+                retryable,
+                message: format!("{doing}: {code}: {message}"),
+                retry_after: None,
+            }
+        }
+    }
+}
+
+fn spec_of(request: &Request) -> Result<AwsEc2Spec, PlatformError> {
+    let spec = request
+        .spec
+        .as_ref()
+        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
+    let spec: AwsEc2Spec = parse_spec("aws-ec2", spec).map_err(PlatformError::invalid)?;
+    spec.validate().map_err(PlatformError::invalid)?;
+    Ok(spec)
+}
+
+fn state_of(instance: &Instance) -> &str {
+    instance
+        .state()
+        .and_then(|s| s.name())
+        .map(InstanceStateName::as_str)
+        .unwrap_or("unknown")
+}
+
+fn tag<'a>(instance: &'a Instance, key: &str) -> Option<&'a str> {
+    instance
+        .tags()
+        .iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
+}
+
+/// The EC2 [`Platform`].
+#[derive(Debug, Clone)]
+pub struct Ec2Platform {
+    client: Client,
+    region: String,
+}
+
+impl Ec2Platform {
+    /// Loads the standard AWS configuration (environment, profile, instance or task role;
+    /// `AWS_ENDPOINT_URL` for an emulator) and checks that a region and credentials exist,
+    /// so a worker without them fails at start with a clear message.
+    pub async fn from_environment() -> Result<Self, String> {
+        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let region = config
+            .region()
+            .map(ToString::to_string)
+            .ok_or("no AWS region: set AWS_REGION (or a profile's region)")?;
+        let credentials = config
+            .credentials_provider()
+            .ok_or("no AWS credentials provider is configured")?;
+        aws_credential_types::provider::ProvideCredentials::provide_credentials(&credentials)
+            .await
+            .map_err(|e| format!("no usable AWS credentials: {e} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or a role)"))?;
+        Ok(Ec2Platform {
+            client: Client::new(&config),
+            region,
+        })
+    }
+
+    pub fn new(client: Client, region: impl Into<String>) -> Self {
+        Ec2Platform {
+            client,
+            region: region.into(),
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Live instances launched for `request_id`, found by their ownership tag.
+    async fn owned_instances(&self, request_id: &str) -> Result<Vec<Instance>, PlatformError> {
+        let output = self
+            .client
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{REQUEST_TAG}"))
+                    .values(request_id)
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .set_values(Some(LIVE_STATES.map(String::from).to_vec()))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify(&e, "looking up the request's instances"))?;
+        Ok(output
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances().iter().cloned())
+            .filter(|i| LIVE_STATES.contains(&state_of(i)))
+            .collect())
+    }
+
+    async fn instance(&self, instance_id: &str) -> Result<Option<Instance>, PlatformError> {
+        match self
+            .client
+            .describe_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+        {
+            Ok(output) => Ok(output
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances().iter().cloned())
+                .next()),
+            Err(e) if e.code().is_some_and(|c| c.starts_with("InvalidInstanceID")) => Ok(None),
+            Err(e) => Err(classify(&e, &format!("describing instance {instance_id}"))),
+        }
+    }
+
+    /// The AMI must exist: the emulators launch made-up images, real EC2 refuses them.
+    async fn root_device(&self, image_id: &str) -> Result<Option<String>, PlatformError> {
+        let output = self
+            .client
+            .describe_images()
+            .image_ids(image_id)
+            .send()
+            .await
+            .map_err(|e| classify(&e, &format!("looking up image {image_id}")))?;
+        let image = output.images().first().ok_or_else(|| {
+            PlatformError::invalid(format!(
+                "image {image_id} does not exist in {} or is not visible to this account",
+                self.region
+            ))
+        })?;
+        Ok(image.root_device_name().map(str::to_owned))
+    }
+
+    fn tags(request: &Request, spec: &AwsEc2Spec) -> Vec<Tag> {
+        let mut tags: BTreeMap<String, String> = request.labels.clone();
+        tags.extend(spec.tags.clone());
+        tags.insert("Name".into(), instance_name(request.request_id.as_str()));
+        tags.insert(MANAGED_TAG.into(), "true".into());
+        tags.insert(REQUEST_TAG.into(), request.request_id.to_string());
+        tags.into_iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build())
+            .collect()
+    }
+
+    async fn launch(
+        &self,
+        request: &Request,
+        spec: &AwsEc2Spec,
+    ) -> Result<Instance, PlatformError> {
+        let root_device = self.root_device(&spec.image_id).await?;
+        let mut launch = self
+            .client
+            .run_instances()
+            .image_id(&spec.image_id)
+            .instance_type(InstanceType::from(spec.instance_type.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .client_token(client_token(request.request_id.as_str()))
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .set_tags(Some(Self::tags(request, spec)))
+                    .build(),
+            )
+            .set_subnet_id(spec.subnet_id.clone())
+            .set_key_name(spec.key_name.clone());
+        if !spec.security_group_ids.is_empty() {
+            launch = launch.set_security_group_ids(Some(spec.security_group_ids.clone()));
+        }
+        if let Some(user_data) = &spec.user_data {
+            launch = launch.user_data(base64::engine::general_purpose::STANDARD.encode(user_data));
+        }
+        if let (Some(volume), Some(device)) = (&spec.root_volume, root_device) {
+            launch = launch.block_device_mappings(
+                BlockDeviceMapping::builder()
+                    .device_name(device)
+                    .ebs(
+                        EbsBlockDevice::builder()
+                            .volume_size(volume.size_gib as i32)
+                            .volume_type(VolumeType::from(
+                                volume.volume_type.as_deref().unwrap_or("gp3"),
+                            ))
+                            .delete_on_termination(true)
+                            .build(),
+                    )
+                    .build(),
+            );
+        }
+        let output = launch.send().await.map_err(|e| {
+            classify(
+                &e,
+                &format!("launching {} from {}", spec.instance_type, spec.image_id),
+            )
+        })?;
+        let instance =
+            output.instances().first().cloned().ok_or_else(|| {
+                PlatformError::transient("RunInstances answered without an instance")
+            })?;
+        info!(
+            instance.id = instance.instance_id().unwrap_or_default(),
+            "launched instance"
+        );
+        Ok(instance)
+    }
+
+    fn resource(request_id: &str, instance: &Instance, health_port: Option<u16>) -> Resource {
+        let address = instance
+            .public_ip_address()
+            .or(instance.private_ip_address())
+            .map(str::to_owned);
+        Resource {
+            id: instance.instance_id().unwrap_or_default().to_owned(),
+            name: tag(instance, "Name")
+                .map(str::to_owned)
+                .unwrap_or_else(|| instance_name(request_id)),
+            endpoints: match (&address, health_port) {
+                (Some(host), Some(port)) => vec![Endpoint {
+                    port,
+                    host: host.clone(),
+                    host_port: port,
+                    protocol: "tcp".into(),
+                }],
+                _ => Vec::new(),
+            },
+            address,
+        }
+    }
+
+    /// Polls until the instance runs (starting it if it was stopped), within `timeout`.
+    async fn wait_running(
+        &self,
+        instance_id: &str,
+        timeout: Duration,
+    ) -> Result<Instance, PlatformError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(250);
+        loop {
+            let instance = self.instance(instance_id).await?.ok_or_else(|| {
+                PlatformError::transient(format!("instance {instance_id} is not visible yet"))
+            })?;
+            match state_of(&instance) {
+                "running" => return Ok(instance),
+                "stopped" => {
+                    self.client
+                        .start_instances()
+                        .instance_ids(instance_id)
+                        .send()
+                        .await
+                        .map_err(|e| classify(&e, &format!("starting instance {instance_id}")))?;
+                }
+                "terminated" | "shutting-down" => {
+                    return Err(PlatformError::retryable(
+                        ErrorClass::Capacity,
+                        format!(
+                            "instance {instance_id} was terminated before it ran ({})",
+                            instance
+                                .state_reason()
+                                .and_then(|r| r.message())
+                                .unwrap_or("no reason given")
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(PlatformError::permanent(
+                    ErrorClass::Timeout,
+                    format!(
+                        "instance {instance_id} is {} after {} s",
+                        state_of(&instance),
+                        timeout.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// The instance of a target, refusing instances the provisioner did not launch.
+    async fn find(&self, target: &TeardownTarget) -> Result<Option<Instance>, PlatformError> {
+        match target {
+            TeardownTarget::Request(id) => {
+                Ok(self.owned_instances(id.as_str()).await?.into_iter().next())
+            }
+            TeardownTarget::Resource(instance_id) => {
+                let Some(instance) = self.instance(instance_id).await? else {
+                    return Ok(None);
+                };
+                if !LIVE_STATES.contains(&state_of(&instance)) {
+                    return Ok(None);
+                }
+                if tag(&instance, MANAGED_TAG) != Some("true") {
+                    return Err(PlatformError::permanent(
+                        ErrorClass::Conflict,
+                        format!(
+                            "instance {instance_id} was not launched by the provisioner; it was left alone"
+                        ),
+                    ));
+                }
+                Ok(Some(instance))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Platform for Ec2Platform {
+    fn name(&self) -> PlatformName {
+        PlatformName::AwsEc2
+    }
+
+    fn validate(&self, request: &Request) -> Result<(), PlatformError> {
+        if request.operation == Operation::Provision {
+            spec_of(request)?;
+        }
+        Ok(())
+    }
+
+    async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
+        let spec = spec_of(request)?;
+        let id = request.request_id.as_str();
+        let instance = match self.owned_instances(id).await?.into_iter().next() {
+            Some(existing) => {
+                info!(
+                    instance.id = existing.instance_id().unwrap_or_default(),
+                    "found the instance launched before"
+                );
+                existing
+            }
+            None => self.launch(request, &spec).await?,
+        };
+        let instance_id = instance.instance_id().unwrap_or_default().to_owned();
+        let timeout = spec
+            .ready_timeout_seconds
+            .map_or(DEFAULT_READY_TIMEOUT, Duration::from_secs);
+        let running = self.wait_running(&instance_id, timeout).await?;
+        let health_port = spec.health.as_ref().and_then(HealthCheck::port);
+        let resource = Self::resource(id, &running, health_port);
+        if let (Some(health), Some(host)) = (&spec.health, &resource.address) {
+            let port = health_port.unwrap_or_default();
+            let probe = match health {
+                HealthCheck::Http { path, .. } => Probe::Http {
+                    host: host.clone(),
+                    port,
+                    path: path.clone(),
+                },
+                HealthCheck::Tcp { .. } => Probe::Tcp {
+                    host: host.clone(),
+                    port,
+                },
+            };
+            probe
+                .wait_ready(timeout, || async { Ok(()) })
+                .await
+                .map_err(|why| {
+                    PlatformError::permanent(
+                        ErrorClass::Timeout,
+                        format!("instance {instance_id} runs but {why}"),
+                    )
+                })?;
+        }
+        Ok(resource)
+    }
+
+    async fn teardown(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+        let Some(instance) = self.find(target).await? else {
+            return Ok(None);
+        };
+        let instance_id = instance.instance_id().unwrap_or_default().to_owned();
+        match self
+            .client
+            .terminate_instances()
+            .instance_ids(&instance_id)
+            .send()
+            .await
+        {
+            Ok(_) => {}
+            Err(e)
+                if e.code()
+                    .is_some_and(|c| c.starts_with("InvalidInstanceID.NotFound")) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(classify(&e, &format!("terminating instance {instance_id}"))),
+        }
+        info!(instance.id = %instance_id, "terminated instance");
+        let request_id = tag(&instance, REQUEST_TAG).unwrap_or_default().to_owned();
+        Ok(Some(Resource {
+            endpoints: Vec::new(),
+            ..Self::resource(&request_id, &instance, None)
+        }))
+    }
+
+    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+        Ok(self.find(target).await?.map(|instance| {
+            let request_id = tag(&instance, REQUEST_TAG).unwrap_or_default().to_owned();
+            Self::resource(&request_id, &instance, None)
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_tokens_are_stable_short_and_distinct() {
+        let token = client_token("ec2-demo-1");
+        assert_eq!(token.len(), 64);
+        assert!(token.is_ascii());
+        assert_eq!(token, client_token("ec2-demo-1"));
+        assert_ne!(token, client_token("ec2-demo-2"));
+        assert_eq!(client_token(&"x".repeat(128)).len(), 64);
+    }
+
+    #[test]
+    fn ec2_error_codes_are_classified_as_the_issue_lists() {
+        let cases = [
+            ("RequestLimitExceeded", ErrorClass::Throttled, true),
+            ("Throttling", ErrorClass::Throttled, true),
+            ("InsufficientInstanceCapacity", ErrorClass::Capacity, true),
+            ("InvalidAMIID.NotFound", ErrorClass::InvalidRequest, false),
+            ("InvalidAMIID.Malformed", ErrorClass::InvalidRequest, false),
+            ("InvalidParameterValue", ErrorClass::InvalidRequest, false),
+            ("UnauthorizedOperation", ErrorClass::Permission, false),
+            ("InstanceLimitExceeded", ErrorClass::Quota, false),
+            ("VcpuLimitExceeded", ErrorClass::Quota, false),
+            ("IdempotentParameterMismatch", ErrorClass::Conflict, false),
+            ("InvalidSubnetID.NotFound", ErrorClass::NotFound, false),
+            ("InternalError", ErrorClass::Transient, true),
+            ("SomethingNew", ErrorClass::Internal, false),
+        ];
+        for (code, class, retryable) in cases {
+            assert_eq!(classify_code(code), (class, retryable), "{code}");
+        }
+    }
+}
