@@ -53,9 +53,13 @@ fn ec2_request(env: &TestEnv, name: &str, image: &str) -> serde_json::Value {
 }
 
 fn ec2_teardown(env: &TestEnv, name: &str, target: &str) -> serde_json::Value {
+    ec2_operation(env, name, "teardown", target)
+}
+
+fn ec2_operation(env: &TestEnv, name: &str, operation: &str, target: &str) -> serde_json::Value {
     serde_json::json!({
         "schema_version": 1, "request_id": format!("{name}-{}", env.run_id),
-        "operation": "teardown", "platform": "aws-ec2", "target_request_id": target
+        "operation": operation, "platform": "aws-ec2", "target_request_id": target
     })
 }
 
@@ -134,4 +138,42 @@ async fn a_worker_without_aws_credentials_refuses_to_start() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(String::from_utf8_lossy(&output.stderr).contains("credentials"));
+}
+
+#[tokio::test]
+async fn stop_start_and_reboot_requests_go_through_the_same_flow() {
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_ec2_worker("ec2");
+    let request = ec2_request(&env, "ec2-cycle", "ami-03cf127a");
+    env.publish(&request).await;
+    assert_eq!(events.terminal(&id(&request)).await.state, State::Running);
+    let steps = [
+        ("stop", State::Stopped, "stopped"),
+        ("start", State::Running, "running"),
+        ("reboot", State::Running, "running"),
+    ];
+    for (operation, expected, recorded) in steps {
+        let step = ec2_operation(
+            &env,
+            &format!("ec2-cycle-{operation}"),
+            operation,
+            &id(&request),
+        );
+        env.publish(&step).await;
+        let event = events.terminal(&id(&step)).await;
+        assert_eq!(event.state, expected, "{operation}: {event:#?}");
+        // The provision's record follows what happened to its instance.
+        let output = std::process::Command::new(common::BIN)
+            .args(["status", &id(&request)])
+            .envs(env.env())
+            .output()
+            .expect("status");
+        let record: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+        assert_eq!(record["state"], recorded, "after {operation}");
+    }
+    assert_eq!(live_instances(&id(&request)).await.len(), 1);
+    let down = ec2_teardown(&env, "ec2-cycle-down", &id(&request));
+    env.publish(&down).await;
+    assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
 }

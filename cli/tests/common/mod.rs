@@ -186,10 +186,12 @@ impl TestEnv {
 
     /// Publishes raw bytes as a request, as any producer could.
     pub async fn publish_raw(&self, routing_key: &str, message_id: &str, body: &[u8]) {
-        self.broker
-            .declare(provisioner_events::PlatformName::Docker)
-            .await
-            .expect("declare");
+        // Like `provisioner submit`: declare the platform's queue so a request published
+        // before its worker is up waits for it (instead of going to provisioning.unrouted).
+        let platform = routing_key.split('.').next().unwrap_or_default();
+        if let Some(platform) = provisioner_events::PlatformName::parse(platform) {
+            self.broker.declare(platform).await.expect("declare");
+        }
         self.broker
             .publish_request(routing_key, message_id, body)
             .await

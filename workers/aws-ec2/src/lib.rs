@@ -383,6 +383,56 @@ impl Ec2Platform {
         }
     }
 
+    /// Polls until the instance is stopped, within `timeout`.
+    async fn wait_stopped(
+        &self,
+        instance_id: &str,
+        timeout: Duration,
+    ) -> Result<Instance, PlatformError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(250);
+        loop {
+            let instance = self.instance(instance_id).await?.ok_or_else(|| {
+                PlatformError::permanent(
+                    ErrorClass::NotFound,
+                    format!("instance {instance_id} is gone"),
+                )
+            })?;
+            match state_of(&instance) {
+                "stopped" => return Ok(instance),
+                "terminated" | "shutting-down" => {
+                    return Err(PlatformError::permanent(
+                        ErrorClass::NotFound,
+                        format!("instance {instance_id} was terminated"),
+                    ));
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(PlatformError::permanent(
+                    ErrorClass::Timeout,
+                    format!(
+                        "instance {instance_id} is {} after {} s",
+                        state_of(&instance),
+                        timeout.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// The live instance of a target, or a `not_found` error naming it.
+    async fn existing(&self, target: &TeardownTarget) -> Result<Instance, PlatformError> {
+        self.find(target).await?.ok_or_else(|| {
+            PlatformError::permanent(
+                ErrorClass::NotFound,
+                format!("{target} has no live instance"),
+            )
+        })
+    }
+
     /// The instance of a target, refusing instances the provisioner did not launch.
     async fn find(&self, target: &TeardownTarget) -> Result<Option<Instance>, PlatformError> {
         match target {
@@ -496,6 +546,57 @@ impl Platform for Ec2Platform {
             endpoints: Vec::new(),
             ..Self::resource(&request_id, &instance, None)
         }))
+    }
+
+    async fn start(&self, target: &TeardownTarget) -> Result<Resource, PlatformError> {
+        let instance = self.existing(target).await?;
+        let instance_id = instance.instance_id().unwrap_or_default().to_owned();
+        // Waiting for "running" starts a stopped instance and waits out a stopping one.
+        let running = self
+            .wait_running(&instance_id, DEFAULT_READY_TIMEOUT)
+            .await?;
+        let request_id = tag(&running, REQUEST_TAG).unwrap_or_default().to_owned();
+        Ok(Self::resource(&request_id, &running, None))
+    }
+
+    async fn stop(&self, target: &TeardownTarget) -> Result<Resource, PlatformError> {
+        let instance = self.existing(target).await?;
+        let instance_id = instance.instance_id().unwrap_or_default().to_owned();
+        if state_of(&instance) != "stopped" {
+            self.client
+                .stop_instances()
+                .instance_ids(&instance_id)
+                .send()
+                .await
+                .map_err(|e| classify(&e, &format!("stopping instance {instance_id}")))?;
+        }
+        let stopped = self
+            .wait_stopped(&instance_id, DEFAULT_READY_TIMEOUT)
+            .await?;
+        let request_id = tag(&stopped, REQUEST_TAG).unwrap_or_default().to_owned();
+        Ok(Self::resource(&request_id, &stopped, None))
+    }
+
+    async fn reboot(&self, target: &TeardownTarget) -> Result<Resource, PlatformError> {
+        let instance = self.existing(target).await?;
+        let instance_id = instance.instance_id().unwrap_or_default().to_owned();
+        if state_of(&instance) != "running" {
+            return Err(PlatformError::invalid(format!(
+                "instance {instance_id} is {}; only a running instance can be rebooted (send start)",
+                state_of(&instance)
+            )));
+        }
+        self.client
+            .reboot_instances()
+            .instance_ids(&instance_id)
+            .send()
+            .await
+            .map_err(|e| classify(&e, &format!("rebooting instance {instance_id}")))?;
+        let running = self
+            .wait_running(&instance_id, DEFAULT_READY_TIMEOUT)
+            .await?;
+        let request_id = tag(&running, REQUEST_TAG).unwrap_or_default().to_owned();
+        Ok(Self::resource(&request_id, &running, None))
     }
 
     async fn describe(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {

@@ -152,3 +152,50 @@ async fn an_image_that_does_not_exist_is_an_invalid_request_on_localstack() {
         error.message
     );
 }
+
+#[tokio::test]
+async fn stop_start_and_reboot_act_on_the_requests_instance_on_localstack() {
+    let platform = platform().await;
+    let image = some_image().await;
+    let id = unique("cycle");
+    let provisioned = platform
+        .provision(&request(&id, &image))
+        .await
+        .expect("provision");
+    let target = provisioner_events::TeardownTarget::Request(request(&id, &image).request_id);
+    let state = |instance_id: String| async move {
+        client()
+            .await
+            .describe_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .expect("describe")
+            .reservations()[0]
+            .instances()[0]
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    for _ in 0..2 {
+        let stopped = platform.stop(&target).await.expect("stop (twice)");
+        assert_eq!(stopped.id, provisioned.id);
+        assert_eq!(state(provisioned.id.clone()).await, "stopped");
+    }
+    let error = platform
+        .reboot(&target)
+        .await
+        .expect_err("a stopped instance is not rebooted");
+    assert_eq!(error.class, ErrorClass::InvalidRequest);
+    for _ in 0..2 {
+        let started = platform.start(&target).await.expect("start (twice)");
+        assert_eq!(started.id, provisioned.id);
+        assert_eq!(state(provisioned.id.clone()).await, "running");
+    }
+    platform.reboot(&target).await.expect("reboot");
+    assert_eq!(state(provisioned.id.clone()).await, "running");
+    platform.teardown(&target).await.expect("teardown");
+    let error = platform.stop(&target).await.expect_err("nothing to stop");
+    assert_eq!(error.class, ErrorClass::NotFound);
+}

@@ -105,4 +105,9 @@ pub trait Platform: Send + Sync + 'static {
         let _ = target;
         Err(PlatformError::unsupported(self.name(), "stop"))
     }
+
+    async fn reboot(&self, target: &TeardownTarget) -> Result<Resource, PlatformError> {
+        let _ = target;
+        Err(PlatformError::unsupported(self.name(), "reboot"))
+    }
 }

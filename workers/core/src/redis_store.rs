@@ -284,17 +284,13 @@ impl StateStore for RedisStore {
             .map(drop)
     }
 
-    async fn mark_torn_down(
-        &self,
-        request_id: &str,
-        event: &StatusEvent,
-    ) -> Result<(), StoreError> {
+    async fn mark_resource_state(&self, request_id: &str, state: State) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
         let _: i64 = self
             .scripts
             .mark
             .key(self.key(request_id))
-            .arg(event.state.as_str())
+            .arg(state.as_str())
             .invoke_async(&mut connection)
             .await
             .map_err(classify)?;

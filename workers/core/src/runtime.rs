@@ -541,9 +541,7 @@ impl Worker {
                 Operation::Start => self.platform.start(&target()?).await.map(Some),
                 Operation::Stop => self.platform.stop(&target()?).await.map(Some),
                 Operation::Describe => self.platform.describe(&target()?).await,
-                Operation::Reboot => {
-                    Err(PlatformError::unsupported(self.platform.name(), "reboot"))
-                }
+                Operation::Reboot => self.platform.reboot(&target()?).await.map(Some),
             }
         };
         match tokio::time::timeout(self.config.operation_timeout, call).await {
@@ -604,12 +602,17 @@ impl Worker {
             None => info!(state = %event.state, "done"),
         }
         self.broker.publish_status(&event).await?;
-        if let (Operation::Teardown, Ok(TeardownTarget::Request(target))) =
-            (request.operation, request.target())
-            && event.state == State::Stopped
-            && let Err(e) = self.store.mark_torn_down(target.as_str(), &event).await
+        // Keep the target's record telling the truth about its resource.
+        if request.operation != Operation::Provision
+            && request.operation != Operation::Describe
+            && event.error.is_none()
+            && let Ok(TeardownTarget::Request(target)) = request.target()
+            && let Err(e) = self
+                .store
+                .mark_resource_state(target.as_str(), event.state)
+                .await
         {
-            debug!(error = %e, "could not mark the target torn down");
+            debug!(error = %e, "could not record the target's new state");
         }
         Ok(Settlement::Ack)
     }

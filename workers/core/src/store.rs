@@ -101,9 +101,9 @@ pub trait StateStore: Send + Sync + 'static {
     /// Ends the lease early so a scheduled retry can claim at once.
     async fn release(&self, request_id: &str, fence: u64) -> Result<(), StoreError>;
 
-    /// Marks the resource of a finished request as torn down (after a teardown naming it).
-    async fn mark_torn_down(&self, request_id: &str, event: &StatusEvent)
-    -> Result<(), StoreError>;
+    /// Records the state of a finished request's resource after another request acted on
+    /// it (a teardown, stop or start naming it); the request's own result stays as it was.
+    async fn mark_resource_state(&self, request_id: &str, state: State) -> Result<(), StoreError>;
 
     async fn get(&self, request_id: &str) -> Result<Option<RequestRecord>, StoreError>;
 }
@@ -217,16 +217,12 @@ impl StateStore for MemoryStore {
         self.with_record(request_id, fence, |r| r.lease_until = Instant::now())
     }
 
-    async fn mark_torn_down(
-        &self,
-        request_id: &str,
-        event: &StatusEvent,
-    ) -> Result<(), StoreError> {
+    async fn mark_resource_state(&self, request_id: &str, state: State) -> Result<(), StoreError> {
         let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(record) = records.get_mut(request_id)
             && record.result.is_some()
         {
-            record.state = event.state;
+            record.state = state;
         }
         Ok(())
     }

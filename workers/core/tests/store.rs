@@ -135,13 +135,16 @@ async fn conformance(store: Arc<dyn StateStore>) {
     // A teardown marks it stopped; the stored answer stays what the request got.
     let mut stopped = terminal("r1-down", 2);
     stopped.state = State::Stopped;
-    store.mark_torn_down("r1", &stopped).await.expect("mark");
+    store
+        .mark_resource_state("r1", stopped.state)
+        .await
+        .expect("mark");
     assert_eq!(
         store.get("r1").await.expect("get").expect("record").state,
         State::Stopped
     );
     store
-        .mark_torn_down("never-made", &stopped)
+        .mark_resource_state("never-made", stopped.state)
         .await
         .expect("mark of unknown is harmless");
     assert_eq!(store.get("never-made").await.expect("get"), None);
