@@ -420,7 +420,10 @@ impl Worker {
                 fence, takeover, ..
             } => {
                 if takeover {
-                    info!(fence, "took the request over");
+                    info!(
+                        fence,
+                        "claimed again after an earlier attempt or a lost holder"
+                    );
                 }
                 fence
             }
