@@ -332,10 +332,13 @@ impl Ec2Platform {
         }
     }
 
-    /// Polls until the instance runs (starting it if it was stopped), within `timeout`.
-    async fn wait_running(
+    /// Polls until the instance is in state `wanted` ("running" or "stopped"), within
+    /// `timeout`. Waiting for "running" starts a stopped instance and waits out a stopping
+    /// one; an instance terminated on the way is reported with EC2's reason.
+    async fn wait_for_state(
         &self,
         instance_id: &str,
+        wanted: &str,
         timeout: Duration,
     ) -> Result<Instance, PlatformError> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -345,8 +348,8 @@ impl Ec2Platform {
                 PlatformError::transient(format!("instance {instance_id} is not visible yet"))
             })?;
             match state_of(&instance) {
-                "running" => return Ok(instance),
-                "stopped" => {
+                state if state == wanted => return Ok(instance),
+                "stopped" if wanted == "running" => {
                     self.client
                         .start_instances()
                         .instance_ids(instance_id)
@@ -355,56 +358,19 @@ impl Ec2Platform {
                         .map_err(|e| classify(&e, &format!("starting instance {instance_id}")))?;
                 }
                 "terminated" | "shutting-down" => {
-                    return Err(PlatformError::retryable(
-                        ErrorClass::Capacity,
-                        format!(
-                            "instance {instance_id} was terminated before it ran ({})",
-                            instance
-                                .state_reason()
-                                .and_then(|r| r.message())
-                                .unwrap_or("no reason given")
-                        ),
-                    ));
-                }
-                _ => {}
-            }
-            if tokio::time::Instant::now() + pause > deadline {
-                return Err(PlatformError::permanent(
-                    ErrorClass::Timeout,
-                    format!(
-                        "instance {instance_id} is {} after {} s",
-                        state_of(&instance),
-                        timeout.as_secs()
-                    ),
-                ));
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(5));
-        }
-    }
-
-    /// Polls until the instance is stopped, within `timeout`.
-    async fn wait_stopped(
-        &self,
-        instance_id: &str,
-        timeout: Duration,
-    ) -> Result<Instance, PlatformError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut pause = Duration::from_millis(250);
-        loop {
-            let instance = self.instance(instance_id).await?.ok_or_else(|| {
-                PlatformError::permanent(
-                    ErrorClass::NotFound,
-                    format!("instance {instance_id} is gone"),
-                )
-            })?;
-            match state_of(&instance) {
-                "stopped" => return Ok(instance),
-                "terminated" | "shutting-down" => {
-                    return Err(PlatformError::permanent(
-                        ErrorClass::NotFound,
-                        format!("instance {instance_id} was terminated"),
-                    ));
+                    let reason = instance
+                        .state_reason()
+                        .and_then(|r| r.message())
+                        .unwrap_or("no reason given");
+                    let message = format!(
+                        "instance {instance_id} was terminated before it was {wanted} ({reason})"
+                    );
+                    return Err(if wanted == "running" {
+                        // EC2 terminates launches it cannot place: worth another attempt.
+                        PlatformError::retryable(ErrorClass::Capacity, message)
+                    } else {
+                        PlatformError::permanent(ErrorClass::NotFound, message)
+                    });
                 }
                 _ => {}
             }
@@ -490,7 +456,9 @@ impl Platform for Ec2Platform {
         let timeout = spec
             .ready_timeout_seconds
             .map_or(DEFAULT_READY_TIMEOUT, Duration::from_secs);
-        let running = self.wait_running(&instance_id, timeout).await?;
+        let running = self
+            .wait_for_state(&instance_id, "running", timeout)
+            .await?;
         let health_port = spec.health.as_ref().and_then(HealthCheck::port);
         let resource = Self::resource(id, &running, health_port);
         if let (Some(health), Some(host)) = (&spec.health, &resource.address) {
@@ -551,9 +519,8 @@ impl Platform for Ec2Platform {
     async fn start(&self, target: &TeardownTarget) -> Result<Resource, PlatformError> {
         let instance = self.existing(target).await?;
         let instance_id = instance.instance_id().unwrap_or_default().to_owned();
-        // Waiting for "running" starts a stopped instance and waits out a stopping one.
         let running = self
-            .wait_running(&instance_id, DEFAULT_READY_TIMEOUT)
+            .wait_for_state(&instance_id, "running", DEFAULT_READY_TIMEOUT)
             .await?;
         let request_id = tag(&running, REQUEST_TAG).unwrap_or_default().to_owned();
         Ok(Self::resource(&request_id, &running, None))
@@ -571,7 +538,7 @@ impl Platform for Ec2Platform {
                 .map_err(|e| classify(&e, &format!("stopping instance {instance_id}")))?;
         }
         let stopped = self
-            .wait_stopped(&instance_id, DEFAULT_READY_TIMEOUT)
+            .wait_for_state(&instance_id, "stopped", DEFAULT_READY_TIMEOUT)
             .await?;
         let request_id = tag(&stopped, REQUEST_TAG).unwrap_or_default().to_owned();
         Ok(Self::resource(&request_id, &stopped, None))
@@ -593,7 +560,7 @@ impl Platform for Ec2Platform {
             .await
             .map_err(|e| classify(&e, &format!("rebooting instance {instance_id}")))?;
         let running = self
-            .wait_running(&instance_id, DEFAULT_READY_TIMEOUT)
+            .wait_for_state(&instance_id, "running", DEFAULT_READY_TIMEOUT)
             .await?;
         let request_id = tag(&running, REQUEST_TAG).unwrap_or_default().to_owned();
         Ok(Self::resource(&request_id, &running, None))
