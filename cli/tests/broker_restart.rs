@@ -28,23 +28,7 @@ async fn rabbitmq_restarting_mid_run_loses_no_request_and_the_worker_survives() 
     let mut env = TestEnv::new().await;
     let mut events = env.events().await;
     let worker = env.start_worker("a");
-    let requests: Vec<serde_json::Value> = (0..5)
-        .map(|n| {
-            env.web_with(
-                &format!("restart{n}"),
-                serde_json::json!(["sh", "-c", "sleep 2; exec httpd -f -p 8080"]),
-            )
-        })
-        .collect();
-    for request in &requests {
-        env.publish(request).await;
-    }
-    let first = id(&requests[0]);
-    events
-        .until(Duration::from_secs(20), "a starting event", |e| {
-            e.request_id == first && e.state == State::Starting
-        })
-        .await;
+    let request_ids = common::start_slow_webs(&env, &mut events, "restart", 5, 2).await;
 
     rabbitmqctl(&["-q", "stop_app"]);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -57,24 +41,23 @@ async fn rabbitmq_restarting_mid_run_loses_no_request_and_the_worker_survives() 
         .await
         .expect("redis");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    for request in &requests {
+    for request_id in &request_ids {
         loop {
-            let record = store.get(&id(request)).await.expect("read record");
+            let record = store.get(request_id).await.expect("read record");
             if let Some(result) = record.and_then(|r| r.result) {
                 assert_eq!(result.state, State::Running, "{result:#?}");
                 break;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{} never finished; worker log:\n{}",
-                id(request),
+                "{request_id} never finished; worker log:\n{}",
                 env.worker_log("a")
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
     let containers = env.containers().await;
-    assert_eq!(containers.len(), requests.len(), "{containers:?}");
+    assert_eq!(containers.len(), request_ids.len(), "{containers:?}");
     assert!(
         containers.values().all(|ids| ids.len() == 1),
         "one container each: {containers:?}"

@@ -12,33 +12,6 @@ use provisioner_events::{ErrorClass, PlatformName, State};
 
 const SECOND: Duration = Duration::from_secs(1);
 
-/// Publishes a container that serves only after `delay_s` seconds, and waits until a
-/// worker has started on it: the moment to break something mid-provision.
-async fn start_slow_web(
-    env: &TestEnv,
-    events: &mut common::Events,
-    name: &str,
-    delay_s: u32,
-) -> String {
-    let slow = env.web_with(
-        name,
-        serde_json::json!([
-            "sh",
-            "-c",
-            format!("sleep {delay_s}; exec httpd -f -p 8080")
-        ]),
-    );
-    env.publish(&slow).await;
-    let request_id = id(&slow);
-    let wanted = request_id.clone();
-    events
-        .until(20 * SECOND, "starting", move |e| {
-            e.request_id == wanted && e.state == State::Starting
-        })
-        .await;
-    request_id
-}
-
 #[tokio::test]
 async fn provision_runs_a_reachable_container_and_teardown_removes_it_twice_over() {
     let mut env = TestEnv::new().await;
@@ -152,7 +125,9 @@ async fn a_worker_killed_mid_provision_is_finished_by_another_with_one_container
     let mut events = env.events().await;
     let first = env.start_worker("doomed");
     // The container takes a few seconds to serve, so the kill lands mid-provision.
-    let request_id = start_slow_web(&env, &mut events, "slow", 4).await;
+    let request_id = common::start_slow_webs(&env, &mut events, "slow", 1, 4)
+        .await
+        .remove(0);
     tokio::time::sleep(SECOND).await;
     env.worker(first).kill().expect("SIGKILL");
     env.worker(first).wait().expect("reaped");
@@ -283,7 +258,9 @@ async fn sigterm_lets_in_flight_work_finish_then_exits() {
     let mut env = TestEnv::new().await;
     let mut events = env.events().await;
     let worker = env.start_worker("a");
-    let request_id = start_slow_web(&env, &mut events, "graceful", 3).await;
+    let request_id = common::start_slow_webs(&env, &mut events, "graceful", 1, 3)
+        .await
+        .remove(0);
     let pid = env.worker(worker).id().to_string();
     std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -437,32 +414,16 @@ async fn redis_restarting_mid_run_loses_no_request() {
     let mut events = env.events().await;
     env.start_worker("a");
     env.start_worker("b");
-    let requests: Vec<serde_json::Value> = (0..6)
-        .map(|n| {
-            env.web_with(
-                &format!("redis{n}"),
-                serde_json::json!(["sh", "-c", "sleep 2; exec httpd -f -p 8080"]),
-            )
-        })
-        .collect();
-    for request in &requests {
-        env.publish(request).await;
-    }
-    let first = id(&requests[0]);
-    events
-        .until(20 * SECOND, "a starting event", |e| {
-            e.request_id == first && e.state == State::Starting
-        })
-        .await;
+    let request_ids = common::start_slow_webs(&env, &mut events, "redis", 6, 2).await;
     redis.kill();
     tokio::time::sleep(2 * SECOND).await;
     redis.restart();
-    for request in &requests {
-        let event = events.terminal(&id(request)).await;
+    for request_id in &request_ids {
+        let event = events.terminal(request_id).await;
         assert_eq!(event.state, State::Running, "{event:#?}");
     }
     let containers = env.containers().await;
-    assert_eq!(containers.len(), requests.len(), "{containers:?}");
+    assert_eq!(containers.len(), request_ids.len(), "{containers:?}");
     assert!(
         containers.values().all(|ids| ids.len() == 1),
         "one container each: {containers:?}"

@@ -374,6 +374,36 @@ impl Events {
     }
 }
 
+/// Publishes `count` containers that serve only after `delay_s` seconds and waits until a
+/// worker has started on the first: the moment to break something mid-provision.
+/// Returns their request ids.
+pub async fn start_slow_webs(
+    env: &TestEnv,
+    events: &mut Events,
+    prefix: &str,
+    count: usize,
+    delay_s: u32,
+) -> Vec<String> {
+    let command = serde_json::json!([
+        "sh",
+        "-c",
+        format!("sleep {delay_s}; exec httpd -f -p 8080")
+    ]);
+    let mut request_ids = Vec::new();
+    for n in 0..count {
+        let request = env.web_with(&format!("{prefix}{n}"), command.clone());
+        env.publish(&request).await;
+        request_ids.push(id(&request));
+    }
+    let first = request_ids[0].clone();
+    events
+        .until(Duration::from_secs(20), "a starting event", move |e| {
+            e.request_id == first && e.state == provisioner_events::State::Starting
+        })
+        .await;
+    request_ids
+}
+
 pub fn id(request: &serde_json::Value) -> String {
     request["request_id"]
         .as_str()

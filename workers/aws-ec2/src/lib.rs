@@ -479,7 +479,7 @@ impl Platform for Ec2Platform {
                 .await
                 .map_err(|why| {
                     PlatformError::permanent(
-                        ErrorClass::Timeout,
+                        why.class(),
                         format!("instance {instance_id} runs but {why}"),
                     )
                 })?;

@@ -31,6 +31,34 @@ impl std::fmt::Display for Probe {
 
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Why a resource never became ready: the two call for different error classes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotReady {
+    /// Nothing answered within the timeout; the message names the last failure.
+    TimedOut(String),
+    /// The resource stopped (exited, was removed) while being probed.
+    Died(String),
+}
+
+impl NotReady {
+    /// The class an error for this failure carries: a resource that died is a bad image
+    /// or command; one that never answered ran out of time.
+    pub fn class(&self) -> provisioner_events::ErrorClass {
+        match self {
+            NotReady::TimedOut(_) => provisioner_events::ErrorClass::Timeout,
+            NotReady::Died(_) => provisioner_events::ErrorClass::InvalidRequest,
+        }
+    }
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotReady::TimedOut(why) | NotReady::Died(why) => f.write_str(why),
+        }
+    }
+}
+
 impl Probe {
     /// One attempt: Ok when ready, Err with what was seen otherwise.
     pub async fn check_once(&self) -> Result<(), String> {
@@ -82,13 +110,13 @@ impl Probe {
         }
     }
 
-    /// Probes until ready or until `timeout` passes; the error names the last failure.
-    /// `still_alive` is asked between attempts so a resource that died fails fast.
+    /// Probes until ready or until `timeout` passes. `still_alive` is asked between
+    /// attempts so a resource that died fails fast, as [`NotReady::Died`].
     pub async fn wait_ready<F, Fut>(
         &self,
         timeout: Duration,
         mut still_alive: F,
-    ) -> Result<(), String>
+    ) -> Result<(), NotReady>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<(), String>>,
@@ -100,12 +128,12 @@ impl Probe {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
-            still_alive().await?;
+            still_alive().await.map_err(NotReady::Died)?;
             if tokio::time::Instant::now() + pause > deadline {
-                return Err(format!(
+                return Err(NotReady::TimedOut(format!(
                     "{self} did not answer within {} s (last: {last})",
                     timeout.as_secs()
-                ));
+                )));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(500));
@@ -152,6 +180,16 @@ mod tests {
             .wait_ready(Duration::from_millis(300), || async { Ok(()) })
             .await
             .expect_err("nothing listens");
-        assert!(error.contains("did not answer"), "{error}");
+        assert!(
+            matches!(&error, NotReady::TimedOut(why) if why.contains("did not answer")),
+            "{error}"
+        );
+        let died = probe
+            .wait_ready(Duration::from_secs(5), || async {
+                Err("exited (code 1)".to_string())
+            })
+            .await
+            .expect_err("dead");
+        assert_eq!(died, NotReady::Died("exited (code 1)".into()));
     }
 }

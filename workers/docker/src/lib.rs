@@ -480,14 +480,8 @@ impl DockerPlatform {
         match probe.wait_ready(timeout, alive).await {
             Ok(()) => Ok(resource),
             Err(why) => {
-                // Timed out, or the container stopped while being probed.
-                let class = if why.contains("did not answer") {
-                    ErrorClass::Timeout
-                } else {
-                    ErrorClass::InvalidRequest
-                };
                 let message = format!("container {name} did not pass its health check: {why}");
-                Err(self.give_up(name, class, message).await)
+                Err(self.give_up(name, why.class(), message).await)
             }
         }
     }

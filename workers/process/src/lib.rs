@@ -256,7 +256,7 @@ impl Platform for ProcessPlatform {
                     let _ = failed.child.kill().await;
                 }
                 Err(PlatformError::permanent(
-                    ErrorClass::Timeout,
+                    why.class(),
                     format!(
                         "{} did not become ready: {why}; it was stopped",
                         spec.program

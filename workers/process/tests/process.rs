@@ -86,3 +86,18 @@ fn the_allow_list_setting_parses_and_refuses_relative_paths() {
     assert!(ProcessPolicy::parse("web=bin/web").is_err());
     assert!(ProcessPolicy::parse("web").is_err());
 }
+
+#[tokio::test]
+async fn a_program_that_exits_is_an_invalid_request_not_a_timeout() {
+    let platform = platform();
+    // busybox httpd refuses a port it cannot parse and exits at once.
+    let error = platform
+        .provision(&request(
+            "exits-at-once",
+            serde_json::json!({"program": "httpd", "args": ["-p", "not-a-port"], "ready_timeout_seconds": 20}),
+        ))
+        .await
+        .expect_err("exits");
+    assert_eq!(error.class, ErrorClass::InvalidRequest, "{error}");
+    assert!(error.message.contains("exited"), "{}", error.message);
+}
