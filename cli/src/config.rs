@@ -271,8 +271,14 @@ impl PlatformSettings {
                     .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
                 Ok(Arc::new(ec2))
             }
+            PlatformName::AwsEcs => {
+                let ecs = provisioner_aws_ecs::EcsPlatform::from_environment()
+                    .await
+                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
+                Ok(Arc::new(ecs))
+            }
             other => Err(Failure::config(anyhow::anyhow!(
-                "the {other} worker is not part of this build yet; available: docker, process, aws-ec2"
+                "the {other} worker is not part of this build yet; available: docker, process, aws-ec2, aws-ecs"
             ))),
         }
     }

@@ -1,7 +1,9 @@
 //! JSON Schemas generated from the types of this crate, for producers in other languages.
 //! `events/schema/*.json` holds them committed; `tests/schema.rs` fails when they drift.
 
-use crate::spec::{aws_ec2::AwsEc2Spec, docker::DockerSpec, process::ProcessSpec};
+use crate::spec::{
+    aws_ec2::AwsEc2Spec, aws_ecs::AwsEcsSpec, docker::DockerSpec, process::ProcessSpec,
+};
 use crate::{Request, StatusEvent};
 
 /// Every published schema: its file name under `events/schema/` and its JSON text.
@@ -27,6 +29,10 @@ pub fn all() -> Vec<(&'static str, String)> {
         (
             "spec-aws-ec2.schema.json",
             render(schemars::schema_for!(AwsEc2Spec)),
+        ),
+        (
+            "spec-aws-ecs.schema.json",
+            render(schemars::schema_for!(AwsEcsSpec)),
         ),
         (
             "spec-process.schema.json",

@@ -91,6 +91,38 @@ fn the_ec2_example_of_the_aws_issue_is_accepted_exactly_as_written() {
 }
 
 #[test]
+fn the_ecs_example_of_the_aws_issue_is_accepted_exactly_as_written() {
+    use provisioner_events::spec::aws_ecs::AwsEcsSpec;
+    let request = decode_request(
+        br#"{"schema_version":1,"request_id":"ecs-demo-1","operation":"provision","platform":"aws-ecs","spec":{"cluster":"demo","task_definition":"web:1","launch_type":"FARGATE"}}"#,
+    )
+    .expect("ecs example");
+    let spec: AwsEcsSpec =
+        parse_spec("aws-ecs", request.spec.as_ref().expect("spec")).expect("ecs spec");
+    spec.validate().expect("valid ecs spec");
+    assert_eq!(spec.launch_type(), "FARGATE");
+    let refused = [
+        ("task_definition", serde_json::json!("web:latest")),
+        ("launch_type", serde_json::json!("LAMBDA")),
+        ("cluster", serde_json::json!("no spaces please")),
+        ("count", serde_json::json!(0)),
+        (
+            "container",
+            serde_json::json!({"image": "nginx", "memory_mib": 64}),
+        ),
+    ];
+    for (field, value) in refused {
+        let mut wrong = request.spec.clone().expect("spec");
+        wrong.insert(field.into(), value.clone());
+        let parsed: Result<AwsEcsSpec, _> = parse_spec("aws-ecs", &wrong);
+        assert!(
+            parsed.map_or(true, |s| s.validate().is_err()),
+            "{field} = {value} accepted"
+        );
+    }
+}
+
+#[test]
 fn every_valid_fixture_decodes_and_round_trips() {
     for path in json_files(&fixtures().join("requests/valid")) {
         let body = std::fs::read(&path).expect("read");
@@ -267,6 +299,7 @@ fn fixtures_validate_against_the_published_schemas() {
     let docker_schema = validator("spec-docker.schema.json");
     let process_schema = validator("spec-process.schema.json");
     let ec2_schema = validator("spec-aws-ec2.schema.json");
+    let ecs_schema = validator("spec-aws-ecs.schema.json");
     for path in json_files(&fixtures().join("requests/valid")) {
         let value: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
@@ -280,6 +313,7 @@ fn fixtures_validate_against_the_published_schemas() {
                 Some("docker") => &docker_schema,
                 Some("process") => &process_schema,
                 Some("aws-ec2") => &ec2_schema,
+                Some("aws-ecs") => &ecs_schema,
                 other => panic!("no spec schema for {other:?}"),
             };
             let errors: Vec<String> = validator.iter_errors(spec).map(|e| e.to_string()).collect();

@@ -24,6 +24,11 @@ pub fn aws_endpoint() -> String {
         .unwrap_or_else(|_| "http://127.0.0.1:4566".into())
 }
 
+pub fn ecs_endpoint() -> String {
+    std::env::var("PROVISIONER_TEST_ECS_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:5000".into())
+}
+
 pub fn docker_host() -> String {
     std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///run/podman/podman.sock".into())
 }
@@ -119,6 +124,21 @@ impl TestEnv {
         let endpoint = aws_endpoint();
         self.start_platform_worker(
             "aws-ec2",
+            name,
+            &[
+                ("AWS_ENDPOINT_URL", endpoint.as_str()),
+                ("AWS_ACCESS_KEY_ID", "test"),
+                ("AWS_SECRET_ACCESS_KEY", "test"),
+                ("AWS_REGION", "us-east-1"),
+            ],
+        )
+    }
+
+    /// An aws-ecs worker pointed at moto with its dummy credentials.
+    pub fn start_ecs_worker(&mut self, name: &str) -> usize {
+        let endpoint = ecs_endpoint();
+        self.start_platform_worker(
+            "aws-ecs",
             name,
             &[
                 ("AWS_ENDPOINT_URL", endpoint.as_str()),

@@ -4,6 +4,7 @@
 //! type here, so a producer can validate against the generated schema before publishing.
 
 pub mod aws_ec2;
+pub mod aws_ecs;
 pub mod docker;
 pub mod process;
 

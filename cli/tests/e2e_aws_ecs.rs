@@ -1,0 +1,143 @@
+//! ECS end to end: `provisioner worker --platform aws-ecs` against moto's server, through
+//! the real RabbitMQ and Redis.
+
+mod common;
+
+use aws_sdk_ecs::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_ecs::types::{ContainerDefinition, DesiredStatus};
+use common::{TestEnv, id};
+use provisioner_events::{ErrorClass, State};
+
+fn ecs() -> aws_sdk_ecs::Client {
+    let config = aws_sdk_ecs::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(common::ecs_endpoint())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+        .build();
+    aws_sdk_ecs::Client::from_conf(config)
+}
+
+/// The cluster `demo` and the task definition `web:1` of the example.
+async fn demo_cluster() {
+    let ecs = ecs();
+    ecs.create_cluster()
+        .cluster_name("demo")
+        .send()
+        .await
+        .expect("moto must be running (the README's test command starts it)");
+    if ecs
+        .describe_task_definition()
+        .task_definition("web:1")
+        .send()
+        .await
+        .is_err()
+    {
+        ecs.register_task_definition()
+            .family("web")
+            .container_definitions(
+                ContainerDefinition::builder()
+                    .name("web")
+                    .image("public.ecr.aws/nginx/nginx:1.27")
+                    .memory(512)
+                    .essential(true)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("register web");
+    }
+}
+
+async fn running_tasks(request_id: &str) -> Vec<String> {
+    ecs()
+        .list_tasks()
+        .cluster("demo")
+        .started_by(provisioner_aws_ecs::request_token(request_id))
+        .desired_status(DesiredStatus::Running)
+        .send()
+        .await
+        .expect("list tasks")
+        .task_arns()
+        .to_vec()
+}
+
+fn ecs_request(env: &TestEnv, name: &str, task_definition: &str) -> serde_json::Value {
+    serde_json::json!({
+        "schema_version": 1, "request_id": format!("{name}-{}", env.run_id),
+        "operation": "provision", "platform": "aws-ecs",
+        "spec": {"cluster": "demo", "task_definition": task_definition, "launch_type": "FARGATE"}
+    })
+}
+
+fn ecs_operation(env: &TestEnv, name: &str, operation: &str, target: &str) -> serde_json::Value {
+    serde_json::json!({
+        "schema_version": 1, "request_id": format!("{name}-{}", env.run_id),
+        "operation": operation, "platform": "aws-ecs", "target_request_id": target
+    })
+}
+
+#[tokio::test]
+async fn ecs_requests_run_one_task_and_tear_down_twice_through_the_queue() {
+    demo_cluster().await;
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_ecs_worker("ecs");
+    let request = ecs_request(&env, "ecs-demo", "web:1");
+    for _ in 0..5 {
+        env.publish(&request).await;
+    }
+    let terminal = events.terminal_count(&id(&request), 5).await;
+    assert_eq!(
+        terminal[0].state,
+        State::Running,
+        "{terminal:#?}\n{}",
+        env.worker_log("ecs")
+    );
+    assert!(
+        terminal.iter().all(|e| *e == terminal[0]),
+        "identical: {terminal:#?}"
+    );
+    let task = terminal[0].resource.as_ref().expect("resource").id.clone();
+    assert!(task.contains(":task/demo/"), "{task}");
+    assert_eq!(running_tasks(&id(&request)).await, vec![task], "one task");
+
+    // ECS tasks cannot be stopped and started again: said plainly, not faked.
+    let stop = ecs_operation(&env, "ecs-stop", "stop", &id(&request));
+    env.publish(&stop).await;
+    let refused = events.terminal(&id(&stop)).await;
+    assert_eq!(refused.state, State::Error);
+    assert_eq!(refused.error.expect("error").class, ErrorClass::Unsupported);
+
+    for name in ["ecs-down", "ecs-down-again"] {
+        let down = ecs_operation(&env, name, "teardown", &id(&request));
+        env.publish(&down).await;
+        assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
+    }
+    assert!(running_tasks(&id(&request)).await.is_empty(), "stopped");
+}
+
+#[tokio::test]
+async fn an_ecs_request_for_a_missing_task_definition_ends_in_an_error_it_names() {
+    demo_cluster().await;
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_ecs_worker("ecs");
+    let request = ecs_request(&env, "ecs-nodef", "no-such-family:3");
+    env.publish(&request).await;
+    let event = events.terminal(&id(&request)).await;
+    assert_eq!(event.state, State::Error, "{}", env.worker_log("ecs"));
+    let error = event.error.expect("error");
+    assert!(
+        matches!(
+            error.class,
+            ErrorClass::InvalidRequest | ErrorClass::NotFound
+        ),
+        "{error:?}"
+    );
+    assert!(
+        error.message.contains("no-such-family"),
+        "{}",
+        error.message
+    );
+}

@@ -1,0 +1,239 @@
+//! The `aws-ecs` platform's spec: one ECS task (Fargate by default).
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// One ECS task, from a registered task definition or from an inline container that the
+/// worker registers as a task definition of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(title = "aws-ecs spec")]
+pub struct AwsEcsSpec {
+    /// The cluster's name or ARN.
+    pub cluster: String,
+    /// `family`, `family:revision` or a task definition ARN. Exactly one of this and
+    /// `container` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_definition: Option<String>,
+    /// A single container to run; the worker registers it as a task definition whose
+    /// family is derived from its content, so the same container reuses one definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<InlineContainer>,
+    /// `FARGATE` (default), `EC2` or `EXTERNAL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_type: Option<String>,
+    /// Fargate platform version, e.g. `LATEST` or `1.4.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_version: Option<String>,
+    /// The awsvpc network configuration; Fargate needs it on AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<AwsVpcNetwork>,
+    /// Per-container overrides of command and environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<ContainerOverride>,
+    /// Identical tasks to run; only 1 is supported for now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// Tags set on the task besides the request's labels and the worker's own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// Also wait for the task's health status to be `HEALTHY` (its task definition must
+    /// define a container health check).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wait_healthy: bool,
+    /// How long the task may take to run (and be healthy). Default 300 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_timeout_seconds: Option<u64>,
+}
+
+/// A container the worker registers as a one-container task definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct InlineContainer {
+    /// The image, e.g. `public.ecr.aws/nginx/nginx:1.27`.
+    pub image: String,
+    /// Task CPU units (256 = ¼ vCPU). Default 256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<u32>,
+    /// Task memory in MiB. Default 512.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    /// Container ports to expose (TCP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// The role ECS uses to pull the image and write logs (needed for private registries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_role_arn: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AwsVpcNetwork {
+    pub subnets: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_groups: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub assign_public_ip: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ContainerOverride {
+    /// The container's name in the task definition (`main` for an inline container).
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// The container name of an inline container's task definition.
+pub const INLINE_CONTAINER_NAME: &str = "main";
+
+const LAUNCH_TYPES: [&str; 3] = ["FARGATE", "EC2", "EXTERNAL"];
+
+fn is_name(value: &str, max: usize) -> bool {
+    !value.is_empty()
+        && value.len() <= max
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl AwsEcsSpec {
+    /// The launch type to use.
+    pub fn launch_type(&self) -> &str {
+        self.launch_type.as_deref().unwrap_or("FARGATE")
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !(is_name(&self.cluster, 255) || self.cluster.starts_with("arn:")) {
+            return Err(format!(
+                "cluster {:?} is not a cluster name (letters, digits, '-', '_') or ARN",
+                self.cluster
+            ));
+        }
+        match (&self.task_definition, &self.container) {
+            (Some(_), Some(_)) => {
+                return Err("give either task_definition or container, not both".into());
+            }
+            (None, None) => {
+                return Err(
+                    "give a task_definition (family[:revision] or ARN) or a container to run"
+                        .into(),
+                );
+            }
+            (Some(definition), None) => {
+                let (family, revision) = definition
+                    .split_once(':')
+                    .filter(|_| !definition.starts_with("arn:"))
+                    .map_or((definition.as_str(), None), |(f, r)| (f, Some(r)));
+                let ok = definition.starts_with("arn:")
+                    || (is_name(family, 255)
+                        && revision.is_none_or(|r| {
+                            !r.is_empty() && r.chars().all(|c| c.is_ascii_digit())
+                        }));
+                if !ok {
+                    return Err(format!(
+                        "task_definition {definition:?} is not family, family:revision or an ARN"
+                    ));
+                }
+            }
+            (None, Some(container)) => container.validate()?,
+        }
+        if !LAUNCH_TYPES.contains(&self.launch_type()) {
+            return Err(format!(
+                "launch_type {:?} is not one of FARGATE, EC2, EXTERNAL",
+                self.launch_type()
+            ));
+        }
+        if let Some(network) = &self.network {
+            if network.subnets.is_empty() || network.subnets.len() > 16 {
+                return Err("network.subnets needs 1 to 16 subnet ids".into());
+            }
+            if network.security_groups.len() > 5 {
+                return Err("network.security_groups takes at most 5 groups".into());
+            }
+            for id in network.subnets.iter().chain(&network.security_groups) {
+                if !(id.starts_with("subnet-") || id.starts_with("sg-"))
+                    || id.chars().any(|c| !c.is_ascii_alphanumeric() && c != '-')
+                {
+                    return Err(format!(
+                        "{id:?} is not a subnet (subnet-…) or group (sg-…) id"
+                    ));
+                }
+            }
+        }
+        for (i, o) in self.overrides.iter().enumerate() {
+            if !is_name(&o.name, 255) {
+                return Err(format!(
+                    "overrides[{i}].name {:?} is not a container name",
+                    o.name
+                ));
+            }
+            super::validate_env_and_timeout(&o.env, None)?;
+        }
+        match self.count {
+            None | Some(1) => {}
+            Some(0) => return Err("count must be at least 1".into()),
+            Some(n) => {
+                return Err(format!(
+                    "count {n}: only one task per request is supported for now"
+                ));
+            }
+        }
+        for (key, value) in &self.tags {
+            if key.is_empty()
+                || key.len() > 128
+                || value.len() > 256
+                || key.starts_with("aws:")
+                || key.starts_with("provisioner:")
+            {
+                return Err(format!(
+                    "tag {key:?}: keys are 1 to 128 characters, values at most 256, and aws: and provisioner: are reserved"
+                ));
+            }
+        }
+        if self.ready_timeout_seconds == Some(0) {
+            return Err("ready_timeout_seconds must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl InlineContainer {
+    fn validate(&self) -> Result<(), String> {
+        if self.image.is_empty()
+            || self.image.len() > 255
+            || self
+                .image
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!(
+                "container.image {:?} is not an image reference",
+                self.image
+            ));
+        }
+        if let Some(cpu) = self.cpu
+            && !(128..=16_384).contains(&cpu)
+        {
+            return Err(format!(
+                "container.cpu {cpu} must be 128 to 16384 CPU units"
+            ));
+        }
+        if let Some(memory) = self.memory_mib
+            && !(512..=122_880).contains(&memory)
+        {
+            return Err(format!(
+                "container.memory_mib {memory} must be 512 to 122880"
+            ));
+        }
+        if self.ports.contains(&0) {
+            return Err("container.ports: 0 is not a port".into());
+        }
+        super::validate_env_and_timeout(&self.env, None)
+    }
+}

@@ -1,0 +1,768 @@
+//! The AWS ECS platform: one task (Fargate by default) per provision request, through
+//! aws-sdk-ecs.
+//!
+//! Idempotent three ways: a `clientToken` derived from the request id (real ECS honours
+//! it), the same token as the task's `startedBy`, which `ListTasks` filters on, and an
+//! ownership tag (`provisioner:request-id`) checked on what that finds. A worker that
+//! crashed between RunTask and its Redis write finds the task it started instead of
+//! starting a second one; moto, the emulator the tests use, ignores `clientToken`, so the
+//! lookup is what the tests prove.
+//!
+//! A task runs in one cluster, and a teardown names only the request: the worker looks for
+//! the request's task in every cluster it can list (one ListTasks call per cluster).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_ecs::Client;
+use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ecs::types::{
+    AssignPublicIp, AwsVpcConfiguration, Compatibility, ContainerDefinition, ContainerOverride,
+    DesiredStatus, HealthStatus, KeyValuePair, LaunchType, NetworkConfiguration, NetworkMode,
+    PortMapping, Tag, Task, TaskField, TaskOverride, TransportProtocol,
+};
+use provisioner_core::{Platform, PlatformError};
+use provisioner_events::spec::aws_ecs::{AwsEcsSpec, INLINE_CONTAINER_NAME, InlineContainer};
+use provisioner_events::spec::parse_spec;
+use provisioner_events::{
+    Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, TeardownTarget,
+};
+use sha2::{Digest, Sha256};
+use tracing::{debug, info};
+
+/// Tag holding the request id a task was started for.
+pub const REQUEST_TAG: &str = "provisioner:request-id";
+/// Tag marking every task the provisioner started.
+pub const MANAGED_TAG: &str = "provisioner:managed";
+
+const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn hex_digest(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The request's `clientToken` and `startedBy`: 64 characters ECS accepts in both (the
+/// request id may hold dots, which `startedBy` refuses), the same for every retry.
+pub fn request_token(request_id: &str) -> String {
+    format!("prov-{}", &hex_digest(request_id)[..59])
+}
+
+pub fn task_name(request_id: &str) -> String {
+    format!("prov-{request_id}")
+}
+
+/// The family an inline container is registered under: derived from its content, so the
+/// same container always finds the one definition registered for it.
+pub fn inline_family(container: &InlineContainer, launch_type: &str) -> String {
+    let canonical = serde_json::to_string(&(container, launch_type)).unwrap_or_default();
+    format!("prov-{}", &hex_digest(&canonical)[..24])
+}
+
+/// Sorts an ECS error code into the runtime's classes: the pure half of [`classify`].
+pub fn classify_code(code: &str) -> (ErrorClass, bool) {
+    match code {
+        "ThrottlingException"
+        | "Throttling"
+        | "TooManyRequestsException"
+        | "RequestLimitExceeded" => (ErrorClass::Throttled, true),
+        "ServerException"
+        | "InternalFailure"
+        | "ServiceUnavailable"
+        | "ServiceUnavailableException" => (ErrorClass::Transient, true),
+        "AccessDeniedException"
+        | "UnauthorizedOperation"
+        | "BlockedException"
+        | "UnrecognizedClientException"
+        | "InvalidClientTokenId"
+        | "ExpiredTokenException"
+        | "MissingAuthenticationToken" => (ErrorClass::Permission, false),
+        "ClusterNotFoundException" | "TaskDefinitionNotFoundException" => {
+            (ErrorClass::NotFound, false)
+        }
+        "LimitExceededException" => (ErrorClass::Quota, false),
+        "ConflictException" | "ResourceInUseException" => (ErrorClass::Conflict, false),
+        "ClientException"
+        | "InvalidParameterException"
+        | "ValidationException"
+        | "PlatformUnknownException"
+        | "PlatformTaskDefinitionIncompatibilityException"
+        | "UnsupportedFeatureException"
+        | "ClusterContainsTasksException" => (ErrorClass::InvalidRequest, false),
+        _ => (ErrorClass::Internal, false),
+    }
+}
+
+/// Classifies an SDK error: transport trouble is transient, service errors go by code.
+pub fn classify<E>(error: &SdkError<E>, doing: &str) -> PlatformError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match error {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            PlatformError::transient(format!(
+                "{doing}: ECS is unreachable: {}",
+                aws_sdk_ecs::error::DisplayErrorContext(error)
+            ))
+        }
+        _ => {
+            let code = error.code().unwrap_or("Unknown");
+            let message = error.message().unwrap_or("no message");
+            let (class, retryable) = classify_code(code);
+            PlatformError {
+                class,
+                retryable,
+                message: format!("{doing}: {code}: {message}"),
+                retry_after: None,
+            }
+        }
+    }
+}
+
+/// Classifies one of RunTask's `failures` (the call succeeded, the placement did not).
+fn classify_failure(reason: &str, detail: &str) -> PlatformError {
+    let message = format!("ECS could not place the task: {reason} {detail}")
+        .trim_end()
+        .to_owned();
+    if reason.starts_with("RESOURCE")
+        || reason.contains("Capacity is unavailable")
+        || reason == "AGENT"
+    {
+        PlatformError::retryable(ErrorClass::Capacity, message)
+    } else if reason.starts_with("MISSING") || reason.starts_with("ATTRIBUTE") {
+        PlatformError::invalid(message)
+    } else {
+        PlatformError::permanent(ErrorClass::Internal, message)
+    }
+}
+
+fn spec_of(request: &Request) -> Result<AwsEcsSpec, PlatformError> {
+    let spec = request
+        .spec
+        .as_ref()
+        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
+    let spec: AwsEcsSpec = parse_spec("aws-ecs", spec).map_err(PlatformError::invalid)?;
+    spec.validate().map_err(PlatformError::invalid)?;
+    Ok(spec)
+}
+
+fn last_status(task: &Task) -> &str {
+    task.last_status().unwrap_or("UNKNOWN")
+}
+
+fn tag<'a>(task: &'a Task, key: &str) -> Option<&'a str> {
+    task.tags()
+        .iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
+}
+
+/// The task's private address, from its ENI attachment (awsvpc) or its first container.
+fn address_of(task: &Task) -> Option<String> {
+    task.attachments()
+        .iter()
+        .flat_map(|a| a.details())
+        .find(|d| d.name() == Some("privateIPv4Address"))
+        .and_then(|d| d.value())
+        .or_else(|| {
+            task.containers()
+                .iter()
+                .flat_map(|c| c.network_interfaces())
+                .find_map(|n| n.private_ipv4_address())
+        })
+        .map(str::to_owned)
+}
+
+/// The cluster of a task ARN in the long format `arn:…:task/<cluster>/<id>`.
+fn cluster_of_task_arn(arn: &str) -> Option<&str> {
+    let (_, path) = arn.split_once(":task/")?;
+    let (cluster, id) = path.split_once('/')?;
+    (!cluster.is_empty() && !id.is_empty()).then_some(cluster)
+}
+
+fn resource(request_id: &str, task: &Task, ports: &[u16]) -> Resource {
+    let address = address_of(task);
+    Resource {
+        id: task.task_arn().unwrap_or_default().to_owned(),
+        name: task_name(request_id),
+        endpoints: match &address {
+            Some(host) => ports
+                .iter()
+                .map(|&port| Endpoint {
+                    port,
+                    host: host.clone(),
+                    host_port: port,
+                    protocol: "tcp".into(),
+                })
+                .collect(),
+            None => Vec::new(),
+        },
+        address,
+    }
+}
+
+/// The ECS [`Platform`].
+#[derive(Debug, Clone)]
+pub struct EcsPlatform {
+    client: Client,
+}
+
+impl EcsPlatform {
+    /// Loads the standard AWS configuration (environment, profile, instance or task role;
+    /// `AWS_ENDPOINT_URL` or `AWS_ENDPOINT_URL_ECS` for an emulator) and checks that a
+    /// region and credentials exist, so a worker without them fails at start.
+    pub async fn from_environment() -> Result<Self, String> {
+        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        config
+            .region()
+            .ok_or("no AWS region: set AWS_REGION (or a profile's region)")?;
+        let credentials = config
+            .credentials_provider()
+            .ok_or("no AWS credentials provider is configured")?;
+        aws_credential_types::provider::ProvideCredentials::provide_credentials(&credentials)
+            .await
+            .map_err(|e| format!("no usable AWS credentials: {e} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or a role)"))?;
+        Ok(EcsPlatform {
+            client: Client::new(&config),
+        })
+    }
+
+    pub fn new(client: Client) -> Self {
+        EcsPlatform { client }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The request's tasks in `cluster` that are not stopped, found by `startedBy` and
+    /// checked against the ownership tag.
+    async fn owned_tasks(
+        &self,
+        cluster: &str,
+        request_id: &str,
+    ) -> Result<Vec<Task>, PlatformError> {
+        let listed = self
+            .client
+            .list_tasks()
+            .cluster(cluster)
+            .started_by(request_token(request_id))
+            .desired_status(DesiredStatus::Running)
+            .send()
+            .await
+            .map_err(|e| classify(&e, &format!("looking up the request's tasks in {cluster}")))?;
+        if listed.task_arns().is_empty() {
+            return Ok(Vec::new());
+        }
+        let described = self.describe_tasks(cluster, listed.task_arns()).await?;
+        Ok(described
+            .into_iter()
+            .filter(|t| tag(t, REQUEST_TAG) == Some(request_id) && last_status(t) != "STOPPED")
+            .collect())
+    }
+
+    async fn describe_tasks(
+        &self,
+        cluster: &str,
+        arns: &[String],
+    ) -> Result<Vec<Task>, PlatformError> {
+        let output = self
+            .client
+            .describe_tasks()
+            .cluster(cluster)
+            .set_tasks(Some(arns.to_vec()))
+            .include(TaskField::Tags)
+            .send()
+            .await
+            .map_err(|e| classify(&e, &format!("describing tasks in {cluster}")))?;
+        Ok(output.tasks().to_vec())
+    }
+
+    async fn task(&self, cluster: &str, arn: &str) -> Result<Option<Task>, PlatformError> {
+        Ok(self
+            .describe_tasks(cluster, &[arn.to_owned()])
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    async fn clusters(&self) -> Result<Vec<String>, PlatformError> {
+        let mut clusters = Vec::new();
+        let mut next = None;
+        loop {
+            let page = self
+                .client
+                .list_clusters()
+                .set_next_token(next)
+                .send()
+                .await
+                .map_err(|e| classify(&e, "listing clusters"))?;
+            clusters.extend(page.cluster_arns().iter().cloned());
+            next = page.next_token().map(str::to_owned);
+            if next.is_none() {
+                return Ok(clusters);
+            }
+        }
+    }
+
+    /// The task definition to run: the named one, or the inline container's, registered
+    /// once under a family derived from its content.
+    async fn task_definition(&self, spec: &AwsEcsSpec) -> Result<String, PlatformError> {
+        if let Some(named) = &spec.task_definition {
+            return Ok(named.clone());
+        }
+        let Some(container) = &spec.container else {
+            return Err(PlatformError::invalid(
+                "give a task_definition or a container",
+            ));
+        };
+        let family = inline_family(container, spec.launch_type());
+        match self
+            .client
+            .describe_task_definition()
+            .task_definition(&family)
+            .send()
+            .await
+        {
+            Ok(found) => {
+                if let Some(arn) = found
+                    .task_definition()
+                    .filter(|d| d.status().is_none_or(|s| s.as_str() == "ACTIVE"))
+                    .and_then(|d| d.task_definition_arn())
+                {
+                    debug!(
+                        task_definition = arn,
+                        "reusing the inline container's definition"
+                    );
+                    return Ok(arn.to_owned());
+                }
+            }
+            Err(e)
+                if matches!(
+                    classify_code(e.code().unwrap_or_default()).0,
+                    ErrorClass::InvalidRequest | ErrorClass::NotFound
+                ) => {}
+            Err(e) => {
+                return Err(classify(
+                    &e,
+                    &format!("looking up task definition {family}"),
+                ));
+            }
+        }
+        let fargate = spec.launch_type() == "FARGATE";
+        let definition = ContainerDefinition::builder()
+            .name(INLINE_CONTAINER_NAME)
+            .image(&container.image)
+            .essential(true)
+            // The task's whole memory as the container's limit: it is the only container.
+            .memory(container.memory_mib.unwrap_or(512) as i32)
+            .set_command((!container.command.is_empty()).then(|| container.command.clone()))
+            .set_environment(Some(
+                container
+                    .env
+                    .iter()
+                    .map(|(k, v)| KeyValuePair::builder().name(k).value(v).build())
+                    .collect(),
+            ))
+            .set_port_mappings(Some(
+                container
+                    .ports
+                    .iter()
+                    .map(|&port| {
+                        PortMapping::builder()
+                            .container_port(i32::from(port))
+                            .protocol(TransportProtocol::Tcp)
+                            .build()
+                    })
+                    .collect(),
+            ))
+            .build();
+        let mut register = self
+            .client
+            .register_task_definition()
+            .family(&family)
+            .container_definitions(definition)
+            .cpu(container.cpu.unwrap_or(256).to_string())
+            .memory(container.memory_mib.unwrap_or(512).to_string())
+            .set_execution_role_arn(container.execution_role_arn.clone())
+            .tags(Tag::builder().key(MANAGED_TAG).value("true").build());
+        if fargate {
+            register = register
+                .requires_compatibilities(Compatibility::Fargate)
+                .network_mode(NetworkMode::Awsvpc);
+        }
+        let registered = register
+            .send()
+            .await
+            .map_err(|e| classify(&e, &format!("registering task definition {family}")))?;
+        let arn = registered
+            .task_definition()
+            .and_then(|d| d.task_definition_arn())
+            .ok_or_else(|| {
+                PlatformError::transient("RegisterTaskDefinition answered without an ARN")
+            })?;
+        info!(task_definition = arn, "registered the inline container");
+        Ok(arn.to_owned())
+    }
+
+    fn tags(request: &Request, spec: &AwsEcsSpec) -> Vec<Tag> {
+        let mut tags: BTreeMap<String, String> = request.labels.clone();
+        tags.extend(spec.tags.clone());
+        tags.insert(MANAGED_TAG.into(), "true".into());
+        tags.insert(REQUEST_TAG.into(), request.request_id.to_string());
+        tags.into_iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build())
+            .collect()
+    }
+
+    async fn run(&self, request: &Request, spec: &AwsEcsSpec) -> Result<Task, PlatformError> {
+        let definition = self.task_definition(spec).await?;
+        let token = request_token(request.request_id.as_str());
+        let mut run = self
+            .client
+            .run_task()
+            .cluster(&spec.cluster)
+            .task_definition(&definition)
+            .launch_type(LaunchType::from(spec.launch_type()))
+            .set_platform_version(spec.platform_version.clone())
+            .count(1)
+            .client_token(&token)
+            .started_by(&token)
+            .set_tags(Some(Self::tags(request, spec)));
+        if let Some(network) = &spec.network {
+            let vpc = AwsVpcConfiguration::builder()
+                .set_subnets(Some(network.subnets.clone()))
+                .set_security_groups(
+                    (!network.security_groups.is_empty()).then(|| network.security_groups.clone()),
+                )
+                .assign_public_ip(if network.assign_public_ip {
+                    AssignPublicIp::Enabled
+                } else {
+                    AssignPublicIp::Disabled
+                })
+                .build()
+                .map_err(|e| PlatformError::invalid(format!("network: {e}")))?;
+            run = run.network_configuration(
+                NetworkConfiguration::builder()
+                    .awsvpc_configuration(vpc)
+                    .build(),
+            );
+        }
+        if !spec.overrides.is_empty() {
+            let overrides = spec
+                .overrides
+                .iter()
+                .map(|o| {
+                    ContainerOverride::builder()
+                        .name(&o.name)
+                        .set_command((!o.command.is_empty()).then(|| o.command.clone()))
+                        .set_environment(Some(
+                            o.env
+                                .iter()
+                                .map(|(k, v)| KeyValuePair::builder().name(k).value(v).build())
+                                .collect(),
+                        ))
+                        .build()
+                })
+                .collect();
+            run = run.overrides(
+                TaskOverride::builder()
+                    .set_container_overrides(Some(overrides))
+                    .build(),
+            );
+        }
+        let output = run.send().await.map_err(|e| {
+            classify(
+                &e,
+                &format!("running {definition} in cluster {}", spec.cluster),
+            )
+        })?;
+        if let Some(task) = output.tasks().first() {
+            info!(
+                task.arn = task.task_arn().unwrap_or_default(),
+                "started task"
+            );
+            return Ok(task.clone());
+        }
+        Err(match output.failures().first() {
+            Some(failure) => classify_failure(
+                failure.reason().unwrap_or("unknown"),
+                failure.detail().unwrap_or_default(),
+            ),
+            None => PlatformError::transient("RunTask answered with neither a task nor a failure"),
+        })
+    }
+
+    /// Polls until the task runs (and is healthy when asked), within `timeout`.
+    async fn wait_running(
+        &self,
+        cluster: &str,
+        arn: &str,
+        healthy: bool,
+        timeout: Duration,
+    ) -> Result<Task, PlatformError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(250);
+        loop {
+            let task = self.task(cluster, arn).await?.ok_or_else(|| {
+                PlatformError::transient(format!("task {arn} is not visible yet"))
+            })?;
+            let health = task
+                .health_status()
+                .map(HealthStatus::as_str)
+                .unwrap_or("UNKNOWN");
+            match last_status(&task) {
+                "RUNNING" if !healthy || health == "HEALTHY" => return Ok(task),
+                "STOPPED" | "DEPROVISIONING" | "STOPPING" | "DEACTIVATING" => {
+                    let reason = task.stopped_reason().unwrap_or("no reason given");
+                    let message = format!("task {arn} stopped before it was running: {reason}");
+                    // Not retried: the same clientToken would answer with this same task.
+                    return Err(if reason.contains("CannotPullContainer") {
+                        PlatformError::invalid(message)
+                    } else if reason.contains("capacity") || reason.contains("Capacity") {
+                        PlatformError::permanent(ErrorClass::Capacity, message)
+                    } else {
+                        PlatformError::permanent(ErrorClass::Internal, message)
+                    });
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(PlatformError::permanent(
+                    ErrorClass::Timeout,
+                    format!(
+                        "task {arn} is {} (health {health}) after {} s",
+                        last_status(&task),
+                        timeout.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// The live task of a target and its cluster, refusing tasks the provisioner did not
+    /// start.
+    async fn find(&self, target: &TeardownTarget) -> Result<Option<(String, Task)>, PlatformError> {
+        match target {
+            TeardownTarget::Request(id) => {
+                for cluster in self.clusters().await? {
+                    if let Some(task) = self
+                        .owned_tasks(&cluster, id.as_str())
+                        .await?
+                        .into_iter()
+                        .next()
+                    {
+                        return Ok(Some((cluster, task)));
+                    }
+                }
+                Ok(None)
+            }
+            TeardownTarget::Resource(arn) => {
+                let cluster = cluster_of_task_arn(arn).ok_or_else(|| {
+                    PlatformError::invalid(format!(
+                        "resource_id {arn:?} is not a task ARN of the form arn:aws:ecs:<region>:<account>:task/<cluster>/<id>; name the request with target_request_id instead"
+                    ))
+                })?;
+                let task = match self.task(cluster, arn).await {
+                    Ok(task) => task,
+                    Err(e) if e.class == ErrorClass::NotFound => None,
+                    Err(e) => return Err(e),
+                };
+                let Some(task) = task.filter(|t| last_status(t) != "STOPPED") else {
+                    return Ok(None);
+                };
+                if tag(&task, MANAGED_TAG) != Some("true") {
+                    return Err(PlatformError::permanent(
+                        ErrorClass::Conflict,
+                        format!("task {arn} was not started by the provisioner; it was left alone"),
+                    ));
+                }
+                Ok(Some((cluster.to_owned(), task)))
+            }
+        }
+    }
+
+    async fn wait_stopped(&self, cluster: &str, arn: &str) -> Result<Task, PlatformError> {
+        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+        let mut pause = Duration::from_millis(250);
+        loop {
+            let task = self.task(cluster, arn).await?;
+            match task {
+                Some(task) if last_status(&task) != "STOPPED" => {
+                    if tokio::time::Instant::now() + pause > deadline {
+                        return Err(PlatformError::retryable(
+                            ErrorClass::Timeout,
+                            format!("task {arn} is still {} after StopTask", last_status(&task)),
+                        ));
+                    }
+                }
+                Some(task) => return Ok(task),
+                // Gone from DescribeTasks: stopped long enough ago to be forgotten.
+                None => return Ok(Task::builder().task_arn(arn).last_status("STOPPED").build()),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+#[async_trait]
+impl Platform for EcsPlatform {
+    fn name(&self) -> PlatformName {
+        PlatformName::AwsEcs
+    }
+
+    fn validate(&self, request: &Request) -> Result<(), PlatformError> {
+        if request.operation == Operation::Provision {
+            spec_of(request)?;
+        }
+        Ok(())
+    }
+
+    async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
+        let spec = spec_of(request)?;
+        let id = request.request_id.as_str();
+        let task = match self
+            .owned_tasks(&spec.cluster, id)
+            .await?
+            .into_iter()
+            .next()
+        {
+            Some(existing) => {
+                info!(
+                    task.arn = existing.task_arn().unwrap_or_default(),
+                    "found the task started before"
+                );
+                existing
+            }
+            None => self.run(request, &spec).await?,
+        };
+        let arn = task.task_arn().unwrap_or_default().to_owned();
+        let timeout = spec
+            .ready_timeout_seconds
+            .map_or(DEFAULT_READY_TIMEOUT, Duration::from_secs);
+        let running = self
+            .wait_running(&spec.cluster, &arn, spec.wait_healthy, timeout)
+            .await?;
+        let ports = spec
+            .container
+            .as_ref()
+            .map(|c| c.ports.clone())
+            .unwrap_or_default();
+        Ok(resource(id, &running, &ports))
+    }
+
+    async fn teardown(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+        let Some((cluster, task)) = self.find(target).await? else {
+            return Ok(None);
+        };
+        let arn = task.task_arn().unwrap_or_default().to_owned();
+        let request_id = tag(&task, REQUEST_TAG).unwrap_or_default().to_owned();
+        match self
+            .client
+            .stop_task()
+            .cluster(&cluster)
+            .task(&arn)
+            .reason(format!("teardown of provisioner request {request_id}"))
+            .send()
+            .await
+        {
+            Ok(_) => {}
+            Err(e)
+                if e.code() == Some("InvalidParameterException")
+                    && e.message().is_some_and(|m| m.contains("not found")) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(classify(&e, &format!("stopping task {arn}"))),
+        }
+        info!(task.arn = %arn, "stopped task");
+        let stopped = self.wait_stopped(&cluster, &arn).await?;
+        Ok(Some(Resource {
+            endpoints: Vec::new(),
+            ..resource(&request_id, &stopped, &[])
+        }))
+    }
+
+    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+        Ok(self.find(target).await?.map(|(_, task)| {
+            let request_id = tag(&task, REQUEST_TAG).unwrap_or_default().to_owned();
+            resource(&request_id, &task, &[])
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_fit_both_client_token_and_started_by() {
+        let token = request_token("ecs-demo.1");
+        assert_eq!(token.len(), 64);
+        assert!(token.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+        assert_eq!(token, request_token("ecs-demo.1"));
+        assert_ne!(token, request_token("ecs-demo.2"));
+    }
+
+    #[test]
+    fn inline_families_follow_the_container_content() {
+        let container: InlineContainer =
+            serde_json::from_value(serde_json::json!({"image": "nginx", "ports": [80]}))
+                .expect("container");
+        let mut other = container.clone();
+        other.ports = vec![8080];
+        let family = inline_family(&container, "FARGATE");
+        assert_eq!(family, inline_family(&container.clone(), "FARGATE"));
+        assert_ne!(family, inline_family(&other, "FARGATE"));
+        assert_ne!(family, inline_family(&container, "EC2"));
+        assert!(family.len() <= 255);
+    }
+
+    #[test]
+    fn clusters_are_read_from_long_task_arns_only() {
+        assert_eq!(
+            cluster_of_task_arn("arn:aws:ecs:us-east-1:123456789012:task/demo/0123abcd"),
+            Some("demo")
+        );
+        assert_eq!(
+            cluster_of_task_arn("arn:aws:ecs:us-east-1:123456789012:task/0123abcd"),
+            None
+        );
+        assert_eq!(cluster_of_task_arn("i-0123"), None);
+    }
+
+    #[test]
+    fn ecs_error_codes_and_placement_failures_are_classified() {
+        let cases = [
+            ("ThrottlingException", ErrorClass::Throttled, true),
+            ("ServerException", ErrorClass::Transient, true),
+            ("AccessDeniedException", ErrorClass::Permission, false),
+            ("ClusterNotFoundException", ErrorClass::NotFound, false),
+            ("ClientException", ErrorClass::InvalidRequest, false),
+            (
+                "InvalidParameterException",
+                ErrorClass::InvalidRequest,
+                false,
+            ),
+            ("LimitExceededException", ErrorClass::Quota, false),
+            ("SomethingNew", ErrorClass::Internal, false),
+        ];
+        for (code, class, retryable) in cases {
+            assert_eq!(classify_code(code), (class, retryable), "{code}");
+        }
+        let capacity = classify_failure("RESOURCE:MEMORY", "");
+        assert_eq!(
+            (capacity.class, capacity.retryable),
+            (ErrorClass::Capacity, true)
+        );
+        let missing = classify_failure("MISSING", "arn:…");
+        assert_eq!(missing.class, ErrorClass::InvalidRequest);
+    }
+}

@@ -1,0 +1,301 @@
+//! The ECS platform against moto's server (`PROVISIONER_TEST_ECS_ENDPOINT`, default
+//! http://127.0.0.1:5000), which the README's test command starts. Test names end in
+//! `_on_moto`.
+
+use aws_sdk_ecs::Client;
+use aws_sdk_ecs::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_ecs::types::{ContainerDefinition, DesiredStatus};
+use provisioner_aws_ecs::{EcsPlatform, request_token};
+use provisioner_core::Platform;
+use provisioner_core::conformance::check_platform;
+use provisioner_events::{ErrorClass, Request, TeardownTarget, decode_request};
+use tokio::sync::OnceCell;
+
+fn endpoint() -> String {
+    std::env::var("PROVISIONER_TEST_ECS_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:5000".into())
+}
+
+fn client() -> Client {
+    let config = aws_sdk_ecs::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(endpoint())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+        .build();
+    Client::from_conf(config)
+}
+
+/// The cluster `demo` and task definition `web:1` the example names, made once.
+async fn fixtures() {
+    static MADE: OnceCell<()> = OnceCell::const_new();
+    MADE.get_or_init(|| async {
+        let ecs = client();
+        ecs.create_cluster()
+            .cluster_name("demo")
+            .send()
+            .await
+            .expect("moto must be running (the README's test command starts it)");
+        if ecs
+            .describe_task_definition()
+            .task_definition("web:1")
+            .send()
+            .await
+            .is_err()
+        {
+            ecs.register_task_definition()
+                .family("web")
+                .container_definitions(
+                    ContainerDefinition::builder()
+                        .name("web")
+                        .image("public.ecr.aws/nginx/nginx:1.27")
+                        .memory(512)
+                        .essential(true)
+                        .build(),
+                )
+                .send()
+                .await
+                .expect("register web");
+        }
+    })
+    .await;
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+fn request(id: &str, spec: serde_json::Value) -> Request {
+    let body = serde_json::json!({
+        "schema_version": 1, "request_id": id, "operation": "provision", "platform": "aws-ecs",
+        "spec": spec
+    });
+    decode_request(body.to_string().as_bytes()).expect("valid")
+}
+
+fn example(id: &str) -> Request {
+    request(
+        id,
+        serde_json::json!({"cluster": "demo", "task_definition": "web:1", "launch_type": "FARGATE"}),
+    )
+}
+
+async fn running_tasks(request_id: &str) -> Vec<String> {
+    client()
+        .list_tasks()
+        .cluster("demo")
+        .started_by(request_token(request_id))
+        .desired_status(DesiredStatus::Running)
+        .send()
+        .await
+        .expect("list tasks")
+        .task_arns()
+        .to_vec()
+}
+
+/// A subnet and the default security group of moto's default VPC, for the awsvpc network
+/// an inline Fargate task needs (moto insists on a security group where AWS would default).
+async fn default_network() -> (String, String) {
+    let config = aws_sdk_ec2::Config::builder()
+        .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+        .endpoint_url(endpoint())
+        .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "test", "test", None, None, "test",
+        ))
+        .build();
+    let ec2 = aws_sdk_ec2::Client::from_conf(config);
+    let subnet = ec2
+        .describe_subnets()
+        .send()
+        .await
+        .expect("moto serves EC2 too")
+        .subnets()
+        .iter()
+        .find_map(|s| s.subnet_id())
+        .expect("moto has a default VPC with subnets")
+        .to_owned();
+    let group = ec2
+        .describe_security_groups()
+        .send()
+        .await
+        .expect("security groups")
+        .security_groups()
+        .iter()
+        .find_map(|g| g.group_id())
+        .expect("moto has a default security group")
+        .to_owned();
+    (subnet, group)
+}
+
+#[tokio::test]
+async fn ecs_platform_conforms_on_moto() {
+    fixtures().await;
+    let platform = EcsPlatform::new(client());
+    let request = example(&unique("conf"));
+    check_platform(&platform, &request, |resource| async move {
+        client()
+            .describe_tasks()
+            .cluster("demo")
+            .tasks(&resource.id)
+            .send()
+            .await
+            .is_ok_and(|o| o.tasks().iter().any(|t| t.last_status() == Some("RUNNING")))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_crash_between_run_task_and_the_store_write_starts_no_second_task_on_moto() {
+    fixtures().await;
+    let platform = EcsPlatform::new(client());
+    let id = unique("crash");
+    // The first attempt started the task and "crashed" before recording anything; the
+    // retry must find it by startedBy and tag (moto ignores clientToken).
+    let first = platform
+        .provision(&example(&id))
+        .await
+        .expect("first attempt");
+    let retry = platform.provision(&example(&id)).await.expect("retry");
+    assert_eq!(first.id, retry.id);
+    assert!(first.id.contains(":task/demo/"), "{}", first.id);
+    assert_eq!(running_tasks(&id).await, vec![first.id.clone()]);
+
+    let target = TeardownTarget::Request(example(&id).request_id);
+    let stopped = platform.teardown(&target).await.expect("teardown");
+    assert_eq!(stopped.map(|r| r.id), Some(first.id.clone()));
+    assert!(running_tasks(&id).await.is_empty());
+    assert_eq!(
+        platform.teardown(&target).await.expect("teardown again"),
+        None
+    );
+    assert_eq!(
+        platform
+            .teardown(&TeardownTarget::Resource(first.id))
+            .await
+            .expect("by ARN, stopped"),
+        None
+    );
+}
+
+#[tokio::test]
+async fn an_inline_container_is_registered_once_and_runs_with_its_address_on_moto() {
+    fixtures().await;
+    let platform = EcsPlatform::new(client());
+    let (subnet, group) = default_network().await;
+    let spec = serde_json::json!({
+        "cluster": "demo",
+        "container": {"image": "public.ecr.aws/nginx/nginx:1.27", "ports": [80], "env": {"GREETING": "hi"}},
+        "network": {"subnets": [subnet], "security_groups": [group]},
+        "overrides": [{"name": "main", "env": {"EXTRA": "1"}}]
+    });
+    let first = platform
+        .provision(&request(&unique("inline"), spec.clone()))
+        .await
+        .expect("inline task");
+    let second = platform
+        .provision(&request(&unique("inline"), spec))
+        .await
+        .expect("second inline task");
+    assert_ne!(first.id, second.id);
+    let address = first
+        .address
+        .clone()
+        .expect("an awsvpc task has a private address");
+    assert_eq!(first.endpoints.len(), 1);
+    assert_eq!(
+        (first.endpoints[0].host.as_str(), first.endpoints[0].port),
+        (address.as_str(), 80)
+    );
+
+    let described = client()
+        .describe_tasks()
+        .cluster("demo")
+        .tasks(&first.id)
+        .tasks(&second.id)
+        .send()
+        .await
+        .expect("describe");
+    let definitions: Vec<_> = described
+        .tasks()
+        .iter()
+        .filter_map(|t| t.task_definition_arn())
+        .collect();
+    assert_eq!(definitions.len(), 2);
+    assert_eq!(
+        definitions[0], definitions[1],
+        "the same container reuses one task definition"
+    );
+    for resource in [first, second] {
+        platform
+            .teardown(&TeardownTarget::Resource(resource.id))
+            .await
+            .expect("teardown by ARN");
+    }
+}
+
+#[tokio::test]
+async fn missing_clusters_and_definitions_are_request_errors_on_moto() {
+    fixtures().await;
+    let platform = EcsPlatform::new(client());
+    let no_cluster = platform
+        .provision(&request(
+            &unique("nocluster"),
+            serde_json::json!({"cluster": "no-such-cluster", "task_definition": "web:1"}),
+        ))
+        .await
+        .expect_err("no such cluster");
+    assert!(
+        matches!(
+            no_cluster.class,
+            ErrorClass::NotFound | ErrorClass::InvalidRequest
+        ),
+        "{no_cluster}"
+    );
+    assert!(!no_cluster.retryable, "{no_cluster}");
+    let no_definition = platform
+        .provision(&request(
+            &unique("nodef"),
+            serde_json::json!({"cluster": "demo", "task_definition": "no-such-family:7"}),
+        ))
+        .await
+        .expect_err("no such task definition");
+    assert!(
+        matches!(
+            no_definition.class,
+            ErrorClass::NotFound | ErrorClass::InvalidRequest
+        ),
+        "{no_definition}"
+    );
+    assert!(!no_definition.retryable, "{no_definition}");
+}
+
+#[tokio::test]
+async fn tasks_the_provisioner_did_not_start_are_left_alone_on_moto() {
+    fixtures().await;
+    let foreign = client()
+        .run_task()
+        .cluster("demo")
+        .task_definition("web:1")
+        .launch_type(aws_sdk_ecs::types::LaunchType::Fargate)
+        .send()
+        .await
+        .expect("run a task by hand");
+    let arn = foreign.tasks()[0].task_arn().expect("arn").to_owned();
+    let platform = EcsPlatform::new(client());
+    let refused = platform
+        .teardown(&TeardownTarget::Resource(arn.clone()))
+        .await
+        .expect_err("not ours");
+    assert_eq!(refused.class, ErrorClass::Conflict, "{refused}");
+    client()
+        .stop_task()
+        .cluster("demo")
+        .task(&arn)
+        .send()
+        .await
+        .expect("clean up");
+}
