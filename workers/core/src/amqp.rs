@@ -34,7 +34,9 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
-use provisioner_events::{PlatformName, REQUESTS_EXCHANGE, STATUS_EXCHANGE, StatusEvent};
+use provisioner_events::{
+    ErrorClass, PlatformName, REQUESTS_EXCHANGE, STATUS_EXCHANGE, StatusEvent,
+};
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
@@ -326,6 +328,58 @@ impl AmqpBroker {
         }
     }
 
+    /// Parks a message in the platform's retry tier nearest `delay`; it comes back to the
+    /// work queue as attempt `attempt` when the tier's TTL runs out. The daemon settles a
+    /// `Retry` with this; the Lambda form calls it for its queue events.
+    pub async fn schedule_retry(
+        &self,
+        platform: PlatformName,
+        routing_key: &str,
+        body: &[u8],
+        message_id: &str,
+        delay: Duration,
+        attempt: u32,
+    ) -> Result<(), BrokerError> {
+        let tier = retry_tier(delay, rand::random::<f64>());
+        let mut headers = FieldTable::default();
+        headers
+            .insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(attempt as i32))
+            .insert(ROUTING_KEY_HEADER.into(), long_string(routing_key));
+        self.publish(
+            "",
+            &retry_queue(platform, tier),
+            body,
+            persistent(message_id, headers),
+        )
+        .await
+    }
+
+    /// Puts a refused message on the dead-letter exchange with why it was refused.
+    /// `routing_key` is the request's (`<platform>.<operation>`) or the work queue's name;
+    /// both reach the platform's dead-letter queue.
+    pub async fn dead_letter(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        message_id: &str,
+        class: ErrorClass,
+        reason: &str,
+        attempt: u32,
+    ) -> Result<(), BrokerError> {
+        let mut headers = FieldTable::default();
+        headers
+            .insert(REASON_HEADER.into(), long_string(reason))
+            .insert(CLASS_HEADER.into(), long_string(class.as_str()))
+            .insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(attempt as i32));
+        self.publish(
+            DEAD_LETTER_EXCHANGE,
+            routing_key,
+            body,
+            persistent(message_id, headers),
+        )
+        .await
+    }
+
     /// Messages waiting in a queue, for tests and operators. Declares nothing.
     pub async fn queue_depth(&self, queue: &str) -> Result<u32, BrokerError> {
         let (connection, _) = self.connection().await?;
@@ -548,21 +602,15 @@ impl Settle for AmqpSettle {
                 return Ok(());
             }
             Settlement::Retry { delay, attempt } => {
-                let tier = retry_tier(delay, rand::random::<f64>());
-                let mut headers = FieldTable::default();
-                headers
-                    .insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(attempt as i32))
-                    .insert(
-                        ROUTING_KEY_HEADER.into(),
-                        long_string(&delivery.routing_key),
-                    );
                 let published = self
                     .broker
-                    .publish(
-                        "",
-                        &retry_queue(self.platform, tier),
+                    .schedule_retry(
+                        self.platform,
+                        &delivery.routing_key,
                         &delivery.body,
-                        persistent(&self.message_id, headers),
+                        &self.message_id,
+                        delay,
+                        attempt,
                     )
                     .await;
                 if let Err(e) = published {
@@ -571,21 +619,15 @@ impl Settle for AmqpSettle {
                 }
             }
             Settlement::DeadLetter { class, reason } => {
-                let mut headers = FieldTable::default();
-                headers
-                    .insert(REASON_HEADER.into(), long_string(&reason))
-                    .insert(CLASS_HEADER.into(), long_string(class.as_str()))
-                    .insert(
-                        ATTEMPT_HEADER.into(),
-                        AMQPValue::LongInt(delivery.attempt as i32),
-                    );
                 let published = self
                     .broker
-                    .publish(
-                        DEAD_LETTER_EXCHANGE,
+                    .dead_letter(
                         &delivery.routing_key,
                         &delivery.body,
-                        persistent(&self.message_id, headers),
+                        &self.message_id,
+                        class,
+                        &reason,
+                        delivery.attempt,
                     )
                     .await;
                 if let Err(e) = published {

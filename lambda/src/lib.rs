@@ -1,0 +1,406 @@
+//! The workers as an AWS Lambda function: each invocation's queue messages go through the
+//! very [`Worker::handle`] the daemon uses (decode, validate, claim in Redis, status events,
+//! the platform call, the fenced terminal record), and only *settling* differs:
+//!
+//! | the core's settlement | Amazon MQ for RabbitMQ event | SQS event |
+//! |---|---|---|
+//! | ack | done | done |
+//! | retry after a delay | parked in the platform's RabbitMQ retry tier, done | reported in `batchItemFailures`; SQS delivers it again after the visibility timeout |
+//! | dead letter (rejected) | published to `provisioning.dead-letter` with the reason, done | the same, then deleted from SQS |
+//! | give back (panic, broker down) | the invocation fails, so the event source delivers the batch again (the finished ones are answered from Redis) | reported in `batchItemFailures` |
+//!
+//! The lease and every platform call are bounded by the invocation's remaining time, so a
+//! function that times out leaves a lease that soon expires and another invocation takes
+//! the request over.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use aws_lambda_events::event::rabbitmq::RabbitMqEvent;
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use base64::Engine;
+use futures_util::StreamExt;
+use provisioner_core::amqp::{ATTEMPT_HEADER, AmqpBroker, ROUTING_KEY_HEADER, work_queue};
+use provisioner_core::broker::{BrokerError, Delivery, DeliveryParts, Settle, Settlement};
+use provisioner_core::runtime::{Worker, WorkerConfig};
+use provisioner_core::store::StateStore;
+use provisioner_core::{Broker, Platform};
+use provisioner_events::PlatformName;
+use tracing::{info, warn};
+
+/// Time kept back from the invocation's deadline to settle and answer.
+const SETTLE_MARGIN: Duration = Duration::from_secs(5);
+
+/// Where an invocation's messages came from; it decides how they are settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    RabbitMq,
+    Sqs,
+}
+
+/// One queue message of an event, in the form the core handles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// SQS's message id (what `batchItemFailures` names), or the message's position.
+    pub id: String,
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    pub attempt: u32,
+    pub redelivered: bool,
+}
+
+/// Reads an invocation's payload: an Amazon MQ for RabbitMQ event or an SQS event.
+pub fn parse_event(
+    payload: &serde_json::Value,
+    platform: PlatformName,
+) -> Result<(Source, Vec<Message>), String> {
+    if payload.get("rmqMessagesByQueue").is_some() {
+        let event: RabbitMqEvent = serde_json::from_value(payload.clone())
+            .map_err(|e| format!("not an Amazon MQ for RabbitMQ event: {e}"))?;
+        let mut messages = Vec::new();
+        // Sorted by queue name so a batch is handled in the same order every time.
+        let mut queues: Vec<_> = event.messages_by_queue.into_iter().collect();
+        queues.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, queue) in queues {
+            for message in queue {
+                let data = message.data.unwrap_or_default();
+                // A body that is not base64 is handed on as it came: the core rejects it
+                // with a reason and it is dead-lettered, not lost.
+                let body = base64::engine::general_purpose::STANDARD
+                    .decode(&data)
+                    .unwrap_or_else(|_| data.into_bytes());
+                let headers = &message.basic_properties.headers;
+                messages.push(Message {
+                    id: messages.len().to_string(),
+                    body,
+                    routing_key: header_text(headers.get(ROUTING_KEY_HEADER))
+                        .unwrap_or_else(|| work_queue(platform)),
+                    attempt: headers
+                        .get(ATTEMPT_HEADER)
+                        .and_then(serde_json::Value::as_u64)
+                        .map_or(1, |n| n.clamp(1, u64::from(u32::MAX)) as u32),
+                    redelivered: message.redelivered,
+                });
+            }
+        }
+        return Ok((Source::RabbitMq, messages));
+    }
+    if payload.get("Records").is_some() {
+        let event: SqsEvent = serde_json::from_value(payload.clone())
+            .map_err(|e| format!("not an SQS event: {e}"))?;
+        let messages = event
+            .records
+            .into_iter()
+            .enumerate()
+            .map(|(i, record)| {
+                let receives = record
+                    .attributes
+                    .get("ApproximateReceiveCount")
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .unwrap_or(1);
+                Message {
+                    id: record.message_id.unwrap_or_else(|| i.to_string()),
+                    body: record.body.unwrap_or_default().into_bytes(),
+                    routing_key: work_queue(platform),
+                    attempt: receives.max(1),
+                    redelivered: receives > 1,
+                }
+            })
+            .collect();
+        return Ok((Source::Sqs, messages));
+    }
+    Err("the event is neither an Amazon MQ for RabbitMQ event (rmqMessagesByQueue) nor an SQS event (Records)".into())
+}
+
+/// Amazon MQ writes string headers as `{"bytes": [..]}` and numbers as numbers.
+fn header_text(value: Option<&serde_json::Value>) -> Option<String> {
+    match value? {
+        serde_json::Value::String(text) => Some(text.clone()),
+        serde_json::Value::Object(map) => {
+            let bytes: Vec<u8> = map
+                .get("bytes")?
+                .as_array()?
+                .iter()
+                .map(|b| b.as_u64().map(|b| b as u8))
+                .collect::<Option<_>>()?;
+            String::from_utf8(bytes).ok()
+        }
+        _ => None,
+    }
+}
+
+/// How one message ended, from the event source's point of view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ItemOutcome {
+    /// Finished or handed on (retry tier, dead letter): the source may forget it.
+    Done,
+    /// The source must deliver it again.
+    Again(String),
+}
+
+/// Settles a message of an event the way the table in the module doc says.
+struct LambdaSettle {
+    broker: Arc<AmqpBroker>,
+    platform: PlatformName,
+    source: Source,
+    message_id: String,
+    outcome: Arc<Mutex<Option<ItemOutcome>>>,
+}
+
+#[async_trait]
+impl Settle for LambdaSettle {
+    async fn settle(
+        self: Box<Self>,
+        delivery: DeliveryParts,
+        settlement: Settlement,
+    ) -> Result<(), BrokerError> {
+        let result = match (&settlement, self.source) {
+            (Settlement::Ack, _) => Ok(ItemOutcome::Done),
+            (Settlement::Requeue, _) => Ok(ItemOutcome::Again("given back".into())),
+            (Settlement::Retry { delay, .. }, Source::Sqs) => Ok(ItemOutcome::Again(format!(
+                "retry wanted in {} ms; SQS delivers it again after the visibility timeout",
+                delay.as_millis()
+            ))),
+            (Settlement::Retry { delay, attempt }, Source::RabbitMq) => self
+                .broker
+                .schedule_retry(
+                    self.platform,
+                    &delivery.routing_key,
+                    &delivery.body,
+                    &self.message_id,
+                    *delay,
+                    *attempt,
+                )
+                .await
+                .map(|()| ItemOutcome::Done),
+            (Settlement::DeadLetter { class, reason }, _) => self
+                .broker
+                .dead_letter(
+                    &delivery.routing_key,
+                    &delivery.body,
+                    &self.message_id,
+                    *class,
+                    reason,
+                    delivery.attempt,
+                )
+                .await
+                .map(|()| ItemOutcome::Done),
+        };
+        let (outcome, error) = match result {
+            Ok(outcome) => (outcome, None),
+            Err(e) => (ItemOutcome::Again(e.to_string()), Some(e)),
+        };
+        if let Ok(mut slot) = self.outcome.lock() {
+            *slot = Some(outcome);
+        }
+        error.map_or(Ok(()), Err)
+    }
+}
+
+/// The function's state across invocations: one platform client, broker connection and
+/// store, as a warm Lambda keeps them.
+pub struct Handler {
+    platform: Arc<dyn Platform>,
+    store: Arc<dyn StateStore>,
+    broker: Arc<AmqpBroker>,
+    config: WorkerConfig,
+}
+
+impl std::fmt::Debug for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handler")
+            .field("platform", &self.platform.name())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an invocation answers.
+#[derive(Debug)]
+pub enum Answer {
+    /// Every message is done (RabbitMQ events have no partial failure).
+    Done,
+    /// Some RabbitMQ message must come again: fail the invocation so the batch is
+    /// redelivered.
+    RedeliverBatch(String),
+    Sqs(SqsBatchResponse),
+}
+
+impl Handler {
+    pub fn new(
+        platform: Arc<dyn Platform>,
+        store: Arc<dyn StateStore>,
+        broker: Arc<AmqpBroker>,
+        config: WorkerConfig,
+    ) -> Self {
+        Handler {
+            platform,
+            store,
+            broker,
+            config,
+        }
+    }
+
+    /// The worker configuration for an invocation ending at `deadline`: its lease and
+    /// platform calls end before the function is stopped.
+    pub fn config_until(&self, deadline: SystemTime) -> WorkerConfig {
+        let remaining = deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .saturating_sub(SETTLE_MARGIN)
+            .max(Duration::from_secs(1));
+        WorkerConfig {
+            lease: self.config.lease.min(remaining),
+            operation_timeout: self.config.operation_timeout.min(remaining),
+            store_retry_budget: self.config.store_retry_budget.min(remaining / 2),
+            ..self.config.clone()
+        }
+    }
+
+    /// Handles one invocation's messages, `prefetch` at a time.
+    pub async fn invoke(
+        &self,
+        payload: &serde_json::Value,
+        deadline: SystemTime,
+    ) -> Result<Answer, String> {
+        let platform = self.platform.name();
+        let (source, messages) = parse_event(payload, platform)?;
+        let worker = Arc::new(Worker::new(
+            self.platform.clone(),
+            self.store.clone(),
+            self.broker.clone() as Arc<dyn Broker>,
+            self.config_until(deadline),
+        ));
+        info!(?source, messages = messages.len(), "invocation");
+        let outcomes: Vec<(String, ItemOutcome)> = futures_util::stream::iter(messages)
+            .map(|message| {
+                let worker = worker.clone();
+                let broker = self.broker.clone();
+                async move {
+                    let slot = Arc::new(Mutex::new(None));
+                    let settle = LambdaSettle {
+                        broker,
+                        platform,
+                        source,
+                        message_id: format!("lambda-{}", uuid::Uuid::new_v4().simple()),
+                        outcome: slot.clone(),
+                    };
+                    let id = message.id.clone();
+                    let delivery = Delivery::new(
+                        message.body,
+                        message.routing_key,
+                        message.attempt,
+                        message.redelivered,
+                        Box::new(settle),
+                    );
+                    worker.handle(delivery).await;
+                    let outcome = slot
+                        .lock()
+                        .ok()
+                        .and_then(|mut slot| slot.take())
+                        .unwrap_or_else(|| ItemOutcome::Again("not settled".into()));
+                    (id, outcome)
+                }
+            })
+            .buffer_unordered(usize::from(self.config.prefetch.max(1)))
+            .collect()
+            .await;
+        let again: Vec<(String, String)> = outcomes
+            .into_iter()
+            .filter_map(|(id, outcome)| match outcome {
+                ItemOutcome::Done => None,
+                ItemOutcome::Again(why) => Some((id, why)),
+            })
+            .collect();
+        for (id, why) in &again {
+            warn!(message = %id, %why, "message goes back to its source");
+        }
+        Ok(match source {
+            Source::Sqs => {
+                let mut response = SqsBatchResponse::default();
+                response.batch_item_failures = again
+                    .into_iter()
+                    .map(|(id, _)| {
+                        let mut failure = BatchItemFailure::default();
+                        failure.item_identifier = id;
+                        failure
+                    })
+                    .collect();
+                Answer::Sqs(response)
+            }
+            Source::RabbitMq if again.is_empty() => Answer::Done,
+            Source::RabbitMq => Answer::RedeliverBatch(format!(
+                "{} of the batch's messages must be delivered again: {}",
+                again.len(),
+                again
+                    .iter()
+                    .map(|(id, why)| format!("#{id}: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )),
+        })
+    }
+}
+
+/// The deadline of an invocation, from the runtime's milliseconds since the epoch.
+pub fn deadline_from_millis(deadline_ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(deadline_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rabbitmq_events_decode_base64_bodies_and_read_retry_headers() {
+        let body = br#"{"schema_version":1}"#;
+        let payload = serde_json::json!({
+            "eventSource": "aws:rmq",
+            "rmqMessagesByQueue": {"provisioning.aws-ec2::/": [
+                {"basicProperties": {"contentType": "application/json", "contentEncoding": null,
+                    "headers": {"x-provisioner-attempt": 3, "x-provisioner-routing-key": {"bytes": [97, 119, 115, 45, 101, 99, 50, 46, 112, 114, 111, 118, 105, 115, 105, 111, 110]}},
+                    "deliveryMode": 2, "priority": 0, "correlationId": null, "replyTo": null,
+                    "messageId": null, "type": null, "appId": null, "clusterId": null, "bodySize": 20},
+                 "redelivered": true,
+                 "data": base64::engine::general_purpose::STANDARD.encode(body)},
+                {"basicProperties": {"contentType": null, "contentEncoding": null, "headers": {},
+                    "deliveryMode": 2, "priority": 0, "correlationId": null, "replyTo": null,
+                    "messageId": null, "type": null, "appId": null, "clusterId": null, "bodySize": 3},
+                 "redelivered": false, "data": "%%%"}
+            ]}
+        });
+        let (source, messages) = parse_event(&payload, PlatformName::AwsEc2).expect("event");
+        assert_eq!(source, Source::RabbitMq);
+        assert_eq!(messages[0].body, body);
+        assert_eq!(messages[0].attempt, 3);
+        assert_eq!(messages[0].routing_key, "aws-ec2.provision");
+        assert!(messages[0].redelivered);
+        assert_eq!(
+            messages[1].body, b"%%%",
+            "kept as it came, for the dead letter"
+        );
+        assert_eq!(messages[1].attempt, 1);
+        assert_eq!(messages[1].routing_key, "provisioning.aws-ec2");
+    }
+
+    #[test]
+    fn sqs_events_count_receives_as_attempts() {
+        let payload = serde_json::json!({"Records": [{
+            "messageId": "m-1", "receiptHandle": "h", "body": "{}", "eventSource": "aws:sqs",
+            "attributes": {"ApproximateReceiveCount": "4"}, "messageAttributes": {}
+        }]});
+        let (source, messages) = parse_event(&payload, PlatformName::AwsEcs).expect("event");
+        assert_eq!(source, Source::Sqs);
+        assert_eq!(messages[0].id, "m-1");
+        assert_eq!(messages[0].attempt, 4);
+        assert!(messages[0].redelivered);
+    }
+
+    #[test]
+    fn other_events_are_refused_with_a_reason() {
+        let error = parse_event(&serde_json::json!({"detail": {}}), PlatformName::AwsEc2)
+            .expect_err("not a queue event");
+        assert!(error.contains("rmqMessagesByQueue"), "{error}");
+    }
+}

@@ -1,0 +1,166 @@
+//! `provisioner-lambda`: the EC2 or ECS worker as a Lambda function (see the library's
+//! doc for how queue events are settled). Configured by environment variables only:
+//!
+//! - `PLATFORM`: `aws-ec2` or `aws-ecs` (required)
+//! - `AMQP_URL`, `REDIS_URL` (required), `REDIS_KEY_PREFIX` (default `provisioner:`)
+//! - `LEASE_SECONDS` (30; capped by the invocation's remaining time), `PREFETCH` (16 messages
+//!   of a batch at once), `MAX_ATTEMPTS` (8), `RETRY_BASE_MS` (1000), `RETRY_MAX_SECONDS` (300)
+//! - the standard AWS chain for the platform's credentials and region (the function's role)
+//!
+//! A missing or wrong setting stops the function at its start with a message saying which.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lambda_runtime::{LambdaEvent, service_fn};
+use provisioner_core::Broker;
+use provisioner_core::Platform;
+use provisioner_core::amqp::{AmqpBroker, AmqpConfig};
+use provisioner_core::policy::RetryPolicy;
+use provisioner_core::redis_store::{DEFAULT_RETENTION, RedisStore};
+use provisioner_core::runtime::WorkerConfig;
+use provisioner_events::PlatformName;
+use provisioner_lambda::{Answer, Handler, deadline_from_millis};
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
+    match var(name) {
+        None => Ok(default),
+        Some(text) => text
+            .parse()
+            .map_err(|_| format!("{name}={text:?} is not a number")),
+    }
+}
+
+/// Hides the password of a URL for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    }
+}
+
+async fn handler() -> Result<Handler, String> {
+    let platform_name = var("PLATFORM").ok_or("PLATFORM is not set: aws-ec2 or aws-ecs")?;
+    let platform: Arc<dyn Platform> = match PlatformName::parse(&platform_name) {
+        Some(PlatformName::AwsEc2) => {
+            Arc::new(provisioner_aws_ec2::Ec2Platform::from_environment().await?)
+        }
+        Some(PlatformName::AwsEcs) => {
+            Arc::new(provisioner_aws_ecs::EcsPlatform::from_environment().await?)
+        }
+        _ => {
+            return Err(format!(
+                "PLATFORM={platform_name:?}: the Lambda form runs aws-ec2 or aws-ecs"
+            ));
+        }
+    };
+    let amqp_url = var("AMQP_URL").ok_or("AMQP_URL is not set")?;
+    let redis_url = var("REDIS_URL").ok_or("REDIS_URL is not set")?;
+    let prefix = var("REDIS_KEY_PREFIX").unwrap_or_else(|| "provisioner:".into());
+    let lease_seconds: u64 = number("LEASE_SECONDS", 30)?;
+    let prefetch: u16 = number("PREFETCH", 16)?;
+    let max_attempts: u32 = number("MAX_ATTEMPTS", 8)?;
+    let retry_base_ms: u64 = number("RETRY_BASE_MS", 1000)?;
+    let retry_max_seconds: u64 = number("RETRY_MAX_SECONDS", 300)?;
+    if lease_seconds < 2 || prefetch == 0 || max_attempts == 0 || retry_base_ms == 0 {
+        return Err(
+            "LEASE_SECONDS must be at least 2, PREFETCH, MAX_ATTEMPTS and RETRY_BASE_MS at least 1"
+                .into(),
+        );
+    }
+    // A warm function keeps its log stream: it names the worker in leases and logs.
+    let worker_id = format!(
+        "lambda-{}",
+        var("AWS_LAMBDA_LOG_STREAM_NAME")
+            .map(|s| s
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric())
+                .collect::<String>())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+    );
+    let mut amqp = AmqpConfig::new(&amqp_url);
+    amqp.connection_name = worker_id.clone();
+    let broker = AmqpBroker::connect(amqp)
+        .await
+        .map_err(|e| format!("RabbitMQ at {}: {e}", redact(&amqp_url)))?;
+    broker
+        .declare(platform.name())
+        .await
+        .map_err(|e| format!("declaring the topology on RabbitMQ: {e}"))?;
+    let store = RedisStore::connect(&redis_url, &prefix, DEFAULT_RETENTION)
+        .await
+        .map_err(|e| format!("Redis at {}: {e}", redact(&redis_url)))?;
+    let config = WorkerConfig {
+        worker_id,
+        prefetch,
+        lease: Duration::from_secs(lease_seconds),
+        retry: RetryPolicy {
+            max_attempts,
+            base_delay: Duration::from_millis(retry_base_ms),
+            max_delay: Duration::from_secs(retry_max_seconds),
+        },
+        ..WorkerConfig::default()
+    };
+    Ok(Handler::new(
+        platform,
+        Arc::new(store),
+        Arc::new(broker),
+        config,
+    ))
+}
+
+/// One invocation: the queue event in, what the event source must know out. An error
+/// makes the event source deliver the whole batch again.
+async fn answer(
+    handler: &Handler,
+    event: LambdaEvent<serde_json::Value>,
+) -> Result<serde_json::Value, lambda_runtime::Error> {
+    let deadline = deadline_from_millis(event.context.deadline);
+    match handler.invoke(&event.payload, deadline).await? {
+        Answer::Done => Ok(serde_json::json!({})),
+        Answer::Sqs(response) => Ok(serde_json::to_value(response)?),
+        Answer::RedeliverBatch(why) => Err(why.into()),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PROVISIONER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        // CloudWatch stamps each line itself and shows no colours.
+        .without_time()
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let handler = match handler().await {
+        Ok(handler) => Arc::new(handler),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let served = lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
+        let handler = handler.clone();
+        async move { answer(&handler, event).await }
+    }))
+    .await;
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: the Lambda runtime stopped: {e}");
+            ExitCode::from(70)
+        }
+    }
+}

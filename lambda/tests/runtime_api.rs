@@ -1,0 +1,700 @@
+//! The real `provisioner-lambda` binary against the Lambda Runtime API served by this
+//! test (`AWS_LAMBDA_RUNTIME_API`), with the real RabbitMQ, Redis and LocalStack (EC2) or
+//! moto (ECS). Invocations carry the recorded shapes of Amazon MQ for RabbitMQ and SQS
+//! events; the checks are the daemon's: one instance per request id, duplicates answered
+//! from the stored result, rejects dead-lettered with a reason, a crash between launch and
+//! the store write leaving one instance.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_ec2::types::Filter;
+use base64::Engine;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode};
+use provisioner_core::Platform;
+use provisioner_core::amqp::{AmqpBroker, AmqpConfig, dead_letter_queue, work_queue};
+use provisioner_core::broker::Broker;
+use provisioner_core::redis_store::{DEFAULT_RETENTION, RedisStore};
+use provisioner_core::store::{ClaimRequest, StateStore};
+use provisioner_events::{ErrorClass, PlatformName, State, StatusEvent, decode_request};
+use tokio::sync::{mpsc, oneshot};
+
+const BIN: &str = env!("CARGO_BIN_EXE_provisioner-lambda");
+/// An AMI in LocalStack's catalogue.
+const IMAGE: &str = "ami-03cf127a";
+
+type Answer = Result<serde_json::Value, serde_json::Value>;
+
+/// The Runtime API: `/next` hands out queued invocations (long-polling as Lambda does),
+/// `/response` and `/error` complete them.
+#[derive(Clone)]
+struct RuntimeApi {
+    addr: SocketAddr,
+    queue: mpsc::UnboundedSender<(String, serde_json::Value)>,
+    waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Answer>>>>,
+}
+
+type Pending = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, serde_json::Value)>>>;
+
+async fn route(
+    request: Request<hyper::body::Incoming>,
+    pending: Pending,
+    waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Answer>>>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = request.uri().path().to_owned();
+    let reply = |status: StatusCode, body: &str| {
+        Ok(Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .expect("response"))
+    };
+    if path == "/2018-06-01/runtime/invocation/next" {
+        let Some((id, payload)) = pending.lock().await.recv().await else {
+            return reply(StatusCode::GONE, "");
+        };
+        let deadline = SystemTime::now() + Duration::from_secs(120);
+        let deadline_ms = deadline
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_millis();
+        return Ok(Response::builder()
+            .header("lambda-runtime-aws-request-id", id)
+            .header("lambda-runtime-deadline-ms", deadline_ms.to_string())
+            .header(
+                "lambda-runtime-invoked-function-arn",
+                "arn:aws:lambda:us-east-1:000000000000:function:provisioner-test",
+            )
+            .header(
+                "lambda-runtime-trace-id",
+                "Root=1-00000000-000000000000000000000000",
+            )
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(payload.to_string())))
+            .expect("response"));
+    }
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    if let Some(rest) = path.strip_prefix("/2018-06-01/runtime/invocation/") {
+        let (id, kind) = rest.split_once('/').unwrap_or((rest, ""));
+        let answer = match kind {
+            "response" => Ok(value),
+            "error" => Err(value),
+            _ => return reply(StatusCode::NOT_FOUND, ""),
+        };
+        if let Some(sender) = waiting.lock().expect("lock").remove(id) {
+            let _ = sender.send(answer);
+        }
+        return reply(StatusCode::ACCEPTED, r#"{"status":"OK"}"#);
+    }
+    if path == "/2018-06-01/runtime/init/error" {
+        eprintln!("init error reported: {value}");
+        return reply(StatusCode::ACCEPTED, r#"{"status":"OK"}"#);
+    }
+    reply(StatusCode::NOT_FOUND, "")
+}
+
+impl RuntimeApi {
+    async fn start() -> RuntimeApi {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (queue, receiver) = mpsc::unbounded_channel();
+        let pending: Pending = Arc::new(tokio::sync::Mutex::new(receiver));
+        let waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Answer>>>> = Arc::default();
+        let api = RuntimeApi {
+            addr,
+            queue,
+            waiting: waiting.clone(),
+        };
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (pending, waiting) = (pending.clone(), waiting.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        route(request, pending.clone(), waiting.clone())
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        api
+    }
+
+    /// Invokes the function and waits for its answer.
+    async fn invoke(&self, payload: serde_json::Value) -> Answer {
+        let id = uuid::Uuid::new_v4().to_string();
+        let (sender, receiver) = oneshot::channel();
+        self.waiting
+            .lock()
+            .expect("lock")
+            .insert(id.clone(), sender);
+        self.queue.send((id, payload)).expect("queue");
+        tokio::time::timeout(Duration::from_secs(150), receiver)
+            .await
+            .expect("the function answered in time")
+            .expect("answer")
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl must be installed (scripts/test.sh installs RabbitMQ)");
+    assert!(output.status.success(), "rabbitmqctl {args:?}");
+}
+
+/// One test's world: its own vhost and Redis prefix, the Runtime API, the function.
+struct Env {
+    run_id: String,
+    amqp_url: String,
+    redis_url: String,
+    prefix: String,
+    broker: AmqpBroker,
+    api: RuntimeApi,
+    function: Option<Child>,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.function.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Env {
+    async fn new() -> Env {
+        let run_id = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let vhost = format!("lambda-{run_id}");
+        rabbitmqctl(&["-q", "add_vhost", &vhost]);
+        rabbitmqctl(&[
+            "-q",
+            "set_permissions",
+            "-p",
+            &vhost,
+            "guest",
+            ".*",
+            ".*",
+            ".*",
+        ]);
+        let amqp_url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
+        let broker = AmqpBroker::connect(AmqpConfig::new(&amqp_url))
+            .await
+            .expect("RabbitMQ must be running");
+        Env {
+            log: std::env::temp_dir().join(format!("provisioner-lambda-{run_id}.log")),
+            prefix: format!("lambda-{run_id}:"),
+            redis_url: std::env::var("REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+            amqp_url,
+            broker,
+            api: RuntimeApi::start().await,
+            function: None,
+            run_id,
+        }
+    }
+
+    fn id(&self, name: &str) -> String {
+        format!("{name}-{}", self.run_id)
+    }
+
+    /// Starts the function as Lambda would: the binary with the Runtime API's address.
+    fn start_function(&mut self, platform: &str, endpoint: &str) {
+        let log = std::fs::File::create(&self.log).expect("log");
+        let child = Command::new(BIN)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("AWS_LAMBDA_RUNTIME_API", self.api.addr.to_string())
+            .env("AWS_LAMBDA_FUNCTION_NAME", "provisioner-test")
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            .env(
+                "AWS_LAMBDA_LOG_STREAM_NAME",
+                format!("2026/11/21/[$LATEST]{}", self.run_id),
+            )
+            .env("PLATFORM", platform)
+            .env("AMQP_URL", &self.amqp_url)
+            .env("REDIS_URL", &self.redis_url)
+            .env("REDIS_KEY_PREFIX", &self.prefix)
+            .env("LEASE_SECONDS", "5")
+            .env("RETRY_BASE_MS", "300")
+            .env("RETRY_MAX_SECONDS", "2")
+            .env("AWS_ENDPOINT_URL", endpoint)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("PROVISIONER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start the function");
+        self.function = Some(child);
+    }
+
+    fn function_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn events(&self) -> Events {
+        Events {
+            stream: self.broker.subscribe_status().await.expect("subscribe"),
+            seen: Vec::new(),
+        }
+    }
+
+    async fn store(&self) -> RedisStore {
+        RedisStore::connect(&self.redis_url, &self.prefix, DEFAULT_RETENTION)
+            .await
+            .expect("Redis must be running")
+    }
+}
+
+struct Events {
+    stream: BoxStream<'static, StatusEvent>,
+    seen: Vec<StatusEvent>,
+}
+
+impl Events {
+    async fn terminal_count(&mut self, request_id: &str, count: usize) -> Vec<StatusEvent> {
+        let terminal = |seen: &[StatusEvent]| -> Vec<StatusEvent> {
+            seen.iter()
+                .filter(|e| e.request_id == request_id && e.state.is_terminal())
+                .cloned()
+                .collect()
+        };
+        let waited = tokio::time::timeout(Duration::from_secs(90), async {
+            while terminal(&self.seen).len() < count {
+                let event = self.stream.next().await.expect("status stream");
+                self.seen.push(event);
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "timed out waiting for {count} terminal events of {request_id}; seen {:#?}",
+            self.seen
+        );
+        terminal(&self.seen)
+    }
+}
+
+/// An Amazon MQ for RabbitMQ event, as its event source mapping delivers one: bodies in
+/// base64, string headers as byte arrays.
+fn rabbitmq_event(queue: &str, bodies: &[serde_json::Value]) -> serde_json::Value {
+    let messages: Vec<serde_json::Value> = bodies
+        .iter()
+        .map(|body| {
+            let data = body.to_string();
+            serde_json::json!({
+                "basicProperties": {
+                    "contentType": "application/json", "contentEncoding": null,
+                    "headers": {}, "deliveryMode": 2, "priority": 0, "correlationId": null,
+                    "replyTo": null, "expiration": null, "messageId": null,
+                    "timestamp": "Nov 21, 2026, 10:00:00 AM", "type": null,
+                    "userId": "AIDACKCEVSQ6C2EXAMPLE", "appId": null, "clusterId": null,
+                    "bodySize": data.len()
+                },
+                "redelivered": false,
+                "data": base64::engine::general_purpose::STANDARD.encode(data)
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "eventSource": "aws:rmq",
+        "eventSourceArn": "arn:aws:mq:us-east-1:000000000000:broker:provisioning:b-0000",
+        "rmqMessagesByQueue": {format!("{queue}::/"): messages}
+    })
+}
+
+/// An SQS event; each body is a string as SQS holds it.
+fn sqs_event(messages: &[(&str, String)]) -> serde_json::Value {
+    let records: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|(id, body)| {
+            serde_json::json!({
+                "messageId": id, "receiptHandle": format!("handle-{id}"), "body": body,
+                "md5OfBody": "", "eventSource": "aws:sqs",
+                "eventSourceARN": "arn:aws:sqs:us-east-1:000000000000:provisioning-aws-ec2",
+                "awsRegion": "us-east-1",
+                "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "1763719200000",
+                               "SenderId": "AIDACKCEVSQ6C2EXAMPLE",
+                               "ApproximateFirstReceiveTimestamp": "1763719200000"},
+                "messageAttributes": {}
+            })
+        })
+        .collect();
+    serde_json::json!({"Records": records})
+}
+
+fn ec2_provision(id: &str, image: &str) -> serde_json::Value {
+    serde_json::json!({
+        "schema_version": 1, "request_id": id, "operation": "provision", "platform": "aws-ec2",
+        "spec": {"image_id": image, "instance_type": "t3.micro", "tags": {"env": "demo"}}
+    })
+}
+
+fn operation(id: &str, platform: &str, operation: &str, target: &str) -> serde_json::Value {
+    serde_json::json!({
+        "schema_version": 1, "request_id": id, "operation": operation, "platform": platform,
+        "target_request_id": target
+    })
+}
+
+fn localstack() -> String {
+    std::env::var("PROVISIONER_TEST_AWS_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:4566".into())
+}
+
+fn moto() -> String {
+    std::env::var("PROVISIONER_TEST_ECS_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:5000".into())
+}
+
+fn ec2_client() -> aws_sdk_ec2::Client {
+    aws_sdk_ec2::Client::from_conf(
+        aws_sdk_ec2::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(localstack())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+            .build(),
+    )
+}
+
+async fn live_instances(request_id: &str) -> Vec<String> {
+    ec2_client()
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{}", provisioner_aws_ec2::REQUEST_TAG))
+                .values(request_id)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("LocalStack must be running (the README's test command starts it)")
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter(|i| {
+            i.state()
+                .and_then(|s| s.name())
+                .is_some_and(|n| !matches!(n.as_str(), "terminated" | "shutting-down"))
+        })
+        .filter_map(|i| i.instance_id().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn rabbitmq_events_make_one_instance_and_answer_duplicates_from_the_store() {
+    let mut env = Env::new().await;
+    let mut events = env.events().await;
+    env.start_function("aws-ec2", &localstack());
+    let id = env.id("lambda-ec2");
+    let request = ec2_provision(&id, IMAGE);
+    let queue = work_queue(PlatformName::AwsEc2);
+
+    let first = env
+        .api
+        .invoke(rabbitmq_event(&queue, std::slice::from_ref(&request)))
+        .await;
+    assert_eq!(first, Ok(serde_json::json!({})), "{}", env.function_log());
+    // The same request four more times, in one batch: each answered from Redis.
+    let again = env
+        .api
+        .invoke(rabbitmq_event(&queue, &vec![request.clone(); 4]))
+        .await;
+    assert_eq!(again, Ok(serde_json::json!({})), "{}", env.function_log());
+
+    let terminal = events.terminal_count(&id, 5).await;
+    assert_eq!(
+        terminal[0].state,
+        State::Running,
+        "{terminal:#?}\n{}",
+        env.function_log()
+    );
+    assert!(
+        terminal.iter().all(|e| *e == terminal[0]),
+        "identical: {terminal:#?}"
+    );
+    let instance = terminal[0].resource.as_ref().expect("resource").id.clone();
+    assert_eq!(live_instances(&id).await, vec![instance], "one instance");
+
+    for name in ["lambda-down", "lambda-down-again"] {
+        let down = operation(&env.id(name), "aws-ec2", "teardown", &id);
+        let answer = env.api.invoke(rabbitmq_event(&queue, &[down])).await;
+        assert_eq!(answer, Ok(serde_json::json!({})));
+        let ended = events.terminal_count(&env.id(name), 1).await;
+        assert_eq!(ended[0].state, State::Stopped, "{ended:#?}");
+    }
+    assert!(live_instances(&id).await.is_empty(), "terminated");
+}
+
+#[tokio::test]
+async fn a_crash_between_launch_and_the_store_write_leaves_one_instance_with_the_lambda() {
+    let mut env = Env::new().await;
+    let mut events = env.events().await;
+    let id = env.id("lambda-crash");
+    let request = ec2_provision(&id, IMAGE);
+    // A first invocation launched the instance and died before writing to Redis.
+    let platform = provisioner_aws_ec2::Ec2Platform::new(ec2_client(), "us-east-1");
+    let decoded = decode_request(request.to_string().as_bytes()).expect("request");
+    let launched = platform.provision(&decoded).await.expect("launch");
+    assert!(env.store().await.get(&id).await.expect("store").is_none());
+
+    env.start_function("aws-ec2", &localstack());
+    let answer = env
+        .api
+        .invoke(rabbitmq_event(
+            &work_queue(PlatformName::AwsEc2),
+            &[request],
+        ))
+        .await;
+    assert_eq!(answer, Ok(serde_json::json!({})), "{}", env.function_log());
+    let terminal = events.terminal_count(&id, 1).await;
+    assert_eq!(terminal[0].state, State::Running, "{terminal:#?}");
+    assert_eq!(
+        terminal[0].resource.as_ref().map(|r| r.id.clone()),
+        Some(launched.id.clone())
+    );
+    assert_eq!(live_instances(&id).await, vec![launched.id.clone()]);
+    platform
+        .teardown(&provisioner_events::TeardownTarget::Request(
+            decoded.request_id,
+        ))
+        .await
+        .expect("clean up");
+}
+
+#[tokio::test]
+async fn sqs_batches_report_only_what_must_come_again() {
+    let mut env = Env::new().await;
+    let mut events = env.events().await;
+    env.start_function("aws-ec2", &localstack());
+    let bad_image = env.id("lambda-noami");
+    let held = env.id("lambda-held");
+    // Another worker holds `held`: this invocation must hand it back to SQS.
+    let store = env.store().await;
+    let held_request =
+        decode_request(ec2_provision(&held, IMAGE).to_string().as_bytes()).expect("req");
+    store
+        .claim(ClaimRequest {
+            request_id: &held,
+            payload_hash: &held_request.payload_hash(),
+            owner: "another-worker",
+            lease: Duration::from_secs(60),
+            working_state: State::Starting,
+        })
+        .await
+        .expect("claim");
+
+    let answer = env
+        .api
+        .invoke(sqs_event(&[
+            (
+                "m-noami",
+                ec2_provision(&bad_image, "ami-0123456789abcdef0").to_string(),
+            ),
+            ("m-garbage", "{not json".to_owned()),
+            ("m-held", ec2_provision(&held, IMAGE).to_string()),
+        ]))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", env.function_log()));
+    assert_eq!(
+        answer,
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "m-held"}]}),
+        "{}",
+        env.function_log()
+    );
+    let failed = events.terminal_count(&bad_image, 1).await;
+    assert_eq!(failed[0].state, State::Error);
+    assert_eq!(
+        failed[0].error.as_ref().map(|e| e.class),
+        Some(ErrorClass::InvalidRequest)
+    );
+    // The message that was not a request is kept, with its reason, for a person to read.
+    let dead = dead_letter_queue(PlatformName::AwsEc2);
+    let depth = async {
+        for _ in 0..50 {
+            if env.broker.queue_depth(&dead).await.unwrap_or(0) == 1 {
+                return 1;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        env.broker.queue_depth(&dead).await.unwrap_or(0)
+    }
+    .await;
+    assert_eq!(depth, 1, "the garbage message is dead-lettered");
+}
+
+#[tokio::test]
+async fn unknown_events_fail_the_invocation_with_a_reason() {
+    let mut env = Env::new().await;
+    env.start_function("aws-ec2", &localstack());
+    let answer = env
+        .api
+        .invoke(serde_json::json!({"source": "aws.events", "detail": {}}))
+        .await;
+    let error = answer.expect_err("not a queue event");
+    assert!(
+        error.to_string().contains("rmqMessagesByQueue"),
+        "{error}\n{}",
+        env.function_log()
+    );
+    // The function is still there for the next invocation.
+    let again = env
+        .api
+        .invoke(rabbitmq_event(&work_queue(PlatformName::AwsEc2), &[]))
+        .await;
+    assert_eq!(again, Ok(serde_json::json!({})));
+}
+
+#[tokio::test]
+async fn ecs_tasks_run_once_through_the_lambda_on_moto() {
+    let ecs = aws_sdk_ecs_client();
+    ecs.create_cluster()
+        .cluster_name("demo")
+        .send()
+        .await
+        .expect("moto must be running (the README's test command starts it)");
+    let definition = ecs
+        .register_task_definition()
+        .family("lambda-web")
+        .container_definitions(
+            aws_sdk_ecs::types::ContainerDefinition::builder()
+                .name("web")
+                .image("public.ecr.aws/nginx/nginx:1.27")
+                .memory(512)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("register")
+        .task_definition()
+        .and_then(|d| d.task_definition_arn())
+        .expect("arn")
+        .to_owned();
+    let mut env = Env::new().await;
+    let mut events = env.events().await;
+    env.start_function("aws-ecs", &moto());
+    let id = env.id("lambda-ecs");
+    let request = serde_json::json!({
+        "schema_version": 1, "request_id": id, "operation": "provision", "platform": "aws-ecs",
+        "spec": {"cluster": "demo", "task_definition": definition, "launch_type": "FARGATE"}
+    });
+    let answer = env
+        .api
+        .invoke(sqs_event(&[
+            ("m-1", request.to_string()),
+            ("m-2", request.to_string()),
+        ]))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", env.function_log()));
+    // Two copies at once: one runs, the other is held by it and handed back to SQS, or
+    // answered from the store if the first finished already.
+    let failures = answer["batchItemFailures"].as_array().expect("array").len();
+    assert!(failures <= 1, "{answer}");
+    let redelivery = env
+        .api
+        .invoke(sqs_event(&[("m-2", request.to_string())]))
+        .await;
+    let terminal = events.terminal_count(&id, 2).await;
+    assert!(redelivery.is_ok(), "{redelivery:?}");
+    assert_eq!(
+        terminal[0].state,
+        State::Running,
+        "{terminal:#?}\n{}",
+        env.function_log()
+    );
+    let task = terminal[0].resource.as_ref().expect("resource").id.clone();
+    let running = ecs
+        .list_tasks()
+        .cluster("demo")
+        .started_by(provisioner_aws_ecs::request_token(&id))
+        .desired_status(aws_sdk_ecs::types::DesiredStatus::Running)
+        .send()
+        .await
+        .expect("list")
+        .task_arns()
+        .to_vec();
+    assert_eq!(running, vec![task]);
+    let down = operation(&env.id("lambda-ecs-down"), "aws-ecs", "teardown", &id);
+    let answer = env
+        .api
+        .invoke(sqs_event(&[("m-3", down.to_string())]))
+        .await;
+    assert_eq!(answer, Ok(serde_json::json!({"batchItemFailures": []})));
+    let ended = events.terminal_count(&env.id("lambda-ecs-down"), 1).await;
+    assert_eq!(ended[0].state, State::Stopped);
+}
+
+fn aws_sdk_ecs_client() -> aws_sdk_ecs::Client {
+    aws_sdk_ecs::Client::from_conf(
+        aws_sdk_ecs::Config::builder()
+            .behavior_version(aws_sdk_ecs::config::BehaviorVersion::latest())
+            .endpoint_url(moto())
+            .region(aws_sdk_ecs::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_ecs::config::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .build(),
+    )
+}
+
+#[tokio::test]
+async fn a_held_request_in_a_rabbitmq_event_comes_back_through_the_retry_tier() {
+    let mut env = Env::new().await;
+    env.start_function("aws-ec2", &localstack());
+    let held = env.id("lambda-held-mq");
+    let request = ec2_provision(&held, IMAGE);
+    let decoded = decode_request(request.to_string().as_bytes()).expect("request");
+    env.store()
+        .await
+        .claim(ClaimRequest {
+            request_id: &held,
+            payload_hash: &decoded.payload_hash(),
+            owner: "another-worker",
+            lease: Duration::from_secs(1),
+            working_state: State::Starting,
+        })
+        .await
+        .expect("claim");
+    let queue = work_queue(PlatformName::AwsEc2);
+    let answer = env.api.invoke(rabbitmq_event(&queue, &[request])).await;
+    assert_eq!(answer, Ok(serde_json::json!({})), "{}", env.function_log());
+    // Parked in a retry tier, it returns to the work queue for the event source to
+    // deliver again, as the daemon's retries do.
+    let mut depth = 0;
+    for _ in 0..100 {
+        depth = env.broker.queue_depth(&queue).await.unwrap_or(0);
+        if depth == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(depth, 1, "{}", env.function_log());
+}
