@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command that runs every test: installs and starts RabbitMQ, Redis and Podman
-# when they are missing (scripts/dev-services.sh), and the AWS emulators (localstack/), then runs the whole workspace's tests
-# against them. Extra arguments go to `cargo test` (e.g. `-p provisioner-core`).
+# (scripts/dev-services.sh) and the AWS emulators, LocalStack and moto (localstack/),
+# when they are missing, then runs the whole workspace's tests against them. Extra
+# arguments go to `cargo test` (e.g. `-p provisioner-core`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,8 +12,9 @@ bash localstack/start-moto.sh
 
 export DOCKER_HOST=${DOCKER_HOST:-unix:///run/podman/podman.sock}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
-# The AWS tests talk to LocalStack (EC2) and moto (ECS) with its dummy credentials, set per test client and
-# per worker process, never exported here (a real AWS_* environment stays untouched).
+# The AWS tests talk to LocalStack (EC2) and moto (ECS) with dummy credentials, set per
+# test client and per worker process, never exported here (a real AWS_* environment
+# stays untouched).
 export PROVISIONER_TEST_AWS_ENDPOINT=${PROVISIONER_TEST_AWS_ENDPOINT:-http://127.0.0.1:4566}
 export PROVISIONER_TEST_ECS_ENDPOINT=${PROVISIONER_TEST_ECS_ENDPOINT:-http://127.0.0.1:5000}
 # Tests make their own vhosts and key prefixes; AMQP_URL would only confuse the

@@ -116,6 +116,38 @@ async fn an_ec2_request_for_a_missing_image_ends_as_invalid_request() {
 }
 
 #[tokio::test]
+async fn a_dry_run_request_ends_checked_and_launches_nothing() {
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_ec2_worker("ec2");
+    let mut request = ec2_request(&env, "ec2-dry", "ami-03cf127a");
+    request["dry_run"] = serde_json::json!(true);
+    env.publish(&request).await;
+    let event = events.terminal(&id(&request)).await;
+    assert_eq!(
+        event.state,
+        State::Checked,
+        "{event:#?}\n{}",
+        env.worker_log("ec2")
+    );
+    assert!(event.resource.is_none());
+    assert!(
+        live_instances(&id(&request)).await.is_empty(),
+        "nothing launched"
+    );
+
+    let mut bad = ec2_request(&env, "ec2-dry-noami", "ami-0123456789abcdef0");
+    bad["dry_run"] = serde_json::json!(true);
+    env.publish(&bad).await;
+    let refused = events.terminal(&id(&bad)).await;
+    assert_eq!(refused.state, State::Error);
+    assert_eq!(
+        refused.error.expect("error").class,
+        ErrorClass::InvalidRequest
+    );
+}
+
+#[tokio::test]
 async fn a_worker_without_aws_credentials_refuses_to_start() {
     let env = TestEnv::new().await;
     let output = std::process::Command::new(common::BIN)

@@ -205,6 +205,10 @@ pub struct Request {
     /// Who the request is on behalf of; carried through to status events and logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// Check mode: validate the request and ask the platform whether it would succeed
+    /// (EC2's `DryRun`), creating and changing nothing. Ends in `checked` or `error`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// What a teardown (or another operation on an existing resource) acts on.

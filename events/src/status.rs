@@ -18,6 +18,8 @@ pub enum State {
     Stopping,
     Stopped,
     Error,
+    /// A `dry_run` request passed: the platform says it would succeed; nothing was done.
+    Checked,
 }
 
 impl State {
@@ -29,12 +31,16 @@ impl State {
             State::Stopping => "stopping",
             State::Stopped => "stopped",
             State::Error => "error",
+            State::Checked => "checked",
         }
     }
 
     /// A state after which no further event comes for the request.
     pub fn is_terminal(self) -> bool {
-        matches!(self, State::Running | State::Stopped | State::Error)
+        matches!(
+            self,
+            State::Running | State::Stopped | State::Error | State::Checked
+        )
     }
 }
 

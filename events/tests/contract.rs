@@ -168,6 +168,19 @@ fn unknown_fields_are_ignored_and_do_not_change_the_payload_hash() {
 }
 
 #[test]
+fn a_dry_run_is_a_different_request_and_false_is_the_same_as_absent() {
+    let base = r#"{"schema_version":1,"request_id":"r1","operation":"provision","platform":"aws-ec2","spec":{"image_id":"ami-12345678","instance_type":"t3.micro"}"#;
+    let plain = decode_request(format!("{base}}}").as_bytes()).expect("plain");
+    let off = decode_request(format!(r#"{base},"dry_run":false}}"#).as_bytes()).expect("off");
+    let on = decode_request(format!(r#"{base},"dry_run":true}}"#).as_bytes()).expect("on");
+    assert!(on.dry_run && !off.dry_run);
+    assert_eq!(plain.payload_hash(), off.payload_hash());
+    assert_ne!(plain.payload_hash(), on.payload_hash());
+    assert_eq!(State::Checked.as_str(), "checked");
+    assert!(State::Checked.is_terminal());
+}
+
+#[test]
 fn payload_hash_ignores_key_order_but_not_values() {
     let a = decode_request(
         br#"{"schema_version":1,"request_id":"h","operation":"provision","platform":"docker","spec":{"image":"i","env":{"A":"1","B":"2"}}}"#,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::operation::run_instances::builders::RunInstancesFluentBuilder;
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, Instance, InstanceStateName, InstanceType,
     ResourceType, Tag, TagSpecification, VolumeType,
@@ -248,12 +249,13 @@ impl Ec2Platform {
             .collect()
     }
 
-    async fn launch(
+    /// The RunInstances call of a request, for a launch or its dry run.
+    fn run_instances(
         &self,
         request: &Request,
         spec: &AwsEc2Spec,
-    ) -> Result<Instance, PlatformError> {
-        let root_device = self.root_device(&spec.image_id).await?;
+        root_device: Option<String>,
+    ) -> RunInstancesFluentBuilder {
         let mut launch = self
             .client
             .run_instances()
@@ -292,12 +294,25 @@ impl Ec2Platform {
                     .build(),
             );
         }
-        let output = launch.send().await.map_err(|e| {
-            classify(
-                &e,
-                &format!("launching {} from {}", spec.instance_type, spec.image_id),
-            )
-        })?;
+        launch
+    }
+
+    async fn launch(
+        &self,
+        request: &Request,
+        spec: &AwsEc2Spec,
+    ) -> Result<Instance, PlatformError> {
+        let root_device = self.root_device(&spec.image_id).await?;
+        let output = self
+            .run_instances(request, spec, root_device)
+            .send()
+            .await
+            .map_err(|e| {
+                classify(
+                    &e,
+                    &format!("launching {} from {}", spec.instance_type, spec.image_id),
+                )
+            })?;
         let instance =
             output.instances().first().cloned().ok_or_else(|| {
                 PlatformError::transient("RunInstances answered without an instance")
@@ -423,6 +438,22 @@ impl Ec2Platform {
                 Ok(Some(instance))
             }
         }
+    }
+}
+
+/// Reads the answer to a call made with `DryRun=true`: EC2 answers `DryRunOperation`
+/// when the call would have succeeded, and the call's own error when it would not.
+fn dry_run_outcome<T, E>(result: Result<T, SdkError<E>>, doing: &str) -> Result<(), PlatformError>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match result {
+        Err(e) if e.code() == Some("DryRunOperation") => Ok(()),
+        Err(e) => Err(classify(&e, doing)),
+        Ok(_) => Err(PlatformError::permanent(
+            ErrorClass::Internal,
+            format!("{doing}: EC2 carried out a call made with DryRun=true"),
+        )),
     }
 }
 
@@ -564,6 +595,94 @@ impl Platform for Ec2Platform {
             .await?;
         let request_id = tag(&running, REQUEST_TAG).unwrap_or_default().to_owned();
         Ok(Self::resource(&request_id, &running, None))
+    }
+
+    /// Every operation asks EC2 with `DryRun=true` (permissions, parameters, the image,
+    /// the instance's state); a teardown of nothing and a describe need no call.
+    async fn check(&self, request: &Request) -> Result<(), PlatformError> {
+        if request.operation == Operation::Provision {
+            let spec = spec_of(request)?;
+            let root_device = self.root_device(&spec.image_id).await?;
+            let result = self
+                .run_instances(request, &spec, root_device)
+                .dry_run(true)
+                .send()
+                .await;
+            if let Ok(output) = &result {
+                // An emulator that ignores DryRun launched: undo it, then say so.
+                let launched: Vec<String> = output
+                    .instances()
+                    .iter()
+                    .filter_map(|i| i.instance_id().map(str::to_owned))
+                    .collect();
+                if !launched.is_empty() {
+                    let _ = self
+                        .client
+                        .terminate_instances()
+                        .set_instance_ids(Some(launched))
+                        .send()
+                        .await;
+                }
+            }
+            return dry_run_outcome(
+                result,
+                &format!(
+                    "checking a launch of {} from {}",
+                    spec.instance_type, spec.image_id
+                ),
+            );
+        }
+        let target = request.target().map_err(PlatformError::invalid)?;
+        let instance = match (request.operation, self.find(&target).await?) {
+            (Operation::Teardown | Operation::Describe, None) => return Ok(()),
+            (_, None) => {
+                return Err(PlatformError::permanent(
+                    ErrorClass::NotFound,
+                    format!("{target} has no live instance"),
+                ));
+            }
+            (_, Some(instance)) => instance,
+        };
+        let id = instance.instance_id().unwrap_or_default().to_owned();
+        match request.operation {
+            Operation::Teardown => dry_run_outcome(
+                self.client
+                    .terminate_instances()
+                    .instance_ids(&id)
+                    .dry_run(true)
+                    .send()
+                    .await,
+                &format!("checking the termination of {id}"),
+            ),
+            Operation::Start => dry_run_outcome(
+                self.client
+                    .start_instances()
+                    .instance_ids(&id)
+                    .dry_run(true)
+                    .send()
+                    .await,
+                &format!("checking a start of {id}"),
+            ),
+            Operation::Stop => dry_run_outcome(
+                self.client
+                    .stop_instances()
+                    .instance_ids(&id)
+                    .dry_run(true)
+                    .send()
+                    .await,
+                &format!("checking a stop of {id}"),
+            ),
+            Operation::Reboot => dry_run_outcome(
+                self.client
+                    .reboot_instances()
+                    .instance_ids(&id)
+                    .dry_run(true)
+                    .send()
+                    .await,
+                &format!("checking a reboot of {id}"),
+            ),
+            Operation::Describe | Operation::Provision => Ok(()),
+        }
     }
 
     async fn describe(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {

@@ -199,3 +199,36 @@ async fn stop_start_and_reboot_act_on_the_requests_instance_on_localstack() {
     let error = platform.stop(&target).await.expect_err("nothing to stop");
     assert_eq!(error.class, ErrorClass::NotFound);
 }
+
+#[tokio::test]
+async fn a_dry_run_asks_ec2_and_launches_nothing_on_localstack() {
+    let platform = platform().await;
+    let image = some_image().await;
+    let id = unique("dry");
+    let mut check = request(&id, &image);
+    check.dry_run = true;
+    platform
+        .check(&check)
+        .await
+        .expect("a valid launch checks out");
+    assert!(live_instances(&id).await.is_empty(), "nothing launched");
+
+    let mut no_image = request(&unique("dry-noami"), "ami-0123456789abcdef0");
+    no_image.dry_run = true;
+    let refused = platform.check(&no_image).await.expect_err("no such image");
+    assert_eq!(refused.class, ErrorClass::InvalidRequest, "{refused}");
+
+    let teardown = decode_request(
+        serde_json::json!({
+            "schema_version": 1, "request_id": unique("dry-down"), "operation": "teardown",
+            "platform": "aws-ec2", "target_request_id": id, "dry_run": true
+        })
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("teardown");
+    platform
+        .check(&teardown)
+        .await
+        .expect("tearing down nothing would succeed");
+}

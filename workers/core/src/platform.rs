@@ -110,4 +110,12 @@ pub trait Platform: Send + Sync + 'static {
         let _ = target;
         Err(PlatformError::unsupported(self.name(), "reboot"))
     }
+
+    /// A `dry_run` request: whether `request` would succeed, asking the platform where it
+    /// can tell (EC2's `DryRun`), without creating or changing anything. `validate` has
+    /// passed already. Platforms that cannot ask say so instead of guessing.
+    async fn check(&self, request: &Request) -> Result<(), PlatformError> {
+        let _ = request;
+        Err(PlatformError::unsupported(self.name(), "dry runs"))
+    }
 }

@@ -386,6 +386,7 @@ impl Worker {
 
     async fn run_request(&self, request: &Request, attempt: u32) -> Result<Settlement, Abort> {
         let (working_state, done_state) = match request.operation {
+            _ if request.dry_run => (State::NotStarted, State::Checked),
             Operation::Provision | Operation::Start | Operation::Reboot => {
                 (State::Starting, State::Running)
             }
@@ -538,6 +539,9 @@ impl Worker {
         }
         let target = || request.target().map_err(PlatformError::invalid);
         let call = async {
+            if request.dry_run {
+                return self.platform.check(request).await.map(|()| None);
+            }
             match request.operation {
                 Operation::Provision => self.platform.provision(request).await.map(Some),
                 Operation::Teardown => self.platform.teardown(&target()?).await,
@@ -608,6 +612,7 @@ impl Worker {
         // Keep the target's record telling the truth about its resource.
         if request.operation != Operation::Provision
             && request.operation != Operation::Describe
+            && !request.dry_run
             && event.error.is_none()
             && let Ok(TeardownTarget::Request(target)) = request.target()
             && let Err(e) = self

@@ -60,6 +60,15 @@ impl Platform for Scripted {
     async fn teardown(&self, _target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
         Ok(None)
     }
+    async fn check(&self, request: &Request) -> Result<(), PlatformError> {
+        match request.spec.as_ref().and_then(|s| s.get("would_fail")) {
+            Some(_) => Err(PlatformError::permanent(
+                ErrorClass::Permission,
+                "the platform says no",
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 struct Harness {
@@ -142,6 +151,31 @@ async fn provision_publishes_starting_then_running_with_increasing_seq() {
     let states: Vec<(State, u64)> = events.iter().map(|e| (e.state, e.seq)).collect();
     assert_eq!(states, vec![(State::Starting, 1), (State::Running, 2)]);
     assert_eq!(events[1].resource.as_ref().expect("resource").id, "id-p1");
+}
+
+#[tokio::test]
+async fn a_dry_run_asks_the_platform_and_provisions_nothing() {
+    let mut h = harness(1).await;
+    h.publish(&provision("dry", r#"},"dry_run":true,"x":{"#))
+        .await;
+    let events = h.until_terminal("dry", 1).await;
+    let states: Vec<(State, u64)> = events.iter().map(|e| (e.state, e.seq)).collect();
+    assert_eq!(states, vec![(State::NotStarted, 1), (State::Checked, 2)]);
+    assert!(events[1].resource.is_none());
+
+    h.publish(&provision(
+        "dry-no",
+        r#","would_fail":1},"dry_run":true,"x":{"#,
+    ))
+    .await;
+    let events = h.until_terminal("dry-no", 1).await;
+    let last = events.last().expect("terminal");
+    assert_eq!(last.state, State::Error);
+    assert_eq!(
+        last.error.as_ref().map(|e| e.class),
+        Some(ErrorClass::Permission)
+    );
+    assert_eq!(h.platform.provisions.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test]
