@@ -182,19 +182,25 @@ async fn stop_start_and_reboot_requests_go_through_the_same_flow() {
     assert_eq!(events.terminal(&id(&request)).await.state, State::Running);
     let steps = [
         ("stop", State::Stopped, "stopped"),
+        ("describe", State::Stopped, "stopped"),
         ("start", State::Running, "running"),
         ("reboot", State::Running, "running"),
+        ("describe", State::Running, "running"),
     ];
-    for (operation, expected, recorded) in steps {
+    for (n, (operation, expected, recorded)) in steps.into_iter().enumerate() {
         let step = ec2_operation(
             &env,
-            &format!("ec2-cycle-{operation}"),
+            &format!("ec2-cycle-{n}-{operation}"),
             operation,
             &id(&request),
         );
         env.publish(&step).await;
         let event = events.terminal(&id(&step)).await;
         assert_eq!(event.state, expected, "{operation}: {event:#?}");
+        if operation == "describe" {
+            // What describe found, with the instance it found.
+            assert!(event.resource.is_some_and(|r| r.id.starts_with("i-")));
+        }
         // The provision's record follows what happened to its instance.
         let output = std::process::Command::new(common::BIN)
             .args(["status", &id(&request)])
@@ -208,4 +214,9 @@ async fn stop_start_and_reboot_requests_go_through_the_same_flow() {
     let down = ec2_teardown(&env, "ec2-cycle-down", &id(&request));
     env.publish(&down).await;
     assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
+    // Describing what is gone is an answer too: nothing runs.
+    let gone = ec2_operation(&env, "ec2-cycle-gone", "describe", &id(&request));
+    env.publish(&gone).await;
+    let event = events.terminal(&id(&gone)).await;
+    assert_eq!((event.state, event.resource), (State::Stopped, None));
 }

@@ -19,11 +19,11 @@ use aws_sdk_ec2::types::{
 };
 use base64::Engine;
 use provisioner_core::health::Probe;
-use provisioner_core::{Platform, PlatformError};
+use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::aws_ec2::AwsEc2Spec;
 use provisioner_events::spec::{HealthCheck, parse_spec};
 use provisioner_events::{
-    Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, TeardownTarget,
+    Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, State, TeardownTarget,
 };
 use sha2::{Digest, Sha256};
 use tracing::info;
@@ -685,10 +685,18 @@ impl Platform for Ec2Platform {
         }
     }
 
-    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {
         Ok(self.find(target).await?.map(|instance| {
             let request_id = tag(&instance, REQUEST_TAG).unwrap_or_default().to_owned();
-            Self::resource(&request_id, &instance, None)
+            Described {
+                state: match state_of(&instance) {
+                    "pending" => State::Starting,
+                    "running" => State::Running,
+                    "stopped" => State::Stopped,
+                    _ => State::Stopping,
+                },
+                resource: Self::resource(&request_id, &instance, None),
+            }
         }))
     }
 }

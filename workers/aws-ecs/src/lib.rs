@@ -22,11 +22,11 @@ use aws_sdk_ecs::types::{
     DesiredStatus, HealthStatus, KeyValuePair, LaunchType, NetworkConfiguration, NetworkMode,
     PortMapping, Tag, Task, TaskField, TaskOverride, TransportProtocol,
 };
-use provisioner_core::{Platform, PlatformError};
+use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::aws_ecs::{AwsEcsSpec, INLINE_CONTAINER_NAME, InlineContainer};
 use provisioner_events::spec::parse_spec;
 use provisioner_events::{
-    Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, TeardownTarget,
+    Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, State, TeardownTarget,
 };
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
@@ -690,10 +690,17 @@ impl Platform for EcsPlatform {
         }))
     }
 
-    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {
         Ok(self.find(target).await?.map(|(_, task)| {
             let request_id = tag(&task, REQUEST_TAG).unwrap_or_default().to_owned();
-            resource(&request_id, &task, &[])
+            Described {
+                state: match last_status(&task) {
+                    "RUNNING" => State::Running,
+                    "PROVISIONING" | "PENDING" | "ACTIVATING" => State::Starting,
+                    _ => State::Stopping,
+                },
+                resource: resource(&request_id, &task, &[]),
+            }
         }))
     }
 }

@@ -44,10 +44,17 @@ where
 
     let target = TeardownTarget::Request(provision.request_id.clone());
     match platform.describe(&target).await {
-        Ok(Some(described)) => assert_eq!(
-            described.id, first.id,
-            "{name}: describe found another resource"
-        ),
+        Ok(Some(described)) => {
+            assert_eq!(
+                described.resource.id, first.id,
+                "{name}: describe found another resource"
+            );
+            assert_eq!(
+                described.state,
+                provisioner_events::State::Running,
+                "{name}: describe of a provisioned resource"
+            );
+        }
         Ok(None) => panic!("{name}: describe does not find the provisioned resource"),
         Err(e) if e.class == provisioner_events::ErrorClass::Unsupported => {}
         Err(e) => panic!("{name}: describe failed: {e}"),

@@ -30,6 +30,6 @@ pub mod runtime;
 pub mod store;
 
 pub use broker::{Broker, BrokerError, Delivery, MemoryBroker, Settlement};
-pub use platform::{Platform, PlatformError};
+pub use platform::{Described, Platform, PlatformError};
 pub use runtime::{Worker, WorkerConfig};
 pub use store::{Claim, MemoryStore, StateStore, StoreError};

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use provisioner_events::{ErrorClass, PlatformName, Request, Resource, TeardownTarget};
+use provisioner_events::{ErrorClass, PlatformName, Request, Resource, State, TeardownTarget};
 
 /// A failure from a platform, classified where it happened, while the typed error of the
 /// SDK was still at hand.
@@ -67,6 +67,15 @@ impl PlatformError {
     }
 }
 
+/// What `describe` found: the resource and the life-cycle state it is in now (an EC2
+/// instance may be `stopped`, a container `running`), which the `describe` request's
+/// terminal event reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    pub state: State,
+    pub resource: Resource,
+}
+
 /// One platform's implementation. The runtime owns queueing, claiming, retries and status;
 /// a platform only talks to its API.
 #[async_trait]
@@ -85,8 +94,9 @@ pub trait Platform: Send + Sync + 'static {
     /// was removed.
     async fn teardown(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError>;
 
-    /// The resource of a target as it is now, or `None` when there is none.
-    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+    /// The resource of a target and its state as they are now, or `None` when there is
+    /// none.
+    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {
         let _ = target;
         Err(PlatformError::unsupported(self.name(), "describe"))
     }

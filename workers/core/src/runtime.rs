@@ -60,6 +60,30 @@ impl Default for WorkerConfig {
     }
 }
 
+/// What a platform call ended with: the resource, and the state to report when it is
+/// not the operation's usual one (a `describe` reports the state it found).
+#[derive(Debug)]
+struct Outcome {
+    resource: Option<Resource>,
+    state: Option<State>,
+}
+
+impl Outcome {
+    fn of(resource: Resource) -> Self {
+        Outcome {
+            resource: Some(resource),
+            state: None,
+        }
+    }
+
+    fn nothing() -> Self {
+        Outcome {
+            resource: None,
+            state: None,
+        }
+    }
+}
+
 /// Why handling a delivery stopped before it settled on its own terms.
 #[derive(Debug, thiserror::Error)]
 enum Abort {
@@ -528,7 +552,7 @@ impl Worker {
             }))
     }
 
-    async fn call_platform(&self, request: &Request) -> Result<Option<Resource>, PlatformError> {
+    async fn call_platform(&self, request: &Request) -> Result<Outcome, PlatformError> {
         if let Some(deadline) = request.deadline
             && OffsetDateTime::now_utc() >= deadline
         {
@@ -540,15 +564,37 @@ impl Worker {
         let target = || request.target().map_err(PlatformError::invalid);
         let call = async {
             if request.dry_run {
-                return self.platform.check(request).await.map(|()| None);
+                return self
+                    .platform
+                    .check(request)
+                    .await
+                    .map(|()| Outcome::nothing());
             }
             match request.operation {
-                Operation::Provision => self.platform.provision(request).await.map(Some),
-                Operation::Teardown => self.platform.teardown(&target()?).await,
-                Operation::Start => self.platform.start(&target()?).await.map(Some),
-                Operation::Stop => self.platform.stop(&target()?).await.map(Some),
-                Operation::Describe => self.platform.describe(&target()?).await,
-                Operation::Reboot => self.platform.reboot(&target()?).await.map(Some),
+                Operation::Provision => self.platform.provision(request).await.map(Outcome::of),
+                Operation::Teardown => {
+                    self.platform
+                        .teardown(&target()?)
+                        .await
+                        .map(|gone| Outcome {
+                            resource: gone,
+                            state: None,
+                        })
+                }
+                Operation::Start => self.platform.start(&target()?).await.map(Outcome::of),
+                Operation::Stop => self.platform.stop(&target()?).await.map(Outcome::of),
+                Operation::Reboot => self.platform.reboot(&target()?).await.map(Outcome::of),
+                // Nothing there is an answer too: nothing runs.
+                Operation::Describe => Ok(match self.platform.describe(&target()?).await? {
+                    Some(found) => Outcome {
+                        state: Some(found.state),
+                        resource: Some(found.resource),
+                    },
+                    None => Outcome {
+                        state: Some(State::Stopped),
+                        resource: None,
+                    },
+                }),
             }
         };
         match tokio::time::timeout(self.config.operation_timeout, call).await {
@@ -571,11 +617,11 @@ impl Worker {
         fence: u64,
         attempt: u32,
         done_state: State,
-        result: Result<Option<Resource>, PlatformError>,
+        result: Result<Outcome, PlatformError>,
     ) -> Result<Settlement, Abort> {
         let id = request.request_id.as_str();
         let (state, resource, error) = match result {
-            Ok(resource) => (done_state, resource, None),
+            Ok(outcome) => (outcome.state.unwrap_or(done_state), outcome.resource, None),
             Err(failure) => {
                 let decision = policy::decide(
                     &failure,

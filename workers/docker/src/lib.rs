@@ -22,10 +22,12 @@ use bollard::query_parameters::{
 };
 use futures_util::TryStreamExt;
 use provisioner_core::health::Probe;
-use provisioner_core::{Platform, PlatformError};
+use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::docker::{DockerSpec, PullPolicy};
 use provisioner_events::spec::{HealthCheck, parse_spec};
-use provisioner_events::{Endpoint, ErrorClass, PlatformName, Request, Resource, TeardownTarget};
+use provisioner_events::{
+    Endpoint, ErrorClass, PlatformName, Request, Resource, State, TeardownTarget,
+};
 use tracing::{debug, info};
 
 /// Label set on every container the provisioner makes.
@@ -618,8 +620,18 @@ impl Platform for DockerPlatform {
         }))
     }
 
-    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
-        Ok(self.find(target).await?.map(|info| self.resource(&info)))
+    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {
+        Ok(self.find(target).await?.map(|info| {
+            let running = info.state.as_ref().and_then(|s| s.running) == Some(true);
+            Described {
+                state: if running {
+                    State::Running
+                } else {
+                    State::Stopped
+                },
+                resource: self.resource(&info),
+            }
+        }))
     }
 
     async fn list(&self) -> Result<Vec<Resource>, PlatformError> {

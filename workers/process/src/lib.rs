@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use provisioner_core::health::Probe;
-use provisioner_core::{Platform, PlatformError};
+use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::process::ProcessSpec;
 use provisioner_events::spec::{HealthCheck, parse_spec};
 use provisioner_events::{
-    Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, TeardownTarget,
+    Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, State, TeardownTarget,
 };
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
@@ -284,16 +284,15 @@ impl Platform for ProcessPlatform {
         }))
     }
 
-    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {
         let Some(id) = self.find(target).await else {
             return Ok(None);
         };
-        Ok(self
-            .running
-            .lock()
-            .await
-            .get(&id)
-            .map(|entry| self.resource(&id, entry)))
+        Ok(self.running.lock().await.get(&id).map(|entry| Described {
+            // A process that exited is reaped and forgotten: what is listed runs.
+            state: State::Running,
+            resource: self.resource(&id, entry),
+        }))
     }
 
     async fn list(&self) -> Result<Vec<Resource>, PlatformError> {
