@@ -3,54 +3,12 @@
 
 mod common;
 
-use aws_sdk_ecs::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_ecs::types::{ContainerDefinition, DesiredStatus};
-use common::{TestEnv, id};
+use aws_sdk_ecs::types::DesiredStatus;
+use common::{TestEnv, ecs_demo_cluster, id};
 use provisioner_events::{ErrorClass, State};
 
-fn ecs() -> aws_sdk_ecs::Client {
-    let config = aws_sdk_ecs::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .endpoint_url(common::ecs_endpoint())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-        .build();
-    aws_sdk_ecs::Client::from_conf(config)
-}
-
-/// The cluster `demo` and the task definition `web:1` of the example.
-async fn demo_cluster() {
-    let ecs = ecs();
-    ecs.create_cluster()
-        .cluster_name("demo")
-        .send()
-        .await
-        .expect("moto must be running (the README's test command starts it)");
-    if ecs
-        .describe_task_definition()
-        .task_definition("web:1")
-        .send()
-        .await
-        .is_err()
-    {
-        ecs.register_task_definition()
-            .family("web")
-            .container_definitions(
-                ContainerDefinition::builder()
-                    .name("web")
-                    .image("public.ecr.aws/nginx/nginx:1.27")
-                    .memory(512)
-                    .essential(true)
-                    .build(),
-            )
-            .send()
-            .await
-            .expect("register web");
-    }
-}
-
 async fn running_tasks(request_id: &str) -> Vec<String> {
-    ecs()
+    common::ecs_client()
         .list_tasks()
         .cluster("demo")
         .started_by(provisioner_aws_ecs::request_token(request_id))
@@ -79,7 +37,7 @@ fn ecs_operation(env: &TestEnv, name: &str, operation: &str, target: &str) -> se
 
 #[tokio::test]
 async fn ecs_requests_run_one_task_and_tear_down_twice_through_the_queue() {
-    demo_cluster().await;
+    ecs_demo_cluster().await;
     let mut env = TestEnv::new().await;
     let mut events = env.events().await;
     env.start_ecs_worker("ecs");
@@ -119,7 +77,7 @@ async fn ecs_requests_run_one_task_and_tear_down_twice_through_the_queue() {
 
 #[tokio::test]
 async fn an_ecs_request_for_a_missing_task_definition_ends_in_an_error_it_names() {
-    demo_cluster().await;
+    ecs_demo_cluster().await;
     let mut env = TestEnv::new().await;
     let mut events = env.events().await;
     env.start_ecs_worker("ecs");

@@ -1,7 +1,9 @@
-//! EC2 throttling injected: a small proxy between the worker and LocalStack answers
-//! `RequestLimitExceeded` to the first RunInstances calls; the request must still end
-//! `running`, with one instance. The AWS SDK retries throttling itself (3 attempts), so
-//! more refusals than that reach the runtime's own retry.
+//! Throttling injected: a small proxy between the worker and the emulator answers the
+//! first launch calls as AWS does when it throttles (EC2's `RequestLimitExceeded` in XML
+//! to RunInstances on LocalStack, ECS's `ThrottlingException` in JSON to RunTask on moto);
+//! the request must still end `running`, with one instance or task. The AWS SDK retries
+//! throttling itself (3 attempts), so more refusals than that reach the runtime's own
+//! retry.
 
 mod common;
 
@@ -13,7 +15,40 @@ use provisioner_events::State;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const THROTTLE_BODY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message></Error></Errors><RequestID>throttle-test</RequestID></Response>";
+/// Which calls the proxy refuses (a marker found in the request's head or body) and the
+/// refusal AWS sends.
+#[derive(Clone, Copy)]
+struct Throttle {
+    marker: &'static str,
+    status: &'static str,
+    content_type: &'static str,
+    body: &'static str,
+}
+
+impl Throttle {
+    fn response(&self) -> String {
+        format!(
+            "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+            self.status,
+            self.content_type,
+            self.body.len(),
+            self.body
+        )
+    }
+}
+
+const EC2_LAUNCH: Throttle = Throttle {
+    marker: "Action=RunInstances",
+    status: "503 Service Unavailable",
+    content_type: "text/xml",
+    body: "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message></Error></Errors><RequestID>throttle-test</RequestID></Response>",
+};
+const ECS_RUN_TASK: Throttle = Throttle {
+    marker: "AmazonEC2ContainerServiceV20141113.RunTask",
+    status: "400 Bad Request",
+    content_type: "application/x-amz-json-1.1",
+    body: r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#,
+};
 
 /// Reads one HTTP/1.1 request: head and Content-Length body.
 async fn read_request(client: &mut TcpStream) -> Option<(String, Vec<u8>)> {
@@ -53,6 +88,7 @@ async fn read_request(client: &mut TcpStream) -> Option<(String, Vec<u8>)> {
 async fn proxy(
     listener: TcpListener,
     upstream: String,
+    throttle: Throttle,
     throttle_left: Arc<AtomicUsize>,
     throttled: Arc<AtomicUsize>,
 ) {
@@ -67,18 +103,15 @@ async fn proxy(
             let Some((head, body)) = read_request(&mut client).await else {
                 return;
             };
-            let is_launch = String::from_utf8_lossy(&body).contains("Action=RunInstances");
+            let is_launch = head.contains(throttle.marker)
+                || String::from_utf8_lossy(&body).contains(throttle.marker);
             if is_launch
                 && throttle_left
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                     .is_ok()
             {
                 throttled.fetch_add(1, Ordering::SeqCst);
-                let response = format!(
-                    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{THROTTLE_BODY}",
-                    THROTTLE_BODY.len()
-                );
-                let _ = client.write_all(response.as_bytes()).await;
+                let _ = client.write_all(throttle.response().as_bytes()).await;
                 return;
             }
             let mut forwarded: String = head
@@ -112,6 +145,7 @@ async fn throttled_launches_are_retried_until_the_instance_runs() {
     tokio::spawn(proxy(
         listener,
         common::aws_endpoint(),
+        EC2_LAUNCH,
         throttle_left.clone(),
         throttled.clone(),
     ));
@@ -153,6 +187,69 @@ async fn throttled_launches_are_retried_until_the_instance_runs() {
     let teardown = serde_json::json!({
         "schema_version": 1, "request_id": format!("ec2-throttled-down-{}", env.run_id),
         "operation": "teardown", "platform": "aws-ec2", "target_request_id": id(&request)
+    });
+    env.publish(&teardown).await;
+    assert_eq!(events.terminal(&id(&teardown)).await.state, State::Stopped);
+}
+
+#[tokio::test]
+async fn throttled_task_launches_are_retried_until_the_task_runs() {
+    common::ecs_demo_cluster().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
+    let throttle_left = Arc::new(AtomicUsize::new(4));
+    let throttled = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(proxy(
+        listener,
+        common::ecs_endpoint(),
+        ECS_RUN_TASK,
+        throttle_left.clone(),
+        throttled.clone(),
+    ));
+
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_platform_worker(
+        "aws-ecs",
+        "ecs",
+        &[
+            ("AWS_ENDPOINT_URL", proxy_url.as_str()),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ],
+    );
+    let request = serde_json::json!({
+        "schema_version": 1, "request_id": format!("ecs-throttled-{}", env.run_id),
+        "operation": "provision", "platform": "aws-ecs",
+        "spec": {"cluster": "demo", "task_definition": "web:1", "launch_type": "FARGATE"}
+    });
+    env.publish(&request).await;
+    let event = events.terminal(&id(&request)).await;
+    assert_eq!(
+        event.state,
+        State::Running,
+        "{event:#?}\n{}",
+        env.worker_log("ecs")
+    );
+    assert_eq!(
+        throttled.load(Ordering::SeqCst),
+        4,
+        "every injected refusal was met"
+    );
+    assert!(event.attempt >= 2, "the runtime retried: {event:#?}");
+    let tasks = common::ecs_client()
+        .list_tasks()
+        .cluster("demo")
+        .started_by(provisioner_aws_ecs::request_token(&id(&request)))
+        .desired_status(aws_sdk_ecs::types::DesiredStatus::Running)
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(tasks.task_arns().len(), 1, "one task");
+    let teardown = serde_json::json!({
+        "schema_version": 1, "request_id": format!("ecs-throttled-down-{}", env.run_id),
+        "operation": "teardown", "platform": "aws-ecs", "target_request_id": id(&request)
     });
     env.publish(&teardown).await;
     assert_eq!(events.terminal(&id(&teardown)).await.state, State::Stopped);

@@ -29,6 +29,50 @@ pub fn ecs_endpoint() -> String {
         .unwrap_or_else(|_| "http://127.0.0.1:5000".into())
 }
 
+/// An ECS client on moto with its dummy credentials.
+pub fn ecs_client() -> aws_sdk_ecs::Client {
+    use aws_sdk_ecs::config::{BehaviorVersion, Credentials, Region};
+    aws_sdk_ecs::Client::from_conf(
+        aws_sdk_ecs::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(ecs_endpoint())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+            .build(),
+    )
+}
+
+/// The cluster `demo` and the task definition `web:1` of the ECS example, on moto.
+pub async fn ecs_demo_cluster() {
+    let ecs = ecs_client();
+    ecs.create_cluster()
+        .cluster_name("demo")
+        .send()
+        .await
+        .expect("moto must be running (the README's test command starts it)");
+    if ecs
+        .describe_task_definition()
+        .task_definition("web:1")
+        .send()
+        .await
+        .is_err()
+    {
+        ecs.register_task_definition()
+            .family("web")
+            .container_definitions(
+                aws_sdk_ecs::types::ContainerDefinition::builder()
+                    .name("web")
+                    .image("public.ecr.aws/nginx/nginx:1.27")
+                    .memory(512)
+                    .essential(true)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("register web");
+    }
+}
+
 pub fn docker_host() -> String {
     std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///run/podman/podman.sock".into())
 }
