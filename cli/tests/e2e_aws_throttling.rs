@@ -136,16 +136,28 @@ async fn proxy(
     }
 }
 
-#[tokio::test]
-async fn throttled_launches_are_retried_until_the_instance_runs() {
+/// Provisions `spec` on `platform` through a proxy that refuses the first four launch
+/// calls as `throttle` says, and checks that the request still ends `running` after the
+/// runtime's own retry, with one resource (`live` counts them by request id), and tears
+/// it down.
+async fn provision_through_throttling<F, Fut>(
+    platform: &str,
+    upstream: String,
+    throttle: Throttle,
+    spec: serde_json::Value,
+    live: F,
+) where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = usize>,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
     let throttle_left = Arc::new(AtomicUsize::new(4));
     let throttled = Arc::new(AtomicUsize::new(0));
     tokio::spawn(proxy(
         listener,
-        common::aws_endpoint(),
-        EC2_LAUNCH,
+        upstream,
+        throttle,
         throttle_left.clone(),
         throttled.clone(),
     ));
@@ -153,8 +165,8 @@ async fn throttled_launches_are_retried_until_the_instance_runs() {
     let mut env = TestEnv::new().await;
     let mut events = env.events().await;
     env.start_platform_worker(
-        "aws-ec2",
-        "ec2",
+        platform,
+        "worker",
         &[
             ("AWS_ENDPOINT_URL", proxy_url.as_str()),
             ("AWS_ACCESS_KEY_ID", "test"),
@@ -163,9 +175,8 @@ async fn throttled_launches_are_retried_until_the_instance_runs() {
         ],
     );
     let request = serde_json::json!({
-        "schema_version": 1, "request_id": format!("ec2-throttled-{}", env.run_id),
-        "operation": "provision", "platform": "aws-ec2",
-        "spec": {"image_id": "ami-03cf127a", "instance_type": "t3.micro"}
+        "schema_version": 1, "request_id": format!("{platform}-throttled-{}", env.run_id),
+        "operation": "provision", "platform": platform, "spec": spec
     });
     env.publish(&request).await;
     let event = events.terminal(&id(&request)).await;
@@ -173,7 +184,7 @@ async fn throttled_launches_are_retried_until_the_instance_runs() {
         event.state,
         State::Running,
         "{event:#?}\n{}",
-        env.worker_log("ec2")
+        env.worker_log("worker")
     );
     assert_eq!(
         throttled.load(Ordering::SeqCst),
@@ -184,73 +195,80 @@ async fn throttled_launches_are_retried_until_the_instance_runs() {
         event.attempt >= 2,
         "the runtime retried after the SDK's own retries: {event:#?}"
     );
+    assert_eq!(live(id(&request)).await, 1, "one resource");
     let teardown = serde_json::json!({
-        "schema_version": 1, "request_id": format!("ec2-throttled-down-{}", env.run_id),
-        "operation": "teardown", "platform": "aws-ec2", "target_request_id": id(&request)
+        "schema_version": 1, "request_id": format!("{platform}-throttled-down-{}", env.run_id),
+        "operation": "teardown", "platform": platform, "target_request_id": id(&request)
     });
     env.publish(&teardown).await;
     assert_eq!(events.terminal(&id(&teardown)).await.state, State::Stopped);
 }
 
 #[tokio::test]
+async fn throttled_launches_are_retried_until_the_instance_runs() {
+    provision_through_throttling(
+        "aws-ec2",
+        common::aws_endpoint(),
+        EC2_LAUNCH,
+        serde_json::json!({"image_id": "ami-03cf127a", "instance_type": "t3.micro"}),
+        |request_id| async move {
+            use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+            let ec2 = aws_sdk_ec2::Client::from_conf(
+                aws_sdk_ec2::Config::builder()
+                    .behavior_version(BehaviorVersion::latest())
+                    .endpoint_url(common::aws_endpoint())
+                    .region(Region::new("us-east-1"))
+                    .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+                    .build(),
+            );
+            let output = ec2
+                .describe_instances()
+                .filters(
+                    aws_sdk_ec2::types::Filter::builder()
+                        .name(format!("tag:{}", provisioner_aws_ec2::REQUEST_TAG))
+                        .values(request_id)
+                        .build(),
+                )
+                .filters(
+                    aws_sdk_ec2::types::Filter::builder()
+                        .name("instance-state-name")
+                        .values("pending")
+                        .values("running")
+                        .build(),
+                )
+                .send()
+                .await
+                .expect("describe");
+            output
+                .reservations()
+                .iter()
+                .map(|r| r.instances().len())
+                .sum()
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn throttled_task_launches_are_retried_until_the_task_runs() {
     common::ecs_demo_cluster().await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
-    let throttle_left = Arc::new(AtomicUsize::new(4));
-    let throttled = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(proxy(
-        listener,
+    provision_through_throttling(
+        "aws-ecs",
         common::ecs_endpoint(),
         ECS_RUN_TASK,
-        throttle_left.clone(),
-        throttled.clone(),
-    ));
-
-    let mut env = TestEnv::new().await;
-    let mut events = env.events().await;
-    env.start_platform_worker(
-        "aws-ecs",
-        "ecs",
-        &[
-            ("AWS_ENDPOINT_URL", proxy_url.as_str()),
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-            ("AWS_REGION", "us-east-1"),
-        ],
-    );
-    let request = serde_json::json!({
-        "schema_version": 1, "request_id": format!("ecs-throttled-{}", env.run_id),
-        "operation": "provision", "platform": "aws-ecs",
-        "spec": {"cluster": "demo", "task_definition": "web:1", "launch_type": "FARGATE"}
-    });
-    env.publish(&request).await;
-    let event = events.terminal(&id(&request)).await;
-    assert_eq!(
-        event.state,
-        State::Running,
-        "{event:#?}\n{}",
-        env.worker_log("ecs")
-    );
-    assert_eq!(
-        throttled.load(Ordering::SeqCst),
-        4,
-        "every injected refusal was met"
-    );
-    assert!(event.attempt >= 2, "the runtime retried: {event:#?}");
-    let tasks = common::ecs_client()
-        .list_tasks()
-        .cluster("demo")
-        .started_by(provisioner_aws_ecs::request_token(&id(&request)))
-        .desired_status(aws_sdk_ecs::types::DesiredStatus::Running)
-        .send()
-        .await
-        .expect("list");
-    assert_eq!(tasks.task_arns().len(), 1, "one task");
-    let teardown = serde_json::json!({
-        "schema_version": 1, "request_id": format!("ecs-throttled-down-{}", env.run_id),
-        "operation": "teardown", "platform": "aws-ecs", "target_request_id": id(&request)
-    });
-    env.publish(&teardown).await;
-    assert_eq!(events.terminal(&id(&teardown)).await.state, State::Stopped);
+        serde_json::json!({"cluster": "demo", "task_definition": "web:1", "launch_type": "FARGATE"}),
+        |request_id| async move {
+            common::ecs_client()
+                .list_tasks()
+                .cluster("demo")
+                .started_by(provisioner_aws_ecs::request_token(&request_id))
+                .desired_status(aws_sdk_ecs::types::DesiredStatus::Running)
+                .send()
+                .await
+                .expect("list")
+                .task_arns()
+                .len()
+        },
+    )
+    .await;
 }

@@ -82,30 +82,13 @@ pub fn classify_code(code: &str) -> (ErrorClass, bool) {
     }
 }
 
-/// Classifies an SDK error: transport trouble is transient, service errors go by code.
-pub fn classify<E>(error: &SdkError<E>, doing: &str) -> PlatformError
+/// Classifies an SDK error of EC2 (see [`provisioner_aws_common::classify`]).
+pub fn classify<E, R>(error: &SdkError<E, R>, doing: &str) -> PlatformError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
 {
-    match error {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            PlatformError::transient(format!(
-                "{doing}: EC2 is unreachable: {}",
-                aws_sdk_ec2::error::DisplayErrorContext(error)
-            ))
-        }
-        _ => {
-            let code = error.code().unwrap_or("Unknown");
-            let message = error.message().unwrap_or("no message");
-            let (class, retryable) = classify_code(code);
-            PlatformError {
-                class,
-                retryable,
-                message: format!("{doing}: {code}: {message}"),
-                retry_after: None,
-            }
-        }
-    }
+    provisioner_aws_common::classify(error, "EC2", doing, classify_code)
 }
 
 fn spec_of(request: &Request) -> Result<AwsEc2Spec, PlatformError> {
@@ -142,24 +125,13 @@ pub struct Ec2Platform {
 }
 
 impl Ec2Platform {
-    /// Loads the standard AWS configuration (environment, profile, instance or task role;
-    /// `AWS_ENDPOINT_URL` for an emulator) and checks that a region and credentials exist,
-    /// so a worker without them fails at start with a clear message.
+    /// From the standard AWS configuration; fails with a clear message without a region
+    /// or credentials (see [`provisioner_aws_common::load_config`]).
     pub async fn from_environment() -> Result<Self, String> {
-        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        let region = config
-            .region()
-            .map(ToString::to_string)
-            .ok_or("no AWS region: set AWS_REGION (or a profile's region)")?;
-        let credentials = config
-            .credentials_provider()
-            .ok_or("no AWS credentials provider is configured")?;
-        aws_credential_types::provider::ProvideCredentials::provide_credentials(&credentials)
-            .await
-            .map_err(|e| format!("no usable AWS credentials: {e} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or a role)"))?;
+        let config = provisioner_aws_common::load_config().await?;
         Ok(Ec2Platform {
+            region: config.region().map(ToString::to_string).unwrap_or_default(),
             client: Client::new(&config),
-            region,
         })
     }
 

@@ -97,30 +97,13 @@ pub fn classify_code(code: &str) -> (ErrorClass, bool) {
     }
 }
 
-/// Classifies an SDK error: transport trouble is transient, service errors go by code.
-pub fn classify<E>(error: &SdkError<E>, doing: &str) -> PlatformError
+/// Classifies an SDK error of ECS (see [`provisioner_aws_common::classify`]).
+pub fn classify<E, R>(error: &SdkError<E, R>, doing: &str) -> PlatformError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
 {
-    match error {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            PlatformError::transient(format!(
-                "{doing}: ECS is unreachable: {}",
-                aws_sdk_ecs::error::DisplayErrorContext(error)
-            ))
-        }
-        _ => {
-            let code = error.code().unwrap_or("Unknown");
-            let message = error.message().unwrap_or("no message");
-            let (class, retryable) = classify_code(code);
-            PlatformError {
-                class,
-                retryable,
-                message: format!("{doing}: {code}: {message}"),
-                retry_after: None,
-            }
-        }
-    }
+    provisioner_aws_common::classify(error, "ECS", doing, classify_code)
 }
 
 /// Classifies one of RunTask's `failures` (the call succeeded, the placement did not).
@@ -212,20 +195,10 @@ pub struct EcsPlatform {
 }
 
 impl EcsPlatform {
-    /// Loads the standard AWS configuration (environment, profile, instance or task role;
-    /// `AWS_ENDPOINT_URL` or `AWS_ENDPOINT_URL_ECS` for an emulator) and checks that a
-    /// region and credentials exist, so a worker without them fails at start.
+    /// From the standard AWS configuration; fails with a clear message without a region
+    /// or credentials (see [`provisioner_aws_common::load_config`]).
     pub async fn from_environment() -> Result<Self, String> {
-        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        config
-            .region()
-            .ok_or("no AWS region: set AWS_REGION (or a profile's region)")?;
-        let credentials = config
-            .credentials_provider()
-            .ok_or("no AWS credentials provider is configured")?;
-        aws_credential_types::provider::ProvideCredentials::provide_credentials(&credentials)
-            .await
-            .map_err(|e| format!("no usable AWS credentials: {e} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or a role)"))?;
+        let config = provisioner_aws_common::load_config().await?;
         Ok(EcsPlatform {
             client: Client::new(&config),
         })
