@@ -277,8 +277,14 @@ impl PlatformSettings {
                     .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
                 Ok(Arc::new(ecs))
             }
+            PlatformName::Kubernetes => {
+                let kubernetes = provisioner_kubernetes::KubernetesPlatform::from_environment()
+                    .await
+                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
+                Ok(Arc::new(kubernetes))
+            }
             other => Err(Failure::config(anyhow::anyhow!(
-                "the {other} worker is not part of this build yet; available: docker, process, aws-ec2, aws-ecs"
+                "the {other} worker is not part of this build yet; available: docker, process, aws-ec2, aws-ecs, kubernetes"
             ))),
         }
     }

@@ -278,10 +278,12 @@ async fn embedded(args: SubmitArgs, requests: Vec<Outgoing>) -> Result<ExitCode,
                     .await
                     .map_err(|e| Failure::unavailable(anyhow!("{e} (the docker requests need an engine; the process examples need nothing)")))?,
             ),
-            PlatformName::AwsEc2 | PlatformName::AwsEcs => args.platforms.build(platform_name).await?,
+            PlatformName::AwsEc2 | PlatformName::AwsEcs | PlatformName::Kubernetes => {
+                args.platforms.build(platform_name).await?
+            }
             other => {
                 return Err(Failure::config(anyhow!(
-                    "the embedded mode has no {other} worker in this build; available: docker, process, aws-ec2, aws-ecs"
+                    "the embedded mode has no {other} worker in this build; available: docker, process, aws-ec2, aws-ecs, kubernetes"
                 )));
             }
         };

@@ -2,7 +2,8 @@
 //! `events/schema/*.json` holds them committed; `tests/schema.rs` fails when they drift.
 
 use crate::spec::{
-    aws_ec2::AwsEc2Spec, aws_ecs::AwsEcsSpec, docker::DockerSpec, process::ProcessSpec,
+    aws_ec2::AwsEc2Spec, aws_ecs::AwsEcsSpec, docker::DockerSpec, kubernetes::KubernetesSpec,
+    process::ProcessSpec,
 };
 use crate::{Request, StatusEvent};
 
@@ -33,6 +34,10 @@ pub fn all() -> Vec<(&'static str, String)> {
         (
             "spec-aws-ecs.schema.json",
             render(schemars::schema_for!(AwsEcsSpec)),
+        ),
+        (
+            "spec-kubernetes.schema.json",
+            render(schemars::schema_for!(KubernetesSpec)),
         ),
         (
             "spec-process.schema.json",

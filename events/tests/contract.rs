@@ -313,6 +313,7 @@ fn fixtures_validate_against_the_published_schemas() {
     let process_schema = validator("spec-process.schema.json");
     let ec2_schema = validator("spec-aws-ec2.schema.json");
     let ecs_schema = validator("spec-aws-ecs.schema.json");
+    let kubernetes_schema = validator("spec-kubernetes.schema.json");
     for path in json_files(&fixtures().join("requests/valid")) {
         let value: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
@@ -327,6 +328,7 @@ fn fixtures_validate_against_the_published_schemas() {
                 Some("process") => &process_schema,
                 Some("aws-ec2") => &ec2_schema,
                 Some("aws-ecs") => &ecs_schema,
+                Some("kubernetes") => &kubernetes_schema,
                 other => panic!("no spec schema for {other:?}"),
             };
             let errors: Vec<String> = validator.iter_errors(spec).map(|e| e.to_string()).collect();

@@ -1,0 +1,374 @@
+//! A Kubernetes API server for tests, since none can be installed on the build machines:
+//! the real paths, verbs, status codes, `resourceVersion`s and JSON of Deployments and
+//! Services, driven by kube's real client.
+//!
+//! What it does as the API server does: `201` on create with uid, `resourceVersion` and
+//! `generation`; `409 AlreadyExists` on a second create; `404 NotFound` on get and delete
+//! of what is not there, as `Status` bodies; label-selector lists across namespaces; a
+//! cluster IP (and node port) for every Service. What it does as the controllers would:
+//! a Deployment's replicas become available after a few reads, and a LoadBalancer gets
+//! its ingress after a few reads. Faults can be queued (e.g. `429` on the next create).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+
+/// An answer to give instead of the normal one, to the next matching request.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub method: Method,
+    /// Matches when the request path contains this.
+    pub path_contains: String,
+    pub code: u16,
+    pub reason: String,
+    pub message: String,
+}
+
+#[derive(Debug, Default)]
+struct World {
+    /// (kind, namespace, name) → object.
+    objects: HashMap<(String, String, String), Value>,
+    /// Reads of each Deployment and LoadBalancer Service, which time readiness.
+    reads: HashMap<(String, String, String), u32>,
+    resource_version: u64,
+    faults: VecDeque<Fault>,
+    /// The `propagationPolicy` of every delete, in order.
+    deletes: Vec<(String, String)>,
+    requests: u64,
+}
+
+/// The running server; dropped, it keeps serving until the runtime ends.
+#[derive(Debug, Clone)]
+pub struct FakeApi {
+    pub addr: SocketAddr,
+    world: Arc<Mutex<World>>,
+    ready_after_reads: u32,
+}
+
+fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
+    (
+        code,
+        json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code
+        }),
+    )
+}
+
+fn selector_matches(object: &Value, selector: &str) -> bool {
+    selector.split(',').filter(|s| !s.is_empty()).all(|term| {
+        let (key, value) = term.split_once('=').unwrap_or((term, ""));
+        object["metadata"]["labels"][key].as_str() == Some(value)
+    })
+}
+
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        (key == name).then(|| {
+            value
+                .replace("%3D", "=")
+                .replace("%2F", "/")
+                .replace("%2C", ",")
+        })
+    })
+}
+
+impl FakeApi {
+    /// Serves on a free port of 127.0.0.1. A Deployment becomes available on the
+    /// `ready_after_reads`-th read.
+    pub async fn start(ready_after_reads: u32) -> FakeApi {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the fake API server");
+        let api = FakeApi {
+            addr: listener.local_addr().expect("address"),
+            world: Arc::default(),
+            ready_after_reads,
+        };
+        let served = api.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let api = served.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let api = api.clone();
+                        async move { Ok::<_, Infallible>(api.serve(request).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        api
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig naming this server, for processes that load their configuration.
+    pub fn kubeconfig(&self, namespace: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: {namespace}\ncurrent-context: fake\nusers:\n- name: fake\n  user:\n    token: fake-token\n",
+            self.url()
+        )
+    }
+
+    pub fn inject(&self, fault: Fault) {
+        self.world.lock().expect("lock").faults.push_back(fault);
+    }
+
+    /// The stored object, as the server holds it.
+    pub fn object(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        self.world
+            .lock()
+            .expect("lock")
+            .objects
+            .get(&(kind.into(), namespace.into(), name.into()))
+            .cloned()
+    }
+
+    /// Puts an object in place as if someone else had made it.
+    pub fn put(&self, kind: &str, object: Value) {
+        let namespace = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_owned();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        self.world
+            .lock()
+            .expect("lock")
+            .objects
+            .insert((kind.into(), namespace, name), object);
+    }
+
+    pub fn count(&self, kind: &str) -> usize {
+        self.world
+            .lock()
+            .expect("lock")
+            .objects
+            .keys()
+            .filter(|(k, _, _)| k == kind)
+            .count()
+    }
+
+    /// `(path, propagationPolicy)` of every delete so far.
+    pub fn deletes(&self) -> Vec<(String, String)> {
+        self.world.lock().expect("lock").deletes.clone()
+    }
+
+    async fn serve(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let query = request.uri().query().unwrap_or_default().to_owned();
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let (code, answer) = self.answer(&method, &path, &query, body);
+        Response::builder()
+            .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(answer.to_string())))
+            .expect("response")
+    }
+
+    fn answer(&self, method: &Method, path: &str, query: &str, body: Value) -> (u16, Value) {
+        let mut world = self.world.lock().expect("lock");
+        world.requests += 1;
+        if let Some(at) = world
+            .faults
+            .iter()
+            .position(|f| f.method == method && path.contains(&f.path_contains))
+        {
+            let fault = world.faults.remove(at).expect("fault");
+            return status(fault.code, &fault.reason, &fault.message);
+        }
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        // (kind, api version, namespace, name)
+        let route = match parts.as_slice() {
+            ["apis", "apps", "v1", "namespaces", ns, "deployments"] => {
+                Some(("deployments", "apps/v1", Some(*ns), None))
+            }
+            ["apis", "apps", "v1", "namespaces", ns, "deployments", name] => {
+                Some(("deployments", "apps/v1", Some(*ns), Some(*name)))
+            }
+            ["apis", "apps", "v1", "deployments"] => Some(("deployments", "apps/v1", None, None)),
+            ["api", "v1", "namespaces", ns, "services"] => {
+                Some(("services", "v1", Some(*ns), None))
+            }
+            ["api", "v1", "namespaces", ns, "services", name] => {
+                Some(("services", "v1", Some(*ns), Some(*name)))
+            }
+            ["api", "v1", "services"] => Some(("services", "v1", None, None)),
+            _ => None,
+        };
+        let Some((kind, api_version, namespace, name)) = route else {
+            return status(
+                404,
+                "NotFound",
+                &format!("the server could not find the requested resource ({path})"),
+            );
+        };
+        let object_kind = if kind == "deployments" {
+            "Deployment"
+        } else {
+            "Service"
+        };
+        let group = if kind == "deployments" {
+            "deployments.apps"
+        } else {
+            "services"
+        };
+        match (method.as_str(), namespace, name) {
+            ("POST", Some(ns), None) => {
+                let Some(name) = body["metadata"]["name"].as_str().map(str::to_owned) else {
+                    return status(
+                        422,
+                        "Invalid",
+                        &format!("{object_kind} is invalid: metadata.name: Required value"),
+                    );
+                };
+                let key = (kind.to_owned(), ns.to_owned(), name.clone());
+                if world.objects.contains_key(&key) {
+                    return status(
+                        409,
+                        "AlreadyExists",
+                        &format!("{group} \"{name}\" already exists"),
+                    );
+                }
+                world.resource_version += 1;
+                let version = world.resource_version;
+                let mut object = body;
+                object["kind"] = json!(object_kind);
+                object["apiVersion"] = json!(api_version);
+                object["metadata"]["namespace"] = json!(ns);
+                object["metadata"]["uid"] = json!(format!("00000000-0000-0000-0000-{version:012}"));
+                object["metadata"]["resourceVersion"] = json!(version.to_string());
+                object["metadata"]["generation"] = json!(1);
+                object["metadata"]["creationTimestamp"] = json!("2026-11-21T10:00:00Z");
+                if kind == "services" {
+                    object["spec"]["clusterIP"] =
+                        json!(format!("10.96.{}.{}", version / 250, version % 250 + 1));
+                    let exposed_on_nodes = object["spec"]["type"] == "NodePort"
+                        || object["spec"]["type"] == "LoadBalancer";
+                    if exposed_on_nodes && let Some(ports) = object["spec"]["ports"].as_array_mut()
+                    {
+                        for (i, port) in ports.iter_mut().enumerate() {
+                            port["nodePort"] = json!(30000 + (version as usize * 7 + i) % 2767);
+                        }
+                    }
+                    object["status"] = json!({"loadBalancer": {}});
+                } else {
+                    object["status"] = json!({});
+                }
+                world.objects.insert(key, object.clone());
+                (201, object)
+            }
+            ("GET", Some(ns), Some(name)) => {
+                let key = (kind.to_owned(), ns.to_owned(), name.to_owned());
+                let reads = {
+                    let reads = world.reads.entry(key.clone()).or_insert(0);
+                    *reads += 1;
+                    *reads
+                };
+                let ready = reads >= self.ready_after_reads;
+                world.resource_version += 1;
+                let version = world.resource_version;
+                let Some(object) = world.objects.get_mut(&key) else {
+                    return status(404, "NotFound", &format!("{group} \"{name}\" not found"));
+                };
+                if kind == "deployments" {
+                    let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
+                    object["status"] = if ready {
+                        json!({"observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas,
+                               "readyReplicas": replicas, "availableReplicas": replicas,
+                               "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable",
+                                               "message": "Deployment has minimum availability."}]})
+                    } else {
+                        json!({"observedGeneration": 1, "replicas": replicas, "unavailableReplicas": replicas,
+                               "conditions": [{"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable",
+                                               "message": "Deployment does not have minimum availability."}]})
+                    };
+                    object["metadata"]["resourceVersion"] = json!(version.to_string());
+                } else if object["spec"]["type"] == "LoadBalancer" && ready {
+                    object["status"] =
+                        json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.10"}]}});
+                    object["metadata"]["resourceVersion"] = json!(version.to_string());
+                }
+                (200, object.clone())
+            }
+            ("GET", namespace, None) => {
+                let selector = query_param(query, "labelSelector").unwrap_or_default();
+                let items: Vec<Value> = world
+                    .objects
+                    .iter()
+                    .filter(|((k, ns, _), object)| {
+                        k == kind
+                            && namespace.is_none_or(|n| n == ns)
+                            && selector_matches(object, &selector)
+                    })
+                    .map(|(_, object)| object.clone())
+                    .collect();
+                let list_kind = format!("{object_kind}List");
+                (
+                    200,
+                    json!({"kind": list_kind, "apiVersion": api_version,
+                             "metadata": {"resourceVersion": world.resource_version.to_string()}, "items": items}),
+                )
+            }
+            ("DELETE", Some(ns), Some(name)) => {
+                let key = (kind.to_owned(), ns.to_owned(), name.to_owned());
+                let policy = body["propagationPolicy"]
+                    .as_str()
+                    .unwrap_or("Background")
+                    .to_owned();
+                world.deletes.push((path.to_owned(), policy));
+                match world.objects.remove(&key) {
+                    Some(mut object) => {
+                        // The garbage collector's work is done at once: the object is gone
+                        // for every later read.
+                        object["metadata"]["deletionTimestamp"] = json!("2026-11-21T10:05:00Z");
+                        (200, object)
+                    }
+                    None => status(404, "NotFound", &format!("{group} \"{name}\" not found")),
+                }
+            }
+            _ => status(
+                405,
+                "MethodNotAllowed",
+                &format!("{method} is not supported on {path}"),
+            ),
+        }
+    }
+}
+
+/// The labels of a stored object.
+pub fn labels_of(object: &Value) -> BTreeMap<String, String> {
+    object["metadata"]["labels"]
+        .as_object()
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}

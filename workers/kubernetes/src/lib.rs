@@ -1,0 +1,671 @@
+//! The Kubernetes platform: per provision request, a Deployment of one container and,
+//! when the spec exposes a port, a Service in front of it, through kube's client on any
+//! cluster its configuration reaches (kubeconfig and context, in-cluster service account,
+//! EKS/AKS/GKE through their kubeconfig exec plugins).
+//!
+//! Both objects are named from the request id, so creating them is idempotent: a 409
+//! means a retry (or another worker) made them already, and the worker adopts them after
+//! checking the request-id annotation. Teardown deletes both with foreground propagation;
+//! 404 is success. A teardown names only the request, so the worker finds its Deployment
+//! by label across namespaces.
+
+#[cfg(feature = "fake-api")]
+pub mod fake_api;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, PodSpec, PodTemplateSpec, ResourceRequirements, Service,
+    ServicePort, ServiceSpec,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use provisioner_core::{Described, Platform, PlatformError};
+use provisioner_events::spec::kubernetes::KubernetesSpec;
+use provisioner_events::spec::parse_spec;
+use provisioner_events::{
+    Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, State, TeardownTarget,
+};
+use sha2::{Digest, Sha256};
+use tracing::info;
+
+/// Annotation holding the request id (labels cannot hold 128 characters).
+pub const REQUEST_ANNOTATION: &str = "provisioner.io/request-id";
+/// Label naming the objects of one request, for selectors and lookups.
+pub const NAME_LABEL: &str = "provisioner.io/name";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+const MANAGED_BY: &str = "provisioner";
+
+const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The name of a request's Deployment and Service: a DNS-1035 label (what Service names
+/// must be) derived from the request id, with a hash so distinct ids never collide.
+pub fn object_name(request_id: &str) -> String {
+    let hash: String = Sha256::digest(request_id.as_bytes())
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let readable: String = request_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(44)
+        .collect();
+    let readable = readable.trim_matches('-');
+    format!("prov-{readable}-{hash}")
+}
+
+/// Sorts an API answer by its HTTP code (and reason) into the runtime's classes.
+pub fn classify_status(code: u16, reason: &str, message: &str) -> (ErrorClass, bool) {
+    match code {
+        429 => (ErrorClass::Throttled, true),
+        500..=599 => (ErrorClass::Transient, true),
+        401 => (ErrorClass::Permission, false),
+        403 if message.contains("exceeded quota") => (ErrorClass::Quota, false),
+        403 => (ErrorClass::Permission, false),
+        404 => (ErrorClass::NotFound, false),
+        409 => (ErrorClass::Conflict, false),
+        400 | 422 => (ErrorClass::InvalidRequest, false),
+        _ if reason == "Timeout" || reason == "ServerTimeout" => (ErrorClass::Transient, true),
+        _ => (ErrorClass::Internal, false),
+    }
+}
+
+/// Classifies a client error: API answers by code, anything else (connection refused,
+/// TLS, a dropped stream) is transient.
+pub fn classify(error: &kube::Error, doing: &str) -> PlatformError {
+    match error {
+        kube::Error::Api(status) => {
+            let (class, retryable) = classify_status(status.code, &status.reason, &status.message);
+            PlatformError {
+                class,
+                retryable,
+                message: format!(
+                    "{doing}: {} {}: {}",
+                    status.code, status.reason, status.message
+                ),
+                retry_after: None,
+            }
+        }
+        other => PlatformError::transient(format!(
+            "{doing}: the Kubernetes API is unreachable: {other}"
+        )),
+    }
+}
+
+fn status_code(error: &kube::Error) -> Option<u16> {
+    match error {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    }
+}
+
+fn spec_of(request: &Request) -> Result<KubernetesSpec, PlatformError> {
+    let spec = request
+        .spec
+        .as_ref()
+        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
+    let spec: KubernetesSpec = parse_spec("kubernetes", spec).map_err(PlatformError::invalid)?;
+    spec.validate().map_err(PlatformError::invalid)?;
+    Ok(spec)
+}
+
+fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
+/// The Kubernetes [`Platform`].
+#[derive(Clone)]
+pub struct KubernetesPlatform {
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for KubernetesPlatform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubernetesPlatform")
+            .field("default_namespace", &self.client.default_namespace())
+            .finish()
+    }
+}
+
+impl KubernetesPlatform {
+    /// Connects as kube does: `KUBECONFIG` (or `~/.kube/config`) and its current context,
+    /// or the in-cluster service account. Fails at start when neither is usable.
+    pub async fn from_environment() -> Result<Self, String> {
+        let client = kube::Client::try_default().await.map_err(|e| {
+            format!(
+                "no usable Kubernetes configuration: {e} (set KUBECONFIG, or run in a pod with a service account)"
+            )
+        })?;
+        Ok(KubernetesPlatform { client })
+    }
+
+    pub fn new(client: kube::Client) -> Self {
+        KubernetesPlatform { client }
+    }
+
+    fn namespace(&self, spec: &KubernetesSpec) -> String {
+        spec.namespace
+            .clone()
+            .unwrap_or_else(|| self.client.default_namespace().to_owned())
+    }
+
+    fn labels(request: &Request, spec: &KubernetesSpec, name: &str) -> BTreeMap<String, String> {
+        let mut labels = spec.labels.clone();
+        // Request labels that Kubernetes would refuse stay on the annotation side.
+        for (key, value) in &request.labels {
+            if value.len() <= 63 && !key.contains('.') {
+                labels.entry(key.clone()).or_insert_with(|| value.clone());
+            }
+        }
+        labels.insert(NAME_LABEL.into(), name.into());
+        labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
+        labels
+    }
+
+    fn meta(request: &Request, spec: &KubernetesSpec, name: &str, namespace: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            labels: Some(Self::labels(request, spec, name)),
+            annotations: Some(BTreeMap::from([(
+                REQUEST_ANNOTATION.to_owned(),
+                request.request_id.to_string(),
+            )])),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn deployment(
+        request: &Request,
+        spec: &KubernetesSpec,
+        name: &str,
+        namespace: &str,
+    ) -> Deployment {
+        let selector = BTreeMap::from([(NAME_LABEL.to_owned(), name.to_owned())]);
+        let resources = spec.resources.as_ref().map(|r| {
+            let quantities: BTreeMap<String, Quantity> = [("cpu", &r.cpu), ("memory", &r.memory)]
+                .into_iter()
+                .filter_map(|(k, v)| v.clone().map(|v| (k.to_owned(), Quantity(v))))
+                .collect();
+            ResourceRequirements {
+                requests: Some(quantities.clone()),
+                limits: Some(quantities),
+                ..ResourceRequirements::default()
+            }
+        });
+        let container = Container {
+            name: "main".into(),
+            image: Some(spec.image.clone()),
+            command: (!spec.command.is_empty()).then(|| spec.command.clone()),
+            args: (!spec.args.is_empty()).then(|| spec.args.clone()),
+            env: (!spec.env.is_empty()).then(|| {
+                spec.env
+                    .iter()
+                    .map(|(k, v)| EnvVar {
+                        name: k.clone(),
+                        value: Some(v.clone()),
+                        ..EnvVar::default()
+                    })
+                    .collect()
+            }),
+            ports: spec.port.map(|port| {
+                vec![ContainerPort {
+                    container_port: i32::from(port),
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                }]
+            }),
+            resources,
+            ..Container::default()
+        };
+        let meta = Self::meta(request, spec, name, namespace);
+        Deployment {
+            spec: Some(DeploymentSpec {
+                replicas: Some(spec.replicas() as i32),
+                selector: LabelSelector {
+                    match_labels: Some(selector),
+                    ..LabelSelector::default()
+                },
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: meta.labels.clone(),
+                        annotations: meta.annotations.clone(),
+                        ..ObjectMeta::default()
+                    }),
+                    spec: Some(PodSpec {
+                        containers: vec![container],
+                        ..PodSpec::default()
+                    }),
+                },
+                ..DeploymentSpec::default()
+            }),
+            metadata: meta,
+            ..Deployment::default()
+        }
+    }
+
+    fn service(
+        request: &Request,
+        spec: &KubernetesSpec,
+        name: &str,
+        namespace: &str,
+        port: u16,
+    ) -> Service {
+        Service {
+            metadata: Self::meta(request, spec, name, namespace),
+            spec: Some(ServiceSpec {
+                type_: Some(spec.service_type().to_owned()),
+                selector: Some(BTreeMap::from([(NAME_LABEL.to_owned(), name.to_owned())])),
+                ports: Some(vec![ServicePort {
+                    name: Some("main".into()),
+                    port: i32::from(port),
+                    target_port: Some(
+                        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(
+                            port,
+                        )),
+                    ),
+                    protocol: Some("TCP".into()),
+                    ..ServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    /// Creates `object`, or adopts the one a retry made before (409 and the same
+    /// request-id annotation); an object of another request under the name is a conflict.
+    async fn ensure<K>(
+        &self,
+        api: &Api<K>,
+        object: &K,
+        request_id: &str,
+        kind: &str,
+    ) -> Result<K, PlatformError>
+    where
+        K: kube::Resource
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + serde::Serialize,
+    {
+        let name = object.meta().name.clone().unwrap_or_default();
+        match api.create(&PostParams::default(), object).await {
+            Ok(created) => {
+                info!(kind, name = %name, "created");
+                Ok(created)
+            }
+            Err(e) if status_code(&e) == Some(409) => {
+                let existing = api
+                    .get(&name)
+                    .await
+                    .map_err(|e| classify(&e, &format!("reading the existing {kind} {name}")))?;
+                if annotation(existing.meta(), REQUEST_ANNOTATION) == Some(request_id) {
+                    info!(kind, name = %name, "found the one made before");
+                    Ok(existing)
+                } else {
+                    Err(PlatformError::permanent(
+                        ErrorClass::Conflict,
+                        format!(
+                            "{kind} {name} exists and was not made for request {request_id}; it was left alone"
+                        ),
+                    ))
+                }
+            }
+            Err(e) => Err(classify(&e, &format!("creating {kind} {name}"))),
+        }
+    }
+
+    /// Polls until the Deployment has its replicas available, within `timeout`.
+    async fn wait_available(
+        &self,
+        api: &Api<Deployment>,
+        name: &str,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<(), PlatformError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(200);
+        loop {
+            let deployment = api
+                .get(name)
+                .await
+                .map_err(|e| classify(&e, &format!("reading Deployment {name}")))?;
+            let generation = deployment.metadata.generation.unwrap_or(0);
+            let status = deployment.status.unwrap_or_default();
+            let available = status.available_replicas.unwrap_or(0).max(0) as u32;
+            if status.observed_generation.unwrap_or(0) >= generation && available >= replicas {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                let why = status
+                    .conditions
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|c| c.status != "True")
+                    .filter_map(|c| c.message)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                return Err(PlatformError::permanent(
+                    ErrorClass::Timeout,
+                    format!(
+                        "Deployment {name} has {available} of {replicas} replicas available after {} s{}",
+                        timeout.as_secs(),
+                        if why.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {why}")
+                        }
+                    ),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(3));
+        }
+    }
+
+    /// Polls until the Service has an address: its cluster IP, or for a LoadBalancer the
+    /// load balancer's ingress.
+    async fn wait_address(
+        &self,
+        api: &Api<Service>,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Service, PlatformError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(200);
+        loop {
+            let service = api
+                .get(name)
+                .await
+                .map_err(|e| classify(&e, &format!("reading Service {name}")))?;
+            if service_address(&service).is_some() {
+                return Ok(service);
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(PlatformError::permanent(
+                    ErrorClass::Timeout,
+                    format!(
+                        "Service {name} has no address after {} s",
+                        timeout.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(3));
+        }
+    }
+
+    /// The namespace and name of a target's Deployment, when there is one.
+    async fn find(&self, target: &TeardownTarget) -> Result<Option<Deployment>, PlatformError> {
+        match target {
+            TeardownTarget::Request(id) => {
+                let name = object_name(id.as_str());
+                let found = Api::<Deployment>::all(self.client.clone())
+                    .list(&ListParams::default().labels(&format!("{NAME_LABEL}={name}")))
+                    .await
+                    .map_err(|e| classify(&e, &format!("looking up the Deployment of {id}")))?;
+                Ok(found
+                    .items
+                    .into_iter()
+                    .find(|d| annotation(&d.metadata, REQUEST_ANNOTATION) == Some(id.as_str())))
+            }
+            TeardownTarget::Resource(id) => {
+                let (namespace, name) = id.split_once('/').ok_or_else(|| {
+                    PlatformError::invalid(format!(
+                        "resource_id {id:?} is not <namespace>/<name>; name the request with target_request_id instead"
+                    ))
+                })?;
+                let api = Api::<Deployment>::namespaced(self.client.clone(), namespace);
+                match api.get_opt(name).await {
+                    Ok(None) => Ok(None),
+                    Ok(Some(deployment)) => {
+                        let managed = deployment
+                            .metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(MANAGED_BY_LABEL))
+                            .map(String::as_str)
+                            == Some(MANAGED_BY);
+                        if managed {
+                            Ok(Some(deployment))
+                        } else {
+                            Err(PlatformError::permanent(
+                                ErrorClass::Conflict,
+                                format!(
+                                    "Deployment {id} was not made by the provisioner; it was left alone"
+                                ),
+                            ))
+                        }
+                    }
+                    Err(e) => Err(classify(&e, &format!("reading Deployment {id}"))),
+                }
+            }
+        }
+    }
+
+    fn resource(&self, deployment: &Deployment, service: Option<&Service>) -> Resource {
+        let namespace = deployment.metadata.namespace.clone().unwrap_or_default();
+        let name = deployment.metadata.name.clone().unwrap_or_default();
+        let address = service.and_then(service_address);
+        let endpoints = match (service, &address) {
+            (Some(service), Some(host)) => service
+                .spec
+                .as_ref()
+                .and_then(|s| s.ports.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| Endpoint {
+                    port: p.port as u16,
+                    host: host.clone(),
+                    host_port: p.node_port.unwrap_or(p.port) as u16,
+                    protocol: p
+                        .protocol
+                        .unwrap_or_else(|| "TCP".into())
+                        .to_ascii_lowercase(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        Resource {
+            id: format!("{namespace}/{name}"),
+            name,
+            address,
+            endpoints,
+        }
+    }
+}
+
+/// A Service's address: a load balancer's ingress when it is one, else its cluster IP.
+fn service_address(service: &Service) -> Option<String> {
+    let spec = service.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("LoadBalancer") {
+        let ingress = service
+            .status
+            .as_ref()?
+            .load_balancer
+            .as_ref()?
+            .ingress
+            .as_ref()?
+            .first()?;
+        return ingress.ip.clone().or_else(|| ingress.hostname.clone());
+    }
+    spec.cluster_ip
+        .clone()
+        .filter(|ip| !ip.is_empty() && ip != "None")
+}
+
+#[async_trait]
+impl Platform for KubernetesPlatform {
+    fn name(&self) -> PlatformName {
+        PlatformName::Kubernetes
+    }
+
+    fn validate(&self, request: &Request) -> Result<(), PlatformError> {
+        if request.operation == Operation::Provision {
+            spec_of(request)?;
+        }
+        Ok(())
+    }
+
+    async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
+        let spec = spec_of(request)?;
+        let id = request.request_id.as_str();
+        let name = object_name(id);
+        let namespace = self.namespace(&spec);
+        let timeout = spec
+            .ready_timeout_seconds
+            .map_or(DEFAULT_READY_TIMEOUT, Duration::from_secs);
+        let deployments = Api::<Deployment>::namespaced(self.client.clone(), &namespace);
+        let deployment = self
+            .ensure(
+                &deployments,
+                &Self::deployment(request, &spec, &name, &namespace),
+                id,
+                "Deployment",
+            )
+            .await?;
+        let service = match spec.port {
+            Some(port) => {
+                let services = Api::<Service>::namespaced(self.client.clone(), &namespace);
+                self.ensure(
+                    &services,
+                    &Self::service(request, &spec, &name, &namespace, port),
+                    id,
+                    "Service",
+                )
+                .await?;
+                Some(self.wait_address(&services, &name, timeout).await?)
+            }
+            None => None,
+        };
+        self.wait_available(&deployments, &name, spec.replicas(), timeout)
+            .await?;
+        Ok(self.resource(&deployment, service.as_ref()))
+    }
+
+    async fn teardown(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+        let Some(deployment) = self.find(target).await? else {
+            return Ok(None);
+        };
+        let namespace = deployment.metadata.namespace.clone().unwrap_or_default();
+        let name = deployment.metadata.name.clone().unwrap_or_default();
+        let params = DeleteParams::foreground();
+        let services = Api::<Service>::namespaced(self.client.clone(), &namespace);
+        match services.delete(&name, &params).await {
+            Ok(_) => info!(service = %name, "deleted Service"),
+            Err(e) if status_code(&e) == Some(404) => {}
+            Err(e) => {
+                return Err(classify(
+                    &e,
+                    &format!("deleting Service {namespace}/{name}"),
+                ));
+            }
+        }
+        let deployments = Api::<Deployment>::namespaced(self.client.clone(), &namespace);
+        match deployments.delete(&name, &params).await {
+            Ok(_) => info!(deployment = %name, "deleted Deployment"),
+            Err(e) if status_code(&e) == Some(404) => return Ok(None),
+            Err(e) => {
+                return Err(classify(
+                    &e,
+                    &format!("deleting Deployment {namespace}/{name}"),
+                ));
+            }
+        }
+        Ok(Some(self.resource(&deployment, None)))
+    }
+
+    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {
+        let Some(deployment) = self.find(target).await? else {
+            return Ok(None);
+        };
+        let namespace = deployment.metadata.namespace.clone().unwrap_or_default();
+        let name = deployment.metadata.name.clone().unwrap_or_default();
+        let service = Api::<Service>::namespaced(self.client.clone(), &namespace)
+            .get_opt(&name)
+            .await
+            .map_err(|e| classify(&e, &format!("reading Service {namespace}/{name}")))?;
+        let desired = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1);
+        let available = deployment
+            .status
+            .as_ref()
+            .and_then(|s| s.available_replicas)
+            .unwrap_or(0);
+        Ok(Some(Described {
+            state: if available >= desired {
+                State::Running
+            } else {
+                State::Starting
+            },
+            resource: self.resource(&deployment, service.as_ref()),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_names_are_dns_labels_and_distinct() {
+        for id in ["web-1", "Web_1", "a.b.c", &"x".repeat(128), "9lives"] {
+            let name = object_name(id);
+            assert!(name.len() <= 63, "{name}");
+            assert!(
+                provisioner_events::spec::kubernetes::is_dns_label(&name),
+                "{id} -> {name}"
+            );
+            assert!(name.starts_with("prov-"));
+        }
+        assert_ne!(object_name("Web_1"), object_name("web-1"));
+        assert_eq!(object_name("web-1"), object_name("web-1"));
+    }
+
+    #[test]
+    fn api_answers_are_classified_by_code() {
+        let cases = [
+            (429, "TooManyRequests", "", ErrorClass::Throttled, true),
+            (503, "ServiceUnavailable", "", ErrorClass::Transient, true),
+            (
+                403,
+                "Forbidden",
+                "deployments is forbidden",
+                ErrorClass::Permission,
+                false,
+            ),
+            (
+                403,
+                "Forbidden",
+                "exceeded quota: compute",
+                ErrorClass::Quota,
+                false,
+            ),
+            (404, "NotFound", "", ErrorClass::NotFound, false),
+            (409, "AlreadyExists", "", ErrorClass::Conflict, false),
+            (422, "Invalid", "", ErrorClass::InvalidRequest, false),
+        ];
+        for (code, reason, message, class, retryable) in cases {
+            assert_eq!(
+                classify_status(code, reason, message),
+                (class, retryable),
+                "{code} {message}"
+            );
+        }
+    }
+}

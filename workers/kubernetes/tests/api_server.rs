@@ -1,0 +1,268 @@
+//! The Kubernetes platform through kube's real client against the fake API server
+//! (`provisioner_kubernetes::fake_api`): real paths, verbs, codes and JSON, readiness
+//! that changes over time. Test names end in `_on_fake_api`.
+
+use hyper::Method;
+use provisioner_core::Platform;
+use provisioner_core::conformance::check_platform;
+use provisioner_events::{ErrorClass, Request, State, TeardownTarget, decode_request};
+use provisioner_kubernetes::fake_api::{FakeApi, Fault};
+use provisioner_kubernetes::{KubernetesPlatform, REQUEST_ANNOTATION, object_name};
+
+async fn platform(api: &FakeApi) -> KubernetesPlatform {
+    let url: http::Uri = api.url().parse().expect("url");
+    let mut config = kube::Config::new(url);
+    config.default_namespace = "apps".into();
+    KubernetesPlatform::new(kube::Client::try_from(config).expect("client"))
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
+fn request(id: &str, spec: serde_json::Value) -> Request {
+    let body = serde_json::json!({
+        "schema_version": 1, "request_id": id, "operation": "provision", "platform": "kubernetes",
+        "spec": spec
+    });
+    decode_request(body.to_string().as_bytes()).expect("valid")
+}
+
+fn web(extra: serde_json::Value) -> serde_json::Value {
+    let mut spec = serde_json::json!({"image": "nginx:1.27", "replicas": 2, "port": 80});
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        spec[k] = v;
+    }
+    spec
+}
+
+#[tokio::test]
+async fn kubernetes_platform_conforms_on_fake_api() {
+    let api = FakeApi::start(3).await;
+    let platform = platform(&api).await;
+    let request = request(&unique("conf"), web(serde_json::json!({})));
+    let probe = api.clone();
+    check_platform(&platform, &request, move |resource| {
+        let probe = probe.clone();
+        async move {
+            let (namespace, name) = resource.id.split_once('/').expect("ns/name");
+            probe.object("deployments", namespace, name).is_some()
+                && probe.object("services", namespace, name).is_some()
+        }
+    })
+    .await;
+    // Every delete asked the garbage collector to remove the pods first.
+    assert!(!api.deletes().is_empty());
+    assert!(
+        api.deletes()
+            .iter()
+            .all(|(_, policy)| policy == "Foreground"),
+        "{:?}",
+        api.deletes()
+    );
+}
+
+#[tokio::test]
+async fn provision_waits_for_available_replicas_and_reports_the_service_on_fake_api() {
+    let api = FakeApi::start(4).await;
+    let platform = platform(&api).await;
+    let id = unique("web");
+    let resource = platform
+        .provision(&request(
+            &id,
+            web(serde_json::json!({"service_type": "NodePort", "namespace": "team-a",
+                                   "env": {"GREETING": "hi"}, "resources": {"cpu": "250m", "memory": "256Mi"},
+                                   "labels": {"team": "web"}})),
+        ))
+        .await
+        .expect("provision");
+    let name = object_name(&id);
+    assert_eq!(resource.id, format!("team-a/{name}"));
+    let address = resource.address.clone().expect("the cluster IP");
+    assert!(address.starts_with("10.96."), "{address}");
+    assert_eq!(resource.endpoints.len(), 1);
+    assert_eq!(resource.endpoints[0].port, 80);
+    assert!(
+        resource.endpoints[0].host_port >= 30000,
+        "the node port: {resource:?}"
+    );
+
+    let deployment = api
+        .object("deployments", "team-a", &name)
+        .expect("deployment");
+    assert_eq!(
+        deployment["status"]["availableReplicas"], 2,
+        "it waited for them"
+    );
+    assert_eq!(
+        deployment["metadata"]["annotations"][REQUEST_ANNOTATION],
+        id.as_str()
+    );
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["image"], "nginx:1.27");
+    assert_eq!(container["env"][0]["name"], "GREETING");
+    assert_eq!(container["resources"]["limits"]["memory"], "256Mi");
+    assert_eq!(deployment["metadata"]["labels"]["team"], "web");
+    let service = api.object("services", "team-a", &name).expect("service");
+    assert_eq!(
+        service["spec"]["selector"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+
+    // A retry after a crash adopts what is there (409 → same annotation): nothing new.
+    let again = platform
+        .provision(&request(
+            &id,
+            web(serde_json::json!({"service_type": "NodePort", "namespace": "team-a",
+                                   "env": {"GREETING": "hi"}, "resources": {"cpu": "250m", "memory": "256Mi"},
+                                   "labels": {"team": "web"}})),
+        ))
+        .await
+        .expect("provision again");
+    assert_eq!(again.id, resource.id);
+    assert_eq!(api.count("deployments"), 1);
+    let described = platform
+        .describe(&TeardownTarget::Request(
+            request(&id, web(serde_json::json!({}))).request_id,
+        ))
+        .await
+        .expect("describe")
+        .expect("found");
+    assert_eq!(described.state, State::Running);
+    assert_eq!(described.resource.id, resource.id);
+}
+
+#[tokio::test]
+async fn a_load_balancer_is_running_only_with_its_ingress_on_fake_api() {
+    let api = FakeApi::start(3).await;
+    let platform = platform(&api).await;
+    let resource = platform
+        .provision(&request(
+            &unique("lb"),
+            web(serde_json::json!({"service_type": "LoadBalancer"})),
+        ))
+        .await
+        .expect("provision");
+    assert_eq!(resource.address.as_deref(), Some("203.0.113.10"));
+}
+
+#[tokio::test]
+async fn objects_of_another_request_under_the_name_are_a_conflict_on_fake_api() {
+    let api = FakeApi::start(1).await;
+    let platform = platform(&api).await;
+    let id = unique("taken");
+    api.put(
+        "deployments",
+        serde_json::json!({
+            "kind": "Deployment", "apiVersion": "apps/v1",
+            "metadata": {"name": object_name(&id), "namespace": "apps",
+                         "annotations": {REQUEST_ANNOTATION: "someone-else"}},
+            "spec": {"replicas": 1}
+        }),
+    );
+    let error = platform
+        .provision(&request(&id, web(serde_json::json!({}))))
+        .await
+        .expect_err("taken");
+    assert_eq!(error.class, ErrorClass::Conflict, "{error}");
+    assert!(!error.retryable);
+}
+
+#[tokio::test]
+async fn throttling_is_retried_and_refusals_are_classified_on_fake_api() {
+    let api = FakeApi::start(1).await;
+    let platform = platform(&api).await;
+    // kube's client retries 429 and 503 itself with backoff, as client-go does.
+    for (code, reason) in [(429, "TooManyRequests"), (503, "ServiceUnavailable")] {
+        api.inject(Fault {
+            method: Method::POST,
+            path_contains: "/deployments".into(),
+            code,
+            reason: reason.into(),
+            message: "Too many requests, please try again later.".into(),
+        });
+    }
+    platform
+        .provision(&request(&unique("throttled"), web(serde_json::json!({}))))
+        .await
+        .expect("throttling was waited out");
+    assert_eq!(api.count("deployments"), 1);
+
+    let cases = [
+        (
+            500,
+            "InternalError",
+            "Internal error occurred: etcdserver: request timed out",
+            ErrorClass::Transient,
+            true,
+        ),
+        (
+            403,
+            "Forbidden",
+            "deployments.apps \"x\" is forbidden: exceeded quota: compute, requested: pods=1",
+            ErrorClass::Quota,
+            false,
+        ),
+        (
+            403,
+            "Forbidden",
+            "deployments.apps is forbidden: User \"ci\" cannot create resource",
+            ErrorClass::Permission,
+            false,
+        ),
+        (
+            422,
+            "Invalid",
+            "Deployment.apps \"x\" is invalid: spec.template.spec.containers[0].image: Required value",
+            ErrorClass::InvalidRequest,
+            false,
+        ),
+    ];
+    for (code, reason, message, class, retryable) in cases {
+        api.inject(Fault {
+            method: Method::POST,
+            path_contains: "/deployments".into(),
+            code,
+            reason: reason.into(),
+            message: message.into(),
+        });
+        let error = platform
+            .provision(&request(&unique("fault"), web(serde_json::json!({}))))
+            .await
+            .expect_err("fault answered");
+        assert_eq!(
+            (error.class, error.retryable),
+            (class, retryable),
+            "{code}: {error}"
+        );
+        assert!(error.message.contains(message), "{error}");
+    }
+}
+
+#[tokio::test]
+async fn teardown_by_resource_id_refuses_what_the_provisioner_did_not_make_on_fake_api() {
+    let api = FakeApi::start(1).await;
+    let platform = platform(&api).await;
+    api.put(
+        "deployments",
+        serde_json::json!({
+            "kind": "Deployment", "apiVersion": "apps/v1",
+            "metadata": {"name": "hand-made", "namespace": "apps", "labels": {"app": "x"}},
+            "spec": {"replicas": 1}
+        }),
+    );
+    let refused = platform
+        .teardown(&TeardownTarget::Resource("apps/hand-made".into()))
+        .await
+        .expect_err("not ours");
+    assert_eq!(refused.class, ErrorClass::Conflict, "{refused}");
+    assert!(api.object("deployments", "apps", "hand-made").is_some());
+    let malformed = platform
+        .teardown(&TeardownTarget::Resource("hand-made".into()))
+        .await
+        .expect_err("no namespace");
+    assert_eq!(malformed.class, ErrorClass::InvalidRequest);
+}
