@@ -79,7 +79,7 @@ fn is_quantity(value: &str) -> bool {
 }
 
 /// A label key (optionally `prefix/name`) and value as Kubernetes accepts them.
-fn is_label(key: &str, value: &str) -> bool {
+pub fn is_label(key: &str, value: &str) -> bool {
     let name_ok = |name: &str, max: usize| {
         name.len() <= max
             && name

@@ -25,7 +25,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use provisioner_core::{Described, Platform, PlatformError};
-use provisioner_events::spec::kubernetes::KubernetesSpec;
+use provisioner_events::spec::kubernetes::{KubernetesSpec, is_label};
 use provisioner_events::spec::parse_spec;
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, State, TeardownTarget,
@@ -162,9 +162,9 @@ impl KubernetesPlatform {
 
     fn labels(request: &Request, spec: &KubernetesSpec, name: &str) -> BTreeMap<String, String> {
         let mut labels = spec.labels.clone();
-        // Request labels that Kubernetes would refuse stay on the annotation side.
+        // The request's labels where Kubernetes accepts them as labels; the spec's win.
         for (key, value) in &request.labels {
-            if value.len() <= 63 && !key.contains('.') {
+            if is_label(key, value) && !key.starts_with("provisioner.io/") {
                 labels.entry(key.clone()).or_insert_with(|| value.clone());
             }
         }

@@ -266,3 +266,40 @@ async fn teardown_by_resource_id_refuses_what_the_provisioner_did_not_make_on_fa
         .expect_err("no namespace");
     assert_eq!(malformed.class, ErrorClass::InvalidRequest);
 }
+
+#[tokio::test]
+async fn request_labels_become_kubernetes_labels_where_kubernetes_accepts_them_on_fake_api() {
+    let api = FakeApi::start(1).await;
+    let platform = platform(&api).await;
+    let id = unique("labels");
+    let request = decode_request(
+        serde_json::json!({
+            "schema_version": 1, "request_id": id, "operation": "provision",
+            "platform": "kubernetes", "spec": {"image": "nginx:1.27"},
+            "labels": {"team": "web", "note": "has spaces", "example.com/tier": "front"}
+        })
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("request");
+    platform.provision(&request).await.expect("provision");
+    let deployment = api
+        .object("deployments", "apps", &object_name(&id))
+        .expect("deployment");
+    let labels = provisioner_kubernetes::fake_api::labels_of(&deployment);
+    assert_eq!(labels.get("team").map(String::as_str), Some("web"));
+    assert_eq!(
+        labels.get("example.com/tier").map(String::as_str),
+        Some("front")
+    );
+    assert!(
+        !labels.contains_key("note"),
+        "a value Kubernetes refuses is left out"
+    );
+    assert_eq!(
+        labels
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("provisioner")
+    );
+}
