@@ -32,18 +32,7 @@ pub struct Connections {
 }
 
 /// Hides the password of a URL for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
+pub use provisioner_core::redact_url as redact;
 
 impl Connections {
     /// Both set: the real services; neither: embedded; one alone is a mistake.
@@ -287,19 +276,5 @@ impl PlatformSettings {
                 "the {other} worker is not part of this build yet; available: docker, process, aws-ec2, aws-ecs, kubernetes"
             ))),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact("amqp://guest:secret@host:5672/%2f"),
-            "amqp://guest:***@host:5672/%2f"
-        );
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }

@@ -18,6 +18,7 @@ use provisioner_core::Broker;
 use provisioner_core::Platform;
 use provisioner_core::amqp::{AmqpBroker, AmqpConfig};
 use provisioner_core::policy::RetryPolicy;
+use provisioner_core::redact_url as redact;
 use provisioner_core::redis_store::{DEFAULT_RETENTION, RedisStore};
 use provisioner_core::runtime::WorkerConfig;
 use provisioner_events::PlatformName;
@@ -33,17 +34,6 @@ fn number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
         Some(text) => text
             .parse()
             .map_err(|_| format!("{name}={text:?} is not a number")),
-    }
-}
-
-/// Hides the password of a URL for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => match url[scheme + 3..at].split_once(':') {
-            Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-            None => url.to_owned(),
-        },
-        _ => url.to_owned(),
     }
 }
 

@@ -83,15 +83,7 @@ impl AwsEc2Spec {
                 self.instance_type
             ));
         }
-        match self.count {
-            None | Some(1) => {}
-            Some(0) => return Err("count must be at least 1".into()),
-            Some(n) => {
-                return Err(format!(
-                    "count {n}: only one instance per request is supported for now"
-                ));
-            }
-        }
+        super::validate_single_count(self.count, "instance")?;
         if let Some(subnet) = &self.subnet_id
             && !is_id(subnet, "subnet-")
         {
@@ -111,18 +103,7 @@ impl AwsEc2Spec {
         {
             return Err(format!("user_data is over {MAX_USER_DATA} bytes"));
         }
-        for (key, value) in &self.tags {
-            if key.is_empty()
-                || key.len() > 128
-                || value.len() > 256
-                || key.starts_with("aws:")
-                || key.starts_with("provisioner:")
-            {
-                return Err(format!(
-                    "tag {key:?}: keys are 1 to 128 characters, values at most 256, and aws: and provisioner: are reserved"
-                ));
-            }
-        }
+        super::validate_aws_tags(&self.tags)?;
         if let Some(volume) = &self.root_volume {
             if volume.size_gib == 0 || volume.size_gib > 16_384 {
                 return Err("root_volume.size_gib must be 1 to 16384".into());

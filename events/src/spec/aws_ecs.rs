@@ -175,27 +175,8 @@ impl AwsEcsSpec {
             }
             super::validate_env_and_timeout(&o.env, None)?;
         }
-        match self.count {
-            None | Some(1) => {}
-            Some(0) => return Err("count must be at least 1".into()),
-            Some(n) => {
-                return Err(format!(
-                    "count {n}: only one task per request is supported for now"
-                ));
-            }
-        }
-        for (key, value) in &self.tags {
-            if key.is_empty()
-                || key.len() > 128
-                || value.len() > 256
-                || key.starts_with("aws:")
-                || key.starts_with("provisioner:")
-            {
-                return Err(format!(
-                    "tag {key:?}: keys are 1 to 128 characters, values at most 256, and aws: and provisioner: are reserved"
-                ));
-            }
-        }
+        super::validate_single_count(self.count, "task")?;
+        super::validate_aws_tags(&self.tags)?;
         if self.ready_timeout_seconds == Some(0) {
             return Err("ready_timeout_seconds must be at least 1".into());
         }

@@ -74,6 +74,37 @@ pub(crate) fn validate_env_and_timeout(
     Ok(())
 }
 
+/// Tags an AWS resource takes besides the worker's own; `aws:` and `provisioner:` keys
+/// are reserved.
+pub(crate) fn validate_aws_tags(
+    tags: &std::collections::BTreeMap<String, String>,
+) -> Result<(), String> {
+    for (key, value) in tags {
+        if key.is_empty()
+            || key.len() > 128
+            || value.len() > 256
+            || key.starts_with("aws:")
+            || key.starts_with("provisioner:")
+        {
+            return Err(format!(
+                "tag {key:?}: keys are 1 to 128 characters, values at most 256, and aws: and provisioner: are reserved"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `count` of identical resources: one per request until fleets are part of the contract.
+pub(crate) fn validate_single_count(count: Option<u32>, what: &str) -> Result<(), String> {
+    match count {
+        None | Some(1) => Ok(()),
+        Some(0) => Err("count must be at least 1".into()),
+        Some(n) => Err(format!(
+            "count {n}: only one {what} per request is supported for now"
+        )),
+    }
+}
+
 /// Reads a spec object into a platform's spec type with a message naming the platform.
 pub fn parse_spec<T: serde::de::DeserializeOwned>(
     platform: &str,

@@ -18,6 +18,7 @@ use aws_sdk_ec2::types::{
     ResourceType, Tag, TagSpecification, VolumeType,
 };
 use base64::Engine;
+use provisioner_core::backoff::Backoff;
 use provisioner_core::health::Probe;
 use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::aws_ec2::AwsEc2Spec;
@@ -328,8 +329,7 @@ impl Ec2Platform {
         wanted: &str,
         timeout: Duration,
     ) -> Result<Instance, PlatformError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut pause = Duration::from_millis(250);
+        let mut backoff = Backoff::new(timeout, Duration::from_millis(250), Duration::from_secs(5));
         loop {
             let instance = self.instance(instance_id).await?.ok_or_else(|| {
                 PlatformError::transient(format!("instance {instance_id} is not visible yet"))
@@ -361,7 +361,7 @@ impl Ec2Platform {
                 }
                 _ => {}
             }
-            if tokio::time::Instant::now() + pause > deadline {
+            if !backoff.wait().await {
                 return Err(PlatformError::permanent(
                     ErrorClass::Timeout,
                     format!(
@@ -371,8 +371,6 @@ impl Ec2Platform {
                     ),
                 ));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(5));
         }
     }
 

@@ -22,6 +22,7 @@ use aws_sdk_ecs::types::{
     DesiredStatus, HealthStatus, KeyValuePair, LaunchType, NetworkConfiguration, NetworkMode,
     PortMapping, Tag, Task, TaskField, TaskOverride, TransportProtocol,
 };
+use provisioner_core::backoff::Backoff;
 use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::aws_ecs::{AwsEcsSpec, INLINE_CONTAINER_NAME, InlineContainer};
 use provisioner_events::spec::parse_spec;
@@ -478,8 +479,7 @@ impl EcsPlatform {
         healthy: bool,
         timeout: Duration,
     ) -> Result<Task, PlatformError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut pause = Duration::from_millis(250);
+        let mut backoff = Backoff::new(timeout, Duration::from_millis(250), Duration::from_secs(5));
         loop {
             let task = self.task(cluster, arn).await?.ok_or_else(|| {
                 PlatformError::transient(format!("task {arn} is not visible yet"))
@@ -504,7 +504,7 @@ impl EcsPlatform {
                 }
                 _ => {}
             }
-            if tokio::time::Instant::now() + pause > deadline {
+            if !backoff.wait().await {
                 return Err(PlatformError::permanent(
                     ErrorClass::Timeout,
                     format!(
@@ -514,8 +514,6 @@ impl EcsPlatform {
                     ),
                 ));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -562,13 +560,15 @@ impl EcsPlatform {
     }
 
     async fn wait_stopped(&self, cluster: &str, arn: &str) -> Result<Task, PlatformError> {
-        let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
-        let mut pause = Duration::from_millis(250);
+        let mut backoff = Backoff::new(
+            STOP_TIMEOUT,
+            Duration::from_millis(250),
+            Duration::from_secs(5),
+        );
         loop {
-            let task = self.task(cluster, arn).await?;
-            match task {
+            match self.task(cluster, arn).await? {
                 Some(task) if last_status(&task) != "STOPPED" => {
-                    if tokio::time::Instant::now() + pause > deadline {
+                    if !backoff.wait().await {
                         return Err(PlatformError::retryable(
                             ErrorClass::Timeout,
                             format!("task {arn} is still {} after StopTask", last_status(&task)),
@@ -579,8 +579,6 @@ impl EcsPlatform {
                 // Gone from DescribeTasks: stopped long enough ago to be forgotten.
                 None => return Ok(Task::builder().task_arn(arn).last_status("STOPPED").build()),
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(5));
         }
     }
 }

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::backoff::Backoff;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -121,22 +123,23 @@ impl Probe {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<(), String>>,
     {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut pause = Duration::from_millis(50);
+        let mut backoff = Backoff::new(
+            timeout,
+            Duration::from_millis(50),
+            Duration::from_millis(500),
+        );
         loop {
             let last = match self.check_once().await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
             still_alive().await.map_err(NotReady::Died)?;
-            if tokio::time::Instant::now() + pause > deadline {
+            if !backoff.wait().await {
                 return Err(NotReady::TimedOut(format!(
                     "{self} did not answer within {} s (last: {last})",
                     timeout.as_secs()
                 )));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(500));
         }
     }
 }

@@ -19,6 +19,7 @@
 
 #[cfg(feature = "rabbitmq")]
 pub mod amqp;
+pub mod backoff;
 pub mod broker;
 pub mod conformance;
 pub mod health;
@@ -33,3 +34,31 @@ pub use broker::{Broker, BrokerError, Delivery, MemoryBroker, Settlement};
 pub use platform::{Described, Platform, PlatformError};
 pub use runtime::{Worker, WorkerConfig};
 pub use store::{Claim, MemoryStore, StateStore, StoreError};
+
+/// Hides the password of a URL for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url as redact;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

@@ -24,6 +24,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use provisioner_core::backoff::Backoff;
 use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::kubernetes::{KubernetesSpec, is_label};
 use provisioner_events::spec::parse_spec;
@@ -335,8 +336,7 @@ impl KubernetesPlatform {
         replicas: u32,
         timeout: Duration,
     ) -> Result<(), PlatformError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut pause = Duration::from_millis(200);
+        let mut backoff = Backoff::new(timeout, Duration::from_millis(200), Duration::from_secs(3));
         loop {
             let deployment = api
                 .get(name)
@@ -348,7 +348,7 @@ impl KubernetesPlatform {
             if status.observed_generation.unwrap_or(0) >= generation && available >= replicas {
                 return Ok(());
             }
-            if tokio::time::Instant::now() + pause > deadline {
+            if !backoff.wait().await {
                 let why = status
                     .conditions
                     .unwrap_or_default()
@@ -370,8 +370,6 @@ impl KubernetesPlatform {
                     ),
                 ));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(3));
         }
     }
 
@@ -383,8 +381,7 @@ impl KubernetesPlatform {
         name: &str,
         timeout: Duration,
     ) -> Result<Service, PlatformError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut pause = Duration::from_millis(200);
+        let mut backoff = Backoff::new(timeout, Duration::from_millis(200), Duration::from_secs(3));
         loop {
             let service = api
                 .get(name)
@@ -393,7 +390,7 @@ impl KubernetesPlatform {
             if service_address(&service).is_some() {
                 return Ok(service);
             }
-            if tokio::time::Instant::now() + pause > deadline {
+            if !backoff.wait().await {
                 return Err(PlatformError::permanent(
                     ErrorClass::Timeout,
                     format!(
@@ -402,8 +399,6 @@ impl KubernetesPlatform {
                     ),
                 ));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(3));
         }
     }
 
