@@ -453,7 +453,12 @@ async fn watch_prints_the_events_of_the_request_it_follows() {
                 event["request_id"].as_str().unwrap_or_default().to_owned(),
                 event["state"].as_str().unwrap_or_default().to_owned(),
             ));
-            if states.last().is_some_and(|(_, state)| state == "running") {
+            // Any terminal state ends the wait, so a failed request fails the test
+            // instead of leaving it reading forever.
+            if states
+                .last()
+                .is_some_and(|(_, state)| matches!(state.as_str(), "running" | "error"))
+            {
                 break;
             }
         }

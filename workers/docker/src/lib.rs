@@ -595,15 +595,20 @@ impl Platform for DockerPlatform {
             self.create(request, &spec, &name).await?;
         }
         // Starting a running container is a no-op (304), so a retry just goes on.
-        self.docker
-            .start_container(&name, None)
-            .await
-            .map_err(|e| {
-                classify(
-                    &e,
-                    &format!("starting container {name} on {}", self.endpoint),
-                )
-            })?;
+        if let Err(e) = self.docker.start_container(&name, None).await {
+            let error = classify(
+                &e,
+                &format!("starting container {name} on {}", self.endpoint),
+            );
+            // Podman picks a free host port at create but binds it at start, so two
+            // containers created at once can get the same one. The port is fixed in the
+            // container: remove it, and the retry creates one with a port of its own.
+            let auto_port = spec.ports.iter().any(|p| p.host_port().is_none());
+            if auto_port && error.message.contains("address already in use") {
+                let _ = self.remove(&name).await;
+            }
+            return Err(error);
+        }
         self.wait_ready(&spec, &name).await
     }
 
