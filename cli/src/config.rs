@@ -272,8 +272,24 @@ impl PlatformSettings {
                     .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
                 Ok(Arc::new(kubernetes))
             }
+            PlatformName::GcpCompute => {
+                let settings = provisioner_gcp::GcpSettings::from_environment()
+                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
+                let compute = provisioner_gcp::ComputePlatform::new(settings)
+                    .await
+                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
+                Ok(Arc::new(compute))
+            }
+            PlatformName::GcpCloudRun => {
+                let settings = provisioner_gcp::GcpSettings::from_environment()
+                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
+                let cloud_run = provisioner_gcp::CloudRunPlatform::new(settings)
+                    .await
+                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
+                Ok(Arc::new(cloud_run))
+            }
             other => Err(Failure::config(anyhow::anyhow!(
-                "the {other} worker is not part of this build yet; available: docker, process, aws-ec2, aws-ecs, kubernetes"
+                "the {other} worker is not part of this build yet; available: docker, process, aws-ec2, aws-ecs, kubernetes, gcp-compute, gcp-cloud-run"
             ))),
         }
     }

@@ -278,12 +278,16 @@ async fn embedded(args: SubmitArgs, requests: Vec<Outgoing>) -> Result<ExitCode,
                     .await
                     .map_err(|e| Failure::unavailable(anyhow!("{e} (the docker requests need an engine; the process examples need nothing)")))?,
             ),
-            PlatformName::AwsEc2 | PlatformName::AwsEcs | PlatformName::Kubernetes => {
+            PlatformName::AwsEc2
+            | PlatformName::AwsEcs
+            | PlatformName::Kubernetes
+            | PlatformName::GcpCompute
+            | PlatformName::GcpCloudRun => {
                 args.platforms.build(platform_name).await?
             }
             other => {
                 return Err(Failure::config(anyhow!(
-                    "the embedded mode has no {other} worker in this build; available: docker, process, aws-ec2, aws-ecs, kubernetes"
+                    "the embedded mode has no {other} worker in this build; available: docker, process, aws-ec2, aws-ecs, kubernetes, gcp-compute, gcp-cloud-run"
                 )));
             }
         };

@@ -2,7 +2,11 @@
 //! `events/schema/*.json` holds them committed; `tests/schema.rs` fails when they drift.
 
 use crate::spec::{
-    aws_ec2::AwsEc2Spec, aws_ecs::AwsEcsSpec, docker::DockerSpec, kubernetes::KubernetesSpec,
+    aws_ec2::AwsEc2Spec,
+    aws_ecs::AwsEcsSpec,
+    docker::DockerSpec,
+    gcp::{GcpCloudRunSpec, GcpComputeSpec},
+    kubernetes::KubernetesSpec,
     process::ProcessSpec,
 };
 use crate::{Request, StatusEvent};
@@ -38,6 +42,14 @@ pub fn all() -> Vec<(&'static str, String)> {
         (
             "spec-kubernetes.schema.json",
             render(schemars::schema_for!(KubernetesSpec)),
+        ),
+        (
+            "spec-gcp-compute.schema.json",
+            render(schemars::schema_for!(GcpComputeSpec)),
+        ),
+        (
+            "spec-gcp-cloud-run.schema.json",
+            render(schemars::schema_for!(GcpCloudRunSpec)),
         ),
         (
             "spec-process.schema.json",

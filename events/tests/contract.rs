@@ -314,6 +314,8 @@ fn fixtures_validate_against_the_published_schemas() {
     let ec2_schema = validator("spec-aws-ec2.schema.json");
     let ecs_schema = validator("spec-aws-ecs.schema.json");
     let kubernetes_schema = validator("spec-kubernetes.schema.json");
+    let gcp_compute_schema = validator("spec-gcp-compute.schema.json");
+    let gcp_cloud_run_schema = validator("spec-gcp-cloud-run.schema.json");
     for path in json_files(&fixtures().join("requests/valid")) {
         let value: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
@@ -329,6 +331,8 @@ fn fixtures_validate_against_the_published_schemas() {
                 Some("aws-ec2") => &ec2_schema,
                 Some("aws-ecs") => &ecs_schema,
                 Some("kubernetes") => &kubernetes_schema,
+                Some("gcp-compute") => &gcp_compute_schema,
+                Some("gcp-cloud-run") => &gcp_cloud_run_schema,
                 other => panic!("no spec schema for {other:?}"),
             };
             let errors: Vec<String> = validator.iter_errors(spec).map(|e| e.to_string()).collect();

@@ -6,6 +6,7 @@
 pub mod aws_ec2;
 pub mod aws_ecs;
 pub mod docker;
+pub mod gcp;
 pub mod kubernetes;
 pub mod process;
 

@@ -13,6 +13,7 @@
 //!   in-memory implementation; [`amqp`] is the RabbitMQ one.
 //! - [`runtime`]: the consume loop and the per-delivery state machine.
 //! - [`conformance`]: the tests every platform must pass (each operation twice).
+//! - [`names`]: resource names and idempotency keys derived from a request id.
 //!
 //! Platform crates depend only on [`platform`] and `provisioner-events`; the RabbitMQ and
 //! Redis adapters sit behind the `rabbitmq` and `redis` features.
@@ -23,6 +24,7 @@ pub mod backoff;
 pub mod broker;
 pub mod conformance;
 pub mod health;
+pub mod names;
 pub mod platform;
 pub mod policy;
 #[cfg(feature = "redis")]

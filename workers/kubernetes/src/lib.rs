@@ -31,7 +31,6 @@ use provisioner_events::spec::parse_spec;
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, State, TeardownTarget,
 };
-use sha2::{Digest, Sha256};
 use tracing::info;
 
 /// Annotation holding the request id (labels cannot hold 128 characters).
@@ -46,24 +45,7 @@ const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
 /// The name of a request's Deployment and Service: a DNS-1035 label (what Service names
 /// must be) derived from the request id, with a hash so distinct ids never collide.
 pub fn object_name(request_id: &str) -> String {
-    let hash: String = Sha256::digest(request_id.as_bytes())
-        .iter()
-        .take(4)
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let readable: String = request_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .take(44)
-        .collect();
-    let readable = readable.trim_matches('-');
-    format!("prov-{readable}-{hash}")
+    provisioner_core::names::derived_name(request_id, 44)
 }
 
 /// Sorts an API answer by its HTTP code (and reason) into the runtime's classes.

@@ -1,0 +1,78 @@
+//! Names derived from a request id, so that every attempt at a request (a retry, another
+//! worker's takeover) addresses the same platform resource, which is what makes create
+//! calls idempotent on platforms that key resources by name.
+
+use sha2::{Digest, Sha256};
+
+/// `prov-<readable>-<hash>`: the request id lowercased with every other character turned
+/// into `-`, cut to `readable_max` characters, and 8 hex digits of its SHA-256 so that ids
+/// differing only in case or punctuation never share a name. The result is an RFC 1035
+/// label (a lowercase letter first, no `-` last) of at most `readable_max + 14`
+/// characters, which Kubernetes, Compute Engine, Cloud Run and Azure all accept.
+pub fn derived_name(request_id: &str, readable_max: usize) -> String {
+    let hash: String = Sha256::digest(request_id.as_bytes())
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let readable: String = request_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(readable_max)
+        .collect();
+    let readable = readable.trim_matches('-');
+    if readable.is_empty() {
+        format!("prov-{hash}")
+    } else {
+        format!("prov-{readable}-{hash}")
+    }
+}
+
+/// A version-4-shaped UUID that is a function of the request id, for APIs that take a
+/// UUID idempotency key (Compute Engine's `requestId`): the same request always sends
+/// the same key.
+pub fn request_uuid(request_id: &str) -> String {
+    let digest = Sha256::digest(format!("provisioner-request:{request_id}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    uuid::Uuid::from_bytes(bytes).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_stable_distinct_labels() {
+        for id in ["web-1", "Web_1", "a.b.c", &"x".repeat(128), "9lives", "---"] {
+            let name = derived_name(id, 30);
+            assert!(name.len() <= 44, "{name}");
+            assert!(name.starts_with("prov-") && !name.ends_with('-'), "{name}");
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "{name}"
+            );
+        }
+        assert_ne!(derived_name("Web_1", 44), derived_name("web-1", 44));
+        assert_eq!(derived_name("web-1", 44), derived_name("web-1", 44));
+    }
+
+    #[test]
+    fn request_uuids_are_stable_v4_shaped_uuids() {
+        let id = request_uuid("web-1");
+        assert_eq!(id, request_uuid("web-1"));
+        assert_ne!(id, request_uuid("web-2"));
+        let parsed = uuid::Uuid::parse_str(&id).expect("a UUID");
+        assert_eq!(parsed.get_version_num(), 4);
+        assert!(!parsed.is_nil());
+    }
+}

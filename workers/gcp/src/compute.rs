@@ -1,0 +1,612 @@
+//! The `gcp-compute` platform: one Compute Engine instance per provision request.
+//!
+//! The instance is named from the request id and inserted with a `requestId` derived from
+//! it, which Compute Engine honours: a replayed insert (a retry after a lost answer, a
+//! takeover by another worker) returns the first insert's operation instead of making a
+//! second instance. After that window a replay gets `409 alreadyExists`, and the worker
+//! adopts the instance when its `provisioner-request-id` metadata item names the request.
+//! Every mutation returns a zone operation, which the worker polls until it is `DONE`
+//! and whose errors it classifies; `running` then means the instance's status is RUNNING.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use google_cloud_compute_v1::client::Instances;
+use google_cloud_compute_v1::model::{
+    AccessConfig, AttachedDisk, AttachedDiskInitializeParams, Instance, Metadata, NetworkInterface,
+    Operation as ZoneOperation, Tags, access_config, instance, metadata, operation,
+};
+use google_cloud_gax::options::RequestOptionsBuilder;
+use provisioner_core::backoff::Backoff;
+use provisioner_core::names::{derived_name, request_uuid};
+use provisioner_core::{Described, Platform, PlatformError};
+use provisioner_events::spec::gcp::{GcpComputeSpec, is_gcp_label};
+use provisioner_events::spec::parse_spec;
+use provisioner_events::{
+    ErrorClass, Operation, PlatformName, Request, Resource, State, TeardownTarget,
+};
+use tracing::info;
+
+use crate::{
+    GcpSettings, MANAGED_LABEL, REQUEST_ID_KEY, classify, classify_operation_error,
+    configure_builder,
+};
+
+const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a start, stop, reset or delete may take.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The instance name of a request: an RFC 1035 name of at most 58 characters.
+pub fn instance_name(request_id: &str) -> String {
+    derived_name(request_id, 44)
+}
+
+fn spec_of(request: &Request) -> Result<GcpComputeSpec, PlatformError> {
+    let spec = request
+        .spec
+        .as_ref()
+        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
+    let spec: GcpComputeSpec = parse_spec("gcp-compute", spec).map_err(PlatformError::invalid)?;
+    spec.validate().map_err(PlatformError::invalid)?;
+    Ok(spec)
+}
+
+fn metadata_item<'a>(instance: &'a Instance, key: &str) -> Option<&'a str> {
+    instance
+        .metadata
+        .as_ref()?
+        .items
+        .iter()
+        .find(|item| item.key.as_deref() == Some(key))?
+        .value
+        .as_deref()
+}
+
+fn is_managed(instance: &Instance) -> bool {
+    instance.labels.get(MANAGED_LABEL).map(String::as_str) == Some("true")
+}
+
+/// The last segment of a Compute Engine URL (`.../zones/europe-west1-b` → the zone).
+fn last_segment(url: &str) -> &str {
+    url.rsplit('/').next().unwrap_or(url)
+}
+
+/// The life-cycle state of an instance status.
+fn state_of(status: Option<&instance::Status>) -> State {
+    use instance::Status as S;
+    match status {
+        Some(S::Running) => State::Running,
+        Some(S::Stopping | S::Suspending | S::PendingStop) => State::Stopping,
+        Some(S::Terminated | S::Stopped | S::Suspended) => State::Stopped,
+        Some(S::Deprovisioning) => State::Stopping,
+        _ => State::Starting,
+    }
+}
+
+/// The Compute Engine [`Platform`].
+#[derive(Clone)]
+pub struct ComputePlatform {
+    client: Instances,
+    settings: GcpSettings,
+}
+
+impl std::fmt::Debug for ComputePlatform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ComputePlatform")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl ComputePlatform {
+    /// Builds the Instances client with Application Default Credentials (or none, for a
+    /// test server). Credentials are read at the first call, not here.
+    pub async fn new(settings: GcpSettings) -> Result<Self, String> {
+        let client = configure_builder!(Instances::builder(), settings)
+            .build()
+            .await
+            .map_err(|e| format!("cannot build the Compute Engine client: {e}"))?;
+        Ok(ComputePlatform { client, settings })
+    }
+
+    fn zone(&self, spec: &GcpComputeSpec) -> Result<String, PlatformError> {
+        spec.zone
+            .clone()
+            .or_else(|| self.settings.zone.clone())
+            .ok_or_else(|| {
+                PlatformError::invalid("no zone: give spec.zone, or start the worker with GCP_ZONE")
+            })
+    }
+
+    fn instance(request: &Request, spec: &GcpComputeSpec, zone: &str, name: &str) -> Instance {
+        let machine_type = if spec.machine_type.contains('/') {
+            spec.machine_type.clone()
+        } else {
+            format!("zones/{zone}/machineTypes/{}", spec.machine_type)
+        };
+        let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
+        // The request's labels where GCP accepts them as labels; the spec's win.
+        for (key, value) in &request.labels {
+            if is_gcp_label(key, value) && !key.starts_with("provisioner") {
+                labels.entry(key.clone()).or_insert_with(|| value.clone());
+            }
+        }
+        labels.insert(MANAGED_LABEL.into(), "true".into());
+        let mut items: Vec<metadata::Items> = spec
+            .metadata
+            .iter()
+            .map(|(k, v)| metadata::Items::new().set_key(k).set_value(v))
+            .collect();
+        if let Some(script) = &spec.startup_script {
+            items.push(
+                metadata::Items::new()
+                    .set_key("startup-script")
+                    .set_value(script),
+            );
+        }
+        items.push(
+            metadata::Items::new()
+                .set_key(REQUEST_ID_KEY)
+                .set_value(request.request_id.as_str()),
+        );
+        let mut init = AttachedDiskInitializeParams::new().set_source_image(&spec.image);
+        if let Some(size) = spec.disk_size_gb {
+            init = init.set_disk_size_gb(i64::from(size));
+        }
+        let mut nic = NetworkInterface::new().set_network(
+            spec.network
+                .clone()
+                .unwrap_or_else(|| "global/networks/default".into()),
+        );
+        if let Some(subnetwork) = &spec.subnetwork {
+            nic = nic.set_subnetwork(subnetwork);
+        }
+        if spec.public_ip {
+            nic = nic.set_access_configs([AccessConfig::new()
+                .set_name("External NAT")
+                .set_type(access_config::Type::OneToOneNat)]);
+        }
+        let mut instance = Instance::new()
+            .set_name(name)
+            .set_machine_type(machine_type)
+            .set_disks([AttachedDisk::new()
+                .set_boot(true)
+                .set_auto_delete(true)
+                .set_initialize_params(init)])
+            .set_network_interfaces([nic])
+            .set_labels(labels)
+            .set_metadata(Metadata::new().set_items(items));
+        if !spec.network_tags.is_empty() {
+            instance = instance.set_tags(Tags::new().set_items(spec.network_tags.clone()));
+        }
+        instance
+    }
+
+    fn resource(instance: &Instance) -> Resource {
+        let zone = instance.zone.as_deref().map(last_segment).unwrap_or("");
+        let name = instance.name.clone().unwrap_or_default();
+        let nic = instance.network_interfaces.first();
+        let external = nic
+            .and_then(|n| n.access_configs.iter().find_map(|a| a.nat_ip.clone()))
+            .filter(|ip| !ip.is_empty());
+        let internal = nic
+            .and_then(|n| n.network_ip.clone())
+            .filter(|ip| !ip.is_empty());
+        Resource {
+            id: format!("{zone}/{name}"),
+            name,
+            address: external.or(internal),
+            endpoints: Vec::new(),
+        }
+    }
+
+    async fn get(&self, zone: &str, name: &str) -> Result<Option<Instance>, PlatformError> {
+        match self
+            .client
+            .get()
+            .set_project(&self.settings.project)
+            .set_zone(zone)
+            .set_instance(name)
+            .send()
+            .await
+        {
+            Ok(instance) => Ok(Some(instance)),
+            Err(e) if e.http_status_code() == Some(404) => Ok(None),
+            Err(e) => Err(classify(&e, &format!("reading instance {zone}/{name}"))),
+        }
+    }
+
+    /// Polls a zone operation until it is `DONE`, within `timeout`; its error, if it
+    /// finished with one, is returned classified.
+    async fn wait_operation(
+        &self,
+        zone: &str,
+        mut op: ZoneOperation,
+        doing: &str,
+        timeout: Duration,
+    ) -> Result<(), PlatformError> {
+        let mut backoff = Backoff::new(timeout, Duration::from_millis(250), Duration::from_secs(5));
+        loop {
+            if op.status == Some(operation::Status::Done) {
+                let codes: Vec<String> = op
+                    .error
+                    .as_ref()
+                    .map(|e| e.errors.iter().filter_map(|e| e.code.clone()).collect())
+                    .unwrap_or_default();
+                if codes.is_empty() && op.http_error_status_code.is_none_or(|c| c < 400) {
+                    return Ok(());
+                }
+                let message = op
+                    .error
+                    .as_ref()
+                    .and_then(|e| e.errors.first())
+                    .and_then(|e| e.message.clone())
+                    .or(op.http_error_message.clone())
+                    .unwrap_or_default();
+                let http = op
+                    .http_error_status_code
+                    .and_then(|c| u16::try_from(c).ok());
+                return Err(classify_operation_error(http, &codes, &message, doing));
+            }
+            let name = op.name.clone().unwrap_or_default();
+            if !backoff.wait().await {
+                return Err(PlatformError::permanent(
+                    ErrorClass::Timeout,
+                    format!(
+                        "{doing}: operation {name} is not done after {} s",
+                        timeout.as_secs()
+                    ),
+                ));
+            }
+            op = self
+                .client
+                .get_operation()
+                .set_project(&self.settings.project)
+                .set_zone(zone)
+                .set_operation(&name)
+                .send()
+                .await
+                .map_err(|e| classify(&e, &format!("{doing}: reading operation {name}")))?;
+        }
+    }
+
+    /// Polls the instance until its status is one of `wanted`, within `timeout`.
+    async fn wait_status(
+        &self,
+        zone: &str,
+        name: &str,
+        wanted: &[instance::Status],
+        timeout: Duration,
+    ) -> Result<Instance, PlatformError> {
+        let mut backoff = Backoff::new(timeout, Duration::from_millis(250), Duration::from_secs(5));
+        loop {
+            let instance = self.get(zone, name).await?.ok_or_else(|| {
+                PlatformError::permanent(
+                    ErrorClass::NotFound,
+                    format!("instance {zone}/{name} disappeared while the worker waited for it"),
+                )
+            })?;
+            if instance.status.as_ref().is_some_and(|s| wanted.contains(s)) {
+                return Ok(instance);
+            }
+            if !backoff.wait().await {
+                return Err(PlatformError::permanent(
+                    ErrorClass::Timeout,
+                    format!(
+                        "instance {zone}/{name} is {:?}, not {wanted:?}, after {} s{}",
+                        instance.status,
+                        timeout.as_secs(),
+                        instance
+                            .status_message
+                            .map(|m| format!(": {m}"))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// The instance a target names, if it exists; one the provisioner did not make is a
+    /// conflict, never touched.
+    async fn find(&self, target: &TeardownTarget) -> Result<Option<Instance>, PlatformError> {
+        match target {
+            TeardownTarget::Request(id) => {
+                let name = instance_name(id.as_str());
+                let found = self
+                    .aggregated(
+                        &format!("name = \"{name}\""),
+                        &format!("looking up the instance of {id}"),
+                    )
+                    .await?;
+                Ok(found
+                    .into_iter()
+                    .find(|i| metadata_item(i, REQUEST_ID_KEY) == Some(id.as_str())))
+            }
+            TeardownTarget::Resource(id) => {
+                let (zone, name) = id.split_once('/').ok_or_else(|| {
+                    PlatformError::invalid(format!(
+                        "resource_id {id:?} is not <zone>/<instance>; name the request with target_request_id instead"
+                    ))
+                })?;
+                match self.get(zone, name).await? {
+                    Some(instance) if is_managed(&instance) => Ok(Some(instance)),
+                    Some(_) => Err(PlatformError::permanent(
+                        ErrorClass::Conflict,
+                        format!("instance {id} was not made by the provisioner; it was left alone"),
+                    )),
+                    None => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// Every instance of the project matching `filter`, across zones.
+    async fn aggregated(&self, filter: &str, doing: &str) -> Result<Vec<Instance>, PlatformError> {
+        let mut instances = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .client
+                .aggregated_list()
+                .set_project(&self.settings.project)
+                .set_filter(filter)
+                .set_page_token(&page_token)
+                .send()
+                .await
+                .map_err(|e| classify(&e, doing))?;
+            instances.extend(page.items.into_values().flat_map(|scoped| scoped.instances));
+            match page.next_page_token.filter(|t| !t.is_empty()) {
+                Some(token) => page_token = token,
+                None => return Ok(instances),
+            }
+        }
+    }
+
+    /// Runs a start, stop or reset of the target's instance and waits for `wanted`.
+    async fn change_power(
+        &self,
+        target: &TeardownTarget,
+        verb: &str,
+        wanted: &[instance::Status],
+    ) -> Result<Resource, PlatformError> {
+        let instance = self.find(target).await?.ok_or_else(|| {
+            PlatformError::permanent(ErrorClass::NotFound, format!("{target} has no instance"))
+        })?;
+        let zone = instance
+            .zone
+            .as_deref()
+            .map(last_segment)
+            .unwrap_or("")
+            .to_owned();
+        let name = instance.name.clone().unwrap_or_default();
+        // A fresh key per call: a stop between two starts must not make the second start
+        // a replay. The client's own retries of this call reuse it.
+        let key = uuid::Uuid::new_v4().to_string();
+        let project = &self.settings.project;
+        let sent = match verb {
+            "start" => {
+                self.client
+                    .start()
+                    .set_project(project)
+                    .set_zone(&zone)
+                    .set_instance(&name)
+                    .set_request_id(&key)
+                    .with_idempotency(true)
+                    .send()
+                    .await
+            }
+            "stop" => {
+                self.client
+                    .stop()
+                    .set_project(project)
+                    .set_zone(&zone)
+                    .set_instance(&name)
+                    .set_request_id(&key)
+                    .with_idempotency(true)
+                    .send()
+                    .await
+            }
+            _ => {
+                self.client
+                    .reset()
+                    .set_project(project)
+                    .set_zone(&zone)
+                    .set_instance(&name)
+                    .set_request_id(&key)
+                    .with_idempotency(true)
+                    .send()
+                    .await
+            }
+        };
+        let doing = format!("{verb} of instance {zone}/{name}");
+        let op = sent.map_err(|e| classify(&e, &doing))?;
+        self.wait_operation(&zone, op, &doing, OPERATION_TIMEOUT)
+            .await?;
+        let instance = self
+            .wait_status(&zone, &name, wanted, OPERATION_TIMEOUT)
+            .await?;
+        info!(instance = %name, zone = %zone, verb, "done");
+        Ok(Self::resource(&instance))
+    }
+}
+
+#[async_trait]
+impl Platform for ComputePlatform {
+    fn name(&self) -> PlatformName {
+        PlatformName::GcpCompute
+    }
+
+    fn validate(&self, request: &Request) -> Result<(), PlatformError> {
+        if request.operation == Operation::Provision {
+            let spec = spec_of(request)?;
+            self.zone(&spec)?;
+        }
+        Ok(())
+    }
+
+    async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
+        let spec = spec_of(request)?;
+        let zone = self.zone(&spec)?;
+        let id = request.request_id.as_str();
+        let name = instance_name(id);
+        let timeout = spec
+            .ready_timeout_seconds
+            .map_or(DEFAULT_READY_TIMEOUT, Duration::from_secs);
+        let doing = format!("creating instance {zone}/{name}");
+        let inserted = self
+            .client
+            .insert()
+            .set_project(&self.settings.project)
+            .set_zone(&zone)
+            .set_request_id(request_uuid(id))
+            .set_body(Self::instance(request, &spec, &zone, &name))
+            // Safe to resend: Compute Engine answers a replayed requestId with the first
+            // insert's operation.
+            .with_idempotency(true)
+            .send()
+            .await;
+        let adopt = match inserted {
+            Ok(op) => match self.wait_operation(&zone, op, &doing, timeout).await {
+                Ok(()) => false,
+                Err(e) if e.class == ErrorClass::Conflict => true,
+                Err(e) => return Err(e),
+            },
+            Err(e) if e.http_status_code() == Some(409) => true,
+            Err(e) => return Err(classify(&e, &doing)),
+        };
+        if adopt {
+            let existing = self.get(&zone, &name).await?.ok_or_else(|| {
+                PlatformError::transient(format!(
+                    "instance {zone}/{name} was reported to exist but is gone"
+                ))
+            })?;
+            if metadata_item(&existing, REQUEST_ID_KEY) != Some(id) {
+                return Err(PlatformError::permanent(
+                    ErrorClass::Conflict,
+                    format!(
+                        "instance {zone}/{name} exists and was not made for request {id}; it was left alone"
+                    ),
+                ));
+            }
+            if state_of(existing.status.as_ref()) == State::Stopped {
+                // A stopped instance does not start by itself: say so instead of waiting.
+                return Err(PlatformError::permanent(
+                    ErrorClass::Conflict,
+                    format!(
+                        "instance {zone}/{name} of request {id} exists but is stopped; send a start request"
+                    ),
+                ));
+            }
+            info!(instance = %name, zone = %zone, "found the one made before");
+        } else {
+            info!(instance = %name, zone = %zone, "created");
+        }
+        let instance = self
+            .wait_status(&zone, &name, &[instance::Status::Running], timeout)
+            .await?;
+        Ok(Self::resource(&instance))
+    }
+
+    async fn teardown(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+        let Some(instance) = self.find(target).await? else {
+            return Ok(None);
+        };
+        let zone = instance
+            .zone
+            .as_deref()
+            .map(last_segment)
+            .unwrap_or("")
+            .to_owned();
+        let name = instance.name.clone().unwrap_or_default();
+        let doing = format!("deleting instance {zone}/{name}");
+        // Keyed by the instance's unique id: replays of this delete are one delete, and a
+        // later instance of the same name gets another key.
+        let key = request_uuid(&format!("delete:{}", instance.id.unwrap_or_default()));
+        let deleted = self
+            .client
+            .delete()
+            .set_project(&self.settings.project)
+            .set_zone(&zone)
+            .set_instance(&name)
+            .set_request_id(key)
+            .with_idempotency(true)
+            .send()
+            .await;
+        match deleted {
+            Ok(op) => match self
+                .wait_operation(&zone, op, &doing, OPERATION_TIMEOUT)
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if e.class == ErrorClass::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            },
+            Err(e) if e.http_status_code() == Some(404) => return Ok(None),
+            Err(e) => return Err(classify(&e, &doing)),
+        }
+        info!(instance = %name, zone = %zone, "deleted");
+        Ok(Some(Self::resource(&instance)))
+    }
+
+    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {
+        Ok(self.find(target).await?.map(|instance| Described {
+            state: state_of(instance.status.as_ref()),
+            resource: Self::resource(&instance),
+        }))
+    }
+
+    async fn list(&self) -> Result<Vec<Resource>, PlatformError> {
+        let found = self
+            .aggregated(
+                &format!("labels.{MANAGED_LABEL} = \"true\""),
+                "listing the provisioner's instances",
+            )
+            .await?;
+        Ok(found.iter().map(Self::resource).collect())
+    }
+
+    async fn start(&self, target: &TeardownTarget) -> Result<Resource, PlatformError> {
+        self.change_power(target, "start", &[instance::Status::Running])
+            .await
+    }
+
+    async fn stop(&self, target: &TeardownTarget) -> Result<Resource, PlatformError> {
+        self.change_power(
+            target,
+            "stop",
+            &[instance::Status::Terminated, instance::Status::Stopped],
+        )
+        .await
+    }
+
+    async fn reboot(&self, target: &TeardownTarget) -> Result<Resource, PlatformError> {
+        self.change_power(target, "reset", &[instance::Status::Running])
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_names_are_compute_names() {
+        for id in ["web-1", "Batch_7.a", &"z".repeat(128)] {
+            let name = instance_name(id);
+            assert!(
+                provisioner_events::spec::gcp::is_rfc1035_name(&name, 63),
+                "{id} -> {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn statuses_map_to_states() {
+        use instance::Status as S;
+        assert_eq!(state_of(Some(&S::Running)), State::Running);
+        assert_eq!(state_of(Some(&S::Staging)), State::Starting);
+        assert_eq!(state_of(Some(&S::Terminated)), State::Stopped);
+        assert_eq!(state_of(Some(&S::Stopping)), State::Stopping);
+    }
+}

@@ -1,0 +1,850 @@
+//! A GCP API server for tests, since Google offers no emulator for Compute Engine or
+//! Cloud Run: the documented REST resources, driven by the real google-cloud-rust
+//! clients.
+//!
+//! Compute Engine (`/compute/v1/...`): `instances.insert` answers a zone operation that
+//! is `DONE` after a few polls, and a replayed `requestId` gets the first insert's
+//! operation back; a second insert of a name gets `409 alreadyExists` in the legacy
+//! `errors` format; an instance goes PROVISIONING → STAGING → RUNNING as it is read;
+//! `delete`, `start`, `stop` and `reset` answer operations too; `aggregated/instances`
+//! filters on `name = "…"` and `labels.k = "v"`. Cloud Run (`/v2/...`): `services` create
+//! answers a long-running operation, a second create `409 ALREADY_EXISTS`; the service's
+//! terminal `Ready` condition succeeds after a few reads (with its URL), or fails for an
+//! image whose reference contains `does-not-exist`; delete removes it after a read;
+//! `locations/-` lists every region. Enums are numbers when the client asks
+//! (`enum-encoding=int`), as Google's servers do.
+//!
+//! Faults can be queued: an HTTP error instead of the next matching answer, optionally
+//! after the call took effect (an answer lost on the way back), or a Compute operation
+//! that finishes with an error (a stockout, a quota).
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Response, StatusCode};
+use serde_json::{Value, json};
+
+/// An HTTP error to answer the next request whose method and path match.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub method: Method,
+    /// Matches when the request path contains this.
+    pub path_contains: String,
+    pub code: u16,
+    /// The error body, as the API would send it (see [`compute_error`], [`run_error`]).
+    pub body: Value,
+    /// Do the call first and then answer the error: the answer was lost.
+    pub after_effect: bool,
+}
+
+/// A Compute Engine operation that will finish with this error.
+#[derive(Debug, Clone)]
+pub struct OperationFailure {
+    /// The operation type it applies to (`insert`, `delete`, ...).
+    pub operation_type: String,
+    /// `errors[].code`, e.g. `ZONE_RESOURCE_POOL_EXHAUSTED`.
+    pub code: String,
+    pub message: String,
+    pub http_status: u16,
+}
+
+/// A Compute Engine error body in the legacy format (`errors[]` with `reason`).
+pub fn compute_error(code: u16, reason: &str, message: &str) -> Value {
+    json!({"error": {"code": code, "message": message,
+        "errors": [{"message": message, "domain": "global", "reason": reason}]}})
+}
+
+/// A Cloud Run (AIP-193) error body.
+pub fn run_error(code: u16, status: &str, message: &str) -> Value {
+    json!({"error": {"code": code, "message": message, "status": status}})
+}
+
+#[derive(Debug)]
+struct ComputeOperation {
+    value: Value,
+    /// Polls left before it is `DONE`.
+    polls_left: u32,
+    /// What happens to the instance when it is done.
+    effect: Effect,
+    failure: Option<OperationFailure>,
+}
+
+#[derive(Debug, Clone)]
+enum Effect {
+    Created(String),
+    Deleted(String),
+    Status(String, &'static str),
+}
+
+#[derive(Debug, Default)]
+struct World {
+    /// (zone, name) → instance.
+    instances: HashMap<(String, String), Value>,
+    /// Reads of each instance since it was made or started, which time its status.
+    instance_reads: HashMap<(String, String), u32>,
+    /// (zone, operation name) → operation.
+    operations: HashMap<(String, String), ComputeOperation>,
+    /// requestId → (zone, operation name): Compute Engine's replay protection.
+    request_ids: HashMap<String, (String, String)>,
+    /// Full service name → service.
+    services: HashMap<String, Value>,
+    service_reads: HashMap<String, u32>,
+    /// Services deleted but still visible for one more read.
+    deleting: HashMap<String, u32>,
+    faults: VecDeque<Fault>,
+    operation_failures: VecDeque<OperationFailure>,
+    /// Inserts that made an instance, and creates that made a service.
+    created: u32,
+    next_id: u64,
+    /// Every request line, in order.
+    log: Vec<String>,
+}
+
+/// The running server; it serves until the runtime ends.
+#[derive(Debug, Clone)]
+pub struct FakeGcp {
+    pub addr: SocketAddr,
+    pub project: String,
+    world: Arc<Mutex<World>>,
+    ready_after_reads: u32,
+}
+
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        (key == name).then(|| percent_decode(value))
+    })
+}
+
+/// `name = "x"` or `labels.k = "v"`, as Compute Engine's list filters take them.
+fn filter_matches(instance: &Value, filter: &str) -> bool {
+    let Some((field, value)) = filter.split_once('=') else {
+        return true;
+    };
+    let field = field.trim();
+    let value = value.trim().trim_matches('"');
+    match field.strip_prefix("labels.") {
+        Some(label) => instance["labels"][label].as_str() == Some(value),
+        None => instance[field].as_str() == Some(value),
+    }
+}
+
+fn now() -> String {
+    "2026-11-21T12:00:00.000-08:00".into()
+}
+
+impl FakeGcp {
+    /// Serves on a free port of 127.0.0.1. Instances reach RUNNING and services become
+    /// ready on the `ready_after_reads`-th read; operations are done on their third poll.
+    pub async fn start(project: &str, ready_after_reads: u32) -> FakeGcp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the fake GCP server");
+        let api = FakeGcp {
+            addr: listener.local_addr().expect("address"),
+            project: project.into(),
+            world: Arc::default(),
+            ready_after_reads,
+        };
+        let served = api.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let api = served.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let api = api.clone();
+                        async move { Ok::<_, Infallible>(api.serve(request).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        api
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn world(&self) -> std::sync::MutexGuard<'_, World> {
+        self.world.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn inject(&self, fault: Fault) {
+        self.world().faults.push_back(fault);
+    }
+
+    pub fn fail_next_operation(&self, failure: OperationFailure) {
+        self.world().operation_failures.push_back(failure);
+    }
+
+    /// Instances and services made so far (replays and adoptions do not count).
+    pub fn created(&self) -> u32 {
+        self.world().created
+    }
+
+    pub fn instance_count(&self) -> usize {
+        self.world().instances.len()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.world().services.len()
+    }
+
+    pub fn instance(&self, zone: &str, name: &str) -> Option<Value> {
+        self.world()
+            .instances
+            .get(&(zone.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    pub fn service(&self, region: &str, id: &str) -> Option<Value> {
+        let name = format!("projects/{}/locations/{region}/services/{id}", self.project);
+        self.world().services.get(&name).cloned()
+    }
+
+    /// Forgets every `requestId` seen, as Compute Engine does after its replay window:
+    /// a later insert of the same instance gets `409 alreadyExists`.
+    pub fn forget_request_ids(&self) {
+        self.world().request_ids.clear();
+    }
+
+    /// Puts an instance there as someone else made it (no provisioner label).
+    pub fn put_foreign_instance(&self, zone: &str, name: &str) {
+        let value = json!({"kind": "compute#instance", "id": "42", "name": name,
+            "zone": self.zone_url(zone), "status": "RUNNING", "labels": {}});
+        self.world()
+            .instances
+            .insert((zone.to_owned(), name.to_owned()), value);
+    }
+
+    /// Puts a ready service there as someone else made it (no provisioner annotation).
+    pub fn put_foreign_service(&self, region: &str, id: &str) {
+        let name = format!("projects/{}/locations/{region}/services/{id}", self.project);
+        let value = json!({"name": name, "uid": uuid_like(&name), "reconciling": false,
+            "terminalCondition": {"type": "Ready", "state": "CONDITION_SUCCEEDED"},
+            "uri": format!("https://{id}-zzz-ew.a.run.app"),
+            "template": {"containers": [{"image": "gcr.io/other/app"}]}});
+        self.world().services.insert(name, value);
+    }
+
+    /// Every request line (`METHOD path?query`) served, in order.
+    pub fn log(&self) -> Vec<String> {
+        self.world().log.clone()
+    }
+
+    fn zone_url(&self, zone: &str) -> String {
+        format!(
+            "https://www.googleapis.com/compute/v1/projects/{}/zones/{zone}",
+            self.project
+        )
+    }
+
+    async fn serve(&self, request: hyper::Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let query = request.uri().query().unwrap_or("").to_owned();
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let fault = {
+            let mut world = self.world();
+            world.log.push(format!("{method} {path}?{query}"));
+            let position = world
+                .faults
+                .iter()
+                .position(|f| f.method == method && path.contains(&f.path_contains));
+            position.and_then(|i| world.faults.remove(i))
+        };
+        let answer = match &fault {
+            Some(fault) if !fault.after_effect => (fault.code, fault.body.clone()),
+            _ => {
+                let int_enums =
+                    query.contains("enum-encoding%3Dint") || query.contains("enum-encoding=int");
+                let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+                match segments.as_slice() {
+                    ["compute", "v1", "projects", project, rest @ ..] => {
+                        self.compute(&method, project, rest, &query, body)
+                    }
+                    ["v2", "projects", project, "locations", region, rest @ ..] => {
+                        self.run(&method, project, region, rest, &query, body, int_enums)
+                    }
+                    _ => (
+                        404,
+                        run_error(404, "NOT_FOUND", &format!("no route {path}")),
+                    ),
+                }
+            }
+        };
+        let (code, value) = match fault {
+            Some(fault) if fault.after_effect => (fault.code, fault.body),
+            _ => answer,
+        };
+        Response::builder()
+            .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+            .header("content-type", "application/json; charset=UTF-8")
+            .body(Full::new(Bytes::from(value.to_string())))
+            .expect("response")
+    }
+
+    fn compute(
+        &self,
+        method: &Method,
+        project: &str,
+        rest: &[&str],
+        query: &str,
+        body: Value,
+    ) -> (u16, Value) {
+        if project != self.project {
+            return (
+                403,
+                compute_error(
+                    403,
+                    "forbidden",
+                    &format!(
+                        "Required 'compute.instances.list' permission for 'projects/{project}'"
+                    ),
+                ),
+            );
+        }
+        match (method.as_str(), rest) {
+            ("POST", ["zones", zone, "instances"]) => self.insert(zone, query, body),
+            ("GET", ["zones", zone, "instances", name]) => self.get_instance(zone, name),
+            ("DELETE", ["zones", zone, "instances", name]) => {
+                self.instance_operation(zone, name, "delete", query)
+            }
+            (
+                "POST",
+                [
+                    "zones",
+                    zone,
+                    "instances",
+                    name,
+                    verb @ ("start" | "stop" | "reset"),
+                ],
+            ) => self.instance_operation(zone, name, verb, query),
+            ("GET", ["zones", zone, "operations", name]) => self.poll_operation(zone, name),
+            ("GET", ["aggregated", "instances"]) => {
+                let filter = query_param(query, "filter").unwrap_or_default();
+                let world = self.world();
+                let mut items: HashMap<String, Vec<Value>> = HashMap::new();
+                for ((zone, _), instance) in &world.instances {
+                    if filter_matches(instance, &filter) {
+                        items
+                            .entry(format!("zones/{zone}"))
+                            .or_default()
+                            .push(instance.clone());
+                    }
+                }
+                let items: serde_json::Map<String, Value> = items
+                    .into_iter()
+                    .map(|(k, v)| (k, json!({"instances": v})))
+                    .collect();
+                (
+                    200,
+                    json!({"kind": "compute#instanceAggregatedList", "id": format!("projects/{project}/aggregated/instances"), "items": items}),
+                )
+            }
+            _ => (
+                404,
+                compute_error(
+                    404,
+                    "notFound",
+                    "The requested URL was not found on this server.",
+                ),
+            ),
+        }
+    }
+
+    fn new_operation(
+        &self,
+        world: &mut World,
+        zone: &str,
+        kind: &str,
+        target: &str,
+        effect: Effect,
+    ) -> Value {
+        world.next_id += 1;
+        let name = format!("operation-{}-{:06}", kind, world.next_id);
+        let failure = world
+            .operation_failures
+            .iter()
+            .position(|f| f.operation_type == kind)
+            .and_then(|i| world.operation_failures.remove(i));
+        let value = json!({
+            "kind": "compute#operation", "id": format!("{}", 7_000_000 + world.next_id),
+            "name": name, "zone": self.zone_url(zone), "operationType": kind,
+            "targetLink": format!("{}/instances/{target}", self.zone_url(zone)),
+            "status": "RUNNING", "progress": 0, "insertTime": now(),
+            "selfLink": format!("{}/operations/{name}", self.zone_url(zone)),
+        });
+        world.operations.insert(
+            (zone.to_owned(), name),
+            ComputeOperation {
+                value: value.clone(),
+                polls_left: 2,
+                effect,
+                failure,
+            },
+        );
+        value
+    }
+
+    fn insert(&self, zone: &str, query: &str, body: Value) -> (u16, Value) {
+        let mut world = self.world();
+        let request_id = query_param(query, "requestId");
+        if let Some(request_id) = &request_id
+            && let Some(key) = world.request_ids.get(request_id).cloned()
+            && let Some(op) = world.operations.get(&key)
+        {
+            // A replay: the first insert's operation, as it is now.
+            return (200, op.value.clone());
+        }
+        let Some(name) = body["name"].as_str().map(str::to_owned) else {
+            return (
+                400,
+                compute_error(
+                    400,
+                    "required",
+                    "Required field 'resource.name' not specified",
+                ),
+            );
+        };
+        let key = (zone.to_owned(), name.clone());
+        if world.instances.contains_key(&key) {
+            let message = format!(
+                "The resource 'projects/{}/zones/{zone}/instances/{name}' already exists",
+                self.project
+            );
+            return (409, compute_error(409, "alreadyExists", &message));
+        }
+        if body["machineType"].as_str().is_none_or(str::is_empty) {
+            return (
+                400,
+                compute_error(
+                    400,
+                    "invalid",
+                    "Invalid value for field 'resource.machineType': ''.",
+                ),
+            );
+        }
+        world.next_id += 1;
+        let mut instance = body;
+        instance["kind"] = json!("compute#instance");
+        instance["id"] = json!(format!("{}", 9_000_000_000u64 + world.next_id));
+        instance["zone"] = json!(self.zone_url(zone));
+        instance["status"] = json!("PROVISIONING");
+        instance["creationTimestamp"] = json!(now());
+        instance["selfLink"] = json!(format!("{}/instances/{name}", self.zone_url(zone)));
+        let internal = format!("10.132.0.{}", 2 + world.next_id % 250);
+        if let Some(nics) = instance["networkInterfaces"].as_array_mut() {
+            for nic in nics {
+                nic["networkIP"] = json!(internal);
+                nic["name"] = json!("nic0");
+                if let Some(configs) = nic["accessConfigs"].as_array_mut() {
+                    for config in configs {
+                        config["natIP"] = json!(format!("34.76.1.{}", 2 + world.next_id % 250));
+                    }
+                }
+            }
+        }
+        world.instances.insert(key.clone(), instance);
+        world.instance_reads.insert(key, 0);
+        world.created += 1;
+        let op = self.new_operation(
+            &mut world,
+            zone,
+            "insert",
+            &name,
+            Effect::Created(name.clone()),
+        );
+        if let Some(request_id) = request_id {
+            let op_name = op["name"].as_str().unwrap_or_default().to_owned();
+            world
+                .request_ids
+                .insert(request_id, (zone.to_owned(), op_name));
+        }
+        (200, op)
+    }
+
+    fn not_found(&self, zone: &str, name: &str) -> (u16, Value) {
+        let message = format!(
+            "The resource 'projects/{}/zones/{zone}/instances/{name}' was not found",
+            self.project
+        );
+        (404, compute_error(404, "notFound", &message))
+    }
+
+    fn get_instance(&self, zone: &str, name: &str) -> (u16, Value) {
+        let mut world = self.world();
+        let key = (zone.to_owned(), name.to_owned());
+        let reads = {
+            let reads = world.instance_reads.entry(key.clone()).or_insert(0);
+            *reads += 1;
+            *reads
+        };
+        let ready_after = self.ready_after_reads;
+        let Some(instance) = world.instances.get_mut(&key) else {
+            return self.not_found(zone, name);
+        };
+        let status = instance["status"].as_str().unwrap_or_default().to_owned();
+        if status == "PROVISIONING" || status == "STAGING" {
+            instance["status"] = json!(if reads >= ready_after {
+                "RUNNING"
+            } else if reads * 2 >= ready_after {
+                "STAGING"
+            } else {
+                "PROVISIONING"
+            });
+        }
+        (200, instance.clone())
+    }
+
+    fn instance_operation(&self, zone: &str, name: &str, verb: &str, query: &str) -> (u16, Value) {
+        let mut world = self.world();
+        let request_id = query_param(query, "requestId");
+        if let Some(request_id) = &request_id
+            && let Some(key) = world.request_ids.get(request_id).cloned()
+            && let Some(op) = world.operations.get(&key)
+        {
+            return (200, op.value.clone());
+        }
+        let key = (zone.to_owned(), name.to_owned());
+        let Some(instance) = world.instances.get_mut(&key) else {
+            drop(world);
+            return self.not_found(zone, name);
+        };
+        let effect = match verb {
+            "delete" => {
+                instance["status"] = json!("STOPPING");
+                Effect::Deleted(name.to_owned())
+            }
+            "stop" => {
+                instance["status"] = json!("STOPPING");
+                Effect::Status(name.to_owned(), "TERMINATED")
+            }
+            "start" => {
+                instance["status"] = json!("STAGING");
+                Effect::Status(name.to_owned(), "RUNNING")
+            }
+            _ => Effect::Status(name.to_owned(), "RUNNING"),
+        };
+        let op = self.new_operation(&mut world, zone, verb, name, effect);
+        if let Some(request_id) = request_id {
+            let op_name = op["name"].as_str().unwrap_or_default().to_owned();
+            world
+                .request_ids
+                .insert(request_id, (zone.to_owned(), op_name));
+        }
+        (200, op)
+    }
+
+    fn poll_operation(&self, zone: &str, name: &str) -> (u16, Value) {
+        let mut world = self.world();
+        let key = (zone.to_owned(), name.to_owned());
+        let Some(op) = world.operations.get_mut(&key) else {
+            let message = format!(
+                "The resource 'projects/{}/zones/{zone}/operations/{name}' was not found",
+                self.project
+            );
+            return (404, compute_error(404, "notFound", &message));
+        };
+        if op.value["status"] == "DONE" {
+            return (200, op.value.clone());
+        }
+        if op.polls_left > 0 {
+            op.polls_left -= 1;
+            op.value["progress"] = json!(50);
+            return (200, op.value.clone());
+        }
+        op.value["status"] = json!("DONE");
+        op.value["progress"] = json!(100);
+        op.value["endTime"] = json!(now());
+        let effect = op.effect.clone();
+        let failure = op.failure.clone();
+        if let Some(failure) = &failure {
+            op.value["error"] =
+                json!({"errors": [{"code": failure.code, "message": failure.message}]});
+            op.value["httpErrorStatusCode"] = json!(failure.http_status);
+            op.value["httpErrorMessage"] = json!(
+                StatusCode::from_u16(failure.http_status)
+                    .ok()
+                    .and_then(|s| s.canonical_reason())
+                    .unwrap_or("ERROR")
+                    .to_ascii_uppercase()
+            );
+        }
+        let value = op.value.clone();
+        match (effect, failure) {
+            // A failed insert leaves no instance.
+            (Effect::Created(name), Some(_)) => {
+                world.instances.remove(&(zone.to_owned(), name));
+            }
+            (Effect::Deleted(name), None) => {
+                world.instances.remove(&(zone.to_owned(), name));
+            }
+            (Effect::Status(name, status), None) => {
+                if let Some(instance) = world.instances.get_mut(&(zone.to_owned(), name.clone())) {
+                    instance["status"] = json!(status);
+                }
+                world.instance_reads.insert((zone.to_owned(), name), 0);
+            }
+            _ => {}
+        }
+        (200, value)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        method: &Method,
+        project: &str,
+        region: &str,
+        rest: &[&str],
+        query: &str,
+        body: Value,
+        int_enums: bool,
+    ) -> (u16, Value) {
+        if project != self.project {
+            return (
+                403,
+                run_error(
+                    403,
+                    "PERMISSION_DENIED",
+                    &format!(
+                        "Permission 'run.services.create' denied on resource 'projects/{project}/locations/{region}' (or resource may not exist)."
+                    ),
+                ),
+            );
+        }
+        let parent = format!("projects/{project}/locations/{region}");
+        match (method.as_str(), rest) {
+            ("POST", ["services"]) => {
+                let id = query_param(query, "serviceId").unwrap_or_default();
+                self.create_service(&parent, &id, body)
+            }
+            ("GET", ["services"]) => {
+                let world = self.world();
+                let mut services: Vec<Value> = world
+                    .services
+                    .iter()
+                    .filter(|(name, _)| region == "-" || name.starts_with(&format!("{parent}/")))
+                    .map(|(_, s)| Self::encode(s.clone(), int_enums))
+                    .collect();
+                services.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+                (200, json!({"services": services}))
+            }
+            ("GET", ["services", id]) => {
+                self.get_service(&format!("{parent}/services/{id}"), region, int_enums)
+            }
+            ("DELETE", ["services", id]) => {
+                let name = format!("{parent}/services/{id}");
+                let mut world = self.world();
+                if !world.services.contains_key(&name) {
+                    drop(world);
+                    return self.service_not_found(&name, region);
+                }
+                world.deleting.insert(name.clone(), 1);
+                (
+                    200,
+                    json!({"name": format!("{parent}/operations/{}", uuid_like(&name)),
+                    "metadata": {"@type": "type.googleapis.com/google.cloud.run.v2.Service", "name": name}, "done": false}),
+                )
+            }
+            ("GET", ["operations", id]) => (
+                200,
+                json!({"name": format!("{parent}/operations/{id}"), "done": true}),
+            ),
+            _ => (
+                404,
+                run_error(404, "NOT_FOUND", "Requested entity was not found."),
+            ),
+        }
+    }
+
+    fn service_not_found(&self, name: &str, region: &str) -> (u16, Value) {
+        let id = name.rsplit('/').next().unwrap_or(name);
+        let message = format!(
+            "Resource '{id}' of kind 'SERVICE' in region '{region}' in project '{}' does not exist.",
+            self.project
+        );
+        (404, run_error(404, "NOT_FOUND", &message))
+    }
+
+    fn create_service(&self, parent: &str, id: &str, body: Value) -> (u16, Value) {
+        let valid_id = !id.is_empty()
+            && id.len() <= 49
+            && id.starts_with(|c: char| c.is_ascii_lowercase())
+            && !id.ends_with('-')
+            && id
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !valid_id {
+            return (
+                400,
+                run_error(
+                    400,
+                    "INVALID_ARGUMENT",
+                    &format!("service_id '{id}' must match RFC 1035, at most 49 characters"),
+                ),
+            );
+        }
+        if body["template"]["containers"][0]["image"]
+            .as_str()
+            .is_none_or(str::is_empty)
+        {
+            return (
+                400,
+                run_error(
+                    400,
+                    "INVALID_ARGUMENT",
+                    "spec.template.spec.containers[0].image: Required",
+                ),
+            );
+        }
+        let name = format!("{parent}/services/{id}");
+        let mut world = self.world();
+        if world.services.contains_key(&name) {
+            return (
+                409,
+                run_error(
+                    409,
+                    "ALREADY_EXISTS",
+                    &format!("Resource '{id}' already exists."),
+                ),
+            );
+        }
+        world.next_id += 1;
+        let mut service = body;
+        service["name"] = json!(name);
+        service["uid"] = json!(uuid_like(&format!("{name}{}", world.next_id)));
+        service["generation"] = json!("1");
+        service["createTime"] = json!("2026-11-21T20:00:00.000000Z");
+        service["reconciling"] = json!(true);
+        service["terminalCondition"] = json!({"type": "Ready", "state": "CONDITION_RECONCILING", "lastTransitionTime": "2026-11-21T20:00:00Z"});
+        world.services.insert(name.clone(), service.clone());
+        world.service_reads.insert(name.clone(), 0);
+        world.created += 1;
+        drop(world);
+        (
+            200,
+            json!({"name": format!("{parent}/operations/{}", uuid_like(&name)),
+                "metadata": {"@type": "type.googleapis.com/google.cloud.run.v2.Service", "name": name},
+                "done": false}),
+        )
+    }
+
+    fn get_service(&self, name: &str, region: &str, int_enums: bool) -> (u16, Value) {
+        let mut world = self.world();
+        if let Some(left) = world.deleting.get_mut(name) {
+            if *left == 0 {
+                world.deleting.remove(name);
+                world.services.remove(name);
+                world.service_reads.remove(name);
+                drop(world);
+                return self.service_not_found(name, region);
+            }
+            *left -= 1;
+        }
+        let reads = {
+            let reads = world.service_reads.entry(name.to_owned()).or_insert(0);
+            *reads += 1;
+            *reads
+        };
+        let ready_after = self.ready_after_reads;
+        let Some(service) = world.services.get_mut(name) else {
+            drop(world);
+            return self.service_not_found(name, region);
+        };
+        if service["reconciling"] == json!(true) && reads >= ready_after {
+            let image = service["template"]["containers"][0]["image"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let id = name.rsplit('/').next().unwrap_or(name).to_owned();
+            service["reconciling"] = json!(false);
+            if image.contains("does-not-exist") {
+                service["terminalCondition"] = json!({"type": "Ready", "state": "CONDITION_FAILED",
+                    "message": format!("Revision '{id}-00001-xyz' is not ready and cannot serve traffic. Image '{image}' not found."),
+                    "lastTransitionTime": "2026-11-21T20:00:05Z"});
+            } else {
+                let url = format!("https://{id}-abcdefghij-ew.a.run.app");
+                service["terminalCondition"] = json!({"type": "Ready", "state": "CONDITION_SUCCEEDED", "lastTransitionTime": "2026-11-21T20:00:05Z"});
+                service["uri"] = json!(url);
+                service["urls"] = json!([url]);
+                service["latestReadyRevision"] = json!(format!("{name}/revisions/{id}-00001-xyz"));
+                service["observedGeneration"] = json!("1");
+            }
+        }
+        (200, Self::encode(service.clone(), int_enums))
+    }
+
+    /// Google's servers answer enums as numbers when asked for `enum-encoding=int`.
+    fn encode(mut service: Value, int_enums: bool) -> Value {
+        if int_enums && let Some(state) = service["terminalCondition"]["state"].as_str() {
+            let number = match state {
+                "CONDITION_PENDING" => 1,
+                "CONDITION_RECONCILING" => 2,
+                "CONDITION_FAILED" => 3,
+                "CONDITION_SUCCEEDED" => 4,
+                _ => 0,
+            };
+            service["terminalCondition"]["state"] = json!(number);
+        }
+        service
+    }
+}
+
+/// A UUID-shaped string that is a function of `seed`, for uids and operation names.
+fn uuid_like(seed: &str) -> String {
+    let mut hash: u128 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.bytes() {
+        hash = (hash ^ u128::from(b)).wrapping_mul(0x0000_0100_0000_01b3_0000_0000_0000_013b);
+    }
+    let hex = format!("{hash:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
