@@ -288,9 +288,20 @@ impl PlatformSettings {
                     .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
                 Ok(Arc::new(cloud_run))
             }
-            other => Err(Failure::config(anyhow::anyhow!(
-                "the {other} worker is not part of this build yet; available: docker, process, aws-ec2, aws-ecs, kubernetes, gcp-compute, gcp-cloud-run"
-            ))),
+            PlatformName::AzureVm => {
+                let settings = provisioner_azure::AzureSettings::from_environment()
+                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
+                let vm = provisioner_azure::VmPlatform::new(settings)
+                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
+                Ok(Arc::new(vm))
+            }
+            PlatformName::AzureContainerInstances => {
+                let settings = provisioner_azure::AzureSettings::from_environment()
+                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
+                let aci = provisioner_azure::ContainerInstancesPlatform::new(settings)
+                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
+                Ok(Arc::new(aci))
+            }
         }
     }
 }

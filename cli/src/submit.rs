@@ -282,13 +282,10 @@ async fn embedded(args: SubmitArgs, requests: Vec<Outgoing>) -> Result<ExitCode,
             | PlatformName::AwsEcs
             | PlatformName::Kubernetes
             | PlatformName::GcpCompute
-            | PlatformName::GcpCloudRun => {
+            | PlatformName::GcpCloudRun
+            | PlatformName::AzureVm
+            | PlatformName::AzureContainerInstances => {
                 args.platforms.build(platform_name).await?
-            }
-            other => {
-                return Err(Failure::config(anyhow!(
-                    "the embedded mode has no {other} worker in this build; available: docker, process, aws-ec2, aws-ecs, kubernetes, gcp-compute, gcp-cloud-run"
-                )));
             }
         };
         let config = WorkerConfig {

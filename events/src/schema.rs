@@ -4,6 +4,7 @@
 use crate::spec::{
     aws_ec2::AwsEc2Spec,
     aws_ecs::AwsEcsSpec,
+    azure::{AzureContainerSpec, AzureVmSpec},
     docker::DockerSpec,
     gcp::{GcpCloudRunSpec, GcpComputeSpec},
     kubernetes::KubernetesSpec,
@@ -50,6 +51,14 @@ pub fn all() -> Vec<(&'static str, String)> {
         (
             "spec-gcp-cloud-run.schema.json",
             render(schemars::schema_for!(GcpCloudRunSpec)),
+        ),
+        (
+            "spec-azure-vm.schema.json",
+            render(schemars::schema_for!(AzureVmSpec)),
+        ),
+        (
+            "spec-azure-container-instances.schema.json",
+            render(schemars::schema_for!(AzureContainerSpec)),
         ),
         (
             "spec-process.schema.json",

@@ -316,6 +316,8 @@ fn fixtures_validate_against_the_published_schemas() {
     let kubernetes_schema = validator("spec-kubernetes.schema.json");
     let gcp_compute_schema = validator("spec-gcp-compute.schema.json");
     let gcp_cloud_run_schema = validator("spec-gcp-cloud-run.schema.json");
+    let azure_vm_schema = validator("spec-azure-vm.schema.json");
+    let azure_aci_schema = validator("spec-azure-container-instances.schema.json");
     for path in json_files(&fixtures().join("requests/valid")) {
         let value: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
@@ -333,6 +335,8 @@ fn fixtures_validate_against_the_published_schemas() {
                 Some("kubernetes") => &kubernetes_schema,
                 Some("gcp-compute") => &gcp_compute_schema,
                 Some("gcp-cloud-run") => &gcp_cloud_run_schema,
+                Some("azure-vm") => &azure_vm_schema,
+                Some("azure-container-instances") => &azure_aci_schema,
                 other => panic!("no spec schema for {other:?}"),
             };
             let errors: Vec<String> = validator.iter_errors(spec).map(|e| e.to_string()).collect();

@@ -5,6 +5,7 @@
 
 pub mod aws_ec2;
 pub mod aws_ecs;
+pub mod azure;
 pub mod docker;
 pub mod gcp;
 pub mod kubernetes;

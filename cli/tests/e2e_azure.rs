@@ -1,0 +1,146 @@
+//! Azure end to end: `provisioner worker --platform azure-vm` and
+//! `azure-container-instances` against the fake ARM server (`AZURE_ENDPOINT`, no
+//! credentials), through the real RabbitMQ and Redis.
+
+mod common;
+
+use common::{TestEnv, id};
+use provisioner_azure::aci::group_name;
+use provisioner_azure::fake_api::{FakeArm, RESOURCE_GROUP, SUBSCRIPTION};
+use provisioner_azure::vm::vm_name;
+use provisioner_events::{ErrorClass, State};
+
+fn start_worker(env: &mut TestEnv, api: &FakeArm, platform: &str, name: &str) {
+    let url = api.url();
+    env.start_platform_worker(
+        platform,
+        name,
+        &[
+            ("AZURE_SUBSCRIPTION_ID", SUBSCRIPTION),
+            ("AZURE_RESOURCE_GROUP", RESOURCE_GROUP),
+            ("AZURE_LOCATION", "westeurope"),
+            ("AZURE_ENDPOINT", url.as_str()),
+            ("AZURE_CREDENTIALS", "anonymous"),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn vm_requests_run_once_and_tear_down_twice_through_the_queue() {
+    let api = FakeArm::start(2).await;
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    start_worker(&mut env, &api, "azure-vm", "vm");
+    let request = serde_json::json!({
+        "schema_version": 1, "request_id": format!("az-vm-{}", env.run_id),
+        "operation": "provision", "platform": "azure-vm",
+        "spec": {"size": "Standard_B1s",
+                 "image": {"publisher": "Canonical", "offer": "ubuntu-24_04-lts", "sku": "server"},
+                 "subnet_id": format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Network/virtualNetworks/apps/subnets/default"),
+                 "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEXAMPLE ops@example"}
+    });
+    for _ in 0..5 {
+        env.publish(&request).await;
+    }
+    let terminal = events.terminal_count(&id(&request), 5).await;
+    assert_eq!(
+        terminal[0].state,
+        State::Running,
+        "{terminal:#?}\n{}",
+        env.worker_log("vm")
+    );
+    assert!(
+        terminal.iter().all(|e| *e == terminal[0]),
+        "identical: {terminal:#?}"
+    );
+    let name = vm_name(&id(&request));
+    let resource = terminal[0].resource.clone().expect("resource");
+    assert_eq!(resource.id, format!("{RESOURCE_GROUP}/{name}"));
+    assert!(resource.address.is_some(), "{resource:?}");
+    assert_eq!(api.count("Microsoft.Compute/virtualMachines"), 1);
+    assert_eq!(
+        api.created(),
+        2,
+        "five deliveries: one VM and its network interface"
+    );
+
+    for step in ["vm-down", "vm-down-again"] {
+        let down = serde_json::json!({
+            "schema_version": 1, "request_id": format!("{step}-{}", env.run_id),
+            "operation": "teardown", "platform": "azure-vm", "target_request_id": id(&request)
+        });
+        env.publish(&down).await;
+        assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
+    }
+    assert_eq!(api.count("Microsoft.Compute/virtualMachines"), 0);
+    assert_eq!(api.count("Microsoft.Network/networkInterfaces"), 0);
+}
+
+#[tokio::test]
+async fn container_group_requests_run_once_with_their_address_through_the_queue() {
+    let api = FakeArm::start(2).await;
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    start_worker(&mut env, &api, "azure-container-instances", "aci");
+    let request = serde_json::json!({
+        "schema_version": 1, "request_id": format!("aci-hello-{}", env.run_id),
+        "operation": "provision", "platform": "azure-container-instances",
+        "spec": {"image": "mcr.microsoft.com/azuredocs/aci-helloworld", "ports": [80]}
+    });
+    for _ in 0..5 {
+        env.publish(&request).await;
+    }
+    let terminal = events.terminal_count(&id(&request), 5).await;
+    assert_eq!(
+        terminal[0].state,
+        State::Running,
+        "{terminal:#?}\n{}",
+        env.worker_log("aci")
+    );
+    let resource = terminal[0].resource.clone().expect("resource");
+    assert_eq!(resource.name, group_name(&id(&request)));
+    assert!(
+        resource
+            .address
+            .as_deref()
+            .is_some_and(|a| a.starts_with("20.50.1.")),
+        "{resource:?}"
+    );
+    assert_eq!(api.created(), 1, "five deliveries, one container group");
+
+    let bad = serde_json::json!({
+        "schema_version": 1, "request_id": format!("aci-bad-{}", env.run_id),
+        "operation": "provision", "platform": "azure-container-instances",
+        "spec": {"image": "mcr.microsoft.com/azuredocs/aci-helloworld", "restart_policy": "Sometimes"}
+    });
+    env.publish(&bad).await;
+    let event = events.terminal(&id(&bad)).await;
+    assert_eq!(event.state, State::Error);
+    let error = event.error.expect("error");
+    assert_eq!(error.class, ErrorClass::InvalidRequest);
+    assert!(error.message.contains("Sometimes"), "{}", error.message);
+
+    for step in ["aci-down", "aci-down-again"] {
+        let down = serde_json::json!({
+            "schema_version": 1, "request_id": format!("{step}-{}", env.run_id),
+            "operation": "teardown", "platform": "azure-container-instances", "target_request_id": id(&request)
+        });
+        env.publish(&down).await;
+        assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
+    }
+    assert_eq!(api.count("Microsoft.ContainerInstance/containerGroups"), 0);
+}
+
+#[tokio::test]
+async fn an_azure_worker_without_a_subscription_refuses_to_start() {
+    let env = TestEnv::new().await;
+    let output = std::process::Command::new(common::BIN)
+        .args(["worker", "--platform", "azure-vm"])
+        .envs(env.env())
+        .env_remove("AZURE_SUBSCRIPTION_ID")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("AZURE_SUBSCRIPTION_ID"), "{stderr}");
+}

@@ -1,0 +1,342 @@
+//! The Azure platforms' specs: `azure-vm` (a Virtual Machine) and
+//! `azure-container-instances` (a container group).
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// One Linux Virtual Machine, reached by SSH key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(title = "azure-vm spec")]
+pub struct AzureVmSpec {
+    /// The VM size, e.g. `Standard_B1s`.
+    pub size: String,
+    /// A marketplace image (`publisher`, `offer`, `sku`, `version`) or an image's resource
+    /// id (`id`, e.g. a Compute Gallery image version).
+    pub image: ImageReference,
+    /// The region, e.g. `westeurope`. Default: the worker's `AZURE_LOCATION`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// The subnet (resource id) of a network interface the worker makes for the VM and
+    /// deletes with it. Give this or `network_interface_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_id: Option<String>,
+    /// An existing network interface (resource id) to attach; it is left in place at
+    /// teardown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_interface_id: Option<String>,
+    /// Default `azureuser`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_username: Option<String>,
+    /// The OpenSSH public key of the admin user; password login is disabled.
+    pub ssh_public_key: String,
+    /// OS disk size in GB. Default: the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os_disk_size_gb: Option<u32>,
+    /// cloud-init user data (plain text; the worker base64-encodes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_data: Option<String>,
+    /// Tags on the VM besides the worker's own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// How long the VM may take to be provisioned and running. Default 600 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_timeout_seconds: Option<u64>,
+}
+
+/// Which image a VM boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ImageReference {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sku: Option<String>,
+    /// Default `latest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// An image resource id instead of a marketplace image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// One container group of one container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(title = "azure-container-instances spec")]
+pub struct AzureContainerSpec {
+    /// The container image, e.g. `mcr.microsoft.com/azuredocs/aci-helloworld`.
+    pub image: String,
+    /// The region, e.g. `westeurope`. Default: the worker's `AZURE_LOCATION`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// CPU cores requested. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
+    /// Memory requested in GB. Default 1.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_gb: Option<f64>,
+    /// TCP ports the container listens on, exposed on the group's public IP address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    /// A DNS label: the group is then also reachable at
+    /// `<label>.<location>.azurecontainer.io`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_name_label: Option<String>,
+    /// Replaces the image's entrypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// `Always` (default), `OnFailure` or `Never`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<String>,
+    /// Tags on the group besides the worker's own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// How long the group may take to run. Default 600 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_timeout_seconds: Option<u64>,
+}
+
+/// Tag keys the workers set themselves start with this.
+pub const RESERVED_TAG_PREFIX: &str = "provisioner";
+
+fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), String> {
+    if tags.len() > 45 {
+        return Err("at most 45 tags (Azure allows 50, the worker sets its own)".into());
+    }
+    for (key, value) in tags {
+        if key.is_empty()
+            || key.len() > 512
+            || value.len() > 256
+            || key
+                .chars()
+                .any(|c| "<>%&\\?/".contains(c) || c.is_control())
+        {
+            return Err(format!(
+                "tag {key:?} is not an Azure tag (keys 1-512 characters without <>%&\\?/, values at most 256)"
+            ));
+        }
+        if key.to_ascii_lowercase().starts_with(RESERVED_TAG_PREFIX) {
+            return Err(format!(
+                "tag {key:?} uses the reserved prefix {RESERVED_TAG_PREFIX:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An Azure region name: lowercase letters and digits, e.g. `westeurope`.
+fn validate_location(location: &str) -> Result<(), String> {
+    if location.is_empty()
+        || location.len() > 40
+        || !location
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    {
+        return Err(format!(
+            "location {location:?} is not an Azure region name (e.g. westeurope)"
+        ));
+    }
+    Ok(())
+}
+
+/// A resource id as ARM writes them: `/subscriptions/.../providers/...`.
+pub fn is_resource_id(value: &str) -> bool {
+    value.starts_with("/subscriptions/")
+        && value.contains("/providers/")
+        && !value
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+}
+
+impl AzureVmSpec {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.size.is_empty()
+            || !self
+                .size
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(format!(
+                "size {:?} is not a VM size (e.g. Standard_B1s)",
+                self.size
+            ));
+        }
+        let image = &self.image;
+        match (&image.id, &image.publisher, &image.offer, &image.sku) {
+            (Some(id), None, None, None) if is_resource_id(id) => {}
+            (Some(id), None, None, None) => {
+                return Err(format!("image.id {id:?} is not a resource id"));
+            }
+            (None, Some(p), Some(o), Some(s))
+                if !p.is_empty() && !o.is_empty() && !s.is_empty() => {}
+            _ => {
+                return Err(
+                    "image needs publisher, offer and sku (a marketplace image) or id, not both"
+                        .into(),
+                );
+            }
+        }
+        if let Some(location) = &self.location {
+            validate_location(location)?;
+        }
+        match (&self.subnet_id, &self.network_interface_id) {
+            (Some(id), None) | (None, Some(id)) if is_resource_id(id) => {}
+            (Some(id), None) | (None, Some(id)) => {
+                return Err(format!("{id:?} is not a resource id"));
+            }
+            _ => {
+                return Err(
+                    "give exactly one of subnet_id (the worker makes a network interface) and network_interface_id"
+                        .into(),
+                );
+            }
+        }
+        if let Some(user) = &self.admin_username
+            && (user.is_empty()
+                || user.len() > 32
+                || !user
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+                || ["root", "admin", "administrator"].contains(&user.as_str()))
+        {
+            return Err(format!(
+                "admin_username {user:?} is not allowed (lowercase letters, digits, '_' and '-'; not root or admin)"
+            ));
+        }
+        let key = self.ssh_public_key.trim();
+        if !(key.starts_with("ssh-rsa ")
+            || key.starts_with("ssh-ed25519 ")
+            || key.starts_with("ecdsa-sha2-"))
+        {
+            return Err("ssh_public_key is not an OpenSSH public key (ssh-rsa, ssh-ed25519 or ecdsa-sha2-…)".into());
+        }
+        if self.os_disk_size_gb == Some(0) {
+            return Err("os_disk_size_gb must be at least 1".into());
+        }
+        if self.custom_data.as_ref().is_some_and(|d| d.len() > 65_535) {
+            return Err("custom_data is more than Azure's 64 KiB".into());
+        }
+        validate_tags(&self.tags)?;
+        super::validate_env_and_timeout(&BTreeMap::new(), self.ready_timeout_seconds)
+    }
+}
+
+const RESTART_POLICIES: [&str; 3] = ["Always", "OnFailure", "Never"];
+
+impl AzureContainerSpec {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.image.is_empty()
+            || self.image.len() > 512
+            || self
+                .image
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!("image {:?} is not an image reference", self.image));
+        }
+        if let Some(location) = &self.location {
+            validate_location(location)?;
+        }
+        if let Some(cpu) = self.cpu
+            && !(cpu > 0.0 && cpu <= 4.0)
+        {
+            return Err(format!("cpu {cpu} must be more than 0 and at most 4"));
+        }
+        if let Some(memory) = self.memory_gb
+            && !(memory > 0.0 && memory <= 16.0)
+        {
+            return Err(format!(
+                "memory_gb {memory} must be more than 0 and at most 16"
+            ));
+        }
+        if self.ports.contains(&0) {
+            return Err("port 0 is not a port".into());
+        }
+        if let Some(label) = &self.dns_name_label {
+            let ok = label.len() >= 3
+                && label.len() <= 63
+                && label.starts_with(|c: char| c.is_ascii_lowercase())
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !ok {
+                return Err(format!(
+                    "dns_name_label {label:?} must be 3-63 lowercase letters, digits and '-', starting with a letter"
+                ));
+            }
+            if self.ports.is_empty() {
+                return Err("dns_name_label needs ports to expose".into());
+            }
+        }
+        if let Some(policy) = &self.restart_policy
+            && !RESTART_POLICIES.contains(&policy.as_str())
+        {
+            return Err(format!(
+                "restart_policy {policy:?} is not one of Always, OnFailure, Never"
+            ));
+        }
+        validate_tags(&self.tags)?;
+        super::validate_env_and_timeout(&self.env, self.ready_timeout_seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm() -> AzureVmSpec {
+        serde_json::from_value(serde_json::json!({
+            "size": "Standard_B1s",
+            "image": {"publisher": "Canonical", "offer": "ubuntu-24_04-lts", "sku": "server"},
+            "subnet_id": "/subscriptions/s/resourceGroups/g/providers/Microsoft.Network/virtualNetworks/v/subnets/default",
+            "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB me@host"
+        }))
+        .expect("minimal spec")
+    }
+
+    #[test]
+    fn vm_specs_are_checked_before_any_call() {
+        assert_eq!(vm().validate(), Ok(()));
+        let mut bad = vm();
+        bad.network_interface_id = bad.subnet_id.clone();
+        assert!(bad.validate().expect_err("both").contains("exactly one"));
+        let mut bad = vm();
+        bad.image.id = Some("/subscriptions/s/providers/x".into());
+        assert!(bad.validate().is_err());
+        let mut bad = vm();
+        bad.ssh_public_key = "hunter2".into();
+        assert!(bad.validate().expect_err("key").contains("OpenSSH"));
+        let mut bad = vm();
+        bad.admin_username = Some("root".into());
+        assert!(bad.validate().is_err());
+        let mut bad = vm();
+        bad.tags.insert("provisioner-x".into(), "y".into());
+        assert!(bad.validate().expect_err("reserved").contains("reserved"));
+        let mut bad = vm();
+        bad.location = Some("West Europe".into());
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn container_specs_are_checked_before_any_call() {
+        let spec: AzureContainerSpec = serde_json::from_value(
+            serde_json::json!({"image": "mcr.microsoft.com/azuredocs/aci-helloworld", "ports": [80]}),
+        )
+        .expect("spec");
+        assert_eq!(spec.validate(), Ok(()));
+        let mut bad = spec.clone();
+        bad.cpu = Some(0.0);
+        assert!(bad.validate().is_err());
+        let mut bad = spec.clone();
+        bad.restart_policy = Some("Sometimes".into());
+        assert!(bad.validate().is_err());
+        let mut bad = spec.clone();
+        bad.dns_name_label = Some("-x".into());
+        assert!(bad.validate().is_err());
+    }
+}

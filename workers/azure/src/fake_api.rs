@@ -1,0 +1,891 @@
+//! An Azure Resource Manager server for tests, since there is no emulator for Compute or
+//! Container Instances: the documented ARM resources, status codes, error bodies and
+//! long-running operations, driven by the worker's real ARM client.
+//!
+//! What it does as ARM does: `PUT` answers `201` with an `Azure-AsyncOperation` URL for
+//! a new resource and `200` for an existing one (create or update); `GET` answers `404
+//! ResourceNotFound` for what is not there, `404 ResourceGroupNotFound` outside the
+//! resource group; `DELETE` answers `202` with an operation (VMs), `202` with a
+//! `Location` URL (network interfaces), `200` with the body (container groups), `204`
+//! when there is nothing; a missing `api-version` is `400 MissingApiVersionParameter`.
+//! Operations answer `InProgress` for a few polls, then `Succeeded` (or `Failed` with an
+//! ARM error, when one is queued). What it does as the resource providers would: a VM
+//! is `Creating` until its operation ends, then running; deleting it deletes the OS disk
+//! and the network interfaces whose `deleteOption` is `Delete`; start, deallocate and
+//! restart change its power state; a container group pulls its image (failing for
+//! images whose reference contains `does-not-exist`) and runs after a few reads, with an
+//! IP address and a DNS name. Faults can be queued: an HTTP error instead of the next
+//! matching answer, optionally after the call took effect.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Response, StatusCode};
+use serde_json::{Value, json};
+
+pub const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
+pub const RESOURCE_GROUP: &str = "apps";
+
+/// An HTTP error to answer the next request whose method and path match.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub method: Method,
+    /// Matches when the request path contains this (case-sensitive).
+    pub path_contains: String,
+    pub code: u16,
+    pub body: Value,
+    /// Do the call first and then answer the error: the answer was lost.
+    pub after_effect: bool,
+    /// A `Retry-After` header, in seconds.
+    pub retry_after: Option<u32>,
+}
+
+/// An ARM error body.
+pub fn arm_error(code: &str, message: &str) -> Value {
+    json!({"error": {"code": code, "message": message}})
+}
+
+/// A long-running operation of the given kind that will end `Failed` with this error.
+#[derive(Debug, Clone)]
+pub struct OperationFailure {
+    /// `vm-create`, `vm-delete`, `nic-create`, `aci-create`, ...
+    pub kind: String,
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+enum Effect {
+    VmCreated(String),
+    VmPower(String, &'static str),
+    VmDeleted(String),
+    NicCreated(String),
+    AciCreated(String),
+    AciState(String, &'static str),
+}
+
+#[derive(Debug)]
+struct AsyncOperation {
+    polls_left: u32,
+    status: &'static str,
+    effect: Effect,
+    failure: Option<OperationFailure>,
+}
+
+#[derive(Debug, Default)]
+struct World {
+    /// Lowercased resource id → resource.
+    resources: HashMap<String, Value>,
+    /// VM power states, by lowercased id.
+    power: HashMap<String, &'static str>,
+    /// Reads of container groups since they were made or started.
+    reads: HashMap<String, u32>,
+    operations: HashMap<String, AsyncOperation>,
+    /// `Location` polls left, by id, for network interface deletes.
+    locations: HashMap<String, (u32, String)>,
+    /// The base64 `customData` each VM was sent with.
+    custom_data: HashMap<String, String>,
+    faults: VecDeque<Fault>,
+    failures: VecDeque<OperationFailure>,
+    created: u32,
+    next_id: u64,
+    log: Vec<String>,
+}
+
+/// The running server; it serves until the runtime ends.
+#[derive(Debug, Clone)]
+pub struct FakeArm {
+    pub addr: SocketAddr,
+    world: Arc<Mutex<World>>,
+    ready_after_reads: u32,
+}
+
+type Answer = (u16, Value, Vec<(&'static str, String)>);
+
+fn answer(code: u16, body: Value) -> Answer {
+    (code, body, Vec::new())
+}
+
+fn not_found(kind: &str, name: &str) -> Answer {
+    answer(
+        404,
+        arm_error(
+            "ResourceNotFound",
+            &format!(
+                "The Resource '{kind}/{name}' under resource group '{RESOURCE_GROUP}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"
+            ),
+        ),
+    )
+}
+
+impl FakeArm {
+    /// Serves on a free port of 127.0.0.1. Operations end on their third poll; container
+    /// groups run on the `ready_after_reads`-th read.
+    pub async fn start(ready_after_reads: u32) -> FakeArm {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the fake ARM server");
+        let api = FakeArm {
+            addr: listener.local_addr().expect("address"),
+            world: Arc::default(),
+            ready_after_reads,
+        };
+        let served = api.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let api = served.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let api = api.clone();
+                        async move { Ok::<_, Infallible>(api.serve(request).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        api
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn world(&self) -> std::sync::MutexGuard<'_, World> {
+        self.world.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn inject(&self, fault: Fault) {
+        self.world().faults.push_back(fault);
+    }
+
+    pub fn fail_next_operation(&self, failure: OperationFailure) {
+        self.world().failures.push_back(failure);
+    }
+
+    /// VMs, network interfaces and container groups made (updates do not count).
+    pub fn created(&self) -> u32 {
+        self.world().created
+    }
+
+    /// The resource at `provider_path` (`Microsoft.Compute/virtualMachines/x`).
+    pub fn resource(&self, provider_path: &str) -> Option<Value> {
+        self.world()
+            .resources
+            .get(&Self::id(provider_path).to_ascii_lowercase())
+            .cloned()
+    }
+
+    /// How many resources of a type (`Microsoft.Compute/virtualMachines`) there are.
+    pub fn count(&self, provider_type: &str) -> usize {
+        let prefix = Self::id(provider_type).to_ascii_lowercase() + "/";
+        self.world()
+            .resources
+            .keys()
+            .filter(|k| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
+            .count()
+    }
+
+    /// Puts a resource there as someone else made it (no provisioner tags).
+    pub fn put_foreign(&self, provider_path: &str, body: Value) {
+        let id = Self::id(provider_path);
+        let mut body = body;
+        body["id"] = json!(id);
+        body["name"] = json!(provider_path.rsplit('/').next().unwrap_or_default());
+        let key = id.to_ascii_lowercase();
+        let mut world = self.world();
+        world.power.insert(key.clone(), "running");
+        world.resources.insert(key, body);
+    }
+
+    /// The base64 `customData` the VM was created with.
+    pub fn custom_data(&self, vm_name: &str) -> Option<String> {
+        let key =
+            Self::id(&format!("Microsoft.Compute/virtualMachines/{vm_name}")).to_ascii_lowercase();
+        self.world().custom_data.get(&key).cloned()
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.world().log.clone()
+    }
+
+    fn id(provider_path: &str) -> String {
+        format!(
+            "/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/{provider_path}"
+        )
+    }
+
+    async fn serve(&self, request: hyper::Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let query = request.uri().query().unwrap_or("").to_owned();
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let fault = {
+            let mut world = self.world();
+            world.log.push(format!("{method} {path}?{query}"));
+            let position = world
+                .faults
+                .iter()
+                .position(|f| f.method == method && path.contains(&f.path_contains));
+            position.and_then(|i| world.faults.remove(i))
+        };
+        let (code, value, headers) = match &fault {
+            Some(fault) if !fault.after_effect => answer(fault.code, fault.body.clone()),
+            _ if !query.contains("api-version=") => answer(
+                400,
+                arm_error(
+                    "MissingApiVersionParameter",
+                    "The api-version query parameter (?api-version=) is required for all requests.",
+                ),
+            ),
+            _ => self.route(&method, &path, body),
+        };
+        let (code, value, mut headers) = match &fault {
+            Some(fault) if fault.after_effect => (fault.code, fault.body.clone(), Vec::new()),
+            _ => (code, value, headers),
+        };
+        if let Some(seconds) = fault.as_ref().and_then(|f| f.retry_after) {
+            headers.push(("retry-after", seconds.to_string()));
+        }
+        let mut response = Response::builder()
+            .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+            .header("content-type", "application/json; charset=utf-8")
+            .header("x-ms-request-id", "00000000-0000-0000-0000-000000000001");
+        for (name, value) in headers {
+            response = response.header(name, value);
+        }
+        let body = if code == 204 || value.is_null() {
+            Bytes::new()
+        } else {
+            Bytes::from(value.to_string())
+        };
+        response.body(Full::new(body)).expect("response")
+    }
+
+    fn route(&self, method: &Method, path: &str, body: Value) -> Answer {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match segments.as_slice() {
+            [
+                "subscriptions",
+                sub,
+                "providers",
+                _provider,
+                "locations",
+                _,
+                "operations",
+                id,
+            ] => {
+                if *sub != SUBSCRIPTION {
+                    return answer(
+                        404,
+                        arm_error(
+                            "SubscriptionNotFound",
+                            &format!("The subscription '{sub}' could not be found."),
+                        ),
+                    );
+                }
+                self.poll_operation(id)
+            }
+            [
+                "subscriptions",
+                sub,
+                "resourceGroups",
+                group,
+                "providers",
+                rest @ ..,
+            ] => {
+                if *sub != SUBSCRIPTION {
+                    return answer(
+                        404,
+                        arm_error(
+                            "SubscriptionNotFound",
+                            &format!("The subscription '{sub}' could not be found."),
+                        ),
+                    );
+                }
+                if !group.eq_ignore_ascii_case(RESOURCE_GROUP) {
+                    return answer(
+                        404,
+                        arm_error(
+                            "ResourceGroupNotFound",
+                            &format!("Resource group '{group}' could not be found."),
+                        ),
+                    );
+                }
+                let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+                let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+                self.provider(method, &rest, body)
+            }
+            ["nic-delete", id] => self.poll_location(id),
+            _ => answer(404, arm_error("NotFound", &format!("no route {path}"))),
+        }
+    }
+
+    fn provider(&self, method: &Method, rest: &[&str], body: Value) -> Answer {
+        let lower: Vec<String> = rest.iter().map(|s| s.to_ascii_lowercase()).collect();
+        let lower: Vec<&str> = lower.iter().map(String::as_str).collect();
+        match (method.as_str(), lower.as_slice()) {
+            ("GET", ["microsoft.compute", "virtualmachines"]) => {
+                self.list("Microsoft.Compute/virtualMachines")
+            }
+            ("GET", ["microsoft.containerinstance", "containergroups"]) => {
+                self.list("Microsoft.ContainerInstance/containerGroups")
+            }
+            ("PUT", ["microsoft.compute", "virtualmachines", _]) => self.put_vm(rest[2], body),
+            ("GET", ["microsoft.compute", "virtualmachines", _]) => {
+                self.get(&format!("Microsoft.Compute/virtualMachines/{}", rest[2]))
+            }
+            ("GET", ["microsoft.compute", "virtualmachines", _, "instanceview"]) => {
+                self.instance_view(rest[2])
+            }
+            ("DELETE", ["microsoft.compute", "virtualmachines", _]) => self.delete_vm(rest[2]),
+            ("POST", ["microsoft.compute", "virtualmachines", _, action]) => {
+                self.vm_action(rest[2], action)
+            }
+            ("PUT", ["microsoft.network", "networkinterfaces", _]) => self.put_nic(rest[2], body),
+            ("GET", ["microsoft.network", "networkinterfaces", _]) => {
+                self.get(&format!("Microsoft.Network/networkInterfaces/{}", rest[2]))
+            }
+            ("DELETE", ["microsoft.network", "networkinterfaces", _]) => self.delete_nic(rest[2]),
+            ("PUT", ["microsoft.containerinstance", "containergroups", _]) => {
+                self.put_aci(rest[2], body)
+            }
+            ("GET", ["microsoft.containerinstance", "containergroups", _]) => self.get_aci(rest[2]),
+            ("DELETE", ["microsoft.containerinstance", "containergroups", _]) => {
+                self.delete_aci(rest[2])
+            }
+            ("POST", ["microsoft.containerinstance", "containergroups", _, action]) => {
+                self.aci_action(rest[2], action)
+            }
+            _ => answer(
+                400,
+                arm_error(
+                    "InvalidResourceType",
+                    &format!("The resource type '{}' could not be found.", rest.join("/")),
+                ),
+            ),
+        }
+    }
+
+    fn list(&self, provider_type: &str) -> Answer {
+        let prefix = Self::id(provider_type).to_ascii_lowercase() + "/";
+        let world = self.world();
+        let mut value: Vec<Value> = world
+            .resources
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
+            .map(|(_, v)| v.clone())
+            .collect();
+        value.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        answer(200, json!({"value": value}))
+    }
+
+    fn get(&self, provider_path: &str) -> Answer {
+        let key = Self::id(provider_path).to_ascii_lowercase();
+        match self.world().resources.get(&key) {
+            Some(resource) => answer(200, resource.clone()),
+            None => {
+                let (kind, name) = provider_path
+                    .rsplit_once('/')
+                    .unwrap_or((provider_path, ""));
+                not_found(kind, name)
+            }
+        }
+    }
+
+    /// Starts an operation; its URL goes in `Azure-AsyncOperation`.
+    fn operation(
+        &self,
+        world: &mut World,
+        kind: &str,
+        provider: &str,
+        effect: Effect,
+    ) -> (&'static str, String) {
+        world.next_id += 1;
+        let id = format!("op-{:08x}", world.next_id);
+        let failure = world
+            .failures
+            .iter()
+            .position(|f| f.kind == kind)
+            .and_then(|i| world.failures.remove(i));
+        world.operations.insert(
+            id.clone(),
+            AsyncOperation {
+                polls_left: 2,
+                status: "InProgress",
+                effect,
+                failure,
+            },
+        );
+        (
+            "azure-asyncoperation",
+            format!(
+                "{}/subscriptions/{SUBSCRIPTION}/providers/{provider}/locations/westeurope/operations/{id}?api-version=2024-07-01",
+                self.url()
+            ),
+        )
+    }
+
+    fn poll_operation(&self, id: &str) -> Answer {
+        let mut world = self.world();
+        let Some(op) = world.operations.get_mut(id) else {
+            return answer(404, arm_error("NotFound", &format!("operation {id}")));
+        };
+        let headers = vec![("retry-after", "0".to_owned())];
+        if op.status != "InProgress" {
+            let body = match &op.failure {
+                Some(f) => {
+                    json!({"name": id, "status": op.status, "error": {"code": f.code, "message": f.message}})
+                }
+                None => json!({"name": id, "status": op.status}),
+            };
+            return (200, body, headers);
+        }
+        if op.polls_left > 0 {
+            op.polls_left -= 1;
+            return (
+                200,
+                json!({"name": id, "status": "InProgress", "startTime": "2026-11-21T12:00:00Z"}),
+                headers,
+            );
+        }
+        let effect = op.effect.clone();
+        let failure = op.failure.clone();
+        op.status = if failure.is_some() {
+            "Failed"
+        } else {
+            "Succeeded"
+        };
+        let status = op.status;
+        match (effect, &failure) {
+            (Effect::VmCreated(key), None) => {
+                if let Some(vm) = world.resources.get_mut(&key) {
+                    vm["properties"]["provisioningState"] = json!("Succeeded");
+                }
+                world.power.insert(key, "running");
+            }
+            (Effect::VmCreated(key), Some(_)) => {
+                if let Some(vm) = world.resources.get_mut(&key) {
+                    vm["properties"]["provisioningState"] = json!("Failed");
+                }
+            }
+            (Effect::VmPower(key, state), None) => {
+                world.power.insert(key, state);
+            }
+            (Effect::VmDeleted(key), None) => {
+                if let Some(vm) = world.resources.remove(&key) {
+                    for nic in vm["properties"]["networkProfile"]["networkInterfaces"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                    {
+                        if nic["properties"]["deleteOption"] == "Delete"
+                            && let Some(id) = nic["id"].as_str()
+                        {
+                            world.resources.remove(&id.to_ascii_lowercase());
+                        }
+                    }
+                }
+                world.power.remove(&key);
+            }
+            (Effect::NicCreated(key), _) => {
+                if let Some(nic) = world.resources.get_mut(&key) {
+                    nic["properties"]["provisioningState"] = json!(if failure.is_some() {
+                        "Failed"
+                    } else {
+                        "Succeeded"
+                    });
+                }
+            }
+            (Effect::AciCreated(key), None) => {
+                if let Some(group) = world.resources.get_mut(&key) {
+                    group["properties"]["provisioningState"] = json!("Succeeded");
+                }
+                world.reads.insert(key, 0);
+            }
+            (Effect::AciCreated(key), Some(_)) => {
+                if let Some(group) = world.resources.get_mut(&key) {
+                    group["properties"]["provisioningState"] = json!("Failed");
+                }
+            }
+            (Effect::AciState(key, state), None) => {
+                if let Some(group) = world.resources.get_mut(&key) {
+                    group["properties"]["instanceView"]["state"] = json!(state);
+                }
+                world.reads.insert(key, 0);
+            }
+            _ => {}
+        }
+        let body = match &failure {
+            Some(f) => {
+                json!({"name": id, "status": status, "error": {"code": f.code, "message": f.message}})
+            }
+            None => json!({"name": id, "status": status, "endTime": "2026-11-21T12:00:05Z"}),
+        };
+        (200, body, headers)
+    }
+
+    fn put_nic(&self, name: &str, body: Value) -> Answer {
+        let subnet =
+            body["properties"]["ipConfigurations"][0]["properties"]["subnet"]["id"].as_str();
+        if subnet.is_none_or(|s| !s.contains("/subnets/")) {
+            return answer(
+                400,
+                arm_error(
+                    "InvalidRequestFormat",
+                    "Cannot parse the request: ipConfigurations[0].properties.subnet.id is missing.",
+                ),
+            );
+        }
+        let id = Self::id(&format!("Microsoft.Network/networkInterfaces/{name}"));
+        let key = id.to_ascii_lowercase();
+        let mut world = self.world();
+        let existed = world.resources.contains_key(&key);
+        world.next_id += 1;
+        let mut nic = body;
+        nic["id"] = json!(id);
+        nic["name"] = json!(name);
+        nic["type"] = json!("Microsoft.Network/networkInterfaces");
+        nic["properties"]["provisioningState"] = json!("Updating");
+        nic["properties"]["ipConfigurations"][0]["properties"]["privateIPAddress"] =
+            json!(format!("10.1.0.{}", 4 + world.next_id % 250));
+        world.resources.insert(key.clone(), nic.clone());
+        if !existed {
+            world.created += 1;
+        }
+        let header = self.operation(
+            &mut world,
+            "nic-create",
+            "Microsoft.Network",
+            Effect::NicCreated(key),
+        );
+        (if existed { 200 } else { 201 }, nic, vec![header])
+    }
+
+    fn delete_nic(&self, name: &str) -> Answer {
+        let key =
+            Self::id(&format!("Microsoft.Network/networkInterfaces/{name}")).to_ascii_lowercase();
+        let mut world = self.world();
+        if !world.resources.contains_key(&key) {
+            return answer(204, Value::Null);
+        }
+        world.next_id += 1;
+        let id = format!("loc-{:08x}", world.next_id);
+        world.locations.insert(id.clone(), (1, key));
+        (
+            202,
+            Value::Null,
+            vec![(
+                "location",
+                format!("{}/nic-delete/{id}?api-version=2024-05-01", self.url()),
+            )],
+        )
+    }
+
+    fn poll_location(&self, id: &str) -> Answer {
+        let mut world = self.world();
+        let Some((left, key)) = world.locations.get_mut(id) else {
+            return answer(404, arm_error("NotFound", "no such operation"));
+        };
+        if *left > 0 {
+            *left -= 1;
+            return (202, Value::Null, vec![("retry-after", "0".to_owned())]);
+        }
+        let key = key.clone();
+        world.resources.remove(&key);
+        answer(200, Value::Null)
+    }
+
+    fn put_vm(&self, name: &str, body: Value) -> Answer {
+        let props = &body["properties"];
+        if props["hardwareProfile"]["vmSize"]
+            .as_str()
+            .is_none_or(str::is_empty)
+        {
+            return answer(
+                400,
+                arm_error(
+                    "InvalidParameter",
+                    "Required parameter 'hardwareProfile.vmSize' is missing (null).",
+                ),
+            );
+        }
+        if props["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][0]["keyData"]
+            .as_str()
+            .is_none()
+        {
+            return answer(
+                400,
+                arm_error(
+                    "InvalidParameter",
+                    "Required parameter 'osProfile' is missing (null).",
+                ),
+            );
+        }
+        let nic_id = props["networkProfile"]["networkInterfaces"][0]["id"]
+            .as_str()
+            .unwrap_or("");
+        let mut world = self.world();
+        if !world.resources.contains_key(&nic_id.to_ascii_lowercase()) {
+            return answer(
+                400,
+                arm_error(
+                    "InvalidResourceReference",
+                    &format!(
+                        "Resource {nic_id} referenced by resource {name} was not found. Please make sure that the referenced resource exists, and that both resources are in the same region."
+                    ),
+                ),
+            );
+        }
+        let id = Self::id(&format!("Microsoft.Compute/virtualMachines/{name}"));
+        let key = id.to_ascii_lowercase();
+        let existed = world.resources.contains_key(&key);
+        world.next_id += 1;
+        let mut vm = body;
+        vm["id"] = json!(id);
+        vm["name"] = json!(name);
+        vm["type"] = json!("Microsoft.Compute/virtualMachines");
+        vm["properties"]["vmId"] = json!(format!("4f0c6f1e-0000-4000-8000-{:012x}", world.next_id));
+        vm["properties"]["provisioningState"] =
+            json!(if existed { "Updating" } else { "Creating" });
+        // ARM never answers with custom data; the test can read what was sent.
+        if let Some(data) = vm["properties"]["osProfile"]
+            .as_object_mut()
+            .and_then(|os| os.remove("customData"))
+            .and_then(|d| d.as_str().map(str::to_owned))
+        {
+            world.custom_data.insert(key.clone(), data);
+        }
+        world.resources.insert(key.clone(), vm.clone());
+        if !existed {
+            world.created += 1;
+            world.power.insert(key.clone(), "starting");
+        }
+        let header = self.operation(
+            &mut world,
+            "vm-create",
+            "Microsoft.Compute",
+            Effect::VmCreated(key),
+        );
+        (if existed { 200 } else { 201 }, vm, vec![header])
+    }
+
+    fn instance_view(&self, name: &str) -> Answer {
+        let key =
+            Self::id(&format!("Microsoft.Compute/virtualMachines/{name}")).to_ascii_lowercase();
+        let world = self.world();
+        let Some(vm) = world.resources.get(&key) else {
+            return not_found("Microsoft.Compute/virtualMachines", name);
+        };
+        let provisioning = vm["properties"]["provisioningState"]
+            .as_str()
+            .unwrap_or("Creating")
+            .to_ascii_lowercase();
+        let power = world.power.get(&key).copied().unwrap_or("starting");
+        answer(
+            200,
+            json!({"computerName": name, "osName": "ubuntu", "statuses": [
+                {"code": format!("ProvisioningState/{provisioning}"), "level": "Info"},
+                {"code": format!("PowerState/{power}"), "level": "Info"}
+            ]}),
+        )
+    }
+
+    fn delete_vm(&self, name: &str) -> Answer {
+        let key =
+            Self::id(&format!("Microsoft.Compute/virtualMachines/{name}")).to_ascii_lowercase();
+        let mut world = self.world();
+        let Some(vm) = world.resources.get_mut(&key) else {
+            return answer(204, Value::Null);
+        };
+        vm["properties"]["provisioningState"] = json!("Deleting");
+        let header = self.operation(
+            &mut world,
+            "vm-delete",
+            "Microsoft.Compute",
+            Effect::VmDeleted(key),
+        );
+        (202, Value::Null, vec![header])
+    }
+
+    fn vm_action(&self, name: &str, action: &str) -> Answer {
+        let key =
+            Self::id(&format!("Microsoft.Compute/virtualMachines/{name}")).to_ascii_lowercase();
+        let mut world = self.world();
+        if !world.resources.contains_key(&key) {
+            return not_found("Microsoft.Compute/virtualMachines", name);
+        }
+        let (now, then) = match action {
+            "start" => ("starting", "running"),
+            "deallocate" => ("deallocating", "deallocated"),
+            "poweroff" => ("stopping", "stopped"),
+            "restart" => ("starting", "running"),
+            _ => {
+                return answer(
+                    400,
+                    arm_error("InvalidResourceType", &format!("unknown action {action}")),
+                );
+            }
+        };
+        world.power.insert(key.clone(), now);
+        let header = self.operation(
+            &mut world,
+            &format!("vm-{action}"),
+            "Microsoft.Compute",
+            Effect::VmPower(key, then),
+        );
+        (202, Value::Null, vec![header])
+    }
+
+    fn put_aci(&self, name: &str, body: Value) -> Answer {
+        let container = &body["properties"]["containers"][0]["properties"];
+        if container["image"].as_str().is_none_or(str::is_empty) {
+            return answer(
+                400,
+                arm_error(
+                    "InvalidContainerGroupSpec",
+                    "The container group must have at least one container with an image.",
+                ),
+            );
+        }
+        let id = Self::id(&format!(
+            "Microsoft.ContainerInstance/containerGroups/{name}"
+        ));
+        let key = id.to_ascii_lowercase();
+        let mut world = self.world();
+        let existed = world.resources.contains_key(&key);
+        world.next_id += 1;
+        let mut group = body;
+        group["id"] = json!(id);
+        group["name"] = json!(name);
+        group["type"] = json!("Microsoft.ContainerInstance/containerGroups");
+        group["properties"]["provisioningState"] =
+            json!(if existed { "Updating" } else { "Pending" });
+        if group["properties"]["ipAddress"].is_object() {
+            group["properties"]["ipAddress"]["ip"] =
+                json!(format!("20.50.1.{}", 4 + world.next_id % 250));
+            if let Some(label) = group["properties"]["ipAddress"]["dnsNameLabel"]
+                .as_str()
+                .map(str::to_owned)
+            {
+                let location = group["location"]
+                    .as_str()
+                    .unwrap_or("westeurope")
+                    .to_owned();
+                group["properties"]["ipAddress"]["fqdn"] =
+                    json!(format!("{label}.{location}.azurecontainer.io"));
+            }
+        }
+        world.resources.insert(key.clone(), group.clone());
+        if !existed {
+            world.created += 1;
+            world.reads.insert(key.clone(), 0);
+        }
+        let header = self.operation(
+            &mut world,
+            "aci-create",
+            "Microsoft.ContainerInstance",
+            Effect::AciCreated(key),
+        );
+        (if existed { 200 } else { 201 }, group, vec![header])
+    }
+
+    fn get_aci(&self, name: &str) -> Answer {
+        let key = Self::id(&format!(
+            "Microsoft.ContainerInstance/containerGroups/{name}"
+        ))
+        .to_ascii_lowercase();
+        let ready_after = self.ready_after_reads;
+        let mut world = self.world();
+        let reads = {
+            let reads = world.reads.entry(key.clone()).or_insert(0);
+            *reads += 1;
+            *reads
+        };
+        let Some(group) = world.resources.get_mut(&key) else {
+            return not_found("Microsoft.ContainerInstance/containerGroups", name);
+        };
+        let provisioning = group["properties"]["provisioningState"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let state = group["properties"]["instanceView"]["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        if provisioning == "Succeeded" && state != "Stopped" && state != "Running" {
+            let image = group["properties"]["containers"][0]["properties"]["image"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            if image.contains("does-not-exist") {
+                group["properties"]["provisioningState"] = json!("Failed");
+                group["properties"]["containers"][0]["properties"]["instanceView"] = json!({"events": [
+                    {"count": 3, "type": "Warning", "name": "Failed", "message": format!("Failed to pull image \"{image}\": rpc error: code = NotFound desc = failed to resolve reference")}
+                ]});
+            } else if reads >= ready_after {
+                group["properties"]["instanceView"] = json!({"state": "Running", "events": []});
+            } else {
+                group["properties"]["instanceView"] = json!({"state": "Pending", "events": []});
+            }
+        }
+        answer(200, group.clone())
+    }
+
+    fn delete_aci(&self, name: &str) -> Answer {
+        let key = Self::id(&format!(
+            "Microsoft.ContainerInstance/containerGroups/{name}"
+        ))
+        .to_ascii_lowercase();
+        match self.world().resources.remove(&key) {
+            Some(group) => answer(200, group),
+            None => answer(204, Value::Null),
+        }
+    }
+
+    fn aci_action(&self, name: &str, action: &str) -> Answer {
+        let key = Self::id(&format!(
+            "Microsoft.ContainerInstance/containerGroups/{name}"
+        ))
+        .to_ascii_lowercase();
+        let mut world = self.world();
+        let Some(group) = world.resources.get_mut(&key) else {
+            return not_found("Microsoft.ContainerInstance/containerGroups", name);
+        };
+        match action {
+            // Stop is synchronous.
+            "stop" => {
+                group["properties"]["instanceView"]["state"] = json!("Stopped");
+                answer(204, Value::Null)
+            }
+            "start" | "restart" => {
+                group["properties"]["instanceView"]["state"] = json!("Pending");
+                let header = self.operation(
+                    &mut world,
+                    &format!("aci-{action}"),
+                    "Microsoft.ContainerInstance",
+                    Effect::AciState(key, "Running"),
+                );
+                (202, Value::Null, vec![header])
+            }
+            _ => answer(
+                400,
+                arm_error("InvalidResourceType", &format!("unknown action {action}")),
+            ),
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! The Azure platforms: `azure-vm` (one Linux Virtual Machine per request) and
+//! `azure-container-instances` (one container group per request), both by ARM
+//! `PUT`/`GET`/`DELETE` through [`arm::ArmClient`], a thin typed client on azure_core's
+//! HTTP pipeline (its retry policy, `Retry-After` handling and bearer-token
+//! authentication) with azure_identity's credentials. The management crates
+//! (azure_mgmt_compute) are frozen on an old azure_core, and the worker needs only a
+//! handful of calls.
+//!
+//! This module owns what the two share: the worker's [`AzureSettings`], the credential
+//! chain, and sorting ARM errors into the runtime's classes.
+
+pub mod aci;
+pub mod arm;
+#[cfg(feature = "fake-api")]
+pub mod fake_api;
+pub mod vm;
+
+use std::sync::{Arc, Mutex};
+
+use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+use azure_core::error::ErrorKind;
+use provisioner_core::PlatformError;
+use provisioner_events::{ErrorClass, TeardownTarget};
+use serde_json::Value;
+
+pub use aci::ContainerInstancesPlatform;
+pub use vm::VmPlatform;
+
+/// Tag every resource the workers make carries, which `list` and the ownership checks
+/// select on.
+pub const MANAGED_TAG: &str = "provisioner-managed";
+/// Tag holding the full request id of the resource.
+pub const REQUEST_ID_TAG: &str = "provisioner-request-id";
+
+/// What an Azure worker needs besides its credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AzureSettings {
+    /// `AZURE_SUBSCRIPTION_ID`.
+    pub subscription_id: String,
+    /// The resource group resources are made in (`AZURE_RESOURCE_GROUP`); it must exist.
+    pub resource_group: String,
+    /// The region of specs that name none (`AZURE_LOCATION`).
+    pub location: Option<String>,
+    /// The ARM endpoint (`AZURE_ENDPOINT`): Azure public cloud by default; sovereign
+    /// clouds or a test server otherwise.
+    pub endpoint: String,
+    /// Send no credentials at all (`AZURE_CREDENTIALS=anonymous`): only for test servers.
+    pub anonymous: bool,
+}
+
+pub const PUBLIC_CLOUD_ENDPOINT: &str = "https://management.azure.com";
+
+impl AzureSettings {
+    /// Reads the settings of the environment (see the README's "Azure" section).
+    pub fn from_environment() -> Result<Self, String> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let subscription_id = var("AZURE_SUBSCRIPTION_ID")
+            .ok_or("no Azure subscription: set AZURE_SUBSCRIPTION_ID")?;
+        let resource_group = var("AZURE_RESOURCE_GROUP")
+            .ok_or("no resource group: set AZURE_RESOURCE_GROUP (it must exist)")?;
+        let anonymous = match var("AZURE_CREDENTIALS").as_deref() {
+            None | Some("default") => false,
+            Some("anonymous") => true,
+            Some(other) => {
+                return Err(format!(
+                    "AZURE_CREDENTIALS={other:?} is not `default` (azure_identity's chain) or `anonymous`"
+                ));
+            }
+        };
+        let endpoint = var("AZURE_ENDPOINT").unwrap_or_else(|| PUBLIC_CLOUD_ENDPOINT.into());
+        if !anonymous && !endpoint.starts_with("https://") {
+            return Err(format!(
+                "AZURE_ENDPOINT {endpoint:?} is not https: credentials are only sent over TLS"
+            ));
+        }
+        Ok(AzureSettings {
+            subscription_id,
+            resource_group,
+            location: var("AZURE_LOCATION"),
+            endpoint,
+            anonymous,
+        })
+    }
+
+    /// Settings for a test server at `endpoint`, without credentials.
+    pub fn for_test_server(endpoint: &str) -> Self {
+        AzureSettings {
+            subscription_id: "00000000-0000-0000-0000-0000000000aa".into(),
+            resource_group: "apps".into(),
+            location: Some("westeurope".into()),
+            endpoint: endpoint.into(),
+            anonymous: true,
+        }
+    }
+}
+
+/// azure_identity's credentials in the order DefaultAzureCredential used to try them:
+/// a service principal from the environment (`AZURE_TENANT_ID`, `AZURE_CLIENT_ID`,
+/// `AZURE_CLIENT_SECRET`), workload identity (`AZURE_FEDERATED_TOKEN_FILE`), managed
+/// identity, then the developer tools (Azure CLI, Azure Developer CLI). The first that
+/// gives a token is kept for the worker's life.
+#[derive(Debug)]
+pub struct CredentialChain {
+    sources: Vec<(&'static str, Arc<dyn TokenCredential>)>,
+    chosen: Mutex<Option<usize>>,
+}
+
+impl CredentialChain {
+    pub fn from_environment() -> Result<Arc<Self>, String> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let mut sources: Vec<(&'static str, Arc<dyn TokenCredential>)> = Vec::new();
+        if let (Some(tenant), Some(client), Some(secret)) = (
+            var("AZURE_TENANT_ID"),
+            var("AZURE_CLIENT_ID"),
+            var("AZURE_CLIENT_SECRET"),
+        ) {
+            let credential =
+                azure_identity::ClientSecretCredential::new(&tenant, client, secret.into(), None)
+                    .map_err(|e| format!("AZURE_CLIENT_SECRET credentials: {e}"))?;
+            sources.push(("environment (client secret)", credential));
+        }
+        if var("AZURE_FEDERATED_TOKEN_FILE").is_some() {
+            let credential = azure_identity::WorkloadIdentityCredential::new(None)
+                .map_err(|e| format!("workload identity: {e}"))?;
+            sources.push(("workload identity", credential));
+        }
+        if let Ok(credential) = azure_identity::ManagedIdentityCredential::new(None) {
+            sources.push(("managed identity", credential));
+        }
+        if let Ok(credential) = azure_identity::DeveloperToolsCredential::new(None) {
+            sources.push(("Azure CLI / Azure Developer CLI", credential));
+        }
+        Ok(Arc::new(CredentialChain {
+            sources,
+            chosen: Mutex::new(None),
+        }))
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenCredential for CredentialChain {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        let chosen = *self.chosen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(index) = chosen {
+            return self.sources[index].1.get_token(scopes, options).await;
+        }
+        let mut failures = Vec::new();
+        for (index, (name, source)) in self.sources.iter().enumerate() {
+            match source.get_token(scopes, options.clone()).await {
+                Ok(token) => {
+                    tracing::info!(credential = name, "Azure credentials found");
+                    *self.chosen.lock().unwrap_or_else(|e| e.into_inner()) = Some(index);
+                    return Ok(token);
+                }
+                Err(e) => failures.push(format!("{name}: {e}")),
+            }
+        }
+        Err(azure_core::Error::with_message(
+            ErrorKind::Credential,
+            format!(
+                "no Azure credentials worked ({}); set AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET, use a managed or workload identity, or `az login`",
+                failures.join("; ")
+            ),
+        ))
+    }
+}
+
+/// The name a target gives in the worker's resource group: derived from the request id
+/// (with the id to check the resource's tag against), or the `<resource group>/<name>`
+/// of a resource id.
+pub(crate) fn target_name<'a>(
+    resource_group: &str,
+    target: &'a TeardownTarget,
+    name_of: fn(&str) -> String,
+    kind: &str,
+) -> Result<(String, Option<&'a str>), PlatformError> {
+    match target {
+        TeardownTarget::Request(id) => Ok((name_of(id.as_str()), Some(id.as_str()))),
+        TeardownTarget::Resource(id) => id
+            .strip_prefix(&format!("{resource_group}/"))
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+            .map(|name| (name.to_owned(), None))
+            .ok_or_else(|| {
+                PlatformError::invalid(format!(
+                    "resource_id {id:?} is not <resource group>/<{kind}> in this worker's resource group {resource_group:?}"
+                ))
+            }),
+    }
+}
+
+/// Whether the target may touch `resource`: tagged with the request's id, or (named by
+/// resource id) made by the provisioner at all. Anything else is a conflict.
+pub(crate) fn check_owner(
+    resource: Value,
+    request_id: Option<&str>,
+    what: &str,
+    target: &TeardownTarget,
+) -> Result<Value, PlatformError> {
+    let ours = match request_id {
+        Some(id) => resource["tags"][REQUEST_ID_TAG].as_str() == Some(id),
+        None => resource["tags"][MANAGED_TAG].as_str() == Some("true"),
+    };
+    if ours {
+        Ok(resource)
+    } else {
+        Err(PlatformError::permanent(
+            ErrorClass::Conflict,
+            format!("{what} was not made by the provisioner for {target}; it was left alone"),
+        ))
+    }
+}
+
+/// How an ARM failure is sorted, by its HTTP status and ARM error `code` (and message,
+/// for the codes ARM reuses).
+pub fn class_of(status: Option<u16>, code: &str, message: &str) -> (ErrorClass, bool) {
+    let lower = message.to_ascii_lowercase();
+    match code {
+        "TooManyRequests" | "RetryableError" | "SubscriptionRequestsThrottled" => {
+            return (ErrorClass::Throttled, true);
+        }
+        "OperationNotAllowed" if lower.contains("quota") => return (ErrorClass::Quota, false),
+        "ContainerGroupQuotaReached" | "StandardCoresQuotaExceeded" | "QuotaExceeded" => {
+            return (ErrorClass::Quota, false);
+        }
+        "SkuNotAvailable"
+        | "AllocationFailed"
+        | "ZonalAllocationFailed"
+        | "OverconstrainedAllocationRequest"
+        | "OverconstrainedZonalAllocationRequest"
+        | "ResourceRequestsThrottled" => return (ErrorClass::Capacity, true),
+        "ServiceUnavailable" if lower.contains("not available in the location") => {
+            return (ErrorClass::Capacity, true);
+        }
+        "AuthorizationFailed"
+        | "AuthenticationFailed"
+        | "InvalidAuthenticationToken"
+        | "LinkedAuthorizationFailed" => return (ErrorClass::Permission, false),
+        "ResourceNotFound" | "ResourceGroupNotFound" | "NotFound" | "SubscriptionNotFound" => {
+            return (ErrorClass::NotFound, false);
+        }
+        "Conflict" | "OperationNotAllowed" | "PropertyChangeNotAllowed" => {
+            return (ErrorClass::Conflict, false);
+        }
+        "InvalidParameter"
+        | "BadRequest"
+        | "InvalidRequestContent"
+        | "InvalidResourceName"
+        | "InvalidTemplate"
+        | "InvalidImage"
+        | "InaccessibleImage"
+        | "ImageNotFound"
+        | "InvalidContainerGroupSpec"
+        | "LocationNotAvailableForResourceType"
+        | "NoRegisteredProviderFound"
+        | "MissingSubscriptionRegistration" => {
+            return (ErrorClass::InvalidRequest, false);
+        }
+        _ => {}
+    }
+    match status {
+        Some(429) => (ErrorClass::Throttled, true),
+        Some(401 | 403) => (ErrorClass::Permission, false),
+        Some(404) => (ErrorClass::NotFound, false),
+        Some(409) => (ErrorClass::Conflict, false),
+        Some(400 | 422) => (ErrorClass::InvalidRequest, false),
+        Some(500..=599) => (ErrorClass::Transient, true),
+        _ => (ErrorClass::Internal, false),
+    }
+}
+
+/// An ARM error as a [`PlatformError`].
+pub fn arm_error(status: Option<u16>, code: &str, message: &str, doing: &str) -> PlatformError {
+    let (class, retryable) = class_of(status, code, message);
+    PlatformError {
+        class,
+        retryable,
+        message: format!(
+            "{doing}: {}{code}: {message}",
+            status.map(|s| format!("{s} ")).unwrap_or_default()
+        ),
+        retry_after: None,
+    }
+}
+
+/// A failure to reach ARM at all (no answer, no token).
+pub fn transport_error(error: &azure_core::Error, doing: &str) -> PlatformError {
+    match error.kind() {
+        ErrorKind::Credential => PlatformError::permanent(
+            ErrorClass::Permission,
+            format!("{doing}: no usable Azure credentials: {error}"),
+        ),
+        ErrorKind::Io | ErrorKind::Connection => PlatformError::transient(format!(
+            "{doing}: Azure Resource Manager is unreachable: {error}"
+        )),
+        _ => PlatformError::transient(format!("{doing}: {error}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arm_errors_are_sorted_like_the_aws_ones() {
+        let cases = [
+            (
+                Some(429),
+                "TooManyRequests",
+                "",
+                ErrorClass::Throttled,
+                true,
+            ),
+            (
+                Some(409),
+                "OperationNotAllowed",
+                "Operation could not be completed as it results in exceeding approved standardBSFamily Cores quota.",
+                ErrorClass::Quota,
+                false,
+            ),
+            (
+                Some(409),
+                "SkuNotAvailable",
+                "The requested size for resource is currently not available in location 'westeurope'",
+                ErrorClass::Capacity,
+                true,
+            ),
+            (
+                None,
+                "AllocationFailed",
+                "Allocation failed.",
+                ErrorClass::Capacity,
+                true,
+            ),
+            (
+                Some(403),
+                "AuthorizationFailed",
+                "The client does not have authorization to perform action",
+                ErrorClass::Permission,
+                false,
+            ),
+            (
+                Some(404),
+                "ResourceGroupNotFound",
+                "Resource group 'x' could not be found.",
+                ErrorClass::NotFound,
+                false,
+            ),
+            (
+                Some(400),
+                "InvalidParameter",
+                "",
+                ErrorClass::InvalidRequest,
+                false,
+            ),
+            (Some(409), "Conflict", "", ErrorClass::Conflict, false),
+            (
+                Some(500),
+                "InternalServerError",
+                "",
+                ErrorClass::Transient,
+                true,
+            ),
+            (Some(502), "", "", ErrorClass::Transient, true),
+        ];
+        for (status, code, message, class, retryable) in cases {
+            assert_eq!(
+                class_of(status, code, message),
+                (class, retryable),
+                "{status:?} {code}"
+            );
+        }
+    }
+}

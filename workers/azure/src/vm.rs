@@ -1,0 +1,495 @@
+//! The `azure-vm` platform: one Linux Virtual Machine per provision request, by ARM
+//! `PUT` of `Microsoft.Compute/virtualMachines` (and, when the spec names a subnet, of
+//! the `Microsoft.Network/networkInterfaces` it uses).
+//!
+//! Names derive from the request id, so every attempt addresses the same resources. ARM's
+//! `PUT` creates or updates, so before the first `PUT` the worker reads the name: a VM
+//! tagged with another request id is a conflict and is never updated; its own VM is
+//! adopted. The OS disk and the worker's network interface are created with
+//! `deleteOption: Delete`, so deleting the VM deletes them; the worker also deletes its
+//! interface itself, in case the VM was never made. `running` means provisioning
+//! succeeded and the instance view's power state is `PowerState/running`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use provisioner_core::backoff::Backoff;
+use provisioner_core::names::derived_name;
+use provisioner_core::{Described, Platform, PlatformError};
+use provisioner_events::spec::azure::AzureVmSpec;
+use provisioner_events::spec::parse_spec;
+use provisioner_events::{
+    ErrorClass, Operation, PlatformName, Request, Resource, State, TeardownTarget,
+};
+use serde_json::{Value, json};
+use tracing::info;
+
+use crate::arm::ArmClient;
+use crate::{AzureSettings, MANAGED_TAG, REQUEST_ID_TAG, check_owner, target_name};
+
+pub const COMPUTE_API_VERSION: &str = "2024-07-01";
+pub const NETWORK_API_VERSION: &str = "2024-05-01";
+const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(600);
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// The VM name of a request (at most 58 characters; Linux VM names may have 64).
+pub fn vm_name(request_id: &str) -> String {
+    derived_name(request_id, 44)
+}
+
+fn spec_of(request: &Request) -> Result<AzureVmSpec, PlatformError> {
+    let spec = request
+        .spec
+        .as_ref()
+        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
+    let spec: AzureVmSpec = parse_spec("azure-vm", spec).map_err(PlatformError::invalid)?;
+    spec.validate().map_err(PlatformError::invalid)?;
+    Ok(spec)
+}
+
+fn tag<'a>(resource: &'a Value, key: &str) -> Option<&'a str> {
+    resource["tags"][key].as_str()
+}
+
+/// The power state of an instance view (`PowerState/running` → `running`).
+fn power_state(instance_view: &Value) -> Option<String> {
+    instance_view["statuses"]
+        .as_array()?
+        .iter()
+        .filter_map(|s| s["code"].as_str())
+        .find_map(|code| code.strip_prefix("PowerState/"))
+        .map(str::to_owned)
+}
+
+fn state_of(vm: &Value, power: Option<&str>) -> State {
+    match vm["properties"]["provisioningState"].as_str() {
+        Some("Failed") => return State::Error,
+        Some("Deleting") => return State::Stopping,
+        _ => {}
+    }
+    match power {
+        Some("running") => State::Running,
+        Some("stopping" | "deallocating") => State::Stopping,
+        Some("stopped" | "deallocated") => State::Stopped,
+        _ => State::Starting,
+    }
+}
+
+/// The Azure Virtual Machines [`Platform`].
+#[derive(Debug, Clone)]
+pub struct VmPlatform {
+    arm: ArmClient,
+}
+
+impl VmPlatform {
+    pub fn new(settings: AzureSettings) -> Result<Self, String> {
+        Ok(VmPlatform {
+            arm: ArmClient::new(settings)?,
+        })
+    }
+
+    fn location(&self, spec: &AzureVmSpec) -> Result<String, PlatformError> {
+        spec.location
+            .clone()
+            .or_else(|| self.arm.settings().location.clone())
+            .ok_or_else(|| {
+                PlatformError::invalid(
+                    "no location: give spec.location, or start the worker with AZURE_LOCATION",
+                )
+            })
+    }
+
+    fn vm_id(&self, name: &str) -> String {
+        self.arm
+            .resource_id(&format!("Microsoft.Compute/virtualMachines/{name}"))
+    }
+
+    fn nic_id(&self, name: &str) -> String {
+        self.arm
+            .resource_id(&format!("Microsoft.Network/networkInterfaces/{name}-nic"))
+    }
+
+    fn tags(request: &Request, extra: &std::collections::BTreeMap<String, String>) -> Value {
+        let mut tags = serde_json::Map::new();
+        for (key, value) in extra {
+            tags.insert(key.clone(), json!(value));
+        }
+        tags.insert(MANAGED_TAG.into(), json!("true"));
+        tags.insert(REQUEST_ID_TAG.into(), json!(request.request_id.as_str()));
+        Value::Object(tags)
+    }
+
+    fn vm_body(
+        request: &Request,
+        spec: &AzureVmSpec,
+        name: &str,
+        location: &str,
+        nic_id: &str,
+        nic_is_ours: bool,
+    ) -> Value {
+        let user = spec.admin_username.as_deref().unwrap_or("azureuser");
+        let image = match &spec.image.id {
+            Some(id) => json!({"id": id}),
+            None => json!({
+                "publisher": spec.image.publisher, "offer": spec.image.offer,
+                "sku": spec.image.sku,
+                "version": spec.image.version.as_deref().unwrap_or("latest"),
+            }),
+        };
+        let mut os_disk = json!({"createOption": "FromImage", "deleteOption": "Delete",
+                                 "managedDisk": {"storageAccountType": "StandardSSD_LRS"}});
+        if let Some(size) = spec.os_disk_size_gb {
+            os_disk["diskSizeGB"] = json!(size);
+        }
+        let mut os_profile = json!({
+            "computerName": name, "adminUsername": user,
+            "linuxConfiguration": {"disablePasswordAuthentication": true, "ssh": {"publicKeys": [
+                {"path": format!("/home/{user}/.ssh/authorized_keys"), "keyData": spec.ssh_public_key.trim()}
+            ]}}
+        });
+        if let Some(data) = &spec.custom_data {
+            os_profile["customData"] =
+                json!(base64::engine::general_purpose::STANDARD.encode(data.as_bytes()));
+        }
+        json!({
+            "location": location,
+            "tags": Self::tags(request, &spec.tags),
+            "properties": {
+                "hardwareProfile": {"vmSize": spec.size},
+                "storageProfile": {"imageReference": image, "osDisk": os_disk},
+                "osProfile": os_profile,
+                "networkProfile": {"networkInterfaces": [{"id": nic_id, "properties": {
+                    "primary": true,
+                    // The worker's own interface goes with the VM; one it was given stays.
+                    "deleteOption": if nic_is_ours { "Delete" } else { "Detach" }
+                }}]}
+            }
+        })
+    }
+
+    /// Makes the request's network interface in `subnet_id`, or adopts the one made before.
+    async fn ensure_nic(
+        &self,
+        request: &Request,
+        name: &str,
+        location: &str,
+        subnet_id: &str,
+        timeout: Duration,
+    ) -> Result<String, PlatformError> {
+        let nic_id = self.nic_id(name);
+        let doing = format!("creating network interface {name}-nic");
+        if let Some(existing) = self.arm.get(&nic_id, NETWORK_API_VERSION, &doing).await? {
+            if tag(&existing, REQUEST_ID_TAG) != Some(request.request_id.as_str()) {
+                return Err(PlatformError::permanent(
+                    ErrorClass::Conflict,
+                    format!(
+                        "network interface {name}-nic exists and was not made for request {}; it was left alone",
+                        request.request_id
+                    ),
+                ));
+            }
+            if existing["properties"]["provisioningState"] == "Succeeded" {
+                return Ok(nic_id);
+            }
+        }
+        let body = json!({
+            "location": location,
+            "tags": Self::tags(request, &Default::default()),
+            "properties": {"ipConfigurations": [{"name": "ipconfig1", "properties": {
+                "subnet": {"id": subnet_id}, "privateIPAllocationMethod": "Dynamic", "primary": true
+            }}]}
+        });
+        let accepted = self
+            .arm
+            .put(&nic_id, NETWORK_API_VERSION, &body, &doing)
+            .await?;
+        self.arm.wait(&accepted.poll, timeout, &doing).await?;
+        Ok(nic_id)
+    }
+
+    async fn instance_view(&self, vm_id: &str, doing: &str) -> Result<Value, PlatformError> {
+        Ok(self
+            .arm
+            .get(&format!("{vm_id}/instanceView"), COMPUTE_API_VERSION, doing)
+            .await?
+            .unwrap_or(Value::Null))
+    }
+
+    /// Polls the instance view until the power state is one of `wanted`.
+    async fn wait_power(
+        &self,
+        vm_id: &str,
+        wanted: &[&str],
+        timeout: Duration,
+    ) -> Result<(), PlatformError> {
+        let doing = format!(
+            "waiting for VM {}",
+            vm_id.rsplit('/').next().unwrap_or(vm_id)
+        );
+        let mut backoff = Backoff::new(timeout, Duration::from_millis(250), Duration::from_secs(5));
+        loop {
+            let view = self.instance_view(vm_id, &doing).await?;
+            let power = power_state(&view);
+            if power.as_deref().is_some_and(|p| wanted.contains(&p)) {
+                return Ok(());
+            }
+            if !backoff.wait().await {
+                return Err(PlatformError::permanent(
+                    ErrorClass::Timeout,
+                    format!(
+                        "{doing}: power state is {} after {} s, not {wanted:?}",
+                        power.as_deref().unwrap_or("unknown"),
+                        timeout.as_secs()
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// The event's resource: `<resource group>/<name>` and the primary private address.
+    async fn resource(&self, vm: &Value) -> Result<Resource, PlatformError> {
+        let name = vm["name"].as_str().unwrap_or_default().to_owned();
+        let nic_id = vm["properties"]["networkProfile"]["networkInterfaces"][0]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let address = if nic_id.is_empty() {
+            None
+        } else {
+            self.arm
+                .get(
+                    &nic_id,
+                    NETWORK_API_VERSION,
+                    &format!("reading network interface of {name}"),
+                )
+                .await?
+                .and_then(|nic| {
+                    nic["properties"]["ipConfigurations"][0]["properties"]["privateIPAddress"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+        };
+        Ok(Resource {
+            id: format!("{}/{name}", self.arm.settings().resource_group),
+            name,
+            address,
+            endpoints: Vec::new(),
+        })
+    }
+
+    /// The VM a target names, if it exists; one the provisioner did not make is a
+    /// conflict, never touched.
+    async fn find(&self, target: &TeardownTarget) -> Result<Option<Value>, PlatformError> {
+        let group = &self.arm.settings().resource_group;
+        let (name, request_id) = target_name(group, target, vm_name, "vm")?;
+        let doing = format!("reading VM {name}");
+        match self
+            .arm
+            .get(&self.vm_id(&name), COMPUTE_API_VERSION, &doing)
+            .await?
+        {
+            Some(vm) => check_owner(vm, request_id, &format!("VM {name}"), target).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn power(
+        &self,
+        target: &TeardownTarget,
+        action: &str,
+        wanted: &[&str],
+    ) -> Result<Resource, PlatformError> {
+        let vm = self.find(target).await?.ok_or_else(|| {
+            PlatformError::permanent(ErrorClass::NotFound, format!("{target} has no VM"))
+        })?;
+        let name = vm["name"].as_str().unwrap_or_default().to_owned();
+        let vm_id = self.vm_id(&name);
+        let doing = format!("{action} of VM {name}");
+        let accepted = self
+            .arm
+            .post(&vm_id, action, COMPUTE_API_VERSION, &doing)
+            .await?;
+        self.arm
+            .wait(&accepted.poll, OPERATION_TIMEOUT, &doing)
+            .await?;
+        self.wait_power(&vm_id, wanted, OPERATION_TIMEOUT).await?;
+        info!(vm = %name, action, "done");
+        self.resource(&vm).await
+    }
+}
+
+#[async_trait]
+impl Platform for VmPlatform {
+    fn name(&self) -> PlatformName {
+        PlatformName::AzureVm
+    }
+
+    fn validate(&self, request: &Request) -> Result<(), PlatformError> {
+        if request.operation == Operation::Provision {
+            let spec = spec_of(request)?;
+            self.location(&spec)?;
+        }
+        Ok(())
+    }
+
+    async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
+        let spec = spec_of(request)?;
+        let location = self.location(&spec)?;
+        let name = vm_name(request.request_id.as_str());
+        let vm_id = self.vm_id(&name);
+        let timeout = spec
+            .ready_timeout_seconds
+            .map_or(DEFAULT_READY_TIMEOUT, Duration::from_secs);
+        let doing = format!("creating VM {name}");
+        let existing = self
+            .find(&TeardownTarget::Request(request.request_id.clone()))
+            .await?;
+        if self
+            .arm
+            .needs_put(
+                existing.as_ref(),
+                &vm_id,
+                COMPUTE_API_VERSION,
+                timeout,
+                &doing,
+            )
+            .await?
+        {
+            let (nic_id, nic_is_ours) = match (&spec.subnet_id, &spec.network_interface_id) {
+                (_, Some(nic)) => (nic.clone(), false),
+                (Some(subnet), None) => (
+                    self.ensure_nic(request, &name, &location, subnet, timeout)
+                        .await?,
+                    true,
+                ),
+                (None, None) => {
+                    return Err(PlatformError::invalid(
+                        "give exactly one of subnet_id and network_interface_id",
+                    ));
+                }
+            };
+            let body = Self::vm_body(request, &spec, &name, &location, &nic_id, nic_is_ours);
+            let accepted = self
+                .arm
+                .put(&vm_id, COMPUTE_API_VERSION, &body, &doing)
+                .await?;
+            info!(vm = %name, status = accepted.status, "create accepted");
+            self.arm.wait(&accepted.poll, timeout, &doing).await?;
+        }
+        self.wait_power(&vm_id, &["running"], timeout).await?;
+        let vm = self
+            .arm
+            .get(&vm_id, COMPUTE_API_VERSION, &doing)
+            .await?
+            .ok_or_else(|| {
+                PlatformError::transient(format!("VM {name} is gone after its create"))
+            })?;
+        self.resource(&vm).await
+    }
+
+    async fn teardown(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+        let found = self.find(target).await?;
+        let removed = match &found {
+            Some(vm) => {
+                let name = vm["name"].as_str().unwrap_or_default().to_owned();
+                let resource = self.resource(vm).await?;
+                let doing = format!("deleting VM {name}");
+                if let Some(accepted) = self
+                    .arm
+                    .delete(&self.vm_id(&name), COMPUTE_API_VERSION, &doing)
+                    .await?
+                {
+                    self.arm
+                        .wait(&accepted.poll, OPERATION_TIMEOUT, &doing)
+                        .await?;
+                    info!(vm = %name, "deleted");
+                    Some(resource)
+                } else {
+                    None
+                }
+            }
+            None => None,
+        };
+        // The worker's network interface: deleted with the VM (deleteOption), or left
+        // by a provision that failed before the VM existed.
+        if let TeardownTarget::Request(id) = target {
+            let name = vm_name(id.as_str());
+            let nic_id = self.nic_id(&name);
+            let doing = format!("deleting network interface {name}-nic");
+            if let Some(nic) = self.arm.get(&nic_id, NETWORK_API_VERSION, &doing).await?
+                && tag(&nic, REQUEST_ID_TAG) == Some(id.as_str())
+                && let Some(accepted) = self
+                    .arm
+                    .delete(&nic_id, NETWORK_API_VERSION, &doing)
+                    .await?
+            {
+                self.arm
+                    .wait(&accepted.poll, OPERATION_TIMEOUT, &doing)
+                    .await?;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {
+        let Some(vm) = self.find(target).await? else {
+            return Ok(None);
+        };
+        let name = vm["name"].as_str().unwrap_or_default().to_owned();
+        let view = self
+            .instance_view(&self.vm_id(&name), &format!("reading VM {name}"))
+            .await?;
+        Ok(Some(Described {
+            state: state_of(&vm, power_state(&view).as_deref()),
+            resource: self.resource(&vm).await?,
+        }))
+    }
+
+    async fn list(&self) -> Result<Vec<Resource>, PlatformError> {
+        let all = self
+            .arm
+            .list(
+                "Microsoft.Compute/virtualMachines",
+                COMPUTE_API_VERSION,
+                "listing the provisioner's VMs",
+            )
+            .await?;
+        let mut resources = Vec::new();
+        for vm in all.iter().filter(|vm| tag(vm, MANAGED_TAG) == Some("true")) {
+            resources.push(self.resource(vm).await?);
+        }
+        Ok(resources)
+    }
+
+    async fn start(&self, target: &TeardownTarget) -> Result<Resource, PlatformError> {
+        self.power(target, "start", &["running"]).await
+    }
+
+    /// Deallocates: the VM stops and its compute is no longer billed.
+    async fn stop(&self, target: &TeardownTarget) -> Result<Resource, PlatformError> {
+        self.power(target, "deallocate", &["deallocated", "stopped"])
+            .await
+    }
+
+    async fn reboot(&self, target: &TeardownTarget) -> Result<Resource, PlatformError> {
+        self.power(target, "restart", &["running"]).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn power_states_map_to_states() {
+        let view = json!({"statuses": [{"code": "ProvisioningState/succeeded"}, {"code": "PowerState/deallocated"}]});
+        assert_eq!(power_state(&view).as_deref(), Some("deallocated"));
+        let vm = json!({"properties": {"provisioningState": "Succeeded"}});
+        assert_eq!(state_of(&vm, Some("running")), State::Running);
+        assert_eq!(state_of(&vm, Some("deallocated")), State::Stopped);
+        assert_eq!(state_of(&vm, None), State::Starting);
+        let failed = json!({"properties": {"provisioningState": "Failed"}});
+        assert_eq!(state_of(&failed, Some("running")), State::Error);
+    }
+}
