@@ -215,7 +215,7 @@ impl ContainerInstancesPlatform {
             let provisioning = group["properties"]["provisioningState"]
                 .as_str()
                 .unwrap_or("");
-            if provisioning == "Failed" {
+            if provisioning == "Failed" || group_state(&group) == Some("Failed") {
                 return Err(failure_of(&group, &doing));
             }
             if provisioning == "Succeeded"
@@ -310,13 +310,29 @@ impl Platform for ContainerInstancesPlatform {
         let existing = self
             .find(&TeardownTarget::Request(request.request_id.clone()))
             .await?;
+        if let Some(group) = &existing
+            && group["properties"]["provisioningState"] == "Succeeded"
+            && group_state(group) == Some("Stopped")
+        {
+            // A stopped group does not start by itself: say so instead of waiting.
+            return Err(PlatformError::permanent(
+                ErrorClass::Conflict,
+                format!(
+                    "container group {name} of request {} exists but is stopped; send a start request",
+                    request.request_id
+                ),
+            ));
+        }
+        // One deadline for the whole provision, not one per wait.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
         if self
             .arm
             .needs_put(
                 existing.as_ref(),
                 &group_id,
                 ACI_API_VERSION,
-                timeout,
+                left(),
                 &doing,
             )
             .await?
@@ -327,9 +343,15 @@ impl Platform for ContainerInstancesPlatform {
                 .put(&group_id, ACI_API_VERSION, &body, &doing)
                 .await?;
             info!(group = %name, status = accepted.status, "create accepted");
-            self.arm.wait(&accepted.poll, timeout, &doing).await?;
+            self.arm.wait(&accepted.poll, left(), &doing).await?;
         }
-        let group = self.wait_state(&name, &["Running"], timeout).await?;
+        // A group that restarts always is done when it runs; one that does not may have
+        // run to its end already.
+        let done: &[&str] = match spec.restart_policy.as_deref().unwrap_or("Always") {
+            "Always" => &["Running"],
+            _ => &["Running", "Succeeded"],
+        };
+        let group = self.wait_state(&name, done, left()).await?;
         Ok(self.resource(&group))
     }
 

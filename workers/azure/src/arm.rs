@@ -33,7 +33,6 @@ use crate::{AzureSettings, CredentialChain, arm_error, transport_error};
 const AZURE_ASYNC_OPERATION: HeaderName = HeaderName::from_static("azure-asyncoperation");
 const LOCATION: HeaderName = HeaderName::from_static("location");
 const RETRY_AFTER: HeaderName = HeaderName::from_static("retry-after");
-const ARM_SCOPE: &str = "https://management.azure.com/.default";
 
 /// Where to learn how a long-running operation ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +70,31 @@ fn body_json(response: &RawResponse) -> Value {
 /// The ARM error of an answer: `{"error": {"code", "message"}}` (ACI and some
 /// operations put it at the top level).
 fn error_of(status: u16, body: &Value, doing: &str) -> PlatformError {
+    error_with_hint(status, body, None, doing)
+}
+
+/// [`error_of`] for an answer whose headers are at hand: a `Retry-After` on a `429`
+/// that outlasted the pipeline's own retries is passed on to the runtime.
+fn error_of_response(response: &RawResponse, doing: &str) -> PlatformError {
+    let retry_after = response
+        .headers()
+        .get_optional_str(&RETRY_AFTER)
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    error_with_hint(
+        u16::from(response.status()),
+        &body_json(response),
+        retry_after,
+        doing,
+    )
+}
+
+fn error_with_hint(
+    status: u16,
+    body: &Value,
+    retry_after: Option<Duration>,
+    doing: &str,
+) -> PlatformError {
     let error = if body["error"].is_object() {
         &body["error"]
     } else {
@@ -82,6 +106,7 @@ fn error_of(status: u16, body: &Value, doing: &str) -> PlatformError {
     if failure.message.ends_with(": ") {
         failure.message.push_str("(no error body)");
     }
+    failure.retry_after = retry_after;
     failure
 }
 
@@ -94,9 +119,11 @@ impl ArmClient {
         let mut per_try: Vec<Arc<dyn Policy>> = Vec::new();
         if !settings.anonymous {
             let credential = CredentialChain::from_environment()?;
+            // The token's audience is the ARM endpoint itself (public or sovereign cloud).
+            let scope = format!("{}/.default", settings.endpoint.trim_end_matches('/'));
             per_try.push(Arc::new(BearerTokenAuthorizationPolicy::new(
                 credential,
-                [ARM_SCOPE],
+                [scope],
             )));
         }
         let options = ClientOptions {
@@ -190,7 +217,7 @@ impl ArmClient {
         match status {
             200 => Ok(Some(body_json(&response))),
             404 => Ok(None),
-            _ => Err(error_of(status, &body_json(&response), doing)),
+            _ => Err(error_of_response(&response, doing)),
         }
     }
 
@@ -260,7 +287,7 @@ impl ArmClient {
             .await?;
         let status = u16::from(response.status());
         if !(200..300).contains(&status) {
-            return Err(error_of(status, &body_json(&response), doing));
+            return Err(error_of_response(&response, doing));
         }
         Ok(Accepted {
             status,
@@ -319,7 +346,7 @@ impl ArmClient {
         let response = self.send(Method::Post, url.clone(), None, doing).await?;
         let status = u16::from(response.status());
         if !(200..300).contains(&status) {
-            return Err(error_of(status, &body_json(&response), doing));
+            return Err(error_of_response(&response, doing));
         }
         Ok(Accepted {
             status,
@@ -345,7 +372,7 @@ impl ArmClient {
                 poll: self.accepted(Method::Delete, &response, &url),
                 body: body_json(&response),
             })),
-            _ => Err(error_of(status, &body_json(&response), doing)),
+            _ => Err(error_of_response(&response, doing)),
         }
     }
 

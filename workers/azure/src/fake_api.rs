@@ -827,7 +827,9 @@ impl FakeArm {
             .as_str()
             .unwrap_or("")
             .to_owned();
-        if provisioning == "Succeeded" && state != "Stopped" && state != "Running" {
+        if provisioning == "Succeeded"
+            && !["Stopped", "Running", "Succeeded"].contains(&state.as_str())
+        {
             let image = group["properties"]["containers"][0]["properties"]["image"]
                 .as_str()
                 .unwrap_or("")
@@ -838,7 +840,12 @@ impl FakeArm {
                     {"count": 3, "type": "Warning", "name": "Failed", "message": format!("Failed to pull image \"{image}\": rpc error: code = NotFound desc = failed to resolve reference")}
                 ]});
             } else if reads >= ready_after {
-                group["properties"]["instanceView"] = json!({"state": "Running", "events": []});
+                // A group that does not restart has run its container to the end by now.
+                let end = match group["properties"]["restartPolicy"].as_str() {
+                    Some("Never" | "OnFailure") => "Succeeded",
+                    _ => "Running",
+                };
+                group["properties"]["instanceView"] = json!({"state": end, "events": []});
             } else {
                 group["properties"]["instanceView"] = json!({"state": "Pending", "events": []});
             }

@@ -96,9 +96,9 @@ impl AzureSettings {
 
 /// azure_identity's credentials in the order DefaultAzureCredential used to try them:
 /// a service principal from the environment (`AZURE_TENANT_ID`, `AZURE_CLIENT_ID`,
-/// `AZURE_CLIENT_SECRET`), workload identity (`AZURE_FEDERATED_TOKEN_FILE`), managed
-/// identity, then the developer tools (Azure CLI, Azure Developer CLI). The first that
-/// gives a token is kept for the worker's life.
+/// `AZURE_CLIENT_SECRET`), else workload identity (`AZURE_FEDERATED_TOKEN_FILE`), else
+/// managed identity and then the developer tools (Azure CLI, Azure Developer CLI), the
+/// first of those two that gives a token being kept for the worker's life.
 #[derive(Debug)]
 pub struct CredentialChain {
     sources: Vec<(&'static str, Arc<dyn TokenCredential>)>,
@@ -109,6 +109,8 @@ impl CredentialChain {
     pub fn from_environment() -> Result<Arc<Self>, String> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let mut sources: Vec<(&'static str, Arc<dyn TokenCredential>)> = Vec::new();
+        // An identity configured on purpose is the only one tried: falling through to
+        // another after a passing failure would run the worker as someone else.
         if let (Some(tenant), Some(client), Some(secret)) = (
             var("AZURE_TENANT_ID"),
             var("AZURE_CLIENT_ID"),
@@ -118,17 +120,17 @@ impl CredentialChain {
                 azure_identity::ClientSecretCredential::new(&tenant, client, secret.into(), None)
                     .map_err(|e| format!("AZURE_CLIENT_SECRET credentials: {e}"))?;
             sources.push(("environment (client secret)", credential));
-        }
-        if var("AZURE_FEDERATED_TOKEN_FILE").is_some() {
+        } else if var("AZURE_FEDERATED_TOKEN_FILE").is_some() {
             let credential = azure_identity::WorkloadIdentityCredential::new(None)
                 .map_err(|e| format!("workload identity: {e}"))?;
             sources.push(("workload identity", credential));
-        }
-        if let Ok(credential) = azure_identity::ManagedIdentityCredential::new(None) {
-            sources.push(("managed identity", credential));
-        }
-        if let Ok(credential) = azure_identity::DeveloperToolsCredential::new(None) {
-            sources.push(("Azure CLI / Azure Developer CLI", credential));
+        } else {
+            if let Ok(credential) = azure_identity::ManagedIdentityCredential::new(None) {
+                sources.push(("managed identity", credential));
+            }
+            if let Ok(credential) = azure_identity::DeveloperToolsCredential::new(None) {
+                sources.push(("Azure CLI / Azure Developer CLI", credential));
+            }
         }
         Ok(Arc::new(CredentialChain {
             sources,
@@ -219,9 +221,14 @@ pub(crate) fn check_owner(
 pub fn class_of(status: Option<u16>, code: &str, message: &str) -> (ErrorClass, bool) {
     let lower = message.to_ascii_lowercase();
     match code {
-        "TooManyRequests" | "RetryableError" | "SubscriptionRequestsThrottled" => {
+        "TooManyRequests" | "SubscriptionRequestsThrottled" => {
             return (ErrorClass::Throttled, true);
         }
+        // Another operation on the resource is running, or ARM asks for a retry.
+        "AnotherOperationInProgress"
+        | "OperationPreempted"
+        | "RetryableError"
+        | "ConflictingConcurrentWriteNotAllowed" => return (ErrorClass::Transient, true),
         "OperationNotAllowed" if lower.contains("quota") => return (ErrorClass::Quota, false),
         "ContainerGroupQuotaReached" | "StandardCoresQuotaExceeded" | "QuotaExceeded" => {
             return (ErrorClass::Quota, false);
@@ -242,7 +249,10 @@ pub fn class_of(status: Option<u16>, code: &str, message: &str) -> (ErrorClass, 
         "ResourceNotFound" | "ResourceGroupNotFound" | "NotFound" | "SubscriptionNotFound" => {
             return (ErrorClass::NotFound, false);
         }
-        "Conflict" | "OperationNotAllowed" | "PropertyChangeNotAllowed" => {
+        // ARM answers a change that collides with one in progress as `409 Conflict`:
+        // worth a bounded retry.
+        "Conflict" => return (ErrorClass::Conflict, true),
+        "OperationNotAllowed" | "PropertyChangeNotAllowed" => {
             return (ErrorClass::Conflict, false);
         }
         "InvalidParameter"
@@ -289,7 +299,9 @@ pub fn arm_error(status: Option<u16>, code: &str, message: &str, doing: &str) ->
 /// A failure to reach ARM at all (no answer, no token).
 pub fn transport_error(error: &azure_core::Error, doing: &str) -> PlatformError {
     match error.kind() {
-        ErrorKind::Credential => PlatformError::permanent(
+        // Retryable: an identity endpoint or Entra ID can fail for a while, and a
+        // configuration that never works still ends after the runtime's attempts.
+        ErrorKind::Credential => PlatformError::retryable(
             ErrorClass::Permission,
             format!("{doing}: no usable Azure credentials: {error}"),
         ),
@@ -356,7 +368,14 @@ mod tests {
                 ErrorClass::InvalidRequest,
                 false,
             ),
-            (Some(409), "Conflict", "", ErrorClass::Conflict, false),
+            (Some(409), "Conflict", "", ErrorClass::Conflict, true),
+            (
+                Some(409),
+                "AnotherOperationInProgress",
+                "Operation 'start' is not allowed since the VM is being created",
+                ErrorClass::Transient,
+                true,
+            ),
             (
                 Some(500),
                 "InternalServerError",

@@ -341,17 +341,37 @@ impl Platform for VmPlatform {
         let timeout = spec
             .ready_timeout_seconds
             .map_or(DEFAULT_READY_TIMEOUT, Duration::from_secs);
+        // One deadline for the whole provision, not one per wait.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
         let doing = format!("creating VM {name}");
         let existing = self
             .find(&TeardownTarget::Request(request.request_id.clone()))
             .await?;
+        if let Some(vm) = &existing
+            && vm["properties"]["provisioningState"] == "Succeeded"
+        {
+            let power = power_state(&self.instance_view(&vm_id, &doing).await?);
+            if let Some(power @ ("deallocated" | "deallocating" | "stopped" | "stopping")) =
+                power.as_deref()
+            {
+                // A stopped VM does not start by itself: say so instead of waiting.
+                return Err(PlatformError::permanent(
+                    ErrorClass::Conflict,
+                    format!(
+                        "VM {name} of request {} exists but is {power}; send a start request",
+                        request.request_id
+                    ),
+                ));
+            }
+        }
         if self
             .arm
             .needs_put(
                 existing.as_ref(),
                 &vm_id,
                 COMPUTE_API_VERSION,
-                timeout,
+                left(),
                 &doing,
             )
             .await?
@@ -359,7 +379,7 @@ impl Platform for VmPlatform {
             let (nic_id, nic_is_ours) = match (&spec.subnet_id, &spec.network_interface_id) {
                 (_, Some(nic)) => (nic.clone(), false),
                 (Some(subnet), None) => (
-                    self.ensure_nic(request, &name, &location, subnet, timeout)
+                    self.ensure_nic(request, &name, &location, subnet, left())
                         .await?,
                     true,
                 ),
@@ -375,9 +395,9 @@ impl Platform for VmPlatform {
                 .put(&vm_id, COMPUTE_API_VERSION, &body, &doing)
                 .await?;
             info!(vm = %name, status = accepted.status, "create accepted");
-            self.arm.wait(&accepted.poll, timeout, &doing).await?;
+            self.arm.wait(&accepted.poll, left(), &doing).await?;
         }
-        self.wait_power(&vm_id, &["running"], timeout).await?;
+        self.wait_power(&vm_id, &["running"], left()).await?;
         let vm = self
             .arm
             .get(&vm_id, COMPUTE_API_VERSION, &doing)
@@ -457,7 +477,22 @@ impl Platform for VmPlatform {
             .await?;
         let mut resources = Vec::new();
         for vm in all.iter().filter(|vm| tag(vm, MANAGED_TAG) == Some("true")) {
-            resources.push(self.resource(vm).await?);
+            // The address is a courtesy here: one unreadable interface does not fail
+            // the whole list.
+            let resource = match self.resource(vm).await {
+                Ok(resource) => resource,
+                Err(_) => Resource {
+                    id: format!(
+                        "{}/{}",
+                        self.arm.settings().resource_group,
+                        vm["name"].as_str().unwrap_or_default()
+                    ),
+                    name: vm["name"].as_str().unwrap_or_default().to_owned(),
+                    address: None,
+                    endpoints: Vec::new(),
+                },
+            };
+            resources.push(resource);
         }
         Ok(resources)
     }

@@ -102,6 +102,11 @@ impl CloudRunPlatform {
     /// Builds the Services client with Application Default Credentials (or none, for a
     /// test server). Credentials are read at the first call, not here.
     pub async fn new(settings: GcpSettings) -> Result<Self, String> {
+        if settings.regions().is_empty() {
+            return Err(
+                "no Cloud Run region: set GCP_REGION (and GCP_REGIONS for more than one)".into(),
+            );
+        }
         let client = configure_builder!(Services::builder(), settings)
             .build()
             .await
@@ -109,15 +114,21 @@ impl CloudRunPlatform {
         Ok(CloudRunPlatform { client, settings })
     }
 
+    /// The spec's region, which must be one the worker serves, or the worker's own.
     fn region(&self, spec: &GcpCloudRunSpec) -> Result<String, PlatformError> {
-        spec.region
-            .clone()
-            .or_else(|| self.settings.region.clone())
-            .ok_or_else(|| {
+        let regions = self.settings.regions();
+        match &spec.region {
+            Some(region) if regions.contains(region) => Ok(region.clone()),
+            Some(region) => Err(PlatformError::invalid(format!(
+                "region {region:?} is not one this worker serves ({}); add it to GCP_REGIONS",
+                regions.join(", ")
+            ))),
+            None => self.settings.region.clone().ok_or_else(|| {
                 PlatformError::invalid(
                     "no region: give spec.region, or start the worker with GCP_REGION",
                 )
-            })
+            }),
+        }
     }
 
     fn parent(&self, region: &str) -> String {
@@ -248,25 +259,29 @@ impl CloudRunPlatform {
         }
     }
 
-    /// Every service of the project in every region (`locations/-`).
+    /// Every service of the project in the regions the worker serves. (Cloud Run lists
+    /// one region at a time: `locations/-` is refused.)
     async fn all_services(&self, doing: &str) -> Result<Vec<Service>, PlatformError> {
         let mut services = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let page = self
-                .client
-                .list_services()
-                .set_parent(self.parent("-"))
-                .set_page_token(&page_token)
-                .send()
-                .await
-                .map_err(|e| classify(&e, doing))?;
-            services.extend(page.services);
-            if page.next_page_token.is_empty() {
-                return Ok(services);
+        for region in self.settings.regions() {
+            let mut page_token = String::new();
+            loop {
+                let page = self
+                    .client
+                    .list_services()
+                    .set_parent(self.parent(&region))
+                    .set_page_token(&page_token)
+                    .send()
+                    .await
+                    .map_err(|e| classify(&e, doing))?;
+                services.extend(page.services);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
             }
-            page_token = page.next_page_token;
         }
+        Ok(services)
     }
 
     /// The service a target names, if it exists; one the provisioner did not make is a
@@ -278,21 +293,17 @@ impl CloudRunPlatform {
                 let ours = |s: &Service| {
                     s.annotations.get(REQUEST_ID_KEY).map(String::as_str) == Some(id.as_str())
                 };
-                // The worker's region first; a spec may have chosen another, so then all.
-                if let Some(region) = &self.settings.region
-                    && let Some(service) = self
-                        .get(&format!("{}/services/{service_id}", self.parent(region)))
-                        .await?
-                    && ours(&service)
-                {
-                    return Ok(Some(service));
+                // A spec may only name a region the worker serves, so the service is in
+                // one of them.
+                for region in self.settings.regions() {
+                    let name = format!("{}/services/{service_id}", self.parent(&region));
+                    if let Some(service) = self.get(&name).await?
+                        && ours(&service)
+                    {
+                        return Ok(Some(service));
+                    }
                 }
-                let all = self
-                    .all_services(&format!("looking up the service of {id}"))
-                    .await?;
-                Ok(all
-                    .into_iter()
-                    .find(|s| region_and_id(&s.name).1 == service_id && ours(s)))
+                Ok(None)
             }
             TeardownTarget::Resource(id) => {
                 let (region, service_id) = id.split_once('/').ok_or_else(|| {

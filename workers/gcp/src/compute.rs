@@ -217,6 +217,37 @@ impl ComputePlatform {
         }
     }
 
+    /// Sends a mutation keyed by a `requestId` derived from `seed`, so that every attempt
+    /// at it (the client's resends, the runtime's retries, another worker's takeover) is
+    /// one operation. Compute Engine answers a replayed key with the first operation even
+    /// when that one failed; such an answer (already `DONE`, with an error) means an
+    /// earlier attempt failed, and the call is sent again under a key derived from the
+    /// failed operation, which workers retrying together still share.
+    async fn send_keyed<F, Fut>(
+        &self,
+        seed: &str,
+        send: F,
+    ) -> Result<ZoneOperation, google_cloud_gax::error::Error>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<ZoneOperation, google_cloud_gax::error::Error>>,
+    {
+        let mut key = request_uuid(seed);
+        for _ in 0..3 {
+            let op = send(key.clone()).await?;
+            let failed = op.status == Some(operation::Status::Done)
+                && (op.error.as_ref().is_some_and(|e| !e.errors.is_empty())
+                    || op.http_error_status_code.is_some_and(|c| c >= 400));
+            if !failed {
+                return Ok(op);
+            }
+            let failed_name = op.name.clone().unwrap_or_default();
+            info!(operation = %failed_name, "an earlier attempt failed; sending anew");
+            key = request_uuid(&format!("{seed} after {failed_name}"));
+        }
+        send(key).await
+    }
+
     /// Polls a zone operation until it is `DONE`, within `timeout`; its error, if it
     /// finished with one, is returned classified.
     async fn wait_operation(
@@ -453,21 +484,27 @@ impl Platform for ComputePlatform {
         let timeout = spec
             .ready_timeout_seconds
             .map_or(DEFAULT_READY_TIMEOUT, Duration::from_secs);
+        // One deadline for the whole provision, not one per wait.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
         let doing = format!("creating instance {zone}/{name}");
+        let instance = Self::instance(request, &spec, &zone, &name);
         let inserted = self
-            .client
-            .insert()
-            .set_project(&self.settings.project)
-            .set_zone(&zone)
-            .set_request_id(request_uuid(id))
-            .set_body(Self::instance(request, &spec, &zone, &name))
-            // Safe to resend: Compute Engine answers a replayed requestId with the first
-            // insert's operation.
-            .with_idempotency(true)
-            .send()
+            .send_keyed(id, |key| {
+                self.client
+                    .insert()
+                    .set_project(&self.settings.project)
+                    .set_zone(&zone)
+                    .set_request_id(key)
+                    .set_body(instance.clone())
+                    // Safe to resend: Compute Engine answers a replayed requestId with the
+                    // first insert's operation.
+                    .with_idempotency(true)
+                    .send()
+            })
             .await;
         let adopt = match inserted {
-            Ok(op) => match self.wait_operation(&zone, op, &doing, timeout).await {
+            Ok(op) => match self.wait_operation(&zone, op, &doing, left()).await {
                 Ok(()) => false,
                 Err(e) if e.class == ErrorClass::Conflict => true,
                 Err(e) => return Err(e),
@@ -503,7 +540,7 @@ impl Platform for ComputePlatform {
             info!(instance = %name, zone = %zone, "created");
         }
         let instance = self
-            .wait_status(&zone, &name, &[instance::Status::Running], timeout)
+            .wait_status(&zone, &name, &[instance::Status::Running], left())
             .await?;
         Ok(Self::resource(&instance))
     }
@@ -522,16 +559,20 @@ impl Platform for ComputePlatform {
         let doing = format!("deleting instance {zone}/{name}");
         // Keyed by the instance's unique id: replays of this delete are one delete, and a
         // later instance of the same name gets another key.
-        let key = request_uuid(&format!("delete:{}", instance.id.unwrap_or_default()));
         let deleted = self
-            .client
-            .delete()
-            .set_project(&self.settings.project)
-            .set_zone(&zone)
-            .set_instance(&name)
-            .set_request_id(key)
-            .with_idempotency(true)
-            .send()
+            .send_keyed(
+                &format!("delete:{}", instance.id.unwrap_or_default()),
+                |key| {
+                    self.client
+                        .delete()
+                        .set_project(&self.settings.project)
+                        .set_zone(&zone)
+                        .set_instance(&name)
+                        .set_request_id(key)
+                        .with_idempotency(true)
+                        .send()
+                },
+            )
             .await;
         match deleted {
             Ok(op) => match self

@@ -6,7 +6,8 @@
 //! is `DONE` after a few polls, and a replayed `requestId` gets the first insert's
 //! operation back; a second insert of a name gets `409 alreadyExists` in the legacy
 //! `errors` format; an instance goes PROVISIONING → STAGING → RUNNING as it is read;
-//! `delete`, `start`, `stop` and `reset` answer operations too; `aggregated/instances`
+//! `delete`, `start`, `stop` and `reset` answer operations too (`400 resourceNotReady`
+//! while the instance is still PROVISIONING or STAGING); `aggregated/instances`
 //! filters on `name = "…"` and `labels.k = "v"`. Cloud Run (`/v2/...`): `services` create
 //! answers a long-running operation, a second create `409 ALREADY_EXISTS`; the service's
 //! terminal `Ready` condition succeeds after a few reads (with its URL), or fails for an
@@ -551,6 +552,14 @@ impl FakeGcp {
             drop(world);
             return self.not_found(zone, name);
         };
+        let status = instance["status"].as_str().unwrap_or_default();
+        if status == "PROVISIONING" || status == "STAGING" {
+            let message = format!(
+                "The resource 'projects/{}/zones/{zone}/instances/{name}' is not ready",
+                self.project
+            );
+            return (400, compute_error(400, "resourceNotReady", &message));
+        }
         let effect = match verb {
             "delete" => {
                 instance["status"] = json!("STOPPING");
@@ -660,12 +669,20 @@ impl FakeGcp {
                 let id = query_param(query, "serviceId").unwrap_or_default();
                 self.create_service(&parent, &id, body)
             }
+            ("GET", ["services"]) if region == "-" => (
+                400,
+                run_error(
+                    400,
+                    "INVALID_ARGUMENT",
+                    "Location must be a valid Google Cloud region, and cannot be the \"-\" wildcard.",
+                ),
+            ),
             ("GET", ["services"]) => {
                 let world = self.world();
                 let mut services: Vec<Value> = world
                     .services
                     .iter()
-                    .filter(|(name, _)| region == "-" || name.starts_with(&format!("{parent}/")))
+                    .filter(|(name, _)| name.starts_with(&format!("{parent}/")))
                     .map(|(_, s)| Self::encode(s.clone(), int_enums))
                     .collect();
                 services.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));

@@ -38,6 +38,10 @@ pub struct GcpSettings {
     pub zone: Option<String>,
     /// The region of services whose spec names none (`GCP_REGION`).
     pub region: Option<String>,
+    /// Other regions Cloud Run services may be made in (`GCP_REGIONS`, comma-separated).
+    /// Cloud Run cannot list across regions, so a teardown by request id looks in
+    /// `region` and these, and a spec naming any other region is refused.
+    pub other_regions: Vec<String>,
     /// Another API root than Google's, e.g. a test server (`GCP_ENDPOINT`).
     pub endpoint: Option<String>,
     /// Send no credentials at all (`GCP_CREDENTIALS=anonymous`): only for test servers
@@ -65,9 +69,28 @@ impl GcpSettings {
             project,
             zone: var("GCP_ZONE"),
             region: var("GCP_REGION"),
+            other_regions: var("GCP_REGIONS")
+                .map(|v| {
+                    v.split(',')
+                        .map(|r| r.trim().to_owned())
+                        .filter(|r| !r.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
             endpoint: var("GCP_ENDPOINT"),
             anonymous,
         })
+    }
+
+    /// Every region the Cloud Run worker serves: `region` first, then `other_regions`.
+    pub fn regions(&self) -> Vec<String> {
+        let mut regions: Vec<String> = self.region.iter().cloned().collect();
+        for region in &self.other_regions {
+            if !regions.contains(region) {
+                regions.push(region.clone());
+            }
+        }
+        regions
     }
 
     /// Settings for a test server at `endpoint`, without credentials.
@@ -76,6 +99,7 @@ impl GcpSettings {
             project: project.into(),
             zone: Some("europe-west1-b".into()),
             region: Some("europe-west1".into()),
+            other_regions: Vec::new(),
             endpoint: Some(endpoint.into()),
             anonymous: true,
         }
@@ -129,18 +153,26 @@ fn class_of(
     }
     if reason_is(&["QUOTA_EXCEEDED", "quotaExceeded", "limitExceeded"])
         || code == Some(Code::ResourceExhausted)
-        || lower.contains("quota")
+        || (lower.contains("quota") && (lower.contains("exceeded") || lower.contains("exhausted")))
     {
         return (ErrorClass::Quota, false);
+    }
+    // Another operation on the resource is running (an instance still being made, a
+    // concurrent change): it passes.
+    if reason_is(&[
+        "resourceNotReady",
+        "RESOURCE_NOT_READY",
+        "RESOURCE_OPERATION_RATE_EXCEEDED",
+    ]) || code == Some(Code::Aborted)
+    {
+        return (ErrorClass::Transient, true);
     }
     match (code, http) {
         (Some(Code::PermissionDenied | Code::Unauthenticated), _) | (_, Some(401 | 403)) => {
             (ErrorClass::Permission, false)
         }
         (Some(Code::NotFound), _) | (_, Some(404)) => (ErrorClass::NotFound, false),
-        (Some(Code::AlreadyExists | Code::Aborted), _) | (_, Some(409)) => {
-            (ErrorClass::Conflict, false)
-        }
+        (Some(Code::AlreadyExists), _) | (_, Some(409)) => (ErrorClass::Conflict, false),
         (Some(Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange), _)
         | (_, Some(400 | 412 | 422)) => (ErrorClass::InvalidRequest, false),
         (Some(Code::Unavailable | Code::Internal | Code::DeadlineExceeded), _)

@@ -225,10 +225,8 @@ async fn operation_errors_are_classified_on_fake_gcp() {
         message: format!("The zone 'projects/{PROJECT}/zones/{ZONE}' does not have enough resources available to fulfill the request.  Try a different zone, or try again later."),
         http_status: 503,
     });
-    let err = platform
-        .provision(&vm(&unique("stockout")))
-        .await
-        .expect_err("stockout");
+    let id = unique("stockout");
+    let err = platform.provision(&vm(&id)).await.expect_err("stockout");
     assert_eq!(
         (err.class, err.retryable),
         (ErrorClass::Capacity, true),
@@ -239,6 +237,20 @@ async fn operation_errors_are_classified_on_fake_gcp() {
         "{err}"
     );
     assert_eq!(api.instance_count(), 0, "a failed insert leaves nothing");
+    // The runtime retries the capacity error: the derived requestId now names a failed
+    // operation, so the worker sends the insert anew under a key of its own.
+    let resource = platform
+        .provision(&vm(&id))
+        .await
+        .expect("the retry makes it");
+    assert_eq!(api.instance_count(), 1);
+    assert!(resource.address.is_some());
+    let keys: std::collections::HashSet<String> = api
+        .log()
+        .into_iter()
+        .filter(|l| l.starts_with("POST") && l.contains("/instances?"))
+        .collect();
+    assert_eq!(keys.len(), 2, "two distinct requestIds: {keys:?}");
 
     api.fail_next_operation(OperationFailure {
         operation_type: "insert".into(),
@@ -352,6 +364,36 @@ async fn api_errors_are_classified_on_fake_gcp() {
         .await
         .expect_err("403");
     assert_eq!(err.class, ErrorClass::Permission, "{err}");
+}
+
+#[tokio::test]
+async fn a_teardown_while_the_instance_is_still_being_made_is_retried_on_fake_gcp() {
+    let api = FakeGcp::start(PROJECT, 1000).await;
+    let platform = compute(&api).await;
+    let id = unique("slow");
+    let mut slow = vm(&id);
+    slow.spec
+        .as_mut()
+        .expect("spec")
+        .insert("ready_timeout_seconds".into(), serde_json::json!(1));
+    let err = platform
+        .provision(&slow)
+        .await
+        .expect_err("not running in time");
+    assert_eq!(err.class, ErrorClass::Timeout, "{err}");
+    // Compute Engine refuses to delete an instance it is still making; that passes.
+    let err = platform
+        .teardown(&TeardownTarget::Request(
+            provisioner_events::RequestId::new(id.clone()).expect("id"),
+        ))
+        .await
+        .expect_err("not ready");
+    assert_eq!(
+        (err.class, err.retryable),
+        (ErrorClass::Transient, true),
+        "{err}"
+    );
+    assert!(err.message.contains("not ready"), "{err}");
 }
 
 #[tokio::test]
@@ -522,7 +564,19 @@ async fn cloud_run_failures_are_classified_on_fake_gcp() {
 #[tokio::test]
 async fn a_service_in_another_region_is_found_for_teardown_on_fake_gcp() {
     let api = FakeGcp::start(PROJECT, 1).await;
-    let platform = cloud_run(&api).await;
+    let mut settings = GcpSettings::for_test_server(&api.url(), PROJECT);
+    settings.other_regions = vec!["asia-east1".into()];
+    let platform = CloudRunPlatform::new(settings).await.expect("client");
+    // A region the worker does not serve is refused before anything is made: Cloud Run
+    // cannot list across regions, so the worker could not find it again.
+    let mut elsewhere = hello(&unique("us"), "gcr.io/demo/app:1");
+    elsewhere
+        .spec
+        .as_mut()
+        .expect("spec")
+        .insert("region".into(), serde_json::json!("us-central1"));
+    let err = platform.validate(&elsewhere).expect_err("not served");
+    assert!(err.message.contains("GCP_REGIONS"), "{err}");
     let id = unique("asia");
     let mut req = hello(&id, "gcr.io/demo/app:1");
     req.spec
