@@ -18,13 +18,11 @@
 //! matching answer, optionally after the call took effect.
 
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Response, StatusCode};
+pub use provisioner_fake_http::Method;
+use provisioner_fake_http::{Answer as HttpAnswer, Call};
 use serde_json::{Value, json};
 
 pub const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
@@ -126,32 +124,14 @@ impl FakeArm {
     /// Serves on a free port of 127.0.0.1. Operations end on their third poll; container
     /// groups run on the `ready_after_reads`-th read.
     pub async fn start(ready_after_reads: u32) -> FakeArm {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the fake ARM server");
+        let listener = provisioner_fake_http::bind().await;
         let api = FakeArm {
             addr: listener.local_addr().expect("address"),
             world: Arc::default(),
             ready_after_reads,
         };
         let served = api.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let api = served.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let api = api.clone();
-                        async move { Ok::<_, Infallible>(api.serve(request).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        provisioner_fake_http::spawn(listener, move |call| served.serve(call));
         api
     }
 
@@ -223,17 +203,13 @@ impl FakeArm {
         )
     }
 
-    async fn serve(&self, request: hyper::Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-        let method = request.method().clone();
-        let path = request.uri().path().to_owned();
-        let query = request.uri().query().unwrap_or("").to_owned();
-        let body = request
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    fn serve(&self, call: Call) -> HttpAnswer {
+        let Call {
+            method,
+            path,
+            query,
+            body,
+        } = call;
         let fault = {
             let mut world = self.world();
             world.log.push(format!("{method} {path}?{query}"));
@@ -261,19 +237,15 @@ impl FakeArm {
         if let Some(seconds) = fault.as_ref().and_then(|f| f.retry_after) {
             headers.push(("retry-after", seconds.to_string()));
         }
-        let mut response = Response::builder()
-            .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-            .header("content-type", "application/json; charset=utf-8")
-            .header("x-ms-request-id", "00000000-0000-0000-0000-000000000001");
-        for (name, value) in headers {
-            response = response.header(name, value);
+        headers.push((
+            "x-ms-request-id",
+            "00000000-0000-0000-0000-000000000001".to_owned(),
+        ));
+        HttpAnswer {
+            status: code,
+            body: value,
+            headers,
         }
-        let body = if code == 204 || value.is_null() {
-            Bytes::new()
-        } else {
-            Bytes::from(value.to_string())
-        };
-        response.body(Full::new(body)).expect("response")
     }
 
     fn route(&self, method: &Method, path: &str, body: Value) -> Answer {

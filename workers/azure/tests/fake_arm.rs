@@ -4,8 +4,8 @@
 //! in `_on_fake_arm`.
 
 use base64::Engine;
-use hyper::Method;
 use provisioner_azure::aci::group_name;
+use provisioner_azure::fake_api::Method;
 use provisioner_azure::fake_api::{
     FakeArm, Fault, OperationFailure, RESOURCE_GROUP, SUBSCRIPTION, arm_error,
 };

@@ -20,13 +20,11 @@
 //! that finishes with an error (a stockout, a quota).
 
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Response, StatusCode};
+pub use provisioner_fake_http::Method;
+use provisioner_fake_http::{Answer, Call};
 use serde_json::{Value, json};
 
 /// An HTTP error to answer the next request whose method and path match.
@@ -166,9 +164,7 @@ impl FakeGcp {
     /// Serves on a free port of 127.0.0.1. Instances reach RUNNING and services become
     /// ready on the `ready_after_reads`-th read; operations are done on their third poll.
     pub async fn start(project: &str, ready_after_reads: u32) -> FakeGcp {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the fake GCP server");
+        let listener = provisioner_fake_http::bind().await;
         let api = FakeGcp {
             addr: listener.local_addr().expect("address"),
             project: project.into(),
@@ -176,23 +172,7 @@ impl FakeGcp {
             ready_after_reads,
         };
         let served = api.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let api = served.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let api = api.clone();
-                        async move { Ok::<_, Infallible>(api.serve(request).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        provisioner_fake_http::spawn(listener, move |call| served.serve(call));
         api
     }
 
@@ -274,17 +254,13 @@ impl FakeGcp {
         )
     }
 
-    async fn serve(&self, request: hyper::Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-        let method = request.method().clone();
-        let path = request.uri().path().to_owned();
-        let query = request.uri().query().unwrap_or("").to_owned();
-        let body = request
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    fn serve(&self, call: Call) -> Answer {
+        let Call {
+            method,
+            path,
+            query,
+            body,
+        } = call;
         let fault = {
             let mut world = self.world();
             world.log.push(format!("{method} {path}?{query}"));
@@ -318,11 +294,7 @@ impl FakeGcp {
             Some(fault) if fault.after_effect => (fault.code, fault.body),
             _ => answer,
         };
-        Response::builder()
-            .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-            .header("content-type", "application/json; charset=UTF-8")
-            .body(Full::new(Bytes::from(value.to_string())))
-            .expect("response")
+        Answer::json(code, value)
     }
 
     fn compute(
@@ -612,13 +584,14 @@ impl FakeGcp {
             op.value["error"] =
                 json!({"errors": [{"code": failure.code, "message": failure.message}]});
             op.value["httpErrorStatusCode"] = json!(failure.http_status);
-            op.value["httpErrorMessage"] = json!(
-                StatusCode::from_u16(failure.http_status)
-                    .ok()
-                    .and_then(|s| s.canonical_reason())
-                    .unwrap_or("ERROR")
-                    .to_ascii_uppercase()
-            );
+            op.value["httpErrorMessage"] = json!(match failure.http_status {
+                400 => "BAD REQUEST",
+                403 => "FORBIDDEN",
+                404 => "NOT FOUND",
+                409 => "CONFLICT",
+                503 => "SERVICE UNAVAILABLE",
+                _ => "ERROR",
+            });
         }
         let value = op.value.clone();
         match (effect, failure) {

@@ -3,12 +3,12 @@
 //! verbs, codes, error bodies and operations that finish after a few polls. Test names
 //! end in `_on_fake_gcp`.
 
-use hyper::Method;
 use provisioner_core::Platform;
 use provisioner_core::conformance::check_platform;
 use provisioner_events::{ErrorClass, Request, State, TeardownTarget, decode_request};
 use provisioner_gcp::cloud_run::service_id;
 use provisioner_gcp::compute::instance_name;
+use provisioner_gcp::fake_api::Method;
 use provisioner_gcp::fake_api::{FakeGcp, Fault, OperationFailure, compute_error, run_error};
 use provisioner_gcp::{CloudRunPlatform, ComputePlatform, GcpSettings};
 

@@ -10,13 +10,11 @@
 //! its ingress after a few reads. Faults can be queued (e.g. `429` on the next create).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, Response, StatusCode};
+use provisioner_fake_http::Answer;
+pub use provisioner_fake_http::Method;
 use serde_json::{Value, json};
 
 /// An answer to give instead of the normal one, to the next matching request.
@@ -84,31 +82,16 @@ impl FakeApi {
     /// Serves on a free port of 127.0.0.1. A Deployment becomes available on the
     /// `ready_after_reads`-th read.
     pub async fn start(ready_after_reads: u32) -> FakeApi {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the fake API server");
+        let listener = provisioner_fake_http::bind().await;
         let api = FakeApi {
             addr: listener.local_addr().expect("address"),
             world: Arc::default(),
             ready_after_reads,
         };
         let served = api.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let api = served.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let api = api.clone();
-                        async move { Ok::<_, Infallible>(api.serve(request).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
+        provisioner_fake_http::spawn(listener, move |call| {
+            let (code, answer) = served.answer(&call.method, &call.path, &call.query, call.body);
+            Answer::json(code, answer)
         });
         api
     }
@@ -169,25 +152,6 @@ impl FakeApi {
     /// `(path, propagationPolicy)` of every delete so far.
     pub fn deletes(&self) -> Vec<(String, String)> {
         self.world.lock().expect("lock").deletes.clone()
-    }
-
-    async fn serve(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-        let method = request.method().clone();
-        let path = request.uri().path().to_owned();
-        let query = request.uri().query().unwrap_or_default().to_owned();
-        let body = request
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let (code, answer) = self.answer(&method, &path, &query, body);
-        Response::builder()
-            .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(answer.to_string())))
-            .expect("response")
     }
 
     fn answer(&self, method: &Method, path: &str, query: &str, body: Value) -> (u16, Value) {

@@ -2,10 +2,10 @@
 //! (`provisioner_kubernetes::fake_api`): real paths, verbs, codes and JSON, readiness
 //! that changes over time. Test names end in `_on_fake_api`.
 
-use hyper::Method;
 use provisioner_core::Platform;
 use provisioner_core::conformance::check_platform;
 use provisioner_events::{ErrorClass, Request, State, TeardownTarget, decode_request};
+use provisioner_kubernetes::fake_api::Method;
 use provisioner_kubernetes::fake_api::{FakeApi, Fault};
 use provisioner_kubernetes::{KubernetesPlatform, REQUEST_ANNOTATION, object_name};
 
