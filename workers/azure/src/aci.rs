@@ -106,17 +106,6 @@ impl ContainerInstancesPlatform {
         })
     }
 
-    fn location(&self, spec: &AzureContainerSpec) -> Result<String, PlatformError> {
-        spec.location
-            .clone()
-            .or_else(|| self.arm.settings().location.clone())
-            .ok_or_else(|| {
-                PlatformError::invalid(
-                    "no location: give spec.location, or start the worker with AZURE_LOCATION",
-                )
-            })
-    }
-
     fn group_id(&self, name: &str) -> String {
         self.arm.resource_id(&format!(
             "Microsoft.ContainerInstance/containerGroups/{name}"
@@ -293,14 +282,14 @@ impl Platform for ContainerInstancesPlatform {
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
             let spec = spec_of(request)?;
-            self.location(&spec)?;
+            self.arm.settings().location_for(spec.location.as_ref())?;
         }
         Ok(())
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
         let spec = spec_of(request)?;
-        let location = self.location(&spec)?;
+        let location = self.arm.settings().location_for(spec.location.as_ref())?;
         let name = group_name(request.request_id.as_str());
         let group_id = self.group_id(&name);
         let timeout = spec

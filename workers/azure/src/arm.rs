@@ -47,11 +47,10 @@ pub enum Poll {
     Done,
 }
 
-/// The answer to a mutation: its status, body and how to wait for it.
+/// The answer to a mutation: its status and how to wait for it.
 #[derive(Debug)]
 pub struct Accepted {
     pub status: u16,
-    pub body: Value,
     pub poll: Poll,
 }
 
@@ -292,7 +291,6 @@ impl ArmClient {
         Ok(Accepted {
             status,
             poll: self.accepted(Method::Put, &response, &url),
-            body: body_json(&response),
         })
     }
 
@@ -351,7 +349,6 @@ impl ArmClient {
         Ok(Accepted {
             status,
             poll: self.accepted(Method::Post, &response, &url),
-            body: body_json(&response),
         })
     }
 
@@ -370,7 +367,6 @@ impl ArmClient {
             200..=299 => Ok(Some(Accepted {
                 status,
                 poll: self.accepted(Method::Delete, &response, &url),
-                body: body_json(&response),
             })),
             _ => Err(error_of_response(&response, doing)),
         }

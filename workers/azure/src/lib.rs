@@ -82,6 +82,18 @@ impl AzureSettings {
         })
     }
 
+    /// The region of a spec: its own, else the worker's `AZURE_LOCATION`.
+    pub fn location_for(&self, spec_location: Option<&String>) -> Result<String, PlatformError> {
+        spec_location
+            .or(self.location.as_ref())
+            .cloned()
+            .ok_or_else(|| {
+                PlatformError::invalid(
+                    "no location: give spec.location, or start the worker with AZURE_LOCATION",
+                )
+            })
+    }
+
     /// Settings for a test server at `endpoint`, without credentials.
     pub fn for_test_server(endpoint: &str) -> Self {
         AzureSettings {

@@ -89,17 +89,6 @@ impl VmPlatform {
         })
     }
 
-    fn location(&self, spec: &AzureVmSpec) -> Result<String, PlatformError> {
-        spec.location
-            .clone()
-            .or_else(|| self.arm.settings().location.clone())
-            .ok_or_else(|| {
-                PlatformError::invalid(
-                    "no location: give spec.location, or start the worker with AZURE_LOCATION",
-                )
-            })
-    }
-
     fn vm_id(&self, name: &str) -> String {
         self.arm
             .resource_id(&format!("Microsoft.Compute/virtualMachines/{name}"))
@@ -328,14 +317,14 @@ impl Platform for VmPlatform {
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
             let spec = spec_of(request)?;
-            self.location(&spec)?;
+            self.arm.settings().location_for(spec.location.as_ref())?;
         }
         Ok(())
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
         let spec = spec_of(request)?;
-        let location = self.location(&spec)?;
+        let location = self.arm.settings().location_for(spec.location.as_ref())?;
         let name = vm_name(request.request_id.as_str());
         let vm_id = self.vm_id(&name);
         let timeout = spec
