@@ -29,12 +29,20 @@ pub struct Connections {
         global = true
     )]
     pub redis_key_prefix: String,
+    /// How long finished requests' records are kept (and a request id stays taken); a
+    /// message published longer ago is refused rather than run again.
+    #[arg(long, env = "RETENTION_SECONDS", default_value_t = 7 * 24 * 3600, global = true)]
+    pub retention_seconds: u64,
 }
 
 /// Hides the password of a URL for messages.
 pub use provisioner_core::redact_url as redact;
 
 impl Connections {
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_seconds.max(1))
+    }
+
     /// Both set: the real services; neither: embedded; one alone is a mistake.
     pub fn embedded(&self) -> Result<bool, Failure> {
         match (&self.amqp_url, &self.redis_url) {
@@ -83,7 +91,7 @@ impl Connections {
     }
 }
 
-fn parse_platform(name: &str) -> Result<PlatformName, String> {
+pub fn parse_platform(name: &str) -> Result<PlatformName, String> {
     PlatformName::parse(name).ok_or_else(|| {
         let known: Vec<&str> = PlatformName::ALL.iter().map(|p| p.as_str()).collect();
         format!("unknown platform {name:?}; known: {}", known.join(", "))
@@ -117,6 +125,21 @@ pub struct WorkerSettings {
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
+    /// Times a message may be parked without an attempt (held by another worker, its
+    /// target busy, the store or broker away) before it is refused.
+    #[arg(long, env = "MAX_WAITS", default_value_t = 500)]
+    pub max_waits: u32,
+    /// The longest one platform call may take, whatever the platform's own timeouts.
+    #[arg(long, env = "OPERATION_TIMEOUT_SECONDS", default_value_t = 900)]
+    pub operation_timeout_seconds: u64,
+    /// The broker's `consumer_timeout` (RabbitMQ's default: 30 min): a delivery held
+    /// longer is taken back, so a platform call must end well before it.
+    #[arg(long, env = "BROKER_CONSUMER_TIMEOUT_SECONDS", default_value_t = 1800)]
+    pub broker_consumer_timeout_seconds: u64,
+    /// A request in progress that no worker came back to for this long after its last
+    /// attempt is ended in error and what it made removed (0: never).
+    #[arg(long, env = "REAP_AFTER_SECONDS", default_value_t = 3600)]
+    pub reap_after_seconds: u64,
 }
 
 impl WorkerSettings {
@@ -157,6 +180,35 @@ impl WorkerSettings {
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ),
         };
+        if self.lease_seconds > 3600 {
+            return bad(format!(
+                "LEASE_SECONDS {} is over an hour; a crashed worker's requests would wait that long",
+                self.lease_seconds
+            ));
+        }
+        if self.max_attempts > 1000 || self.retry_max_seconds > 24 * 3600 {
+            return bad("MAX_ATTEMPTS is at most 1000 and RETRY_MAX_SECONDS at most a day".into());
+        }
+        if self.max_waits == 0 {
+            return bad("MAX_WAITS must be at least 1".into());
+        }
+        // Settling takes up to a lease more after the platform call; all of it must end
+        // before the broker takes the delivery back.
+        if self.operation_timeout_seconds == 0
+            || self.operation_timeout_seconds + 2 * self.lease_seconds
+                >= self.broker_consumer_timeout_seconds
+        {
+            return bad(format!(
+                "OPERATION_TIMEOUT_SECONDS {} plus two leases must stay below BROKER_CONSUMER_TIMEOUT_SECONDS {} (RabbitMQ takes a delivery back after its consumer_timeout)",
+                self.operation_timeout_seconds, self.broker_consumer_timeout_seconds
+            ));
+        }
+        if self.reap_after_seconds != 0 && self.reap_after_seconds < 2 * self.lease_seconds {
+            return bad(format!(
+                "REAP_AFTER_SECONDS {} must be 0 (never) or at least two leases",
+                self.reap_after_seconds
+            ));
+        }
         Ok(WorkerConfig {
             worker_id,
             prefetch: self.prefetch,
@@ -166,7 +218,11 @@ impl WorkerSettings {
                 base_delay: Duration::from_millis(self.retry_base_ms),
                 max_delay: Duration::from_secs(self.retry_max_seconds),
             },
+            max_waits: self.max_waits,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+            operation_timeout: Duration::from_secs(self.operation_timeout_seconds),
+            reap_after: (self.reap_after_seconds > 0)
+                .then(|| Duration::from_secs(self.reap_after_seconds)),
             ..WorkerConfig::default()
         })
     }

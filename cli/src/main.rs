@@ -62,6 +62,19 @@ enum Command {
     },
     /// Show what the state store knows of a request.
     Status { request_id: String },
+    /// Move a platform's dead letters back to its work queue, once what refused them is
+    /// fixed. Each goes back with its own routing key; its record decides what happens.
+    Redrive {
+        /// The platform whose dead-letter queue to empty.
+        #[arg(long, value_parser = config::parse_platform)]
+        platform: PlatformName,
+        /// Only list what would move; leave every message where it is.
+        #[arg(long)]
+        dry_run: bool,
+        /// Move at most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
     /// A tiny HTTP server, the program of the shipped process examples.
     #[command(hide = true)]
     DemoHttp {
@@ -157,6 +170,11 @@ async fn run(cli: Cli) -> ExitCode {
             json,
         } => watch(&cli.connections, request_id, platform, json).await,
         Command::Status { request_id } => status(&cli.connections, &request_id).await,
+        Command::Redrive {
+            platform,
+            dry_run,
+            limit,
+        } => redrive(&cli.connections, platform, dry_run, limit).await,
         Command::DemoHttp { port } => demo_http::serve(port).await.map_err(Failure::from),
     };
     match result {
@@ -179,13 +197,9 @@ async fn amqp(connections: &Connections, name: &str) -> Result<AmqpBroker, Failu
 
 async fn redis(connections: &Connections) -> Result<RedisStore, Failure> {
     let url = connections.require_redis()?;
-    RedisStore::connect(
-        url,
-        &connections.redis_key_prefix,
-        provisioner_core::redis_store::DEFAULT_RETENTION,
-    )
-    .await
-    .map_err(|e| Failure::unavailable(anyhow::anyhow!("Redis at {}: {e}", config::redact(url))))
+    RedisStore::connect(url, &connections.redis_key_prefix, connections.retention())
+        .await
+        .map_err(|e| Failure::unavailable(anyhow::anyhow!("Redis at {}: {e}", config::redact(url))))
 }
 
 async fn worker(
@@ -193,7 +207,8 @@ async fn worker(
     settings: WorkerSettings,
     platforms: PlatformSettings,
 ) -> Result<ExitCode, Failure> {
-    let config = settings.validate()?;
+    let mut config = settings.validate()?;
+    config.retention = connections.retention();
     connections.require_amqp()?;
     connections.require_redis()?;
     let platform = platforms.build(settings.platform).await?;
@@ -290,6 +305,38 @@ async fn watch(
     }
 }
 
+async fn redrive(
+    connections: &Connections,
+    platform: PlatformName,
+    dry_run: bool,
+    limit: usize,
+) -> Result<ExitCode, Failure> {
+    let broker = amqp(connections, "provisioner-redrive").await?;
+    broker
+        .declare(platform)
+        .await
+        .with_context(|| format!("declaring the {platform} queues"))?;
+    let moved = broker
+        .redrive(platform, dry_run, limit)
+        .await
+        .with_context(|| format!("redriving the {platform} dead letters"))?;
+    for letter in &moved {
+        println!(
+            "{}\t{}\t{}\t{}",
+            letter.request_id.as_deref().unwrap_or("-"),
+            letter.routing_key,
+            letter.class.as_deref().unwrap_or("-"),
+            letter.reason.as_deref().unwrap_or("-"),
+        );
+    }
+    eprintln!(
+        "{} {} dead letter(s) of {platform}",
+        if dry_run { "would move" } else { "moved" },
+        moved.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn status(connections: &Connections, request_id: &str) -> Result<ExitCode, Failure> {
     let store = redis(connections).await?;
     let Some(record) = store
@@ -308,6 +355,9 @@ async fn status(connections: &Connections, request_id: &str) -> Result<ExitCode,
         "owner": record.owner,
         "fence": record.fence,
         "seq": record.seq,
+        "attempts": record.attempts,
+        "torn_down_by": record.torn_down_by,
+        "acted_on_by": record.actor,
         "lease_remaining_ms": record.lease_remaining.map(|d| d.as_millis() as u64),
         "result": record.result,
     });

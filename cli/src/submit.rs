@@ -136,6 +136,12 @@ pub fn print_event(event: &StatusEvent, json: bool) {
     if let Some(error) = &event.error {
         line.push_str(&format!("  {}: {}", error.class, error.message));
     }
+    if let Some(refused) = &event.rejected_message {
+        line.push_str(&format!(
+            "  [answers only the message with body sha256 {}…]",
+            short_id(&refused.body_sha256)
+        ));
+    }
     println!("{line}");
 }
 
@@ -186,13 +192,15 @@ async fn publish_and_wait(
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_seconds);
     let mut outcome: HashMap<String, Option<StatusEvent>> = HashMap::new();
+    let mut bodies: HashMap<String, Vec<u8>> = HashMap::new();
     for outgoing in requests {
         let id = outgoing.request.request_id.to_string();
         if let Some(events) = events.as_mut()
             && acts_on_existing(outgoing.request.operation)
         {
-            follow(events, &mut outcome, deadline, args.json).await?;
+            follow(events, &mut outcome, &bodies, deadline, args.json).await?;
         }
+        bodies.insert(id.clone(), outgoing.body.clone());
         broker
             .publish_request(&outgoing.request.routing_key(), &id, &outgoing.body)
             .await
@@ -203,7 +211,7 @@ async fn publish_and_wait(
     let Some(mut events) = events else {
         return Ok(ExitCode::SUCCESS);
     };
-    follow(&mut events, &mut outcome, deadline, args.json).await?;
+    follow(&mut events, &mut outcome, &bodies, deadline, args.json).await?;
     let failed: Vec<&String> = outcome
         .iter()
         .filter(|(_, event)| event.as_ref().is_some_and(|e| e.state == State::Error))
@@ -222,10 +230,13 @@ async fn publish_and_wait(
     }
 }
 
-/// Prints events of our requests until every one of them has a terminal event.
+/// Prints events of our requests until every one of them has a terminal event. An event
+/// that answers only another message under one of our ids (someone reused the id with
+/// another body) is not our request's outcome.
 async fn follow(
     events: &mut BoxStream<'static, StatusEvent>,
     outcome: &mut HashMap<String, Option<StatusEvent>>,
+    bodies: &HashMap<String, Vec<u8>>,
     deadline: tokio::time::Instant,
     json: bool,
 ) -> Result<(), Failure> {
@@ -252,6 +263,18 @@ async fn follow(
         let Some(slot) = outcome.get_mut(&event.request_id) else {
             continue;
         };
+        let ours = bodies
+            .get(&event.request_id)
+            .is_none_or(|body| event.answers(body));
+        if !ours {
+            if !json {
+                eprintln!(
+                    "note: another message under request_id {} was refused; it does not change this request",
+                    event.request_id
+                );
+            }
+            continue;
+        }
         print_event(&event, json);
         if event.state.is_terminal() && slot.is_none() {
             *slot = Some(event);

@@ -17,7 +17,7 @@ pub mod status;
 pub use request::{
     DecodeError, Operation, PlatformName, Request, RequestId, TeardownTarget, decode_request,
 };
-pub use status::{Endpoint, ErrorClass, ErrorInfo, Resource, State, StatusEvent};
+pub use status::{Endpoint, ErrorClass, ErrorInfo, RejectedMessage, Resource, State, StatusEvent};
 
 /// The version of the message format this crate reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;

@@ -376,6 +376,65 @@ fn write_canonical(value: &serde_json::Value, out: &mut Vec<u8>) {
     }
 }
 
+/// The largest request body accepted (the size of an SQS message, too).
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+/// Bounds on the shape of any request's JSON, whatever its platform reads from it.
+const MAX_DEPTH: usize = 16;
+const MAX_STRING_BYTES: usize = 64 * 1024;
+const MAX_ITEMS: usize = 1024;
+
+/// Checks that no value of the request is deeper, longer or larger than any platform
+/// needs, so nothing downstream works on hostile sizes. `path` names where, for the error.
+fn check_shape(value: &serde_json::Value, path: &mut String, depth: usize) -> Result<(), String> {
+    use serde_json::Value;
+    if depth > MAX_DEPTH {
+        return Err(format!("{path} is nested deeper than {MAX_DEPTH} levels"));
+    }
+    let child = |path: &mut String, name: &str, value: &Value| {
+        let len = path.len();
+        path.push_str(name);
+        let result = check_shape(value, path, depth + 1);
+        path.truncate(len);
+        result
+    };
+    match value {
+        Value::String(text) if text.len() > MAX_STRING_BYTES => Err(format!(
+            "{path} is a string of {} bytes; the limit is {MAX_STRING_BYTES}",
+            text.len()
+        )),
+        Value::Array(items) => {
+            if items.len() > MAX_ITEMS {
+                return Err(format!(
+                    "{path} has {} items; the limit is {MAX_ITEMS}",
+                    items.len()
+                ));
+            }
+            items
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, item)| child(path, &format!("[{i}]"), item))
+        }
+        Value::Object(map) => {
+            if map.len() > MAX_ITEMS {
+                return Err(format!(
+                    "{path} has {} keys; the limit is {MAX_ITEMS}",
+                    map.len()
+                ));
+            }
+            map.iter().try_for_each(|(key, item)| {
+                if key.len() > 256 {
+                    return Err(format!(
+                        "{path} has a key of {} bytes; the limit is 256",
+                        key.len()
+                    ));
+                }
+                child(path, &format!(".{key}"), item)
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Why a message could not be accepted as a request. It keeps whatever could still be read
 /// (the request id, the platform, the operation) so the rejection can be reported on the
 /// status topic under the producer's own id.
@@ -394,6 +453,17 @@ pub struct DecodeError {
 /// Reads and validates one message body. Malformed JSON, missing or unknown fields' values,
 /// bad ids and unsupported versions all give a [`DecodeError`] a person can act on.
 pub fn decode_request(body: &[u8]) -> Result<Request, DecodeError> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(DecodeError {
+            message: format!(
+                "the message is {} bytes; a request is at most {MAX_BODY_BYTES}",
+                body.len()
+            ),
+            request_id: None,
+            platform: None,
+            operation: None,
+        });
+    }
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| DecodeError {
         message: format!("the message is not valid JSON: {e}"),
         request_id: None,
@@ -412,6 +482,7 @@ pub fn decode_request(body: &[u8]) -> Result<Request, DecodeError> {
     if !value.is_object() {
         return Err(readable("a request is a JSON object".into()));
     }
+    check_shape(&value, &mut String::from("request"), 0).map_err(readable)?;
     if let Some(platform) = field("platform")
         && PlatformName::parse(&platform).is_none()
     {

@@ -171,10 +171,51 @@ pub struct StatusEvent {
     /// The request's tenant, when it named one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// Present when the event answers one message rather than reporting the request: the
+    /// message was refused (invalid, a conflicting reuse of the request id, too old, or
+    /// it waited too long for another worker). Such an event has `seq` 0 and is not the
+    /// outcome of a request published under the same id with another body: a producer
+    /// knows its own message by the SHA-256 of the body it published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_message: Option<RejectedMessage>,
+}
+
+/// The message an event answers, when it answers one message only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RejectedMessage {
+    /// Lowercase hex SHA-256 of the message body exactly as it was published.
+    pub body_sha256: String,
+}
+
+impl RejectedMessage {
+    pub fn of(body: &[u8]) -> Self {
+        use sha2::{Digest, Sha256};
+        RejectedMessage {
+            body_sha256: Sha256::digest(body)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        }
+    }
 }
 
 impl StatusEvent {
     pub fn routing_key(&self) -> String {
         crate::status_routing_key(&self.platform, self.state)
+    }
+
+    /// Whether this event ends the request it names (not only one message of it).
+    pub fn ends_request(&self) -> bool {
+        self.state.is_terminal() && self.rejected_message.is_none()
+    }
+
+    /// Whether this event is the answer to the message with this body: a rejection of
+    /// exactly that message, or any event of its request that is not about another
+    /// message.
+    pub fn answers(&self, body: &[u8]) -> bool {
+        match &self.rejected_message {
+            None => true,
+            Some(rejected) => rejected.body_sha256 == RejectedMessage::of(body).body_sha256,
+        }
     }
 }

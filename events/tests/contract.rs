@@ -222,6 +222,7 @@ fn sample_events() -> Vec<(&'static str, StatusEvent)> {
         resource: None,
         error: None,
         tenant: None,
+        rejected_message: None,
     };
     let running = StatusEvent {
         state: State::Running,
@@ -260,6 +261,9 @@ fn sample_events() -> Vec<(&'static str, StatusEvent)> {
             class: ErrorClass::InvalidRequest,
             message: "unknown platform \"openstack\"".into(),
         }),
+        rejected_message: Some(provisioner_events::RejectedMessage::of(
+            br#"{"schema_version":1,"request_id":"x-1","operation":"provision","platform":"openstack"}"#,
+        )),
         ..base.clone()
     };
     vec![
@@ -355,4 +359,87 @@ fn fixtures_validate_against_the_published_schemas() {
         "platform": "docker", "target_request_id": "a"
     });
     assert!(!request_schema.is_valid(&bad));
+}
+
+#[test]
+fn hostile_shapes_are_refused_with_a_clear_error_whatever_the_platform() {
+    let base = |spec: serde_json::Value| {
+        serde_json::json!({"schema_version":1,"request_id":"h-1","operation":"provision",
+                           "platform":"docker","spec":spec})
+        .to_string()
+    };
+    let mut deep = serde_json::json!("x");
+    for _ in 0..40 {
+        deep = serde_json::json!([deep]);
+    }
+    let cases = [
+        (
+            base(serde_json::json!({"image": "a".repeat(70_000)})),
+            "request.spec.image is a string of 70000 bytes",
+        ),
+        (
+            base(serde_json::json!({"image": "i", "command": vec!["x"; 2000]})),
+            "request.spec.command has 2000 items",
+        ),
+        (
+            base(serde_json::json!({"image": "i", "x": deep})),
+            "nested deeper than 16",
+        ),
+        (
+            format!("{{\"pad\":\"{}\"}}", "x".repeat(300_000)),
+            "a request is at most 262144",
+        ),
+    ];
+    for (body, expected) in cases {
+        let error = decode_request(body.as_bytes()).expect_err("hostile input accepted");
+        assert!(
+            error.message.contains(expected),
+            "{expected:?} not in {:?}",
+            error.message
+        );
+    }
+    // Numbers that do not fit are refused by the typed read, never wrapped.
+    let huge = base(serde_json::json!({"image": "i", "ready_timeout_seconds": 1e300}));
+    assert!(
+        decode_request(huge.as_bytes()).is_ok(),
+        "the envelope does not read the spec"
+    );
+    let spec: Result<provisioner_events::spec::docker::DockerSpec, _> =
+        provisioner_events::spec::parse_spec(
+            "docker",
+            serde_json::json!({"image": "i", "ready_timeout_seconds": 1e300})
+                .as_object()
+                .expect("object"),
+        );
+    assert!(spec.is_err());
+}
+
+#[test]
+fn every_readiness_wait_is_bounded_so_no_deadline_can_overflow() {
+    use provisioner_events::spec::{aws_ec2::AwsEc2Spec, docker::DockerSpec, parse_spec};
+    let docker = |seconds: u64| -> DockerSpec {
+        parse_spec(
+            "docker",
+            serde_json::json!({"image": "i", "ready_timeout_seconds": seconds})
+                .as_object()
+                .expect("object"),
+        )
+        .expect("parse")
+    };
+    assert!(docker(86_400).validate().is_ok());
+    assert!(docker(86_401).validate().is_err());
+    assert!(docker(u64::MAX).validate().is_err());
+    let ec2: AwsEc2Spec = parse_spec(
+        "aws-ec2",
+        serde_json::json!({"image_id": "ami-12345678", "instance_type": "t3.micro",
+                           "ready_timeout_seconds": u64::MAX})
+        .as_object()
+        .expect("object"),
+    )
+    .expect("parse");
+    assert!(
+        ec2.validate()
+            .expect_err("a day at most")
+            .contains("over a day")
+    );
 }

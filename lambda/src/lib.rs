@@ -5,9 +5,15 @@
 //! | the core's settlement | Amazon MQ for RabbitMQ event | SQS event |
 //! |---|---|---|
 //! | ack | done | done |
-//! | retry after a delay | parked in the platform's RabbitMQ retry tier, done | reported in `batchItemFailures`; SQS delivers it again after the visibility timeout |
+//! | retry after a delay | parked in the platform's RabbitMQ delay queue, done | reported in `batchItemFailures`; SQS delivers it again after the visibility timeout |
 //! | dead letter (rejected) | published to `provisioning.dead-letter` with the reason, done | the same, then deleted from SQS |
-//! | give back (panic, broker down) | the invocation fails, so the event source delivers the batch again (the finished ones are answered from Redis) | reported in `batchItemFailures` |
+//! | give back (the broker down) | the invocation fails, so the event source delivers the batch again | reported in `batchItemFailures` |
+//!
+//! When a RabbitMQ batch comes again after a failed invocation, the messages this warm
+//! function already handed on (done, parked, dead-lettered) are recognised by their body
+//! and not handled a second time; a cold one answers finished requests from Redis.
+//! On SQS every receive counts toward the queue's `maxReceiveCount`, waits for another
+//! worker included: set it above `MAX_ATTEMPTS` plus the waits a request may need.
 //!
 //! The lease and every platform call are bounded by the invocation's remaining time, so a
 //! function that times out leaves a lease that soon expires and another invocation takes
@@ -21,12 +27,14 @@ use aws_lambda_events::event::rabbitmq::RabbitMqEvent;
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
 use base64::Engine;
 use futures_util::StreamExt;
-use provisioner_core::amqp::{ATTEMPT_HEADER, AmqpBroker, ROUTING_KEY_HEADER, work_queue};
+use provisioner_core::amqp::{
+    ATTEMPT_HEADER, AmqpBroker, Letter, ROUTING_KEY_HEADER, WAITS_HEADER, work_queue,
+};
 use provisioner_core::broker::{BrokerError, Delivery, DeliveryParts, Settle, Settlement};
 use provisioner_core::runtime::{Worker, WorkerConfig};
 use provisioner_core::store::StateStore;
 use provisioner_core::{Broker, Platform};
-use provisioner_events::PlatformName;
+use provisioner_events::{PlatformName, RejectedMessage};
 use tracing::{info, warn};
 
 /// Time kept back from the invocation's deadline to settle and answer.
@@ -48,6 +56,8 @@ pub struct Message {
     pub routing_key: String,
     pub attempt: u32,
     pub redelivered: bool,
+    /// Times the message was parked without an attempt (RabbitMQ's header; 0 for SQS).
+    pub waits: u32,
 }
 
 /// Reads an invocation's payload: an Amazon MQ for RabbitMQ event or an SQS event.
@@ -76,11 +86,9 @@ pub fn parse_event(
                     body,
                     routing_key: header_text(headers.get(ROUTING_KEY_HEADER))
                         .unwrap_or_else(|| work_queue(platform)),
-                    attempt: headers
-                        .get(ATTEMPT_HEADER)
-                        .and_then(serde_json::Value::as_u64)
-                        .map_or(1, |n| n.clamp(1, u64::from(u32::MAX)) as u32),
+                    attempt: header_u32(headers.get(ATTEMPT_HEADER)).unwrap_or(1).max(1),
                     redelivered: message.redelivered,
+                    waits: header_u32(headers.get(WAITS_HEADER)).unwrap_or(0),
                 });
             }
         }
@@ -105,12 +113,19 @@ pub fn parse_event(
                     routing_key: work_queue(platform),
                     attempt: receives.max(1),
                     redelivered: receives > 1,
+                    waits: 0,
                 }
             })
             .collect();
         return Ok((Source::Sqs, messages));
     }
     Err("the event is neither an Amazon MQ for RabbitMQ event (rmqMessagesByQueue) nor an SQS event (Records)".into())
+}
+
+fn header_u32(value: Option<&serde_json::Value>) -> Option<u32> {
+    value?
+        .as_u64()
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
 }
 
 /// Amazon MQ writes string headers as `{"bytes": [..]}` and numbers as numbers.
@@ -162,28 +177,29 @@ impl Settle for LambdaSettle {
                 "retry wanted in {} ms; SQS delivers it again after the visibility timeout",
                 delay.as_millis()
             ))),
-            (Settlement::Retry { delay, attempt }, Source::RabbitMq) => self
+            (
+                Settlement::Retry {
+                    delay,
+                    attempt,
+                    waits,
+                },
+                Source::RabbitMq,
+            ) => self
                 .broker
                 .schedule_retry(
                     self.platform,
-                    &delivery.routing_key,
-                    &delivery.body,
-                    &self.message_id,
+                    Letter {
+                        attempt: *attempt,
+                        ..Letter::of(&delivery, &self.message_id)
+                    },
                     *delay,
-                    *attempt,
+                    *waits,
                 )
                 .await
                 .map(|()| ItemOutcome::Done),
             (Settlement::DeadLetter { class, reason }, _) => self
                 .broker
-                .dead_letter(
-                    &delivery.routing_key,
-                    &delivery.body,
-                    &self.message_id,
-                    *class,
-                    reason,
-                    delivery.attempt,
-                )
+                .dead_letter(Letter::of(&delivery, &self.message_id), *class, reason)
                 .await
                 .map(|()| ItemOutcome::Done),
         };
@@ -205,6 +221,33 @@ pub struct Handler {
     store: Arc<dyn StateStore>,
     broker: Arc<AmqpBroker>,
     config: WorkerConfig,
+    /// RabbitMQ messages this instance already handed on (done, parked, dead-lettered),
+    /// by body hash: when a failed invocation makes Amazon MQ deliver the whole batch
+    /// again, they are not parked or dead-lettered a second time.
+    settled: Mutex<SettledMemory>,
+}
+
+/// A bounded memory of settled messages, oldest forgotten first.
+#[derive(Debug, Default)]
+struct SettledMemory {
+    order: std::collections::VecDeque<String>,
+    known: std::collections::HashSet<String>,
+}
+
+/// How many settled messages a warm function remembers.
+const SETTLED_MEMORY: usize = 10_000;
+
+impl SettledMemory {
+    fn remember(&mut self, hash: String) {
+        if self.known.insert(hash.clone()) {
+            self.order.push_back(hash);
+            while self.order.len() > SETTLED_MEMORY {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.known.remove(&oldest);
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Handler {
@@ -239,6 +282,7 @@ impl Handler {
             store,
             broker,
             config,
+            settled: Mutex::new(SettledMemory::default()),
         }
     }
 
@@ -278,6 +322,17 @@ impl Handler {
                 let worker = worker.clone();
                 let broker = self.broker.clone();
                 async move {
+                    let hash = RejectedMessage::of(&message.body).body_sha256;
+                    if source == Source::RabbitMq
+                        && message.redelivered
+                        && self
+                            .settled
+                            .lock()
+                            .is_ok_and(|settled| settled.known.contains(&hash))
+                    {
+                        info!(message = %message.id, "already handed on by this function; not again");
+                        return (message.id, ItemOutcome::Done);
+                    }
                     let slot = Arc::new(Mutex::new(None));
                     let settle = LambdaSettle {
                         broker,
@@ -293,13 +348,20 @@ impl Handler {
                         message.attempt,
                         message.redelivered,
                         Box::new(settle),
-                    );
+                    )
+                    .with_waits(message.waits);
                     worker.handle(delivery).await;
                     let outcome = slot
                         .lock()
                         .ok()
                         .and_then(|mut slot| slot.take())
                         .unwrap_or_else(|| ItemOutcome::Again("not settled".into()));
+                    if source == Source::RabbitMq
+                        && outcome == ItemOutcome::Done
+                        && let Ok(mut settled) = self.settled.lock()
+                    {
+                        settled.remember(hash);
+                    }
                     (id, outcome)
                 }
             })

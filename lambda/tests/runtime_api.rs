@@ -506,8 +506,10 @@ async fn sqs_batches_report_only_what_must_come_again() {
             request_id: &held,
             payload_hash: &held_request.payload_hash(),
             owner: "another-worker",
+            nonce: "another-worker",
             lease: Duration::from_secs(60),
             working_state: State::Starting,
+            routing_key: "aws-ec2.provision",
         })
         .await
         .expect("claim");
@@ -678,8 +680,10 @@ async fn a_held_request_in_a_rabbitmq_event_comes_back_through_the_retry_tier() 
             request_id: &held,
             payload_hash: &decoded.payload_hash(),
             owner: "another-worker",
+            nonce: "another-worker",
             lease: Duration::from_secs(1),
             working_state: State::Starting,
+            routing_key: "aws-ec2.provision",
         })
         .await
         .expect("claim");

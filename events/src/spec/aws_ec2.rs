@@ -122,9 +122,6 @@ impl AwsEc2Spec {
                 return Err("an EC2 health check needs a port".into());
             }
         }
-        if self.ready_timeout_seconds == Some(0) {
-            return Err("ready_timeout_seconds must be at least 1".into());
-        }
-        Ok(())
+        super::validate_ready_timeout(self.ready_timeout_seconds)
     }
 }

@@ -177,9 +177,7 @@ impl AwsEcsSpec {
         }
         super::validate_single_count(self.count, "task")?;
         super::validate_aws_tags(&self.tags)?;
-        if self.ready_timeout_seconds == Some(0) {
-            return Err("ready_timeout_seconds must be at least 1".into());
-        }
+        super::validate_ready_timeout(self.ready_timeout_seconds)?;
         Ok(())
     }
 }

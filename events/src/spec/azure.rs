@@ -214,8 +214,10 @@ impl AzureVmSpec {
         {
             return Err("ssh_public_key is not an OpenSSH public key (ssh-rsa, ssh-ed25519 or ecdsa-sha2-…)".into());
         }
-        if self.os_disk_size_gb == Some(0) {
-            return Err("os_disk_size_gb must be at least 1".into());
+        if let Some(size) = self.os_disk_size_gb
+            && !(1..=32_767).contains(&size)
+        {
+            return Err(format!("os_disk_size_gb {size} must be 1 to 32767"));
         }
         if self.custom_data.as_ref().is_some_and(|d| d.len() > 65_535) {
             return Err("custom_data is more than Azure's 64 KiB".into());

@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Cloud Run's own ceiling on a service's instances.
+const MAX_CLOUD_RUN_INSTANCES: u32 = 1000;
+
 /// One Compute Engine instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[schemars(title = "gcp-compute spec")]
@@ -162,8 +165,10 @@ impl GcpComputeSpec {
         if let Some(zone) = &self.zone {
             validate_location("zone", zone)?;
         }
-        if self.disk_size_gb == Some(0) {
-            return Err("disk_size_gb must be at least 1".into());
+        if let Some(size) = self.disk_size_gb
+            && !(1..=65_536).contains(&size)
+        {
+            return Err(format!("disk_size_gb {size} must be 1 to 65536"));
         }
         for (what, value) in [("network", &self.network), ("subnetwork", &self.subnetwork)] {
             if let Some(value) = value {
@@ -249,6 +254,14 @@ impl GcpCloudRunSpec {
         }
         if self.max_instances == Some(0) {
             return Err("max_instances must be at least 1".into());
+        }
+        for (what, value) in [
+            ("min_instances", self.min_instances),
+            ("max_instances", self.max_instances),
+        ] {
+            if value.is_some_and(|n| n > MAX_CLOUD_RUN_INSTANCES) {
+                return Err(format!("{what} must be at most {MAX_CLOUD_RUN_INSTANCES}"));
+            }
         }
         validate_labels(&self.labels)?;
         super::validate_env_and_timeout(&self.env, self.ready_timeout_seconds)

@@ -70,10 +70,22 @@ pub(crate) fn validate_env_and_timeout(
             return Err(format!("environment variable name {key:?} is not valid"));
         }
     }
-    if ready_timeout_seconds == Some(0) {
-        return Err("ready_timeout_seconds must be at least 1".into());
+    validate_ready_timeout(ready_timeout_seconds)
+}
+
+/// The longest readiness wait a spec may ask for: a day. The worker's own operation
+/// timeout usually ends a platform call sooner; this bound keeps every deadline computed
+/// from request data far from overflowing.
+pub const MAX_READY_TIMEOUT_SECONDS: u64 = 24 * 3600;
+
+pub(crate) fn validate_ready_timeout(ready_timeout_seconds: Option<u64>) -> Result<(), String> {
+    match ready_timeout_seconds {
+        Some(0) => Err("ready_timeout_seconds must be at least 1".into()),
+        Some(seconds) if seconds > MAX_READY_TIMEOUT_SECONDS => Err(format!(
+            "ready_timeout_seconds {seconds} is over a day ({MAX_READY_TIMEOUT_SECONDS})"
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Tags an AWS resource takes besides the worker's own; `aws:` and `provisioner:` keys
@@ -114,4 +126,27 @@ pub fn parse_spec<T: serde::de::DeserializeOwned>(
 ) -> Result<T, String> {
     serde_json::from_value(serde_json::Value::Object(spec.clone()))
         .map_err(|e| format!("invalid {platform} spec: {e}"))
+}
+
+/// Reads and checks `spec` as `platform`'s spec, everything that needs no worker policy
+/// and no platform API (the worker adds its own policy on top).
+pub fn validate_spec(
+    platform: crate::PlatformName,
+    spec: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), String> {
+    use crate::PlatformName as P;
+    let name = platform.as_str();
+    match platform {
+        P::Docker => parse_spec::<docker::DockerSpec>(name, spec)?.validate(),
+        P::Process => parse_spec::<process::ProcessSpec>(name, spec)?.validate(),
+        P::AwsEc2 => parse_spec::<aws_ec2::AwsEc2Spec>(name, spec)?.validate(),
+        P::AwsEcs => parse_spec::<aws_ecs::AwsEcsSpec>(name, spec)?.validate(),
+        P::Kubernetes => parse_spec::<kubernetes::KubernetesSpec>(name, spec)?.validate(),
+        P::GcpCompute => parse_spec::<gcp::GcpComputeSpec>(name, spec)?.validate(),
+        P::GcpCloudRun => parse_spec::<gcp::GcpCloudRunSpec>(name, spec)?.validate(),
+        P::AzureVm => parse_spec::<azure::AzureVmSpec>(name, spec)?.validate(),
+        P::AzureContainerInstances => {
+            parse_spec::<azure::AzureContainerSpec>(name, spec)?.validate()
+        }
+    }
 }

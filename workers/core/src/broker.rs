@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures_util::stream::{self, BoxStream, StreamExt};
@@ -32,8 +32,15 @@ pub enum BrokerError {
 pub enum Settlement {
     /// Done: remove it from the queue.
     Ack,
-    /// Deliver it again after `delay`, as attempt `attempt`, without blocking the queue.
-    Retry { delay: Duration, attempt: u32 },
+    /// Deliver it again after `delay`, without blocking the queue. `attempt` is the
+    /// attempt the next delivery is (informational: the state store counts attempts);
+    /// `waits` counts the times the message was parked without an attempt (the request
+    /// was held, its target busy, the store away), which the runtime bounds.
+    Retry {
+        delay: Duration,
+        attempt: u32,
+        waits: u32,
+    },
     /// It can never succeed: move it to the platform's dead-letter queue with the reason.
     DeadLetter { class: ErrorClass, reason: String },
     /// Give it back now (shutdown, a panic, lost contact with the status topic); bounded
@@ -50,6 +57,11 @@ pub struct Delivery {
     pub attempt: u32,
     /// The broker delivered this message before (a consumer died or gave it back).
     pub redelivered: bool,
+    /// How many times the runtime parked this message without an attempt.
+    pub waits: u32,
+    /// When the producer published it (the AMQP `timestamp` property), kept through
+    /// retries; a message older than the state store's retention is not run again.
+    pub published_at: Option<SystemTime>,
     settler: Box<dyn Settle>,
 }
 
@@ -59,6 +71,7 @@ impl std::fmt::Debug for Delivery {
             .field("routing_key", &self.routing_key)
             .field("attempt", &self.attempt)
             .field("redelivered", &self.redelivered)
+            .field("waits", &self.waits)
             .field("bytes", &self.body.len())
             .finish()
     }
@@ -80,6 +93,8 @@ pub struct DeliveryParts {
     pub body: Vec<u8>,
     pub routing_key: String,
     pub attempt: u32,
+    pub waits: u32,
+    pub published_at: Option<SystemTime>,
 }
 
 impl Delivery {
@@ -95,8 +110,21 @@ impl Delivery {
             routing_key,
             attempt: attempt.max(1),
             redelivered,
+            waits: 0,
+            published_at: None,
             settler,
         }
+    }
+
+    /// The times it was parked before, from the message's headers.
+    pub fn with_waits(mut self, waits: u32) -> Self {
+        self.waits = waits;
+        self
+    }
+
+    pub fn with_published_at(mut self, published_at: Option<SystemTime>) -> Self {
+        self.published_at = published_at;
+        self
     }
 
     pub async fn settle(self, settlement: Settlement) -> Result<(), BrokerError> {
@@ -104,6 +132,8 @@ impl Delivery {
             body: self.body,
             routing_key: self.routing_key,
             attempt: self.attempt,
+            waits: self.waits,
+            published_at: self.published_at,
         };
         self.settler.settle(parts, settlement).await
     }
@@ -137,6 +167,12 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Every status event published from now on.
     async fn subscribe_status(&self) -> Result<BoxStream<'static, StatusEvent>, BrokerError>;
+
+    /// Why the broker refuses to take publishes right now (RabbitMQ's memory or disk
+    /// alarm blocks publishing connections), if it does.
+    fn blocked(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A message waiting in a [`MemoryBroker`] queue.
@@ -146,6 +182,8 @@ struct QueuedMessage {
     routing_key: String,
     attempt: u32,
     redelivered: bool,
+    waits: u32,
+    published_at: Option<SystemTime>,
 }
 
 /// A dead-lettered message, kept for inspection.
@@ -226,6 +264,29 @@ impl MemoryBroker {
             .clone()
     }
 
+    /// Queues a request as if a producer had published it at `published_at` (tests of
+    /// messages older than the store's retention).
+    pub fn publish_request_at(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        published_at: SystemTime,
+    ) -> Result<(), BrokerError> {
+        let platform = platform_of(routing_key)?;
+        self.enqueue(
+            platform,
+            QueuedMessage {
+                body: body.to_vec(),
+                routing_key: routing_key.to_owned(),
+                attempt: 1,
+                redelivered: false,
+                waits: 0,
+                published_at: Some(published_at),
+            },
+        );
+        Ok(())
+    }
+
     fn enqueue(&self, platform: PlatformName, message: QueuedMessage) {
         let (sender, _) = self.queue(platform);
         // The receiver lives as long as the broker, so the send cannot fail.
@@ -254,7 +315,11 @@ impl Settle for MemorySettle {
         let platform = platform_of(&delivery.routing_key)?;
         match settlement {
             Settlement::Ack => {}
-            Settlement::Retry { delay, attempt } => {
+            Settlement::Retry {
+                delay,
+                attempt,
+                waits,
+            } => {
                 let broker = self.broker.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
@@ -265,6 +330,8 @@ impl Settle for MemorySettle {
                             routing_key: delivery.routing_key,
                             attempt,
                             redelivered: false,
+                            waits,
+                            published_at: delivery.published_at,
                         },
                     );
                 });
@@ -289,6 +356,8 @@ impl Settle for MemorySettle {
                     routing_key: delivery.routing_key,
                     attempt: delivery.attempt,
                     redelivered: true,
+                    waits: delivery.waits,
+                    published_at: delivery.published_at,
                 },
             ),
         }
@@ -320,7 +389,9 @@ impl Broker for MemoryBroker {
                 Box::new(MemorySettle {
                     broker: broker.clone(),
                 }),
-            );
+            )
+            .with_waits(message.waits)
+            .with_published_at(message.published_at);
             Some((Ok(delivery), (receiver, broker)))
         });
         Ok(deliveries.boxed())
@@ -346,6 +417,8 @@ impl Broker for MemoryBroker {
                 routing_key: routing_key.to_owned(),
                 attempt: 1,
                 redelivered: false,
+                waits: 0,
+                published_at: Some(SystemTime::now()),
             },
         );
         Ok(())

@@ -14,6 +14,7 @@
 //! - [`runtime`]: the consume loop and the per-delivery state machine.
 //! - [`conformance`]: the tests every platform must pass (each operation twice).
 //! - [`names`]: resource names and idempotency keys derived from a request id.
+//! - [`fault`]: crash points for the fault-injection tests (compiled out otherwise).
 //!
 //! Platform crates depend only on [`platform`] and `provisioner-events`; the RabbitMQ and
 //! Redis adapters sit behind the `rabbitmq` and `redis` features.
@@ -23,6 +24,7 @@ pub mod amqp;
 pub mod backoff;
 pub mod broker;
 pub mod conformance;
+pub mod fault;
 pub mod health;
 pub mod names;
 pub mod platform;
@@ -35,7 +37,7 @@ pub mod store;
 pub use broker::{Broker, BrokerError, Delivery, MemoryBroker, Settlement};
 pub use platform::{Described, Platform, PlatformError};
 pub use runtime::{Worker, WorkerConfig};
-pub use store::{Claim, MemoryStore, StateStore, StoreError};
+pub use store::{Claim, Fence, MemoryStore, StateStore, StoreError};
 
 /// Hides the password of a URL for messages.
 pub fn redact_url(url: &str) -> String {

@@ -3,9 +3,18 @@
 //! Lease times come from the Redis server's clock (`TIME`), never from the workers', so
 //! clock skew between worker hosts cannot shorten or stretch a lease.
 //!
-//! Fields: `hash` (payload), `owner`, `lease_until` (ms), `fence`, `seq`, `state`,
-//! `result` (the terminal event's JSON), `updated_ms`. Finished records expire after the
-//! retention period; until then a request id cannot be reused.
+//! Fields: `hash` (payload; absent while only a tombstone exists), `owner`, `nonce`,
+//! `lease_until` (ms), `fence`, `seq`, `attempts`, `state`, `route` (the routing key it
+//! was claimed under), `result` (the terminal event's JSON), `tombstone` (the teardown
+//! that removed its resource), `actor`, `actor_nonce`, `actor_until` (the request acting
+//! on its resource), `updated_ms`. Finished records and tombstones expire after the
+//! retention period; records in progress never expire and are indexed by lease end in
+//! the sorted set `<prefix>inflight`, so abandoned ones can be found.
+//!
+//! The guarantees assume a Redis that keeps what it acknowledged: append-only with
+//! `appendfsync everysec` (at most a second of writes lost in a crash). A lost record is
+//! survived — the nonce in every fence refuses a zombie's writes — but a request whose
+//! record was lost after it finished may run again if its message is redelivered.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,93 +24,190 @@ use provisioner_events::{State, StatusEvent};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use crate::store::{Claim, ClaimRequest, RequestRecord, StateStore, StoreError};
+use crate::store::{
+    Actor, Claim, ClaimRequest, Fence, Reaped, Renewal, RequestRecord, StateStore, StoreError,
+    TargetGrant,
+};
+
+pub use crate::store::DEFAULT_RETENTION;
 
 const NOW_MS: &str = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
 
-/// KEYS[1] record; ARGV payload_hash, owner, lease_ms, working_state.
-/// Returns {'claimed', fence, seq, takeover} | {'done', result} | {'held', remaining_ms, owner} | {'conflict'}.
+/// The holder check of every fenced script: ARGV[1] fence, ARGV[2] nonce. Answers
+/// {-2} when the record is gone and {-1} when another holds it.
+const HOLDER: &str = r#"
+local holder = redis.call('HMGET', KEYS[1], 'fence', 'nonce')
+if not holder[1] then return {-2} end
+if holder[1] ~= ARGV[1] or holder[2] ~= ARGV[2] then return {-1} end
+"#;
+
+/// KEYS record, index; ARGV hash, owner, nonce, lease_ms, working_state, route, id.
+/// Returns {'claimed', fence, seq, attempts, takeover, tombstone} | {'done', result} |
+/// {'held', remaining_ms, owner} | {'conflict'}.
 const CLAIM: &str = r#"
-local rec = redis.call('HMGET', KEYS[1], 'hash', 'result', 'owner', 'lease_until', 'seq')
-local existed = rec[1] ~= false
+local rec = redis.call('HMGET', KEYS[1], 'hash', 'result', 'owner', 'lease_until', 'tombstone',
+  'actor', 'actor_until')
+local existed = rec[1] ~= false and rec[1] ~= ''
 if existed then
   if rec[1] ~= ARGV[1] then return {'conflict'} end
   if rec[2] then return {'done', rec[2]} end
   local lease_until = tonumber(rec[4]) or 0
   if lease_until > now then return {'held', tostring(lease_until - now), rec[3] or ''} end
 end
+if not rec[5] and rec[6] and rec[6] ~= '' then
+  local actor_until = tonumber(rec[7]) or 0
+  if actor_until > now then return {'held', tostring(actor_until - now), rec[6]} end
+end
 local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
-redis.call('HSET', KEYS[1], 'hash', ARGV[1], 'owner', ARGV[2],
-  'lease_until', tostring(now + tonumber(ARGV[3])), 'state', ARGV[4], 'updated_ms', tostring(now))
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local lease_until = now + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'hash', ARGV[1], 'owner', ARGV[2], 'nonce', ARGV[3],
+  'lease_until', tostring(lease_until), 'state', ARGV[5], 'route', ARGV[6], 'updated_ms', tostring(now))
 redis.call('PERSIST', KEYS[1])
-return {'claimed', tostring(fence), rec[5] or '0', existed and '1' or '0'}
+redis.call('ZADD', KEYS[2], lease_until, ARGV[7])
+return {'claimed', tostring(fence), tostring(seq), tostring(attempts), existed and '1' or '0', rec[5] or ''}
 "#;
 
-/// Fenced scripts answer -1 when fenced off and -2 when the record is gone.
-/// KEYS[1]; ARGV fence, lease_ms. Returns 1.
+/// KEYS record, index; ARGV fence, nonce, lease_ms, id. Returns {1} | {3, tombstone}.
 const RENEW: &str = r#"
-local fence = redis.call('HGET', KEYS[1], 'fence')
-if not fence then return -2 end
-if fence ~= ARGV[1] then return -1 end
-redis.call('HSET', KEYS[1], 'lease_until', tostring(now + tonumber(ARGV[2])))
-return 1
+local lease_until = now + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'lease_until', tostring(lease_until))
+local rec = redis.call('HMGET', KEYS[1], 'tombstone', 'result')
+if not rec[2] then redis.call('ZADD', KEYS[2], lease_until, ARGV[4]) end
+if rec[1] and not rec[2] then return {3, rec[1]} end
+return {1}
 "#;
 
-/// KEYS[1]; ARGV fence. Returns the next seq.
-const NEXT_SEQ: &str = r#"
-local fence = redis.call('HGET', KEYS[1], 'fence')
-if not fence then return -2 end
-if fence ~= ARGV[1] then return -1 end
-redis.call('HSET', KEYS[1], 'updated_ms', tostring(now))
-return redis.call('HINCRBY', KEYS[1], 'seq', 1)
-"#;
-
-/// KEYS[1]; ARGV fence, state, result_json, retention_ms. Returns 1.
+/// KEYS record, index; ARGV fence, nonce, state, result_json, seq, retention_ms, id.
+/// Returns {1} | {-3, tombstone}.
 const COMPLETE: &str = r#"
-local fence = redis.call('HGET', KEYS[1], 'fence')
-if not fence then return -2 end
-if fence ~= ARGV[1] then return -1 end
-redis.call('HSET', KEYS[1], 'state', ARGV[2], 'result', ARGV[3], 'lease_until', '0', 'owner', '',
-  'updated_ms', tostring(now))
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 1
+local tombstone = redis.call('HGET', KEYS[1], 'tombstone')
+if tombstone and ARGV[3] ~= 'error' then return {-3, tombstone} end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq')) or 0
+if tonumber(ARGV[5]) > seq then seq = tonumber(ARGV[5]) end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'result', ARGV[4], 'lease_until', '0', 'owner', '',
+  'seq', tostring(seq), 'updated_ms', tostring(now))
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('ZREM', KEYS[2], ARGV[7])
+return {1}
 "#;
 
-/// KEYS[1]; ARGV fence. Returns 1.
+/// KEYS record, index; ARGV fence, nonce, refund, id. Returns {1}.
 const RELEASE: &str = r#"
-local fence = redis.call('HGET', KEYS[1], 'fence')
-if not fence then return -2 end
-if fence ~= ARGV[1] then return -1 end
-redis.call('HSET', KEYS[1], 'lease_until', '0', 'updated_ms', tostring(now))
+redis.call('HSET', KEYS[1], 'lease_until', tostring(now), 'updated_ms', tostring(now))
+redis.call('ZADD', KEYS[2], now, ARGV[4])
+if ARGV[3] == '1' and (tonumber(redis.call('HGET', KEYS[1], 'attempts')) or 0) > 0 then
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+end
+return {1}
+"#;
+
+/// KEYS target record; ARGV actor, actor_nonce, lease_ms, tombstone, retention_ms.
+/// Returns {'granted'} | {'busy', remaining_ms, by}.
+const ACT_ON: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'state', 'not_started', 'updated_ms', tostring(now))
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
+local rec = redis.call('HMGET', KEYS[1], 'hash', 'result', 'owner', 'lease_until', 'tombstone',
+  'actor', 'actor_until')
+if ARGV[4] == '1' and not rec[5] then redis.call('HSET', KEYS[1], 'tombstone', ARGV[1]) end
+if rec[1] and rec[1] ~= '' and not rec[2] then
+  local lease_until = tonumber(rec[4]) or 0
+  if lease_until > now then return {'busy', tostring(lease_until - now), rec[3] or ''} end
+end
+if rec[6] and rec[6] ~= '' and rec[6] ~= ARGV[1] then
+  local actor_until = tonumber(rec[7]) or 0
+  if actor_until > now then return {'busy', tostring(actor_until - now), rec[6]} end
+end
+redis.call('HSET', KEYS[1], 'actor', ARGV[1], 'actor_nonce', ARGV[2],
+  'actor_until', tostring(now + tonumber(ARGV[3])))
+return {'granted'}
+"#;
+
+/// KEYS target record; ARGV actor, actor_nonce, lease_ms. Returns 1 | -1.
+const RENEW_ACT: &str = r#"
+local rec = redis.call('HMGET', KEYS[1], 'actor', 'actor_nonce')
+if rec[1] ~= ARGV[1] or rec[2] ~= ARGV[2] then return -1 end
+redis.call('HSET', KEYS[1], 'actor_until', tostring(now + tonumber(ARGV[3])))
 return 1
 "#;
 
-/// KEYS[1]; ARGV state. Only a finished record changes.
-const MARK: &str = r#"
-if redis.call('HEXISTS', KEYS[1], 'result') == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_ms', tostring(now))
+/// KEYS target record; ARGV actor, actor_nonce, resource_state ('' for none). Returns 1 | 0.
+const END_ACT: &str = r#"
+local rec = redis.call('HMGET', KEYS[1], 'actor', 'actor_nonce')
+if rec[1] ~= ARGV[1] or rec[2] ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], 'actor', 'actor_nonce', 'actor_until')
+if ARGV[3] ~= '' and redis.call('HEXISTS', KEYS[1], 'result') == 1 then
+  redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated_ms', tostring(now))
+end
 return 1
+"#;
+
+/// KEYS index; ARGV idle_ms, platform, limit, key prefix. Returns request ids.
+/// Looks at up to ten times `limit` of the oldest entries, so other platforms' stale
+/// records cannot hide this one's.
+const STALE: &str = r#"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tostring(now - tonumber(ARGV[1])),
+  'LIMIT', 0, tonumber(ARGV[3]) * 10)
+local found = {}
+for _, id in ipairs(ids) do
+  local route = redis.call('HGET', ARGV[4] .. 'req:' .. id, 'route')
+  if not route then
+    redis.call('ZREM', KEYS[1], id)
+  elseif string.sub(route, 1, string.len(ARGV[2]) + 1) == ARGV[2] .. '.' then
+    table.insert(found, id)
+    if #found >= tonumber(ARGV[3]) then break end
+  end
+end
+return found
+"#;
+
+/// KEYS record, index; ARGV idle_ms, owner, nonce, lease_ms, id.
+/// Returns {} | {'reaped', fence, seq, route, attempts}.
+const REAP: &str = r#"
+local rec = redis.call('HMGET', KEYS[1], 'hash', 'result', 'lease_until', 'route', 'attempts')
+if not rec[1] or rec[1] == '' or rec[2] then
+  redis.call('ZREM', KEYS[2], ARGV[5])
+  return {}
+end
+if (tonumber(rec[3]) or 0) + tonumber(ARGV[1]) > now then return {} end
+local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local lease_until = now + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'nonce', ARGV[3], 'lease_until', tostring(lease_until),
+  'updated_ms', tostring(now))
+redis.call('ZADD', KEYS[2], lease_until, ARGV[5])
+return {'reaped', tostring(fence), tostring(seq), rec[4] or '', rec[5] or '0'}
 "#;
 
 struct Scripts {
     claim: Script,
     renew: Script,
-    next_seq: Script,
     complete: Script,
     release: Script,
-    mark: Script,
+    act_on: Script,
+    renew_act: Script,
+    end_act: Script,
+    stale: Script,
+    reap: Script,
 }
 
 impl Scripts {
     fn new() -> Self {
         let script = |body: &str| Script::new(&format!("{NOW_MS}{body}"));
+        let fenced = |body: &str| Script::new(&format!("{NOW_MS}{HOLDER}{body}"));
         Scripts {
             claim: script(CLAIM),
-            renew: script(RENEW),
-            next_seq: script(NEXT_SEQ),
-            complete: script(COMPLETE),
-            release: script(RELEASE),
-            mark: script(MARK),
+            renew: fenced(RENEW),
+            complete: fenced(COMPLETE),
+            release: fenced(RELEASE),
+            act_on: script(ACT_ON),
+            renew_act: script(RENEW_ACT),
+            end_act: script(END_ACT),
+            stale: script(STALE),
+            reap: script(REAP),
         }
     }
 }
@@ -134,6 +240,7 @@ fn classify(error: redis::RedisError) -> StoreError {
                 redis::ServerErrorKind::BusyLoading
                     | redis::ServerErrorKind::TryAgain
                     | redis::ServerErrorKind::MasterDown
+                    | redis::ServerErrorKind::ReadOnly
             )
         )
         || error.code() == Some("BUSY")
@@ -144,11 +251,35 @@ fn classify(error: redis::RedisError) -> StoreError {
     }
 }
 
-/// Default retention of finished records: a week, long enough for any redelivery.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+fn millis(duration: Duration) -> String {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .to_string()
+}
+
+/// One reply of a fenced script: a status code and maybe a text.
+#[derive(Debug)]
+struct Reply(i64, Option<String>);
+
+impl redis::FromRedisValue for Reply {
+    fn from_redis_value(value: redis::Value) -> Result<Self, redis::ParsingError> {
+        let mut items: Vec<redis::Value> = redis::FromRedisValue::from_redis_value(value)?;
+        let text = if items.len() > 1 {
+            Some(redis::FromRedisValue::from_redis_value(items.remove(1))?)
+        } else {
+            None
+        };
+        let code = match items.into_iter().next() {
+            Some(code) => redis::FromRedisValue::from_redis_value(code)?,
+            None => return Err("an empty reply".into()),
+        };
+        Ok(Reply(code, text))
+    }
+}
 
 impl RedisStore {
-    /// Connects (with retries) to `url`. Keys start with `prefix` (e.g. `provisioner:`).
+    /// Connects (with retries) to `url`. Keys start with `prefix` (e.g. `provisioner:`);
+    /// finished records are kept for `retention`.
     pub async fn connect(url: &str, prefix: &str, retention: Duration) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)
             .map_err(|e| StoreError::Corrupt(format!("invalid REDIS_URL {url:?}: {e}")))?;
@@ -172,37 +303,52 @@ impl RedisStore {
         format!("{}req:{request_id}", self.prefix)
     }
 
+    fn index(&self) -> String {
+        format!("{}inflight", self.prefix)
+    }
+
+    /// Runs a fenced script on the record and its index: ARGV fence, nonce, then `args`.
     async fn fenced(
         &self,
         script: &Script,
         request_id: &str,
-        fence: u64,
+        fence: &Fence,
         args: &[String],
-    ) -> Result<i64, StoreError> {
+    ) -> Result<Reply, StoreError> {
         let mut connection = self.connection.clone();
         let mut invocation = script.key(self.key(request_id));
-        invocation.arg(fence.to_string());
+        invocation
+            .key(self.index())
+            .arg(fence.counter.to_string())
+            .arg(&fence.nonce);
         for arg in args {
             invocation.arg(arg);
         }
-        let answer: i64 = invocation
+        let reply: Reply = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(classify)?;
-        match answer {
-            -2 => return Err(StoreError::Missing(request_id.to_owned())),
-            answer if answer <= 0 => return Err(StoreError::Fenced(fence)),
-            _ => {}
+        match reply.0 {
+            -2 => Err(StoreError::Missing(request_id.to_owned())),
+            -1 => Err(StoreError::Fenced(fence.clone())),
+            -3 => Err(StoreError::TornDown(reply.1.unwrap_or_default())),
+            _ => Ok(reply),
         }
-        Ok(answer)
     }
 }
 
-fn parse_u64(value: Option<&String>, what: &str) -> Result<u64, StoreError> {
+fn parse<T: std::str::FromStr>(value: Option<&String>, what: &str) -> Result<T, StoreError>
+where
+    T::Err: std::fmt::Display,
+{
     value
-        .ok_or_else(|| StoreError::Corrupt(format!("claim answer lacks {what}")))?
+        .ok_or_else(|| StoreError::Corrupt(format!("store answer lacks {what}")))?
         .parse()
-        .map_err(|e| StoreError::Corrupt(format!("claim answer {what}: {e}")))
+        .map_err(|e| StoreError::Corrupt(format!("store answer {what}: {e}")))
+}
+
+fn parse_state(text: &str) -> Option<State> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned())).ok()
 }
 
 #[async_trait]
@@ -213,18 +359,27 @@ impl StateStore for RedisStore {
             .scripts
             .claim
             .key(self.key(claim.request_id))
+            .key(self.index())
             .arg(claim.payload_hash)
             .arg(claim.owner)
-            .arg(claim.lease.as_millis() as u64)
+            .arg(claim.nonce)
+            .arg(millis(claim.lease))
             .arg(claim.working_state.as_str())
+            .arg(claim.routing_key)
+            .arg(claim.request_id)
             .invoke_async(&mut connection)
             .await
             .map_err(classify)?;
         match answer.first().map(String::as_str) {
             Some("claimed") => Ok(Claim::Claimed {
-                fence: parse_u64(answer.get(1), "fence")?,
-                seq: parse_u64(answer.get(2), "seq")?,
-                takeover: answer.get(3).map(String::as_str) == Some("1"),
+                fence: Fence {
+                    counter: parse(answer.get(1), "fence")?,
+                    nonce: claim.nonce.to_owned(),
+                },
+                seq: parse(answer.get(2), "seq")?,
+                attempt: parse(answer.get(3), "attempts")?,
+                takeover: answer.get(4).map(String::as_str) == Some("1"),
+                torn_down_by: answer.get(5).filter(|t| !t.is_empty()).cloned(),
             }),
             Some("done") => {
                 let json = answer.get(1).map(String::as_str).unwrap_or_default();
@@ -234,7 +389,7 @@ impl StateStore for RedisStore {
                 Ok(Claim::Done(Box::new(event)))
             }
             Some("held") => Ok(Claim::Held {
-                remaining: Duration::from_millis(parse_u64(answer.get(1), "remaining")?),
+                remaining: Duration::from_millis(parse(answer.get(1), "remaining")?),
                 owner: answer.get(2).cloned().unwrap_or_default(),
             }),
             Some("conflict") => Ok(Claim::Conflict),
@@ -244,57 +399,188 @@ impl StateStore for RedisStore {
         }
     }
 
-    async fn renew(&self, request_id: &str, fence: u64, lease: Duration) -> Result<(), StoreError> {
-        self.fenced(
-            &self.scripts.renew,
-            request_id,
-            fence,
-            &[(lease.as_millis() as u64).to_string()],
-        )
-        .await
-        .map(drop)
-    }
-
-    async fn next_seq(&self, request_id: &str, fence: u64) -> Result<u64, StoreError> {
-        self.fenced(&self.scripts.next_seq, request_id, fence, &[])
-            .await
-            .map(|seq| seq as u64)
+    async fn renew(
+        &self,
+        request_id: &str,
+        fence: &Fence,
+        lease: Duration,
+    ) -> Result<Renewal, StoreError> {
+        let args = [millis(lease), request_id.to_owned()];
+        let reply = self
+            .fenced(&self.scripts.renew, request_id, fence, &args)
+            .await?;
+        Ok(match reply {
+            Reply(3, Some(by)) => Renewal::Cancelled { by },
+            _ => Renewal::Renewed,
+        })
     }
 
     async fn complete(
         &self,
         request_id: &str,
-        fence: u64,
+        fence: &Fence,
         event: &StatusEvent,
     ) -> Result<(), StoreError> {
         let json = serde_json::to_string(event).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let args = [
             event.state.as_str().to_owned(),
             json,
-            (self.retention.as_millis() as u64).to_string(),
+            event.seq.to_string(),
+            millis(self.retention),
+            request_id.to_owned(),
         ];
         self.fenced(&self.scripts.complete, request_id, fence, &args)
             .await
             .map(drop)
     }
 
-    async fn release(&self, request_id: &str, fence: u64) -> Result<(), StoreError> {
-        self.fenced(&self.scripts.release, request_id, fence, &[])
+    async fn release(
+        &self,
+        request_id: &str,
+        fence: &Fence,
+        refund: bool,
+    ) -> Result<(), StoreError> {
+        let args = [
+            if refund { "1" } else { "0" }.to_owned(),
+            request_id.to_owned(),
+        ];
+        self.fenced(&self.scripts.release, request_id, fence, &args)
             .await
             .map(drop)
     }
 
-    async fn mark_resource_state(&self, request_id: &str, state: State) -> Result<(), StoreError> {
+    async fn act_on(
+        &self,
+        target: &str,
+        actor: Actor<'_>,
+        lease: Duration,
+        tombstone: bool,
+    ) -> Result<TargetGrant, StoreError> {
+        let mut connection = self.connection.clone();
+        let answer: Vec<String> = self
+            .scripts
+            .act_on
+            .key(self.key(target))
+            .arg(actor.request_id)
+            .arg(actor.nonce)
+            .arg(millis(lease))
+            .arg(if tombstone { "1" } else { "0" })
+            .arg(millis(self.retention))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(classify)?;
+        match answer.first().map(String::as_str) {
+            Some("granted") => Ok(TargetGrant::Granted),
+            Some("busy") => Ok(TargetGrant::Busy {
+                remaining: Duration::from_millis(parse(answer.get(1), "remaining")?),
+                by: answer.get(2).cloned().unwrap_or_default(),
+            }),
+            other => Err(StoreError::Corrupt(format!(
+                "unexpected act_on answer {other:?}"
+            ))),
+        }
+    }
+
+    async fn renew_act(
+        &self,
+        target: &str,
+        actor: Actor<'_>,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let answer: i64 = self
+            .scripts
+            .renew_act
+            .key(self.key(target))
+            .arg(actor.request_id)
+            .arg(actor.nonce)
+            .arg(millis(lease))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(classify)?;
+        if answer == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced(Fence {
+                counter: 0,
+                nonce: actor.nonce.to_owned(),
+            }))
+        }
+    }
+
+    async fn end_act(
+        &self,
+        target: &str,
+        actor: Actor<'_>,
+        resource_state: Option<State>,
+    ) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
         let _: i64 = self
             .scripts
-            .mark
-            .key(self.key(request_id))
-            .arg(state.as_str())
+            .end_act
+            .key(self.key(target))
+            .arg(actor.request_id)
+            .arg(actor.nonce)
+            .arg(resource_state.map(State::as_str).unwrap_or_default())
             .invoke_async(&mut connection)
             .await
             .map_err(classify)?;
         Ok(())
+    }
+
+    async fn stale(
+        &self,
+        platform: &str,
+        idle: Duration,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut connection = self.connection.clone();
+        self.scripts
+            .stale
+            .key(self.index())
+            .arg(millis(idle))
+            .arg(platform)
+            .arg(limit.max(1))
+            .arg(&self.prefix)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(classify)
+    }
+
+    async fn reap(
+        &self,
+        request_id: &str,
+        idle: Duration,
+        owner: &str,
+        nonce: &str,
+        lease: Duration,
+    ) -> Result<Option<Reaped>, StoreError> {
+        let mut connection = self.connection.clone();
+        let answer: Vec<String> = self
+            .scripts
+            .reap
+            .key(self.key(request_id))
+            .key(self.index())
+            .arg(millis(idle))
+            .arg(owner)
+            .arg(nonce)
+            .arg(millis(lease))
+            .arg(request_id)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(classify)?;
+        if answer.first().map(String::as_str) != Some("reaped") {
+            return Ok(None);
+        }
+        Ok(Some(Reaped {
+            fence: Fence {
+                counter: parse(answer.get(1), "fence")?,
+                nonce: nonce.to_owned(),
+            },
+            seq: parse(answer.get(2), "seq")?,
+            routing_key: answer.get(3).cloned().unwrap_or_default(),
+            attempts: parse(answer.get(4), "attempts")?,
+        }))
     }
 
     async fn get(&self, request_id: &str) -> Result<Option<RequestRecord>, StoreError> {
@@ -319,9 +605,7 @@ impl StateStore for RedisStore {
         };
         let state = fields
             .get("state")
-            .and_then(|s| {
-                serde_json::from_value::<State>(serde_json::Value::String(s.clone())).ok()
-            })
+            .and_then(|s| parse_state(s))
             .ok_or_else(|| {
                 StoreError::Corrupt(format!("record of {request_id} has no valid state"))
             })?;
@@ -333,14 +617,22 @@ impl StateStore for RedisStore {
                 None => None,
             };
         let lease_until = number("lease_until");
+        let actor_until = number("actor_until");
         Ok(Some(RequestRecord {
             state,
             owner: fields.get("owner").filter(|o| !o.is_empty()).cloned(),
             fence: number("fence"),
             seq: number("seq"),
+            attempts: u32::try_from(number("attempts")).unwrap_or(u32::MAX),
+            payload_hash: fields.get("hash").filter(|h| !h.is_empty()).cloned(),
             lease_remaining: (lease_until > now_ms)
                 .then(|| Duration::from_millis(lease_until - now_ms)),
             result,
+            torn_down_by: fields.get("tombstone").cloned(),
+            actor: fields
+                .get("actor")
+                .filter(|a| !a.is_empty() && actor_until > now_ms)
+                .cloned(),
         }))
     }
 }

@@ -2,10 +2,34 @@
 //! token, so a duplicate never runs twice, a crashed worker's request is taken over, and a
 //! worker that lost its lease cannot overwrite the new holder's work.
 //!
+//! What a record holds, and the rules every implementation keeps:
+//!
+//! - **Fence.** A claim gets the record's next fence counter and the claimer's own random
+//!   nonce; every later write must present both. The nonce makes a holder's token unique
+//!   for good: if the record is lost (a Redis without persistence restarts, an eviction, a
+//!   failover to a lagging replica) the counter starts again at 1, but a zombie still
+//!   holding the old counter has another nonce and is refused.
+//! - **Attempts.** Every claim counts one attempt, whatever ended the one before (a failed
+//!   platform call, a crash, a panic, a lost lease), so the runtime can bound them itself
+//!   instead of relying on the broker's delivery count. A claim given back at once because
+//!   its target was busy is refunded.
+//! - **Sequence.** A claim reserves the next status `seq` for the working event; the
+//!   holder numbers its later events itself (no one else writes while it holds the lease)
+//!   and `complete` records the terminal event's `seq`.
+//! - **Tombstone and actor.** A request acting on another request's resource (teardown,
+//!   stop, start, reboot) takes the *actor* lease on the target's record, so two of them
+//!   never act on one resource at once and neither runs while the target's provision does.
+//!   A teardown also leaves a tombstone: a provision that has not finished ends without
+//!   making anything, and one in flight is told to stop ([`Renewal::Cancelled`]).
+//! - **Lifecycle.** Finished records (and tombstones) expire after the retention period;
+//!   records in progress are indexed by lease end per platform, so ones abandoned long ago
+//!   can be found and ended ([`StateStore::stale`], [`StateStore::reap`]).
+//!
 //! [`StateStore`] is implemented by [`MemoryStore`] (embedded mode, unit tests) and by
 //! `redis_store::RedisStore`; both pass the same conformance tests (`tests/store.rs`).
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,20 +37,47 @@ use async_trait::async_trait;
 use provisioner_events::{State, StatusEvent};
 use tokio::time::Instant;
 
+/// Proof of holding a request: the record's fence counter and the claimer's own nonce.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Fence {
+    pub counter: u64,
+    pub nonce: String,
+}
+
+impl Fence {
+    /// A fresh random nonce for a claim.
+    pub fn new_nonce() -> String {
+        uuid::Uuid::new_v4().simple().to_string()
+    }
+}
+
+impl fmt::Display for Fence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.counter, self.nonce)
+    }
+}
+
 /// The answer to a claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// This worker now holds the request with this fencing token. `seq` is the last status
-    /// sequence number used so far (0 for a new request); `takeover` is true when an
-    /// earlier holder's lease had expired or been released.
+    /// This worker now holds the request.
     Claimed {
-        fence: u64,
+        fence: Fence,
+        /// The `seq` reserved for this attempt's working event; later events of the
+        /// attempt continue from it.
         seq: u64,
+        /// Which attempt this is, counting every earlier claim (1 for the first).
+        attempt: u32,
+        /// An earlier holder's lease had expired or been released.
         takeover: bool,
+        /// A teardown (this request id) tore the request's resource down before it could
+        /// finish: end without making anything.
+        torn_down_by: Option<String>,
     },
     /// The request finished before: here is its terminal event, to publish again.
     Done(Box<StatusEvent>),
-    /// Another worker holds a live lease for this long still.
+    /// Another worker (`owner`) holds a live lease for this long still, or a request
+    /// acting on this one's resource does.
     Held { remaining: Duration, owner: String },
     /// The request id was used before with a different payload.
     Conflict,
@@ -39,16 +90,66 @@ pub struct RequestRecord {
     pub owner: Option<String>,
     pub fence: u64,
     pub seq: u64,
+    pub attempts: u32,
+    /// The payload hash of the request the record is for (none while only a tombstone).
+    pub payload_hash: Option<String>,
     /// Time left on the current holder's lease, if it is live.
     pub lease_remaining: Option<Duration>,
     pub result: Option<StatusEvent>,
+    /// The teardown that tore this request's resource down.
+    pub torn_down_by: Option<String>,
+    /// The request acting on this one's resource now, if its lease is live.
+    pub actor: Option<String>,
+}
+
+/// What a holder hears when it renews its lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewal {
+    /// Still ours for another lease.
+    Renewed,
+    /// Still ours, but a teardown (this request id) tombstoned the request: stop, make
+    /// nothing more, and end.
+    Cancelled { by: String },
+}
+
+/// The answer to [`StateStore::act_on`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetGrant {
+    /// The actor lease on the target is ours.
+    Granted,
+    /// The target's provision, or another request acting on it (`by`), is at work for
+    /// this long still. A teardown's tombstone is in place all the same.
+    Busy { remaining: Duration, by: String },
+}
+
+/// A request acting on another request's resource.
+#[derive(Debug, Clone, Copy)]
+pub struct Actor<'a> {
+    pub request_id: &'a str,
+    /// The actor's own fence nonce: its actor lease is as unique as its claim.
+    pub nonce: &'a str,
+}
+
+/// A stale record taken over by [`StateStore::reap`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reaped {
+    pub fence: Fence,
+    /// The `seq` reserved for the event that ends it.
+    pub seq: u64,
+    /// The routing key of the request as claimed (`<platform>.<operation>`).
+    pub routing_key: String,
+    pub attempts: u32,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// A newer holder took the request over: this worker's write was refused.
     #[error("fenced off: the request was taken over by another worker (token {0} is stale)")]
-    Fenced(u64),
+    Fenced(Fence),
+    /// The request was torn down (by this teardown) while it was worked on: it may end
+    /// only in `error`.
+    #[error("the request was torn down by {0} while it was being worked on")]
+    TornDown(String),
     /// The request's record is gone (a store that lost data); the request must be
     /// claimed again.
     #[error("the record of request {0} is gone from the state store")]
@@ -73,170 +174,454 @@ pub struct ClaimRequest<'a> {
     pub request_id: &'a str,
     pub payload_hash: &'a str,
     pub owner: &'a str,
+    /// The claimer's random nonce ([`Fence::new_nonce`]).
+    pub nonce: &'a str,
     pub lease: Duration,
     /// The state recorded while the request is worked on (`starting`, `stopping`).
     pub working_state: State,
+    /// `<platform>.<operation>`: which platform's workers may reap the record if it is
+    /// abandoned, and what it was.
+    pub routing_key: &'a str,
 }
 
 #[async_trait]
 pub trait StateStore: Send + Sync + 'static {
     /// Atomically: create the record, or report it done / held / conflicting, or take it
-    /// over (new fencing token) when the holder's lease has expired.
+    /// over (new fence) when the holder's lease has expired. Counts an attempt and
+    /// reserves the working event's `seq`.
     async fn claim(&self, claim: ClaimRequest<'_>) -> Result<Claim, StoreError>;
 
-    /// Extends the lease of the holder of `fence`.
-    async fn renew(&self, request_id: &str, fence: u64, lease: Duration) -> Result<(), StoreError>;
+    /// Extends the holder's lease; says when a teardown tombstoned the request meanwhile.
+    async fn renew(
+        &self,
+        request_id: &str,
+        fence: &Fence,
+        lease: Duration,
+    ) -> Result<Renewal, StoreError>;
 
-    /// The next status sequence number, for the holder of `fence` only.
-    async fn next_seq(&self, request_id: &str, fence: u64) -> Result<u64, StoreError>;
-
-    /// Records the terminal event and ends the lease, for the holder of `fence` only.
+    /// Records the terminal event (its `seq` included) and ends the lease, for the holder
+    /// only. A tombstoned request may only end in `error` ([`StoreError::TornDown`]).
     async fn complete(
         &self,
         request_id: &str,
-        fence: u64,
+        fence: &Fence,
         event: &StatusEvent,
     ) -> Result<(), StoreError>;
 
-    /// Ends the lease early so a scheduled retry can claim at once.
-    async fn release(&self, request_id: &str, fence: u64) -> Result<(), StoreError>;
+    /// Ends the lease early so a retry can claim at once. `refund` gives back the attempt
+    /// the claim counted (the claim was given back before anything was tried).
+    async fn release(
+        &self,
+        request_id: &str,
+        fence: &Fence,
+        refund: bool,
+    ) -> Result<(), StoreError>;
 
-    /// Records the state of a finished request's resource after another request acted on
-    /// it (a teardown, stop or start naming it); the request's own result stays as it was.
-    async fn mark_resource_state(&self, request_id: &str, state: State) -> Result<(), StoreError>;
+    /// Takes the actor lease on `target`'s record (created if it has none yet), unless
+    /// the target's provision or another actor is at work. With `tombstone` (a teardown)
+    /// the tombstone is left in any case, so the target's provision never makes anything
+    /// again.
+    async fn act_on(
+        &self,
+        target: &str,
+        actor: Actor<'_>,
+        lease: Duration,
+        tombstone: bool,
+    ) -> Result<TargetGrant, StoreError>;
+
+    /// Extends the actor lease; refused ([`StoreError::Fenced`]) when it is not ours any more.
+    async fn renew_act(
+        &self,
+        target: &str,
+        actor: Actor<'_>,
+        lease: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Ends the actor lease. `resource_state` (after a successful teardown, stop, start)
+    /// records the state the target's resource is in now; the target's own stored result
+    /// stays as it was.
+    async fn end_act(
+        &self,
+        target: &str,
+        actor: Actor<'_>,
+        resource_state: Option<State>,
+    ) -> Result<(), StoreError>;
+
+    /// Requests of `platform` in progress whose lease ended more than `idle` ago, oldest
+    /// first, at most `limit`.
+    async fn stale(
+        &self,
+        platform: &str,
+        idle: Duration,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Takes over a record [`StateStore::stale`] listed, if it is still stale, without the
+    /// request's payload (its message is gone). The caller ends it with `complete`.
+    async fn reap(
+        &self,
+        request_id: &str,
+        idle: Duration,
+        owner: &str,
+        nonce: &str,
+        lease: Duration,
+    ) -> Result<Option<Reaped>, StoreError>;
 
     async fn get(&self, request_id: &str) -> Result<Option<RequestRecord>, StoreError>;
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct MemoryRecord {
+    /// Empty for a record a tombstone made before its request arrived.
     payload_hash: String,
     owner: String,
-    lease_until: Instant,
-    fence: u64,
+    lease_until: Option<Instant>,
+    fence: Fence,
     seq: u64,
-    state: State,
+    attempts: u32,
+    state: Option<State>,
+    routing_key: String,
     result: Option<StatusEvent>,
+    tombstone: Option<String>,
+    actor: Option<(String, String, Instant)>,
+    expires: Option<Instant>,
+}
+
+impl MemoryRecord {
+    fn lease_live(&self, now: Instant) -> Option<Duration> {
+        self.lease_until
+            .filter(|until| *until > now)
+            .map(|until| until - now)
+    }
+
+    fn actor_live(&self, now: Instant) -> Option<(&str, Duration)> {
+        self.actor
+            .as_ref()
+            .filter(|(_, _, until)| *until > now)
+            .map(|(id, _, until)| (id.as_str(), *until - now))
+    }
+
+    fn in_progress(&self) -> bool {
+        !self.payload_hash.is_empty() && self.result.is_none()
+    }
 }
 
 /// The state store of the embedded mode and of unit tests: the same semantics as Redis,
 /// on a mutex.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
     records: Mutex<HashMap<String, MemoryRecord>>,
+    retention: Duration,
 }
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            records: Mutex::new(HashMap::new()),
+            retention: DEFAULT_RETENTION,
+        }
+    }
+}
+
+/// How long finished records (and tombstones) are kept by default: a week, long enough
+/// for any redelivery.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn with_record<T>(
+    pub fn with_retention(retention: Duration) -> Self {
+        MemoryStore {
+            records: Mutex::new(HashMap::new()),
+            retention,
+        }
+    }
+
+    fn records(&self) -> std::sync::MutexGuard<'_, HashMap<String, MemoryRecord>> {
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        records.retain(|_, r| r.expires.is_none_or(|at| at > now));
+        records
+    }
+
+    fn with_holder<T>(
         &self,
         request_id: &str,
-        fence: u64,
-        f: impl FnOnce(&mut MemoryRecord) -> T,
+        fence: &Fence,
+        f: impl FnOnce(&mut MemoryRecord) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let mut records = self.records();
         match records.get_mut(request_id) {
-            Some(record) if record.fence == fence => Ok(f(record)),
-            Some(_) => Err(StoreError::Fenced(fence)),
+            Some(record) if record.fence == *fence => f(record),
+            Some(_) => Err(StoreError::Fenced(fence.clone())),
             None => Err(StoreError::Missing(request_id.to_owned())),
         }
     }
+}
+
+fn platform_of(routing_key: &str) -> &str {
+    routing_key.split('.').next().unwrap_or_default()
 }
 
 #[async_trait]
 impl StateStore for MemoryStore {
     async fn claim(&self, claim: ClaimRequest<'_>) -> Result<Claim, StoreError> {
         let now = Instant::now();
-        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        let existing = records.get(claim.request_id).cloned();
-        if let Some(record) = &existing {
+        let mut records = self.records();
+        let record = records.entry(claim.request_id.to_owned()).or_default();
+        let existed = !record.payload_hash.is_empty();
+        if existed {
             if record.payload_hash != claim.payload_hash {
                 return Ok(Claim::Conflict);
             }
             if let Some(result) = &record.result {
                 return Ok(Claim::Done(Box::new(result.clone())));
             }
-            if record.lease_until > now {
+            if let Some(remaining) = record.lease_live(now) {
                 return Ok(Claim::Held {
-                    remaining: record.lease_until - now,
+                    remaining,
                     owner: record.owner.clone(),
                 });
             }
         }
-        let (fence, seq) = existing.as_ref().map_or((1, 0), |r| (r.fence + 1, r.seq));
-        records.insert(
-            claim.request_id.to_owned(),
-            MemoryRecord {
-                payload_hash: claim.payload_hash.to_owned(),
-                owner: claim.owner.to_owned(),
-                lease_until: now + claim.lease,
-                fence,
-                seq,
-                state: claim.working_state,
-                result: None,
-            },
-        );
+        // A stop or start acting on the resource goes first; a tombstoned request needs
+        // no wait, it ends without touching the platform.
+        if record.tombstone.is_none()
+            && let Some((actor, remaining)) = record.actor_live(now)
+        {
+            return Ok(Claim::Held {
+                remaining,
+                owner: actor.to_owned(),
+            });
+        }
+        record.payload_hash = claim.payload_hash.to_owned();
+        record.owner = claim.owner.to_owned();
+        record.lease_until = Some(now + claim.lease);
+        record.fence = Fence {
+            counter: record.fence.counter + 1,
+            nonce: claim.nonce.to_owned(),
+        };
+        record.attempts += 1;
+        record.seq += 1;
+        record.state = Some(claim.working_state);
+        record.routing_key = claim.routing_key.to_owned();
+        record.expires = None;
         Ok(Claim::Claimed {
-            fence,
-            seq,
-            takeover: existing.is_some(),
+            fence: record.fence.clone(),
+            seq: record.seq,
+            attempt: record.attempts,
+            takeover: existed,
+            torn_down_by: record.tombstone.clone(),
         })
     }
 
-    async fn renew(&self, request_id: &str, fence: u64, lease: Duration) -> Result<(), StoreError> {
-        self.with_record(request_id, fence, |r| {
-            r.lease_until = Instant::now() + lease
-        })
-    }
-
-    async fn next_seq(&self, request_id: &str, fence: u64) -> Result<u64, StoreError> {
-        self.with_record(request_id, fence, |r| {
-            r.seq += 1;
-            r.seq
+    async fn renew(
+        &self,
+        request_id: &str,
+        fence: &Fence,
+        lease: Duration,
+    ) -> Result<Renewal, StoreError> {
+        self.with_holder(request_id, fence, |r| {
+            r.lease_until = Some(Instant::now() + lease);
+            Ok(match (&r.tombstone, &r.result) {
+                (Some(by), None) => Renewal::Cancelled { by: by.clone() },
+                _ => Renewal::Renewed,
+            })
         })
     }
 
     async fn complete(
         &self,
         request_id: &str,
-        fence: u64,
+        fence: &Fence,
         event: &StatusEvent,
     ) -> Result<(), StoreError> {
-        self.with_record(request_id, fence, |r| {
-            r.state = event.state;
+        let retention = self.retention;
+        self.with_holder(request_id, fence, |r| {
+            if let Some(by) = &r.tombstone
+                && event.state != State::Error
+            {
+                return Err(StoreError::TornDown(by.clone()));
+            }
+            r.state = Some(event.state);
+            r.seq = r.seq.max(event.seq);
             r.result = Some(event.clone());
-            r.lease_until = Instant::now();
+            r.lease_until = None;
             r.owner.clear();
+            r.expires = Some(Instant::now() + retention);
+            Ok(())
         })
     }
 
-    async fn release(&self, request_id: &str, fence: u64) -> Result<(), StoreError> {
-        self.with_record(request_id, fence, |r| r.lease_until = Instant::now())
+    async fn release(
+        &self,
+        request_id: &str,
+        fence: &Fence,
+        refund: bool,
+    ) -> Result<(), StoreError> {
+        self.with_holder(request_id, fence, |r| {
+            r.lease_until = Some(Instant::now());
+            if refund {
+                r.attempts = r.attempts.saturating_sub(1);
+            }
+            Ok(())
+        })
     }
 
-    async fn mark_resource_state(&self, request_id: &str, state: State) -> Result<(), StoreError> {
-        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(record) = records.get_mut(request_id)
-            && record.result.is_some()
+    async fn act_on(
+        &self,
+        target: &str,
+        actor: Actor<'_>,
+        lease: Duration,
+        tombstone: bool,
+    ) -> Result<TargetGrant, StoreError> {
+        let now = Instant::now();
+        let retention = self.retention;
+        let mut records = self.records();
+        let record = records
+            .entry(target.to_owned())
+            .or_insert_with(|| MemoryRecord {
+                expires: Some(now + retention),
+                state: Some(State::NotStarted),
+                ..MemoryRecord::default()
+            });
+        if tombstone && record.tombstone.is_none() {
+            record.tombstone = Some(actor.request_id.to_owned());
+        }
+        if record.in_progress()
+            && let Some(remaining) = record.lease_live(now)
         {
-            record.state = state;
+            return Ok(TargetGrant::Busy {
+                remaining,
+                by: record.owner.clone(),
+            });
+        }
+        if let Some((other, remaining)) = record.actor_live(now)
+            && other != actor.request_id
+        {
+            return Ok(TargetGrant::Busy {
+                remaining,
+                by: other.to_owned(),
+            });
+        }
+        record.actor = Some((
+            actor.request_id.to_owned(),
+            actor.nonce.to_owned(),
+            now + lease,
+        ));
+        Ok(TargetGrant::Granted)
+    }
+
+    async fn renew_act(
+        &self,
+        target: &str,
+        actor: Actor<'_>,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let mut records = self.records();
+        match records.get_mut(target).and_then(|r| r.actor.as_mut()) {
+            Some((id, nonce, until)) if id == actor.request_id && nonce == actor.nonce => {
+                *until = Instant::now() + lease;
+                Ok(())
+            }
+            _ => Err(StoreError::Fenced(Fence {
+                counter: 0,
+                nonce: actor.nonce.to_owned(),
+            })),
+        }
+    }
+
+    async fn end_act(
+        &self,
+        target: &str,
+        actor: Actor<'_>,
+        resource_state: Option<State>,
+    ) -> Result<(), StoreError> {
+        let mut records = self.records();
+        if let Some(record) = records.get_mut(target)
+            && record
+                .actor
+                .as_ref()
+                .is_some_and(|(id, nonce, _)| id == actor.request_id && nonce == actor.nonce)
+        {
+            record.actor = None;
+            if let Some(state) = resource_state
+                && record.result.is_some()
+            {
+                record.state = Some(state);
+            }
         }
         Ok(())
     }
 
+    async fn stale(
+        &self,
+        platform: &str,
+        idle: Duration,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let now = Instant::now();
+        let records = self.records();
+        let mut stale: Vec<(Instant, String)> = records
+            .iter()
+            .filter(|(_, r)| r.in_progress() && platform_of(&r.routing_key) == platform)
+            .filter_map(|(id, r)| {
+                let ended = r.lease_until.unwrap_or(now);
+                (ended + idle <= now).then(|| (ended, id.clone()))
+            })
+            .collect();
+        stale.sort();
+        Ok(stale.into_iter().take(limit).map(|(_, id)| id).collect())
+    }
+
+    async fn reap(
+        &self,
+        request_id: &str,
+        idle: Duration,
+        owner: &str,
+        nonce: &str,
+        lease: Duration,
+    ) -> Result<Option<Reaped>, StoreError> {
+        let now = Instant::now();
+        let mut records = self.records();
+        let Some(record) = records.get_mut(request_id) else {
+            return Ok(None);
+        };
+        let ended = record.lease_until.unwrap_or(now);
+        if !record.in_progress() || ended + idle > now {
+            return Ok(None);
+        }
+        record.owner = owner.to_owned();
+        record.lease_until = Some(now + lease);
+        record.fence = Fence {
+            counter: record.fence.counter + 1,
+            nonce: nonce.to_owned(),
+        };
+        record.seq += 1;
+        Ok(Some(Reaped {
+            fence: record.fence.clone(),
+            seq: record.seq,
+            routing_key: record.routing_key.clone(),
+            attempts: record.attempts,
+        }))
+    }
+
     async fn get(&self, request_id: &str) -> Result<Option<RequestRecord>, StoreError> {
         let now = Instant::now();
-        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let records = self.records();
         Ok(records.get(request_id).map(|r| RequestRecord {
-            state: r.state,
+            state: r.state.unwrap_or(State::NotStarted),
             owner: (!r.owner.is_empty()).then(|| r.owner.clone()),
-            fence: r.fence,
+            fence: r.fence.counter,
             seq: r.seq,
-            lease_remaining: (r.lease_until > now).then(|| r.lease_until - now),
+            attempts: r.attempts,
+            payload_hash: (!r.payload_hash.is_empty()).then(|| r.payload_hash.clone()),
+            lease_remaining: r.lease_live(now),
             result: r.result.clone(),
+            torn_down_by: r.tombstone.clone(),
+            actor: r.actor_live(now).map(|(id, _)| id.to_owned()),
         }))
     }
 }

@@ -5,24 +5,50 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use provisioner_core::policy::RetryPolicy;
-use provisioner_core::store::{ClaimRequest, MemoryStore, StateStore};
-use provisioner_core::{Broker, MemoryBroker, Platform, PlatformError, Worker, WorkerConfig};
+use provisioner_core::store::{
+    Actor, Claim, ClaimRequest, Fence, MemoryStore, Reaped, Renewal, RequestRecord, StateStore,
+    StoreError, TargetGrant,
+};
+use provisioner_core::{
+    Broker, Described, MemoryBroker, Platform, PlatformError, Worker, WorkerConfig,
+};
 use provisioner_events::{
-    ErrorClass, PlatformName, Request, Resource, State, StatusEvent, TeardownTarget,
+    ErrorClass, PlatformName, RejectedMessage, Request, Resource, State, StatusEvent,
+    TeardownTarget,
 };
 
-/// A platform whose provision answers come from a script; counts its calls.
+/// A platform whose provision answers come from a script; counts its calls and keeps
+/// the resources it made, so a test can see what is left.
 #[derive(Default)]
 struct Scripted {
     answers: Mutex<VecDeque<Result<(), PlatformError>>>,
     provisions: AtomicUsize,
+    teardowns: AtomicUsize,
     panic_first: AtomicBool,
+    panic_always: AtomicBool,
+    /// How long a provision takes.
+    provision_ms: std::sync::atomic::AtomicU64,
+    /// Provisions dropped before they finished (their future was cancelled).
+    abandoned: AtomicUsize,
+    existing: Mutex<std::collections::BTreeSet<String>>,
+    describe_states: Mutex<VecDeque<State>>,
+}
+
+/// Counts a provision whose future is dropped before it finishes.
+struct Unfinished<'a>(&'a AtomicUsize, bool);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 #[async_trait]
@@ -40,11 +66,21 @@ impl Platform for Scripted {
         }
     }
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
-        if self.panic_first.swap(false, Ordering::SeqCst) {
+        if self.panic_first.swap(false, Ordering::SeqCst)
+            || self.panic_always.load(Ordering::SeqCst)
+        {
             panic!("scripted panic");
         }
+        let mut unfinished = Unfinished(&self.abandoned, false);
         self.provisions.fetch_add(1, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Made at once, ready after a while: what a cancelled provision leaves behind.
+        self.existing
+            .lock()
+            .expect("lock")
+            .insert(request.request_id.to_string());
+        let ms = self.provision_ms.load(Ordering::SeqCst).max(20);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        unfinished.1 = true;
         let answer = self
             .answers
             .lock()
@@ -57,8 +93,33 @@ impl Platform for Scripted {
             ..Default::default()
         })
     }
-    async fn teardown(&self, _target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
-        Ok(None)
+    async fn teardown(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+        self.teardowns.fetch_add(1, Ordering::SeqCst);
+        let TeardownTarget::Request(id) = target else {
+            return Ok(None);
+        };
+        let removed = self.existing.lock().expect("lock").remove(id.as_str());
+        Ok(removed.then(|| Resource {
+            id: format!("id-{id}"),
+            name: id.to_string(),
+            ..Default::default()
+        }))
+    }
+    async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {
+        let state = self
+            .describe_states
+            .lock()
+            .expect("lock")
+            .pop_front()
+            .unwrap_or(State::Running);
+        Ok(Some(Described {
+            state,
+            resource: Resource {
+                id: "id".into(),
+                name: target.to_string(),
+                ..Default::default()
+            },
+        }))
     }
     async fn check(&self, request: &Request) -> Result<(), PlatformError> {
         match request.spec.as_ref().and_then(|s| s.get("would_fail")) {
@@ -71,40 +132,61 @@ impl Platform for Scripted {
     }
 }
 
+impl Scripted {
+    fn exists(&self, id: &str) -> bool {
+        self.existing.lock().expect("lock").contains(id)
+    }
+}
+
 struct Harness {
     broker: MemoryBroker,
-    store: Arc<MemoryStore>,
+    store: Arc<dyn StateStore>,
+    memory: Arc<MemoryStore>,
     platform: Arc<Scripted>,
     events: BoxStream<'static, StatusEvent>,
 }
 
+fn config(n: usize) -> WorkerConfig {
+    WorkerConfig {
+        worker_id: format!("w{n}"),
+        lease: Duration::from_millis(600),
+        retry: RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(200),
+        },
+        max_waits: 20,
+        ..WorkerConfig::default()
+    }
+}
+
 async fn harness(workers: usize) -> Harness {
+    harness_with(workers, config, |store| store).await
+}
+
+async fn harness_with(
+    workers: usize,
+    configure: impl Fn(usize) -> WorkerConfig,
+    wrap: impl Fn(Arc<dyn StateStore>) -> Arc<dyn StateStore>,
+) -> Harness {
     let broker = MemoryBroker::new();
-    let store = Arc::new(MemoryStore::new());
+    let memory = Arc::new(MemoryStore::new());
+    let store = wrap(memory.clone());
     let platform = Arc::new(Scripted::default());
     let events = broker.subscribe_status().await.expect("subscribe");
     for n in 0..workers {
-        let config = WorkerConfig {
-            worker_id: format!("w{n}"),
-            lease: Duration::from_millis(600),
-            retry: RetryPolicy {
-                max_attempts: 3,
-                base_delay: Duration::from_millis(50),
-                max_delay: Duration::from_millis(200),
-            },
-            ..WorkerConfig::default()
-        };
         let worker = Arc::new(Worker::new(
             platform.clone(),
             store.clone(),
             Arc::new(broker.clone()),
-            config,
+            configure(n),
         ));
         tokio::spawn(worker.run(std::future::pending()));
     }
     Harness {
         broker,
         store,
+        memory,
         platform,
         events,
     }
@@ -114,10 +196,33 @@ fn provision(id: &str, extra: &str) -> Vec<u8> {
     format!(r#"{{"schema_version":1,"request_id":"{id}","operation":"provision","platform":"process","spec":{{"program":"x"{extra}}}}}"#).into_bytes()
 }
 
+fn acting(operation: &str, id: &str, target: &str) -> Vec<u8> {
+    format!(r#"{{"schema_version":1,"request_id":"{id}","operation":"{operation}","platform":"process","target_request_id":"{target}"}}"#).into_bytes()
+}
+
+fn claim_request<'a>(
+    id: &'a str,
+    hash: &'a str,
+    owner: &'a str,
+    lease: Duration,
+) -> ClaimRequest<'a> {
+    ClaimRequest {
+        request_id: id,
+        payload_hash: hash,
+        owner,
+        nonce: owner,
+        lease,
+        working_state: State::Starting,
+        routing_key: "process.provision",
+    }
+}
+
 impl Harness {
     async fn publish(&self, body: &[u8]) {
+        let request = provisioner_events::decode_request(body);
+        let key = request.map_or("process.provision".into(), |r| r.routing_key());
         self.broker
-            .publish_request("process.provision", "id", body)
+            .publish_request(&key, "id", body)
             .await
             .expect("publish");
     }
@@ -140,6 +245,10 @@ impl Harness {
         .await
         .unwrap_or_else(|_| panic!("{id}: only {seen:?}"));
         seen
+    }
+
+    async fn record(&self, id: &str) -> RequestRecord {
+        self.store.get(id).await.expect("get").expect("record")
     }
 }
 
@@ -191,20 +300,27 @@ async fn duplicates_across_workers_run_once_and_answer_identically() {
 }
 
 #[tokio::test]
-async fn same_id_different_payload_is_a_conflict_and_changes_nothing() {
+async fn a_conflicting_duplicate_is_refused_as_a_message_and_changes_nothing() {
     let mut h = harness(1).await;
     h.publish(&provision("c1", "")).await;
     h.until_terminal("c1", 1).await;
-    h.publish(&provision("c1", r#","args":["other"]"#)).await;
+    let other = provision("c1", r#","args":["other"]"#);
+    h.publish(&other).await;
     let events = h.until_terminal("c1", 1).await;
-    let error = events.last().expect("event").error.clone().expect("error");
-    assert_eq!(error.class, ErrorClass::Conflict);
+    let refusal = events.last().expect("event");
+    assert_eq!(
+        refusal.error.as_ref().expect("error").class,
+        ErrorClass::Conflict
+    );
+    assert_eq!(refusal.seq, 0);
+    // It names the message it answers, so nobody takes it for the request's outcome.
+    assert_eq!(refusal.rejected_message, Some(RejectedMessage::of(&other)));
+    assert!(!refusal.ends_request());
+    assert!(refusal.answers(&other));
+    assert!(!refusal.answers(&provision("c1", "")));
     assert_eq!(h.platform.provisions.load(Ordering::SeqCst), 1);
     assert_eq!(h.broker.dead_letters().len(), 1);
-    assert_eq!(
-        h.store.get("c1").await.expect("get").expect("record").state,
-        State::Running
-    );
+    assert_eq!(h.record("c1").await.state, State::Running);
 }
 
 #[tokio::test]
@@ -214,6 +330,10 @@ async fn bad_input_is_rejected_dead_lettered_and_the_worker_goes_on() {
     h.publish(br#"{"schema_version":1,"request_id":"bad-1","platform":"process"}"#)
         .await;
     h.publish(&provision("refused", r#","refuse":true"#)).await;
+    // An id far over AMQP's 255-byte short strings is echoed cut, never refused by the broker.
+    let long_id = "x".repeat(1000);
+    h.publish(format!(r#"{{"request_id":"{long_id}"}}"#).as_bytes())
+        .await;
     let missing = h.until_terminal("bad-1", 1).await;
     assert_eq!(
         missing[0].error.as_ref().expect("error").class,
@@ -227,6 +347,7 @@ async fn bad_input_is_rejected_dead_lettered_and_the_worker_goes_on() {
             .message
             .contains("operation")
     );
+    assert!(missing[0].rejected_message.is_some());
     let refused = h.until_terminal("refused", 1).await;
     assert_eq!(
         refused[0].error.as_ref().expect("error").class,
@@ -238,7 +359,7 @@ async fn bad_input_is_rejected_dead_lettered_and_the_worker_goes_on() {
         State::Running
     );
     let dead = h.broker.dead_letters();
-    assert_eq!(dead.len(), 3, "{dead:?}");
+    assert_eq!(dead.len(), 4, "{dead:?}");
     assert!(
         dead[0].reason.contains("not valid JSON"),
         "{}",
@@ -273,9 +394,15 @@ async fn transient_failures_are_retried_then_succeed_and_permanent_ones_end_in_e
     h.publish(&provision("t2", "")).await;
     let events = h.until_terminal("t2", 1).await;
     let error = events.last().expect("event").error.clone().expect("error");
-    assert_eq!(
-        (error.class, error.message.as_str()),
-        (ErrorClass::NotFound, "no such image")
+    assert_eq!(error.class, ErrorClass::NotFound);
+    assert!(
+        error.message.starts_with("no such image"),
+        "{}",
+        error.message
+    );
+    assert!(
+        !h.platform.exists("t2"),
+        "a provision that ends in error leaves nothing behind"
     );
 }
 
@@ -298,16 +425,92 @@ async fn retries_are_bounded() {
         "{}",
         error.message
     );
+    assert!(
+        error.message.contains("what it had made was removed"),
+        "{}",
+        error.message
+    );
+    assert!(!h.platform.exists("t3"));
 }
 
 #[tokio::test]
-async fn a_panicking_platform_does_not_kill_the_worker() {
+async fn a_panic_after_the_claim_counts_as_a_failed_attempt() {
     let mut h = harness(1).await;
     h.platform.panic_first.store(true, Ordering::SeqCst);
-    // The first delivery panics after its claim; the requeued one waits out the lease.
     h.publish(&provision("panics", "")).await;
     let events = h.until_terminal("panics", 1).await;
-    assert_eq!(events.last().expect("event").state, State::Running);
+    let last = events.last().expect("event");
+    assert_eq!(last.state, State::Running);
+    assert_eq!(
+        last.attempt, 2,
+        "the panicked attempt counted, and no lease was waited out"
+    );
+}
+
+#[tokio::test]
+async fn a_request_that_always_panics_ends_in_error_and_is_dead_lettered() {
+    let mut h = harness(1).await;
+    h.platform.panic_always.store(true, Ordering::SeqCst);
+    h.publish(&provision("poison", "")).await;
+    let events = h.until_terminal("poison", 1).await;
+    let last = events.last().expect("event");
+    let error = last.error.clone().expect("error");
+    assert_eq!(
+        (last.state, error.class),
+        (State::Error, ErrorClass::Internal)
+    );
+    assert!(error.message.contains("panicked"), "{}", error.message);
+    assert_eq!(last.attempt, 3);
+    let dead = h.broker.dead_letters();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].reason.contains("panicked"), "{}", dead[0].reason);
+}
+
+#[tokio::test]
+async fn attempts_that_end_without_an_outcome_are_bounded_too() {
+    let mut h = harness(1).await;
+    let body = provision("crashy", "");
+    let hash = provisioner_events::decode_request(&body)
+        .expect("request")
+        .payload_hash();
+    // Three workers each claimed it and died (no release, no outcome).
+    for n in 0..3 {
+        let owner = format!("dead-{n}");
+        h.store
+            .claim(claim_request(
+                "crashy",
+                &hash,
+                &owner,
+                Duration::from_millis(1),
+            ))
+            .await
+            .expect("claim");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    h.platform
+        .existing
+        .lock()
+        .expect("lock")
+        .insert("crashy".into());
+    h.publish(&body).await;
+    let events = h.until_terminal("crashy", 1).await;
+    let last = events.last().expect("event");
+    let error = last.error.clone().expect("error");
+    assert_eq!(
+        (last.state, error.class),
+        (State::Error, ErrorClass::Internal)
+    );
+    assert!(
+        error.message.contains("gave up after 3 attempts"),
+        "{}",
+        error.message
+    );
+    assert!(
+        !h.platform.exists("crashy"),
+        "what the crashed attempts made is removed"
+    );
+    assert_eq!(h.platform.provisions.load(Ordering::SeqCst), 0);
+    assert_eq!(h.broker.dead_letters().len(), 1);
 }
 
 #[tokio::test]
@@ -316,58 +519,349 @@ async fn an_expired_lease_is_taken_over_and_the_old_holder_is_fenced() {
     // A worker that died after claiming: its lease runs out, then ours takes over.
     let body = provision("orphan", "");
     let request = provisioner_events::decode_request(&body).expect("request");
+    let hash = request.payload_hash();
     let claim = h
         .store
-        .claim(ClaimRequest {
-            request_id: "orphan",
-            payload_hash: &request.payload_hash(),
-            owner: "dead-worker",
-            lease: Duration::from_millis(300),
-            working_state: State::Starting,
-        })
+        .claim(claim_request(
+            "orphan",
+            &hash,
+            "dead-worker",
+            Duration::from_millis(300),
+        ))
         .await
         .expect("claim");
-    assert!(matches!(
-        claim,
-        provisioner_core::Claim::Claimed { fence: 1, .. }
-    ));
+    let Claim::Claimed { fence: dead, .. } = claim else {
+        panic!("{claim:?}");
+    };
     h.publish(&body).await;
     let events = h.until_terminal("orphan", 1).await;
-    assert_eq!(events.last().expect("event").state, State::Running);
+    let last = events.last().expect("event");
+    assert_eq!((last.state, last.attempt), (State::Running, 2));
     assert!(
-        h.store.next_seq("orphan", 1).await.is_err(),
+        h.store
+            .renew("orphan", &dead, Duration::from_secs(1))
+            .await
+            .is_err(),
         "the dead worker's token is stale"
     );
 }
 
 #[tokio::test]
-async fn a_teardown_waits_while_its_target_is_being_provisioned() {
+async fn a_duplicate_held_too_long_is_refused_as_a_message() {
+    let mut h = harness_with(
+        1,
+        |n| WorkerConfig {
+            max_waits: 2,
+            ..config(n)
+        },
+        |store| store,
+    )
+    .await;
+    let body = provision("stuck", "");
+    let hash = provisioner_events::decode_request(&body)
+        .expect("request")
+        .payload_hash();
+    // Another worker holds it and keeps renewing (a long provision).
+    let lease = Duration::from_millis(600);
+    let Claim::Claimed { fence, .. } = h
+        .store
+        .claim(claim_request("stuck", &hash, "slow-worker", lease))
+        .await
+        .expect("claim")
+    else {
+        panic!("not claimed");
+    };
+    let store = h.store.clone();
+    let renewing = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(lease / 3).await;
+            store.renew("stuck", &fence, lease).await.expect("renew");
+        }
+    });
+    h.publish(&body).await;
+    let events = h.until_terminal("stuck", 1).await;
+    let refusal = events.last().expect("event");
+    assert_eq!(
+        refusal.rejected_message,
+        Some(RejectedMessage::of(&body)),
+        "about this message, not the request the other worker holds"
+    );
+    assert!(
+        refusal
+            .error
+            .as_ref()
+            .expect("error")
+            .message
+            .contains("waited 2 times"),
+        "{refusal:?}"
+    );
+    assert_eq!(h.broker.dead_letters().len(), 1);
+    assert!(
+        h.record("stuck").await.lease_remaining.is_some(),
+        "the holder keeps it"
+    );
+    renewing.abort();
+}
+
+#[tokio::test]
+async fn a_teardown_before_its_provision_means_the_provision_never_runs() {
     let mut h = harness(1).await;
-    // Another worker holds the target's provision for a while yet.
-    h.store
-        .claim(ClaimRequest {
-            request_id: "busy",
-            payload_hash: "h",
-            owner: "other-worker",
-            lease: Duration::from_millis(800),
-            working_state: State::Starting,
-        })
-        .await
-        .expect("claim");
+    h.publish(&acting("teardown", "early-down", "early")).await;
+    let down = h.until_terminal("early-down", 1).await;
+    assert_eq!(down.last().expect("event").state, State::Stopped);
+    h.publish(&provision("early", "")).await;
+    let events = h.until_terminal("early", 1).await;
+    let last = events.last().expect("event");
+    let error = last.error.clone().expect("error");
+    assert_eq!(
+        (last.state, error.class),
+        (State::Error, ErrorClass::Conflict)
+    );
+    assert!(error.message.contains("early-down"), "{}", error.message);
+    assert_eq!(h.platform.provisions.load(Ordering::SeqCst), 0);
+    assert!(!h.platform.exists("early"));
+}
+
+#[tokio::test]
+async fn a_teardown_during_a_provision_cancels_it_and_leaves_nothing() {
+    let mut h = harness(2).await;
+    h.platform.provision_ms.store(5_000, Ordering::SeqCst);
+    h.publish(&provision("slow", "")).await;
+    // Wait until the provision is at work, then tear it down.
+    loop {
+        let event = h.events.next().await.expect("events");
+        if event.request_id == "slow" && event.state == State::Starting {
+            break;
+        }
+    }
     let started = tokio::time::Instant::now();
-    h.broker
-        .publish_request(
-            "process.teardown",
-            "busy-down",
-            br#"{"schema_version":1,"request_id":"busy-down","operation":"teardown","platform":"process","target_request_id":"busy"}"#,
-        )
-        .await
-        .expect("publish");
-    let events = h.until_terminal("busy-down", 1).await;
-    assert_eq!(events.last().expect("event").state, State::Stopped);
+    h.publish(&acting("teardown", "slow-down", "slow")).await;
+    let provision = h.until_terminal("slow", 1).await;
+    let last = provision.last().expect("event");
+    assert_eq!(
+        (last.state, last.error.as_ref().map(|e| e.class)),
+        (State::Error, Some(ErrorClass::Conflict))
+    );
+    let down = h.until_terminal("slow-down", 1).await;
+    assert_eq!(down.last().expect("event").state, State::Stopped);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "cancelled between steps, not after the provision's 5 s"
+    );
+    assert_eq!(h.platform.abandoned.load(Ordering::SeqCst), 1);
+    assert!(!h.platform.exists("slow"), "nothing left after stopped");
+}
+
+#[tokio::test]
+async fn a_stop_and_a_start_of_one_resource_never_run_at_once() {
+    let mut h = harness(2).await;
+    h.publish(&provision("vm", "")).await;
+    h.until_terminal("vm", 1).await;
+    // While a stop holds the resource, a start waits for it.
+    let stop = Actor {
+        request_id: "vm-stop",
+        nonce: "n",
+    };
+    assert_eq!(
+        h.store
+            .act_on("vm", stop, Duration::from_millis(800), false)
+            .await
+            .expect("act"),
+        TargetGrant::Granted
+    );
+    let started = tokio::time::Instant::now();
+    h.publish(&acting("describe", "vm-look", "vm")).await;
+    h.until_terminal("vm-look", 1).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "describe only reads"
+    );
+    h.publish(&acting("reboot", "vm-reboot", "vm")).await;
+    h.until_terminal("vm-reboot", 1).await;
     assert!(
         started.elapsed() >= Duration::from_millis(700),
-        "the teardown ran while its target was in progress ({:?})",
+        "the reboot ran while a stop was acting ({:?})",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn describe_waits_for_a_resource_in_transition_to_settle() {
+    let mut h = harness(1).await;
+    h.platform.describe_states.lock().expect("lock").extend([
+        State::Starting,
+        State::Starting,
+        State::Running,
+    ]);
+    h.publish(&acting("describe", "look", "thing")).await;
+    let events = h.until_terminal("look", 1).await;
+    assert_eq!(events.last().expect("event").state, State::Running);
+}
+
+#[tokio::test]
+async fn describe_of_a_resource_that_never_settles_ends_all_the_same() {
+    let mut h = harness_with(
+        1,
+        |n| WorkerConfig {
+            describe_settle: Duration::from_secs(1),
+            ..config(n)
+        },
+        |store| store,
+    )
+    .await;
+    h.platform
+        .describe_states
+        .lock()
+        .expect("lock")
+        .extend([State::Stopping; 10]);
+    h.publish(&acting("describe", "look-2", "thing")).await;
+    let events = h.until_terminal("look-2", 1).await;
+    let last = events.last().expect("event");
+    assert_eq!(last.state, State::Error);
+    assert_eq!(
+        last.error.as_ref().map(|e| e.class),
+        Some(ErrorClass::Timeout)
+    );
+}
+
+#[tokio::test]
+async fn a_message_older_than_the_retention_is_not_run_again() {
+    let mut h = harness_with(
+        1,
+        |n| WorkerConfig {
+            retention: Duration::from_secs(3600),
+            ..config(n)
+        },
+        |store| store,
+    )
+    .await;
+    let body = provision("ancient", "");
+    h.broker
+        .publish_request_at(
+            "process.provision",
+            &body,
+            SystemTime::now() - Duration::from_secs(7200),
+        )
+        .expect("publish");
+    let events = h.until_terminal("ancient", 1).await;
+    let last = events.last().expect("event");
+    assert_eq!(last.rejected_message, Some(RejectedMessage::of(&body)));
+    assert!(
+        last.error
+            .as_ref()
+            .expect("error")
+            .message
+            .contains("not run again"),
+        "{last:?}"
+    );
+    assert_eq!(h.platform.provisions.load(Ordering::SeqCst), 0);
+}
+
+/// A store whose renewals never answer in time: Redis partitioned away mid-attempt.
+struct RenewalsHang(Arc<dyn StateStore>);
+
+#[async_trait]
+impl StateStore for RenewalsHang {
+    async fn claim(&self, claim: ClaimRequest<'_>) -> Result<Claim, StoreError> {
+        self.0.claim(claim).await
+    }
+    async fn renew(&self, _: &str, _: &Fence, _: Duration) -> Result<Renewal, StoreError> {
+        std::future::pending().await
+    }
+    async fn complete(&self, id: &str, f: &Fence, e: &StatusEvent) -> Result<(), StoreError> {
+        self.0.complete(id, f, e).await
+    }
+    async fn release(&self, id: &str, f: &Fence, refund: bool) -> Result<(), StoreError> {
+        self.0.release(id, f, refund).await
+    }
+    async fn act_on(
+        &self,
+        t: &str,
+        a: Actor<'_>,
+        l: Duration,
+        tomb: bool,
+    ) -> Result<TargetGrant, StoreError> {
+        self.0.act_on(t, a, l, tomb).await
+    }
+    async fn renew_act(&self, t: &str, a: Actor<'_>, l: Duration) -> Result<(), StoreError> {
+        self.0.renew_act(t, a, l).await
+    }
+    async fn end_act(&self, t: &str, a: Actor<'_>, s: Option<State>) -> Result<(), StoreError> {
+        self.0.end_act(t, a, s).await
+    }
+    async fn stale(&self, p: &str, i: Duration, n: usize) -> Result<Vec<String>, StoreError> {
+        self.0.stale(p, i, n).await
+    }
+    async fn reap(
+        &self,
+        id: &str,
+        i: Duration,
+        o: &str,
+        n: &str,
+        l: Duration,
+    ) -> Result<Option<Reaped>, StoreError> {
+        self.0.reap(id, i, o, n, l).await
+    }
+    async fn get(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
+        self.0.get(id).await
+    }
+}
+
+#[tokio::test]
+async fn a_lease_that_cannot_be_renewed_stops_the_work_before_it_ends() {
+    let h = harness_with(1, config, |store| Arc::new(RenewalsHang(store))).await;
+    h.platform.provision_ms.store(10_000, Ordering::SeqCst);
+    h.publish(&provision("partitioned", "")).await;
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while h.platform.abandoned.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the platform call is stopped");
+    assert!(
+        started.elapsed() < Duration::from_millis(600),
+        "stopped before the 600 ms lease ended elsewhere ({:?})",
+        started.elapsed()
+    );
+    let _ = &h.memory;
+}
+
+#[tokio::test]
+async fn a_request_abandoned_long_ago_is_ended_and_what_it_made_removed() {
+    let mut h = harness_with(
+        1,
+        |n| WorkerConfig {
+            reap_after: Some(Duration::from_millis(400)),
+            ..config(n)
+        },
+        |store| store,
+    )
+    .await;
+    // Its worker died after making something, and its message is gone.
+    h.store
+        .claim(claim_request(
+            "lost-msg",
+            "h",
+            "dead",
+            Duration::from_millis(10),
+        ))
+        .await
+        .expect("claim");
+    h.platform
+        .existing
+        .lock()
+        .expect("lock")
+        .insert("lost-msg".into());
+    let events = h.until_terminal("lost-msg", 1).await;
+    let last = events.last().expect("event");
+    let error = last.error.clone().expect("error");
+    assert_eq!(
+        (last.state, error.class),
+        (State::Error, ErrorClass::Internal)
+    );
+    assert!(error.message.contains("abandoned"), "{}", error.message);
+    assert!(!h.platform.exists("lost-msg"));
+    assert_eq!(h.record("lost-msg").await.result.as_ref(), Some(last));
 }

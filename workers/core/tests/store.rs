@@ -6,53 +6,84 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use provisioner_core::redis_store::RedisStore;
-use provisioner_core::store::{Claim, ClaimRequest, MemoryStore, StateStore, StoreError};
+use provisioner_core::store::{
+    Actor, Claim, ClaimRequest, Fence, MemoryStore, Renewal, StateStore, StoreError, TargetGrant,
+};
 use provisioner_events::{SCHEMA_VERSION, State, StatusEvent};
 
-fn claim<'a>(id: &'a str, hash: &'a str, owner: &'a str, lease_ms: u64) -> ClaimRequest<'a> {
+fn claim<'a>(
+    id: &'a str,
+    hash: &'a str,
+    owner: &'a str,
+    nonce: &'a str,
+    lease_ms: u64,
+) -> ClaimRequest<'a> {
     ClaimRequest {
         request_id: id,
         payload_hash: hash,
         owner,
+        nonce,
         lease: Duration::from_millis(lease_ms),
         working_state: State::Starting,
+        routing_key: "docker.provision",
     }
 }
 
-fn terminal(id: &str, seq: u64) -> StatusEvent {
+fn terminal(id: &str, seq: u64, state: State) -> StatusEvent {
     StatusEvent {
         schema_version: SCHEMA_VERSION,
         request_id: id.into(),
         operation: Some(provisioner_events::Operation::Provision),
         platform: "docker".into(),
-        state: State::Running,
+        state,
         seq,
         attempt: 1,
         timestamp: time::OffsetDateTime::now_utc(),
         resource: None,
-        error: None,
+        error: (state == State::Error).then(|| provisioner_events::ErrorInfo {
+            class: provisioner_events::ErrorClass::Conflict,
+            message: "torn down".into(),
+        }),
         tenant: None,
+        rejected_message: None,
     }
 }
 
-async fn conformance(store: Arc<dyn StateStore>) {
-    // A new request is claimed with fence 1 and seq 0.
-    let first = store
-        .claim(claim("r1", "h", "a", 60_000))
-        .await
-        .expect("claim");
-    assert_eq!(
-        first,
+fn fence(counter: u64, nonce: &str) -> Fence {
+    Fence {
+        counter,
+        nonce: nonce.into(),
+    }
+}
+
+/// Claims, expecting a claim, and returns (fence, seq, attempt, takeover, tombstone).
+async fn claimed(
+    store: &dyn StateStore,
+    request: ClaimRequest<'_>,
+) -> (Fence, u64, u32, bool, Option<String>) {
+    match store.claim(request).await.expect("claim") {
         Claim::Claimed {
-            fence: 1,
-            seq: 0,
-            takeover: false
-        }
+            fence,
+            seq,
+            attempt,
+            takeover,
+            torn_down_by,
+        } => (fence, seq, attempt, takeover, torn_down_by),
+        other => panic!("expected a claim, got {other:?}"),
+    }
+}
+
+async fn claims_leases_and_fences(store: &dyn StateStore) {
+    // A new request: fence 1, the first attempt, seq 1 reserved for the working event.
+    let (f1, seq, attempt, takeover, _) = claimed(store, claim("r1", "h", "a", "n1", 60_000)).await;
+    assert_eq!(
+        (f1.clone(), seq, attempt, takeover),
+        (fence(1, "n1"), 1, 1, false)
     );
     // A live lease is held against everyone, the same owner included (a duplicate delivery).
     for owner in ["b", "a"] {
         match store
-            .claim(claim("r1", "h", owner, 60_000))
+            .claim(claim("r1", "h", owner, "nx", 60_000))
             .await
             .expect("claim")
         {
@@ -66,55 +97,53 @@ async fn conformance(store: Arc<dyn StateStore>) {
     // A different payload under the same id is a conflict, whatever the state.
     assert_eq!(
         store
-            .claim(claim("r1", "other", "b", 1000))
+            .claim(claim("r1", "other", "b", "ny", 1000))
             .await
             .expect("claim"),
         Claim::Conflict
     );
-    // Sequence numbers increase for the holder only.
-    assert_eq!(store.next_seq("r1", 1).await.expect("seq"), 1);
-    assert_eq!(store.next_seq("r1", 1).await.expect("seq"), 2);
-    assert!(matches!(
-        store.next_seq("r1", 7).await,
-        Err(StoreError::Fenced(7))
-    ));
-    // Release lets the next claim take over at once with a new token; the old one is fenced off.
-    store.release("r1", 1).await.expect("release");
+    // Renewal is for the holder only: the counter alone is not enough, the nonce must match.
     assert_eq!(
         store
-            .claim(claim("r1", "h", "b", 60_000))
+            .renew("r1", &f1, Duration::from_secs(60))
             .await
-            .expect("claim"),
-        Claim::Claimed {
-            fence: 2,
-            seq: 2,
-            takeover: true
-        }
+            .expect("renew"),
+        Renewal::Renewed
     );
     assert!(matches!(
-        store.renew("r1", 1, Duration::from_secs(5)).await,
-        Err(StoreError::Fenced(1))
+        store
+            .renew("r1", &fence(1, "someone-else"), Duration::from_secs(5))
+            .await,
+        Err(StoreError::Fenced(_))
     ));
-    assert!(matches!(
-        store.complete("r1", 1, &terminal("r1", 9)).await,
-        Err(StoreError::Fenced(1))
-    ));
-    store
-        .renew("r1", 2, Duration::from_secs(60))
-        .await
-        .expect("renew");
+    // Release lets the next claim take over at once; the attempt and seq go on.
+    store.release("r1", &f1, false).await.expect("release");
+    let (f2, seq, attempt, takeover, _) = claimed(store, claim("r1", "h", "b", "n2", 60_000)).await;
     assert_eq!(
-        store.next_seq("r1", 2).await.expect("seq"),
-        3,
-        "seq continues across holders"
+        (f2.clone(), seq, attempt, takeover),
+        (fence(2, "n2"), 2, 2, true)
     );
-    // Completion is stored and answered to every later claim.
-    let done = terminal("r1", 3);
-    store.complete("r1", 2, &done).await.expect("complete");
+    assert!(matches!(
+        store.renew("r1", &f1, Duration::from_secs(5)).await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert!(matches!(
+        store
+            .complete("r1", &f1, &terminal("r1", 9, State::Running))
+            .await,
+        Err(StoreError::Fenced(_))
+    ));
+    // A refunded claim does not count: the next one is the same attempt again.
+    store.release("r1", &f2, true).await.expect("release");
+    let (f3, _, attempt, _, _) = claimed(store, claim("r1", "h", "b", "n3", 60_000)).await;
+    assert_eq!(attempt, 2, "a refunded claim is not an attempt");
+    // Completion is stored, with its seq, and answered to every later claim.
+    let done = terminal("r1", 5, State::Running);
+    store.complete("r1", &f3, &done).await.expect("complete");
     for owner in ["c", "b"] {
         assert_eq!(
             store
-                .claim(claim("r1", "h", owner, 1000))
+                .claim(claim("r1", "h", owner, "n4", 1000))
                 .await
                 .expect("claim"),
             Claim::Done(Box::new(done.clone()))
@@ -122,64 +151,209 @@ async fn conformance(store: Arc<dyn StateStore>) {
     }
     assert_eq!(
         store
-            .claim(claim("r1", "x", "c", 1000))
+            .claim(claim("r1", "x", "c", "n5", 1000))
             .await
             .expect("claim"),
         Claim::Conflict
     );
     let record = store.get("r1").await.expect("get").expect("record");
     assert_eq!(record.state, State::Running);
-    assert_eq!((record.fence, record.seq), (2, 3));
+    assert_eq!((record.fence, record.seq, record.attempts), (3, 5, 2));
     assert_eq!(record.result, Some(done.clone()));
     assert_eq!(record.owner, None);
-    // A teardown marks it stopped; the stored answer stays what the request got.
-    let mut stopped = terminal("r1-down", 2);
-    stopped.state = State::Stopped;
-    store
-        .mark_resource_state("r1", stopped.state)
-        .await
-        .expect("mark");
-    assert_eq!(
-        store.get("r1").await.expect("get").expect("record").state,
-        State::Stopped
-    );
-    store
-        .mark_resource_state("never-made", stopped.state)
-        .await
-        .expect("mark of unknown is harmless");
-    assert_eq!(store.get("never-made").await.expect("get"), None);
 
-    // An expired lease (the holder died) is taken over with a new fencing token.
-    assert_eq!(
-        store
-            .claim(claim("r2", "h", "a", 150))
-            .await
-            .expect("claim"),
-        Claim::Claimed {
-            fence: 1,
-            seq: 0,
-            takeover: false
-        }
-    );
+    // An expired lease (the holder died) is taken over with a new fence.
+    let (old, ..) = claimed(store, claim("r2", "h", "a", "old", 150)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        store
-            .claim(claim("r2", "h", "b", 60_000))
-            .await
-            .expect("claim"),
-        Claim::Claimed {
-            fence: 2,
-            seq: 0,
-            takeover: true
-        }
-    );
+    let (new, seq, attempt, takeover, _) =
+        claimed(store, claim("r2", "h", "b", "new", 60_000)).await;
+    assert_eq!((new.counter, seq, attempt, takeover), (2, 2, 2, true));
     assert!(matches!(
-        store.next_seq("r2", 1).await,
-        Err(StoreError::Fenced(1))
+        store.renew("r2", &old, Duration::from_secs(5)).await,
+        Err(StoreError::Fenced(_))
     ));
     let record = store.get("r2").await.expect("get").expect("record");
     assert_eq!(record.owner.as_deref(), Some("b"));
     assert!(record.lease_remaining.is_some());
+}
+
+async fn a_teardown_tombstones_its_target_whatever_the_interleaving(store: &dyn StateStore) {
+    let lease = Duration::from_secs(60);
+    let teardown = Actor {
+        request_id: "t-down",
+        nonce: "tn",
+    };
+    // The target never arrived yet: the tombstone makes its record; its provision, when
+    // it comes, is told it was torn down (and holds the claim only to end it).
+    assert_eq!(
+        store
+            .act_on("t0", teardown, lease, true)
+            .await
+            .expect("act"),
+        TargetGrant::Granted
+    );
+    let (f, _, _, _, tombstone) = claimed(store, claim("t0", "h", "a", "p0", 60_000)).await;
+    assert_eq!(tombstone.as_deref(), Some("t-down"));
+    assert!(
+        matches!(
+            store.complete("t0", &f, &terminal("t0", 2, State::Running)).await,
+            Err(StoreError::TornDown(by)) if by == "t-down"
+        ),
+        "a tombstoned provision may not end running"
+    );
+    store
+        .complete("t0", &f, &terminal("t0", 2, State::Error))
+        .await
+        .expect("it may end in error");
+    store
+        .end_act("t0", teardown, Some(State::Stopped))
+        .await
+        .expect("end");
+
+    // The target is being provisioned: the teardown waits, but its tombstone is in place
+    // at once, so the provision hears at its next renewal that it must stop.
+    let (f, ..) = claimed(store, claim("t1", "h", "a", "p1", 60_000)).await;
+    let actor = Actor {
+        request_id: "t1-down",
+        nonce: "tn1",
+    };
+    match store.act_on("t1", actor, lease, true).await.expect("act") {
+        TargetGrant::Busy { remaining, by } => {
+            assert!(remaining > Duration::from_secs(50));
+            assert_eq!(by, "a");
+        }
+        other => panic!("expected busy, got {other:?}"),
+    }
+    assert_eq!(
+        store.renew("t1", &f, lease).await.expect("renew"),
+        Renewal::Cancelled {
+            by: "t1-down".into()
+        }
+    );
+    store
+        .complete("t1", &f, &terminal("t1", 2, State::Error))
+        .await
+        .expect("complete");
+    assert_eq!(
+        store.act_on("t1", actor, lease, true).await.expect("act"),
+        TargetGrant::Granted
+    );
+    let record = store.get("t1").await.expect("get").expect("record");
+    assert_eq!(record.torn_down_by.as_deref(), Some("t1-down"));
+    assert_eq!(record.actor.as_deref(), Some("t1-down"));
+
+    // Between retries (lease released) the provision is not held: the teardown goes
+    // ahead, and the provision's next claim finds the tombstone.
+    let (f, ..) = claimed(store, claim("t2", "h", "a", "p2", 60_000)).await;
+    store.release("t2", &f, false).await.expect("release");
+    let actor2 = Actor {
+        request_id: "t2-down",
+        nonce: "tn2",
+    };
+    assert_eq!(
+        store.act_on("t2", actor2, lease, true).await.expect("act"),
+        TargetGrant::Granted
+    );
+    let (_, _, _, _, tombstone) = claimed(store, claim("t2", "h", "b", "p3", 60_000)).await;
+    assert_eq!(tombstone.as_deref(), Some("t2-down"));
+
+    // Two requests acting on one finished resource take turns (a stop and a start).
+    let (f, ..) = claimed(store, claim("t3", "h", "a", "p4", 60_000)).await;
+    store
+        .complete("t3", &f, &terminal("t3", 2, State::Running))
+        .await
+        .expect("complete");
+    let stop = Actor {
+        request_id: "t3-stop",
+        nonce: "s",
+    };
+    let start = Actor {
+        request_id: "t3-start",
+        nonce: "g",
+    };
+    assert_eq!(
+        store.act_on("t3", stop, lease, false).await.expect("act"),
+        TargetGrant::Granted
+    );
+    assert!(matches!(
+        store.act_on("t3", start, lease, false).await.expect("act"),
+        TargetGrant::Busy { by, .. } if by == "t3-stop"
+    ));
+    store.renew_act("t3", stop, lease).await.expect("renew act");
+    assert!(store.renew_act("t3", start, lease).await.is_err());
+    store
+        .end_act("t3", stop, Some(State::Stopped))
+        .await
+        .expect("end");
+    assert_eq!(
+        store.get("t3").await.expect("get").expect("record").state,
+        State::Stopped
+    );
+    assert_eq!(
+        store.act_on("t3", start, lease, false).await.expect("act"),
+        TargetGrant::Granted
+    );
+    // A provision of a target being stopped waits for the stop (a duplicate of a finished
+    // one is answered at once).
+    assert!(matches!(
+        store
+            .claim(claim("t3", "h", "c", "p5", 1000))
+            .await
+            .expect("claim"),
+        Claim::Done(_)
+    ));
+}
+
+async fn abandoned_records_are_found_and_taken_over_once(store: &dyn StateStore) {
+    claimed(store, claim("s1", "h", "dead", "d1", 100)).await;
+    let mut other = claim("s2", "h", "dead", "d2", 100);
+    other.routing_key = "aws-ec2.provision";
+    claimed(store, other).await;
+    let (live, ..) = claimed(store, claim("s3", "h", "alive", "d3", 60_000)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let idle = Duration::from_millis(200);
+    assert_eq!(
+        store.stale("docker", idle, 10).await.expect("stale"),
+        vec!["s1".to_owned()],
+        "only this platform's records whose lease ended long enough ago"
+    );
+    let reaped = store
+        .reap("s1", idle, "reaper", "r1", Duration::from_secs(60))
+        .await
+        .expect("reap")
+        .expect("stale");
+    assert_eq!(reaped.routing_key, "docker.provision");
+    assert_eq!(reaped.attempts, 1);
+    assert!(
+        store
+            .reap("s1", idle, "reaper-2", "r2", Duration::from_secs(60))
+            .await
+            .expect("reap")
+            .is_none(),
+        "a record is reaped once"
+    );
+    let mut end = terminal("s1", reaped.seq, State::Error);
+    end.seq = reaped.seq;
+    store
+        .complete("s1", &reaped.fence, &end)
+        .await
+        .expect("complete");
+    assert!(
+        store
+            .stale("docker", idle, 10)
+            .await
+            .expect("stale")
+            .is_empty()
+    );
+    assert!(
+        store
+            .reap("s3", idle, "reaper", "r3", Duration::from_secs(60))
+            .await
+            .expect("reap")
+            .is_none(),
+        "a live lease is not reaped"
+    );
+    store.release("s3", &live, false).await.expect("release");
 }
 
 async fn racing_claims(store: Arc<dyn StateStore>, id: &str) {
@@ -189,7 +363,7 @@ async fn racing_claims(store: Arc<dyn StateStore>, id: &str) {
         let id = id.to_owned();
         tasks.push(tokio::spawn(async move {
             store
-                .claim(claim(&id, "h", &format!("w{n}"), 60_000))
+                .claim(claim(&id, "h", &format!("w{n}"), &format!("n{n}"), 60_000))
                 .await
                 .expect("claim")
         }));
@@ -203,28 +377,96 @@ async fn racing_claims(store: Arc<dyn StateStore>, id: &str) {
     assert_eq!(claimed, 1, "exactly one of 16 racing claims wins");
 }
 
-#[tokio::test]
-async fn memory_store_conforms() {
-    let store: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
-    conformance(store.clone()).await;
+async fn conformance(store: Arc<dyn StateStore>) {
+    claims_leases_and_fences(store.as_ref()).await;
+    a_teardown_tombstones_its_target_whatever_the_interleaving(store.as_ref()).await;
+    abandoned_records_are_found_and_taken_over_once(store.as_ref()).await;
     racing_claims(store, "race").await;
 }
 
-async fn redis_store() -> Arc<dyn StateStore> {
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
+#[tokio::test]
+async fn memory_store_conforms() {
+    conformance(Arc::new(MemoryStore::new())).await;
+}
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn redis_store(prefix: &str) -> Arc<dyn StateStore> {
     Arc::new(
-        RedisStore::connect(&url, &prefix, Duration::from_secs(600))
+        RedisStore::connect(&redis_url(), prefix, Duration::from_secs(600))
             .await
             .expect("Redis must be running (the README's test command starts it)"),
     )
 }
 
+fn new_prefix() -> String {
+    format!("test-{}:", uuid::Uuid::new_v4().simple())
+}
+
 #[tokio::test]
 async fn redis_store_conforms_on_redis() {
-    let store = redis_store().await;
-    conformance(store.clone()).await;
-    racing_claims(store, "race").await;
+    conformance(redis_store(&new_prefix()).await).await;
+}
+
+#[tokio::test]
+async fn a_lost_record_never_lets_the_old_holder_write_on_redis() {
+    // The key is lost (a Redis without persistence restarted, an eviction): the next claim
+    // starts again at fence 1, but the old holder's nonce is not the new one.
+    let prefix = new_prefix();
+    let store = redis_store(&prefix).await;
+    let (zombie, ..) = claimed(store.as_ref(), claim("lost", "h", "zombie", "z", 60_000)).await;
+    let mut redis = redis::Client::open(redis_url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}req:lost"))
+        .query_async(&mut redis)
+        .await
+        .expect("del");
+    let (fresh, ..) = claimed(store.as_ref(), claim("lost", "h", "new", "fresh", 60_000)).await;
+    assert_eq!(
+        fresh.counter, zombie.counter,
+        "the counter alone would not tell them apart"
+    );
+    assert!(matches!(
+        store.renew("lost", &zombie, Duration::from_secs(5)).await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert!(matches!(
+        store
+            .complete("lost", &zombie, &terminal("lost", 2, State::Running))
+            .await,
+        Err(StoreError::Fenced(_))
+    ));
+    store
+        .complete("lost", &fresh, &terminal("lost", 2, State::Running))
+        .await
+        .expect("the new holder writes");
+}
+
+#[tokio::test]
+async fn finished_records_expire_after_the_retention_and_running_ones_never_on_redis() {
+    let prefix = new_prefix();
+    let store = RedisStore::connect(&redis_url(), &prefix, Duration::from_millis(300))
+        .await
+        .expect("redis");
+    let (f, ..) = claimed(&store, claim("kept", "h", "a", "k", 200)).await;
+    let (done, ..) = claimed(&store, claim("gone", "h", "a", "g", 60_000)).await;
+    store
+        .complete("gone", &done, &terminal("gone", 2, State::Running))
+        .await
+        .expect("complete");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(store.get("gone").await.expect("get").is_none());
+    assert!(
+        store.get("kept").await.expect("get").is_some(),
+        "in progress, even with its lease long over"
+    );
+    let _ = f;
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@
 //! | `provisioning.status.journal` | queue on `#` | keeps the latest events (bounded) so a status publish always has a route |
 //! | `provisioning.<platform>` | quorum queue on `<platform>.*` | the work queue, with a delivery limit and a dead-letter exchange |
 //! | `provisioning.dead-letter` | topic exchange | dead letters, into `provisioning.<platform>.dead-letter` |
-//! | `provisioning.<platform>.retry.<N>s` | queue, TTL N s | delayed retries: expired messages dead-letter back into the work queue |
+//! | `provisioning.<platform>.delay.<N>s` | quorum queue, TTL N s | delayed retries: expired messages dead-letter back into the work queue, at least once |
 //! | `provisioning.unrouted` | fanout exchange + queue | requests no queue was bound for |
 //!
 //! Delayed retries use fixed-TTL tier queues (1 s, 2 s, … 512 s) rather than per-message
@@ -18,11 +18,21 @@
 //! random in proportion to its distance from each, which keeps the mean delay and the
 //! spread of the jitter.
 //!
-//! Every publish uses publisher confirms and `mandatory`; a nack or a return is an error.
+//! Delay queues are quorum queues with at-least-once dead-lettering (and `reject-publish`
+//! overflow, which that needs), so a parked retry is as durable as the request: it
+//! survives a node's loss and cannot vanish between the delay queue and the work queue.
+//! The work queue dead-letters the same way when a message passes its delivery limit.
+//!
+//! Every publish uses publisher confirms and `mandatory`; a nack or a return is an error,
+//! and a confirm that does not come within `publish_timeout` is too (a broker under a
+//! memory or disk alarm blocks publishers instead of refusing them). While the broker
+//! blocks the connection, [`Broker::blocked`] says so and nothing is published.
+//! Each delivery keeps its channel open until it is settled, so cancelling the consumer
+//! (shutdown, reconnect) never hands back work that is still being done.
 //! The connection is made lazily and made again after it drops.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures_util::stream::{BoxStream, StreamExt};
@@ -40,6 +50,10 @@ use provisioner_events::{
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
+mod redrive;
+
+pub use redrive::DeadLetterInfo;
+
 use crate::broker::{
     Broker, BrokerError, Delivery, DeliveryParts, DeliveryStream, Settle, Settlement,
 };
@@ -52,6 +66,8 @@ pub const STATUS_JOURNAL_QUEUE: &str = "provisioning.status.journal";
 pub const ATTEMPT_HEADER: &str = "x-provisioner-attempt";
 /// Header keeping a retried message's original routing key (a retry travels by queue name).
 pub const ROUTING_KEY_HEADER: &str = "x-provisioner-routing-key";
+/// Header counting the times a message was parked without an attempt.
+pub const WAITS_HEADER: &str = "x-provisioner-waits";
 /// Headers of a dead letter: why it was refused, and the error class.
 pub const REASON_HEADER: &str = "x-provisioner-reason";
 pub const CLASS_HEADER: &str = "x-provisioner-error-class";
@@ -74,7 +90,7 @@ pub fn dead_letter_queue(platform: PlatformName) -> String {
 }
 
 pub fn retry_queue(platform: PlatformName, tier_s: u64) -> String {
-    format!("provisioning.{platform}.retry.{tier_s}s")
+    format!("provisioning.{platform}.delay.{tier_s}s")
 }
 
 /// Picks the retry tier for `delay`: one of the two tiers around it, the upper one with a
@@ -115,6 +131,8 @@ pub struct AmqpConfig {
     pub journal_max_length: i64,
     /// How long connecting (handshake and topology included) may take.
     pub connect_timeout: Duration,
+    /// How long a publish may wait for the broker's confirm.
+    pub publish_timeout: Duration,
 }
 
 impl AmqpConfig {
@@ -125,6 +143,7 @@ impl AmqpConfig {
             delivery_limit: 10,
             journal_max_length: 10_000,
             connect_timeout: Duration::from_secs(10),
+            publish_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -297,22 +316,43 @@ impl AmqpBroker {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), BrokerError> {
-        let channel = self.publisher().await?;
-        let confirm = channel
-            .basic_publish(
-                short(exchange)?,
-                short(routing_key)?,
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                body,
-                properties,
-            )
-            .await
-            .map_err(unavailable)?
-            .await
-            .map_err(unavailable)?;
+        let (connection, channel) = self.connection().await?;
+        if connection.status().blocked() {
+            return Err(BrokerError::Unavailable(BLOCKED.into()));
+        }
+        let timeout = self.inner.config.publish_timeout;
+        let confirmed = tokio::time::timeout(timeout, async {
+            channel
+                .basic_publish(
+                    short(exchange)?,
+                    short(routing_key)?,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await
+                .map_err(unavailable)?
+                .await
+                .map_err(unavailable)
+        })
+        .await;
+        let confirm = match confirmed {
+            Ok(confirm) => confirm?,
+            Err(_) => {
+                return Err(BrokerError::Unavailable(format!(
+                    "no publisher confirm within {} s{}",
+                    timeout.as_secs(),
+                    if connection.status().blocked() {
+                        format!(" ({BLOCKED})")
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
+        };
         match confirm {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(BrokerError::NotConfirmed(format!(
@@ -328,28 +368,33 @@ impl AmqpBroker {
         }
     }
 
-    /// Parks a message in the platform's retry tier nearest `delay`; it comes back to the
-    /// work queue as attempt `attempt` when the tier's TTL runs out. The daemon settles a
-    /// `Retry` with this; the Lambda form calls it for its queue events.
+    /// Parks a message in the platform's delay queue nearest `delay`; it comes back to
+    /// the work queue when the queue's TTL runs out, with its attempt, its count of waits
+    /// and the time it was first published. The daemon settles a `Retry` with this; the
+    /// Lambda form calls it for its queue events.
     pub async fn schedule_retry(
         &self,
         platform: PlatformName,
-        routing_key: &str,
-        body: &[u8],
-        message_id: &str,
+        letter: Letter<'_>,
         delay: Duration,
-        attempt: u32,
+        waits: u32,
     ) -> Result<(), BrokerError> {
         let tier = retry_tier(delay, rand::random::<f64>());
         let mut headers = FieldTable::default();
         headers
-            .insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(attempt as i32))
-            .insert(ROUTING_KEY_HEADER.into(), long_string(routing_key));
+            .insert(
+                ATTEMPT_HEADER.into(),
+                AMQPValue::LongInt(clamp_i32(letter.attempt)),
+            )
+            .insert(WAITS_HEADER.into(), AMQPValue::LongInt(clamp_i32(waits)))
+            .insert(ROUTING_KEY_HEADER.into(), long_string(letter.routing_key));
         self.publish(
             "",
             &retry_queue(platform, tier),
-            body,
-            persistent(message_id, headers),
+            letter.body,
+            persistent(letter.message_id, headers).with_timestamp(epoch_seconds(
+                letter.published_at.unwrap_or_else(SystemTime::now),
+            )),
         )
         .await
     }
@@ -359,25 +404,31 @@ impl AmqpBroker {
     /// both reach the platform's dead-letter queue.
     pub async fn dead_letter(
         &self,
-        routing_key: &str,
-        body: &[u8],
-        message_id: &str,
+        letter: Letter<'_>,
         class: ErrorClass,
         reason: &str,
-        attempt: u32,
     ) -> Result<(), BrokerError> {
+        let Letter {
+            routing_key,
+            body,
+            message_id,
+            attempt,
+            published_at,
+        } = letter;
         let mut headers = FieldTable::default();
         headers
             .insert(REASON_HEADER.into(), long_string(reason))
             .insert(CLASS_HEADER.into(), long_string(class.as_str()))
-            .insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(attempt as i32));
-        self.publish(
-            DEAD_LETTER_EXCHANGE,
-            routing_key,
-            body,
-            persistent(message_id, headers),
-        )
-        .await
+            .insert(
+                ATTEMPT_HEADER.into(),
+                AMQPValue::LongInt(clamp_i32(attempt)),
+            );
+        let mut properties = persistent(message_id, headers);
+        if let Some(published_at) = published_at {
+            properties = properties.with_timestamp(epoch_seconds(published_at));
+        }
+        self.publish(DEAD_LETTER_EXCHANGE, routing_key, body, properties)
+            .await
     }
 
     /// Messages waiting in a queue, for tests and operators. Declares nothing.
@@ -495,17 +546,69 @@ fn quorum_args(delivery_limit: Option<i32>, dead_letter_exchange: Option<&str>) 
     }
     if let Some(exchange) = dead_letter_exchange {
         args.insert("x-dead-letter-exchange".into(), long_string(exchange));
+        at_least_once(&mut args);
     }
     args
 }
 
+/// Dead-letters at least once: the message leaves the queue only when the target queue
+/// confirmed it. RabbitMQ honours it only with `reject-publish` overflow.
+fn at_least_once(args: &mut FieldTable) {
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        long_string("at-least-once"),
+    )
+    .insert("x-overflow".into(), long_string("reject-publish"));
+}
+
+/// Declares the work queue; one declared by an older version with other arguments is
+/// used as it is, with a warning saying what it lacks.
+async fn declare_work_queue(
+    connection: &Connection,
+    config: &AmqpConfig,
+    work: &str,
+) -> Result<Channel, BrokerError> {
+    let channel = connection.create_channel().await.map_err(unavailable)?;
+    let declared = channel
+        .queue_declare(
+            short(work)?,
+            QueueDeclareOptions::durable(),
+            quorum_args(Some(config.delivery_limit), Some(DEAD_LETTER_EXCHANGE)),
+        )
+        .await;
+    match declared {
+        Ok(_) => Ok(channel),
+        Err(e) if e.is_amqp_soft_error() => {
+            // The refusal closed that channel; the queue exists with other arguments.
+            let channel = connection.create_channel().await.map_err(unavailable)?;
+            channel
+                .queue_declare(
+                    short(work)?,
+                    QueueDeclareOptions::default().passive(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|_| BrokerError::Refused(e.to_string()))?;
+            warn!(
+                queue = %work,
+                error = %e,
+                "the work queue was declared with other arguments (an older version?); using it as it is. It may lack at-least-once dead-lettering: set a policy with dead-letter-strategy=at-least-once and overflow=reject-publish, or recreate it when it is empty"
+            );
+            Ok(channel)
+        }
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
 async fn declare_platform(
-    channel: &Channel,
+    connection: &Connection,
     config: &AmqpConfig,
     platform: PlatformName,
 ) -> Result<(), BrokerError> {
     let work = work_queue(platform);
     let dead = dead_letter_queue(platform);
+    let channel = declare_work_queue(connection, config, &work).await?;
+    let channel = &channel;
     let bind = |queue: String, exchange: &'static str, key: String| async move {
         channel
             .queue_bind(
@@ -518,14 +621,6 @@ async fn declare_platform(
             .await
             .map_err(unavailable)
     };
-    channel
-        .queue_declare(
-            short(&work)?,
-            QueueDeclareOptions::durable(),
-            quorum_args(Some(config.delivery_limit), Some(DEAD_LETTER_EXCHANGE)),
-        )
-        .await
-        .map_err(unavailable)?;
     bind(work.clone(), REQUESTS_EXCHANGE, format!("{platform}.*")).await?;
     channel
         .queue_declare(
@@ -539,13 +634,14 @@ async fn declare_platform(
     // Messages that came back from a retry queue carry the work queue's name as their key.
     bind(dead, DEAD_LETTER_EXCHANGE, work.clone()).await?;
     for tier in RETRY_TIERS_S {
-        let mut args = FieldTable::default();
+        let mut args = quorum_args(None, None);
         args.insert(
             "x-message-ttl".into(),
             AMQPValue::LongLongInt((tier * 1000) as i64),
         )
         .insert("x-dead-letter-exchange".into(), long_string(""))
         .insert("x-dead-letter-routing-key".into(), long_string(&work));
+        at_least_once(&mut args);
         channel
             .queue_declare(
                 short(&retry_queue(platform, tier))?,
@@ -556,6 +652,42 @@ async fn declare_platform(
             .map_err(unavailable)?;
     }
     Ok(())
+}
+
+/// A message on its way to a delay queue or the dead letters, with what travels along.
+#[derive(Debug, Clone, Copy)]
+pub struct Letter<'a> {
+    /// The request's routing key, or the work queue's name.
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
+    pub message_id: &'a str,
+    /// The attempt it is at (the next one, for a retry).
+    pub attempt: u32,
+    /// When its producer published it.
+    pub published_at: Option<SystemTime>,
+}
+
+impl<'a> Letter<'a> {
+    /// The letter of a settled delivery.
+    pub fn of(delivery: &'a DeliveryParts, message_id: &'a str) -> Self {
+        Letter {
+            routing_key: &delivery.routing_key,
+            body: &delivery.body,
+            message_id,
+            attempt: delivery.attempt,
+            published_at: delivery.published_at,
+        }
+    }
+}
+
+const BLOCKED: &str = "RabbitMQ blocks publishing on this connection (a memory or disk alarm); work resumes when the alarm clears";
+
+fn clamp_i32(value: u32) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+fn epoch_seconds(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn persistent(message_id: &str, headers: FieldTable) -> BasicProperties {
@@ -569,6 +701,9 @@ fn persistent(message_id: &str, headers: FieldTable) -> BasicProperties {
 struct AmqpSettle {
     broker: AmqpBroker,
     acker: lapin::Acker,
+    /// Keeps the delivery's channel open until it is settled: closing it would hand the
+    /// delivery back to the broker while it is still being worked on.
+    _channel: Channel,
     platform: PlatformName,
     message_id: String,
 }
@@ -601,17 +736,18 @@ impl Settle for AmqpSettle {
                 self.nack(true).await;
                 return Ok(());
             }
-            Settlement::Retry { delay, attempt } => {
+            Settlement::Retry {
+                delay,
+                attempt,
+                waits,
+            } => {
+                let letter = Letter {
+                    attempt,
+                    ..Letter::of(&delivery, &self.message_id)
+                };
                 let published = self
                     .broker
-                    .schedule_retry(
-                        self.platform,
-                        &delivery.routing_key,
-                        &delivery.body,
-                        &self.message_id,
-                        delay,
-                        attempt,
-                    )
+                    .schedule_retry(self.platform, letter, delay, waits)
                     .await;
                 if let Err(e) = published {
                     self.nack(true).await;
@@ -621,14 +757,7 @@ impl Settle for AmqpSettle {
             Settlement::DeadLetter { class, reason } => {
                 let published = self
                     .broker
-                    .dead_letter(
-                        &delivery.routing_key,
-                        &delivery.body,
-                        &self.message_id,
-                        class,
-                        &reason,
-                        delivery.attempt,
-                    )
+                    .dead_letter(Letter::of(&delivery, &self.message_id), class, &reason)
                     .await;
                 if let Err(e) = published {
                     // The queue's own dead-lettering keeps it, without our reason.
@@ -650,11 +779,9 @@ impl Broker for AmqpBroker {
     async fn declare(&self, platform: PlatformName) -> Result<(), BrokerError> {
         let result = async {
             let (connection, _) = self.connection().await?;
-            // A refused declaration closes its channel: keep it off the publisher's.
-            let channel = connection.create_channel().await.map_err(unavailable)?;
-            declare_platform(&channel, &self.inner.config, platform).await?;
-            let _ = channel.close(200, "OK".into()).await;
-            Ok(())
+            // A refused declaration closes its channel: declare on channels of its own,
+            // never on the publisher's.
+            declare_platform(&connection, &self.inner.config, platform).await
         }
         .await;
         self.forget_if_unavailable(result).await
@@ -684,7 +811,6 @@ impl Broker for AmqpBroker {
             let broker = self.clone();
             // The channel lives as long as the stream: the closure owns a handle to it.
             let deliveries = consumer.map(move |item| {
-                let _keep_open = &channel;
                 let delivery = item.map_err(unavailable)?;
                 let properties = &delivery.properties;
                 let attempt = header_u32(properties, ATTEMPT_HEADER).unwrap_or(1);
@@ -695,9 +821,14 @@ impl Broker for AmqpBroker {
                     .as_ref()
                     .map(|id| id.as_str().to_owned())
                     .unwrap_or_default();
+                let waits = header_u32(properties, WAITS_HEADER).unwrap_or(0);
+                let published_at = properties
+                    .timestamp()
+                    .map(|seconds| UNIX_EPOCH + Duration::from_secs(seconds));
                 let settle = AmqpSettle {
                     broker: broker.clone(),
                     acker: delivery.acker.clone(),
+                    _channel: channel.clone(),
                     platform,
                     message_id,
                 };
@@ -707,7 +838,9 @@ impl Broker for AmqpBroker {
                     attempt,
                     delivery.redelivered,
                     Box::new(settle),
-                ))
+                )
+                .with_waits(waits)
+                .with_published_at(published_at))
             });
             Ok(deliveries.boxed())
         }
@@ -733,13 +866,21 @@ impl Broker for AmqpBroker {
         request_id: &str,
         body: &[u8],
     ) -> Result<(), BrokerError> {
+        // The timestamp lets a worker refuse a message older than the records it keeps.
         self.publish(
             REQUESTS_EXCHANGE,
             routing_key,
             body,
-            persistent(request_id, FieldTable::default()),
+            persistent(request_id, FieldTable::default())
+                .with_timestamp(epoch_seconds(SystemTime::now())),
         )
         .await
+    }
+
+    fn blocked(&self) -> Option<String> {
+        let session = self.inner.session.try_lock().ok()?;
+        let connection = &session.as_ref()?.connection;
+        connection.status().blocked().then(|| BLOCKED.to_owned())
     }
 
     async fn subscribe_status(&self) -> Result<BoxStream<'static, StatusEvent>, BrokerError> {

@@ -1,0 +1,594 @@
+//! The consume loop and the life of one delivery.
+//!
+//! Per delivery: decode and validate → claim in the store → publish `starting` (or
+//! `stopping`) → call the platform, renewing the lease meanwhile → record the terminal
+//! event in the store (fenced) → publish it → settle. Bad input is rejected (an `error`
+//! event naming the refused message, and a dead letter) before anything is claimed; a
+//! failure is retried later or ends the request as [`policy::decide`] says.
+//!
+//! Every way a request can go round without ending is bounded by the worker itself, not
+//! by the broker's delivery count: attempts (every claim, whatever ended the one before —
+//! a failure, a crash, a panic, a lost lease) by `retry.max_attempts`, and parks without
+//! an attempt (held by another worker, target busy, store or broker away) by
+//! `max_waits`.
+//!
+//! The pieces: this file (configuration, the loop, rejections), [`attempt`] (one claimed
+//! attempt from claim to settlement), [`lease`] (the heartbeat that keeps the lease and
+//! stops the work when it cannot), [`reaper`] (ending records abandoned long ago).
+
+mod attempt;
+mod lease;
+mod reaper;
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::{FutureExt, StreamExt};
+use provisioner_events::{
+    ErrorClass, ErrorInfo, Operation, RejectedMessage, Request, Resource, SCHEMA_VERSION, State,
+    StatusEvent, decode_request,
+};
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::broker::{Broker, BrokerError, Delivery, Settlement};
+use crate::platform::{Platform, PlatformError};
+use crate::policy::RetryPolicy;
+use crate::store::{StateStore, StoreError};
+
+/// How a worker behaves; read once at start.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Names this worker in leases and logs; unique per process.
+    pub worker_id: String,
+    /// Deliveries in flight at once (the broker's prefetch).
+    pub prefetch: u16,
+    /// How long a claim lasts without renewal; a crashed worker's requests are taken over
+    /// after this. Renewed every third of it while the platform works; when it cannot be
+    /// renewed before it ends, the work stops.
+    pub lease: Duration,
+    /// Attempts (claims) per request, and the backoff between them.
+    pub retry: RetryPolicy,
+    /// Times a message may be parked without an attempt (held, target busy, store or
+    /// broker away) before it is refused.
+    pub max_waits: u32,
+    /// How long to keep retrying an unavailable state store in process before giving the
+    /// delivery back for a delayed retry.
+    pub store_retry_budget: Duration,
+    /// On shutdown, how long in-flight deliveries may take to finish.
+    pub shutdown_grace: Duration,
+    /// A cap on one platform call, whatever the platform's own timeouts. Keep it below
+    /// the broker's `consumer_timeout`.
+    pub operation_timeout: Duration,
+    /// How long the store keeps finished records; a message published longer ago is not
+    /// run again.
+    pub retention: Duration,
+    /// A record in progress whose lease ended this long ago, with no worker back for it,
+    /// is ended in `error` and what it made removed. `None`: never.
+    pub reap_after: Option<Duration>,
+    /// How long `describe` waits for a resource in transition to settle.
+    pub describe_settle: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            worker_id: format!("worker-{}", uuid::Uuid::new_v4().simple()),
+            prefetch: 16,
+            lease: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+            max_waits: 500,
+            store_retry_budget: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+            operation_timeout: Duration::from_secs(15 * 60),
+            retention: crate::store::DEFAULT_RETENTION,
+            reap_after: Some(Duration::from_secs(3600)),
+            describe_settle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why handling a delivery stopped before it settled on its own terms.
+#[derive(Debug, thiserror::Error)]
+enum Abort {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a refusal says: the error and what the event can tell of the message.
+#[derive(Debug)]
+struct Refusal<'a> {
+    request_id: Option<&'a str>,
+    platform: Option<&'a str>,
+    operation: Option<Operation>,
+    class: ErrorClass,
+    message: String,
+}
+
+/// A worker for one platform: dependencies passed in, nothing global.
+pub struct Worker {
+    platform: Arc<dyn Platform>,
+    store: Arc<dyn StateStore>,
+    broker: Arc<dyn Broker>,
+    config: WorkerConfig,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("platform", &self.platform.name())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(10);
+/// How often a worker checks whether the broker still blocks publishing.
+const BLOCKED_POLL: Duration = Duration::from_secs(1);
+
+/// The text of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+impl Worker {
+    pub fn new(
+        platform: Arc<dyn Platform>,
+        store: Arc<dyn StateStore>,
+        broker: Arc<dyn Broker>,
+        config: WorkerConfig,
+    ) -> Self {
+        Worker {
+            platform,
+            store,
+            broker,
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// Consumes until `shutdown` resolves, reconnecting whenever the broker goes away, and
+    /// ends abandoned records meanwhile. On shutdown: cancel the consumer, give in-flight
+    /// deliveries the grace period to settle on their still-open channel, leave the rest
+    /// unacknowledged for the broker to deliver again.
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
+        let platform = self.platform.name();
+        let permits = Arc::new(Semaphore::new(usize::from(self.config.prefetch.max(1))));
+        let mut in_flight = JoinSet::new();
+        let mut reconnect_delay = Duration::from_millis(200);
+        let _reaper = self.config.reap_after.map(|idle| {
+            let worker = self.clone();
+            reaper::AbortOnDrop(tokio::spawn(async move { worker.reap_forever(idle).await }))
+        });
+        tokio::pin!(shutdown);
+        'connection: loop {
+            let consumed = async {
+                self.broker.declare(platform).await?;
+                self.broker.consume(platform, self.config.prefetch).await
+            };
+            let mut deliveries = tokio::select! {
+                _ = &mut shutdown => break 'connection,
+                consumed = consumed => match consumed {
+                    Ok(deliveries) => deliveries,
+                    Err(e) => {
+                        warn!(error = %e, retry_in_ms = reconnect_delay.as_millis() as u64, "cannot consume; retrying");
+                        tokio::select! {
+                            _ = &mut shutdown => break 'connection,
+                            _ = tokio::time::sleep(reconnect_delay) => {}
+                        }
+                        reconnect_delay = (reconnect_delay * 2).min(RECONNECT_DELAY_MAX);
+                        continue 'connection;
+                    }
+                },
+            };
+            info!(%platform, worker = %self.config.worker_id, "consuming");
+            loop {
+                while in_flight.try_join_next().is_some() {}
+                // While the broker blocks publishing (a memory or disk alarm), every status
+                // event and retry would hang or fail: take no new work until it clears.
+                if let Some(reason) = self.broker.blocked() {
+                    warn!(%reason, "the broker blocks publishing; taking no work until it clears");
+                    loop {
+                        tokio::select! {
+                            _ = &mut shutdown => break 'connection,
+                            _ = tokio::time::sleep(BLOCKED_POLL) => {}
+                        }
+                        if self.broker.blocked().is_none() {
+                            info!("the broker publishes again; taking work");
+                            break;
+                        }
+                    }
+                }
+                let next = tokio::select! {
+                    _ = &mut shutdown => break 'connection,
+                    next = deliveries.next() => next,
+                    // Look at the broker's state now and then, not only when work comes.
+                    _ = tokio::time::sleep(BLOCKED_POLL) => continue,
+                };
+                match next {
+                    Some(Ok(delivery)) => {
+                        reconnect_delay = Duration::from_millis(200);
+                        let permit = tokio::select! {
+                            _ = &mut shutdown => {
+                                // Never started: straight back to the queue.
+                                if let Err(e) = delivery.settle(Settlement::Requeue).await {
+                                    warn!(error = %e, "could not give an unstarted delivery back; the broker redelivers it when the channel closes");
+                                }
+                                break 'connection;
+                            }
+                            permit = permits.clone().acquire_owned() => permit,
+                        };
+                        let Ok(permit) = permit else {
+                            break 'connection;
+                        };
+                        let worker = self.clone();
+                        in_flight.spawn(async move {
+                            worker.handle(delivery).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        warn!(error = %e, "lost the broker; reconnecting");
+                        break;
+                    }
+                    None => {
+                        warn!("the broker ended the consumer; reconnecting");
+                        break;
+                    }
+                }
+            }
+            // Dropping the stream cancels the consumer; deliveries in flight keep their
+            // channel open until they are settled.
+            drop(deliveries);
+            tokio::select! {
+                _ = &mut shutdown => break 'connection,
+                _ = tokio::time::sleep(reconnect_delay) => {}
+            }
+            reconnect_delay = (reconnect_delay * 2).min(RECONNECT_DELAY_MAX);
+        }
+        info!(
+            in_flight = in_flight.len(),
+            grace_s = self.config.shutdown_grace.as_secs(),
+            "shutting down: consumer cancelled, letting in-flight requests finish"
+        );
+        let drained = tokio::time::timeout(self.config.shutdown_grace, async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                abandoned = in_flight.len(),
+                "grace period over; unfinished deliveries go back to the queue and their leases run out"
+            );
+            in_flight.abort_all();
+        }
+    }
+
+    /// Handles one delivery to the end, settling it. Never panics: a panic after a claim
+    /// counts as a failed attempt (see [`attempt`]); one before it (decoding, validation)
+    /// dead-letters the message with the reason, since it would panic again.
+    pub async fn handle(&self, delivery: Delivery) {
+        let span = info_span!(
+            "delivery",
+            platform = %self.platform.name(),
+            request.id = tracing::field::Empty,
+            attempt = tracing::field::Empty,
+            redelivered = delivery.redelivered,
+            waits = delivery.waits,
+        );
+        async {
+            crate::fault::point("after_receive");
+            let settlement = match AssertUnwindSafe(self.process(&delivery))
+                .catch_unwind()
+                .await
+            {
+                Ok(settlement) => settlement,
+                Err(panic) => {
+                    let what = panic_text(panic.as_ref());
+                    error!(panic = %what, "handling panicked before any claim; dead-lettering the message");
+                    Settlement::DeadLetter {
+                        class: ErrorClass::Internal,
+                        reason: format!(
+                            "the worker panicked handling this message ({what}); it would again, so it is set aside. This is a bug: please report it with the message"
+                        ),
+                    }
+                }
+            };
+            debug!(?settlement, "settling");
+            if settlement == Settlement::Ack {
+                crate::fault::point("after_publish");
+            }
+            if let Err(e) = delivery.settle(settlement).await {
+                warn!(error = %e, "could not settle; the broker will deliver it again");
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn process(&self, delivery: &Delivery) -> Settlement {
+        let request = match decode_request(&delivery.body) {
+            Ok(request) => request,
+            Err(e) => {
+                if let Some(id) = &e.request_id {
+                    tracing::Span::current().record("request.id", id.as_str());
+                }
+                return self
+                    .refuse(
+                        delivery,
+                        Refusal {
+                            request_id: e.request_id.as_deref(),
+                            platform: e.platform.as_deref(),
+                            operation: e.operation,
+                            class: ErrorClass::InvalidRequest,
+                            message: e.message,
+                        },
+                    )
+                    .await;
+            }
+        };
+        tracing::Span::current().record("request.id", request.request_id.as_str());
+        let own = self.platform.name();
+        let refusal = if request.platform != own {
+            Some(PlatformError::invalid(format!(
+                "this {own} worker received a request for platform {}; publish it with routing key {}",
+                request.platform,
+                request.routing_key()
+            )))
+        } else {
+            self.platform.validate(&request).err()
+        };
+        if let Some(refusal) = refusal {
+            return self
+                .refuse(
+                    delivery,
+                    Self::refusal_of(&request, refusal.class, refusal.message),
+                )
+                .await;
+        }
+        if let Some(settlement) = self.refuse_if_too_old(&request, delivery).await {
+            return settlement;
+        }
+        match self.run_request(&request, delivery).await {
+            Ok(settlement) => settlement,
+            Err(Abort::Broker(e)) => {
+                warn!(error = %e, "cannot publish status; trying again later");
+                self.wait_again(
+                    &request,
+                    delivery,
+                    self.config.retry.base_delay.max(Duration::from_secs(2)),
+                    format!("the broker did not take a status event: {e}"),
+                )
+                .await
+            }
+            Err(Abort::Store(e)) => {
+                // Unreachable past the budget, or it lost our record: claim again later.
+                warn!(error = %e, "state store trouble; trying again later");
+                self.wait_again(
+                    &request,
+                    delivery,
+                    self.config.retry.base_delay.max(Duration::from_secs(2)),
+                    format!("the state store failed: {e}"),
+                )
+                .await
+            }
+        }
+    }
+
+    fn refusal_of(request: &Request, class: ErrorClass, message: String) -> Refusal<'_> {
+        Refusal {
+            request_id: Some(request.request_id.as_str()),
+            platform: Some(request.platform.as_str()),
+            operation: Some(request.operation),
+            class,
+            message,
+        }
+    }
+
+    /// A message published longer ago than the store keeps records may be a request that
+    /// already ran and whose record is gone: answer it from its record if there is one,
+    /// and otherwise refuse it rather than run it again.
+    async fn refuse_if_too_old(
+        &self,
+        request: &Request,
+        delivery: &Delivery,
+    ) -> Option<Settlement> {
+        let published = delivery.published_at?;
+        let age = SystemTime::now().duration_since(published).ok()?;
+        if age <= self.config.retention {
+            return None;
+        }
+        if let Ok(Some(record)) = self.store.get(request.request_id.as_str()).await
+            && let Some(result) = record.result
+        {
+            return Some(match self.broker.publish_status(&result).await {
+                Ok(()) => Settlement::Ack,
+                Err(e) => {
+                    self.wait_again(
+                        request,
+                        delivery,
+                        Duration::from_secs(2),
+                        format!("the broker did not take a status event: {e}"),
+                    )
+                    .await
+                }
+            });
+        }
+        let message = format!(
+            "the message was published {} h ago, longer than the {} h the state store keeps records: it may have run already, so it is not run again. Send a new request_id",
+            age.as_secs() / 3600,
+            self.config.retention.as_secs() / 3600
+        );
+        Some(
+            self.refuse(
+                delivery,
+                Self::refusal_of(request, ErrorClass::InvalidRequest, message),
+            )
+            .await,
+        )
+    }
+
+    /// Parks a message that could not be worked on now (no attempt was made) to come back
+    /// after `delay`; past `max_waits` it is refused with `why`.
+    async fn wait_again(
+        &self,
+        request: &Request,
+        delivery: &Delivery,
+        delay: Duration,
+        why: String,
+    ) -> Settlement {
+        let waits = delivery.waits.saturating_add(1);
+        if waits > self.config.max_waits {
+            let message = format!(
+                "this message waited {} times without an attempt and is set aside; the last reason: {why}. If another worker holds the request, it finishes it; otherwise publish it again",
+                delivery.waits
+            );
+            return self
+                .refuse(
+                    delivery,
+                    Self::refusal_of(request, ErrorClass::Internal, message),
+                )
+                .await;
+        }
+        debug!(delay_ms = delay.as_millis() as u64, waits, %why, "waiting");
+        Settlement::Retry {
+            delay,
+            attempt: delivery.attempt,
+            waits,
+        }
+    }
+
+    /// Refuses a message: an `error` event naming the refused message (when the
+    /// producer's id could be read) and a dead letter with the reason.
+    async fn refuse(&self, delivery: &Delivery, refusal: Refusal<'_>) -> Settlement {
+        let Refusal {
+            request_id,
+            platform,
+            operation,
+            class,
+            message,
+        } = refusal;
+        warn!(error.class = %class, error.message = %message, "refused");
+        if let Some(request_id) = request_id {
+            let event = StatusEvent {
+                schema_version: SCHEMA_VERSION,
+                request_id: bounded_text(request_id, MAX_ECHOED_ID_BYTES),
+                operation,
+                platform: platform
+                    .filter(|p| {
+                        !p.is_empty()
+                            && p.len() <= 64
+                            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    })
+                    .unwrap_or("unknown")
+                    .to_owned(),
+                state: State::Error,
+                seq: 0,
+                attempt: delivery.attempt,
+                timestamp: OffsetDateTime::now_utc(),
+                resource: None,
+                error: Some(ErrorInfo {
+                    class,
+                    message: message.clone(),
+                }),
+                tenant: None,
+                rejected_message: Some(RejectedMessage::of(&delivery.body)),
+            };
+            if let Err(e) = self.broker.publish_status(&event).await {
+                // The dead letter still carries the reason; the event is only a courtesy.
+                warn!(error = %e, "cannot publish the refusal; dead-lettering all the same");
+            }
+        }
+        Settlement::DeadLetter {
+            class,
+            reason: message,
+        }
+    }
+
+    fn event(
+        &self,
+        request: &Request,
+        state: State,
+        seq: u64,
+        attempt: u32,
+        resource: Option<Resource>,
+        error: Option<ErrorInfo>,
+    ) -> StatusEvent {
+        StatusEvent {
+            schema_version: SCHEMA_VERSION,
+            request_id: request.request_id.to_string(),
+            operation: Some(request.operation),
+            platform: request.platform.to_string(),
+            state,
+            seq,
+            attempt,
+            timestamp: OffsetDateTime::now_utc(),
+            resource,
+            error,
+            tenant: request.tenant.clone(),
+            rejected_message: None,
+        }
+    }
+
+    /// Calls the store, retrying in process while it is unreachable, within the budget.
+    async fn store_call<T, F, Fut>(&self, mut call: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let give_up = tokio::time::Instant::now() + self.config.store_retry_budget;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match call().await {
+                Err(e) if e.is_unavailable() && tokio::time::Instant::now() + pause < give_up => {
+                    debug!(error = %e, "state store unavailable; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// How much of an unreadable message's `request_id` a refusal echoes: enough to know it
+/// by, never enough to push the event or its message id past what AMQP carries.
+const MAX_ECHOED_ID_BYTES: usize = 200;
+
+/// `text` cut to at most `max` bytes on a character boundary, marked when cut.
+fn bounded_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bounded_text;
+
+    #[test]
+    fn echoed_text_is_cut_on_a_character_boundary() {
+        assert_eq!(bounded_text("short", 10), "short");
+        let cut = bounded_text(&"é".repeat(300), 200);
+        assert!(cut.len() <= 200, "{}", cut.len());
+        assert!(cut.ends_with('…'));
+    }
+}
