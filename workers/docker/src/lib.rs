@@ -162,6 +162,64 @@ pub fn classify(error: &DockerError, doing: &str) -> PlatformError {
     }
 }
 
+/// Sorts a failed pull. The engine answers a registry's refusal inside the pull's
+/// progress stream, as text only (no status code), so the registry's own words decide
+/// here, in this one table: a missing image or registry host is permanent, a refusal of
+/// credentials too, rate limits and an unreachable or failing registry are passing.
+fn classify_pull(error: &DockerError, image: &str) -> PlatformError {
+    let said = match error {
+        DockerError::DockerStreamError { error } => error.clone(),
+        other => {
+            let mut failure = classify(other, "pull");
+            failure.message = format!(
+                "image {image} is not on the Docker engine; {}",
+                failure.message
+            );
+            // A 404 from the engine itself is a missing image, as before.
+            return failure;
+        }
+    };
+    let text = said.to_ascii_lowercase();
+    let has = |words: &[&str]| words.iter().any(|w| text.contains(w));
+    let message =
+        format!("image {image} is not on the Docker engine and pulling it failed: {said}");
+    if has(&["toomanyrequests", "too many requests", "rate limit"]) {
+        PlatformError::retryable(ErrorClass::Throttled, message)
+    } else if has(&[
+        "unauthorized",
+        "denied",
+        "authentication required",
+        "forbidden",
+    ]) {
+        PlatformError::permanent(ErrorClass::Permission, message)
+    } else if has(&[
+        "manifest unknown",
+        "not found",
+        "does not exist",
+        "name unknown",
+        "no such host",
+    ]) {
+        PlatformError::permanent(ErrorClass::NotFound, message)
+    } else if has(&[
+        "connection refused",
+        "connection reset",
+        "timeout",
+        "timed out",
+        "tls handshake",
+        "eof",
+        "service unavailable",
+        "bad gateway",
+        "internal server error",
+        "temporary failure",
+    ]) {
+        PlatformError::transient(format!(
+            "{message} (the registry is unreachable or failing; retried)"
+        ))
+    } else {
+        PlatformError::permanent(ErrorClass::NotFound, message)
+    }
+}
+
 fn is_status(error: &DockerError, code: u16) -> bool {
     matches!(error, DockerError::DockerResponseServerError { status_code, .. } if *status_code == code)
 }
@@ -307,15 +365,7 @@ impl DockerPlatform {
             .try_collect::<Vec<_>>()
             .await
             .map(drop)
-            .map_err(|e| {
-                PlatformError::permanent(
-                    ErrorClass::NotFound,
-                    format!(
-                        "image {image} is not on the Docker engine and pulling it failed: {}",
-                        classify(&e, "pull").message
-                    ),
-                )
-            })
+            .map_err(|e| classify_pull(&e, image))
     }
 
     /// Creates the container, pulling its image when missing and allowed; a concurrent
@@ -741,6 +791,70 @@ mod tests {
         assert!(classify(&server(429), "x").retryable);
         assert!(classify(&DockerError::RequestTimeoutError, "x").retryable);
         assert!(!classify(&server(404), "x").retryable);
+    }
+
+    #[test]
+    fn pull_failures_are_classified_by_what_the_registry_said() {
+        let said = |text: &str| {
+            classify_pull(
+                &DockerError::DockerStreamError {
+                    error: text.to_owned(),
+                },
+                "x/y",
+            )
+        };
+        let cases = [
+            (
+                "toomanyrequests: You have reached your pull rate limit",
+                ErrorClass::Throttled,
+                true,
+            ),
+            (
+                "unauthorized: authentication required",
+                ErrorClass::Permission,
+                false,
+            ),
+            (
+                "manifest unknown: manifest unknown",
+                ErrorClass::NotFound,
+                false,
+            ),
+            (
+                "dial tcp: lookup registry.invalid: no such host",
+                ErrorClass::NotFound,
+                false,
+            ),
+            (
+                "dial tcp 127.0.0.1:443: connect: connection refused",
+                ErrorClass::Transient,
+                true,
+            ),
+            (
+                "net/http: TLS handshake timeout",
+                ErrorClass::Transient,
+                true,
+            ),
+            (
+                "received unexpected HTTP status: 503 Service Unavailable",
+                ErrorClass::Transient,
+                true,
+            ),
+            ("something nobody expected", ErrorClass::NotFound, false),
+        ];
+        for (text, class, retryable) in cases {
+            let error = said(text);
+            assert_eq!((error.class, error.retryable), (class, retryable), "{text}");
+            assert!(error.message.contains("x/y") && error.message.contains(text));
+        }
+        let throttled = classify_pull(
+            &DockerError::DockerResponseServerError {
+                status_code: 429,
+                message: "slow down".into(),
+            },
+            "x/y",
+        );
+        assert_eq!(throttled.class, ErrorClass::Throttled);
+        assert!(throttled.retryable);
     }
 
     #[test]
