@@ -38,10 +38,29 @@ const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
 /// States of an instance that still exists (not terminated, not on its way there).
 const LIVE_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
 
-/// The `ClientToken` of a request: at most 64 ASCII characters, the same for every retry.
+/// The `ClientToken` of a request's first launch: at most 64 ASCII characters, the same
+/// for every retry and takeover until a launch fails.
 pub fn client_token(request_id: &str) -> String {
-    let digest = Sha256::digest(request_id.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    launch_token(request_id, None)
+}
+
+/// The `ClientToken` of a launch after `failed` (the instance the last launch made, which
+/// EC2 terminated before it ran). EC2 answers a reused token with the instance it made
+/// the first time, dead or alive, for hours: a launch after a failed one needs a token of
+/// its own, and one every worker derives alike, so a lost answer or a takeover still
+/// finds the same launch.
+pub fn launch_token(request_id: &str, failed: Option<&str>) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(request_id.as_bytes());
+    if let Some(failed) = failed {
+        hasher.update(b"#after#");
+        hasher.update(failed.as_bytes());
+    }
+    let hex: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     format!("prov-{}", &hex[..59])
 }
 
@@ -149,6 +168,15 @@ impl Ec2Platform {
 
     /// Live instances launched for `request_id`, found by their ownership tag.
     async fn owned_instances(&self, request_id: &str) -> Result<Vec<Instance>, PlatformError> {
+        self.owned_instances_in(request_id, &LIVE_STATES).await
+    }
+
+    /// The instances the provisioner launched for `request_id` in one of `states`.
+    async fn owned_instances_in(
+        &self,
+        request_id: &str,
+        states: &[&str],
+    ) -> Result<Vec<Instance>, PlatformError> {
         let output = self
             .client
             .describe_instances()
@@ -161,7 +189,7 @@ impl Ec2Platform {
             .filters(
                 Filter::builder()
                     .name("instance-state-name")
-                    .set_values(Some(LIVE_STATES.map(String::from).to_vec()))
+                    .set_values(Some(states.iter().map(|s| (*s).to_owned()).collect()))
                     .build(),
             )
             .send()
@@ -171,8 +199,26 @@ impl Ec2Platform {
             .reservations()
             .iter()
             .flat_map(|r| r.instances().iter().cloned())
-            .filter(|i| LIVE_STATES.contains(&state_of(i)))
+            .filter(|i| states.contains(&state_of(i)))
             .collect())
+    }
+
+    /// The token for the next launch of `request_id`: derived from the latest instance an
+    /// earlier launch made that EC2 terminated, if there is one.
+    async fn next_launch_token(&self, request_id: &str) -> Result<String, PlatformError> {
+        let failed = self
+            .owned_instances_in(request_id, &["shutting-down", "terminated"])
+            .await?;
+        let latest = failed
+            .iter()
+            .max_by_key(|i| {
+                (
+                    i.launch_time().map(|t| t.as_nanos()),
+                    i.instance_id().map(str::to_owned),
+                )
+            })
+            .and_then(|i| i.instance_id());
+        Ok(launch_token(request_id, latest))
     }
 
     async fn instance(&self, instance_id: &str) -> Result<Option<Instance>, PlatformError> {
@@ -228,6 +274,7 @@ impl Ec2Platform {
         request: &Request,
         spec: &AwsEc2Spec,
         root_device: Option<String>,
+        token: String,
     ) -> RunInstancesFluentBuilder {
         let mut launch = self
             .client
@@ -236,7 +283,7 @@ impl Ec2Platform {
             .instance_type(InstanceType::from(spec.instance_type.as_str()))
             .min_count(1)
             .max_count(1)
-            .client_token(client_token(request.request_id.as_str()))
+            .client_token(token)
             .tag_specifications(
                 TagSpecification::builder()
                     .resource_type(ResourceType::Instance)
@@ -276,8 +323,9 @@ impl Ec2Platform {
         spec: &AwsEc2Spec,
     ) -> Result<Instance, PlatformError> {
         let root_device = self.root_device(&spec.image_id).await?;
+        let token = self.next_launch_token(request.request_id.as_str()).await?;
         let output = self
-            .run_instances(request, spec, root_device)
+            .run_instances(request, spec, root_device, token)
             .send()
             .await
             .map_err(|e| {
@@ -574,7 +622,12 @@ impl Platform for Ec2Platform {
             let spec = spec_of(request)?;
             let root_device = self.root_device(&spec.image_id).await?;
             let result = self
-                .run_instances(request, &spec, root_device)
+                .run_instances(
+                    request,
+                    &spec,
+                    root_device,
+                    client_token(request.request_id.as_str()),
+                )
                 .dry_run(true)
                 .send()
                 .await;
@@ -677,6 +730,19 @@ mod tests {
 
     #[test]
     fn client_tokens_are_stable_short_and_distinct() {
+        let after = |failed| launch_token("ec2-demo-1", Some(failed));
+        assert_eq!(
+            after("i-1"),
+            after("i-1"),
+            "every worker derives the same token"
+        );
+        assert_ne!(
+            after("i-1"),
+            after("i-2"),
+            "a new token after each failed launch"
+        );
+        assert_ne!(after("i-1"), client_token("ec2-demo-1"));
+        assert_eq!(after("i-1").len(), 64);
         let token = client_token("ec2-demo-1");
         assert_eq!(token.len(), 64);
         assert!(token.is_ascii());
