@@ -340,76 +340,9 @@ async fn submit_wait_follows_requests_and_fails_on_error() {
     assert_eq!(last["error"]["class"], "not_found");
 }
 
-/// A Redis server of the test's own, so it can be killed and restarted.
-struct PrivateRedis {
-    port: u16,
-    dir: std::path::PathBuf,
-    child: std::process::Child,
-}
-
-impl PrivateRedis {
-    fn start(port: u16, dir: &std::path::Path) -> std::process::Child {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/test.sh installs it)");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child
-    }
-
-    fn new() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let dir = std::env::temp_dir().join(format!("redis-{port}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let child = Self::start(port, &dir);
-        PrivateRedis { port, dir, child }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().expect("kill redis");
-        self.child.wait().expect("reap redis");
-    }
-
-    fn restart(&mut self) {
-        self.child = Self::start(self.port, &self.dir);
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test]
 async fn redis_restarting_mid_run_loses_no_request() {
-    let mut redis = PrivateRedis::new();
+    let mut redis = common::PrivateRedis::new();
     let mut env = TestEnv::with_redis(redis.url()).await;
     let mut events = env.events().await;
     env.start_worker("a");

@@ -3,6 +3,9 @@
 //! Needs RabbitMQ, Redis and Podman as `scripts/test.sh` starts them.
 #![allow(dead_code)]
 
+pub mod oracle;
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -228,6 +231,19 @@ impl TestEnv {
         .unwrap_or_default()
     }
 
+    /// Waits until a worker's log says `text` (e.g. "consuming").
+    pub async fn wait_for_log(&self, name: &str, text: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !self.worker_log(name).contains(text) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} never logged {text:?}: {}",
+                self.worker_log(name)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn events(&self) -> Events {
         // The first call after a dropped connection may fail once while it reconnects.
         let mut attempts = 0;
@@ -304,6 +320,36 @@ impl TestEnv {
         )
         .expect("docker");
         let filters = HashMap::from([("label", vec![format!("test-run={}", self.run_id)])]);
+        let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let mut by_request: HashMap<String, Vec<String>> = HashMap::new();
+        for container in docker.list_containers(Some(options)).await.expect("list") {
+            let request = container
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(provisioner_docker::REQUEST_LABEL))
+                .cloned()
+                .unwrap_or_default();
+            by_request
+                .entry(request)
+                .or_default()
+                .push(container.id.unwrap_or_default());
+        }
+        by_request
+    }
+
+    /// Every container on the engine that a provisioner made, by request id.
+    pub async fn all_containers(&self) -> HashMap<String, Vec<String>> {
+        let docker = bollard::Docker::connect_with_unix(
+            docker_host().trim_start_matches("unix://"),
+            30,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .expect("docker");
+        let filters =
+            HashMap::from([("label", vec![provisioner_docker::REQUEST_LABEL.to_owned()])]);
         let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
             .all(true)
             .filters(&filters)
@@ -420,6 +466,28 @@ impl Events {
         })
     }
 
+    /// Waits until `done` holds for every event seen so far.
+    pub async fn until_all(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&[StatusEvent]) -> bool,
+    ) {
+        let result = tokio::time::timeout(timeout, async {
+            while !done(&self.seen) {
+                let event = self.stream.next().await.expect("status stream ended");
+                self.seen.push(event);
+            }
+        })
+        .await;
+        if result.is_err() {
+            panic!(
+                "timed out waiting for {what}; seen {} events",
+                self.seen.len()
+            );
+        }
+    }
+
     /// Collects events for `extra` more time.
     pub async fn drain(&mut self, extra: Duration) {
         let _ = tokio::time::timeout(extra, async {
@@ -473,4 +541,108 @@ pub fn id(request: &serde_json::Value) -> String {
         .as_str()
         .expect("request_id")
         .to_owned()
+}
+
+/// A Redis server of the test's own, so it can be killed and restarted.
+pub struct PrivateRedis {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: std::process::Child,
+    /// Append-only (what a deployment should run) or nothing kept across a restart.
+    persistent: bool,
+}
+
+impl PrivateRedis {
+    fn start(port: u16, dir: &std::path::Path, persistent: bool) -> std::process::Child {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(if persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "no"]
+            })
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    }
+
+    /// A Redis that keeps its keys across a restart.
+    pub fn new() -> Self {
+        Self::started(true)
+    }
+
+    /// A Redis that loses every key when it restarts.
+    pub fn ephemeral() -> Self {
+        Self::started(false)
+    }
+
+    fn started(persistent: bool) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let dir = std::env::temp_dir().join(format!("redis-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let child = Self::start(port, &dir, persistent);
+        PrivateRedis {
+            port,
+            dir,
+            child,
+            persistent,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        self.child.kill().expect("kill redis");
+        self.child.wait().expect("reap redis");
+    }
+
+    pub fn restart(&mut self) {
+        self.child = Self::start(self.port, &self.dir, self.persistent);
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The dead-letter queue of a platform.
+pub fn dead_letter_queue(platform: &str) -> String {
+    format!("provisioning.{platform}.dead-letter")
+}
+
+impl TestEnv {
+    /// Runs a `provisioner` command against this test's broker and store.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .envs(self.env())
+            .output()
+            .expect("run provisioner")
+    }
 }

@@ -1,0 +1,74 @@
+//! RabbitMQ's memory alarm: while it is on, the broker blocks every publishing
+//! connection. A worker must not hang on a confirm that never comes, nor spin on work it
+//! cannot report: it stops taking work, says why, and carries on when the alarm clears.
+//! This sets an alarm on the shared broker, so it lives alone in this test binary
+//! (`cargo test` runs test binaries one after another).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestEnv, id};
+use provisioner_events::State;
+
+fn rabbitmqctl(args: &[&str]) {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Clears the alarm however the test ends.
+struct Alarm;
+
+impl Alarm {
+    fn raise() -> Alarm {
+        rabbitmqctl(&["-q", "set_vm_memory_high_watermark", "0.000001"]);
+        Alarm
+    }
+}
+
+impl Drop for Alarm {
+    fn drop(&mut self) {
+        rabbitmqctl(&["-q", "set_vm_memory_high_watermark", "0.4"]);
+    }
+}
+
+#[tokio::test]
+async fn a_memory_alarm_pauses_the_work_with_a_clear_reason_and_it_resumes_after() {
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    let webs: Vec<serde_json::Value> = (0..3).map(|n| env.web(&format!("alarm{n}"))).collect();
+    for web in &webs {
+        env.publish(web).await;
+    }
+    let alarm = Alarm::raise();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let worker = env.start_worker("a");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    events.drain(Duration::from_millis(500)).await;
+    assert!(
+        events.seen.iter().all(|e| !e.state.is_terminal()),
+        "nothing can be reported while publishing is blocked: {:#?}",
+        events.seen
+    );
+    assert!(
+        env.worker(worker).try_wait().expect("status").is_none(),
+        "the worker lives"
+    );
+    let log = env.worker_log("a");
+    assert!(log.contains("blocks publishing"), "{log}");
+    drop(alarm);
+    for web in &webs {
+        let ended = events.terminal(&id(web)).await;
+        assert_eq!(ended.state, State::Running, "{ended:#?}");
+    }
+    assert!(env.worker_log("a").contains("publishes again"));
+    let containers = env.containers().await;
+    assert!(containers.values().all(|c| c.len() == 1), "{containers:?}");
+}
