@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs (pinned) and starts moto's server on the host for the ECS API, when it is not
-# already answering: LocalStack's community edition has no ECS any more, moto serves it
-# (see shared/ENVIRONMENT.md). Idempotent.
+# already answering: LocalStack's community edition has no ECS any more, moto serves it.
+# Idempotent.
 #   MOTO_VENV  where the virtualenv lives (default ~/.cache/provisioner-moto)
 #   MOTO_PORT  port on 127.0.0.1 (default 5000)
 set -euo pipefail

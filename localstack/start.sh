@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs (pinned, as shared/ENVIRONMENT.md found working) and starts LocalStack on the
+# Installs (pinned to versions found working; newer dependency releases break it) and starts LocalStack on the
 # host for the EC2 API, when it is not already answering. Idempotent.
 #   LOCALSTACK_VENV  where the virtualenv lives (default ~/.cache/provisioner-localstack)
 #   LOCALSTACK_PORT  gateway port on 127.0.0.1 (default 4566)

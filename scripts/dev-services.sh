@@ -2,7 +2,7 @@
 # Installs (when missing) and starts every service the tests need on a Debian 12 machine:
 # RabbitMQ, Redis, and Podman serving the Docker Engine API with a local busybox image.
 # Idempotent: a second run only checks that each service answers.
-# Recipes follow shared/ENVIRONMENT.md; each was tried on this kind of machine.
+# Each recipe was tried on a fresh Debian 12 machine.
 set -euo pipefail
 
 PODMAN_SOCKET_PATH=${PODMAN_SOCKET_PATH:-/run/podman/podman.sock}
@@ -27,10 +27,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     || { cat "$LOG_DIR/apt.log" >&2; exit 1; }
 fi
 
-# Redis: an ephemeral store for tests, no persistence.
+# Redis with the durability the provisioner's guarantees assume (README, "Redis
+# durability"): append-only, fsync every second, so a crash loses at most a second of
+# acknowledged writes.
+REDIS_DATA_DIR=${REDIS_DATA_DIR:-$HOME/.cache/provisioner-redis}
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
-  say "starting redis"
-  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+  say "starting redis (append-only, fsync every second, in $REDIS_DATA_DIR)"
+  mkdir -p "$REDIS_DATA_DIR"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" \
+    --appendonly yes --appendfsync everysec --dir "$REDIS_DATA_DIR" \
     --logfile "$LOG_DIR/redis.log"
   for _ in $(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
