@@ -24,7 +24,8 @@ use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::aws_ec2::AwsEc2Spec;
 use provisioner_events::spec::{HealthCheck, parse_spec};
 use provisioner_events::{
-    Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, State, TeardownTarget,
+    Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
+    TeardownTarget,
 };
 use sha2::{Digest, Sha256};
 use tracing::info;
@@ -486,6 +487,16 @@ impl Platform for Ec2Platform {
             spec_of(request)?;
         }
         Ok(())
+    }
+
+    async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {
+        let found = self
+            .find(&TeardownTarget::Resource(resource_id.to_owned()))
+            .await?;
+        Ok(found
+            .as_ref()
+            .and_then(|instance| tag(instance, REQUEST_TAG))
+            .and_then(|id| RequestId::new(id).ok()))
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {

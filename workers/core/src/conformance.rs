@@ -42,6 +42,15 @@ where
         "{name}: provision run twice renamed the resource"
     );
 
+    match platform.owner_of(&first.id).await {
+        Ok(Some(owner)) => assert_eq!(
+            owner, provision.request_id,
+            "{name}: owner_of names another request"
+        ),
+        // A platform that cannot tell says so with None.
+        Ok(None) => {}
+        Err(e) => panic!("{name}: owner_of failed: {e}"),
+    }
     let target = TeardownTarget::Request(provision.request_id.clone());
     match platform.describe(&target).await {
         Ok(Some(described)) => {

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use provisioner_events::{ErrorClass, PlatformName, Request, Resource, State, TeardownTarget};
+use provisioner_events::{
+    ErrorClass, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
+};
 
 /// A failure from a platform, classified where it happened, while the typed error of the
 /// SDK was still at hand.
@@ -99,6 +101,15 @@ pub trait Platform: Send + Sync + 'static {
     async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {
         let _ = target;
         Err(PlatformError::unsupported(self.name(), "describe"))
+    }
+
+    /// The request a resource was made for, read from its ownership tags or labels, or
+    /// `None` when there is no such resource (or the platform cannot tell). A request
+    /// that names a `resource_id` then serializes with that request and, for a teardown,
+    /// tombstones it, exactly as one naming `target_request_id`.
+    async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {
+        let _ = resource_id;
+        Ok(None)
     }
 
     /// Every resource this worker's platform holds that the provisioner made.

@@ -93,10 +93,22 @@ impl Platform for Scripted {
             ..Default::default()
         })
     }
+    async fn owner_of(
+        &self,
+        resource_id: &str,
+    ) -> Result<Option<provisioner_events::RequestId>, PlatformError> {
+        let id = resource_id.strip_prefix("id-").unwrap_or_default();
+        Ok(self
+            .exists(id)
+            .then(|| provisioner_events::RequestId::new(id).expect("id")))
+    }
     async fn teardown(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
         self.teardowns.fetch_add(1, Ordering::SeqCst);
-        let TeardownTarget::Request(id) = target else {
-            return Ok(None);
+        let id = match target {
+            TeardownTarget::Request(id) => id.to_string(),
+            TeardownTarget::Resource(resource) => {
+                resource.strip_prefix("id-").unwrap_or_default().to_owned()
+            }
         };
         let removed = self.existing.lock().expect("lock").remove(id.as_str());
         Ok(removed.then(|| Resource {
@@ -864,4 +876,50 @@ async fn a_request_abandoned_long_ago_is_ended_and_what_it_made_removed() {
     assert!(error.message.contains("abandoned"), "{}", error.message);
     assert!(!h.platform.exists("lost-msg"));
     assert_eq!(h.record("lost-msg").await.result.as_ref(), Some(last));
+}
+
+#[tokio::test]
+async fn a_teardown_by_resource_id_between_retries_tombstones_its_provision() {
+    let mut h = harness(2).await;
+    let mut blip = PlatformError::transient("a blip after making the resource");
+    blip.retry_after = Some(Duration::from_secs(2));
+    h.platform
+        .answers
+        .lock()
+        .expect("lock")
+        .push_back(Err(blip));
+    h.publish(&provision("by-res", "")).await;
+    // The first attempt made the resource and failed; its retry is two seconds away.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !h.platform.exists("by-res")
+            || h.store
+                .get("by-res")
+                .await
+                .expect("get")
+                .is_none_or(|r| r.lease_remaining.is_some())
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("between retries");
+    h.publish(
+        br#"{"schema_version":1,"request_id":"by-res-down","operation":"teardown","platform":"process","resource_id":"id-by-res"}"#,
+    )
+    .await;
+    let down = h.until_terminal("by-res-down", 1).await;
+    assert_eq!(down.last().expect("event").state, State::Stopped);
+    assert!(!h.platform.exists("by-res"));
+    let provision = h.until_terminal("by-res", 1).await;
+    let last = provision.last().expect("event");
+    assert_eq!(
+        (last.state, last.error.as_ref().map(|e| e.class)),
+        (State::Error, Some(ErrorClass::Conflict)),
+        "the retry found the tombstone: {last:?}"
+    );
+    assert!(!h.platform.exists("by-res"), "and made nothing again");
+    assert_eq!(
+        h.record("by-res").await.torn_down_by.as_deref(),
+        Some("by-res-down")
+    );
 }

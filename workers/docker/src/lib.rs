@@ -26,7 +26,7 @@ use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::docker::{DockerSpec, PullPolicy};
 use provisioner_events::spec::{HealthCheck, parse_spec};
 use provisioner_events::{
-    Endpoint, ErrorClass, PlatformName, Request, Resource, State, TeardownTarget,
+    Endpoint, ErrorClass, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
 };
 use tracing::{debug, info};
 
@@ -634,6 +634,16 @@ impl Platform for DockerPlatform {
             self.policy.check(&spec)?;
         }
         Ok(())
+    }
+
+    async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {
+        let found = self
+            .find(&TeardownTarget::Resource(resource_id.to_owned()))
+            .await?;
+        Ok(found
+            .as_ref()
+            .and_then(|info| info.config.as_ref()?.labels.as_ref()?.get(REQUEST_LABEL))
+            .and_then(|id| RequestId::new(id.as_str()).ok()))
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {

@@ -29,7 +29,8 @@ use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::kubernetes::{KubernetesSpec, is_label};
 use provisioner_events::spec::parse_spec;
 use provisioner_events::{
-    Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, State, TeardownTarget,
+    Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
+    TeardownTarget,
 };
 use tracing::info;
 
@@ -494,6 +495,16 @@ impl Platform for KubernetesPlatform {
             spec_of(request)?;
         }
         Ok(())
+    }
+
+    async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {
+        let found = self
+            .find(&TeardownTarget::Resource(resource_id.to_owned()))
+            .await?;
+        Ok(found
+            .as_ref()
+            .and_then(|d| annotation(&d.metadata, REQUEST_ANNOTATION))
+            .and_then(|id| RequestId::new(id).ok()))
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {

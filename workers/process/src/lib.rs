@@ -4,9 +4,12 @@
 //!
 //! Running a command named in a message would be remote code execution for anyone who can
 //! publish, so only programs on the worker's own allow-list run, by absolute path, never
-//! through a shell. A process lives as long as the worker that started it (it is killed
-//! when the worker exits); idempotency holds within that worker: the same request id finds
-//! its running process instead of starting another.
+//! through a shell. A process lives as long as the worker that started it (it is stopped
+//! when the worker exits); the same request id finds its running process instead of
+//! starting another — also after its worker was killed outright, when the worker taking
+//! the request over on the same host adopts the process it left ([`orphans`]).
+
+pub mod orphans;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -19,7 +22,8 @@ use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::process::ProcessSpec;
 use provisioner_events::spec::{HealthCheck, parse_spec};
 use provisioner_events::{
-    Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, State, TeardownTarget,
+    Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
+    TeardownTarget,
 };
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
@@ -66,9 +70,43 @@ impl ProcessPolicy {
 }
 
 struct Running {
-    child: Child,
+    /// Our child; `None` for a process adopted from a worker that died.
+    child: Option<Child>,
     pid: u32,
     port: u16,
+}
+
+impl Running {
+    fn adopted(orphan: orphans::Orphan) -> Self {
+        Running {
+            child: None,
+            pid: orphan.pid,
+            port: orphan.port,
+        }
+    }
+
+    /// Whether it runs; `Err` says why not.
+    fn check(&mut self) -> Result<(), String> {
+        match &mut self.child {
+            Some(child) => match child.try_wait() {
+                Ok(None) => Ok(()),
+                Ok(Some(status)) => Err(format!("the process exited ({status})")),
+                Err(e) => Err(format!("the process cannot be waited on: {e}")),
+            },
+            None if orphans::alive(self.pid) => Ok(()),
+            None => Err("the process exited".into()),
+        }
+    }
+
+    async fn stop(&mut self) -> Result<(), String> {
+        match &mut self.child {
+            Some(child) => child
+                .kill()
+                .await
+                .map_err(|e| format!("cannot stop process {}: {e}", self.pid)),
+            None => orphans::stop(self.pid).await,
+        }
+    }
 }
 
 /// The process [`Platform`].
@@ -144,18 +182,31 @@ impl ProcessPlatform {
         }
     }
 
-    /// The request id of a target whose process is still alive; forgets dead ones.
+    /// The request id of a target whose process is still alive, adopting one a dead
+    /// worker left; forgets dead ones.
     async fn find(&self, target: &TeardownTarget) -> Option<String> {
         let mut running = self.running.lock().await;
-        running.retain(|_, r| matches!(r.child.try_wait(), Ok(None)));
+        running.retain(|_, r| r.check().is_ok());
         match target {
             TeardownTarget::Request(id) => {
-                running.contains_key(id.as_str()).then(|| id.to_string())
+                if !running.contains_key(id.as_str()) {
+                    let orphan = orphans::find(id.as_str())?;
+                    info!(
+                        pid = orphan.pid,
+                        "adopted the process a stopped worker left"
+                    );
+                    running.insert(id.to_string(), Running::adopted(orphan));
+                }
+                Some(id.to_string())
             }
-            TeardownTarget::Resource(pid) => running
-                .iter()
-                .find(|(_, r)| r.pid.to_string() == *pid)
-                .map(|(id, _)| id.clone()),
+            TeardownTarget::Resource(pid) => {
+                if let Some((id, _)) = running.iter().find(|(_, r)| r.pid.to_string() == *pid) {
+                    return Some(id.clone());
+                }
+                let (id, orphan) = orphans::of_pid(pid.parse().ok()?)?;
+                running.insert(id.clone(), Running::adopted(orphan));
+                Some(id)
+            }
         }
     }
 }
@@ -180,90 +231,32 @@ impl Platform for ProcessPlatform {
         let id = request.request_id.to_string();
         let mut running = self.running.lock().await;
         if let Some(existing) = running.get_mut(&id) {
-            if matches!(existing.child.try_wait(), Ok(None)) {
+            if existing.check().is_ok() {
                 return Ok(self.resource(&id, existing));
             }
             running.remove(&id);
         }
-        let port = match spec.port {
-            Some(port) => port,
-            None => free_port()?,
+        let port = if let Some(orphan) = orphans::find(&id) {
+            // Started by a worker that died: adopt it, and wait for it as for our own.
+            info!(
+                pid = orphan.pid,
+                "adopted the process a stopped worker left"
+            );
+            running.insert(id.clone(), Running::adopted(orphan));
+            drop(running);
+            orphan.port
+        } else {
+            self.start(&spec, &program, &id, running)?
         };
-        let args: Vec<String> = program
-            .leading_args
-            .iter()
-            .chain(&spec.args)
-            .map(|arg| arg.replace("{port}", &port.to_string()))
-            .collect();
-        let child = Command::new(&program.path)
-            .args(&args)
-            .envs(&spec.env)
-            .env("PORT", port.to_string())
-            .env("PROVISIONER_REQUEST_ID", &id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                PlatformError::permanent(
-                    ErrorClass::NotFound,
-                    format!(
-                        "cannot start {} ({}): {e}",
-                        spec.program,
-                        program.path.display()
-                    ),
-                )
-            })?;
-        let pid = child.id().unwrap_or_default();
-        info!(pid, port, program = %spec.program, "started process");
-        running.insert(id.clone(), Running { child, pid, port });
-        drop(running);
+        self.wait_ready(&spec, &id, port).await
+    }
 
-        let probe = match &spec.health {
-            Some(HealthCheck::Http { path, .. }) => Probe::Http {
-                host: self.address.clone(),
-                port,
-                path: path.clone(),
-            },
-            Some(HealthCheck::Tcp { .. }) | None => Probe::Tcp {
-                host: self.address.clone(),
-                port,
-            },
-        };
-        let timeout = spec
-            .ready_timeout_seconds
-            .map_or(DEFAULT_READY_TIMEOUT, Duration::from_secs);
-        let alive = || async {
-            let mut running = self.running.lock().await;
-            match running.get_mut(&id).map(|r| r.child.try_wait()) {
-                Some(Ok(None)) => Ok(()),
-                Some(Ok(Some(status))) => Err(format!("the process exited ({status})")),
-                Some(Err(e)) => Err(format!("the process cannot be waited on: {e}")),
-                None => Err("the process was torn down".into()),
-            }
-        };
-        match probe.wait_ready(timeout, alive).await {
-            Ok(()) => {
-                let running = self.running.lock().await;
-                let entry = running.get(&id).ok_or_else(|| {
-                    PlatformError::transient("the process was torn down while starting")
-                })?;
-                Ok(self.resource(&id, entry))
-            }
-            Err(why) => {
-                if let Some(mut failed) = self.running.lock().await.remove(&id) {
-                    let _ = failed.child.kill().await;
-                }
-                Err(PlatformError::permanent(
-                    why.class(),
-                    format!(
-                        "{} did not become ready: {why}; it was stopped",
-                        spec.program
-                    ),
-                ))
-            }
-        }
+    async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {
+        let target = TeardownTarget::Resource(resource_id.to_owned());
+        Ok(self
+            .find(&target)
+            .await
+            .and_then(|id| RequestId::new(id).ok()))
     }
 
     async fn teardown(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
@@ -274,9 +267,7 @@ impl Platform for ProcessPlatform {
             return Ok(None);
         };
         let resource = self.resource(&id, &entry);
-        entry.child.kill().await.map_err(|e| {
-            PlatformError::transient(format!("cannot stop process {}: {e}", entry.pid))
-        })?;
+        entry.stop().await.map_err(PlatformError::transient)?;
         info!(pid = entry.pid, "stopped process");
         Ok(Some(Resource {
             endpoints: Vec::new(),
@@ -297,7 +288,111 @@ impl Platform for ProcessPlatform {
 
     async fn list(&self) -> Result<Vec<Resource>, PlatformError> {
         let mut running = self.running.lock().await;
-        running.retain(|_, r| matches!(r.child.try_wait(), Ok(None)));
+        running.retain(|_, r| r.check().is_ok());
         Ok(running.iter().map(|(id, r)| self.resource(id, r)).collect())
+    }
+}
+
+impl ProcessPlatform {
+    /// Starts the program of a request; returns its port.
+    fn start(
+        &self,
+        spec: &ProcessSpec,
+        program: &AllowedProgram,
+        id: &str,
+        mut running: tokio::sync::MutexGuard<'_, HashMap<String, Running>>,
+    ) -> Result<u16, PlatformError> {
+        let port = match spec.port {
+            Some(port) => port,
+            None => free_port()?,
+        };
+        let args: Vec<String> = program
+            .leading_args
+            .iter()
+            .chain(&spec.args)
+            .map(|arg| arg.replace("{port}", &port.to_string()))
+            .collect();
+        let child = Command::new(&program.path)
+            .args(&args)
+            .envs(&spec.env)
+            .env("PORT", port.to_string())
+            .env(orphans::REQUEST_VARIABLE, id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                PlatformError::permanent(
+                    ErrorClass::NotFound,
+                    format!(
+                        "cannot start {} ({}): {e}",
+                        spec.program,
+                        program.path.display()
+                    ),
+                )
+            })?;
+        let pid = child.id().unwrap_or_default();
+        info!(pid, port, program = %spec.program, "started process");
+        running.insert(
+            id.to_owned(),
+            Running {
+                child: Some(child),
+                pid,
+                port,
+            },
+        );
+        Ok(port)
+    }
+
+    /// Waits until the process of `id` answers on `port`; stops it if it never does.
+    async fn wait_ready(
+        &self,
+        spec: &ProcessSpec,
+        id: &str,
+        port: u16,
+    ) -> Result<Resource, PlatformError> {
+        let probe = match &spec.health {
+            Some(HealthCheck::Http { path, .. }) => Probe::Http {
+                host: self.address.clone(),
+                port,
+                path: path.clone(),
+            },
+            Some(HealthCheck::Tcp { .. }) | None => Probe::Tcp {
+                host: self.address.clone(),
+                port,
+            },
+        };
+        let timeout = spec
+            .ready_timeout_seconds
+            .map_or(DEFAULT_READY_TIMEOUT, Duration::from_secs);
+        let alive = || async {
+            let mut running = self.running.lock().await;
+            match running.get_mut(id) {
+                Some(entry) => entry.check(),
+                None => Err("the process was torn down".into()),
+            }
+        };
+        match probe.wait_ready(timeout, alive).await {
+            Ok(()) => {
+                let running = self.running.lock().await;
+                let entry = running.get(id).ok_or_else(|| {
+                    PlatformError::transient("the process was torn down while starting")
+                })?;
+                Ok(self.resource(id, entry))
+            }
+            Err(why) => {
+                if let Some(mut failed) = self.running.lock().await.remove(id) {
+                    let _ = failed.stop().await;
+                }
+                Err(PlatformError::permanent(
+                    why.class(),
+                    format!(
+                        "{} did not become ready: {why}; it was stopped",
+                        spec.program
+                    ),
+                ))
+            }
+        }
     }
 }

@@ -101,3 +101,32 @@ async fn a_program_that_exits_is_an_invalid_request_not_a_timeout() {
     assert_eq!(error.class, ErrorClass::InvalidRequest, "{error}");
     assert!(error.message.contains("exited"), "{}", error.message);
 }
+
+#[tokio::test]
+async fn a_worker_that_takes_over_adopts_the_process_a_killed_one_left() {
+    let request = request(
+        &format!("adopt-{}", std::process::id()),
+        serde_json::json!({"program": "httpd", "args": ["-p", "127.0.0.1:{port}"], "health": {"tcp": {}}}),
+    );
+    let first = platform();
+    let made = first.provision(&request).await.expect("provision");
+    // Killed outright, the first worker never stops its child: it lives on.
+    std::mem::forget(first);
+    let taking_over = platform();
+    let again = taking_over
+        .provision(&request)
+        .await
+        .expect("provision again");
+    assert_eq!(again.id, made.id, "the same process, not a second one");
+    assert_eq!(again.endpoints, made.endpoints);
+    let pid: u32 = made.id.parse().expect("pid");
+    let removed = taking_over
+        .teardown(&provisioner_events::TeardownTarget::Request(
+            request.request_id.clone(),
+        ))
+        .await
+        .expect("teardown")
+        .expect("it was there");
+    assert_eq!(removed.id, made.id);
+    assert!(!provisioner_process::orphans::alive(pid), "stopped");
+}

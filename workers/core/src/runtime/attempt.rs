@@ -225,7 +225,14 @@ impl Worker {
                 .end_in_error(held, ErrorClass::Conflict, message, None)
                 .await;
         }
-        if let Some(target) = acted_on(request) {
+        let target = match acted_on(request) {
+            Some(target) => Some(target),
+            None => match self.resource_owner(request).await {
+                Ok(owner) => owner,
+                Err(failure) => return self.finish(held, delivery, done_state, Err(failure)).await,
+            },
+        };
+        if let Some(target) = target {
             let grant = self
                 .store_call(|| {
                     self.store.act_on(
@@ -305,6 +312,34 @@ impl Worker {
             return self.cancelled(held, &by).await;
         }
         self.finish(held, delivery, done_state, result).await
+    }
+
+    /// The request whose resource a request names by `resource_id` acts on, as the
+    /// platform's ownership tags tell: it serializes with that request (and a teardown
+    /// tombstones it) as if it had named `target_request_id`.
+    async fn resource_owner(&self, request: &Request) -> Result<Option<RequestId>, PlatformError> {
+        let acts = matches!(
+            request.operation,
+            Operation::Teardown | Operation::Stop | Operation::Start | Operation::Reboot
+        );
+        let Ok(TeardownTarget::Resource(resource_id)) = request.target() else {
+            return Ok(None);
+        };
+        if !acts || request.dry_run {
+            return Ok(None);
+        }
+        match tokio::time::timeout(
+            self.config.operation_timeout,
+            self.platform.owner_of(&resource_id),
+        )
+        .await
+        {
+            Ok(owner) => owner,
+            Err(_) => Err(PlatformError::retryable(
+                ErrorClass::Timeout,
+                format!("looking up who made {resource_id} took too long"),
+            )),
+        }
     }
 
     /// The heartbeat stopped the work before the platform answered.
