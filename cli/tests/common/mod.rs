@@ -473,10 +473,23 @@ impl Events {
         what: &str,
         done: impl Fn(&[StatusEvent]) -> bool,
     ) {
+        // `done` may look at every event: ask it at most a few times a second.
         let result = tokio::time::timeout(timeout, async {
-            while !done(&self.seen) {
-                let event = self.stream.next().await.expect("status stream ended");
-                self.seen.push(event);
+            let mut asked = tokio::time::Instant::now();
+            if done(&self.seen) {
+                return;
+            }
+            loop {
+                let tick = Duration::from_millis(250);
+                if let Ok(event) = tokio::time::timeout(tick, self.stream.next()).await {
+                    self.seen.push(event.expect("status stream ended"));
+                }
+                if asked.elapsed() >= tick {
+                    asked = tokio::time::Instant::now();
+                    if done(&self.seen) {
+                        return;
+                    }
+                }
             }
         })
         .await;

@@ -64,8 +64,15 @@ impl Ledger {
 
     /// Whether every accepted message has an answer among `events` (the moment to judge).
     pub fn all_answered(&self, events: &[StatusEvent]) -> bool {
+        let mut by_id: HashMap<&str, Vec<&StatusEvent>> = HashMap::new();
+        for event in events {
+            by_id
+                .entry(event.request_id.as_str())
+                .or_default()
+                .push(event);
+        }
         self.sent.iter().all(|(id, bodies)| {
-            let ours: Vec<&StatusEvent> = events.iter().filter(|e| e.request_id == *id).collect();
+            let ours = by_id.get(id.as_str()).map_or(&[][..], Vec::as_slice);
             let request_ended = ours.iter().any(|e| e.ends_request());
             bodies.iter().all(|sent| {
                 request_ended && sent.payload_hash.is_some()

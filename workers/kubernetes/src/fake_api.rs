@@ -149,6 +149,18 @@ impl FakeApi {
             .count()
     }
 
+    /// Every stored object of a kind.
+    pub fn objects(&self, kind: &str) -> Vec<Value> {
+        self.world
+            .lock()
+            .expect("lock")
+            .objects
+            .iter()
+            .filter(|((k, _, _), _)| k == kind)
+            .map(|(_, object)| object.clone())
+            .collect()
+    }
+
     /// `(path, propagationPolicy)` of every delete so far.
     pub fn deletes(&self) -> Vec<(String, String)> {
         self.world.lock().expect("lock").deletes.clone()

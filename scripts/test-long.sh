@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The long fault scenarios and the fuzzers, after the main suite (`.ci/run` calls both):
+# a duplicate storm through three EC2 workers on LocalStack (STORM_REQUESTS, default
+# 10000, each published 1 to 5 times), a flood of hostile messages (HOSTILE_MESSAGES,
+# default 100000), then every fuzz target for FUZZ_SECONDS (default 60) from its
+# committed corpus. Services start as for scripts/test.sh, which runs the scenarios.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export STORM_REQUESTS=${STORM_REQUESTS:-10000}
+export HOSTILE_MESSAGES=${HOSTILE_MESSAGES:-100000}
+bash scripts/test.sh --test long_faults -- --ignored --test-threads=1 --nocapture
+bash scripts/fuzz.sh
