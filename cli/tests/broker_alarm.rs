@@ -8,20 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestEnv, id};
+use common::{TestEnv, id, rabbitmqctl};
 use provisioner_events::State;
-
-fn rabbitmqctl(args: &[&str]) {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 /// Clears the alarm however the test ends.
 struct Alarm;

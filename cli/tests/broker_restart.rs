@@ -6,22 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestEnv, id};
+use common::{TestEnv, id, rabbitmqctl};
 use provisioner_core::StateStore;
 use provisioner_core::redis_store::RedisStore;
 use provisioner_events::State;
-
-fn rabbitmqctl(args: &[&str]) {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 #[tokio::test]
 async fn rabbitmq_restarting_mid_run_loses_no_request_and_the_worker_survives() {

@@ -72,6 +72,15 @@ impl Run {
         judge(&self.ledger, &self.events.seen, &resources, &self.store).await
     }
 
+    /// Waits until a worker is at work on `request_id`: the moment to break something.
+    async fn until_starting(&mut self, request_id: &str) {
+        self.events
+            .until(Duration::from_secs(30), "starting", |e| {
+                e.request_id == request_id && e.state == State::Starting
+            })
+            .await;
+    }
+
     fn marker(&self, name: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("fault-{}-{name}", self.env.run_id))
     }
@@ -161,11 +170,7 @@ async fn a_zombie_frozen_past_its_lease_is_refused_and_stops() {
     );
     let request_id = id(&slow);
     run.send(&slow).await;
-    run.events
-        .until(Duration::from_secs(30), "starting", |e| {
-            e.request_id == request_id && e.state == State::Starting
-        })
-        .await;
+    run.until_starting(&request_id).await;
     let pid = run.env.worker(zombie).id();
     signal(pid, "STOP");
     // Past its 3 s lease a second worker takes the request over through a duplicate (the
@@ -254,11 +259,7 @@ async fn a_conflicting_duplicate_while_the_original_runs_is_refused_alone() {
     );
     let request_id = id(&original);
     run.send(&original).await;
-    run.events
-        .until(Duration::from_secs(30), "starting", |e| {
-            e.request_id == request_id && e.state == State::Starting
-        })
-        .await;
+    run.until_starting(&request_id).await;
     let mut other = original.clone();
     other["labels"]["variant"] = "other".into();
     run.send(&other).await;
@@ -319,11 +320,7 @@ async fn redis_losing_every_key_mid_run_lets_no_zombie_write() {
         run.send(web).await;
     }
     let first = id(&webs[0]);
-    run.events
-        .until(Duration::from_secs(30), "starting", |e| {
-            e.request_id == first && e.state == State::Starting
-        })
-        .await;
+    run.until_starting(&first).await;
     redis.kill();
     redis.restart();
     let verdict = run.verdict().await;
@@ -460,11 +457,7 @@ async fn network_faults_to_the_broker_and_to_redis_lose_nothing() {
         run.send(web).await;
     }
     let first = id(&webs[0]);
-    run.events
-        .until(Duration::from_secs(30), "starting", |e| {
-            e.request_id == first && e.state == State::Starting
-        })
-        .await;
+    run.until_starting(&first).await;
     // Redis partitioned away for longer than a lease: the work stops, and resumes after.
     redis.set(Fault::BlackHole);
     tokio::time::sleep(Duration::from_secs(5)).await;

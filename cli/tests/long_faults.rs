@@ -39,22 +39,10 @@ impl Draw {
     }
 }
 
-fn ec2_client() -> aws_sdk_ec2::Client {
-    use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
-    aws_sdk_ec2::Client::from_conf(
-        aws_sdk_ec2::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .endpoint_url(common::aws_endpoint())
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-            .build(),
-    )
-}
-
 /// EC2 instances of this run on LocalStack, by request id.
 async fn instances(run_id: &str) -> HashMap<String, Vec<String>> {
     use aws_sdk_ec2::types::Filter;
-    let ec2 = ec2_client();
+    let ec2 = common::ec2_client();
     let mut by_request: HashMap<String, Vec<String>> = HashMap::new();
     let mut pages = ec2
         .describe_instances()
@@ -139,7 +127,7 @@ impl Target {
     async fn clean_up(&self, resources: &HashMap<String, Vec<String>>) {
         if let Target::Ec2 = self {
             let ids: Vec<String> = resources.values().flatten().cloned().collect();
-            let ec2 = ec2_client();
+            let ec2 = common::ec2_client();
             for chunk in ids.chunks(500) {
                 let _ = ec2
                     .terminate_instances()

@@ -32,6 +32,19 @@ pub fn ecs_endpoint() -> String {
         .unwrap_or_else(|_| "http://127.0.0.1:5000".into())
 }
 
+/// An EC2 client on LocalStack with its dummy credentials.
+pub fn ec2_client() -> aws_sdk_ec2::Client {
+    use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+    aws_sdk_ec2::Client::from_conf(
+        aws_sdk_ec2::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(aws_endpoint())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+            .build(),
+    )
+}
+
 /// An ECS client on moto with its dummy credentials.
 pub fn ecs_client() -> aws_sdk_ecs::Client {
     use aws_sdk_ecs::config::{BehaviorVersion, Credentials, Region};
@@ -80,7 +93,8 @@ pub fn docker_host() -> String {
     std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///run/podman/podman.sock".into())
 }
 
-fn rabbitmqctl(args: &[&str]) {
+/// Runs `rabbitmqctl`, failing the test if it fails.
+pub fn rabbitmqctl(args: &[&str]) {
     let output = Command::new("rabbitmqctl")
         .args(args)
         .output()
@@ -90,6 +104,36 @@ fn rabbitmqctl(args: &[&str]) {
         "rabbitmqctl {args:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Containers (all, stopped ones included) with a label (`key` or `key=value`), by the
+/// request id they were made for.
+async fn containers_labelled(label: &str) -> HashMap<String, Vec<String>> {
+    let docker = bollard::Docker::connect_with_unix(
+        docker_host().trim_start_matches("unix://"),
+        30,
+        bollard::API_DEFAULT_VERSION,
+    )
+    .expect("docker");
+    let filters = HashMap::from([("label", vec![label.to_owned()])]);
+    let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let mut by_request: HashMap<String, Vec<String>> = HashMap::new();
+    for container in docker.list_containers(Some(options)).await.expect("list") {
+        let request = container
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(provisioner_docker::REQUEST_LABEL))
+            .cloned()
+            .unwrap_or_default();
+        by_request
+            .entry(request)
+            .or_default()
+            .push(container.id.unwrap_or_default());
+    }
+    by_request
 }
 
 /// One test's world: its own vhost, key prefix and container label.
@@ -313,61 +357,12 @@ impl TestEnv {
 
     /// Containers this test made, by request id.
     pub async fn containers(&self) -> HashMap<String, Vec<String>> {
-        let docker = bollard::Docker::connect_with_unix(
-            docker_host().trim_start_matches("unix://"),
-            30,
-            bollard::API_DEFAULT_VERSION,
-        )
-        .expect("docker");
-        let filters = HashMap::from([("label", vec![format!("test-run={}", self.run_id)])]);
-        let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let mut by_request: HashMap<String, Vec<String>> = HashMap::new();
-        for container in docker.list_containers(Some(options)).await.expect("list") {
-            let request = container
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(provisioner_docker::REQUEST_LABEL))
-                .cloned()
-                .unwrap_or_default();
-            by_request
-                .entry(request)
-                .or_default()
-                .push(container.id.unwrap_or_default());
-        }
-        by_request
+        containers_labelled(&format!("test-run={}", self.run_id)).await
     }
 
     /// Every container on the engine that a provisioner made, by request id.
     pub async fn all_containers(&self) -> HashMap<String, Vec<String>> {
-        let docker = bollard::Docker::connect_with_unix(
-            docker_host().trim_start_matches("unix://"),
-            30,
-            bollard::API_DEFAULT_VERSION,
-        )
-        .expect("docker");
-        let filters =
-            HashMap::from([("label", vec![provisioner_docker::REQUEST_LABEL.to_owned()])]);
-        let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let mut by_request: HashMap<String, Vec<String>> = HashMap::new();
-        for container in docker.list_containers(Some(options)).await.expect("list") {
-            let request = container
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(provisioner_docker::REQUEST_LABEL))
-                .cloned()
-                .unwrap_or_default();
-            by_request
-                .entry(request)
-                .or_default()
-                .push(container.id.unwrap_or_default());
-        }
-        by_request
+        containers_labelled(provisioner_docker::REQUEST_LABEL).await
     }
 
     pub async fn queue_depth(&self, queue: &str) -> u32 {

@@ -32,6 +32,18 @@ struct Sent {
     target: Option<String>,
 }
 
+/// Events by the request id they name.
+fn by_request(events: &[StatusEvent]) -> HashMap<&str, Vec<&StatusEvent>> {
+    let mut by_id: HashMap<&str, Vec<&StatusEvent>> = HashMap::new();
+    for event in events {
+        by_id
+            .entry(event.request_id.as_str())
+            .or_default()
+            .push(event);
+    }
+    by_id
+}
+
 /// Everything a workload published and the broker confirmed, by request id.
 #[derive(Debug, Default)]
 pub struct Ledger {
@@ -64,13 +76,7 @@ impl Ledger {
 
     /// Whether every accepted message has an answer among `events` (the moment to judge).
     pub fn all_answered(&self, events: &[StatusEvent]) -> bool {
-        let mut by_id: HashMap<&str, Vec<&StatusEvent>> = HashMap::new();
-        for event in events {
-            by_id
-                .entry(event.request_id.as_str())
-                .or_default()
-                .push(event);
-        }
+        let by_id = by_request(events);
         self.sent.iter().all(|(id, bodies)| {
             let ours = by_id.get(id.as_str()).map_or(&[][..], Vec::as_slice);
             let request_ended = ours.iter().any(|e| e.ends_request());
@@ -158,13 +164,7 @@ pub async fn judge(
         requests: ledger.sent.len(),
         ..Verdict::default()
     };
-    let mut by_id: HashMap<&str, Vec<&StatusEvent>> = HashMap::new();
-    for event in events {
-        by_id
-            .entry(event.request_id.as_str())
-            .or_default()
-            .push(event);
-    }
+    let by_id = by_request(events);
     // The requests whose resource a `stopped` teardown says is gone.
     let mut torn_down: BTreeSet<String> = BTreeSet::new();
     for (id, bodies) in &ledger.sent {

@@ -409,19 +409,7 @@ impl Broker for MemoryBroker {
         _request_id: &str,
         body: &[u8],
     ) -> Result<(), BrokerError> {
-        let platform = platform_of(routing_key)?;
-        self.enqueue(
-            platform,
-            QueuedMessage {
-                body: body.to_vec(),
-                routing_key: routing_key.to_owned(),
-                attempt: 1,
-                redelivered: false,
-                waits: 0,
-                published_at: Some(SystemTime::now()),
-            },
-        );
-        Ok(())
+        self.publish_request_at(routing_key, body, SystemTime::now())
     }
 
     async fn subscribe_status(&self) -> Result<BoxStream<'static, StatusEvent>, BrokerError> {
