@@ -22,6 +22,8 @@ struct Run {
     events: Events,
     ledger: Ledger,
     store: RedisStore,
+    /// Where the resources are: EC2 on LocalStack, or containers on Podman.
+    ec2: bool,
 }
 
 impl Run {
@@ -40,6 +42,7 @@ impl Run {
             events,
             ledger: Ledger::default(),
             store,
+            ec2: false,
         }
     }
 
@@ -68,7 +71,11 @@ impl Run {
             )
             .await;
         self.events.drain(Duration::from_secs(3)).await;
-        let resources = self.env.containers().await;
+        let resources = if self.ec2 {
+            common::ec2_instances(&self.env.run_id).await
+        } else {
+            self.env.containers().await
+        };
         judge(&self.ledger, &self.events.seen, &resources, &self.store).await
     }
 
@@ -86,20 +93,41 @@ impl Run {
     }
 }
 
+/// The platforms the crash scenarios run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum On {
+    Podman,
+    LocalStack,
+}
+
 /// A worker that dies at `point` the first time it gets there, and a steady worker that
-/// starts once it has: every request still ends once, with one container each.
-async fn crash_at(point: &str) {
+/// starts once it has: every request still ends once, with one resource each.
+async fn crash_at(point: &str, on: On) {
     let mut run = Run::new().await;
+    run.ec2 = on == On::LocalStack;
     let marker = run.marker(point);
     let marker_text = marker.to_string_lossy().into_owned();
-    run.env.start_worker_with(
-        "crashy",
-        &[
-            ("PROVISIONER_FAULT_POINT", point),
-            ("PROVISIONER_FAULT_ONCE", &marker_text),
-        ],
-    );
-    let webs: Vec<serde_json::Value> = (0..3).map(|n| run.env.web(&format!("c{n}"))).collect();
+    let fault = [
+        ("PROVISIONER_FAULT_POINT", point),
+        ("PROVISIONER_FAULT_ONCE", marker_text.as_str()),
+    ];
+    let start = |env: &mut TestEnv, name: &str, extra: &[(&str, &str)]| match on {
+        On::Podman => env.start_worker_with(name, extra),
+        On::LocalStack => env.start_ec2_worker_with(name, extra),
+    };
+    start(&mut run.env, "crashy", &fault);
+    let request = |env: &TestEnv, name: &str| match on {
+        On::Podman => env.web(name),
+        On::LocalStack => serde_json::json!({
+            "schema_version": 1, "request_id": format!("{name}-{}", env.run_id),
+            "operation": "provision", "platform": "aws-ec2",
+            "spec": {"image_id": common::LOCALSTACK_IMAGE, "instance_type": "t3.micro"},
+            "labels": {"test-run": env.run_id}
+        }),
+    };
+    let webs: Vec<serde_json::Value> = (0..3)
+        .map(|n| request(&run.env, &format!("c{n}")))
+        .collect();
     for web in &webs {
         run.send(web).await;
         run.send(web).await;
@@ -113,9 +141,12 @@ async fn crash_at(point: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    run.env.start_worker("steady");
+    start(&mut run.env, "steady", &[]);
     let doomed = id(&webs[0]);
-    let down = run.env.teardown("c0-down", &doomed);
+    let mut down = run.env.teardown("c0-down", &doomed);
+    if on == On::LocalStack {
+        down["platform"] = "aws-ec2".into();
+    }
     run.send(&down).await;
     let verdict = run.verdict().await;
     verdict.assert_clean();
@@ -129,27 +160,52 @@ async fn crash_at(point: &str) {
 
 #[tokio::test]
 async fn a_crash_after_receiving_loses_nothing() {
-    crash_at("after_receive").await;
+    crash_at("after_receive", On::Podman).await;
+}
+
+#[tokio::test]
+async fn a_crash_after_receiving_loses_nothing_on_localstack() {
+    crash_at("after_receive", On::LocalStack).await;
 }
 
 #[tokio::test]
 async fn a_crash_after_claiming_loses_nothing() {
-    crash_at("after_claim").await;
+    crash_at("after_claim", On::Podman).await;
+}
+
+#[tokio::test]
+async fn a_crash_after_claiming_loses_nothing_on_localstack() {
+    crash_at("after_claim", On::LocalStack).await;
 }
 
 #[tokio::test]
 async fn a_crash_after_the_platform_call_before_recording_loses_nothing() {
-    crash_at("after_platform_call").await;
+    crash_at("after_platform_call", On::Podman).await;
+}
+
+#[tokio::test]
+async fn a_crash_after_the_platform_call_before_recording_loses_nothing_on_localstack() {
+    crash_at("after_platform_call", On::LocalStack).await;
 }
 
 #[tokio::test]
 async fn a_crash_after_recording_before_publishing_loses_nothing() {
-    crash_at("after_record").await;
+    crash_at("after_record", On::Podman).await;
+}
+
+#[tokio::test]
+async fn a_crash_after_recording_before_publishing_loses_nothing_on_localstack() {
+    crash_at("after_record", On::LocalStack).await;
 }
 
 #[tokio::test]
 async fn a_crash_after_publishing_before_the_ack_loses_nothing() {
-    crash_at("after_publish").await;
+    crash_at("after_publish", On::Podman).await;
+}
+
+#[tokio::test]
+async fn a_crash_after_publishing_before_the_ack_loses_nothing_on_localstack() {
+    crash_at("after_publish", On::LocalStack).await;
 }
 
 fn signal(pid: u32, name: &str) {

@@ -39,51 +39,7 @@ impl Draw {
     }
 }
 
-/// EC2 instances of this run on LocalStack, by request id.
-async fn instances(run_id: &str) -> HashMap<String, Vec<String>> {
-    use aws_sdk_ec2::types::Filter;
-    let ec2 = common::ec2_client();
-    let mut by_request: HashMap<String, Vec<String>> = HashMap::new();
-    let mut pages = ec2
-        .describe_instances()
-        .filters(
-            Filter::builder()
-                .name("tag:test-run")
-                .values(run_id)
-                .build(),
-        )
-        .filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .values("pending")
-                .values("running")
-                .values("stopping")
-                .values("stopped")
-                .build(),
-        )
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        let page = page.expect("describe instances");
-        for instance in page.reservations().iter().flat_map(|r| r.instances()) {
-            let request = instance
-                .tags()
-                .iter()
-                .find(|t| t.key() == Some(provisioner_aws_ec2::REQUEST_TAG))
-                .and_then(|t| t.value())
-                .unwrap_or_default()
-                .to_owned();
-            by_request
-                .entry(request)
-                .or_default()
-                .push(instance.instance_id().unwrap_or_default().to_owned());
-        }
-    }
-    by_request
-}
-
-/// An AMI in LocalStack's catalogue.
-const IMAGE: &str = "ami-03cf127a";
+use common::LOCALSTACK_IMAGE as IMAGE;
 
 /// Where a storm runs, and how to see what it made.
 enum Target {
@@ -140,7 +96,7 @@ impl Target {
 
     async fn resources(&self, run_id: &str) -> HashMap<String, Vec<String>> {
         match self {
-            Target::Ec2 => instances(run_id).await,
+            Target::Ec2 => common::ec2_instances(run_id).await,
             Target::Kubernetes(api) => {
                 let mut by_request: HashMap<String, Vec<String>> = HashMap::new();
                 for deployment in api.objects("deployments") {
@@ -459,4 +415,96 @@ async fn a_flood_of_hostile_messages_is_refused_one_by_one_and_nothing_reaches_t
         started.elapsed().as_secs_f64(),
         refusals.len()
     );
+}
+
+#[tokio::test]
+#[ignore = "long: run by scripts/test-long.sh"]
+async fn rabbitmq_restarting_with_a_thousand_requests_in_flight_loses_nothing() {
+    let count = size("RESTART_REQUESTS", 1_000);
+    // Deployments become available slowly, so the restart finds most of them at work.
+    let api = provisioner_kubernetes::fake_api::FakeApi::start(5).await;
+    let target = Target::Kubernetes(api);
+    let mut env = TestEnv::new().await;
+    for name in ["a", "b", "c"] {
+        target.start_worker(&mut env, name);
+    }
+    env.broker
+        .declare(provisioner_events::PlatformName::Kubernetes)
+        .await
+        .expect("declare");
+    let mut ledger = Ledger::default();
+    let requests: Vec<serde_json::Value> = (0..count)
+        .map(|n| {
+            serde_json::json!({
+                "schema_version": 1, "request_id": format!("inflight{n}-{}", env.run_id),
+                "operation": "provision", "platform": "kubernetes", "spec": target.spec(),
+                "labels": {"test-run": env.run_id}
+            })
+        })
+        .collect();
+    for request in &requests {
+        let body = request.to_string().into_bytes();
+        env.broker
+            .publish_request("kubernetes.provision", &id(request), &body)
+            .await
+            .expect("publish");
+        ledger.accepted(&id(request), &body);
+    }
+    let store = RedisStore::connect(&env.redis_url, &env.redis_prefix, Duration::from_secs(3600))
+        .await
+        .expect("redis");
+    // Restart once a tenth has finished: the rest are claimed, parked or queued.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while finished(&store, &requests).await < count / 10 {
+        assert!(Instant::now() < deadline, "the run never got going");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let in_flight = count - finished(&store, &requests).await;
+    common::rabbitmqctl(&["-q", "stop_app"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    common::rabbitmqctl(&["-q", "start_app"]);
+    common::rabbitmqctl(&["-q", "await_startup"]);
+    eprintln!("restart: RabbitMQ restarted with {in_flight} of {count} requests unfinished");
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while finished(&store, &requests).await < count {
+        assert!(
+            Instant::now() < deadline,
+            "not every request finished after the restart: {}",
+            env.worker_log("a")
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Our own subscription was cut by the restart; the journal kept every event.
+    // The test's own connection died with the broker: the first calls may fail while it
+    // connects again.
+    let mut tries = 0;
+    let events = loop {
+        match env.broker.take_journal(100_000).await {
+            Ok(events) => break events,
+            Err(e) if tries < 10 => {
+                tries += 1;
+                eprintln!("reading the journal: {e}; again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("reading the journal: {e}"),
+        }
+    };
+    let resources = target.resources(&env.run_id).await;
+    let verdict = judge(&ledger, &events, &resources, &store).await;
+    verdict.assert_clean();
+    assert_eq!(verdict.outcomes.get("running"), Some(&count), "{verdict}");
+}
+
+/// How many of `requests` have a result in the store.
+async fn finished(store: &RedisStore, requests: &[serde_json::Value]) -> usize {
+    let mut done = 0;
+    for request in requests {
+        if let Ok(Some(record)) = provisioner_core::StateStore::get(store, &id(request)).await
+            && record.result.is_some()
+        {
+            done += 1;
+        }
+    }
+    done
 }

@@ -45,6 +45,52 @@ pub fn ec2_client() -> aws_sdk_ec2::Client {
     )
 }
 
+/// An AMI in LocalStack's catalogue.
+pub const LOCALSTACK_IMAGE: &str = "ami-03cf127a";
+
+/// EC2 instances of this run on LocalStack, by request id.
+pub async fn ec2_instances(run_id: &str) -> HashMap<String, Vec<String>> {
+    use aws_sdk_ec2::types::Filter;
+    let ec2 = ec2_client();
+    let mut by_request: HashMap<String, Vec<String>> = HashMap::new();
+    let mut pages = ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name("tag:test-run")
+                .values(run_id)
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .values("stopping")
+                .values("stopped")
+                .build(),
+        )
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.expect("describe instances");
+        for instance in page.reservations().iter().flat_map(|r| r.instances()) {
+            let request = instance
+                .tags()
+                .iter()
+                .find(|t| t.key() == Some(provisioner_aws_ec2::REQUEST_TAG))
+                .and_then(|t| t.value())
+                .unwrap_or_default()
+                .to_owned();
+            by_request
+                .entry(request)
+                .or_default()
+                .push(instance.instance_id().unwrap_or_default().to_owned());
+        }
+    }
+    by_request
+}
+
 /// An ECS client on moto with its dummy credentials.
 pub fn ecs_client() -> aws_sdk_ecs::Client {
     use aws_sdk_ecs::config::{BehaviorVersion, Credentials, Region};
@@ -212,17 +258,19 @@ impl TestEnv {
 
     /// An aws-ec2 worker pointed at LocalStack with its dummy credentials.
     pub fn start_ec2_worker(&mut self, name: &str) -> usize {
+        self.start_ec2_worker_with(name, &[])
+    }
+
+    pub fn start_ec2_worker_with(&mut self, name: &str, extra: &[(&str, &str)]) -> usize {
         let endpoint = aws_endpoint();
-        self.start_platform_worker(
-            "aws-ec2",
-            name,
-            &[
-                ("AWS_ENDPOINT_URL", endpoint.as_str()),
-                ("AWS_ACCESS_KEY_ID", "test"),
-                ("AWS_SECRET_ACCESS_KEY", "test"),
-                ("AWS_REGION", "us-east-1"),
-            ],
-        )
+        let mut env = vec![
+            ("AWS_ENDPOINT_URL", endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ];
+        env.extend_from_slice(extra);
+        self.start_platform_worker("aws-ec2", name, &env)
     }
 
     /// An aws-ecs worker pointed at moto with its dummy credentials.

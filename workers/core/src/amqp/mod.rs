@@ -50,6 +50,7 @@ use provisioner_events::{
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
+mod journal;
 mod redrive;
 
 pub use redrive::DeadLetterInfo;
