@@ -42,13 +42,37 @@ fi
 redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null
 
 # RabbitMQ: 3.10 from Debian has quorum queues, delivery limits and dead-letter exchanges.
-if ! rabbitmqctl -q status >/dev/null 2>&1; then
+# Debian's wrapper starts the node through `su rabbitmq`, which resets the soft limit on
+# open files to 1024. RabbitMQ's file handle cache then runs dry after a few hundred
+# quorum queues and the node stalls: creating a vhost, or booting, waits forever. Start
+# the node as the rabbitmq user ourselves, with the soft limit raised to the hard one.
+start_rabbitmq() {
   say "starting rabbitmq (about 15 s)"
-  as_root rabbitmq-server -detached
+  as_root su rabbitmq -s /bin/sh -c \
+    'ulimit -S -n "$(ulimit -H -n)"; cd /var/lib/rabbitmq; exec /usr/sbin/rabbitmq-server -detached'
+}
+rabbitmq_ready() { # within $1 seconds
+  # await_startup fails at once while the node has not yet registered with epmd: poll.
+  local deadline=$((SECONDS + $1))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    rabbitmqctl -q await_startup --timeout 5 >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  return 1
+}
+if ! rabbitmqctl -q status >/dev/null 2>&1; then
+  rabbitmq-diagnostics -q ping >/dev/null 2>&1 || start_rabbitmq
+  if ! rabbitmq_ready 90; then
+    # The Erlang node runs but RabbitMQ never finished booting (e.g. the stall above):
+    # stop it hard and start it again.
+    say "rabbitmq did not finish starting; restarting it"
+    timeout 30 rabbitmqctl -q stop >/dev/null 2>&1 || true
+    as_root pkill -9 -u rabbitmq -f beam.smp || true
+    sleep 2
+    start_rabbitmq
+  fi
 fi
-# await_startup fails at once while the node has not yet registered with epmd: poll first.
-for _ in $(seq 120); do rabbitmqctl -q await_startup --timeout 5 >/dev/null 2>&1 && break; sleep 1; done
-rabbitmqctl -q await_startup --timeout 10 >/dev/null
+rabbitmq_ready 120 || { say "rabbitmq does not start: see /var/log/rabbitmq/"; exit 1; }
 
 # Podman: the Docker Engine API on a unix socket, with runc and cgroupfs (crun and the
 # default ulimits fail in this sandbox).

@@ -10,6 +10,12 @@ bash scripts/dev-services.sh
 bash localstack/start.sh
 bash localstack/start-moto.sh
 
+# Each test deletes its own vhost; a run that was killed leaves its vhosts behind, and
+# every quorum queue in them costs the broker memory and file handles for good.
+for vhost in $(rabbitmqctl -q list_vhosts --no-table-headers | grep -E '^(test|lambda|bench)-[0-9a-f]{8,10}$' || true); do
+  rabbitmqctl -q delete_vhost "$vhost" </dev/null
+done
+
 export DOCKER_HOST=${DOCKER_HOST:-unix:///run/podman/podman.sock}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 # The AWS tests talk to LocalStack (EC2) and moto (ECS) with dummy credentials, set per

@@ -47,7 +47,8 @@ async fn a_memory_alarm_pauses_the_work_with_a_clear_reason_and_it_resumes_after
     );
     assert!(
         env.worker(worker).try_wait().expect("status").is_none(),
-        "the worker lives"
+        "the worker lives: {}",
+        env.worker_log("a")
     );
     let log = env.worker_log("a");
     assert!(log.contains("blocks publishing"), "{log}");

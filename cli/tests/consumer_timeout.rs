@@ -14,14 +14,10 @@ use common::{TestEnv, id};
 use provisioner_core::redis_store::RedisStore;
 
 fn rabbit_env(key: &str, value: u64) {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args([
-            "eval",
-            &format!("application:set_env(rabbit, {key}, {value})."),
-        ])
-        .output()
-        .expect("rabbitmqctl");
-    assert!(output.status.success(), "{output:?}");
+    common::rabbitmqctl(&[
+        "eval",
+        &format!("application:set_env(rabbit, {key}, {value})."),
+    ]);
 }
 
 /// RabbitMQ's defaults again, however the test ends.

@@ -227,21 +227,13 @@ async fn a_broker_connection_drop_is_survived_without_losing_requests() {
     env.publish(&first).await;
     assert_eq!(events.terminal(&id(&first)).await.state, State::Running);
     // Close the worker's connections from the broker side, as a broker restart would.
-    let output = std::process::Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "close_all_connections",
-            "--vhost",
-            &env.vhost,
-            "test: simulated broker restart",
-        ])
-        .output()
-        .expect("rabbitmqctl");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    common::rabbitmqctl(&[
+        "-q",
+        "close_all_connections",
+        "--vhost",
+        &env.vhost,
+        "test: simulated broker restart",
+    ]);
     // Our own test connection was closed too: a fresh environment handle re-subscribes.
     let mut events = env.events().await;
     let second = env.web("after-drop");

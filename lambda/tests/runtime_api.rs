@@ -156,8 +156,11 @@ impl RuntimeApi {
     }
 }
 
+/// Runs rabbitmqctl, bounded: a broker that stalls fails the test instead of hanging it.
 fn rabbitmqctl(args: &[&str]) {
-    let output = Command::new("rabbitmqctl")
+    let output = Command::new("timeout")
+        .arg("120")
+        .arg("rabbitmqctl")
         .args(args)
         .output()
         .expect("rabbitmqctl must be installed (scripts/test.sh installs RabbitMQ)");
@@ -167,6 +170,7 @@ fn rabbitmqctl(args: &[&str]) {
 /// One test's world: its own vhost and Redis prefix, the Runtime API, the function.
 struct Env {
     run_id: String,
+    vhost: String,
     amqp_url: String,
     redis_url: String,
     prefix: String,
@@ -182,6 +186,10 @@ impl Drop for Env {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Every quorum queue left behind costs the broker file handles for good.
+        let _ = Command::new("timeout")
+            .args(["120", "rabbitmqctl", "-q", "delete_vhost", &self.vhost])
+            .output();
     }
 }
 
@@ -214,6 +222,7 @@ impl Env {
             api: RuntimeApi::start().await,
             function: None,
             run_id,
+            vhost,
         }
     }
 
@@ -701,4 +710,49 @@ async fn a_held_request_in_a_rabbitmq_event_comes_back_through_the_retry_tier() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(depth, 1, "{}", env.function_log());
+}
+
+#[tokio::test]
+async fn a_rabbitmq_batch_delivered_again_does_not_dead_letter_twice() {
+    let mut env = Env::new().await;
+    env.start_function("aws-ec2", &localstack());
+    let queue = work_queue(PlatformName::AwsEc2);
+    // Not a request: the function refuses it and dead-letters it with its reason.
+    let garbage = serde_json::json!({"request_id": env.id("junk"), "operation": "explode"});
+    let first = env
+        .api
+        .invoke(rabbitmq_event(&queue, std::slice::from_ref(&garbage)))
+        .await;
+    assert_eq!(first, Ok(serde_json::json!({})), "{}", env.function_log());
+    let dead = dead_letter_queue(PlatformName::AwsEc2);
+    let depth = || async { env.broker.queue_depth(&dead).await.unwrap_or(0) };
+    for _ in 0..50 {
+        if depth().await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(depth().await, 1, "{}", env.function_log());
+    // Amazon MQ delivers the batch again (as after a failed invocation): this warm
+    // function knows it handed the message on already.
+    let mut again = rabbitmq_event(&queue, std::slice::from_ref(&garbage));
+    for messages in again["rmqMessagesByQueue"]
+        .as_object_mut()
+        .expect("queues")
+        .values_mut()
+    {
+        for message in messages.as_array_mut().expect("messages") {
+            message["redelivered"] = true.into();
+        }
+    }
+    let second = env.api.invoke(again).await;
+    assert_eq!(second, Ok(serde_json::json!({})), "{}", env.function_log());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        depth().await,
+        1,
+        "dead-lettered once: {}",
+        env.function_log()
+    );
+    assert!(env.function_log().contains("already handed on"));
 }

@@ -141,7 +141,10 @@ pub fn docker_host() -> String {
 
 /// Runs `rabbitmqctl`, failing the test if it fails.
 pub fn rabbitmqctl(args: &[&str]) {
-    let output = Command::new("rabbitmqctl")
+    // Bounded: a broker that stalls fails the test instead of hanging the whole run.
+    let output = Command::new("timeout")
+        .arg("120")
+        .arg("rabbitmqctl")
         .args(args)
         .output()
         .expect("rabbitmqctl must be installed (scripts/test.sh installs RabbitMQ)");
@@ -433,8 +436,8 @@ impl Drop for TestEnv {
                 ),
             ])
             .output();
-        let _ = Command::new("rabbitmqctl")
-            .args(["-q", "delete_vhost", &self.vhost])
+        let _ = Command::new("timeout")
+            .args(["120", "rabbitmqctl", "-q", "delete_vhost", &self.vhost])
             .output();
     }
 }
