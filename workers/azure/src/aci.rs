@@ -16,13 +16,16 @@ use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::azure::AzureContainerSpec;
 use provisioner_events::spec::parse_spec;
 use provisioner_events::{
-    Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, State, TeardownTarget,
+    Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
+    TeardownTarget,
 };
 use serde_json::{Value, json};
 use tracing::info;
 
 use crate::arm::ArmClient;
-use crate::{AzureSettings, MANAGED_TAG, REQUEST_ID_TAG, arm_error, check_owner, target_name};
+use crate::{
+    AzureSettings, MANAGED_TAG, REQUEST_ID_TAG, arm_error, check_owner, tagged_owner, target_name,
+};
 
 pub const ACI_API_VERSION: &str = "2023-05-01";
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(600);
@@ -362,6 +365,13 @@ impl Platform for ContainerInstancesPlatform {
             .await?;
         info!(group = %name, "deleted");
         Ok(Some(self.resource(&group)))
+    }
+
+    async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {
+        let found = self
+            .find(&TeardownTarget::Resource(resource_id.to_owned()))
+            .await?;
+        Ok(found.as_ref().and_then(tagged_owner))
     }
 
     async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 use azure_core::error::ErrorKind;
 use provisioner_core::PlatformError;
-use provisioner_events::{ErrorClass, TeardownTarget};
+use provisioner_events::{ErrorClass, RequestId, TeardownTarget};
 use serde_json::Value;
 
 pub use aci::ContainerInstancesPlatform;
@@ -226,6 +226,11 @@ pub(crate) fn check_owner(
             format!("{what} was not made by the provisioner for {target}; it was left alone"),
         ))
     }
+}
+
+/// The request a resource was made for, read from its `provisioner-request-id` tag.
+pub(crate) fn tagged_owner(resource: &Value) -> Option<RequestId> {
+    RequestId::new(resource["tags"][REQUEST_ID_TAG].as_str()?).ok()
 }
 
 /// How an ARM failure is sorted, by its HTTP status and ARM error `code` (and message,

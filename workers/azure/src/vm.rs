@@ -20,13 +20,13 @@ use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::azure::AzureVmSpec;
 use provisioner_events::spec::parse_spec;
 use provisioner_events::{
-    ErrorClass, Operation, PlatformName, Request, Resource, State, TeardownTarget,
+    ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
 };
 use serde_json::{Value, json};
 use tracing::info;
 
 use crate::arm::ArmClient;
-use crate::{AzureSettings, MANAGED_TAG, REQUEST_ID_TAG, check_owner, target_name};
+use crate::{AzureSettings, MANAGED_TAG, REQUEST_ID_TAG, check_owner, tagged_owner, target_name};
 
 pub const COMPUTE_API_VERSION: &str = "2024-07-01";
 pub const NETWORK_API_VERSION: &str = "2024-05-01";
@@ -439,6 +439,13 @@ impl Platform for VmPlatform {
             }
         }
         Ok(removed)
+    }
+
+    async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {
+        let found = self
+            .find(&TeardownTarget::Resource(resource_id.to_owned()))
+            .await?;
+        Ok(found.as_ref().and_then(tagged_owner))
     }
 
     async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {

@@ -42,13 +42,14 @@ where
         "{name}: provision run twice renamed the resource"
     );
 
+    // A request naming the resource by id must serialize with (and, for a teardown,
+    // tombstone) the request that made it: the platform must be able to tell which.
     match platform.owner_of(&first.id).await {
         Ok(Some(owner)) => assert_eq!(
             owner, provision.request_id,
             "{name}: owner_of names another request"
         ),
-        // A platform that cannot tell says so with None.
-        Ok(None) => {}
+        Ok(None) => panic!("{name}: owner_of cannot tell who made {}", first.id),
         Err(e) => panic!("{name}: owner_of failed: {e}"),
     }
     let target = TeardownTarget::Request(provision.request_id.clone());

@@ -24,7 +24,8 @@ use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::gcp::{GcpCloudRunSpec, is_gcp_label};
 use provisioner_events::spec::parse_spec;
 use provisioner_events::{
-    Endpoint, ErrorClass, Operation, PlatformName, Request, Resource, State, TeardownTarget,
+    Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
+    TeardownTarget,
 };
 use tracing::info;
 
@@ -411,6 +412,16 @@ impl Platform for CloudRunPlatform {
         }
         info!(service = %name, "deleted");
         Ok(Some(Self::resource(&service)))
+    }
+
+    async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {
+        let found = self
+            .find(&TeardownTarget::Resource(resource_id.to_owned()))
+            .await?;
+        Ok(found
+            .as_ref()
+            .and_then(|service| service.annotations.get(REQUEST_ID_KEY))
+            .and_then(|id| RequestId::new(id.as_str()).ok()))
     }
 
     async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {

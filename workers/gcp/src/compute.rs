@@ -24,7 +24,7 @@ use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::gcp::{GcpComputeSpec, is_gcp_label};
 use provisioner_events::spec::parse_spec;
 use provisioner_events::{
-    ErrorClass, Operation, PlatformName, Request, Resource, State, TeardownTarget,
+    ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
 };
 use tracing::info;
 
@@ -588,6 +588,16 @@ impl Platform for ComputePlatform {
         }
         info!(instance = %name, zone = %zone, "deleted");
         Ok(Some(Self::resource(&instance)))
+    }
+
+    async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {
+        let found = self
+            .find(&TeardownTarget::Resource(resource_id.to_owned()))
+            .await?;
+        Ok(found
+            .as_ref()
+            .and_then(|instance| metadata_item(instance, REQUEST_ID_KEY))
+            .and_then(|id| RequestId::new(id).ok()))
     }
 
     async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {
