@@ -57,7 +57,17 @@ async fn a_memory_alarm_pauses_the_work_with_a_clear_reason_and_it_resumes_after
         let ended = events.terminal(&id(web)).await;
         assert_eq!(ended.state, State::Running, "{ended:#?}");
     }
-    assert!(env.worker_log("a").contains("publishes again"));
+    // Deliveries taken before the block was noticed publish as soon as it lifts; the
+    // consumer loop notices at its next look (every BLOCKED_POLL), so wait for the line.
+    let mut resumed = false;
+    for _ in 0..100 {
+        resumed = env.worker_log("a").contains("publishes again");
+        if resumed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(resumed, "{}", env.worker_log("a"));
     let containers = env.containers().await;
     assert!(containers.values().all(|c| c.len() == 1), "{containers:?}");
 }
