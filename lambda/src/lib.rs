@@ -5,20 +5,24 @@
 //! | the core's settlement | Amazon MQ for RabbitMQ event | SQS event |
 //! |---|---|---|
 //! | ack | done | done |
-//! | retry after a delay | parked in the platform's RabbitMQ delay queue, done | reported in `batchItemFailures`; SQS delivers it again after the visibility timeout |
+//! | retry after a delay | parked in the platform's RabbitMQ delay queue, done | sent back to its queue as a new message, delayed, with its counts (see [`sqs`]), done |
 //! | dead letter (rejected) | published to `provisioning.dead-letter` with the reason, done | the same, then deleted from SQS |
 //! | give back (the broker down) | the invocation fails, so the event source delivers the batch again | reported in `batchItemFailures` |
 //!
 //! When a RabbitMQ batch comes again after a failed invocation, the messages this warm
 //! function already handed on (done, parked, dead-lettered) are recognised by their body
 //! and not handled a second time; a cold one answers finished requests from Redis.
-//! On SQS every receive counts toward the queue's `maxReceiveCount`, waits for another
-//! worker included: set it above `MAX_ATTEMPTS` plus the waits a request may need.
+//! On SQS a parked message is a new message, so only failed or timed-out invocations
+//! count toward the queue's `maxReceiveCount`; the attempt a message carries is its
+//! parked attempt plus the receives beyond the first.
 //!
 //! The lease and every platform call are bounded by the invocation's remaining time, so a
 //! function that times out leaves a lease that soon expires and another invocation takes
 //! the request over.
 
+pub mod sqs;
+
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +40,11 @@ use provisioner_core::store::StateStore;
 use provisioner_core::{Broker, Platform};
 use provisioner_events::{PlatformName, RejectedMessage};
 use tracing::{info, warn};
+
+use crate::sqs::{
+    ATTEMPT_ATTRIBUTE, Attributes, Carried, PUBLISHED_AT_ATTRIBUTE, Parked, SqsParker,
+    WAITS_ATTRIBUTE,
+};
 
 /// Time kept back from the invocation's deadline to settle and answer.
 const SETTLE_MARGIN: Duration = Duration::from_secs(5);
@@ -56,8 +65,15 @@ pub struct Message {
     pub routing_key: String,
     pub attempt: u32,
     pub redelivered: bool,
-    /// Times the message was parked without an attempt (RabbitMQ's header; 0 for SQS).
+    /// Times the message was parked without an attempt (RabbitMQ's header, SQS's
+    /// message attribute).
     pub waits: u32,
+    /// When the request was first published (SQS: the first copy's `SentTimestamp`).
+    pub published_at: Option<SystemTime>,
+    /// SQS: the queue's ARN, where a retry is parked.
+    pub queue_arn: Option<String>,
+    /// SQS: the record's message attributes, carried onto a parked copy.
+    pub attributes: Attributes,
 }
 
 /// Reads an invocation's payload: an Amazon MQ for RabbitMQ event or an SQS event.
@@ -89,6 +105,9 @@ pub fn parse_event(
                     attempt: header_u32(headers.get(ATTEMPT_HEADER)).unwrap_or(1).max(1),
                     redelivered: message.redelivered,
                     waits: header_u32(headers.get(WAITS_HEADER)).unwrap_or(0),
+                    published_at: None,
+                    queue_arn: None,
+                    attributes: HashMap::new(),
                 });
             }
         }
@@ -102,18 +121,46 @@ pub fn parse_event(
             .into_iter()
             .enumerate()
             .map(|(i, record)| {
-                let receives = record
-                    .attributes
-                    .get("ApproximateReceiveCount")
-                    .and_then(|n| n.parse::<u32>().ok())
-                    .unwrap_or(1);
+                let number = |value: Option<&String>| value.and_then(|n| n.parse::<u64>().ok());
+                let receives = number(record.attributes.get("ApproximateReceiveCount"))
+                    .unwrap_or(1)
+                    .max(1);
+                let attributes: Attributes = record
+                    .message_attributes
+                    .iter()
+                    .filter_map(|(name, attribute)| {
+                        let data_type = attribute.data_type.clone()?;
+                        let value = match (&attribute.string_value, &attribute.binary_value) {
+                            (Some(text), _) => Carried::Text(text.clone()),
+                            (None, Some(bytes)) => Carried::Binary(bytes.to_vec()),
+                            (None, None) => return None,
+                        };
+                        Some((name.clone(), (data_type, value)))
+                    })
+                    .collect();
+                let counted = |name: &str| match attributes.get(name) {
+                    Some((_, Carried::Text(text))) => text.parse::<u64>().ok(),
+                    _ => None,
+                };
+                // A parked copy says which attempt it comes back for; every receive past
+                // the first is an invocation that failed or timed out with it.
+                let attempt = counted(ATTEMPT_ATTRIBUTE)
+                    .unwrap_or(1)
+                    .max(1)
+                    .saturating_add(receives - 1);
+                let published_ms = counted(PUBLISHED_AT_ATTRIBUTE)
+                    .or_else(|| number(record.attributes.get("SentTimestamp")));
                 Message {
                     id: record.message_id.unwrap_or_else(|| i.to_string()),
                     body: record.body.unwrap_or_default().into_bytes(),
                     routing_key: work_queue(platform),
-                    attempt: receives.max(1),
+                    attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
                     redelivered: receives > 1,
-                    waits: 0,
+                    waits: counted(WAITS_ATTRIBUTE)
+                        .map_or(0, |w| u32::try_from(w).unwrap_or(u32::MAX)),
+                    published_at: published_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+                    queue_arn: record.event_source_arn,
+                    attributes,
                 }
             })
             .collect();
@@ -161,6 +208,10 @@ struct LambdaSettle {
     source: Source,
     message_id: String,
     outcome: Arc<Mutex<Option<ItemOutcome>>>,
+    /// SQS: where a retry is parked, and what the message carried.
+    sqs: Option<Arc<SqsParker>>,
+    queue_arn: Option<String>,
+    attributes: Attributes,
 }
 
 #[async_trait]
@@ -173,10 +224,14 @@ impl Settle for LambdaSettle {
         let result = match (&settlement, self.source) {
             (Settlement::Ack, _) => Ok(ItemOutcome::Done),
             (Settlement::Requeue, _) => Ok(ItemOutcome::Again("given back".into())),
-            (Settlement::Retry { delay, .. }, Source::Sqs) => Ok(ItemOutcome::Again(format!(
-                "retry wanted in {} ms; SQS delivers it again after the visibility timeout",
-                delay.as_millis()
-            ))),
+            (
+                Settlement::Retry {
+                    delay,
+                    attempt,
+                    waits,
+                },
+                Source::Sqs,
+            ) => Ok(self.park_on_sqs(&delivery, *delay, *attempt, *waits).await),
             (
                 Settlement::Retry {
                     delay,
@@ -214,6 +269,48 @@ impl Settle for LambdaSettle {
     }
 }
 
+impl LambdaSettle {
+    /// Parks a retry on its SQS queue as a new message; when that cannot be done, SQS
+    /// gets the message back and delivers it again after its visibility timeout.
+    async fn park_on_sqs(
+        &self,
+        delivery: &DeliveryParts,
+        delay: Duration,
+        attempt: u32,
+        waits: u32,
+    ) -> ItemOutcome {
+        let (Some(parker), Some(queue_arn)) = (&self.sqs, &self.queue_arn) else {
+            return ItemOutcome::Again(format!(
+                "retry wanted in {} ms; SQS delivers it again after the visibility timeout",
+                delay.as_millis()
+            ));
+        };
+        let parked = Parked {
+            queue_arn,
+            body: &delivery.body,
+            attributes: &self.attributes,
+            delay,
+            attempt,
+            waits,
+            published_at: delivery.published_at,
+        };
+        match parker.park(&parked).await {
+            Ok(()) => {
+                info!(
+                    attempt,
+                    waits,
+                    delay_ms = delay.as_millis() as u64,
+                    "parked on SQS"
+                );
+                ItemOutcome::Done
+            }
+            Err(why) => ItemOutcome::Again(format!(
+                "could not park the retry on SQS ({why}); SQS delivers it again after the visibility timeout"
+            )),
+        }
+    }
+}
+
 /// The function's state across invocations: one platform client, broker connection and
 /// store, as a warm Lambda keeps them.
 pub struct Handler {
@@ -225,6 +322,8 @@ pub struct Handler {
     /// by body hash: when a failed invocation makes Amazon MQ deliver the whole batch
     /// again, they are not parked or dead-lettered a second time.
     settled: Mutex<SettledMemory>,
+    /// Parks SQS retries as new messages; without it they go back to SQS as failures.
+    sqs: Option<Arc<SqsParker>>,
 }
 
 /// A bounded memory of settled messages, oldest forgotten first.
@@ -283,7 +382,14 @@ impl Handler {
             broker,
             config,
             settled: Mutex::new(SettledMemory::default()),
+            sqs: None,
         }
+    }
+
+    /// Parks the retries of SQS messages with `parker` (see [`sqs`]).
+    pub fn with_sqs(mut self, parker: SqsParker) -> Self {
+        self.sqs = Some(Arc::new(parker));
+        self
     }
 
     /// The worker configuration for an invocation ending at `deadline`: its lease and
@@ -321,6 +427,7 @@ impl Handler {
             .map(|message| {
                 let worker = worker.clone();
                 let broker = self.broker.clone();
+                let sqs = self.sqs.clone();
                 async move {
                     let hash = RejectedMessage::of(&message.body).body_sha256;
                     if source == Source::RabbitMq
@@ -340,6 +447,9 @@ impl Handler {
                         source,
                         message_id: format!("lambda-{}", uuid::Uuid::new_v4().simple()),
                         outcome: slot.clone(),
+                        sqs,
+                        queue_arn: message.queue_arn,
+                        attributes: message.attributes,
                     };
                     let id = message.id.clone();
                     let delivery = Delivery::new(
@@ -349,7 +459,8 @@ impl Handler {
                         message.redelivered,
                         Box::new(settle),
                     )
-                    .with_waits(message.waits);
+                    .with_waits(message.waits)
+                    .with_published_at(message.published_at);
                     worker.handle(delivery).await;
                     let outcome = slot
                         .lock()
@@ -457,6 +568,43 @@ mod tests {
         assert_eq!(messages[0].id, "m-1");
         assert_eq!(messages[0].attempt, 4);
         assert!(messages[0].redelivered);
+    }
+
+    #[test]
+    fn a_parked_sqs_copy_carries_its_counts_and_first_publish_time() {
+        let payload = serde_json::json!({"Records": [{
+            "messageId": "m-2", "receiptHandle": "h", "body": "{}", "eventSource": "aws:sqs",
+            "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:provisioning-aws-ec2",
+            "attributes": {"ApproximateReceiveCount": "2", "SentTimestamp": "1800000000000"},
+            "messageAttributes": {
+                "provisioner-attempt": {"stringValue": "3", "dataType": "Number"},
+                "provisioner-waits": {"stringValue": "5", "dataType": "Number"},
+                "provisioner-published-at": {"stringValue": "1700000000000", "dataType": "Number"},
+                "traceparent": {"stringValue": "00-ab-cd-01", "dataType": "String"},
+                "blob": {"binaryValue": "AAE=", "dataType": "Binary"}
+            }
+        }]});
+        let (_, messages) = parse_event(&payload, PlatformName::AwsEc2).expect("event");
+        let message = &messages[0];
+        // Parked for attempt 3, then one invocation failed with it.
+        assert_eq!(message.attempt, 4);
+        assert_eq!(message.waits, 5);
+        assert_eq!(
+            message.published_at,
+            Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_000))
+        );
+        assert_eq!(
+            message.queue_arn.as_deref(),
+            Some("arn:aws:sqs:us-east-1:123456789012:provisioning-aws-ec2")
+        );
+        assert_eq!(
+            message.attributes.get("traceparent"),
+            Some(&("String".to_owned(), Carried::Text("00-ab-cd-01".to_owned())))
+        );
+        assert_eq!(
+            message.attributes.get("blob"),
+            Some(&("Binary".to_owned(), Carried::Binary(vec![0, 1])))
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ use provisioner_core::redact_url as redact;
 use provisioner_core::redis_store::{DEFAULT_RETENTION, RedisStore};
 use provisioner_core::runtime::WorkerConfig;
 use provisioner_events::PlatformName;
+use provisioner_lambda::sqs::SqsParker;
 use provisioner_lambda::{Answer, Handler, deadline_from_millis};
 
 fn var(name: &str) -> Option<String> {
@@ -100,12 +101,12 @@ async fn handler() -> Result<Handler, String> {
         },
         ..WorkerConfig::default()
     };
-    Ok(Handler::new(
-        platform,
-        Arc::new(store),
-        Arc::new(broker),
-        config,
-    ))
+    // SQS retries are parked as new messages on their queue (see the sqs module).
+    let sqs = aws_sdk_sqs::Client::new(&provisioner_aws_common::load_config().await?);
+    Ok(
+        Handler::new(platform, Arc::new(store), Arc::new(broker), config)
+            .with_sqs(SqsParker::new(sqs)),
+    )
 }
 
 /// One invocation: the queue event in, what the event source must know out. An error

@@ -230,6 +230,33 @@ impl Env {
         format!("{name}-{}", self.run_id)
     }
 
+    /// This test's SQS queue on moto: its ARN (what events name) and URL.
+    async fn sqs_queue(&self) -> (String, String) {
+        let sqs = sqs_client();
+        let url = sqs
+            .create_queue()
+            .queue_name(format!("provisioning-{}", self.run_id))
+            .send()
+            .await
+            .expect("moto must be running (the README's test command starts it)")
+            .queue_url
+            .expect("queue url");
+        let arn = sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .expect("queue attributes")
+            .attributes
+            .and_then(|a| {
+                a.get(&aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+                    .cloned()
+            })
+            .expect("queue arn");
+        (arn, url)
+    }
+
     /// Starts the function as Lambda would: the binary with the Runtime API's address.
     fn start_function(&mut self, platform: &str, endpoint: &str) {
         let log = std::fs::File::create(&self.log).expect("log");
@@ -252,6 +279,8 @@ impl Env {
             .env("RETRY_BASE_MS", "300")
             .env("RETRY_MAX_SECONDS", "2")
             .env("AWS_ENDPOINT_URL", endpoint)
+            // SQS (where retries of SQS messages are parked) is moto's.
+            .env("AWS_ENDPOINT_URL_SQS", moto())
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("AWS_REGION", "us-east-1")
@@ -340,23 +369,50 @@ fn rabbitmq_event(queue: &str, bodies: &[serde_json::Value]) -> serde_json::Valu
 }
 
 /// An SQS event; each body is a string as SQS holds it.
-fn sqs_event(messages: &[(&str, String)]) -> serde_json::Value {
+/// An SQS event of fresh messages from the queue `queue_arn`.
+fn sqs_event(queue_arn: &str, messages: &[(&str, String)]) -> serde_json::Value {
     let records: Vec<serde_json::Value> = messages
         .iter()
-        .map(|(id, body)| {
-            serde_json::json!({
-                "messageId": id, "receiptHandle": format!("handle-{id}"), "body": body,
-                "md5OfBody": "", "eventSource": "aws:sqs",
-                "eventSourceARN": "arn:aws:sqs:us-east-1:000000000000:provisioning-aws-ec2",
-                "awsRegion": "us-east-1",
-                "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "1763719200000",
-                               "SenderId": "AIDACKCEVSQ6C2EXAMPLE",
-                               "ApproximateFirstReceiveTimestamp": "1763719200000"},
-                "messageAttributes": {}
-            })
-        })
+        .map(|(id, body)| sqs_record(queue_arn, id, body, 1, serde_json::json!({})))
         .collect();
     serde_json::json!({"Records": records})
+}
+
+/// One record of an SQS event, as Lambda's event source mapping writes it.
+fn sqs_record(
+    queue_arn: &str,
+    id: &str,
+    body: &str,
+    receives: u32,
+    message_attributes: serde_json::Value,
+) -> serde_json::Value {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis()
+        .to_string();
+    serde_json::json!({
+        "messageId": id, "receiptHandle": format!("handle-{id}"), "body": body,
+        "md5OfBody": "", "eventSource": "aws:sqs", "eventSourceARN": queue_arn,
+        "awsRegion": "us-east-1",
+        "attributes": {"ApproximateReceiveCount": receives.to_string(), "SentTimestamp": now,
+                       "SenderId": "AIDACKCEVSQ6C2EXAMPLE",
+                       "ApproximateFirstReceiveTimestamp": now},
+        "messageAttributes": message_attributes
+    })
+}
+
+fn sqs_client() -> aws_sdk_sqs::Client {
+    aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::Config::builder()
+            .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+            .endpoint_url(moto())
+            .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .build(),
+    )
 }
 
 fn ec2_provision(id: &str, image: &str) -> serde_json::Value {
@@ -503,20 +559,23 @@ async fn a_crash_between_launch_and_the_store_write_leaves_one_instance_with_the
 async fn sqs_batches_report_only_what_must_come_again() {
     let mut env = Env::new().await;
     let mut events = env.events().await;
+    let (queue, queue_url) = env.sqs_queue().await;
     env.start_function("aws-ec2", &localstack());
     let bad_image = env.id("lambda-noami");
     let held = env.id("lambda-held");
-    // Another worker holds `held`: this invocation must hand it back to SQS.
+    // Another worker holds `held`: this invocation must park it on its queue as a new
+    // message, so the wait costs none of the queue's receives.
     let store = env.store().await;
     let held_request =
         decode_request(ec2_provision(&held, IMAGE).to_string().as_bytes()).expect("req");
-    store
+    let claim = store
         .claim(ClaimRequest {
             request_id: &held,
             payload_hash: &held_request.payload_hash(),
             owner: "another-worker",
             nonce: "another-worker",
-            lease: Duration::from_secs(60),
+            // A held request is parked until the holder's lease ends: keep it short.
+            lease: Duration::from_secs(8),
             working_state: State::Starting,
             routing_key: "aws-ec2.provision",
         })
@@ -525,19 +584,22 @@ async fn sqs_batches_report_only_what_must_come_again() {
 
     let answer = env
         .api
-        .invoke(sqs_event(&[
-            (
-                "m-noami",
-                ec2_provision(&bad_image, "ami-0123456789abcdef0").to_string(),
-            ),
-            ("m-garbage", "{not json".to_owned()),
-            ("m-held", ec2_provision(&held, IMAGE).to_string()),
-        ]))
+        .invoke(sqs_event(
+            &queue,
+            &[
+                (
+                    "m-noami",
+                    ec2_provision(&bad_image, "ami-0123456789abcdef0").to_string(),
+                ),
+                ("m-garbage", "{not json".to_owned()),
+                ("m-held", ec2_provision(&held, IMAGE).to_string()),
+            ],
+        ))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", env.function_log()));
     assert_eq!(
         answer,
-        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "m-held"}]}),
+        serde_json::json!({"batchItemFailures": []}),
         "{}",
         env.function_log()
     );
@@ -560,6 +622,70 @@ async fn sqs_batches_report_only_what_must_come_again() {
     }
     .await;
     assert_eq!(depth, 1, "the garbage message is dead-lettered");
+
+    // The held request waits on its queue, delayed, counted as a wait and not an attempt.
+    let parked = sqs_client()
+        .receive_message()
+        .queue_url(&queue_url)
+        .wait_time_seconds(20)
+        .message_attribute_names("All")
+        .send()
+        .await
+        .expect("receive")
+        .messages
+        .unwrap_or_default();
+    assert_eq!(parked.len(), 1, "{parked:?}\n{}", env.function_log());
+    let parked = &parked[0];
+    let attributes = parked.message_attributes.clone().unwrap_or_default();
+    let attribute = |name: &str| {
+        attributes
+            .get(name)
+            .and_then(|a| a.string_value.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(attribute("provisioner-waits"), "1", "{attributes:?}");
+    assert_eq!(attribute("provisioner-attempt"), "1", "{attributes:?}");
+    assert!(!attribute("provisioner-published-at").is_empty());
+    let body = parked.body.clone().expect("body");
+    assert_eq!(
+        decode_request(body.as_bytes())
+            .expect("request")
+            .request_id
+            .as_str(),
+        held
+    );
+
+    // The other worker gives the request up; the parked copy, delivered, runs it.
+    let provisioner_core::store::Claim::Claimed { fence, .. } = claim else {
+        panic!("claimed: {claim:?}");
+    };
+    store.release(&held, &fence, true).await.expect("release");
+    let message_attributes: serde_json::Map<String, serde_json::Value> = attributes
+        .iter()
+        .map(|(name, value)| {
+            (
+                name.clone(),
+                serde_json::json!({
+                    "stringValue": value.string_value, "dataType": value.data_type
+                }),
+            )
+        })
+        .collect();
+    let answer = env
+        .api
+        .invoke(serde_json::json!({"Records": [sqs_record(
+            &queue,
+            "m-parked",
+            &body,
+            1,
+            serde_json::Value::Object(message_attributes),
+        )]}))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", env.function_log()));
+    assert_eq!(answer, serde_json::json!({"batchItemFailures": []}));
+    let ended = events.terminal_count(&held, 1).await;
+    assert_eq!(ended[0].state, State::Running, "{ended:#?}");
+    assert_eq!(live_instances(&held).await.len(), 1);
 }
 
 #[tokio::test]
@@ -611,6 +737,7 @@ async fn ecs_tasks_run_once_through_the_lambda_on_moto() {
         .to_owned();
     let mut env = Env::new().await;
     let mut events = env.events().await;
+    let (queue, _) = env.sqs_queue().await;
     env.start_function("aws-ecs", &moto());
     let id = env.id("lambda-ecs");
     let request = serde_json::json!({
@@ -619,19 +746,19 @@ async fn ecs_tasks_run_once_through_the_lambda_on_moto() {
     });
     let answer = env
         .api
-        .invoke(sqs_event(&[
-            ("m-1", request.to_string()),
-            ("m-2", request.to_string()),
-        ]))
+        .invoke(sqs_event(
+            &queue,
+            &[("m-1", request.to_string()), ("m-2", request.to_string())],
+        ))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", env.function_log()));
-    // Two copies at once: one runs, the other is held by it and handed back to SQS, or
+    // Two copies at once: one runs, the other is held by it and parked on the queue, or
     // answered from the store if the first finished already.
     let failures = answer["batchItemFailures"].as_array().expect("array").len();
     assert!(failures <= 1, "{answer}");
     let redelivery = env
         .api
-        .invoke(sqs_event(&[("m-2", request.to_string())]))
+        .invoke(sqs_event(&queue, &[("m-2", request.to_string())]))
         .await;
     let terminal = events.terminal_count(&id, 2).await;
     assert!(redelivery.is_ok(), "{redelivery:?}");
@@ -656,7 +783,7 @@ async fn ecs_tasks_run_once_through_the_lambda_on_moto() {
     let down = operation(&env.id("lambda-ecs-down"), "aws-ecs", "teardown", &id);
     let answer = env
         .api
-        .invoke(sqs_event(&[("m-3", down.to_string())]))
+        .invoke(sqs_event(&queue, &[("m-3", down.to_string())]))
         .await;
     assert_eq!(answer, Ok(serde_json::json!({"batchItemFailures": []})));
     let ended = events.terminal_count(&env.id("lambda-ecs-down"), 1).await;
