@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The long fault scenarios and the fuzzers, after the main suite (`.ci/run` calls both):
-# a duplicate storm through three EC2 workers on LocalStack (STORM_REQUESTS, default
-# 10000, each published 1 to 5 times), a flood of hostile messages (HOSTILE_MESSAGES,
-# default 100000), then every fuzz target for FUZZ_SECONDS (default 60) from its
-# committed corpus. Services start as for scripts/test.sh, which runs the scenarios.
+# duplicate storms through three workers, each request published 1 to 5 times — on the
+# Kubernetes API server of the tests (STORM_REQUESTS, default 10000), real containers on
+# Podman (STORM_DOCKER_REQUESTS, 500) and instances on LocalStack (STORM_EC2_REQUESTS,
+# 200); RabbitMQ restarted with 1,000 requests in flight; a flood of hostile messages
+# (HOSTILE_MESSAGES, default 100000); then every fuzz target for FUZZ_SECONDS (default
+# 60) from its committed corpus. Services start as for scripts/test.sh, which runs the
+# scenarios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,7 +1,9 @@
 //! The long fault scenarios, run by `scripts/test-long.sh` (which `.ci/run` calls after
-//! the main suite): a duplicate storm through three workers, and a flood of hostile
-//! messages. Each is `#[ignore]`d in the ordinary test run for its length alone; sizes
-//! come from the environment (`STORM_REQUESTS`, `HOSTILE_MESSAGES`) so a developer can
+//! the main suite): duplicate storms through three workers (Kubernetes API server of the
+//! tests, Docker on Podman, EC2 on LocalStack), RabbitMQ restarted with 1,000 requests in
+//! flight, and a flood of hostile messages. Each is `#[ignore]`d in the ordinary test run
+//! for its length alone; sizes come from the environment (`STORM_REQUESTS`,
+//! `STORM_DOCKER_REQUESTS`, `STORM_EC2_REQUESTS`, `HOSTILE_MESSAGES`) so a developer can
 //! run them small.
 
 mod common;
@@ -43,6 +45,7 @@ use common::LOCALSTACK_IMAGE as IMAGE;
 
 /// Where a storm runs, and how to see what it made.
 enum Target {
+    Docker,
     Ec2,
     Kubernetes(provisioner_kubernetes::fake_api::FakeApi),
 }
@@ -50,6 +53,7 @@ enum Target {
 impl Target {
     fn platform(&self) -> &'static str {
         match self {
+            Target::Docker => "docker",
             Target::Ec2 => "aws-ec2",
             Target::Kubernetes(_) => "kubernetes",
         }
@@ -57,6 +61,10 @@ impl Target {
 
     fn spec(&self) -> serde_json::Value {
         match self {
+            // Real containers on Podman: the smallest thing that keeps running.
+            Target::Docker => serde_json::json!({
+                "image": "localhost/busybox:latest", "command": ["sleep", "3600"]
+            }),
             Target::Ec2 => serde_json::json!({"image_id": IMAGE, "instance_type": "t3.micro"}),
             Target::Kubernetes(_) => serde_json::json!({"image": "nginx:1.27", "port": 80}),
         }
@@ -64,6 +72,9 @@ impl Target {
 
     fn start_worker(&self, env: &mut TestEnv, name: &str) {
         match self {
+            Target::Docker => {
+                env.start_worker(name);
+            }
             Target::Ec2 => {
                 env.start_ec2_worker(name);
             }
@@ -94,9 +105,11 @@ impl Target {
         }
     }
 
-    async fn resources(&self, run_id: &str) -> HashMap<String, Vec<String>> {
+    async fn resources(&self, env: &TestEnv) -> HashMap<String, Vec<String>> {
         match self {
-            Target::Ec2 => common::ec2_instances(run_id).await,
+            // The test environment removes its containers when it ends.
+            Target::Docker => env.containers().await,
+            Target::Ec2 => common::ec2_instances(&env.run_id).await,
             Target::Kubernetes(api) => {
                 let mut by_request: HashMap<String, Vec<String>> = HashMap::new();
                 for deployment in api.objects("deployments") {
@@ -182,7 +195,7 @@ async fn storm(target: Target, requests: usize) {
     let store = RedisStore::connect(&env.redis_url, &env.redis_prefix, Duration::from_secs(3600))
         .await
         .expect("redis");
-    let resources = target.resources(&env.run_id).await;
+    let resources = target.resources(&env).await;
     let verdict = judge(&ledger, &events.seen, &resources, &store).await;
     eprintln!(
         "storm on {platform}: {requests} requests, {} messages, 3 workers, {:.0} s",
@@ -203,6 +216,12 @@ async fn storm(target: Target, requests: usize) {
 async fn a_duplicate_storm_through_three_workers_makes_each_deployment_once() {
     let api = provisioner_kubernetes::fake_api::FakeApi::start(2).await;
     storm(Target::Kubernetes(api), size("STORM_REQUESTS", 10_000)).await;
+}
+
+#[tokio::test]
+#[ignore = "long: run by scripts/test-long.sh"]
+async fn a_duplicate_storm_through_three_docker_workers_makes_each_container_once() {
+    storm(Target::Docker, size("STORM_DOCKER_REQUESTS", 500)).await;
 }
 
 #[tokio::test]
@@ -490,7 +509,7 @@ async fn rabbitmq_restarting_with_a_thousand_requests_in_flight_loses_nothing() 
             Err(e) => panic!("reading the journal: {e}"),
         }
     };
-    let resources = target.resources(&env.run_id).await;
+    let resources = target.resources(&env).await;
     let verdict = judge(&ledger, &events, &resources, &store).await;
     verdict.assert_clean();
     assert_eq!(verdict.outcomes.get("running"), Some(&count), "{verdict}");
