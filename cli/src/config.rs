@@ -310,24 +310,28 @@ impl PlatformSettings {
             PlatformName::Process => {
                 Ok(Arc::new(ProcessPlatform::new(self.process_policy(false)?)))
             }
+            #[cfg(feature = "aws-ec2")]
             PlatformName::AwsEc2 => {
                 let ec2 = provisioner_aws_ec2::Ec2Platform::from_environment()
                     .await
                     .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
                 Ok(Arc::new(ec2))
             }
+            #[cfg(feature = "aws-ecs")]
             PlatformName::AwsEcs => {
                 let ecs = provisioner_aws_ecs::EcsPlatform::from_environment()
                     .await
                     .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
                 Ok(Arc::new(ecs))
             }
+            #[cfg(feature = "kubernetes")]
             PlatformName::Kubernetes => {
                 let kubernetes = provisioner_kubernetes::KubernetesPlatform::from_environment()
                     .await
                     .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
                 Ok(Arc::new(kubernetes))
             }
+            #[cfg(feature = "gcp")]
             PlatformName::GcpCompute => {
                 let settings = provisioner_gcp::GcpSettings::from_environment()
                     .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
@@ -336,6 +340,7 @@ impl PlatformSettings {
                     .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
                 Ok(Arc::new(compute))
             }
+            #[cfg(feature = "gcp")]
             PlatformName::GcpCloudRun => {
                 let settings = provisioner_gcp::GcpSettings::from_environment()
                     .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
@@ -344,6 +349,7 @@ impl PlatformSettings {
                     .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
                 Ok(Arc::new(cloud_run))
             }
+            #[cfg(feature = "azure")]
             PlatformName::AzureVm => {
                 let settings = provisioner_azure::AzureSettings::from_environment()
                     .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
@@ -351,6 +357,7 @@ impl PlatformSettings {
                     .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
                 Ok(Arc::new(vm))
             }
+            #[cfg(feature = "azure")]
             PlatformName::AzureContainerInstances => {
                 let settings = provisioner_azure::AzureSettings::from_environment()
                     .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
@@ -358,6 +365,32 @@ impl PlatformSettings {
                     .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
                 Ok(Arc::new(aci))
             }
+            // Reached only in a binary built without some platform's feature.
+            #[allow(unreachable_patterns)]
+            other => Err(Failure::config(anyhow::anyhow!(
+                "this provisioner was built without the {} platform; build it with `--features {}` (the default features include every platform)",
+                other.as_str(),
+                platform_feature(other)
+            ))),
         }
+    }
+}
+
+/// The cargo feature of the `provisioner` crate that builds a platform in.
+#[cfg_attr(
+    all(
+        feature = "aws-ec2",
+        feature = "aws-ecs",
+        feature = "kubernetes",
+        feature = "gcp",
+        feature = "azure"
+    ),
+    allow(dead_code)
+)]
+fn platform_feature(platform: PlatformName) -> &'static str {
+    match platform {
+        PlatformName::GcpCompute | PlatformName::GcpCloudRun => "gcp",
+        PlatformName::AzureVm | PlatformName::AzureContainerInstances => "azure",
+        other => other.as_str(),
     }
 }
