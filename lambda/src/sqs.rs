@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_sqs::Client;
+use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::primitives::Blob;
 use aws_sdk_sqs::types::MessageAttributeValue;
 use tokio::sync::Mutex;
@@ -93,9 +94,12 @@ impl SqsParker {
         for (name, value) in attributes_of(parked)? {
             send = send.message_attributes(name, value);
         }
-        send.send()
-            .await
-            .map_err(|e| format!("sending the message back to {name}: {}", error_text(&e)))?;
+        send.send().await.map_err(|e| {
+            format!(
+                "sending the message back to {name}: {}",
+                DisplayErrorContext(&e)
+            )
+        })?;
         Ok(())
     }
 
@@ -111,24 +115,13 @@ impl SqsParker {
             .queue_owner_aws_account_id(account)
             .send()
             .await
-            .map_err(|e| format!("looking up the URL of {name}: {}", error_text(&e)))?;
+            .map_err(|e| format!("looking up the URL of {name}: {}", DisplayErrorContext(&e)))?;
         let url = answer
             .queue_url
             .ok_or_else(|| format!("SQS answered no URL for {name}"))?;
         urls.insert(arn.to_owned(), url.clone());
         Ok(url)
     }
-}
-
-fn error_text<E: std::error::Error>(error: &E) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The account and queue name of an SQS queue ARN (`arn:aws:sqs:<region>:<account>:<name>`).
