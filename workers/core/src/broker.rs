@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use provisioner_events::{ErrorClass, PlatformName, StatusEvent};
 use tokio::sync::{broadcast, mpsc};
@@ -141,6 +142,10 @@ impl Delivery {
 
 pub type DeliveryStream = BoxStream<'static, Result<Delivery, BrokerError>>;
 
+/// The broker's answer to a publish still on its way: resolves when the broker confirms
+/// the message (or refuses it, or the confirm does not come in time).
+pub type PendingConfirm = BoxFuture<'static, Result<(), BrokerError>>;
+
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Declares the exchanges and the platform's queues (idempotent).
@@ -155,7 +160,15 @@ pub trait Broker: Send + Sync + 'static {
     ) -> Result<DeliveryStream, BrokerError>;
 
     /// Publishes a status event and waits for the broker to confirm it.
-    async fn publish_status(&self, event: &StatusEvent) -> Result<(), BrokerError>;
+    async fn publish_status(&self, event: &StatusEvent) -> Result<(), BrokerError> {
+        self.send_status(event).await?.await
+    }
+
+    /// Publishes a status event without waiting for the confirm, which the returned future
+    /// brings. Events sent through one broker reach the exchange in the order they were
+    /// sent, so the runtime can go on working while an event is being confirmed and wait
+    /// for it together with the next one.
+    async fn send_status(&self, event: &StatusEvent) -> Result<PendingConfirm, BrokerError>;
 
     /// Publishes a request body (as the producer wrote it) and waits for the confirm.
     async fn publish_request(
@@ -397,10 +410,10 @@ impl Broker for MemoryBroker {
         Ok(deliveries.boxed())
     }
 
-    async fn publish_status(&self, event: &StatusEvent) -> Result<(), BrokerError> {
+    async fn send_status(&self, event: &StatusEvent) -> Result<PendingConfirm, BrokerError> {
         // No subscriber is not an error in process: nothing durable would have kept it.
         let _ = self.inner.status.send(event.clone());
-        Ok(())
+        Ok(Box::pin(std::future::ready(Ok(()))))
     }
 
     async fn publish_request(

@@ -14,9 +14,10 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::FieldTable;
 use provisioner_events::{PlatformName, REQUESTS_EXCHANGE};
 
+use super::publish::{epoch_seconds, persistent};
 use super::{
-    AmqpBroker, BrokerError, CLASS_HEADER, REASON_HEADER, dead_letter_queue, epoch_seconds,
-    header_string, persistent, short, unavailable, work_queue,
+    AmqpBroker, BrokerError, CLASS_HEADER, REASON_HEADER, dead_letter_queue, header_string, short,
+    unavailable, work_queue,
 };
 
 /// One dead letter as a person reads it.

@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 
 use super::lease::{Heartbeat, LeaseSignal};
 use super::{Abort, Worker, panic_text};
-use crate::broker::{Delivery, Settlement};
+use crate::broker::{Delivery, PendingConfirm, Settlement};
 use crate::platform::PlatformError;
 use crate::policy::{self, Decision};
 use crate::store::{Actor, Claim, ClaimRequest, Fence, StoreError, TargetGrant};
@@ -58,6 +58,11 @@ struct Held<'a> {
     acting_on: Option<RequestId>,
     /// An instant no later than the store started the lease.
     claimed_before: tokio::time::Instant,
+    /// The confirm of the working event (`starting`, `stopping`), awaited with the
+    /// terminal event's rather than before the platform call: nothing depends on it
+    /// until then, and two confirms in flight together cost one wait.
+    /// (In a mutex only to make `Held` shareable; it is reached through `&mut`.)
+    working_confirm: std::sync::Mutex<Option<PendingConfirm>>,
 }
 
 impl Held<'_> {
@@ -181,6 +186,7 @@ impl Worker {
             seq,
             acting_on: None,
             claimed_before: *claimed_before.lock().unwrap_or_else(|e| e.into_inner()),
+            working_confirm: std::sync::Mutex::new(None),
         };
         // From here on this worker holds the lease: whatever happens, including a panic,
         // the attempt ends in a settlement that lets the request go on or end.
@@ -280,7 +286,8 @@ impl Worker {
             None,
         );
         let outcome = async {
-            self.broker.publish_status(&working).await?;
+            let confirm = self.broker.send_status(&working).await?;
+            *held.working_confirm.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(confirm);
             let mut signal = heartbeat.signal();
             let call = AssertUnwindSafe(self.call_platform(request)).catch_unwind();
             tokio::select! {
@@ -500,7 +507,21 @@ impl Worker {
             None => info!(state = %event.state, "done"),
         }
         crate::fault::point("after_record");
-        self.broker.publish_status(&event).await?;
+        let terminal = self.broker.send_status(&event).await?;
+        let working = held
+            .working_confirm
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match working {
+            // Both in flight at once; either one refused is the broker's trouble, and the
+            // message is run again (its record answers with this result).
+            Some(working) => {
+                let (working, terminal) = futures_util::future::join(working, terminal).await;
+                working.and(terminal)?;
+            }
+            None => terminal.await?,
+        }
         let resource_state = event.error.is_none().then_some(event.state);
         self.end_acting(held, resource_state).await;
         Ok(Settlement::Ack)

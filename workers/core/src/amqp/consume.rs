@@ -1,0 +1,159 @@
+//! Consuming a platform's work queue, and settling each delivery: ack, requeue, a delay
+//! tier or the dead letters, always on the delivery's own channel.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use futures_util::stream::StreamExt;
+use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use provisioner_events::PlatformName;
+use tracing::warn;
+
+use super::publish::Letter;
+use super::{
+    ATTEMPT_HEADER, AmqpBroker, ROUTING_KEY_HEADER, WAITS_HEADER, header_string, header_u32, short,
+    unavailable, work_queue,
+};
+use crate::broker::{BrokerError, Delivery, DeliveryParts, DeliveryStream, Settle, Settlement};
+
+struct AmqpSettle {
+    broker: AmqpBroker,
+    acker: lapin::Acker,
+    /// Keeps the delivery's channel open until it is settled: closing it would hand the
+    /// delivery back to the broker while it is still being worked on.
+    _channel: Channel,
+    platform: PlatformName,
+    message_id: String,
+}
+
+impl AmqpSettle {
+    async fn nack(&self, requeue: bool) {
+        if let Err(e) = self
+            .acker
+            .nack(BasicNackOptions {
+                requeue,
+                ..Default::default()
+            })
+            .await
+        {
+            warn!(error = %e, "nack failed; the broker redelivers when the channel closes");
+        }
+    }
+}
+
+#[async_trait]
+impl Settle for AmqpSettle {
+    async fn settle(
+        self: Box<Self>,
+        delivery: DeliveryParts,
+        settlement: Settlement,
+    ) -> Result<(), BrokerError> {
+        match settlement {
+            Settlement::Ack => {}
+            Settlement::Requeue => {
+                self.nack(true).await;
+                return Ok(());
+            }
+            Settlement::Retry {
+                delay,
+                attempt,
+                waits,
+            } => {
+                let letter = Letter {
+                    attempt,
+                    ..Letter::of(&delivery, &self.message_id)
+                };
+                let published = self
+                    .broker
+                    .schedule_retry(self.platform, letter, delay, waits)
+                    .await;
+                if let Err(e) = published {
+                    self.nack(true).await;
+                    return Err(e);
+                }
+            }
+            Settlement::DeadLetter { class, reason } => {
+                let published = self
+                    .broker
+                    .dead_letter(Letter::of(&delivery, &self.message_id), class, &reason)
+                    .await;
+                if let Err(e) = published {
+                    // The queue's own dead-lettering keeps it, without our reason.
+                    self.nack(false).await;
+                    return Err(e);
+                }
+            }
+        }
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(unavailable)
+            .map(drop)
+    }
+}
+
+impl AmqpBroker {
+    /// Deliveries of the platform's work queue, each settled on its own channel.
+    pub(super) async fn consume_platform(
+        &self,
+        platform: PlatformName,
+        prefetch: u16,
+    ) -> Result<DeliveryStream, BrokerError> {
+        let result = async {
+            let (connection, _) = self.connection().await?;
+            let channel = connection.create_channel().await.map_err(unavailable)?;
+            channel
+                .basic_qos(prefetch.max(1), BasicQosOptions::default())
+                .await
+                .map_err(unavailable)?;
+            let consumer = channel
+                .basic_consume(
+                    short(&work_queue(platform))?,
+                    short(&self.inner.config.connection_name)?,
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(unavailable)?;
+            let broker = self.clone();
+            // The channel lives as long as the stream: the closure owns a handle to it.
+            let deliveries = consumer.map(move |item| {
+                let delivery = item.map_err(unavailable)?;
+                let properties = &delivery.properties;
+                let attempt = header_u32(properties, ATTEMPT_HEADER).unwrap_or(1);
+                let routing_key = header_string(properties, ROUTING_KEY_HEADER)
+                    .unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
+                let message_id = properties
+                    .message_id()
+                    .as_ref()
+                    .map(|id| id.as_str().to_owned())
+                    .unwrap_or_default();
+                let waits = header_u32(properties, WAITS_HEADER).unwrap_or(0);
+                let published_at = properties
+                    .timestamp()
+                    .map(|seconds| UNIX_EPOCH + Duration::from_secs(seconds));
+                let settle = AmqpSettle {
+                    broker: broker.clone(),
+                    acker: delivery.acker.clone(),
+                    _channel: channel.clone(),
+                    platform,
+                    message_id,
+                };
+                Ok(Delivery::new(
+                    delivery.data,
+                    routing_key,
+                    attempt,
+                    delivery.redelivered,
+                    Box::new(settle),
+                )
+                .with_waits(waits)
+                .with_published_at(published_at))
+            });
+            Ok(deliveries.boxed())
+        }
+        .await;
+        self.forget_if_unavailable(result).await
+    }
+}
