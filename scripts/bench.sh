@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Benchmarks, one command: starts the services when missing, then prints the worker
-# runtime's throughput as a ratio against the raw broker measured in the same run.
+# Benchmarks, one command: starts the services when missing (RabbitMQ, Redis, and
+# LocalStack for the Lambda's cold start), then prints the worker runtime's throughput,
+# latency, CPU per request and memory, each beside the raw broker measured in the same
+# run, and the Lambda function's cold start and size. A release build: the first one
+# compiles the Lambda's AWS SDKs, which takes several minutes on 2 cores.
+# BENCH_SHORT=1 is the quick mode CI runs; BENCH_REQUESTS, BENCH_ROUNDS, BENCH_BACKLOG,
+# BENCH_LATENCY_SECONDS and BENCH_COLD_STARTS change the sizes (workers/core/benches/
+# runtime.rs, lambda/benches/cold_start.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/dev-services.sh
-cargo bench -p provisioner-core --bench throughput --locked
+bash localstack/start.sh
+cargo bench --workspace --locked --bench runtime --bench cold_start

@@ -5,167 +5,28 @@
 //! from the stored result, rejects dead-lettered with a reason, a crash between launch and
 //! the store write leaving one instance.
 
-use std::collections::HashMap;
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_ec2::types::Filter;
-use base64::Engine;
-use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, StatusCode};
 use provisioner_core::Platform;
 use provisioner_core::amqp::{AmqpBroker, AmqpConfig, dead_letter_queue, work_queue};
 use provisioner_core::broker::Broker;
 use provisioner_core::redis_store::{DEFAULT_RETENTION, RedisStore};
 use provisioner_core::store::{ClaimRequest, StateStore};
 use provisioner_events::{ErrorClass, PlatformName, State, StatusEvent, decode_request};
-use tokio::sync::{mpsc, oneshot};
+
+#[path = "support/lambda_api.rs"]
+mod lambda_api;
+
+use lambda_api::{RuntimeApi, rabbitmq_event, rabbitmqctl};
 
 const BIN: &str = env!("CARGO_BIN_EXE_provisioner-lambda");
 /// An AMI in LocalStack's catalogue.
 const IMAGE: &str = "ami-03cf127a";
-
-type Answer = Result<serde_json::Value, serde_json::Value>;
-
-/// The Runtime API: `/next` hands out queued invocations (long-polling as Lambda does),
-/// `/response` and `/error` complete them.
-#[derive(Clone)]
-struct RuntimeApi {
-    addr: SocketAddr,
-    queue: mpsc::UnboundedSender<(String, serde_json::Value)>,
-    waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Answer>>>>,
-}
-
-type Pending = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, serde_json::Value)>>>;
-
-async fn route(
-    request: Request<hyper::body::Incoming>,
-    pending: Pending,
-    waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Answer>>>>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let path = request.uri().path().to_owned();
-    let reply = |status: StatusCode, body: &str| {
-        Ok(Response::builder()
-            .status(status)
-            .body(Full::new(Bytes::from(body.to_owned())))
-            .expect("response"))
-    };
-    if path == "/2018-06-01/runtime/invocation/next" {
-        let Some((id, payload)) = pending.lock().await.recv().await else {
-            return reply(StatusCode::GONE, "");
-        };
-        let deadline = SystemTime::now() + Duration::from_secs(120);
-        let deadline_ms = deadline
-            .duration_since(UNIX_EPOCH)
-            .expect("clock")
-            .as_millis();
-        return Ok(Response::builder()
-            .header("lambda-runtime-aws-request-id", id)
-            .header("lambda-runtime-deadline-ms", deadline_ms.to_string())
-            .header(
-                "lambda-runtime-invoked-function-arn",
-                "arn:aws:lambda:us-east-1:000000000000:function:provisioner-test",
-            )
-            .header(
-                "lambda-runtime-trace-id",
-                "Root=1-00000000-000000000000000000000000",
-            )
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(payload.to_string())))
-            .expect("response"));
-    }
-    let body = request
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-    if let Some(rest) = path.strip_prefix("/2018-06-01/runtime/invocation/") {
-        let (id, kind) = rest.split_once('/').unwrap_or((rest, ""));
-        let answer = match kind {
-            "response" => Ok(value),
-            "error" => Err(value),
-            _ => return reply(StatusCode::NOT_FOUND, ""),
-        };
-        if let Some(sender) = waiting.lock().expect("lock").remove(id) {
-            let _ = sender.send(answer);
-        }
-        return reply(StatusCode::ACCEPTED, r#"{"status":"OK"}"#);
-    }
-    if path == "/2018-06-01/runtime/init/error" {
-        eprintln!("init error reported: {value}");
-        return reply(StatusCode::ACCEPTED, r#"{"status":"OK"}"#);
-    }
-    reply(StatusCode::NOT_FOUND, "")
-}
-
-impl RuntimeApi {
-    async fn start() -> RuntimeApi {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (queue, receiver) = mpsc::unbounded_channel();
-        let pending: Pending = Arc::new(tokio::sync::Mutex::new(receiver));
-        let waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Answer>>>> = Arc::default();
-        let api = RuntimeApi {
-            addr,
-            queue,
-            waiting: waiting.clone(),
-        };
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let (pending, waiting) = (pending.clone(), waiting.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        route(request, pending.clone(), waiting.clone())
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        api
-    }
-
-    /// Invokes the function and waits for its answer.
-    async fn invoke(&self, payload: serde_json::Value) -> Answer {
-        let id = uuid::Uuid::new_v4().to_string();
-        let (sender, receiver) = oneshot::channel();
-        self.waiting
-            .lock()
-            .expect("lock")
-            .insert(id.clone(), sender);
-        self.queue.send((id, payload)).expect("queue");
-        tokio::time::timeout(Duration::from_secs(150), receiver)
-            .await
-            .expect("the function answered in time")
-            .expect("answer")
-    }
-}
-
-/// Runs rabbitmqctl, bounded: a broker that stalls fails the test instead of hanging it.
-fn rabbitmqctl(args: &[&str]) {
-    let output = Command::new("timeout")
-        .arg("120")
-        .arg("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl must be installed (scripts/test.sh installs RabbitMQ)");
-    assert!(output.status.success(), "rabbitmqctl {args:?}");
-}
 
 /// One test's world: its own vhost and Redis prefix, the Runtime API, the function.
 struct Env {
@@ -338,34 +199,6 @@ impl Events {
         );
         terminal(&self.seen)
     }
-}
-
-/// An Amazon MQ for RabbitMQ event, as its event source mapping delivers one: bodies in
-/// base64, string headers as byte arrays.
-fn rabbitmq_event(queue: &str, bodies: &[serde_json::Value]) -> serde_json::Value {
-    let messages: Vec<serde_json::Value> = bodies
-        .iter()
-        .map(|body| {
-            let data = body.to_string();
-            serde_json::json!({
-                "basicProperties": {
-                    "contentType": "application/json", "contentEncoding": null,
-                    "headers": {}, "deliveryMode": 2, "priority": 0, "correlationId": null,
-                    "replyTo": null, "expiration": null, "messageId": null,
-                    "timestamp": "Nov 21, 2026, 10:00:00 AM", "type": null,
-                    "userId": "AIDACKCEVSQ6C2EXAMPLE", "appId": null, "clusterId": null,
-                    "bodySize": data.len()
-                },
-                "redelivered": false,
-                "data": base64::engine::general_purpose::STANDARD.encode(data)
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "eventSource": "aws:rmq",
-        "eventSourceArn": "arn:aws:mq:us-east-1:000000000000:broker:provisioning:b-0000",
-        "rmqMessagesByQueue": {format!("{queue}::/"): messages}
-    })
 }
 
 /// An SQS event; each body is a string as SQS holds it.
