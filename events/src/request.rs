@@ -308,6 +308,15 @@ impl Request {
         Ok(())
     }
 
+    /// This provision request's spec, read as platform `S`'s and checked.
+    pub fn spec_as<S: crate::spec::PlatformSpec>(&self) -> Result<S, String> {
+        let spec = self
+            .spec
+            .as_ref()
+            .ok_or("a provision request needs a spec")?;
+        crate::spec::read_spec(spec)
+    }
+
     /// What a teardown-like request acts on: exactly one of `target_request_id` and
     /// `resource_id`.
     pub fn target(&self) -> Result<TeardownTarget, String> {

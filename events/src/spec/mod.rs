@@ -128,6 +128,48 @@ pub fn parse_spec<T: serde::de::DeserializeOwned>(
         .map_err(|e| format!("invalid {platform} spec: {e}"))
 }
 
+/// A platform's spec type: the platform it belongs to, and its checks that need no worker
+/// policy and no platform API. [`read_spec`] (and [`Request::spec_as`](crate::Request::spec_as))
+/// read any of them the same way, so a platform needs no reader of its own.
+pub trait PlatformSpec: serde::de::DeserializeOwned {
+    const PLATFORM: crate::PlatformName;
+
+    fn check(&self) -> Result<(), String>;
+}
+
+macro_rules! platform_specs {
+    ($($spec:ty => $platform:ident),* $(,)?) => {
+        $(impl PlatformSpec for $spec {
+            const PLATFORM: crate::PlatformName = crate::PlatformName::$platform;
+
+            fn check(&self) -> Result<(), String> {
+                <$spec>::validate(self)
+            }
+        })*
+    };
+}
+
+platform_specs! {
+    docker::DockerSpec => Docker,
+    process::ProcessSpec => Process,
+    aws_ec2::AwsEc2Spec => AwsEc2,
+    aws_ecs::AwsEcsSpec => AwsEcs,
+    kubernetes::KubernetesSpec => Kubernetes,
+    gcp::GcpComputeSpec => GcpCompute,
+    gcp::GcpCloudRunSpec => GcpCloudRun,
+    azure::AzureVmSpec => AzureVm,
+    azure::AzureContainerSpec => AzureContainerInstances,
+}
+
+/// Reads `spec` as platform `S`'s spec and checks it.
+pub fn read_spec<S: PlatformSpec>(
+    spec: &serde_json::Map<String, serde_json::Value>,
+) -> Result<S, String> {
+    let read: S = parse_spec(S::PLATFORM.as_str(), spec)?;
+    read.check()?;
+    Ok(read)
+}
+
 /// Reads and checks `spec` as `platform`'s spec, everything that needs no worker policy
 /// and no platform API (the worker adds its own policy on top).
 pub fn validate_spec(
@@ -135,18 +177,15 @@ pub fn validate_spec(
     spec: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), String> {
     use crate::PlatformName as P;
-    let name = platform.as_str();
     match platform {
-        P::Docker => parse_spec::<docker::DockerSpec>(name, spec)?.validate(),
-        P::Process => parse_spec::<process::ProcessSpec>(name, spec)?.validate(),
-        P::AwsEc2 => parse_spec::<aws_ec2::AwsEc2Spec>(name, spec)?.validate(),
-        P::AwsEcs => parse_spec::<aws_ecs::AwsEcsSpec>(name, spec)?.validate(),
-        P::Kubernetes => parse_spec::<kubernetes::KubernetesSpec>(name, spec)?.validate(),
-        P::GcpCompute => parse_spec::<gcp::GcpComputeSpec>(name, spec)?.validate(),
-        P::GcpCloudRun => parse_spec::<gcp::GcpCloudRunSpec>(name, spec)?.validate(),
-        P::AzureVm => parse_spec::<azure::AzureVmSpec>(name, spec)?.validate(),
-        P::AzureContainerInstances => {
-            parse_spec::<azure::AzureContainerSpec>(name, spec)?.validate()
-        }
+        P::Docker => read_spec::<docker::DockerSpec>(spec).map(drop),
+        P::Process => read_spec::<process::ProcessSpec>(spec).map(drop),
+        P::AwsEc2 => read_spec::<aws_ec2::AwsEc2Spec>(spec).map(drop),
+        P::AwsEcs => read_spec::<aws_ecs::AwsEcsSpec>(spec).map(drop),
+        P::Kubernetes => read_spec::<kubernetes::KubernetesSpec>(spec).map(drop),
+        P::GcpCompute => read_spec::<gcp::GcpComputeSpec>(spec).map(drop),
+        P::GcpCloudRun => read_spec::<gcp::GcpCloudRunSpec>(spec).map(drop),
+        P::AzureVm => read_spec::<azure::AzureVmSpec>(spec).map(drop),
+        P::AzureContainerInstances => read_spec::<azure::AzureContainerSpec>(spec).map(drop),
     }
 }

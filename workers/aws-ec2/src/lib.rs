@@ -20,9 +20,10 @@ use aws_sdk_ec2::types::{
 use base64::Engine;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::health::Probe;
+use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::aws_ec2::AwsEc2Spec;
-use provisioner_events::spec::{HealthCheck, parse_spec};
+use provisioner_events::spec::HealthCheck;
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
     TeardownTarget,
@@ -110,16 +111,6 @@ where
     R: std::fmt::Debug,
 {
     provisioner_aws_common::classify(error, "EC2", doing, classify_code)
-}
-
-fn spec_of(request: &Request) -> Result<AwsEc2Spec, PlatformError> {
-    let spec = request
-        .spec
-        .as_ref()
-        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
-    let spec: AwsEc2Spec = parse_spec("aws-ec2", spec).map_err(PlatformError::invalid)?;
-    spec.validate().map_err(PlatformError::invalid)?;
-    Ok(spec)
 }
 
 fn state_of(instance: &Instance) -> &str {
@@ -484,7 +475,7 @@ impl Platform for Ec2Platform {
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
-            spec_of(request)?;
+            spec_of::<AwsEc2Spec>(request)?;
         }
         Ok(())
     }
@@ -500,7 +491,7 @@ impl Platform for Ec2Platform {
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
-        let spec = spec_of(request)?;
+        let spec = spec_of::<AwsEc2Spec>(request)?;
         let id = request.request_id.as_str();
         let instance = match self.owned_instances(id).await?.into_iter().next() {
             Some(existing) => {
@@ -630,7 +621,7 @@ impl Platform for Ec2Platform {
     /// the instance's state); a teardown of nothing and a describe need no call.
     async fn check(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
-            let spec = spec_of(request)?;
+            let spec = spec_of::<AwsEc2Spec>(request)?;
             let root_device = self.root_device(&spec.image_id).await?;
             let result = self
                 .run_instances(

@@ -23,9 +23,9 @@ use aws_sdk_ecs::types::{
     PortMapping, Tag, Task, TaskField, TaskOverride, TransportProtocol,
 };
 use provisioner_core::backoff::Backoff;
+use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::aws_ecs::{AwsEcsSpec, INLINE_CONTAINER_NAME, InlineContainer};
-use provisioner_events::spec::parse_spec;
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
     TeardownTarget,
@@ -123,16 +123,6 @@ fn classify_failure(reason: &str, detail: &str) -> PlatformError {
     } else {
         PlatformError::permanent(ErrorClass::Internal, message)
     }
-}
-
-fn spec_of(request: &Request) -> Result<AwsEcsSpec, PlatformError> {
-    let spec = request
-        .spec
-        .as_ref()
-        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
-    let spec: AwsEcsSpec = parse_spec("aws-ecs", spec).map_err(PlatformError::invalid)?;
-    spec.validate().map_err(PlatformError::invalid)?;
-    Ok(spec)
 }
 
 fn last_status(task: &Task) -> &str {
@@ -592,7 +582,7 @@ impl Platform for EcsPlatform {
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
-            spec_of(request)?;
+            spec_of::<AwsEcsSpec>(request)?;
         }
         Ok(())
     }
@@ -608,7 +598,7 @@ impl Platform for EcsPlatform {
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
-        let spec = spec_of(request)?;
+        let spec = spec_of::<AwsEcsSpec>(request)?;
         let id = request.request_id.as_str();
         let task = match self
             .owned_tasks(&spec.cluster, id)

@@ -12,9 +12,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::derived_name;
+use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::azure::AzureContainerSpec;
-use provisioner_events::spec::parse_spec;
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
     TeardownTarget,
@@ -34,17 +34,6 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(600);
 /// The container group name of a request (at most 58 characters; ACI allows 63).
 pub fn group_name(request_id: &str) -> String {
     derived_name(request_id, 44)
-}
-
-fn spec_of(request: &Request) -> Result<AzureContainerSpec, PlatformError> {
-    let spec = request
-        .spec
-        .as_ref()
-        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
-    let spec: AzureContainerSpec =
-        parse_spec("azure-container-instances", spec).map_err(PlatformError::invalid)?;
-    spec.validate().map_err(PlatformError::invalid)?;
-    Ok(spec)
 }
 
 fn tag<'a>(resource: &'a Value, key: &str) -> Option<&'a str> {
@@ -284,14 +273,14 @@ impl Platform for ContainerInstancesPlatform {
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
-            let spec = spec_of(request)?;
+            let spec = spec_of::<AzureContainerSpec>(request)?;
             self.arm.settings().location_for(spec.location.as_ref())?;
         }
         Ok(())
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
-        let spec = spec_of(request)?;
+        let spec = spec_of::<AzureContainerSpec>(request)?;
         let location = self.arm.settings().location_for(spec.location.as_ref())?;
         let name = group_name(request.request_id.as_str());
         let group_id = self.group_id(&name);

@@ -16,9 +16,9 @@ use async_trait::async_trait;
 use base64::Engine;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::derived_name;
+use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::azure::AzureVmSpec;
-use provisioner_events::spec::parse_spec;
 use provisioner_events::{
     ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
 };
@@ -36,16 +36,6 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(900);
 /// The VM name of a request (at most 58 characters; Linux VM names may have 64).
 pub fn vm_name(request_id: &str) -> String {
     derived_name(request_id, 44)
-}
-
-fn spec_of(request: &Request) -> Result<AzureVmSpec, PlatformError> {
-    let spec = request
-        .spec
-        .as_ref()
-        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
-    let spec: AzureVmSpec = parse_spec("azure-vm", spec).map_err(PlatformError::invalid)?;
-    spec.validate().map_err(PlatformError::invalid)?;
-    Ok(spec)
 }
 
 fn tag<'a>(resource: &'a Value, key: &str) -> Option<&'a str> {
@@ -316,14 +306,14 @@ impl Platform for VmPlatform {
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
-            let spec = spec_of(request)?;
+            let spec = spec_of::<AzureVmSpec>(request)?;
             self.arm.settings().location_for(spec.location.as_ref())?;
         }
         Ok(())
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
-        let spec = spec_of(request)?;
+        let spec = spec_of::<AzureVmSpec>(request)?;
         let location = self.arm.settings().location_for(spec.location.as_ref())?;
         let name = vm_name(request.request_id.as_str());
         let vm_id = self.vm_id(&name);

@@ -7,9 +7,16 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use provisioner_events::spec::PlatformSpec;
 use provisioner_events::{
     ErrorClass, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
 };
+
+/// A provision request's spec, read as platform `S`'s and checked: what is wrong with it
+/// is the request's fault (`invalid_request`). Every platform reads its spec this way.
+pub fn spec_of<S: PlatformSpec>(request: &Request) -> Result<S, PlatformError> {
+    request.spec_as::<S>().map_err(PlatformError::invalid)
+}
 
 /// A failure from a platform, classified where it happened, while the typed error of the
 /// SDK was still at hand.

@@ -22,9 +22,10 @@ use bollard::query_parameters::{
 };
 use futures_util::TryStreamExt;
 use provisioner_core::health::Probe;
+use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::docker::{DockerSpec, PullPolicy};
-use provisioner_events::spec::{HealthCheck, parse_spec};
+use provisioner_events::spec::HealthCheck;
 use provisioner_events::{
     Endpoint, ErrorClass, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
 };
@@ -231,16 +232,6 @@ fn with_tag(image: &str) -> String {
     } else {
         format!("{image}:latest")
     }
-}
-
-fn spec_of(request: &Request) -> Result<DockerSpec, PlatformError> {
-    let spec = request
-        .spec
-        .as_ref()
-        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
-    let spec: DockerSpec = parse_spec("docker", spec).map_err(PlatformError::invalid)?;
-    spec.validate().map_err(PlatformError::invalid)?;
-    Ok(spec)
 }
 
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -630,7 +621,7 @@ impl Platform for DockerPlatform {
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == provisioner_events::Operation::Provision {
-            let spec = spec_of(request)?;
+            let spec = spec_of::<DockerSpec>(request)?;
             self.policy.check(&spec)?;
         }
         Ok(())
@@ -647,7 +638,7 @@ impl Platform for DockerPlatform {
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
-        let spec = spec_of(request)?;
+        let spec = spec_of::<DockerSpec>(request)?;
         self.policy.check(&spec)?;
         let name = container_name(request.request_id.as_str());
         let target = TeardownTarget::Request(request.request_id.clone());

@@ -20,9 +20,9 @@ use google_cloud_run_v2::model::{
 };
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::derived_name;
+use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::gcp::{GcpCloudRunSpec, is_gcp_label};
-use provisioner_events::spec::parse_spec;
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
     TeardownTarget,
@@ -40,17 +40,6 @@ const DEFAULT_PORT: u16 = 8080;
 /// allows 49).
 pub fn service_id(request_id: &str) -> String {
     derived_name(request_id, 30)
-}
-
-fn spec_of(request: &Request) -> Result<GcpCloudRunSpec, PlatformError> {
-    let spec = request
-        .spec
-        .as_ref()
-        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
-    let spec: GcpCloudRunSpec =
-        parse_spec("gcp-cloud-run", spec).map_err(PlatformError::invalid)?;
-    spec.validate().map_err(PlatformError::invalid)?;
-    Ok(spec)
 }
 
 fn is_managed(service: &Service) -> bool {
@@ -334,14 +323,14 @@ impl Platform for CloudRunPlatform {
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
-            let spec = spec_of(request)?;
+            let spec = spec_of::<GcpCloudRunSpec>(request)?;
             self.region(&spec)?;
         }
         Ok(())
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
-        let spec = spec_of(request)?;
+        let spec = spec_of::<GcpCloudRunSpec>(request)?;
         let region = self.region(&spec)?;
         let id = request.request_id.as_str();
         let service_id = service_id(id);

@@ -20,9 +20,9 @@ use google_cloud_compute_v1::model::{
 use google_cloud_gax::options::RequestOptionsBuilder;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::{derived_name, request_uuid};
+use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::gcp::{GcpComputeSpec, is_gcp_label};
-use provisioner_events::spec::parse_spec;
 use provisioner_events::{
     ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
 };
@@ -40,16 +40,6 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(600);
 /// The instance name of a request: an RFC 1035 name of at most 58 characters.
 pub fn instance_name(request_id: &str) -> String {
     derived_name(request_id, 44)
-}
-
-fn spec_of(request: &Request) -> Result<GcpComputeSpec, PlatformError> {
-    let spec = request
-        .spec
-        .as_ref()
-        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
-    let spec: GcpComputeSpec = parse_spec("gcp-compute", spec).map_err(PlatformError::invalid)?;
-    spec.validate().map_err(PlatformError::invalid)?;
-    Ok(spec)
 }
 
 fn metadata_item<'a>(instance: &'a Instance, key: &str) -> Option<&'a str> {
@@ -470,14 +460,14 @@ impl Platform for ComputePlatform {
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
-            let spec = spec_of(request)?;
+            let spec = spec_of::<GcpComputeSpec>(request)?;
             self.zone(&spec)?;
         }
         Ok(())
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
-        let spec = spec_of(request)?;
+        let spec = spec_of::<GcpComputeSpec>(request)?;
         let zone = self.zone(&spec)?;
         let id = request.request_id.as_str();
         let name = instance_name(id);

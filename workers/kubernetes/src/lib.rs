@@ -25,9 +25,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use provisioner_core::backoff::Backoff;
+use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::kubernetes::{KubernetesSpec, is_label};
-use provisioner_events::spec::parse_spec;
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
     TeardownTarget,
@@ -92,16 +92,6 @@ fn status_code(error: &kube::Error) -> Option<u16> {
         kube::Error::Api(status) => Some(status.code),
         _ => None,
     }
-}
-
-fn spec_of(request: &Request) -> Result<KubernetesSpec, PlatformError> {
-    let spec = request
-        .spec
-        .as_ref()
-        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
-    let spec: KubernetesSpec = parse_spec("kubernetes", spec).map_err(PlatformError::invalid)?;
-    spec.validate().map_err(PlatformError::invalid)?;
-    Ok(spec)
 }
 
 fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
@@ -492,7 +482,7 @@ impl Platform for KubernetesPlatform {
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
-            spec_of(request)?;
+            spec_of::<KubernetesSpec>(request)?;
         }
         Ok(())
     }
@@ -508,7 +498,7 @@ impl Platform for KubernetesPlatform {
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
-        let spec = spec_of(request)?;
+        let spec = spec_of::<KubernetesSpec>(request)?;
         let id = request.request_id.as_str();
         let name = object_name(id);
         let namespace = self.namespace(&spec);

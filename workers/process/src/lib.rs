@@ -18,9 +18,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use provisioner_core::health::Probe;
+use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Platform, PlatformError};
 use provisioner_events::spec::process::ProcessSpec;
-use provisioner_events::spec::{HealthCheck, parse_spec};
+use provisioner_events::spec::HealthCheck;
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
     TeardownTarget,
@@ -126,16 +127,6 @@ impl std::fmt::Debug for ProcessPlatform {
 
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn spec_of(request: &Request) -> Result<ProcessSpec, PlatformError> {
-    let spec = request
-        .spec
-        .as_ref()
-        .ok_or_else(|| PlatformError::invalid("a provision request needs a spec"))?;
-    let spec: ProcessSpec = parse_spec("process", spec).map_err(PlatformError::invalid)?;
-    spec.validate().map_err(PlatformError::invalid)?;
-    Ok(spec)
-}
-
 fn free_port() -> Result<u16, PlatformError> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| PlatformError::transient(format!("no free local port: {e}")))?;
@@ -219,14 +210,14 @@ impl Platform for ProcessPlatform {
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
-            let spec = spec_of(request)?;
+            let spec = spec_of::<ProcessSpec>(request)?;
             self.program(&spec)?;
         }
         Ok(())
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
-        let spec = spec_of(request)?;
+        let spec = spec_of::<ProcessSpec>(request)?;
         let program = self.program(&spec)?.clone();
         let id = request.request_id.to_string();
         let mut running = self.running.lock().await;
