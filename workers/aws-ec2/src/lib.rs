@@ -22,8 +22,8 @@ use provisioner_core::backoff::Backoff;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Platform, PlatformError};
-use provisioner_events::spec::aws_ec2::AwsEc2Spec;
 use provisioner_events::spec::HealthCheck;
+use provisioner_events::spec::aws_ec2::AwsEc2Spec;
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
     TeardownTarget,

@@ -24,8 +24,8 @@ use futures_util::TryStreamExt;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Platform, PlatformError};
-use provisioner_events::spec::docker::{DockerSpec, PullPolicy};
 use provisioner_events::spec::HealthCheck;
+use provisioner_events::spec::docker::{DockerSpec, PullPolicy};
 use provisioner_events::{
     Endpoint, ErrorClass, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
 };

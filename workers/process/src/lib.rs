@@ -20,8 +20,8 @@ use async_trait::async_trait;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Platform, PlatformError};
-use provisioner_events::spec::process::ProcessSpec;
 use provisioner_events::spec::HealthCheck;
+use provisioner_events::spec::process::ProcessSpec;
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
     TeardownTarget,
