@@ -137,6 +137,8 @@ pub trait PlatformSpec: serde::de::DeserializeOwned {
     fn check(&self) -> Result<(), String>;
 }
 
+/// The one list of spec types, by platform: it implements [`PlatformSpec`] for each and
+/// gives [`validate_spec`] and [`spec_schemas`], so a new platform's spec is one line here.
 macro_rules! platform_specs {
     ($($spec:ty => $platform:ident),* $(,)?) => {
         $(impl PlatformSpec for $spec {
@@ -146,12 +148,27 @@ macro_rules! platform_specs {
                 <$spec>::validate(self)
             }
         })*
+
+        /// Reads and checks `spec` as `platform`'s spec, everything that needs no worker
+        /// policy and no platform API (the worker adds its own policy on top).
+        pub fn validate_spec(
+            platform: crate::PlatformName,
+            spec: &serde_json::Map<String, serde_json::Value>,
+        ) -> Result<(), String> {
+            match platform {
+                $(crate::PlatformName::$platform => read_spec::<$spec>(spec).map(drop),)*
+            }
+        }
+
+        /// Every platform's spec schema, generated from its type.
+        pub fn spec_schemas() -> Vec<(crate::PlatformName, schemars::Schema)> {
+            vec![$((crate::PlatformName::$platform, schemars::schema_for!($spec)),)*]
+        }
     };
 }
 
 platform_specs! {
     docker::DockerSpec => Docker,
-    process::ProcessSpec => Process,
     aws_ec2::AwsEc2Spec => AwsEc2,
     aws_ecs::AwsEcsSpec => AwsEcs,
     kubernetes::KubernetesSpec => Kubernetes,
@@ -159,6 +176,7 @@ platform_specs! {
     gcp::GcpCloudRunSpec => GcpCloudRun,
     azure::AzureVmSpec => AzureVm,
     azure::AzureContainerSpec => AzureContainerInstances,
+    process::ProcessSpec => Process,
 }
 
 /// Reads `spec` as platform `S`'s spec and checks it.
@@ -168,24 +186,4 @@ pub fn read_spec<S: PlatformSpec>(
     let read: S = parse_spec(S::PLATFORM.as_str(), spec)?;
     read.check()?;
     Ok(read)
-}
-
-/// Reads and checks `spec` as `platform`'s spec, everything that needs no worker policy
-/// and no platform API (the worker adds its own policy on top).
-pub fn validate_spec(
-    platform: crate::PlatformName,
-    spec: &serde_json::Map<String, serde_json::Value>,
-) -> Result<(), String> {
-    use crate::PlatformName as P;
-    match platform {
-        P::Docker => read_spec::<docker::DockerSpec>(spec).map(drop),
-        P::Process => read_spec::<process::ProcessSpec>(spec).map(drop),
-        P::AwsEc2 => read_spec::<aws_ec2::AwsEc2Spec>(spec).map(drop),
-        P::AwsEcs => read_spec::<aws_ecs::AwsEcsSpec>(spec).map(drop),
-        P::Kubernetes => read_spec::<kubernetes::KubernetesSpec>(spec).map(drop),
-        P::GcpCompute => read_spec::<gcp::GcpComputeSpec>(spec).map(drop),
-        P::GcpCloudRun => read_spec::<gcp::GcpCloudRunSpec>(spec).map(drop),
-        P::AzureVm => read_spec::<azure::AzureVmSpec>(spec).map(drop),
-        P::AzureContainerInstances => read_spec::<azure::AzureContainerSpec>(spec).map(drop),
-    }
 }

@@ -627,7 +627,7 @@ async fn harness() {
     };
 
     println!(
-        "## Throughput: {count} requests queued beforehand, drained (first to last terminal event); the median of {rounds} rounds\n"
+        "## Throughput: {count} requests queued beforehand, drained (first to last terminal event); the median round of {rounds}\n"
     );
     let mut header = String::from("| prefetch | path | per second | ratio to raw |");
     let mut rule = String::from("|---|---|---|---|");
