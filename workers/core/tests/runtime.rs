@@ -923,3 +923,96 @@ async fn a_teardown_by_resource_id_between_retries_tombstones_its_provision() {
         Some("by-res-down")
     );
 }
+
+/// The in-memory broker, except that the broker refuses the first working event's
+/// confirm (after a moment, as a late nack would come): the event went out, the broker
+/// did not take it.
+struct FirstWorkingEventRefused {
+    broker: MemoryBroker,
+    refused: AtomicBool,
+}
+
+#[async_trait]
+impl Broker for FirstWorkingEventRefused {
+    async fn declare(&self, platform: PlatformName) -> Result<(), provisioner_core::BrokerError> {
+        self.broker.declare(platform).await
+    }
+    async fn consume(
+        &self,
+        platform: PlatformName,
+        prefetch: u16,
+    ) -> Result<provisioner_core::broker::DeliveryStream, provisioner_core::BrokerError> {
+        self.broker.consume(platform, prefetch).await
+    }
+    async fn send_status(
+        &self,
+        event: &StatusEvent,
+    ) -> Result<provisioner_core::broker::PendingConfirm, provisioner_core::BrokerError> {
+        let confirm = self.broker.send_status(event).await?;
+        if event.state == State::Starting && !self.refused.swap(true, Ordering::SeqCst) {
+            return Ok(Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(provisioner_core::BrokerError::NotConfirmed(
+                    "nack (test)".into(),
+                ))
+            }));
+        }
+        Ok(confirm)
+    }
+    async fn publish_request(
+        &self,
+        routing_key: &str,
+        request_id: &str,
+        body: &[u8],
+    ) -> Result<(), provisioner_core::BrokerError> {
+        self.broker
+            .publish_request(routing_key, request_id, body)
+            .await
+    }
+    async fn subscribe_status(
+        &self,
+    ) -> Result<BoxStream<'static, StatusEvent>, provisioner_core::BrokerError> {
+        self.broker.subscribe_status().await
+    }
+}
+
+#[tokio::test]
+async fn a_refused_working_event_is_not_acknowledged_though_its_confirm_is_awaited_late() {
+    // The working event's confirm is awaited with the terminal event's, after the
+    // platform call: a refusal found then must still give the message back, so the
+    // request is answered again from its record rather than settled with a lost event.
+    let broker = MemoryBroker::new();
+    let platform = Arc::new(Scripted::default());
+    let store = Arc::new(MemoryStore::new());
+    let mut events = broker.subscribe_status().await.expect("subscribe");
+    let worker = Arc::new(Worker::new(
+        platform.clone(),
+        store,
+        Arc::new(FirstWorkingEventRefused {
+            broker: broker.clone(),
+            refused: AtomicBool::new(false),
+        }),
+        config(0),
+    ));
+    tokio::spawn(worker.run(std::future::pending()));
+    broker
+        .publish_request("process.provision", "w1", &provision("w1", ""))
+        .await
+        .expect("publish");
+    let mut running = 0;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while running < 2 {
+            let event = events.next().await.expect("events");
+            if event.request_id == "w1" && event.state == State::Running {
+                running += 1;
+            }
+        }
+    })
+    .await
+    .expect("the message came back and was answered from its record");
+    assert_eq!(
+        platform.provisions.load(Ordering::SeqCst),
+        1,
+        "answered from the record, not provisioned again"
+    );
+}

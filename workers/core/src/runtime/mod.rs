@@ -4,9 +4,10 @@
 //! `stopping`) → call the platform, renewing the lease meanwhile → record the terminal
 //! event in the store (fenced) → publish it, and wait for both events' confirms → settle.
 //! The working event's confirm is not awaited before the platform call: nothing depends
-//! on it until the terminal event, and two confirms awaited together cost one wait. Bad input is rejected (an `error`
-//! event naming the refused message, and a dead letter) before anything is claimed; a
-//! failure is retried later or ends the request as [`policy::decide`] says.
+//! on it until the terminal event, and two confirms awaited together cost one wait.
+//! Bad input is rejected (an `error` event naming the refused message, and a dead
+//! letter) before anything is claimed; a failure is retried later or ends the request as
+//! [`policy::decide`] says.
 //!
 //! Every way a request can go round without ending is bounded by the worker itself, not
 //! by the broker's delivery count: attempts (every claim, whatever ended the one before —
