@@ -277,7 +277,9 @@ struct IdOnly {
 }
 
 /// Subscribes to every status event and forwards the terminal ones (the raw side
-/// publishes only terminal ones).
+/// publishes only terminal ones). Not `Broker::subscribe_status`: that decodes whole
+/// events, and the watcher's own cost should stay small beside what it measures; the
+/// routing key and the request id are all it reads.
 async fn watch_status(connection: &Connection) -> mpsc::UnboundedReceiver<Seen> {
     let channel = connection.create_channel().await.expect("channel");
     let queue = channel
