@@ -9,9 +9,10 @@
 //! | dead letter (rejected) | published to `provisioning.dead-letter` with the reason, done | the same, then deleted from SQS |
 //! | give back (the broker down) | the invocation fails, so the event source delivers the batch again | reported in `batchItemFailures` |
 //!
-//! When a RabbitMQ batch comes again after a failed invocation, the messages this warm
-//! function already handed on (done, parked, dead-lettered) are recognised by their body
-//! and not handled a second time; a cold one answers finished requests from Redis.
+//! When a RabbitMQ batch comes again after a failed invocation, the messages the function
+//! already handed on (done, parked, dead-lettered) are recognised by their body and
+//! headers, remembered in Redis for an hour, and not handled a second time, whichever
+//! instance (warm or cold) gets the batch.
 //! On SQS a parked message is a new message, so only failed or timed-out invocations
 //! count toward the queue's `maxReceiveCount`; the attempt a message carries is its
 //! parked attempt plus the receives beyond the first.
@@ -318,35 +319,22 @@ pub struct Handler {
     store: Arc<dyn StateStore>,
     broker: Arc<AmqpBroker>,
     config: WorkerConfig,
-    /// RabbitMQ messages this instance already handed on (done, parked, dead-lettered),
-    /// by body hash: when a failed invocation makes Amazon MQ deliver the whole batch
-    /// again, they are not parked or dead-lettered a second time.
-    settled: Mutex<SettledMemory>,
     /// Parks SQS retries as new messages; without it they go back to SQS as failures.
     sqs: Option<Arc<SqsParker>>,
 }
 
-/// A bounded memory of settled messages, oldest forgotten first.
-#[derive(Debug, Default)]
-struct SettledMemory {
-    order: std::collections::VecDeque<String>,
-    known: std::collections::HashSet<String>,
-}
+/// How long a handed-on RabbitMQ message is remembered in the store. Amazon MQ delivers a
+/// failed invocation's batch again within seconds to minutes; an hour covers throttled
+/// functions too, while each key costs Redis about a hundred bytes.
+const HANDED_ON_MEMORY: Duration = Duration::from_secs(3600);
 
-/// How many settled messages a warm function remembers.
-const SETTLED_MEMORY: usize = 10_000;
-
-impl SettledMemory {
-    fn remember(&mut self, hash: String) {
-        if self.known.insert(hash.clone()) {
-            self.order.push_back(hash);
-            while self.order.len() > SETTLED_MEMORY {
-                if let Some(oldest) = self.order.pop_front() {
-                    self.known.remove(&oldest);
-                }
-            }
-        }
-    }
+/// A RabbitMQ message's identity across deliveries of its batch: its body, and the attempt
+/// and waits its headers carry (a parked copy of the same body is another message).
+fn handed_on_key(body_sha256: &str, message: &Message) -> String {
+    format!(
+        "{body_sha256}:{}:{}:{}",
+        message.routing_key, message.attempt, message.waits
+    )
 }
 
 impl std::fmt::Debug for Handler {
@@ -381,7 +369,6 @@ impl Handler {
             store,
             broker,
             config,
-            settled: Mutex::new(SettledMemory::default()),
             sqs: None,
         }
     }
@@ -429,16 +416,19 @@ impl Handler {
                 let broker = self.broker.clone();
                 let sqs = self.sqs.clone();
                 async move {
-                    let hash = RejectedMessage::of(&message.body).body_sha256;
-                    if source == Source::RabbitMq
-                        && message.redelivered
-                        && self
-                            .settled
-                            .lock()
-                            .is_ok_and(|settled| settled.known.contains(&hash))
-                    {
-                        info!(message = %message.id, "already handed on by this function; not again");
-                        return (message.id, ItemOutcome::Done);
+                    let handed_on = (source == Source::RabbitMq).then(|| {
+                        handed_on_key(&RejectedMessage::of(&message.body).body_sha256, &message)
+                    });
+                    if let Some(key) = handed_on.as_deref().filter(|_| message.redelivered) {
+                        match self.store.was_handed_on(key).await {
+                            Ok(true) => {
+                                info!(message = %message.id, "already handed on; not again");
+                                return (message.id, ItemOutcome::Done);
+                            }
+                            Ok(false) => {}
+                            // The request's own record still answers a finished request.
+                            Err(why) => warn!(message = %message.id, %why, "cannot tell whether the message was handed on; handling it"),
+                        }
                     }
                     let slot = Arc::new(Mutex::new(None));
                     let settle = LambdaSettle {
@@ -467,11 +457,11 @@ impl Handler {
                         .ok()
                         .and_then(|mut slot| slot.take())
                         .unwrap_or_else(|| ItemOutcome::Again("not settled".into()));
-                    if source == Source::RabbitMq
-                        && outcome == ItemOutcome::Done
-                        && let Ok(mut settled) = self.settled.lock()
+                    if let Some(key) = handed_on.filter(|_| outcome == ItemOutcome::Done)
+                        && let Err(why) =
+                            self.store.remember_handed_on(&key, HANDED_ON_MEMORY).await
                     {
-                        settled.remember(hash);
+                        warn!(message = %id, %why, "could not remember that the message was handed on");
                     }
                     (id, outcome)
                 }

@@ -303,6 +303,10 @@ impl RedisStore {
         format!("{}req:{request_id}", self.prefix)
     }
 
+    fn handed_on_key(&self, key: &str) -> String {
+        format!("{}handed-on:{key}", self.prefix)
+    }
+
     fn index(&self) -> String {
         format!("{}inflight", self.prefix)
     }
@@ -634,5 +638,24 @@ impl StateStore for RedisStore {
                 .filter(|a| !a.is_empty() && actor_until > now_ms)
                 .cloned(),
         }))
+    }
+    async fn remember_handed_on(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        redis::cmd("SET")
+            .arg(self.handed_on_key(key))
+            .arg(1)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(classify)
+    }
+
+    async fn was_handed_on(&self, key: &str) -> Result<bool, StoreError> {
+        let mut connection = self.connection.clone();
+        connection
+            .exists(self.handed_on_key(key))
+            .await
+            .map_err(classify)
     }
 }

@@ -268,6 +268,15 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> Result<Option<Reaped>, StoreError>;
 
     async fn get(&self, request_id: &str) -> Result<Option<RequestRecord>, StoreError>;
+
+    /// Remembers for `ttl` that the queue message `key` was handed on (finished, parked or
+    /// dead-lettered), for consumers that cannot settle messages one by one: when the
+    /// Lambda's RabbitMQ event source delivers a whole batch again, every instance knows
+    /// which of its messages must not be parked or dead-lettered a second time.
+    async fn remember_handed_on(&self, key: &str, ttl: Duration) -> Result<(), StoreError>;
+
+    /// Whether [`StateStore::remember_handed_on`] saw `key` within its `ttl`.
+    async fn was_handed_on(&self, key: &str) -> Result<bool, StoreError>;
 }
 
 #[derive(Debug, Clone, Default)]
@@ -311,15 +320,14 @@ impl MemoryRecord {
 #[derive(Debug)]
 pub struct MemoryStore {
     records: Mutex<HashMap<String, MemoryRecord>>,
+    /// Handed-on message keys and when they are forgotten.
+    handed_on: Mutex<HashMap<String, Instant>>,
     retention: Duration,
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        MemoryStore {
-            records: Mutex::new(HashMap::new()),
-            retention: DEFAULT_RETENTION,
-        }
+        Self::with_retention(DEFAULT_RETENTION)
     }
 }
 
@@ -335,6 +343,7 @@ impl MemoryStore {
     pub fn with_retention(retention: Duration) -> Self {
         MemoryStore {
             records: Mutex::new(HashMap::new()),
+            handed_on: Mutex::new(HashMap::new()),
             retention,
         }
     }
@@ -623,5 +632,19 @@ impl StateStore for MemoryStore {
             torn_down_by: r.tombstone.clone(),
             actor: r.actor_live(now).map(|(id, _)| id.to_owned()),
         }))
+    }
+
+    async fn remember_handed_on(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut handed_on = self.handed_on.lock().unwrap_or_else(|e| e.into_inner());
+        handed_on.retain(|_, until| *until > now);
+        handed_on.insert(key.to_owned(), now + ttl);
+        Ok(())
+    }
+
+    async fn was_handed_on(&self, key: &str) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let handed_on = self.handed_on.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(handed_on.get(key).is_some_and(|until| *until > now))
     }
 }

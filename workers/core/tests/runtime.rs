@@ -798,6 +798,12 @@ impl StateStore for RenewalsHang {
     async fn renew_act(&self, t: &str, a: Actor<'_>, l: Duration) -> Result<(), StoreError> {
         self.0.renew_act(t, a, l).await
     }
+    async fn remember_handed_on(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.0.remember_handed_on(key, ttl).await
+    }
+    async fn was_handed_on(&self, key: &str) -> Result<bool, StoreError> {
+        self.0.was_handed_on(key).await
+    }
     async fn end_act(&self, t: &str, a: Actor<'_>, s: Option<State>) -> Result<(), StoreError> {
         self.0.end_act(t, a, s).await
     }

@@ -377,7 +377,25 @@ async fn racing_claims(store: Arc<dyn StateStore>, id: &str) {
     assert_eq!(claimed, 1, "exactly one of 16 racing claims wins");
 }
 
+/// A handed-on message is known to every reader of the store until its time is up.
+async fn handed_on_messages_are_remembered_for_their_time(store: &dyn StateStore) {
+    let key = "body-hash:1:0";
+    assert!(!store.was_handed_on(key).await.expect("ask"));
+    store
+        .remember_handed_on(key, Duration::from_millis(300))
+        .await
+        .expect("remember");
+    assert!(store.was_handed_on(key).await.expect("ask"));
+    assert!(
+        !store.was_handed_on("body-hash:2:0").await.expect("ask"),
+        "another attempt of the same body is another message"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!store.was_handed_on(key).await.expect("ask"), "forgotten");
+}
+
 async fn conformance(store: Arc<dyn StateStore>) {
+    handed_on_messages_are_remembered_for_their_time(store.as_ref()).await;
     claims_leases_and_fences(store.as_ref()).await;
     a_teardown_tombstones_its_target_whatever_the_interleaving(store.as_ref()).await;
     abandoned_records_are_found_and_taken_over_once(store.as_ref()).await;
