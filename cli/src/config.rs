@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use clap::Args;
 use provisioner_core::policy::RetryPolicy;
-use provisioner_core::{Platform, WorkerConfig};
-use provisioner_docker::{DockerPlatform, DockerPolicy};
+use provisioner_core::{Platform, SetupError, WorkerConfig};
+use provisioner_docker::DockerPolicy;
 use provisioner_events::PlatformName;
-use provisioner_process::{AllowedProgram, ProcessPlatform, ProcessPolicy};
+use provisioner_platforms::{BuildError, Settings as RegistrySettings};
+use provisioner_process::{AllowedProgram, ProcessPolicy};
 
 use crate::Failure;
 
@@ -298,99 +299,36 @@ impl PlatformSettings {
         Ok(policy)
     }
 
+    /// The registry's settings from these flags; `with_demo` lets the process platform run
+    /// the shipped demo program (the embedded mode).
+    pub fn registry_settings(&self, with_demo: bool) -> Result<RegistrySettings, Failure> {
+        let mut settings = RegistrySettings::default();
+        settings.docker_host = self.docker_host.clone();
+        settings.docker_policy = self.docker_policy();
+        settings.process_policy = self.process_policy(with_demo)?;
+        Ok(settings)
+    }
+
+    /// Sets `platform` up through the registry of platforms.
     pub async fn build(&self, platform: PlatformName) -> Result<Arc<dyn Platform>, Failure> {
-        match platform {
-            PlatformName::Docker => {
-                let docker =
-                    DockerPlatform::connect(self.docker_host.as_deref(), self.docker_policy())
-                        .await
-                        .map_err(|e| Failure::unavailable(anyhow::anyhow!(e)))?;
-                Ok(Arc::new(docker))
-            }
-            PlatformName::Process => {
-                Ok(Arc::new(ProcessPlatform::new(self.process_policy(false)?)))
-            }
-            #[cfg(feature = "aws-ec2")]
-            PlatformName::AwsEc2 => {
-                let ec2 = provisioner_aws_ec2::Ec2Platform::from_environment()
-                    .await
-                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
-                Ok(Arc::new(ec2))
-            }
-            #[cfg(feature = "aws-ecs")]
-            PlatformName::AwsEcs => {
-                let ecs = provisioner_aws_ecs::EcsPlatform::from_environment()
-                    .await
-                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
-                Ok(Arc::new(ecs))
-            }
-            #[cfg(feature = "kubernetes")]
-            PlatformName::Kubernetes => {
-                let kubernetes = provisioner_kubernetes::KubernetesPlatform::from_environment()
-                    .await
-                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
-                Ok(Arc::new(kubernetes))
-            }
-            #[cfg(feature = "gcp")]
-            PlatformName::GcpCompute => {
-                let settings = provisioner_gcp::GcpSettings::from_environment()
-                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
-                let compute = provisioner_gcp::ComputePlatform::new(settings)
-                    .await
-                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
-                Ok(Arc::new(compute))
-            }
-            #[cfg(feature = "gcp")]
-            PlatformName::GcpCloudRun => {
-                let settings = provisioner_gcp::GcpSettings::from_environment()
-                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
-                let cloud_run = provisioner_gcp::CloudRunPlatform::new(settings)
-                    .await
-                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
-                Ok(Arc::new(cloud_run))
-            }
-            #[cfg(feature = "azure")]
-            PlatformName::AzureVm => {
-                let settings = provisioner_azure::AzureSettings::from_environment()
-                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
-                let vm = provisioner_azure::VmPlatform::new(settings)
-                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
-                Ok(Arc::new(vm))
-            }
-            #[cfg(feature = "azure")]
-            PlatformName::AzureContainerInstances => {
-                let settings = provisioner_azure::AzureSettings::from_environment()
-                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
-                let aci = provisioner_azure::ContainerInstancesPlatform::new(settings)
-                    .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
-                Ok(Arc::new(aci))
-            }
-            // Reached only in a binary built without some platform's feature.
-            #[allow(unreachable_patterns)]
-            other => Err(Failure::config(anyhow::anyhow!(
-                "this provisioner was built without the {} platform; build it with `--features {}` (the default features include every platform)",
-                other.as_str(),
-                platform_feature(other)
-            ))),
-        }
+        build_platform(platform, &self.registry_settings(false)?).await
     }
 }
 
-/// The cargo feature of the `provisioner` crate that builds a platform in.
-#[cfg_attr(
-    all(
-        feature = "aws-ec2",
-        feature = "aws-ecs",
-        feature = "kubernetes",
-        feature = "gcp",
-        feature = "azure"
-    ),
-    allow(dead_code)
-)]
-fn platform_feature(platform: PlatformName) -> &'static str {
-    match platform {
-        PlatformName::GcpCompute | PlatformName::GcpCloudRun => "gcp",
-        PlatformName::AzureVm | PlatformName::AzureContainerInstances => "azure",
-        other => other.as_str(),
-    }
+/// Builds `platform` through the registry, sorting its failure: a platform this binary
+/// lacks and a wrong setting are configuration errors, an engine that does not answer is
+/// unavailable (worth starting again later).
+pub async fn build_platform(
+    platform: PlatformName,
+    settings: &RegistrySettings,
+) -> Result<Arc<dyn Platform>, Failure> {
+    provisioner_platforms::build(platform, settings)
+        .await
+        .map_err(|error| match &error {
+            BuildError::Setup {
+                source: SetupError::Unavailable(_),
+                ..
+            } => Failure::unavailable(anyhow::anyhow!(error)),
+            _ => Failure::config(anyhow::anyhow!(error)),
+        })
 }

@@ -12,12 +12,10 @@ use anyhow::{Context, anyhow};
 use clap::Args;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use provisioner_core::{Broker, MemoryBroker, MemoryStore, Platform, Worker, WorkerConfig};
-use provisioner_docker::DockerPlatform;
+use provisioner_core::{Broker, MemoryBroker, MemoryStore, Worker, WorkerConfig};
 use provisioner_events::{Operation, PlatformName, Request, State, StatusEvent, decode_request};
-use provisioner_process::ProcessPlatform;
 
-use crate::config::{Connections, PlatformSettings};
+use crate::config::{Connections, PlatformSettings, build_platform};
 use crate::{EXIT_DATA, Failure};
 
 #[derive(Debug, Clone, Args)]
@@ -293,24 +291,20 @@ async fn embedded(args: SubmitArgs, requests: Vec<Outgoing>) -> Result<ExitCode,
     let store = Arc::new(MemoryStore::new());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut workers = Vec::new();
+    let settings = args.platforms.registry_settings(true)?;
     for platform_name in platforms_of(&requests) {
-        let platform: Arc<dyn Platform> = match platform_name {
-            PlatformName::Process => Arc::new(ProcessPlatform::new(args.platforms.process_policy(true)?)),
-            PlatformName::Docker => Arc::new(
-                DockerPlatform::connect(args.platforms.docker_host.as_deref(), args.platforms.docker_policy())
-                    .await
-                    .map_err(|e| Failure::unavailable(anyhow!("{e} (the docker requests need an engine; the process examples need nothing)")))?,
-            ),
-            PlatformName::AwsEc2
-            | PlatformName::AwsEcs
-            | PlatformName::Kubernetes
-            | PlatformName::GcpCompute
-            | PlatformName::GcpCloudRun
-            | PlatformName::AzureVm
-            | PlatformName::AzureContainerInstances => {
-                args.platforms.build(platform_name).await?
-            }
-        };
+        let platform = build_platform(platform_name, &settings)
+            .await
+            .map_err(|failure| match platform_name {
+                PlatformName::Docker => Failure {
+                    code: failure.code,
+                    error: anyhow!(
+                        "{} (the docker requests need an engine; the process examples need nothing)",
+                        failure.error
+                    ),
+                },
+                _ => failure,
+            })?;
         let config = WorkerConfig {
             worker_id: format!("embedded-{platform_name}"),
             ..WorkerConfig::default()

@@ -39,20 +39,27 @@ fn number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
 }
 
 async fn handler() -> Result<Handler, String> {
-    let platform_name = var("PLATFORM").ok_or("PLATFORM is not set: aws-ec2 or aws-ecs")?;
-    let platform: Arc<dyn Platform> = match PlatformName::parse(&platform_name) {
-        Some(PlatformName::AwsEc2) => {
-            Arc::new(provisioner_aws_ec2::Ec2Platform::from_environment().await?)
-        }
-        Some(PlatformName::AwsEcs) => {
-            Arc::new(provisioner_aws_ecs::EcsPlatform::from_environment().await?)
-        }
-        _ => {
-            return Err(format!(
-                "PLATFORM={platform_name:?}: the Lambda form runs aws-ec2 or aws-ecs"
-            ));
-        }
-    };
+    let built_in: Vec<String> = provisioner_platforms::built_in()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    let platform_name = var("PLATFORM")
+        .ok_or_else(|| format!("PLATFORM is not set: one of {}", built_in.join(", ")))?;
+    let platform_name = PlatformName::parse(&platform_name).ok_or_else(|| {
+        format!(
+            "PLATFORM={platform_name:?} is not a platform; this function runs {}",
+            built_in.join(", ")
+        )
+    })?;
+    // One AWS configuration for the platform and for SQS, where retries are parked.
+    let aws_config = provisioner_aws_common::load_config()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut settings = provisioner_platforms::Settings::default();
+    settings.aws_config = Some(aws_config.clone());
+    let platform: Arc<dyn Platform> = provisioner_platforms::build(platform_name, &settings)
+        .await
+        .map_err(|e| e.to_string())?;
     let amqp_url = var("AMQP_URL").ok_or("AMQP_URL is not set")?;
     let redis_url = var("REDIS_URL").ok_or("REDIS_URL is not set")?;
     let prefix = var("REDIS_KEY_PREFIX").unwrap_or_else(|| "provisioner:".into());
@@ -102,7 +109,7 @@ async fn handler() -> Result<Handler, String> {
         ..WorkerConfig::default()
     };
     // SQS retries are parked as new messages on their queue (see the sqs module).
-    let sqs = aws_sdk_sqs::Client::new(&provisioner_aws_common::load_config().await?);
+    let sqs = aws_sdk_sqs::Client::new(&aws_config);
     Ok(
         Handler::new(platform, Arc::new(store), Arc::new(broker), config)
             .with_sqs(SqsParker::new(sqs)),

@@ -2,31 +2,31 @@
 //! the standard AWS configuration with a clear error when it is unusable, and turning an
 //! SDK error into a [`PlatformError`] while the typed error is at hand.
 
-use aws_config::SdkConfig;
+pub use aws_config::SdkConfig;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
-use provisioner_core::PlatformError;
+use provisioner_core::{PlatformError, SetupError};
 use provisioner_events::ErrorClass;
 
 /// Loads the standard AWS configuration (environment, profile, web identity, ECS task or
 /// EC2 instance role; `AWS_ENDPOINT_URL` or `AWS_ENDPOINT_URL_<SERVICE>` for an emulator)
 /// and checks that a region and usable credentials exist, so a worker without them fails
 /// at start with a message saying which, not at its first request.
-pub async fn load_config() -> Result<SdkConfig, String> {
+pub async fn load_config() -> Result<SdkConfig, SetupError> {
     let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    config
-        .region()
-        .ok_or("no AWS region: set AWS_REGION (or a profile's region)")?;
+    config.region().ok_or_else(|| {
+        SetupError::config("no AWS region: set AWS_REGION (or a profile's region)")
+    })?;
     let credentials = config
         .credentials_provider()
-        .ok_or("no AWS credentials provider is configured")?;
+        .ok_or_else(|| SetupError::config("no AWS credentials provider is configured"))?;
     aws_credential_types::provider::ProvideCredentials::provide_credentials(&credentials)
         .await
         .map_err(|e| {
-            format!(
+            SetupError::config(format!(
                 "no usable AWS credentials: {e} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or a role)"
-            )
+            ))
         })?;
     Ok(config)
 }

@@ -21,7 +21,7 @@ use base64::Engine;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError};
+use provisioner_core::{Described, Platform, PlatformError, SetupError};
 use provisioner_events::spec::HealthCheck;
 use provisioner_events::spec::aws_ec2::AwsEc2Spec;
 use provisioner_events::{
@@ -139,12 +139,18 @@ pub struct Ec2Platform {
 impl Ec2Platform {
     /// From the standard AWS configuration; fails with a clear message without a region
     /// or credentials (see [`provisioner_aws_common::load_config`]).
-    pub async fn from_environment() -> Result<Self, String> {
-        let config = provisioner_aws_common::load_config().await?;
-        Ok(Ec2Platform {
+    pub async fn from_environment() -> Result<Self, SetupError> {
+        Ok(Self::from_config(
+            &provisioner_aws_common::load_config().await?,
+        ))
+    }
+
+    /// From an AWS configuration already loaded (the Lambda shares one with its SQS client).
+    pub fn from_config(config: &provisioner_aws_common::SdkConfig) -> Self {
+        Ec2Platform {
             region: config.region().map(ToString::to_string).unwrap_or_default(),
-            client: Client::new(&config),
-        })
+            client: Client::new(config),
+        }
     }
 
     pub fn new(client: Client, region: impl Into<String>) -> Self {

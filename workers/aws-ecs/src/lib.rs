@@ -24,7 +24,7 @@ use aws_sdk_ecs::types::{
 };
 use provisioner_core::backoff::Backoff;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError};
+use provisioner_core::{Described, Platform, PlatformError, SetupError};
 use provisioner_events::spec::aws_ecs::{AwsEcsSpec, INLINE_CONTAINER_NAME, InlineContainer};
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
@@ -189,11 +189,17 @@ pub struct EcsPlatform {
 impl EcsPlatform {
     /// From the standard AWS configuration; fails with a clear message without a region
     /// or credentials (see [`provisioner_aws_common::load_config`]).
-    pub async fn from_environment() -> Result<Self, String> {
-        let config = provisioner_aws_common::load_config().await?;
-        Ok(EcsPlatform {
-            client: Client::new(&config),
-        })
+    pub async fn from_environment() -> Result<Self, SetupError> {
+        Ok(Self::from_config(
+            &provisioner_aws_common::load_config().await?,
+        ))
+    }
+
+    /// From an AWS configuration already loaded (the Lambda shares one with its SQS client).
+    pub fn from_config(config: &provisioner_aws_common::SdkConfig) -> Self {
+        EcsPlatform {
+            client: Client::new(config),
+        }
     }
 
     pub fn new(client: Client) -> Self {

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::derived_name;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError};
+use provisioner_core::{Described, Platform, PlatformError, SetupError};
 use provisioner_events::spec::azure::AzureContainerSpec;
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
@@ -92,7 +92,7 @@ pub struct ContainerInstancesPlatform {
 }
 
 impl ContainerInstancesPlatform {
-    pub fn new(settings: AzureSettings) -> Result<Self, String> {
+    pub fn new(settings: AzureSettings) -> Result<Self, SetupError> {
         Ok(ContainerInstancesPlatform {
             arm: ArmClient::new(settings)?,
         })

@@ -23,8 +23,8 @@ use azure_core::http::{
     ClientOptions, Context, ExponentialRetryOptions, Method, Pipeline, PipelineSendOptions,
     RawResponse, Request, RetryOptions, Url,
 };
-use provisioner_core::PlatformError;
 use provisioner_core::backoff::Backoff;
+use provisioner_core::{PlatformError, SetupError};
 use provisioner_events::ErrorClass;
 use serde_json::Value;
 
@@ -110,7 +110,7 @@ fn error_with_hint(
 }
 
 impl ArmClient {
-    pub fn new(settings: AzureSettings) -> Result<Self, String> {
+    pub fn new(settings: AzureSettings) -> Result<Self, SetupError> {
         let endpoint: Url = settings
             .endpoint
             .parse()

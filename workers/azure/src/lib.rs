@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 use azure_core::error::ErrorKind;
-use provisioner_core::PlatformError;
+use provisioner_core::{PlatformError, SetupError};
 use provisioner_events::{ErrorClass, RequestId, TeardownTarget};
 use serde_json::Value;
 
@@ -52,7 +52,7 @@ pub const PUBLIC_CLOUD_ENDPOINT: &str = "https://management.azure.com";
 
 impl AzureSettings {
     /// Reads the settings of the environment (see the README's "Azure" section).
-    pub fn from_environment() -> Result<Self, String> {
+    pub fn from_environment() -> Result<Self, SetupError> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let subscription_id = var("AZURE_SUBSCRIPTION_ID")
             .ok_or("no Azure subscription: set AZURE_SUBSCRIPTION_ID")?;
@@ -64,14 +64,16 @@ impl AzureSettings {
             Some(other) => {
                 return Err(format!(
                     "AZURE_CREDENTIALS={other:?} is not `default` (azure_identity's chain) or `anonymous`"
-                ));
+                )
+                .into());
             }
         };
         let endpoint = var("AZURE_ENDPOINT").unwrap_or_else(|| PUBLIC_CLOUD_ENDPOINT.into());
         if !anonymous && !endpoint.starts_with("https://") {
             return Err(format!(
                 "AZURE_ENDPOINT {endpoint:?} is not https: credentials are only sent over TLS"
-            ));
+            )
+            .into());
         }
         Ok(AzureSettings {
             subscription_id,
@@ -118,7 +120,7 @@ pub struct CredentialChain {
 }
 
 impl CredentialChain {
-    pub fn from_environment() -> Result<Arc<Self>, String> {
+    pub fn from_environment() -> Result<Arc<Self>, SetupError> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let mut sources: Vec<(&'static str, Arc<dyn TokenCredential>)> = Vec::new();
         // An identity configured on purpose is the only one tried: falling through to

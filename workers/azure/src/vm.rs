@@ -17,7 +17,7 @@ use base64::Engine;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::derived_name;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError};
+use provisioner_core::{Described, Platform, PlatformError, SetupError};
 use provisioner_events::spec::azure::AzureVmSpec;
 use provisioner_events::{
     ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
@@ -73,7 +73,7 @@ pub struct VmPlatform {
 }
 
 impl VmPlatform {
-    pub fn new(settings: AzureSettings) -> Result<Self, String> {
+    pub fn new(settings: AzureSettings) -> Result<Self, SetupError> {
         Ok(VmPlatform {
             arm: ArmClient::new(settings)?,
         })

@@ -18,6 +18,42 @@ pub fn spec_of<S: PlatformSpec>(request: &Request) -> Result<S, PlatformError> {
     request.spec_as::<S>().map_err(PlatformError::invalid)
 }
 
+/// Why a platform could not be set up from its configuration, when a worker starts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetupError {
+    /// A setting is missing or wrong (no region, no project, an unusable credential, a
+    /// malformed endpoint): the operator must change the configuration.
+    #[error("{0}")]
+    Config(String),
+    /// The configuration is usable but the platform's endpoint does not answer now (the
+    /// Docker engine is down): starting again later may work.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl SetupError {
+    pub fn config(message: impl Into<String>) -> Self {
+        SetupError::Config(message.into())
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        SetupError::Unavailable(message.into())
+    }
+}
+
+/// A bare message is a configuration problem: what a setting lacks or gets wrong.
+impl From<String> for SetupError {
+    fn from(message: String) -> Self {
+        SetupError::Config(message)
+    }
+}
+
+impl From<&str> for SetupError {
+    fn from(message: &str) -> Self {
+        SetupError::Config(message.to_owned())
+    }
+}
+
 /// A failure from a platform, classified where it happened, while the typed error of the
 /// SDK was still at hand.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -23,7 +23,7 @@ use bollard::query_parameters::{
 use futures_util::TryStreamExt;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError};
+use provisioner_core::{Described, Platform, PlatformError, SetupError};
 use provisioner_events::spec::HealthCheck;
 use provisioner_events::spec::docker::{DockerSpec, PullPolicy};
 use provisioner_events::{
@@ -241,7 +241,10 @@ impl DockerPlatform {
     /// Connects to `docker_host` (`unix:///path` or `tcp://host:port`; `None` reads
     /// `DOCKER_HOST`, else the local default socket) and checks that the engine answers, so
     /// a worker with no engine fails at start with a clear message.
-    pub async fn connect(docker_host: Option<&str>, policy: DockerPolicy) -> Result<Self, String> {
+    pub async fn connect(
+        docker_host: Option<&str>,
+        policy: DockerPolicy,
+    ) -> Result<Self, SetupError> {
         let endpoint = match docker_host {
             Some(host) => host.to_owned(),
             None => std::env::var("DOCKER_HOST")
@@ -252,15 +255,18 @@ impl DockerPlatform {
         } else if endpoint.starts_with("tcp://") || endpoint.starts_with("http://") {
             Docker::connect_with_http(&endpoint, 30, bollard::API_DEFAULT_VERSION)
         } else {
-            return Err(format!(
+            return Err(SetupError::config(format!(
                 "DOCKER_HOST {endpoint:?} must start with unix:// or tcp://"
-            ));
+            )));
         }
-        .map_err(|e| format!("cannot use the Docker engine at {endpoint}: {e}"))?;
-        docker
-            .ping()
-            .await
-            .map_err(|e| format!("the Docker engine at {endpoint} does not answer: {e}"))?;
+        .map_err(|e| {
+            SetupError::config(format!("cannot use the Docker engine at {endpoint}: {e}"))
+        })?;
+        docker.ping().await.map_err(|e| {
+            SetupError::unavailable(format!(
+                "the Docker engine at {endpoint} does not answer: {e}"
+            ))
+        })?;
         Ok(DockerPlatform {
             docker,
             policy,

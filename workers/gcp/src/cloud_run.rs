@@ -21,7 +21,7 @@ use google_cloud_run_v2::model::{
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::derived_name;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError};
+use provisioner_core::{Described, Platform, PlatformError, SetupError};
 use provisioner_events::spec::gcp::{GcpCloudRunSpec, is_gcp_label};
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
@@ -91,11 +91,11 @@ impl std::fmt::Debug for CloudRunPlatform {
 impl CloudRunPlatform {
     /// Builds the Services client with Application Default Credentials (or none, for a
     /// test server). Credentials are read at the first call, not here.
-    pub async fn new(settings: GcpSettings) -> Result<Self, String> {
+    pub async fn new(settings: GcpSettings) -> Result<Self, SetupError> {
         if settings.regions().is_empty() {
-            return Err(
-                "no Cloud Run region: set GCP_REGION (and GCP_REGIONS for more than one)".into(),
-            );
+            return Err(SetupError::config(
+                "no Cloud Run region: set GCP_REGION (and GCP_REGIONS for more than one)",
+            ));
         }
         let client = configure_builder!(Services::builder(), settings)
             .build()

@@ -21,7 +21,7 @@ use google_cloud_gax::options::RequestOptionsBuilder;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::{derived_name, request_uuid};
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError};
+use provisioner_core::{Described, Platform, PlatformError, SetupError};
 use provisioner_events::spec::gcp::{GcpComputeSpec, is_gcp_label};
 use provisioner_events::{
     ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
@@ -92,7 +92,7 @@ impl std::fmt::Debug for ComputePlatform {
 impl ComputePlatform {
     /// Builds the Instances client with Application Default Credentials (or none, for a
     /// test server). Credentials are read at the first call, not here.
-    pub async fn new(settings: GcpSettings) -> Result<Self, String> {
+    pub async fn new(settings: GcpSettings) -> Result<Self, SetupError> {
         let client = configure_builder!(Instances::builder(), settings)
             .build()
             .await

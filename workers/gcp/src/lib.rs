@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use google_cloud_gax::error::Error as GaxError;
 use google_cloud_gax::error::rpc::{Code, StatusDetails};
-use provisioner_core::PlatformError;
+use provisioner_core::{PlatformError, SetupError};
 use provisioner_events::ErrorClass;
 
 pub use cloud_run::CloudRunPlatform;
@@ -51,18 +51,20 @@ pub struct GcpSettings {
 
 impl GcpSettings {
     /// Reads the settings of the environment (see the README's "GCP" section).
-    pub fn from_environment() -> Result<Self, String> {
+    pub fn from_environment() -> Result<Self, SetupError> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let project = var("GCP_PROJECT")
             .or_else(|| var("GOOGLE_CLOUD_PROJECT"))
-            .ok_or("no GCP project: set GCP_PROJECT (or GOOGLE_CLOUD_PROJECT)")?;
+            .ok_or_else(|| {
+                SetupError::config("no GCP project: set GCP_PROJECT (or GOOGLE_CLOUD_PROJECT)")
+            })?;
         let anonymous = match var("GCP_CREDENTIALS").as_deref() {
             None | Some("default") => false,
             Some("anonymous") => true,
             Some(other) => {
-                return Err(format!(
+                return Err(SetupError::config(format!(
                     "GCP_CREDENTIALS={other:?} is not `default` (Application Default Credentials) or `anonymous`"
-                ));
+                )));
             }
         };
         Ok(GcpSettings {

@@ -26,7 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use provisioner_core::backoff::Backoff;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError};
+use provisioner_core::{Described, Platform, PlatformError, SetupError};
 use provisioner_events::spec::kubernetes::{KubernetesSpec, is_label};
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
@@ -115,11 +115,11 @@ impl std::fmt::Debug for KubernetesPlatform {
 impl KubernetesPlatform {
     /// Connects as kube does: `KUBECONFIG` (or `~/.kube/config`) and its current context,
     /// or the in-cluster service account. Fails at start when neither is usable.
-    pub async fn from_environment() -> Result<Self, String> {
+    pub async fn from_environment() -> Result<Self, SetupError> {
         let client = kube::Client::try_default().await.map_err(|e| {
-            format!(
+            SetupError::config(format!(
                 "no usable Kubernetes configuration: {e} (set KUBECONFIG, or run in a pod with a service account)"
-            )
+            ))
         })?;
         Ok(KubernetesPlatform { client })
     }
