@@ -24,7 +24,7 @@ fn ecs_request(env: &TestEnv, name: &str, task_definition: &str) -> serde_json::
     serde_json::json!({
         "schema_version": 1, "request_id": format!("{name}-{}", env.run_id),
         "operation": "provision", "platform": "aws-ecs",
-        "spec": {"cluster": "demo", "task_definition": task_definition, "launch_type": "FARGATE"}
+        "spec": {"cluster": "demo", "task_definition": task_definition, "launch_type": "FARGATE", "network": {"subnets": ["subnet-0a1b2c3d"], "assign_public_ip": true}}
     })
 }
 

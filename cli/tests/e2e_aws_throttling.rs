@@ -3,7 +3,9 @@
 //! to RunInstances on LocalStack, ECS's `ThrottlingException` in JSON to RunTask on moto);
 //! the request must still end `running`, with one instance or task. The AWS SDK retries
 //! throttling itself (3 attempts), so more refusals than that reach the runtime's own
-//! retry.
+//! retry. The same proxy plays EC2's eventual consistency: right after RunInstances,
+//! DescribeInstances may not know the new instance yet, which the worker must poll
+//! through without spending an attempt.
 
 mod common;
 
@@ -20,6 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 #[derive(Clone, Copy)]
 struct Throttle {
     marker: &'static str,
+    /// A second marker the call must also carry, if any.
+    and_marker: Option<&'static str>,
     status: &'static str,
     content_type: &'static str,
     body: &'static str,
@@ -39,15 +43,28 @@ impl Throttle {
 
 const EC2_LAUNCH: Throttle = Throttle {
     marker: "Action=RunInstances",
+    and_marker: None,
     status: "503 Service Unavailable",
     content_type: "text/xml",
     body: "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message></Error></Errors><RequestID>throttle-test</RequestID></Response>",
 };
 const ECS_RUN_TASK: Throttle = Throttle {
     marker: "AmazonEC2ContainerServiceV20141113.RunTask",
+    and_marker: None,
     status: "400 Bad Request",
     content_type: "application/x-amz-json-1.1",
     body: r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#,
+};
+
+/// DescribeInstances by instance id, answered as EC2 does while a new instance is not yet
+/// visible to it.
+/// <https://docs.aws.amazon.com/ec2/latest/devguide/eventual-consistency.html>
+const EC2_NOT_YET_VISIBLE: Throttle = Throttle {
+    marker: "Action=DescribeInstances",
+    and_marker: Some("InstanceId.1="),
+    status: "400 Bad Request",
+    content_type: "text/xml",
+    body: "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>InvalidInstanceID.NotFound</Code><Message>The instance ID 'i-0' does not exist</Message></Error></Errors><RequestID>consistency-test</RequestID></Response>",
 };
 
 /// Reads one HTTP/1.1 request: head and Content-Length body.
@@ -103,8 +120,9 @@ async fn proxy(
             let Some((head, body)) = read_request(&mut client).await else {
                 return;
             };
-            let is_launch = head.contains(throttle.marker)
-                || String::from_utf8_lossy(&body).contains(throttle.marker);
+            let text = format!("{head}{}", String::from_utf8_lossy(&body));
+            let is_launch = text.contains(throttle.marker)
+                && throttle.and_marker.is_none_or(|m| text.contains(m));
             if is_launch
                 && throttle_left
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -136,14 +154,16 @@ async fn proxy(
     }
 }
 
-/// Provisions `spec` on `platform` through a proxy that refuses the first four launch
-/// calls as `throttle` says, and checks that the request still ends `running` after the
-/// runtime's own retry, with one resource (`live` counts them by request id), and tears
-/// it down.
-async fn provision_through_throttling<F, Fut>(
+/// Provisions `spec` on `platform` through a proxy that refuses the first `refusals`
+/// calls as `throttle` says, and checks that the request still ends `running` (after the
+/// runtime's own retry when `runtime_retries`, at its first attempt otherwise), with one
+/// resource (`live` counts them by request id), and tears it down.
+async fn provision_through_refusals<F, Fut>(
     platform: &str,
     upstream: String,
     throttle: Throttle,
+    refusals: usize,
+    runtime_retries: bool,
     spec: serde_json::Value,
     live: F,
 ) where
@@ -152,7 +172,7 @@ async fn provision_through_throttling<F, Fut>(
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
-    let throttle_left = Arc::new(AtomicUsize::new(4));
+    let throttle_left = Arc::new(AtomicUsize::new(refusals));
     let throttled = Arc::new(AtomicUsize::new(0));
     tokio::spawn(proxy(
         listener,
@@ -188,13 +208,17 @@ async fn provision_through_throttling<F, Fut>(
     );
     assert_eq!(
         throttled.load(Ordering::SeqCst),
-        4,
+        refusals,
         "every injected refusal was met"
     );
-    assert!(
-        event.attempt >= 2,
-        "the runtime retried after the SDK's own retries: {event:#?}"
-    );
+    if runtime_retries {
+        assert!(
+            event.attempt >= 2,
+            "the runtime retried after the SDK's own retries: {event:#?}"
+        );
+    } else {
+        assert_eq!(event.attempt, 1, "no attempt spent on it: {event:#?}");
+    }
     assert_eq!(live(id(&request)).await, 1, "one resource");
     let teardown = serde_json::json!({
         "schema_version": 1, "request_id": format!("{platform}-throttled-down-{}", env.run_id),
@@ -206,57 +230,78 @@ async fn provision_through_throttling<F, Fut>(
 
 #[tokio::test]
 async fn throttled_launches_are_retried_until_the_instance_runs() {
-    provision_through_throttling(
+    provision_through_refusals(
         "aws-ec2",
         common::aws_endpoint(),
         EC2_LAUNCH,
+        4,
+        true,
         serde_json::json!({"image_id": "ami-03cf127a", "instance_type": "t3.micro"}),
-        |request_id| async move {
-            use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
-            let ec2 = aws_sdk_ec2::Client::from_conf(
-                aws_sdk_ec2::Config::builder()
-                    .behavior_version(BehaviorVersion::latest())
-                    .endpoint_url(common::aws_endpoint())
-                    .region(Region::new("us-east-1"))
-                    .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-                    .build(),
-            );
-            let output = ec2
-                .describe_instances()
-                .filters(
-                    aws_sdk_ec2::types::Filter::builder()
-                        .name(format!("tag:{}", provisioner_aws_ec2::REQUEST_TAG))
-                        .values(request_id)
-                        .build(),
-                )
-                .filters(
-                    aws_sdk_ec2::types::Filter::builder()
-                        .name("instance-state-name")
-                        .values("pending")
-                        .values("running")
-                        .build(),
-                )
-                .send()
-                .await
-                .expect("describe");
-            output
-                .reservations()
-                .iter()
-                .map(|r| r.instances().len())
-                .sum()
-        },
+        live_instances,
     )
     .await;
 }
 
 #[tokio::test]
+async fn an_instance_not_yet_visible_after_launch_is_waited_for_not_retried() {
+    provision_through_refusals(
+        "aws-ec2",
+        common::aws_endpoint(),
+        EC2_NOT_YET_VISIBLE,
+        3,
+        false,
+        serde_json::json!({"image_id": "ami-03cf127a", "instance_type": "t3.micro"}),
+        live_instances,
+    )
+    .await;
+}
+
+/// The instances of a request that are pending or running on LocalStack.
+async fn live_instances(request_id: String) -> usize {
+    use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+    let ec2 = aws_sdk_ec2::Client::from_conf(
+        aws_sdk_ec2::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(common::aws_endpoint())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+            .build(),
+    );
+    let output = ec2
+        .describe_instances()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name(format!("tag:{}", provisioner_aws_ec2::REQUEST_TAG))
+                .values(request_id)
+                .build(),
+        )
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("describe");
+    output
+        .reservations()
+        .iter()
+        .map(|r| r.instances().len())
+        .sum()
+}
+
+#[tokio::test]
 async fn throttled_task_launches_are_retried_until_the_task_runs() {
     common::ecs_demo_cluster().await;
-    provision_through_throttling(
+    provision_through_refusals(
         "aws-ecs",
         common::ecs_endpoint(),
         ECS_RUN_TASK,
-        serde_json::json!({"cluster": "demo", "task_definition": "web:1", "launch_type": "FARGATE"}),
+        4,
+        true,
+        serde_json::json!({"cluster": "demo", "task_definition": "web:1", "launch_type": "FARGATE", "network": {"subnets": ["subnet-0a1b2c3d"], "assign_public_ip": true}}),
         |request_id| async move {
             common::ecs_client()
                 .list_tasks()

@@ -91,10 +91,10 @@ fn the_ec2_example_of_the_aws_issue_is_accepted_exactly_as_written() {
 }
 
 #[test]
-fn the_ecs_example_of_the_aws_issue_is_accepted_exactly_as_written() {
+fn the_ecs_example_with_its_awsvpc_network_is_accepted() {
     use provisioner_events::spec::aws_ecs::AwsEcsSpec;
     let request = decode_request(
-        br#"{"schema_version":1,"request_id":"ecs-demo-1","operation":"provision","platform":"aws-ecs","spec":{"cluster":"demo","task_definition":"web:1","launch_type":"FARGATE"}}"#,
+        br#"{"schema_version":1,"request_id":"ecs-demo-1","operation":"provision","platform":"aws-ecs","spec":{"cluster":"demo","task_definition":"web:1","launch_type":"FARGATE","network":{"subnets":["subnet-0a1b2c3d"],"assign_public_ip":true}}}"#,
     )
     .expect("ecs example");
     let spec: AwsEcsSpec =

@@ -586,7 +586,7 @@ async fn ecs_tasks_run_once_through_the_lambda_on_moto() {
     let id = env.id("lambda-ecs");
     let request = serde_json::json!({
         "schema_version": 1, "request_id": id, "operation": "provision", "platform": "aws-ecs",
-        "spec": {"cluster": "demo", "task_definition": definition, "launch_type": "FARGATE"}
+        "spec": {"cluster": "demo", "task_definition": definition, "launch_type": "FARGATE", "network": {"subnets": ["subnet-0a1b2c3d"], "assign_public_ip": true}}
     });
     let answer = env
         .api

@@ -26,7 +26,8 @@ pub struct AwsEcsSpec {
     /// Fargate platform version, e.g. `LATEST` or `1.4.0`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform_version: Option<String>,
-    /// The awsvpc network configuration; Fargate needs it on AWS.
+    /// The awsvpc network configuration: required for `FARGATE` (its tasks always use the
+    /// awsvpc network mode), optional for `EC2` task definitions in awsvpc mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<AwsVpcNetwork>,
     /// Per-container overrides of command and environment.
@@ -149,6 +150,12 @@ impl AwsEcsSpec {
                 self.launch_type()
             ));
         }
+        if self.launch_type() == "FARGATE" && self.network.is_none() {
+            return Err("a FARGATE task needs \"network\": {\"subnets\": [\"subnet-…\"], \"security_groups\": [\"sg-…\"], \"assign_public_ip\": true|false} (Fargate tasks use the awsvpc network mode; in a public subnet without a NAT gateway, assign_public_ip must be true for the image to be pulled)".into());
+        }
+        if let (Some(container), "FARGATE") = (&self.container, self.launch_type()) {
+            container.check_fargate_size()?;
+        }
         if let Some(network) = &self.network {
             if network.subnets.is_empty() || network.subnets.len() > 16 {
                 return Err("network.subnets needs 1 to 16 subnet ids".into());
@@ -182,7 +189,51 @@ impl AwsEcsSpec {
     }
 }
 
+/// Fargate's task sizes: for each CPU value, the memory (MiB) it takes, as (from, to, step).
+/// <https://docs.aws.amazon.com/AmazonECS/latest/developerguide/fargate-tasks-services.html#fargate-tasks-size>
+const FARGATE_SIZES: [(u32, u32, u32, u32); 7] = [
+    (256, 512, 2048, 512),
+    (512, 1024, 4096, 1024),
+    (1024, 2048, 8192, 1024),
+    (2048, 4096, 16_384, 1024),
+    (4096, 8192, 30_720, 1024),
+    (8192, 16_384, 61_440, 4096),
+    (16_384, 32_768, 122_880, 8192),
+];
+
 impl InlineContainer {
+    /// CPU units and memory as the task definition gets them.
+    pub fn cpu_and_memory(&self) -> (u32, u32) {
+        (self.cpu.unwrap_or(256), self.memory_mib.unwrap_or(512))
+    }
+
+    /// Fargate offers only some CPU and memory pairs; RunTask refuses the others.
+    fn check_fargate_size(&self) -> Result<(), String> {
+        let (cpu, memory) = self.cpu_and_memory();
+        let Some(&(_, from, to, step)) = FARGATE_SIZES.iter().find(|size| size.0 == cpu) else {
+            return Err(format!(
+                "container.cpu {cpu} is not a Fargate size: 256, 512, 1024, 2048, 4096, 8192 or 16384"
+            ));
+        };
+        // 256 CPU units take 512, 1024 or 2048 MiB; the others a range in steps.
+        let offered = if cpu == 256 {
+            [512, 1024, 2048].contains(&memory)
+        } else {
+            (from..=to).contains(&memory) && (memory - from) % step == 0
+        };
+        if !offered {
+            return Err(format!(
+                "container.memory_mib {memory} is not offered with cpu {cpu} on Fargate: {}",
+                if cpu == 256 {
+                    "512, 1024 or 2048".to_owned()
+                } else {
+                    format!("{from} to {to} in steps of {step}")
+                }
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.image.is_empty()
             || self.image.len() > 255
@@ -214,5 +265,105 @@ impl InlineContainer {
             return Err("container.ports: 0 is not a port".into());
         }
         super::validate_env_and_timeout(&self.env, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::check_aws_resource_tags;
+
+    fn spec(value: serde_json::Value) -> AwsEcsSpec {
+        serde_json::from_value(value).expect("an ECS spec")
+    }
+
+    fn network() -> serde_json::Value {
+        serde_json::json!({"subnets": ["subnet-0abc"], "assign_public_ip": true})
+    }
+
+    #[test]
+    fn a_fargate_task_without_a_network_is_refused_with_what_to_add() {
+        let without = spec(serde_json::json!({"cluster": "c", "task_definition": "web:1"}));
+        let error = without.validate().expect_err("Fargate needs awsvpc");
+        assert!(
+            error.contains("\"network\"") && error.contains("assign_public_ip"),
+            "{error}"
+        );
+        let with = spec(
+            serde_json::json!({"cluster": "c", "task_definition": "web:1", "network": network()}),
+        );
+        assert_eq!(with.validate(), Ok(()));
+        let on_ec2 = spec(
+            serde_json::json!({"cluster": "c", "task_definition": "web:1", "launch_type": "EC2"}),
+        );
+        assert_eq!(on_ec2.validate(), Ok(()), "bridge mode needs no network");
+    }
+
+    #[test]
+    fn only_the_cpu_and_memory_pairs_fargate_offers_are_taken() {
+        let sized = |cpu: u32, memory: u32| {
+            spec(serde_json::json!({
+                "cluster": "c", "network": network(),
+                "container": {"image": "nginx", "cpu": cpu, "memory_mib": memory}
+            }))
+            .validate()
+        };
+        for (cpu, memory) in [
+            (256, 512),
+            (256, 2048),
+            (512, 4096),
+            (1024, 3072),
+            (4096, 30_720),
+            (8192, 20_480),
+            (16_384, 40_960),
+        ] {
+            assert_eq!(sized(cpu, memory), Ok(()), "{cpu}/{memory}");
+        }
+        for (cpu, memory) in [
+            (256, 4096),
+            (512, 512),
+            (1024, 2500),
+            (8192, 18_432),
+            (300, 1024),
+            (16_384, 30_720),
+        ] {
+            assert!(sized(cpu, memory).is_err(), "{cpu}/{memory}");
+        }
+        let on_ec2 = spec(serde_json::json!({
+            "cluster": "c", "launch_type": "EC2",
+            "container": {"image": "nginx", "cpu": 300, "memory_mib": 700}
+        }));
+        assert_eq!(on_ec2.validate(), Ok(()), "EC2 capacity takes any size");
+    }
+
+    #[test]
+    fn tags_keep_to_ecs_characters_and_the_fifty_tag_limit() {
+        let labels = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let none = BTreeMap::new();
+        assert_eq!(
+            check_aws_resource_tags(&labels(&[("team", "data eng@x.io")]), &none, 2, true),
+            Ok(())
+        );
+        assert!(check_aws_resource_tags(&labels(&[("team", "a,b")]), &none, 2, true).is_err());
+        assert!(
+            check_aws_resource_tags(&labels(&[("team", "a,b")]), &none, 3, false).is_ok(),
+            "EC2 takes any character"
+        );
+        assert!(check_aws_resource_tags(&none, &labels(&[("AWS:x", "1")]), 2, false).is_err());
+        let many: BTreeMap<String, String> =
+            (0..48).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+        assert_eq!(check_aws_resource_tags(&many, &none, 2, true), Ok(()));
+        let error = check_aws_resource_tags(&many, &none, 3, false).expect_err("51 tags");
+        assert!(error.contains("50"), "{error}");
+        // A spec tag over a label of the same key is one tag, not two.
+        assert_eq!(
+            check_aws_resource_tags(&many, &labels(&[("k0", "other")]), 2, true),
+            Ok(())
+        );
     }
 }

@@ -95,15 +95,55 @@ pub(crate) fn validate_aws_tags(
 ) -> Result<(), String> {
     for (key, value) in tags {
         if key.is_empty()
-            || key.len() > 128
-            || value.len() > 256
-            || key.starts_with("aws:")
+            || key.chars().count() > 128
+            || value.chars().count() > 256
+            || key.to_ascii_lowercase().starts_with("aws:")
             || key.starts_with("provisioner:")
         {
             return Err(format!(
-                "tag {key:?}: keys are 1 to 128 characters, values at most 256, and aws: and provisioner: are reserved"
+                "tag {key:?}: keys are 1 to 128 characters, values at most 256, and aws: (any case) and provisioner: are reserved"
             ));
         }
+    }
+    Ok(())
+}
+
+/// Tags on one AWS resource, at most (EC2 and ECS alike).
+pub const MAX_AWS_TAGS: usize = 50;
+
+/// Whether `text` keeps to the characters ECS (and EC2 tags exposed in instance metadata)
+/// allow in tags: letters, digits, spaces and `+ - = . _ : / @`.
+fn is_ecs_tag_text(text: &str) -> bool {
+    text.chars()
+        .all(|c| c.is_alphanumeric() || c == ' ' || "+-=._:/@".contains(c))
+}
+
+/// Checks the tags an AWS resource gets from a request: its labels, the spec's `tags` over
+/// them, and `own` tags the worker adds. At most [`MAX_AWS_TAGS`] in all; with
+/// `ecs_charset`, keys and values keep to ECS's characters (RunTask refuses others).
+pub fn check_aws_resource_tags(
+    labels: &std::collections::BTreeMap<String, String>,
+    spec_tags: &std::collections::BTreeMap<String, String>,
+    own: usize,
+    ecs_charset: bool,
+) -> Result<(), String> {
+    let mut tags = labels.clone();
+    tags.extend(spec_tags.clone());
+    validate_aws_tags(&tags)?;
+    if tags.len() + own > MAX_AWS_TAGS {
+        return Err(format!(
+            "{} labels and tags, plus the worker's own {own}, exceed AWS's {MAX_AWS_TAGS} tags per resource",
+            tags.len()
+        ));
+    }
+    if ecs_charset
+        && let Some((key, _)) = tags
+            .iter()
+            .find(|(key, value)| !is_ecs_tag_text(key) || !is_ecs_tag_text(value))
+    {
+        return Err(format!(
+            "label or tag {key:?}: ECS tags take only letters, digits, spaces and + - = . _ : / @ in keys and values"
+        ));
     }
     Ok(())
 }

@@ -22,8 +22,8 @@ use provisioner_core::backoff::Backoff;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Platform, PlatformError, SetupError};
-use provisioner_events::spec::HealthCheck;
 use provisioner_events::spec::aws_ec2::AwsEc2Spec;
+use provisioner_events::spec::{HealthCheck, check_aws_resource_tags};
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
     TeardownTarget,
@@ -86,6 +86,15 @@ pub fn classify_code(code: &str) -> (ErrorClass, bool) {
         | "OptInRequired"
         | "PendingVerification" => (ErrorClass::Permission, false),
         "IdempotentParameterMismatch" => (ErrorClass::Conflict, false),
+        // The instance is between states (stopping a pending one): later it may not be.
+        "IncorrectInstanceState" => (ErrorClass::Conflict, true),
+        // The subnet has no free address now; terminations may free some.
+        "InsufficientFreeAddressesInSubnet" => (ErrorClass::Capacity, true),
+        // The instance type is not offered in the subnet's zone: EC2's message names the
+        // zones that offer it; pick one of them or another type.
+        "Unsupported" | "UnsupportedOperation" => (ErrorClass::Unsupported, false),
+        // Too many tags is the request's fault, not an account limit.
+        "TagLimitExceeded" => (ErrorClass::InvalidRequest, false),
         "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable" => {
             (ErrorClass::Transient, true)
         }
@@ -377,9 +386,18 @@ impl Ec2Platform {
     ) -> Result<Instance, PlatformError> {
         let mut backoff = Backoff::new(timeout, Duration::from_millis(250), Duration::from_secs(5));
         loop {
-            let instance = self.instance(instance_id).await?.ok_or_else(|| {
-                PlatformError::transient(format!("instance {instance_id} is not visible yet"))
-            })?;
+            // Right after RunInstances, DescribeInstances may answer
+            // InvalidInstanceID.NotFound for a while (EC2 is eventually consistent): poll
+            // through it rather than spend one of the request's attempts.
+            let Some(instance) = self.instance(instance_id).await? else {
+                if !backoff.wait().await {
+                    return Err(PlatformError::transient(format!(
+                        "instance {instance_id} was still not visible to DescribeInstances after {} s",
+                        timeout.as_secs()
+                    )));
+                }
+                continue;
+            };
             match state_of(&instance) {
                 state if state == wanted => return Ok(instance),
                 "stopped" if wanted == "running" => {
@@ -481,7 +499,11 @@ impl Platform for Ec2Platform {
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
-            spec_of::<AwsEc2Spec>(request)?;
+            let spec = spec_of::<AwsEc2Spec>(request)?;
+            // The instance's tags: the labels, the spec's tags, and the worker's three
+            // (Name and the two ownership tags).
+            check_aws_resource_tags(&request.labels, &spec.tags, 3, false)
+                .map_err(PlatformError::invalid)?;
         }
         Ok(())
     }
@@ -774,6 +796,15 @@ mod tests {
             ("IdempotentParameterMismatch", ErrorClass::Conflict, false),
             ("InvalidSubnetID.NotFound", ErrorClass::NotFound, false),
             ("InternalError", ErrorClass::Transient, true),
+            ("Unsupported", ErrorClass::Unsupported, false),
+            (
+                "InsufficientFreeAddressesInSubnet",
+                ErrorClass::Capacity,
+                true,
+            ),
+            ("IncorrectInstanceState", ErrorClass::Conflict, true),
+            ("TagLimitExceeded", ErrorClass::InvalidRequest, false),
+            ("InsufficientInstanceCapacity", ErrorClass::Capacity, true),
             ("SomethingNew", ErrorClass::Internal, false),
         ];
         for (code, class, retryable) in cases {

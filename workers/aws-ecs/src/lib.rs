@@ -26,6 +26,7 @@ use provisioner_core::backoff::Backoff;
 use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Platform, PlatformError, SetupError};
 use provisioner_events::spec::aws_ecs::{AwsEcsSpec, INLINE_CONTAINER_NAME, InlineContainer};
+use provisioner_events::spec::check_aws_resource_tags;
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
     TeardownTarget,
@@ -478,9 +479,17 @@ impl EcsPlatform {
     ) -> Result<Task, PlatformError> {
         let mut backoff = Backoff::new(timeout, Duration::from_millis(250), Duration::from_secs(5));
         loop {
-            let task = self.task(cluster, arn).await?.ok_or_else(|| {
-                PlatformError::transient(format!("task {arn} is not visible yet"))
-            })?;
+            // Right after RunTask, DescribeTasks may answer the task as a `MISSING`
+            // failure for a while (ECS is eventually consistent): poll through it.
+            let Some(task) = self.task(cluster, arn).await? else {
+                if !backoff.wait().await {
+                    return Err(PlatformError::transient(format!(
+                        "task {arn} was still not visible to DescribeTasks after {} s",
+                        timeout.as_secs()
+                    )));
+                }
+                continue;
+            };
             let health = task
                 .health_status()
                 .map(HealthStatus::as_str)
@@ -588,7 +597,10 @@ impl Platform for EcsPlatform {
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
-            spec_of::<AwsEcsSpec>(request)?;
+            let spec = spec_of::<AwsEcsSpec>(request)?;
+            // The task's tags: the labels, the spec's tags, and the worker's two.
+            check_aws_resource_tags(&request.labels, &spec.tags, 2, true)
+                .map_err(PlatformError::invalid)?;
         }
         Ok(())
     }

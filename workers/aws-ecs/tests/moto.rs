@@ -79,7 +79,7 @@ fn request(id: &str, spec: serde_json::Value) -> Request {
 fn example(id: &str) -> Request {
     request(
         id,
-        serde_json::json!({"cluster": "demo", "task_definition": "web:1", "launch_type": "FARGATE"}),
+        serde_json::json!({"cluster": "demo", "task_definition": "web:1", "launch_type": "FARGATE", "network": {"subnets": ["subnet-0a1b2c3d"], "assign_public_ip": true}}),
     )
 }
 
