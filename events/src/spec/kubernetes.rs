@@ -78,7 +78,28 @@ fn is_quantity(value: &str) -> bool {
         && ["", "m", "k", "M", "G", "T", "Ki", "Mi", "Gi", "Ti"].contains(&suffix)
 }
 
-/// A label key (optionally `prefix/name`) and value as Kubernetes accepts them.
+/// A DNS-1123 subdomain: dot-separated parts of lowercase letters, digits and '-', each
+/// starting and ending with an alphanumeric, at most 253 characters in all (label key
+/// prefixes are these).
+pub fn is_dns_subdomain(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 253
+        && value.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        })
+}
+
+/// A label key and value as the API server's validation accepts them
+/// (apimachinery's `IsQualifiedName` and `IsValidLabelValue`): the key is a name of at
+/// most 63 characters (alphanumerics, '-', '_', '.', starting and ending alphanumeric),
+/// optionally after a DNS-1123 subdomain prefix and one '/'; the value is empty or such a
+/// name.
+/// <https://kubernetes.io/docs/concepts/overview/working-with-objects/labels/#syntax-and-character-set>
 pub fn is_label(key: &str, value: &str) -> bool {
     let name_ok = |name: &str, max: usize| {
         name.len() <= max
@@ -94,10 +115,13 @@ pub fn is_label(key: &str, value: &str) -> bool {
                 .last()
                 .is_none_or(|c| c.is_ascii_alphanumeric())
     };
-    let (prefix, name) = key.rsplit_once('/').unwrap_or(("", key));
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
     !name.is_empty()
         && name_ok(name, 63)
-        && (prefix.is_empty() || (prefix.len() <= 253 && name_ok(prefix, 253)))
+        && prefix.is_none_or(is_dns_subdomain)
         && name_ok(value, 63)
 }
 
@@ -177,6 +201,20 @@ mod tests {
             assert!(!is_quantity(bad), "{bad}");
         }
         assert!(is_label("app.kubernetes.io/name", "web"));
+        assert!(is_label("Team_Name.x", "A_b-1"));
+        // The API server answers 422 to each of these.
+        for (key, value) in [
+            ("Example.com/team", "x"),
+            ("ex_ample.com/team", "x"),
+            ("/team", "x"),
+            ("a/b/c", "x"),
+            ("-team", "x"),
+            ("example..com/team", "x"),
+            ("team", "a b"),
+            ("team", "x_"),
+        ] {
+            assert!(!is_label(key, value), "{key}={value}");
+        }
         assert!(is_label("team", ""));
         assert!(!is_label("team", "-web"));
         assert!(!is_label("", "x"));

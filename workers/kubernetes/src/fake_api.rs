@@ -8,6 +8,10 @@
 //! cluster IP (and node port) for every Service. What it does as the controllers would:
 //! a Deployment's replicas become available after a few reads, and a LoadBalancer gets
 //! its ingress after a few reads. Faults can be queued (e.g. `429` on the next create).
+//!
+//! As strict as a real API server where our mistakes would hide: labels are validated as
+//! apimachinery does (`422 Invalid`), and [`FakeApi::grant_only`] plays a caller bound to
+//! namespaced Roles, refused (`403 Forbidden`) anything cluster-wide or elsewhere.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -39,6 +43,8 @@ struct World {
     /// The `propagationPolicy` of every delete, in order.
     deletes: Vec<(String, String)>,
     requests: u64,
+    /// The namespaces the caller's Roles grant, when it has no cluster-wide rights.
+    granted: Option<Vec<String>>,
 }
 
 /// The running server; dropped, it keeps serving until the runtime ends.
@@ -57,6 +63,67 @@ fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
             "message": message, "reason": reason, "code": code
         }),
     )
+}
+
+/// A label key and value as apimachinery validates them (`IsQualifiedName`,
+/// `IsValidLabelValue`), written from its regular expressions rather than shared with the
+/// worker's own check, so a mistake in one is caught by the other.
+/// <https://github.com/kubernetes/apimachinery/blob/master/pkg/util/validation/validation.go>
+fn label_problem(key: &str, value: &str) -> Option<String> {
+    static QUALIFIED: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new("^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$").expect("regex")
+    });
+    static SUBDOMAIN: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new("^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+            .expect("regex")
+    });
+    let parts: Vec<&str> = key.split('/').collect();
+    let name = match parts.as_slice() {
+        [name] => *name,
+        [prefix, name] => {
+            if prefix.is_empty() || prefix.len() > 253 || !SUBDOMAIN.is_match(prefix) {
+                return Some(format!(
+                    "Invalid value: {key:?}: prefix part a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+                ));
+            }
+            *name
+        }
+        _ => {
+            return Some(format!(
+                "Invalid value: {key:?}: a qualified name must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character, with an optional DNS subdomain prefix and '/'"
+            ));
+        }
+    };
+    if name.is_empty() || name.len() > 63 || !QUALIFIED.is_match(name) {
+        return Some(format!(
+            "Invalid value: {key:?}: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (at most 63)"
+        ));
+    }
+    if !value.is_empty() && (value.len() > 63 || !QUALIFIED.is_match(value)) {
+        return Some(format!(
+            "Invalid value: {value:?}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (at most 63)"
+        ));
+    }
+    None
+}
+
+/// The first invalid label of an object (and of a Deployment's pod template).
+fn invalid_labels(object: &Value) -> Option<String> {
+    let sets = [
+        ("metadata.labels", &object["metadata"]["labels"]),
+        (
+            "spec.template.metadata.labels",
+            &object["spec"]["template"]["metadata"]["labels"],
+        ),
+    ];
+    for (field, labels) in sets {
+        for (key, value) in labels.as_object().into_iter().flatten() {
+            if let Some(problem) = label_problem(key, value.as_str().unwrap_or_default()) {
+                return Some(format!("{field}: {problem}"));
+            }
+        }
+    }
+    None
 }
 
 fn selector_matches(object: &Value, selector: &str) -> bool {
@@ -106,6 +173,13 @@ impl FakeApi {
             "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: {namespace}\ncurrent-context: fake\nusers:\n- name: fake\n  user:\n    token: fake-token\n",
             self.url()
         )
+    }
+
+    /// From now on the caller has Roles in `namespaces` only: anything cluster-wide or in
+    /// another namespace is `403 Forbidden`, as RBAC answers.
+    pub fn grant_only(&self, namespaces: &[&str]) {
+        self.world.lock().expect("lock").granted =
+            Some(namespaces.iter().map(|n| (*n).to_owned()).collect());
     }
 
     pub fn inject(&self, fault: Fault) {
@@ -161,6 +235,11 @@ impl FakeApi {
             .collect()
     }
 
+    /// Requests served so far.
+    pub fn requests(&self) -> u64 {
+        self.world.lock().expect("lock").requests
+    }
+
     /// `(path, propagationPolicy)` of every delete so far.
     pub fn deletes(&self) -> Vec<(String, String)> {
         self.world.lock().expect("lock").deletes.clone()
@@ -213,6 +292,28 @@ impl FakeApi {
         } else {
             "services"
         };
+        if let Some(granted) = &world.granted
+            && namespace.is_none_or(|n| !granted.iter().any(|g| g == n))
+        {
+            let verb = match (method.as_str(), name) {
+                ("GET", None) => "list",
+                ("GET", Some(_)) => "get",
+                ("POST", _) => "create",
+                ("DELETE", _) => "delete",
+                (other, _) => other,
+            };
+            let scope = namespace.map_or("at the cluster scope".to_owned(), |n| {
+                format!("in the namespace \"{n}\"")
+            });
+            let api_group = if kind == "deployments" { "apps" } else { "" };
+            return status(
+                403,
+                "Forbidden",
+                &format!(
+                    "{group} is forbidden: User \"system:serviceaccount:provisioner:worker\" cannot {verb} resource \"{kind}\" in API group \"{api_group}\" {scope}"
+                ),
+            );
+        }
         match (method.as_str(), namespace, name) {
             ("POST", Some(ns), None) => {
                 let Some(name) = body["metadata"]["name"].as_str().map(str::to_owned) else {
@@ -222,6 +323,16 @@ impl FakeApi {
                         &format!("{object_kind} is invalid: metadata.name: Required value"),
                     );
                 };
+                if let Some(problem) = invalid_labels(&body) {
+                    return status(
+                        422,
+                        "Invalid",
+                        &format!(
+                            "{object_kind}{} \"{name}\" is invalid: {problem}",
+                            if kind == "deployments" { ".apps" } else { "" }
+                        ),
+                    );
+                }
                 let key = (kind.to_owned(), ns.to_owned(), name.clone());
                 if world.objects.contains_key(&key) {
                     return status(

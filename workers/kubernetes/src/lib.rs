@@ -7,7 +7,8 @@
 //! means a retry (or another worker) made them already, and the worker adopts them after
 //! checking the request-id annotation. Teardown deletes both with foreground propagation;
 //! 404 is success. A teardown names only the request, so the worker finds its Deployment
-//! by label across namespaces.
+//! by label in each namespace it serves ([`NamespaceScope`]): a namespaced Role in each is
+//! enough, unless the operator chose every namespace (which needs a ClusterRole).
 
 #[cfg(feature = "fake-api")]
 pub mod fake_api;
@@ -27,7 +28,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use provisioner_core::backoff::Backoff;
 use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Platform, PlatformError, SetupError};
-use provisioner_events::spec::kubernetes::{KubernetesSpec, is_label};
+use provisioner_events::spec::kubernetes::{KubernetesSpec, is_dns_label, is_label};
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
     TeardownTarget,
@@ -98,16 +99,58 @@ fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
     meta.annotations.as_ref()?.get(key).map(String::as_str)
 }
 
+/// The namespaces a worker makes objects in and looks for them in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamespaceScope {
+    /// These namespaces (the client's default first): a Role in each is enough, as every
+    /// lookup is a namespaced list.
+    Listed(Vec<String>),
+    /// Every namespace: lookups list across the cluster, which needs a ClusterRole.
+    All,
+}
+
+impl NamespaceScope {
+    /// From `KUBERNETES_NAMESPACES` (comma-separated names, or `*` for every namespace)
+    /// and the client's default namespace, which is always served.
+    pub fn parse(setting: Option<&str>, default_namespace: &str) -> Result<Self, SetupError> {
+        let setting = setting.map(str::trim).unwrap_or_default();
+        if setting == "*" {
+            return Ok(NamespaceScope::All);
+        }
+        let mut namespaces = vec![default_namespace.to_owned()];
+        for namespace in setting.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if !is_dns_label(namespace) {
+                return Err(SetupError::config(format!(
+                    "KUBERNETES_NAMESPACES: {namespace:?} is not a namespace name (a DNS label)"
+                )));
+            }
+            if !namespaces.iter().any(|n| n == namespace) {
+                namespaces.push(namespace.to_owned());
+            }
+        }
+        Ok(NamespaceScope::Listed(namespaces))
+    }
+
+    fn serves(&self, namespace: &str) -> bool {
+        match self {
+            NamespaceScope::All => true,
+            NamespaceScope::Listed(namespaces) => namespaces.iter().any(|n| n == namespace),
+        }
+    }
+}
+
 /// The Kubernetes [`Platform`].
 #[derive(Clone)]
 pub struct KubernetesPlatform {
     client: kube::Client,
+    scope: NamespaceScope,
 }
 
 impl std::fmt::Debug for KubernetesPlatform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KubernetesPlatform")
             .field("default_namespace", &self.client.default_namespace())
+            .field("scope", &self.scope)
             .finish()
     }
 }
@@ -121,11 +164,21 @@ impl KubernetesPlatform {
                 "no usable Kubernetes configuration: {e} (set KUBECONFIG, or run in a pod with a service account)"
             ))
         })?;
-        Ok(KubernetesPlatform { client })
+        let setting = std::env::var("KUBERNETES_NAMESPACES").ok();
+        let scope = NamespaceScope::parse(setting.as_deref(), client.default_namespace())?;
+        Ok(KubernetesPlatform { client, scope })
     }
 
+    /// A platform serving only the client's default namespace.
     pub fn new(client: kube::Client) -> Self {
-        KubernetesPlatform { client }
+        let scope = NamespaceScope::Listed(vec![client.default_namespace().to_owned()]);
+        KubernetesPlatform { client, scope }
+    }
+
+    /// Serves `scope` instead.
+    pub fn with_namespaces(mut self, scope: NamespaceScope) -> Self {
+        self.scope = scope;
+        self
     }
 
     fn namespace(&self, spec: &KubernetesSpec) -> String {
@@ -380,14 +433,28 @@ impl KubernetesPlatform {
         match target {
             TeardownTarget::Request(id) => {
                 let name = object_name(id.as_str());
-                let found = Api::<Deployment>::all(self.client.clone())
-                    .list(&ListParams::default().labels(&format!("{NAME_LABEL}={name}")))
-                    .await
-                    .map_err(|e| classify(&e, &format!("looking up the Deployment of {id}")))?;
-                Ok(found
-                    .items
-                    .into_iter()
-                    .find(|d| annotation(&d.metadata, REQUEST_ANNOTATION) == Some(id.as_str())))
+                let selector = ListParams::default().labels(&format!("{NAME_LABEL}={name}"));
+                let apis = match &self.scope {
+                    NamespaceScope::All => vec![Api::<Deployment>::all(self.client.clone())],
+                    NamespaceScope::Listed(namespaces) => namespaces
+                        .iter()
+                        .map(|n| Api::<Deployment>::namespaced(self.client.clone(), n))
+                        .collect(),
+                };
+                for api in apis {
+                    let found = api
+                        .list(&selector)
+                        .await
+                        .map_err(|e| classify(&e, &format!("looking up the Deployment of {id}")))?;
+                    if let Some(deployment) = found
+                        .items
+                        .into_iter()
+                        .find(|d| annotation(&d.metadata, REQUEST_ANNOTATION) == Some(id.as_str()))
+                    {
+                        return Ok(Some(deployment));
+                    }
+                }
+                Ok(None)
             }
             TeardownTarget::Resource(id) => {
                 let (namespace, name) = id.split_once('/').ok_or_else(|| {
@@ -482,7 +549,18 @@ impl Platform for KubernetesPlatform {
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
-            spec_of::<KubernetesSpec>(request)?;
+            let spec = spec_of::<KubernetesSpec>(request)?;
+            // A teardown by request id looks only where the worker serves: an object made
+            // elsewhere could never be found again.
+            let namespace = self.namespace(&spec);
+            if let NamespaceScope::Listed(served) = &self.scope
+                && !self.scope.serves(&namespace)
+            {
+                return Err(PlatformError::invalid(format!(
+                    "namespace {namespace:?} is not one this worker serves ({}); add it to the worker's KUBERNETES_NAMESPACES (with a Role there), or set * for every namespace (with a ClusterRole)",
+                    served.join(", ")
+                )));
+            }
         }
         Ok(())
     }

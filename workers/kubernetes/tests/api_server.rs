@@ -4,16 +4,17 @@
 
 use provisioner_core::Platform;
 use provisioner_core::conformance::check_platform;
-use provisioner_events::{ErrorClass, Request, State, TeardownTarget, decode_request};
+use provisioner_events::{ErrorClass, Request, RequestId, State, TeardownTarget, decode_request};
 use provisioner_kubernetes::fake_api::Method;
 use provisioner_kubernetes::fake_api::{FakeApi, Fault};
-use provisioner_kubernetes::{KubernetesPlatform, REQUEST_ANNOTATION, object_name};
+use provisioner_kubernetes::{KubernetesPlatform, NamespaceScope, REQUEST_ANNOTATION, object_name};
 
 async fn platform(api: &FakeApi) -> KubernetesPlatform {
     let url: http::Uri = api.url().parse().expect("url");
     let mut config = kube::Config::new(url);
     config.default_namespace = "apps".into();
     KubernetesPlatform::new(kube::Client::try_from(config).expect("client"))
+        .with_namespaces(NamespaceScope::Listed(vec!["apps".into(), "team-a".into()]))
 }
 
 fn unique(prefix: &str) -> String {
@@ -301,5 +302,87 @@ async fn request_labels_become_kubernetes_labels_where_kubernetes_accepts_them_o
             .get("app.kubernetes.io/managed-by")
             .map(String::as_str),
         Some("provisioner")
+    );
+}
+
+#[tokio::test]
+async fn lookups_by_request_id_need_only_roles_in_the_served_namespaces_on_fake_api() {
+    let api = FakeApi::start(2).await;
+    // The README's Role, in the two namespaces the worker serves, and nothing cluster-wide.
+    api.grant_only(&["apps", "team-a"]);
+    let platform = platform(&api).await;
+    let id = unique("scoped");
+    let resource = platform
+        .provision(&request(
+            &id,
+            web(serde_json::json!({"namespace": "team-a"})),
+        ))
+        .await
+        .expect("provision in team-a");
+    assert!(resource.id.starts_with("team-a/"), "{resource:?}");
+    let target = TeardownTarget::Request(RequestId::new(id.clone()).expect("id"));
+    let described = platform
+        .describe(&target)
+        .await
+        .expect("describe by request id")
+        .expect("found");
+    assert_eq!(described.state, State::Running);
+    platform
+        .teardown(&target)
+        .await
+        .expect("teardown by request id");
+    assert_eq!(api.count("deployments"), 0);
+    // Every namespace is a choice that needs a ClusterRole: without one, the lookup is
+    // refused as permission, which is what the namespaced scope avoids.
+    let everywhere = platform.clone().with_namespaces(NamespaceScope::All);
+    let refused = everywhere.describe(&target).await.expect_err("403");
+    assert_eq!(refused.class, ErrorClass::Permission, "{refused}");
+}
+
+#[tokio::test]
+async fn a_namespace_the_worker_does_not_serve_is_refused_before_anything_is_sent_on_fake_api() {
+    let api = FakeApi::start(2).await;
+    let platform = platform(&api).await;
+    let refused = platform
+        .validate(&request(
+            &unique("elsewhere"),
+            web(serde_json::json!({"namespace": "team-b"})),
+        ))
+        .expect_err("team-b is not served");
+    assert_eq!(refused.class, ErrorClass::InvalidRequest);
+    assert!(
+        refused.message.contains("KUBERNETES_NAMESPACES"),
+        "{refused}"
+    );
+    assert_eq!(api.requests(), 0);
+}
+
+#[tokio::test]
+async fn labels_the_api_server_would_refuse_are_refused_before_anything_is_sent_on_fake_api() {
+    let api = FakeApi::start(2).await;
+    let platform = platform(&api).await;
+    for labels in [
+        serde_json::json!({"Example.com/team": "data"}),
+        serde_json::json!({"ex_ample.com/team": "data"}),
+        serde_json::json!({"/team": "data"}),
+        serde_json::json!({"team": "data_"}),
+    ] {
+        let refused = platform
+            .provision(&request(
+                &unique("labels"),
+                web(serde_json::json!({"labels": labels})),
+            ))
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            refused.class,
+            ErrorClass::InvalidRequest,
+            "{labels}: {refused}"
+        );
+    }
+    assert_eq!(
+        api.requests(),
+        0,
+        "each was refused before reaching the API"
     );
 }
