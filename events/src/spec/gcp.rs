@@ -24,7 +24,8 @@ pub struct GcpComputeSpec {
     /// Boot disk size in GB. Default: the image's size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_size_gb: Option<u32>,
-    /// The VPC network. Default `global/networks/default`.
+    /// The VPC network. Default: the subnetwork's network when a `subnetwork` is given,
+    /// else `global/networks/default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
     /// A subnetwork, e.g. `regions/europe-west1/subnetworks/apps`; needed on custom-mode
@@ -264,8 +265,22 @@ impl GcpCloudRunSpec {
             }
         }
         validate_labels(&self.labels)?;
+        if let Some(name) = self.env.keys().find(|name| is_reserved_by_cloud_run(name)) {
+            return Err(format!(
+                "env {name:?} is set by Cloud Run itself (PORT, K_SERVICE, K_REVISION, K_CONFIGURATION and X_GOOGLE_* are reserved); the port the container listens on is spec.port"
+            ));
+        }
         super::validate_env_and_timeout(&self.env, self.ready_timeout_seconds)
     }
+}
+
+/// Environment variables Cloud Run sets itself and refuses in a service's container.
+/// <https://cloud.google.com/run/docs/container-contract#env-vars>
+fn is_reserved_by_cloud_run(name: &str) -> bool {
+    matches!(
+        name,
+        "PORT" | "K_SERVICE" | "K_REVISION" | "K_CONFIGURATION"
+    ) || name.starts_with("X_GOOGLE_")
 }
 
 #[cfg(test)]
@@ -315,6 +330,21 @@ mod tests {
         let mut bad = spec.clone();
         bad.memory = Some("lots".into());
         assert!(bad.validate().is_err());
+        for reserved in [
+            "PORT",
+            "K_SERVICE",
+            "K_REVISION",
+            "K_CONFIGURATION",
+            "X_GOOGLE_A",
+        ] {
+            let mut bad = spec.clone();
+            bad.env.insert(reserved.into(), "1".into());
+            let error = bad.validate().expect_err(reserved);
+            assert!(error.contains("spec.port"), "{error}");
+        }
+        let mut fine = spec.clone();
+        fine.env.insert("PORTS".into(), "1".into());
+        assert_eq!(fine.validate(), Ok(()));
         let mut bad = spec.clone();
         bad.min_instances = Some(3);
         bad.max_instances = Some(1);

@@ -144,13 +144,18 @@ impl ComputePlatform {
         if let Some(size) = spec.disk_size_gb {
             init = init.set_disk_size_gb(i64::from(size));
         }
-        let mut nic = NetworkInterface::new().set_network(
-            spec.network
-                .clone()
-                .unwrap_or_else(|| "global/networks/default".into()),
-        );
-        if let Some(subnetwork) = &spec.subnetwork {
-            nic = nic.set_subnetwork(subnetwork);
+        // A subnetwork names its network already: Compute Engine takes it alone, and
+        // refuses it beside a network it is not part of (the default one, say).
+        let mut nic = NetworkInterface::new();
+        match (&spec.network, &spec.subnetwork) {
+            (network, Some(subnetwork)) => {
+                nic = nic.set_subnetwork(subnetwork);
+                if let Some(network) = network {
+                    nic = nic.set_network(network);
+                }
+            }
+            (Some(network), None) => nic = nic.set_network(network),
+            (None, None) => nic = nic.set_network("global/networks/default"),
         }
         if spec.public_ip {
             nic = nic.set_access_configs([AccessConfig::new()

@@ -101,6 +101,17 @@ struct World {
     next_id: u64,
     /// Every request line, in order.
     log: Vec<String>,
+    /// Subnetworks (`regions/<r>/subnetworks/<s>`) and the network (`global/networks/<n>`)
+    /// each belongs to.
+    subnetworks: HashMap<String, String>,
+}
+
+/// The part of a network or subnetwork reference from `marker` on, whatever form (URL,
+/// partial path) it was given in.
+fn reference_from<'a>(reference: &'a str, marker: &str) -> &'a str {
+    reference
+        .find(marker)
+        .map_or(reference, |at| &reference[at..])
 }
 
 /// The running server; it serves until the runtime ends.
@@ -215,6 +226,15 @@ impl FakeGcp {
     pub fn service(&self, region: &str, id: &str) -> Option<Value> {
         let name = format!("projects/{}/locations/{region}/services/{id}", self.project);
         self.world().services.get(&name).cloned()
+    }
+
+    /// Makes a subnetwork of `network` in `region`: an insert naming it with another
+    /// network is refused, as Compute Engine refuses it.
+    pub fn add_subnetwork(&self, region: &str, name: &str, network: &str) {
+        self.world().subnetworks.insert(
+            format!("regions/{region}/subnetworks/{name}"),
+            format!("global/networks/{network}"),
+        );
     }
 
     /// Forgets every `requestId` seen, as Compute Engine does after its replay window:
@@ -437,6 +457,32 @@ impl FakeGcp {
                     "Invalid value for field 'resource.machineType': ''.",
                 ),
             );
+        }
+        for (i, nic) in body["networkInterfaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let Some(subnetwork) = nic["subnetwork"].as_str() else {
+                continue;
+            };
+            let subnetwork = reference_from(subnetwork, "regions/");
+            let Some(belongs_to) = world.subnetworks.get(subnetwork) else {
+                let message = format!(
+                    "The resource 'projects/{}/{subnetwork}' was not found",
+                    self.project
+                );
+                return (404, compute_error(404, "notFound", &message));
+            };
+            if let Some(network) = nic["network"].as_str().filter(|n| !n.is_empty())
+                && reference_from(network, "global/networks/") != belongs_to
+            {
+                let message = format!(
+                    "Invalid value for field 'resource.networkInterfaces[{i}].subnetwork': '{subnetwork}'. Subnetwork should belong to network '{network}'."
+                );
+                return (400, compute_error(400, "invalid", &message));
+            }
         }
         world.next_id += 1;
         let mut instance = body;
@@ -726,6 +772,29 @@ impl FakeGcp {
                     400,
                     "INVALID_ARGUMENT",
                     "spec.template.spec.containers[0].image: Required",
+                ),
+            );
+        }
+        // Cloud Run sets these itself and refuses them in a container's env.
+        // <https://cloud.google.com/run/docs/container-contract#env-vars>
+        let reserved = body["template"]["containers"][0]["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|var| var["name"].as_str())
+            .find(|name| {
+                ["PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION"].contains(name)
+                    || name.starts_with("X_GOOGLE_")
+            });
+        if let Some(reserved) = reserved {
+            return (
+                400,
+                run_error(
+                    400,
+                    "INVALID_ARGUMENT",
+                    &format!(
+                        "template.containers[0].env: The following reserved env names were provided: {reserved}. These values are automatically set by the system."
+                    ),
                 ),
             );
         }

@@ -603,3 +603,53 @@ async fn a_service_in_another_region_is_found_for_teardown_on_fake_gcp() {
         .expect_err("Cloud Run scales by itself");
     assert_eq!(err.class, ErrorClass::Unsupported);
 }
+
+#[tokio::test]
+async fn a_subnetwork_of_another_vpc_is_used_without_forcing_the_default_network_on_fake_gcp() {
+    let api = FakeGcp::start(PROJECT, 2).await;
+    api.add_subnetwork("europe-west1", "apps", "apps-vpc");
+    let platform = compute(&api).await;
+    let id = unique("subnet");
+    let request = request(
+        "gcp-compute",
+        &id,
+        serde_json::json!({
+            "machine_type": "e2-small",
+            "image": "projects/debian-cloud/global/images/family/debian-12",
+            "subnetwork": "regions/europe-west1/subnetworks/apps"
+        }),
+    );
+    platform
+        .provision(&request)
+        .await
+        .expect("provisioned in the subnetwork");
+    let instance = api.instance(ZONE, &instance_name(&id)).expect("made");
+    assert_eq!(
+        instance["networkInterfaces"][0]["subnetwork"],
+        "regions/europe-west1/subnetworks/apps"
+    );
+}
+
+#[tokio::test]
+async fn reserved_cloud_run_variables_are_refused_before_anything_is_sent_on_fake_gcp() {
+    let api = FakeGcp::start(PROJECT, 2).await;
+    let platform = cloud_run(&api).await;
+    for reserved in ["PORT", "K_SERVICE"] {
+        let refused = platform
+            .provision(&request(
+                "gcp-cloud-run",
+                &unique("reserved"),
+                serde_json::json!({"image": "us-docker.pkg.dev/cloudrun/container/hello",
+                                   "env": {reserved: "8080"}}),
+            ))
+            .await
+            .expect_err("reserved");
+        assert_eq!(refused.class, ErrorClass::InvalidRequest, "{refused}");
+        assert!(refused.message.contains(reserved), "{refused}");
+    }
+    assert!(
+        api.log().is_empty(),
+        "nothing reached the API: {:?}",
+        api.log()
+    );
+}
