@@ -37,7 +37,7 @@ async fn vm_requests_run_once_and_tear_down_twice_through_the_queue() {
         "spec": {"size": "Standard_B1s",
                  "image": {"publisher": "Canonical", "offer": "ubuntu-24_04-lts", "sku": "server"},
                  "subnet_id": format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Network/virtualNetworks/apps/subnets/default"),
-                 "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEXAMPLE ops@example"}
+                 "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBrqcMXeHK9TbFVAntUvqrIZ+DBXzIRQgxK3oLT2lVm9 ops@example"}
     });
     for _ in 0..5 {
         env.publish(&request).await;

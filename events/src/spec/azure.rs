@@ -207,13 +207,7 @@ impl AzureVmSpec {
                 "admin_username {user:?} is not allowed (lowercase letters, digits, '_' and '-'; not root or admin)"
             ));
         }
-        let key = self.ssh_public_key.trim();
-        if !(key.starts_with("ssh-rsa ")
-            || key.starts_with("ssh-ed25519 ")
-            || key.starts_with("ecdsa-sha2-"))
-        {
-            return Err("ssh_public_key is not an OpenSSH public key (ssh-rsa, ssh-ed25519 or ecdsa-sha2-…)".into());
-        }
+        check_ssh_public_key(self.ssh_public_key.trim())?;
         if let Some(size) = self.os_disk_size_gb
             && !(1..=32_767).contains(&size)
         {
@@ -287,6 +281,61 @@ impl AzureContainerSpec {
     }
 }
 
+/// Reads the next length-prefixed field of an OpenSSH key blob (RFC 4251 `string`).
+fn ssh_field<'a>(blob: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let (length, rest) = blob.split_first_chunk::<4>()?;
+    let length = usize::try_from(u32::from_be_bytes(*length)).ok()?;
+    let field = rest.get(..length)?;
+    *blob = &rest[length..];
+    Some(field)
+}
+
+/// Azure's Linux VMs take only RSA keys of at least 2048 bits and Ed25519 keys; the blob
+/// is read, not just its label, so a truncated or mislabelled key is refused here rather
+/// than by ARM.
+/// <https://learn.microsoft.com/azure/virtual-machines/linux/mac-create-ssh-keys#supported-ssh-key-formats>
+fn check_ssh_public_key(key: &str) -> Result<(), String> {
+    use base64::Engine;
+    let mut parts = key.split_whitespace();
+    let (Some(kind), Some(encoded)) = (parts.next(), parts.next()) else {
+        return Err("ssh_public_key is not an OpenSSH public key (\"ssh-ed25519 AAAA… comment\" or \"ssh-rsa AAAA… comment\")".into());
+    };
+    if kind != "ssh-rsa" && kind != "ssh-ed25519" {
+        return Err(format!(
+            "ssh_public_key is a {kind} key; Azure Linux VMs take only ssh-rsa (2048 bits or more) and ssh-ed25519 keys"
+        ));
+    }
+    let blob = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| format!("ssh_public_key: the {kind} key's data is not base64"))?;
+    let mut rest = blob.as_slice();
+    let damaged = || format!("ssh_public_key: the {kind} key's data is truncated or damaged");
+    if ssh_field(&mut rest) != Some(kind.as_bytes()) {
+        return Err(damaged());
+    }
+    if kind == "ssh-ed25519" {
+        return match ssh_field(&mut rest) {
+            Some(point) if point.len() == 32 && rest.is_empty() => Ok(()),
+            _ => Err(damaged()),
+        };
+    }
+    let (Some(_exponent), Some(modulus)) = (ssh_field(&mut rest), ssh_field(&mut rest)) else {
+        return Err(damaged());
+    };
+    // An mpint: big-endian, with a leading zero byte when the top bit is set.
+    let modulus = match modulus.iter().position(|b| *b != 0) {
+        Some(first) => &modulus[first..],
+        None => return Err(damaged()),
+    };
+    let bits = modulus.len() * 8 - modulus[0].leading_zeros() as usize;
+    if bits < 2048 {
+        return Err(format!(
+            "ssh_public_key is a {bits}-bit RSA key; Azure takes RSA keys of 2048 bits or more"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,7 +345,7 @@ mod tests {
             "size": "Standard_B1s",
             "image": {"publisher": "Canonical", "offer": "ubuntu-24_04-lts", "sku": "server"},
             "subnet_id": "/subscriptions/s/resourceGroups/g/providers/Microsoft.Network/virtualNetworks/v/subnets/default",
-            "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB me@host"
+            "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBrqcMXeHK9TbFVAntUvqrIZ+DBXzIRQgxK3oLT2lVm9 ops@example"
         }))
         .expect("minimal spec")
     }
@@ -313,6 +362,29 @@ mod tests {
         let mut bad = vm();
         bad.ssh_public_key = "hunter2".into();
         assert!(bad.validate().expect_err("key").contains("OpenSSH"));
+        let mut rsa = vm();
+        rsa.ssh_public_key = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCxqgZGGKJBGNrf9o6AnJNmsBnuhhjnPdjwPsd23dCA2tH04FGLHQ2Uuv2DJ59HTvbCxV4GKnADWEK7UDcq+Rcd0f+PLx5V+XiLpaIznek6D/n4kBYgpr61V11kB2RgxLt1nxa/UFW5NjhFDkamVHARY5VrStQd+LDFiBIDuiqJlt/neopjzDTG8nCNGAAZ6+/DdU06GMCj3kIp++G9ukAVZ1W6WBopVBfZPDguNqw5YIPx0yf/MRujZdc6QPac9cT8m5/nz9j+/KIJ7c0riPoTB/jrfxD3oiflChwfoKZ+RokaLAvCfzkT6FMAu1sXbiwxJ+w+rUBWfiZgY0Fx7shH ops@example".into();
+        assert_eq!(rsa.validate(), Ok(()));
+        for (key, why) in [
+            (
+                "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQCz04409fzNlnemM1rLYPPZfUdT45OXwp3qEnyr7eoLUOXAaY4Grq4G0AdYa9tKaXOgQfDYRD2MXGUgdnFCFrOTpc/q1zal0wGGFEhGvgQ59L9WFGbHk2aQkVtPlRIpJaFazumiUDZjEzlEpg8BmcQtrhcVH0xtdOOtntKx4kFU/Q== small",
+                "1024-bit",
+            ),
+            (
+                "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBCukD8CJtCXd4SJQzyMjgqWSdiAc8UElc1h6AzWYX1duUMboNtA+rrsNcYXBSX92u6g6vu5kI7kss7+BQlOrvac= e",
+                "ecdsa",
+            ),
+            (
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBrqcMXeHK9TbFVAntUvqrIZ+DBXzA== me@host",
+                "truncated",
+            ),
+            ("ssh-ed25519 not-base64!", "base64"),
+        ] {
+            let mut bad = vm();
+            bad.ssh_public_key = key.into();
+            let error = bad.validate().expect_err(why);
+            assert!(error.contains(why), "{why}: {error}");
+        }
         let mut bad = vm();
         bad.admin_username = Some("root".into());
         assert!(bad.validate().is_err());

@@ -118,7 +118,15 @@ fn classify_failure(reason: &str, detail: &str) -> PlatformError {
         || reason.contains("Capacity is unavailable")
         || reason == "AGENT"
     {
-        PlatformError::retryable(ErrorClass::Capacity, message)
+        // Not retried: RunTask answers a reused clientToken with its first response,
+        // failures included, for hours, so another attempt of this request would only
+        // read this answer again. A new request id gets a new token.
+        PlatformError::permanent(
+            ErrorClass::Capacity,
+            format!(
+                "{message}; ECS answers a retry under the same clientToken with this same failure, so send the request again under a new request id once capacity is back"
+            ),
+        )
     } else if reason.starts_with("MISSING") || reason.starts_with("ATTRIBUTE") {
         PlatformError::invalid(message)
     } else {
@@ -757,7 +765,8 @@ mod tests {
         let capacity = classify_failure("RESOURCE:MEMORY", "");
         assert_eq!(
             (capacity.class, capacity.retryable),
-            (ErrorClass::Capacity, true)
+            (ErrorClass::Capacity, false),
+            "a retry under the same clientToken only reads the failure again"
         );
         let missing = classify_failure("MISSING", "arn:…");
         assert_eq!(missing.class, ErrorClass::InvalidRequest);

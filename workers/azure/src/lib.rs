@@ -139,8 +139,30 @@ impl CredentialChain {
                 .map_err(|e| format!("workload identity: {e}"))?;
             sources.push(("workload identity", credential));
         } else {
-            if let Ok(credential) = azure_identity::ManagedIdentityCredential::new(None) {
-                sources.push(("managed identity", credential));
+            // AZURE_CLIENT_ID alone names a user-assigned identity (as the other Azure
+            // SDKs read it); without it, the system-assigned one.
+            let options = azure_identity::ManagedIdentityCredentialOptions {
+                user_assigned_id: var("AZURE_CLIENT_ID")
+                    .map(azure_identity::UserAssignedId::ClientId),
+                ..Default::default()
+            };
+            let user_assigned = options.user_assigned_id.is_some();
+            if let Ok(credential) = azure_identity::ManagedIdentityCredential::new(Some(options)) {
+                // App Service and Functions name their identity endpoint; elsewhere it is
+                // IMDS, which is probed first so a laptop does not wait out its retries.
+                let probed: Arc<dyn TokenCredential> = if var("IDENTITY_ENDPOINT").is_some() {
+                    credential
+                } else {
+                    Arc::new(ProbedManagedIdentity::new(credential, IMDS_ADDRESS))
+                };
+                sources.push((
+                    if user_assigned {
+                        "managed identity (user-assigned, AZURE_CLIENT_ID)"
+                    } else {
+                        "managed identity"
+                    },
+                    probed,
+                ));
             }
             if let Ok(credential) = azure_identity::DeveloperToolsCredential::new(None) {
                 sources.push(("Azure CLI / Azure Developer CLI", credential));
@@ -150,6 +172,67 @@ impl CredentialChain {
             sources,
             chosen: Mutex::new(None),
         }))
+    }
+}
+
+/// The instance metadata service, where managed identities get their tokens on VMs, VM
+/// scale sets and AKS nodes.
+const IMDS_ADDRESS: &str = "169.254.169.254:80";
+
+/// How long the IMDS probe waits for a connection. Other Azure SDKs' default chains probe
+/// with about a second; azure_identity's managed identity credential alone retries for a
+/// minute or more where there is no IMDS, which is every developer's machine.
+const IMDS_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A managed identity credential that first checks, once, that the metadata endpoint
+/// accepts connections, and fails at once where it does not, so the chain moves on.
+#[derive(Debug)]
+pub struct ProbedManagedIdentity {
+    inner: Arc<dyn TokenCredential>,
+    endpoint: String,
+    reachable: tokio::sync::OnceCell<bool>,
+}
+
+impl ProbedManagedIdentity {
+    pub fn new(inner: Arc<dyn TokenCredential>, endpoint: &str) -> Self {
+        ProbedManagedIdentity {
+            inner,
+            endpoint: endpoint.to_owned(),
+            reachable: tokio::sync::OnceCell::new(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenCredential for ProbedManagedIdentity {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        let reachable = *self
+            .reachable
+            .get_or_init(|| async {
+                matches!(
+                    tokio::time::timeout(
+                        IMDS_PROBE_TIMEOUT,
+                        tokio::net::TcpStream::connect(&self.endpoint)
+                    )
+                    .await,
+                    Ok(Ok(_))
+                )
+            })
+            .await;
+        if !reachable {
+            return Err(azure_core::Error::with_message(
+                ErrorKind::Credential,
+                format!(
+                    "no managed identity endpoint answers at {} (not an Azure VM, scale set or AKS node)",
+                    self.endpoint
+                ),
+            ));
+        }
+        self.inner.get_token(scopes, options).await
     }
 }
 
@@ -252,8 +335,10 @@ pub fn class_of(status: Option<u16>, code: &str, message: &str) -> (ErrorClass, 
         "ContainerGroupQuotaReached" | "StandardCoresQuotaExceeded" | "QuotaExceeded" => {
             return (ErrorClass::Quota, false);
         }
-        "SkuNotAvailable"
-        | "AllocationFailed"
+        // The size is not offered to this subscription in this location: asking again
+        // changes nothing (another size or location does).
+        "SkuNotAvailable" => return (ErrorClass::Capacity, false),
+        "AllocationFailed"
         | "ZonalAllocationFailed"
         | "OverconstrainedAllocationRequest"
         | "OverconstrainedZonalAllocationRequest"
@@ -335,6 +420,38 @@ pub fn transport_error(error: &azure_core::Error, doing: &str) -> PlatformError 
 mod tests {
     use super::*;
 
+    /// A credential that must never be asked.
+    #[derive(Debug)]
+    struct NeverAsked;
+
+    #[async_trait::async_trait]
+    impl TokenCredential for NeverAsked {
+        async fn get_token(
+            &self,
+            _: &[&str],
+            _: Option<TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<AccessToken> {
+            panic!("asked for a token although no metadata endpoint answers");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_managed_identity_without_a_metadata_endpoint_fails_at_once() {
+        // A port nothing listens on: the probe is refused, the credential is not asked.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let endpoint = closed.local_addr().expect("addr").to_string();
+        drop(closed);
+        let probed = ProbedManagedIdentity::new(Arc::new(NeverAsked), &endpoint);
+        let error = probed
+            .get_token(&["https://management.azure.com/.default"], None)
+            .await
+            .expect_err("no endpoint");
+        assert!(
+            error.to_string().contains("no managed identity endpoint"),
+            "{error}"
+        );
+    }
+
     #[test]
     fn arm_errors_are_sorted_like_the_aws_ones() {
         let cases = [
@@ -357,7 +474,7 @@ mod tests {
                 "SkuNotAvailable",
                 "The requested size for resource is currently not available in location 'westeurope'",
                 ErrorClass::Capacity,
-                true,
+                false,
             ),
             (
                 None,

@@ -60,7 +60,7 @@ fn vm(id: &str) -> Request {
             "size": "Standard_B1s",
             "image": {"publisher": "Canonical", "offer": "ubuntu-24_04-lts", "sku": "server"},
             "subnet_id": subnet(),
-            "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEXAMPLE ops@example",
+            "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBrqcMXeHK9TbFVAntUvqrIZ+DBXzIRQgxK3oLT2lVm9 ops@example",
             "os_disk_size_gb": 64, "custom_data": "#cloud-config\npackages: [nginx]\n",
             "tags": {"team": "batch"}
         }),

@@ -15,17 +15,19 @@ pub fn derived_name(request_id: &str, readable_max: usize) -> String {
         .take(4)
         .map(|b| format!("{b:02x}"))
         .collect();
-    let readable: String = request_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .take(readable_max)
-        .collect();
+    let mut readable = String::new();
+    for c in request_id.chars() {
+        if readable.len() >= readable_max {
+            break;
+        }
+        if c.is_ascii_alphanumeric() {
+            readable.push(c.to_ascii_lowercase());
+        } else if !readable.ends_with('-') {
+            // One hyphen for any run of other characters: Azure refuses consecutive
+            // hyphens in container group names (`job--1`, `a._b`).
+            readable.push('-');
+        }
+    }
     let readable = readable.trim_matches('-');
     if readable.is_empty() {
         format!("prov-{hash}")
@@ -64,6 +66,46 @@ mod tests {
         }
         assert_ne!(derived_name("Web_1", 44), derived_name("web-1", 44));
         assert_eq!(derived_name("web-1", 44), derived_name("web-1", 44));
+    }
+
+    /// Every platform's naming rule, over many random ids: Kubernetes Services and
+    /// Compute Engine instances (RFC 1035 labels, at most 63), Cloud Run services (at most
+    /// 49), Azure container groups (no consecutive hyphens) and VMs (at most 64).
+    #[test]
+    fn derived_names_keep_every_platforms_rules_for_random_ids() {
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet: Vec<char> = "aZ09-_.:/@~ é-".chars().collect();
+        for _ in 0..20_000 {
+            let length = 1 + (next() % 128) as usize;
+            let id: String = (0..length)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            for (readable_max, limit) in [(44, 63), (30, 49)] {
+                let name = derived_name(&id, readable_max);
+                assert!(name.len() <= limit, "{id:?} → {name}");
+                assert!(name.starts_with(|c: char| c.is_ascii_lowercase()), "{name}");
+                assert!(
+                    name.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit()),
+                    "{name}"
+                );
+                assert!(!name.contains("--"), "{id:?} → {name}");
+                assert!(
+                    name.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                    "{name}"
+                );
+            }
+        }
+        assert_eq!(
+            derived_name("job--1", 44),
+            format!("prov-job-1-{}", &derived_name("job--1", 0)[5..])
+        );
     }
 
     #[test]
