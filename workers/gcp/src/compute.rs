@@ -89,6 +89,11 @@ impl std::fmt::Debug for ComputePlatform {
     }
 }
 
+/// Failed operations a keyed send walks past at most: far beyond any attempt bound (the
+/// runtime's default is 8), so only operations that fail the moment they are made reach
+/// it.
+const MAX_KEY_CHAIN: u32 = 64;
+
 impl ComputePlatform {
     /// Builds the Instances client with Application Default Credentials (or none, for a
     /// test server). Credentials are read at the first call, not here.
@@ -217,7 +222,9 @@ impl ComputePlatform {
     /// one operation. Compute Engine answers a replayed key with the first operation even
     /// when that one failed; such an answer (already `DONE`, with an error) means an
     /// earlier attempt failed, and the call is sent again under a key derived from the
-    /// failed operation, which workers retrying together still share.
+    /// failed operation, which workers retrying together still share. The walk follows
+    /// the whole chain of earlier failures (one link per failed attempt), so every
+    /// attempt ends in a fresh operation, however many failed before it.
     async fn send_keyed<F, Fut>(
         &self,
         seed: &str,
@@ -228,19 +235,22 @@ impl ComputePlatform {
         Fut: std::future::Future<Output = Result<ZoneOperation, google_cloud_gax::error::Error>>,
     {
         let mut key = request_uuid(seed);
-        for _ in 0..3 {
+        let mut links = 0;
+        loop {
             let op = send(key.clone()).await?;
             let failed = op.status == Some(operation::Status::Done)
                 && (op.error.as_ref().is_some_and(|e| !e.errors.is_empty())
                     || op.http_error_status_code.is_some_and(|c| c >= 400));
-            if !failed {
+            // A chain longer than any attempt bound means operations fail as soon as
+            // they are made: hand the failure on rather than send forever.
+            if !failed || links == MAX_KEY_CHAIN {
                 return Ok(op);
             }
+            links += 1;
             let failed_name = op.name.clone().unwrap_or_default();
             info!(operation = %failed_name, "an earlier attempt failed; sending anew");
             key = request_uuid(&format!("{seed} after {failed_name}"));
         }
-        send(key).await
     }
 
     /// Polls a zone operation until it is `DONE`, within `timeout`; its error, if it

@@ -653,3 +653,30 @@ async fn reserved_cloud_run_variables_are_refused_before_anything_is_sent_on_fak
         api.log()
     );
 }
+
+#[tokio::test]
+async fn every_attempt_after_failed_inserts_really_tries_again_on_fake_gcp() {
+    let api = FakeGcp::start(PROJECT, 1).await;
+    let platform = compute(&api).await;
+    let id = unique("stockouts");
+    // Five attempts meet a stockout each; the sixth finds capacity. Each attempt must
+    // send a fresh insert, not replay the last failed one under a key it already used.
+    for attempt in 1..=5 {
+        api.fail_next_operation(OperationFailure {
+            operation_type: "insert".into(),
+            code: "ZONE_RESOURCE_POOL_EXHAUSTED".into(),
+            message: "The zone does not have enough resources available.".into(),
+            http_status: 503,
+        });
+        let err = platform
+            .provision(&vm(&id))
+            .await
+            .expect_err(&format!("stockout at attempt {attempt}"));
+        assert_eq!(err.class, ErrorClass::Capacity, "{err}");
+    }
+    let resource = platform
+        .provision(&vm(&id))
+        .await
+        .expect("the sixth attempt finds capacity");
+    assert!(resource.id.ends_with(&instance_name(&id)), "{resource:?}");
+}
