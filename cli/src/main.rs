@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use provisioner_core::amqp::{AmqpBroker, AmqpConfig};
 use provisioner_core::redis_store::RedisStore;
-use provisioner_core::{Broker, StateStore, Worker};
+use provisioner_core::{Broker, Outcome, StateStore, Worker};
 use provisioner_events::PlatformName;
 
 use crate::config::{Connections, PlatformSettings, WorkerSettings};
@@ -62,6 +62,15 @@ enum Command {
     },
     /// Show what the state store knows of a request.
     Status { request_id: String },
+    /// Check, before sending any work, that a worker of this platform can work here:
+    /// where it will act, with which credentials, and whether it holds the rights it
+    /// needs. Exits 0 when nothing failed, 64 otherwise.
+    Check {
+        #[arg(long, env = "PLATFORM", value_parser = config::parse_platform)]
+        platform: PlatformName,
+        #[command(flatten)]
+        platforms: PlatformSettings,
+    },
     /// Move a platform's dead letters back to its work queue, once what refused them is
     /// fixed. Each goes back with its own routing key; its record decides what happens.
     Redrive {
@@ -170,6 +179,10 @@ async fn run(cli: Cli) -> ExitCode {
             json,
         } => watch(&cli.connections, request_id, platform, json).await,
         Command::Status { request_id } => status(&cli.connections, &request_id).await,
+        Command::Check {
+            platform,
+            platforms,
+        } => check(platform, platforms).await,
         Command::Redrive {
             platform,
             dry_run,
@@ -212,11 +225,71 @@ async fn worker(
     connections.require_amqp()?;
     connections.require_redis()?;
     let platform = platforms.build(settings.platform).await?;
+    log_preflight(platform.as_ref()).await;
     let store: Arc<dyn StateStore> = Arc::new(redis(connections).await?);
     let broker: Arc<dyn Broker> = Arc::new(amqp(connections, &config.worker_id).await?);
     let worker = Arc::new(Worker::new(platform, store, broker, config));
     worker.run(shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `provisioner check`: the platform's setup (a failure there is the first finding) and
+/// its preflight, one line each.
+async fn check(platform: PlatformName, platforms: PlatformSettings) -> Result<ExitCode, Failure> {
+    println!("checking {platform}");
+    let built = match platforms.build(platform).await {
+        Ok(built) => built,
+        Err(failure) => {
+            println!("  FAIL  setup: {:#}", failure.error);
+            return Ok(ExitCode::from(failure.code));
+        }
+    };
+    println!("  ok    setup: configuration read");
+    let findings = built.preflight().await;
+    let mut failed = 0;
+    for finding in &findings {
+        let mark = match finding.outcome {
+            Outcome::Pass => "ok  ",
+            Outcome::Warn => "warn",
+            Outcome::Fail => {
+                failed += 1;
+                "FAIL"
+            }
+        };
+        println!("  {mark}  {}: {}", finding.check, finding.detail);
+    }
+    if failed == 0 {
+        println!("{platform}: ready");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{platform}: {failed} check(s) failed; the worker would fail at them");
+        Ok(ExitCode::from(EXIT_CONFIG))
+    }
+}
+
+/// How long a worker's start waits for its setup checks.
+const PREFLIGHT_AT_START: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Logs a platform's preflight at worker start: the worker still starts (a right it
+/// lacks may be one it never needs), but a person reading the log sees what will fail.
+async fn log_preflight(platform: &dyn provisioner_core::Platform) {
+    // Bounded: a platform endpoint that hangs must not keep the worker from its queue.
+    let Ok(findings) = tokio::time::timeout(PREFLIGHT_AT_START, platform.preflight()).await else {
+        tracing::warn!("the setup checks took over {PREFLIGHT_AT_START:?}; starting without them");
+        return;
+    };
+    for finding in findings {
+        match finding.outcome {
+            Outcome::Pass => tracing::info!(check = %finding.check, "{}", finding.detail),
+            Outcome::Warn => tracing::warn!(check = %finding.check, "{}", finding.detail),
+            Outcome::Fail => tracing::error!(
+                check = %finding.check,
+                "{} (provisioner check --platform {} says more)",
+                finding.detail,
+                platform.name()
+            ),
+        }
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

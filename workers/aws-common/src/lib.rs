@@ -3,10 +3,11 @@
 //! SDK error into a [`PlatformError`] while the typed error is at hand.
 
 pub use aws_config::SdkConfig;
+pub use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
-use provisioner_core::{PlatformError, SetupError};
+use provisioner_core::{Finding, PlatformError, SetupError};
 use provisioner_events::ErrorClass;
 
 /// Loads the standard AWS configuration (environment, profile, web identity, ECS task or
@@ -29,6 +30,57 @@ pub async fn load_config() -> Result<SdkConfig, SetupError> {
             ))
         })?;
     Ok(config)
+}
+
+/// Where an AWS worker acts and with which key, for its preflight: the region, and the
+/// access key's kind (its id's prefix tells a long-term IAM user key, `AKIA`, from
+/// temporary credentials of a role or session, `ASIA`), never the secret.
+pub async fn identity_findings(
+    region: Option<String>,
+    provider: Option<aws_credential_types::provider::SharedCredentialsProvider>,
+) -> Vec<Finding> {
+    use aws_credential_types::provider::ProvideCredentials;
+    let mut findings = vec![match region {
+        Some(region) => Finding::pass("region", region),
+        None => Finding::fail(
+            "region",
+            "no AWS region: set AWS_REGION (or a profile's region)",
+        ),
+    }];
+    findings.push(match provider {
+        // Only a platform built around a ready client has none here; one built from the
+        // environment failed at start without a provider.
+        None => Finding::warn("credentials", "not known: the platform was given a ready client"),
+        Some(provider) => match provider.provide_credentials().await {
+            Ok(credentials) => {
+                let key = credentials.access_key_id();
+                let kind = if key.starts_with("ASIA") {
+                    "temporary credentials (a role or session)"
+                } else if key.starts_with("AKIA") {
+                    "a long-term IAM user key"
+                } else {
+                    "a key of another form (an emulator's?)"
+                };
+                let shown: String = if key.len() > 8 {
+                    format!("{}…{}", &key[..4], &key[key.len() - 4..])
+                } else {
+                    "…".into()
+                };
+                let account = credentials
+                    .account_id()
+                    .map(|a| format!(", account {}", a.as_str()))
+                    .unwrap_or_default();
+                Finding::pass("credentials", format!("access key {shown}: {kind}{account}"))
+            }
+            Err(e) => Finding::fail(
+                "credentials",
+                format!(
+                    "no usable AWS credentials: {e} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or a role)"
+                ),
+            ),
+        },
+    });
+    findings
 }
 
 /// Classifies an SDK error: transport trouble is transient (retried); an answer from the

@@ -21,7 +21,7 @@ use base64::Engine;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
 use provisioner_events::spec::aws_ec2::AwsEc2Spec;
 use provisioner_events::spec::{HealthCheck, check_aws_resource_tags};
 use provisioner_events::{
@@ -143,6 +143,9 @@ fn tag<'a>(instance: &'a Instance, key: &str) -> Option<&'a str> {
 pub struct Ec2Platform {
     client: Client,
     region: String,
+    /// The configuration's credentials, for the preflight (the client does not expose
+    /// them).
+    credentials: Option<provisioner_aws_common::SharedCredentialsProvider>,
 }
 
 impl Ec2Platform {
@@ -159,6 +162,7 @@ impl Ec2Platform {
         Ec2Platform {
             region: config.region().map(ToString::to_string).unwrap_or_default(),
             client: Client::new(config),
+            credentials: config.credentials_provider(),
         }
     }
 
@@ -166,6 +170,7 @@ impl Ec2Platform {
         Ec2Platform {
             client,
             region: region.into(),
+            credentials: None,
         }
     }
 
@@ -475,6 +480,19 @@ impl Ec2Platform {
     }
 }
 
+/// A preflight's `DryRun` call as a finding: `DryRunOperation` means allowed. An answer
+/// with data means the endpoint ignores `DryRun` (the emulators): the call went through.
+fn preflight_dry_run<T, E>(check: &str, result: Result<T, SdkError<E>>) -> Finding
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match result {
+        Err(e) if e.code() == Some("DryRunOperation") => Finding::pass(check, "allowed (DryRun)"),
+        Ok(_) => Finding::pass(check, "answered (this endpoint does not honour DryRun)"),
+        Err(e) => Finding::of_call(check, Err::<(), _>(classify(&e, check)), ""),
+    }
+}
+
 /// Reads the answer to a call made with `DryRun=true`: EC2 answers `DryRunOperation`
 /// when the call would have succeeded, and the call's own error when it would not.
 fn dry_run_outcome<T, E>(result: Result<T, SdkError<E>>, doing: &str) -> Result<(), PlatformError>
@@ -495,6 +513,29 @@ where
 impl Platform for Ec2Platform {
     fn name(&self) -> PlatformName {
         PlatformName::AwsEc2
+    }
+
+    async fn preflight(&self) -> Vec<Finding> {
+        let mut findings = provisioner_aws_common::identity_findings(
+            Some(self.region.clone()).filter(|r| !r.is_empty()),
+            self.credentials.clone(),
+        )
+        .await;
+        let instances = self.client.describe_instances().dry_run(true).send().await;
+        findings.push(preflight_dry_run("ec2:DescribeInstances", instances));
+        let images = self
+            .client
+            .describe_images()
+            .owners("self")
+            .dry_run(true)
+            .send()
+            .await;
+        findings.push(preflight_dry_run("ec2:DescribeImages", images));
+        findings.push(Finding::warn(
+            "ec2:RunInstances, ec2:CreateTags, ec2:StopInstances, ec2:StartInstances, ec2:RebootInstances, ec2:TerminateInstances",
+            "they need an image and an instance to ask about: send a provision with \"dry_run\": true to check them",
+        ));
+        findings
     }
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {

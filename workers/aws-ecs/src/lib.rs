@@ -24,7 +24,7 @@ use aws_sdk_ecs::types::{
 };
 use provisioner_core::backoff::Backoff;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
 use provisioner_events::spec::aws_ecs::{AwsEcsSpec, INLINE_CONTAINER_NAME, InlineContainer};
 use provisioner_events::spec::check_aws_resource_tags;
 use provisioner_events::{
@@ -193,6 +193,9 @@ fn resource(request_id: &str, task: &Task, ports: &[u16]) -> Resource {
 #[derive(Debug, Clone)]
 pub struct EcsPlatform {
     client: Client,
+    /// The configuration's credentials, for the preflight (the client does not expose
+    /// them).
+    credentials: Option<provisioner_aws_common::SharedCredentialsProvider>,
 }
 
 impl EcsPlatform {
@@ -208,11 +211,15 @@ impl EcsPlatform {
     pub fn from_config(config: &provisioner_aws_common::SdkConfig) -> Self {
         EcsPlatform {
             client: Client::new(config),
+            credentials: config.credentials_provider(),
         }
     }
 
     pub fn new(client: Client) -> Self {
-        EcsPlatform { client }
+        EcsPlatform {
+            client,
+            credentials: None,
+        }
     }
 
     pub fn client(&self) -> &Client {
@@ -601,6 +608,26 @@ impl EcsPlatform {
 impl Platform for EcsPlatform {
     fn name(&self) -> PlatformName {
         PlatformName::AwsEcs
+    }
+
+    async fn preflight(&self) -> Vec<Finding> {
+        let mut findings = provisioner_aws_common::identity_findings(
+            self.client.config().region().map(ToString::to_string),
+            self.credentials.clone(),
+        )
+        .await;
+        let clusters = self.clusters().await;
+        let seen = clusters.as_ref().map_or(0, Vec::len);
+        findings.push(Finding::of_call(
+            "ecs:ListClusters",
+            clusters,
+            &format!("allowed; {seen} cluster(s) visible"),
+        ));
+        findings.push(Finding::warn(
+            "ecs:RunTask, ecs:DescribeTasks, ecs:ListTasks, ecs:StopTask, ecs:TagResource, ecs:RegisterTaskDefinition, iam:PassRole",
+            "ECS has no dry run: the first request tells (the IAM policy in docs/aws-ecs.md grants them)",
+        ));
+        findings
     }
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::derived_name;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
 use provisioner_events::spec::azure::AzureContainerSpec;
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
@@ -269,6 +269,19 @@ impl ContainerInstancesPlatform {
 impl Platform for ContainerInstancesPlatform {
     fn name(&self) -> PlatformName {
         PlatformName::AzureContainerInstances
+    }
+
+    async fn preflight(&self) -> Vec<Finding> {
+        self.arm
+            .preflight(&[
+                "Microsoft.ContainerInstance/containerGroups/read",
+                "Microsoft.ContainerInstance/containerGroups/write",
+                "Microsoft.ContainerInstance/containerGroups/delete",
+                "Microsoft.ContainerInstance/containerGroups/start/action",
+                "Microsoft.ContainerInstance/containerGroups/stop/action",
+                "Microsoft.ContainerInstance/containerGroups/restart/action",
+            ])
+            .await
     }
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {

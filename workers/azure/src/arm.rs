@@ -24,7 +24,7 @@ use azure_core::http::{
     RawResponse, Request, RetryOptions, Url,
 };
 use provisioner_core::backoff::Backoff;
-use provisioner_core::{PlatformError, SetupError};
+use provisioner_core::{Finding, PlatformError, SetupError};
 use provisioner_events::ErrorClass;
 use serde_json::Value;
 
@@ -151,6 +151,88 @@ impl ArmClient {
 
     pub fn settings(&self) -> &AzureSettings {
         &self.settings
+    }
+
+    /// Where the worker acts and whether it may, for a platform's preflight: the
+    /// subscription, the resource group (it must exist), and each of the `needed` actions
+    /// against the caller's effective permissions on the group.
+    pub async fn preflight(&self, needed: &[&str]) -> Vec<Finding> {
+        let settings = &self.settings;
+        let mut findings = vec![
+            Finding::pass("subscription", settings.subscription_id.clone()),
+            if settings.anonymous {
+                Finding::warn(
+                    "credentials",
+                    "none (AZURE_CREDENTIALS=anonymous): test servers only",
+                )
+            } else {
+                Finding::pass(
+                    "credentials",
+                    "azure_identity's chain (service principal, workload identity, managed identity, az login), read at the first call",
+                )
+            },
+        ];
+        let group = format!(
+            "/subscriptions/{}/resourceGroups/{}",
+            settings.subscription_id, settings.resource_group
+        );
+        findings.push(
+            match self
+                .get(&group, "2021-04-01", "reading the resource group")
+                .await
+            {
+                Ok(Some(found)) => Finding::pass(
+                    "resource group",
+                    format!(
+                        "{} in {}",
+                        settings.resource_group,
+                        found["location"].as_str().unwrap_or("an unknown location")
+                    ),
+                ),
+                Ok(None) => Finding::fail(
+                    "resource group",
+                    format!(
+                        "{} does not exist in subscription {}: create it, or set AZURE_RESOURCE_GROUP",
+                        settings.resource_group, settings.subscription_id
+                    ),
+                ),
+                Err(e) => Finding::of_call("resource group", Err::<(), _>(e), ""),
+            },
+        );
+        let permissions = self
+            .get(
+                &format!("{group}/providers/Microsoft.Authorization/permissions"),
+                "2022-04-01",
+                "reading the worker's permissions",
+            )
+            .await
+            .and_then(|answer| {
+                serde_json::from_value::<PermissionList>(answer.unwrap_or_default()).map_err(|e| {
+                    PlatformError::transient(format!("ARM's permissions answer is unreadable: {e}"))
+                })
+            });
+        findings.push(match permissions {
+            Ok(list) => {
+                let missing: Vec<&str> = needed
+                    .iter()
+                    .copied()
+                    .filter(|action| !list.allows(action))
+                    .collect();
+                if missing.is_empty() {
+                    Finding::pass("permissions", format!("allowed: {}", needed.join(", ")))
+                } else {
+                    Finding::fail(
+                        "permissions",
+                        format!(
+                            "not allowed: {}; assign the role of docs/azure.md on the resource group",
+                            missing.join(", ")
+                        ),
+                    )
+                }
+            }
+            Err(e) => Finding::of_call("permissions", Err::<(), _>(e), ""),
+        });
+        findings
     }
 
     /// The resource id of `provider_path` (`Microsoft.Compute/virtualMachines/x`) in the
@@ -457,5 +539,99 @@ fn operation_end(
             Some(Err(arm_error(None, code, message, doing)))
         }
         _ => None,
+    }
+}
+
+/// ARM's answer to `Microsoft.Authorization/permissions`: the caller's effective rights,
+/// one entry per role assignment.
+#[derive(Debug, Default, serde::Deserialize)]
+struct PermissionList {
+    #[serde(default)]
+    value: Vec<Permission>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Permission {
+    #[serde(default)]
+    actions: Vec<String>,
+    #[serde(default)]
+    not_actions: Vec<String>,
+}
+
+impl PermissionList {
+    /// Whether some role grants `action` without also excluding it.
+    fn allows(&self, action: &str) -> bool {
+        self.value.iter().any(|permission| {
+            permission.actions.iter().any(|a| action_matches(a, action))
+                && !permission
+                    .not_actions
+                    .iter()
+                    .any(|a| action_matches(a, action))
+        })
+    }
+}
+
+/// An ARM action pattern (`*` matches any run of characters) against an action, case
+/// insensitively, as role definitions are read.
+fn action_matches(pattern: &str, action: &str) -> bool {
+    let pattern = pattern.to_ascii_lowercase();
+    let action = action.to_ascii_lowercase();
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = action.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    for (i, part) in parts.iter().enumerate() {
+        if i + 1 == parts.len() {
+            return rest.ends_with(part);
+        }
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.is_empty()
+}
+
+#[cfg(test)]
+mod permission_tests {
+    use super::*;
+
+    #[test]
+    fn action_patterns_match_as_role_definitions_do() {
+        assert!(action_matches(
+            "*",
+            "Microsoft.Compute/virtualMachines/write"
+        ));
+        assert!(action_matches(
+            "Microsoft.Compute/*",
+            "microsoft.compute/virtualmachines/write"
+        ));
+        assert!(action_matches(
+            "*/read",
+            "Microsoft.Compute/virtualMachines/read"
+        ));
+        assert!(!action_matches(
+            "*/read",
+            "Microsoft.Compute/virtualMachines/write"
+        ));
+        assert!(action_matches(
+            "Microsoft.*/virtualMachines/*",
+            "Microsoft.Compute/virtualMachines/delete"
+        ));
+        assert!(!action_matches(
+            "Microsoft.Network/*",
+            "Microsoft.Compute/virtualMachines/write"
+        ));
+        let reader_plus = PermissionList {
+            value: vec![Permission {
+                actions: vec!["*".into()],
+                not_actions: vec!["Microsoft.Compute/*/delete".into()],
+            }],
+        };
+        assert!(reader_plus.allows("Microsoft.Compute/virtualMachines/write"));
+        assert!(!reader_plus.allows("Microsoft.Compute/virtualMachines/delete"));
     }
 }

@@ -92,6 +92,9 @@ struct World {
     created: u32,
     next_id: u64,
     log: Vec<String>,
+    /// The caller's role assignments on the resource group, as `(actions, notActions)`
+    /// (`None`: `*`, as an owner).
+    permissions: Option<(Vec<String>, Vec<String>)>,
 }
 
 /// The running server; it serves until the runtime ends.
@@ -145,6 +148,13 @@ impl FakeArm {
 
     pub fn inject(&self, fault: Fault) {
         self.world().faults.push_back(fault);
+    }
+
+    /// The caller's rights on the resource group from now on, as ARM's permissions API
+    /// reports them.
+    pub fn set_permissions(&self, actions: &[&str], not_actions: &[&str]) {
+        let owned = |list: &[&str]| list.iter().map(|a| (*a).to_owned()).collect();
+        self.world.lock().expect("lock").permissions = Some((owned(actions), owned(not_actions)));
     }
 
     pub fn fail_next_operation(&self, failure: OperationFailure) {
@@ -303,6 +313,25 @@ impl FakeArm {
                 self.provider(method, &rest, body)
             }
             ["nic-delete", id] => self.poll_location(id),
+            ["subscriptions", sub, group_segment, group]
+                if group_segment.eq_ignore_ascii_case("resourceGroups") =>
+            {
+                if *sub != SUBSCRIPTION || !group.eq_ignore_ascii_case(RESOURCE_GROUP) {
+                    return answer(
+                        404,
+                        arm_error(
+                            "ResourceGroupNotFound",
+                            &format!("Resource group '{group}' could not be found."),
+                        ),
+                    );
+                }
+                answer(
+                    200,
+                    json!({"id": format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}"),
+                           "name": RESOURCE_GROUP, "location": "westeurope",
+                           "properties": {"provisioningState": "Succeeded"}}),
+                )
+            }
             _ => answer(404, arm_error("NotFound", &format!("no route {path}"))),
         }
     }
@@ -311,6 +340,20 @@ impl FakeArm {
         let lower: Vec<String> = rest.iter().map(|s| s.to_ascii_lowercase()).collect();
         let lower: Vec<&str> = lower.iter().map(String::as_str).collect();
         match (method.as_str(), lower.as_slice()) {
+            ("GET", ["microsoft.authorization", "permissions"]) => {
+                let (actions, not_actions) = self
+                    .world
+                    .lock()
+                    .expect("lock")
+                    .permissions
+                    .clone()
+                    .unwrap_or_else(|| (vec!["*".into()], Vec::new()));
+                answer(
+                    200,
+                    json!({"value": [{"actions": actions, "notActions": not_actions,
+                                      "dataActions": [], "notDataActions": []}]}),
+                )
+            }
             ("GET", ["microsoft.compute", "virtualmachines"]) => {
                 self.list("Microsoft.Compute/virtualMachines")
             }

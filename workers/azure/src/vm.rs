@@ -17,7 +17,7 @@ use base64::Engine;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::derived_name;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
 use provisioner_events::spec::azure::AzureVmSpec;
 use provisioner_events::{
     ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
@@ -302,6 +302,24 @@ impl VmPlatform {
 impl Platform for VmPlatform {
     fn name(&self) -> PlatformName {
         PlatformName::AzureVm
+    }
+
+    async fn preflight(&self) -> Vec<Finding> {
+        self.arm
+            .preflight(&[
+                "Microsoft.Compute/virtualMachines/read",
+                "Microsoft.Compute/virtualMachines/write",
+                "Microsoft.Compute/virtualMachines/delete",
+                "Microsoft.Compute/virtualMachines/start/action",
+                "Microsoft.Compute/virtualMachines/deallocate/action",
+                "Microsoft.Compute/virtualMachines/restart/action",
+                "Microsoft.Network/networkInterfaces/read",
+                "Microsoft.Network/networkInterfaces/write",
+                "Microsoft.Network/networkInterfaces/delete",
+                "Microsoft.Network/networkInterfaces/join/action",
+                "Microsoft.Network/virtualNetworks/subnets/join/action",
+            ])
+            .await
     }
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {

@@ -35,7 +35,7 @@ pub mod runtime;
 pub mod store;
 
 pub use broker::{Broker, BrokerError, Delivery, MemoryBroker, Settlement};
-pub use platform::{Described, Platform, PlatformError, SetupError};
+pub use platform::{Described, Finding, Outcome, Platform, PlatformError, SetupError};
 pub use runtime::{Worker, WorkerConfig};
 pub use store::{Claim, Fence, MemoryStore, StateStore, StoreError};
 

@@ -182,4 +182,72 @@ pub trait Platform: Send + Sync + 'static {
         let _ = request;
         Err(PlatformError::unsupported(self.name(), "dry runs"))
     }
+
+    /// Checks, before any request, that this worker can work: where it will act (account,
+    /// project, region, namespace), with which credentials, and whether it holds the
+    /// rights its operations need, as far as the platform can tell without changing
+    /// anything. `provisioner check` prints these; a worker logs them at start.
+    async fn preflight(&self) -> Vec<Finding> {
+        vec![Finding::warn(
+            "setup",
+            format!("the {} platform has no setup checks", self.name()),
+        )]
+    }
+}
+
+/// How one check of [`Platform::preflight`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Pass,
+    /// Not known to be wrong, but worth a look (a right that cannot be checked here).
+    Warn,
+    /// The worker will fail at this: the detail says what to fix.
+    Fail,
+}
+
+/// One finding of [`Platform::preflight`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// What was checked, e.g. `credentials` or `ec2:DescribeInstances`.
+    pub check: String,
+    pub outcome: Outcome,
+    /// What was found; for a failure, what is wrong and what to do about it.
+    pub detail: String,
+}
+
+impl Finding {
+    pub fn pass(check: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::new(check, Outcome::Pass, detail)
+    }
+
+    pub fn warn(check: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::new(check, Outcome::Warn, detail)
+    }
+
+    pub fn fail(check: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::new(check, Outcome::Fail, detail)
+    }
+
+    fn new(check: impl Into<String>, outcome: Outcome, detail: impl Into<String>) -> Self {
+        Finding {
+            check: check.into(),
+            outcome,
+            detail: detail.into(),
+        }
+    }
+
+    /// A platform call's answer as a finding: allowed, or refused with what to grant.
+    pub fn of_call<T>(check: &str, result: Result<T, PlatformError>, passed: &str) -> Self {
+        match result {
+            Ok(_) => Self::pass(check, passed),
+            Err(e) if e.class == ErrorClass::Permission => Self::fail(
+                check,
+                format!(
+                    "refused: {} — grant the worker's identity this right",
+                    e.message
+                ),
+            ),
+            Err(e) => Self::fail(check, e.message),
+        }
+    }
 }

@@ -23,7 +23,7 @@ use bollard::query_parameters::{
 use futures_util::TryStreamExt;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
 use provisioner_events::spec::HealthCheck;
 use provisioner_events::spec::docker::{DockerSpec, PullPolicy};
 use provisioner_events::{
@@ -623,6 +623,38 @@ impl DockerPlatform {
 impl Platform for DockerPlatform {
     fn name(&self) -> PlatformName {
         PlatformName::Docker
+    }
+
+    async fn preflight(&self) -> Vec<Finding> {
+        let engine = match self.docker.version().await {
+            Ok(version) => Finding::pass(
+                "engine",
+                format!(
+                    "{} {} (API {}) at {}",
+                    version
+                        .components
+                        .as_ref()
+                        .and_then(|c| c.first())
+                        .map_or("Docker Engine", |c| c.name.as_str()),
+                    version.version.unwrap_or_default(),
+                    version.api_version.unwrap_or_default(),
+                    self.endpoint
+                ),
+            ),
+            Err(e) => Finding::fail(
+                "engine",
+                format!("the engine at {} does not answer: {e}", self.endpoint),
+            ),
+        };
+        let images = if self.policy.allowed_images.is_empty() {
+            Finding::warn(
+                "images",
+                "any image (set DOCKER_ALLOWED_IMAGES to restrict)",
+            )
+        } else {
+            Finding::pass("images", self.policy.allowed_images.join(", "))
+        };
+        vec![engine, images]
     }
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {

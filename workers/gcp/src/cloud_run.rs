@@ -21,7 +21,7 @@ use google_cloud_run_v2::model::{
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::derived_name;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
 use provisioner_events::spec::gcp::{GcpCloudRunSpec, is_gcp_label};
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
@@ -319,6 +319,23 @@ impl CloudRunPlatform {
 impl Platform for CloudRunPlatform {
     fn name(&self) -> PlatformName {
         PlatformName::GcpCloudRun
+    }
+
+    async fn preflight(&self) -> Vec<Finding> {
+        let mut findings = crate::identity_findings(&self.settings);
+        findings.push(Finding::pass("regions", self.settings.regions().join(", ")));
+        let listed = self.all_services("listing services").await;
+        let seen = listed.as_ref().map_or(0, Vec::len);
+        findings.push(Finding::of_call(
+            "run.services.list",
+            listed,
+            &format!("allowed; {seen} service(s) in the served regions"),
+        ));
+        findings.push(Finding::warn(
+            "run.services.create, run.services.delete",
+            "checked by the first request: roles/run.admin grants them",
+        ));
+        findings
     }
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {

@@ -21,7 +21,7 @@ use google_cloud_gax::options::RequestOptionsBuilder;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::{derived_name, request_uuid};
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
 use provisioner_events::spec::gcp::{GcpComputeSpec, is_gcp_label};
 use provisioner_events::{
     ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
@@ -471,6 +471,28 @@ impl ComputePlatform {
 impl Platform for ComputePlatform {
     fn name(&self) -> PlatformName {
         PlatformName::GcpCompute
+    }
+
+    async fn preflight(&self) -> Vec<Finding> {
+        let mut findings = crate::identity_findings(&self.settings);
+        findings.push(match &self.settings.zone {
+            Some(zone) => Finding::pass("zone", zone.clone()),
+            None => Finding::warn("zone", "no GCP_ZONE: every spec must name its zone"),
+        });
+        let listed = self
+            .aggregated(&format!("labels.{MANAGED_LABEL}=true"), "listing instances")
+            .await;
+        let seen = listed.as_ref().map_or(0, Vec::len);
+        findings.push(Finding::of_call(
+            "compute.instances.list",
+            listed,
+            &format!("allowed; {seen} instance(s) of the provisioner"),
+        ));
+        findings.push(Finding::warn(
+            "compute.instances.create, delete, start, stop, reset, setMetadata, setLabels",
+            "checked by the first request: roles/compute.instanceAdmin.v1 grants them",
+        ));
+        findings
     }
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {

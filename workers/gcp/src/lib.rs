@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use google_cloud_gax::error::Error as GaxError;
 use google_cloud_gax::error::rpc::{Code, StatusDetails};
-use provisioner_core::{PlatformError, SetupError};
+use provisioner_core::{Finding, PlatformError, SetupError};
 use provisioner_events::ErrorClass;
 
 pub use cloud_run::CloudRunPlatform;
@@ -282,6 +282,24 @@ pub fn classify_operation_error(
         message: format!("{doing}: {}: {message}", codes.join(", ")),
         retry_after: None,
     }
+}
+
+/// Where a GCP worker acts and as whom, for its preflight.
+pub(crate) fn identity_findings(settings: &GcpSettings) -> Vec<Finding> {
+    vec![
+        Finding::pass("project", settings.project.clone()),
+        if settings.anonymous {
+            Finding::warn(
+                "credentials",
+                "none (GCP_CREDENTIALS=anonymous): test servers only",
+            )
+        } else {
+            Finding::pass(
+                "credentials",
+                "Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud's login, or the metadata server), read at the first call",
+            )
+        },
+    ]
 }
 
 #[cfg(test)]

@@ -257,6 +257,34 @@ impl FakeApi {
             return status(fault.code, &fault.reason, &fault.message);
         }
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if method.as_str() == "POST"
+            && parts
+                == [
+                    "apis",
+                    "authorization.k8s.io",
+                    "v1",
+                    "selfsubjectaccessreviews",
+                ]
+        {
+            // What RBAC would decide for the caller: everything without grants, else only
+            // inside the granted namespaces.
+            let namespace = body["spec"]["resourceAttributes"]["namespace"]
+                .as_str()
+                .filter(|n| !n.is_empty());
+            let allowed = match &world.granted {
+                None => true,
+                Some(granted) => namespace.is_some_and(|n| granted.iter().any(|g| g == n)),
+            };
+            let mut review = body;
+            review["kind"] = json!("SelfSubjectAccessReview");
+            review["apiVersion"] = json!("authorization.k8s.io/v1");
+            review["status"] = if allowed {
+                json!({"allowed": true, "reason": "RBAC: allowed by RoleBinding \"provisioner-worker\""})
+            } else {
+                json!({"allowed": false})
+            };
+            return (201, review);
+        }
         // (kind, api version, namespace, name)
         let route = match parts.as_slice() {
             ["apis", "apps", "v1", "namespaces", ns, "deployments"] => {

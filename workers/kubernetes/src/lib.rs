@@ -27,7 +27,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use provisioner_core::backoff::Backoff;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
 use provisioner_events::spec::kubernetes::{KubernetesSpec, is_dns_label, is_label};
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
@@ -545,6 +545,65 @@ fn service_address(service: &Service) -> Option<String> {
 impl Platform for KubernetesPlatform {
     fn name(&self) -> PlatformName {
         PlatformName::Kubernetes
+    }
+
+    async fn preflight(&self) -> Vec<Finding> {
+        use k8s_openapi::api::authorization::v1::{
+            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+        };
+        let (namespaces, where_) = match &self.scope {
+            NamespaceScope::All => (vec![None], "every namespace (a ClusterRole)".to_owned()),
+            NamespaceScope::Listed(served) => (
+                served.iter().cloned().map(Some).collect(),
+                served.join(", "),
+            ),
+        };
+        let mut findings = vec![Finding::pass("namespaces", where_)];
+        let reviews = Api::<SelfSubjectAccessReview>::all(self.client.clone());
+        for namespace in namespaces {
+            for (group, resource) in [("apps", "deployments"), ("", "services")] {
+                let mut denied = Vec::new();
+                for verb in ["create", "get", "list", "delete"] {
+                    let review = SelfSubjectAccessReview {
+                        spec: SelfSubjectAccessReviewSpec {
+                            resource_attributes: Some(ResourceAttributes {
+                                group: Some(group.into()),
+                                resource: Some(resource.into()),
+                                verb: Some(verb.into()),
+                                namespace: namespace.clone(),
+                                ..ResourceAttributes::default()
+                            }),
+                            ..SelfSubjectAccessReviewSpec::default()
+                        },
+                        ..SelfSubjectAccessReview::default()
+                    };
+                    match reviews.create(&PostParams::default(), &review).await {
+                        Ok(answer) if answer.status.as_ref().is_some_and(|s| s.allowed) => {}
+                        Ok(_) => denied.push(verb.to_owned()),
+                        Err(e) => denied.push(format!(
+                            "{verb} (unknown: {})",
+                            classify(&e, "asking SelfSubjectAccessReview").message
+                        )),
+                    }
+                }
+                let scope = namespace
+                    .as_deref()
+                    .map_or("across the cluster".to_owned(), |n| format!("in {n}"));
+                let check = format!("{resource} {scope}");
+                findings.push(if denied.is_empty() {
+                    Finding::pass(check, "create, get, list and delete allowed")
+                } else {
+                    Finding::fail(
+                        check,
+                        format!(
+                            "not allowed: {}; bind the Role of docs/kubernetes.md there",
+                            denied.join(", ")
+                        ),
+                    )
+                });
+            }
+        }
+        findings
     }
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {

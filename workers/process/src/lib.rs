@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Platform, PlatformError};
+use provisioner_core::{Described, Finding, Platform, PlatformError};
 use provisioner_events::spec::HealthCheck;
 use provisioner_events::spec::process::ProcessSpec;
 use provisioner_events::{
@@ -206,6 +206,32 @@ impl ProcessPlatform {
 impl Platform for ProcessPlatform {
     fn name(&self) -> PlatformName {
         PlatformName::Process
+    }
+
+    async fn preflight(&self) -> Vec<Finding> {
+        if self.policy.programs.is_empty() {
+            return vec![Finding::fail(
+                "programs",
+                "none allowed: set PROCESS_ALLOW=name=/absolute/path,...",
+            )];
+        }
+        self.policy
+            .programs
+            .iter()
+            .map(|(name, program)| {
+                if program.path.is_file() {
+                    Finding::pass(
+                        format!("program {name}"),
+                        program.path.display().to_string(),
+                    )
+                } else {
+                    Finding::fail(
+                        format!("program {name}"),
+                        format!("{} is not a file", program.path.display()),
+                    )
+                }
+            })
+            .collect()
     }
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
