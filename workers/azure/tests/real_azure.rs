@@ -3,7 +3,8 @@
 //! existing group), `AZURE_LOCATION` and credentials azure_identity can find
 //! (`AZURE_CLIENT_SECRET` and friends, a managed identity, or `az login`); the VM test
 //! also needs `PROVISIONER_TEST_AZURE_SUBNET_ID` and `PROVISIONER_TEST_SSH_PUBLIC_KEY`.
-//! Otherwise they say why they skipped. Each runs the conformance suite (every operation
+//! They are ignored (with the reason) unless asked for with `--ignored`, and then fail
+//! saying what is missing rather than passing without a subscription. Each runs the conformance suite (every operation
 //! twice, one resource) on the smallest thing it can make, and deletes it; a failed run
 //! can leave it, tagged `provisioner-managed=true`.
 
@@ -12,12 +13,11 @@ use provisioner_core::conformance::check_platform;
 use provisioner_events::decode_request;
 
 fn opted_in() -> Option<AzureSettings> {
-    if std::env::var("PROVISIONER_TEST_REAL_AZURE").as_deref() != Ok("1") {
-        eprintln!(
-            "skipped: set PROVISIONER_TEST_REAL_AZURE=1, AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP, AZURE_LOCATION and Azure credentials to run against a real subscription"
-        );
-        return None;
-    }
+    assert_eq!(
+        std::env::var("PROVISIONER_TEST_REAL_AZURE").as_deref(),
+        Ok("1"),
+        "set PROVISIONER_TEST_REAL_AZURE=1, AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP, AZURE_LOCATION and Azure credentials to run against a real subscription"
+    );
     Some(AzureSettings::from_environment().expect("Azure settings"))
 }
 
@@ -29,16 +29,16 @@ fn request_id(prefix: &str) -> String {
 }
 
 #[tokio::test]
+#[ignore = "needs a real Azure subscription: PROVISIONER_TEST_REAL_AZURE=1 AZURE_SUBSCRIPTION_ID=… AZURE_RESOURCE_GROUP=… AZURE_LOCATION=… cargo test --test real_azure -- --ignored"]
 async fn vm_conforms_on_a_real_subscription_when_opted_in() {
     let Some(settings) = opted_in() else { return };
     let (Ok(subnet), Ok(key)) = (
         std::env::var("PROVISIONER_TEST_AZURE_SUBNET_ID"),
         std::env::var("PROVISIONER_TEST_SSH_PUBLIC_KEY"),
     ) else {
-        eprintln!(
-            "skipped: set PROVISIONER_TEST_AZURE_SUBNET_ID and PROVISIONER_TEST_SSH_PUBLIC_KEY for the VM test"
+        panic!(
+            "set PROVISIONER_TEST_AZURE_SUBNET_ID and PROVISIONER_TEST_SSH_PUBLIC_KEY for the VM test"
         );
-        return;
     };
     let platform = VmPlatform::new(settings).expect("client");
     let request = decode_request(
@@ -57,6 +57,7 @@ async fn vm_conforms_on_a_real_subscription_when_opted_in() {
 }
 
 #[tokio::test]
+#[ignore = "needs a real Azure subscription: PROVISIONER_TEST_REAL_AZURE=1 AZURE_SUBSCRIPTION_ID=… AZURE_RESOURCE_GROUP=… AZURE_LOCATION=… cargo test --test real_azure -- --ignored"]
 async fn container_instances_conform_on_a_real_subscription_when_opted_in() {
     let Some(settings) = opted_in() else { return };
     let platform = ContainerInstancesPlatform::new(settings).expect("client");

@@ -33,6 +33,21 @@ impl std::fmt::Display for Probe {
 
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Why one probe attempt found nothing ready.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeFailure {
+    #[error("connect timed out")]
+    ConnectTimedOut,
+    /// Refused, unreachable, reset: the socket error as the system gave it.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("no HTTP answer in time")]
+    NoHttpAnswer,
+    /// Something answered, but not HTTP (another protocol on the port).
+    #[error("answered without an HTTP status line ({0:?})")]
+    NotHttp(String),
+}
+
 /// Why a resource never became ready: the two call for different error classes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NotReady {
@@ -62,35 +77,26 @@ impl std::fmt::Display for NotReady {
 }
 
 impl Probe {
-    /// One attempt: Ok when ready, Err with what was seen otherwise.
-    pub async fn check_once(&self) -> Result<(), String> {
+    /// One attempt: Ok when ready, what was seen otherwise.
+    pub async fn check_once(&self) -> Result<(), ProbeFailure> {
         match self {
             Probe::Tcp { host, port } => {
                 tokio::time::timeout(ATTEMPT_TIMEOUT, TcpStream::connect((host.as_str(), *port)))
                     .await
-                    .map_err(|_| "connect timed out".to_string())?
-                    .map(drop)
-                    .map_err(|e| e.to_string())
+                    .map_err(|_| ProbeFailure::ConnectTimedOut)??;
+                Ok(())
             }
             Probe::Http { host, port, path } => {
                 let exchange = async {
-                    let mut stream = TcpStream::connect((host.as_str(), *port))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let mut stream = TcpStream::connect((host.as_str(), *port)).await?;
                     let request = format!(
                         "GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: provisioner-health\r\nConnection: close\r\n\r\n"
                     );
-                    stream
-                        .write_all(request.as_bytes())
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    stream.write_all(request.as_bytes()).await?;
                     let mut head = [0u8; 12];
                     let mut read = 0;
                     while read < head.len() {
-                        let n = stream
-                            .read(&mut head[read..])
-                            .await
-                            .map_err(|e| e.to_string())?;
+                        let n = stream.read(&mut head[read..]).await?;
                         if n == 0 {
                             break;
                         }
@@ -99,15 +105,14 @@ impl Probe {
                     if head[..read].starts_with(b"HTTP/") {
                         Ok(())
                     } else {
-                        Err(format!(
-                            "answered without an HTTP status line ({:?})",
-                            String::from_utf8_lossy(&head[..read])
+                        Err(ProbeFailure::NotHttp(
+                            String::from_utf8_lossy(&head[..read]).into_owned(),
                         ))
                     }
                 };
                 tokio::time::timeout(ATTEMPT_TIMEOUT, exchange)
                     .await
-                    .map_err(|_| "no HTTP answer in time".to_string())?
+                    .map_err(|_| ProbeFailure::NoHttpAnswer)?
             }
         }
     }
@@ -166,8 +171,11 @@ mod tests {
             port,
             path: "/".into(),
         };
-        assert_eq!(probe.check_once().await, Ok(()));
-        assert!(probe.check_once().await.is_err());
+        assert!(probe.check_once().await.is_ok());
+        assert!(matches!(
+            probe.check_once().await,
+            Err(ProbeFailure::NotHttp(seen)) if seen.starts_with("SSH-2.0")
+        ));
     }
 
     #[tokio::test]
