@@ -639,10 +639,20 @@ impl FakeArm {
                 ),
             );
         }
-        if props["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][0]["keyData"]
-            .as_str()
-            .is_none()
-        {
+        let key =
+            props["osProfile"]["linuxConfiguration"]["ssh"]["publicKeys"][0]["keyData"].as_str();
+        // Linux VMs take RSA (2048 bits or more) and Ed25519 keys only.
+        // <https://learn.microsoft.com/azure/virtual-machines/linux/mac-create-ssh-keys#supported-ssh-key-formats>
+        if key.is_some_and(|k| !(k.starts_with("ssh-rsa ") || k.starts_with("ssh-ed25519 "))) {
+            return answer(
+                400,
+                arm_error(
+                    "InvalidParameter",
+                    "The value of parameter linuxConfiguration.ssh.publicKeys.keyData is invalid.",
+                ),
+            );
+        }
+        if key.is_none() {
             return answer(
                 400,
                 arm_error(
@@ -767,6 +777,28 @@ impl FakeArm {
     }
 
     fn put_aci(&self, name: &str, body: Value) -> Answer {
+        // Container group names: 1–63 lowercase letters, digits and hyphens, not starting
+        // or ending with a hyphen, and no two hyphens in a row.
+        // <https://learn.microsoft.com/azure/azure-resource-manager/management/resource-name-rules#microsoftcontainerinstance>
+        let valid_name = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !name.starts_with('-')
+            && !name.ends_with('-')
+            && !name.contains("--");
+        if !valid_name {
+            return answer(
+                400,
+                arm_error(
+                    "InvalidResourceName",
+                    &format!(
+                        "The container group name '{name}' is invalid. It can contain only lowercase letters, numbers and hyphens; it cannot start or end with a hyphen, and consecutive hyphens are not allowed."
+                    ),
+                ),
+            );
+        }
         let container = &body["properties"]["containers"][0]["properties"];
         if container["image"].as_str().is_none_or(str::is_empty) {
             return answer(

@@ -593,3 +593,20 @@ async fn container_group_failures_are_classified_on_fake_arm() {
         .expect_err("foreign");
     assert_eq!(err.class, ErrorClass::Conflict, "{err}");
 }
+
+#[tokio::test]
+async fn request_ids_with_runs_of_symbols_still_name_a_valid_container_group_on_fake_arm() {
+    let api = FakeArm::start(1).await;
+    let platform = groups(&api);
+    // ARM refuses container group names with consecutive hyphens, which a plain
+    // symbol-to-hyphen mapping made of these ids.
+    for id in [unique("job--1"), unique("a._b"), unique("x__--..y")] {
+        let request = request(
+            "azure-container-instances",
+            &id,
+            serde_json::json!({"image": "mcr.microsoft.com/azuredocs/aci-helloworld"}),
+        );
+        let resource = platform.provision(&request).await.expect("provisioned");
+        assert!(!resource.id.contains("--"), "{resource:?}");
+    }
+}
