@@ -317,3 +317,168 @@ async fn throttled_task_launches_are_retried_until_the_task_runs() {
     )
     .await;
 }
+
+/// A RunTask answer as ECS gives it when it cannot place the task: a `200` with no task
+/// and the reason in `failures`.
+fn placement_failure() -> String {
+    let body = r#"{"tasks":[],"failures":[{"reason":"RESOURCE:MEMORY","detail":"no container instance has enough memory"}]}"#;
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// What moto leaves out of ECS and a first real run would meet: RunTask answers a
+/// `clientToken` it has seen with its first response, failures included (ECS keeps them
+/// for hours), a Fargate RunTask without a network configuration is refused as ECS
+/// refuses it (moto only refuses it for awsvpc task definitions), and `failing_tokens` of
+/// the first RunTask calls are answered with a placement failure. Everything else goes
+/// through to moto.
+/// <https://docs.aws.amazon.com/AmazonECS/latest/APIReference/API_RunTask.html#ECS-RunTask-request-clientToken>
+async fn replaying_ecs_proxy(
+    listener: TcpListener,
+    upstream: String,
+    failing_tokens: usize,
+    run_tasks: Arc<AtomicUsize>,
+) {
+    let answered: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>> =
+        Arc::default();
+    let failing_left = Arc::new(AtomicUsize::new(failing_tokens));
+    loop {
+        let Ok((mut client, _)) = listener.accept().await else {
+            return;
+        };
+        let upstream = upstream.clone();
+        let answered = answered.clone();
+        let failing_left = failing_left.clone();
+        let run_tasks = run_tasks.clone();
+        tokio::spawn(async move {
+            let Some((head, body)) = read_request(&mut client).await else {
+                return;
+            };
+            let token = head
+                .contains("AmazonEC2ContainerServiceV20141113.RunTask")
+                .then(|| {
+                    serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|b| b["clientToken"].as_str().map(str::to_owned))
+                })
+                .flatten();
+            let run_task: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let fargate = run_task["launchType"] == "FARGATE" || run_task["launchType"].is_null();
+            if token.is_some() && fargate && run_task["networkConfiguration"].is_null() {
+                let refusal = r#"{"__type":"InvalidParameterException","message":"Network Configuration must be provided when networkMode 'awsvpc' is specified."}"#;
+                let _ = client
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{refusal}",
+                            refusal.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+                return;
+            }
+            if let Some(token) = &token {
+                run_tasks.fetch_add(1, Ordering::SeqCst);
+                let replay = answered.lock().expect("lock").get(token).cloned();
+                if let Some(replay) = replay {
+                    let _ = client.write_all(&replay).await;
+                    return;
+                }
+                if failing_left
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    let failure = placement_failure().into_bytes();
+                    answered
+                        .lock()
+                        .expect("lock")
+                        .insert(token.clone(), failure.clone());
+                    let _ = client.write_all(&failure).await;
+                    return;
+                }
+            }
+            let mut forwarded: String = head
+                .split("\r\n")
+                .filter(|l| !l.to_ascii_lowercase().starts_with("connection:") && !l.is_empty())
+                .map(|l| format!("{l}\r\n"))
+                .collect();
+            forwarded.push_str("Connection: close\r\n\r\n");
+            let Ok(mut server) = TcpStream::connect(upstream.trim_start_matches("http://")).await
+            else {
+                return;
+            };
+            if server.write_all(forwarded.as_bytes()).await.is_err()
+                || server.write_all(&body).await.is_err()
+            {
+                return;
+            }
+            let mut response = Vec::new();
+            let _ = server.read_to_end(&mut response).await;
+            if let Some(token) = token {
+                answered
+                    .lock()
+                    .expect("lock")
+                    .insert(token, response.clone());
+            }
+            let _ = client.write_all(&response).await;
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_placement_failure_ends_the_request_at_once_since_its_token_would_replay_it() {
+    common::ecs_demo_cluster().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
+    let run_tasks = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(replaying_ecs_proxy(
+        listener,
+        common::ecs_endpoint(),
+        1,
+        run_tasks.clone(),
+    ));
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_platform_worker(
+        "aws-ecs",
+        "worker",
+        &[
+            ("AWS_ENDPOINT_URL", proxy_url.as_str()),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ],
+    );
+    let spec = serde_json::json!({"cluster": "demo", "task_definition": "web:1",
+        "network": {"subnets": ["subnet-0a1b2c3d"], "assign_public_ip": true}});
+    let request = serde_json::json!({
+        "schema_version": 1, "request_id": format!("ecs-placement-{}", env.run_id),
+        "operation": "provision", "platform": "aws-ecs", "spec": spec
+    });
+    env.publish(&request).await;
+    let event = events.terminal(&id(&request)).await;
+    assert_eq!(event.state, State::Error, "{event:#?}");
+    let error = event.error.as_ref().expect("error");
+    assert_eq!(error.class, provisioner_events::ErrorClass::Capacity);
+    assert!(error.message.contains("new request id"), "{error:?}");
+    assert_eq!(
+        event.attempt, 1,
+        "not retried into the same answer: {event:#?}"
+    );
+    assert_eq!(run_tasks.load(Ordering::SeqCst), 1, "one RunTask");
+    // Sent again under a new request id, it gets a new token and a task.
+    let again = serde_json::json!({
+        "schema_version": 1, "request_id": format!("ecs-placement-again-{}", env.run_id),
+        "operation": "provision", "platform": "aws-ecs", "spec": spec
+    });
+    env.publish(&again).await;
+    let event = events.terminal(&id(&again)).await;
+    assert_eq!(
+        event.state,
+        State::Running,
+        "{event:#?}\n{}",
+        env.worker_log("worker")
+    );
+}
