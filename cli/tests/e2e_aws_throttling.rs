@@ -332,16 +332,21 @@ fn placement_failure() -> String {
 /// `clientToken` it has seen with its first response, failures included (ECS keeps them
 /// for hours), a Fargate RunTask without a network configuration is refused as ECS
 /// refuses it (moto only refuses it for awsvpc task definitions), and `failing_tokens` of
-/// the first RunTask calls are answered with a placement failure. Everything else goes
-/// through to moto.
+/// the first RunTask calls are answered with a placement failure, and DescribeTasks
+/// answers a task it just started as `MISSING` `missing_describes` times (ECS is
+/// eventually consistent). Everything else goes through to moto.
 /// <https://docs.aws.amazon.com/AmazonECS/latest/APIReference/API_RunTask.html#ECS-RunTask-request-clientToken>
 async fn replaying_ecs_proxy(
     listener: TcpListener,
     upstream: String,
     failing_tokens: usize,
+    missing_describes: usize,
     run_tasks: Arc<AtomicUsize>,
 ) {
     let answered: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>> =
+        Arc::default();
+    // Describes left to answer `MISSING`, by the ARN of a task RunTask just started.
+    let not_yet_visible: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>> =
         Arc::default();
     let failing_left = Arc::new(AtomicUsize::new(failing_tokens));
     loop {
@@ -352,10 +357,46 @@ async fn replaying_ecs_proxy(
         let answered = answered.clone();
         let failing_left = failing_left.clone();
         let run_tasks = run_tasks.clone();
+        let not_yet_visible = not_yet_visible.clone();
         tokio::spawn(async move {
             let Some((head, body)) = read_request(&mut client).await else {
                 return;
             };
+            if head.contains("AmazonEC2ContainerServiceV20141113.DescribeTasks") {
+                let asked: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let arns: Vec<String> = asked["tasks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a.as_str().map(str::to_owned))
+                    .collect();
+                let hidden = {
+                    let mut left = not_yet_visible.lock().expect("lock");
+                    arns.iter().any(|arn| {
+                        left.get_mut(arn)
+                            .filter(|n| **n > 0)
+                            .map(|n| *n -= 1)
+                            .is_some()
+                    })
+                };
+                if hidden {
+                    let failures: Vec<serde_json::Value> = arns
+                        .iter()
+                        .map(|arn| serde_json::json!({"arn": arn, "reason": "MISSING"}))
+                        .collect();
+                    let body = serde_json::json!({"tasks": [], "failures": failures}).to_string();
+                    let _ = client
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                    return;
+                }
+            }
             let token = head
                 .contains("AmazonEC2ContainerServiceV20141113.RunTask")
                 .then(|| {
@@ -416,6 +457,25 @@ async fn replaying_ecs_proxy(
             }
             let mut response = Vec::new();
             let _ = server.read_to_end(&mut response).await;
+            if token.is_some() && missing_describes > 0 {
+                let text = String::from_utf8_lossy(&response);
+                let started = text
+                    .split_once("\r\n\r\n")
+                    .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(body).ok());
+                for task in started
+                    .as_ref()
+                    .and_then(|b| b["tasks"].as_array())
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(arn) = task["taskArn"].as_str() {
+                        not_yet_visible
+                            .lock()
+                            .expect("lock")
+                            .insert(arn.to_owned(), missing_describes);
+                    }
+                }
+            }
             if let Some(token) = token {
                 answered
                     .lock()
@@ -437,6 +497,7 @@ async fn a_placement_failure_ends_the_request_at_once_since_its_token_would_repl
         listener,
         common::ecs_endpoint(),
         1,
+        0,
         run_tasks.clone(),
     ));
     let mut env = TestEnv::new().await;
@@ -481,4 +542,47 @@ async fn a_placement_failure_ends_the_request_at_once_since_its_token_would_repl
         "{event:#?}\n{}",
         env.worker_log("worker")
     );
+}
+
+#[tokio::test]
+async fn a_task_not_yet_visible_after_run_task_is_waited_for_not_retried() {
+    common::ecs_demo_cluster().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
+    let run_tasks = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(replaying_ecs_proxy(
+        listener,
+        common::ecs_endpoint(),
+        0,
+        3,
+        run_tasks.clone(),
+    ));
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_platform_worker(
+        "aws-ecs",
+        "worker",
+        &[
+            ("AWS_ENDPOINT_URL", proxy_url.as_str()),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ],
+    );
+    let request = serde_json::json!({
+        "schema_version": 1, "request_id": format!("ecs-missing-{}", env.run_id),
+        "operation": "provision", "platform": "aws-ecs",
+        "spec": {"cluster": "demo", "task_definition": "web:1",
+                 "network": {"subnets": ["subnet-0a1b2c3d"], "assign_public_ip": true}}
+    });
+    env.publish(&request).await;
+    let event = events.terminal(&id(&request)).await;
+    assert_eq!(
+        event.state,
+        State::Running,
+        "{event:#?}\n{}",
+        env.worker_log("worker")
+    );
+    assert_eq!(event.attempt, 1, "no attempt spent on it: {event:#?}");
+    assert_eq!(run_tasks.load(Ordering::SeqCst), 1, "one RunTask");
 }
