@@ -64,7 +64,8 @@ enum Command {
     Status { request_id: String },
     /// Check, before sending any work, that a worker of this platform can work here:
     /// where it will act, with which credentials, and whether it holds the rights it
-    /// needs. Exits 0 when nothing failed, 64 otherwise.
+    /// needs. Exits 0 when nothing failed, 64 otherwise (69 when its endpoint does not
+    /// answer at all).
     Check {
         #[arg(long, env = "PLATFORM", value_parser = config::parse_platform)]
         platform: PlatformName,
