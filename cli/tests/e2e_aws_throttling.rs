@@ -487,8 +487,12 @@ async fn replaying_ecs_proxy(
     }
 }
 
-#[tokio::test]
-async fn a_placement_failure_ends_the_request_at_once_since_its_token_would_replay_it() {
+/// An aws-ecs worker whose ECS is moto behind [`replaying_ecs_proxy`]; the counter is
+/// the RunTask calls the proxy saw.
+async fn ecs_worker_behind_replaying_proxy(
+    failing_tokens: usize,
+    missing_describes: usize,
+) -> (TestEnv, common::Events, Arc<AtomicUsize>) {
     common::ecs_demo_cluster().await;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
@@ -496,12 +500,12 @@ async fn a_placement_failure_ends_the_request_at_once_since_its_token_would_repl
     tokio::spawn(replaying_ecs_proxy(
         listener,
         common::ecs_endpoint(),
-        1,
-        0,
+        failing_tokens,
+        missing_describes,
         run_tasks.clone(),
     ));
     let mut env = TestEnv::new().await;
-    let mut events = env.events().await;
+    let events = env.events().await;
     env.start_platform_worker(
         "aws-ecs",
         "worker",
@@ -512,6 +516,12 @@ async fn a_placement_failure_ends_the_request_at_once_since_its_token_would_repl
             ("AWS_REGION", "us-east-1"),
         ],
     );
+    (env, events, run_tasks)
+}
+
+#[tokio::test]
+async fn a_placement_failure_ends_the_request_at_once_since_its_token_would_replay_it() {
+    let (env, mut events, run_tasks) = ecs_worker_behind_replaying_proxy(1, 0).await;
     let spec = serde_json::json!({"cluster": "demo", "task_definition": "web:1",
         "network": {"subnets": ["subnet-0a1b2c3d"], "assign_public_ip": true}});
     let request = serde_json::json!({
@@ -546,29 +556,7 @@ async fn a_placement_failure_ends_the_request_at_once_since_its_token_would_repl
 
 #[tokio::test]
 async fn a_task_not_yet_visible_after_run_task_is_waited_for_not_retried() {
-    common::ecs_demo_cluster().await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
-    let run_tasks = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(replaying_ecs_proxy(
-        listener,
-        common::ecs_endpoint(),
-        0,
-        3,
-        run_tasks.clone(),
-    ));
-    let mut env = TestEnv::new().await;
-    let mut events = env.events().await;
-    env.start_platform_worker(
-        "aws-ecs",
-        "worker",
-        &[
-            ("AWS_ENDPOINT_URL", proxy_url.as_str()),
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-            ("AWS_REGION", "us-east-1"),
-        ],
-    );
+    let (env, mut events, run_tasks) = ecs_worker_behind_replaying_proxy(0, 3).await;
     let request = serde_json::json!({
         "schema_version": 1, "request_id": format!("ecs-missing-{}", env.run_id),
         "operation": "provision", "platform": "aws-ecs",
