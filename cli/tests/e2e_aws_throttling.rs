@@ -31,13 +31,7 @@ struct Throttle {
 
 impl Throttle {
     fn response(&self) -> String {
-        format!(
-            "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-            self.status,
-            self.content_type,
-            self.body.len(),
-            self.body
-        )
+        http_response(self.status, self.content_type, self.body)
     }
 }
 
@@ -66,6 +60,32 @@ const EC2_NOT_YET_VISIBLE: Throttle = Throttle {
     content_type: "text/xml",
     body: "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>InvalidInstanceID.NotFound</Code><Message>The instance ID 'i-0' does not exist</Message></Error></Errors><RequestID>consistency-test</RequestID></Response>",
 };
+
+/// A whole HTTP/1.1 answer that closes its connection.
+fn http_response(status: &str, content_type: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Sends one request on to `upstream` with `Connection: close` and reads its whole answer.
+async fn forward(upstream: &str, head: &str, body: &[u8]) -> Option<Vec<u8>> {
+    let mut forwarded: String = head
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:") && !l.is_empty())
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    forwarded.push_str("Connection: close\r\n\r\n");
+    let mut server = TcpStream::connect(upstream.trim_start_matches("http://"))
+        .await
+        .ok()?;
+    server.write_all(forwarded.as_bytes()).await.ok()?;
+    server.write_all(body).await.ok()?;
+    let mut response = Vec::new();
+    let _ = server.read_to_end(&mut response).await;
+    Some(response)
+}
 
 /// Reads one HTTP/1.1 request: head and Content-Length body.
 async fn read_request(client: &mut TcpStream) -> Option<(String, Vec<u8>)> {
@@ -132,23 +152,9 @@ async fn proxy(
                 let _ = client.write_all(throttle.response().as_bytes()).await;
                 return;
             }
-            let mut forwarded: String = head
-                .split("\r\n")
-                .filter(|l| !l.to_ascii_lowercase().starts_with("connection:") && !l.is_empty())
-                .map(|l| format!("{l}\r\n"))
-                .collect();
-            forwarded.push_str("Connection: close\r\n\r\n");
-            let Ok(mut server) = TcpStream::connect(upstream.trim_start_matches("http://")).await
-            else {
+            let Some(response) = forward(&upstream, &head, &body).await else {
                 return;
             };
-            if server.write_all(forwarded.as_bytes()).await.is_err()
-                || server.write_all(&body).await.is_err()
-            {
-                return;
-            }
-            let mut response = Vec::new();
-            let _ = server.read_to_end(&mut response).await;
             let _ = client.write_all(&response).await;
         });
     }
@@ -318,13 +324,16 @@ async fn throttled_task_launches_are_retried_until_the_task_runs() {
     .await;
 }
 
+/// ECS's content type.
+const ECS_JSON: &str = "application/x-amz-json-1.1";
+
 /// A RunTask answer as ECS gives it when it cannot place the task: a `200` with no task
 /// and the reason in `failures`.
 fn placement_failure() -> String {
-    let body = r#"{"tasks":[],"failures":[{"reason":"RESOURCE:MEMORY","detail":"no container instance has enough memory"}]}"#;
-    format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    http_response(
+        "200 OK",
+        ECS_JSON,
+        r#"{"tasks":[],"failures":[{"reason":"RESOURCE:MEMORY","detail":"no container instance has enough memory"}]}"#,
     )
 }
 
@@ -385,15 +394,8 @@ async fn replaying_ecs_proxy(
                         .map(|arn| serde_json::json!({"arn": arn, "reason": "MISSING"}))
                         .collect();
                     let body = serde_json::json!({"tasks": [], "failures": failures}).to_string();
-                    let _ = client
-                        .write_all(
-                            format!(
-                                "HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                                body.len()
-                            )
-                            .as_bytes(),
-                        )
-                        .await;
+                    let answer = http_response("200 OK", ECS_JSON, &body);
+                    let _ = client.write_all(answer.as_bytes()).await;
                     return;
                 }
             }
@@ -409,15 +411,8 @@ async fn replaying_ecs_proxy(
             let fargate = run_task["launchType"] == "FARGATE" || run_task["launchType"].is_null();
             if token.is_some() && fargate && run_task["networkConfiguration"].is_null() {
                 let refusal = r#"{"__type":"InvalidParameterException","message":"Network Configuration must be provided when networkMode 'awsvpc' is specified."}"#;
-                let _ = client
-                    .write_all(
-                        format!(
-                            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{refusal}",
-                            refusal.len()
-                        )
-                        .as_bytes(),
-                    )
-                    .await;
+                let refusal = http_response("400 Bad Request", ECS_JSON, refusal);
+                let _ = client.write_all(refusal.as_bytes()).await;
                 return;
             }
             if let Some(token) = &token {
@@ -440,23 +435,9 @@ async fn replaying_ecs_proxy(
                     return;
                 }
             }
-            let mut forwarded: String = head
-                .split("\r\n")
-                .filter(|l| !l.to_ascii_lowercase().starts_with("connection:") && !l.is_empty())
-                .map(|l| format!("{l}\r\n"))
-                .collect();
-            forwarded.push_str("Connection: close\r\n\r\n");
-            let Ok(mut server) = TcpStream::connect(upstream.trim_start_matches("http://")).await
-            else {
+            let Some(response) = forward(&upstream, &head, &body).await else {
                 return;
             };
-            if server.write_all(forwarded.as_bytes()).await.is_err()
-                || server.write_all(&body).await.is_err()
-            {
-                return;
-            }
-            let mut response = Vec::new();
-            let _ = server.read_to_end(&mut response).await;
             if token.is_some() && missing_describes > 0 {
                 let text = String::from_utf8_lossy(&response);
                 let started = text
