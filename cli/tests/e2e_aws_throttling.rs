@@ -5,7 +5,9 @@
 //! throttling itself (3 attempts), so more refusals than that reach the runtime's own
 //! retry. The same proxy plays EC2's eventual consistency: right after RunInstances,
 //! DescribeInstances may not know the new instance yet, which the worker must poll
-//! through without spending an attempt.
+//! through without spending an attempt. Both proxies also refuse launch tags as EC2 and
+//! ECS do (the emulators take any), so a worker that let too many or ill-formed tags
+//! through validation would meet the cloud's refusal here first.
 
 mod common;
 
@@ -121,6 +123,122 @@ async fn read_request(client: &mut TcpStream) -> Option<(String, Vec<u8>)> {
     Some((head, body))
 }
 
+/// The tag rules EC2 and ECS apply to a launch's tags, as this proxy enforces them
+/// (LocalStack and moto take any tags): at most 50 per resource, keys of 1 to 128
+/// characters not starting with `aws:`, values of at most 256, and on ECS only letters,
+/// digits, spaces and `+ - = . _ : / @`. The refusal's message, or `None` when they pass.
+/// <https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/Using_Tags.html#tag-restrictions>
+/// <https://docs.aws.amazon.com/AmazonECS/latest/APIReference/API_Tag.html>
+fn tag_refusal(tags: &[(String, String)], ecs: bool) -> Option<String> {
+    if tags.len() > 50 {
+        return Some(format!(
+            "The maximum number of tags per resource is 50; {} were given",
+            tags.len()
+        ));
+    }
+    let ecs_text = |text: &str| {
+        text.chars()
+            .all(|c| c.is_alphanumeric() || c == ' ' || "+-=._:/@".contains(c))
+    };
+    tags.iter().find_map(|(key, value)| {
+        let bad = key.is_empty()
+            || key.chars().count() > 128
+            || value.chars().count() > 256
+            || key.to_ascii_lowercase().starts_with("aws:")
+            || (ecs && !(ecs_text(key) && ecs_text(value)));
+        bad.then(|| format!("Tag {key:?} does not satisfy the tag constraints"))
+    })
+}
+
+/// Decodes one `application/x-www-form-urlencoded` component (`+` is a space).
+fn form_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(byte) => {
+                        out.push(byte);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            other => out.push(other),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The tags of each `TagSpecification.N` of an EC2 Query request, by N.
+fn ec2_tag_specifications(body: &[u8]) -> Vec<Vec<(String, String)>> {
+    let mut specs: std::collections::BTreeMap<
+        u32,
+        std::collections::BTreeMap<u32, (String, String)>,
+    > = Default::default();
+    for pair in String::from_utf8_lossy(body).split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = form_decode(name);
+        let parts: Vec<&str> = name.split('.').collect();
+        if let ["TagSpecification", spec, "Tag", tag, field] = parts[..]
+            && let (Ok(spec), Ok(tag)) = (spec.parse(), tag.parse())
+        {
+            let entry = specs.entry(spec).or_default().entry(tag).or_default();
+            match field {
+                "Key" => entry.0 = form_decode(value),
+                "Value" => entry.1 = form_decode(value),
+                _ => {}
+            }
+        }
+    }
+    specs
+        .into_values()
+        .map(|tags| tags.into_values().collect())
+        .collect()
+}
+
+/// EC2's refusal of a RunInstances whose tags break its rules, if they do.
+fn ec2_tag_refusal(body: &[u8]) -> Option<String> {
+    ec2_tag_specifications(body).iter().find_map(|tags| {
+        let message = tag_refusal(tags, false)?;
+        let code = if tags.len() > 50 {
+            "TagLimitExceeded"
+        } else {
+            "InvalidParameterValue"
+        };
+        Some(http_response(
+            "400 Bad Request",
+            "text/xml",
+            &format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>tags-test</RequestID></Response>"),
+        ))
+    })
+}
+
+/// ECS's refusal of a RunTask whose tags break its rules, if they do.
+fn ecs_tag_refusal(run_task: &serde_json::Value) -> Option<String> {
+    let tags: Vec<(String, String)> = run_task["tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            let text = |field: &str| t[field].as_str().unwrap_or_default().to_owned();
+            (text("key"), text("value"))
+        })
+        .collect();
+    let message = tag_refusal(&tags, true)?;
+    let body = serde_json::json!({"__type": "InvalidParameterException", "message": message});
+    Some(http_response(
+        "400 Bad Request",
+        ECS_JSON,
+        &body.to_string(),
+    ))
+}
+
 /// Serves one request per connection: refuse it, or forward it with `Connection: close`.
 async fn proxy(
     listener: TcpListener,
@@ -141,6 +259,12 @@ async fn proxy(
                 return;
             };
             let text = format!("{head}{}", String::from_utf8_lossy(&body));
+            if text.contains("Action=RunInstances")
+                && let Some(refusal) = ec2_tag_refusal(&body)
+            {
+                let _ = client.write_all(refusal.as_bytes()).await;
+                return;
+            }
             let is_launch = text.contains(throttle.marker)
                 && throttle.and_marker.is_none_or(|m| text.contains(m));
             if is_launch
@@ -160,6 +284,41 @@ async fn proxy(
     }
 }
 
+/// A `platform` worker whose AWS endpoint is `upstream` behind [`proxy`], which refuses
+/// the first `refusals` calls as `throttle` says; the counter is the calls it refused.
+async fn worker_behind_proxy(
+    platform: &str,
+    upstream: String,
+    throttle: Throttle,
+    refusals: usize,
+) -> (TestEnv, common::Events, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
+    let throttled = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(proxy(
+        listener,
+        upstream,
+        throttle,
+        Arc::new(AtomicUsize::new(refusals)),
+        throttled.clone(),
+    ));
+    let mut env = TestEnv::new().await;
+    let events = env.events().await;
+    env.start_platform_worker(platform, "worker", &aws_worker_env(&proxy_url));
+    (env, events, throttled)
+}
+
+/// The environment of a worker whose AWS endpoint is `url`, with the emulators' dummy
+/// credentials.
+fn aws_worker_env(url: &str) -> [(&'static str, &str); 4] {
+    [
+        ("AWS_ENDPOINT_URL", url),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+    ]
+}
+
 /// Provisions `spec` on `platform` through a proxy that refuses the first `refusals`
 /// calls as `throttle` says, and checks that the request still ends `running` (after the
 /// runtime's own retry when `runtime_retries`, at its first attempt otherwise), with one
@@ -176,30 +335,8 @@ async fn provision_through_refusals<F, Fut>(
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = usize>,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
-    let throttle_left = Arc::new(AtomicUsize::new(refusals));
-    let throttled = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(proxy(
-        listener,
-        upstream,
-        throttle,
-        throttle_left.clone(),
-        throttled.clone(),
-    ));
-
-    let mut env = TestEnv::new().await;
-    let mut events = env.events().await;
-    env.start_platform_worker(
-        platform,
-        "worker",
-        &[
-            ("AWS_ENDPOINT_URL", proxy_url.as_str()),
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-            ("AWS_REGION", "us-east-1"),
-        ],
-    );
+    let (env, mut events, throttled) =
+        worker_behind_proxy(platform, upstream, throttle, refusals).await;
     let request = serde_json::json!({
         "schema_version": 1, "request_id": format!("{platform}-throttled-{}", env.run_id),
         "operation": "provision", "platform": platform, "spec": spec
@@ -417,6 +554,10 @@ async fn replaying_ecs_proxy(
             }
             if let Some(token) = &token {
                 run_tasks.fetch_add(1, Ordering::SeqCst);
+                if let Some(refusal) = ecs_tag_refusal(&run_task) {
+                    let _ = client.write_all(refusal.as_bytes()).await;
+                    return;
+                }
                 let replay = answered.lock().expect("lock").get(token).cloned();
                 if let Some(replay) = replay {
                     let _ = client.write_all(&replay).await;
@@ -487,16 +628,7 @@ async fn ecs_worker_behind_replaying_proxy(
     ));
     let mut env = TestEnv::new().await;
     let events = env.events().await;
-    env.start_platform_worker(
-        "aws-ecs",
-        "worker",
-        &[
-            ("AWS_ENDPOINT_URL", proxy_url.as_str()),
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-            ("AWS_REGION", "us-east-1"),
-        ],
-    );
+    env.start_platform_worker("aws-ecs", "worker", &aws_worker_env(&proxy_url));
     (env, events, run_tasks)
 }
 
@@ -554,4 +686,135 @@ async fn a_task_not_yet_visible_after_run_task_is_waited_for_not_retried() {
     );
     assert_eq!(event.attempt, 1, "no attempt spent on it: {event:#?}");
     assert_eq!(run_tasks.load(Ordering::SeqCst), 1, "one RunTask");
+}
+
+/// `count` labels `l00`, `l01`, … with `value`.
+fn labels(count: usize, value: &str) -> serde_json::Value {
+    (0..count)
+        .map(|i| (format!("l{i:02}"), serde_json::Value::from(value)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// Provisions `spec` with `labels` and returns its terminal event; a running resource is
+/// torn down again.
+async fn provision_labelled(
+    env: &TestEnv,
+    events: &mut common::Events,
+    platform: &str,
+    name: &str,
+    spec: &serde_json::Value,
+    labels: serde_json::Value,
+) -> provisioner_events::StatusEvent {
+    let request = serde_json::json!({
+        "schema_version": 1, "request_id": format!("{name}-{}", env.run_id),
+        "operation": "provision", "platform": platform, "spec": spec, "labels": labels
+    });
+    env.publish(&request).await;
+    let event = events.terminal(&id(&request)).await;
+    if event.state == State::Running {
+        let teardown = serde_json::json!({
+            "schema_version": 1, "request_id": format!("{name}-down-{}", env.run_id),
+            "operation": "teardown", "platform": platform, "target_request_id": id(&request)
+        });
+        env.publish(&teardown).await;
+        assert_eq!(events.terminal(&id(&teardown)).await.state, State::Stopped);
+    }
+    event
+}
+
+/// Whether `event` refuses its message at validation (not an error met on the platform).
+fn rejected(event: &provisioner_events::StatusEvent) -> bool {
+    event.state == State::Error && event.rejected_message.is_some()
+}
+
+/// EC2 takes 50 tags per instance, and the worker adds three (`Name`, managed-by and
+/// the request id): 47 labels launch through a proxy that refuses what EC2 refuses, and
+/// a 48th is rejected before any call, not met as a `TagLimitExceeded` error.
+#[tokio::test]
+async fn ec2_tags_up_to_the_limit_launch_and_past_it_are_rejected_before_any_call() {
+    let (env, mut events, _) =
+        worker_behind_proxy("aws-ec2", common::aws_endpoint(), EC2_LAUNCH, 0).await;
+    let spec = serde_json::json!({"image_id": "ami-03cf127a", "instance_type": "t3.micro"});
+    let fits = provision_labelled(
+        &env,
+        &mut events,
+        "aws-ec2",
+        "ec2-tags-fit",
+        &spec,
+        labels(47, "v"),
+    )
+    .await;
+    assert_eq!(
+        fits.state,
+        State::Running,
+        "{fits:#?}\n{}",
+        env.worker_log("worker")
+    );
+    let over = provision_labelled(
+        &env,
+        &mut events,
+        "aws-ec2",
+        "ec2-tags-over",
+        &spec,
+        labels(48, "v"),
+    )
+    .await;
+    assert!(rejected(&over), "{over:#?}");
+    assert!(
+        over.error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("50 tags")),
+        "{over:#?}"
+    );
+}
+
+/// ECS takes 50 tags per task, the worker adds two, and a tag's text keeps to ECS's
+/// characters: 48 labels run through the proxy that refuses what ECS refuses; a 49th, or
+/// a `#` in a value, is rejected before any call.
+#[tokio::test]
+async fn ecs_tags_up_to_the_limit_run_and_past_it_or_outside_the_charset_are_rejected() {
+    let (env, mut events, run_tasks) = ecs_worker_behind_replaying_proxy(0, 0).await;
+    let spec = serde_json::json!({"cluster": "demo", "task_definition": "web:1",
+        "network": {"subnets": ["subnet-0a1b2c3d"], "assign_public_ip": true}});
+    let fits = provision_labelled(
+        &env,
+        &mut events,
+        "aws-ecs",
+        "ecs-tags-fit",
+        &spec,
+        labels(48, "v"),
+    )
+    .await;
+    assert_eq!(
+        fits.state,
+        State::Running,
+        "{fits:#?}\n{}",
+        env.worker_log("worker")
+    );
+    let over = provision_labelled(
+        &env,
+        &mut events,
+        "aws-ecs",
+        "ecs-tags-over",
+        &spec,
+        labels(49, "v"),
+    )
+    .await;
+    assert!(rejected(&over), "{over:#?}");
+    let charset = provision_labelled(
+        &env,
+        &mut events,
+        "aws-ecs",
+        "ecs-tags-charset",
+        &spec,
+        labels(1, "a#b"),
+    )
+    .await;
+    assert!(rejected(&charset), "{charset:#?}");
+    assert_eq!(
+        run_tasks.load(Ordering::SeqCst),
+        1,
+        "only the fitting request ran a task"
+    );
 }
