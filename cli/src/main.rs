@@ -441,3 +441,30 @@ async fn status(connections: &Connections, request_id: &str) -> Result<ExitCode,
     );
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod layout {
+    /// The end-to-end suite in the top-level `tests/` is listed target by target in this
+    /// package's Cargo.toml (`autotests = false`, since it lies outside the package): a
+    /// file added there without its `[[test]]` entry would never run.
+    #[test]
+    fn every_file_of_the_top_level_tests_is_a_test_target() {
+        let manifest = include_str!("../Cargo.toml");
+        let suite = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests");
+        let mut missing = Vec::new();
+        for entry in std::fs::read_dir(&suite).expect("the top-level tests/") {
+            let name = entry
+                .expect("entry")
+                .file_name()
+                .into_string()
+                .expect("name");
+            if name.ends_with(".rs") && !manifest.contains(&format!("path = \"../tests/{name}\"")) {
+                missing.push(name);
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "add a [[test]] entry to cli/Cargo.toml for {missing:?}"
+        );
+    }
+}

@@ -1,6 +1,6 @@
 //! The runtime's semantics on the in-memory broker and store, with a scripted platform:
 //! the least powerful test that shows each rule. The same rules over RabbitMQ, Redis and
-//! real containers are tested end to end in `cli/tests/`.
+//! real containers are tested end to end in the top-level `tests/`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -4,6 +4,7 @@
 mod common;
 
 use aws_sdk_ecs::types::DesiredStatus;
+use common::scenario::Scenario;
 use common::{TestEnv, ecs_demo_cluster, id};
 use provisioner_events::{ErrorClass, State};
 
@@ -41,22 +42,16 @@ async fn ecs_requests_run_one_task_and_tear_down_twice_through_the_queue() {
     let mut env = TestEnv::new().await;
     let mut events = env.events().await;
     env.start_ecs_worker("ecs");
-    let request = ecs_request(&env, "ecs-demo", "web:1");
-    for _ in 0..5 {
-        env.publish(&request).await;
-    }
-    let terminal = events.terminal_count(&id(&request), 5).await;
-    assert_eq!(
-        terminal[0].state,
-        State::Running,
-        "{terminal:#?}\n{}",
-        env.worker_log("ecs")
-    );
-    assert!(
-        terminal.iter().all(|e| *e == terminal[0]),
-        "identical: {terminal:#?}"
-    );
-    let task = terminal[0].resource.as_ref().expect("resource").id.clone();
+    let scenario = Scenario {
+        platform: "aws-ecs",
+        worker: "ecs",
+        name: "ecs-demo",
+        spec: ecs_request(&env, "ecs-demo", "web:1")["spec"].clone(),
+    };
+    let request = scenario.request(&env);
+    let live = async |request_id: &str| running_tasks(request_id).await.len();
+    let running = scenario.provision_five_times(&env, &mut events, live).await;
+    let task = running.resource.as_ref().expect("resource").id.clone();
     assert!(task.contains(":task/demo/"), "{task}");
     assert_eq!(running_tasks(&id(&request)).await, vec![task], "one task");
 
@@ -67,12 +62,7 @@ async fn ecs_requests_run_one_task_and_tear_down_twice_through_the_queue() {
     assert_eq!(refused.state, State::Error);
     assert_eq!(refused.error.expect("error").class, ErrorClass::Unsupported);
 
-    for name in ["ecs-down", "ecs-down-again"] {
-        let down = ecs_operation(&env, name, "teardown", &id(&request));
-        env.publish(&down).await;
-        assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
-    }
-    assert!(running_tasks(&id(&request)).await.is_empty(), "stopped");
+    scenario.tear_down_twice(&env, &mut events, live).await;
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 
 pub mod oracle;
 pub mod proxy;
+pub mod scenario;
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::scenario::Scenario;
 use common::{TestEnv, id};
 use provisioner_events::{ErrorClass, State};
 use provisioner_gcp::cloud_run::service_id;
@@ -34,28 +35,18 @@ async fn compute_requests_run_once_and_tear_down_twice_through_the_queue() {
     let mut env = TestEnv::new().await;
     let mut events = env.events().await;
     start_worker(&mut env, &api, "gcp-compute", "gce");
-    let request = serde_json::json!({
-        "schema_version": 1, "request_id": format!("gce-vm-{}", env.run_id),
-        "operation": "provision", "platform": "gcp-compute",
-        "spec": {"machine_type": "e2-small", "image": "projects/debian-cloud/global/images/family/debian-12",
-                 "public_ip": true, "labels": {"team": "batch"}}
-    });
-    for _ in 0..5 {
-        env.publish(&request).await;
-    }
-    let terminal = events.terminal_count(&id(&request), 5).await;
-    assert_eq!(
-        terminal[0].state,
-        State::Running,
-        "{terminal:#?}\n{}",
-        env.worker_log("gce")
-    );
-    assert!(
-        terminal.iter().all(|e| *e == terminal[0]),
-        "identical: {terminal:#?}"
-    );
+    let scenario = Scenario {
+        platform: "gcp-compute",
+        worker: "gce",
+        name: "gce-vm",
+        spec: serde_json::json!({"machine_type": "e2-small", "image": "projects/debian-cloud/global/images/family/debian-12",
+                 "public_ip": true, "labels": {"team": "batch"}}),
+    };
+    let request = scenario.request(&env);
+    let live = async |_: &str| api.instance_count();
+    let running = scenario.provision_five_times(&env, &mut events, live).await;
     let name = instance_name(&id(&request));
-    let resource = terminal[0].resource.clone().expect("resource");
+    let resource = running.resource.clone().expect("resource");
     assert_eq!(resource.id, format!("europe-west1-b/{name}"));
     assert!(resource.address.is_some(), "{resource:?}");
     assert_eq!(api.created(), 1, "five deliveries, one instance");
@@ -67,15 +58,7 @@ async fn compute_requests_run_once_and_tear_down_twice_through_the_queue() {
     env.publish(&describe).await;
     assert_eq!(events.terminal(&id(&describe)).await.state, State::Running);
 
-    for step in ["gce-down", "gce-down-again"] {
-        let down = serde_json::json!({
-            "schema_version": 1, "request_id": format!("{step}-{}", env.run_id),
-            "operation": "teardown", "platform": "gcp-compute", "target_request_id": id(&request)
-        });
-        env.publish(&down).await;
-        assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
-    }
-    assert_eq!(api.instance_count(), 0);
+    scenario.tear_down_twice(&env, &mut events, live).await;
 }
 
 #[tokio::test]
@@ -84,23 +67,17 @@ async fn cloud_run_requests_run_once_with_their_url_through_the_queue() {
     let mut env = TestEnv::new().await;
     let mut events = env.events().await;
     start_worker(&mut env, &api, "gcp-cloud-run", "run");
-    let request = serde_json::json!({
-        "schema_version": 1, "request_id": format!("run-hello-{}", env.run_id),
-        "operation": "provision", "platform": "gcp-cloud-run",
-        "spec": {"image": "us-docker.pkg.dev/cloudrun/container/hello", "memory": "512Mi"}
-    });
-    for _ in 0..5 {
-        env.publish(&request).await;
-    }
-    let terminal = events.terminal_count(&id(&request), 5).await;
-    assert_eq!(
-        terminal[0].state,
-        State::Running,
-        "{terminal:#?}\n{}",
-        env.worker_log("run")
-    );
+    let scenario = Scenario {
+        platform: "gcp-cloud-run",
+        worker: "run",
+        name: "run-hello",
+        spec: serde_json::json!({"image": "us-docker.pkg.dev/cloudrun/container/hello", "memory": "512Mi"}),
+    };
+    let request = scenario.request(&env);
+    let live = async |_: &str| api.service_count();
+    let running = scenario.provision_five_times(&env, &mut events, live).await;
     let sid = service_id(&id(&request));
-    let resource = terminal[0].resource.clone().expect("resource");
+    let resource = running.resource.clone().expect("resource");
     assert_eq!(
         resource.address.as_deref(),
         Some(format!("https://{sid}-abcdefghij-ew.a.run.app").as_str())
@@ -121,15 +98,7 @@ async fn cloud_run_requests_run_once_with_their_url_through_the_queue() {
     assert!(error.message.contains("lots"), "{}", error.message);
     assert_eq!(api.created(), 1);
 
-    for step in ["run-down", "run-down-again"] {
-        let down = serde_json::json!({
-            "schema_version": 1, "request_id": format!("{step}-{}", env.run_id),
-            "operation": "teardown", "platform": "gcp-cloud-run", "target_request_id": id(&request)
-        });
-        env.publish(&down).await;
-        assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
-    }
-    assert_eq!(api.service_count(), 0);
+    scenario.tear_down_twice(&env, &mut events, live).await;
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::scenario::Scenario;
 use common::{TestEnv, id};
 use provisioner_azure::aci::group_name;
 use provisioner_azure::fake_api::{FakeArm, RESOURCE_GROUP, SUBSCRIPTION};
@@ -31,30 +32,24 @@ async fn vm_requests_run_once_and_tear_down_twice_through_the_queue() {
     let mut env = TestEnv::new().await;
     let mut events = env.events().await;
     start_worker(&mut env, &api, "azure-vm", "vm");
-    let request = serde_json::json!({
-        "schema_version": 1, "request_id": format!("az-vm-{}", env.run_id),
-        "operation": "provision", "platform": "azure-vm",
-        "spec": {"size": "Standard_B1s",
+    let scenario = Scenario {
+        platform: "azure-vm",
+        worker: "vm",
+        name: "az-vm",
+        spec: serde_json::json!({"size": "Standard_B1s",
                  "image": {"publisher": "Canonical", "offer": "ubuntu-24_04-lts", "sku": "server"},
                  "subnet_id": format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Network/virtualNetworks/apps/subnets/default"),
-                 "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBrqcMXeHK9TbFVAntUvqrIZ+DBXzIRQgxK3oLT2lVm9 ops@example"}
-    });
-    for _ in 0..5 {
-        env.publish(&request).await;
-    }
-    let terminal = events.terminal_count(&id(&request), 5).await;
-    assert_eq!(
-        terminal[0].state,
-        State::Running,
-        "{terminal:#?}\n{}",
-        env.worker_log("vm")
-    );
-    assert!(
-        terminal.iter().all(|e| *e == terminal[0]),
-        "identical: {terminal:#?}"
-    );
+                 "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBrqcMXeHK9TbFVAntUvqrIZ+DBXzIRQgxK3oLT2lVm9 ops@example"}),
+    };
+    let request = scenario.request(&env);
+    // A VM without its network interface (or the reverse) would be a leak: both counted.
+    let live = async |_: &str| {
+        api.count("Microsoft.Compute/virtualMachines")
+            .max(api.count("Microsoft.Network/networkInterfaces"))
+    };
+    let running = scenario.provision_five_times(&env, &mut events, live).await;
     let name = vm_name(&id(&request));
-    let resource = terminal[0].resource.clone().expect("resource");
+    let resource = running.resource.clone().expect("resource");
     assert_eq!(resource.id, format!("{RESOURCE_GROUP}/{name}"));
     assert!(resource.address.is_some(), "{resource:?}");
     assert_eq!(api.count("Microsoft.Compute/virtualMachines"), 1);
@@ -64,16 +59,7 @@ async fn vm_requests_run_once_and_tear_down_twice_through_the_queue() {
         "five deliveries: one VM and its network interface"
     );
 
-    for step in ["vm-down", "vm-down-again"] {
-        let down = serde_json::json!({
-            "schema_version": 1, "request_id": format!("{step}-{}", env.run_id),
-            "operation": "teardown", "platform": "azure-vm", "target_request_id": id(&request)
-        });
-        env.publish(&down).await;
-        assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
-    }
-    assert_eq!(api.count("Microsoft.Compute/virtualMachines"), 0);
-    assert_eq!(api.count("Microsoft.Network/networkInterfaces"), 0);
+    scenario.tear_down_twice(&env, &mut events, live).await;
 }
 
 #[tokio::test]
@@ -82,22 +68,16 @@ async fn container_group_requests_run_once_with_their_address_through_the_queue(
     let mut env = TestEnv::new().await;
     let mut events = env.events().await;
     start_worker(&mut env, &api, "azure-container-instances", "aci");
-    let request = serde_json::json!({
-        "schema_version": 1, "request_id": format!("aci-hello-{}", env.run_id),
-        "operation": "provision", "platform": "azure-container-instances",
-        "spec": {"image": "mcr.microsoft.com/azuredocs/aci-helloworld", "ports": [80]}
-    });
-    for _ in 0..5 {
-        env.publish(&request).await;
-    }
-    let terminal = events.terminal_count(&id(&request), 5).await;
-    assert_eq!(
-        terminal[0].state,
-        State::Running,
-        "{terminal:#?}\n{}",
-        env.worker_log("aci")
-    );
-    let resource = terminal[0].resource.clone().expect("resource");
+    let scenario = Scenario {
+        platform: "azure-container-instances",
+        worker: "aci",
+        name: "aci-hello",
+        spec: serde_json::json!({"image": "mcr.microsoft.com/azuredocs/aci-helloworld", "ports": [80]}),
+    };
+    let request = scenario.request(&env);
+    let live = async |_: &str| api.count("Microsoft.ContainerInstance/containerGroups");
+    let running = scenario.provision_five_times(&env, &mut events, live).await;
+    let resource = running.resource.clone().expect("resource");
     assert_eq!(resource.name, group_name(&id(&request)));
     assert!(
         resource
@@ -120,15 +100,7 @@ async fn container_group_requests_run_once_with_their_address_through_the_queue(
     assert_eq!(error.class, ErrorClass::InvalidRequest);
     assert!(error.message.contains("Sometimes"), "{}", error.message);
 
-    for step in ["aci-down", "aci-down-again"] {
-        let down = serde_json::json!({
-            "schema_version": 1, "request_id": format!("{step}-{}", env.run_id),
-            "operation": "teardown", "platform": "azure-container-instances", "target_request_id": id(&request)
-        });
-        env.publish(&down).await;
-        assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
-    }
-    assert_eq!(api.count("Microsoft.ContainerInstance/containerGroups"), 0);
+    scenario.tear_down_twice(&env, &mut events, live).await;
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ mod common;
 
 use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_ec2::types::Filter;
+use common::scenario::Scenario;
 use common::{TestEnv, id};
 use provisioner_events::{ErrorClass, State};
 
@@ -69,35 +70,21 @@ async fn ec2_requests_run_once_and_tear_down_twice_through_the_queue() {
     let mut events = env.events().await;
     env.start_ec2_worker("ec2");
     // LocalStack's catalogue holds this AMI.
-    let request = ec2_request(&env, "ec2-web", "ami-03cf127a");
-    for _ in 0..5 {
-        env.publish(&request).await;
-    }
-    let terminal = events.terminal_count(&id(&request), 5).await;
-    assert_eq!(
-        terminal[0].state,
-        State::Running,
-        "{terminal:#?}\n{}",
-        env.worker_log("ec2")
-    );
-    assert!(
-        terminal.iter().all(|e| *e == terminal[0]),
-        "identical: {terminal:#?}"
-    );
-    let instance = terminal[0].resource.as_ref().expect("resource").id.clone();
+    let scenario = Scenario {
+        platform: "aws-ec2",
+        worker: "ec2",
+        name: "ec2-web",
+        spec: ec2_request(&env, "ec2-web", "ami-03cf127a")["spec"].clone(),
+    };
+    let live = async |request_id: &str| live_instances(request_id).await.len();
+    let running = scenario.provision_five_times(&env, &mut events, live).await;
+    let instance = running.resource.as_ref().expect("resource").id.clone();
     assert!(instance.starts_with("i-"), "{instance}");
     assert_eq!(
-        live_instances(&id(&request)).await,
-        vec![instance],
-        "one instance"
+        live_instances(&id(&scenario.request(&env))).await,
+        vec![instance]
     );
-
-    for name in ["ec2-down", "ec2-down-again"] {
-        let down = ec2_teardown(&env, name, &id(&request));
-        env.publish(&down).await;
-        assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
-    }
-    assert!(live_instances(&id(&request)).await.is_empty(), "terminated");
+    scenario.tear_down_twice(&env, &mut events, live).await;
 }
 
 #[tokio::test]

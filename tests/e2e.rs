@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::scenario::Scenario;
 use common::{TestEnv, id};
 use provisioner_core::amqp::{dead_letter_queue, work_queue};
 use provisioner_events::{ErrorClass, PlatformName, State};
@@ -76,16 +77,24 @@ async fn the_same_request_five_times_makes_one_container_and_identical_terminal_
     let mut events = env.events().await;
     env.start_worker("a");
     let web = env.web("dup");
-    for _ in 0..5 {
-        env.publish(&web).await;
-    }
-    let terminal = events.terminal_count(&id(&web), 5).await;
-    assert!(
-        terminal.iter().all(|e| *e == terminal[0]),
-        "identical: {terminal:#?}"
-    );
-    assert_eq!(terminal[0].state, State::Running);
-    assert_eq!(env.containers().await[&id(&web)].len(), 1, "one container");
+    let scenario = Scenario {
+        platform: "docker",
+        worker: "a",
+        name: "dup",
+        spec: web["spec"].clone(),
+    };
+    let containers = async |request_id: &str| {
+        env.containers()
+            .await
+            .get(request_id)
+            .map_or(0, |c| c.len())
+    };
+    scenario
+        .provision_five_times(&env, &mut events, containers)
+        .await;
+    scenario
+        .tear_down_twice(&env, &mut events, containers)
+        .await;
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::scenario::Scenario;
 use common::{TestEnv, id};
 use provisioner_events::{ErrorClass, State};
 use provisioner_kubernetes::fake_api::FakeApi;
@@ -25,43 +26,24 @@ async fn kubernetes_requests_run_once_and_tear_down_twice_through_the_queue() {
         "k8s",
         &[("KUBECONFIG", config.to_str().expect("path"))],
     );
-    let request = serde_json::json!({
-        "schema_version": 1, "request_id": format!("k8s-web-{}", env.run_id),
-        "operation": "provision", "platform": "kubernetes",
-        "spec": {"image": "nginx:1.27", "replicas": 2, "port": 80, "service_type": "NodePort"}
-    });
-    for _ in 0..5 {
-        env.publish(&request).await;
-    }
-    let terminal = events.terminal_count(&id(&request), 5).await;
+    let scenario = Scenario {
+        platform: "kubernetes",
+        worker: "k8s",
+        name: "k8s-web",
+        spec: serde_json::json!({"image": "nginx:1.27", "replicas": 2, "port": 80, "service_type": "NodePort"}),
+    };
+    // The fake holds this test's objects only; a Deployment without its Service (or the
+    // reverse) would be a leak, so both are counted.
+    let live = async |_: &str| api.count("deployments").max(api.count("services"));
+    let running = scenario.provision_five_times(&env, &mut events, live).await;
+    let name = object_name(&id(&scenario.request(&env)));
     assert_eq!(
-        terminal[0].state,
-        State::Running,
-        "{terminal:#?}\n{}",
-        env.worker_log("k8s")
-    );
-    assert!(
-        terminal.iter().all(|e| *e == terminal[0]),
-        "identical: {terminal:#?}"
-    );
-    let name = object_name(&id(&request));
-    assert_eq!(
-        terminal[0].resource.as_ref().map(|r| r.id.clone()),
+        running.resource.as_ref().map(|r| r.id.clone()),
         Some(format!("apps/{name}")),
         "in the kubeconfig context's namespace"
     );
-    assert_eq!(api.count("deployments"), 1);
     assert_eq!(api.count("services"), 1);
-
-    for step in ["k8s-down", "k8s-down-again"] {
-        let down = serde_json::json!({
-            "schema_version": 1, "request_id": format!("{step}-{}", env.run_id),
-            "operation": "teardown", "platform": "kubernetes", "target_request_id": id(&request)
-        });
-        env.publish(&down).await;
-        assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
-    }
-    assert_eq!(api.count("deployments"), 0);
+    scenario.tear_down_twice(&env, &mut events, live).await;
     assert_eq!(api.count("services"), 0);
 }
 
