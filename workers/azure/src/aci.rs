@@ -19,12 +19,14 @@ use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
     TeardownTarget,
 };
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::info;
 
-use crate::arm::ArmClient;
+use crate::arm::{ArmClient, provisioning_state};
 use crate::{
-    AzureSettings, MANAGED_TAG, REQUEST_ID_TAG, arm_error, check_owner, tagged_owner, target_name,
+    AzureSettings, MANAGED_TAG, REQUEST_ID_TAG, Tags, arm_error, check_owner, tagged_owner,
+    target_name,
 };
 
 pub const ACI_API_VERSION: &str = "2023-05-01";
@@ -36,22 +38,104 @@ pub fn group_name(request_id: &str) -> String {
     derived_name(request_id, 44)
 }
 
-fn tag<'a>(resource: &'a Value, key: &str) -> Option<&'a str> {
-    resource["tags"][key].as_str()
+/// A container group as ARM answers it:
+/// <https://learn.microsoft.com/rest/api/container-instances/container-groups/get>
+#[derive(Debug, Deserialize)]
+struct ContainerGroup {
+    name: String,
+    #[serde(default)]
+    tags: Tags,
+    properties: GroupProperties,
 }
 
-/// The group's own state (`Running`, `Stopped`, `Pending`, ...), from its instance view.
-fn group_state(group: &Value) -> Option<&str> {
-    group["properties"]["instanceView"]["state"].as_str()
+/// The `properties` of a [`ContainerGroup`] the worker reads.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GroupProperties {
+    provisioning_state: Option<String>,
+    // Not there until ACI has placed the group.
+    instance_view: Option<GroupInstanceView>,
+    // Only a group with ports on a public or private address has one.
+    ip_address: Option<IpAddress>,
+    containers: Vec<Container>,
 }
 
-fn state_of(group: &Value) -> State {
-    match group["properties"]["provisioningState"].as_str() {
-        Some("Failed") => return State::Error,
-        Some("Deleting") => return State::Stopping,
+/// A group's `instanceView`: its own state.
+#[derive(Debug, Deserialize)]
+struct GroupInstanceView {
+    state: Option<String>,
+}
+
+/// A group's `ipAddress`: the address and ports it is reached at.
+#[derive(Debug, Deserialize)]
+struct IpAddress {
+    ip: Option<String>,
+    fqdn: Option<String>,
+    ports: Vec<Port>,
+}
+
+/// One of `ipAddress.ports`.
+#[derive(Debug, Deserialize)]
+struct Port {
+    port: u16,
+}
+
+/// One of a group's `containers`.
+#[derive(Debug, Deserialize)]
+struct Container {
+    properties: ContainerProperties,
+}
+
+/// The `properties` of a [`Container`] the worker reads.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ContainerProperties {
+    instance_view: Option<ContainerInstanceView>,
+}
+
+/// A container's `instanceView`: what happened to it.
+#[derive(Debug, Deserialize)]
+struct ContainerInstanceView {
+    // Absent before anything happened to the container.
+    #[serde(default)]
+    events: Vec<ContainerEvent>,
+}
+
+/// One of a container's events, as the kubelet reports them (`Pulling`, `Failed`,
+/// `BackOff`, ...).
+#[derive(Debug, Deserialize)]
+struct ContainerEvent {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    message: Option<String>,
+}
+
+impl ContainerGroup {
+    fn provisioning_state(&self) -> &str {
+        provisioning_state(self.properties.provisioning_state.as_deref())
+    }
+
+    /// The group's own state (`Running`, `Stopped`, `Pending`, ...), from its instance view.
+    fn state(&self) -> Option<&str> {
+        self.properties.instance_view.as_ref()?.state.as_deref()
+    }
+
+    fn events(&self) -> impl Iterator<Item = &ContainerEvent> {
+        self.properties
+            .containers
+            .iter()
+            .filter_map(|c| c.properties.instance_view.as_ref())
+            .flat_map(|view| &view.events)
+    }
+}
+
+fn state_of(group: &ContainerGroup) -> State {
+    match group.provisioning_state() {
+        "Failed" => return State::Error,
+        "Deleting" => return State::Stopping,
         _ => {}
     }
-    match group_state(group) {
+    match group.state() {
         Some("Running") => State::Running,
         Some("Stopped" | "Succeeded" | "Failed") => State::Stopped,
         _ => State::Starting,
@@ -59,28 +143,36 @@ fn state_of(group: &Value) -> State {
 }
 
 /// Why a group failed, from its containers' events when ARM gives no error.
-fn failure_of(group: &Value, doing: &str) -> PlatformError {
-    let events: Vec<String> = group["properties"]["containers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|c| {
-            c["properties"]["instanceView"]["events"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .filter_map(|e| e["message"].as_str().map(str::to_owned))
+fn failure_of(group: &ContainerGroup, doing: &str) -> PlatformError {
+    // The warnings say why; every group also has its `Pulling`/`Started` events.
+    let warnings: Vec<&str> = group
+        .events()
+        .filter(|e| e.kind.as_deref() == Some("Warning"))
+        .filter_map(|e| e.message.as_deref())
         .collect();
-    let message = if events.is_empty() {
-        "the container group failed without a message".to_owned()
-    } else {
-        events.join("; ")
-    };
-    let code = if message.contains("pull") || message.contains("image") {
+    // The events carry no code: a failed pull is known by the kubelet's warning alone
+    // ("Failed to pull image", "ErrImagePull", "ImagePullBackOff").
+    let pull_failed = warnings.iter().any(|m| {
+        let m = m.to_ascii_lowercase();
+        m.contains("pull") || m.contains("image")
+    });
+    let code = if pull_failed {
         "InaccessibleImage"
     } else {
         "ContainerGroupFailed"
+    };
+    let told = if warnings.is_empty() {
+        group
+            .events()
+            .filter_map(|e| e.message.as_deref())
+            .collect()
+    } else {
+        warnings
+    };
+    let message = if told.is_empty() {
+        "the container group failed without a message".to_owned()
+    } else {
+        told.join("; ")
     };
     arm_error(None, code, &message, doing)
 }
@@ -140,28 +232,29 @@ impl ContainerInstancesPlatform {
         json!({"location": location, "tags": tags, "properties": properties})
     }
 
-    fn resource(&self, group: &Value) -> Resource {
-        let name = group["name"].as_str().unwrap_or_default().to_owned();
-        let ip = &group["properties"]["ipAddress"];
-        let address = ip["fqdn"]
-            .as_str()
-            .filter(|f| !f.is_empty())
-            .or_else(|| ip["ip"].as_str())
+    fn resource(&self, group: &ContainerGroup) -> Resource {
+        let name = group.name.clone();
+        let ip = group.properties.ip_address.as_ref();
+        let address = ip
+            .and_then(|ip| {
+                ip.fqdn
+                    .as_deref()
+                    .filter(|f| !f.is_empty())
+                    .or(ip.ip.as_deref())
+            })
             .map(str::to_owned);
-        let endpoints = match &address {
-            Some(host) => ip["ports"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|p| p["port"].as_u64())
-                .map(|port| Endpoint {
-                    port: port as u16,
+        let endpoints = match (&address, ip) {
+            (Some(host), Some(ip)) => ip
+                .ports
+                .iter()
+                .map(|p| Endpoint {
+                    port: p.port,
                     host: host.clone(),
-                    host_port: port as u16,
+                    host_port: p.port,
                     protocol: "tcp".into(),
                 })
                 .collect(),
-            None => Vec::new(),
+            _ => Vec::new(),
         };
         Resource {
             id: format!("{}/{name}", self.arm.settings().resource_group),
@@ -177,13 +270,13 @@ impl ContainerInstancesPlatform {
         name: &str,
         wanted: &[&str],
         timeout: Duration,
-    ) -> Result<Value, PlatformError> {
+    ) -> Result<ContainerGroup, PlatformError> {
         let doing = format!("waiting for container group {name}");
         let mut backoff = Backoff::new(timeout, Duration::from_millis(250), Duration::from_secs(5));
         loop {
             let group = self
                 .arm
-                .get(&self.group_id(name), ACI_API_VERSION, &doing)
+                .get::<ContainerGroup>(&self.group_id(name), ACI_API_VERSION, &doing)
                 .await?
                 .ok_or_else(|| {
                     PlatformError::permanent(
@@ -193,15 +286,11 @@ impl ContainerInstancesPlatform {
                         ),
                     )
                 })?;
-            let provisioning = group["properties"]["provisioningState"]
-                .as_str()
-                .unwrap_or("");
-            if provisioning == "Failed" || group_state(&group) == Some("Failed") {
+            let provisioning = group.provisioning_state();
+            if provisioning == "Failed" || group.state() == Some("Failed") {
                 return Err(failure_of(&group, &doing));
             }
-            if provisioning == "Succeeded"
-                && group_state(&group).is_some_and(|s| wanted.contains(&s))
-            {
+            if provisioning == "Succeeded" && group.state().is_some_and(|s| wanted.contains(&s)) {
                 return Ok(group);
             }
             if !backoff.wait().await {
@@ -209,7 +298,7 @@ impl ContainerInstancesPlatform {
                     ErrorClass::Timeout,
                     format!(
                         "{doing}: it is {provisioning}/{} after {} s, not {wanted:?}",
-                        group_state(&group).unwrap_or("unknown"),
+                        group.state().unwrap_or("unknown"),
                         timeout.as_secs()
                     ),
                 ));
@@ -217,25 +306,24 @@ impl ContainerInstancesPlatform {
         }
     }
 
-    async fn find(&self, target: &TeardownTarget) -> Result<Option<Value>, PlatformError> {
+    async fn find(&self, target: &TeardownTarget) -> Result<Option<ContainerGroup>, PlatformError> {
         let resource_group = &self.arm.settings().resource_group;
         let (name, request_id) =
             target_name(resource_group, target, group_name, "container group")?;
         let doing = format!("reading container group {name}");
-        match self
+        let found = self
             .arm
-            .get(&self.group_id(&name), ACI_API_VERSION, &doing)
-            .await?
-        {
-            Some(group) => check_owner(
-                group,
+            .get::<ContainerGroup>(&self.group_id(&name), ACI_API_VERSION, &doing)
+            .await?;
+        if let Some(group) = &found {
+            check_owner(
+                &group.tags,
                 request_id,
                 &format!("container group {name}"),
                 target,
-            )
-            .map(Some),
-            None => Ok(None),
+            )?;
         }
+        Ok(found)
     }
 
     async fn act(
@@ -250,7 +338,7 @@ impl ContainerInstancesPlatform {
                 format!("{target} has no container group"),
             )
         })?;
-        let name = group["name"].as_str().unwrap_or_default().to_owned();
+        let name = group.name.clone();
         let doing = format!("{action} of container group {name}");
         let accepted = self
             .arm
@@ -305,8 +393,8 @@ impl Platform for ContainerInstancesPlatform {
             .find(&TeardownTarget::Request(request.request_id.clone()))
             .await?;
         if let Some(group) = &existing
-            && group["properties"]["provisioningState"] == "Succeeded"
-            && group_state(group) == Some("Stopped")
+            && group.provisioning_state() == "Succeeded"
+            && group.state() == Some("Stopped")
         {
             // A stopped group does not start by itself: say so instead of waiting.
             return Err(PlatformError::permanent(
@@ -323,7 +411,7 @@ impl Platform for ContainerInstancesPlatform {
         if self
             .arm
             .needs_put(
-                existing.as_ref(),
+                existing.as_ref().map(ContainerGroup::provisioning_state),
                 &group_id,
                 ACI_API_VERSION,
                 left(),
@@ -353,7 +441,7 @@ impl Platform for ContainerInstancesPlatform {
         let Some(group) = self.find(target).await? else {
             return Ok(None);
         };
-        let name = group["name"].as_str().unwrap_or_default().to_owned();
+        let name = group.name.clone();
         let doing = format!("deleting container group {name}");
         let Some(accepted) = self
             .arm
@@ -373,7 +461,7 @@ impl Platform for ContainerInstancesPlatform {
         let found = self
             .find(&TeardownTarget::Resource(resource_id.to_owned()))
             .await?;
-        Ok(found.as_ref().and_then(tagged_owner))
+        Ok(found.and_then(|group| tagged_owner(&group.tags)))
     }
 
     async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {
@@ -386,7 +474,7 @@ impl Platform for ContainerInstancesPlatform {
     async fn list(&self) -> Result<Vec<Resource>, PlatformError> {
         let all = self
             .arm
-            .list(
+            .list::<ContainerGroup>(
                 "Microsoft.ContainerInstance/containerGroups",
                 ACI_API_VERSION,
                 "listing the provisioner's container groups",
@@ -394,7 +482,7 @@ impl Platform for ContainerInstancesPlatform {
             .await?;
         Ok(all
             .iter()
-            .filter(|g| tag(g, MANAGED_TAG) == Some("true"))
+            .filter(|g| g.tags.get(MANAGED_TAG) == Some("true"))
             .map(|g| self.resource(g))
             .collect())
     }
@@ -416,15 +504,76 @@ impl Platform for ContainerInstancesPlatform {
 mod tests {
     use super::*;
 
+    /// A group answer with `properties` merged over the fields ARM always gives.
+    fn group(properties: Value) -> ContainerGroup {
+        let mut answer = json!({"name": "g", "properties": {"osType": "Linux",
+            "containers": [{"name": "main", "properties": {"image": "hello"}}]}});
+        for (key, value) in properties.as_object().expect("object") {
+            answer["properties"][key] = value.clone();
+        }
+        serde_json::from_value(answer).expect("a container group answer")
+    }
+
     #[test]
     fn group_states_map_to_states() {
-        let running = json!({"properties": {"provisioningState": "Succeeded", "instanceView": {"state": "Running"}}});
+        let running =
+            group(json!({"provisioningState": "Succeeded", "instanceView": {"state": "Running"}}));
         assert_eq!(state_of(&running), State::Running);
-        let stopped = json!({"properties": {"provisioningState": "Succeeded", "instanceView": {"state": "Stopped"}}});
+        let stopped =
+            group(json!({"provisioningState": "Succeeded", "instanceView": {"state": "Stopped"}}));
         assert_eq!(state_of(&stopped), State::Stopped);
-        let failed = json!({"properties": {"provisioningState": "Failed"}});
+        let failed = group(json!({"provisioningState": "Failed"}));
         assert_eq!(state_of(&failed), State::Error);
-        let pending = json!({"properties": {"provisioningState": "Creating"}});
+        let pending = group(json!({"provisioningState": "Creating"}));
         assert_eq!(state_of(&pending), State::Starting);
+    }
+
+    #[test]
+    fn a_group_answer_without_what_arm_always_gives_is_an_error_naming_the_field() {
+        let answer = json!({"name": "g", "properties": {"provisioningState": "Succeeded"}});
+        let err = crate::arm::read::<ContainerGroup>(
+            answer.to_string().as_bytes(),
+            "container group g",
+            "reading container group g",
+        )
+        .expect_err("no containers");
+        assert_eq!((err.class, err.retryable), (ErrorClass::Transient, true));
+        assert!(err.message.contains("container group g"), "{err}");
+        assert!(err.message.contains("`containers`"), "{err}");
+        // A port ARM could not have opened is refused, not cut down to 16 bits.
+        let answer = json!({"name": "g", "properties": {"containers": [],
+            "ipAddress": {"type": "Public", "ip": "20.50.1.4", "ports": [{"port": 70000}]}}});
+        assert!(serde_json::from_value::<ContainerGroup>(answer).is_err());
+    }
+
+    #[test]
+    fn only_a_warning_about_pulling_makes_a_failed_group_an_inaccessible_image() {
+        let events = |events: Value| {
+            group(json!({"provisioningState": "Failed",
+                "containers": [{"name": "main", "properties": {"image": "x", "instanceView": {"events": events}}}]}))
+        };
+        let pull = events(json!([
+            {"type": "Normal", "name": "Pulling", "message": "pulling image \"x\""},
+            {"type": "Warning", "name": "Failed", "message": "Failed to pull image \"x\": not found"},
+        ]));
+        let err = failure_of(&pull, "creating g");
+        assert_eq!(err.class, ErrorClass::InvalidRequest, "{err}");
+        assert!(
+            err.message
+                .contains("InaccessibleImage: Failed to pull image"),
+            "{err}"
+        );
+        // Every group pulls its image first; a crash after that is not an image problem.
+        let crash = events(json!([
+            {"type": "Normal", "name": "Pulling", "message": "pulling image \"x\""},
+            {"type": "Normal", "name": "Pulled", "message": "Successfully pulled image \"x\""},
+            {"type": "Warning", "name": "BackOff", "message": "Back-off restarting failed container"},
+        ]));
+        let err = failure_of(&crash, "creating g");
+        assert!(
+            err.message
+                .contains("ContainerGroupFailed: Back-off restarting"),
+            "{err}"
+        );
     }
 }

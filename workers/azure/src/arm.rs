@@ -26,6 +26,8 @@ use azure_core::http::{
 use provisioner_core::backoff::Backoff;
 use provisioner_core::{Finding, PlatformError, SetupError};
 use provisioner_events::ErrorClass;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::{AzureSettings, CredentialChain, arm_error, transport_error};
@@ -62,51 +64,137 @@ pub struct ArmClient {
     settings: AzureSettings,
 }
 
-fn body_json(response: &RawResponse) -> Value {
-    serde_json::from_slice(response.body().as_ref()).unwrap_or(Value::Null)
+/// Reads an ARM answer into the shape the worker relies on. An answer without a field ARM
+/// documents as always there is a fault of that answer, not something to guess around:
+/// the error names the answer and serde names the field. Transient, because a later read
+/// may well answer in full.
+pub(crate) fn read<T: DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+    doing: &str,
+) -> Result<T, PlatformError> {
+    serde_json::from_slice(body).map_err(|e| {
+        PlatformError::transient(format!(
+            "{doing}: ARM's answer for {what} is not as documented: {e}"
+        ))
+    })
 }
 
-/// The ARM error of an answer: `{"error": {"code", "message"}}` (ACI and some
-/// operations put it at the top level).
-fn error_of(status: u16, body: &Value, doing: &str) -> PlatformError {
-    error_with_hint(status, body, None, doing)
+/// A resource's `provisioningState` as ARM defines it: "If the resource returns no
+/// provisioningState, it is assumed to be Succeeded."
+/// (<https://github.com/Azure/azure-resource-manager-rpc/blob/master/v1.0/Addendum.md#provisioningstate-property>)
+pub(crate) fn provisioning_state(state: Option<&str>) -> &str {
+    state.unwrap_or("Succeeded")
 }
 
-/// [`error_of`] for an answer whose headers are at hand: a `Retry-After` on a `429`
-/// that outlasted the pipeline's own retries is passed on to the runtime.
+/// An ARM error (`ErrorDetail`), in error answers and failed operations:
+/// <https://github.com/Azure/azure-resource-manager-rpc/blob/master/v1.0/common-api-details.md#error-response-content>
+#[derive(Debug, Deserialize)]
+struct ErrorDetail {
+    code: String,
+    message: Option<String>,
+}
+
+/// ARM's error answer: `{"error": {...}}`, or the detail itself at the top level, as ACI
+/// and some operations answer.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ErrorResponse {
+    Wrapped { error: ErrorDetail },
+    Bare(ErrorDetail),
+}
+
+/// The operation resource an `Azure-AsyncOperation` URL answers:
+/// <https://github.com/Azure/azure-resource-manager-rpc/blob/master/v1.0/Addendum.md#operation-resource-format>
+#[derive(Debug, Deserialize)]
+struct OperationStatus {
+    status: String,
+    error: Option<ErrorDetail>,
+}
+
+/// Any ARM resource, read only for how its provisioning went: the answer to a `PUT`, and
+/// the resource polled after one when ARM gave no operation URL:
+/// <https://github.com/Azure/azure-resource-manager-rpc/blob/master/v1.0/Addendum.md#creating-or-updating-resources-asynchronously>
+#[derive(Debug, Deserialize)]
+struct ProvisionedResource {
+    properties: Option<ProvisionedProperties>,
+}
+
+/// The `properties` of [`ProvisionedResource`]; some providers put the error of a failed
+/// provisioning beside its state.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProvisionedProperties {
+    provisioning_state: Option<String>,
+    error: Option<ErrorDetail>,
+}
+
+impl ProvisionedResource {
+    fn state(&self) -> &str {
+        provisioning_state(
+            self.properties
+                .as_ref()
+                .and_then(|p| p.provisioning_state.as_deref()),
+        )
+    }
+
+    fn error(&self) -> Option<&ErrorDetail> {
+        self.properties.as_ref()?.error.as_ref()
+    }
+}
+
+/// One page of an ARM list (`value` is required, `nextLink` only when more follow):
+/// <https://github.com/Azure/azure-resource-manager-rpc/blob/master/v1.0/resource-api-reference.md>
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Page<T> {
+    value: Vec<T>,
+    next_link: Option<String>,
+}
+
+/// The resource group, for its location:
+/// <https://learn.microsoft.com/rest/api/resources/resource-groups/get>
+#[derive(Debug, Deserialize)]
+struct ResourceGroup {
+    location: String,
+}
+
+/// The error of an answer that is not a success; a `Retry-After` on a `429` that
+/// outlasted the pipeline's own retries is passed on to the runtime.
 fn error_of_response(response: &RawResponse, doing: &str) -> PlatformError {
     let retry_after = response
         .headers()
         .get_optional_str(&RETRY_AFTER)
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
-    error_with_hint(
-        u16::from(response.status()),
-        &body_json(response),
-        retry_after,
-        doing,
-    )
-}
-
-fn error_with_hint(
-    status: u16,
-    body: &Value,
-    retry_after: Option<Duration>,
-    doing: &str,
-) -> PlatformError {
-    let error = if body["error"].is_object() {
-        &body["error"]
-    } else {
-        body
+    let status = u16::from(response.status());
+    let body = response.body().as_ref();
+    let mut failure = match serde_json::from_slice::<ErrorResponse>(body) {
+        Ok(ErrorResponse::Wrapped { error } | ErrorResponse::Bare(error)) => arm_error(
+            Some(status),
+            &error.code,
+            error.message.as_deref().unwrap_or_default(),
+            doing,
+        ),
+        // A gateway's page or an empty answer has no ARM code: the status alone sorts it.
+        Err(_) => arm_error(Some(status), "", &not_an_arm_error(body), doing),
     };
-    let code = error["code"].as_str().unwrap_or("");
-    let message = error["message"].as_str().unwrap_or("");
-    let mut failure = arm_error(Some(status), code, message, doing);
-    if failure.message.ends_with(": ") {
-        failure.message.push_str("(no error body)");
-    }
     failure.retry_after = retry_after;
     failure
+}
+
+/// What to say of an error answer that carries no ARM error.
+fn not_an_arm_error(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        "(no error body)".to_owned()
+    } else {
+        format!(
+            "(not an ARM error: {})",
+            text.chars().take(200).collect::<String>()
+        )
+    }
 }
 
 impl ArmClient {
@@ -178,16 +266,12 @@ impl ArmClient {
         );
         findings.push(
             match self
-                .get(&group, "2021-04-01", "reading the resource group")
+                .get::<ResourceGroup>(&group, "2021-04-01", "reading the resource group")
                 .await
             {
                 Ok(Some(found)) => Finding::pass(
                     "resource group",
-                    format!(
-                        "{} in {}",
-                        settings.resource_group,
-                        found["location"].as_str().unwrap_or("an unknown location")
-                    ),
+                    format!("{} in {}", settings.resource_group, found.location),
                 ),
                 Ok(None) => Finding::fail(
                     "resource group",
@@ -200,15 +284,18 @@ impl ArmClient {
             },
         );
         let permissions = self
-            .get(
+            .get::<PermissionList>(
                 &format!("{group}/providers/Microsoft.Authorization/permissions"),
                 "2022-04-01",
                 "reading the worker's permissions",
             )
             .await
             .and_then(|answer| {
-                serde_json::from_value::<PermissionList>(answer.unwrap_or_default()).map_err(|e| {
-                    PlatformError::transient(format!("ARM's permissions answer is unreadable: {e}"))
+                answer.ok_or_else(|| {
+                    PlatformError::permanent(
+                        ErrorClass::NotFound,
+                        "reading the worker's permissions: ARM answered 404",
+                    )
                 })
             });
         findings.push(match permissions {
@@ -285,18 +372,18 @@ impl ArmClient {
             .map_err(|e| transport_error(&e, doing))
     }
 
-    /// Reads a resource by its id; `None` when it does not exist.
-    pub async fn get(
+    /// Reads a resource by its id into its typed shape; `None` when it does not exist.
+    pub async fn get<T: DeserializeOwned>(
         &self,
         resource_id: &str,
         api_version: &str,
         doing: &str,
-    ) -> Result<Option<Value>, PlatformError> {
+    ) -> Result<Option<T>, PlatformError> {
         let url = self.url(resource_id, api_version)?;
         let response = self.send(Method::Get, url, None, doing).await?;
         let status = u16::from(response.status());
         match status {
-            200 => Ok(Some(body_json(&response))),
+            200 => read(response.body().as_ref(), resource_id, doing).map(Some),
             404 => Ok(None),
             _ => Err(error_of_response(&response, doing)),
         }
@@ -304,25 +391,26 @@ impl ArmClient {
 
     /// Every resource of a type in the worker's resource group (`provider_path` is e.g.
     /// `Microsoft.Compute/virtualMachines`), following `nextLink`.
-    pub async fn list(
+    pub async fn list<T: DeserializeOwned>(
         &self,
         provider_path: &str,
         api_version: &str,
         doing: &str,
-    ) -> Result<Vec<Value>, PlatformError> {
+    ) -> Result<Vec<T>, PlatformError> {
         let mut url = self.url(&self.resource_id(provider_path), api_version)?;
         let mut all = Vec::new();
         loop {
             let response = self.send(Method::Get, url, None, doing).await?;
-            let status = u16::from(response.status());
-            let body = body_json(&response);
-            if status != 200 {
-                return Err(error_of(status, &body, doing));
+            if u16::from(response.status()) != 200 {
+                return Err(error_of_response(&response, doing));
             }
-            if let Some(items) = body["value"].as_array() {
-                all.extend(items.iter().cloned());
-            }
-            match body["nextLink"].as_str() {
+            let page: Page<T> = read(
+                response.body().as_ref(),
+                &format!("the list of {provider_path}"),
+                doing,
+            )?;
+            all.extend(page.value);
+            match page.next_link {
                 Some(next) if !next.is_empty() => {
                     url = next
                         .parse()
@@ -333,25 +421,30 @@ impl ArmClient {
         }
     }
 
-    fn accepted(&self, method: Method, response: &RawResponse, resource_url: &Url) -> Poll {
+    fn accepted(
+        &self,
+        method: Method,
+        response: &RawResponse,
+        resource_url: &Url,
+        doing: &str,
+    ) -> Result<Poll, PlatformError> {
         let headers = response.headers();
         if let Some(url) = headers.get_optional_str(&AZURE_ASYNC_OPERATION) {
-            return Poll::AsyncOperation(url.to_owned());
+            return Ok(Poll::AsyncOperation(url.to_owned()));
         }
         if let Some(url) = headers.get_optional_str(&LOCATION) {
-            return Poll::Location(url.to_owned());
+            return Ok(Poll::Location(url.to_owned()));
         }
         let status = u16::from(response.status());
         if method == Method::Put && (status == 201 || status == 200) {
-            let state = body_json(response)["properties"]["provisioningState"]
-                .as_str()
-                .unwrap_or("Succeeded")
-                .to_owned();
-            if !is_terminal(&state) {
-                return Poll::ProvisioningState(resource_url.to_string());
+            // Without an operation URL, the resource in the answer says whether it is done.
+            let resource: ProvisionedResource =
+                read(response.body().as_ref(), resource_url.path(), doing)?;
+            if !is_terminal(resource.state()) {
+                return Ok(Poll::ProvisioningState(resource_url.to_string()));
             }
         }
-        Poll::Done
+        Ok(Poll::Done)
     }
 
     /// Creates or updates a resource (ARM `PUT`).
@@ -372,30 +465,28 @@ impl ArmClient {
         }
         Ok(Accepted {
             status,
-            poll: self.accepted(Method::Put, &response, &url),
+            poll: self.accepted(Method::Put, &response, &url, doing)?,
         })
     }
 
-    /// Whether a request's resource still needs its `PUT`, given what is there under its
-    /// name (`existing`, whose owner the caller has checked): not when a finished one is
-    /// there (adopted); not when an earlier attempt's create is still running (waited
-    /// for, rather than PUT over); yes when there is none or it failed (ARM retries a
-    /// failed resource on a new `PUT`).
+    /// Whether a request's resource still needs its `PUT`, given the provisioning state
+    /// of what is there under its name (`existing_state`, `None` when nothing is; its
+    /// owner the caller has checked): not when a finished one is there (adopted); not
+    /// when an earlier attempt's create is still running (waited for, rather than PUT
+    /// over); yes when there is none or it failed (ARM retries a failed resource on a
+    /// new `PUT`).
     pub async fn needs_put(
         &self,
-        existing: Option<&Value>,
+        existing_state: Option<&str>,
         resource_id: &str,
         api_version: &str,
         timeout: Duration,
         doing: &str,
     ) -> Result<bool, PlatformError> {
-        let Some(existing) = existing else {
+        let Some(existing_state) = existing_state else {
             return Ok(true);
         };
-        match existing["properties"]["provisioningState"]
-            .as_str()
-            .unwrap_or("")
-        {
+        match existing_state {
             "Succeeded" => {
                 tracing::info!(resource = resource_id, "found the one made before");
                 Ok(false)
@@ -430,7 +521,7 @@ impl ArmClient {
         }
         Ok(Accepted {
             status,
-            poll: self.accepted(Method::Post, &response, &url),
+            poll: self.accepted(Method::Post, &response, &url, doing)?,
         })
     }
 
@@ -448,7 +539,7 @@ impl ArmClient {
             204 | 404 => Ok(None),
             200..=299 => Ok(Some(Accepted {
                 status,
-                poll: self.accepted(Method::Delete, &response, &url),
+                poll: self.accepted(Method::Delete, &response, &url, doing)?,
             })),
             _ => Err(error_of_response(&response, doing)),
         }
@@ -473,22 +564,27 @@ impl ArmClient {
             let url: Url = url.parse().map_err(|e| {
                 PlatformError::transient(format!("{doing}: polling URL {url:?}: {e}"))
             })?;
-            let response = self.send(Method::Get, url, None, doing).await?;
+            let response = self.send(Method::Get, url.clone(), None, doing).await?;
             let status = u16::from(response.status());
-            let body = body_json(&response);
+            let body = response.body().as_ref();
             let finished = match poll {
                 Poll::Location(_) => match status {
                     202 => None,
                     200..=299 => Some(Ok(())),
-                    _ => Some(Err(error_of(status, &body, doing))),
+                    _ => Some(Err(error_of_response(&response, doing))),
                 },
-                _ if !(200..300).contains(&status) => Some(Err(error_of(status, &body, doing))),
-                Poll::AsyncOperation(_) => operation_end(body["status"].as_str(), &body, doing),
-                _ => operation_end(
-                    body["properties"]["provisioningState"].as_str(),
-                    &body,
-                    doing,
-                ),
+                _ if !(200..300).contains(&status) => {
+                    Some(Err(error_of_response(&response, doing)))
+                }
+                Poll::AsyncOperation(_) => {
+                    let operation: OperationStatus =
+                        read(body, &format!("the operation {}", url.path()), doing)?;
+                    operation_end(&operation.status, operation.error.as_ref(), doing)
+                }
+                _ => {
+                    let resource: ProvisionedResource = read(body, url.path(), doing)?;
+                    operation_end(resource.state(), resource.error(), doing)
+                }
             };
             if let Some(end) = finished {
                 return end;
@@ -519,23 +615,28 @@ pub fn is_terminal(state: &str) -> bool {
     matches!(state, "Succeeded" | "Failed" | "Canceled")
 }
 
+/// How an operation ended, from its `status` (or the resource's `provisioningState`) and
+/// the error ARM gives with `Failed` and `Canceled`; `None` while it runs.
 fn operation_end(
-    state: Option<&str>,
-    body: &Value,
+    state: &str,
+    error: Option<&ErrorDetail>,
     doing: &str,
 ) -> Option<Result<(), PlatformError>> {
     match state {
-        Some("Succeeded") => Some(Ok(())),
-        Some("Failed" | "Canceled") => {
-            let error = if body["error"].is_object() {
-                &body["error"]
-            } else {
-                &body["properties"]["error"]
+        "Succeeded" => Some(Ok(())),
+        "Failed" | "Canceled" => {
+            // ARM requires the error here; an operation that ended without one is still
+            // a failure, told as ARM's status and not guessed at.
+            let (code, message) = match error {
+                Some(error) => (
+                    error.code.as_str(),
+                    error
+                        .message
+                        .as_deref()
+                        .unwrap_or("the operation failed without a message"),
+                ),
+                None => (state, "the operation ended without an error"),
             };
-            let code = error["code"].as_str().unwrap_or("Failed");
-            let message = error["message"]
-                .as_str()
-                .unwrap_or("the operation failed without a message");
             Some(Err(arm_error(None, code, message, doing)))
         }
         _ => None,
@@ -633,5 +734,77 @@ mod permission_tests {
         };
         assert!(reader_plus.allows("Microsoft.Compute/virtualMachines/write"));
         assert!(!reader_plus.allows("Microsoft.Compute/virtualMachines/delete"));
+    }
+}
+
+#[cfg(test)]
+mod answer_tests {
+    use super::*;
+
+    #[test]
+    fn error_answers_are_read_by_their_arm_code() {
+        let read = |body: &str| match serde_json::from_slice::<ErrorResponse>(body.as_bytes()) {
+            Ok(ErrorResponse::Wrapped { error } | ErrorResponse::Bare(error)) => Some(error.code),
+            Err(_) => None,
+        };
+        assert_eq!(
+            read(r#"{"error": {"code": "SkuNotAvailable", "message": "m"}}"#).as_deref(),
+            Some("SkuNotAvailable")
+        );
+        assert_eq!(
+            read(r#"{"code": "InaccessibleImage", "message": "m"}"#).as_deref(),
+            Some("InaccessibleImage")
+        );
+        assert_eq!(read(r#"{"error": {"message": "no code"}}"#), None);
+        assert_eq!(read("<html>Bad Gateway</html>"), None);
+        assert_eq!(not_an_arm_error(b" "), "(no error body)");
+        assert_eq!(
+            not_an_arm_error(b"<html>Bad Gateway</html>"),
+            "(not an ARM error: <html>Bad Gateway</html>)"
+        );
+    }
+
+    #[test]
+    fn an_operation_ends_as_its_status_says() {
+        let end = |body: &str| {
+            let operation: OperationStatus =
+                read(body.as_bytes(), "the operation x", "waiting").expect("readable");
+            operation_end(&operation.status, operation.error.as_ref(), "waiting")
+        };
+        assert!(end(r#"{"status": "InProgress"}"#).is_none());
+        assert_eq!(end(r#"{"status": "Succeeded"}"#), Some(Ok(())));
+        let failed = end(
+            r#"{"status": "Failed", "error": {"code": "AllocationFailed", "message": "no room"}}"#,
+        )
+        .expect("ended")
+        .expect_err("failed");
+        assert_eq!(
+            (failed.class, failed.retryable),
+            (ErrorClass::Capacity, true)
+        );
+        let canceled = end(r#"{"status": "Canceled"}"#)
+            .expect("ended")
+            .expect_err("canceled");
+        assert!(canceled.message.contains("Canceled"), "{canceled}");
+        // An operation answer without its status is not taken for one still running.
+        let err = read::<OperationStatus>(br#"{"name": "op-1"}"#, "the operation x", "waiting")
+            .expect_err("no status");
+        assert_eq!((err.class, err.retryable), (ErrorClass::Transient, true));
+        assert!(err.message.contains("the operation x"), "{err}");
+        assert!(err.message.contains("`status`"), "{err}");
+    }
+
+    #[test]
+    fn a_resource_without_a_provisioning_state_is_succeeded_as_arm_says() {
+        let resource: ProvisionedResource =
+            read(br#"{"name": "x"}"#, "x", "reading x").expect("readable");
+        assert_eq!(resource.state(), "Succeeded");
+        let resource: ProvisionedResource = read(
+            br#"{"properties": {"provisioningState": "Creating"}}"#,
+            "x",
+            "reading x",
+        )
+        .expect("readable");
+        assert_eq!(resource.state(), "Creating");
     }
 }

@@ -15,13 +15,14 @@ pub mod arm;
 pub mod fake_api;
 pub mod vm;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 use azure_core::error::ErrorKind;
 use provisioner_core::{PlatformError, SetupError};
 use provisioner_events::{ErrorClass, RequestId, TeardownTarget};
-use serde_json::Value;
+use serde::Deserialize;
 
 pub use aci::ContainerInstancesPlatform;
 pub use vm::VmPlatform;
@@ -291,20 +292,33 @@ pub(crate) fn target_name<'a>(
     }
 }
 
-/// Whether the target may touch `resource`: tagged with the request's id, or (named by
-/// resource id) made by the provisioner at all. Anything else is a conflict.
+/// A resource's `tags`, as every ARM resource carries them: ARM leaves them out (or
+/// answers `null`) when there are none.
+#[derive(Debug, Default, Deserialize)]
+#[serde(transparent)]
+pub(crate) struct Tags(Option<BTreeMap<String, String>>);
+
+impl Tags {
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
+        self.0.as_ref()?.get(key).map(String::as_str)
+    }
+}
+
+/// Whether the target may touch a resource with these `tags`: tagged with the request's
+/// id, or (named by resource id) made by the provisioner at all. Anything else is a
+/// conflict.
 pub(crate) fn check_owner(
-    resource: Value,
+    tags: &Tags,
     request_id: Option<&str>,
     what: &str,
     target: &TeardownTarget,
-) -> Result<Value, PlatformError> {
+) -> Result<(), PlatformError> {
     let ours = match request_id {
-        Some(id) => resource["tags"][REQUEST_ID_TAG].as_str() == Some(id),
-        None => resource["tags"][MANAGED_TAG].as_str() == Some("true"),
+        Some(id) => tags.get(REQUEST_ID_TAG) == Some(id),
+        None => tags.get(MANAGED_TAG) == Some("true"),
     };
     if ours {
-        Ok(resource)
+        Ok(())
     } else {
         Err(PlatformError::permanent(
             ErrorClass::Conflict,
@@ -314,12 +328,15 @@ pub(crate) fn check_owner(
 }
 
 /// The request a resource was made for, read from its `provisioner-request-id` tag.
-pub(crate) fn tagged_owner(resource: &Value) -> Option<RequestId> {
-    RequestId::new(resource["tags"][REQUEST_ID_TAG].as_str()?).ok()
+pub(crate) fn tagged_owner(tags: &Tags) -> Option<RequestId> {
+    RequestId::new(tags.get(REQUEST_ID_TAG)?).ok()
 }
 
-/// How an ARM failure is sorted, by its HTTP status and ARM error `code` (and message,
-/// for the codes ARM reuses).
+/// How an ARM failure is sorted, by its HTTP status and ARM error `code`. The message is
+/// read only for the two codes ARM gives to failures of different kinds, where nothing
+/// else tells them apart: Compute's `OperationNotAllowed` (a core quota, or a state that
+/// forbids the change) and ACI's `ServiceUnavailable` (no capacity in the region, among
+/// others).
 pub fn class_of(status: Option<u16>, code: &str, message: &str) -> (ErrorClass, bool) {
     let lower = message.to_ascii_lowercase();
     match code {

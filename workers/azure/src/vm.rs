@@ -22,11 +22,14 @@ use provisioner_events::spec::azure::AzureVmSpec;
 use provisioner_events::{
     ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
 };
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::info;
 
-use crate::arm::ArmClient;
-use crate::{AzureSettings, MANAGED_TAG, REQUEST_ID_TAG, check_owner, tagged_owner, target_name};
+use crate::arm::{ArmClient, provisioning_state};
+use crate::{
+    AzureSettings, MANAGED_TAG, REQUEST_ID_TAG, Tags, check_owner, tagged_owner, target_name,
+};
 
 pub const COMPUTE_API_VERSION: &str = "2024-07-01";
 pub const NETWORK_API_VERSION: &str = "2024-05-01";
@@ -38,24 +41,127 @@ pub fn vm_name(request_id: &str) -> String {
     derived_name(request_id, 44)
 }
 
-fn tag<'a>(resource: &'a Value, key: &str) -> Option<&'a str> {
-    resource["tags"][key].as_str()
+/// A virtual machine as ARM answers it:
+/// <https://learn.microsoft.com/rest/api/compute/virtual-machines/get>
+#[derive(Debug, Deserialize)]
+struct VirtualMachine {
+    name: String,
+    #[serde(default)]
+    tags: Tags,
+    properties: VmProperties,
 }
 
-/// The power state of an instance view (`PowerState/running` → `running`).
-fn power_state(instance_view: &Value) -> Option<String> {
-    instance_view["statuses"]
-        .as_array()?
-        .iter()
-        .filter_map(|s| s["code"].as_str())
-        .find_map(|code| code.strip_prefix("PowerState/"))
-        .map(str::to_owned)
+/// The `properties` of a [`VirtualMachine`] the worker reads.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VmProperties {
+    provisioning_state: Option<String>,
+    network_profile: Option<NetworkProfile>,
 }
 
-fn state_of(vm: &Value, power: Option<&str>) -> State {
-    match vm["properties"]["provisioningState"].as_str() {
-        Some("Failed") => return State::Error,
-        Some("Deleting") => return State::Stopping,
+/// A VM's `networkProfile`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NetworkProfile {
+    // A VM whose interfaces ARM makes from `networkInterfaceConfigurations` references
+    // none here.
+    #[serde(default)]
+    network_interfaces: Vec<NetworkInterfaceReference>,
+}
+
+/// One of `networkProfile.networkInterfaces`: the interface's resource id.
+#[derive(Debug, Deserialize)]
+struct NetworkInterfaceReference {
+    id: String,
+}
+
+impl VirtualMachine {
+    fn provisioning_state(&self) -> &str {
+        provisioning_state(self.properties.provisioning_state.as_deref())
+    }
+
+    /// The interface the address is read from: the worker makes VMs with one.
+    fn first_interface(&self) -> Option<&str> {
+        let profile = self.properties.network_profile.as_ref()?;
+        Some(profile.network_interfaces.first()?.id.as_str())
+    }
+}
+
+/// A VM's instance view:
+/// <https://learn.microsoft.com/rest/api/compute/virtual-machines/instance-view>
+#[derive(Debug, Deserialize)]
+struct InstanceView {
+    // Absent while the VM reports no statuses yet: then it has no power state either.
+    #[serde(default)]
+    statuses: Vec<InstanceViewStatus>,
+}
+
+/// One of an instance view's `statuses` (`ProvisioningState/succeeded`, `PowerState/running`).
+#[derive(Debug, Deserialize)]
+struct InstanceViewStatus {
+    code: Option<String>,
+}
+
+impl InstanceView {
+    /// The power state (`PowerState/running` → `running`).
+    fn power_state(&self) -> Option<&str> {
+        self.statuses
+            .iter()
+            .filter_map(|s| s.code.as_deref())
+            .find_map(|code| code.strip_prefix("PowerState/"))
+    }
+}
+
+/// A network interface as ARM answers it:
+/// <https://learn.microsoft.com/rest/api/virtualnetwork/network-interfaces/get>
+#[derive(Debug, Deserialize)]
+struct NetworkInterface {
+    #[serde(default)]
+    tags: Tags,
+    properties: NicProperties,
+}
+
+/// The `properties` of a [`NetworkInterface`] the worker reads.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NicProperties {
+    provisioning_state: Option<String>,
+    ip_configurations: Vec<IpConfiguration>,
+}
+
+/// One of an interface's `ipConfigurations`.
+#[derive(Debug, Deserialize)]
+struct IpConfiguration {
+    properties: IpConfigurationProperties,
+}
+
+/// The `properties` of an [`IpConfiguration`]: its private address.
+#[derive(Debug, Deserialize)]
+struct IpConfigurationProperties {
+    // Not there until the address is allocated.
+    #[serde(rename = "privateIPAddress")]
+    private_ip_address: Option<String>,
+}
+
+impl NetworkInterface {
+    fn provisioning_state(&self) -> &str {
+        provisioning_state(self.properties.provisioning_state.as_deref())
+    }
+
+    fn private_address(&self) -> Option<&str> {
+        self.properties
+            .ip_configurations
+            .first()?
+            .properties
+            .private_ip_address
+            .as_deref()
+    }
+}
+
+fn state_of(vm: &VirtualMachine, power: Option<&str>) -> State {
+    match vm.provisioning_state() {
+        "Failed" => return State::Error,
+        "Deleting" => return State::Stopping,
         _ => {}
     }
     match power {
@@ -158,8 +264,12 @@ impl VmPlatform {
     ) -> Result<String, PlatformError> {
         let nic_id = self.nic_id(name);
         let doing = format!("creating network interface {name}-nic");
-        if let Some(existing) = self.arm.get(&nic_id, NETWORK_API_VERSION, &doing).await? {
-            if tag(&existing, REQUEST_ID_TAG) != Some(request.request_id.as_str()) {
+        if let Some(existing) = self
+            .arm
+            .get::<NetworkInterface>(&nic_id, NETWORK_API_VERSION, &doing)
+            .await?
+        {
+            if existing.tags.get(REQUEST_ID_TAG) != Some(request.request_id.as_str()) {
                 return Err(PlatformError::permanent(
                     ErrorClass::Conflict,
                     format!(
@@ -168,7 +278,7 @@ impl VmPlatform {
                     ),
                 ));
             }
-            if existing["properties"]["provisioningState"] == "Succeeded" {
+            if existing.provisioning_state() == "Succeeded" {
                 return Ok(nic_id);
             }
         }
@@ -187,12 +297,17 @@ impl VmPlatform {
         Ok(nic_id)
     }
 
-    async fn instance_view(&self, vm_id: &str, doing: &str) -> Result<Value, PlatformError> {
-        Ok(self
+    /// The VM's power state; `None` while it has none, or while ARM does not show the VM
+    /// yet (its reads may lag its writes for a moment).
+    async fn power_state(&self, vm_id: &str, doing: &str) -> Result<Option<String>, PlatformError> {
+        let view = self
             .arm
-            .get(&format!("{vm_id}/instanceView"), COMPUTE_API_VERSION, doing)
-            .await?
-            .unwrap_or(Value::Null))
+            .get::<InstanceView>(&format!("{vm_id}/instanceView"), COMPUTE_API_VERSION, doing)
+            .await?;
+        Ok(view
+            .as_ref()
+            .and_then(InstanceView::power_state)
+            .map(str::to_owned))
     }
 
     /// Polls the instance view until the power state is one of `wanted`.
@@ -208,8 +323,7 @@ impl VmPlatform {
         );
         let mut backoff = Backoff::new(timeout, Duration::from_millis(250), Duration::from_secs(5));
         loop {
-            let view = self.instance_view(vm_id, &doing).await?;
-            let power = power_state(&view);
+            let power = self.power_state(vm_id, &doing).await?;
             if power.as_deref().is_some_and(|p| wanted.contains(&p)) {
                 return Ok(());
             }
@@ -227,27 +341,19 @@ impl VmPlatform {
     }
 
     /// The event's resource: `<resource group>/<name>` and the primary private address.
-    async fn resource(&self, vm: &Value) -> Result<Resource, PlatformError> {
-        let name = vm["name"].as_str().unwrap_or_default().to_owned();
-        let nic_id = vm["properties"]["networkProfile"]["networkInterfaces"][0]["id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let address = if nic_id.is_empty() {
-            None
-        } else {
-            self.arm
-                .get(
-                    &nic_id,
+    async fn resource(&self, vm: &VirtualMachine) -> Result<Resource, PlatformError> {
+        let name = vm.name.clone();
+        let address = match vm.first_interface() {
+            None => None,
+            Some(nic_id) => self
+                .arm
+                .get::<NetworkInterface>(
+                    nic_id,
                     NETWORK_API_VERSION,
                     &format!("reading network interface of {name}"),
                 )
                 .await?
-                .and_then(|nic| {
-                    nic["properties"]["ipConfigurations"][0]["properties"]["privateIPAddress"]
-                        .as_str()
-                        .map(str::to_owned)
-                })
+                .and_then(|nic| nic.private_address().map(str::to_owned)),
         };
         Ok(Resource {
             id: format!("{}/{name}", self.arm.settings().resource_group),
@@ -259,18 +365,18 @@ impl VmPlatform {
 
     /// The VM a target names, if it exists; one the provisioner did not make is a
     /// conflict, never touched.
-    async fn find(&self, target: &TeardownTarget) -> Result<Option<Value>, PlatformError> {
+    async fn find(&self, target: &TeardownTarget) -> Result<Option<VirtualMachine>, PlatformError> {
         let group = &self.arm.settings().resource_group;
         let (name, request_id) = target_name(group, target, vm_name, "vm")?;
         let doing = format!("reading VM {name}");
-        match self
+        let found = self
             .arm
-            .get(&self.vm_id(&name), COMPUTE_API_VERSION, &doing)
-            .await?
-        {
-            Some(vm) => check_owner(vm, request_id, &format!("VM {name}"), target).map(Some),
-            None => Ok(None),
+            .get::<VirtualMachine>(&self.vm_id(&name), COMPUTE_API_VERSION, &doing)
+            .await?;
+        if let Some(vm) = &found {
+            check_owner(&vm.tags, request_id, &format!("VM {name}"), target)?;
         }
+        Ok(found)
     }
 
     async fn power(
@@ -282,7 +388,7 @@ impl VmPlatform {
         let vm = self.find(target).await?.ok_or_else(|| {
             PlatformError::permanent(ErrorClass::NotFound, format!("{target} has no VM"))
         })?;
-        let name = vm["name"].as_str().unwrap_or_default().to_owned();
+        let name = vm.name.clone();
         let vm_id = self.vm_id(&name);
         let doing = format!("{action} of VM {name}");
         let accepted = self
@@ -346,9 +452,9 @@ impl Platform for VmPlatform {
             .find(&TeardownTarget::Request(request.request_id.clone()))
             .await?;
         if let Some(vm) = &existing
-            && vm["properties"]["provisioningState"] == "Succeeded"
+            && vm.provisioning_state() == "Succeeded"
         {
-            let power = power_state(&self.instance_view(&vm_id, &doing).await?);
+            let power = self.power_state(&vm_id, &doing).await?;
             if let Some(power @ ("deallocated" | "deallocating" | "stopped" | "stopping")) =
                 power.as_deref()
             {
@@ -365,7 +471,7 @@ impl Platform for VmPlatform {
         if self
             .arm
             .needs_put(
-                existing.as_ref(),
+                existing.as_ref().map(VirtualMachine::provisioning_state),
                 &vm_id,
                 COMPUTE_API_VERSION,
                 left(),
@@ -397,7 +503,7 @@ impl Platform for VmPlatform {
         self.wait_power(&vm_id, &["running"], left()).await?;
         let vm = self
             .arm
-            .get(&vm_id, COMPUTE_API_VERSION, &doing)
+            .get::<VirtualMachine>(&vm_id, COMPUTE_API_VERSION, &doing)
             .await?
             .ok_or_else(|| {
                 PlatformError::transient(format!("VM {name} is gone after its create"))
@@ -409,7 +515,7 @@ impl Platform for VmPlatform {
         let found = self.find(target).await?;
         let removed = match &found {
             Some(vm) => {
-                let name = vm["name"].as_str().unwrap_or_default().to_owned();
+                let name = vm.name.clone();
                 let resource = self.resource(vm).await?;
                 let doing = format!("deleting VM {name}");
                 if let Some(accepted) = self
@@ -434,8 +540,11 @@ impl Platform for VmPlatform {
             let name = vm_name(id.as_str());
             let nic_id = self.nic_id(&name);
             let doing = format!("deleting network interface {name}-nic");
-            if let Some(nic) = self.arm.get(&nic_id, NETWORK_API_VERSION, &doing).await?
-                && tag(&nic, REQUEST_ID_TAG) == Some(id.as_str())
+            if let Some(nic) = self
+                .arm
+                .get::<NetworkInterface>(&nic_id, NETWORK_API_VERSION, &doing)
+                .await?
+                && nic.tags.get(REQUEST_ID_TAG) == Some(id.as_str())
                 && let Some(accepted) = self
                     .arm
                     .delete(&nic_id, NETWORK_API_VERSION, &doing)
@@ -453,19 +562,18 @@ impl Platform for VmPlatform {
         let found = self
             .find(&TeardownTarget::Resource(resource_id.to_owned()))
             .await?;
-        Ok(found.as_ref().and_then(tagged_owner))
+        Ok(found.and_then(|vm| tagged_owner(&vm.tags)))
     }
 
     async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {
         let Some(vm) = self.find(target).await? else {
             return Ok(None);
         };
-        let name = vm["name"].as_str().unwrap_or_default().to_owned();
-        let view = self
-            .instance_view(&self.vm_id(&name), &format!("reading VM {name}"))
+        let power = self
+            .power_state(&self.vm_id(&vm.name), &format!("reading VM {}", vm.name))
             .await?;
         Ok(Some(Described {
-            state: state_of(&vm, power_state(&view).as_deref()),
+            state: state_of(&vm, power.as_deref()),
             resource: self.resource(&vm).await?,
         }))
     }
@@ -473,25 +581,24 @@ impl Platform for VmPlatform {
     async fn list(&self) -> Result<Vec<Resource>, PlatformError> {
         let all = self
             .arm
-            .list(
+            .list::<VirtualMachine>(
                 "Microsoft.Compute/virtualMachines",
                 COMPUTE_API_VERSION,
                 "listing the provisioner's VMs",
             )
             .await?;
         let mut resources = Vec::new();
-        for vm in all.iter().filter(|vm| tag(vm, MANAGED_TAG) == Some("true")) {
+        for vm in all
+            .iter()
+            .filter(|vm| vm.tags.get(MANAGED_TAG) == Some("true"))
+        {
             // The address is a courtesy here: one unreadable interface does not fail
             // the whole list.
             let resource = match self.resource(vm).await {
                 Ok(resource) => resource,
                 Err(_) => Resource {
-                    id: format!(
-                        "{}/{}",
-                        self.arm.settings().resource_group,
-                        vm["name"].as_str().unwrap_or_default()
-                    ),
-                    name: vm["name"].as_str().unwrap_or_default().to_owned(),
+                    id: format!("{}/{}", self.arm.settings().resource_group, vm.name),
+                    name: vm.name.clone(),
                     address: None,
                     endpoints: Vec::new(),
                 },
@@ -520,15 +627,52 @@ impl Platform for VmPlatform {
 mod tests {
     use super::*;
 
+    fn vm(answer: Value) -> VirtualMachine {
+        serde_json::from_value(answer).expect("a VM answer")
+    }
+
     #[test]
     fn power_states_map_to_states() {
-        let view = json!({"statuses": [{"code": "ProvisioningState/succeeded"}, {"code": "PowerState/deallocated"}]});
-        assert_eq!(power_state(&view).as_deref(), Some("deallocated"));
-        let vm = json!({"properties": {"provisioningState": "Succeeded"}});
-        assert_eq!(state_of(&vm, Some("running")), State::Running);
-        assert_eq!(state_of(&vm, Some("deallocated")), State::Stopped);
-        assert_eq!(state_of(&vm, None), State::Starting);
-        let failed = json!({"properties": {"provisioningState": "Failed"}});
+        let view: InstanceView = serde_json::from_value(json!({"statuses": [{"code": "ProvisioningState/succeeded"}, {"code": "PowerState/deallocated"}]})).expect("view");
+        assert_eq!(view.power_state(), Some("deallocated"));
+        let running = vm(json!({"name": "a", "properties": {"provisioningState": "Succeeded"}}));
+        assert_eq!(state_of(&running, Some("running")), State::Running);
+        assert_eq!(state_of(&running, Some("deallocated")), State::Stopped);
+        assert_eq!(state_of(&running, None), State::Starting);
+        let failed = vm(json!({"name": "a", "properties": {"provisioningState": "Failed"}}));
         assert_eq!(state_of(&failed, Some("running")), State::Error);
+    }
+
+    #[test]
+    fn a_vm_answer_without_what_arm_always_gives_is_an_error_naming_the_field() {
+        let answer = json!({"properties": {"provisioningState": "Succeeded"}}).to_string();
+        let err = crate::arm::read::<VirtualMachine>(answer.as_bytes(), "VM a", "reading VM a")
+            .expect_err("no name");
+        assert_eq!((err.class, err.retryable), (ErrorClass::Transient, true));
+        assert!(err.message.contains("VM a"), "{err}");
+        assert!(err.message.contains("`name`"), "{err}");
+        // Tags and the network profile ARM leaves out when there are none.
+        let bare = vm(json!({"name": "a", "tags": null, "properties": {}}));
+        assert_eq!(bare.tags.get(MANAGED_TAG), None);
+        assert_eq!(bare.first_interface(), None);
+        // ARM: a resource without a provisioningState is Succeeded.
+        assert_eq!(bare.provisioning_state(), "Succeeded");
+    }
+
+    #[test]
+    fn a_network_interface_gives_its_private_address_once_allocated() {
+        let nic: NetworkInterface = serde_json::from_value(json!({"properties": {
+            "provisioningState": "Succeeded",
+            "ipConfigurations": [{"name": "ipconfig1", "properties": {"privateIPAddress": "10.1.0.4"}}]}}))
+        .expect("nic");
+        assert_eq!(nic.private_address(), Some("10.1.0.4"));
+        let pending: NetworkInterface = serde_json::from_value(json!({"properties": {
+            "ipConfigurations": [{"name": "ipconfig1", "properties": {}}]}}))
+        .expect("nic");
+        assert_eq!(pending.private_address(), None);
+        assert!(
+            serde_json::from_value::<NetworkInterface>(json!({"properties": {}})).is_err(),
+            "an interface without ipConfigurations is not an ARM answer"
+        );
     }
 }

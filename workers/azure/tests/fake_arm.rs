@@ -582,7 +582,11 @@ async fn container_group_failures_are_classified_on_fake_arm() {
     let name = group_name("taken");
     api.put_foreign(
         &format!("{GROUPS}/{name}"),
-        serde_json::json!({"location": "westeurope", "tags": {}, "properties": {"provisioningState": "Succeeded"}}),
+        // As ARM answers any group: ACI requires its osType and at least one container.
+        serde_json::json!({"location": "westeurope", "tags": {}, "properties": {
+            "provisioningState": "Succeeded", "osType": "Linux",
+            "containers": [{"name": "web", "properties": {"image": "nginx",
+                "resources": {"requests": {"cpu": 1.0, "memoryInGB": 1.5}}}}]}}),
     );
     let err = platform
         .provision(&hello(
