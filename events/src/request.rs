@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
+use crate::Invalid;
 use crate::SCHEMA_VERSION;
+use crate::invalid::invalid;
 
 /// A platform a worker can provision on. The wire name is the kebab-case string.
 #[derive(
@@ -118,20 +120,20 @@ struct RequestIdSchema(#[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0
 impl RequestId {
     pub const MAX_LEN: usize = 128;
 
-    pub fn new(id: impl Into<String>) -> Result<RequestId, String> {
+    pub fn new(id: impl Into<String>) -> Result<RequestId, Invalid> {
         let id = id.into();
         if id.is_empty() {
             return Err("request_id is empty".into());
         }
         if id.len() > Self::MAX_LEN {
-            return Err(format!(
+            return Err(invalid!(
                 "request_id is {} characters long; the limit is {}",
                 id.len(),
                 Self::MAX_LEN
             ));
         }
         if !id.as_bytes()[0].is_ascii_alphanumeric() {
-            return Err(format!(
+            return Err(invalid!(
                 "request_id {id:?} must start with a letter or digit"
             ));
         }
@@ -139,7 +141,7 @@ impl RequestId {
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
         {
-            return Err(format!(
+            return Err(invalid!(
                 "request_id {id:?} contains {bad:?}; allowed are ASCII letters, digits, '.', '_' and '-'"
             ));
         }
@@ -152,7 +154,7 @@ impl RequestId {
 }
 
 impl TryFrom<String> for RequestId {
-    type Error = String;
+    type Error = Invalid;
     fn try_from(value: String) -> Result<Self, Self::Error> {
         RequestId::new(value)
     }
@@ -238,9 +240,9 @@ const MAX_RESOURCE_ID_LEN: usize = 256;
 impl Request {
     /// Checks everything about a request that does not depend on the platform: the schema
     /// version, the fields each operation needs, label and id shapes.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.schema_version != SCHEMA_VERSION {
-            return Err(format!(
+            return Err(invalid!(
                 "schema_version {} is not supported; this worker reads version {SCHEMA_VERSION}",
                 self.schema_version
             ));
@@ -269,12 +271,12 @@ impl Request {
                     .chars()
                     .any(|c| c.is_control() || c.is_whitespace()))
         {
-            return Err(format!(
+            return Err(invalid!(
                 "resource_id {resource_id:?} must be 1 to {MAX_RESOURCE_ID_LEN} characters without spaces or control characters"
             ));
         }
         if self.labels.len() > MAX_LABELS {
-            return Err(format!(
+            return Err(invalid!(
                 "{} labels given; the limit is {MAX_LABELS}",
                 self.labels.len()
             ));
@@ -286,12 +288,12 @@ impl Request {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
             if !key_ok {
-                return Err(format!(
+                return Err(invalid!(
                     "label key {key:?} must be 1 to {MAX_LABEL_KEY_LEN} ASCII letters, digits, '.', '_', '-' or '/'"
                 ));
             }
             if value.len() > MAX_LABEL_VALUE_LEN || value.chars().any(char::is_control) {
-                return Err(format!(
+                return Err(invalid!(
                     "label {key:?} has a value over {MAX_LABEL_VALUE_LEN} bytes or with control characters"
                 ));
             }
@@ -301,7 +303,7 @@ impl Request {
                 || tenant.len() > MAX_TENANT_LEN
                 || tenant.chars().any(char::is_control))
         {
-            return Err(format!(
+            return Err(invalid!(
                 "tenant must be 1 to {MAX_TENANT_LEN} characters without control characters"
             ));
         }
@@ -309,7 +311,7 @@ impl Request {
     }
 
     /// This provision request's spec, read as platform `S`'s and checked.
-    pub fn spec_as<S: crate::spec::PlatformSpec>(&self) -> Result<S, String> {
+    pub fn spec_as<S: crate::spec::PlatformSpec>(&self) -> Result<S, Invalid> {
         let spec = self
             .spec
             .as_ref()
@@ -319,15 +321,15 @@ impl Request {
 
     /// What a teardown-like request acts on: exactly one of `target_request_id` and
     /// `resource_id`.
-    pub fn target(&self) -> Result<TeardownTarget, String> {
+    pub fn target(&self) -> Result<TeardownTarget, Invalid> {
         match (&self.target_request_id, &self.resource_id) {
             (Some(id), None) => Ok(TeardownTarget::Request(id.clone())),
             (None, Some(id)) => Ok(TeardownTarget::Resource(id.clone())),
-            (None, None) => Err(format!(
+            (None, None) => Err(invalid!(
                 "a {} request needs \"target_request_id\" (the provision request's id) or \"resource_id\"",
                 self.operation
             )),
-            (Some(_), Some(_)) => Err(format!(
+            (Some(_), Some(_)) => Err(invalid!(
                 "a {} request names either \"target_request_id\" or \"resource_id\", not both",
                 self.operation
             )),
@@ -394,10 +396,10 @@ const MAX_ITEMS: usize = 1024;
 
 /// Checks that no value of the request is deeper, longer or larger than any platform
 /// needs, so nothing downstream works on hostile sizes. `path` names where, for the error.
-fn check_shape(value: &serde_json::Value, path: &mut String, depth: usize) -> Result<(), String> {
+fn check_shape(value: &serde_json::Value, path: &mut String, depth: usize) -> Result<(), Invalid> {
     use serde_json::Value;
     if depth > MAX_DEPTH {
-        return Err(format!("{path} is nested deeper than {MAX_DEPTH} levels"));
+        return Err(invalid!("{path} is nested deeper than {MAX_DEPTH} levels"));
     }
     let child = |path: &mut String, name: &str, value: &Value| {
         let len = path.len();
@@ -407,13 +409,13 @@ fn check_shape(value: &serde_json::Value, path: &mut String, depth: usize) -> Re
         result
     };
     match value {
-        Value::String(text) if text.len() > MAX_STRING_BYTES => Err(format!(
+        Value::String(text) if text.len() > MAX_STRING_BYTES => Err(invalid!(
             "{path} is a string of {} bytes; the limit is {MAX_STRING_BYTES}",
             text.len()
         )),
         Value::Array(items) => {
             if items.len() > MAX_ITEMS {
-                return Err(format!(
+                return Err(invalid!(
                     "{path} has {} items; the limit is {MAX_ITEMS}",
                     items.len()
                 ));
@@ -425,14 +427,14 @@ fn check_shape(value: &serde_json::Value, path: &mut String, depth: usize) -> Re
         }
         Value::Object(map) => {
             if map.len() > MAX_ITEMS {
-                return Err(format!(
+                return Err(invalid!(
                     "{path} has {} keys; the limit is {MAX_ITEMS}",
                     map.len()
                 ));
             }
             map.iter().try_for_each(|(key, item)| {
                 if key.len() > 256 {
-                    return Err(format!(
+                    return Err(invalid!(
                         "{path} has a key of {} bytes; the limit is 256",
                         key.len()
                     ));
@@ -491,7 +493,7 @@ pub fn decode_request(body: &[u8]) -> Result<Request, DecodeError> {
     if !value.is_object() {
         return Err(readable("a request is a JSON object".into()));
     }
-    check_shape(&value, &mut String::from("request"), 0).map_err(readable)?;
+    check_shape(&value, &mut String::from("request"), 0).map_err(|e| readable(e.0))?;
     if let Some(platform) = field("platform")
         && PlatformName::parse(&platform).is_none()
     {
@@ -503,6 +505,6 @@ pub fn decode_request(body: &[u8]) -> Result<Request, DecodeError> {
     }
     let request: Request = serde_json::from_value(value.clone())
         .map_err(|e| readable(format!("invalid request: {e}")))?;
-    request.validate().map_err(readable)?;
+    request.validate().map_err(|e| readable(e.0))?;
     Ok(request)
 }

@@ -440,6 +440,7 @@ fn every_readiness_wait_is_bounded_so_no_deadline_can_overflow() {
     assert!(
         ec2.validate()
             .expect_err("a day at most")
+            .0
             .contains("over a day")
     );
 }

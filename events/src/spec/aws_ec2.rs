@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::HealthCheck;
 
+use crate::Invalid;
+use crate::invalid::invalid;
+
 /// One EC2 instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[schemars(title = "aws-ec2 spec")]
@@ -60,9 +63,9 @@ fn is_id(value: &str, prefix: &str) -> bool {
 }
 
 impl AwsEc2Spec {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if !is_id(&self.image_id, "ami-") {
-            return Err(format!(
+            return Err(invalid!(
                 "image_id {:?} is not an AMI id (ami- and 8 or 17 lowercase hex digits)",
                 self.image_id
             ));
@@ -78,7 +81,7 @@ impl AwsEc2Spec {
                     })
             });
         if !type_ok {
-            return Err(format!(
+            return Err(invalid!(
                 "instance_type {:?} is not an instance type like t3.micro",
                 self.instance_type
             ));
@@ -87,11 +90,11 @@ impl AwsEc2Spec {
         if let Some(subnet) = &self.subnet_id
             && !is_id(subnet, "subnet-")
         {
-            return Err(format!("subnet_id {subnet:?} is not a subnet id"));
+            return Err(invalid!("subnet_id {subnet:?} is not a subnet id"));
         }
         for group in &self.security_group_ids {
             if !is_id(group, "sg-") {
-                return Err(format!(
+                return Err(invalid!(
                     "security group {group:?} is not a security group id (sg-…)"
                 ));
             }
@@ -101,7 +104,7 @@ impl AwsEc2Spec {
             .as_ref()
             .is_some_and(|d| d.len() > MAX_USER_DATA)
         {
-            return Err(format!("user_data is over {MAX_USER_DATA} bytes"));
+            return Err(invalid!("user_data is over {MAX_USER_DATA} bytes"));
         }
         super::validate_aws_tags(&self.tags)?;
         if let Some(volume) = &self.root_volume {
@@ -111,7 +114,7 @@ impl AwsEc2Spec {
             if let Some(kind) = &volume.volume_type
                 && !["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"].contains(&kind.as_str())
             {
-                return Err(format!(
+                return Err(invalid!(
                     "root_volume.volume_type {kind:?} is not an EBS volume type"
                 ));
             }

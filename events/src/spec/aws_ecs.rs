@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::Invalid;
+use crate::invalid::invalid;
+
 /// One ECS task, from a registered task definition or from an inline container that the
 /// worker registers as a task definition of its own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -109,9 +112,9 @@ impl AwsEcsSpec {
         self.launch_type.as_deref().unwrap_or("FARGATE")
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if !(is_name(&self.cluster, 255) || self.cluster.starts_with("arn:")) {
-            return Err(format!(
+            return Err(invalid!(
                 "cluster {:?} is not a cluster name (letters, digits, '-', '_') or ARN",
                 self.cluster
             ));
@@ -137,7 +140,7 @@ impl AwsEcsSpec {
                             !r.is_empty() && r.chars().all(|c| c.is_ascii_digit())
                         }));
                 if !ok {
-                    return Err(format!(
+                    return Err(invalid!(
                         "task_definition {definition:?} is not family, family:revision or an ARN"
                     ));
                 }
@@ -145,7 +148,7 @@ impl AwsEcsSpec {
             (None, Some(container)) => container.validate()?,
         }
         if !LAUNCH_TYPES.contains(&self.launch_type()) {
-            return Err(format!(
+            return Err(invalid!(
                 "launch_type {:?} is not one of FARGATE, EC2, EXTERNAL",
                 self.launch_type()
             ));
@@ -167,7 +170,7 @@ impl AwsEcsSpec {
                 if !(id.starts_with("subnet-") || id.starts_with("sg-"))
                     || id.chars().any(|c| !c.is_ascii_alphanumeric() && c != '-')
                 {
-                    return Err(format!(
+                    return Err(invalid!(
                         "{id:?} is not a subnet (subnet-…) or group (sg-…) id"
                     ));
                 }
@@ -175,7 +178,7 @@ impl AwsEcsSpec {
         }
         for (i, o) in self.overrides.iter().enumerate() {
             if !is_name(&o.name, 255) {
-                return Err(format!(
+                return Err(invalid!(
                     "overrides[{i}].name {:?} is not a container name",
                     o.name
                 ));
@@ -208,10 +211,10 @@ impl InlineContainer {
     }
 
     /// Fargate offers only some CPU and memory pairs; RunTask refuses the others.
-    fn check_fargate_size(&self) -> Result<(), String> {
+    fn check_fargate_size(&self) -> Result<(), Invalid> {
         let (cpu, memory) = self.cpu_and_memory();
         let Some(&(_, from, to, step)) = FARGATE_SIZES.iter().find(|size| size.0 == cpu) else {
-            return Err(format!(
+            return Err(invalid!(
                 "container.cpu {cpu} is not a Fargate size: 256, 512, 1024, 2048, 4096, 8192 or 16384"
             ));
         };
@@ -222,7 +225,7 @@ impl InlineContainer {
             (from..=to).contains(&memory) && (memory - from) % step == 0
         };
         if !offered {
-            return Err(format!(
+            return Err(invalid!(
                 "container.memory_mib {memory} is not offered with cpu {cpu} on Fargate: {}",
                 if cpu == 256 {
                     "512, 1024 or 2048".to_owned()
@@ -234,7 +237,7 @@ impl InlineContainer {
         Ok(())
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), Invalid> {
         if self.image.is_empty()
             || self.image.len() > 255
             || self
@@ -242,7 +245,7 @@ impl InlineContainer {
                 .chars()
                 .any(|c| c.is_whitespace() || c.is_control())
         {
-            return Err(format!(
+            return Err(invalid!(
                 "container.image {:?} is not an image reference",
                 self.image
             ));
@@ -250,14 +253,14 @@ impl InlineContainer {
         if let Some(cpu) = self.cpu
             && !(128..=16_384).contains(&cpu)
         {
-            return Err(format!(
+            return Err(invalid!(
                 "container.cpu {cpu} must be 128 to 16384 CPU units"
             ));
         }
         if let Some(memory) = self.memory_mib
             && !(512..=122_880).contains(&memory)
         {
-            return Err(format!(
+            return Err(invalid!(
                 "container.memory_mib {memory} must be 512 to 122880"
             ));
         }
@@ -286,7 +289,7 @@ mod tests {
         let without = spec(serde_json::json!({"cluster": "c", "task_definition": "web:1"}));
         let error = without.validate().expect_err("Fargate needs awsvpc");
         assert!(
-            error.contains("\"network\"") && error.contains("assign_public_ip"),
+            error.0.contains("\"network\"") && error.0.contains("assign_public_ip"),
             "{error}"
         );
         let with = spec(
@@ -359,7 +362,7 @@ mod tests {
             (0..48).map(|i| (format!("k{i}"), "v".to_owned())).collect();
         assert_eq!(check_aws_resource_tags(&many, &none, 2, true), Ok(()));
         let error = check_aws_resource_tags(&many, &none, 3, false).expect_err("51 tags");
-        assert!(error.contains("50"), "{error}");
+        assert!(error.0.contains("50"), "{error}");
         // A spec tag over a label of the same key is one tag, not two.
         assert_eq!(
             check_aws_resource_tags(&many, &labels(&[("k0", "other")]), 2, true),

@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::Invalid;
+use crate::invalid::invalid;
+
 /// One Linux Virtual Machine, reached by SSH key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[schemars(title = "azure-vm spec")]
@@ -103,7 +106,7 @@ pub struct AzureContainerSpec {
 /// Tag keys the workers set themselves start with this.
 pub const RESERVED_TAG_PREFIX: &str = "provisioner";
 
-fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), String> {
+fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), Invalid> {
     if tags.len() > 45 {
         return Err("at most 45 tags (Azure allows 50, the worker sets its own)".into());
     }
@@ -115,12 +118,12 @@ fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), String> {
                 .chars()
                 .any(|c| "<>%&\\?/".contains(c) || c.is_control())
         {
-            return Err(format!(
+            return Err(invalid!(
                 "tag {key:?} is not an Azure tag (keys 1-512 characters without <>%&\\?/, values at most 256)"
             ));
         }
         if key.to_ascii_lowercase().starts_with(RESERVED_TAG_PREFIX) {
-            return Err(format!(
+            return Err(invalid!(
                 "tag {key:?} uses the reserved prefix {RESERVED_TAG_PREFIX:?}"
             ));
         }
@@ -129,14 +132,14 @@ fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), String> {
 }
 
 /// An Azure region name: lowercase letters and digits, e.g. `westeurope`.
-fn validate_location(location: &str) -> Result<(), String> {
+fn validate_location(location: &str) -> Result<(), Invalid> {
     if location.is_empty()
         || location.len() > 40
         || !location
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
     {
-        return Err(format!(
+        return Err(invalid!(
             "location {location:?} is not an Azure region name (e.g. westeurope)"
         ));
     }
@@ -153,14 +156,14 @@ pub fn is_resource_id(value: &str) -> bool {
 }
 
 impl AzureVmSpec {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.size.is_empty()
             || !self
                 .size
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         {
-            return Err(format!(
+            return Err(invalid!(
                 "size {:?} is not a VM size (e.g. Standard_B1s)",
                 self.size
             ));
@@ -169,7 +172,7 @@ impl AzureVmSpec {
         match (&image.id, &image.publisher, &image.offer, &image.sku) {
             (Some(id), None, None, None) if is_resource_id(id) => {}
             (Some(id), None, None, None) => {
-                return Err(format!("image.id {id:?} is not a resource id"));
+                return Err(invalid!("image.id {id:?} is not a resource id"));
             }
             (None, Some(p), Some(o), Some(s))
                 if !p.is_empty() && !o.is_empty() && !s.is_empty() => {}
@@ -186,7 +189,7 @@ impl AzureVmSpec {
         match (&self.subnet_id, &self.network_interface_id) {
             (Some(id), None) | (None, Some(id)) if is_resource_id(id) => {}
             (Some(id), None) | (None, Some(id)) => {
-                return Err(format!("{id:?} is not a resource id"));
+                return Err(invalid!("{id:?} is not a resource id"));
             }
             _ => {
                 return Err(
@@ -203,7 +206,7 @@ impl AzureVmSpec {
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
                 || ["root", "admin", "administrator"].contains(&user.as_str()))
         {
-            return Err(format!(
+            return Err(invalid!(
                 "admin_username {user:?} is not allowed (lowercase letters, digits, '_' and '-'; not root or admin)"
             ));
         }
@@ -211,7 +214,7 @@ impl AzureVmSpec {
         if let Some(size) = self.os_disk_size_gb
             && !(1..=32_767).contains(&size)
         {
-            return Err(format!("os_disk_size_gb {size} must be 1 to 32767"));
+            return Err(invalid!("os_disk_size_gb {size} must be 1 to 32767"));
         }
         if self.custom_data.as_ref().is_some_and(|d| d.len() > 65_535) {
             return Err("custom_data is more than Azure's 64 KiB".into());
@@ -224,7 +227,7 @@ impl AzureVmSpec {
 const RESTART_POLICIES: [&str; 3] = ["Always", "OnFailure", "Never"];
 
 impl AzureContainerSpec {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.image.is_empty()
             || self.image.len() > 512
             || self
@@ -232,7 +235,7 @@ impl AzureContainerSpec {
                 .chars()
                 .any(|c| c.is_whitespace() || c.is_control())
         {
-            return Err(format!("image {:?} is not an image reference", self.image));
+            return Err(invalid!("image {:?} is not an image reference", self.image));
         }
         if let Some(location) = &self.location {
             validate_location(location)?;
@@ -240,12 +243,12 @@ impl AzureContainerSpec {
         if let Some(cpu) = self.cpu
             && !(cpu > 0.0 && cpu <= 4.0)
         {
-            return Err(format!("cpu {cpu} must be more than 0 and at most 4"));
+            return Err(invalid!("cpu {cpu} must be more than 0 and at most 4"));
         }
         if let Some(memory) = self.memory_gb
             && !(memory > 0.0 && memory <= 16.0)
         {
-            return Err(format!(
+            return Err(invalid!(
                 "memory_gb {memory} must be more than 0 and at most 16"
             ));
         }
@@ -261,7 +264,7 @@ impl AzureContainerSpec {
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
             if !ok {
-                return Err(format!(
+                return Err(invalid!(
                     "dns_name_label {label:?} must be 3-63 lowercase letters, digits and '-', starting with a letter"
                 ));
             }
@@ -272,7 +275,7 @@ impl AzureContainerSpec {
         if let Some(policy) = &self.restart_policy
             && !RESTART_POLICIES.contains(&policy.as_str())
         {
-            return Err(format!(
+            return Err(invalid!(
                 "restart_policy {policy:?} is not one of Always, OnFailure, Never"
             ));
         }
@@ -294,14 +297,14 @@ fn ssh_field<'a>(blob: &mut &'a [u8]) -> Option<&'a [u8]> {
 /// is read, not just its label, so a truncated or mislabelled key is refused here rather
 /// than by ARM.
 /// <https://learn.microsoft.com/azure/virtual-machines/linux/mac-create-ssh-keys#supported-ssh-key-formats>
-fn check_ssh_public_key(key: &str) -> Result<(), String> {
+fn check_ssh_public_key(key: &str) -> Result<(), Invalid> {
     use base64::Engine;
     let mut parts = key.split_whitespace();
     let (Some(kind), Some(encoded)) = (parts.next(), parts.next()) else {
         return Err("ssh_public_key is not an OpenSSH public key (\"ssh-ed25519 AAAA… comment\" or \"ssh-rsa AAAA… comment\")".into());
     };
     if kind != "ssh-rsa" && kind != "ssh-ed25519" {
-        return Err(format!(
+        return Err(invalid!(
             "ssh_public_key is a {kind} key; Azure Linux VMs take only ssh-rsa (2048 bits or more) and ssh-ed25519 keys"
         ));
     }
@@ -309,7 +312,7 @@ fn check_ssh_public_key(key: &str) -> Result<(), String> {
         .decode(encoded)
         .map_err(|_| format!("ssh_public_key: the {kind} key's data is not base64"))?;
     let mut rest = blob.as_slice();
-    let damaged = || format!("ssh_public_key: the {kind} key's data is truncated or damaged");
+    let damaged = || invalid!("ssh_public_key: the {kind} key's data is truncated or damaged");
     if ssh_field(&mut rest) != Some(kind.as_bytes()) {
         return Err(damaged());
     }
@@ -329,7 +332,7 @@ fn check_ssh_public_key(key: &str) -> Result<(), String> {
     };
     let bits = modulus.len() * 8 - modulus[0].leading_zeros() as usize;
     if bits < 2048 {
-        return Err(format!(
+        return Err(invalid!(
             "ssh_public_key is a {bits}-bit RSA key; Azure takes RSA keys of 2048 bits or more"
         ));
     }
@@ -355,13 +358,13 @@ mod tests {
         assert_eq!(vm().validate(), Ok(()));
         let mut bad = vm();
         bad.network_interface_id = bad.subnet_id.clone();
-        assert!(bad.validate().expect_err("both").contains("exactly one"));
+        assert!(bad.validate().expect_err("both").0.contains("exactly one"));
         let mut bad = vm();
         bad.image.id = Some("/subscriptions/s/providers/x".into());
         assert!(bad.validate().is_err());
         let mut bad = vm();
         bad.ssh_public_key = "hunter2".into();
-        assert!(bad.validate().expect_err("key").contains("OpenSSH"));
+        assert!(bad.validate().expect_err("key").0.contains("OpenSSH"));
         let mut rsa = vm();
         rsa.ssh_public_key = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCxqgZGGKJBGNrf9o6AnJNmsBnuhhjnPdjwPsd23dCA2tH04FGLHQ2Uuv2DJ59HTvbCxV4GKnADWEK7UDcq+Rcd0f+PLx5V+XiLpaIznek6D/n4kBYgpr61V11kB2RgxLt1nxa/UFW5NjhFDkamVHARY5VrStQd+LDFiBIDuiqJlt/neopjzDTG8nCNGAAZ6+/DdU06GMCj3kIp++G9ukAVZ1W6WBopVBfZPDguNqw5YIPx0yf/MRujZdc6QPac9cT8m5/nz9j+/KIJ7c0riPoTB/jrfxD3oiflChwfoKZ+RokaLAvCfzkT6FMAu1sXbiwxJ+w+rUBWfiZgY0Fx7shH ops@example".into();
         assert_eq!(rsa.validate(), Ok(()));
@@ -383,14 +386,14 @@ mod tests {
             let mut bad = vm();
             bad.ssh_public_key = key.into();
             let error = bad.validate().expect_err(why);
-            assert!(error.contains(why), "{why}: {error}");
+            assert!(error.0.contains(why), "{why}: {error}");
         }
         let mut bad = vm();
         bad.admin_username = Some("root".into());
         assert!(bad.validate().is_err());
         let mut bad = vm();
         bad.tags.insert("provisioner-x".into(), "y".into());
-        assert!(bad.validate().expect_err("reserved").contains("reserved"));
+        assert!(bad.validate().expect_err("reserved").0.contains("reserved"));
         let mut bad = vm();
         bad.location = Some("West Europe".into());
         assert!(bad.validate().is_err());

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::HealthCheck;
 
+use crate::Invalid;
+use crate::invalid::invalid;
+
 /// One container on a Docker engine (or Podman's Docker API).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[schemars(title = "docker spec")]
@@ -89,10 +92,10 @@ pub enum PullPolicy {
 
 impl DockerSpec {
     /// Shape checks that need no engine and no worker policy.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         let image = self.image.trim();
         if image.is_empty() || image != self.image || image.chars().any(char::is_whitespace) {
-            return Err(format!("image {:?} is not an image reference", self.image));
+            return Err(invalid!("image {:?} is not an image reference", self.image));
         }
         for mapping in &self.ports {
             if mapping.container_port() == 0 || mapping.host_port() == Some(0) {
@@ -102,14 +105,17 @@ impl DockerSpec {
         let mut seen = std::collections::BTreeSet::new();
         for mapping in &self.ports {
             if !seen.insert(mapping.container_port()) {
-                return Err(format!("port {} is listed twice", mapping.container_port()));
+                return Err(invalid!(
+                    "port {} is listed twice",
+                    mapping.container_port()
+                ));
             }
         }
         if let Some(health) = &self.health {
             health.validate()?;
             match health.port() {
                 Some(port) if !seen.contains(&port) => {
-                    return Err(format!(
+                    return Err(invalid!(
                         "the health check uses port {port}, which is not in \"ports\"; publish it so the worker can reach it"
                     ));
                 }

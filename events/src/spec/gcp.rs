@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::Invalid;
+use crate::invalid::invalid;
+
 /// Cloud Run's own ceiling on a service's instances.
 const MAX_CLOUD_RUN_INSTANCES: u32 = 1000;
 
@@ -116,18 +119,18 @@ pub fn is_rfc1035_name(name: &str, max: usize) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
-fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
+fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), Invalid> {
     if labels.len() > 60 {
         return Err("at most 60 labels (GCP allows 64, the worker sets its own)".into());
     }
     for (key, value) in labels {
         if !is_gcp_label(key, value) {
-            return Err(format!(
+            return Err(invalid!(
                 "label {key:?}={value:?} is not a GCP label (lowercase letters, digits, '_' and '-', key starting with a letter, at most 63 each)"
             ));
         }
         if key.starts_with(RESERVED_LABEL_PREFIX) {
-            return Err(format!(
+            return Err(invalid!(
                 "label {key:?} uses the reserved prefix {RESERVED_LABEL_PREFIX:?}"
             ));
         }
@@ -137,21 +140,21 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
 
 /// A path-like GCP name (zone, region, machine type, image, network): no spaces, no
 /// control characters, no `?` or `#` that would change the request URL.
-fn validate_path_like(what: &str, value: &str) -> Result<(), String> {
+fn validate_path_like(what: &str, value: &str) -> Result<(), Invalid> {
     if value.is_empty()
         || value.len() > 1024
         || value
             .chars()
             .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
     {
-        return Err(format!("{what} {value:?} is not a GCP name or path"));
+        return Err(invalid!("{what} {value:?} is not a GCP name or path"));
     }
     Ok(())
 }
 
-fn validate_location(what: &str, value: &str) -> Result<(), String> {
+fn validate_location(what: &str, value: &str) -> Result<(), Invalid> {
     if !is_rfc1035_name(value, 63) {
-        return Err(format!(
+        return Err(invalid!(
             "{what} {value:?} is not a GCP {what} name (e.g. europe-west1{})",
             if what == "zone" { "-b" } else { "" }
         ));
@@ -160,7 +163,7 @@ fn validate_location(what: &str, value: &str) -> Result<(), String> {
 }
 
 impl GcpComputeSpec {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         validate_path_like("machine_type", &self.machine_type)?;
         validate_path_like("image", &self.image)?;
         if let Some(zone) = &self.zone {
@@ -169,7 +172,7 @@ impl GcpComputeSpec {
         if let Some(size) = self.disk_size_gb
             && !(1..=65_536).contains(&size)
         {
-            return Err(format!("disk_size_gb {size} must be 1 to 65536"));
+            return Err(invalid!("disk_size_gb {size} must be 1 to 65536"));
         }
         for (what, value) in [("network", &self.network), ("subnetwork", &self.subnetwork)] {
             if let Some(value) = value {
@@ -178,7 +181,7 @@ impl GcpComputeSpec {
         }
         for tag in &self.network_tags {
             if !is_rfc1035_name(tag, 63) {
-                return Err(format!(
+                return Err(invalid!(
                     "network tag {tag:?} must be lowercase letters, digits and '-', starting with a letter"
                 ));
             }
@@ -191,12 +194,12 @@ impl GcpComputeSpec {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
             {
-                return Err(format!(
+                return Err(invalid!(
                     "metadata key {key:?} must be letters, digits, '_' and '-', at most 128"
                 ));
             }
             if key.starts_with(RESERVED_LABEL_PREFIX) {
-                return Err(format!(
+                return Err(invalid!(
                     "metadata key {key:?} uses the reserved prefix {RESERVED_LABEL_PREFIX:?}"
                 ));
             }
@@ -221,7 +224,7 @@ fn is_run_quantity(value: &str) -> bool {
 }
 
 impl GcpCloudRunSpec {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.image.is_empty()
             || self.image.len() > 512
             || self
@@ -229,7 +232,7 @@ impl GcpCloudRunSpec {
                 .chars()
                 .any(|c| c.is_whitespace() || c.is_control())
         {
-            return Err(format!("image {:?} is not an image reference", self.image));
+            return Err(invalid!("image {:?} is not an image reference", self.image));
         }
         if let Some(region) = &self.region {
             validate_location("region", region)?;
@@ -241,7 +244,7 @@ impl GcpCloudRunSpec {
             if let Some(value) = value
                 && !is_run_quantity(value)
             {
-                return Err(format!(
+                return Err(invalid!(
                     "{what} {value:?} is not a quantity Cloud Run takes (e.g. 1, 1000m, 512Mi)"
                 ));
             }
@@ -249,7 +252,7 @@ impl GcpCloudRunSpec {
         if let (Some(min), Some(max)) = (self.min_instances, self.max_instances)
             && min > max
         {
-            return Err(format!(
+            return Err(invalid!(
                 "min_instances ({min}) is more than max_instances ({max})"
             ));
         }
@@ -261,12 +264,12 @@ impl GcpCloudRunSpec {
             ("max_instances", self.max_instances),
         ] {
             if value.is_some_and(|n| n > MAX_CLOUD_RUN_INSTANCES) {
-                return Err(format!("{what} must be at most {MAX_CLOUD_RUN_INSTANCES}"));
+                return Err(invalid!("{what} must be at most {MAX_CLOUD_RUN_INSTANCES}"));
             }
         }
         validate_labels(&self.labels)?;
         if let Some(name) = self.env.keys().find(|name| is_reserved_by_cloud_run(name)) {
-            return Err(format!(
+            return Err(invalid!(
                 "env {name:?} is set by Cloud Run itself (PORT, K_SERVICE, K_REVISION, K_CONFIGURATION and X_GOOGLE_* are reserved); the port the container listens on is spec.port"
             ));
         }
@@ -306,11 +309,12 @@ mod tests {
         assert!(
             bad.validate()
                 .expect_err("refused")
+                .0
                 .contains("not a GCP label")
         );
         let mut bad = compute();
         bad.labels.insert("provisioner-request".into(), "x".into());
-        assert!(bad.validate().expect_err("refused").contains("reserved"));
+        assert!(bad.validate().expect_err("refused").0.contains("reserved"));
         let mut bad = compute();
         bad.image = "debian 12".into();
         assert!(bad.validate().is_err());
@@ -318,7 +322,7 @@ mod tests {
         bad.startup_script = Some("echo hi".into());
         bad.metadata
             .insert("startup-script".into(), "echo ho".into());
-        assert!(bad.validate().expect_err("refused").contains("not both"));
+        assert!(bad.validate().expect_err("refused").0.contains("not both"));
     }
 
     #[test]
@@ -340,7 +344,7 @@ mod tests {
             let mut bad = spec.clone();
             bad.env.insert(reserved.into(), "1".into());
             let error = bad.validate().expect_err(reserved);
-            assert!(error.contains("spec.port"), "{error}");
+            assert!(error.0.contains("spec.port"), "{error}");
         }
         let mut fine = spec.clone();
         fine.env.insert("PORTS".into(), "1".into());

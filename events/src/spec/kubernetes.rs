@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::Invalid;
+use crate::invalid::invalid;
+
 /// A Deployment of one container and the Service in front of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[schemars(title = "kubernetes spec")]
@@ -134,7 +137,7 @@ impl KubernetesSpec {
         self.service_type.as_deref().unwrap_or("ClusterIP")
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.image.is_empty()
             || self.image.len() > 512
             || self
@@ -142,23 +145,23 @@ impl KubernetesSpec {
                 .chars()
                 .any(|c| c.is_whitespace() || c.is_control())
         {
-            return Err(format!("image {:?} is not an image reference", self.image));
+            return Err(invalid!("image {:?} is not an image reference", self.image));
         }
         if let Some(namespace) = &self.namespace
             && !is_dns_label(namespace)
         {
-            return Err(format!(
+            return Err(invalid!(
                 "namespace {namespace:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"
             ));
         }
         if self.replicas() > MAX_REPLICAS {
-            return Err(format!("replicas must be at most {MAX_REPLICAS}"));
+            return Err(invalid!("replicas must be at most {MAX_REPLICAS}"));
         }
         if self.port == Some(0) {
             return Err("port 0 is not a port".into());
         }
         if !SERVICE_TYPES.contains(&self.service_type()) {
-            return Err(format!(
+            return Err(invalid!(
                 "service_type {:?} is not one of ClusterIP, NodePort, LoadBalancer",
                 self.service_type()
             ));
@@ -171,7 +174,7 @@ impl KubernetesSpec {
                 if let Some(quantity) = quantity
                     && !is_quantity(quantity)
                 {
-                    return Err(format!(
+                    return Err(invalid!(
                         "resources.{what} {quantity:?} is not a Kubernetes quantity (e.g. 250m, 256Mi)"
                     ));
                 }
@@ -179,7 +182,7 @@ impl KubernetesSpec {
         }
         for (key, value) in &self.labels {
             if !is_label(key, value) || key.starts_with("provisioner.io/") {
-                return Err(format!(
+                return Err(invalid!(
                     "label {key:?}={value:?} is not a Kubernetes label, or uses the reserved provisioner.io/ prefix"
                 ));
             }

@@ -14,6 +14,9 @@ pub mod process;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::Invalid;
+use crate::invalid::invalid;
+
 /// How to tell that a resource is ready. Any HTTP answer counts as healthy, 404 included:
 /// the check asks "is something serving", not "is the app happy".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -45,14 +48,14 @@ impl HealthCheck {
         }
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.port() == Some(0) {
             return Err("health check port 0 is not a port".into());
         }
         if let HealthCheck::Http { path, .. } = self
             && (!path.starts_with('/') || path.chars().any(|c| c.is_control() || c == ' '))
         {
-            return Err(format!(
+            return Err(invalid!(
                 "health check path {path:?} must start with '/' and contain no spaces or control characters"
             ));
         }
@@ -64,10 +67,10 @@ impl HealthCheck {
 pub(crate) fn validate_env_and_timeout(
     env: &std::collections::BTreeMap<String, String>,
     ready_timeout_seconds: Option<u64>,
-) -> Result<(), String> {
+) -> Result<(), Invalid> {
     for key in env.keys() {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
-            return Err(format!("environment variable name {key:?} is not valid"));
+            return Err(invalid!("environment variable name {key:?} is not valid"));
         }
     }
     validate_ready_timeout(ready_timeout_seconds)
@@ -78,10 +81,10 @@ pub(crate) fn validate_env_and_timeout(
 /// from request data far from overflowing.
 pub const MAX_READY_TIMEOUT_SECONDS: u64 = 24 * 3600;
 
-pub(crate) fn validate_ready_timeout(ready_timeout_seconds: Option<u64>) -> Result<(), String> {
+pub(crate) fn validate_ready_timeout(ready_timeout_seconds: Option<u64>) -> Result<(), Invalid> {
     match ready_timeout_seconds {
         Some(0) => Err("ready_timeout_seconds must be at least 1".into()),
-        Some(seconds) if seconds > MAX_READY_TIMEOUT_SECONDS => Err(format!(
+        Some(seconds) if seconds > MAX_READY_TIMEOUT_SECONDS => Err(invalid!(
             "ready_timeout_seconds {seconds} is over a day ({MAX_READY_TIMEOUT_SECONDS})"
         )),
         _ => Ok(()),
@@ -92,7 +95,7 @@ pub(crate) fn validate_ready_timeout(ready_timeout_seconds: Option<u64>) -> Resu
 /// are reserved.
 pub(crate) fn validate_aws_tags(
     tags: &std::collections::BTreeMap<String, String>,
-) -> Result<(), String> {
+) -> Result<(), Invalid> {
     for (key, value) in tags {
         if key.is_empty()
             || key.chars().count() > 128
@@ -100,7 +103,7 @@ pub(crate) fn validate_aws_tags(
             || key.to_ascii_lowercase().starts_with("aws:")
             || key.starts_with("provisioner:")
         {
-            return Err(format!(
+            return Err(invalid!(
                 "tag {key:?}: keys are 1 to 128 characters, values at most 256, and aws: (any case) and provisioner: are reserved"
             ));
         }
@@ -126,12 +129,12 @@ pub fn check_aws_resource_tags(
     spec_tags: &std::collections::BTreeMap<String, String>,
     own: usize,
     ecs_charset: bool,
-) -> Result<(), String> {
+) -> Result<(), Invalid> {
     let mut tags = labels.clone();
     tags.extend(spec_tags.clone());
     validate_aws_tags(&tags)?;
     if tags.len() + own > MAX_AWS_TAGS {
-        return Err(format!(
+        return Err(invalid!(
             "{} labels and tags, plus the worker's own {own}, exceed AWS's {MAX_AWS_TAGS} tags per resource",
             tags.len()
         ));
@@ -141,7 +144,7 @@ pub fn check_aws_resource_tags(
             .iter()
             .find(|(key, value)| !is_ecs_tag_text(key) || !is_ecs_tag_text(value))
     {
-        return Err(format!(
+        return Err(invalid!(
             "label or tag {key:?}: ECS tags take only letters, digits, spaces and + - = . _ : / @ in keys and values"
         ));
     }
@@ -149,11 +152,11 @@ pub fn check_aws_resource_tags(
 }
 
 /// `count` of identical resources: one per request until fleets are part of the contract.
-pub(crate) fn validate_single_count(count: Option<u32>, what: &str) -> Result<(), String> {
+pub(crate) fn validate_single_count(count: Option<u32>, what: &str) -> Result<(), Invalid> {
     match count {
         None | Some(1) => Ok(()),
         Some(0) => Err("count must be at least 1".into()),
-        Some(n) => Err(format!(
+        Some(n) => Err(invalid!(
             "count {n}: only one {what} per request is supported for now"
         )),
     }
@@ -163,9 +166,9 @@ pub(crate) fn validate_single_count(count: Option<u32>, what: &str) -> Result<()
 pub fn parse_spec<T: serde::de::DeserializeOwned>(
     platform: &str,
     spec: &serde_json::Map<String, serde_json::Value>,
-) -> Result<T, String> {
+) -> Result<T, Invalid> {
     serde_json::from_value(serde_json::Value::Object(spec.clone()))
-        .map_err(|e| format!("invalid {platform} spec: {e}"))
+        .map_err(|e| invalid!("invalid {platform} spec: {e}"))
 }
 
 /// A platform's spec type: the platform it belongs to, and its checks that need no worker
@@ -174,7 +177,7 @@ pub fn parse_spec<T: serde::de::DeserializeOwned>(
 pub trait PlatformSpec: serde::de::DeserializeOwned {
     const PLATFORM: crate::PlatformName;
 
-    fn check(&self) -> Result<(), String>;
+    fn check(&self) -> Result<(), Invalid>;
 }
 
 /// The one list of spec types, by platform: it implements [`PlatformSpec`] for each and
@@ -184,7 +187,7 @@ macro_rules! platform_specs {
         $(impl PlatformSpec for $spec {
             const PLATFORM: crate::PlatformName = crate::PlatformName::$platform;
 
-            fn check(&self) -> Result<(), String> {
+            fn check(&self) -> Result<(), Invalid> {
                 <$spec>::validate(self)
             }
         })*
@@ -194,7 +197,7 @@ macro_rules! platform_specs {
         pub fn validate_spec(
             platform: crate::PlatformName,
             spec: &serde_json::Map<String, serde_json::Value>,
-        ) -> Result<(), String> {
+        ) -> Result<(), Invalid> {
             match platform {
                 $(crate::PlatformName::$platform => read_spec::<$spec>(spec).map(drop),)*
             }
@@ -222,7 +225,7 @@ platform_specs! {
 /// Reads `spec` as platform `S`'s spec and checks it.
 pub fn read_spec<S: PlatformSpec>(
     spec: &serde_json::Map<String, serde_json::Value>,
-) -> Result<S, String> {
+) -> Result<S, Invalid> {
     let read: S = parse_spec(S::PLATFORM.as_str(), spec)?;
     read.check()?;
     Ok(read)

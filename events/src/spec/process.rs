@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::HealthCheck;
 
+use crate::Invalid;
+use crate::invalid::invalid;
+
 /// A command from the worker's allow-list, run directly (never through a shell).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[schemars(title = "process spec")]
@@ -31,14 +34,14 @@ pub struct ProcessSpec {
 }
 
 impl ProcessSpec {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.program.is_empty()
             || !self
                 .program
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
         {
-            return Err(format!(
+            return Err(invalid!(
                 "program {:?} must be the name of an allowed program (letters, digits, '.', '_', '-')",
                 self.program
             ));
@@ -51,7 +54,7 @@ impl ProcessSpec {
             if let (Some(check), Some(port)) = (health.port(), self.port)
                 && check != port
             {
-                return Err(format!(
+                return Err(invalid!(
                     "the health check uses port {check} but the program listens on {port}"
                 ));
             }

@@ -543,8 +543,7 @@ impl Platform for Ec2Platform {
             let spec = spec_of::<AwsEc2Spec>(request)?;
             // The instance's tags: the labels, the spec's tags, and the worker's three
             // (Name and the two ownership tags).
-            check_aws_resource_tags(&request.labels, &spec.tags, 3, false)
-                .map_err(PlatformError::invalid)?;
+            check_aws_resource_tags(&request.labels, &spec.tags, 3, false)?;
         }
         Ok(())
     }
@@ -726,7 +725,7 @@ impl Platform for Ec2Platform {
                 ),
             );
         }
-        let target = request.target().map_err(PlatformError::invalid)?;
+        let target = request.target()?;
         let instance = match (request.operation, self.find(&target).await?) {
             (Operation::Teardown | Operation::Describe, None) => return Ok(()),
             (_, None) => {

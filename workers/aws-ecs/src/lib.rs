@@ -634,8 +634,7 @@ impl Platform for EcsPlatform {
         if request.operation == Operation::Provision {
             let spec = spec_of::<AwsEcsSpec>(request)?;
             // The task's tags: the labels, the spec's tags, and the worker's two.
-            check_aws_resource_tags(&request.labels, &spec.tags, 2, true)
-                .map_err(PlatformError::invalid)?;
+            check_aws_resource_tags(&request.labels, &spec.tags, 2, true)?;
         }
         Ok(())
     }

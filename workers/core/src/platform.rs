@@ -9,13 +9,20 @@ use std::time::Duration;
 use async_trait::async_trait;
 use provisioner_events::spec::PlatformSpec;
 use provisioner_events::{
-    ErrorClass, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
+    ErrorClass, Invalid, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
 };
 
 /// A provision request's spec, read as platform `S`'s and checked: what is wrong with it
 /// is the request's fault (`invalid_request`). Every platform reads its spec this way.
 pub fn spec_of<S: PlatformSpec>(request: &Request) -> Result<S, PlatformError> {
-    request.spec_as::<S>().map_err(PlatformError::invalid)
+    request.spec_as::<S>().map_err(PlatformError::from)
+}
+
+/// A refusal at validation is the request's fault, whichever check found it.
+impl From<Invalid> for PlatformError {
+    fn from(refusal: Invalid) -> Self {
+        PlatformError::invalid(refusal.0)
+    }
 }
 
 /// Why a platform could not be set up from its configuration, when a worker starts.

@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Finding, Platform, PlatformError};
+use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
 use provisioner_events::spec::HealthCheck;
 use provisioner_events::spec::process::ProcessSpec;
 use provisioner_events::{
@@ -46,17 +46,19 @@ pub struct ProcessPolicy {
 
 impl ProcessPolicy {
     /// Parses `name=/abs/path,other=/abs/path2` (the `PROCESS_ALLOW` setting).
-    pub fn parse(list: &str) -> Result<Self, String> {
+    pub fn parse(list: &str) -> Result<Self, SetupError> {
         let mut programs = BTreeMap::new();
         for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            let (name, path) = entry
-                .split_once('=')
-                .ok_or_else(|| format!("allow-list entry {entry:?} is not name=/absolute/path"))?;
+            let (name, path) = entry.split_once('=').ok_or_else(|| {
+                SetupError::config(format!(
+                    "allow-list entry {entry:?} is not name=/absolute/path"
+                ))
+            })?;
             let path = PathBuf::from(path);
             if !path.is_absolute() {
-                return Err(format!(
+                return Err(SetupError::config(format!(
                     "allow-list entry {entry:?}: the path must be absolute"
-                ));
+                )));
             }
             programs.insert(
                 name.to_owned(),

@@ -549,7 +549,7 @@ impl Worker {
                 "the request's deadline passed before it could be carried out; nothing was done",
             ));
         }
-        let target = || request.target().map_err(PlatformError::invalid);
+        let target = || request.target().map_err(PlatformError::from);
         let call = async {
             if request.dry_run {
                 return self
