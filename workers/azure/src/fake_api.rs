@@ -17,12 +17,11 @@
 //! IP address and a DNS name. Faults can be queued: an HTTP error instead of the next
 //! matching answer, optionally after the call took effect.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
 pub use provisioner_fake_http::Method;
-use provisioner_fake_http::{Answer as HttpAnswer, Call};
+use provisioner_fake_http::{Answer as HttpAnswer, Call, CallLog, FaultQueue, ReadCounts, Shared};
 use serde_json::{Value, json};
 
 pub const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
@@ -81,17 +80,18 @@ struct World {
     /// VM power states, by lowercased id.
     power: HashMap<String, &'static str>,
     /// Reads of container groups since they were made or started.
-    reads: HashMap<String, u32>,
+    reads: ReadCounts<String>,
     operations: HashMap<String, AsyncOperation>,
     /// `Location` polls left, by id, for network interface deletes.
     locations: HashMap<String, (u32, String)>,
     /// The base64 `customData` each VM was sent with.
     custom_data: HashMap<String, String>,
-    faults: VecDeque<Fault>,
-    failures: VecDeque<OperationFailure>,
+    faults: FaultQueue<Fault>,
+    failures: FaultQueue<OperationFailure>,
     created: u32,
     next_id: u64,
-    log: Vec<String>,
+    /// Every call, faulted or not.
+    log: CallLog,
     /// The caller's role assignments on the resource group, as `(actions, notActions)`
     /// (`None`: `*`, as an owner).
     permissions: Option<(Vec<String>, Vec<String>)>,
@@ -101,7 +101,7 @@ struct World {
 #[derive(Debug, Clone)]
 pub struct FakeArm {
     pub addr: SocketAddr,
-    world: Arc<Mutex<World>>,
+    world: Shared<World>,
     ready_after_reads: u32,
 }
 
@@ -130,7 +130,7 @@ impl FakeArm {
         let listener = provisioner_fake_http::bind().await;
         let api = FakeArm {
             addr: listener.local_addr().expect("address"),
-            world: Arc::default(),
+            world: Shared::default(),
             ready_after_reads,
         };
         let served = api.clone();
@@ -142,33 +142,30 @@ impl FakeArm {
         format!("http://{}", self.addr)
     }
 
-    fn world(&self) -> std::sync::MutexGuard<'_, World> {
-        self.world.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     pub fn inject(&self, fault: Fault) {
-        self.world().faults.push_back(fault);
+        self.world.lock().faults.push(fault);
     }
 
     /// The caller's rights on the resource group from now on, as ARM's permissions API
     /// reports them.
     pub fn set_permissions(&self, actions: &[&str], not_actions: &[&str]) {
         let owned = |list: &[&str]| list.iter().map(|a| (*a).to_owned()).collect();
-        self.world.lock().expect("lock").permissions = Some((owned(actions), owned(not_actions)));
+        self.world.lock().permissions = Some((owned(actions), owned(not_actions)));
     }
 
     pub fn fail_next_operation(&self, failure: OperationFailure) {
-        self.world().failures.push_back(failure);
+        self.world.lock().failures.push(failure);
     }
 
     /// VMs, network interfaces and container groups made (updates do not count).
     pub fn created(&self) -> u32 {
-        self.world().created
+        self.world.lock().created
     }
 
     /// The resource at `provider_path` (`Microsoft.Compute/virtualMachines/x`).
     pub fn resource(&self, provider_path: &str) -> Option<Value> {
-        self.world()
+        self.world
+            .lock()
             .resources
             .get(&Self::id(provider_path).to_ascii_lowercase())
             .cloned()
@@ -177,7 +174,8 @@ impl FakeArm {
     /// How many resources of a type (`Microsoft.Compute/virtualMachines`) there are.
     pub fn count(&self, provider_type: &str) -> usize {
         let prefix = Self::id(provider_type).to_ascii_lowercase() + "/";
-        self.world()
+        self.world
+            .lock()
             .resources
             .keys()
             .filter(|k| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
@@ -191,7 +189,7 @@ impl FakeArm {
         body["id"] = json!(id);
         body["name"] = json!(provider_path.rsplit('/').next().unwrap_or_default());
         let key = id.to_ascii_lowercase();
-        let mut world = self.world();
+        let mut world = self.world.lock();
         world.power.insert(key.clone(), "running");
         world.resources.insert(key, body);
     }
@@ -200,11 +198,11 @@ impl FakeArm {
     pub fn custom_data(&self, vm_name: &str) -> Option<String> {
         let key =
             Self::id(&format!("Microsoft.Compute/virtualMachines/{vm_name}")).to_ascii_lowercase();
-        self.world().custom_data.get(&key).cloned()
+        self.world.lock().custom_data.get(&key).cloned()
     }
 
     pub fn log(&self) -> Vec<String> {
-        self.world().log.clone()
+        self.world.lock().log.lines()
     }
 
     fn id(provider_path: &str) -> String {
@@ -214,21 +212,19 @@ impl FakeArm {
     }
 
     fn serve(&self, call: Call) -> HttpAnswer {
+        let fault = {
+            let mut world = self.world.lock();
+            world.log.record(&call);
+            world
+                .faults
+                .take_first(|f| f.method == call.method && call.path.contains(&f.path_contains))
+        };
         let Call {
             method,
             path,
             query,
             body,
         } = call;
-        let fault = {
-            let mut world = self.world();
-            world.log.push(format!("{method} {path}?{query}"));
-            let position = world
-                .faults
-                .iter()
-                .position(|f| f.method == method && path.contains(&f.path_contains));
-            position.and_then(|i| world.faults.remove(i))
-        };
         let (code, value, headers) = match &fault {
             Some(fault) if !fault.after_effect => answer(fault.code, fault.body.clone()),
             _ if !query.contains("api-version=") => answer(
@@ -344,7 +340,6 @@ impl FakeArm {
                 let (actions, not_actions) = self
                     .world
                     .lock()
-                    .expect("lock")
                     .permissions
                     .clone()
                     .unwrap_or_else(|| (vec!["*".into()], Vec::new()));
@@ -398,7 +393,7 @@ impl FakeArm {
 
     fn list(&self, provider_type: &str) -> Answer {
         let prefix = Self::id(provider_type).to_ascii_lowercase() + "/";
-        let world = self.world();
+        let world = self.world.lock();
         let mut value: Vec<Value> = world
             .resources
             .iter()
@@ -411,7 +406,7 @@ impl FakeArm {
 
     fn get(&self, provider_path: &str) -> Answer {
         let key = Self::id(provider_path).to_ascii_lowercase();
-        match self.world().resources.get(&key) {
+        match self.world.lock().resources.get(&key) {
             Some(resource) => answer(200, resource.clone()),
             None => {
                 let (kind, name) = provider_path
@@ -432,11 +427,7 @@ impl FakeArm {
     ) -> (&'static str, String) {
         world.next_id += 1;
         let id = format!("op-{:08x}", world.next_id);
-        let failure = world
-            .failures
-            .iter()
-            .position(|f| f.kind == kind)
-            .and_then(|i| world.failures.remove(i));
+        let failure = world.failures.take_first(|f| f.kind == kind);
         world.operations.insert(
             id.clone(),
             AsyncOperation {
@@ -456,7 +447,7 @@ impl FakeArm {
     }
 
     fn poll_operation(&self, id: &str) -> Answer {
-        let mut world = self.world();
+        let mut world = self.world.lock();
         let Some(op) = world.operations.get_mut(id) else {
             return answer(404, arm_error("NotFound", &format!("operation {id}")));
         };
@@ -530,7 +521,7 @@ impl FakeArm {
                 if let Some(group) = world.resources.get_mut(&key) {
                     group["properties"]["provisioningState"] = json!("Succeeded");
                 }
-                world.reads.insert(key, 0);
+                world.reads.restart(&key);
             }
             (Effect::AciCreated(key), Some(_)) => {
                 if let Some(group) = world.resources.get_mut(&key) {
@@ -541,7 +532,7 @@ impl FakeArm {
                 if let Some(group) = world.resources.get_mut(&key) {
                     group["properties"]["instanceView"]["state"] = json!(state);
                 }
-                world.reads.insert(key, 0);
+                world.reads.restart(&key);
             }
             _ => {}
         }
@@ -568,7 +559,7 @@ impl FakeArm {
         }
         let id = Self::id(&format!("Microsoft.Network/networkInterfaces/{name}"));
         let key = id.to_ascii_lowercase();
-        let mut world = self.world();
+        let mut world = self.world.lock();
         let existed = world.resources.contains_key(&key);
         world.next_id += 1;
         let mut nic = body;
@@ -594,7 +585,7 @@ impl FakeArm {
     fn delete_nic(&self, name: &str) -> Answer {
         let key =
             Self::id(&format!("Microsoft.Network/networkInterfaces/{name}")).to_ascii_lowercase();
-        let mut world = self.world();
+        let mut world = self.world.lock();
         if !world.resources.contains_key(&key) {
             return answer(204, Value::Null);
         }
@@ -612,7 +603,7 @@ impl FakeArm {
     }
 
     fn poll_location(&self, id: &str) -> Answer {
-        let mut world = self.world();
+        let mut world = self.world.lock();
         let Some((left, key)) = world.locations.get_mut(id) else {
             return answer(404, arm_error("NotFound", "no such operation"));
         };
@@ -664,7 +655,7 @@ impl FakeArm {
         let nic_id = props["networkProfile"]["networkInterfaces"][0]["id"]
             .as_str()
             .unwrap_or("");
-        let mut world = self.world();
+        let mut world = self.world.lock();
         if !world.resources.contains_key(&nic_id.to_ascii_lowercase()) {
             return answer(
                 400,
@@ -712,7 +703,7 @@ impl FakeArm {
     fn instance_view(&self, name: &str) -> Answer {
         let key =
             Self::id(&format!("Microsoft.Compute/virtualMachines/{name}")).to_ascii_lowercase();
-        let world = self.world();
+        let world = self.world.lock();
         let Some(vm) = world.resources.get(&key) else {
             return not_found("Microsoft.Compute/virtualMachines", name);
         };
@@ -733,7 +724,7 @@ impl FakeArm {
     fn delete_vm(&self, name: &str) -> Answer {
         let key =
             Self::id(&format!("Microsoft.Compute/virtualMachines/{name}")).to_ascii_lowercase();
-        let mut world = self.world();
+        let mut world = self.world.lock();
         let Some(vm) = world.resources.get_mut(&key) else {
             return answer(204, Value::Null);
         };
@@ -750,7 +741,7 @@ impl FakeArm {
     fn vm_action(&self, name: &str, action: &str) -> Answer {
         let key =
             Self::id(&format!("Microsoft.Compute/virtualMachines/{name}")).to_ascii_lowercase();
-        let mut world = self.world();
+        let mut world = self.world.lock();
         if !world.resources.contains_key(&key) {
             return not_found("Microsoft.Compute/virtualMachines", name);
         }
@@ -813,7 +804,7 @@ impl FakeArm {
             "Microsoft.ContainerInstance/containerGroups/{name}"
         ));
         let key = id.to_ascii_lowercase();
-        let mut world = self.world();
+        let mut world = self.world.lock();
         let existed = world.resources.contains_key(&key);
         world.next_id += 1;
         let mut group = body;
@@ -840,7 +831,7 @@ impl FakeArm {
         world.resources.insert(key.clone(), group.clone());
         if !existed {
             world.created += 1;
-            world.reads.insert(key.clone(), 0);
+            world.reads.restart(&key);
         }
         let header = self.operation(
             &mut world,
@@ -857,12 +848,8 @@ impl FakeArm {
         ))
         .to_ascii_lowercase();
         let ready_after = self.ready_after_reads;
-        let mut world = self.world();
-        let reads = {
-            let reads = world.reads.entry(key.clone()).or_insert(0);
-            *reads += 1;
-            *reads
-        };
+        let mut world = self.world.lock();
+        let reads = world.reads.read(key.clone());
         let Some(group) = world.resources.get_mut(&key) else {
             return not_found("Microsoft.ContainerInstance/containerGroups", name);
         };
@@ -905,7 +892,7 @@ impl FakeArm {
             "Microsoft.ContainerInstance/containerGroups/{name}"
         ))
         .to_ascii_lowercase();
-        match self.world().resources.remove(&key) {
+        match self.world.lock().resources.remove(&key) {
             Some(group) => answer(200, group),
             None => answer(204, Value::Null),
         }
@@ -916,7 +903,7 @@ impl FakeArm {
             "Microsoft.ContainerInstance/containerGroups/{name}"
         ))
         .to_ascii_lowercase();
-        let mut world = self.world();
+        let mut world = self.world.lock();
         let Some(group) = world.resources.get_mut(&key) else {
             return not_found("Microsoft.ContainerInstance/containerGroups", name);
         };

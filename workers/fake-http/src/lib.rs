@@ -1,8 +1,10 @@
-//! The HTTP side of the in-test API servers (the Kubernetes, GCP and ARM fakes): a
-//! listener on a free loopback port, a task per connection, each request handed to the
-//! fake as a [`Call`] (method, path, query, JSON body) and its [`Answer`] sent back as
-//! JSON. The fakes own the protocol; this owns the plumbing they would otherwise each
-//! repeat.
+//! What the in-test API servers (the Kubernetes, GCP and ARM fakes) share. The HTTP
+//! side: a listener on a free loopback port, a task per connection, each request handed
+//! to the fake as a [`Call`] (method, path, query, JSON body) and its [`Answer`] sent
+//! back as JSON. The state every fake keeps the same way: its world behind one lock
+//! ([`Shared`]), the faults a test queued ([`FaultQueue`]), the calls seen ([`CallLog`])
+//! and the reads that time readiness ([`ReadCounts`]). The fakes own the protocol; this
+//! owns the plumbing they would otherwise each repeat.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,6 +15,9 @@ pub use hyper::Method;
 use hyper::{Response, StatusCode};
 use serde_json::Value;
 use tokio::net::TcpListener;
+
+mod world;
+pub use world::{CallLog, FaultQueue, ReadCounts, Shared};
 
 /// One request to a fake.
 #[derive(Debug, Clone)]

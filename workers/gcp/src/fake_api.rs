@@ -19,12 +19,11 @@
 //! after the call took effect (an answer lost on the way back), or a Compute operation
 //! that finishes with an error (a stockout, a quota).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
 pub use provisioner_fake_http::Method;
-use provisioner_fake_http::{Answer, Call};
+use provisioner_fake_http::{Answer, Call, CallLog, FaultQueue, ReadCounts, Shared};
 use serde_json::{Value, json};
 
 /// An HTTP error to answer the next request whose method and path match.
@@ -84,23 +83,23 @@ struct World {
     /// (zone, name) → instance.
     instances: HashMap<(String, String), Value>,
     /// Reads of each instance since it was made or started, which time its status.
-    instance_reads: HashMap<(String, String), u32>,
+    instance_reads: ReadCounts<(String, String)>,
     /// (zone, operation name) → operation.
     operations: HashMap<(String, String), ComputeOperation>,
     /// requestId → (zone, operation name): Compute Engine's replay protection.
     request_ids: HashMap<String, (String, String)>,
     /// Full service name → service.
     services: HashMap<String, Value>,
-    service_reads: HashMap<String, u32>,
+    service_reads: ReadCounts<String>,
     /// Services deleted but still visible for one more read.
     deleting: HashMap<String, u32>,
-    faults: VecDeque<Fault>,
-    operation_failures: VecDeque<OperationFailure>,
+    faults: FaultQueue<Fault>,
+    operation_failures: FaultQueue<OperationFailure>,
     /// Inserts that made an instance, and creates that made a service.
     created: u32,
     next_id: u64,
-    /// Every request line, in order.
-    log: Vec<String>,
+    /// Every call, faulted or not.
+    log: CallLog,
     /// Subnetworks (`regions/<r>/subnetworks/<s>`) and the network (`global/networks/<n>`)
     /// each belongs to.
     subnetworks: HashMap<String, String>,
@@ -119,7 +118,7 @@ fn reference_from<'a>(reference: &'a str, marker: &str) -> &'a str {
 pub struct FakeGcp {
     pub addr: SocketAddr,
     pub project: String,
-    world: Arc<Mutex<World>>,
+    world: Shared<World>,
     ready_after_reads: u32,
 }
 
@@ -179,7 +178,7 @@ impl FakeGcp {
         let api = FakeGcp {
             addr: listener.local_addr().expect("address"),
             project: project.into(),
-            world: Arc::default(),
+            world: Shared::default(),
             ready_after_reads,
         };
         let served = api.clone();
@@ -191,33 +190,30 @@ impl FakeGcp {
         format!("http://{}", self.addr)
     }
 
-    fn world(&self) -> std::sync::MutexGuard<'_, World> {
-        self.world.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     pub fn inject(&self, fault: Fault) {
-        self.world().faults.push_back(fault);
+        self.world.lock().faults.push(fault);
     }
 
     pub fn fail_next_operation(&self, failure: OperationFailure) {
-        self.world().operation_failures.push_back(failure);
+        self.world.lock().operation_failures.push(failure);
     }
 
     /// Instances and services made so far (replays and adoptions do not count).
     pub fn created(&self) -> u32 {
-        self.world().created
+        self.world.lock().created
     }
 
     pub fn instance_count(&self) -> usize {
-        self.world().instances.len()
+        self.world.lock().instances.len()
     }
 
     pub fn service_count(&self) -> usize {
-        self.world().services.len()
+        self.world.lock().services.len()
     }
 
     pub fn instance(&self, zone: &str, name: &str) -> Option<Value> {
-        self.world()
+        self.world
+            .lock()
             .instances
             .get(&(zone.to_owned(), name.to_owned()))
             .cloned()
@@ -225,13 +221,13 @@ impl FakeGcp {
 
     pub fn service(&self, region: &str, id: &str) -> Option<Value> {
         let name = format!("projects/{}/locations/{region}/services/{id}", self.project);
-        self.world().services.get(&name).cloned()
+        self.world.lock().services.get(&name).cloned()
     }
 
     /// Makes a subnetwork of `network` in `region`: an insert naming it with another
     /// network is refused, as Compute Engine refuses it.
     pub fn add_subnetwork(&self, region: &str, name: &str, network: &str) {
-        self.world().subnetworks.insert(
+        self.world.lock().subnetworks.insert(
             format!("regions/{region}/subnetworks/{name}"),
             format!("global/networks/{network}"),
         );
@@ -240,14 +236,15 @@ impl FakeGcp {
     /// Forgets every `requestId` seen, as Compute Engine does after its replay window:
     /// a later insert of the same instance gets `409 alreadyExists`.
     pub fn forget_request_ids(&self) {
-        self.world().request_ids.clear();
+        self.world.lock().request_ids.clear();
     }
 
     /// Puts an instance there as someone else made it (no provisioner label).
     pub fn put_foreign_instance(&self, zone: &str, name: &str) {
         let value = json!({"kind": "compute#instance", "id": "42", "name": name,
             "zone": self.zone_url(zone), "status": "RUNNING", "labels": {}});
-        self.world()
+        self.world
+            .lock()
             .instances
             .insert((zone.to_owned(), name.to_owned()), value);
     }
@@ -259,12 +256,12 @@ impl FakeGcp {
             "terminalCondition": {"type": "Ready", "state": "CONDITION_SUCCEEDED"},
             "uri": format!("https://{id}-zzz-ew.a.run.app"),
             "template": {"containers": [{"image": "gcr.io/other/app"}]}});
-        self.world().services.insert(name, value);
+        self.world.lock().services.insert(name, value);
     }
 
     /// Every request line (`METHOD path?query`) served, in order.
     pub fn log(&self) -> Vec<String> {
-        self.world().log.clone()
+        self.world.lock().log.lines()
     }
 
     fn zone_url(&self, zone: &str) -> String {
@@ -275,21 +272,19 @@ impl FakeGcp {
     }
 
     fn serve(&self, call: Call) -> Answer {
+        let fault = {
+            let mut world = self.world.lock();
+            world.log.record(&call);
+            world
+                .faults
+                .take_first(|f| f.method == call.method && call.path.contains(&f.path_contains))
+        };
         let Call {
             method,
             path,
             query,
             body,
         } = call;
-        let fault = {
-            let mut world = self.world();
-            world.log.push(format!("{method} {path}?{query}"));
-            let position = world
-                .faults
-                .iter()
-                .position(|f| f.method == method && path.contains(&f.path_contains));
-            position.and_then(|i| world.faults.remove(i))
-        };
         let answer = match &fault {
             Some(fault) if !fault.after_effect => (fault.code, fault.body.clone()),
             _ => {
@@ -356,7 +351,7 @@ impl FakeGcp {
             ("GET", ["zones", zone, "operations", name]) => self.poll_operation(zone, name),
             ("GET", ["aggregated", "instances"]) => {
                 let filter = query_param(query, "filter").unwrap_or_default();
-                let world = self.world();
+                let world = self.world.lock();
                 let mut items: HashMap<String, Vec<Value>> = HashMap::new();
                 for ((zone, _), instance) in &world.instances {
                     if filter_matches(instance, &filter) {
@@ -398,9 +393,7 @@ impl FakeGcp {
         let name = format!("operation-{}-{:06}", kind, world.next_id);
         let failure = world
             .operation_failures
-            .iter()
-            .position(|f| f.operation_type == kind)
-            .and_then(|i| world.operation_failures.remove(i));
+            .take_first(|f| f.operation_type == kind);
         let value = json!({
             "kind": "compute#operation", "id": format!("{}", 7_000_000 + world.next_id),
             "name": name, "zone": self.zone_url(zone), "operationType": kind,
@@ -421,7 +414,7 @@ impl FakeGcp {
     }
 
     fn insert(&self, zone: &str, query: &str, body: Value) -> (u16, Value) {
-        let mut world = self.world();
+        let mut world = self.world.lock();
         let request_id = query_param(query, "requestId");
         if let Some(request_id) = &request_id
             && let Some(key) = world.request_ids.get(request_id).cloned()
@@ -505,7 +498,7 @@ impl FakeGcp {
             }
         }
         world.instances.insert(key.clone(), instance);
-        world.instance_reads.insert(key, 0);
+        world.instance_reads.restart(&key);
         world.created += 1;
         let op = self.new_operation(
             &mut world,
@@ -532,13 +525,9 @@ impl FakeGcp {
     }
 
     fn get_instance(&self, zone: &str, name: &str) -> (u16, Value) {
-        let mut world = self.world();
+        let mut world = self.world.lock();
         let key = (zone.to_owned(), name.to_owned());
-        let reads = {
-            let reads = world.instance_reads.entry(key.clone()).or_insert(0);
-            *reads += 1;
-            *reads
-        };
+        let reads = world.instance_reads.read(key.clone());
         let ready_after = self.ready_after_reads;
         let Some(instance) = world.instances.get_mut(&key) else {
             return self.not_found(zone, name);
@@ -557,7 +546,7 @@ impl FakeGcp {
     }
 
     fn instance_operation(&self, zone: &str, name: &str, verb: &str, query: &str) -> (u16, Value) {
-        let mut world = self.world();
+        let mut world = self.world.lock();
         let request_id = query_param(query, "requestId");
         if let Some(request_id) = &request_id
             && let Some(key) = world.request_ids.get(request_id).cloned()
@@ -604,7 +593,7 @@ impl FakeGcp {
     }
 
     fn poll_operation(&self, zone: &str, name: &str) -> (u16, Value) {
-        let mut world = self.world();
+        let mut world = self.world.lock();
         let key = (zone.to_owned(), name.to_owned());
         let Some(op) = world.operations.get_mut(&key) else {
             let message = format!(
@@ -652,7 +641,7 @@ impl FakeGcp {
                 if let Some(instance) = world.instances.get_mut(&(zone.to_owned(), name.clone())) {
                     instance["status"] = json!(status);
                 }
-                world.instance_reads.insert((zone.to_owned(), name), 0);
+                world.instance_reads.restart(&(zone.to_owned(), name));
             }
             _ => {}
         }
@@ -697,7 +686,7 @@ impl FakeGcp {
                 ),
             ),
             ("GET", ["services"]) => {
-                let world = self.world();
+                let world = self.world.lock();
                 let mut services: Vec<Value> = world
                     .services
                     .iter()
@@ -712,7 +701,7 @@ impl FakeGcp {
             }
             ("DELETE", ["services", id]) => {
                 let name = format!("{parent}/services/{id}");
-                let mut world = self.world();
+                let mut world = self.world.lock();
                 if !world.services.contains_key(&name) {
                     drop(world);
                     return self.service_not_found(&name, region);
@@ -799,7 +788,7 @@ impl FakeGcp {
             );
         }
         let name = format!("{parent}/services/{id}");
-        let mut world = self.world();
+        let mut world = self.world.lock();
         if world.services.contains_key(&name) {
             return (
                 409,
@@ -819,7 +808,7 @@ impl FakeGcp {
         service["reconciling"] = json!(true);
         service["terminalCondition"] = json!({"type": "Ready", "state": "CONDITION_RECONCILING", "lastTransitionTime": "2026-11-21T20:00:00Z"});
         world.services.insert(name.clone(), service.clone());
-        world.service_reads.insert(name.clone(), 0);
+        world.service_reads.restart(&name);
         world.created += 1;
         drop(world);
         (
@@ -831,22 +820,18 @@ impl FakeGcp {
     }
 
     fn get_service(&self, name: &str, region: &str, int_enums: bool) -> (u16, Value) {
-        let mut world = self.world();
+        let mut world = self.world.lock();
         if let Some(left) = world.deleting.get_mut(name) {
             if *left == 0 {
                 world.deleting.remove(name);
                 world.services.remove(name);
-                world.service_reads.remove(name);
+                world.service_reads.restart(name);
                 drop(world);
                 return self.service_not_found(name, region);
             }
             *left -= 1;
         }
-        let reads = {
-            let reads = world.service_reads.entry(name.to_owned()).or_insert(0);
-            *reads += 1;
-            *reads
-        };
+        let reads = world.service_reads.read(name.to_owned());
         let ready_after = self.ready_after_reads;
         let Some(service) = world.services.get_mut(name) else {
             drop(world);

@@ -13,12 +13,11 @@
 //! apimachinery does (`422 Invalid`), and [`FakeApi::grant_only`] plays a caller bound to
 //! namespaced Roles, refused (`403 Forbidden`) anything cluster-wide or elsewhere.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
-use provisioner_fake_http::Answer;
 pub use provisioner_fake_http::Method;
+use provisioner_fake_http::{Answer, Call, CallLog, FaultQueue, ReadCounts, Shared};
 use serde_json::{Value, json};
 
 /// An answer to give instead of the normal one, to the next matching request.
@@ -37,12 +36,13 @@ struct World {
     /// (kind, namespace, name) → object.
     objects: HashMap<(String, String, String), Value>,
     /// Reads of each Deployment and LoadBalancer Service, which time readiness.
-    reads: HashMap<(String, String, String), u32>,
+    reads: ReadCounts<(String, String, String)>,
     resource_version: u64,
-    faults: VecDeque<Fault>,
+    faults: FaultQueue<Fault>,
     /// The `propagationPolicy` of every delete, in order.
     deletes: Vec<(String, String)>,
-    requests: u64,
+    /// Every call, faulted or not, for [`FakeApi::requests`].
+    log: CallLog,
     /// The namespaces the caller's Roles grant, when it has no cluster-wide rights.
     granted: Option<Vec<String>>,
 }
@@ -51,7 +51,7 @@ struct World {
 #[derive(Debug, Clone)]
 pub struct FakeApi {
     pub addr: SocketAddr,
-    world: Arc<Mutex<World>>,
+    world: Shared<World>,
     ready_after_reads: u32,
 }
 
@@ -152,12 +152,12 @@ impl FakeApi {
         let listener = provisioner_fake_http::bind().await;
         let api = FakeApi {
             addr: listener.local_addr().expect("address"),
-            world: Arc::default(),
+            world: Shared::default(),
             ready_after_reads,
         };
         let served = api.clone();
         provisioner_fake_http::spawn(listener, move |call| {
-            let (code, answer) = served.answer(&call.method, &call.path, &call.query, call.body);
+            let (code, answer) = served.answer(call);
             Answer::json(code, answer)
         });
         api
@@ -178,19 +178,17 @@ impl FakeApi {
     /// From now on the caller has Roles in `namespaces` only: anything cluster-wide or in
     /// another namespace is `403 Forbidden`, as RBAC answers.
     pub fn grant_only(&self, namespaces: &[&str]) {
-        self.world.lock().expect("lock").granted =
-            Some(namespaces.iter().map(|n| (*n).to_owned()).collect());
+        self.world.lock().granted = Some(namespaces.iter().map(|n| (*n).to_owned()).collect());
     }
 
     pub fn inject(&self, fault: Fault) {
-        self.world.lock().expect("lock").faults.push_back(fault);
+        self.world.lock().faults.push(fault);
     }
 
     /// The stored object, as the server holds it.
     pub fn object(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
         self.world
             .lock()
-            .expect("lock")
             .objects
             .get(&(kind.into(), namespace.into(), name.into()))
             .cloned()
@@ -208,7 +206,6 @@ impl FakeApi {
             .to_owned();
         self.world
             .lock()
-            .expect("lock")
             .objects
             .insert((kind.into(), namespace, name), object);
     }
@@ -216,7 +213,6 @@ impl FakeApi {
     pub fn count(&self, kind: &str) -> usize {
         self.world
             .lock()
-            .expect("lock")
             .objects
             .keys()
             .filter(|(k, _, _)| k == kind)
@@ -227,7 +223,6 @@ impl FakeApi {
     pub fn objects(&self, kind: &str) -> Vec<Value> {
         self.world
             .lock()
-            .expect("lock")
             .objects
             .iter()
             .filter(|((k, _, _), _)| k == kind)
@@ -237,25 +232,25 @@ impl FakeApi {
 
     /// Requests served so far.
     pub fn requests(&self) -> u64 {
-        self.world.lock().expect("lock").requests
+        self.world.lock().log.count() as u64
     }
 
     /// `(path, propagationPolicy)` of every delete so far.
     pub fn deletes(&self) -> Vec<(String, String)> {
-        self.world.lock().expect("lock").deletes.clone()
+        self.world.lock().deletes.clone()
     }
 
-    fn answer(&self, method: &Method, path: &str, query: &str, body: Value) -> (u16, Value) {
-        let mut world = self.world.lock().expect("lock");
-        world.requests += 1;
-        if let Some(at) = world
+    fn answer(&self, call: Call) -> (u16, Value) {
+        let mut world = self.world.lock();
+        world.log.record(&call);
+        if let Some(fault) = world
             .faults
-            .iter()
-            .position(|f| f.method == method && path.contains(&f.path_contains))
+            .take_first(|f| f.method == call.method && call.path.contains(&f.path_contains))
         {
-            let fault = world.faults.remove(at).expect("fault");
             return status(fault.code, &fault.reason, &fault.message);
         }
+        let (method, path, query) = (&call.method, call.path.as_str(), call.query.as_str());
+        let body = call.body;
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         if method.as_str() == "POST"
             && parts
@@ -399,11 +394,7 @@ impl FakeApi {
             }
             ("GET", Some(ns), Some(name)) => {
                 let key = (kind.to_owned(), ns.to_owned(), name.to_owned());
-                let reads = {
-                    let reads = world.reads.entry(key.clone()).or_insert(0);
-                    *reads += 1;
-                    *reads
-                };
+                let reads = world.reads.read(key.clone());
                 let ready = reads >= self.ready_after_reads;
                 world.resource_version += 1;
                 let version = world.resource_version;
