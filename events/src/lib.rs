@@ -10,6 +10,7 @@
 //! `events/schema/`; a test fails when the two drift apart.
 
 pub mod invalid;
+mod platforms;
 pub mod request;
 pub mod schema;
 pub mod spec;

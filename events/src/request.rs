@@ -11,53 +11,9 @@ use time::OffsetDateTime;
 use crate::Invalid;
 use crate::SCHEMA_VERSION;
 use crate::invalid::invalid;
-
-/// A platform a worker can provision on. The wire name is the kebab-case string.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum PlatformName {
-    /// Containers on a Docker engine, or Podman's Docker-compatible API.
-    Docker,
-    /// A local command from the worker's allow-list, health-checked on its port.
-    Process,
-    AwsEc2,
-    AwsEcs,
-    Kubernetes,
-    GcpCompute,
-    GcpCloudRun,
-    AzureVm,
-    AzureContainerInstances,
-}
+pub use crate::platforms::PlatformName;
 
 impl PlatformName {
-    pub const ALL: [PlatformName; 9] = [
-        PlatformName::Docker,
-        PlatformName::Process,
-        PlatformName::AwsEc2,
-        PlatformName::AwsEcs,
-        PlatformName::Kubernetes,
-        PlatformName::GcpCompute,
-        PlatformName::GcpCloudRun,
-        PlatformName::AzureVm,
-        PlatformName::AzureContainerInstances,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PlatformName::Docker => "docker",
-            PlatformName::Process => "process",
-            PlatformName::AwsEc2 => "aws-ec2",
-            PlatformName::AwsEcs => "aws-ecs",
-            PlatformName::Kubernetes => "kubernetes",
-            PlatformName::GcpCompute => "gcp-compute",
-            PlatformName::GcpCloudRun => "gcp-cloud-run",
-            PlatformName::AzureVm => "azure-vm",
-            PlatformName::AzureContainerInstances => "azure-container-instances",
-        }
-    }
-
     pub fn parse(name: &str) -> Option<PlatformName> {
         Self::ALL.into_iter().find(|p| p.as_str() == name)
     }

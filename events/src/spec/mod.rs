@@ -180,10 +180,14 @@ pub trait PlatformSpec: serde::de::DeserializeOwned {
     fn check(&self) -> Result<(), Invalid>;
 }
 
-/// The one list of spec types, by platform: it implements [`PlatformSpec`] for each and
-/// gives [`validate_spec`] and [`spec_schemas`], so a new platform's spec is one line here.
+/// Implements [`PlatformSpec`] for every spec type of the platform list
+/// ([`for_each_platform!`](crate::for_each_platform)), and gives [`validate_spec`] and
+/// [`spec_schemas`] from it.
 macro_rules! platform_specs {
-    ($($spec:ty => $platform:ident),* $(,)?) => {
+    ($(
+        $(#[doc = $doc:literal])*
+        $platform:ident = $wire:literal, spec $spec:ty, feature $feature:literal, setup $setup:ident;
+    )*) => {
         $(impl PlatformSpec for $spec {
             const PLATFORM: crate::PlatformName = crate::PlatformName::$platform;
 
@@ -210,17 +214,7 @@ macro_rules! platform_specs {
     };
 }
 
-platform_specs! {
-    docker::DockerSpec => Docker,
-    aws_ec2::AwsEc2Spec => AwsEc2,
-    aws_ecs::AwsEcsSpec => AwsEcs,
-    kubernetes::KubernetesSpec => Kubernetes,
-    gcp::GcpComputeSpec => GcpCompute,
-    gcp::GcpCloudRunSpec => GcpCloudRun,
-    azure::AzureVmSpec => AzureVm,
-    azure::AzureContainerSpec => AzureContainerInstances,
-    process::ProcessSpec => Process,
-}
+crate::for_each_platform!(platform_specs);
 
 /// Reads `spec` as platform `S`'s spec and checks it.
 pub fn read_spec<S: PlatformSpec>(

@@ -2,11 +2,12 @@
 //! builds it in and how it is set up from configuration. The daemon, the embedded mode and
 //! the Lambda all build their platform through [`build`].
 //!
-//! A platform's name, spec type and JSON Schema are listed in `provisioner_events::spec`
-//! (`platform_specs!`, which needs no SDK); its constructor is listed here, in
-//! [`registry!`]. Adding a platform is its crate, a line in each list and a feature in this
-//! crate's manifest; a [`PlatformName`] missing here does not compile ([`feature_of`] is an
-//! exhaustive match).
+//! Every platform is listed once, in `provisioner_events`' platform list
+//! ([`provisioner_events::for_each_platform!`], which needs no SDK): its name, spec type,
+//! feature and setup function. This crate reads the feature and setup columns of that
+//! list ([`registry!`]). Adding a platform is its crate, its line there, its feature in this
+//! crate's manifest (and the binaries'), and its setup function below; a platform whose
+//! setup function is missing here does not compile.
 
 use std::sync::Arc;
 
@@ -50,10 +51,12 @@ pub enum BuildError {
     },
 }
 
-/// Lists every platform once: its name, the cargo feature that builds it in, and the
-/// function that sets it up.
+/// Builds the feature table and the constructor dispatch from the platform list.
 macro_rules! registry {
-    ($( $variant:ident => $feature:literal, $setup:ident; )*) => {
+    ($(
+        $(#[doc = $doc:literal])*
+        $variant:ident = $wire:literal, spec $spec:ty, feature $feature:literal, setup $setup:ident;
+    )*) => {
         /// The cargo feature (of this crate, and of the binaries that forward it) that
         /// builds `platform` in.
         pub fn feature_of(platform: PlatformName) -> &'static str {
@@ -96,17 +99,7 @@ macro_rules! registry {
     };
 }
 
-registry! {
-    Docker => "docker", docker;
-    Process => "process", process;
-    AwsEc2 => "aws-ec2", aws_ec2;
-    AwsEcs => "aws-ecs", aws_ecs;
-    Kubernetes => "kubernetes", kubernetes;
-    GcpCompute => "gcp", gcp_compute;
-    GcpCloudRun => "gcp", gcp_cloud_run;
-    AzureVm => "azure", azure_vm;
-    AzureContainerInstances => "azure", azure_container_instances;
-}
+provisioner_events::for_each_platform!(registry);
 
 #[cfg(feature = "docker")]
 async fn docker(settings: &Settings) -> Result<Arc<dyn Platform>, SetupError> {
