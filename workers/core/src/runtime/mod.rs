@@ -20,7 +20,9 @@
 //! stops the work when it cannot), [`reaper`] (ending records abandoned long ago).
 
 mod attempt;
+mod ending;
 mod lease;
+mod platform_call;
 mod reaper;
 
 use std::future::Future;

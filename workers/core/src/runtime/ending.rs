@@ -1,0 +1,284 @@
+//! How an attempt ends: the terminal event stored (fenced) and then published, a delayed
+//! retry, or giving up; and, when a provision ends in `error` or is torn down while it
+//! works, removing what it made first, so nothing is left behind an `error`.
+
+use provisioner_events::{
+    ErrorClass, ErrorInfo, Operation, Request, Resource, State, TeardownTarget,
+};
+use time::OffsetDateTime;
+use tracing::{debug, error, info, warn};
+
+use super::attempt::Held;
+use super::lease::LeaseSignal;
+use super::platform_call::Outcome;
+use super::{Abort, Worker};
+use crate::broker::{Delivery, Settlement};
+use crate::platform::PlatformError;
+use crate::policy::{self, Decision};
+use crate::store::StoreError;
+
+impl Worker {
+    /// The heartbeat stopped the work before the platform answered.
+    pub(super) async fn stopped(
+        &self,
+        held: &mut Held<'_>,
+        delivery: &Delivery,
+        signal: LeaseSignal,
+    ) -> Result<Settlement, Abort> {
+        match signal {
+            LeaseSignal::Cancelled { by } => self.cancelled(held, &by).await,
+            LeaseSignal::Fenced => {
+                warn!("another worker took the request over; it finishes it");
+                if self.torn_down(held.id()).await {
+                    self.remove_what_was_made(held.request).await;
+                }
+                Ok(Settlement::Ack)
+            }
+            LeaseSignal::Held | LeaseSignal::Expired => {
+                warn!(
+                    "the lease could not be renewed before it ended; stopped the work (the next holder converges on the same resource)"
+                );
+                self.end_acting(held, None).await;
+                Ok(Settlement::Retry {
+                    delay: policy::backoff(&self.config.retry, held.attempt, rand::random()),
+                    attempt: held.attempt + 1,
+                    waits: delivery.waits,
+                })
+            }
+        }
+    }
+
+    /// A teardown tombstoned this provision while it worked: remove what it made and end.
+    pub(super) async fn cancelled(
+        &self,
+        held: &mut Held<'_>,
+        by: &str,
+    ) -> Result<Settlement, Abort> {
+        info!(%by, "torn down while being provisioned; removing what was made");
+        let removal = self.remove_what_was_made(held.request).await;
+        let message = format!(
+            "{by} tore this request down while it was being provisioned; {removal}. A request id names one request for good: use a new one to provision again"
+        );
+        self.end_in_error(held, ErrorClass::Conflict, message, None)
+            .await
+    }
+
+    /// Past the bound of attempts: the earlier ones ended without an outcome (a crash, a
+    /// panic, a lost lease). End in `error`, leave nothing behind, and set the message aside.
+    pub(super) async fn give_up(&self, held: &mut Held<'_>) -> Result<Settlement, Abort> {
+        let attempts = held.attempt - 1;
+        let removal = if held.request.operation == Operation::Provision {
+            format!("; {}", self.remove_what_was_made(held.request).await)
+        } else {
+            String::new()
+        };
+        let message = format!(
+            "gave up after {attempts} attempts that ended without an outcome (a worker crashed, panicked or lost its lease each time; see the workers' logs for request {}){removal}",
+            held.id()
+        );
+        let settlement = self
+            .end_in_error(held, ErrorClass::Internal, message.clone(), None)
+            .await?;
+        Ok(match settlement {
+            Settlement::Ack => Settlement::DeadLetter {
+                class: ErrorClass::Internal,
+                reason: message,
+            },
+            other => other,
+        })
+    }
+
+    /// Whether a teardown tombstoned `request_id` (read after being fenced off).
+    pub(super) async fn torn_down(&self, request_id: &str) -> bool {
+        matches!(
+            self.store.get(request_id).await,
+            Ok(Some(record)) if record.torn_down_by.is_some()
+        )
+    }
+
+    /// Removes whatever this provision may have made, by its request id (idempotent);
+    /// says how that went, for the event.
+    pub(super) async fn remove_what_was_made(&self, request: &Request) -> String {
+        if request.operation != Operation::Provision || request.dry_run {
+            return "nothing was made".into();
+        }
+        let target = TeardownTarget::Request(request.request_id.clone());
+        let removal = tokio::time::timeout(
+            self.config.operation_timeout,
+            self.platform.teardown(&target),
+        )
+        .await;
+        match removal {
+            Ok(Ok(Some(_))) => "what it had made was removed".into(),
+            Ok(Ok(None)) => "nothing of it was left".into(),
+            Ok(Err(e)) => {
+                error!(error = %e, "could not remove what a failed provision made");
+                format!(
+                    "removing what it may have made failed ({e}): send a teardown for {}",
+                    request.request_id
+                )
+            }
+            Err(_) => format!(
+                "removing what it may have made took longer than {} s: send a teardown for {}",
+                self.config.operation_timeout.as_secs(),
+                request.request_id
+            ),
+        }
+    }
+
+    /// Stores and publishes a terminal `error` and ends the attempt.
+    pub(super) async fn end_in_error(
+        &self,
+        held: &mut Held<'_>,
+        class: ErrorClass,
+        message: String,
+        resource: Option<Resource>,
+    ) -> Result<Settlement, Abort> {
+        let event = self.event(
+            held.request,
+            State::Error,
+            held.next_seq(),
+            held.attempt,
+            resource,
+            Some(ErrorInfo { class, message }),
+        );
+        self.record_and_publish(held, event).await
+    }
+
+    pub(super) async fn record_and_publish(
+        &self,
+        held: &mut Held<'_>,
+        event: provisioner_events::StatusEvent,
+    ) -> Result<Settlement, Abort> {
+        let id = held.id().to_owned();
+        let stored = self
+            .store_call(|| self.store.complete(&id, &held.fence, &event))
+            .await;
+        match stored {
+            Ok(()) => {}
+            Err(StoreError::TornDown(by)) => {
+                // The tombstone landed after the platform answered: this provision may
+                // only end in error, with nothing left of it.
+                return Box::pin(self.cancelled(held, &by)).await;
+            }
+            Err(StoreError::Fenced(_)) => {
+                warn!("fenced off: another worker took the request over and finishes it");
+                if held.request.operation == Operation::Provision && self.torn_down(&id).await {
+                    self.remove_what_was_made(held.request).await;
+                }
+                return Ok(Settlement::Ack);
+            }
+            Err(e) => {
+                self.end_acting(held, None).await;
+                return Err(e.into());
+            }
+        }
+        match &event.error {
+            Some(error) => {
+                warn!(error.class = %error.class, error.message = %error.message, "failed")
+            }
+            None => info!(state = %event.state, "done"),
+        }
+        crate::fault::point("after_record");
+        let terminal = self.broker.send_status(&event).await?;
+        let working = held
+            .working_confirm
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match working {
+            // Both in flight at once; either one refused is the broker's trouble, and the
+            // message is run again (its record answers with this result).
+            Some(working) => {
+                let (working, terminal) = futures_util::future::join(working, terminal).await;
+                working.and(terminal)?;
+            }
+            None => terminal.await?,
+        }
+        let resource_state = event.error.is_none().then_some(event.state);
+        self.end_acting(held, resource_state).await;
+        Ok(Settlement::Ack)
+    }
+
+    /// Ends the actor lease on the target, recording the target's resource state after
+    /// a success.
+    pub(super) async fn end_acting(&self, held: &Held<'_>, resource_state: Option<State>) {
+        if let Some(target) = &held.acting_on
+            && let Err(e) = self
+                .store
+                .end_act(target.as_str(), held.actor(), resource_state)
+                .await
+        {
+            debug!(error = %e, "could not end the actor lease; it runs out by itself");
+        }
+    }
+
+    /// Turns the platform's result into the request's next step: the terminal event
+    /// (stored, then published) or a delayed retry.
+    pub(super) async fn finish(
+        &self,
+        held: &mut Held<'_>,
+        delivery: &Delivery,
+        done_state: State,
+        result: Result<Outcome, PlatformError>,
+    ) -> Result<Settlement, Abort> {
+        let request = held.request;
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(failure) => {
+                let decision = policy::decide(
+                    &failure,
+                    held.attempt,
+                    &self.config.retry,
+                    OffsetDateTime::now_utc(),
+                    request.deadline,
+                    rand::random::<f64>(),
+                );
+                match decision {
+                    Decision::Retry { delay } => {
+                        info!(error = %failure, retry_in_ms = delay.as_millis() as u64, "attempt failed; will retry");
+                        let _ = self.store.release(held.id(), &held.fence, false).await;
+                        self.end_acting(held, None).await;
+                        return Ok(Settlement::Retry {
+                            delay,
+                            attempt: held.attempt + 1,
+                            waits: delivery.waits,
+                        });
+                    }
+                    Decision::Fail(mut info) => {
+                        // A provision that ends in error leaves nothing behind; a conflict
+                        // may be someone else's resource (or a stopped one of ours).
+                        if info.class != ErrorClass::Conflict {
+                            let removal = self.remove_what_was_made(request).await;
+                            if request.operation == Operation::Provision && !request.dry_run {
+                                info.message = format!("{}; {removal}", info.message);
+                            }
+                        }
+                        let class = info.class;
+                        let reason = info.message.clone();
+                        let settlement = self
+                            .end_in_error(held, info.class, info.message, None)
+                            .await?;
+                        // A worker bug (a panic, an answer it cannot read) is also set
+                        // aside for an operator, with the reason.
+                        return Ok(match settlement {
+                            Settlement::Ack if class == ErrorClass::Internal => {
+                                Settlement::DeadLetter { class, reason }
+                            }
+                            other => other,
+                        });
+                    }
+                }
+            }
+        };
+        let event = self.event(
+            request,
+            outcome.state.unwrap_or(done_state),
+            held.next_seq(),
+            held.attempt,
+            outcome.resource,
+            None,
+        );
+        self.record_and_publish(held, event).await
+    }
+}

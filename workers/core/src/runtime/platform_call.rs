@@ -1,0 +1,154 @@
+//! The platform side of an attempt: the call an operation makes, bounded by the
+//! operation timeout and the request's deadline; `describe` waiting for a settled state;
+//! and who made a resource named by id.
+
+use std::time::Duration;
+
+use provisioner_events::{
+    ErrorClass, Operation, Request, RequestId, Resource, State, TeardownTarget,
+};
+use time::OffsetDateTime;
+
+use super::Worker;
+use crate::platform::PlatformError;
+
+/// What a platform call ended with: the resource, and the state to report when it is
+/// not the operation's usual one (a `describe` reports the state it found).
+#[derive(Debug)]
+pub(super) struct Outcome {
+    pub(super) resource: Option<Resource>,
+    pub(super) state: Option<State>,
+}
+
+impl Outcome {
+    pub(super) fn of(resource: Resource) -> Self {
+        Outcome {
+            resource: Some(resource),
+            state: None,
+        }
+    }
+
+    pub(super) fn nothing() -> Self {
+        Outcome {
+            resource: None,
+            state: None,
+        }
+    }
+}
+
+impl Worker {
+    /// The request whose resource a request names by `resource_id` acts on, as the
+    /// platform's ownership tags tell: it serializes with that request (and a teardown
+    /// tombstones it) as if it had named `target_request_id`.
+    pub(super) async fn resource_owner(
+        &self,
+        request: &Request,
+    ) -> Result<Option<RequestId>, PlatformError> {
+        let acts = matches!(
+            request.operation,
+            Operation::Teardown | Operation::Stop | Operation::Start | Operation::Reboot
+        );
+        let Ok(TeardownTarget::Resource(resource_id)) = request.target() else {
+            return Ok(None);
+        };
+        if !acts || request.dry_run {
+            return Ok(None);
+        }
+        match tokio::time::timeout(
+            self.config.operation_timeout,
+            self.platform.owner_of(&resource_id),
+        )
+        .await
+        {
+            Ok(owner) => owner,
+            Err(_) => Err(PlatformError::retryable(
+                ErrorClass::Timeout,
+                format!("looking up who made {resource_id} took too long"),
+            )),
+        }
+    }
+
+    pub(super) async fn call_platform(&self, request: &Request) -> Result<Outcome, PlatformError> {
+        if let Some(deadline) = request.deadline
+            && OffsetDateTime::now_utc() >= deadline
+        {
+            return Err(PlatformError::permanent(
+                ErrorClass::Timeout,
+                "the request's deadline passed before it could be carried out; nothing was done",
+            ));
+        }
+        let target = || request.target().map_err(PlatformError::from);
+        let call = async {
+            if request.dry_run {
+                return self
+                    .platform
+                    .check(request)
+                    .await
+                    .map(|()| Outcome::nothing());
+            }
+            match request.operation {
+                Operation::Provision => self.platform.provision(request).await.map(Outcome::of),
+                Operation::Teardown => {
+                    self.platform
+                        .teardown(&target()?)
+                        .await
+                        .map(|gone| Outcome {
+                            resource: gone,
+                            state: None,
+                        })
+                }
+                Operation::Start => self.platform.start(&target()?).await.map(Outcome::of),
+                Operation::Stop => self.platform.stop(&target()?).await.map(Outcome::of),
+                Operation::Reboot => self.platform.reboot(&target()?).await.map(Outcome::of),
+                Operation::Describe => self.describe_settled(&target()?).await,
+            }
+        };
+        match tokio::time::timeout(self.config.operation_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(PlatformError::retryable(
+                ErrorClass::Timeout,
+                format!(
+                    "the platform call took longer than {} s",
+                    self.config.operation_timeout.as_secs()
+                ),
+            )),
+        }
+    }
+
+    /// `describe` ends in a terminal state: a resource in transition (starting,
+    /// stopping) is looked at again until it settles, within `describe_settle`.
+    pub(super) async fn describe_settled(
+        &self,
+        target: &TeardownTarget,
+    ) -> Result<Outcome, PlatformError> {
+        let give_up = tokio::time::Instant::now() + self.config.describe_settle;
+        let mut pause = Duration::from_millis(500);
+        loop {
+            let Some(found) = self.platform.describe(target).await? else {
+                // Nothing there is an answer too: nothing runs.
+                return Ok(Outcome {
+                    state: Some(State::Stopped),
+                    resource: None,
+                });
+            };
+            if found.state.is_terminal() {
+                return Ok(Outcome {
+                    state: Some(found.state),
+                    resource: Some(found.resource),
+                });
+            }
+            if tokio::time::Instant::now() + pause > give_up {
+                return Err(PlatformError::permanent(
+                    ErrorClass::Timeout,
+                    format!(
+                        "{target} is still {} after {} s; describe it again later",
+                        found.state,
+                        self.config.describe_settle.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+}
