@@ -141,6 +141,10 @@ pub struct WorkerSettings {
     /// attempt is ended in error and what it made removed (0: never).
     #[arg(long, env = "REAP_AFTER_SECONDS", default_value_t = 3600)]
     pub reap_after_seconds: u64,
+    /// How often to look for resources whose `ttl_seconds` or `expires_at` is up and send
+    /// their teardown, in milliseconds (0: never; another worker of the platform must).
+    #[arg(long, env = "EXPIRE_EVERY_MS", default_value_t = 1000)]
+    pub expire_every_ms: u64,
 }
 
 impl WorkerSettings {
@@ -224,6 +228,8 @@ impl WorkerSettings {
             operation_timeout: Duration::from_secs(self.operation_timeout_seconds),
             reap_after: (self.reap_after_seconds > 0)
                 .then(|| Duration::from_secs(self.reap_after_seconds)),
+            expire_every: (self.expire_every_ms > 0)
+                .then(|| Duration::from_millis(self.expire_every_ms)),
             ..WorkerConfig::default()
         })
     }

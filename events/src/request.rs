@@ -167,7 +167,31 @@ pub struct Request {
     /// (EC2's `DryRun`), creating and changing nothing. Ends in `checked` or `error`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// For `provision`: tear the resource down this many seconds after it is running
+    /// (1 s to a year). Not together with `expires_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 31_536_000))]
+    pub ttl_seconds: Option<u64>,
+    /// For `provision`: tear the resource down at this instant (RFC 3339). A provision
+    /// that would start after it makes nothing. Not together with `ttl_seconds`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
+    pub expires_at: Option<OffsetDateTime>,
+    /// Why the request was sent, when a system sent it on someone's behalf (e.g. the
+    /// teardown of an expired resource); copied onto the request's status events. At most
+    /// 256 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub cause: Option<String>,
 }
+
+/// The longest `ttl_seconds`: a year.
+pub const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;
+const MAX_CAUSE_LEN: usize = 256;
 
 /// What a teardown (or another operation on an existing resource) acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,6 +278,36 @@ impl Request {
                 ));
             }
         }
+        if (self.ttl_seconds.is_some() || self.expires_at.is_some())
+            && self.operation != Operation::Provision
+        {
+            return Err(invalid!(
+                "ttl_seconds and expires_at belong on a provision request; this is a {}",
+                self.operation.as_str()
+            ));
+        }
+        match (self.ttl_seconds, self.expires_at) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "give ttl_seconds or expires_at, not both: one says how long after running, the other when".into(),
+                );
+            }
+            (Some(ttl), None) if ttl == 0 || ttl > MAX_TTL_SECONDS => {
+                return Err(invalid!(
+                    "ttl_seconds {ttl}: a resource lives from 1 s to a year ({MAX_TTL_SECONDS} s)"
+                ));
+            }
+            _ => {}
+        }
+        if let Some(cause) = &self.cause
+            && (cause.is_empty()
+                || cause.len() > MAX_CAUSE_LEN
+                || cause.chars().any(char::is_control))
+        {
+            return Err(invalid!(
+                "cause must be 1 to {MAX_CAUSE_LEN} bytes without control characters"
+            ));
+        }
         if let Some(tenant) = &self.tenant
             && (tenant.is_empty()
                 || tenant.len() > MAX_TENANT_LEN
@@ -264,6 +318,14 @@ impl Request {
             ));
         }
         Ok(())
+    }
+
+    /// When the resource of this provision expires, given when it became running.
+    pub fn expiry(&self, running_at: OffsetDateTime) -> Option<OffsetDateTime> {
+        match (self.ttl_seconds, self.expires_at) {
+            (Some(ttl), _) => Some(running_at + std::time::Duration::from_secs(ttl)),
+            (None, at) => at,
+        }
     }
 
     /// This provision request's spec, read as platform `S`'s and checked.

@@ -178,6 +178,10 @@ pub struct StatusEvent {
     /// knows its own message by the SHA-256 of the body it published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejected_message: Option<RejectedMessage>,
+    /// Why the request was sent, when it said (its `cause`): e.g. a teardown the worker
+    /// sent because its target expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
 }
 
 /// The message an event answers, when it answers one message only.

@@ -223,6 +223,7 @@ fn sample_events() -> Vec<(&'static str, StatusEvent)> {
         error: None,
         tenant: None,
         rejected_message: None,
+        cause: None,
     };
     let running = StatusEvent {
         state: State::Running,
@@ -266,11 +267,23 @@ fn sample_events() -> Vec<(&'static str, StatusEvent)> {
         )),
         ..base.clone()
     };
+    let expired = StatusEvent {
+        request_id: "batch-42.expired".into(),
+        operation: Some(Operation::Teardown),
+        state: State::Stopped,
+        seq: 2,
+        cause: Some(
+            "expired: batch-42 was to be torn down at 2026-11-30T10:00:00Z (its ttl_seconds or expires_at)"
+                .into(),
+        ),
+        ..base.clone()
+    };
     vec![
         ("starting", base),
         ("running", running),
         ("error", error),
         ("rejected", rejected),
+        ("stopped-on-expiry", expired),
     ]
 }
 

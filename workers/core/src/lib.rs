@@ -36,7 +36,7 @@ pub mod store;
 
 pub use broker::{Broker, BrokerError, Delivery, MemoryBroker, Settlement};
 pub use platform::{Described, Finding, Outcome, Platform, PlatformError, SetupError};
-pub use runtime::{Worker, WorkerConfig};
+pub use runtime::{Worker, WorkerConfig, expiry_teardown_id};
 pub use store::{Claim, Fence, MemoryStore, StateStore, StoreError};
 
 /// Hides the password of a URL for messages.

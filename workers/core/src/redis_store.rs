@@ -17,7 +17,7 @@
 //! record was lost after it finished may run again if its message is redelivered.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use provisioner_events::{State, StatusEvent};
@@ -164,6 +164,17 @@ end
 return found
 "#;
 
+/// KEYS expiries; ARGV limit, retry_ms. Returns {id, due_ms, id, due_ms, ...}: the due
+/// entries, each moved `retry_ms` later so that no other caller takes it meanwhile.
+const TAKE_DUE: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tostring(now), 'WITHSCORES',
+  'LIMIT', 0, tonumber(ARGV[1]))
+for i = 1, #due, 2 do
+  redis.call('ZADD', KEYS[1], tostring(now + tonumber(ARGV[2])), due[i])
+end
+return due
+"#;
+
 /// KEYS record, index; ARGV idle_ms, owner, nonce, lease_ms, id.
 /// Returns {} | {'reaped', fence, seq, route, attempts}.
 const REAP: &str = r#"
@@ -192,6 +203,7 @@ struct Scripts {
     end_act: Script,
     stale: Script,
     reap: Script,
+    take_due: Script,
 }
 
 impl Scripts {
@@ -207,6 +219,7 @@ impl Scripts {
             renew_act: script(RENEW_ACT),
             end_act: script(END_ACT),
             stale: script(STALE),
+            take_due: script(TAKE_DUE),
             reap: script(REAP),
         }
     }
@@ -309,6 +322,12 @@ impl RedisStore {
 
     fn index(&self) -> String {
         format!("{}inflight", self.prefix)
+    }
+
+    /// The sorted set of a platform's scheduled expiries, scored by when they are due (ms
+    /// since the Unix epoch).
+    fn expiries(&self, platform: &str) -> String {
+        format!("{}expiries:{platform}", self.prefix)
     }
 
     /// Runs a fenced script on the record and its index: ARGV fence, nonce, then `args`.
@@ -655,6 +674,56 @@ impl StateStore for RedisStore {
         let mut connection = self.connection.clone();
         connection
             .exists(self.handed_on_key(key))
+            .await
+            .map_err(classify)
+    }
+
+    async fn schedule_expiry(
+        &self,
+        platform: &str,
+        request_id: &str,
+        at: SystemTime,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let due_ms = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        connection
+            .zadd::<_, _, _, ()>(self.expiries(platform), request_id, due_ms)
+            .await
+            .map_err(classify)
+    }
+
+    async fn take_due_expiries(
+        &self,
+        platform: &str,
+        limit: usize,
+        retry_in: Duration,
+    ) -> Result<Vec<(String, SystemTime)>, StoreError> {
+        let mut connection = self.connection.clone();
+        let due: Vec<(String, f64)> = self
+            .scripts
+            .take_due
+            .key(self.expiries(platform))
+            .arg(limit.max(1))
+            .arg(millis(retry_in))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(classify)?;
+        Ok(due
+            .into_iter()
+            .map(|(id, due_ms)| {
+                let at = SystemTime::UNIX_EPOCH + Duration::from_millis(due_ms.max(0.0) as u64);
+                (id, at)
+            })
+            .collect())
+    }
+
+    async fn cancel_expiry(&self, platform: &str, request_id: &str) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        connection
+            .zrem::<_, _, ()>(self.expiries(platform), request_id)
             .await
             .map_err(classify)
     }

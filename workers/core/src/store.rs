@@ -31,7 +31,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use provisioner_events::{State, StatusEvent};
@@ -277,6 +277,31 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Whether [`StateStore::remember_handed_on`] saw `key` within its `ttl`.
     async fn was_handed_on(&self, key: &str) -> Result<bool, StoreError>;
+
+    /// Schedules the teardown of `request_id`'s resource (a provision of `platform`) at
+    /// `at`, replacing an earlier time. Kept in the store, so the schedule outlives every
+    /// worker.
+    async fn schedule_expiry(
+        &self,
+        platform: &str,
+        request_id: &str,
+        at: SystemTime,
+    ) -> Result<(), StoreError>;
+
+    /// Takes up to `limit` of `platform`'s expiries that are due, with the time each was
+    /// due. Taking one moves it `retry_in` later in the same step, so of several workers
+    /// asking at once exactly one gets it; it comes due again only if its taker did not
+    /// [`cancel_expiry`](StateStore::cancel_expiry) it within `retry_in` (it died before
+    /// sending the teardown).
+    async fn take_due_expiries(
+        &self,
+        platform: &str,
+        limit: usize,
+        retry_in: Duration,
+    ) -> Result<Vec<(String, SystemTime)>, StoreError>;
+
+    /// Forgets `request_id`'s expiry: its teardown was sent, or it was torn down already.
+    async fn cancel_expiry(&self, platform: &str, request_id: &str) -> Result<(), StoreError>;
 }
 
 #[derive(Debug, Clone, Default)]
@@ -322,6 +347,8 @@ pub struct MemoryStore {
     records: Mutex<HashMap<String, MemoryRecord>>,
     /// Handed-on message keys and when they are forgotten.
     handed_on: Mutex<HashMap<String, Instant>>,
+    /// Scheduled expiries by (platform, request id).
+    expiries: Mutex<HashMap<(String, String), SystemTime>>,
     retention: Duration,
 }
 
@@ -344,6 +371,7 @@ impl MemoryStore {
         MemoryStore {
             records: Mutex::new(HashMap::new()),
             handed_on: Mutex::new(HashMap::new()),
+            expiries: Mutex::new(HashMap::new()),
             retention,
         }
     }
@@ -646,5 +674,43 @@ impl StateStore for MemoryStore {
         let now = Instant::now();
         let handed_on = self.handed_on.lock().unwrap_or_else(|e| e.into_inner());
         Ok(handed_on.get(key).is_some_and(|until| *until > now))
+    }
+
+    async fn schedule_expiry(
+        &self,
+        platform: &str,
+        request_id: &str,
+        at: SystemTime,
+    ) -> Result<(), StoreError> {
+        let mut expiries = self.expiries.lock().unwrap_or_else(|e| e.into_inner());
+        expiries.insert((platform.to_owned(), request_id.to_owned()), at);
+        Ok(())
+    }
+
+    async fn take_due_expiries(
+        &self,
+        platform: &str,
+        limit: usize,
+        retry_in: Duration,
+    ) -> Result<Vec<(String, SystemTime)>, StoreError> {
+        let now = SystemTime::now();
+        let mut expiries = self.expiries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut due: Vec<(SystemTime, String)> = expiries
+            .iter()
+            .filter(|((p, _), at)| p == platform && **at <= now)
+            .map(|((_, id), at)| (*at, id.clone()))
+            .collect();
+        due.sort();
+        due.truncate(limit);
+        for (_, id) in &due {
+            expiries.insert((platform.to_owned(), id.clone()), now + retry_in);
+        }
+        Ok(due.into_iter().map(|(at, id)| (id, at)).collect())
+    }
+
+    async fn cancel_expiry(&self, platform: &str, request_id: &str) -> Result<(), StoreError> {
+        let mut expiries = self.expiries.lock().unwrap_or_else(|e| e.into_inner());
+        expiries.remove(&(platform.to_owned(), request_id.to_owned()));
+        Ok(())
     }
 }

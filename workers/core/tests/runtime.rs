@@ -804,6 +804,25 @@ impl StateStore for RenewalsHang {
     async fn was_handed_on(&self, key: &str) -> Result<bool, StoreError> {
         self.0.was_handed_on(key).await
     }
+    async fn schedule_expiry(
+        &self,
+        p: &str,
+        id: &str,
+        at: std::time::SystemTime,
+    ) -> Result<(), StoreError> {
+        self.0.schedule_expiry(p, id, at).await
+    }
+    async fn take_due_expiries(
+        &self,
+        p: &str,
+        n: usize,
+        retry: Duration,
+    ) -> Result<Vec<(String, std::time::SystemTime)>, StoreError> {
+        self.0.take_due_expiries(p, n, retry).await
+    }
+    async fn cancel_expiry(&self, p: &str, id: &str) -> Result<(), StoreError> {
+        self.0.cancel_expiry(p, id).await
+    }
     async fn end_act(&self, t: &str, a: Actor<'_>, s: Option<State>) -> Result<(), StoreError> {
         self.0.end_act(t, a, s).await
     }

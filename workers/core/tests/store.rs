@@ -46,6 +46,7 @@ fn terminal(id: &str, seq: u64, state: State) -> StatusEvent {
         }),
         tenant: None,
         rejected_message: None,
+        cause: None,
     }
 }
 
@@ -394,7 +395,88 @@ async fn handed_on_messages_are_remembered_for_their_time(store: &dyn StateStore
     assert!(!store.was_handed_on(key).await.expect("ask"), "forgotten");
 }
 
+/// An expiry is taken once when due, by one of several racing takers; it comes due again
+/// only if its taker does not cancel it in time (it died before sending the teardown).
+async fn expiries_are_taken_once_when_due(store: Arc<dyn StateStore>) {
+    let now = std::time::SystemTime::now();
+    let retry = Duration::from_millis(400);
+    store
+        .schedule_expiry("docker", "exp-later", now + Duration::from_secs(3600))
+        .await
+        .expect("schedule");
+    store
+        .schedule_expiry("docker", "exp-due", now - Duration::from_secs(1))
+        .await
+        .expect("schedule");
+    store
+        .schedule_expiry("kubernetes", "exp-other", now - Duration::from_secs(1))
+        .await
+        .expect("schedule");
+    let takers = (0..8).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.take_due_expiries("docker", 16, retry).await })
+    });
+    let mut taken = Vec::new();
+    for taker in takers {
+        taken.extend(taker.await.expect("join").expect("take"));
+    }
+    let ids: Vec<&str> = taken.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["exp-due"],
+        "one taker, only the due one, only this platform's"
+    );
+    let due_at = taken[0].1;
+    let drift = due_at
+        .duration_since(now - Duration::from_secs(1))
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        drift < Duration::from_millis(5),
+        "the time it was due: {drift:?}"
+    );
+    // Not cancelled: due again once the retry time passes, for one taker again.
+    tokio::time::sleep(retry + Duration::from_millis(100)).await;
+    let again = store
+        .take_due_expiries("docker", 16, retry)
+        .await
+        .expect("take");
+    assert_eq!(again.len(), 1, "{again:?}");
+    store
+        .cancel_expiry("docker", "exp-due")
+        .await
+        .expect("cancel");
+    tokio::time::sleep(retry + Duration::from_millis(100)).await;
+    assert!(
+        store
+            .take_due_expiries("docker", 16, retry)
+            .await
+            .expect("take")
+            .is_empty(),
+        "cancelled"
+    );
+    // Scheduling again replaces the time.
+    store
+        .schedule_expiry("docker", "exp-later", now - Duration::from_secs(1))
+        .await
+        .expect("reschedule");
+    let rescheduled = store
+        .take_due_expiries("docker", 16, retry)
+        .await
+        .expect("take");
+    assert_eq!(rescheduled.len(), 1);
+    assert_eq!(rescheduled[0].0, "exp-later");
+    store
+        .cancel_expiry("docker", "exp-later")
+        .await
+        .expect("cancel");
+    store
+        .cancel_expiry("kubernetes", "exp-other")
+        .await
+        .expect("cancel");
+}
+
 async fn conformance(store: Arc<dyn StateStore>) {
+    expiries_are_taken_once_when_due(store.clone()).await;
     handed_on_messages_are_remembered_for_their_time(store.as_ref()).await;
     claims_leases_and_fences(store.as_ref()).await;
     a_teardown_tombstones_its_target_whatever_the_interleaving(store.as_ref()).await;

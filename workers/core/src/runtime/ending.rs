@@ -151,6 +151,18 @@ impl Worker {
         event: provisioner_events::StatusEvent,
     ) -> Result<Settlement, Abort> {
         let id = held.id().to_owned();
+        let platform = self.platform.name();
+        if let Some(at) = expiry_of(held.request, &event) {
+            // Scheduled before the result is stored: a result without its schedule would
+            // let the resource outlive its time. Scheduling twice only sets the time again.
+            let scheduled = self
+                .store_call(|| self.store.schedule_expiry(platform.as_str(), &id, at))
+                .await;
+            if let Err(e) = scheduled {
+                self.end_acting(held, None).await;
+                return Err(e.into());
+            }
+        }
         let stored = self
             .store_call(|| self.store.complete(&id, &held.fence, &event))
             .await;
@@ -196,6 +208,16 @@ impl Worker {
             None => terminal.await?,
         }
         let resource_state = event.error.is_none().then_some(event.state);
+        if let (Some(target), Some(State::Stopped)) = (&held.acting_on, resource_state)
+            && held.request.operation == Operation::Teardown
+            && let Err(e) = self
+                .store
+                .cancel_expiry(platform.as_str(), target.as_str())
+                .await
+        {
+            // The expiry would only send a teardown of what is gone, answered `stopped`.
+            debug!(error = %e, "could not forget the expiry of what was torn down");
+        }
         self.end_acting(held, resource_state).await;
         Ok(Settlement::Ack)
     }
@@ -281,4 +303,20 @@ impl Worker {
         );
         self.record_and_publish(held, event).await
     }
+}
+
+/// When the resource a provision's terminal `event` reports should be torn down: for a
+/// provision that ends `running` with a `ttl_seconds` (counted from now) or `expires_at`.
+fn expiry_of(
+    request: &Request,
+    event: &provisioner_events::StatusEvent,
+) -> Option<std::time::SystemTime> {
+    let running = request.operation == Operation::Provision
+        && !request.dry_run
+        && event.state == State::Running
+        && event.error.is_none();
+    running
+        .then(|| request.expiry(event.timestamp))
+        .flatten()
+        .map(std::time::SystemTime::from)
 }

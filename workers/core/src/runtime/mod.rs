@@ -21,6 +21,8 @@
 
 mod attempt;
 mod ending;
+mod expiry;
+pub use expiry::{EXPIRY_RETRY, expiry_teardown_id};
 mod lease;
 mod platform_call;
 mod reaper;
@@ -77,6 +79,9 @@ pub struct WorkerConfig {
     pub reap_after: Option<Duration>,
     /// How long `describe` waits for a resource in transition to settle.
     pub describe_settle: Duration,
+    /// How often to look for resources whose `ttl_seconds` or `expires_at` is up, and
+    /// send their teardown. `None`: never (another worker of the platform must).
+    pub expire_every: Option<Duration>,
 }
 
 impl Default for WorkerConfig {
@@ -93,6 +98,7 @@ impl Default for WorkerConfig {
             retention: crate::store::DEFAULT_RETENTION,
             reap_after: Some(Duration::from_secs(3600)),
             describe_settle: Duration::from_secs(60),
+            expire_every: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -177,6 +183,12 @@ impl Worker {
         let _reaper = self.config.reap_after.map(|idle| {
             let worker = self.clone();
             reaper::AbortOnDrop(tokio::spawn(async move { worker.reap_forever(idle).await }))
+        });
+        let _expirer = self.config.expire_every.map(|every| {
+            let worker = self.clone();
+            reaper::AbortOnDrop(tokio::spawn(
+                async move { worker.expire_forever(every).await },
+            ))
         });
         tokio::pin!(shutdown);
         'connection: loop {
@@ -511,6 +523,7 @@ impl Worker {
                 }),
                 tenant: None,
                 rejected_message: Some(RejectedMessage::of(&delivery.body)),
+                cause: None,
             };
             if let Err(e) = self.broker.publish_status(&event).await {
                 // The dead letter still carries the reason; the event is only a courtesy.
@@ -545,6 +558,7 @@ impl Worker {
             error,
             tenant: request.tenant.clone(),
             rejected_message: None,
+            cause: request.cause.clone(),
         }
     }
 

@@ -77,6 +77,15 @@ impl Worker {
                 "the request's deadline passed before it could be carried out; nothing was done",
             ));
         }
+        if request.operation == Operation::Provision
+            && let Some(expires_at) = request.expires_at
+            && OffsetDateTime::now_utc() >= expires_at
+        {
+            return Err(PlatformError::permanent(
+                ErrorClass::Timeout,
+                "the request's expires_at passed before it could be provisioned; nothing was made",
+            ));
+        }
         let target = || request.target().map_err(PlatformError::from);
         let call = async {
             if request.dry_run {

@@ -1,0 +1,147 @@
+//! Tearing resources down when they expire. A provision with `ttl_seconds` or
+//! `expires_at` schedules its expiry in the store when it ends `running`; every worker of
+//! the platform looks for due expiries now and then, and the store hands each to exactly
+//! one of them. The taker publishes an ordinary teardown request (request id
+//! `<id>.expired`, `cause` saying why), so the teardown goes through the queue like any
+//! other: retried, fenced, serialized with the provision, and reported on the status
+//! topic. An expiry whose provision a teardown already tombstoned is only forgotten. Only
+//! once the broker confirmed the teardown is the expiry forgotten; a taker that dies
+//! before leaves it to come due again, and the teardown's fixed request id makes a second
+//! copy of it a duplicate, not a second teardown.
+
+use std::time::{Duration, SystemTime};
+
+use provisioner_events::{Operation, SCHEMA_VERSION, request_routing_key};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tracing::{debug, info, warn};
+
+use super::Worker;
+use crate::StoreError;
+
+/// Expiries taken per round.
+const BATCH: usize = 32;
+
+/// How long a taken expiry waits before another worker may take it again: time enough to
+/// publish one confirmed message.
+pub const EXPIRY_RETRY: Duration = Duration::from_secs(60);
+
+/// The request id of the teardown sent when `request_id`'s resource expires: readable
+/// when it fits in a request id, a digest of it otherwise.
+pub fn expiry_teardown_id(request_id: &str) -> String {
+    let readable = format!("{request_id}.expired");
+    if readable.len() <= 128 {
+        return readable;
+    }
+    let digest: String = Sha256::digest(request_id.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("expired.{digest}")
+}
+
+impl Worker {
+    /// Looks for due expiries every `every`, for as long as the worker runs.
+    pub(super) async fn expire_forever(&self, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = self.expire_once().await {
+                debug!(error = %e, "could not look for expired resources");
+            }
+        }
+    }
+
+    /// One round: sends the teardown of every resource of this platform whose time is up.
+    /// Returns how many it sent.
+    pub async fn expire_once(&self) -> Result<usize, StoreError> {
+        let platform = self.platform.name();
+        let due = self
+            .store
+            .take_due_expiries(platform.as_str(), BATCH, EXPIRY_RETRY)
+            .await?;
+        let mut sent = 0;
+        for (request_id, due_at) in due {
+            let teardown_id = expiry_teardown_id(&request_id);
+            let due_text = OffsetDateTime::from(due_at)
+                .format(&Rfc3339)
+                .unwrap_or_else(|_| "its time".to_owned());
+            let record = self.store.get(&request_id).await.ok().flatten();
+            // A teardown already in charge (it tombstoned the provision): nothing to send.
+            if let Some(by) = record.as_ref().and_then(|r| r.torn_down_by.clone()) {
+                info!(request.id = %request_id, %by, "expired, but already torn down");
+                if let Err(e) = self
+                    .store
+                    .cancel_expiry(platform.as_str(), &request_id)
+                    .await
+                {
+                    debug!(error = %e, "could not forget the expiry of what was torn down");
+                }
+                continue;
+            }
+            // The provision's tenant, so the teardown is accounted to the same one.
+            let tenant = record.and_then(|r| r.result).and_then(|event| event.tenant);
+            let mut teardown = serde_json::json!({
+                "schema_version": SCHEMA_VERSION,
+                "request_id": teardown_id,
+                "operation": "teardown",
+                "platform": platform.as_str(),
+                "target_request_id": request_id,
+                "cause": format!("expired: {request_id} was to be torn down at {due_text} (its ttl_seconds or expires_at)"),
+            });
+            if let Some(tenant) = tenant {
+                teardown["tenant"] = tenant.into();
+            }
+            let body = teardown.to_string();
+            let routing_key = request_routing_key(platform, Operation::Teardown);
+            match self
+                .broker
+                .publish_request(&routing_key, &teardown_id, body.as_bytes())
+                .await
+            {
+                Ok(()) => {
+                    info!(request.id = %request_id, teardown = %teardown_id, late_ms = SystemTime::now().duration_since(due_at).unwrap_or_default().as_millis() as u64, "expired; teardown sent");
+                    if let Err(e) = self
+                        .store
+                        .cancel_expiry(platform.as_str(), &request_id)
+                        .await
+                    {
+                        // It comes due again and is sent again: a duplicate of the same
+                        // teardown, answered from its record.
+                        debug!(error = %e, "could not forget a sent expiry");
+                    }
+                    sent += 1;
+                }
+                Err(e) => warn!(
+                    request.id = %request_id,
+                    error = %e,
+                    retry_in_s = EXPIRY_RETRY.as_secs(),
+                    "could not send the teardown of an expired resource; it is tried again"
+                ),
+            }
+        }
+        Ok(sent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expiry_teardown_id;
+    use provisioner_events::RequestId;
+
+    #[test]
+    fn the_expiry_teardown_id_is_a_valid_request_id_for_every_length() {
+        for length in [1, 60, 120, 121, 128] {
+            let id = "a".repeat(length);
+            let teardown = expiry_teardown_id(&id);
+            assert!(RequestId::new(teardown.as_str()).is_ok(), "{teardown}");
+            assert_ne!(teardown, id);
+        }
+        assert_eq!(expiry_teardown_id("batch-42"), "batch-42.expired");
+        assert_ne!(
+            expiry_teardown_id(&"a".repeat(128)),
+            expiry_teardown_id(&"b".repeat(128)),
+            "a digest of the id, not a truncation"
+        );
+    }
+}
