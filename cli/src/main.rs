@@ -85,12 +85,28 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+    /// Show or set a tenant's quota: how many machines its provisions may hold at once,
+    /// shared by every worker and platform. `*` is the default of every tenant without a
+    /// quota of its own.
+    Quota {
+        #[command(subcommand)]
+        action: QuotaAction,
+    },
     /// A tiny HTTP server, the program of the shipped process examples.
     #[command(hide = true)]
     DemoHttp {
         #[arg(long, env = "PORT")]
         port: u16,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum QuotaAction {
+    /// Print the tenant's limit (its own or the default) and how many machines it holds.
+    Show { tenant: String },
+    /// Set the tenant's limit; `none` removes it (the default, if any, applies again).
+    /// A lower limit takes nothing away: it refuses new provisions until enough are gone.
+    Set { tenant: String, limit: String },
 }
 
 /// Exit codes from sysexits: bad usage or configuration, unavailable service.
@@ -189,6 +205,7 @@ async fn run(cli: Cli) -> ExitCode {
             dry_run,
             limit,
         } => redrive(&cli.connections, platform, dry_run, limit).await,
+        Command::Quota { action } => quota(&cli.connections, action).await,
         Command::DemoHttp { port } => demo_http::serve(port).await.map_err(Failure::from),
     };
     match result {
@@ -407,6 +424,40 @@ async fn redrive(
         "{} {} dead letter(s) of {platform}",
         if dry_run { "would move" } else { "moved" },
         moved.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn quota(connections: &Connections, action: QuotaAction) -> Result<ExitCode, Failure> {
+    let tenant = match &action {
+        QuotaAction::Show { tenant } | QuotaAction::Set { tenant, .. } => tenant.clone(),
+    };
+    if tenant.is_empty() || tenant.len() > 128 || tenant.chars().any(char::is_control) {
+        return Err(Failure::config(anyhow::anyhow!(
+            "a tenant is 1 to 128 characters without control characters"
+        )));
+    }
+    if let QuotaAction::Set { limit, .. } = &action {
+        let limit = match limit.as_str() {
+            "none" => None,
+            number => Some(number.parse::<u64>().map_err(|_| {
+                Failure::config(anyhow::anyhow!(
+                    "limit {number:?} is neither a number of machines nor `none`"
+                ))
+            })?),
+        };
+        let store = redis(connections).await?;
+        store
+            .set_quota(&tenant, limit)
+            .await
+            .context("writing the quota")?;
+    }
+    let store = redis(connections).await?;
+    let usage = store.quota(&tenant).await.context("reading the quota")?;
+    let output = serde_json::json!({"tenant": tenant, "limit": usage.limit, "used": usage.used});
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&output).context("formatting")?
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -37,7 +37,9 @@ pub mod store;
 pub use broker::{Broker, BrokerError, Delivery, MemoryBroker, Settlement};
 pub use platform::{Described, Finding, Outcome, Platform, PlatformError, SetupError};
 pub use runtime::{Worker, WorkerConfig, expiry_teardown_id};
-pub use store::{Claim, Fence, MemoryStore, StateStore, StoreError};
+pub use store::{
+    Claim, DEFAULT_TENANT, Fence, MemoryStore, QuotaGrant, QuotaUsage, StateStore, StoreError,
+};
 
 /// Hides the password of a URL for messages.
 pub fn redact_url(url: &str) -> String {

@@ -25,8 +25,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use crate::store::{
-    Actor, Claim, ClaimRequest, Fence, Reaped, Renewal, RequestRecord, StateStore, StoreError,
-    TargetGrant,
+    Actor, Claim, ClaimRequest, DEFAULT_TENANT, Fence, QuotaGrant, QuotaUsage, Reaped, Renewal,
+    RequestRecord, StateStore, StoreError, TargetGrant,
 };
 
 pub use crate::store::DEFAULT_RETENTION;
@@ -175,6 +175,27 @@ end
 return due
 "#;
 
+/// KEYS holders (set), tenant's quota (hash), default quota (hash), holder (string);
+/// ARGV request_id, tenant. Returns {granted 0|1, limit, used}.
+const RESERVE_QUOTA: &str = r#"
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return {1, 0, 0} end
+local limit = redis.call('HGET', KEYS[2], 'limit') or redis.call('HGET', KEYS[3], 'limit')
+local used = redis.call('SCARD', KEYS[1])
+if limit and used >= tonumber(limit) then return {0, tonumber(limit), used} end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[4], ARGV[2])
+return {1, 0, used + 1}
+"#;
+
+/// KEYS holder (string); ARGV key prefix, request_id.
+const RELEASE_QUOTA: &str = r#"
+local tenant = redis.call('GET', KEYS[1])
+if not tenant then return 0 end
+redis.call('SREM', ARGV[1] .. 'quota-holders:' .. tenant, ARGV[2])
+redis.call('DEL', KEYS[1])
+return 1
+"#;
+
 /// KEYS record, index; ARGV idle_ms, owner, nonce, lease_ms, id.
 /// Returns {} | {'reaped', fence, seq, route, attempts}.
 const REAP: &str = r#"
@@ -204,6 +225,8 @@ struct Scripts {
     stale: Script,
     reap: Script,
     take_due: Script,
+    reserve_quota: Script,
+    release_quota: Script,
 }
 
 impl Scripts {
@@ -220,6 +243,8 @@ impl Scripts {
             end_act: script(END_ACT),
             stale: script(STALE),
             take_due: script(TAKE_DUE),
+            reserve_quota: Script::new(RESERVE_QUOTA),
+            release_quota: Script::new(RELEASE_QUOTA),
             reap: script(REAP),
         }
     }
@@ -322,6 +347,21 @@ impl RedisStore {
 
     fn index(&self) -> String {
         format!("{}inflight", self.prefix)
+    }
+
+    /// A tenant's quota: a hash with its `limit`.
+    fn quota_key(&self, tenant: &str) -> String {
+        format!("{}quota:{tenant}", self.prefix)
+    }
+
+    /// The request ids that hold one of a tenant's machines.
+    fn quota_holders(&self, tenant: &str) -> String {
+        format!("{}quota-holders:{tenant}", self.prefix)
+    }
+
+    /// Which tenant a request's reservation counts against.
+    fn quota_holder(&self, request_id: &str) -> String {
+        format!("{}quota-holder:{request_id}", self.prefix)
     }
 
     /// The sorted set of a platform's scheduled expiries, scored by when they are due (ms
@@ -726,5 +766,75 @@ impl StateStore for RedisStore {
             .zrem::<_, _, ()>(self.expiries(platform), request_id)
             .await
             .map_err(classify)
+    }
+
+    async fn reserve_quota(
+        &self,
+        tenant: &str,
+        request_id: &str,
+    ) -> Result<QuotaGrant, StoreError> {
+        let mut connection = self.connection.clone();
+        let (granted, limit, used): (u8, u64, u64) = self
+            .scripts
+            .reserve_quota
+            .key(self.quota_holders(tenant))
+            .key(self.quota_key(tenant))
+            .key(self.quota_key(DEFAULT_TENANT))
+            .key(self.quota_holder(request_id))
+            .arg(request_id)
+            .arg(tenant)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(classify)?;
+        Ok(if granted == 1 {
+            QuotaGrant::Granted
+        } else {
+            QuotaGrant::Exceeded { limit, used }
+        })
+    }
+
+    async fn release_quota(&self, request_id: &str) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        self.scripts
+            .release_quota
+            .key(self.quota_holder(request_id))
+            .arg(&self.prefix)
+            .arg(request_id)
+            .invoke_async::<u8>(&mut connection)
+            .await
+            .map(drop)
+            .map_err(classify)
+    }
+
+    async fn set_quota(&self, tenant: &str, limit: Option<u64>) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        match limit {
+            Some(limit) => {
+                connection
+                    .hset::<_, _, _, ()>(self.quota_key(tenant), "limit", limit)
+                    .await
+            }
+            None => {
+                connection
+                    .hdel::<_, _, ()>(self.quota_key(tenant), "limit")
+                    .await
+            }
+        }
+        .map_err(classify)
+    }
+
+    async fn quota(&self, tenant: &str) -> Result<QuotaUsage, StoreError> {
+        let mut connection = self.connection.clone();
+        let (own, default, used): (Option<u64>, Option<u64>, u64) = redis::pipe()
+            .hget(self.quota_key(tenant), "limit")
+            .hget(self.quota_key(DEFAULT_TENANT), "limit")
+            .scard(self.quota_holders(tenant))
+            .query_async(&mut connection)
+            .await
+            .map_err(classify)?;
+        Ok(QuotaUsage {
+            limit: own.or(default),
+            used,
+        })
     }
 }

@@ -302,6 +302,44 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Forgets `request_id`'s expiry: its teardown was sent, or it was torn down already.
     async fn cancel_expiry(&self, platform: &str, request_id: &str) -> Result<(), StoreError>;
+
+    /// Reserves one of `tenant`'s machines for the provision `request_id`, atomically with
+    /// the check against the tenant's limit (its own, else the default set for
+    /// [`DEFAULT_TENANT`]). A request holds at most one, so a retry reserves nothing more.
+    async fn reserve_quota(&self, tenant: &str, request_id: &str)
+    -> Result<QuotaGrant, StoreError>;
+
+    /// Gives back what `request_id` reserved, if anything: its resource is gone.
+    async fn release_quota(&self, request_id: &str) -> Result<(), StoreError>;
+
+    /// Sets `tenant`'s limit (`None`: no limit of its own), or the default limit of every
+    /// tenant without one when `tenant` is [`DEFAULT_TENANT`].
+    async fn set_quota(&self, tenant: &str, limit: Option<u64>) -> Result<(), StoreError>;
+
+    /// `tenant`'s limit (its own or the default) and how many it holds.
+    async fn quota(&self, tenant: &str) -> Result<QuotaUsage, StoreError>;
+}
+
+/// The tenant name whose quota is the default of every tenant without one of its own.
+pub const DEFAULT_TENANT: &str = "*";
+
+/// The answer to [`StateStore::reserve_quota`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaGrant {
+    Granted,
+    /// The tenant holds `used` of its `limit` already.
+    Exceeded {
+        limit: u64,
+        used: u64,
+    },
+}
+
+/// A tenant's quota and what it holds of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct QuotaUsage {
+    /// `None`: no limit (neither its own nor a default).
+    pub limit: Option<u64>,
+    pub used: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -349,6 +387,8 @@ pub struct MemoryStore {
     handed_on: Mutex<HashMap<String, Instant>>,
     /// Scheduled expiries by (platform, request id).
     expiries: Mutex<HashMap<(String, String), SystemTime>>,
+    /// Tenants' limits, and which tenant each holding request counts against.
+    quotas: Mutex<Quotas>,
     retention: Duration,
 }
 
@@ -372,6 +412,7 @@ impl MemoryStore {
             records: Mutex::new(HashMap::new()),
             handed_on: Mutex::new(HashMap::new()),
             expiries: Mutex::new(HashMap::new()),
+            quotas: Mutex::new(Quotas::default()),
             retention,
         }
     }
@@ -395,6 +436,25 @@ impl MemoryStore {
             Some(_) => Err(StoreError::Fenced(fence.clone())),
             None => Err(StoreError::Missing(request_id.to_owned())),
         }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Quotas {
+    limits: HashMap<String, u64>,
+    holder_tenant: HashMap<String, String>,
+}
+
+impl Quotas {
+    fn limit(&self, tenant: &str) -> Option<u64> {
+        self.limits
+            .get(tenant)
+            .or_else(|| self.limits.get(DEFAULT_TENANT))
+            .copied()
+    }
+
+    fn used(&self, tenant: &str) -> u64 {
+        self.holder_tenant.values().filter(|t| *t == tenant).count() as u64
     }
 }
 
@@ -712,5 +772,49 @@ impl StateStore for MemoryStore {
         let mut expiries = self.expiries.lock().unwrap_or_else(|e| e.into_inner());
         expiries.remove(&(platform.to_owned(), request_id.to_owned()));
         Ok(())
+    }
+
+    async fn reserve_quota(
+        &self,
+        tenant: &str,
+        request_id: &str,
+    ) -> Result<QuotaGrant, StoreError> {
+        let mut quotas = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
+        if quotas.holder_tenant.contains_key(request_id) {
+            return Ok(QuotaGrant::Granted);
+        }
+        let used = quotas.used(tenant);
+        if let Some(limit) = quotas.limit(tenant)
+            && used >= limit
+        {
+            return Ok(QuotaGrant::Exceeded { limit, used });
+        }
+        quotas
+            .holder_tenant
+            .insert(request_id.to_owned(), tenant.to_owned());
+        Ok(QuotaGrant::Granted)
+    }
+
+    async fn release_quota(&self, request_id: &str) -> Result<(), StoreError> {
+        let mut quotas = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
+        quotas.holder_tenant.remove(request_id);
+        Ok(())
+    }
+
+    async fn set_quota(&self, tenant: &str, limit: Option<u64>) -> Result<(), StoreError> {
+        let mut quotas = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
+        match limit {
+            Some(limit) => quotas.limits.insert(tenant.to_owned(), limit),
+            None => quotas.limits.remove(tenant),
+        };
+        Ok(())
+    }
+
+    async fn quota(&self, tenant: &str) -> Result<QuotaUsage, StoreError> {
+        let quotas = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(QuotaUsage {
+            limit: quotas.limit(tenant),
+            used: quotas.used(tenant),
+        })
     }
 }

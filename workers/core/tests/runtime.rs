@@ -823,6 +823,22 @@ impl StateStore for RenewalsHang {
     async fn cancel_expiry(&self, p: &str, id: &str) -> Result<(), StoreError> {
         self.0.cancel_expiry(p, id).await
     }
+    async fn reserve_quota(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<provisioner_core::QuotaGrant, StoreError> {
+        self.0.reserve_quota(tenant, id).await
+    }
+    async fn release_quota(&self, id: &str) -> Result<(), StoreError> {
+        self.0.release_quota(id).await
+    }
+    async fn set_quota(&self, tenant: &str, limit: Option<u64>) -> Result<(), StoreError> {
+        self.0.set_quota(tenant, limit).await
+    }
+    async fn quota(&self, tenant: &str) -> Result<provisioner_core::QuotaUsage, StoreError> {
+        self.0.quota(tenant).await
+    }
     async fn end_act(&self, t: &str, a: Actor<'_>, s: Option<State>) -> Result<(), StoreError> {
         self.0.end_act(t, a, s).await
     }

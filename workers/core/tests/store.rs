@@ -475,7 +475,98 @@ async fn expiries_are_taken_once_when_due(store: Arc<dyn StateStore>) {
         .expect("cancel");
 }
 
+/// A tenant's machines are reserved atomically against its limit (its own, else the
+/// default), once per request however often it asks, and given back on release.
+async fn quotas_are_reserved_atomically_and_given_back(store: Arc<dyn StateStore>) {
+    use provisioner_core::{DEFAULT_TENANT, QuotaGrant, QuotaUsage};
+    store.set_quota("team-a", Some(3)).await.expect("set");
+    // Sixteen requests race for three machines: exactly three get one.
+    let racers = (0..16).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move { store.reserve_quota("team-a", &format!("qa-{i}")).await })
+    });
+    let mut granted = Vec::new();
+    for (i, racer) in racers.enumerate() {
+        if racer.await.expect("join").expect("reserve") == QuotaGrant::Granted {
+            granted.push(format!("qa-{i}"));
+        }
+    }
+    assert_eq!(granted.len(), 3, "{granted:?}");
+    // A holder asking again (a retry) is granted without counting twice.
+    assert_eq!(
+        store
+            .reserve_quota("team-a", &granted[0])
+            .await
+            .expect("again"),
+        QuotaGrant::Granted
+    );
+    assert_eq!(
+        store
+            .reserve_quota("team-a", "qa-late")
+            .await
+            .expect("late"),
+        QuotaGrant::Exceeded { limit: 3, used: 3 }
+    );
+    store.release_quota(&granted[0]).await.expect("release");
+    store
+        .release_quota(&granted[0])
+        .await
+        .expect("release twice is nothing");
+    store
+        .release_quota("never-held")
+        .await
+        .expect("release of nothing");
+    assert_eq!(
+        store.quota("team-a").await.expect("quota"),
+        QuotaUsage {
+            limit: Some(3),
+            used: 2
+        }
+    );
+    assert_eq!(
+        store
+            .reserve_quota("team-a", "qa-late")
+            .await
+            .expect("late"),
+        QuotaGrant::Granted
+    );
+    // The default limit covers tenants without their own; removing a limit lifts it.
+    store
+        .set_quota(DEFAULT_TENANT, Some(1))
+        .await
+        .expect("default");
+    assert_eq!(
+        store.reserve_quota("team-b", "qb-1").await.expect("b1"),
+        QuotaGrant::Granted
+    );
+    assert_eq!(
+        store.reserve_quota("team-b", "qb-2").await.expect("b2"),
+        QuotaGrant::Exceeded { limit: 1, used: 1 }
+    );
+    store.set_quota(DEFAULT_TENANT, None).await.expect("lift");
+    assert_eq!(
+        store.reserve_quota("team-b", "qb-2").await.expect("b2"),
+        QuotaGrant::Granted
+    );
+    assert_eq!(
+        store.quota("team-c").await.expect("quota"),
+        QuotaUsage {
+            limit: None,
+            used: 0
+        }
+    );
+    for id in ["qa-late", "qb-1", "qb-2"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(granted)
+    {
+        store.release_quota(&id).await.expect("release");
+    }
+    store.set_quota("team-a", None).await.expect("lift");
+}
+
 async fn conformance(store: Arc<dyn StateStore>) {
+    quotas_are_reserved_atomically_and_given_back(store.clone()).await;
     expiries_are_taken_once_when_due(store.clone()).await;
     handed_on_messages_are_remembered_for_their_time(store.as_ref()).await;
     claims_leases_and_fences(store.as_ref()).await;

@@ -22,7 +22,7 @@ use super::{Abort, Worker, panic_text};
 use crate::broker::{Delivery, PendingConfirm, Settlement};
 use crate::platform::PlatformError;
 use crate::policy;
-use crate::store::{Actor, Claim, ClaimRequest, Fence, TargetGrant};
+use crate::store::{Actor, Claim, ClaimRequest, Fence, QuotaGrant, TargetGrant};
 
 /// The claim this attempt holds.
 pub(super) struct Held<'a> {
@@ -207,6 +207,25 @@ impl Worker {
             return self
                 .end_in_error(held, ErrorClass::Conflict, message, None)
                 .await;
+        }
+        if request.operation == Operation::Provision
+            && !request.dry_run
+            && let Some(tenant) = &request.tenant
+        {
+            // Reserved before anything is made, atomically against the tenant's limit;
+            // a retry of this request holds the same reservation.
+            let id = held.id().to_owned();
+            let grant = self
+                .store_call(|| self.store.reserve_quota(tenant, &id))
+                .await?;
+            if let QuotaGrant::Exceeded { limit, used } = grant {
+                let message = format!(
+                    "tenant {tenant} holds {used} of its {limit} machines; nothing was made. Tear one of them down, or raise the quota (provisioner quota set {tenant} <limit>)"
+                );
+                return self
+                    .end_in_error(held, ErrorClass::Quota, message, None)
+                    .await;
+            }
         }
         let target = match acted_on(request) {
             Some(target) => Some(target),

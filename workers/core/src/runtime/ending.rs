@@ -210,16 +210,36 @@ impl Worker {
         let resource_state = event.error.is_none().then_some(event.state);
         if let (Some(target), Some(State::Stopped)) = (&held.acting_on, resource_state)
             && held.request.operation == Operation::Teardown
-            && let Err(e) = self
-                .store
-                .cancel_expiry(platform.as_str(), target.as_str())
-                .await
         {
-            // The expiry would only send a teardown of what is gone, answered `stopped`.
-            debug!(error = %e, "could not forget the expiry of what was torn down");
+            self.forget_torn_down(platform.as_str(), target.as_str())
+                .await;
+        }
+        if held.request.operation == Operation::Provision && event.state == State::Error {
+            // A provision that ends in error leaves nothing behind, so holds nothing.
+            self.release_quota_of(&id).await;
         }
         self.end_acting(held, resource_state).await;
         Ok(Settlement::Ack)
+    }
+
+    /// What a resource held in the store ends with it: its expiry (which would only send
+    /// a teardown of what is gone) and its place in its tenant's quota.
+    async fn forget_torn_down(&self, platform: &str, request_id: &str) {
+        if let Err(e) = self.store.cancel_expiry(platform, request_id).await {
+            debug!(error = %e, "could not forget the expiry of what was torn down");
+        }
+        self.release_quota_of(request_id).await;
+    }
+
+    /// Gives back `request_id`'s place in its tenant's quota. Retried while the store is
+    /// away: a place never given back would shrink the tenant's quota for good.
+    pub(super) async fn release_quota_of(&self, request_id: &str) {
+        if let Err(e) = self
+            .store_call(|| self.store.release_quota(request_id))
+            .await
+        {
+            error!(request.id = %request_id, error = %e, "could not give back a quota reservation; `provisioner quota` shows it until it is released");
+        }
     }
 
     /// Ends the actor lease on the target, recording the target's resource state after

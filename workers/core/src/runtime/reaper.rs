@@ -109,6 +109,9 @@ impl Worker {
                 continue;
             }
             info!(request.id = %id, "ended an abandoned request");
+            if operation == Some(Operation::Provision) {
+                self.release_quota_of(&id).await;
+            }
             if let Err(e) = self.broker.publish_status(&event).await {
                 warn!(request.id = %id, error = %e, "could not publish the end of an abandoned request; it is recorded");
             }

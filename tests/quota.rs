@@ -1,0 +1,95 @@
+//! Tenant quotas end to end, on the real RabbitMQ, Redis and Podman, with two workers
+//! racing: a tenant's provisions never hold more machines than its quota, the one over it
+//! ends `error` class `quota` with nothing made, and a teardown gives its place back.
+
+mod common;
+
+use common::{TestEnv, id};
+use provisioner_events::{ErrorClass, State};
+
+/// Runs `provisioner quota …` and returns its JSON answer.
+fn quota(env: &TestEnv, args: &[&str]) -> serde_json::Value {
+    let output = std::process::Command::new(common::BIN)
+        .arg("quota")
+        .args(args)
+        .envs(env.env())
+        .output()
+        .expect("run provisioner quota");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("json")
+}
+
+fn for_tenant(env: &TestEnv, name: &str, tenant: &str) -> serde_json::Value {
+    let mut request = env.web(name);
+    request["tenant"] = tenant.into();
+    request
+}
+
+#[tokio::test]
+async fn a_tenant_never_holds_more_than_its_quota_and_a_teardown_gives_a_place_back() {
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_worker("a");
+    env.start_worker("b");
+    let set = quota(&env, &["set", "team-a", "2"]);
+    assert_eq!(
+        set,
+        serde_json::json!({"tenant": "team-a", "limit": 2, "used": 0})
+    );
+
+    let requests: Vec<_> = (0..3)
+        .map(|i| for_tenant(&env, &format!("q{i}"), "team-a"))
+        .collect();
+    // Someone else's work is not counted against team-a.
+    let untenanted = env.web("q-free");
+    for request in requests.iter().chain([&untenanted]) {
+        env.publish(request).await;
+    }
+    let mut running = Vec::new();
+    let mut refused = Vec::new();
+    for request in &requests {
+        let event = events.terminal(&id(request)).await;
+        match event.state {
+            State::Running => running.push(id(request)),
+            State::Error => refused.push(event),
+            other => panic!("{other:?}: {event:#?}"),
+        }
+    }
+    assert_eq!(running.len(), 2, "two machines: {refused:#?}");
+    assert_eq!(refused.len(), 1);
+    let error = refused[0].error.as_ref().expect("error");
+    assert_eq!(error.class, ErrorClass::Quota, "{error:?}");
+    assert!(error.message.contains("2 of its 2"), "{}", error.message);
+    assert_eq!(
+        events.terminal(&id(&untenanted)).await.state,
+        State::Running
+    );
+    let containers = env.containers().await;
+    assert!(
+        !containers.contains_key(&refused[0].request_id),
+        "nothing made for the refused one: {containers:?}"
+    );
+    assert_eq!(containers.len(), 3, "{containers:?}");
+    assert_eq!(quota(&env, &["show", "team-a"])["used"], 2);
+
+    // A teardown gives its place back; the refused work, sent again, now runs.
+    let down = env.teardown("q-down", &running[0]);
+    env.publish(&down).await;
+    assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
+    assert_eq!(quota(&env, &["show", "team-a"])["used"], 1);
+    let again = for_tenant(&env, "q-again", "team-a");
+    env.publish(&again).await;
+    assert_eq!(events.terminal(&id(&again)).await.state, State::Running);
+    assert_eq!(quota(&env, &["show", "team-a"])["used"], 2);
+
+    // Lifting the limit leaves the count; `none` is no limit.
+    let lifted = quota(&env, &["set", "team-a", "none"]);
+    assert_eq!(
+        lifted,
+        serde_json::json!({"tenant": "team-a", "limit": null, "used": 2})
+    );
+}
