@@ -145,6 +145,13 @@ pub struct WorkerSettings {
     /// their teardown, in milliseconds (0: never; another worker of the platform must).
     #[arg(long, env = "EXPIRE_EVERY_MS", default_value_t = 1000)]
     pub expire_every_ms: u64,
+    /// How often this worker reconciles its platform's resources with the records, as
+    /// `provisioner reconcile` does (0: never).
+    #[arg(long, env = "RECONCILE_EVERY_SECONDS", default_value_t = 0)]
+    pub reconcile_every_seconds: u64,
+    /// The periodic reconciliation leaves alone anything younger than this.
+    #[arg(long, env = "RECONCILE_MIN_AGE_SECONDS", default_value_t = 600)]
+    pub reconcile_min_age_seconds: u64,
 }
 
 impl WorkerSettings {
@@ -230,6 +237,15 @@ impl WorkerSettings {
                 .then(|| Duration::from_secs(self.reap_after_seconds)),
             expire_every: (self.expire_every_ms > 0)
                 .then(|| Duration::from_millis(self.expire_every_ms)),
+            reconcile: (self.reconcile_every_seconds > 0).then(|| {
+                (
+                    Duration::from_secs(self.reconcile_every_seconds),
+                    provisioner_core::ReconcileOptions {
+                        min_age: Duration::from_secs(self.reconcile_min_age_seconds),
+                        ..provisioner_core::ReconcileOptions::default()
+                    },
+                )
+            }),
             ..WorkerConfig::default()
         })
     }

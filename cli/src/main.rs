@@ -10,6 +10,7 @@ mod submit;
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -84,6 +85,28 @@ enum Command {
         /// Move at most this many.
         #[arg(long, default_value_t = 1000)]
         limit: usize,
+    },
+    /// Compare what a platform holds with the provisioner's marks against the records,
+    /// and send the teardown of what no record explains (no record, a provision that
+    /// ended in error, a torn-down one still there). Fresh resources and foreign ones
+    /// (without our marks) are never touched. Prints one JSON line per resource.
+    Reconcile {
+        #[arg(long, env = "PLATFORM", value_parser = config::parse_platform)]
+        platform: PlatformName,
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Leave alone anything younger than this.
+        #[arg(long, default_value_t = 600)]
+        min_age_seconds: u64,
+        /// Look at each verdict again after this pause before acting on it.
+        #[arg(long, default_value_t = 5)]
+        second_look_seconds: u64,
+        /// Send at most this many teardowns.
+        #[arg(long, default_value_t = 20)]
+        max: usize,
+        #[command(flatten)]
+        platforms: PlatformSettings,
     },
     /// Show or set a tenant's quota: how many machines its provisions may hold at once,
     /// shared by every worker and platform. `*` is the default of every tenant without a
@@ -205,6 +228,22 @@ async fn run(cli: Cli) -> ExitCode {
             dry_run,
             limit,
         } => redrive(&cli.connections, platform, dry_run, limit).await,
+        Command::Reconcile {
+            platform,
+            dry_run,
+            min_age_seconds,
+            second_look_seconds,
+            max,
+            platforms,
+        } => {
+            let options = provisioner_core::ReconcileOptions {
+                min_age: Duration::from_secs(min_age_seconds),
+                second_look_after: Duration::from_secs(second_look_seconds),
+                max_removals: max,
+                dry_run,
+            };
+            reconcile(&cli.connections, platform, platforms, options).await
+        }
         Command::Quota { action } => quota(&cli.connections, action).await,
         Command::DemoHttp { port } => demo_http::serve(port).await.map_err(Failure::from),
     };
@@ -425,6 +464,35 @@ async fn redrive(
         if dry_run { "would move" } else { "moved" },
         moved.len()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn reconcile(
+    connections: &Connections,
+    platform: PlatformName,
+    platforms: PlatformSettings,
+    options: provisioner_core::ReconcileOptions,
+) -> Result<ExitCode, Failure> {
+    let built = platforms.build(platform).await?;
+    let store = redis(connections).await?;
+    let broker = amqp(connections, "provisioner-reconcile").await?;
+    broker
+        .declare(platform)
+        .await
+        .with_context(|| format!("declaring the {platform} queues"))?;
+    let worker = Worker::new(
+        built,
+        Arc::new(store),
+        Arc::new(broker),
+        provisioner_core::WorkerConfig::default(),
+    );
+    let decisions = worker
+        .reconcile(&options)
+        .await
+        .with_context(|| format!("reconciling {platform}"))?;
+    for decision in &decisions {
+        println!("{}", serde_json::to_string(decision).context("formatting")?);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

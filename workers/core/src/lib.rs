@@ -35,8 +35,11 @@ pub mod runtime;
 pub mod store;
 
 pub use broker::{Broker, BrokerError, Delivery, MemoryBroker, Settlement};
-pub use platform::{Described, Finding, Outcome, Platform, PlatformError, SetupError};
-pub use runtime::{Worker, WorkerConfig, expiry_teardown_id};
+pub use platform::{Described, Finding, Outcome, Owned, Platform, PlatformError, SetupError};
+pub use runtime::{
+    ReconcileDecision, ReconcileOptions, Verdict, Worker, WorkerConfig, expiry_teardown_id,
+    reconcile_teardown_id,
+};
 pub use store::{
     Claim, DEFAULT_TENANT, Fence, MemoryStore, QuotaGrant, QuotaUsage, StateStore, StoreError,
 };

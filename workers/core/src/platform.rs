@@ -128,6 +128,16 @@ pub struct Described {
     pub resource: Resource,
 }
 
+/// A resource the provisioner made, as [`Platform::owned`] finds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Owned {
+    pub resource: Resource,
+    /// The request its ownership marks name.
+    pub request_id: RequestId,
+    /// When the platform made it, where the platform says.
+    pub created: Option<std::time::SystemTime>,
+}
+
 /// One platform's implementation. The runtime owns queueing, claiming, retries and status;
 /// a platform only talks to its API.
 #[async_trait]
@@ -165,6 +175,14 @@ pub trait Platform: Send + Sync + 'static {
     /// Every resource this worker's platform holds that the provisioner made.
     async fn list(&self) -> Result<Vec<Resource>, PlatformError> {
         Err(PlatformError::unsupported(self.name(), "list"))
+    }
+
+    /// Every resource of this platform that carries the provisioner's ownership marks,
+    /// with the request they name and when it was made: what the reconciler compares
+    /// with the records. A resource whose marks cannot be read is left out, so it is
+    /// never touched.
+    async fn owned(&self) -> Result<Vec<Owned>, PlatformError> {
+        Err(PlatformError::unsupported(self.name(), "reconcile"))
     }
 
     async fn start(&self, target: &TeardownTarget) -> Result<Resource, PlatformError> {

@@ -23,7 +23,7 @@ use bollard::query_parameters::{
 use futures_util::TryStreamExt;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Owned, Platform, PlatformError, SetupError};
 use provisioner_events::spec::HealthCheck;
 use provisioner_events::spec::docker::{DockerSpec, PullPolicy};
 use provisioner_events::{
@@ -726,6 +726,49 @@ impl Platform for DockerPlatform {
                 resource: self.resource(&info),
             }
         }))
+    }
+
+    async fn owned(&self) -> Result<Vec<Owned>, PlatformError> {
+        let filters = HashMap::from([("label", vec![format!("{MANAGED_LABEL}=true")])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| classify(&e, "listing containers"))?;
+        Ok(containers
+            .into_iter()
+            .filter_map(|c| {
+                let request_id = c
+                    .labels
+                    .as_ref()?
+                    .get(REQUEST_LABEL)
+                    .and_then(|id| RequestId::new(id.as_str()).ok())?;
+                let created = c
+                    .created
+                    .and_then(|secs| u64::try_from(secs).ok())
+                    .map(|secs| std::time::UNIX_EPOCH + Duration::from_secs(secs));
+                let resource = Resource {
+                    id: c.id?,
+                    name: c
+                        .names
+                        .and_then(|n| n.into_iter().next())
+                        .unwrap_or_default()
+                        .trim_start_matches('/')
+                        .to_owned(),
+                    address: Some(self.policy.publish_address.clone()),
+                    endpoints: Vec::new(),
+                };
+                Some(Owned {
+                    resource,
+                    request_id,
+                    created,
+                })
+            })
+            .collect())
     }
 
     async fn list(&self) -> Result<Vec<Resource>, PlatformError> {

@@ -25,6 +25,8 @@ mod expiry;
 pub use expiry::{EXPIRY_RETRY, expiry_teardown_id};
 mod lease;
 mod platform_call;
+mod reconcile;
+pub use reconcile::{ReconcileDecision, ReconcileOptions, Verdict, reconcile_teardown_id};
 mod reaper;
 
 use std::future::Future;
@@ -82,6 +84,9 @@ pub struct WorkerConfig {
     /// How often to look for resources whose `ttl_seconds` or `expires_at` is up, and
     /// send their teardown. `None`: never (another worker of the platform must).
     pub expire_every: Option<Duration>,
+    /// How often to reconcile the platform's resources with the records, and how
+    /// carefully. `None`: never (`provisioner reconcile` still can).
+    pub reconcile: Option<(Duration, ReconcileOptions)>,
 }
 
 impl Default for WorkerConfig {
@@ -99,6 +104,7 @@ impl Default for WorkerConfig {
             reap_after: Some(Duration::from_secs(3600)),
             describe_settle: Duration::from_secs(60),
             expire_every: Some(Duration::from_secs(1)),
+            reconcile: None,
         }
     }
 }
@@ -183,6 +189,12 @@ impl Worker {
         let _reaper = self.config.reap_after.map(|idle| {
             let worker = self.clone();
             reaper::AbortOnDrop(tokio::spawn(async move { worker.reap_forever(idle).await }))
+        });
+        let _reconciler = self.config.reconcile.clone().map(|(every, options)| {
+            let worker = self.clone();
+            reaper::AbortOnDrop(tokio::spawn(async move {
+                worker.reconcile_forever(every, options).await
+            }))
         });
         let _expirer = self.config.expire_every.map(|every| {
             let worker = self.clone();

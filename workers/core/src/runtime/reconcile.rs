@@ -1,0 +1,278 @@
+//! Finding and removing what no record explains. A worker can die between a platform's
+//! create call and anything the store learns of it, a teardown can fail half-way, a
+//! resource can be made by hand with our marks: each leaves a resource that runs
+//! unaccounted for. The reconciler lists what the platform holds with the provisioner's
+//! ownership marks ([`Platform::owned`](crate::Platform::owned)), compares each with the
+//! record of the request it names, and sends the teardown of what the records do not
+//! explain: no record at all, a provision that ended in `error` (which must leave
+//! nothing), or one a teardown tombstoned that is still there.
+//!
+//! It is careful in the ways an operator needs: a resource younger than `min_age` is
+//! never judged (it may be a create whose record is being written), every verdict is
+//! looked at a second time after a pause before anything is done, at most `max_removals`
+//! go per run, and `dry_run` only reports. Removal is an ordinary teardown request of the
+//! resource by its id (`<id>.reconciled`, with a `cause` saying why), so it goes through
+//! the queue with its tombstone, fencing and status events, and a second copy of it is a
+//! duplicate.
+
+use std::time::{Duration, SystemTime};
+
+use provisioner_events::{Operation, SCHEMA_VERSION, request_routing_key};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use super::Worker;
+use crate::platform::{Owned, PlatformError};
+use crate::store::RequestRecord;
+
+/// How careful a reconciliation is.
+#[derive(Debug, Clone)]
+pub struct ReconcileOptions {
+    /// Resources younger than this are left alone (10 minutes by default).
+    pub min_age: Duration,
+    /// The pause before the second look at each verdict.
+    pub second_look_after: Duration,
+    /// At most this many teardowns per run.
+    pub max_removals: usize,
+    /// Only report; send nothing.
+    pub dry_run: bool,
+}
+
+impl Default for ReconcileOptions {
+    fn default() -> Self {
+        ReconcileOptions {
+            min_age: Duration::from_secs(600),
+            second_look_after: Duration::from_secs(5),
+            max_removals: 20,
+            dry_run: false,
+        }
+    }
+}
+
+/// What the reconciler decided about one resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// A record explains it.
+    Kept,
+    /// Younger than `min_age`: not judged.
+    TooYoung,
+    /// No record explains it, and its teardown was sent.
+    Removed,
+    /// No record explains it; `dry_run`, or past `max_removals`, so nothing was sent.
+    WouldRemove,
+    /// The second look disagreed with the first (the record or the resource changed).
+    ChangedMeanwhile,
+}
+
+/// One decision, as `provisioner reconcile` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReconcileDecision {
+    pub resource_id: String,
+    pub request_id: String,
+    pub verdict: Verdict,
+    /// Why, in words.
+    pub reason: String,
+    /// The teardown request sent, when one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teardown: Option<String>,
+}
+
+/// The request id of the teardown the reconciler sends for `request_id`'s resource.
+pub fn reconcile_teardown_id(request_id: &str) -> String {
+    let readable = format!("{request_id}.reconciled");
+    if readable.len() <= 128 {
+        return readable;
+    }
+    let digest: String = Sha256::digest(request_id.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("reconciled.{digest}")
+}
+
+/// Why the record does not explain a resource of its request, or `None` when it does.
+fn unexplained(record: Option<&RequestRecord>) -> Option<String> {
+    let Some(record) = record else {
+        return Some(
+            "no record of its request: made outside the provisioner's flow, or its record expired"
+                .into(),
+        );
+    };
+    if record.actor.is_some() {
+        return None; // A teardown or another operation is at work on it right now.
+    }
+    if let Some(by) = &record.torn_down_by {
+        return Some(format!("torn down by {by}, yet still here"));
+    }
+    match &record.result {
+        Some(event) if event.error.is_some() => Some(format!(
+            "its provision ended in error ({}), which leaves nothing behind",
+            event
+                .error
+                .as_ref()
+                .map(|e| e.class.as_str())
+                .unwrap_or("error")
+        )),
+        Some(_) => None,
+        None if record.payload_hash.is_some() => None, // in progress
+        None => Some("its record holds no request".into()),
+    }
+}
+
+impl Worker {
+    /// One reconciliation of this worker's platform: every resource with our marks,
+    /// judged against its record, and the teardown sent of what none explains.
+    pub async fn reconcile(
+        &self,
+        options: &ReconcileOptions,
+    ) -> Result<Vec<ReconcileDecision>, PlatformError> {
+        let owned = self.platform.owned().await?;
+        let now = SystemTime::now();
+        let mut decisions = Vec::new();
+        let mut suspects: Vec<(Owned, String)> = Vec::new();
+        for item in owned {
+            let age = item
+                .created
+                .and_then(|at| now.duration_since(at).ok())
+                .unwrap_or_default();
+            let decision = |verdict, reason: String| ReconcileDecision {
+                resource_id: item.resource.id.clone(),
+                request_id: item.request_id.to_string(),
+                verdict,
+                reason,
+                teardown: None,
+            };
+            if item.created.is_none() || age < options.min_age {
+                decisions.push(decision(
+                    Verdict::TooYoung,
+                    format!(
+                        "made {} s ago, under the minimum age of {} s",
+                        age.as_secs(),
+                        options.min_age.as_secs()
+                    ),
+                ));
+                continue;
+            }
+            let record = self
+                .store
+                .get(item.request_id.as_str())
+                .await
+                .map_err(|e| {
+                    PlatformError::transient(format!(
+                        "reading the record of {}: {e}",
+                        item.request_id
+                    ))
+                })?;
+            match unexplained(record.as_ref()) {
+                None => decisions.push(decision(Verdict::Kept, "its record explains it".into())),
+                Some(reason) => suspects.push((item, reason)),
+            }
+        }
+        if suspects.is_empty() {
+            return Ok(decisions);
+        }
+        // The second look: the record may have been written meanwhile, the resource
+        // removed by its own teardown.
+        tokio::time::sleep(options.second_look_after).await;
+        let still_there = self.platform.owned().await?;
+        let mut removed = 0;
+        for (item, reason) in suspects {
+            let mut decision = ReconcileDecision {
+                resource_id: item.resource.id.clone(),
+                request_id: item.request_id.to_string(),
+                verdict: Verdict::ChangedMeanwhile,
+                reason: reason.clone(),
+                teardown: None,
+            };
+            let present = still_there
+                .iter()
+                .any(|o| o.resource.id == item.resource.id);
+            let record = self
+                .store
+                .get(item.request_id.as_str())
+                .await
+                .map_err(|e| {
+                    PlatformError::transient(format!(
+                        "reading the record of {}: {e}",
+                        item.request_id
+                    ))
+                })?;
+            let second = unexplained(record.as_ref());
+            if !present || second.as_deref() != Some(reason.as_str()) {
+                decision.reason = format!(
+                    "first look: {reason}; second look: {}",
+                    if present {
+                        second.unwrap_or_else(|| "its record explains it".into())
+                    } else {
+                        "gone".into()
+                    }
+                );
+                decisions.push(decision);
+                continue;
+            }
+            if options.dry_run || removed >= options.max_removals {
+                decision.verdict = Verdict::WouldRemove;
+                decisions.push(decision);
+                continue;
+            }
+            let teardown_id = reconcile_teardown_id(item.request_id.as_str());
+            let platform = self.platform.name();
+            let body = serde_json::json!({
+                "schema_version": SCHEMA_VERSION,
+                "request_id": teardown_id,
+                "operation": "teardown",
+                "platform": platform.as_str(),
+                // By the resource's own id: a leak need not carry the name its request
+                // id derives, and the runtime still serializes with (and tombstones) the
+                // request the marks name.
+                "resource_id": item.resource.id,
+                "cause": format!("reconciled: {} ({}) {reason}", item.resource.id, item.resource.name),
+            })
+            .to_string();
+            match self
+                .broker
+                .publish_request(
+                    &request_routing_key(platform, Operation::Teardown),
+                    &teardown_id,
+                    body.as_bytes(),
+                )
+                .await
+            {
+                Ok(()) => {
+                    info!(resource = %item.resource.id, request.id = %item.request_id, %reason, "unexplained; teardown sent");
+                    decision.verdict = Verdict::Removed;
+                    decision.teardown = Some(teardown_id);
+                    removed += 1;
+                }
+                Err(e) => {
+                    warn!(resource = %item.resource.id, error = %e, "could not send the teardown of an unexplained resource");
+                    decision.verdict = Verdict::WouldRemove;
+                    decision.reason = format!("{reason}; sending its teardown failed: {e}");
+                }
+            }
+            decisions.push(decision);
+        }
+        Ok(decisions)
+    }
+
+    /// Reconciles every `every`, for as long as the worker runs.
+    pub(super) async fn reconcile_forever(&self, every: Duration, options: ReconcileOptions) {
+        loop {
+            tokio::time::sleep(every).await;
+            match self.reconcile(&options).await {
+                Ok(decisions) => {
+                    let removed = decisions
+                        .iter()
+                        .filter(|d| d.verdict == Verdict::Removed)
+                        .count();
+                    if removed > 0 {
+                        info!(removed, "reconciled");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "could not reconcile"),
+            }
+        }
+    }
+}
