@@ -21,7 +21,7 @@ use base64::Engine;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Owned, Platform, PlatformError, SetupError};
 use provisioner_events::spec::aws_ec2::AwsEc2Spec;
 use provisioner_events::spec::{HealthCheck, check_aws_resource_tags};
 use provisioner_events::{
@@ -546,6 +546,49 @@ impl Platform for Ec2Platform {
             check_aws_resource_tags(&request.labels, &spec.tags, 3, false)?;
         }
         Ok(())
+    }
+
+    async fn owned(&self) -> Result<Vec<Owned>, PlatformError> {
+        let mut pages = self
+            .client
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{MANAGED_TAG}"))
+                    .values("true")
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .set_values(Some(LIVE_STATES.iter().map(|s| (*s).to_owned()).collect()))
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        let mut owned = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify(&e, "listing the provisioner's instances"))?;
+            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
+                if !LIVE_STATES.contains(&state_of(instance)) {
+                    continue;
+                }
+                // Without the request tag the instance names no request: never touched.
+                let Some(request_id) =
+                    tag(instance, REQUEST_TAG).and_then(|id| RequestId::new(id).ok())
+                else {
+                    continue;
+                };
+                owned.push(Owned {
+                    resource: Self::resource(request_id.as_str(), instance, None),
+                    created: instance
+                        .launch_time()
+                        .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                    request_id,
+                });
+            }
+        }
+        Ok(owned)
     }
 
     async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {

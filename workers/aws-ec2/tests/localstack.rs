@@ -8,7 +8,7 @@ use aws_sdk_ec2::types::Filter;
 use provisioner_aws_ec2::{Ec2Platform, REQUEST_TAG};
 use provisioner_core::Platform;
 use provisioner_core::conformance::check_platform;
-use provisioner_events::{ErrorClass, Request, decode_request};
+use provisioner_events::{ErrorClass, Request, RequestId, TeardownTarget, decode_request};
 
 async fn client() -> Client {
     let endpoint = std::env::var("PROVISIONER_TEST_AWS_ENDPOINT")
@@ -231,4 +231,35 @@ async fn a_dry_run_asks_ec2_and_launches_nothing_on_localstack() {
         .check(&teardown)
         .await
         .expect("tearing down nothing would succeed");
+}
+
+#[tokio::test]
+async fn the_reconciler_sees_the_instances_the_provisioner_launched_with_their_request_on_localstack()
+ {
+    let platform = platform().await;
+    let image = some_image().await;
+    let id = unique("owned");
+    let made = platform
+        .provision(&request(&id, &image))
+        .await
+        .expect("provision");
+    let owned = platform.owned().await.expect("owned");
+    let mine: Vec<_> = owned
+        .iter()
+        .filter(|o| o.request_id.as_str() == id)
+        .collect();
+    assert_eq!(mine.len(), 1, "{owned:#?}");
+    assert_eq!(mine[0].resource.id, made.id);
+    assert!(mine[0].created.is_some(), "its launch time");
+    platform
+        .teardown(&TeardownTarget::Request(
+            RequestId::new(id.as_str()).expect("id"),
+        ))
+        .await
+        .expect("teardown");
+    let owned = platform.owned().await.expect("owned");
+    assert!(
+        owned.iter().all(|o| o.request_id.as_str() != id),
+        "a terminated instance is not listed"
+    );
 }

@@ -27,7 +27,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use provisioner_core::backoff::Backoff;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Owned, Platform, PlatformError, SetupError};
 use provisioner_events::spec::kubernetes::{KubernetesSpec, is_dns_label, is_label};
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
@@ -622,6 +622,43 @@ impl Platform for KubernetesPlatform {
             }
         }
         Ok(())
+    }
+
+    async fn owned(&self) -> Result<Vec<Owned>, PlatformError> {
+        let selector = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+        let apis = match &self.scope {
+            NamespaceScope::All => vec![Api::<Deployment>::all(self.client.clone())],
+            NamespaceScope::Listed(namespaces) => namespaces
+                .iter()
+                .map(|n| Api::<Deployment>::namespaced(self.client.clone(), n))
+                .collect(),
+        };
+        let mut owned = Vec::new();
+        for api in apis {
+            let found = api
+                .list(&selector)
+                .await
+                .map_err(|e| classify(&e, "listing the provisioner's Deployments"))?;
+            for deployment in found.items {
+                // Without the annotation the Deployment names no request: never touched.
+                let Some(request_id) = annotation(&deployment.metadata, REQUEST_ANNOTATION)
+                    .and_then(|id| RequestId::new(id).ok())
+                else {
+                    continue;
+                };
+                let created = deployment
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| std::time::SystemTime::from(t.0));
+                owned.push(Owned {
+                    resource: self.resource(&deployment, None),
+                    request_id,
+                    created,
+                });
+            }
+        }
+        Ok(owned)
     }
 
     async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {

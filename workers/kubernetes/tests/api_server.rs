@@ -386,3 +386,28 @@ async fn labels_the_api_server_would_refuse_are_refused_before_anything_is_sent_
         "each was refused before reaching the API"
     );
 }
+
+#[tokio::test]
+async fn the_reconciler_sees_every_deployment_the_provisioner_made_with_its_request_on_fake_api() {
+    let api = FakeApi::start(1).await;
+    let platform = platform(&api).await;
+    let id = unique("owned");
+    let made = platform
+        .provision(&request(&id, web(serde_json::json!({}))))
+        .await
+        .expect("provision");
+    // A Deployment without our marks is someone else's: not listed, so never touched.
+    api.put(
+        "deployments",
+        serde_json::json!({
+            "kind": "Deployment", "apiVersion": "apps/v1",
+            "metadata": {"name": "theirs", "namespace": "apps"},
+            "spec": {"replicas": 1}
+        }),
+    );
+    let owned = platform.owned().await.expect("owned");
+    assert_eq!(owned.len(), 1, "{owned:#?}");
+    assert_eq!(owned[0].request_id.as_str(), id);
+    assert_eq!(owned[0].resource.id, made.id);
+    assert!(owned[0].created.is_some(), "its creationTimestamp");
+}
