@@ -24,7 +24,7 @@ use aws_sdk_ecs::types::{
 };
 use provisioner_core::backoff::Backoff;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Owned, Platform, PlatformError, SetupError};
 use provisioner_events::spec::aws_ecs::{AwsEcsSpec, INLINE_CONTAINER_NAME, InlineContainer};
 use provisioner_events::spec::check_aws_resource_tags;
 use provisioner_events::{
@@ -637,6 +637,52 @@ impl Platform for EcsPlatform {
             check_aws_resource_tags(&request.labels, &spec.tags, 2, true)?;
         }
         Ok(())
+    }
+
+    async fn owned(&self) -> Result<Vec<Owned>, PlatformError> {
+        let mut owned = Vec::new();
+        for cluster in self.clusters().await? {
+            let mut arns = Vec::new();
+            let mut next = None;
+            loop {
+                let page = self
+                    .client
+                    .list_tasks()
+                    .cluster(&cluster)
+                    .desired_status(DesiredStatus::Running)
+                    .set_next_token(next)
+                    .send()
+                    .await
+                    .map_err(|e| classify(&e, &format!("listing the tasks of {cluster}")))?;
+                arns.extend(page.task_arns().iter().cloned());
+                next = page.next_token().map(str::to_owned);
+                if next.is_none() {
+                    break;
+                }
+            }
+            // DescribeTasks takes at most 100 tasks a call.
+            for chunk in arns.chunks(100) {
+                for task in self.describe_tasks(&cluster, chunk).await? {
+                    if tag(&task, MANAGED_TAG) != Some("true") || last_status(&task) == "STOPPED" {
+                        continue;
+                    }
+                    // Without the request tag the task names no request: never touched.
+                    let Some(request_id) =
+                        tag(&task, REQUEST_TAG).and_then(|id| RequestId::new(id).ok())
+                    else {
+                        continue;
+                    };
+                    owned.push(Owned {
+                        resource: resource(request_id.as_str(), &task, &[]),
+                        created: task
+                            .created_at()
+                            .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                        request_id,
+                    });
+                }
+            }
+        }
+        Ok(owned)
     }
 
     async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {

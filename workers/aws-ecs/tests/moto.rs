@@ -299,3 +299,31 @@ async fn tasks_the_provisioner_did_not_start_are_left_alone_on_moto() {
         .await
         .expect("clean up");
 }
+
+#[tokio::test]
+async fn the_reconciler_sees_the_tasks_the_provisioner_started_with_their_request_on_moto() {
+    fixtures().await;
+    let platform = EcsPlatform::new(client());
+    let id = unique("owned");
+    let made = platform.provision(&example(&id)).await.expect("provision");
+    let owned = platform.owned().await.expect("owned");
+    let mine: Vec<_> = owned
+        .iter()
+        .filter(|o| o.request_id.as_str() == id)
+        .collect();
+    assert_eq!(mine.len(), 1, "{owned:#?}");
+    assert_eq!(mine[0].resource.id, made.id);
+    // moto's tasks have no createdAt (ECS always sets it), so `created` is not checked
+    // here; without it the reconciler leaves a task alone as too young to judge.
+    platform
+        .teardown(&TeardownTarget::Request(
+            provisioner_events::RequestId::new(id.as_str()).expect("id"),
+        ))
+        .await
+        .expect("teardown");
+    let owned = platform.owned().await.expect("owned");
+    assert!(
+        owned.iter().all(|o| o.request_id.as_str() != id),
+        "a stopped task is not listed"
+    );
+}
