@@ -36,6 +36,22 @@ pub fn derived_name(request_id: &str, readable_max: usize) -> String {
     }
 }
 
+/// The request id of a request the workers send on their own about `request_id` (the
+/// teardown of an expired or unexplained resource): `<request_id>.<purpose>` when that
+/// fits in a request id's 128 characters, `<purpose>.<SHA-256 of request_id>` otherwise.
+/// Fixed for a given pair, so a second copy of such a request is a duplicate.
+pub fn follow_up_request_id(request_id: &str, purpose: &str) -> String {
+    let readable = format!("{request_id}.{purpose}");
+    if readable.len() <= 128 {
+        return readable;
+    }
+    let digest: String = Sha256::digest(request_id.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{purpose}.{digest}")
+}
+
 /// A version-4-shaped UUID that is a function of the request id, for APIs that take a
 /// UUID idempotency key (Compute Engine's `requestId`): the same request always sends
 /// the same key.

@@ -11,14 +11,15 @@
 
 use std::time::{Duration, SystemTime};
 
-use provisioner_events::{Operation, SCHEMA_VERSION, request_routing_key};
-use sha2::{Digest, Sha256};
+use provisioner_events::{
+    Operation, RequestId, SCHEMA_VERSION, TeardownTarget, request_routing_key,
+};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tracing::{debug, info, warn};
 
 use super::Worker;
-use crate::StoreError;
+use crate::{BrokerError, StoreError};
 
 /// Expiries taken per round.
 const BATCH: usize = 32;
@@ -30,18 +31,43 @@ pub const EXPIRY_RETRY: Duration = Duration::from_secs(60);
 /// The request id of the teardown sent when `request_id`'s resource expires: readable
 /// when it fits in a request id, a digest of it otherwise.
 pub fn expiry_teardown_id(request_id: &str) -> String {
-    let readable = format!("{request_id}.expired");
-    if readable.len() <= 128 {
-        return readable;
-    }
-    let digest: String = Sha256::digest(request_id.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("expired.{digest}")
+    crate::names::follow_up_request_id(request_id, "expired")
 }
 
 impl Worker {
+    /// Publishes a teardown of `target` that the workers send on their own (an expiry,
+    /// the reconciler), with a fixed request id and a `cause` its status events repeat.
+    pub(super) async fn send_teardown(
+        &self,
+        teardown_id: &str,
+        target: &TeardownTarget,
+        cause: String,
+        tenant: Option<String>,
+    ) -> Result<(), BrokerError> {
+        let platform = self.platform.name();
+        let mut teardown = serde_json::json!({
+            "schema_version": SCHEMA_VERSION,
+            "request_id": teardown_id,
+            "operation": "teardown",
+            "platform": platform.as_str(),
+            "cause": cause,
+        });
+        match target {
+            TeardownTarget::Request(id) => teardown["target_request_id"] = id.as_str().into(),
+            TeardownTarget::Resource(id) => teardown["resource_id"] = id.as_str().into(),
+        }
+        if let Some(tenant) = tenant {
+            teardown["tenant"] = tenant.into();
+        }
+        self.broker
+            .publish_request(
+                &request_routing_key(platform, Operation::Teardown),
+                teardown_id,
+                teardown.to_string().as_bytes(),
+            )
+            .await
+    }
+
     /// Looks for due expiries every `every`, for as long as the worker runs.
     pub(super) async fn expire_forever(&self, every: Duration) {
         loop {
@@ -81,22 +107,21 @@ impl Worker {
             }
             // The provision's tenant, so the teardown is accounted to the same one.
             let tenant = record.and_then(|r| r.result).and_then(|event| event.tenant);
-            let mut teardown = serde_json::json!({
-                "schema_version": SCHEMA_VERSION,
-                "request_id": teardown_id,
-                "operation": "teardown",
-                "platform": platform.as_str(),
-                "target_request_id": request_id,
-                "cause": format!("expired: {request_id} was to be torn down at {due_text} (its ttl_seconds or expires_at)"),
-            });
-            if let Some(tenant) = tenant {
-                teardown["tenant"] = tenant.into();
-            }
-            let body = teardown.to_string();
-            let routing_key = request_routing_key(platform, Operation::Teardown);
+            // Only provisions' ids are scheduled; anything else was not written by us.
+            let Ok(target) = RequestId::new(request_id.as_str()).map(TeardownTarget::Request)
+            else {
+                warn!(entry = %request_id, "an expiry that names no request; dropped");
+                let _ = self
+                    .store
+                    .cancel_expiry(platform.as_str(), &request_id)
+                    .await;
+                continue;
+            };
+            let cause = format!(
+                "expired: {request_id} was to be torn down at {due_text} (its ttl_seconds or expires_at)"
+            );
             match self
-                .broker
-                .publish_request(&routing_key, &teardown_id, body.as_bytes())
+                .send_teardown(&teardown_id, &target, cause, tenant)
                 .await
             {
                 Ok(()) => {

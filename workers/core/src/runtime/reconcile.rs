@@ -17,9 +17,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use provisioner_events::{Operation, SCHEMA_VERSION, request_routing_key};
+use provisioner_events::TeardownTarget;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::Worker;
@@ -81,15 +80,7 @@ pub struct ReconcileDecision {
 
 /// The request id of the teardown the reconciler sends for `request_id`'s resource.
 pub fn reconcile_teardown_id(request_id: &str) -> String {
-    let readable = format!("{request_id}.reconciled");
-    if readable.len() <= 128 {
-        return readable;
-    }
-    let digest: String = Sha256::digest(request_id.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("reconciled.{digest}")
+    crate::names::follow_up_request_id(request_id, "reconciled")
 }
 
 /// Why the record does not explain a resource of its request, or `None` when it does.
@@ -218,28 +209,15 @@ impl Worker {
                 continue;
             }
             let teardown_id = reconcile_teardown_id(item.request_id.as_str());
-            let platform = self.platform.name();
-            let body = serde_json::json!({
-                "schema_version": SCHEMA_VERSION,
-                "request_id": teardown_id,
-                "operation": "teardown",
-                "platform": platform.as_str(),
-                // By the resource's own id: a leak need not carry the name its request
-                // id derives, and the runtime still serializes with (and tombstones) the
-                // request the marks name.
-                "resource_id": item.resource.id,
-                "cause": format!("reconciled: {} ({}) {reason}", item.resource.id, item.resource.name),
-            })
-            .to_string();
-            match self
-                .broker
-                .publish_request(
-                    &request_routing_key(platform, Operation::Teardown),
-                    &teardown_id,
-                    body.as_bytes(),
-                )
-                .await
-            {
+            // By the resource's own id: a leak need not carry the name its request id
+            // derives, and the runtime still serializes with (and tombstones) the request
+            // the marks name.
+            let target = TeardownTarget::Resource(item.resource.id.clone());
+            let cause = format!(
+                "reconciled: {} ({}) {reason}",
+                item.resource.id, item.resource.name
+            );
+            match self.send_teardown(&teardown_id, &target, cause, None).await {
                 Ok(()) => {
                     info!(resource = %item.resource.id, request.id = %item.request_id, %reason, "unexplained; teardown sent");
                     decision.verdict = Verdict::Removed;
