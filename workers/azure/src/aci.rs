@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::derived_name;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Owned, Platform, PlatformError, SetupError};
 use provisioner_events::spec::azure::AzureContainerSpec;
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
@@ -25,8 +25,8 @@ use tracing::info;
 
 use crate::arm::{ArmClient, provisioning_state};
 use crate::{
-    AzureSettings, MANAGED_TAG, REQUEST_ID_TAG, Tags, arm_error, check_owner, tagged_owner,
-    target_name,
+    AzureSettings, MANAGED_TAG, REQUEST_ID_TAG, SystemData, Tags, arm_error, check_owner,
+    tagged_owner, target_name,
 };
 
 pub const ACI_API_VERSION: &str = "2023-05-01";
@@ -45,6 +45,10 @@ struct ContainerGroup {
     name: String,
     #[serde(default)]
     tags: Tags,
+    // Only where ACI returns ARM's system metadata: its container group API gives no
+    // other creation time.
+    #[serde(rename = "systemData")]
+    system_data: Option<SystemData>,
     properties: GroupProperties,
 }
 
@@ -455,6 +459,33 @@ impl Platform for ContainerInstancesPlatform {
             .await?;
         info!(group = %name, "deleted");
         Ok(Some(self.resource(&group)))
+    }
+
+    async fn owned(&self) -> Result<Vec<Owned>, PlatformError> {
+        let all = self
+            .arm
+            .list::<ContainerGroup>(
+                "Microsoft.ContainerInstance/containerGroups",
+                ACI_API_VERSION,
+                "listing the provisioner's container groups",
+            )
+            .await?;
+        let mut owned = Vec::new();
+        for group in all
+            .iter()
+            .filter(|g| g.tags.get(MANAGED_TAG) == Some("true"))
+        {
+            // Without the request tag the group names no request: never touched.
+            let Some(request_id) = tagged_owner(&group.tags) else {
+                continue;
+            };
+            owned.push(Owned {
+                resource: self.resource(group),
+                request_id,
+                created: group.system_data.as_ref().and_then(SystemData::created),
+            });
+        }
+        Ok(owned)
     }
 
     async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {

@@ -14,8 +14,9 @@
 //! and the network interfaces whose `deleteOption` is `Delete`; start, deallocate and
 //! restart change its power state; a container group pulls its image (failing for
 //! images whose reference contains `does-not-exist`) and runs after a few reads, with an
-//! IP address and a DNS name. Faults can be queued: an HTTP error instead of the next
-//! matching answer, optionally after the call took effect.
+//! IP address and a DNS name. A VM carries the `properties.timeCreated` of its first
+//! `PUT`, a container group the `systemData.createdAt`. Faults can be queued: an HTTP
+//! error instead of the next matching answer, optionally after the call took effect.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,6 +27,8 @@ use serde_json::{Value, json};
 
 pub const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
 pub const RESOURCE_GROUP: &str = "apps";
+/// When everything the fake makes was made, with the seven fractional digits ARM writes.
+const CREATED_AT: &str = "2026-11-21T12:00:00.1234567+00:00";
 
 /// An HTTP error to answer the next request whose method and path match.
 #[derive(Debug, Clone)]
@@ -670,8 +673,17 @@ impl FakeArm {
         let id = Self::id(&format!("Microsoft.Compute/virtualMachines/{name}"));
         let key = id.to_ascii_lowercase();
         let existed = world.resources.contains_key(&key);
+        // Compute says when a VM was made, and an update does not change it.
+        // <https://learn.microsoft.com/rest/api/compute/virtual-machines/get> (`timeCreated`)
+        let time_created = world
+            .resources
+            .get(&key)
+            .and_then(|old| old["properties"]["timeCreated"].as_str())
+            .unwrap_or(CREATED_AT)
+            .to_owned();
         world.next_id += 1;
         let mut vm = body;
+        vm["properties"]["timeCreated"] = json!(time_created);
         vm["id"] = json!(id);
         vm["name"] = json!(name);
         vm["type"] = json!("Microsoft.Compute/virtualMachines");
@@ -806,8 +818,18 @@ impl FakeArm {
         let key = id.to_ascii_lowercase();
         let mut world = self.world.lock();
         let existed = world.resources.contains_key(&key);
+        // ARM keeps when every resource was made, through its updates.
+        // <https://github.com/Azure/azure-resource-manager-rpc/blob/master/v1.0/common-api-contracts.md#system-metadata-for-all-azure-resources>
+        let created_at = world
+            .resources
+            .get(&key)
+            .and_then(|old| old["systemData"]["createdAt"].as_str())
+            .unwrap_or(CREATED_AT)
+            .to_owned();
         world.next_id += 1;
         let mut group = body;
+        group["systemData"] = json!({"createdByType": "Application", "createdAt": created_at,
+            "lastModifiedByType": "Application", "lastModifiedAt": CREATED_AT});
         group["id"] = json!(id);
         group["name"] = json!(name);
         group["type"] = json!("Microsoft.ContainerInstance/containerGroups");

@@ -327,6 +327,29 @@ pub(crate) fn check_owner(
     }
 }
 
+/// A resource's `systemData`, read for when the resource was made. ARM's contract asks
+/// every provider for it, but not every API version documents it:
+/// <https://github.com/Azure/azure-resource-manager-rpc/blob/master/v1.0/common-api-contracts.md#system-metadata-for-all-azure-resources>
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SystemData {
+    created_at: Option<String>,
+}
+
+impl SystemData {
+    pub(crate) fn created(&self) -> Option<std::time::SystemTime> {
+        self.created_at.as_deref().and_then(parse_rfc3339)
+    }
+}
+
+/// A time as ARM writes it (RFC 3339, as `systemData.createdAt`); `None` when it is not
+/// one.
+pub(crate) fn parse_rfc3339(text: &str) -> Option<std::time::SystemTime> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(std::time::SystemTime::from)
+}
+
 /// The request a resource was made for, read from its `provisioner-request-id` tag.
 pub(crate) fn tagged_owner(tags: &Tags) -> Option<RequestId> {
     RequestId::new(tags.get(REQUEST_ID_TAG)?).ok()

@@ -17,7 +17,7 @@ use base64::Engine;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::derived_name;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Owned, Platform, PlatformError, SetupError};
 use provisioner_events::spec::azure::AzureVmSpec;
 use provisioner_events::{
     ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
@@ -28,7 +28,8 @@ use tracing::info;
 
 use crate::arm::{ArmClient, provisioning_state};
 use crate::{
-    AzureSettings, MANAGED_TAG, REQUEST_ID_TAG, Tags, check_owner, tagged_owner, target_name,
+    AzureSettings, MANAGED_TAG, REQUEST_ID_TAG, SystemData, Tags, check_owner, parse_rfc3339,
+    tagged_owner, target_name,
 };
 
 pub const COMPUTE_API_VERSION: &str = "2024-07-01";
@@ -48,6 +49,9 @@ struct VirtualMachine {
     name: String,
     #[serde(default)]
     tags: Tags,
+    // Only where Compute returns ARM's system metadata.
+    #[serde(rename = "systemData")]
+    system_data: Option<SystemData>,
     properties: VmProperties,
 }
 
@@ -57,6 +61,8 @@ struct VirtualMachine {
 struct VmProperties {
     provisioning_state: Option<String>,
     network_profile: Option<NetworkProfile>,
+    // Since api-version 2021-11-01.
+    time_created: Option<String>,
 }
 
 /// A VM's `networkProfile`.
@@ -78,6 +84,20 @@ struct NetworkInterfaceReference {
 impl VirtualMachine {
     fn provisioning_state(&self) -> &str {
         provisioning_state(self.properties.provisioning_state.as_deref())
+    }
+
+    /// When the VM was made: ARM's `systemData.createdAt` where it is there, else
+    /// Compute's own `timeCreated`.
+    fn created(&self) -> Option<std::time::SystemTime> {
+        self.system_data
+            .as_ref()
+            .and_then(SystemData::created)
+            .or_else(|| {
+                self.properties
+                    .time_created
+                    .as_deref()
+                    .and_then(parse_rfc3339)
+            })
     }
 
     /// The interface the address is read from: the worker makes VMs with one.
@@ -363,6 +383,20 @@ impl VmPlatform {
         })
     }
 
+    /// The resource of a listed VM. Its address is a courtesy there: one unreadable
+    /// interface does not fail the whole list.
+    async fn listed(&self, vm: &VirtualMachine) -> Resource {
+        match self.resource(vm).await {
+            Ok(resource) => resource,
+            Err(_) => Resource {
+                id: format!("{}/{}", self.arm.settings().resource_group, vm.name),
+                name: vm.name.clone(),
+                address: None,
+                endpoints: Vec::new(),
+            },
+        }
+    }
+
     /// The VM a target names, if it exists; one the provisioner did not make is a
     /// conflict, never touched.
     async fn find(&self, target: &TeardownTarget) -> Result<Option<VirtualMachine>, PlatformError> {
@@ -558,6 +592,33 @@ impl Platform for VmPlatform {
         Ok(removed)
     }
 
+    async fn owned(&self) -> Result<Vec<Owned>, PlatformError> {
+        let all = self
+            .arm
+            .list::<VirtualMachine>(
+                "Microsoft.Compute/virtualMachines",
+                COMPUTE_API_VERSION,
+                "listing the provisioner's VMs",
+            )
+            .await?;
+        let mut owned = Vec::new();
+        for vm in all
+            .iter()
+            .filter(|vm| vm.tags.get(MANAGED_TAG) == Some("true"))
+        {
+            // Without the request tag the VM names no request: never touched.
+            let Some(request_id) = tagged_owner(&vm.tags) else {
+                continue;
+            };
+            owned.push(Owned {
+                resource: self.listed(vm).await,
+                request_id,
+                created: vm.created(),
+            });
+        }
+        Ok(owned)
+    }
+
     async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {
         let found = self
             .find(&TeardownTarget::Resource(resource_id.to_owned()))
@@ -592,18 +653,7 @@ impl Platform for VmPlatform {
             .iter()
             .filter(|vm| vm.tags.get(MANAGED_TAG) == Some("true"))
         {
-            // The address is a courtesy here: one unreadable interface does not fail
-            // the whole list.
-            let resource = match self.resource(vm).await {
-                Ok(resource) => resource,
-                Err(_) => Resource {
-                    id: format!("{}/{}", self.arm.settings().resource_group, vm.name),
-                    name: vm.name.clone(),
-                    address: None,
-                    endpoints: Vec::new(),
-                },
-            };
-            resources.push(resource);
+            resources.push(self.listed(vm).await);
         }
         Ok(resources)
     }

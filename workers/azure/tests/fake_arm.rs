@@ -462,6 +462,24 @@ async fn stop_start_restart_and_describe_follow_the_vm_on_fake_arm() {
 }
 
 #[tokio::test]
+async fn owned_finds_the_provisioners_vms_with_their_request_on_fake_arm() {
+    let api = FakeArm::start(1).await;
+    let platform = vms(&api);
+    let id = unique("owned");
+    let resource = platform.provision(&vm(&id)).await.expect("provisioned");
+    api.put_foreign(
+        &format!("{VMS}/{}", vm_name("someone-else")),
+        serde_json::json!({"location": "westeurope", "tags": {"owner": "someone"},
+                           "properties": {"provisioningState": "Succeeded"}}),
+    );
+    let owned = platform.owned().await.expect("owned");
+    assert_eq!(owned.len(), 1, "only the provisioner's VM: {owned:?}");
+    assert_eq!(owned[0].request_id.as_str(), id);
+    assert_eq!(owned[0].resource.id, resource.id);
+    assert!(owned[0].created.is_some(), "{owned:?}");
+}
+
+#[tokio::test]
 async fn container_instances_platform_conforms_on_fake_arm() {
     let api = FakeArm::start(3).await;
     let platform = groups(&api);
@@ -613,4 +631,27 @@ async fn request_ids_with_runs_of_symbols_still_name_a_valid_container_group_on_
         let resource = platform.provision(&request).await.expect("provisioned");
         assert!(!resource.id.contains("--"), "{resource:?}");
     }
+}
+
+#[tokio::test]
+async fn owned_finds_the_provisioners_container_groups_with_their_request_on_fake_arm() {
+    let api = FakeArm::start(1).await;
+    let platform = groups(&api);
+    let id = unique("owned");
+    let resource = platform
+        .provision(&hello(&id, "mcr.microsoft.com/azuredocs/aci-helloworld"))
+        .await
+        .expect("running");
+    api.put_foreign(
+        &format!("{GROUPS}/{}", group_name("someone-else")),
+        serde_json::json!({"location": "westeurope", "tags": {}, "properties": {
+            "provisioningState": "Succeeded", "osType": "Linux",
+            "containers": [{"name": "web", "properties": {"image": "nginx",
+                "resources": {"requests": {"cpu": 1.0, "memoryInGB": 1.5}}}}]}}),
+    );
+    let owned = platform.owned().await.expect("owned");
+    assert_eq!(owned.len(), 1, "only the provisioner's group: {owned:?}");
+    assert_eq!(owned[0].request_id.as_str(), id);
+    assert_eq!(owned[0].resource.id, resource.id);
+    assert!(owned[0].created.is_some(), "{owned:?}");
 }

@@ -21,7 +21,7 @@ use google_cloud_run_v2::model::{
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::derived_name;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Owned, Platform, PlatformError, SetupError};
 use provisioner_events::spec::gcp::{GcpCloudRunSpec, is_gcp_label};
 use provisioner_events::{
     Endpoint, ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State,
@@ -418,6 +418,31 @@ impl Platform for CloudRunPlatform {
         }
         info!(service = %name, "deleted");
         Ok(Some(Self::resource(&service)))
+    }
+
+    async fn owned(&self) -> Result<Vec<Owned>, PlatformError> {
+        let all = self
+            .all_services("listing the provisioner's services")
+            .await?;
+        let mut owned = Vec::new();
+        for service in all.iter().filter(|s| is_managed(s)) {
+            // Without the annotation the service names no request: never touched.
+            let Some(request_id) = service
+                .annotations
+                .get(REQUEST_ID_KEY)
+                .and_then(|id| RequestId::new(id.as_str()).ok())
+            else {
+                continue;
+            };
+            owned.push(Owned {
+                resource: Self::resource(service),
+                request_id,
+                created: service
+                    .create_time
+                    .and_then(|t| std::time::SystemTime::try_from(t).ok()),
+            });
+        }
+        Ok(owned)
     }
 
     async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {

@@ -21,7 +21,7 @@ use google_cloud_gax::options::RequestOptionsBuilder;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::names::{derived_name, request_uuid};
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Owned, Platform, PlatformError, SetupError};
 use provisioner_events::spec::gcp::{GcpComputeSpec, is_gcp_label};
 use provisioner_events::{
     ErrorClass, Operation, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
@@ -30,7 +30,7 @@ use tracing::info;
 
 use crate::{
     GcpSettings, MANAGED_LABEL, REQUEST_ID_KEY, classify, classify_operation_error,
-    configure_builder,
+    configure_builder, parse_rfc3339,
 };
 
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
@@ -615,6 +615,33 @@ impl Platform for ComputePlatform {
         }
         info!(instance = %name, zone = %zone, "deleted");
         Ok(Some(Self::resource(&instance)))
+    }
+
+    async fn owned(&self) -> Result<Vec<Owned>, PlatformError> {
+        let found = self
+            .aggregated(
+                &format!("labels.{MANAGED_LABEL} = \"true\""),
+                "listing the provisioner's instances",
+            )
+            .await?;
+        let mut owned = Vec::new();
+        for instance in &found {
+            // Without the metadata item the instance names no request: never touched.
+            let Some(request_id) =
+                metadata_item(instance, REQUEST_ID_KEY).and_then(|id| RequestId::new(id).ok())
+            else {
+                continue;
+            };
+            owned.push(Owned {
+                resource: Self::resource(instance),
+                request_id,
+                created: instance
+                    .creation_timestamp
+                    .as_deref()
+                    .and_then(parse_rfc3339),
+            });
+        }
+        Ok(owned)
     }
 
     async fn owner_of(&self, resource_id: &str) -> Result<Option<RequestId>, PlatformError> {

@@ -29,6 +29,14 @@ pub const MANAGED_LABEL: &str = "provisioner-managed";
 /// (labels cannot hold every request id).
 pub const REQUEST_ID_KEY: &str = "provisioner-request-id";
 
+/// A time as Google's APIs write it (RFC 3339, as `creationTimestamp`); `None` when it is
+/// not one.
+pub(crate) fn parse_rfc3339(text: &str) -> Option<std::time::SystemTime> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(std::time::SystemTime::from)
+}
+
 /// What a GCP worker needs besides its credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GcpSettings {

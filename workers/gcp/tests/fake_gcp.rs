@@ -431,6 +431,20 @@ async fn stop_start_reboot_and_describe_follow_the_instance_on_fake_gcp() {
 }
 
 #[tokio::test]
+async fn owned_finds_the_provisioners_instances_with_their_request_on_fake_gcp() {
+    let api = FakeGcp::start(PROJECT, 1).await;
+    let platform = compute(&api).await;
+    let id = unique("owned");
+    let resource = platform.provision(&vm(&id)).await.expect("provisioned");
+    api.put_foreign_instance(ZONE, &instance_name("someone-else"));
+    let owned = platform.owned().await.expect("owned");
+    assert_eq!(owned.len(), 1, "only the provisioner's instance: {owned:?}");
+    assert_eq!(owned[0].request_id.as_str(), id);
+    assert_eq!(owned[0].resource.id, resource.id);
+    assert!(owned[0].created.is_some(), "{owned:?}");
+}
+
+#[tokio::test]
 async fn cloud_run_platform_conforms_on_fake_gcp() {
     let api = FakeGcp::start(PROJECT, 3).await;
     let platform = cloud_run(&api).await;
@@ -602,6 +616,23 @@ async fn a_service_in_another_region_is_found_for_teardown_on_fake_gcp() {
         .await
         .expect_err("Cloud Run scales by itself");
     assert_eq!(err.class, ErrorClass::Unsupported);
+}
+
+#[tokio::test]
+async fn owned_finds_the_provisioners_services_with_their_request_on_fake_gcp() {
+    let api = FakeGcp::start(PROJECT, 1).await;
+    let platform = cloud_run(&api).await;
+    let id = unique("owned");
+    let resource = platform
+        .provision(&hello(&id, "us-docker.pkg.dev/cloudrun/container/hello"))
+        .await
+        .expect("ready");
+    api.put_foreign_service("europe-west1", &service_id("someone-else"));
+    let owned = platform.owned().await.expect("owned");
+    assert_eq!(owned.len(), 1, "only the provisioner's service: {owned:?}");
+    assert_eq!(owned[0].request_id.as_str(), id);
+    assert_eq!(owned[0].resource.id, resource.id);
+    assert!(owned[0].created.is_some(), "{owned:?}");
 }
 
 #[tokio::test]
