@@ -188,6 +188,22 @@ pub struct ContainerInstancesPlatform {
 }
 
 impl ContainerInstancesPlatform {
+    /// Every container group of the resource group that carries the managed tag.
+    async fn managed_groups(&self) -> Result<Vec<ContainerGroup>, PlatformError> {
+        let all = self
+            .arm
+            .list::<ContainerGroup>(
+                "Microsoft.ContainerInstance/containerGroups",
+                ACI_API_VERSION,
+                "listing the provisioner's container groups",
+            )
+            .await?;
+        Ok(all
+            .into_iter()
+            .filter(|g| g.tags.get(MANAGED_TAG) == Some("true"))
+            .collect())
+    }
+
     pub fn new(settings: AzureSettings) -> Result<Self, SetupError> {
         Ok(ContainerInstancesPlatform {
             arm: ArmClient::new(settings)?,
@@ -462,19 +478,8 @@ impl Platform for ContainerInstancesPlatform {
     }
 
     async fn owned(&self) -> Result<Vec<Owned>, PlatformError> {
-        let all = self
-            .arm
-            .list::<ContainerGroup>(
-                "Microsoft.ContainerInstance/containerGroups",
-                ACI_API_VERSION,
-                "listing the provisioner's container groups",
-            )
-            .await?;
         let mut owned = Vec::new();
-        for group in all
-            .iter()
-            .filter(|g| g.tags.get(MANAGED_TAG) == Some("true"))
-        {
+        for group in &self.managed_groups().await? {
             // Without the request tag the group names no request: never touched.
             let Some(request_id) = tagged_owner(&group.tags) else {
                 continue;
@@ -503,17 +508,10 @@ impl Platform for ContainerInstancesPlatform {
     }
 
     async fn list(&self) -> Result<Vec<Resource>, PlatformError> {
-        let all = self
-            .arm
-            .list::<ContainerGroup>(
-                "Microsoft.ContainerInstance/containerGroups",
-                ACI_API_VERSION,
-                "listing the provisioner's container groups",
-            )
-            .await?;
-        Ok(all
+        Ok(self
+            .managed_groups()
+            .await?
             .iter()
-            .filter(|g| g.tags.get(MANAGED_TAG) == Some("true"))
             .map(|g| self.resource(g))
             .collect())
     }

@@ -383,6 +383,22 @@ impl VmPlatform {
         })
     }
 
+    /// Every VM of the resource group that carries the provisioner's managed tag.
+    async fn managed_vms(&self) -> Result<Vec<VirtualMachine>, PlatformError> {
+        let all = self
+            .arm
+            .list::<VirtualMachine>(
+                "Microsoft.Compute/virtualMachines",
+                COMPUTE_API_VERSION,
+                "listing the provisioner's VMs",
+            )
+            .await?;
+        Ok(all
+            .into_iter()
+            .filter(|vm| vm.tags.get(MANAGED_TAG) == Some("true"))
+            .collect())
+    }
+
     /// The resource of a listed VM. Its address is a courtesy there: one unreadable
     /// interface does not fail the whole list.
     async fn listed(&self, vm: &VirtualMachine) -> Resource {
@@ -593,19 +609,8 @@ impl Platform for VmPlatform {
     }
 
     async fn owned(&self) -> Result<Vec<Owned>, PlatformError> {
-        let all = self
-            .arm
-            .list::<VirtualMachine>(
-                "Microsoft.Compute/virtualMachines",
-                COMPUTE_API_VERSION,
-                "listing the provisioner's VMs",
-            )
-            .await?;
         let mut owned = Vec::new();
-        for vm in all
-            .iter()
-            .filter(|vm| vm.tags.get(MANAGED_TAG) == Some("true"))
-        {
+        for vm in &self.managed_vms().await? {
             // Without the request tag the VM names no request: never touched.
             let Some(request_id) = tagged_owner(&vm.tags) else {
                 continue;
@@ -640,19 +645,8 @@ impl Platform for VmPlatform {
     }
 
     async fn list(&self) -> Result<Vec<Resource>, PlatformError> {
-        let all = self
-            .arm
-            .list::<VirtualMachine>(
-                "Microsoft.Compute/virtualMachines",
-                COMPUTE_API_VERSION,
-                "listing the provisioner's VMs",
-            )
-            .await?;
         let mut resources = Vec::new();
-        for vm in all
-            .iter()
-            .filter(|vm| vm.tags.get(MANAGED_TAG) == Some("true"))
-        {
+        for vm in &self.managed_vms().await? {
             resources.push(self.listed(vm).await);
         }
         Ok(resources)

@@ -14,7 +14,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
-use bollard::models::{ContainerCreateBody, ContainerInspectResponse, HostConfig, PortBinding};
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerSummary, HostConfig, PortBinding,
+};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, InspectContainerOptions,
     ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
@@ -729,17 +731,9 @@ impl Platform for DockerPlatform {
     }
 
     async fn owned(&self) -> Result<Vec<Owned>, PlatformError> {
-        let filters = HashMap::from([("label", vec![format!("{MANAGED_LABEL}=true")])]);
-        let options = ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let containers = self
-            .docker
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| classify(&e, "listing containers"))?;
-        Ok(containers
+        Ok(self
+            .managed_containers()
+            .await?
             .into_iter()
             .filter_map(|c| {
                 let request_id = c
@@ -751,19 +745,9 @@ impl Platform for DockerPlatform {
                     .created
                     .and_then(|secs| u64::try_from(secs).ok())
                     .map(|secs| std::time::UNIX_EPOCH + Duration::from_secs(secs));
-                let resource = Resource {
-                    id: c.id?,
-                    name: c
-                        .names
-                        .and_then(|n| n.into_iter().next())
-                        .unwrap_or_default()
-                        .trim_start_matches('/')
-                        .to_owned(),
-                    address: Some(self.policy.publish_address.clone()),
-                    endpoints: Vec::new(),
-                };
+                c.id.as_ref()?;
                 Some(Owned {
-                    resource,
+                    resource: self.listed(c),
                     request_id,
                     created,
                 })
@@ -772,30 +756,42 @@ impl Platform for DockerPlatform {
     }
 
     async fn list(&self) -> Result<Vec<Resource>, PlatformError> {
+        Ok(self
+            .managed_containers()
+            .await?
+            .into_iter()
+            .map(|c| self.listed(c))
+            .collect())
+    }
+}
+
+impl DockerPlatform {
+    /// Every container, running or not, that carries the provisioner's managed label.
+    async fn managed_containers(&self) -> Result<Vec<ContainerSummary>, PlatformError> {
         let filters = HashMap::from([("label", vec![format!("{MANAGED_LABEL}=true")])]);
         let options = ListContainersOptionsBuilder::default()
             .all(true)
             .filters(&filters)
             .build();
-        let containers = self
-            .docker
+        self.docker
             .list_containers(Some(options))
             .await
-            .map_err(|e| classify(&e, "listing containers"))?;
-        Ok(containers
-            .into_iter()
-            .map(|c| Resource {
-                id: c.id.unwrap_or_default(),
-                name: c
-                    .names
-                    .and_then(|n| n.into_iter().next())
-                    .unwrap_or_default()
-                    .trim_start_matches('/')
-                    .to_owned(),
-                address: Some(self.policy.publish_address.clone()),
-                endpoints: Vec::new(),
-            })
-            .collect())
+            .map_err(|e| classify(&e, "listing containers"))
+    }
+
+    /// A listed container as a resource (without its endpoints, which need an inspect).
+    fn listed(&self, container: ContainerSummary) -> Resource {
+        Resource {
+            id: container.id.unwrap_or_default(),
+            name: container
+                .names
+                .and_then(|n| n.into_iter().next())
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_owned(),
+            address: Some(self.policy.publish_address.clone()),
+            endpoints: Vec::new(),
+        }
     }
 }
 

@@ -428,19 +428,25 @@ impl KubernetesPlatform {
         }
     }
 
+    /// The Deployments API of every namespace the worker serves (one cluster-wide API
+    /// when it serves all), so lookups need only the rights of the served namespaces.
+    fn deployment_apis(&self) -> Vec<Api<Deployment>> {
+        match &self.scope {
+            NamespaceScope::All => vec![Api::all(self.client.clone())],
+            NamespaceScope::Listed(namespaces) => namespaces
+                .iter()
+                .map(|n| Api::namespaced(self.client.clone(), n))
+                .collect(),
+        }
+    }
+
     /// The namespace and name of a target's Deployment, when there is one.
     async fn find(&self, target: &TeardownTarget) -> Result<Option<Deployment>, PlatformError> {
         match target {
             TeardownTarget::Request(id) => {
                 let name = object_name(id.as_str());
                 let selector = ListParams::default().labels(&format!("{NAME_LABEL}={name}"));
-                let apis = match &self.scope {
-                    NamespaceScope::All => vec![Api::<Deployment>::all(self.client.clone())],
-                    NamespaceScope::Listed(namespaces) => namespaces
-                        .iter()
-                        .map(|n| Api::<Deployment>::namespaced(self.client.clone(), n))
-                        .collect(),
-                };
+                let apis = self.deployment_apis();
                 for api in apis {
                     let found = api
                         .list(&selector)
@@ -626,13 +632,7 @@ impl Platform for KubernetesPlatform {
 
     async fn owned(&self) -> Result<Vec<Owned>, PlatformError> {
         let selector = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-        let apis = match &self.scope {
-            NamespaceScope::All => vec![Api::<Deployment>::all(self.client.clone())],
-            NamespaceScope::Listed(namespaces) => namespaces
-                .iter()
-                .map(|n| Api::<Deployment>::namespaced(self.client.clone(), n))
-                .collect(),
-        };
+        let apis = self.deployment_apis();
         let mut owned = Vec::new();
         for api in apis {
             let found = api

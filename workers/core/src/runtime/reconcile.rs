@@ -146,16 +146,7 @@ impl Worker {
                 ));
                 continue;
             }
-            let record = self
-                .store
-                .get(item.request_id.as_str())
-                .await
-                .map_err(|e| {
-                    PlatformError::transient(format!(
-                        "reading the record of {}: {e}",
-                        item.request_id
-                    ))
-                })?;
+            let record = self.record_of(&item).await?;
             match unexplained(record.as_ref()) {
                 None => decisions.push(decision(Verdict::Kept, "its record explains it".into())),
                 Some(reason) => suspects.push((item, reason)),
@@ -180,16 +171,7 @@ impl Worker {
             let present = still_there
                 .iter()
                 .any(|o| o.resource.id == item.resource.id);
-            let record = self
-                .store
-                .get(item.request_id.as_str())
-                .await
-                .map_err(|e| {
-                    PlatformError::transient(format!(
-                        "reading the record of {}: {e}",
-                        item.request_id
-                    ))
-                })?;
+            let record = self.record_of(&item).await?;
             let second = unexplained(record.as_ref());
             if !present || second.as_deref() != Some(reason.as_str()) {
                 decision.reason = format!(
@@ -233,6 +215,13 @@ impl Worker {
             decisions.push(decision);
         }
         Ok(decisions)
+    }
+
+    /// The record of the request `item`'s marks name.
+    async fn record_of(&self, item: &Owned) -> Result<Option<RequestRecord>, PlatformError> {
+        self.store.get(item.request_id.as_str()).await.map_err(|e| {
+            PlatformError::transient(format!("reading the record of {}: {e}", item.request_id))
+        })
     }
 
     /// Reconciles every `every`, for as long as the worker runs.
