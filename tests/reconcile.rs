@@ -7,7 +7,6 @@
 mod common;
 
 use common::{TestEnv, id};
-use provisioner_core::reconcile_teardown_id;
 use provisioner_events::State;
 
 /// Starts a container with the provisioner's ownership labels for `request_id`, as a
@@ -77,7 +76,10 @@ async fn a_leaked_container_is_found_and_removed_while_fresh_and_explained_ones_
     let web = env.web("kept");
     env.publish(&web).await;
     assert_eq!(events.terminal(&id(&web)).await.state, State::Running);
+    // Two containers leaked under one request id (a launch that ran twice): each is
+    // removed by its own teardown.
     let old_leak = format!("leaked-old-{}", env.run_id);
+    leak(&env, &old_leak).await;
     leak(&env, &old_leak).await;
 
     // Everything is younger than an hour: nothing is judged, nothing sent.
@@ -102,13 +104,32 @@ async fn a_leaked_container_is_found_and_removed_while_fresh_and_explained_ones_
     assert_eq!(verdict_of(&decisions, &fresh_leak), "too_young");
     assert_eq!(verdict_of(&decisions, &id(&web)), "kept");
 
-    let stopped = events.terminal(&reconcile_teardown_id(&old_leak)).await;
-    assert_eq!(stopped.state, State::Stopped, "{stopped:#?}");
-    let cause = stopped.cause.as_deref().unwrap_or_default();
-    assert!(
-        cause.starts_with("reconciled:") && cause.contains("no record"),
-        "says why: {stopped:#?}"
-    );
+    let teardowns: Vec<String> = decisions
+        .iter()
+        .filter(|d| d["request_id"] == old_leak.as_str())
+        .map(|d| {
+            assert_eq!(d["verdict"], "removed", "{d:#?}");
+            d["teardown"]
+                .as_str()
+                .expect("the teardown it sent")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(teardowns.len(), 2, "{decisions:#?}");
+    assert_ne!(teardowns[0], teardowns[1], "one teardown per resource");
+    for teardown in &teardowns {
+        assert!(
+            teardown.starts_with(&format!("{old_leak}.reconciled-")),
+            "{teardown}"
+        );
+        let stopped = events.terminal(teardown).await;
+        assert_eq!(stopped.state, State::Stopped, "{stopped:#?}");
+        let cause = stopped.cause.as_deref().unwrap_or_default();
+        assert!(
+            cause.starts_with("reconciled:") && cause.contains("no record"),
+            "says why: {stopped:#?}"
+        );
+    }
     let containers = env.containers().await;
     assert!(
         !containers.contains_key(&old_leak),

@@ -11,7 +11,7 @@
 //! never judged (it may be a create whose record is being written), every verdict is
 //! looked at a second time after a pause before anything is done, at most `max_removals`
 //! go per run, and `dry_run` only reports. Removal is an ordinary teardown request of the
-//! resource by its id (`<id>.reconciled`, with a `cause` saying why), so it goes through
+//! resource by its id (`<id>.reconciled-<resource hash>`, with a `cause` saying why), so it goes through
 //! the queue with its tombstone, fencing and status events, and a second copy of it is a
 //! duplicate.
 
@@ -78,9 +78,18 @@ pub struct ReconcileDecision {
     pub teardown: Option<String>,
 }
 
-/// The request id of the teardown the reconciler sends for `request_id`'s resource.
-pub fn reconcile_teardown_id(request_id: &str) -> String {
-    crate::names::follow_up_request_id(request_id, "reconciled")
+/// The request id of the teardown the reconciler sends for one resource of
+/// `request_id`: `<request_id>.reconciled-<8 hex of the resource id>`, so two resources
+/// leaked under one request id (a launch that ran twice) each get their own teardown,
+/// and the same resource always the same one.
+pub fn reconcile_teardown_id(request_id: &str, resource_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let resource: String = Sha256::digest(resource_id.as_bytes())
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    crate::names::follow_up_request_id(request_id, &format!("reconciled-{resource}"))
 }
 
 /// Why the record does not explain a resource of its request, or `None` when it does.
@@ -190,7 +199,7 @@ impl Worker {
                 decisions.push(decision);
                 continue;
             }
-            let teardown_id = reconcile_teardown_id(item.request_id.as_str());
+            let teardown_id = reconcile_teardown_id(item.request_id.as_str(), &item.resource.id);
             // By the resource's own id: a leak need not carry the name its request id
             // derives, and the runtime still serializes with (and tombstones) the request
             // the marks name.
