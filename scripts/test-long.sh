@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 export STORM_REQUESTS=${STORM_REQUESTS:-10000}
 export HOSTILE_MESSAGES=${HOSTILE_MESSAGES:-100000}
 bash scripts/test.sh --test long_faults -- --ignored --test-threads=1 --nocapture
+bash scripts/test.sh --test fleet -- --ignored --test-threads=1
 # The benchmarks' quick mode, in the test build: it proves they still run (their figures
 # come from scripts/bench.sh's release build).
 BENCH_SHORT=1 bash scripts/test.sh --bench runtime --bench cold_start

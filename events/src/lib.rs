@@ -18,9 +18,13 @@ pub mod status;
 
 pub use invalid::Invalid;
 pub use request::{
-    DecodeError, Operation, PlatformName, Request, RequestId, TeardownTarget, decode_request,
+    DecodeError, FleetMember, MAX_FLEET_SIZE, OnPartial, Operation, PlatformName, Request,
+    RequestId, TeardownTarget, decode_request,
 };
-pub use status::{Endpoint, ErrorClass, ErrorInfo, RejectedMessage, Resource, State, StatusEvent};
+pub use status::{
+    Endpoint, ErrorClass, ErrorInfo, FleetCounts, FleetStatus, MemberResource, RejectedMessage,
+    Resource, State, StatusEvent,
+};
 
 /// The version of the message format this crate reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;

@@ -60,6 +60,11 @@ impl fmt::Display for Operation {
 /// A client-chosen request id: the idempotency key. 1 to 128 characters of ASCII letters,
 /// digits, `.`, `_` and `-`, starting with a letter or digit, so every platform can derive
 /// resource names and tags from it.
+///
+/// The workers name the members of a fleet `<fleet request id>#<index>` (and requests
+/// about a member, such as its expiry's teardown, `<member id>.<purpose>`), so an id may
+/// also hold one `#` followed by 1 to 4 digits and then more of the characters above.
+/// A producer's own provision ids never contain `#`: it is kept for members.
 #[derive(
     Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
 )]
@@ -71,20 +76,33 @@ pub struct RequestId(String);
 #[derive(JsonSchema)]
 #[schemars(transparent)]
 #[allow(dead_code)]
-struct RequestIdSchema(#[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"))] String);
+struct RequestIdSchema(
+    #[schemars(
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(#[0-9]{1,4}[A-Za-z0-9._-]*)?$"),
+        length(max = 160)
+    )]
+    String,
+);
 
 impl RequestId {
+    /// The longest id a producer may choose.
     pub const MAX_LEN: usize = 128;
+    /// The longest id at all: a fleet member's, or a request the workers send about one.
+    pub const MAX_MEMBER_LEN: usize = 160;
 
     pub fn new(id: impl Into<String>) -> Result<RequestId, Invalid> {
         let id = id.into();
         if id.is_empty() {
             return Err("request_id is empty".into());
         }
-        if id.len() > Self::MAX_LEN {
+        let (base, member) = match id.split_once('#') {
+            Some((base, member)) => (base, Some(member)),
+            None => (id.as_str(), None),
+        };
+        if base.len() > Self::MAX_LEN {
             return Err(invalid!(
                 "request_id is {} characters long; the limit is {}",
-                id.len(),
+                base.len(),
                 Self::MAX_LEN
             ));
         }
@@ -93,19 +111,40 @@ impl RequestId {
                 "request_id {id:?} must start with a letter or digit"
             ));
         }
-        if let Some(bad) = id
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-        {
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if let Some(bad) = base.chars().find(|c| !allowed(*c)) {
             return Err(invalid!(
                 "request_id {id:?} contains {bad:?}; allowed are ASCII letters, digits, '.', '_' and '-'"
             ));
+        }
+        if let Some(member) = member {
+            let digits = member.chars().take_while(char::is_ascii_digit).count();
+            let rest = &member[digits..];
+            if !(1..=4).contains(&digits)
+                || !rest.chars().all(allowed)
+                || id.len() > Self::MAX_MEMBER_LEN
+            {
+                return Err(invalid!(
+                    "request_id {id:?}: '#' only names a fleet member, as <fleet id>#<index> (at most {} characters in all)",
+                    Self::MAX_MEMBER_LEN
+                ));
+            }
         }
         Ok(RequestId(id))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The id of member `index` of the fleet this id names.
+    pub fn member(&self, index: u32) -> RequestId {
+        RequestId(format!("{}#{index}", self.0))
+    }
+
+    /// Whether this id names a fleet member (or a request about one).
+    pub fn is_member(&self) -> bool {
+        self.0.contains('#')
     }
 }
 
@@ -187,6 +226,52 @@ pub struct Request {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub cause: Option<String>,
+    /// For `provision`: how many identical resources to make, 1 to 1,000 (default 1).
+    /// More than one makes a fleet: each member is its own request, `<request_id>#<i>`
+    /// for `i` from 0, spread over the platform's workers, with its own status events;
+    /// the fleet's events count its members by state and its last one lists them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub count: Option<u32>,
+    /// For a fleet: how many members must be running for it to succeed, 1 to `count`
+    /// (default `count`: all or nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_count: Option<u32>,
+    /// For a fleet: what happens to its running members when fewer than `min_count` run
+    /// (default `rollback`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_partial: Option<OnPartial>,
+    /// Set by the workers on the requests they make for the members of a fleet: which
+    /// fleet and which member. The member's `request_id` is `<fleet_request_id>#<index>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_member: Option<FleetMember>,
+}
+
+/// The most members a fleet may have.
+pub const MAX_FLEET_SIZE: u32 = 1000;
+
+/// What happens to a fleet's running members when fewer than `min_count` of them run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPartial {
+    /// Tear down every member: the fleet ends with nothing made (the default).
+    #[default]
+    Rollback,
+    /// Keep the members that run; the fleet still ends in `error`, listing them.
+    Keep,
+}
+
+/// Which fleet a request is a member of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FleetMember {
+    /// The request id of the fleet (its provision, or a teardown of all its members).
+    pub fleet_request_id: RequestId,
+    /// Which member, from 0 to `count` - 1.
+    pub index: u32,
+    /// How many members the fleet has.
+    pub count: u32,
 }
 
 /// The longest `ttl_seconds`: a year.
@@ -308,6 +393,7 @@ impl Request {
                 "cause must be 1 to {MAX_CAUSE_LEN} bytes without control characters"
             ));
         }
+        self.validate_fleet()?;
         if let Some(tenant) = &self.tenant
             && (tenant.is_empty()
                 || tenant.len() > MAX_TENANT_LEN
@@ -318,6 +404,78 @@ impl Request {
             ));
         }
         Ok(())
+    }
+
+    /// Checks `count`, `min_count`, `on_partial` and `fleet_member`.
+    fn validate_fleet(&self) -> Result<(), Invalid> {
+        let fleet_fields =
+            self.count.is_some() || self.min_count.is_some() || self.on_partial.is_some();
+        if fleet_fields && self.operation != Operation::Provision {
+            return Err(invalid!(
+                "count, min_count and on_partial belong on a provision request; this is a {} (a teardown of a fleet names the fleet's request id)",
+                self.operation
+            ));
+        }
+        let count = self.count.unwrap_or(1);
+        if count == 0 || count > MAX_FLEET_SIZE {
+            return Err(invalid!(
+                "count {count}: a request makes 1 to {MAX_FLEET_SIZE} resources"
+            ));
+        }
+        if let Some(min) = self.min_count
+            && (min == 0 || min > count)
+        {
+            return Err(invalid!(
+                "min_count {min} must be between 1 and count ({count})"
+            ));
+        }
+        match &self.fleet_member {
+            Some(member) => {
+                if fleet_fields {
+                    return Err("a fleet member is one resource: it takes no count, min_count or on_partial".into());
+                }
+                if member.count < 2 || member.count > MAX_FLEET_SIZE || member.index >= member.count
+                {
+                    return Err(invalid!(
+                        "fleet_member index {} of {}: a fleet has 2 to {MAX_FLEET_SIZE} members, numbered from 0",
+                        member.index,
+                        member.count
+                    ));
+                }
+                if member.fleet_request_id.is_member() {
+                    return Err(
+                        "a fleet member's fleet_request_id names a fleet, not a member".into(),
+                    );
+                }
+                let expected = member.fleet_request_id.member(member.index);
+                if self.request_id != expected {
+                    return Err(invalid!(
+                        "a fleet member's request_id is <fleet_request_id>#<index>, here {expected}, not {}",
+                        self.request_id
+                    ));
+                }
+            }
+            None if self.operation == Operation::Provision && self.request_id.is_member() => {
+                return Err(invalid!(
+                    "request_id {}: '#' is kept for the members of fleets; choose an id without it",
+                    self.request_id
+                ));
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Whether this is a fleet's provision (more than one resource); a dry run checks
+    /// one member's and is not.
+    pub fn is_fleet(&self) -> bool {
+        self.operation == Operation::Provision && !self.dry_run && self.count.unwrap_or(1) > 1
+    }
+
+    /// The fewest running members that make this fleet a success.
+    pub fn fleet_min_count(&self) -> u32 {
+        let count = self.count.unwrap_or(1);
+        self.min_count.unwrap_or(count).min(count)
     }
 
     /// When the resource of this provision expires, given when it became running.

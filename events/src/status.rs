@@ -139,6 +139,79 @@ pub struct Resource {
     pub address: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<Endpoint>,
+    /// On a fleet's last event: every member, in index order. (A fleet has no platform id
+    /// of its own: its `id` and `name` are its request id.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberResource>,
+}
+
+/// One member of a fleet, as the fleet's last event lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MemberResource {
+    /// The member's own request id, `<fleet request id>#<index>`.
+    pub request_id: String,
+    pub index: u32,
+    /// Where the member ended (`running`, `error`, or `stopped` when it was torn down).
+    pub state: State,
+    /// The platform's id of what the member made, when it made something.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Why the member failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+/// How many of a fleet's members are in each state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct FleetCounts {
+    /// Not begun yet (waiting in the queue, or for a rate limit or a worker).
+    pub not_started: u32,
+    pub starting: u32,
+    pub running: u32,
+    pub stopping: u32,
+    pub stopped: u32,
+    pub error: u32,
+}
+
+impl FleetCounts {
+    /// Counts one member in `state` (`checked` counts as running).
+    pub fn add(&mut self, state: State) {
+        match state {
+            State::NotStarted => self.not_started += 1,
+            State::Starting => self.starting += 1,
+            State::Running | State::Checked => self.running += 1,
+            State::Stopping => self.stopping += 1,
+            State::Stopped => self.stopped += 1,
+            State::Error => self.error += 1,
+        }
+    }
+
+    pub fn total(&self) -> u32 {
+        self.not_started + self.starting + self.running + self.stopping + self.stopped + self.error
+    }
+}
+
+/// What an event says about the fleet it belongs to: on a member's events, which member;
+/// on the fleet's own events, how far its members are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FleetStatus {
+    /// The fleet's request id (the event's own on the fleet's events).
+    pub request_id: String,
+    /// How many members the fleet has.
+    pub count: u32,
+    /// On a member's events: which member, from 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    /// On the fleet's events: how many members must run for it to succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_count: Option<u32>,
+    /// On the fleet's events: how many members are in each state, out of `count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<FleetCounts>,
 }
 
 /// A status event, as published to the `provisioning.status` exchange.
@@ -182,6 +255,9 @@ pub struct StatusEvent {
     /// sent because its target expired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
+    /// On the events of a fleet and of its members: which fleet, and how far it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetStatus>,
 }
 
 /// The message an event answers, when it answers one message only.

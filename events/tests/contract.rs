@@ -204,7 +204,14 @@ fn request_ids_are_bounded_in_charset_and_length() {
     assert!(RequestId::new("A.b_c-9").is_ok());
     assert!(RequestId::new("x".repeat(128)).is_ok());
     assert!(RequestId::new("x".repeat(129)).is_err());
-    for bad in ["", "-leading", ".x", "a/b", "a b", "a:b", "ü", "a\n"] {
+    // Fleet members, and requests about one.
+    assert!(RequestId::new(format!("{}#999", "x".repeat(128))).is_ok());
+    assert!(RequestId::new("batch-7#12.expired").is_ok());
+    assert!(RequestId::new(format!("{}#1.{}", "x".repeat(128), "y".repeat(30))).is_err());
+    for bad in [
+        "", "-leading", ".x", "a/b", "a b", "a:b", "ü", "a\n", "#1", "a#", "a#x", "a#12345",
+        "a#1#2",
+    ] {
         assert!(RequestId::new(bad).is_err(), "{bad:?} accepted");
     }
 }
@@ -224,6 +231,7 @@ fn sample_events() -> Vec<(&'static str, StatusEvent)> {
         tenant: None,
         rejected_message: None,
         cause: None,
+        fleet: None,
     };
     let running = StatusEvent {
         state: State::Running,
@@ -239,6 +247,7 @@ fn sample_events() -> Vec<(&'static str, StatusEvent)> {
                 host_port: 40123,
                 protocol: "tcp".into(),
             }],
+            members: Vec::new(),
         }),
         ..base.clone()
     };
@@ -278,12 +287,83 @@ fn sample_events() -> Vec<(&'static str, StatusEvent)> {
         ),
         ..base.clone()
     };
+    let fleet_status = |members: FleetCounts| FleetStatus {
+        request_id: "batch-7".into(),
+        count: 3,
+        index: None,
+        min_count: Some(2),
+        members: Some(members),
+    };
+    let fleet_progress = StatusEvent {
+        request_id: "batch-7".into(),
+        state: State::Starting,
+        seq: 3,
+        fleet: Some(fleet_status(FleetCounts {
+            not_started: 1,
+            starting: 1,
+            running: 1,
+            ..FleetCounts::default()
+        })),
+        ..base.clone()
+    };
+    let member = |index: u32, state: State, error: Option<ErrorInfo>| MemberResource {
+        request_id: format!("batch-7#{index}"),
+        index,
+        state,
+        id: (state == State::Running).then(|| format!("c0ffee{index}")),
+        name: (state == State::Running).then(|| format!("prov-batch-7-{index}-5e1f0a2b")),
+        address: (state == State::Running).then(|| "127.0.0.1".into()),
+        error,
+    };
+    let fleet_running = StatusEvent {
+        request_id: "batch-7".into(),
+        state: State::Running,
+        seq: 6,
+        resource: Some(Resource {
+            id: "batch-7".into(),
+            name: "batch-7".into(),
+            members: vec![
+                member(0, State::Running, None),
+                member(
+                    1,
+                    State::Error,
+                    Some(ErrorInfo {
+                        class: ErrorClass::Capacity,
+                        message: "no capacity for the container".into(),
+                    }),
+                ),
+                member(2, State::Running, None),
+            ],
+            ..Resource::default()
+        }),
+        fleet: Some(fleet_status(FleetCounts {
+            running: 2,
+            error: 1,
+            ..FleetCounts::default()
+        })),
+        ..base.clone()
+    };
+    let fleet_member = StatusEvent {
+        request_id: "batch-7#2".into(),
+        state: State::Starting,
+        fleet: Some(FleetStatus {
+            request_id: "batch-7".into(),
+            count: 3,
+            index: Some(2),
+            min_count: None,
+            members: None,
+        }),
+        ..base.clone()
+    };
     vec![
         ("starting", base),
         ("running", running),
         ("error", error),
         ("rejected", rejected),
         ("stopped-on-expiry", expired),
+        ("fleet-progress", fleet_progress),
+        ("fleet-running", fleet_running),
+        ("fleet-member-starting", fleet_member),
     ]
 }
 

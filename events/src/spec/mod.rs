@@ -151,13 +151,13 @@ pub fn check_aws_resource_tags(
     Ok(())
 }
 
-/// `count` of identical resources: one per request until fleets are part of the contract.
+/// The spec's own `count`, kept so older producers' requests still read: it may only be
+/// 1. Several resources are a fleet, asked for by the request's `count`.
 pub(crate) fn validate_single_count(count: Option<u32>, what: &str) -> Result<(), Invalid> {
     match count {
         None | Some(1) => Ok(()),
-        Some(0) => Err("count must be at least 1".into()),
         Some(n) => Err(invalid!(
-            "count {n}: only one {what} per request is supported for now"
+            "spec count {n}: a spec describes one {what}; for {n} of them set the request's \"count\" (a fleet) and leave the spec's out"
         )),
     }
 }

@@ -377,6 +377,7 @@ impl Ec2Platform {
                 _ => Vec::new(),
             },
             address,
+            members: Vec::new(),
         }
     }
 

@@ -145,6 +145,18 @@ fn tag<'a>(task: &'a Task, key: &str) -> Option<&'a str> {
         .and_then(|t| t.value())
 }
 
+/// The `provisioner:request-id` tag's value for a request id. ECS refuses `#` in tags,
+/// and a fleet member's id has one (`<fleet>#<i>`): it is written as `:`, which no request
+/// id holds, so the value reads back exactly.
+fn request_tag_value(request_id: &str) -> String {
+    request_id.replace('#', ":")
+}
+
+/// The request id a task's `provisioner:request-id` tag names.
+fn tagged_request_id(task: &Task) -> Option<String> {
+    tag(task, REQUEST_TAG).map(|value| value.replace(':', "#"))
+}
+
 /// The task's private address, from its ENI attachment (awsvpc) or its first container.
 fn address_of(task: &Task) -> Option<String> {
     task.attachments()
@@ -186,6 +198,7 @@ fn resource(request_id: &str, task: &Task, ports: &[u16]) -> Resource {
             None => Vec::new(),
         },
         address,
+        members: Vec::new(),
     }
 }
 
@@ -248,7 +261,9 @@ impl EcsPlatform {
         let described = self.describe_tasks(cluster, listed.task_arns()).await?;
         Ok(described
             .into_iter()
-            .filter(|t| tag(t, REQUEST_TAG) == Some(request_id) && last_status(t) != "STOPPED")
+            .filter(|t| {
+                tagged_request_id(t).as_deref() == Some(request_id) && last_status(t) != "STOPPED"
+            })
             .collect())
     }
 
@@ -400,7 +415,10 @@ impl EcsPlatform {
         let mut tags: BTreeMap<String, String> = request.labels.clone();
         tags.extend(spec.tags.clone());
         tags.insert(MANAGED_TAG.into(), "true".into());
-        tags.insert(REQUEST_TAG.into(), request.request_id.to_string());
+        tags.insert(
+            REQUEST_TAG.into(),
+            request_tag_value(request.request_id.as_str()),
+        );
         tags.into_iter()
             .map(|(k, v)| Tag::builder().key(k).value(v).build())
             .collect()
@@ -668,7 +686,7 @@ impl Platform for EcsPlatform {
                     }
                     // Without the request tag the task names no request: never touched.
                     let Some(request_id) =
-                        tag(&task, REQUEST_TAG).and_then(|id| RequestId::new(id).ok())
+                        tagged_request_id(&task).and_then(|id| RequestId::new(id).ok())
                     else {
                         continue;
                     };
@@ -691,7 +709,7 @@ impl Platform for EcsPlatform {
             .await?;
         Ok(found
             .as_ref()
-            .and_then(|(_, task)| tag(task, REQUEST_TAG))
+            .and_then(|(_, task)| tagged_request_id(task))
             .and_then(|id| RequestId::new(id).ok()))
     }
 
@@ -733,7 +751,7 @@ impl Platform for EcsPlatform {
             return Ok(None);
         };
         let arn = task.task_arn().unwrap_or_default().to_owned();
-        let request_id = tag(&task, REQUEST_TAG).unwrap_or_default().to_owned();
+        let request_id = tagged_request_id(&task).unwrap_or_default();
         match self
             .client
             .stop_task()
@@ -762,7 +780,7 @@ impl Platform for EcsPlatform {
 
     async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {
         Ok(self.find(target).await?.map(|(_, task)| {
-            let request_id = tag(&task, REQUEST_TAG).unwrap_or_default().to_owned();
+            let request_id = tagged_request_id(&task).unwrap_or_default();
             Described {
                 state: match last_status(&task) {
                     "RUNNING" => State::Running,
@@ -778,6 +796,22 @@ impl Platform for EcsPlatform {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fleet_members_request_tag_keeps_to_ecs_characters_and_reads_back() {
+        let value = request_tag_value("batch-7#12");
+        assert_eq!(value, "batch-7:12");
+        let task = Task::builder()
+            .tags(
+                aws_sdk_ecs::types::Tag::builder()
+                    .key(REQUEST_TAG)
+                    .value(value)
+                    .build(),
+            )
+            .build();
+        assert_eq!(tagged_request_id(&task).as_deref(), Some("batch-7#12"));
+        assert_eq!(request_tag_value("plain.id_1"), "plain.id_1");
+    }
 
     #[test]
     fn tokens_fit_both_client_token_and_started_by() {

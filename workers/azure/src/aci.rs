@@ -281,6 +281,7 @@ impl ContainerInstancesPlatform {
             name,
             address,
             endpoints,
+            members: Vec::new(),
         }
     }
 

@@ -380,6 +380,7 @@ impl VmPlatform {
             name,
             address,
             endpoints: Vec::new(),
+            members: Vec::new(),
         })
     }
 
@@ -409,6 +410,7 @@ impl VmPlatform {
                 name: vm.name.clone(),
                 address: None,
                 endpoints: Vec::new(),
+                members: Vec::new(),
             },
         }
     }

@@ -38,11 +38,12 @@ pub fn derived_name(request_id: &str, readable_max: usize) -> String {
 
 /// The request id of a request the workers send on their own about `request_id` (the
 /// teardown of an expired or unexplained resource): `<request_id>.<purpose>` when that
-/// fits in a request id's 128 characters, `<purpose>.<SHA-256 of request_id>` otherwise.
-/// Fixed for a given pair, so a second copy of such a request is a duplicate.
+/// is a valid request id (a fleet member's `<fleet>#<i>.<purpose>` is),
+/// `<purpose>.<SHA-256 of request_id>` otherwise. Fixed for a given pair, so a second
+/// copy of such a request is a duplicate.
 pub fn follow_up_request_id(request_id: &str, purpose: &str) -> String {
     let readable = format!("{request_id}.{purpose}");
-    if readable.len() <= 128 {
+    if provisioner_events::RequestId::new(readable.as_str()).is_ok() {
         return readable;
     }
     let digest: String = Sha256::digest(request_id.as_bytes())

@@ -79,6 +79,11 @@ if rec[1] and not rec[2] then return {3, rec[1]} end
 return {1}
 "#;
 
+/// KEYS record; ARGV fence, nonce. Returns {1, seq}: the seq reserved.
+const NEXT_SEQ: &str = r#"
+return {1, tostring(redis.call('HINCRBY', KEYS[1], 'seq', 1))}
+"#;
+
 /// KEYS record, index; ARGV fence, nonce, state, result_json, seq, retention_ms, id.
 /// Returns {1} | {-3, tombstone}.
 const COMPLETE: &str = r#"
@@ -227,6 +232,7 @@ struct Scripts {
     take_due: Script,
     reserve_quota: Script,
     release_quota: Script,
+    next_seq: Script,
 }
 
 impl Scripts {
@@ -246,6 +252,7 @@ impl Scripts {
             reserve_quota: Script::new(RESERVE_QUOTA),
             release_quota: Script::new(RELEASE_QUOTA),
             reap: script(REAP),
+            next_seq: fenced(NEXT_SEQ),
         }
     }
 }
@@ -341,6 +348,11 @@ impl RedisStore {
         format!("{}req:{request_id}", self.prefix)
     }
 
+    /// A fleet's request, as JSON.
+    fn fleet_key(&self, request_id: &str) -> String {
+        format!("{}fleet:{request_id}", self.prefix)
+    }
+
     fn handed_on_key(&self, key: &str) -> String {
         format!("{}handed-on:{key}", self.prefix)
     }
@@ -408,6 +420,52 @@ where
         .ok_or_else(|| StoreError::Corrupt(format!("store answer lacks {what}")))?
         .parse()
         .map_err(|e| StoreError::Corrupt(format!("store answer {what}: {e}")))
+}
+
+/// A record as `HGETALL` gave it (`None` when empty), read at `now_ms` (the store's clock).
+fn record_of(
+    request_id: &str,
+    fields: &HashMap<String, String>,
+    now_ms: u64,
+) -> Result<Option<RequestRecord>, StoreError> {
+    if fields.is_empty() {
+        return Ok(None);
+    }
+    let number = |name: &str| {
+        fields
+            .get(name)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let state = fields
+        .get("state")
+        .and_then(|s| parse_state(s))
+        .ok_or_else(|| StoreError::Corrupt(format!("record of {request_id} has no valid state")))?;
+    let result = match fields.get("result") {
+        Some(json) => Some(
+            serde_json::from_str(json)
+                .map_err(|e| StoreError::Corrupt(format!("stored result of {request_id}: {e}")))?,
+        ),
+        None => None,
+    };
+    let lease_until = number("lease_until");
+    let actor_until = number("actor_until");
+    Ok(Some(RequestRecord {
+        state,
+        owner: fields.get("owner").filter(|o| !o.is_empty()).cloned(),
+        fence: number("fence"),
+        seq: number("seq"),
+        attempts: u32::try_from(number("attempts")).unwrap_or(u32::MAX),
+        payload_hash: fields.get("hash").filter(|h| !h.is_empty()).cloned(),
+        lease_remaining: (lease_until > now_ms)
+            .then(|| Duration::from_millis(lease_until - now_ms)),
+        result,
+        torn_down_by: fields.get("tombstone").cloned(),
+        actor: fields
+            .get("actor")
+            .filter(|a| !a.is_empty() && actor_until > now_ms)
+            .cloned(),
+    }))
 }
 
 fn parse_state(text: &str) -> Option<State> {
@@ -647,57 +705,82 @@ impl StateStore for RedisStore {
     }
 
     async fn get(&self, request_id: &str) -> Result<Option<RequestRecord>, StoreError> {
-        let mut connection = self.connection.clone();
-        let fields: HashMap<String, String> = connection
-            .hgetall(self.key(request_id))
-            .await
-            .map_err(classify)?;
-        if fields.is_empty() {
-            return Ok(None);
-        }
-        let time: (u64, u64) = redis::cmd("TIME")
-            .query_async(&mut connection)
-            .await
-            .map_err(classify)?;
-        let now_ms = time.0 * 1000 + time.1 / 1000;
-        let number = |name: &str| {
-            fields
-                .get(name)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        let state = fields
-            .get("state")
-            .and_then(|s| parse_state(s))
-            .ok_or_else(|| {
-                StoreError::Corrupt(format!("record of {request_id} has no valid state"))
-            })?;
-        let result =
-            match fields.get("result") {
-                Some(json) => Some(serde_json::from_str(json).map_err(|e| {
-                    StoreError::Corrupt(format!("stored result of {request_id}: {e}"))
-                })?),
-                None => None,
-            };
-        let lease_until = number("lease_until");
-        let actor_until = number("actor_until");
-        Ok(Some(RequestRecord {
-            state,
-            owner: fields.get("owner").filter(|o| !o.is_empty()).cloned(),
-            fence: number("fence"),
-            seq: number("seq"),
-            attempts: u32::try_from(number("attempts")).unwrap_or(u32::MAX),
-            payload_hash: fields.get("hash").filter(|h| !h.is_empty()).cloned(),
-            lease_remaining: (lease_until > now_ms)
-                .then(|| Duration::from_millis(lease_until - now_ms)),
-            result,
-            torn_down_by: fields.get("tombstone").cloned(),
-            actor: fields
-                .get("actor")
-                .filter(|a| !a.is_empty() && actor_until > now_ms)
-                .cloned(),
-        }))
+        let ids = [request_id.to_owned()];
+        Ok(self.get_many(&ids).await?.pop().flatten())
     }
+
+    async fn get_many(
+        &self,
+        request_ids: &[String],
+    ) -> Result<Vec<Option<RequestRecord>>, StoreError> {
+        let mut connection = self.connection.clone();
+        let mut records = Vec::with_capacity(request_ids.len());
+        // One round trip per few hundred records: a fleet's coordinator reads all its
+        // members every poll.
+        for chunk in request_ids.chunks(256) {
+            let mut pipe = redis::pipe();
+            pipe.cmd("TIME");
+            for id in chunk {
+                pipe.hgetall(self.key(id));
+            }
+            let (time, all): ((u64, u64), Vec<HashMap<String, String>>) = {
+                let mut replies: Vec<redis::Value> =
+                    pipe.query_async(&mut connection).await.map_err(classify)?;
+                let time = redis::FromRedisValue::from_redis_value(replies.remove(0))
+                    .map_err(|e| StoreError::Corrupt(format!("TIME answer: {e}")))?;
+                let all = replies
+                    .into_iter()
+                    .map(redis::FromRedisValue::from_redis_value)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| StoreError::Corrupt(format!("record answer: {e}")))?;
+                (time, all)
+            };
+            let now_ms = time.0 * 1000 + time.1 / 1000;
+            for (id, fields) in chunk.iter().zip(all) {
+                records.push(record_of(id, &fields, now_ms)?);
+            }
+        }
+        Ok(records)
+    }
+
+    async fn next_seq(&self, request_id: &str, fence: &Fence) -> Result<u64, StoreError> {
+        let mut connection = self.connection.clone();
+        let reply: Reply = self
+            .scripts
+            .next_seq
+            .key(self.key(request_id))
+            .arg(fence.counter.to_string())
+            .arg(&fence.nonce)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(classify)?;
+        match reply {
+            Reply(-2, _) => Err(StoreError::Missing(request_id.to_owned())),
+            Reply(-1, _) => Err(StoreError::Fenced(fence.clone())),
+            Reply(_, seq) => parse(seq.as_ref(), "seq"),
+        }
+    }
+
+    async fn put_fleet(&self, request_id: &str, request_json: &str) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        redis::cmd("SET")
+            .arg(self.fleet_key(request_id))
+            .arg(request_json)
+            .arg("PX")
+            .arg(self.retention.as_millis().max(1) as u64)
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(classify)
+    }
+
+    async fn fleet(&self, request_id: &str) -> Result<Option<String>, StoreError> {
+        let mut connection = self.connection.clone();
+        connection
+            .get(self.fleet_key(request_id))
+            .await
+            .map_err(classify)
+    }
+
     async fn remember_handed_on(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
         redis::cmd("SET")

@@ -269,6 +269,30 @@ pub trait StateStore: Send + Sync + 'static {
 
     async fn get(&self, request_id: &str) -> Result<Option<RequestRecord>, StoreError>;
 
+    /// The records of many requests at once (a fleet's members), in the order asked.
+    async fn get_many(
+        &self,
+        request_ids: &[String],
+    ) -> Result<Vec<Option<RequestRecord>>, StoreError> {
+        let mut records = Vec::with_capacity(request_ids.len());
+        for id in request_ids {
+            records.push(self.get(id).await?);
+        }
+        Ok(records)
+    }
+
+    /// Reserves the next status `seq` for the holder's next event, for a holder that
+    /// publishes more than a working and a terminal event (a fleet's progress), so a
+    /// worker taking the request over numbers its events after them.
+    async fn next_seq(&self, request_id: &str, fence: &Fence) -> Result<u64, StoreError>;
+
+    /// Keeps the request (JSON) of a fleet, or of a teardown of one, for the retention
+    /// period: whoever takes its coordination over, and any later teardown, reads it.
+    async fn put_fleet(&self, request_id: &str, request_json: &str) -> Result<(), StoreError>;
+
+    /// The request [`put_fleet`](StateStore::put_fleet) kept, if `request_id` is a fleet's.
+    async fn fleet(&self, request_id: &str) -> Result<Option<String>, StoreError>;
+
     /// Remembers for `ttl` that the queue message `key` was handed on (finished, parked or
     /// dead-lettered), for consumers that cannot settle messages one by one: when the
     /// Lambda's RabbitMQ event source delivers a whole batch again, every instance knows
@@ -389,6 +413,8 @@ pub struct MemoryStore {
     expiries: Mutex<HashMap<(String, String), SystemTime>>,
     /// Tenants' limits, and which tenant each holding request counts against.
     quotas: Mutex<Quotas>,
+    /// Fleets' requests by request id (kept for good: a memory store lives one run).
+    fleets: Mutex<HashMap<String, String>>,
     retention: Duration,
 }
 
@@ -413,6 +439,7 @@ impl MemoryStore {
             handed_on: Mutex::new(HashMap::new()),
             expiries: Mutex::new(HashMap::new()),
             quotas: Mutex::new(Quotas::default()),
+            fleets: Mutex::new(HashMap::new()),
             retention,
         }
     }
@@ -527,6 +554,30 @@ impl StateStore for MemoryStore {
                 _ => Renewal::Renewed,
             })
         })
+    }
+
+    async fn next_seq(&self, request_id: &str, fence: &Fence) -> Result<u64, StoreError> {
+        self.with_holder(request_id, fence, |r| {
+            r.seq += 1;
+            Ok(r.seq)
+        })
+    }
+
+    async fn put_fleet(&self, request_id: &str, request_json: &str) -> Result<(), StoreError> {
+        self.fleets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(request_id.to_owned(), request_json.to_owned());
+        Ok(())
+    }
+
+    async fn fleet(&self, request_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .fleets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(request_id)
+            .cloned())
     }
 
     async fn complete(

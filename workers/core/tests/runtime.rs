@@ -855,6 +855,15 @@ impl StateStore for RenewalsHang {
     ) -> Result<Option<Reaped>, StoreError> {
         self.0.reap(id, i, o, n, l).await
     }
+    async fn next_seq(&self, id: &str, f: &Fence) -> Result<u64, StoreError> {
+        self.0.next_seq(id, f).await
+    }
+    async fn put_fleet(&self, id: &str, json: &str) -> Result<(), StoreError> {
+        self.0.put_fleet(id, json).await
+    }
+    async fn fleet(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.0.fleet(id).await
+    }
     async fn get(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
         self.0.get(id).await
     }
@@ -1056,4 +1065,133 @@ async fn a_refused_working_event_is_not_acknowledged_though_its_confirm_is_await
         1,
         "answered from the record, not provisioned again"
     );
+}
+
+fn fleet(id: &str, count: u32, extra: &str) -> Vec<u8> {
+    format!(r#"{{"schema_version":1,"request_id":"{id}","operation":"provision","platform":"process","count":{count}{extra},"spec":{{"program":"x"}}}}"#).into_bytes()
+}
+
+/// Checks a fleet's own events: seq 1, 2, 3… without a gap, counts out of `count` on
+/// every one, and the terminal one last.
+fn check_fleet_events(events: &[StatusEvent], count: u32) {
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(event.seq, i as u64 + 1, "{events:#?}");
+        let fleet = event.fleet.as_ref().expect("fleet status");
+        assert_eq!(fleet.count, count);
+        assert_eq!(fleet.members.expect("counts").total(), count);
+    }
+    assert!(events.last().expect("events").state.is_terminal());
+}
+
+#[tokio::test]
+async fn a_fleet_is_spread_over_the_workers_and_ends_listing_its_members() {
+    let mut h = harness(3).await;
+    // Duplicates of the fleet's message change nothing.
+    for _ in 0..3 {
+        h.publish(&fleet("f1", 6, "")).await;
+    }
+    let events = h.until_terminal("f1", 1).await;
+    check_fleet_events(&events, 6);
+    let last = events.last().expect("terminal");
+    assert_eq!(last.state, State::Running, "{last:#?}");
+    let members = &last.resource.as_ref().expect("resource").members;
+    assert_eq!(members.len(), 6);
+    for (i, member) in members.iter().enumerate() {
+        assert_eq!(member.request_id, format!("f1#{i}"));
+        assert_eq!(member.state, State::Running);
+        assert_eq!(member.id.as_deref(), Some(format!("id-f1#{i}").as_str()));
+    }
+    assert_eq!(h.platform.provisions.load(Ordering::SeqCst), 6);
+    // Every member is a request of its own, telling which fleet it belongs to.
+    let member = h.record("f1#3").await;
+    let result = member.result.expect("member result");
+    assert_eq!(result.fleet.as_ref().and_then(|f| f.index), Some(3));
+    assert_eq!(
+        result.fleet.as_ref().map(|f| f.request_id.as_str()),
+        Some("f1")
+    );
+
+    // A teardown of the fleet tears every member down.
+    h.publish(&acting("teardown", "f1-down", "f1")).await;
+    let events = h.until_terminal("f1-down", 1).await;
+    let last = events.last().expect("terminal");
+    assert_eq!(last.state, State::Stopped, "{last:#?}");
+    assert_eq!(
+        last.fleet
+            .as_ref()
+            .and_then(|f| f.members)
+            .map(|c| c.stopped),
+        Some(6)
+    );
+    assert!(h.platform.existing.lock().expect("lock").is_empty());
+    assert_eq!(h.record("f1#0").await.state, State::Stopped);
+}
+
+#[tokio::test]
+async fn a_fleet_below_its_min_count_is_rolled_back_by_default() {
+    let mut h = harness(2).await;
+    h.platform
+        .answers
+        .lock()
+        .expect("lock")
+        .push_back(Err(PlatformError::permanent(
+            ErrorClass::Capacity,
+            "no room",
+        )));
+    h.publish(&fleet("f2", 4, "")).await;
+    let events = h.until_terminal("f2", 1).await;
+    check_fleet_events(&events, 4);
+    let last = events.last().expect("terminal");
+    assert_eq!(last.state, State::Error, "{last:#?}");
+    let error = last.error.as_ref().expect("error");
+    assert_eq!(error.class, ErrorClass::Capacity, "{error:?}");
+    assert!(error.message.contains("rollback"), "{error:?}");
+    let members = &last.resource.as_ref().expect("resource").members;
+    assert!(
+        members
+            .iter()
+            .all(|m| matches!(m.state, State::Stopped | State::Error)),
+        "{members:#?}"
+    );
+    assert!(h.platform.existing.lock().expect("lock").is_empty());
+}
+
+#[tokio::test]
+async fn a_partial_fleet_is_kept_when_asked_and_succeeds_at_its_min_count() {
+    let mut h = harness(2).await;
+    let no_room = || Err(PlatformError::permanent(ErrorClass::Capacity, "no room"));
+    h.platform
+        .answers
+        .lock()
+        .expect("lock")
+        .push_back(no_room());
+    h.publish(&fleet("f3", 4, r#","min_count":3"#)).await;
+    let last = h.until_terminal("f3", 1).await.pop().expect("terminal");
+    assert_eq!(last.state, State::Running, "{last:#?}");
+    assert_eq!(
+        last.fleet
+            .as_ref()
+            .and_then(|f| f.members)
+            .map(|c| (c.running, c.error)),
+        Some((3, 1))
+    );
+
+    h.platform
+        .answers
+        .lock()
+        .expect("lock")
+        .push_back(no_room());
+    h.publish(&fleet("f4", 3, r#","on_partial":"keep""#)).await;
+    let last = h.until_terminal("f4", 1).await.pop().expect("terminal");
+    assert_eq!(last.state, State::Error, "{last:#?}");
+    assert!(last.error.as_ref().expect("error").message.contains("kept"));
+    let kept = h
+        .platform
+        .existing
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|id| id.starts_with("f4#"))
+        .count();
+    assert_eq!(kept, 2);
 }

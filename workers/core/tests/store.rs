@@ -47,6 +47,7 @@ fn terminal(id: &str, seq: u64, state: State) -> StatusEvent {
         tenant: None,
         rejected_message: None,
         cause: None,
+        fleet: None,
     }
 }
 
@@ -565,7 +566,45 @@ async fn quotas_are_reserved_atomically_and_given_back(store: Arc<dyn StateStore
     store.set_quota("team-a", None).await.expect("lift");
 }
 
+/// A fleet's coordinator numbers its many events through the store, keeps the fleet's
+/// request there, and reads its members' records in one go.
+async fn fleets_number_their_events_and_are_kept(store: &dyn StateStore) {
+    let (f1, seq, _, _, _) = claimed(store, claim("fleet-1", "h", "a", "n1", 60_000)).await;
+    assert_eq!(store.next_seq("fleet-1", &f1).await.expect("seq"), seq + 1);
+    assert_eq!(store.next_seq("fleet-1", &f1).await.expect("seq"), seq + 2);
+    assert!(matches!(
+        store.next_seq("fleet-1", &fence(f1.counter, "other")).await,
+        Err(StoreError::Fenced(_))
+    ));
+    // A worker taking the fleet over numbers its events after every reserved one.
+    store.release("fleet-1", &f1, false).await.expect("release");
+    let (_, seq2, _, takeover, _) = claimed(store, claim("fleet-1", "h", "b", "n2", 60_000)).await;
+    assert!(takeover);
+    assert_eq!(seq2, seq + 3);
+
+    assert_eq!(store.fleet("fleet-1").await.expect("fleet"), None);
+    store
+        .put_fleet("fleet-1", r#"{"count":3}"#)
+        .await
+        .expect("put");
+    assert_eq!(
+        store.fleet("fleet-1").await.expect("fleet").as_deref(),
+        Some(r#"{"count":3}"#)
+    );
+
+    let ids: Vec<String> = (0..300).map(|i| format!("fleet-1#{i}")).collect();
+    for id in ids.iter().step_by(7) {
+        claimed(store, claim(id, "h", "a", "n", 60_000)).await;
+    }
+    let records = store.get_many(&ids).await.expect("get many");
+    assert_eq!(records.len(), ids.len());
+    for (i, record) in records.iter().enumerate() {
+        assert_eq!(record.is_some(), i % 7 == 0, "member {i}");
+    }
+}
+
 async fn conformance(store: Arc<dyn StateStore>) {
+    fleets_number_their_events_and_are_kept(store.as_ref()).await;
     quotas_are_reserved_atomically_and_given_back(store.clone()).await;
     expiries_are_taken_once_when_due(store.clone()).await;
     handed_on_messages_are_remembered_for_their_time(store.as_ref()).await;

@@ -40,9 +40,17 @@ pub const REQUEST_LABEL: &str = "io.provisioner.request-id";
 /// Label holding the tenant, when the request named one.
 pub const TENANT_LABEL: &str = "io.provisioner.tenant";
 
-/// The container name for a request id. Request ids are already valid container names.
+/// The container name for a request id. A producer's request id is already a valid one.
+///
+/// A fleet member's id (`<fleet>#<i>`) holds a `#`, which container names refuse: its
+/// container is `prov_<fleet>_<i>`. The other prefix keeps it apart from every producer's
+/// id, and the index after the last `_` keeps members of different fleets apart.
 pub fn container_name(request_id: &str) -> String {
-    format!("prov-{request_id}")
+    if request_id.contains('#') {
+        format!("prov_{}", request_id.replace('#', "_"))
+    } else {
+        format!("prov-{request_id}")
+    }
 }
 
 /// What this worker allows requests to do; from the worker's configuration, never from
@@ -452,6 +460,7 @@ impl DockerPlatform {
             name,
             address: Some(self.policy.publish_address.clone()),
             endpoints,
+            members: Vec::new(),
         }
     }
 
@@ -791,6 +800,7 @@ impl DockerPlatform {
                 .to_owned(),
             address: Some(self.policy.publish_address.clone()),
             endpoints: Vec::new(),
+            members: Vec::new(),
         }
     }
 }
@@ -798,6 +808,20 @@ impl DockerPlatform {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fleet_members_get_container_names_no_producer_id_can_take() {
+        assert_eq!(container_name("web-1"), "prov-web-1");
+        assert_eq!(container_name("batch#12"), "prov_batch_12");
+        // A producer's id never holds '#', so never gives a `prov_` name.
+        assert_ne!(container_name("batch_12"), container_name("batch#12"));
+        assert_ne!(container_name("a_1#2"), container_name("a#12"));
+        let valid = |name: &str| {
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        };
+        assert!(valid(&container_name(&format!("{}#999", "x".repeat(128)))));
+    }
 
     fn spec(extra: serde_json::Value) -> DockerSpec {
         let mut value = serde_json::json!({"image": "localhost/busybox:latest"});

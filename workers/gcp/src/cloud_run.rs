@@ -193,6 +193,7 @@ impl CloudRunPlatform {
             name: id.to_owned(),
             address: url,
             endpoints,
+            members: Vec::new(),
         }
     }
 

@@ -198,6 +198,7 @@ impl ComputePlatform {
             name,
             address: external.or(internal),
             endpoints: Vec::new(),
+            members: Vec::new(),
         }
     }
 

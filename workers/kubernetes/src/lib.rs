@@ -524,6 +524,7 @@ impl KubernetesPlatform {
             name,
             address,
             endpoints,
+            members: Vec::new(),
         }
     }
 }

@@ -172,6 +172,7 @@ impl ProcessPlatform {
                 host_port: running.port,
                 protocol: "tcp".into(),
             }],
+            members: Vec::new(),
         }
     }
 

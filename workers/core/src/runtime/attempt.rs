@@ -24,6 +24,11 @@ use crate::platform::PlatformError;
 use crate::policy;
 use crate::store::{Actor, Claim, ClaimRequest, Fence, QuotaGrant, TargetGrant};
 
+/// How long a cancelled provision's platform call may go on to end its step.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+/// How long a create call dropped halfway may still take to land on the platform.
+const LATE_CREATE: Duration = Duration::from_secs(2);
+
 /// The claim this attempt holds.
 pub(super) struct Held<'a> {
     pub(super) request: &'a Request,
@@ -137,6 +142,12 @@ impl Worker {
                 self.broker.publish_status(&event).await?;
                 return Ok(Settlement::Ack);
             }
+            Claim::Held { .. } if self.is_handed_over_fleet(id).await => {
+                // A copy of a fleet's message: the fleet is in a worker's hands, and on
+                // the schedule should that worker die.
+                debug!("a fleet already handed over; this copy has nothing to do");
+                return Ok(Settlement::Ack);
+            }
             Claim::Held { remaining, owner } => {
                 let delay = remaining.max(Duration::from_millis(500)) + Duration::from_millis(250);
                 return Ok(self
@@ -210,6 +221,7 @@ impl Worker {
         }
         if request.operation == Operation::Provision
             && !request.dry_run
+            && !request.is_fleet()
             && let Some(tenant) = &request.tenant
         {
             // Reserved before anything is made, atomically against the tenant's limit;
@@ -264,6 +276,10 @@ impl Worker {
             }
         }
 
+        if let Some(fleet) = self.fleet_of(request, held.acting_on.as_ref()).await? {
+            return self.hand_off_fleet(held, fleet).await;
+        }
+        let mut dropped_mid_call = false;
         let heartbeat = Heartbeat::start(
             self.store.clone(),
             held.id().to_owned(),
@@ -283,17 +299,37 @@ impl Worker {
         );
         let outcome = async {
             let confirm = self.broker.send_status(&working).await?;
-            *held.working_confirm.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(confirm);
+            *held
+                .working_confirm
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner()) = Some(confirm);
             let mut signal = heartbeat.signal();
             let call = AssertUnwindSafe(self.call_platform(request)).catch_unwind();
+            let mut call = std::pin::pin!(call);
+            let panicked = |panic: Box<dyn std::any::Any + Send>| {
+                Err(PlatformError::retryable(
+                    ErrorClass::Internal,
+                    format!(
+                        "the worker panicked calling the platform: {}",
+                        panic_text(panic.as_ref())
+                    ),
+                ))
+            };
             tokio::select! {
-                result = call => Ok(Ok(result.unwrap_or_else(|panic| {
-                    Err(PlatformError::retryable(
-                        ErrorClass::Internal,
-                        format!("the worker panicked calling the platform: {}", panic_text(panic.as_ref())),
-                    ))
-                }))),
-                lost = signal.lost() => Ok::<_, Abort>(Err(lost)),
+                result = &mut call => Ok(Ok(result.unwrap_or_else(panicked))),
+                lost = signal.lost() => {
+                    if let LeaseSignal::Cancelled { .. } = lost {
+                        // Still ours: let the step under way end, so what it made is known
+                        // and removed; a create dropped halfway could land after the
+                        // removal and stay. Past the grace the call is dropped, and the
+                        // removal looks twice.
+                        match tokio::time::timeout(CANCEL_GRACE, &mut call).await {
+                            Ok(_) => {}
+                            Err(_) => dropped_mid_call = true,
+                        }
+                    }
+                    Ok::<_, Abort>(Err(lost))
+                }
             }
         }
         .await;
@@ -301,7 +337,13 @@ impl Worker {
         crate::fault::point("after_platform_call");
         let result = match outcome {
             Ok(Ok(result)) => result,
-            Ok(Err(signal)) => return self.stopped(held, delivery, signal).await,
+            Ok(Err(signal)) => {
+                if dropped_mid_call {
+                    self.remove_what_was_made(request).await;
+                    tokio::time::sleep(LATE_CREATE).await;
+                }
+                return self.stopped(held, delivery, signal).await;
+            }
             Err(abort) => {
                 // Let the redelivery claim at once instead of waiting out our lease.
                 let _ = self.store.release(held.id(), &held.fence, false).await;

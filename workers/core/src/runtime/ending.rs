@@ -331,8 +331,10 @@ fn expiry_of(
     request: &Request,
     event: &provisioner_events::StatusEvent,
 ) -> Option<std::time::SystemTime> {
+    // A fleet's members expire one by one; the fleet itself holds nothing.
     let running = request.operation == Operation::Provision
         && !request.dry_run
+        && !request.is_fleet()
         && event.state == State::Running
         && event.error.is_none();
     running

@@ -23,6 +23,8 @@ mod attempt;
 mod ending;
 mod expiry;
 pub use expiry::{EXPIRY_RETRY, expiry_teardown_id};
+mod fleet;
+pub use fleet::fleet_schedule;
 mod lease;
 mod platform_call;
 mod reconcile;
@@ -202,6 +204,10 @@ impl Worker {
                 async move { worker.expire_forever(every).await },
             ))
         });
+        let _fleets = {
+            let worker = self.clone();
+            reaper::AbortOnDrop(tokio::spawn(worker.watch_fleets_forever()))
+        };
         tokio::pin!(shutdown);
         'connection: loop {
             let consumed = async {
@@ -536,6 +542,7 @@ impl Worker {
                 tenant: None,
                 rejected_message: Some(RejectedMessage::of(&delivery.body)),
                 cause: None,
+                fleet: None,
             };
             if let Err(e) = self.broker.publish_status(&event).await {
                 // The dead letter still carries the reason; the event is only a courtesy.
@@ -571,6 +578,7 @@ impl Worker {
             tenant: request.tenant.clone(),
             rejected_message: None,
             cause: request.cause.clone(),
+            fleet: fleet_status_of(request),
         }
     }
 
@@ -593,6 +601,27 @@ impl Worker {
             }
         }
     }
+}
+
+/// What a request's events say of its fleet: a member's index, or a fleet's size (its
+/// coordinator adds the counts).
+fn fleet_status_of(request: &Request) -> Option<provisioner_events::FleetStatus> {
+    if let Some(member) = &request.fleet_member {
+        return Some(provisioner_events::FleetStatus {
+            request_id: member.fleet_request_id.to_string(),
+            count: member.count,
+            index: Some(member.index),
+            min_count: None,
+            members: None,
+        });
+    }
+    request.is_fleet().then(|| provisioner_events::FleetStatus {
+        request_id: request.request_id.to_string(),
+        count: request.count.unwrap_or(1),
+        index: None,
+        min_count: Some(request.fleet_min_count()),
+        members: None,
+    })
 }
 
 /// How much of an unreadable message's `request_id` a refusal echoes: enough to know it

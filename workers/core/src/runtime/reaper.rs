@@ -103,6 +103,7 @@ impl Worker {
                 tenant: None,
                 rejected_message: None,
                 cause: None,
+                fleet: None,
             };
             if let Err(e) = self.store.complete(&id, &reaped.fence, &event).await {
                 warn!(request.id = %id, error = %e, "could not end an abandoned request");

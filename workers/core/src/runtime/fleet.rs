@@ -1,0 +1,734 @@
+//! Fleets: one request for many resources, carried out as one request per member.
+//!
+//! A provision with `count` N > 1 is a fleet. The worker that receives it claims it like
+//! any request, keeps the request in the store, publishes the `starting` event and the N
+//! member requests (`<id>#0` … `<id>#N-1`, each with `fleet_member`) through the broker,
+//! and hands the fleet over: its claim is given back and the fleet is put on the
+//! platform's schedule of fleets to coordinate. The members are ordinary requests, so
+//! they spread over every worker of the platform, each with its own idempotency record,
+//! retries, quota place, expiry and status events — and a fleet is never larger than N,
+//! since member `i` is one request id whatever is redelivered or taken over.
+//!
+//! Coordinating is a task of the long-running workers ([`Worker::run`]): one of them
+//! takes the fleet from the schedule (the store hands each due entry to exactly one
+//! worker), claims the fleet under a heartbeat, and reads its members' records twice a
+//! second. It publishes the fleet's progress (`starting` events counting members by
+//! state) whenever the counts change, and its one terminal event — `running` with every
+//! member listed, or `error` — once every member has ended. When more members failed
+//! than `count - min_count` allows, `on_partial: rollback` tears every other member down
+//! (those not begun are tombstoned and never make anything) before the fleet ends in
+//! `error`; `keep` leaves them running. A coordinator that dies leaves its entry to come
+//! due again after a lease: another worker claims the fleet, publishes again the members
+//! that have no record yet (a duplicate is answered from its record), and goes on.
+//!
+//! A teardown naming a fleet's request id is a fleet too: its members tear down
+//! `<fleet>#<i>` each, and it ends `stopped` once all of them did.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::{StreamExt, TryStreamExt};
+use provisioner_events::{
+    ErrorClass, ErrorInfo, FleetCounts, FleetMember, FleetStatus, MemberResource, OnPartial,
+    Operation, PlatformName, Request, RequestId, Resource, State, StatusEvent, TeardownTarget,
+    request_routing_key,
+};
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::attempt::Held;
+use super::lease::{Heartbeat, LeaseSignal};
+use super::{Abort, Worker};
+use crate::broker::Settlement;
+use crate::store::{Claim, ClaimRequest, Fence, RequestRecord, StoreError, TargetGrant};
+
+/// How often a coordinator reads its members' records.
+const POLL: Duration = Duration::from_millis(500);
+/// How often a worker looks for fleets that no one coordinates.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+/// Fleets one look takes at most.
+const TAKE_AT_ONCE: usize = 16;
+/// Member messages in flight to the broker at once.
+const PUBLISH_AT_ONCE: usize = 32;
+
+/// The store's schedule of the platform's fleets to coordinate. It is the same kind of
+/// schedule as expiries (a set of ids by due time, each due entry handed to one taker),
+/// under a name of its own.
+pub fn fleet_schedule(platform: PlatformName) -> String {
+    format!("{platform}/fleets")
+}
+
+/// What a fleet request does with its members.
+#[derive(Debug, Clone)]
+enum Plan {
+    /// Make `count` resources.
+    Provision {
+        min_count: u32,
+        on_partial: OnPartial,
+    },
+    /// Tear down every member of the fleet `target`.
+    Teardown { target: RequestId },
+}
+
+/// A fleet request and its members.
+#[derive(Debug, Clone)]
+pub(super) struct Fleet {
+    request: Request,
+    count: u32,
+    plan: Plan,
+}
+
+impl Fleet {
+    fn provision(request: Request) -> Fleet {
+        Fleet {
+            count: request.count.unwrap_or(1),
+            plan: Plan::Provision {
+                min_count: request.fleet_min_count(),
+                on_partial: request.on_partial.unwrap_or_default(),
+            },
+            request,
+        }
+    }
+
+    fn id(&self) -> &str {
+        self.request.request_id.as_str()
+    }
+
+    fn member_ids(&self) -> Vec<String> {
+        (0..self.count)
+            .map(|i| self.request.request_id.member(i).to_string())
+            .collect()
+    }
+
+    /// The request of member `index`.
+    fn member(&self, index: u32) -> Request {
+        let fleet_member = Some(FleetMember {
+            fleet_request_id: self.request.request_id.clone(),
+            index,
+            count: self.count,
+        });
+        let request_id = self.request.request_id.member(index);
+        match &self.plan {
+            Plan::Provision { .. } => Request {
+                request_id,
+                count: None,
+                min_count: None,
+                on_partial: None,
+                fleet_member,
+                ..self.request.clone()
+            },
+            Plan::Teardown { target } => Request {
+                request_id,
+                target_request_id: Some(target.member(index)),
+                fleet_member,
+                ..self.request.clone()
+            },
+        }
+    }
+
+    /// The id of the teardown that rolls member `index` back.
+    fn rollback_id(&self, index: u32) -> String {
+        crate::names::follow_up_request_id(
+            self.request.request_id.member(index).as_str(),
+            "rollback",
+        )
+    }
+}
+
+/// Where a member is, from its record.
+fn member_state(record: Option<&RequestRecord>) -> State {
+    match record {
+        None => State::NotStarted,
+        // Only a tombstone: its provision has not arrived yet.
+        Some(record) if record.payload_hash.is_none() => State::NotStarted,
+        Some(record) => match &record.result {
+            Some(result) if result.state == State::Error => State::Error,
+            // Ended: the resource's state now (a later teardown makes it `stopped`).
+            Some(_) => record.state,
+            None => record.state,
+        },
+    }
+}
+
+/// What one look at the members found.
+struct Look {
+    states: Vec<State>,
+    counts: FleetCounts,
+    /// Every member has ended (its record holds its result).
+    all_ended: bool,
+}
+
+impl Look {
+    fn of(records: &[Option<RequestRecord>]) -> Look {
+        let mut counts = FleetCounts::default();
+        let states: Vec<State> = records
+            .iter()
+            .map(|record| {
+                let state = member_state(record.as_ref());
+                counts.add(state);
+                state
+            })
+            .collect();
+        let all_ended = records
+            .iter()
+            .all(|r| r.as_ref().is_some_and(|r| r.result.is_some()));
+        Look {
+            states,
+            counts,
+            all_ended,
+        }
+    }
+}
+
+impl Worker {
+    /// The fleet `request` is, if it is one: a provision of several, or a teardown whose
+    /// target (`acting_on`) is a fleet's provision.
+    pub(super) async fn fleet_of(
+        &self,
+        request: &Request,
+        acting_on: Option<&RequestId>,
+    ) -> Result<Option<Fleet>, Abort> {
+        if request.is_fleet() {
+            return Ok(Some(Fleet::provision(request.clone())));
+        }
+        let Some(target) = acting_on.filter(|_| request.operation == Operation::Teardown) else {
+            return Ok(None);
+        };
+        let Some(json) = self
+            .store_call(|| self.store.fleet(target.as_str()))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let provision: Request = serde_json::from_str(&json).map_err(|e| {
+            StoreError::Corrupt(format!("the stored request of fleet {target}: {e}"))
+        })?;
+        Ok(provision.is_fleet().then(|| Fleet {
+            count: provision.count.unwrap_or(1),
+            plan: Plan::Teardown {
+                target: target.clone(),
+            },
+            request: request.clone(),
+        }))
+    }
+
+    /// The fleet's own delivery: keep the request, say `starting` (or `stopping`),
+    /// publish every member, and hand the coordination to whichever worker takes it from
+    /// the schedule. Settles the delivery as soon as the members are with the broker.
+    pub(super) async fn hand_off_fleet(
+        &self,
+        held: &mut Held<'_>,
+        fleet: Fleet,
+    ) -> Result<Settlement, Abort> {
+        let platform = self.platform.name();
+        let schedule = fleet_schedule(platform);
+        let id = fleet.id().to_owned();
+        if fleet.request.request_id.is_member() {
+            let message = format!(
+                "{id} names a fleet member; a teardown of a whole fleet needs an id without '#'"
+            );
+            return self
+                .end_in_error(held, ErrorClass::InvalidRequest, message, None)
+                .await;
+        }
+        let json = serde_json::to_string(&fleet.request)
+            .map_err(|e| StoreError::Corrupt(format!("cannot serialize the fleet: {e}")))?;
+        let handed = async {
+            self.store_call(|| self.store.put_fleet(&id, &json)).await?;
+            // If this worker dies before handing over, the fleet still comes due.
+            let later = SystemTime::now() + self.config.lease;
+            self.store_call(|| self.store.schedule_expiry(&schedule, &id, later))
+                .await?;
+            let working = self.fleet_event(
+                &fleet,
+                held,
+                None,
+                FleetCounts {
+                    not_started: fleet.count,
+                    ..FleetCounts::default()
+                },
+            );
+            let confirm = self.broker.send_status(&working).await?;
+            self.publish_members(&fleet, (0..fleet.count).collect())
+                .await?;
+            confirm.await?;
+            Ok::<_, Abort>(())
+        }
+        .await;
+        self.end_acting(held, None).await;
+        // Given back with its attempt: coordinating it is the next attempt's work.
+        let _ = self.store.release(&id, &held.fence, handed.is_ok()).await;
+        handed?;
+        if let Err(e) = self
+            .store_call(|| {
+                self.store
+                    .schedule_expiry(&schedule, &id, SystemTime::now())
+            })
+            .await
+        {
+            // It comes due a lease later all the same.
+            warn!(error = %e, "could not hand the fleet over at once");
+        }
+        info!(
+            members = fleet.count,
+            "fleet handed over; its members are queued"
+        );
+        Ok(Settlement::Ack)
+    }
+
+    /// Whether `id` is a fleet handed over to its coordinators (its request is kept).
+    pub(super) async fn is_handed_over_fleet(&self, id: &str) -> bool {
+        matches!(self.store.fleet(id).await, Ok(Some(_)))
+    }
+
+    /// Publishes the requests of the members at `indexes`, confirmed.
+    async fn publish_members(&self, fleet: &Fleet, indexes: Vec<u32>) -> Result<(), Abort> {
+        let routing_key = request_routing_key(self.platform.name(), fleet.request.operation);
+        futures_util::stream::iter(indexes)
+            .map(|index| {
+                let member = fleet.member(index);
+                let routing_key = &routing_key;
+                async move {
+                    let body = serde_json::to_vec(&member).map_err(|e| {
+                        StoreError::Corrupt(format!("cannot serialize a member: {e}"))
+                    })?;
+                    self.broker
+                        .publish_request(routing_key, member.request_id.as_str(), &body)
+                        .await?;
+                    Ok::<_, Abort>(())
+                }
+            })
+            .buffer_unordered(PUBLISH_AT_ONCE)
+            .try_collect::<()>()
+            .await
+    }
+
+    /// An event of the fleet with its counts (`state` `None`: the working state).
+    fn fleet_event(
+        &self,
+        fleet: &Fleet,
+        held: &mut Held<'_>,
+        ending: Option<(State, Option<Resource>, Option<ErrorInfo>)>,
+        counts: FleetCounts,
+    ) -> StatusEvent {
+        let working = match fleet.plan {
+            Plan::Provision { .. } => State::Starting,
+            Plan::Teardown { .. } => State::Stopping,
+        };
+        let (state, resource, error) = ending.unwrap_or((working, None, None));
+        let seq = held.next_seq();
+        let mut event = self.event(&fleet.request, state, seq, held.attempt, resource, error);
+        event.fleet = Some(FleetStatus {
+            request_id: fleet.id().to_owned(),
+            count: fleet.count,
+            index: None,
+            min_count: match fleet.plan {
+                Plan::Provision { min_count, .. } => Some(min_count),
+                Plan::Teardown { .. } => None,
+            },
+            members: Some(counts),
+        });
+        event
+    }
+
+    /// Takes fleets that no one coordinates from the schedule, for as long as the worker
+    /// runs. Dropping it (the worker stops) stops its coordinators; their leases run out
+    /// and other workers take their fleets over.
+    pub(super) async fn watch_fleets_forever(self: Arc<Self>) {
+        let schedule = fleet_schedule(self.platform.name());
+        let mut coordinators = JoinSet::new();
+        let coordinating = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
+        loop {
+            tokio::time::sleep(WATCH_EVERY).await;
+            while coordinators.try_join_next().is_some() {}
+            let due = match self
+                .store
+                .take_due_expiries(&schedule, TAKE_AT_ONCE, self.config.lease)
+                .await
+            {
+                Ok(due) => due,
+                Err(e) => {
+                    debug!(error = %e, "could not look for fleets to coordinate");
+                    continue;
+                }
+            };
+            for (id, _) in due {
+                if !coordinating
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.clone())
+                {
+                    continue;
+                }
+                let worker = self.clone();
+                let coordinating = coordinating.clone();
+                let span = info_span!("fleet", platform = %self.platform.name(), request.id = %id);
+                coordinators.spawn(
+                    async move {
+                        if let Err(e) = worker.coordinate(&id).await {
+                            warn!(error = %e, "coordinating the fleet stopped; it comes due again");
+                        }
+                        coordinating
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&id);
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+    }
+
+    /// Coordinates the fleet `id` to its end, or until its lease is lost.
+    async fn coordinate(&self, id: &str) -> Result<(), Abort> {
+        let platform = self.platform.name();
+        let schedule = fleet_schedule(platform);
+        let forget = || async {
+            if let Err(e) = self.store.cancel_expiry(&schedule, id).await {
+                debug!(error = %e, "could not take a fleet off the schedule");
+            }
+        };
+        let Some(json) = self.store.fleet(id).await? else {
+            warn!("a scheduled fleet whose request is gone; dropped");
+            forget().await;
+            return Ok(());
+        };
+        let request: Request = match serde_json::from_str(&json) {
+            Ok(request) => request,
+            Err(e) => {
+                error!(error = %e, "a scheduled fleet whose request cannot be read; dropped");
+                forget().await;
+                return Ok(());
+            }
+        };
+        let target = request.target_request_id.clone();
+        let Some(fleet) = self.fleet_of(&request, target.as_ref()).await? else {
+            warn!("a scheduled request that is no fleet; dropped");
+            forget().await;
+            return Ok(());
+        };
+        let nonce = Fence::new_nonce();
+        let claimed_before = tokio::time::Instant::now();
+        let claim = self
+            .store
+            .claim(ClaimRequest {
+                request_id: id,
+                payload_hash: &request.payload_hash(),
+                owner: &self.config.worker_id,
+                nonce: &nonce,
+                lease: self.config.lease,
+                working_state: match fleet.plan {
+                    Plan::Provision { .. } => State::Starting,
+                    Plan::Teardown { .. } => State::Stopping,
+                },
+                routing_key: &request.routing_key(),
+            })
+            .await?;
+        let (fence, seq, attempt, torn_down_by) = match claim {
+            Claim::Claimed {
+                fence,
+                seq,
+                attempt,
+                torn_down_by,
+                ..
+            } => (fence, seq, attempt, torn_down_by),
+            // Another worker coordinates it, and its entry comes due again meanwhile.
+            Claim::Held { .. } => return Ok(()),
+            Claim::Done(_) | Claim::Conflict => {
+                forget().await;
+                return Ok(());
+            }
+        };
+        let mut held = Held {
+            request: &request,
+            fence,
+            attempt,
+            seq,
+            acting_on: None,
+            claimed_before,
+            working_confirm: std::sync::Mutex::new(None),
+        };
+        if attempt > self.config.retry.max_attempts {
+            let message = format!(
+                "gave up coordinating the fleet after {} attempts that ended without an outcome (workers crashed or lost their leases; see their logs). Its members are as their own events say: tear the fleet down to remove them",
+                attempt - 1
+            );
+            self.end_in_error(&mut held, ErrorClass::Internal, message, None)
+                .await?;
+            forget().await;
+            return Ok(());
+        }
+        if let (Some(by), Plan::Provision { .. }) = (&torn_down_by, &fleet.plan) {
+            self.fleet_torn_down(&mut held, by).await?;
+            forget().await;
+            return Ok(());
+        }
+        if let Plan::Teardown { target } = &fleet.plan {
+            let grant = self
+                .store
+                .act_on(target.as_str(), held.actor(), self.config.lease, true)
+                .await?;
+            match grant {
+                TargetGrant::Granted => held.acting_on = Some(target.clone()),
+                TargetGrant::Busy { remaining, by } => {
+                    debug!(%by, "the fleet is being worked on; looking again soon");
+                    let _ = self.store.release(id, &held.fence, true).await;
+                    let soon = SystemTime::now() + remaining.min(self.config.lease / 3);
+                    let _ = self.store.schedule_expiry(&schedule, id, soon).await;
+                    return Ok(());
+                }
+            }
+        }
+        let heartbeat = Heartbeat::start(
+            self.store.clone(),
+            id.to_owned(),
+            held.fence.clone(),
+            held.acting_on.as_ref().map(|t| t.to_string()),
+            self.config.lease,
+            claimed_before,
+            matches!(fleet.plan, Plan::Provision { .. }),
+        );
+        if attempt > 1 {
+            // Taken over after a worker died: publish again whatever it may not have.
+            let records = self.store.get_many(&fleet.member_ids()).await?;
+            let missing: Vec<u32> = (0..fleet.count)
+                .filter(|i| records[*i as usize].is_none())
+                .collect();
+            info!(
+                attempt,
+                missing = missing.len(),
+                "took the fleet over; publishing again the members without a record"
+            );
+            self.publish_members(&fleet, missing).await?;
+        }
+        let ended = self.follow(&mut held, &fleet, &heartbeat).await;
+        let signal = heartbeat.stop();
+        match ended {
+            Ok(Some(event)) => {
+                self.record_and_publish(&mut held, event).await?;
+                forget().await;
+            }
+            Ok(None) => match signal {
+                LeaseSignal::Cancelled { by } => {
+                    self.fleet_torn_down(&mut held, &by).await?;
+                    forget().await;
+                }
+                other => {
+                    warn!(signal = ?other, "lost the fleet's lease; another worker takes it over");
+                    self.end_acting(&held, None).await;
+                }
+            },
+            Err(e) => {
+                let _ = self.store.release(id, &held.fence, false).await;
+                self.end_acting(&held, None).await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// A teardown of the fleet tombstoned it: it ends in `error`; the teardown removes
+    /// the members.
+    async fn fleet_torn_down(&self, held: &mut Held<'_>, by: &str) -> Result<(), Abort> {
+        let message = format!(
+            "{by} tore this fleet down before it finished; the teardown removes its members"
+        );
+        self.end_in_error(held, ErrorClass::Conflict, message, None)
+            .await
+            .map(drop)
+    }
+
+    /// Follows the members until the fleet ends (its terminal event, to record and
+    /// publish) or the lease says stop (`None`).
+    async fn follow(
+        &self,
+        held: &mut Held<'_>,
+        fleet: &Fleet,
+        heartbeat: &Heartbeat,
+    ) -> Result<Option<StatusEvent>, Abort> {
+        let ids = fleet.member_ids();
+        let mut signal = heartbeat.signal();
+        let mut published: Option<FleetCounts> = None;
+        let mut rolled_back: HashSet<u32> = HashSet::new();
+        // The claim reserved the first event's seq; every later one is reserved in turn.
+        let mut reserved = true;
+        loop {
+            let records = match self.store.get_many(&ids).await {
+                Ok(records) => records,
+                Err(e) => {
+                    debug!(error = %e, "could not read the members; trying again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(POLL) => continue,
+                        _ = signal.lost() => return Ok(None),
+                    }
+                }
+            };
+            let look = Look::of(&records);
+            if published != Some(look.counts) {
+                if !reserved {
+                    held.seq = self.store.next_seq(fleet.id(), &held.fence).await?;
+                }
+                reserved = false;
+                let event = self.fleet_event(fleet, held, None, look.counts);
+                self.broker.publish_status(&event).await?;
+                published = Some(look.counts);
+            }
+            let rollback = match fleet.plan {
+                Plan::Provision {
+                    min_count,
+                    on_partial: OnPartial::Rollback,
+                } => look.counts.error > fleet.count - min_count,
+                _ => false,
+            };
+            if rollback {
+                let to_remove: Vec<u32> = (0..fleet.count)
+                    .filter(|i| {
+                        !matches!(look.states[*i as usize], State::Error | State::Stopped)
+                            && !rolled_back.contains(i)
+                    })
+                    .collect();
+                for index in to_remove {
+                    let cause = format!(
+                        "rollback: fleet {} cannot reach its min_count, so every member is removed",
+                        fleet.id()
+                    );
+                    let target = TeardownTarget::Request(fleet.request.request_id.member(index));
+                    self.send_teardown(
+                        &fleet.rollback_id(index),
+                        &target,
+                        cause,
+                        fleet.request.tenant.clone(),
+                    )
+                    .await?;
+                    rolled_back.insert(index);
+                }
+            }
+            let settled = look.all_ended
+                && (!rollback || self.rollbacks_ended(fleet, &look, &rolled_back).await?);
+            if settled {
+                return Ok(Some(
+                    self.fleet_outcome(held, fleet, &records, &look, rollback),
+                ));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = signal.lost() => return Ok(None),
+            }
+        }
+    }
+
+    /// Whether every rollback teardown sent has ended (a member it could not remove stays
+    /// listed as running).
+    async fn rollbacks_ended(
+        &self,
+        fleet: &Fleet,
+        look: &Look,
+        rolled_back: &HashSet<u32>,
+    ) -> Result<bool, Abort> {
+        let pending: Vec<u32> = rolled_back
+            .iter()
+            .copied()
+            .filter(|i| !matches!(look.states[*i as usize], State::Error | State::Stopped))
+            .collect();
+        if pending.is_empty() {
+            return Ok(true);
+        }
+        let ids: Vec<String> = pending.iter().map(|i| fleet.rollback_id(*i)).collect();
+        let records = self.store.get_many(&ids).await?;
+        Ok(records
+            .iter()
+            .all(|r| r.as_ref().is_some_and(|r| r.result.is_some())))
+    }
+
+    /// The fleet's terminal event, once every member ended.
+    fn fleet_outcome(
+        &self,
+        held: &mut Held<'_>,
+        fleet: &Fleet,
+        records: &[Option<RequestRecord>],
+        look: &Look,
+        rolled_back: bool,
+    ) -> StatusEvent {
+        let members: Vec<MemberResource> = (0..fleet.count)
+            .map(|index| {
+                let record = records[index as usize].as_ref();
+                let result = record.and_then(|r| r.result.as_ref());
+                let made = result.and_then(|r| r.resource.as_ref());
+                MemberResource {
+                    request_id: fleet.request.request_id.member(index).to_string(),
+                    index,
+                    state: look.states[index as usize],
+                    id: made.map(|r| r.id.clone()),
+                    name: made.map(|r| r.name.clone()),
+                    address: made.and_then(|r| r.address.clone()),
+                    error: result.and_then(|r| r.error.clone()),
+                }
+            })
+            .collect();
+        let counts = look.counts;
+        // The failure most worth reporting: the first that is not a rollback's doing.
+        let failure = members
+            .iter()
+            .filter_map(|m| m.error.as_ref().map(|e| (m, e)))
+            .find(|(_, e)| e.class != ErrorClass::Conflict)
+            .or_else(|| {
+                members
+                    .iter()
+                    .find_map(|m| m.error.as_ref().map(|e| (m, e)))
+            });
+        let first_failure = failure
+            .map(|(m, e)| {
+                format!(
+                    " First failure: member {} ({}): {}",
+                    m.index, e.class, e.message
+                )
+            })
+            .unwrap_or_default();
+        let class = failure
+            .map(|(_, e)| e.class)
+            .unwrap_or(ErrorClass::Internal);
+        let resource = Resource {
+            id: fleet.id().to_owned(),
+            name: fleet.id().to_owned(),
+            members,
+            ..Resource::default()
+        };
+        let (state, error) = match &fleet.plan {
+            Plan::Provision { min_count, .. } if rolled_back => (
+                State::Error,
+                Some(ErrorInfo {
+                    class,
+                    message: format!(
+                        "{} of {} members failed, more than min_count {min_count} allows; every member was torn down (on_partial rollback).{first_failure}",
+                        counts.error, fleet.count
+                    ),
+                }),
+            ),
+            Plan::Provision { min_count, .. } if counts.running < *min_count => (
+                State::Error,
+                Some(ErrorInfo {
+                    class,
+                    message: format!(
+                        "{} of {} members run, fewer than min_count {min_count}; they are kept (on_partial keep): tear the fleet down to remove them.{first_failure}",
+                        counts.running, fleet.count
+                    ),
+                }),
+            ),
+            Plan::Provision { .. } => (State::Running, None),
+            Plan::Teardown { .. } if counts.stopped == fleet.count => (State::Stopped, None),
+            Plan::Teardown { target } => (
+                State::Error,
+                Some(ErrorInfo {
+                    class,
+                    message: format!(
+                        "{} of {} members of fleet {target} could not be torn down; send this teardown again under a new request id to retry them.{first_failure}",
+                        fleet.count - counts.stopped,
+                        fleet.count
+                    ),
+                }),
+            ),
+        };
+        self.fleet_event(fleet, held, Some((state, Some(resource), error)), counts)
+    }
+}
