@@ -818,3 +818,143 @@ async fn ecs_tags_up_to_the_limit_run_and_past_it_or_outside_the_charset_are_rej
         "only the fitting request ran a task"
     );
 }
+
+/// EC2's RunInstances request bucket as the proxy keeps it: 5 tokens, 2 a second.
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Bucket {
+    const CAPACITY: f64 = 5.0;
+    const REFILL: f64 = 2.0;
+
+    /// Takes a token if there is one, as EC2 does.
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let refilled = self.tokens + now.duration_since(self.at).as_secs_f64() * Self::REFILL;
+        self.tokens = refilled.min(Self::CAPACITY);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A proxy to LocalStack that enforces EC2's RunInstances request bucket and answers
+/// `RequestLimitExceeded` past it, counting the launches it let through and refused.
+async fn bucket_proxy(
+    listener: TcpListener,
+    launched: Arc<AtomicUsize>,
+    refused: Arc<AtomicUsize>,
+) {
+    let bucket = Arc::new(std::sync::Mutex::new(Bucket {
+        tokens: Bucket::CAPACITY,
+        at: std::time::Instant::now(),
+    }));
+    loop {
+        let Ok((mut client, _)) = listener.accept().await else {
+            return;
+        };
+        let (bucket, launched, refused) = (bucket.clone(), launched.clone(), refused.clone());
+        tokio::spawn(async move {
+            let Some((head, body)) = read_request(&mut client).await else {
+                return;
+            };
+            let text = format!("{head}{}", String::from_utf8_lossy(&body));
+            if text.contains("Action=RunInstances") {
+                if !bucket.lock().expect("bucket").take() {
+                    refused.fetch_add(1, Ordering::SeqCst);
+                    let _ = client.write_all(EC2_LAUNCH.response().as_bytes()).await;
+                    return;
+                }
+                launched.fetch_add(1, Ordering::SeqCst);
+            }
+            let Some(response) = forward(&common::aws_endpoint(), &head, &body).await else {
+                return;
+            };
+            let _ = client.write_all(&response).await;
+        });
+    }
+}
+
+/// A burst of launches through two workers meets EC2's bucket as a paced stream: every
+/// instance runs, no throttling reaches an event, and the bucket is hardly ever hit (a
+/// worker without pacing would be refused most of the burst at once).
+#[tokio::test]
+async fn a_burst_of_launches_is_paced_within_ec2s_bucket() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
+    let launched = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(bucket_proxy(listener, launched.clone(), refused.clone()));
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    for name in ["a", "b"] {
+        env.start_platform_worker("aws-ec2", name, &aws_worker_env(&proxy_url));
+    }
+    const BURST: usize = 16;
+    let started = std::time::Instant::now();
+    let requests: Vec<serde_json::Value> = (0..BURST)
+        .map(|i| {
+            serde_json::json!({
+                "schema_version": 1, "request_id": format!("paced-{i}-{}", env.run_id),
+                "operation": "provision", "platform": "aws-ec2",
+                "spec": {"image_id": "ami-03cf127a", "instance_type": "t3.micro"}
+            })
+        })
+        .collect();
+    for request in &requests {
+        env.publish(request).await;
+    }
+    for request in &requests {
+        let event = events.terminal(&id(request)).await;
+        assert_eq!(event.state, State::Running, "{event:#?}");
+    }
+    let elapsed = started.elapsed();
+    let refused = refused.load(Ordering::SeqCst);
+    eprintln!(
+        "{BURST} launches in {:.1} s, {refused} refused by the bucket",
+        elapsed.as_secs_f64()
+    );
+    assert!(
+        events.seen.iter().all(|e| e
+            .error
+            .as_ref()
+            .is_none_or(|e| e.class != provisioner_events::ErrorClass::Throttled)),
+        "a throttling error reached an event"
+    );
+    assert!(
+        refused <= BURST / 4,
+        "{refused} launches refused: not paced"
+    );
+    assert_eq!(
+        launched.load(Ordering::SeqCst),
+        BURST,
+        "one launch per request"
+    );
+    // The bucket's own limit: 5 at once, then 2 a second.
+    let least = (BURST as f64 - Bucket::CAPACITY) / Bucket::REFILL;
+    assert!(elapsed.as_secs_f64() >= least - 0.5, "{elapsed:?}");
+    for request in &requests {
+        assert_eq!(live_instances(id(request)).await, 1);
+    }
+    let teardowns: Vec<serde_json::Value> = requests
+        .iter()
+        .map(|request| {
+            serde_json::json!({
+                "schema_version": 1, "request_id": format!("{}-down", id(request)),
+                "operation": "teardown", "platform": "aws-ec2", "target_request_id": id(request)
+            })
+        })
+        .collect();
+    for teardown in &teardowns {
+        env.publish(teardown).await;
+    }
+    for teardown in &teardowns {
+        assert_eq!(events.terminal(&id(teardown)).await.state, State::Stopped);
+    }
+}

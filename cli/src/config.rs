@@ -152,6 +152,11 @@ pub struct WorkerSettings {
     /// The periodic reconciliation leaves alone anything younger than this.
     #[arg(long, env = "RECONCILE_MIN_AGE_SECONDS", default_value_t = 600)]
     pub reconcile_min_age_seconds: u64,
+    /// Pacing by the platform's API token buckets: empty for the platform's defaults,
+    /// `off`, or overrides `<action>=<capacity>/<refill per second>,…` (e.g.
+    /// `RunInstances=10/4`).
+    #[arg(long, env = "RATE_LIMITS", default_value = "")]
+    pub rate_limits: String,
 }
 
 impl WorkerSettings {
@@ -221,8 +226,11 @@ impl WorkerSettings {
                 self.reap_after_seconds
             ));
         }
+        let rate_limits = provisioner_core::RateLimitSettings::parse(&self.rate_limits)
+            .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
         Ok(WorkerConfig {
             worker_id,
+            rate_limits,
             prefetch: self.prefetch,
             lease: Duration::from_secs(self.lease_seconds),
             retry: RetryPolicy {

@@ -13,7 +13,9 @@ use clap::Args;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use provisioner_core::{Broker, MemoryBroker, MemoryStore, Worker, WorkerConfig};
-use provisioner_events::{Operation, PlatformName, Request, State, StatusEvent, decode_request};
+use provisioner_events::{
+    FleetCounts, Operation, PlatformName, Request, State, StatusEvent, decode_request,
+};
 
 use crate::config::{Connections, PlatformSettings, build_platform};
 use crate::{EXIT_DATA, Failure};
@@ -131,6 +133,13 @@ pub fn print_event(event: &StatusEvent, json: bool) {
             ));
         }
     }
+    if let Some(counts) = event
+        .fleet
+        .as_ref()
+        .and_then(|f| f.members.map(|m| (f.count, m)))
+    {
+        line.push_str(&format!("  members: {}", counts_text(counts.0, &counts.1)));
+    }
     if let Some(error) = &event.error {
         line.push_str(&format!("  {}: {}", error.class, error.message));
     }
@@ -141,6 +150,81 @@ pub fn print_event(event: &StatusEvent, json: bool) {
         ));
     }
     println!("{line}");
+}
+
+/// A fleet's counts in a few words: `120 running, 3 error, 77 not started of 200`.
+fn counts_text(count: u32, counts: &FleetCounts) -> String {
+    let parts: Vec<String> = [
+        (counts.running, "running"),
+        (counts.starting, "starting"),
+        (counts.stopping, "stopping"),
+        (counts.stopped, "stopped"),
+        (counts.error, "error"),
+        (counts.not_started, "not started"),
+    ]
+    .into_iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!("{n} {what}"))
+    .collect();
+    format!("{} of {count}", parts.join(", "))
+}
+
+/// A fleet's progress as one line redrawn in place on a terminal: a bar of the members
+/// that have ended, and the counts.
+fn draw_progress(event: &StatusEvent, started: tokio::time::Instant) {
+    let Some((count, counts)) = event
+        .fleet
+        .as_ref()
+        .and_then(|f| f.members.map(|m| (f.count, m)))
+    else {
+        return;
+    };
+    const WIDTH: u32 = 30;
+    let ended = counts.running + counts.stopped + counts.error;
+    let filled = (ended * WIDTH).checked_div(count).unwrap_or(WIDTH);
+    let bar: String = (0..WIDTH)
+        .map(|i| if i < filled { '#' } else { '-' })
+        .collect();
+    eprint!(
+        "\r\x1b[2K{} [{bar}] {} ({} s)",
+        event.request_id,
+        counts_text(count, &counts),
+        started.elapsed().as_secs()
+    );
+}
+
+/// The summary of a fleet's end: how many, how long, which members failed and why.
+fn fleet_summary(event: &StatusEvent, elapsed: Duration) -> Option<String> {
+    let fleet = event.fleet.as_ref()?;
+    let counts = fleet.members?;
+    let mut text = format!(
+        "fleet {}: {} in {:.1} s",
+        event.request_id,
+        counts_text(fleet.count, &counts),
+        elapsed.as_secs_f64()
+    );
+    let members = event
+        .resource
+        .as_ref()
+        .map(|r| r.members.as_slice())
+        .unwrap_or_default();
+    let failed: Vec<_> = members.iter().filter(|m| m.error.is_some()).collect();
+    const SHOWN: usize = 10;
+    for member in failed.iter().take(SHOWN) {
+        if let Some(error) = &member.error {
+            text.push_str(&format!(
+                "\n  member {} ({}) failed, {}: {}",
+                member.index, member.request_id, error.class, error.message
+            ));
+        }
+    }
+    if failed.len() > SHOWN {
+        text.push_str(&format!(
+            "\n  … and {} more failed members",
+            failed.len() - SHOWN
+        ));
+    }
+    Some(text)
 }
 
 fn short_id(id: &str) -> &str {
@@ -238,6 +322,10 @@ async fn follow(
     deadline: tokio::time::Instant,
     json: bool,
 ) -> Result<(), Failure> {
+    // When each request's first event came, for a fleet's time; and whether a fleet's
+    // progress is drawn as a bar (on a terminal) or printed line by line.
+    let mut started: HashMap<String, tokio::time::Instant> = HashMap::new();
+    let progress_bar = std::io::IsTerminal::is_terminal(&std::io::stderr());
     while outcome.values().any(Option::is_none) {
         let event = match tokio::time::timeout_at(deadline, events.next()).await {
             Ok(Some(event)) => event,
@@ -273,8 +361,22 @@ async fn follow(
             }
             continue;
         }
+        let fleet_progress = event.fleet.as_ref().is_some_and(|f| f.index.is_none());
+        let since = *started
+            .entry(event.request_id.clone())
+            .or_insert_with(tokio::time::Instant::now);
+        if fleet_progress && !json && !event.state.is_terminal() && progress_bar {
+            draw_progress(&event, since);
+            continue;
+        }
+        if fleet_progress && progress_bar && !json {
+            eprintln!();
+        }
         print_event(&event, json);
         if event.state.is_terminal() && slot.is_none() {
+            if !json && let Some(summary) = fleet_summary(&event, since.elapsed()) {
+                eprintln!("{summary}");
+            }
             *slot = Some(event);
         }
     }

@@ -97,9 +97,13 @@ async fn handler() -> Result<Handler, String> {
     let store = RedisStore::connect(&redis_url, &prefix, DEFAULT_RETENTION)
         .await
         .map_err(|e| format!("Redis at {}: {e}", redact(&redis_url)))?;
+    let rate_limits = provisioner_core::RateLimitSettings::parse(
+        var("RATE_LIMITS").as_deref().unwrap_or_default(),
+    )?;
     let config = WorkerConfig {
         worker_id,
         prefetch,
+        rate_limits,
         lease: Duration::from_secs(lease_seconds),
         retry: RetryPolicy {
             max_attempts,

@@ -21,7 +21,7 @@ use base64::Engine;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Finding, Owned, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Owned, Platform, PlatformError, RateLimit, SetupError};
 use provisioner_events::spec::aws_ec2::AwsEc2Spec;
 use provisioner_events::spec::{HealthCheck, check_aws_resource_tags};
 use provisioner_events::{
@@ -514,6 +514,39 @@ where
 impl Platform for Ec2Platform {
     fn name(&self) -> PlatformName {
         PlatformName::AwsEc2
+    }
+
+    /// EC2's published buckets, per account and region: each action's request bucket
+    /// (RunInstances 5 refilling 2 a second; other mutating actions 50 refilling 5;
+    /// DescribeInstances 100 refilling 20) and the resource buckets counting instances
+    /// (RunInstances, StartInstances and StopInstances 1,000 refilling 2 a second;
+    /// TerminateInstances 1,000 refilling 20).
+    /// <https://docs.aws.amazon.com/ec2/latest/devguide/ec2-api-throttling.html>
+    fn rate_limits(&self, request: &Request) -> Vec<RateLimit> {
+        let region = self.region.as_str();
+        let bucket = |action: &str, capacity: f64, refill: f64| {
+            RateLimit::new(action, region, capacity, refill)
+        };
+        match request.operation {
+            Operation::Provision => vec![
+                bucket("RunInstances", 5.0, 2.0),
+                bucket("RunInstances.instances", 1000.0, 2.0),
+            ],
+            Operation::Teardown => vec![
+                bucket("TerminateInstances", 50.0, 5.0),
+                bucket("TerminateInstances.instances", 1000.0, 20.0),
+            ],
+            Operation::Stop => vec![
+                bucket("StopInstances", 50.0, 5.0),
+                bucket("StopInstances.instances", 1000.0, 2.0),
+            ],
+            Operation::Start => vec![
+                bucket("StartInstances", 50.0, 5.0),
+                bucket("StartInstances.instances", 1000.0, 2.0),
+            ],
+            Operation::Reboot => vec![bucket("RebootInstances", 50.0, 5.0)],
+            Operation::Describe => vec![bucket("DescribeInstances", 100.0, 20.0)],
+        }
     }
 
     async fn preflight(&self) -> Vec<Finding> {

@@ -24,7 +24,7 @@ use aws_sdk_ecs::types::{
 };
 use provisioner_core::backoff::Backoff;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Finding, Owned, Platform, PlatformError, SetupError};
+use provisioner_core::{Described, Finding, Owned, Platform, PlatformError, RateLimit, SetupError};
 use provisioner_events::spec::aws_ecs::{AwsEcsSpec, INLINE_CONTAINER_NAME, InlineContainer};
 use provisioner_events::spec::check_aws_resource_tags;
 use provisioner_events::{
@@ -626,6 +626,23 @@ impl EcsPlatform {
 impl Platform for EcsPlatform {
     fn name(&self) -> PlatformName {
         PlatformName::AwsEcs
+    }
+
+    /// ECS's published buckets for the calls that start and stop tasks, per account and
+    /// region: RunTask and StopTask, 100 refilling 40 a second.
+    /// <https://docs.aws.amazon.com/AmazonECS/latest/APIReference/request-throttling.html>
+    fn rate_limits(&self, request: &Request) -> Vec<RateLimit> {
+        let region = self
+            .client
+            .config()
+            .region()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        match request.operation {
+            Operation::Provision => vec![RateLimit::new("RunTask", &region, 100.0, 40.0)],
+            Operation::Teardown => vec![RateLimit::new("StopTask", &region, 100.0, 40.0)],
+            _ => Vec::new(),
+        }
     }
 
     async fn preflight(&self) -> Vec<Finding> {

@@ -29,6 +29,7 @@ pub mod health;
 pub mod names;
 pub mod platform;
 pub mod policy;
+pub mod ratelimit;
 #[cfg(feature = "redis")]
 pub mod redis_store;
 pub mod runtime;
@@ -36,6 +37,7 @@ pub mod store;
 
 pub use broker::{Broker, BrokerError, Delivery, MemoryBroker, Settlement};
 pub use platform::{Described, Finding, Outcome, Owned, Platform, PlatformError, SetupError};
+pub use ratelimit::{RateLimit, RateLimitSettings, TokenGrant};
 pub use runtime::{
     ReconcileDecision, ReconcileOptions, Verdict, Worker, WorkerConfig, expiry_teardown_id,
     reconcile_teardown_id,

@@ -148,6 +148,13 @@ pub trait Platform: Send + Sync + 'static {
     /// privileges), before anything is claimed or touched. Errors here are permanent.
     fn validate(&self, request: &Request) -> Result<(), PlatformError>;
 
+    /// The API token buckets carrying `request` out draws on (see [`crate::ratelimit`]),
+    /// with the cloud's documented sizes and rates. None by default: the platform has no
+    /// published limits worth pacing for.
+    fn rate_limits(&self, _request: &Request) -> Vec<crate::ratelimit::RateLimit> {
+        Vec::new()
+    }
+
     /// Makes the resource of `request` and waits until it is ready. Called again for the
     /// same request (retry, takeover), it finds what it made before instead of making more.
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError>;

@@ -24,6 +24,7 @@ use provisioner_events::{State, StatusEvent};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
+use crate::ratelimit::{RateLimit, TokenGrant};
 use crate::store::{
     Actor, Claim, ClaimRequest, DEFAULT_TENANT, Fence, QuotaGrant, QuotaUsage, Reaped, Renewal,
     RequestRecord, StateStore, StoreError, TargetGrant,
@@ -82,6 +83,54 @@ return {1}
 /// KEYS record; ARGV fence, nonce. Returns {1, seq}: the seq reserved.
 const NEXT_SEQ: &str = r#"
 return {1, tostring(redis.call('HINCRBY', KEYS[1], 'seq', 1))}
+"#;
+
+/// Refills an API token bucket (KEYS[1]) up to now at its rate: sets `tokens`, `rate`.
+/// ARGV[1] capacity, ARGV[2] the default (highest) rate.
+const REFILL: &str = r#"
+local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'rate')
+local capacity = tonumber(ARGV[1])
+local max_rate = tonumber(ARGV[2])
+local rate = tonumber(bucket[3]) or max_rate
+if rate > max_rate then rate = max_rate end
+local tokens = tonumber(bucket[1]) or capacity
+local ts = tonumber(bucket[2]) or now
+if now > ts then tokens = tokens + (now - ts) * rate / 1000 end
+if tokens > capacity then tokens = capacity end
+"#;
+
+/// KEYS bucket; ARGV capacity, max rate, cost, max_wait_ms. Returns {0, 0} now,
+/// {1, wait_ms} reserved, {-1, wait_ms} not reserved.
+const TAKE_TOKENS: &str = r#"
+local after = tokens - tonumber(ARGV[3])
+local grant = 0
+local wait = 0
+if after < 0 then
+  wait = math.ceil(-after * 1000 / rate)
+  if wait > tonumber(ARGV[4]) then
+    grant = -1
+    after = tokens
+  else
+    grant = 1
+  end
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(after), 'ts', tostring(now), 'rate', tostring(rate))
+redis.call('PEXPIRE', KEYS[1], 86400000)
+return {grant, tostring(wait)}
+"#;
+
+/// KEYS bucket; ARGV capacity, max rate, floor, throttled ('1' or '0'). Returns {1}.
+const ADAPT_RATE: &str = r#"
+if ARGV[4] == '1' then
+  rate = math.max(tonumber(ARGV[3]), rate / 2)
+  if tokens > 0 then tokens = 0 end
+else
+  if rate >= max_rate then return {1} end
+  rate = math.min(max_rate, rate + max_rate / 20)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now), 'rate', tostring(rate))
+redis.call('PEXPIRE', KEYS[1], 86400000)
+return {1}
 "#;
 
 /// KEYS record, index; ARGV fence, nonce, state, result_json, seq, retention_ms, id.
@@ -233,6 +282,8 @@ struct Scripts {
     reserve_quota: Script,
     release_quota: Script,
     next_seq: Script,
+    take_tokens: Script,
+    adapt_rate: Script,
 }
 
 impl Scripts {
@@ -253,6 +304,8 @@ impl Scripts {
             release_quota: Script::new(RELEASE_QUOTA),
             reap: script(REAP),
             next_seq: fenced(NEXT_SEQ),
+            take_tokens: script(&format!("{REFILL}{TAKE_TOKENS}")),
+            adapt_rate: script(&format!("{REFILL}{ADAPT_RATE}")),
         }
     }
 }
@@ -351,6 +404,11 @@ impl RedisStore {
     /// A fleet's request, as JSON.
     fn fleet_key(&self, request_id: &str) -> String {
         format!("{}fleet:{request_id}", self.prefix)
+    }
+
+    /// An API token bucket: a hash of `tokens`, `ts` (ms) and `rate`.
+    fn bucket_key(&self, key: &str) -> String {
+        format!("{}ratelimit:{key}", self.prefix)
     }
 
     fn handed_on_key(&self, key: &str) -> String {
@@ -759,6 +817,53 @@ impl StateStore for RedisStore {
             Reply(-1, _) => Err(StoreError::Fenced(fence.clone())),
             Reply(_, seq) => parse(seq.as_ref(), "seq"),
         }
+    }
+
+    async fn take_tokens(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        max_wait: Duration,
+    ) -> Result<TokenGrant, StoreError> {
+        let mut connection = self.connection.clone();
+        let reply: Reply = self
+            .scripts
+            .take_tokens
+            .key(self.bucket_key(key))
+            .arg(limit.capacity)
+            .arg(limit.refill_per_second)
+            .arg(limit.cost)
+            .arg(max_wait.as_millis() as u64)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(classify)?;
+        let wait = Duration::from_millis(parse(reply.1.as_ref(), "wait")?);
+        Ok(match reply.0 {
+            0 => TokenGrant::Now,
+            1 => TokenGrant::After(wait),
+            _ => TokenGrant::Later(wait.saturating_sub(max_wait / 2)),
+        })
+    }
+
+    async fn adapt_rate(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        throttled: bool,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let _: Reply = self
+            .scripts
+            .adapt_rate
+            .key(self.bucket_key(key))
+            .arg(limit.capacity)
+            .arg(limit.refill_per_second)
+            .arg(limit.floor())
+            .arg(if throttled { "1" } else { "0" })
+            .invoke_async(&mut connection)
+            .await
+            .map_err(classify)?;
+        Ok(())
     }
 
     async fn put_fleet(&self, request_id: &str, request_json: &str) -> Result<(), StoreError> {

@@ -37,6 +37,8 @@ use async_trait::async_trait;
 use provisioner_events::{State, StatusEvent};
 use tokio::time::Instant;
 
+use crate::ratelimit::{RateLimit, TokenGrant};
+
 /// Proof of holding a request: the record's fence counter and the claimer's own nonce.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Fence {
@@ -293,6 +295,26 @@ pub trait StateStore: Send + Sync + 'static {
     /// The request [`put_fleet`](StateStore::put_fleet) kept, if `request_id` is a fleet's.
     async fn fleet(&self, request_id: &str) -> Result<Option<String>, StoreError>;
 
+    /// Reserves `limit.cost` tokens of the API bucket `key` (see [`crate::ratelimit`]):
+    /// now, after a wait of at most `max_wait`, or not at all when the tokens are further
+    /// ahead than that.
+    async fn take_tokens(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        max_wait: Duration,
+    ) -> Result<TokenGrant, StoreError>;
+
+    /// Adapts the bucket's refill rate to the platform's answer: halved after a throttling
+    /// answer (never under [`RateLimit::floor`]), a twentieth of the default back after a
+    /// call that was not throttled (never over the default).
+    async fn adapt_rate(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        throttled: bool,
+    ) -> Result<(), StoreError>;
+
     /// Remembers for `ttl` that the queue message `key` was handed on (finished, parked or
     /// dead-lettered), for consumers that cannot settle messages one by one: when the
     /// Lambda's RabbitMQ event source delivers a whole batch again, every instance knows
@@ -415,6 +437,8 @@ pub struct MemoryStore {
     quotas: Mutex<Quotas>,
     /// Fleets' requests by request id (kept for good: a memory store lives one run).
     fleets: Mutex<HashMap<String, String>>,
+    /// API token buckets by key: tokens, when last counted, refill rate.
+    buckets: Mutex<HashMap<String, (f64, Instant, f64)>>,
     retention: Duration,
 }
 
@@ -440,6 +464,7 @@ impl MemoryStore {
             expiries: Mutex::new(HashMap::new()),
             quotas: Mutex::new(Quotas::default()),
             fleets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
             retention,
         }
     }
@@ -578,6 +603,56 @@ impl StateStore for MemoryStore {
             .unwrap_or_else(|e| e.into_inner())
             .get(request_id)
             .cloned())
+    }
+
+    async fn take_tokens(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        max_wait: Duration,
+    ) -> Result<TokenGrant, StoreError> {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket =
+            buckets
+                .entry(key.to_owned())
+                .or_insert((limit.capacity, now, limit.refill_per_second));
+        let rate = bucket.2.min(limit.refill_per_second);
+        let elapsed_ms = now.duration_since(bucket.1).as_millis() as u64;
+        let (tokens, grant) = crate::ratelimit::reserve(
+            bucket.0,
+            0,
+            elapsed_ms,
+            limit.capacity,
+            rate,
+            limit.cost,
+            max_wait.as_millis() as u64,
+        );
+        *bucket = (tokens, now, rate);
+        Ok(grant)
+    }
+
+    async fn adapt_rate(
+        &self,
+        key: &str,
+        limit: &RateLimit,
+        throttled: bool,
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket =
+            buckets
+                .entry(key.to_owned())
+                .or_insert((limit.capacity, now, limit.refill_per_second));
+        let elapsed = now.duration_since(bucket.1).as_secs_f64();
+        let tokens = (bucket.0 + elapsed * bucket.2).min(limit.capacity);
+        *bucket = if throttled {
+            (tokens.min(0.0), now, (bucket.2 / 2.0).max(limit.floor()))
+        } else {
+            let rate = (bucket.2 + limit.refill_per_second / 20.0).min(limit.refill_per_second);
+            (tokens, now, rate)
+        };
+        Ok(())
     }
 
     async fn complete(

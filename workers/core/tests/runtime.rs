@@ -38,6 +38,8 @@ struct Scripted {
     abandoned: AtomicUsize,
     existing: Mutex<std::collections::BTreeSet<String>>,
     describe_states: Mutex<VecDeque<State>>,
+    /// When each provision call began.
+    started: Mutex<Vec<tokio::time::Instant>>,
 }
 
 /// Counts a provision whose future is dropped before it finishes.
@@ -65,7 +67,17 @@ impl Platform for Scripted {
             None => Ok(()),
         }
     }
+    fn rate_limits(&self, request: &Request) -> Vec<provisioner_core::RateLimit> {
+        match request.spec.as_ref().and_then(|s| s.get("paced")) {
+            Some(_) => vec![provisioner_core::RateLimit::new("Create", "test", 2.0, 5.0)],
+            None => Vec::new(),
+        }
+    }
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
+        self.started
+            .lock()
+            .expect("lock")
+            .push(tokio::time::Instant::now());
         if self.panic_first.swap(false, Ordering::SeqCst)
             || self.panic_always.load(Ordering::SeqCst)
         {
@@ -864,6 +876,22 @@ impl StateStore for RenewalsHang {
     async fn fleet(&self, id: &str) -> Result<Option<String>, StoreError> {
         self.0.fleet(id).await
     }
+    async fn take_tokens(
+        &self,
+        key: &str,
+        limit: &provisioner_core::RateLimit,
+        max_wait: Duration,
+    ) -> Result<provisioner_core::TokenGrant, StoreError> {
+        self.0.take_tokens(key, limit, max_wait).await
+    }
+    async fn adapt_rate(
+        &self,
+        key: &str,
+        limit: &provisioner_core::RateLimit,
+        throttled: bool,
+    ) -> Result<(), StoreError> {
+        self.0.adapt_rate(key, limit, throttled).await
+    }
     async fn get(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
         self.0.get(id).await
     }
@@ -1194,4 +1222,29 @@ async fn a_partial_fleet_is_kept_when_asked_and_succeeds_at_its_min_count() {
         .filter(|id| id.starts_with("f4#"))
         .count();
     assert_eq!(kept, 2);
+}
+
+#[tokio::test]
+async fn a_burst_is_paced_by_the_platforms_bucket_across_workers() {
+    let mut h = harness(2).await;
+    for i in 0..7 {
+        h.publish(&provision(&format!("paced-{i}"), r#","paced":true"#))
+            .await;
+    }
+    for i in 0..7 {
+        let last = h
+            .until_terminal(&format!("paced-{i}"), 1)
+            .await
+            .pop()
+            .expect("end");
+        assert_eq!(last.state, State::Running, "{last:#?}");
+    }
+    let mut started = h.platform.started.lock().expect("lock").clone();
+    started.sort();
+    // A burst of two, then one every 200 ms, whichever worker called.
+    for (i, at) in started.iter().enumerate().skip(2) {
+        let since = *at - started[0];
+        let least = Duration::from_millis(200 * (i as u64 - 1)) - Duration::from_millis(30);
+        assert!(since >= least, "call {i} came {since:?} after the first");
+    }
 }

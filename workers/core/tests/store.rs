@@ -603,7 +603,80 @@ async fn fleets_number_their_events_and_are_kept(store: &dyn StateStore) {
     }
 }
 
+/// API token buckets: a burst at once, then reservations spaced by the rate, nothing
+/// reserved past the caller's wait, and the rate halved by a throttling answer and given
+/// back by calls that were not.
+async fn api_buckets_pace_callers_and_adapt(store: &dyn StateStore) {
+    use provisioner_core::{RateLimit, TokenGrant};
+    let limit = RateLimit::new("RunInstances", "conformance", 3.0, 10.0);
+    let key = limit.key("test");
+    let wait = Duration::from_secs(5);
+    for _ in 0..3 {
+        assert_eq!(
+            store.take_tokens(&key, &limit, wait).await.expect("take"),
+            TokenGrant::Now
+        );
+    }
+    let after = |grant: TokenGrant| match grant {
+        TokenGrant::After(wait) => wait,
+        other => panic!("expected a reservation, got {other:?}"),
+    };
+    let first = after(store.take_tokens(&key, &limit, wait).await.expect("take"));
+    let second = after(store.take_tokens(&key, &limit, wait).await.expect("take"));
+    assert!(first <= Duration::from_millis(100), "{first:?}");
+    assert!(
+        second >= first + Duration::from_millis(60),
+        "{first:?} then {second:?}"
+    );
+    // Further ahead than the caller waits: nothing reserved, so asking again is the same.
+    let later = |grant: TokenGrant| match grant {
+        TokenGrant::Later(again) => again,
+        other => panic!("expected later, got {other:?}"),
+    };
+    let a = later(
+        store
+            .take_tokens(&key, &limit, Duration::ZERO)
+            .await
+            .expect("take"),
+    );
+    let b = later(
+        store
+            .take_tokens(&key, &limit, Duration::ZERO)
+            .await
+            .expect("take"),
+    );
+    assert!(
+        b <= a + Duration::from_millis(20),
+        "{a:?} then {b:?}: the first reserved"
+    );
+    // Throttled: half the rate, so the next reservation is at least twice as far out.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    store
+        .adapt_rate(&key, &limit, true)
+        .await
+        .expect("slow down");
+    let slowed = after(store.take_tokens(&key, &limit, wait).await.expect("take"));
+    assert!(slowed >= Duration::from_millis(190), "{slowed:?}");
+    for _ in 0..20 {
+        store
+            .adapt_rate(&key, &limit, false)
+            .await
+            .expect("speed up");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Back at the default: a second refills ten tokens, more than the capacity.
+    for _ in 0..3 {
+        assert_eq!(
+            store.take_tokens(&key, &limit, wait).await.expect("take"),
+            TokenGrant::Now
+        );
+    }
+    let restored = after(store.take_tokens(&key, &limit, wait).await.expect("take"));
+    assert!(restored <= Duration::from_millis(110), "{restored:?}");
+}
+
 async fn conformance(store: Arc<dyn StateStore>) {
+    api_buckets_pace_callers_and_adapt(store.as_ref()).await;
     fleets_number_their_events_and_are_kept(store.as_ref()).await;
     quotas_are_reserved_atomically_and_given_back(store.clone()).await;
     expiries_are_taken_once_when_due(store.clone()).await;

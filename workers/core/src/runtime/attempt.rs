@@ -18,14 +18,13 @@ use provisioner_events::{ErrorClass, Operation, Request, RequestId, State, Teard
 use tracing::{debug, error, info};
 
 use super::lease::{Heartbeat, LeaseSignal};
+use super::pacing::Pacing;
 use super::{Abort, Worker, panic_text};
 use crate::broker::{Delivery, PendingConfirm, Settlement};
 use crate::platform::PlatformError;
 use crate::policy;
 use crate::store::{Actor, Claim, ClaimRequest, Fence, QuotaGrant, TargetGrant};
 
-/// How long a cancelled provision's platform call may go on to end its step.
-const CANCEL_GRACE: Duration = Duration::from_secs(5);
 /// How long a create call dropped halfway may still take to land on the platform.
 const LATE_CREATE: Duration = Duration::from_secs(2);
 
@@ -279,7 +278,23 @@ impl Worker {
         if let Some(fleet) = self.fleet_of(request, held.acting_on.as_ref()).await? {
             return self.hand_off_fleet(held, fleet).await;
         }
-        let mut dropped_mid_call = false;
+        let limits = self.rate_limits_of(request);
+        let pace = match self.reserve_tokens(&limits).await {
+            Pacing::Go(wait) => wait,
+            Pacing::Later(again) => {
+                // Not an attempt: the queue holds it until its tokens come near.
+                let _ = self.store.release(held.id(), &held.fence, true).await;
+                self.end_acting(held, None).await;
+                return Ok(self
+                    .wait_again(
+                        request,
+                        delivery,
+                        again,
+                        "the platform's API rate limit is taken further ahead".into(),
+                    )
+                    .await);
+            }
+        };
         let heartbeat = Heartbeat::start(
             self.store.clone(),
             held.id().to_owned(),
@@ -304,8 +319,14 @@ impl Worker {
                 .get_mut()
                 .unwrap_or_else(|e| e.into_inner()) = Some(confirm);
             let mut signal = heartbeat.signal();
-            let call = AssertUnwindSafe(self.call_platform(request)).catch_unwind();
-            let mut call = std::pin::pin!(call);
+            let call = AssertUnwindSafe(async {
+                // Slept under the heartbeat: the lease is kept while waiting our turn.
+                tokio::time::sleep(pace).await;
+                let result = self.call_platform(request).await;
+                self.adapt_rates(limits, &result);
+                result
+            })
+            .catch_unwind();
             let panicked = |panic: Box<dyn std::any::Any + Send>| {
                 Err(PlatformError::retryable(
                     ErrorClass::Internal,
@@ -316,17 +337,15 @@ impl Worker {
                 ))
             };
             tokio::select! {
-                result = &mut call => Ok(Ok(result.unwrap_or_else(panicked))),
+                result = call => Ok(Ok(result.unwrap_or_else(panicked))),
                 lost = signal.lost() => {
                     if let LeaseSignal::Cancelled { .. } = lost {
-                        // Still ours: let the step under way end, so what it made is known
-                        // and removed; a create dropped halfway could land after the
-                        // removal and stay. Past the grace the call is dropped, and the
-                        // removal looks twice.
-                        match tokio::time::timeout(CANCEL_GRACE, &mut call).await {
-                            Ok(_) => {}
-                            Err(_) => dropped_mid_call = true,
-                        }
+                        // The call is dropped where it stands, and a create it had sent
+                        // may still land on the platform. So, still under the lease (the
+                        // teardown waits for it): remove, and give a late create time to
+                        // land before the removal `cancelled` does after.
+                        self.remove_what_was_made(request).await;
+                        tokio::time::sleep(LATE_CREATE).await;
                     }
                     Ok::<_, Abort>(Err(lost))
                 }
@@ -337,13 +356,7 @@ impl Worker {
         crate::fault::point("after_platform_call");
         let result = match outcome {
             Ok(Ok(result)) => result,
-            Ok(Err(signal)) => {
-                if dropped_mid_call {
-                    self.remove_what_was_made(request).await;
-                    tokio::time::sleep(LATE_CREATE).await;
-                }
-                return self.stopped(held, delivery, signal).await;
-            }
+            Ok(Err(signal)) => return self.stopped(held, delivery, signal).await,
             Err(abort) => {
                 // Let the redelivery claim at once instead of waiting out our lease.
                 let _ = self.store.release(held.id(), &held.fence, false).await;

@@ -26,6 +26,7 @@ pub use expiry::{EXPIRY_RETRY, expiry_teardown_id};
 mod fleet;
 pub use fleet::fleet_schedule;
 mod lease;
+mod pacing;
 mod platform_call;
 mod reconcile;
 pub use reconcile::{ReconcileDecision, ReconcileOptions, Verdict, reconcile_teardown_id};
@@ -89,6 +90,9 @@ pub struct WorkerConfig {
     /// How often to reconcile the platform's resources with the records, and how
     /// carefully. `None`: never (`provisioner reconcile` still can).
     pub reconcile: Option<(Duration, ReconcileOptions)>,
+    /// Pacing of the platform's API calls by its token buckets: the platform's defaults,
+    /// overridden, or off.
+    pub rate_limits: crate::ratelimit::RateLimitSettings,
 }
 
 impl Default for WorkerConfig {
@@ -107,6 +111,7 @@ impl Default for WorkerConfig {
             describe_settle: Duration::from_secs(60),
             expire_every: Some(Duration::from_secs(1)),
             reconcile: None,
+            rate_limits: crate::ratelimit::RateLimitSettings::default(),
         }
     }
 }
