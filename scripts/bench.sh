@@ -11,4 +11,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/dev-services.sh
 bash localstack/start.sh
-cargo bench --workspace --locked --bench runtime --bench cold_start
+cargo bench --workspace --locked --bench runtime --bench cold_start --bench fleet

@@ -882,8 +882,8 @@ async fn bucket_proxy(
 }
 
 /// A burst of launches through two workers meets EC2's bucket as a paced stream: every
-/// instance runs, no throttling reaches an event, and the bucket is hardly ever hit (a
-/// worker without pacing would be refused most of the burst at once).
+/// instance runs, no throttling reaches an event, and the bucket is seldom hit (a worker
+/// without pacing would be refused most of the burst at once).
 #[tokio::test]
 async fn a_burst_of_launches_is_paced_within_ec2s_bucket() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -927,8 +927,12 @@ async fn a_burst_of_launches_is_paced_within_ec2s_bucket() {
             .is_none_or(|e| e.class != provisioner_events::ErrorClass::Throttled)),
         "a throttling error reached an event"
     );
+    // Unpaced, 11 of the 16 are refused at once (and again on the SDK's own retries).
+    // Paced, a call now and then still arrives a little early — it was reserved on time
+    // but reached the proxy later than the one after it — and is refused, once or twice
+    // on a quiet machine, up to 5 seen under the whole suite's load.
     assert!(
-        refused <= BURST / 4,
+        refused <= BURST / 2,
         "{refused} launches refused: not paced"
     );
     assert_eq!(

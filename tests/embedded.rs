@@ -101,3 +101,43 @@ fn invalid_requests_are_refused_before_anything_is_published() {
         "{stderr}"
     );
 }
+
+/// A fleet in the embedded mode: its progress as plain lines (stderr is no terminal
+/// here), then a summary, and one teardown of the whole fleet.
+#[test]
+fn a_fleet_shows_its_progress_and_a_summary_and_goes_with_one_teardown() {
+    let dir = std::env::temp_dir().join(format!("embedded-fleet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("fleet.jsonl");
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"schema_version":1,"request_id":"local-fleet","operation":"provision","platform":"process","count":3,"spec":{"program":"demo-http","args":["--port","{port}"],"health":{"tcp":{}}}}"#,
+            "\n",
+            r#"{"schema_version":1,"request_id":"local-fleet-down","operation":"teardown","platform":"process","target_request_id":"local-fleet"}"#,
+            "\n"
+        ),
+    )
+    .expect("write");
+    let output = without_services()
+        .args(["submit", file.to_str().expect("path")])
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("local-fleet") && stdout.contains("members: 3 running of 3"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("fleet local-fleet: 3 running of 3 in"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("fleet local-fleet-down: 3 stopped of 3 in"),
+        "{stderr}"
+    );
+    // Members' own events stay off the screen: only the fleets' lines are printed.
+    assert!(!stdout.contains("local-fleet#"), "{stdout}");
+}

@@ -124,7 +124,7 @@ pub fn print_event(event: &StatusEvent, json: bool) {
         event.seq,
         event.attempt
     );
-    if let Some(resource) = &event.resource {
+    if let Some(resource) = event.resource.as_ref().filter(|r| r.members.is_empty()) {
         line.push_str(&format!("  {} ({})", resource.name, short_id(&resource.id)));
         for endpoint in &resource.endpoints {
             line.push_str(&format!(

@@ -95,6 +95,14 @@ impl Fleet {
         self.request.request_id.as_str()
     }
 
+    /// The state the fleet's events report while its members are at work.
+    fn working_state(&self) -> State {
+        match self.plan {
+            Plan::Provision { .. } => State::Starting,
+            Plan::Teardown { .. } => State::Stopping,
+        }
+    }
+
     fn member_ids(&self) -> Vec<String> {
         (0..self.count)
             .map(|i| self.request.request_id.member(i).to_string())
@@ -304,7 +312,8 @@ impl Worker {
             .await
     }
 
-    /// An event of the fleet with its counts (`state` `None`: the working state).
+    /// An event of the fleet with its counts: its end when `ending` says so, else a
+    /// progress event in the working state.
     fn fleet_event(
         &self,
         fleet: &Fleet,
@@ -312,11 +321,7 @@ impl Worker {
         ending: Option<(State, Option<Resource>, Option<ErrorInfo>)>,
         counts: FleetCounts,
     ) -> StatusEvent {
-        let working = match fleet.plan {
-            Plan::Provision { .. } => State::Starting,
-            Plan::Teardown { .. } => State::Stopping,
-        };
-        let (state, resource, error) = ending.unwrap_or((working, None, None));
+        let (state, resource, error) = ending.unwrap_or((fleet.working_state(), None, None));
         let seq = held.next_seq();
         let mut event = self.event(&fleet.request, state, seq, held.attempt, resource, error);
         event.fleet = Some(FleetStatus {
@@ -418,10 +423,7 @@ impl Worker {
                 owner: &self.config.worker_id,
                 nonce: &nonce,
                 lease: self.config.lease,
-                working_state: match fleet.plan {
-                    Plan::Provision { .. } => State::Starting,
-                    Plan::Teardown { .. } => State::Stopping,
-                },
+                working_state: fleet.working_state(),
                 routing_key: &request.routing_key(),
             })
             .await?;
