@@ -879,7 +879,7 @@ impl Ec2Buckets {
     /// Whether EC2 would take this call now; a call it does not limit here passes.
     fn admit(&mut self, text: &str) -> bool {
         if text.contains("Action=RunInstances") {
-            let instances = form_value(text, "MaxCount").unwrap_or(1.0);
+            let instances = launch_count(text) as f64;
             return self.run.take(1.0) && self.run_instances.take(instances);
         }
         if text.contains("Action=TerminateInstances") {
@@ -888,6 +888,11 @@ impl Ec2Buckets {
         }
         true
     }
+}
+
+/// How many instances a RunInstances call launches.
+fn launch_count(text: &str) -> usize {
+    form_value(text, "MaxCount").map_or(1, |n| n as usize)
 }
 
 /// A number in a form-encoded body, e.g. `MaxCount=1`.
@@ -901,8 +906,8 @@ fn form_value(text: &str, name: &str) -> Option<f64> {
 }
 
 /// A proxy to LocalStack that enforces EC2's buckets for RunInstances and
-/// TerminateInstances and answers `RequestLimitExceeded` past them, counting the launches
-/// it let through and the calls it refused.
+/// TerminateInstances and answers `RequestLimitExceeded` past them, counting the instances
+/// it let be launched and the calls it refused.
 async fn bucket_proxy(
     listener: TcpListener,
     launched: Arc<AtomicUsize>,
@@ -925,7 +930,7 @@ async fn bucket_proxy(
                 return;
             }
             if text.contains("Action=RunInstances") {
-                launched.fetch_add(1, Ordering::SeqCst);
+                launched.fetch_add(launch_count(&text), Ordering::SeqCst);
             }
             let Some(response) = forward(&common::aws_endpoint(), &head, &body).await else {
                 return;
@@ -936,7 +941,7 @@ async fn bucket_proxy(
 }
 
 /// aws-ec2 workers named `names` behind [`bucket_proxy`], with the proxy's counters of
-/// launches let through and calls refused.
+/// instances launched and calls refused.
 async fn ec2_workers_behind_buckets(
     names: &[&str],
 ) -> (TestEnv, common::Events, Arc<AtomicUsize>, Arc<AtomicUsize>) {
@@ -1026,22 +1031,14 @@ async fn a_burst_of_launches_is_paced_within_ec2s_bucket() {
     }
 }
 
-/// The figure: a fleet of 1,000 instances through three workers and EC2's buckets
-/// kept by the proxy. Exactly one instance per member, no throttling in any event, and
-/// nothing left after the fleet's teardown. By hand only
-/// (`scripts/test.sh --test e2e_aws_throttling -- --ignored`): with one launch per member
-/// the bucket allows it in 9 minutes, but on a 2-core machine LocalStack (one Python
-/// process at 100% of a core, slower as the account fills) is the limit — 470 members
-/// ran in the first 16 minutes, with the bucket's tokens to spare — so it has not been
-/// seen to the end yet. Batched launches (many instances a call) are what it waits for.
-#[tokio::test]
-#[ignore = "LocalStack-bound, over 30 minutes: run by hand"]
-async fn a_fleet_of_1000_instances_is_paced_through_ec2s_buckets_and_torn_down() {
+/// A fleet of `count` instances through three workers, behind the proxy keeping EC2's
+/// buckets: exactly one instance per member, no throttling in any event, and nothing left
+/// after the fleet's teardown.
+async fn ec2_fleet_through_buckets(count: usize, within: Duration) {
     let (env, mut events, launched, refused) = ec2_workers_behind_buckets(&["a", "b", "c"]).await;
-    const COUNT: usize = 1000;
     let fleet = serde_json::json!({
         "schema_version": 1, "request_id": format!("ec2-fleet-{}", env.run_id),
-        "operation": "provision", "platform": "aws-ec2", "count": COUNT,
+        "operation": "provision", "platform": "aws-ec2", "count": count,
         "spec": {"image_id": "ami-03cf127a", "instance_type": "t3.micro"},
         "labels": {"test-run": env.run_id}
     });
@@ -1052,31 +1049,32 @@ async fn a_fleet_of_1000_instances_is_paced_through_ec2s_buckets_and_torn_down()
         move |e: &provisioner_events::StatusEvent| e.request_id == id && e.ends_request()
     };
     let end = events
-        .until(
-            Duration::from_secs(1800),
-            "the fleet's end",
-            ends(fleet_id.clone()),
-        )
+        .until(within, "the fleet's end", ends(fleet_id.clone()))
         .await;
     let elapsed = started.elapsed();
     assert_eq!(end.state, State::Running, "{:#?}", end.error);
     let refused_launching = refused.load(Ordering::SeqCst);
     eprintln!(
-        "{COUNT} instances in {:.0} s (the bucket's limit: {:.0} s), {refused_launching} calls refused",
+        "{count} instances in {:.1} s, {refused_launching} calls refused",
         elapsed.as_secs_f64(),
-        (COUNT as f64 - Bucket::CAPACITY) / Bucket::REFILL
     );
     assert_eq!(
         launched.load(Ordering::SeqCst),
-        COUNT,
-        "one launch per member"
+        count,
+        "one instance launched per member"
     );
     let instances = common::ec2_instances(&env.run_id).await;
-    assert_eq!(instances.len(), COUNT, "one request id per member");
+    assert_eq!(instances.len(), count, "one request id per member");
     assert!(
         instances.values().all(|ids| ids.len() == 1),
         "a member with two instances"
     );
+    let members = end
+        .resource
+        .as_ref()
+        .map(|r| r.members.len())
+        .unwrap_or_default();
+    assert_eq!(members, count, "the fleet's last event lists every member");
     assert!(
         events.seen.iter().all(|e| e
             .error
@@ -1091,11 +1089,7 @@ async fn a_fleet_of_1000_instances_is_paced_through_ec2s_buckets_and_torn_down()
     });
     env.publish(&down).await;
     let stopped = events
-        .until(
-            Duration::from_secs(1800),
-            "the fleet's teardown",
-            ends(id(&down)),
-        )
+        .until(within, "the fleet's teardown", ends(id(&down)))
         .await;
     assert_eq!(stopped.state, State::Stopped, "{:#?}", stopped.error);
     let left: usize = common::ec2_instances(&env.run_id)
@@ -1104,4 +1098,19 @@ async fn a_fleet_of_1000_instances_is_paced_through_ec2s_buckets_and_torn_down()
         .map(Vec::len)
         .sum();
     assert_eq!(left, 0, "instances left after the fleet's teardown");
+}
+
+/// A fleet of 100 instances launches in batches (one RunInstances for many members)
+/// within EC2's buckets.
+#[tokio::test]
+async fn a_fleet_of_100_instances_launches_in_batches_within_ec2s_buckets() {
+    ec2_fleet_through_buckets(100, Duration::from_secs(600)).await;
+}
+
+/// The fleet: 1,000 instances, launched in batches within EC2's buckets and torn
+/// down. In `scripts/test-long.sh`.
+#[tokio::test]
+#[ignore = "long: scripts/test-long.sh runs it"]
+async fn a_fleet_of_1000_instances_is_paced_through_ec2s_buckets_and_torn_down() {
+    ec2_fleet_through_buckets(1000, Duration::from_secs(1800)).await;
 }

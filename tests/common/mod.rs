@@ -49,7 +49,8 @@ pub fn ec2_client() -> aws_sdk_ec2::Client {
 /// An AMI in LocalStack's catalogue.
 pub const LOCALSTACK_IMAGE: &str = "ami-03cf127a";
 
-/// EC2 instances of this run on LocalStack, by request id.
+/// EC2 instances of this run on LocalStack, by request id (a batch-launched fleet
+/// member's read from its launch index).
 pub async fn ec2_instances(run_id: &str) -> HashMap<String, Vec<String>> {
     use aws_sdk_ec2::types::Filter;
     let ec2 = ec2_client();
@@ -76,13 +77,7 @@ pub async fn ec2_instances(run_id: &str) -> HashMap<String, Vec<String>> {
     while let Some(page) = pages.next().await {
         let page = page.expect("describe instances");
         for instance in page.reservations().iter().flat_map(|r| r.instances()) {
-            let request = instance
-                .tags()
-                .iter()
-                .find(|t| t.key() == Some(provisioner_aws_ec2::REQUEST_TAG))
-                .and_then(|t| t.value())
-                .unwrap_or_default()
-                .to_owned();
+            let request = provisioner_aws_ec2::request_of(instance).unwrap_or_default();
             by_request
                 .entry(request)
                 .or_default()

@@ -5,8 +5,12 @@
 //! up before anything is launched — the emulators ignore `ClientToken`, and a worker that
 //! crashed between RunInstances and its Redis write must find the instance it made.
 //! Errors are classified from the SDK's error codes while the typed error is at hand.
+//! Fleet members launch in batches ([`fleet`]).
+
+mod fleet;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,14 +18,16 @@ use aws_sdk_ec2::Client;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::operation::run_instances::builders::RunInstancesFluentBuilder;
 use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, Filter, Instance, InstanceStateName, InstanceType,
-    ResourceType, Tag, TagSpecification, VolumeType,
+    BlockDeviceMapping, EbsBlockDevice, Filter, Instance, InstanceStateName, InstanceType, Tag,
+    VolumeType,
 };
 use base64::Engine;
 use provisioner_core::backoff::Backoff;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Finding, Owned, Platform, PlatformError, RateLimit, SetupError};
+use provisioner_core::{
+    CallPacer, Described, Finding, Owned, Platform, PlatformError, RateLimit, SetupError,
+};
 use provisioner_events::spec::aws_ec2::AwsEc2Spec;
 use provisioner_events::spec::{HealthCheck, check_aws_resource_tags};
 use provisioner_events::{
@@ -31,14 +37,16 @@ use provisioner_events::{
 use sha2::{Digest, Sha256};
 use tracing::info;
 
+pub use fleet::{FLEET_TAG, MAX_BATCH, MEMBERS_TAG, batch_member, member_parts, members_tag};
+
 /// Tag holding the request id an instance was launched for.
 pub const REQUEST_TAG: &str = "provisioner:request-id";
 /// Tag marking every instance the provisioner launched.
 pub const MANAGED_TAG: &str = "provisioner:managed";
 
-const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
 /// States of an instance that still exists (not terminated, not on its way there).
-const LIVE_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
+pub(crate) const LIVE_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
 
 /// The `ClientToken` of a request's first launch: at most 64 ASCII characters, the same
 /// for every retry and takeover until a launch fails.
@@ -122,7 +130,7 @@ where
     provisioner_aws_common::classify(error, "EC2", doing, classify_code)
 }
 
-fn state_of(instance: &Instance) -> &str {
+pub(crate) fn state_of(instance: &Instance) -> &str {
     instance
         .state()
         .and_then(|s| s.name())
@@ -130,7 +138,7 @@ fn state_of(instance: &Instance) -> &str {
         .unwrap_or("unknown")
 }
 
-fn tag<'a>(instance: &'a Instance, key: &str) -> Option<&'a str> {
+pub(crate) fn tag<'a>(instance: &'a Instance, key: &str) -> Option<&'a str> {
     instance
         .tags()
         .iter()
@@ -138,14 +146,104 @@ fn tag<'a>(instance: &'a Instance, key: &str) -> Option<&'a str> {
         .and_then(|t| t.value())
 }
 
+/// The request an instance was launched for: its request tag, or, for a fleet member
+/// launched in a batch, the member its launch index names.
+pub fn request_of(instance: &Instance) -> Option<String> {
+    match tag(instance, REQUEST_TAG) {
+        Some(id) => Some(id.to_owned()),
+        None => batch_member(instance).map(|(fleet, index)| format!("{fleet}#{index}")),
+    }
+}
+
+/// The AMI must exist: the emulators launch made-up images, real EC2 refuses them.
+pub(crate) async fn root_device(
+    client: &Client,
+    region: &str,
+    image_id: &str,
+) -> Result<Option<String>, PlatformError> {
+    let output = client
+        .describe_images()
+        .image_ids(image_id)
+        .send()
+        .await
+        .map_err(|e| classify(&e, &format!("looking up image {image_id}")))?;
+    let image = output.images().first().ok_or_else(|| {
+        PlatformError::invalid(format!(
+            "image {image_id} does not exist in {region} or is not visible to this account"
+        ))
+    })?;
+    Ok(image.root_device_name().map(str::to_owned))
+}
+
+/// The RunInstances call launching `count` instances of `spec` tagged `tags`, all or
+/// nothing (`MinCount` = `MaxCount`).
+pub(crate) fn run_instances_call(
+    client: &Client,
+    request: &Request,
+    spec: &AwsEc2Spec,
+    root_device: Option<String>,
+    token: String,
+    count: i32,
+    tags: Vec<Tag>,
+) -> RunInstancesFluentBuilder {
+    let _ = request;
+    let mut launch = client
+        .run_instances()
+        .image_id(&spec.image_id)
+        .instance_type(InstanceType::from(spec.instance_type.as_str()))
+        .min_count(count)
+        .max_count(count)
+        .client_token(token)
+        .tag_specifications(fleet::tag_specification(tags))
+        .set_subnet_id(spec.subnet_id.clone())
+        .set_key_name(spec.key_name.clone());
+    if !spec.security_group_ids.is_empty() {
+        launch = launch.set_security_group_ids(Some(spec.security_group_ids.clone()));
+    }
+    if let Some(user_data) = &spec.user_data {
+        launch = launch.user_data(base64::engine::general_purpose::STANDARD.encode(user_data));
+    }
+    if let (Some(volume), Some(device)) = (&spec.root_volume, root_device) {
+        launch = launch.block_device_mappings(
+            BlockDeviceMapping::builder()
+                .device_name(device)
+                .ebs(
+                    EbsBlockDevice::builder()
+                        .volume_size(volume.size_gib as i32)
+                        .volume_type(VolumeType::from(
+                            volume.volume_type.as_deref().unwrap_or("gp3"),
+                        ))
+                        .delete_on_termination(true)
+                        .build(),
+                )
+                .build(),
+        );
+    }
+    launch
+}
+
 /// The EC2 [`Platform`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Ec2Platform {
     client: Client,
     region: String,
     /// The configuration's credentials, for the preflight (the client does not expose
     /// them).
     credentials: Option<provisioner_aws_common::SharedCredentialsProvider>,
+    /// The runtime's pacer, for the batches' own RunInstances calls.
+    pacer: fleet::PacerSlot,
+    /// Fleet members' launches, merged into batches.
+    launches: Arc<fleet::LaunchBatcher>,
+    /// Fleet members' teardowns, merged into batches.
+    terminations: Arc<fleet::TerminateBatcher>,
+}
+
+impl std::fmt::Debug for Ec2Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ec2Platform")
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Ec2Platform {
@@ -159,18 +257,29 @@ impl Ec2Platform {
 
     /// From an AWS configuration already loaded (the Lambda shares one with its SQS client).
     pub fn from_config(config: &provisioner_aws_common::SdkConfig) -> Self {
-        Ec2Platform {
-            region: config.region().map(ToString::to_string).unwrap_or_default(),
-            client: Client::new(config),
-            credentials: config.credentials_provider(),
-        }
+        let mut platform = Self::new(
+            Client::new(config),
+            config.region().map(ToString::to_string).unwrap_or_default(),
+        );
+        platform.credentials = config.credentials_provider();
+        platform
     }
 
     pub fn new(client: Client, region: impl Into<String>) -> Self {
+        let region = region.into();
+        let pacer: fleet::PacerSlot = Arc::default();
+        let launcher = fleet::Launcher {
+            client: client.clone(),
+            region: region.clone(),
+            pacer: pacer.clone(),
+        };
         Ec2Platform {
             client,
-            region: region.into(),
+            region,
             credentials: None,
+            pacer,
+            launches: Arc::new(fleet::launch_batcher(launcher.clone())),
+            terminations: Arc::new(fleet::terminate_batcher(launcher)),
         }
     }
 
@@ -189,6 +298,13 @@ impl Ec2Platform {
         request_id: &str,
         states: &[&str],
     ) -> Result<Vec<Instance>, PlatformError> {
+        if let Some((fleet, index)) = member_parts(request_id) {
+            let launched =
+                fleet::batch_instances(&self.client, fleet, &[index], Some(states)).await?;
+            if !launched.is_empty() {
+                return Ok(launched);
+            }
+        }
         let output = self
             .client
             .describe_instances()
@@ -251,22 +367,8 @@ impl Ec2Platform {
         }
     }
 
-    /// The AMI must exist: the emulators launch made-up images, real EC2 refuses them.
     async fn root_device(&self, image_id: &str) -> Result<Option<String>, PlatformError> {
-        let output = self
-            .client
-            .describe_images()
-            .image_ids(image_id)
-            .send()
-            .await
-            .map_err(|e| classify(&e, &format!("looking up image {image_id}")))?;
-        let image = output.images().first().ok_or_else(|| {
-            PlatformError::invalid(format!(
-                "image {image_id} does not exist in {} or is not visible to this account",
-                self.region
-            ))
-        })?;
-        Ok(image.root_device_name().map(str::to_owned))
+        root_device(&self.client, &self.region, image_id).await
     }
 
     fn tags(request: &Request, spec: &AwsEc2Spec) -> Vec<Tag> {
@@ -288,45 +390,15 @@ impl Ec2Platform {
         root_device: Option<String>,
         token: String,
     ) -> RunInstancesFluentBuilder {
-        let mut launch = self
-            .client
-            .run_instances()
-            .image_id(&spec.image_id)
-            .instance_type(InstanceType::from(spec.instance_type.as_str()))
-            .min_count(1)
-            .max_count(1)
-            .client_token(token)
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Instance)
-                    .set_tags(Some(Self::tags(request, spec)))
-                    .build(),
-            )
-            .set_subnet_id(spec.subnet_id.clone())
-            .set_key_name(spec.key_name.clone());
-        if !spec.security_group_ids.is_empty() {
-            launch = launch.set_security_group_ids(Some(spec.security_group_ids.clone()));
-        }
-        if let Some(user_data) = &spec.user_data {
-            launch = launch.user_data(base64::engine::general_purpose::STANDARD.encode(user_data));
-        }
-        if let (Some(volume), Some(device)) = (&spec.root_volume, root_device) {
-            launch = launch.block_device_mappings(
-                BlockDeviceMapping::builder()
-                    .device_name(device)
-                    .ebs(
-                        EbsBlockDevice::builder()
-                            .volume_size(volume.size_gib as i32)
-                            .volume_type(VolumeType::from(
-                                volume.volume_type.as_deref().unwrap_or("gp3"),
-                            ))
-                            .delete_on_termination(true)
-                            .build(),
-                    )
-                    .build(),
-            );
-        }
-        launch
+        run_instances_call(
+            &self.client,
+            request,
+            spec,
+            root_device,
+            token,
+            1,
+            Self::tags(request, spec),
+        )
     }
 
     async fn launch(
@@ -362,11 +434,14 @@ impl Ec2Platform {
             .public_ip_address()
             .or(instance.private_ip_address())
             .map(str::to_owned);
+        // A batch's instances share their fleet's Name tag; each member is named alone.
+        let name = match batch_member(instance) {
+            Some(_) => None,
+            None => tag(instance, "Name").map(str::to_owned),
+        };
         Resource {
             id: instance.instance_id().unwrap_or_default().to_owned(),
-            name: tag(instance, "Name")
-                .map(str::to_owned)
-                .unwrap_or_else(|| instance_name(request_id)),
+            name: name.unwrap_or_else(|| instance_name(request_id)),
             endpoints: match (&address, health_port) {
                 (Some(host), Some(port)) => vec![Endpoint {
                     port,
@@ -441,6 +516,39 @@ impl Ec2Platform {
                     ),
                 ));
             }
+        }
+    }
+
+    /// A fleet member's instance, running: launched in a batch with the member's
+    /// neighbours on this worker, or found where an earlier attempt launched it.
+    async fn launch_member(
+        &self,
+        request: &Request,
+        member: &provisioner_events::FleetMember,
+    ) -> Result<Instance, PlatformError> {
+        let key = fleet::batch_key(request, member.fleet_request_id.as_str());
+        let launch = fleet::MemberLaunch {
+            request: request.clone(),
+            index: member.index,
+        };
+        let launcher = self.launcher();
+        self.launches
+            .submit(key, launch, async move { launcher.pace_launch().await })
+            .await
+            .unwrap_or_else(|e| Err(PlatformError::transient(e.to_string())))
+    }
+
+    /// Whether `request` names a fleet member by its request id (a member's teardown is
+    /// batched).
+    fn targets_member(request: &Request) -> bool {
+        matches!(request.target(), Ok(TeardownTarget::Request(id)) if member_parts(id.as_str()).is_some())
+    }
+
+    fn launcher(&self) -> fleet::Launcher {
+        fleet::Launcher {
+            client: self.client.clone(),
+            region: self.region.clone(),
+            pacer: self.pacer.clone(),
         }
     }
 
@@ -528,10 +636,19 @@ impl Platform for Ec2Platform {
             RateLimit::new(action, region, capacity, refill)
         };
         match request.operation {
+            // A member's launch shares its batch's one RunInstances call, which the batch
+            // paces itself; each member still counts an instance.
+            Operation::Provision if request.fleet_member.is_some() => {
+                vec![bucket("RunInstances.instances", 1000.0, 2.0)]
+            }
             Operation::Provision => vec![
                 bucket("RunInstances", 5.0, 2.0),
                 bucket("RunInstances.instances", 1000.0, 2.0),
             ],
+            // A member's termination shares its batch's one call, paced by the batch.
+            Operation::Teardown if Self::targets_member(request) => {
+                vec![bucket("TerminateInstances.instances", 1000.0, 20.0)]
+            }
             Operation::Teardown => vec![
                 bucket("TerminateInstances", 50.0, 5.0),
                 bucket("TerminateInstances.instances", 1000.0, 20.0),
@@ -575,9 +692,12 @@ impl Platform for Ec2Platform {
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
             let spec = spec_of::<AwsEc2Spec>(request)?;
-            // The instance's tags: the labels, the spec's tags, and the worker's three
-            // (Name and the two ownership tags).
-            check_aws_resource_tags(&request.labels, &spec.tags, 3, false)?;
+            // The instance's tags: the labels, the spec's tags, and the worker's own:
+            // Name and the two ownership tags, or for a fleet's batches Name, the managed
+            // tag and the two saying whose each instance is.
+            let fleet = request.count.unwrap_or(1) > 1 || request.fleet_member.is_some();
+            let own = if fleet { 4 } else { 3 };
+            check_aws_resource_tags(&request.labels, &spec.tags, own, false)?;
         }
         Ok(())
     }
@@ -608,8 +728,7 @@ impl Platform for Ec2Platform {
                     continue;
                 }
                 // Without the request tag the instance names no request: never touched.
-                let Some(request_id) =
-                    tag(instance, REQUEST_TAG).and_then(|id| RequestId::new(id).ok())
+                let Some(request_id) = request_of(instance).and_then(|id| RequestId::new(id).ok())
                 else {
                     continue;
                 };
@@ -631,30 +750,39 @@ impl Platform for Ec2Platform {
             .await?;
         Ok(found
             .as_ref()
-            .and_then(|instance| tag(instance, REQUEST_TAG))
+            .and_then(request_of)
             .and_then(|id| RequestId::new(id).ok()))
+    }
+
+    fn use_pacer(&self, pacer: Arc<dyn CallPacer>) {
+        *self.pacer.write().unwrap_or_else(|e| e.into_inner()) = Some(pacer);
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
         let spec = spec_of::<AwsEc2Spec>(request)?;
         let id = request.request_id.as_str();
-        let instance = match self.owned_instances(id).await?.into_iter().next() {
-            Some(existing) => {
-                info!(
-                    instance.id = existing.instance_id().unwrap_or_default(),
-                    "found the instance launched before"
-                );
-                existing
-            }
-            None => self.launch(request, &spec).await?,
-        };
-        let instance_id = instance.instance_id().unwrap_or_default().to_owned();
         let timeout = spec
             .ready_timeout_seconds
             .map_or(DEFAULT_READY_TIMEOUT, Duration::from_secs);
-        let running = self
-            .wait_for_state(&instance_id, "running", timeout)
-            .await?;
+        let running = match &request.fleet_member {
+            Some(member) => self.launch_member(request, member).await?,
+            None => {
+                let instance = match self.owned_instances(id).await?.into_iter().next() {
+                    Some(existing) => {
+                        info!(
+                            instance.id = existing.instance_id().unwrap_or_default(),
+                            "found the instance launched before"
+                        );
+                        existing
+                    }
+                    None => self.launch(request, &spec).await?,
+                };
+                let instance_id = instance.instance_id().unwrap_or_default().to_owned();
+                self.wait_for_state(&instance_id, "running", timeout)
+                    .await?
+            }
+        };
+        let instance_id = running.instance_id().unwrap_or_default().to_owned();
         let health_port = spec.health.as_ref().and_then(HealthCheck::port);
         let resource = Self::resource(id, &running, health_port);
         if let (Some(health), Some(host)) = (&spec.health, &resource.address) {
@@ -684,6 +812,22 @@ impl Platform for Ec2Platform {
     }
 
     async fn teardown(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
+        if let TeardownTarget::Request(id) = target
+            && let Some((fleet, index)) = member_parts(id.as_str())
+        {
+            let launcher = self.launcher();
+            let gone = self
+                .terminations
+                .submit(fleet.to_owned(), index, async move {
+                    launcher.pace_terminate().await
+                })
+                .await
+                .unwrap_or_else(|e| Err(PlatformError::transient(e.to_string())))?;
+            return Ok(gone.map(|instance| Resource {
+                endpoints: Vec::new(),
+                ..Self::resource(id.as_str(), &instance, None)
+            }));
+        }
         let Some(instance) = self.find(target).await? else {
             return Ok(None);
         };
@@ -705,7 +849,7 @@ impl Platform for Ec2Platform {
             Err(e) => return Err(classify(&e, &format!("terminating instance {instance_id}"))),
         }
         info!(instance.id = %instance_id, "terminated instance");
-        let request_id = tag(&instance, REQUEST_TAG).unwrap_or_default().to_owned();
+        let request_id = request_of(&instance).unwrap_or_default();
         Ok(Some(Resource {
             endpoints: Vec::new(),
             ..Self::resource(&request_id, &instance, None)
@@ -718,7 +862,7 @@ impl Platform for Ec2Platform {
         let running = self
             .wait_for_state(&instance_id, "running", DEFAULT_READY_TIMEOUT)
             .await?;
-        let request_id = tag(&running, REQUEST_TAG).unwrap_or_default().to_owned();
+        let request_id = request_of(&running).unwrap_or_default();
         Ok(Self::resource(&request_id, &running, None))
     }
 
@@ -736,7 +880,7 @@ impl Platform for Ec2Platform {
         let stopped = self
             .wait_for_state(&instance_id, "stopped", DEFAULT_READY_TIMEOUT)
             .await?;
-        let request_id = tag(&stopped, REQUEST_TAG).unwrap_or_default().to_owned();
+        let request_id = request_of(&stopped).unwrap_or_default();
         Ok(Self::resource(&request_id, &stopped, None))
     }
 
@@ -758,7 +902,7 @@ impl Platform for Ec2Platform {
         let running = self
             .wait_for_state(&instance_id, "running", DEFAULT_READY_TIMEOUT)
             .await?;
-        let request_id = tag(&running, REQUEST_TAG).unwrap_or_default().to_owned();
+        let request_id = request_of(&running).unwrap_or_default();
         Ok(Self::resource(&request_id, &running, None))
     }
 
@@ -857,7 +1001,7 @@ impl Platform for Ec2Platform {
 
     async fn describe(&self, target: &TeardownTarget) -> Result<Option<Described>, PlatformError> {
         Ok(self.find(target).await?.map(|instance| {
-            let request_id = tag(&instance, REQUEST_TAG).unwrap_or_default().to_owned();
+            let request_id = request_of(&instance).unwrap_or_default();
             Described {
                 state: match state_of(&instance) {
                     "pending" => State::Starting,

@@ -14,6 +14,7 @@
 //! - [`runtime`]: the consume loop and the per-delivery state machine.
 //! - [`conformance`]: the tests every platform must pass (each operation twice).
 //! - [`names`]: resource names and idempotency keys derived from a request id.
+//! - [`batch`]: merging concurrent calls into one where a platform's API takes many.
 //! - [`fault`]: crash points for the fault-injection tests (compiled out otherwise).
 //!
 //! Platform crates depend only on [`platform`] and `provisioner-events`; the RabbitMQ and
@@ -22,6 +23,7 @@
 #[cfg(feature = "rabbitmq")]
 pub mod amqp;
 pub mod backoff;
+pub mod batch;
 pub mod broker;
 pub mod conformance;
 pub mod fault;
@@ -37,7 +39,7 @@ pub mod store;
 
 pub use broker::{Broker, BrokerError, Delivery, MemoryBroker, Settlement};
 pub use platform::{Described, Finding, Outcome, Owned, Platform, PlatformError, SetupError};
-pub use ratelimit::{RateLimit, RateLimitSettings, TokenGrant};
+pub use ratelimit::{CallPacer, RateLimit, RateLimitSettings, TokenGrant};
 pub use runtime::{
     ReconcileDecision, ReconcileOptions, Verdict, Worker, WorkerConfig, expiry_teardown_id,
     reconcile_teardown_id,

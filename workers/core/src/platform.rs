@@ -155,6 +155,12 @@ pub trait Platform: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Hands the platform the runtime's pacer, for calls it makes beyond the one paced
+    /// per request (a batched launch). Platforms that make no such calls ignore it.
+    fn use_pacer(&self, pacer: std::sync::Arc<dyn crate::ratelimit::CallPacer>) {
+        let _ = pacer;
+    }
+
     /// Makes the resource of `request` and waits until it is ready. Called again for the
     /// same request (retry, takeover), it finds what it made before instead of making more.
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError>;

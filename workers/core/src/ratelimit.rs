@@ -142,6 +142,21 @@ impl RateLimitSettings {
     }
 }
 
+/// Paces the calls a platform makes on its own account, beyond the one the runtime paced
+/// for a request: a batch's single launch for many members
+/// ([`crate::batch::Batcher`]). The runtime hands every platform one
+/// ([`Platform::use_pacer`](crate::Platform::use_pacer)); it draws on the same buckets in
+/// the store as every worker and Lambda, with the operator's overrides and headroom.
+#[async_trait::async_trait]
+pub trait CallPacer: Send + Sync {
+    /// Waits until the tokens of `limits` are reserved: at once, after the bucket's wait,
+    /// or, when they are further ahead than a caller would wait, after asking again.
+    async fn pace(&self, limits: Vec<RateLimit>);
+
+    /// Feeds a call's answer back into the buckets' rates (see the module's doc).
+    fn adapt(&self, limits: Vec<RateLimit>, throttled: bool);
+}
+
 /// The bucket arithmetic both stores share (Redis runs the same steps in Lua): refill
 /// since `last_ms` at `rate`, then take `cost`, reserving into the negative when the
 /// caller will wait up to `max_wait_ms`. Returns the new token count and the grant.

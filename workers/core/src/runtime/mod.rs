@@ -172,6 +172,11 @@ impl Worker {
         broker: Arc<dyn Broker>,
         config: WorkerConfig,
     ) -> Self {
+        platform.use_pacer(Worker::call_pacer(
+            store.clone(),
+            platform.name(),
+            config.rate_limits.clone(),
+        ));
         Worker {
             platform,
             store,
