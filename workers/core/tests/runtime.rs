@@ -1248,3 +1248,88 @@ async fn a_burst_is_paced_by_the_platforms_bucket_across_workers() {
         assert!(since >= least, "call {i} came {since:?} after the first");
     }
 }
+
+/// A broker that loses the first publish of the requests it is told to.
+struct LosingBroker {
+    inner: MemoryBroker,
+    lose: Mutex<std::collections::HashSet<String>>,
+}
+
+#[async_trait]
+impl Broker for LosingBroker {
+    async fn declare(&self, platform: PlatformName) -> Result<(), provisioner_core::BrokerError> {
+        self.inner.declare(platform).await
+    }
+    async fn consume(
+        &self,
+        platform: PlatformName,
+        prefetch: u16,
+    ) -> Result<provisioner_core::broker::DeliveryStream, provisioner_core::BrokerError> {
+        self.inner.consume(platform, prefetch).await
+    }
+    async fn send_status(
+        &self,
+        event: &StatusEvent,
+    ) -> Result<provisioner_core::broker::PendingConfirm, provisioner_core::BrokerError> {
+        self.inner.send_status(event).await
+    }
+    async fn publish_request(
+        &self,
+        routing_key: &str,
+        request_id: &str,
+        body: &[u8],
+    ) -> Result<(), provisioner_core::BrokerError> {
+        if self.lose.lock().expect("lose").remove(request_id) {
+            return Ok(());
+        }
+        self.inner
+            .publish_request(routing_key, request_id, body)
+            .await
+    }
+    async fn subscribe_status(
+        &self,
+    ) -> Result<BoxStream<'static, StatusEvent>, provisioner_core::BrokerError> {
+        self.inner.subscribe_status().await
+    }
+}
+
+#[tokio::test]
+async fn a_fleet_whose_member_message_was_lost_publishes_it_again_once_nothing_moves() {
+    let inner = MemoryBroker::new();
+    let broker = Arc::new(LosingBroker {
+        inner: inner.clone(),
+        lose: Mutex::new(["lossy#2".to_owned()].into()),
+    });
+    let platform = Arc::new(Scripted::default());
+    let mut events = inner.subscribe_status().await.expect("subscribe");
+    let worker = Arc::new(Worker::new(
+        platform.clone(),
+        Arc::new(MemoryStore::new()),
+        broker,
+        WorkerConfig {
+            fleet_stall: Duration::from_millis(1500),
+            ..config(0)
+        },
+    ));
+    tokio::spawn(worker.run(std::future::pending()));
+    inner
+        .publish_request("process.provision", "lossy", &fleet("lossy", 4, ""))
+        .await
+        .expect("publish");
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let event = events.next().await.expect("events");
+            if event.request_id == "lossy" && event.state.is_terminal() {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("the fleet ended although a member's message was lost");
+    assert_eq!(end.state, State::Running, "{end:#?}");
+    assert_eq!(
+        platform.provisions.load(Ordering::SeqCst),
+        4,
+        "the lost member made once, the others not again"
+    );
+}

@@ -555,6 +555,7 @@ impl Worker {
         let mut rolled_back: HashSet<u32> = HashSet::new();
         // The claim reserved the first event's seq; every later one is reserved in turn.
         let mut reserved = true;
+        let mut moved_at = tokio::time::Instant::now();
         loop {
             let records = match self.store.get_many(&ids).await {
                 Ok(records) => records,
@@ -575,6 +576,7 @@ impl Worker {
                 let event = self.fleet_event(fleet, held, None, look.counts);
                 self.broker.publish_status(&event).await?;
                 published = Some(look.counts);
+                moved_at = tokio::time::Instant::now();
             }
             let rollback = match fleet.plan {
                 Plan::Provision {
@@ -612,6 +614,29 @@ impl Worker {
                 return Ok(Some(
                     self.fleet_outcome(held, fleet, &records, &look, rollback),
                 ));
+            }
+            if moved_at.elapsed() >= self.config.fleet_stall {
+                // Nothing moved for a long while: a member message may have been lost
+                // (a queue purged, a broker's data lost). Publishing again a member with
+                // no record is safe: a copy already queued is answered from the record
+                // the first one makes. A member known only by a tombstone (rolled back
+                // before its provision came) is one too: its provision ends at once.
+                let unseen: Vec<u32> = (0..fleet.count)
+                    .filter(|i| {
+                        records[*i as usize]
+                            .as_ref()
+                            .is_none_or(|r| r.payload_hash.is_none())
+                    })
+                    .collect();
+                if !unseen.is_empty() {
+                    warn!(
+                        unseen = unseen.len(),
+                        stalled_s = self.config.fleet_stall.as_secs(),
+                        "no member moved for a while and some were never seen: publishing them again"
+                    );
+                    self.publish_members(fleet, unseen).await?;
+                }
+                moved_at = tokio::time::Instant::now();
             }
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}

@@ -93,6 +93,9 @@ pub struct WorkerConfig {
     /// Pacing of the platform's API calls by its token buckets: the platform's defaults,
     /// overridden, or off.
     pub rate_limits: crate::ratelimit::RateLimitSettings,
+    /// How long a fleet's coordinator waits with no member moving before it publishes
+    /// again the members that have no record (their message may have been lost).
+    pub fleet_stall: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -112,6 +115,7 @@ impl Default for WorkerConfig {
             expire_every: Some(Duration::from_secs(1)),
             reconcile: None,
             rate_limits: crate::ratelimit::RateLimitSettings::default(),
+            fleet_stall: Duration::from_secs(180),
         }
     }
 }
