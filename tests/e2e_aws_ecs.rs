@@ -89,3 +89,88 @@ async fn an_ecs_request_for_a_missing_task_definition_ends_in_an_error_it_names(
         error.message
     );
 }
+
+/// The live tasks of `fleet`'s members, by member index, read as the workers read them.
+async fn fleet_tasks(
+    fleet: &str,
+    count: u32,
+) -> std::collections::BTreeMap<u32, Vec<(String, bool)>> {
+    let ecs = common::ecs_client();
+    let mut by_member = std::collections::BTreeMap::new();
+    for group in 0..count.div_ceil(provisioner_aws_ecs::MAX_BATCH) {
+        let listed = ecs
+            .list_tasks()
+            .cluster("demo")
+            .started_by(provisioner_aws_ecs::group_token(fleet, group))
+            .desired_status(DesiredStatus::Running)
+            .send()
+            .await
+            .expect("list tasks");
+        if listed.task_arns().is_empty() {
+            continue;
+        }
+        let described = ecs
+            .describe_tasks()
+            .cluster("demo")
+            .set_tasks(Some(listed.task_arns().to_vec()))
+            .include(aws_sdk_ecs::types::TaskField::Tags)
+            .send()
+            .await
+            .expect("describe tasks");
+        for (index, task, tagged) in provisioner_aws_ecs::assign(fleet, described.tasks()) {
+            if task.last_status() != Some("STOPPED") {
+                by_member
+                    .entry(index)
+                    .or_insert_with(Vec::new)
+                    .push((task.task_arn().unwrap_or_default().to_owned(), tagged));
+            }
+        }
+    }
+    by_member
+}
+
+/// A fleet of 25 tasks through two workers starts in batches (RunTask with a count), one
+/// task per member, each tagged with its member; the fleet's teardown stops them all.
+#[tokio::test]
+async fn an_ecs_fleet_starts_in_batches_one_task_per_member_and_tears_down() {
+    ecs_demo_cluster().await;
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_ecs_worker("ecs-a");
+    env.start_ecs_worker("ecs-b");
+    const COUNT: u32 = 25;
+    let mut fleet = ecs_request(&env, "ecs-fleet", "web:1");
+    fleet["count"] = COUNT.into();
+    env.publish(&fleet).await;
+    let fleet_id = id(&fleet);
+    let end = events.terminal(&fleet_id).await;
+    assert_eq!(end.state, State::Running, "{:#?}", end.error);
+    assert_eq!(
+        end.resource.as_ref().map(|r| r.members.len()),
+        Some(COUNT as usize)
+    );
+    let tasks = fleet_tasks(&fleet_id, COUNT).await;
+    assert_eq!(
+        tasks.keys().copied().collect::<Vec<_>>(),
+        (0..COUNT).collect::<Vec<_>>(),
+        "a task for every member"
+    );
+    assert!(
+        tasks.values().all(|t| t.len() == 1 && t[0].1),
+        "one task per member, tagged with it: {tasks:#?}"
+    );
+    let batched = format!("{}{}", env.worker_log("ecs-a"), env.worker_log("ecs-b"))
+        .lines()
+        .filter(|l| l.contains("started a batch of fleet members") && !l.contains("members=1"))
+        .count();
+    assert!(batched > 0, "no RunTask started more than one member");
+
+    let down = ecs_operation(&env, "ecs-fleet-down", "teardown", &fleet_id);
+    env.publish(&down).await;
+    let stopped = events.terminal(&id(&down)).await;
+    assert_eq!(stopped.state, State::Stopped, "{:#?}", stopped.error);
+    assert!(
+        fleet_tasks(&fleet_id, COUNT).await.is_empty(),
+        "tasks left after the fleet's teardown"
+    );
+}

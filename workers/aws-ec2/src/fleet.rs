@@ -143,11 +143,7 @@ pub fn batch_member(instance: &Instance) -> Option<(String, u32)> {
 
 /// A member id `<fleet>#<index>` split, or `None` for any other id.
 pub fn member_parts(request_id: &str) -> Option<(&str, u32)> {
-    let (fleet, index) = request_id.rsplit_once('#')?;
-    if fleet.is_empty() || index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some((fleet, index.parse().ok()?))
+    provisioner_core::names::fleet_member_parts(request_id)
 }
 
 /// The `ClientToken` of a batch: the same for every worker that launches the same members

@@ -10,8 +10,12 @@
 //!
 //! A task runs in one cluster, and a teardown names only the request: the worker looks for
 //! the request's task in every cluster it can list (one ListTasks call per cluster).
+//! Fleet members start in batches ([`fleet`]).
+
+mod fleet;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,7 +28,9 @@ use aws_sdk_ecs::types::{
 };
 use provisioner_core::backoff::Backoff;
 use provisioner_core::platform::spec_of;
-use provisioner_core::{Described, Finding, Owned, Platform, PlatformError, RateLimit, SetupError};
+use provisioner_core::{
+    CallPacer, Described, Finding, Owned, Platform, PlatformError, RateLimit, SetupError,
+};
 use provisioner_events::spec::aws_ecs::{AwsEcsSpec, INLINE_CONTAINER_NAME, InlineContainer};
 use provisioner_events::spec::check_aws_resource_tags;
 use provisioner_events::{
@@ -34,6 +40,8 @@ use provisioner_events::{
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
+pub use fleet::{FLEET_TAG, MAX_BATCH, MEMBERS_TAG, assign, group_of, group_token, members_tag};
+
 /// Tag holding the request id a task was started for.
 pub const REQUEST_TAG: &str = "provisioner:request-id";
 /// Tag marking every task the provisioner started.
@@ -42,7 +50,7 @@ pub const MANAGED_TAG: &str = "provisioner:managed";
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
 const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn hex_digest(text: &str) -> String {
+pub(crate) fn hex_digest(text: &str) -> String {
     Sha256::digest(text.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -110,7 +118,7 @@ where
 }
 
 /// Classifies one of RunTask's `failures` (the call succeeded, the placement did not).
-fn classify_failure(reason: &str, detail: &str) -> PlatformError {
+pub(crate) fn classify_failure(reason: &str, detail: &str) -> PlatformError {
     let message = format!("ECS could not place the task: {reason} {detail}")
         .trim_end()
         .to_owned();
@@ -134,11 +142,11 @@ fn classify_failure(reason: &str, detail: &str) -> PlatformError {
     }
 }
 
-fn last_status(task: &Task) -> &str {
+pub(crate) fn last_status(task: &Task) -> &str {
     task.last_status().unwrap_or("UNKNOWN")
 }
 
-fn tag<'a>(task: &'a Task, key: &str) -> Option<&'a str> {
+pub(crate) fn tag<'a>(task: &'a Task, key: &str) -> Option<&'a str> {
     task.tags()
         .iter()
         .find(|t| t.key() == Some(key))
@@ -148,12 +156,12 @@ fn tag<'a>(task: &'a Task, key: &str) -> Option<&'a str> {
 /// The `provisioner:request-id` tag's value for a request id. ECS refuses `#` in tags,
 /// and a fleet member's id has one (`<fleet>#<i>`): it is written as `:`, which no request
 /// id holds, so the value reads back exactly.
-fn request_tag_value(request_id: &str) -> String {
+pub(crate) fn request_tag_value(request_id: &str) -> String {
     request_id.replace('#', ":")
 }
 
 /// The request id a task's `provisioner:request-id` tag names.
-fn tagged_request_id(task: &Task) -> Option<String> {
+pub(crate) fn tagged_request_id(task: &Task) -> Option<String> {
     tag(task, REQUEST_TAG).map(|value| value.replace(':', "#"))
 }
 
@@ -202,13 +210,97 @@ fn resource(request_id: &str, task: &Task, ports: &[u16]) -> Resource {
     }
 }
 
+/// The RunTask call starting `count` tasks of `spec` from `definition`, tagged `tags`.
+pub(crate) fn run_task_call(
+    client: &Client,
+    spec: &AwsEcsSpec,
+    definition: &str,
+    count: i32,
+    client_token: &str,
+    started_by: &str,
+    tags: Vec<Tag>,
+) -> Result<aws_sdk_ecs::operation::run_task::builders::RunTaskFluentBuilder, PlatformError> {
+    let mut run = client
+        .run_task()
+        .cluster(&spec.cluster)
+        .task_definition(definition)
+        .launch_type(LaunchType::from(spec.launch_type()))
+        .set_platform_version(spec.platform_version.clone())
+        .count(count)
+        .client_token(client_token)
+        .started_by(started_by)
+        .set_tags(Some(tags));
+    if let Some(network) = &spec.network {
+        let vpc = AwsVpcConfiguration::builder()
+            .set_subnets(Some(network.subnets.clone()))
+            .set_security_groups(
+                (!network.security_groups.is_empty()).then(|| network.security_groups.clone()),
+            )
+            .assign_public_ip(if network.assign_public_ip {
+                AssignPublicIp::Enabled
+            } else {
+                AssignPublicIp::Disabled
+            })
+            .build()
+            .map_err(|e| PlatformError::invalid(format!("network: {e}")))?;
+        run = run.network_configuration(
+            NetworkConfiguration::builder()
+                .awsvpc_configuration(vpc)
+                .build(),
+        );
+    }
+    if !spec.overrides.is_empty() {
+        let overrides = spec
+            .overrides
+            .iter()
+            .map(|o| {
+                ContainerOverride::builder()
+                    .name(&o.name)
+                    .set_command((!o.command.is_empty()).then(|| o.command.clone()))
+                    .set_environment(Some(
+                        o.env
+                            .iter()
+                            .map(|(k, v)| KeyValuePair::builder().name(k).value(v).build())
+                            .collect(),
+                    ))
+                    .build()
+            })
+            .collect();
+        run = run.overrides(
+            TaskOverride::builder()
+                .set_container_overrides(Some(overrides))
+                .build(),
+        );
+    }
+    Ok(run)
+}
+
+/// The region a client calls, naming its rate-limit buckets.
+fn region_of(client: &Client) -> String {
+    client
+        .config()
+        .region()
+        .map(ToString::to_string)
+        .unwrap_or_default()
+}
+
 /// The ECS [`Platform`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EcsPlatform {
     client: Client,
     /// The configuration's credentials, for the preflight (the client does not expose
     /// them).
     credentials: Option<provisioner_aws_common::SharedCredentialsProvider>,
+    /// The runtime's pacer, for the batches' own RunTask calls.
+    pacer: fleet::PacerSlot,
+    /// Fleet members' launches, merged into batches.
+    runs: Arc<fleet::RunBatcher>,
+}
+
+impl std::fmt::Debug for EcsPlatform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EcsPlatform").finish_non_exhaustive()
+    }
 }
 
 impl EcsPlatform {
@@ -222,17 +314,53 @@ impl EcsPlatform {
 
     /// From an AWS configuration already loaded (the Lambda shares one with its SQS client).
     pub fn from_config(config: &provisioner_aws_common::SdkConfig) -> Self {
-        EcsPlatform {
-            client: Client::new(config),
-            credentials: config.credentials_provider(),
-        }
+        let mut platform = Self::new(Client::new(config));
+        platform.credentials = config.credentials_provider();
+        platform
     }
 
     pub fn new(client: Client) -> Self {
+        let pacer: fleet::PacerSlot = Arc::default();
+        let runner = fleet::Runner {
+            client: client.clone(),
+            region: region_of(&client),
+            pacer: pacer.clone(),
+        };
         EcsPlatform {
             client,
             credentials: None,
+            pacer,
+            runs: Arc::new(fleet::run_batcher(runner)),
         }
+    }
+
+    fn runner(&self) -> fleet::Runner {
+        fleet::Runner {
+            client: self.client.clone(),
+            region: region_of(&self.client),
+            pacer: self.pacer.clone(),
+        }
+    }
+
+    /// A fleet member's task, started in a batch with the member's neighbours on this
+    /// worker, or found where an earlier attempt started it.
+    async fn run_member(
+        &self,
+        request: &Request,
+        spec: &AwsEcsSpec,
+        member: &provisioner_events::FleetMember,
+    ) -> Result<Task, PlatformError> {
+        let run = fleet::MemberRun {
+            request: request.clone(),
+            index: member.index,
+            definition: self.task_definition(spec).await?,
+        };
+        let key = fleet::batch_key(&run, member.fleet_request_id.as_str());
+        let runner = self.runner();
+        self.runs
+            .submit(key, run, async move { runner.pace_run().await })
+            .await
+            .unwrap_or_else(|e| Err(PlatformError::transient(e.to_string())))
     }
 
     pub fn client(&self) -> &Client {
@@ -246,6 +374,12 @@ impl EcsPlatform {
         cluster: &str,
         request_id: &str,
     ) -> Result<Vec<Task>, PlatformError> {
+        if let Some((fleet, index)) = provisioner_core::names::fleet_member_parts(request_id) {
+            let tasks = self.runner().member_tasks(cluster, fleet, index).await?;
+            if !tasks.is_empty() {
+                return Ok(tasks);
+            }
+        }
         let listed = self
             .client
             .list_tasks()
@@ -427,60 +561,18 @@ impl EcsPlatform {
     async fn run(&self, request: &Request, spec: &AwsEcsSpec) -> Result<Task, PlatformError> {
         let definition = self.task_definition(spec).await?;
         let token = request_token(request.request_id.as_str());
-        let mut run = self
-            .client
-            .run_task()
-            .cluster(&spec.cluster)
-            .task_definition(&definition)
-            .launch_type(LaunchType::from(spec.launch_type()))
-            .set_platform_version(spec.platform_version.clone())
-            .count(1)
-            .client_token(&token)
-            .started_by(&token)
-            .set_tags(Some(Self::tags(request, spec)));
-        if let Some(network) = &spec.network {
-            let vpc = AwsVpcConfiguration::builder()
-                .set_subnets(Some(network.subnets.clone()))
-                .set_security_groups(
-                    (!network.security_groups.is_empty()).then(|| network.security_groups.clone()),
-                )
-                .assign_public_ip(if network.assign_public_ip {
-                    AssignPublicIp::Enabled
-                } else {
-                    AssignPublicIp::Disabled
-                })
-                .build()
-                .map_err(|e| PlatformError::invalid(format!("network: {e}")))?;
-            run = run.network_configuration(
-                NetworkConfiguration::builder()
-                    .awsvpc_configuration(vpc)
-                    .build(),
-            );
-        }
-        if !spec.overrides.is_empty() {
-            let overrides = spec
-                .overrides
-                .iter()
-                .map(|o| {
-                    ContainerOverride::builder()
-                        .name(&o.name)
-                        .set_command((!o.command.is_empty()).then(|| o.command.clone()))
-                        .set_environment(Some(
-                            o.env
-                                .iter()
-                                .map(|(k, v)| KeyValuePair::builder().name(k).value(v).build())
-                                .collect(),
-                        ))
-                        .build()
-                })
-                .collect();
-            run = run.overrides(
-                TaskOverride::builder()
-                    .set_container_overrides(Some(overrides))
-                    .build(),
-            );
-        }
-        let output = run.send().await.map_err(|e| {
+        let output = run_task_call(
+            &self.client,
+            spec,
+            &definition,
+            1,
+            &token,
+            &token,
+            Self::tags(request, spec),
+        )?
+        .send()
+        .await
+        .map_err(|e| {
             classify(
                 &e,
                 &format!("running {definition} in cluster {}", spec.cluster),
@@ -632,13 +724,10 @@ impl Platform for EcsPlatform {
     /// region: RunTask and StopTask, 100 refilling 40 a second.
     /// <https://docs.aws.amazon.com/AmazonECS/latest/APIReference/request-throttling.html>
     fn rate_limits(&self, request: &Request) -> Vec<RateLimit> {
-        let region = self
-            .client
-            .config()
-            .region()
-            .map(ToString::to_string)
-            .unwrap_or_default();
+        let region = region_of(&self.client);
         match request.operation {
+            // A member's start shares its batch's one RunTask call, which the batch paces.
+            Operation::Provision if request.fleet_member.is_some() => Vec::new(),
             Operation::Provision => vec![RateLimit::new("RunTask", &region, 100.0, 40.0)],
             Operation::Teardown => vec![RateLimit::new("StopTask", &region, 100.0, 40.0)],
             _ => Vec::new(),
@@ -668,8 +757,10 @@ impl Platform for EcsPlatform {
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
             let spec = spec_of::<AwsEcsSpec>(request)?;
-            // The task's tags: the labels, the spec's tags, and the worker's two.
-            check_aws_resource_tags(&request.labels, &spec.tags, 2, true)?;
+            // The task's tags: the labels, the spec's tags, and the worker's two (four
+            // for a fleet's: the fleet and the batch's members too).
+            let fleet = request.count.unwrap_or(1) > 1 || request.fleet_member.is_some();
+            check_aws_resource_tags(&request.labels, &spec.tags, if fleet { 4 } else { 2 }, true)?;
         }
         Ok(())
     }
@@ -730,23 +821,30 @@ impl Platform for EcsPlatform {
             .and_then(|id| RequestId::new(id).ok()))
     }
 
+    fn use_pacer(&self, pacer: Arc<dyn CallPacer>) {
+        *self.pacer.write().unwrap_or_else(|e| e.into_inner()) = Some(pacer);
+    }
+
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
         let spec = spec_of::<AwsEcsSpec>(request)?;
         let id = request.request_id.as_str();
-        let task = match self
-            .owned_tasks(&spec.cluster, id)
-            .await?
-            .into_iter()
-            .next()
-        {
-            Some(existing) => {
-                info!(
-                    task.arn = existing.task_arn().unwrap_or_default(),
-                    "found the task started before"
-                );
-                existing
-            }
-            None => self.run(request, &spec).await?,
+        let task = match &request.fleet_member {
+            Some(member) => self.run_member(request, &spec, member).await?,
+            None => match self
+                .owned_tasks(&spec.cluster, id)
+                .await?
+                .into_iter()
+                .next()
+            {
+                Some(existing) => {
+                    info!(
+                        task.arn = existing.task_arn().unwrap_or_default(),
+                        "found the task started before"
+                    );
+                    existing
+                }
+                None => self.run(request, &spec).await?,
+            },
         };
         let arn = task.task_arn().unwrap_or_default().to_owned();
         let timeout = spec

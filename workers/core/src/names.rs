@@ -36,6 +36,17 @@ pub fn derived_name(request_id: &str, readable_max: usize) -> String {
     }
 }
 
+/// A fleet member's request id `<fleet>#<index>` split into the fleet's id and the
+/// member's index; `None` for any other id (a member's follow-up such as
+/// `<fleet>#3.rollback` included).
+pub fn fleet_member_parts(request_id: &str) -> Option<(&str, u32)> {
+    let (fleet, index) = request_id.rsplit_once('#')?;
+    if fleet.is_empty() || index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((fleet, index.parse().ok()?))
+}
+
 /// The request id of a request the workers send on their own about `request_id` (the
 /// teardown of an expired or unexplained resource): `<request_id>.<purpose>` when that
 /// is a valid request id (a fleet member's `<fleet>#<i>.<purpose>` is),
