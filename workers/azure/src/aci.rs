@@ -393,6 +393,16 @@ impl Platform for ContainerInstancesPlatform {
             .await
     }
 
+    /// ARM's subscription buckets: one write or delete of the container group.
+    fn rate_limits(&self, request: &Request) -> Vec<provisioner_core::RateLimit> {
+        crate::arm::arm_rate_limits(
+            &self.arm.settings().subscription_id,
+            request.operation,
+            1.0,
+            1.0,
+        )
+    }
+
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
             let spec = spec_of::<AzureContainerSpec>(request)?;

@@ -808,3 +808,26 @@ mod answer_tests {
         assert_eq!(resource.state(), "Creating");
     }
 }
+
+/// Azure Resource Manager's buckets per subscription (its token-bucket throttling of
+/// 2024): writes 200 refilling 10 a second, deletes 200 refilling 10, reads 250
+/// refilling 25. An operation takes as many tokens as the ARM calls it makes.
+/// <https://learn.microsoft.com/azure/azure-resource-manager/management/request-limits-and-throttling>
+pub fn arm_rate_limits(
+    subscription: &str,
+    operation: provisioner_events::Operation,
+    writes: f64,
+    deletes: f64,
+) -> Vec<provisioner_core::RateLimit> {
+    use provisioner_core::RateLimit;
+    use provisioner_events::Operation;
+    match operation {
+        Operation::Provision | Operation::Start | Operation::Stop | Operation::Reboot => {
+            vec![RateLimit::new("ARM.writes", subscription, 200.0, 10.0).costing(writes)]
+        }
+        Operation::Teardown => {
+            vec![RateLimit::new("ARM.deletes", subscription, 200.0, 10.0).costing(deletes)]
+        }
+        Operation::Describe => vec![RateLimit::new("ARM.reads", subscription, 250.0, 25.0)],
+    }
+}

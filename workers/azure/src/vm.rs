@@ -480,6 +480,17 @@ impl Platform for VmPlatform {
             .await
     }
 
+    /// ARM's subscription buckets: a VM's provision writes its NIC and the VM, its
+    /// teardown deletes both.
+    fn rate_limits(&self, request: &Request) -> Vec<provisioner_core::RateLimit> {
+        crate::arm::arm_rate_limits(
+            &self.arm.settings().subscription_id,
+            request.operation,
+            2.0,
+            2.0,
+        )
+    }
+
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
             let spec = spec_of::<AzureVmSpec>(request)?;

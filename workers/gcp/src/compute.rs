@@ -474,6 +474,26 @@ impl Platform for ComputePlatform {
         PlatformName::GcpCompute
     }
 
+    /// Compute Engine's per-project rate quotas, enforced per minute: mutations
+    /// (`Queries`, 1,500 a minute) and reads (1,500 a minute), as buckets of 750
+    /// refilling 12.5 a second: a full bucket and a minute of refill make 1,500, so no
+    /// 60 seconds ever hold more calls than the quota allows.
+    /// <https://cloud.google.com/compute/docs/api-rate-limits>
+    fn rate_limits(&self, request: &Request) -> Vec<provisioner_core::RateLimit> {
+        let project = self.settings.project.as_str();
+        match request.operation {
+            Operation::Describe => vec![provisioner_core::RateLimit::new(
+                "ReadRequests",
+                project,
+                750.0,
+                12.5,
+            )],
+            _ => vec![provisioner_core::RateLimit::new(
+                "Queries", project, 750.0, 12.5,
+            )],
+        }
+    }
+
     async fn preflight(&self) -> Vec<Finding> {
         let mut findings = crate::identity_findings(&self.settings);
         findings.push(match &self.settings.zone {
