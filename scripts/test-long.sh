@@ -16,5 +16,6 @@ bash scripts/test.sh --test long_faults -- --ignored --test-threads=1 --nocaptur
 bash scripts/test.sh --test fleet -- --ignored --test-threads=1
 # The benchmarks' quick mode, in the test build: it proves they still run (their figures
 # come from scripts/bench.sh's release build).
-BENCH_SHORT=1 bash scripts/test.sh --bench runtime --bench cold_start --bench fleet
+BENCH_SHORT=1 bash scripts/test.sh --bench runtime --bench cold_start --bench fleet \
+  --bench ec2_fleet --bench docker_fleet
 bash scripts/fuzz.sh
