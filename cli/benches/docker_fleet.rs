@@ -14,6 +14,8 @@
 //! `rabbitmqctl`), Redis (`REDIS_URL`), an engine (`DOCKER_HOST`) and the image
 //! `localhost/busybox:latest` (`scripts/dev-services.sh` builds it).
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,11 +27,8 @@ use bollard::query_parameters::{
     StopContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
-use provisioner_core::amqp::{AmqpBroker, AmqpConfig};
-use provisioner_core::redis_store::RedisStore;
-use provisioner_core::{Broker, Worker, WorkerConfig};
 use provisioner_docker::{DockerPlatform, DockerPolicy};
-use provisioner_events::{PlatformName, State, StatusEvent};
+use provisioner_events::State;
 
 const IMAGE: &str = "localhost/busybox:latest";
 /// Engine calls in flight at once on the direct path: the workers' default prefetch.
@@ -37,16 +36,6 @@ const IN_FLIGHT: usize = 16;
 
 fn docker_host() -> String {
     std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///run/podman/podman.sock".into())
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let status = std::process::Command::new("timeout")
-        .arg("120")
-        .arg("rabbitmqctl")
-        .args(args)
-        .status()
-        .expect("rabbitmqctl");
-    assert!(status.success(), "rabbitmqctl {args:?}");
 }
 
 /// Containers labelled `bench-run` = `run`, running or not.
@@ -118,22 +107,6 @@ async fn direct_up(docker: &Docker, count: usize, run: &str) -> Duration {
     started.elapsed()
 }
 
-/// The terminal event of `id`.
-async fn until_end(
-    events: &mut futures_util::stream::BoxStream<'static, StatusEvent>,
-    id: &str,
-) -> StatusEvent {
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(3600), events.next())
-            .await
-            .expect("the request never ended")
-            .expect("status stream");
-        if event.request_id == id && event.state.is_terminal() {
-            return event;
-        }
-    }
-}
-
 fn main() {
     tokio::runtime::Runtime::new()
         .expect("runtime")
@@ -162,79 +135,19 @@ async fn harness() {
     remove_all(&docker, ids).await;
     let direct_down = started.elapsed();
 
-    let vhost = format!("bench-{tag}");
-    rabbitmqctl(&["-q", "add_vhost", &vhost]);
-    rabbitmqctl(&[
-        "-q",
-        "set_permissions",
-        "-p",
-        &vhost,
-        "guest",
-        ".*",
-        ".*",
-        ".*",
-    ]);
-    let url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
-    let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let store = Arc::new(
-        RedisStore::connect(
-            &redis_url,
-            &format!("bench-{tag}:"),
-            Duration::from_secs(3600),
-        )
-        .await
-        .expect("Redis"),
-    );
-    let broker = Arc::new(
-        AmqpBroker::connect(AmqpConfig::new(url.clone()))
-            .await
-            .expect("RabbitMQ"),
-    );
-    broker
-        .declare(PlatformName::Docker)
-        .await
-        .expect("topology");
     let platform = Arc::new(
         DockerPlatform::connect(Some(&docker_host()), DockerPolicy::default())
             .await
             .expect("engine"),
     );
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    for n in 0..3 {
-        let worker = Arc::new(Worker::new(
-            platform.clone(),
-            store.clone(),
-            Arc::new(
-                AmqpBroker::connect(AmqpConfig::new(url.clone()))
-                    .await
-                    .expect("RabbitMQ"),
-            ),
-            WorkerConfig {
-                worker_id: format!("bench-{n}"),
-                ..WorkerConfig::default()
-            },
-        ));
-        let mut stopped = stopped.clone();
-        tokio::spawn(worker.run(async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }));
-    }
-    let mut events = broker.subscribe_status().await.expect("subscribe");
-    // Let the workers start consuming, so the timing is the fleet's, not the start-up's.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut fleet_workers = support::Fleet::start(platform, &tag).await;
 
     let fleet_run = format!("fleet-{tag}");
     let id = format!("bench-docker-fleet-{tag}");
     let body = format!(
         r#"{{"schema_version":1,"request_id":"{id}","operation":"provision","platform":"docker","count":{count},"labels":{{"bench-run":"{fleet_run}"}},"spec":{{"image":"{IMAGE}","command":["sleep","3600"]}}}}"#
     );
-    let started = Instant::now();
-    broker
-        .publish_request("docker.provision", &id, body.as_bytes())
-        .await
-        .expect("publish");
-    let end = until_end(&mut events, &id).await;
-    let fleet = started.elapsed();
+    let (end, fleet) = fleet_workers.run("docker.provision", &id, &body).await;
     assert_eq!(end.state, State::Running, "{end:#?}");
     assert_eq!(
         labelled(&docker, &fleet_run).await.len(),
@@ -246,13 +159,7 @@ async fn harness() {
     let body = format!(
         r#"{{"schema_version":1,"request_id":"{down}","operation":"teardown","platform":"docker","target_request_id":"{id}"}}"#
     );
-    let started = Instant::now();
-    broker
-        .publish_request("docker.teardown", &down, body.as_bytes())
-        .await
-        .expect("publish");
-    let end = until_end(&mut events, &down).await;
-    let fleet_down = started.elapsed();
+    let (end, fleet_down) = fleet_workers.run("docker.teardown", &down, &body).await;
     assert_eq!(end.state, State::Stopped, "{end:#?}");
     let left = labelled(&docker, &fleet_run).await;
     assert!(
@@ -277,8 +184,5 @@ async fn harness() {
         ratio(fleet_down, direct_down)
     );
 
-    let _ = stop.send(true);
-    drop(events);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    rabbitmqctl(&["-q", "delete_vhost", &vhost]);
+    fleet_workers.stop().await;
 }

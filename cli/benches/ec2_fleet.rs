@@ -19,18 +19,16 @@
 //! `rabbitmqctl`), Redis (`REDIS_URL`) and LocalStack (`PROVISIONER_TEST_AWS_ENDPOINT`,
 //! default `http://127.0.0.1:4566`).
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_ec2::types::{Filter, InstanceType, ResourceType, Tag, TagSpecification};
-use futures_util::StreamExt;
 use provisioner_aws_ec2::{Ec2Platform, MAX_BATCH};
-use provisioner_core::amqp::{AmqpBroker, AmqpConfig};
-use provisioner_core::redis_store::RedisStore;
-use provisioner_core::{Broker, Worker, WorkerConfig};
-use provisioner_events::{PlatformName, State, StatusEvent};
+use provisioner_events::State;
 
 const IMAGE: &str = "ami-03cf127a";
 const RUN_CAPACITY: f64 = 5.0;
@@ -49,16 +47,6 @@ fn ec2_client() -> Client {
             .credentials_provider(Credentials::new("test", "test", None, None, "bench"))
             .build(),
     )
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let status = std::process::Command::new("timeout")
-        .arg("120")
-        .arg("rabbitmqctl")
-        .args(args)
-        .status()
-        .expect("rabbitmqctl");
-    assert!(status.success(), "rabbitmqctl {args:?}");
 }
 
 /// The least time EC2's buckets allow for `count` instances in calls of `per_call`.
@@ -172,22 +160,6 @@ async fn direct(ec2: &Client, count: usize, per_call: usize, run: &str) -> Durat
     started.elapsed()
 }
 
-/// The terminal event of `id`.
-async fn until_end(
-    events: &mut futures_util::stream::BoxStream<'static, StatusEvent>,
-    id: &str,
-) -> StatusEvent {
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(3600), events.next())
-            .await
-            .expect("the request never ended")
-            .expect("status stream");
-        if event.request_id == id && event.state.is_terminal() {
-            return event;
-        }
-    }
-}
-
 fn main() {
     tokio::runtime::Runtime::new()
         .expect("runtime")
@@ -207,76 +179,16 @@ async fn harness() {
     let direct = direct(&ec2, count, MAX_BATCH, &direct_run).await;
     terminate_all(&ec2, &direct_run).await;
 
-    let vhost = format!("bench-{tag}");
-    rabbitmqctl(&["-q", "add_vhost", &vhost]);
-    rabbitmqctl(&[
-        "-q",
-        "set_permissions",
-        "-p",
-        &vhost,
-        "guest",
-        ".*",
-        ".*",
-        ".*",
-    ]);
-    let url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
-    let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let store = Arc::new(
-        RedisStore::connect(
-            &redis_url,
-            &format!("bench-{tag}:"),
-            Duration::from_secs(3600),
-        )
-        .await
-        .expect("Redis"),
-    );
-    let broker = Arc::new(
-        AmqpBroker::connect(AmqpConfig::new(url.clone()))
-            .await
-            .expect("RabbitMQ"),
-    );
-    broker
-        .declare(PlatformName::AwsEc2)
-        .await
-        .expect("topology");
     // The bench's own bucket scope, so an earlier run's reservations do not count here.
     let platform = Arc::new(Ec2Platform::new(ec2.clone(), format!("bench-{tag}")));
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    for n in 0..3 {
-        let worker = Arc::new(Worker::new(
-            platform.clone(),
-            store.clone(),
-            Arc::new(
-                AmqpBroker::connect(AmqpConfig::new(url.clone()))
-                    .await
-                    .expect("RabbitMQ"),
-            ),
-            WorkerConfig {
-                worker_id: format!("bench-{n}"),
-                ..WorkerConfig::default()
-            },
-        ));
-        let mut stopped = stopped.clone();
-        tokio::spawn(worker.run(async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }));
-    }
-    let mut events = broker.subscribe_status().await.expect("subscribe");
-    // Let the workers start consuming, so the timing is the fleet's, not the start-up's.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut fleet_workers = support::Fleet::start(platform, &tag).await;
 
     let fleet_run = format!("fleet-{tag}");
     let id = format!("bench-ec2-fleet-{tag}");
     let body = format!(
         r#"{{"schema_version":1,"request_id":"{id}","operation":"provision","platform":"aws-ec2","count":{count},"labels":{{"bench-run":"{fleet_run}"}},"spec":{{"image_id":"{IMAGE}","instance_type":"t3.micro"}}}}"#
     );
-    let started = Instant::now();
-    broker
-        .publish_request("aws-ec2.provision", &id, body.as_bytes())
-        .await
-        .expect("publish");
-    let end = until_end(&mut events, &id).await;
-    let fleet = started.elapsed();
+    let (end, fleet) = fleet_workers.run("aws-ec2.provision", &id, &body).await;
     assert_eq!(end.state, State::Running, "{end:#?}");
     let running = tagged(&ec2, &fleet_run, &["pending", "running"])
         .await
@@ -287,13 +199,7 @@ async fn harness() {
     let body = format!(
         r#"{{"schema_version":1,"request_id":"{down}","operation":"teardown","platform":"aws-ec2","target_request_id":"{id}"}}"#
     );
-    let started = Instant::now();
-    broker
-        .publish_request("aws-ec2.teardown", &down, body.as_bytes())
-        .await
-        .expect("publish");
-    let end = until_end(&mut events, &down).await;
-    let teardown = started.elapsed();
+    let (end, teardown) = fleet_workers.run("aws-ec2.teardown", &down, &body).await;
     assert_eq!(end.state, State::Stopped, "{end:#?}");
     let left = tagged(
         &ec2,
@@ -329,8 +235,5 @@ async fn harness() {
         teardown.as_secs_f64()
     );
 
-    let _ = stop.send(true);
-    drop(events);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    rabbitmqctl(&["-q", "delete_vhost", &vhost]);
+    fleet_workers.stop().await;
 }

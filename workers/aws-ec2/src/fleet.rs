@@ -74,6 +74,9 @@ pub(crate) struct Launcher {
     pub client: Client,
     pub region: String,
     pub pacer: PacerSlot,
+    /// Root device names of the images launched, looked up once each: a batch needs it
+    /// for a root volume, and an image's never changes.
+    pub root_devices: Arc<std::sync::Mutex<HashMap<String, Option<String>>>>,
 }
 
 impl std::fmt::Debug for Launcher {
@@ -185,6 +188,25 @@ impl Launcher {
         if let Some(pacer) = self.pacer() {
             pacer.pace(vec![run_instances_bucket(&self.region)]).await;
         }
+    }
+
+    /// The root device name of `image_id`, from the cache or EC2.
+    async fn root_device(&self, image_id: &str) -> Result<Option<String>, PlatformError> {
+        let cached = self
+            .root_devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(image_id)
+            .cloned();
+        if let Some(device) = cached {
+            return Ok(device);
+        }
+        let device = crate::root_device(&self.client, &self.region, image_id).await?;
+        self.root_devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(image_id.to_owned(), device.clone());
+        Ok(device)
     }
 
     /// Waits for one token of the TerminateInstances request bucket.
@@ -318,20 +340,19 @@ impl Launcher {
             }
         }
         if !to_launch.is_empty() {
-            let root_device =
-                match crate::root_device(&self.client, &self.region, &spec.image_id).await {
-                    Ok(device) => device,
-                    Err(e) => {
-                        return answer_all(
-                            running
-                                .into_iter()
-                                .map(|(_, m)| m)
-                                .chain(to_launch.into_iter().map(|(m, _)| m))
-                                .collect(),
-                            e,
-                        );
-                    }
-                };
+            let root_device = match self.root_device(&spec.image_id).await {
+                Ok(device) => device,
+                Err(e) => {
+                    return answer_all(
+                        running
+                            .into_iter()
+                            .map(|(_, m)| m)
+                            .chain(to_launch.into_iter().map(|(m, _)| m))
+                            .collect(),
+                        e,
+                    );
+                }
+            };
             let launch = Launch {
                 request: &request,
                 spec: &spec,

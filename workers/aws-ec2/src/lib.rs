@@ -236,6 +236,8 @@ pub struct Ec2Platform {
     launches: Arc<fleet::LaunchBatcher>,
     /// Fleet members' teardowns, merged into batches.
     terminations: Arc<fleet::TerminateBatcher>,
+    /// What the batches share: the client, the pacer, the images' root devices.
+    launcher: fleet::Launcher,
 }
 
 impl std::fmt::Debug for Ec2Platform {
@@ -272,6 +274,7 @@ impl Ec2Platform {
             client: client.clone(),
             region: region.clone(),
             pacer: pacer.clone(),
+            root_devices: Arc::default(),
         };
         Ec2Platform {
             client,
@@ -279,7 +282,8 @@ impl Ec2Platform {
             credentials: None,
             pacer,
             launches: Arc::new(fleet::launch_batcher(launcher.clone())),
-            terminations: Arc::new(fleet::terminate_batcher(launcher)),
+            terminations: Arc::new(fleet::terminate_batcher(launcher.clone())),
+            launcher,
         }
     }
 
@@ -545,11 +549,7 @@ impl Ec2Platform {
     }
 
     fn launcher(&self) -> fleet::Launcher {
-        fleet::Launcher {
-            client: self.client.clone(),
-            region: self.region.clone(),
-            pacer: self.pacer.clone(),
-        }
+        self.launcher.clone()
     }
 
     /// The live instance of a target, or a `not_found` error naming it.
