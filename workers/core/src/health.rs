@@ -76,19 +76,38 @@ impl std::fmt::Display for NotReady {
     }
 }
 
+/// A connection to a local port in the ephemeral range where nothing listens can succeed
+/// by connecting to itself: the kernel picked that very port as the probe's own source
+/// port (TCP's simultaneous open). Polled often enough, a probe of a dead port sees it
+/// now and then, and would call a resource that never listened ready.
+fn refuse_self_connection(stream: &TcpStream) -> std::io::Result<()> {
+    if stream.local_addr()? == stream.peer_addr()? {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "the probe connected to itself: nothing listens there",
+        ));
+    }
+    Ok(())
+}
+
 impl Probe {
     /// One attempt: Ok when ready, what was seen otherwise.
     pub async fn check_once(&self) -> Result<(), ProbeFailure> {
         match self {
             Probe::Tcp { host, port } => {
-                tokio::time::timeout(ATTEMPT_TIMEOUT, TcpStream::connect((host.as_str(), *port)))
-                    .await
-                    .map_err(|_| ProbeFailure::ConnectTimedOut)??;
+                let stream = tokio::time::timeout(
+                    ATTEMPT_TIMEOUT,
+                    TcpStream::connect((host.as_str(), *port)),
+                )
+                .await
+                .map_err(|_| ProbeFailure::ConnectTimedOut)??;
+                refuse_self_connection(&stream)?;
                 Ok(())
             }
             Probe::Http { host, port, path } => {
                 let exchange = async {
                     let mut stream = TcpStream::connect((host.as_str(), *port)).await?;
+                    refuse_self_connection(&stream)?;
                     let request = format!(
                         "GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: provisioner-health\r\nConnection: close\r\n\r\n"
                     );
@@ -153,6 +172,28 @@ impl Probe {
 mod tests {
     use super::*;
     use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn a_connection_to_itself_is_not_a_listener() {
+        // Bind a port, then connect from that very port to it: the simultaneous open a
+        // probe of a dead ephemeral port can fall into.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = free.local_addr().expect("addr");
+        drop(free);
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("reuse");
+        socket.bind(address).expect("bind to itself");
+        let stream = socket.connect(address).await.expect("self-connect");
+        assert_eq!(stream.local_addr().ok(), stream.peer_addr().ok());
+        let refused = refuse_self_connection(&stream).expect_err("refused");
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        // A real listener's connection passes.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let stream = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        assert!(refuse_self_connection(&stream).is_ok());
+    }
 
     #[tokio::test]
     async fn http_probe_counts_any_http_answer_and_refuses_other_bytes() {
