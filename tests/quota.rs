@@ -93,3 +93,65 @@ async fn a_tenant_never_holds_more_than_its_quota_and_a_teardown_gives_a_place_b
         serde_json::json!({"tenant": "team-a", "limit": null, "used": 2})
     );
 }
+
+/// A quota of vCPUs, a unit EC2 defines (its instance types' vCPUs): two t3.small (2 each)
+/// fit a tenant's 5, a third is refused naming the unit, with nothing launched; its
+/// teardown gives the vCPUs back.
+#[tokio::test]
+async fn a_tenants_vcpus_are_counted_by_instance_type_and_refused_past_its_quota() {
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_ec2_worker("ec2");
+    let tenant = format!("team-v-{}", env.run_id);
+    let set = quota(&env, &["set", &tenant, "5", "--unit", "vcpus"]);
+    assert_eq!(
+        set["units"],
+        serde_json::json!({"vcpus": {"limit": 5, "used": 0}})
+    );
+    let launch = |name: &str| {
+        serde_json::json!({
+            "schema_version": 1, "request_id": format!("{name}-{}", env.run_id),
+            "operation": "provision", "platform": "aws-ec2", "tenant": tenant,
+            "spec": {"image_id": common::LOCALSTACK_IMAGE, "instance_type": "t3.small"},
+            "labels": {"test-run": env.run_id}
+        })
+    };
+    let first = launch("v1");
+    let second = launch("v2");
+    for request in [&first, &second] {
+        env.publish(request).await;
+        assert_eq!(events.terminal(&id(request)).await.state, State::Running);
+    }
+    let third = launch("v3");
+    env.publish(&third).await;
+    let refused = events.terminal(&id(&third)).await;
+    assert_eq!(refused.state, State::Error);
+    let error = refused.error.expect("error");
+    assert_eq!(error.class, ErrorClass::Quota, "{error:?}");
+    assert!(
+        error.message.contains("4 of its 5 vcpus") && error.message.contains("needs 2 more"),
+        "{}",
+        error.message
+    );
+    let instances = common::ec2_instances(&env.run_id).await;
+    assert!(!instances.contains_key(&id(&third)), "{instances:?}");
+    let shown = quota(&env, &["show", &tenant]);
+    assert_eq!(
+        (
+            shown["used"].clone(),
+            shown["units"]["vcpus"]["used"].clone()
+        ),
+        (2.into(), 4.into())
+    );
+
+    let down = serde_json::json!({
+        "schema_version": 1, "request_id": format!("v-down-{}", env.run_id),
+        "operation": "teardown", "platform": "aws-ec2", "target_request_id": id(&first)
+    });
+    env.publish(&down).await;
+    assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
+    assert_eq!(quota(&env, &["show", &tenant])["units"]["vcpus"]["used"], 2);
+    let retry = launch("v4");
+    env.publish(&retry).await;
+    assert_eq!(events.terminal(&id(&retry)).await.state, State::Running);
+}

@@ -125,11 +125,19 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum QuotaAction {
-    /// Print the tenant's limit (its own or the default) and how many machines it holds.
+    /// Print the tenant's limits (its own or the default) and what it holds: machines,
+    /// and any other unit with a limit or holdings (`units`).
     Show { tenant: String },
     /// Set the tenant's limit; `none` removes it (the default, if any, applies again).
     /// A lower limit takes nothing away: it refuses new provisions until enough are gone.
-    Set { tenant: String, limit: String },
+    Set {
+        tenant: String,
+        limit: String,
+        /// What the limit counts: `machines` (every provision holds one), or a unit a
+        /// platform defines, e.g. `vcpus` (EC2: its instance type's).
+        #[arg(long, default_value = "machines")]
+        unit: String,
+    },
 }
 
 /// Exit codes from sysexits: bad usage or configuration, unavailable service.
@@ -505,24 +513,33 @@ async fn quota(connections: &Connections, action: QuotaAction) -> Result<ExitCod
             "a tenant is 1 to 128 characters without control characters"
         )));
     }
-    if let QuotaAction::Set { limit, .. } = &action {
+    if let QuotaAction::Set { limit, unit, .. } = &action {
+        if !provisioner_core::store::valid_quota_unit(unit) {
+            return Err(Failure::config(anyhow::anyhow!(
+                "unit {unit:?} is not a quota unit: 1 to 32 lower-case letters, digits, `_` or `-` (e.g. machines, vcpus)"
+            )));
+        }
         let limit = match limit.as_str() {
             "none" => None,
             number => Some(number.parse::<u64>().map_err(|_| {
                 Failure::config(anyhow::anyhow!(
-                    "limit {number:?} is neither a number of machines nor `none`"
+                    "limit {number:?} is neither a number of {unit} nor `none`"
                 ))
             })?),
         };
         let store = redis(connections).await?;
         store
-            .set_quota(&tenant, limit)
+            .set_quota(&tenant, unit, limit)
             .await
             .context("writing the quota")?;
     }
     let store = redis(connections).await?;
     let usage = store.quota(&tenant).await.context("reading the quota")?;
-    let output = serde_json::json!({"tenant": tenant, "limit": usage.limit, "used": usage.used});
+    let mut output =
+        serde_json::json!({"tenant": tenant, "limit": usage.limit, "used": usage.used});
+    if !usage.units.is_empty() {
+        output["units"] = serde_json::to_value(&usage.units).context("formatting")?;
+    }
     println!(
         "{}",
         serde_json::to_string_pretty(&output).context("formatting")?

@@ -77,6 +77,9 @@ pub(crate) struct Launcher {
     /// Root device names of the images launched, looked up once each: a batch needs it
     /// for a root volume, and an image's never changes.
     pub root_devices: Arc<std::sync::Mutex<HashMap<String, Option<String>>>>,
+    /// vCPUs of the instance types asked for, looked up once each (tenants' `vcpus`
+    /// quotas count them).
+    pub vcpus: Arc<std::sync::Mutex<HashMap<String, u64>>>,
 }
 
 impl std::fmt::Debug for Launcher {
@@ -207,6 +210,43 @@ impl Launcher {
             .unwrap_or_else(|e| e.into_inner())
             .insert(image_id.to_owned(), device.clone());
         Ok(device)
+    }
+
+    /// The default vCPUs of `instance_type`, from the cache or DescribeInstanceTypes.
+    pub(crate) async fn vcpus(&self, instance_type: &str) -> Result<u64, PlatformError> {
+        let cached = self
+            .vcpus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(instance_type)
+            .copied();
+        if let Some(vcpus) = cached {
+            return Ok(vcpus);
+        }
+        let output = self
+            .client
+            .describe_instance_types()
+            .instance_types(aws_sdk_ec2::types::InstanceType::from(instance_type))
+            .send()
+            .await
+            .map_err(|e| classify(&e, &format!("looking up instance type {instance_type}")))?;
+        let vcpus = output
+            .instance_types()
+            .first()
+            .and_then(|t| t.v_cpu_info())
+            .and_then(|v| v.default_v_cpus())
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or_else(|| {
+                PlatformError::invalid(format!(
+                    "instance type {instance_type} is not offered in {}",
+                    self.region
+                ))
+            })?;
+        self.vcpus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(instance_type.to_owned(), vcpus);
+        Ok(vcpus)
     }
 
     /// Waits for one token of the TerminateInstances request bucket.

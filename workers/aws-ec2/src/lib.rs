@@ -112,7 +112,8 @@ pub fn classify_code(code: &str) -> (ErrorClass, bool) {
         | "MissingParameter"
         | "UnknownParameter"
         | "InvalidUserData.Malformed"
-        | "InvalidBlockDeviceMapping" => (ErrorClass::InvalidRequest, false),
+        | "InvalidBlockDeviceMapping"
+        | "InvalidInstanceType" => (ErrorClass::InvalidRequest, false),
         code if code.starts_with("InvalidAMIID") => (ErrorClass::InvalidRequest, false),
         code if code.ends_with("LimitExceeded") => (ErrorClass::Quota, false),
         code if code.ends_with(".NotFound") => (ErrorClass::NotFound, false),
@@ -275,6 +276,7 @@ impl Ec2Platform {
             region: region.clone(),
             pacer: pacer.clone(),
             root_devices: Arc::default(),
+            vcpus: Arc::default(),
         };
         Ec2Platform {
             client,
@@ -752,6 +754,19 @@ impl Platform for Ec2Platform {
             .as_ref()
             .and_then(request_of)
             .and_then(|id| RequestId::new(id).ok()))
+    }
+
+    /// A tenant's `vcpus` count the instance type's default vCPUs.
+    async fn quota_cost(
+        &self,
+        request: &Request,
+    ) -> Result<provisioner_core::QuotaCost, PlatformError> {
+        let spec = spec_of::<AwsEc2Spec>(request)?;
+        let vcpus = self.launcher.vcpus(&spec.instance_type).await?;
+        Ok(provisioner_core::QuotaCost::from([(
+            "vcpus".to_owned(),
+            vcpus,
+        )]))
     }
 
     fn use_pacer(&self, pacer: Arc<dyn CallPacer>) {

@@ -45,7 +45,8 @@ pub use runtime::{
     reconcile_teardown_id,
 };
 pub use store::{
-    Claim, DEFAULT_TENANT, Fence, MemoryStore, QuotaGrant, QuotaUsage, StateStore, StoreError,
+    Claim, DEFAULT_TENANT, Fence, MACHINES, MemoryStore, QuotaCost, QuotaGrant, QuotaUsage,
+    StateStore, StoreError, UnitUsage,
 };
 
 /// Hides the password of a URL for messages.

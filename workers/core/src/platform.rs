@@ -155,6 +155,17 @@ pub trait Platform: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// What a provision of `request` holds of its tenant's quota beyond its one machine,
+    /// in units this platform defines (EC2: the `vcpus` of its instance type). Asked
+    /// before anything is made, only for provisions naming a tenant. Nothing by default.
+    async fn quota_cost(
+        &self,
+        request: &Request,
+    ) -> Result<crate::store::QuotaCost, PlatformError> {
+        let _ = request;
+        Ok(crate::store::QuotaCost::new())
+    }
+
     /// Hands the platform the runtime's pacer, for calls it makes beyond the one paced
     /// per request (a batched launch). Platforms that make no such calls ignore it.
     fn use_pacer(&self, pacer: std::sync::Arc<dyn crate::ratelimit::CallPacer>) {

@@ -26,8 +26,8 @@ use redis::{AsyncCommands, Script};
 
 use crate::ratelimit::{RateLimit, TokenGrant};
 use crate::store::{
-    Actor, Claim, ClaimRequest, DEFAULT_TENANT, Fence, QuotaGrant, QuotaUsage, Reaped, Renewal,
-    RequestRecord, StateStore, StoreError, TargetGrant,
+    Actor, Claim, ClaimRequest, DEFAULT_TENANT, Fence, MACHINES, QuotaCost, QuotaGrant, QuotaUsage,
+    Reaped, Renewal, RequestRecord, StateStore, StoreError, TargetGrant, UnitUsage,
 };
 
 pub use crate::store::DEFAULT_RETENTION;
@@ -229,24 +229,45 @@ end
 return due
 "#;
 
-/// KEYS holders (set), tenant's quota (hash), default quota (hash), holder (string);
-/// ARGV request_id, tenant. Returns {granted 0|1, limit, used}.
+/// KEYS holders (set: the machines), tenant's quota (hash: `limit` of machines,
+/// `limit:<unit>` of the others), default quota (hash), holder (string: its tenant), the
+/// tenant's used units (hash), holder's cost (hash); ARGV request_id, tenant, then unit
+/// and amount pairs. Returns {'1'} or {'0', unit, limit, used, wanted}.
 const RESERVE_QUOTA: &str = r#"
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return {1, 0, 0} end
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return {'1'} end
 local limit = redis.call('HGET', KEYS[2], 'limit') or redis.call('HGET', KEYS[3], 'limit')
 local used = redis.call('SCARD', KEYS[1])
-if limit and used >= tonumber(limit) then return {0, tonumber(limit), used} end
+if limit and used + 1 > tonumber(limit) then
+  return {'0', 'machines', tostring(limit), tostring(used), '1'}
+end
+for i = 3, #ARGV, 2 do
+  local unit, wanted = ARGV[i], tonumber(ARGV[i + 1])
+  local l = redis.call('HGET', KEYS[2], 'limit:' .. unit)
+    or redis.call('HGET', KEYS[3], 'limit:' .. unit)
+  local u = tonumber(redis.call('HGET', KEYS[5], unit) or '0')
+  if l and u + wanted > tonumber(l) then
+    return {'0', unit, tostring(l), tostring(u), tostring(wanted)}
+  end
+end
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[4], ARGV[2])
-return {1, 0, used + 1}
+for i = 3, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[5], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
+end
+return {'1'}
 "#;
 
-/// KEYS holder (string); ARGV key prefix, request_id.
+/// KEYS holder (string), holder's cost (hash); ARGV key prefix, request_id.
 const RELEASE_QUOTA: &str = r#"
 local tenant = redis.call('GET', KEYS[1])
 if not tenant then return 0 end
 redis.call('SREM', ARGV[1] .. 'quota-holders:' .. tenant, ARGV[2])
-redis.call('DEL', KEYS[1])
+local cost = redis.call('HGETALL', KEYS[2])
+for i = 1, #cost, 2 do
+  redis.call('HINCRBY', ARGV[1] .. 'quota-used:' .. tenant, cost[i], -tonumber(cost[i + 1]))
+end
+redis.call('DEL', KEYS[1], KEYS[2])
 return 1
 "#;
 
@@ -430,6 +451,15 @@ impl RedisStore {
     }
 
     /// Which tenant a request's reservation counts against.
+    fn quota_holder_cost(&self, request_id: &str) -> String {
+        format!("{}quota-holder-cost:{request_id}", self.prefix)
+    }
+
+    /// What a tenant holds of each unit beyond machines: a hash unit → amount.
+    fn quota_used(&self, tenant: &str) -> String {
+        format!("{}quota-used:{tenant}", self.prefix)
+    }
+
     fn quota_holder(&self, request_id: &str) -> String {
         format!("{}quota-holder:{request_id}", self.prefix)
     }
@@ -960,24 +990,38 @@ impl StateStore for RedisStore {
         &self,
         tenant: &str,
         request_id: &str,
+        cost: &QuotaCost,
     ) -> Result<QuotaGrant, StoreError> {
         let mut connection = self.connection.clone();
-        let (granted, limit, used): (u8, u64, u64) = self
-            .scripts
-            .reserve_quota
+        let mut invocation = self.scripts.reserve_quota.prepare_invoke();
+        invocation
             .key(self.quota_holders(tenant))
             .key(self.quota_key(tenant))
             .key(self.quota_key(DEFAULT_TENANT))
             .key(self.quota_holder(request_id))
+            .key(self.quota_used(tenant))
+            .key(self.quota_holder_cost(request_id))
             .arg(request_id)
-            .arg(tenant)
+            .arg(tenant);
+        for (unit, amount) in cost.iter().filter(|(unit, _)| unit.as_str() != MACHINES) {
+            invocation.arg(unit).arg(*amount);
+        }
+        let answer: Vec<String> = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(classify)?;
-        Ok(if granted == 1 {
-            QuotaGrant::Granted
-        } else {
-            QuotaGrant::Exceeded { limit, used }
+        let number = |i: usize| answer.get(i).and_then(|n| n.parse().ok()).unwrap_or(0);
+        Ok(match answer.first().map(String::as_str) {
+            Some("1") => QuotaGrant::Granted,
+            _ => QuotaGrant::Exceeded {
+                unit: answer
+                    .get(1)
+                    .cloned()
+                    .unwrap_or_else(|| MACHINES.to_owned()),
+                limit: number(2),
+                used: number(3),
+                wanted: number(4),
+            },
         })
     }
 
@@ -986,6 +1030,7 @@ impl StateStore for RedisStore {
         self.scripts
             .release_quota
             .key(self.quota_holder(request_id))
+            .key(self.quota_holder_cost(request_id))
             .arg(&self.prefix)
             .arg(request_id)
             .invoke_async::<u8>(&mut connection)
@@ -994,17 +1039,28 @@ impl StateStore for RedisStore {
             .map_err(classify)
     }
 
-    async fn set_quota(&self, tenant: &str, limit: Option<u64>) -> Result<(), StoreError> {
+    async fn set_quota(
+        &self,
+        tenant: &str,
+        unit: &str,
+        limit: Option<u64>,
+    ) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
+        // Machines keep the field they always had; other units are `limit:<unit>`.
+        let field = if unit == MACHINES {
+            "limit".to_owned()
+        } else {
+            format!("limit:{unit}")
+        };
         match limit {
             Some(limit) => {
                 connection
-                    .hset::<_, _, _, ()>(self.quota_key(tenant), "limit", limit)
+                    .hset::<_, _, _, ()>(self.quota_key(tenant), field, limit)
                     .await
             }
             None => {
                 connection
-                    .hdel::<_, _, ()>(self.quota_key(tenant), "limit")
+                    .hdel::<_, _, ()>(self.quota_key(tenant), field)
                     .await
             }
         }
@@ -1013,16 +1069,39 @@ impl StateStore for RedisStore {
 
     async fn quota(&self, tenant: &str) -> Result<QuotaUsage, StoreError> {
         let mut connection = self.connection.clone();
-        let (own, default, used): (Option<u64>, Option<u64>, u64) = redis::pipe()
-            .hget(self.quota_key(tenant), "limit")
-            .hget(self.quota_key(DEFAULT_TENANT), "limit")
+        type Hash = std::collections::HashMap<String, u64>;
+        let (own, default, used, units_used): (Hash, Hash, u64, Hash) = redis::pipe()
+            .hgetall(self.quota_key(tenant))
+            .hgetall(self.quota_key(DEFAULT_TENANT))
             .scard(self.quota_holders(tenant))
+            .hgetall(self.quota_used(tenant))
             .query_async(&mut connection)
             .await
             .map_err(classify)?;
+        let limit_of = |field: &str| own.get(field).or_else(|| default.get(field)).copied();
+        let mut names: std::collections::BTreeSet<&str> = own
+            .keys()
+            .chain(default.keys())
+            .filter_map(|field| field.strip_prefix("limit:"))
+            .collect();
+        names.extend(units_used.keys().map(String::as_str));
+        let units = names
+            .into_iter()
+            .filter(|unit| *unit != MACHINES)
+            .map(|unit| {
+                (
+                    unit.to_owned(),
+                    UnitUsage {
+                        limit: limit_of(&format!("limit:{unit}")),
+                        used: units_used.get(unit).copied().unwrap_or(0),
+                    },
+                )
+            })
+            .collect();
         Ok(QuotaUsage {
-            limit: own.or(default),
+            limit: limit_of("limit"),
             used,
+            units,
         })
     }
 }

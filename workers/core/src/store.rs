@@ -28,7 +28,7 @@
 //! [`StateStore`] is implemented by [`MemoryStore`] (embedded mode, unit tests) and by
 //! `redis_store::RedisStore`; both pass the same conformance tests (`tests/store.rs`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -349,41 +349,83 @@ pub trait StateStore: Send + Sync + 'static {
     /// Forgets `request_id`'s expiry: its teardown was sent, or it was torn down already.
     async fn cancel_expiry(&self, platform: &str, request_id: &str) -> Result<(), StoreError>;
 
-    /// Reserves one of `tenant`'s machines for the provision `request_id`, atomically with
-    /// the check against the tenant's limit (its own, else the default set for
-    /// [`DEFAULT_TENANT`]). A request holds at most one, so a retry reserves nothing more.
-    async fn reserve_quota(&self, tenant: &str, request_id: &str)
-    -> Result<QuotaGrant, StoreError>;
+    /// Reserves one of `tenant`'s machines and `cost` of its other units for the
+    /// provision `request_id`, atomically with the check of every unit against the
+    /// tenant's limit for it (its own, else the default set for [`DEFAULT_TENANT`]). A
+    /// request holds at most one reservation, so a retry reserves nothing more.
+    async fn reserve_quota(
+        &self,
+        tenant: &str,
+        request_id: &str,
+        cost: &QuotaCost,
+    ) -> Result<QuotaGrant, StoreError>;
 
     /// Gives back what `request_id` reserved, if anything: its resource is gone.
     async fn release_quota(&self, request_id: &str) -> Result<(), StoreError>;
 
-    /// Sets `tenant`'s limit (`None`: no limit of its own), or the default limit of every
-    /// tenant without one when `tenant` is [`DEFAULT_TENANT`].
-    async fn set_quota(&self, tenant: &str, limit: Option<u64>) -> Result<(), StoreError>;
+    /// Sets `tenant`'s limit of `unit` ([`MACHINES`] or a platform's, e.g. `vcpus`;
+    /// `None`: no limit of its own), or the default limit of every tenant without one
+    /// when `tenant` is [`DEFAULT_TENANT`].
+    async fn set_quota(
+        &self,
+        tenant: &str,
+        unit: &str,
+        limit: Option<u64>,
+    ) -> Result<(), StoreError>;
 
-    /// `tenant`'s limit (its own or the default) and how many it holds.
+    /// `tenant`'s limits (its own or the default) and what it holds, by unit.
     async fn quota(&self, tenant: &str) -> Result<QuotaUsage, StoreError>;
 }
 
 /// The tenant name whose quota is the default of every tenant without one of its own.
 pub const DEFAULT_TENANT: &str = "*";
 
+/// The unit every provision holds one of: a machine (a container, an instance, a task).
+pub const MACHINES: &str = "machines";
+
+/// What a provision holds of its tenant's quota beyond its one machine: units a platform
+/// defines and how many of each (`vcpus` → 4).
+pub type QuotaCost = BTreeMap<String, u64>;
+
+/// Whether `unit` can name a quota: lower-case letters, digits, `_` and `-`, at most 32.
+pub fn valid_quota_unit(unit: &str) -> bool {
+    !unit.is_empty()
+        && unit.len() <= 32
+        && unit
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
 /// The answer to [`StateStore::reserve_quota`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QuotaGrant {
     Granted,
-    /// The tenant holds `used` of its `limit` already.
+    /// The tenant holds `used` of its `limit` of `unit` already, and the provision wanted
+    /// `wanted` more.
     Exceeded {
+        unit: String,
         limit: u64,
         used: u64,
+        wanted: u64,
     },
 }
 
-/// A tenant's quota and what it holds of it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// A tenant's quota and what it holds of it: machines, and any other unit with a limit or
+/// holdings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct QuotaUsage {
-    /// `None`: no limit (neither its own nor a default).
+    /// The machines' limit. `None`: no limit (neither its own nor a default).
+    pub limit: Option<u64>,
+    /// Machines held.
+    pub used: u64,
+    /// Other units, by name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub units: BTreeMap<String, UnitUsage>,
+}
+
+/// One unit's limit and holdings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct UnitUsage {
     pub limit: Option<u64>,
     pub used: u64,
 }
@@ -493,20 +535,35 @@ impl MemoryStore {
 
 #[derive(Debug, Default)]
 struct Quotas {
-    limits: HashMap<String, u64>,
-    holder_tenant: HashMap<String, String>,
+    /// (tenant, unit) → limit.
+    limits: HashMap<(String, String), u64>,
+    /// request id → (tenant, what it holds beyond its machine).
+    holders: HashMap<String, (String, QuotaCost)>,
 }
 
 impl Quotas {
-    fn limit(&self, tenant: &str) -> Option<u64> {
+    fn limit(&self, tenant: &str, unit: &str) -> Option<u64> {
         self.limits
-            .get(tenant)
-            .or_else(|| self.limits.get(DEFAULT_TENANT))
+            .get(&(tenant.to_owned(), unit.to_owned()))
+            .or_else(|| {
+                self.limits
+                    .get(&(DEFAULT_TENANT.to_owned(), unit.to_owned()))
+            })
             .copied()
     }
 
-    fn used(&self, tenant: &str) -> u64 {
-        self.holder_tenant.values().filter(|t| *t == tenant).count() as u64
+    fn used(&self, tenant: &str, unit: &str) -> u64 {
+        self.holders
+            .values()
+            .filter(|(t, _)| t == tenant)
+            .map(|(_, cost)| {
+                if unit == MACHINES {
+                    1
+                } else {
+                    cost.get(unit).copied().unwrap_or(0)
+                }
+            })
+            .sum()
     }
 }
 
@@ -904,43 +961,94 @@ impl StateStore for MemoryStore {
         &self,
         tenant: &str,
         request_id: &str,
+        cost: &QuotaCost,
     ) -> Result<QuotaGrant, StoreError> {
         let mut quotas = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
-        if quotas.holder_tenant.contains_key(request_id) {
+        if quotas.holders.contains_key(request_id) {
             return Ok(QuotaGrant::Granted);
         }
-        let used = quotas.used(tenant);
-        if let Some(limit) = quotas.limit(tenant)
-            && used >= limit
-        {
-            return Ok(QuotaGrant::Exceeded { limit, used });
+        let wanted = std::iter::once((MACHINES, 1)).chain(
+            cost.iter()
+                .filter(|(unit, _)| unit.as_str() != MACHINES)
+                .map(|(unit, n)| (unit.as_str(), *n)),
+        );
+        for (unit, wanted) in wanted {
+            let used = quotas.used(tenant, unit);
+            if let Some(limit) = quotas.limit(tenant, unit)
+                && used + wanted > limit
+            {
+                return Ok(QuotaGrant::Exceeded {
+                    unit: unit.to_owned(),
+                    limit,
+                    used,
+                    wanted,
+                });
+            }
         }
+        let extra: QuotaCost = cost
+            .iter()
+            .filter(|(unit, _)| unit.as_str() != MACHINES)
+            .map(|(unit, n)| (unit.clone(), *n))
+            .collect();
         quotas
-            .holder_tenant
-            .insert(request_id.to_owned(), tenant.to_owned());
+            .holders
+            .insert(request_id.to_owned(), (tenant.to_owned(), extra));
         Ok(QuotaGrant::Granted)
     }
 
     async fn release_quota(&self, request_id: &str) -> Result<(), StoreError> {
         let mut quotas = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
-        quotas.holder_tenant.remove(request_id);
+        quotas.holders.remove(request_id);
         Ok(())
     }
 
-    async fn set_quota(&self, tenant: &str, limit: Option<u64>) -> Result<(), StoreError> {
+    async fn set_quota(
+        &self,
+        tenant: &str,
+        unit: &str,
+        limit: Option<u64>,
+    ) -> Result<(), StoreError> {
         let mut quotas = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (tenant.to_owned(), unit.to_owned());
         match limit {
-            Some(limit) => quotas.limits.insert(tenant.to_owned(), limit),
-            None => quotas.limits.remove(tenant),
+            Some(limit) => quotas.limits.insert(key, limit),
+            None => quotas.limits.remove(&key),
         };
         Ok(())
     }
 
     async fn quota(&self, tenant: &str) -> Result<QuotaUsage, StoreError> {
         let quotas = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
+        let mut names: std::collections::BTreeSet<&str> = quotas
+            .limits
+            .keys()
+            .filter(|(t, _)| t == tenant || t == DEFAULT_TENANT)
+            .map(|(_, unit)| unit.as_str())
+            .collect();
+        names.extend(
+            quotas
+                .holders
+                .values()
+                .filter(|(t, _)| t == tenant)
+                .flat_map(|(_, cost)| cost.keys().map(String::as_str)),
+        );
+        let units = names
+            .into_iter()
+            .filter(|unit| *unit != MACHINES)
+            .map(|unit| {
+                (
+                    unit.to_owned(),
+                    UnitUsage {
+                        limit: quotas.limit(tenant, unit),
+                        used: quotas.used(tenant, unit),
+                    },
+                )
+            })
+            .collect();
         Ok(QuotaUsage {
-            limit: quotas.limit(tenant),
-            used: quotas.used(tenant),
+            limit: quotas.limit(tenant, MACHINES),
+            used: quotas.used(tenant, MACHINES),
+            units,
         })
     }
 }

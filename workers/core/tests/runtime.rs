@@ -839,14 +839,20 @@ impl StateStore for RenewalsHang {
         &self,
         tenant: &str,
         id: &str,
+        cost: &provisioner_core::QuotaCost,
     ) -> Result<provisioner_core::QuotaGrant, StoreError> {
-        self.0.reserve_quota(tenant, id).await
+        self.0.reserve_quota(tenant, id, cost).await
     }
     async fn release_quota(&self, id: &str) -> Result<(), StoreError> {
         self.0.release_quota(id).await
     }
-    async fn set_quota(&self, tenant: &str, limit: Option<u64>) -> Result<(), StoreError> {
-        self.0.set_quota(tenant, limit).await
+    async fn set_quota(
+        &self,
+        tenant: &str,
+        unit: &str,
+        limit: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.0.set_quota(tenant, unit, limit).await
     }
     async fn quota(&self, tenant: &str) -> Result<provisioner_core::QuotaUsage, StoreError> {
         self.0.quota(tenant).await

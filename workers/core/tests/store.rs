@@ -479,12 +479,20 @@ async fn expiries_are_taken_once_when_due(store: Arc<dyn StateStore>) {
 /// A tenant's machines are reserved atomically against its limit (its own, else the
 /// default), once per request however often it asks, and given back on release.
 async fn quotas_are_reserved_atomically_and_given_back(store: Arc<dyn StateStore>) {
-    use provisioner_core::{DEFAULT_TENANT, QuotaGrant, QuotaUsage};
-    store.set_quota("team-a", Some(3)).await.expect("set");
+    use provisioner_core::{DEFAULT_TENANT, MACHINES, QuotaCost, QuotaGrant, QuotaUsage};
+    let none = QuotaCost::new();
+    store
+        .set_quota("team-a", MACHINES, Some(3))
+        .await
+        .expect("set");
     // Sixteen requests race for three machines: exactly three get one.
     let racers = (0..16).map(|i| {
         let store = store.clone();
-        tokio::spawn(async move { store.reserve_quota("team-a", &format!("qa-{i}")).await })
+        tokio::spawn(async move {
+            store
+                .reserve_quota("team-a", &format!("qa-{i}"), &QuotaCost::new())
+                .await
+        })
     });
     let mut granted = Vec::new();
     for (i, racer) in racers.enumerate() {
@@ -496,17 +504,22 @@ async fn quotas_are_reserved_atomically_and_given_back(store: Arc<dyn StateStore
     // A holder asking again (a retry) is granted without counting twice.
     assert_eq!(
         store
-            .reserve_quota("team-a", &granted[0])
+            .reserve_quota("team-a", &granted[0], &none)
             .await
             .expect("again"),
         QuotaGrant::Granted
     );
     assert_eq!(
         store
-            .reserve_quota("team-a", "qa-late")
+            .reserve_quota("team-a", "qa-late", &none)
             .await
             .expect("late"),
-        QuotaGrant::Exceeded { limit: 3, used: 3 }
+        QuotaGrant::Exceeded {
+            unit: MACHINES.into(),
+            limit: 3,
+            used: 3,
+            wanted: 1
+        }
     );
     store.release_quota(&granted[0]).await.expect("release");
     store
@@ -521,39 +534,58 @@ async fn quotas_are_reserved_atomically_and_given_back(store: Arc<dyn StateStore
         store.quota("team-a").await.expect("quota"),
         QuotaUsage {
             limit: Some(3),
-            used: 2
+            used: 2,
+            units: Default::default()
         }
     );
     assert_eq!(
         store
-            .reserve_quota("team-a", "qa-late")
+            .reserve_quota("team-a", "qa-late", &none)
             .await
             .expect("late"),
         QuotaGrant::Granted
     );
     // The default limit covers tenants without their own; removing a limit lifts it.
     store
-        .set_quota(DEFAULT_TENANT, Some(1))
+        .set_quota(DEFAULT_TENANT, MACHINES, Some(1))
         .await
         .expect("default");
     assert_eq!(
-        store.reserve_quota("team-b", "qb-1").await.expect("b1"),
+        store
+            .reserve_quota("team-b", "qb-1", &none)
+            .await
+            .expect("b1"),
         QuotaGrant::Granted
     );
     assert_eq!(
-        store.reserve_quota("team-b", "qb-2").await.expect("b2"),
-        QuotaGrant::Exceeded { limit: 1, used: 1 }
+        store
+            .reserve_quota("team-b", "qb-2", &none)
+            .await
+            .expect("b2"),
+        QuotaGrant::Exceeded {
+            unit: MACHINES.into(),
+            limit: 1,
+            used: 1,
+            wanted: 1
+        }
     );
-    store.set_quota(DEFAULT_TENANT, None).await.expect("lift");
+    store
+        .set_quota(DEFAULT_TENANT, MACHINES, None)
+        .await
+        .expect("lift");
     assert_eq!(
-        store.reserve_quota("team-b", "qb-2").await.expect("b2"),
+        store
+            .reserve_quota("team-b", "qb-2", &none)
+            .await
+            .expect("b2"),
         QuotaGrant::Granted
     );
     assert_eq!(
         store.quota("team-c").await.expect("quota"),
         QuotaUsage {
             limit: None,
-            used: 0
+            used: 0,
+            units: Default::default()
         }
     );
     for id in ["qa-late", "qb-1", "qb-2"]
@@ -563,7 +595,124 @@ async fn quotas_are_reserved_atomically_and_given_back(store: Arc<dyn StateStore
     {
         store.release_quota(&id).await.expect("release");
     }
-    store.set_quota("team-a", None).await.expect("lift");
+    store
+        .set_quota("team-a", MACHINES, None)
+        .await
+        .expect("lift");
+}
+
+/// Units beyond machines: each is checked against its own limit in the same atomic
+/// reservation, a refusal names the unit, and a release gives back what was held.
+async fn quota_units_are_reserved_with_the_machine_and_given_back(store: Arc<dyn StateStore>) {
+    use provisioner_core::{DEFAULT_TENANT, MACHINES, QuotaCost, QuotaGrant, UnitUsage};
+    let vcpus = |n: u64| QuotaCost::from([("vcpus".to_owned(), n)]);
+    store
+        .set_quota("team-u", "vcpus", Some(8))
+        .await
+        .expect("set");
+    store
+        .set_quota(DEFAULT_TENANT, "gpus", Some(1))
+        .await
+        .expect("default");
+    // Eight vCPUs race in fours: two get theirs.
+    let racers = (0..6).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .reserve_quota("team-u", &format!("qu-{i}"), &vcpus(4))
+                .await
+        })
+    });
+    let mut granted = Vec::new();
+    for (i, racer) in racers.enumerate() {
+        if racer.await.expect("join").expect("reserve") == QuotaGrant::Granted {
+            granted.push(format!("qu-{i}"));
+        }
+    }
+    assert_eq!(granted.len(), 2, "{granted:?}");
+    assert_eq!(
+        store
+            .reserve_quota("team-u", "qu-small", &vcpus(1))
+            .await
+            .expect("small"),
+        QuotaGrant::Exceeded {
+            unit: "vcpus".into(),
+            limit: 8,
+            used: 8,
+            wanted: 1
+        }
+    );
+    // A retry of a holder counts nothing twice, whatever it asks.
+    assert_eq!(
+        store
+            .reserve_quota("team-u", &granted[0], &vcpus(4))
+            .await
+            .expect("again"),
+        QuotaGrant::Granted
+    );
+    let usage = store.quota("team-u").await.expect("quota");
+    assert_eq!((usage.limit, usage.used), (None, 2));
+    assert_eq!(
+        usage.units.get("vcpus"),
+        Some(&UnitUsage {
+            limit: Some(8),
+            used: 8
+        })
+    );
+    assert_eq!(
+        usage.units.get("gpus"),
+        Some(&UnitUsage {
+            limit: Some(1),
+            used: 0
+        }),
+        "the default's limit shows"
+    );
+    store.release_quota(&granted[0]).await.expect("release");
+    store.release_quota(&granted[0]).await.expect("twice");
+    assert_eq!(
+        store
+            .quota("team-u")
+            .await
+            .expect("quota")
+            .units
+            .get("vcpus"),
+        Some(&UnitUsage {
+            limit: Some(8),
+            used: 4
+        })
+    );
+    let two = QuotaCost::from([("vcpus".to_owned(), 2), ("gpus".to_owned(), 2)]);
+    assert_eq!(
+        store
+            .reserve_quota("team-u", "qu-gpu", &two)
+            .await
+            .expect("gpu"),
+        QuotaGrant::Exceeded {
+            unit: "gpus".into(),
+            limit: 1,
+            used: 0,
+            wanted: 2
+        },
+        "the default's limit of another unit applies"
+    );
+    assert_eq!(
+        store.quota("team-u").await.expect("quota").units["vcpus"].used,
+        4,
+        "a refusal holds nothing"
+    );
+    store.release_quota(&granted[1]).await.expect("release");
+    store
+        .set_quota("team-u", "vcpus", None)
+        .await
+        .expect("lift");
+    store
+        .set_quota(DEFAULT_TENANT, "gpus", None)
+        .await
+        .expect("lift");
+    store
+        .set_quota("team-u", MACHINES, None)
+        .await
+        .expect("lift");
 }
 
 /// A fleet's coordinator numbers its many events through the store, keeps the fleet's
@@ -679,6 +828,7 @@ async fn conformance(store: Arc<dyn StateStore>) {
     api_buckets_pace_callers_and_adapt(store.as_ref()).await;
     fleets_number_their_events_and_are_kept(store.as_ref()).await;
     quotas_are_reserved_atomically_and_given_back(store.clone()).await;
+    quota_units_are_reserved_with_the_machine_and_given_back(store.clone()).await;
     expiries_are_taken_once_when_due(store.clone()).await;
     handed_on_messages_are_remembered_for_their_time(store.as_ref()).await;
     claims_leases_and_fences(store.as_ref()).await;

@@ -226,13 +226,29 @@ impl Worker {
             // Reserved before anything is made, atomically against the tenant's limit;
             // a retry of this request holds the same reservation.
             let id = held.id().to_owned();
+            let cost = match self.platform.quota_cost(request).await {
+                Ok(cost) => cost,
+                Err(failure) => return self.finish(held, delivery, done_state, Err(failure)).await,
+            };
             let grant = self
-                .store_call(|| self.store.reserve_quota(tenant, &id))
+                .store_call(|| self.store.reserve_quota(tenant, &id, &cost))
                 .await?;
-            if let QuotaGrant::Exceeded { limit, used } = grant {
-                let message = format!(
-                    "tenant {tenant} holds {used} of its {limit} machines; nothing was made. Tear one of them down, or raise the quota (provisioner quota set {tenant} <limit>)"
-                );
+            if let QuotaGrant::Exceeded {
+                unit,
+                limit,
+                used,
+                wanted,
+            } = grant
+            {
+                let message = if unit == crate::store::MACHINES {
+                    format!(
+                        "tenant {tenant} holds {used} of its {limit} machines; nothing was made. Tear one of them down, or raise the quota (provisioner quota set {tenant} <limit>)"
+                    )
+                } else {
+                    format!(
+                        "tenant {tenant} holds {used} of its {limit} {unit} and this provision needs {wanted} more; nothing was made. Tear some down, or raise the quota (provisioner quota set {tenant} <limit> --unit {unit})"
+                    )
+                };
                 return self
                     .end_in_error(held, ErrorClass::Quota, message, None)
                     .await;
