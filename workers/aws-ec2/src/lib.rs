@@ -644,7 +644,7 @@ impl Platform for Ec2Platform {
                 vec![bucket("RunInstances.instances", 1000.0, 2.0)]
             }
             Operation::Provision => vec![
-                bucket("RunInstances", 5.0, 2.0),
+                fleet::run_instances_bucket(region),
                 bucket("RunInstances.instances", 1000.0, 2.0),
             ],
             // A member's termination shares its batch's one call, paced by the batch.
@@ -652,7 +652,7 @@ impl Platform for Ec2Platform {
                 vec![bucket("TerminateInstances.instances", 1000.0, 20.0)]
             }
             Operation::Teardown => vec![
-                bucket("TerminateInstances", 50.0, 5.0),
+                fleet::terminate_instances_bucket(region),
                 bucket("TerminateInstances.instances", 1000.0, 20.0),
             ],
             Operation::Stop => vec![

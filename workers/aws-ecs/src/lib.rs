@@ -728,7 +728,7 @@ impl Platform for EcsPlatform {
         match request.operation {
             // A member's start shares its batch's one RunTask call, which the batch paces.
             Operation::Provision if request.fleet_member.is_some() => Vec::new(),
-            Operation::Provision => vec![RateLimit::new("RunTask", &region, 100.0, 40.0)],
+            Operation::Provision => vec![fleet::run_task_bucket(&region)],
             Operation::Teardown => vec![RateLimit::new("StopTask", &region, 100.0, 40.0)],
             _ => Vec::new(),
         }
