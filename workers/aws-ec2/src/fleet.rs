@@ -27,7 +27,7 @@
 //! TerminateInstances request bucket once.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_ec2::Client;
@@ -35,7 +35,7 @@ use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{Filter, Instance, ResourceType, Tag, TagSpecification};
 use provisioner_core::backoff::Backoff;
 use provisioner_core::batch::{Batcher, Waiting};
-use provisioner_core::{CallPacer, PlatformError, RateLimit};
+use provisioner_core::{PacerSlot, PlatformError, RateLimit};
 use provisioner_events::spec::aws_ec2::AwsEc2Spec;
 use provisioner_events::{ErrorClass, Request};
 use sha2::{Digest, Sha256};
@@ -64,9 +64,6 @@ pub(crate) struct MemberLaunch {
     pub request: Request,
     pub index: u32,
 }
-
-/// The runtime's pacer, once the worker has handed it over.
-pub(crate) type PacerSlot = Arc<RwLock<Option<Arc<dyn CallPacer>>>>;
 
 /// What a batch's flush needs: the client, the region's buckets, the pacer.
 #[derive(Clone)]
@@ -182,15 +179,11 @@ pub(crate) fn terminate_instances_bucket(region: &str) -> RateLimit {
 }
 
 impl Launcher {
-    fn pacer(&self) -> Option<Arc<dyn CallPacer>> {
-        self.pacer.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
     /// Waits for one token of the RunInstances request bucket.
     pub(crate) async fn pace_launch(&self) {
-        if let Some(pacer) = self.pacer() {
-            pacer.pace(vec![run_instances_bucket(&self.region)]).await;
-        }
+        self.pacer
+            .pace(vec![run_instances_bucket(&self.region)])
+            .await;
     }
 
     /// The root device name of `image_id`, from the cache or EC2.
@@ -251,17 +244,14 @@ impl Launcher {
 
     /// Waits for one token of the TerminateInstances request bucket.
     pub(crate) async fn pace_terminate(&self) {
-        if let Some(pacer) = self.pacer() {
-            pacer
-                .pace(vec![terminate_instances_bucket(&self.region)])
-                .await;
-        }
+        self.pacer
+            .pace(vec![terminate_instances_bucket(&self.region)])
+            .await;
     }
 
     fn adapt(&self, throttled: bool) {
-        if let Some(pacer) = self.pacer() {
-            pacer.adapt(vec![run_instances_bucket(&self.region)], throttled);
-        }
+        self.pacer
+            .adapt(vec![run_instances_bucket(&self.region)], throttled);
     }
 
     /// Terminates the live instances of a batch of `fleet`'s members in one call.
@@ -305,11 +295,9 @@ impl Launcher {
             .set_instance_ids(Some(ids.clone()))
             .send()
             .await;
-        if let Some(pacer) = self.pacer() {
-            let throttled =
-                matches!(&result, Err(e) if classify(e, "").class == ErrorClass::Throttled);
-            pacer.adapt(vec![terminate_instances_bucket(&self.region)], throttled);
-        }
+        let throttled = matches!(&result, Err(e) if classify(e, "").class == ErrorClass::Throttled);
+        self.pacer
+            .adapt(vec![terminate_instances_bucket(&self.region)], throttled);
         let outcome = match result {
             Ok(_) => {
                 info!(

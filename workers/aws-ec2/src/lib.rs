@@ -232,7 +232,7 @@ pub struct Ec2Platform {
     /// them).
     credentials: Option<provisioner_aws_common::SharedCredentialsProvider>,
     /// The runtime's pacer, for the batches' own RunInstances calls.
-    pacer: fleet::PacerSlot,
+    pacer: provisioner_core::PacerSlot,
     /// Fleet members' launches, merged into batches.
     launches: Arc<fleet::LaunchBatcher>,
     /// Fleet members' teardowns, merged into batches.
@@ -270,7 +270,7 @@ impl Ec2Platform {
 
     pub fn new(client: Client, region: impl Into<String>) -> Self {
         let region = region.into();
-        let pacer: fleet::PacerSlot = Arc::default();
+        let pacer = provisioner_core::PacerSlot::default();
         let launcher = fleet::Launcher {
             client: client.clone(),
             region: region.clone(),
@@ -770,7 +770,7 @@ impl Platform for Ec2Platform {
     }
 
     fn use_pacer(&self, pacer: Arc<dyn CallPacer>) {
-        *self.pacer.write().unwrap_or_else(|e| e.into_inner()) = Some(pacer);
+        self.pacer.set(pacer);
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {

@@ -16,13 +16,12 @@
 //! ECS has no batch call to stop tasks: member teardowns are one StopTask each.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use aws_sdk_ecs::Client;
 use aws_sdk_ecs::types::{DesiredStatus, Tag, Task};
 use provisioner_core::batch::{Batcher, Waiting};
-use provisioner_core::{CallPacer, PlatformError, RateLimit};
+use provisioner_core::{PacerSlot, PlatformError, RateLimit};
 use provisioner_events::Request;
 use provisioner_events::spec::aws_ecs::AwsEcsSpec;
 use tracing::{info, warn};
@@ -53,9 +52,6 @@ pub(crate) struct MemberRun {
     /// containers).
     pub definition: String,
 }
-
-/// The runtime's pacer, once the worker has handed it over.
-pub(crate) type PacerSlot = Arc<RwLock<Option<Arc<dyn CallPacer>>>>;
 
 /// What a batch needs: the client, the region's buckets, the pacer.
 #[derive(Clone)]
@@ -179,15 +175,9 @@ pub(crate) fn run_task_bucket(region: &str) -> RateLimit {
 }
 
 impl Runner {
-    fn pacer(&self) -> Option<Arc<dyn CallPacer>> {
-        self.pacer.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
     /// Waits for one token of the RunTask bucket.
     pub(crate) async fn pace_run(&self) {
-        if let Some(pacer) = self.pacer() {
-            pacer.pace(vec![run_task_bucket(&self.region)]).await;
-        }
+        self.pacer.pace(vec![run_task_bucket(&self.region)]).await;
     }
 
     /// Every task of `fleet`'s group `group` in `cluster`, running or stopped.
@@ -365,11 +355,10 @@ impl Runner {
                 ),
             )
         });
-        if let Some(pacer) = self.pacer() {
-            let throttled =
-                matches!(&result, Err(e) if e.class == provisioner_events::ErrorClass::Throttled);
-            pacer.adapt(vec![run_task_bucket(&self.region)], throttled);
-        }
+        let throttled =
+            matches!(&result, Err(e) if e.class == provisioner_events::ErrorClass::Throttled);
+        self.pacer
+            .adapt(vec![run_task_bucket(&self.region)], throttled);
         let output = match result {
             Ok(output) => output,
             Err(e) => return answer_all(to_start, e),

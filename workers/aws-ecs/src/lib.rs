@@ -292,7 +292,7 @@ pub struct EcsPlatform {
     /// them).
     credentials: Option<provisioner_aws_common::SharedCredentialsProvider>,
     /// The runtime's pacer, for the batches' own RunTask calls.
-    pacer: fleet::PacerSlot,
+    pacer: provisioner_core::PacerSlot,
     /// Fleet members' launches, merged into batches.
     runs: Arc<fleet::RunBatcher>,
 }
@@ -320,7 +320,7 @@ impl EcsPlatform {
     }
 
     pub fn new(client: Client) -> Self {
-        let pacer: fleet::PacerSlot = Arc::default();
+        let pacer = provisioner_core::PacerSlot::default();
         let runner = fleet::Runner {
             client: client.clone(),
             region: region_of(&client),
@@ -822,7 +822,7 @@ impl Platform for EcsPlatform {
     }
 
     fn use_pacer(&self, pacer: Arc<dyn CallPacer>) {
-        *self.pacer.write().unwrap_or_else(|e| e.into_inner()) = Some(pacer);
+        self.pacer.set(pacer);
     }
 
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {

@@ -39,7 +39,7 @@ pub mod store;
 
 pub use broker::{Broker, BrokerError, Delivery, MemoryBroker, Settlement};
 pub use platform::{Described, Finding, Outcome, Owned, Platform, PlatformError, SetupError};
-pub use ratelimit::{CallPacer, RateLimit, RateLimitSettings, TokenGrant};
+pub use ratelimit::{CallPacer, PacerSlot, RateLimit, RateLimitSettings, TokenGrant};
 pub use runtime::{
     ReconcileDecision, ReconcileOptions, Verdict, Worker, WorkerConfig, expiry_teardown_id,
     reconcile_teardown_id,

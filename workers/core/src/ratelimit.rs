@@ -157,6 +157,46 @@ pub trait CallPacer: Send + Sync {
     fn adapt(&self, limits: Vec<RateLimit>, throttled: bool);
 }
 
+/// Where a platform keeps the runtime's pacer once the worker hands it over
+/// ([`Platform::use_pacer`](crate::Platform::use_pacer)), for the calls its batches make
+/// on their own (one RunInstances, RunTask or bulkInsert for many members). Before a
+/// pacer is handed over (a platform used outside a worker), pacing does nothing.
+#[derive(Clone, Default)]
+pub struct PacerSlot(std::sync::Arc<std::sync::RwLock<Option<std::sync::Arc<dyn CallPacer>>>>);
+
+impl std::fmt::Debug for PacerSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PacerSlot")
+            .field("set", &self.current().is_some())
+            .finish()
+    }
+}
+
+impl PacerSlot {
+    /// Keeps `pacer` for every clone of this slot.
+    pub fn set(&self, pacer: std::sync::Arc<dyn CallPacer>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(pacer);
+    }
+
+    fn current(&self) -> Option<std::sync::Arc<dyn CallPacer>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits for a token of each of `limits` (at once without a pacer).
+    pub async fn pace(&self, limits: Vec<RateLimit>) {
+        if let Some(pacer) = self.current() {
+            pacer.pace(limits).await;
+        }
+    }
+
+    /// Feeds a call's answer back into the rates of `limits`.
+    pub fn adapt(&self, limits: Vec<RateLimit>, throttled: bool) {
+        if let Some(pacer) = self.current() {
+            pacer.adapt(limits, throttled);
+        }
+    }
+}
+
 /// The bucket arithmetic both stores share (Redis runs the same steps in Lua): refill
 /// since `last_ms` at `rate`, then take `cost`, reserving into the negative when the
 /// caller will wait up to `max_wait_ms`. Returns the new token count and the grant.
