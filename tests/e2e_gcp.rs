@@ -115,3 +115,73 @@ async fn a_gcp_worker_without_a_project_refuses_to_start() {
     assert_eq!(output.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("GCP_PROJECT"), "{stderr}");
 }
+
+/// The bulk inserts the fake GCP server answered.
+fn bulk_inserts(api: &FakeGcp) -> usize {
+    api.log()
+        .iter()
+        .filter(|l| l.starts_with("POST ") && l.contains("/instances/bulkInsert"))
+        .count()
+}
+
+/// A fleet of 20 instances through two workers is made in bulk inserts (one call for
+/// many members, as Compute Engine counts it), one instance per member, and its teardown
+/// removes them all.
+#[tokio::test]
+async fn a_compute_fleet_is_made_in_bulk_inserts_one_instance_per_member_through_the_queue() {
+    let api = FakeGcp::start(PROJECT, 3).await;
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    start_worker(&mut env, &api, "gcp-compute", "gce-a");
+    start_worker(&mut env, &api, "gcp-compute", "gce-b");
+    const COUNT: u32 = 20;
+    let fleet = serde_json::json!({
+        "schema_version": 1, "request_id": format!("gce-fleet-{}", env.run_id),
+        "operation": "provision", "platform": "gcp-compute", "count": COUNT,
+        "spec": {"machine_type": "e2-small", "image": "projects/debian-cloud/global/images/family/debian-12"}
+    });
+    env.publish(&fleet).await;
+    let fleet_id = id(&fleet);
+    let end = events.terminal(&fleet_id).await;
+    assert_eq!(
+        end.state,
+        State::Running,
+        "{:#?}\n{}",
+        end.error,
+        env.worker_log("gce-a")
+    );
+    let members = end.resource.as_ref().map(|r| r.members.len());
+    assert_eq!(members, Some(COUNT as usize));
+    assert_eq!(
+        api.instance_count(),
+        COUNT as usize,
+        "one instance per member"
+    );
+    for index in 0..COUNT {
+        let name = instance_name(&format!("{fleet_id}#{index}"));
+        assert!(
+            api.instance("europe-west1-b", &name).is_some(),
+            "member {index} has no instance {name}"
+        );
+    }
+    let bulk = bulk_inserts(&api);
+    assert!(
+        bulk > 0 && bulk < COUNT as usize,
+        "{bulk} bulk inserts for {COUNT} members"
+    );
+    assert!(
+        !api.log()
+            .iter()
+            .any(|l| l.starts_with("POST ") && l.contains("/zones/europe-west1-b/instances?")),
+        "a member was inserted alone"
+    );
+
+    let down = serde_json::json!({
+        "schema_version": 1, "request_id": format!("gce-fleet-down-{}", env.run_id),
+        "operation": "teardown", "platform": "gcp-compute", "target_request_id": fleet_id
+    });
+    env.publish(&down).await;
+    let stopped = events.terminal(&id(&down)).await;
+    assert_eq!(stopped.state, State::Stopped, "{:#?}", stopped.error);
+    assert_eq!(api.instance_count(), 0, "instances left after the teardown");
+}

@@ -74,11 +74,20 @@ fn state_of(status: Option<&instance::Status>) -> State {
     }
 }
 
+mod bulk;
+
+pub use bulk::{FLEET_KEY, MAX_BULK, MEMBERS_KEY, request_of};
+
 /// The Compute Engine [`Platform`].
 #[derive(Clone)]
 pub struct ComputePlatform {
     client: Instances,
     settings: GcpSettings,
+    /// The runtime's pacer, for the bulk inserts' own calls.
+    pacer: provisioner_core::PacerSlot,
+    /// Fleet members' inserts, merged into bulk inserts. `None` in the copy the batcher's
+    /// flush works with (it needs no batcher of its own).
+    bulk: Option<std::sync::Arc<bulk::BulkBatcher>>,
 }
 
 impl std::fmt::Debug for ComputePlatform {
@@ -102,7 +111,14 @@ impl ComputePlatform {
             .build()
             .await
             .map_err(|e| format!("cannot build the Compute Engine client: {e}"))?;
-        Ok(ComputePlatform { client, settings })
+        let mut platform = ComputePlatform {
+            client,
+            settings,
+            pacer: provisioner_core::PacerSlot::default(),
+            bulk: None,
+        };
+        platform.bulk = Some(std::sync::Arc::new(bulk::batcher(platform.clone())));
+        Ok(platform)
     }
 
     fn zone(&self, spec: &GcpComputeSpec) -> Result<String, PlatformError> {
@@ -358,7 +374,7 @@ impl ComputePlatform {
                     .await?;
                 Ok(found
                     .into_iter()
-                    .find(|i| metadata_item(i, REQUEST_ID_KEY) == Some(id.as_str())))
+                    .find(|i| request_of(i).as_deref() == Some(id.as_str())))
             }
             TeardownTarget::Resource(id) => {
                 let (zone, name) = id.split_once('/').ok_or_else(|| {
@@ -479,19 +495,19 @@ impl Platform for ComputePlatform {
     /// refilling 12.5 a second: a full bucket and a minute of refill make 1,500, so no
     /// 60 seconds ever hold more calls than the quota allows.
     /// <https://cloud.google.com/compute/docs/api-rate-limits>
+    ///
+    /// A fleet member's provision draws nothing itself: its bulk insert draws one
+    /// mutation for all the members it makes, as Compute Engine counts it.
     fn rate_limits(&self, request: &Request) -> Vec<provisioner_core::RateLimit> {
-        let project = self.settings.project.as_str();
         match request.operation {
-            Operation::Describe => vec![provisioner_core::RateLimit::new(
-                "ReadRequests",
-                project,
-                750.0,
-                12.5,
-            )],
-            _ => vec![provisioner_core::RateLimit::new(
-                "Queries", project, 750.0, 12.5,
-            )],
+            Operation::Describe => vec![bulk::reads_bucket(&self.settings.project)],
+            Operation::Provision if request.fleet_member.is_some() => Vec::new(),
+            _ => vec![bulk::mutations_bucket(&self.settings.project)],
         }
+    }
+
+    fn use_pacer(&self, pacer: std::sync::Arc<dyn provisioner_core::CallPacer>) {
+        self.pacer.set(pacer);
     }
 
     async fn preflight(&self) -> Vec<Finding> {
@@ -527,6 +543,18 @@ impl Platform for ComputePlatform {
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
         let spec = spec_of::<GcpComputeSpec>(request)?;
         let zone = self.zone(&spec)?;
+        if let (Some(member), Some(bulk)) = (&request.fleet_member, &self.bulk) {
+            let instance = bulk::insert_member(
+                bulk,
+                request,
+                member,
+                &zone,
+                self.pacer.clone(),
+                &self.settings.project,
+            )
+            .await?;
+            return Ok(Self::resource(&instance));
+        }
         let id = request.request_id.as_str();
         let name = instance_name(id);
         let timeout = spec
@@ -566,7 +594,7 @@ impl Platform for ComputePlatform {
                     "instance {zone}/{name} was reported to exist but is gone"
                 ))
             })?;
-            if metadata_item(&existing, REQUEST_ID_KEY) != Some(id) {
+            if request_of(&existing).as_deref() != Some(id) {
                 return Err(PlatformError::permanent(
                     ErrorClass::Conflict,
                     format!(
@@ -648,8 +676,7 @@ impl Platform for ComputePlatform {
         let mut owned = Vec::new();
         for instance in &found {
             // Without the metadata item the instance names no request: never touched.
-            let Some(request_id) =
-                metadata_item(instance, REQUEST_ID_KEY).and_then(|id| RequestId::new(id).ok())
+            let Some(request_id) = request_of(instance).and_then(|id| RequestId::new(id).ok())
             else {
                 continue;
             };
@@ -671,7 +698,7 @@ impl Platform for ComputePlatform {
             .await?;
         Ok(found
             .as_ref()
-            .and_then(|instance| metadata_item(instance, REQUEST_ID_KEY))
+            .and_then(request_of)
             .and_then(|id| RequestId::new(id).ok()))
     }
 

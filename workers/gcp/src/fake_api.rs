@@ -7,8 +7,10 @@
 //! operation back; a second insert of a name gets `409 alreadyExists` in the legacy
 //! `errors` format; an instance goes PROVISIONING → STAGING → RUNNING as it is read;
 //! `delete`, `start`, `stop` and `reset` answer operations too (`400 resourceNotReady`
-//! while the instance is still PROVISIONING or STAGING); `aggregated/instances`
-//! filters on `name = "…"` and `labels.k = "v"`. Cloud Run (`/v2/...`): `services` create
+//! while the instance is still PROVISIONING or STAGING); `instances.bulkInsert` makes
+//! the instances its `perInstanceProperties` name in one operation, all or none;
+//! `aggregated/instances` and a zone's `instances` list filter on `name = "…"` and
+//! `labels.k = "v"`, alone or `OR`ed in parentheses. Cloud Run (`/v2/...`): `services` create
 //! answers a long-running operation, a second create `409 ALREADY_EXISTS`; the service's
 //! terminal `Ready` condition succeeds after a few reads (with its URL), or fails for an
 //! image whose reference contains `does-not-exist`; delete removes it after a read;
@@ -74,6 +76,8 @@ struct ComputeOperation {
 #[derive(Debug, Clone)]
 enum Effect {
     Created(String),
+    /// A bulk insert's instances, all removed if it fails.
+    CreatedAll(Vec<String>),
     Deleted(String),
     Status(String, &'static str),
 }
@@ -153,8 +157,16 @@ fn query_param(query: &str, name: &str) -> Option<String> {
     })
 }
 
-/// `name = "x"` or `labels.k = "v"`, as Compute Engine's list filters take them.
+/// `name = "x"` or `labels.k = "v"`, as Compute Engine's list filters take them, or
+/// several in parentheses joined by `OR`.
 fn filter_matches(instance: &Value, filter: &str) -> bool {
+    if filter.contains(" OR ") {
+        return filter.split(" OR ").any(|one| {
+            let one = one.trim();
+            let one = one.strip_prefix('(').unwrap_or(one);
+            filter_matches(instance, one.strip_suffix(')').unwrap_or(one))
+        });
+    }
     let Some((field, value)) = filter.split_once('=') else {
         return true;
     };
@@ -334,6 +346,10 @@ impl FakeGcp {
         }
         match (method.as_str(), rest) {
             ("POST", ["zones", zone, "instances"]) => self.insert(zone, query, body),
+            ("POST", ["zones", zone, "instances", "bulkInsert"]) => {
+                self.bulk_insert(zone, query, body)
+            }
+            ("GET", ["zones", zone, "instances"]) => self.list_zone(project, zone, query),
             ("GET", ["zones", zone, "instances", name]) => self.get_instance(zone, name),
             ("DELETE", ["zones", zone, "instances", name]) => {
                 self.instance_operation(zone, name, "delete", query)
@@ -441,15 +457,47 @@ impl FakeGcp {
             );
             return (409, compute_error(409, "alreadyExists", &message));
         }
+        let instance = match self.make_instance(&mut world, zone, &name, body) {
+            Ok(instance) => instance,
+            Err(refusal) => return refusal,
+        };
+        world.instances.insert(key.clone(), instance);
+        world.instance_reads.restart(&key);
+        world.created += 1;
+        let op = self.new_operation(
+            &mut world,
+            zone,
+            "insert",
+            &name,
+            Effect::Created(name.clone()),
+        );
+        if let Some(request_id) = request_id {
+            let op_name = op["name"].as_str().unwrap_or_default().to_owned();
+            world
+                .request_ids
+                .insert(request_id, (zone.to_owned(), op_name));
+        }
+        (200, op)
+    }
+
+    /// An instance of `body` named `name`, as an insert makes it (PROVISIONING, with
+    /// addresses), or the refusal of a body Compute Engine would refuse.
+    fn make_instance(
+        &self,
+        world: &mut World,
+        zone: &str,
+        name: &str,
+        body: Value,
+    ) -> Result<Value, (u16, Value)> {
         if body["machineType"].as_str().is_none_or(str::is_empty) {
-            return (
+            return Err((
                 400,
                 compute_error(
                     400,
                     "invalid",
                     "Invalid value for field 'resource.machineType': ''.",
                 ),
-            );
+            ));
         }
         for (i, nic) in body["networkInterfaces"]
             .as_array()
@@ -466,7 +514,7 @@ impl FakeGcp {
                     "The resource 'projects/{}/{subnetwork}' was not found",
                     self.project
                 );
-                return (404, compute_error(404, "notFound", &message));
+                return Err((404, compute_error(404, "notFound", &message)));
             };
             if let Some(network) = nic["network"].as_str().filter(|n| !n.is_empty())
                 && reference_from(network, "global/networks/") != belongs_to
@@ -474,7 +522,7 @@ impl FakeGcp {
                 let message = format!(
                     "Invalid value for field 'resource.networkInterfaces[{i}].subnetwork': '{subnetwork}'. Subnetwork should belong to network '{network}'."
                 );
-                return (400, compute_error(400, "invalid", &message));
+                return Err((400, compute_error(400, "invalid", &message)));
             }
         }
         world.next_id += 1;
@@ -497,15 +545,88 @@ impl FakeGcp {
                 }
             }
         }
-        world.instances.insert(key.clone(), instance);
-        world.instance_reads.restart(&key);
-        world.created += 1;
+        instance["name"] = json!(name);
+        Ok(instance)
+    }
+
+    /// `instances.bulkInsert` with `perInstanceProperties` (the names) and
+    /// `instanceProperties`: all of them in one operation, or, when the operation fails,
+    /// none (`minCount` = `count`, the only form the worker sends; others are refused).
+    /// A name that exists already fails the whole call with `409 alreadyExists`, as a
+    /// single insert of it would: the worker looks its members up before, so it never
+    /// relies on which way Compute Engine treats it.
+    fn bulk_insert(&self, zone: &str, query: &str, body: Value) -> (u16, Value) {
+        let mut world = self.world.lock();
+        let request_id = query_param(query, "requestId");
+        if let Some(request_id) = &request_id
+            && let Some(key) = world.request_ids.get(request_id).cloned()
+            && let Some(op) = world.operations.get(&key)
+        {
+            return (200, op.value.clone());
+        }
+        let invalid = |message: &str| (400, compute_error(400, "invalid", message));
+        let names: Vec<String> = body["perInstanceProperties"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        // int64 fields travel as strings in Google's JSON.
+        let number = |field: &str| match &body[field] {
+            Value::String(text) => text.parse::<usize>().ok(),
+            Value::Number(n) => n.as_u64().and_then(|n| usize::try_from(n).ok()),
+            _ => None,
+        };
+        let count = number("count");
+        if names.is_empty() || count != Some(names.len()) {
+            return invalid(
+                "this server takes perInstanceProperties naming every instance, and count equal to their number",
+            );
+        }
+        if number("minCount").is_some_and(|min| min != names.len()) {
+            return invalid("this server takes minCount equal to count only");
+        }
+        let properties = body["instanceProperties"].clone();
+        if properties["machineType"]
+            .as_str()
+            .is_some_and(|t| t.contains('/'))
+        {
+            // Compute Engine answers INTERNAL_ERROR for a URL here.
+            return invalid(
+                "Invalid value for field 'resource.instanceProperties.machineType': a bulk insert takes a machine type name, not a URL",
+            );
+        }
+        let mut made = Vec::new();
+        for name in &names {
+            if world
+                .instances
+                .contains_key(&(zone.to_owned(), name.clone()))
+            {
+                let message = format!(
+                    "The resource 'projects/{}/zones/{zone}/instances/{name}' already exists",
+                    self.project
+                );
+                return (409, compute_error(409, "alreadyExists", &message));
+            }
+            let mut one = properties.clone();
+            if let Some(machine_type) = one["machineType"].as_str().map(str::to_owned) {
+                one["machineType"] = json!(format!("zones/{zone}/machineTypes/{machine_type}"));
+            }
+            match self.make_instance(&mut world, zone, name, one) {
+                Ok(instance) => made.push((name.clone(), instance)),
+                Err(refusal) => return refusal,
+            }
+        }
+        for (name, instance) in made {
+            let key = (zone.to_owned(), name);
+            world.instances.insert(key.clone(), instance);
+            world.instance_reads.restart(&key);
+            world.created += 1;
+        }
         let op = self.new_operation(
             &mut world,
             zone,
-            "insert",
-            &name,
-            Effect::Created(name.clone()),
+            "bulkInsert",
+            &names[0],
+            Effect::CreatedAll(names.clone()),
         );
         if let Some(request_id) = request_id {
             let op_name = op["name"].as_str().unwrap_or_default().to_owned();
@@ -514,6 +635,35 @@ impl FakeGcp {
                 .insert(request_id, (zone.to_owned(), op_name));
         }
         (200, op)
+    }
+
+    /// `instances.list` of a zone with a filter; each instance listed counts as a read of
+    /// it, as [`get_instance`](Self::get_instance) does.
+    fn list_zone(&self, project: &str, zone: &str, query: &str) -> (u16, Value) {
+        let filter = query_param(query, "filter").unwrap_or_default();
+        let names: Vec<String> = {
+            let world = self.world.lock();
+            let mut names: Vec<String> = world
+                .instances
+                .iter()
+                .filter(|((z, _), instance)| z == zone && filter_matches(instance, &filter))
+                .map(|((_, name), _)| name.clone())
+                .collect();
+            names.sort();
+            names
+        };
+        let items: Vec<Value> = names
+            .iter()
+            .filter_map(|name| match self.get_instance(zone, name) {
+                (200, instance) => Some(instance),
+                _ => None,
+            })
+            .collect();
+        (
+            200,
+            json!({"kind": "compute#instanceList",
+                   "id": format!("projects/{project}/zones/{zone}/instances"), "items": items}),
+        )
     }
 
     fn not_found(&self, zone: &str, name: &str) -> (u16, Value) {
@@ -633,6 +783,11 @@ impl FakeGcp {
             // A failed insert leaves no instance.
             (Effect::Created(name), Some(_)) => {
                 world.instances.remove(&(zone.to_owned(), name));
+            }
+            (Effect::CreatedAll(names), Some(_)) => {
+                for name in names {
+                    world.instances.remove(&(zone.to_owned(), name));
+                }
             }
             (Effect::Deleted(name), None) => {
                 world.instances.remove(&(zone.to_owned(), name));

@@ -711,3 +711,169 @@ async fn every_attempt_after_failed_inserts_really_tries_again_on_fake_gcp() {
         .expect("the sixth attempt finds capacity");
     assert!(resource.id.ends_with(&instance_name(&id)), "{resource:?}");
 }
+
+/// The request of member `index` of a fleet of `count`, as the runtime makes it.
+fn member(fleet: &str, index: u32, count: u32) -> Request {
+    let body = serde_json::json!({
+        "schema_version": 1, "request_id": format!("{fleet}#{index}"),
+        "operation": "provision", "platform": "gcp-compute",
+        "spec": {"machine_type": "e2-small",
+                 "image": "projects/debian-cloud/global/images/family/debian-12",
+                 "labels": {"app": "batch"}},
+        "labels": {"team": "batch"},
+        "fleet_member": {"fleet_request_id": fleet, "index": index, "count": count}
+    });
+    decode_request(body.to_string().as_bytes()).expect("a valid member")
+}
+
+/// Provisions the members together, as a worker's concurrent deliveries do.
+async fn provision_together(
+    platform: &ComputePlatform,
+    members: Vec<Request>,
+) -> Vec<Result<provisioner_events::Resource, provisioner_core::PlatformError>> {
+    let handles: Vec<_> = members
+        .into_iter()
+        .map(|request| {
+            let platform = platform.clone();
+            tokio::spawn(async move { platform.provision(&request).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for handle in handles {
+        results.push(handle.await.expect("no panic"));
+    }
+    results
+}
+
+fn posts(api: &FakeGcp, path: &str) -> usize {
+    api.log()
+        .iter()
+        .filter(|l| l.starts_with("POST ") && l.contains(path))
+        .count()
+}
+
+#[tokio::test]
+async fn fleet_members_are_made_in_one_bulk_insert_and_found_by_their_names_on_fake_gcp() {
+    let api = FakeGcp::start(PROJECT, 3).await;
+    let platform = compute(&api).await;
+    let fleet = unique("fleet");
+    // An earlier attempt made member 2's instance: it is found, never inserted again.
+    platform
+        .provision(&member(&fleet, 2, 12))
+        .await
+        .expect("member 2 alone");
+    let made =
+        provision_together(&platform, (0..12).map(|i| member(&fleet, i, 12)).collect()).await;
+    let mut ids = std::collections::BTreeSet::new();
+    for (index, result) in made.into_iter().enumerate() {
+        let resource = result.unwrap_or_else(|e| panic!("member {index}: {e}"));
+        assert_eq!(
+            resource.id,
+            format!("{ZONE}/{}", instance_name(&format!("{fleet}#{index}")))
+        );
+        ids.insert(resource.id);
+    }
+    assert_eq!(ids.len(), 12);
+    assert_eq!(api.instance_count(), 12, "one instance per member");
+    assert_eq!(
+        posts(&api, "/instances/bulkInsert"),
+        2,
+        "one bulk insert for member 2, one for the other eleven: {:#?}",
+        api.log()
+    );
+    assert_eq!(
+        posts(&api, &format!("/zones/{ZONE}/instances?")),
+        0,
+        "no member inserted alone"
+    );
+
+    // What a bulk insert wrote: the fleet's marks instead of a request id, the spec's and
+    // the request's labels, the machine type.
+    let seven = api
+        .instance(ZONE, &instance_name(&format!("{fleet}#7")))
+        .expect("member 7");
+    let item = |key: &str| {
+        seven["metadata"]["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i["key"] == key)
+            .map(|i| i["value"].clone())
+    };
+    assert_eq!(item("provisioner-fleet-id"), Some(fleet.clone().into()));
+    assert!(
+        item("provisioner-fleet-members")
+            .and_then(|v| v.as_str().map(|s| s.contains(",7,")))
+            .unwrap_or(false),
+        "{seven:#}"
+    );
+    assert_eq!(item("provisioner-request-id"), None);
+    assert_eq!(seven["labels"]["app"], "batch");
+    assert_eq!(seven["labels"]["team"], "batch");
+    assert_eq!(seven["labels"]["provisioner-managed"], "true");
+    assert_eq!(
+        seven["machineType"],
+        format!("zones/{ZONE}/machineTypes/e2-small")
+    );
+
+    // Describe, ownership and teardown read the members from the marks.
+    let member_id = format!("{fleet}#7");
+    let target =
+        TeardownTarget::Request(provisioner_events::RequestId::new(&member_id).expect("an id"));
+    let described = platform.describe(&target).await.expect("describe");
+    assert_eq!(described.map(|d| d.state), Some(State::Running));
+    let resource_id = format!("{ZONE}/{}", instance_name(&member_id));
+    assert_eq!(
+        platform
+            .owner_of(&resource_id)
+            .await
+            .expect("owner")
+            .map(|id| id.to_string()),
+        Some(member_id.clone())
+    );
+    let owned = platform.owned().await.expect("owned");
+    assert_eq!(
+        owned
+            .iter()
+            .filter(|o| o.request_id.as_str().starts_with(&format!("{fleet}#")))
+            .count(),
+        12
+    );
+    for index in 0..12 {
+        let id = provisioner_events::RequestId::new(format!("{fleet}#{index}")).expect("an id");
+        let gone = platform
+            .teardown(&TeardownTarget::Request(id))
+            .await
+            .expect("teardown");
+        assert!(gone.is_some(), "member {index} had no instance to remove");
+    }
+    assert_eq!(api.instance_count(), 0);
+}
+
+#[tokio::test]
+async fn a_bulk_insert_the_zone_cannot_place_whole_is_made_in_halves_on_fake_gcp() {
+    let api = FakeGcp::start(PROJECT, 3).await;
+    let platform = compute(&api).await;
+    api.fail_next_operation(OperationFailure {
+        operation_type: "bulkInsert".into(),
+        code: "ZONE_RESOURCE_POOL_EXHAUSTED".into(),
+        message: format!("The zone 'projects/{PROJECT}/zones/{ZONE}' does not have enough resources available to fulfill the request.  Try a different zone, or try again later."),
+        http_status: 503,
+    });
+    let fleet = unique("halves");
+    let made = provision_together(&platform, (0..8).map(|i| member(&fleet, i, 8)).collect()).await;
+    for (index, result) in made.into_iter().enumerate() {
+        result.unwrap_or_else(|e| panic!("member {index}: {e}"));
+    }
+    assert_eq!(
+        api.instance_count(),
+        8,
+        "the failed bulk insert left nothing"
+    );
+    assert_eq!(
+        posts(&api, "/instances/bulkInsert"),
+        3,
+        "eight refused, then two halves of four: {:#?}",
+        api.log()
+    );
+}
