@@ -27,7 +27,6 @@
 //! TerminateInstances request bucket once.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_ec2::Client;
@@ -35,6 +34,7 @@ use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{Filter, Instance, ResourceType, Tag, TagSpecification};
 use provisioner_core::backoff::Backoff;
 use provisioner_core::batch::{Batcher, Waiting};
+use provisioner_core::cache::LookupCache;
 use provisioner_core::{PacerSlot, PlatformError, RateLimit};
 use provisioner_events::spec::aws_ec2::AwsEc2Spec;
 use provisioner_events::{ErrorClass, Request};
@@ -73,10 +73,10 @@ pub(crate) struct Launcher {
     pub pacer: PacerSlot,
     /// Root device names of the images launched, looked up once each: a batch needs it
     /// for a root volume, and an image's never changes.
-    pub root_devices: Arc<std::sync::Mutex<HashMap<String, Option<String>>>>,
+    pub root_devices: LookupCache<String, Option<String>>,
     /// vCPUs of the instance types asked for, looked up once each (tenants' `vcpus`
     /// quotas count them).
-    pub vcpus: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+    pub vcpus: LookupCache<String, u64>,
 }
 
 impl std::fmt::Debug for Launcher {
@@ -188,58 +188,40 @@ impl Launcher {
 
     /// The root device name of `image_id`, from the cache or EC2.
     async fn root_device(&self, image_id: &str) -> Result<Option<String>, PlatformError> {
-        let cached = self
-            .root_devices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(image_id)
-            .cloned();
-        if let Some(device) = cached {
-            return Ok(device);
-        }
-        let device = crate::root_device(&self.client, &self.region, image_id).await?;
         self.root_devices
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(image_id.to_owned(), device.clone());
-        Ok(device)
+            .get_or_lookup(&image_id.to_owned(), || {
+                crate::root_device(&self.client, &self.region, image_id)
+            })
+            .await
     }
 
     /// The default vCPUs of `instance_type`, from the cache or DescribeInstanceTypes.
     pub(crate) async fn vcpus(&self, instance_type: &str) -> Result<u64, PlatformError> {
-        let cached = self
-            .vcpus
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(instance_type)
-            .copied();
-        if let Some(vcpus) = cached {
-            return Ok(vcpus);
-        }
-        let output = self
-            .client
-            .describe_instance_types()
-            .instance_types(aws_sdk_ec2::types::InstanceType::from(instance_type))
-            .send()
-            .await
-            .map_err(|e| classify(&e, &format!("looking up instance type {instance_type}")))?;
-        let vcpus = output
-            .instance_types()
-            .first()
-            .and_then(|t| t.v_cpu_info())
-            .and_then(|v| v.default_v_cpus())
-            .and_then(|n| u64::try_from(n).ok())
-            .ok_or_else(|| {
-                PlatformError::invalid(format!(
-                    "instance type {instance_type} is not offered in {}",
-                    self.region
-                ))
-            })?;
         self.vcpus
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(instance_type.to_owned(), vcpus);
-        Ok(vcpus)
+            .get_or_lookup(&instance_type.to_owned(), || async {
+                let output = self
+                    .client
+                    .describe_instance_types()
+                    .instance_types(aws_sdk_ec2::types::InstanceType::from(instance_type))
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        classify(&e, &format!("looking up instance type {instance_type}"))
+                    })?;
+                output
+                    .instance_types()
+                    .first()
+                    .and_then(|t| t.v_cpu_info())
+                    .and_then(|v| v.default_v_cpus())
+                    .and_then(|n| u64::try_from(n).ok())
+                    .ok_or_else(|| {
+                        PlatformError::invalid(format!(
+                            "instance type {instance_type} is not offered in {}",
+                            self.region
+                        ))
+                    })
+            })
+            .await
     }
 
     /// Waits for one token of the TerminateInstances request bucket.

@@ -23,6 +23,7 @@ use aws_sdk_ec2::types::{
 };
 use base64::Engine;
 use provisioner_core::backoff::Backoff;
+use provisioner_core::cache::LookupCache;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
 use provisioner_core::{
@@ -275,8 +276,8 @@ impl Ec2Platform {
             client: client.clone(),
             region: region.clone(),
             pacer: pacer.clone(),
-            root_devices: Arc::default(),
-            vcpus: Arc::default(),
+            root_devices: LookupCache::default(),
+            vcpus: LookupCache::default(),
         };
         Ec2Platform {
             client,
@@ -763,10 +764,7 @@ impl Platform for Ec2Platform {
     ) -> Result<provisioner_core::QuotaCost, PlatformError> {
         let spec = spec_of::<AwsEc2Spec>(request)?;
         let vcpus = self.launcher.vcpus(&spec.instance_type).await?;
-        Ok(provisioner_core::QuotaCost::from([(
-            "vcpus".to_owned(),
-            vcpus,
-        )]))
+        Ok(provisioner_core::vcpus_cost(vcpus.saturating_mul(1000)))
     }
 
     fn use_pacer(&self, pacer: Arc<dyn CallPacer>) {

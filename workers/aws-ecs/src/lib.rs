@@ -295,6 +295,8 @@ pub struct EcsPlatform {
     pacer: provisioner_core::PacerSlot,
     /// Fleet members' launches, merged into batches.
     runs: Arc<fleet::RunBatcher>,
+    /// CPU units of the task definition revisions asked for, for tenants' `vcpus` quotas.
+    task_cpu: provisioner_core::cache::LookupCache<String, u64>,
 }
 
 impl std::fmt::Debug for EcsPlatform {
@@ -331,6 +333,42 @@ impl EcsPlatform {
             credentials: None,
             pacer,
             runs: Arc::new(fleet::run_batcher(runner)),
+            task_cpu: provisioner_core::cache::LookupCache::default(),
+        }
+    }
+
+    /// The CPU units a task of `definition` reserves: the task's own, or its containers'
+    /// together. A definition named without a revision is read each time (its latest may
+    /// change); a revision or an ARN is read once.
+    async fn task_cpu_units(&self, definition: &str) -> Result<u64, PlatformError> {
+        let lookup = || async {
+            let found = self
+                .client
+                .describe_task_definition()
+                .task_definition(definition)
+                .send()
+                .await
+                .map_err(|e| classify(&e, &format!("looking up task definition {definition}")))?;
+            let described = found.task_definition().ok_or_else(|| {
+                PlatformError::invalid(format!("task definition {definition} was not found"))
+            })?;
+            let task: u64 = described
+                .cpu()
+                .and_then(|cpu| cpu.trim().parse().ok())
+                .unwrap_or(0);
+            let containers: u64 = described
+                .container_definitions()
+                .iter()
+                .map(|c| u64::try_from(c.cpu()).unwrap_or(0))
+                .sum();
+            Ok(task.max(containers))
+        };
+        if definition.contains(':') {
+            self.task_cpu
+                .get_or_lookup(&definition.to_owned(), lookup)
+                .await
+        } else {
+            lookup().await
         }
     }
 
@@ -819,6 +857,23 @@ impl Platform for EcsPlatform {
             .as_ref()
             .and_then(|(_, task)| tagged_request_id(task))
             .and_then(|id| RequestId::new(id).ok()))
+    }
+
+    /// A tenant's `vcpus` count the CPU units a task reserves (1,024 a vCPU), rounded up;
+    /// a task reserving none counts one.
+    async fn quota_cost(
+        &self,
+        request: &Request,
+    ) -> Result<provisioner_core::QuotaCost, PlatformError> {
+        let spec = spec_of::<AwsEcsSpec>(request)?;
+        let units = match (&spec.container, &spec.task_definition) {
+            (Some(container), _) => u64::from(container.cpu_and_memory().0),
+            (None, Some(definition)) => self.task_cpu_units(definition).await?,
+            (None, None) => 0,
+        };
+        Ok(provisioner_core::vcpus_cost(
+            units.max(1).saturating_mul(1000).div_ceil(1024),
+        ))
     }
 
     fn use_pacer(&self, pacer: Arc<dyn CallPacer>) {

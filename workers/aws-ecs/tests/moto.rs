@@ -327,3 +327,46 @@ async fn the_reconciler_sees_the_tasks_the_provisioner_started_with_their_reques
         "a stopped task is not listed"
     );
 }
+
+#[tokio::test]
+async fn vcpus_quotas_count_a_tasks_cpu_units_on_moto() {
+    fixtures().await;
+    let platform = EcsPlatform::new(client());
+    let vcpus = |cost: provisioner_core::QuotaCost| cost.get(provisioner_core::VCPUS).copied();
+    // A registered definition's task CPU, read from ECS.
+    let family = unique("quota");
+    client()
+        .register_task_definition()
+        .family(&family)
+        .cpu("2048")
+        .memory("4096")
+        .container_definitions(
+            ContainerDefinition::builder()
+                .name("work")
+                .image("public.ecr.aws/nginx/nginx:1.27")
+                .essential(true)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("register");
+    let named = request(
+        &unique("q"),
+        serde_json::json!({"cluster": "demo", "task_definition": format!("{family}:1"), "launch_type": "FARGATE", "network": {"subnets": ["subnet-0a1b2c3d"]}}),
+    );
+    let cost = platform.quota_cost(&named).await.expect("cost");
+    assert_eq!(vcpus(cost), Some(2));
+    // An inline container's CPU units; a quarter of a vCPU holds one.
+    let inline = request(
+        &unique("q"),
+        serde_json::json!({"cluster": "demo", "container": {"image": "public.ecr.aws/nginx/nginx:1.27", "cpu": 256, "memory_mib": 512}, "launch_type": "FARGATE", "network": {"subnets": ["subnet-0a1b2c3d"]}}),
+    );
+    let cost = platform.quota_cost(&inline).await.expect("cost");
+    assert_eq!(vcpus(cost), Some(1));
+    // A definition without task or container CPU (web:1) counts one.
+    let cost = platform
+        .quota_cost(&example(&unique("q")))
+        .await
+        .expect("cost");
+    assert_eq!(vcpus(cost), Some(1));
+}

@@ -403,6 +403,19 @@ impl Platform for ContainerInstancesPlatform {
         )
     }
 
+    /// A tenant's `vcpus` count the group's CPU cores (default 1), rounded up.
+    async fn quota_cost(
+        &self,
+        request: &Request,
+    ) -> Result<provisioner_core::QuotaCost, PlatformError> {
+        let spec = spec_of::<AzureContainerSpec>(request)?;
+        let cores = spec.cpu.unwrap_or(1.0);
+        let millis = provisioner_core::cpu_millis(&cores.to_string()).ok_or_else(|| {
+            PlatformError::invalid(format!("cpu {cores} is not a number of cores"))
+        })?;
+        Ok(provisioner_core::vcpus_cost(millis))
+    }
+
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
             let spec = spec_of::<AzureContainerSpec>(request)?;

@@ -397,7 +397,19 @@ impl ArmClient {
         api_version: &str,
         doing: &str,
     ) -> Result<Vec<T>, PlatformError> {
-        let mut url = self.url(&self.resource_id(provider_path), api_version)?;
+        self.list_at(&self.resource_id(provider_path), api_version, doing)
+            .await
+    }
+
+    /// Every item of the collection at `path` (any ARM path, e.g. one of the
+    /// subscription's), following `nextLink`.
+    pub async fn list_at<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        api_version: &str,
+        doing: &str,
+    ) -> Result<Vec<T>, PlatformError> {
+        let mut url = self.url(path, api_version)?;
         let mut all = Vec::new();
         loop {
             let response = self.send(Method::Get, url, None, doing).await?;
@@ -406,7 +418,7 @@ impl ArmClient {
             }
             let page: Page<T> = read(
                 response.body().as_ref(),
-                &format!("the list of {provider_path}"),
+                &format!("the list of {path}"),
                 doing,
             )?;
             all.extend(page.value);

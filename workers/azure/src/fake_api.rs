@@ -15,7 +15,8 @@
 //! restart change its power state; a container group pulls its image (failing for
 //! images whose reference contains `does-not-exist`) and runs after a few reads, with an
 //! IP address and a DNS name. A VM carries the `properties.timeCreated` of its first
-//! `PUT`, a container group the `systemData.createdAt`. Faults can be queued: an HTTP
+//! `PUT`, a container group the `systemData.createdAt`. A location's `vmSizes` lists a
+//! few sizes with their cores. Faults can be queued: an HTTP
 //! error instead of the next matching answer, optionally after the call took effect.
 
 use std::collections::HashMap;
@@ -28,6 +29,15 @@ use serde_json::{Value, json};
 pub const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
 pub const RESOURCE_GROUP: &str = "apps";
 /// When everything the fake makes was made, with the seven fractional digits ARM writes.
+/// The VM sizes every location offers here: name, cores, memory in MB.
+const VM_SIZES: [(&str, u32, u32); 6] = [
+    ("Standard_B1s", 1, 1024),
+    ("Standard_B2s", 2, 4096),
+    ("Standard_D2s_v5", 2, 8192),
+    ("Standard_D4s_v5", 4, 16_384),
+    ("Standard_D8s_v5", 8, 32_768),
+    ("Standard_F16s_v2", 16, 32_768),
+];
 const CREATED_AT: &str = "2026-11-21T12:00:00.1234567+00:00";
 
 /// An HTTP error to answer the next request whose method and path match.
@@ -312,6 +322,36 @@ impl FakeArm {
                 self.provider(method, &rest, body)
             }
             ["nic-delete", id] => self.poll_location(id),
+            [
+                "subscriptions",
+                sub,
+                "providers",
+                provider,
+                "locations",
+                location,
+                sizes,
+            ] if provider.eq_ignore_ascii_case("Microsoft.Compute")
+                && sizes.eq_ignore_ascii_case("vmSizes") =>
+            {
+                if *sub != SUBSCRIPTION {
+                    return answer(
+                        404,
+                        arm_error(
+                            "SubscriptionNotFound",
+                            &format!("The subscription '{sub}' could not be found."),
+                        ),
+                    );
+                }
+                let value: Vec<Value> = VM_SIZES
+                    .iter()
+                    .map(|(name, cores, memory)| {
+                        json!({"name": name, "numberOfCores": cores, "memoryInMB": memory,
+                               "maxDataDiskCount": 4, "osDiskSizeInMB": 1_047_552,
+                               "resourceDiskSizeInMB": 4096, "location": location})
+                    })
+                    .collect();
+                answer(200, json!({"value": value}))
+            }
             ["subscriptions", sub, group_segment, group]
                 if group_segment.eq_ignore_ascii_case("resourceGroups") =>
             {

@@ -196,13 +196,58 @@ fn state_of(vm: &VirtualMachine, power: Option<&str>) -> State {
 #[derive(Debug, Clone)]
 pub struct VmPlatform {
     arm: ArmClient,
+    /// vCPUs of the VM sizes of each location, looked up once (tenants' `vcpus` quotas).
+    sizes: provisioner_core::cache::LookupCache<String, std::collections::HashMap<String, u64>>,
+}
+
+/// A VM size of a location, as `vmSizes` lists it:
+/// <https://learn.microsoft.com/rest/api/compute/virtual-machine-sizes/list>
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VmSize {
+    name: String,
+    number_of_cores: u64,
 }
 
 impl VmPlatform {
     pub fn new(settings: AzureSettings) -> Result<Self, SetupError> {
         Ok(VmPlatform {
             arm: ArmClient::new(settings)?,
+            sizes: provisioner_core::cache::LookupCache::default(),
         })
+    }
+
+    /// The vCPUs of `size` in `location`, from the location's list of sizes (read once).
+    async fn size_cores(&self, location: &str, size: &str) -> Result<u64, PlatformError> {
+        let sizes = self
+            .sizes
+            .get_or_lookup(&location.to_ascii_lowercase(), || async {
+                let path = format!(
+                    "/subscriptions/{}/providers/Microsoft.Compute/locations/{location}/vmSizes",
+                    self.arm.settings().subscription_id
+                );
+                let listed: Vec<VmSize> = self
+                    .arm
+                    .list_at(
+                        &path,
+                        COMPUTE_API_VERSION,
+                        &format!("listing the VM sizes of {location}"),
+                    )
+                    .await?;
+                Ok::<_, PlatformError>(
+                    listed
+                        .into_iter()
+                        .map(|s| (s.name.to_ascii_lowercase(), s.number_of_cores))
+                        .collect(),
+                )
+            })
+            .await?;
+        sizes
+            .get(&size.to_ascii_lowercase())
+            .copied()
+            .ok_or_else(|| {
+                PlatformError::invalid(format!("VM size {size} is not offered in {location}"))
+            })
     }
 
     fn vm_id(&self, name: &str) -> String {
@@ -489,6 +534,17 @@ impl Platform for VmPlatform {
             2.0,
             2.0,
         )
+    }
+
+    /// A tenant's `vcpus` count the VM size's cores.
+    async fn quota_cost(
+        &self,
+        request: &Request,
+    ) -> Result<provisioner_core::QuotaCost, PlatformError> {
+        let spec = spec_of::<AzureVmSpec>(request)?;
+        let location = self.arm.settings().location_for(spec.location.as_ref())?;
+        let cores = self.size_cores(&location, &spec.size).await?;
+        Ok(provisioner_core::vcpus_cost(cores.saturating_mul(1000)))
     }
 
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {

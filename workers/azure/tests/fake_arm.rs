@@ -655,3 +655,40 @@ async fn owned_finds_the_provisioners_container_groups_with_their_request_on_fak
     assert_eq!(owned[0].resource.id, resource.id);
     assert!(owned[0].created.is_some(), "{owned:?}");
 }
+
+#[tokio::test]
+async fn vcpus_quotas_count_a_vm_sizes_cores_and_a_groups_cpu_on_fake_arm() {
+    let api = FakeArm::start(2).await;
+    let platform = vms(&api);
+    let vcpus = |cost: provisioner_core::QuotaCost| cost.get(provisioner_core::VCPUS).copied();
+    let cost = platform.quota_cost(&vm(&unique("q"))).await.expect("cost");
+    assert_eq!(vcpus(cost), Some(1), "Standard_B1s has one core");
+    let sized = |size: &str| {
+        let mut request = vm(&unique("q"));
+        if let Some(spec) = request.spec.as_mut() {
+            spec.insert("size".into(), size.into());
+        }
+        request
+    };
+    let bigger = sized("standard_d8s_v5");
+    let cost = platform.quota_cost(&bigger).await.expect("cost");
+    assert_eq!(vcpus(cost), Some(8), "sizes match whatever their case");
+    let unknown = sized("Standard_Imaginary_v9");
+    let refused = platform
+        .quota_cost(&unknown)
+        .await
+        .expect_err("an unknown size");
+    assert_eq!(refused.class, ErrorClass::InvalidRequest);
+    assert!(
+        refused.message.contains("Standard_Imaginary_v9"),
+        "{}",
+        refused.message
+    );
+    let listed = api.log().iter().filter(|l| l.contains("/vmSizes")).count();
+    assert_eq!(listed, 1, "a location's sizes are listed once");
+
+    let groups = groups(&api);
+    let half = hello(&unique("q"), "mcr.microsoft.com/azuredocs/aci-helloworld");
+    let cost = groups.quota_cost(&half).await.expect("cost");
+    assert_eq!(vcpus(cost), Some(1), "half a core holds one vCPU");
+}

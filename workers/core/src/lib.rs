@@ -25,6 +25,7 @@ pub mod amqp;
 pub mod backoff;
 pub mod batch;
 pub mod broker;
+pub mod cache;
 pub mod conformance;
 pub mod fault;
 pub mod health;
@@ -46,7 +47,7 @@ pub use runtime::{
 };
 pub use store::{
     Claim, DEFAULT_TENANT, Fence, MACHINES, MemoryStore, QuotaCost, QuotaGrant, QuotaUsage,
-    StateStore, StoreError, UnitUsage,
+    StateStore, StoreError, UnitUsage, VCPUS, cpu_millis, vcpus_cost,
 };
 
 /// Hides the password of a URL for messages.

@@ -387,6 +387,46 @@ pub const MACHINES: &str = "machines";
 /// defines and how many of each (`vcpus` → 4).
 pub type QuotaCost = BTreeMap<String, u64>;
 
+/// The unit of virtual CPUs, the same on every platform that defines it: a resource's
+/// vCPUs rounded up to whole ones (a quarter-vCPU task holds one), so a tenant's `vcpus`
+/// quota never lets more run than it says.
+pub const VCPUS: &str = "vcpus";
+
+/// A cost of `millicpus` thousandths of a vCPU in [`VCPUS`], rounded up.
+pub fn vcpus_cost(millicpus: u64) -> QuotaCost {
+    QuotaCost::from([(VCPUS.to_owned(), millicpus.div_ceil(1000))])
+}
+
+/// Thousandths of a CPU in a CPU amount written as Kubernetes writes quantities (`250m`,
+/// `0.5`, `2`, `1k`) or as Cloud Run and ACI take them; `None` when it is not one or is
+/// beyond any machine.
+pub fn cpu_millis(quantity: &str) -> Option<u64> {
+    let quantity = quantity.trim();
+    let (number, scale) = match quantity.strip_suffix('m') {
+        Some(number) => (number, 1.0),
+        None => {
+            let split = quantity
+                .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+                .unwrap_or(quantity.len());
+            let (number, suffix) = quantity.split_at(split);
+            let factor = match suffix {
+                "" => 1.0,
+                "k" => 1e3,
+                "M" => 1e6,
+                "G" => 1e9,
+                "Ki" => 1024.0,
+                "Mi" => 1024.0 * 1024.0,
+                _ => return None,
+            };
+            (number, factor * 1000.0)
+        }
+    };
+    let value: f64 = number.parse().ok()?;
+    let millis = (value * scale).ceil();
+    // A million CPUs is no machine's: anything above is a mistake, not a cost.
+    (value.is_finite() && value >= 0.0 && millis <= 1e9).then_some(millis as u64)
+}
+
 /// Whether `unit` can name a quota: lower-case letters, digits, `_` and `-`, at most 32.
 pub fn valid_quota_unit(unit: &str) -> bool {
     !unit.is_empty()
@@ -1050,5 +1090,32 @@ impl StateStore for MemoryStore {
             used: quotas.used(tenant, MACHINES),
             units,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_amounts_read_as_thousandths_and_cost_whole_vcpus() {
+        for (quantity, millis) in [
+            ("250m", Some(250)),
+            ("0.5", Some(500)),
+            ("2", Some(2000)),
+            ("1.5", Some(1500)),
+            ("1k", Some(1_000_000)),
+            ("1e3m", Some(1000)),
+            (" 4 ", Some(4000)),
+            ("-1", None),
+            ("lots", None),
+            ("1Ti", None),
+            ("1e12", None),
+        ] {
+            assert_eq!(cpu_millis(quantity), millis, "{quantity}");
+        }
+        assert_eq!(vcpus_cost(250)[VCPUS], 1, "a quarter of a vCPU holds one");
+        assert_eq!(vcpus_cost(2000)[VCPUS], 2);
+        assert_eq!(vcpus_cost(2001)[VCPUS], 3);
     }
 }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use google_cloud_compute_v1::client::Instances;
+use google_cloud_compute_v1::client::{Instances, MachineTypes};
 use google_cloud_compute_v1::model::{
     AccessConfig, AttachedDisk, AttachedDiskInitializeParams, Instance, Metadata, NetworkInterface,
     Operation as ZoneOperation, Tags, access_config, instance, metadata, operation,
@@ -62,6 +62,13 @@ fn last_segment(url: &str) -> &str {
     url.rsplit('/').next().unwrap_or(url)
 }
 
+/// The vCPUs of a custom machine type, which its name carries
+/// (`[<series>-]custom-<vCPUs>-<memory MB>[-ext]`); `None` for any other name.
+fn custom_machine_cpus(machine_type: &str) -> Option<u64> {
+    let (_, rest) = machine_type.split_once("custom-")?;
+    rest.split('-').next()?.parse().ok()
+}
+
 /// The life-cycle state of an instance status.
 fn state_of(status: Option<&instance::Status>) -> State {
     use instance::Status as S;
@@ -82,6 +89,9 @@ pub use bulk::{FLEET_KEY, MAX_BULK, MEMBERS_KEY, request_of};
 #[derive(Clone)]
 pub struct ComputePlatform {
     client: Instances,
+    machine_types: MachineTypes,
+    /// vCPUs of the machine types asked for, by zone and name (tenants' `vcpus` quotas).
+    guest_cpus: provisioner_core::cache::LookupCache<(String, String), u64>,
     settings: GcpSettings,
     /// The runtime's pacer, for the bulk inserts' own calls.
     pacer: provisioner_core::PacerSlot,
@@ -111,8 +121,14 @@ impl ComputePlatform {
             .build()
             .await
             .map_err(|e| format!("cannot build the Compute Engine client: {e}"))?;
+        let machine_types = configure_builder!(MachineTypes::builder(), settings)
+            .build()
+            .await
+            .map_err(|e| format!("cannot build the Compute Engine machine types client: {e}"))?;
         let mut platform = ComputePlatform {
             client,
+            machine_types,
+            guest_cpus: provisioner_core::cache::LookupCache::default(),
             settings,
             pacer: provisioner_core::PacerSlot::default(),
             bulk: None,
@@ -394,6 +410,41 @@ impl ComputePlatform {
         }
     }
 
+    /// The guest CPUs of `machine_type` in `zone`, from `machineTypes.get`.
+    async fn machine_type_cpus(
+        &self,
+        zone: &str,
+        machine_type: &str,
+    ) -> Result<u64, PlatformError> {
+        let doing = format!("looking up machine type {machine_type} in {zone}");
+        let found = self
+            .machine_types
+            .get()
+            .set_project(&self.settings.project)
+            .set_zone(zone)
+            .set_machine_type(machine_type)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.http_status_code() == Some(404) {
+                    PlatformError::invalid(format!(
+                        "machine type {machine_type} is not offered in {zone}"
+                    ))
+                } else {
+                    classify(&e, &doing)
+                }
+            })?;
+        found
+            .guest_cpus
+            .and_then(|cpus| u64::try_from(cpus).ok())
+            .ok_or_else(|| {
+                PlatformError::permanent(
+                    ErrorClass::Internal,
+                    format!("{doing}: Compute Engine gave no guestCpus"),
+                )
+            })
+    }
+
     /// Every instance of the project matching `filter`, across zones.
     async fn aggregated(&self, filter: &str, doing: &str) -> Result<Vec<Instance>, PlatformError> {
         let mut instances = Vec::new();
@@ -508,6 +559,28 @@ impl Platform for ComputePlatform {
 
     fn use_pacer(&self, pacer: std::sync::Arc<dyn provisioner_core::CallPacer>) {
         self.pacer.set(pacer);
+    }
+
+    /// A tenant's `vcpus` count the machine type's guest CPUs: a custom type's from its
+    /// name, the others' from `machineTypes.get`, once per zone and type.
+    async fn quota_cost(
+        &self,
+        request: &Request,
+    ) -> Result<provisioner_core::QuotaCost, PlatformError> {
+        let spec = spec_of::<GcpComputeSpec>(request)?;
+        let zone = self.zone(&spec)?;
+        let machine_type = last_segment(&spec.machine_type).to_owned();
+        let cpus = match custom_machine_cpus(&machine_type) {
+            Some(cpus) => cpus,
+            None => {
+                self.guest_cpus
+                    .get_or_lookup(&(zone.clone(), machine_type.clone()), || {
+                        self.machine_type_cpus(&zone, &machine_type)
+                    })
+                    .await?
+            }
+        };
+        Ok(provisioner_core::vcpus_cost(cpus.saturating_mul(1000)))
     }
 
     async fn preflight(&self) -> Vec<Finding> {
@@ -752,6 +825,13 @@ mod tests {
                 "{id} -> {name}"
             );
         }
+    }
+
+    #[test]
+    fn custom_machine_types_carry_their_vcpus() {
+        assert_eq!(custom_machine_cpus("custom-4-8192"), Some(4));
+        assert_eq!(custom_machine_cpus("n2-custom-6-20480-ext"), Some(6));
+        assert_eq!(custom_machine_cpus("e2-standard-8"), None);
     }
 
     #[test]

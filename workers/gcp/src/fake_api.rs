@@ -9,6 +9,7 @@
 //! `delete`, `start`, `stop` and `reset` answer operations too (`400 resourceNotReady`
 //! while the instance is still PROVISIONING or STAGING); `instances.bulkInsert` makes
 //! the instances its `perInstanceProperties` name in one operation, all or none;
+//! `machineTypes.get` answers the guest CPUs of the shared-core and predefined types;
 //! `aggregated/instances` and a zone's `instances` list filter on `name = "…"` and
 //! `labels.k = "v"`, alone or `OR`ed in parentheses. Cloud Run (`/v2/...`): `services` create
 //! answers a long-running operation, a second create `409 ALREADY_EXISTS`; the service's
@@ -175,6 +176,23 @@ fn filter_matches(instance: &Value, filter: &str) -> bool {
     match field.strip_prefix("labels.") {
         Some(label) => instance["labels"][label].as_str() == Some(value),
         None => instance[field].as_str() == Some(value),
+    }
+}
+
+/// The guest CPUs of the machine types this server knows: the shared-core ones and the
+/// predefined `<series>-<standard|highmem|highcpu>-<vCPUs>` ones.
+fn machine_type_cpus(name: &str) -> Option<u32> {
+    match name {
+        "e2-micro" | "e2-small" | "e2-medium" => Some(2),
+        "f1-micro" | "g1-small" => Some(1),
+        _ => {
+            let mut parts = name.split('-');
+            let (_series, kind, cpus) = (parts.next()?, parts.next()?, parts.next()?);
+            if parts.next().is_some() || !["standard", "highmem", "highcpu"].contains(&kind) {
+                return None;
+            }
+            cpus.parse().ok().filter(|n| *n > 0)
+        }
     }
 }
 
@@ -365,6 +383,19 @@ impl FakeGcp {
                 ],
             ) => self.instance_operation(zone, name, verb, query),
             ("GET", ["zones", zone, "operations", name]) => self.poll_operation(zone, name),
+            ("GET", ["zones", zone, "machineTypes", name]) => match machine_type_cpus(name) {
+                Some(cpus) => (
+                    200,
+                    json!({"kind": "compute#machineType", "name": name, "guestCpus": cpus,
+                           "zone": zone, "isSharedCpu": name.starts_with("e2-") && cpus == 2}),
+                ),
+                None => {
+                    let message = format!(
+                        "The resource 'projects/{project}/zones/{zone}/machineTypes/{name}' was not found"
+                    );
+                    (404, compute_error(404, "notFound", &message))
+                }
+            },
             ("GET", ["aggregated", "instances"]) => {
                 let filter = query_param(query, "filter").unwrap_or_default();
                 let world = self.world.lock();

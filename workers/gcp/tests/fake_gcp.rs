@@ -877,3 +877,47 @@ async fn a_bulk_insert_the_zone_cannot_place_whole_is_made_in_halves_on_fake_gcp
         api.log()
     );
 }
+
+#[tokio::test]
+async fn vcpus_quotas_count_a_machine_types_guest_cpus_on_fake_gcp() {
+    let api = FakeGcp::start(PROJECT, 3).await;
+    let platform = compute(&api).await;
+    let vcpus = |cost: provisioner_core::QuotaCost| cost.get(provisioner_core::VCPUS).copied();
+    let of = |machine_type: &str| {
+        let mut request = vm(&unique("q"));
+        if let Some(spec) = request.spec.as_mut() {
+            spec.insert("machine_type".into(), machine_type.into());
+        }
+        request
+    };
+    for (machine_type, cpus) in [
+        ("e2-small", 2),
+        ("n2-standard-8", 8),
+        ("e2-small", 2),
+        ("zones/europe-west1-b/machineTypes/c3-highcpu-4", 4),
+        ("n2-custom-6-20480", 6),
+    ] {
+        let cost = platform.quota_cost(&of(machine_type)).await.expect("cost");
+        assert_eq!(vcpus(cost), Some(cpus), "{machine_type}");
+    }
+    let refused = platform
+        .quota_cost(&of("z9-imaginary"))
+        .await
+        .expect_err("an unknown machine type");
+    assert_eq!(refused.class, ErrorClass::InvalidRequest);
+    assert!(
+        refused.message.contains("z9-imaginary"),
+        "{}",
+        refused.message
+    );
+    let asked: Vec<String> = api
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("/machineTypes/"))
+        .collect();
+    assert_eq!(
+        asked.len(),
+        4,
+        "each type asked once, a custom one never: {asked:#?}"
+    );
+}

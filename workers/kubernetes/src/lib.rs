@@ -613,6 +613,23 @@ impl Platform for KubernetesPlatform {
         findings
     }
 
+    /// A tenant's `vcpus` count the pods' CPU requests (rounded up to whole vCPUs); a pod
+    /// that requests none counts one, as a namespace's CPU quota would refuse it.
+    async fn quota_cost(
+        &self,
+        request: &Request,
+    ) -> Result<provisioner_core::QuotaCost, PlatformError> {
+        let spec = spec_of::<KubernetesSpec>(request)?;
+        let per_pod = match spec.resources.as_ref().and_then(|r| r.cpu.as_deref()) {
+            Some(cpu) => provisioner_core::cpu_millis(cpu).ok_or_else(|| {
+                PlatformError::invalid(format!("resources.cpu {cpu:?} is not a CPU amount"))
+            })?,
+            None => 1000,
+        };
+        let pods = u64::from(spec.replicas.unwrap_or(1));
+        Ok(provisioner_core::vcpus_cost(per_pod.saturating_mul(pods)))
+    }
+
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
             let spec = spec_of::<KubernetesSpec>(request)?;

@@ -411,3 +411,31 @@ async fn the_reconciler_sees_every_deployment_the_provisioner_made_with_its_requ
     assert_eq!(owned[0].resource.id, made.id);
     assert!(owned[0].created.is_some(), "its creationTimestamp");
 }
+
+#[tokio::test]
+async fn vcpus_quotas_count_the_pods_cpu_requests_on_fake_api() {
+    let api = FakeApi::start(3).await;
+    let platform = platform(&api).await;
+    let vcpus = |cost: provisioner_core::QuotaCost| cost.get(provisioner_core::VCPUS).copied();
+    for (extra, cpus) in [
+        (
+            serde_json::json!({"replicas": 3, "resources": {"cpu": "250m"}}),
+            1,
+        ),
+        (
+            serde_json::json!({"replicas": 3, "resources": {"cpu": "1"}}),
+            3,
+        ),
+        (
+            serde_json::json!({"replicas": 4, "resources": {"cpu": "1.5"}}),
+            6,
+        ),
+        (serde_json::json!({"replicas": 2}), 2),
+    ] {
+        let cost = platform
+            .quota_cost(&request(&unique("q"), web(extra.clone())))
+            .await
+            .expect("cost");
+        assert_eq!(vcpus(cost), Some(cpus), "{extra}");
+    }
+}
