@@ -155,3 +155,51 @@ async fn a_tenants_vcpus_are_counted_by_instance_type_and_refused_past_its_quota
     env.publish(&retry).await;
     assert_eq!(events.terminal(&id(&retry)).await.state, State::Running);
 }
+
+/// A worker that dies after recording a teardown's end, before anything follows it: the
+/// teardown's copy that the next worker finds already ended still gives the tenant's place
+/// back (without the fix, the place stayed held for good).
+#[tokio::test]
+async fn a_teardown_that_dies_after_recording_its_end_still_gives_the_place_back() {
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    let first = env.start_worker("first");
+    quota(&env, &["set", "team-c", "1"]);
+    let web = for_tenant(&env, "qc", "team-c");
+    env.publish(&web).await;
+    assert_eq!(events.terminal(&id(&web)).await.state, State::Running);
+    assert_eq!(quota(&env, &["show", "team-c"])["used"], 1);
+    // Only the worker that will die takes the teardown.
+    let _ = env.worker(first).kill();
+    let _ = env.worker(first).wait();
+
+    let marker = std::env::temp_dir().join(format!("fault-{}-quota", env.run_id));
+    let marker_text = marker.to_string_lossy().into_owned();
+    env.start_worker_with(
+        "crashy",
+        &[
+            ("PROVISIONER_FAULT_POINT", "after_record"),
+            ("PROVISIONER_FAULT_ONCE", marker_text.as_str()),
+        ],
+    );
+    let down = env.teardown("qc-down", &id(&web));
+    env.publish(&down).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never reached after_record: {}",
+            env.worker_log("crashy")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    env.start_worker("steady");
+    let stopped = events.terminal(&id(&down)).await;
+    assert_eq!(stopped.state, State::Stopped, "{:#?}", stopped.error);
+    assert_eq!(
+        quota(&env, &["show", "team-c"])["used"],
+        0,
+        "the place is given back"
+    );
+    let _ = std::fs::remove_file(marker);
+}

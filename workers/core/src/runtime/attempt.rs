@@ -138,6 +138,9 @@ impl Worker {
             }
             Claim::Done(event) => {
                 debug!(state = %event.state, "already finished; publishing its result again");
+                // The first delivery may have died between recording its end and what
+                // follows it: give back what the end frees (both are idempotent).
+                self.after_the_end(request, &event).await;
                 self.broker.publish_status(&event).await?;
                 return Ok(Settlement::Ack);
             }

@@ -3,7 +3,7 @@
 //! works, removing what it made first, so nothing is left behind an `error`.
 
 use provisioner_events::{
-    ErrorClass, ErrorInfo, Operation, Request, Resource, State, TeardownTarget,
+    ErrorClass, ErrorInfo, Operation, Request, Resource, State, StatusEvent, TeardownTarget,
 };
 use time::OffsetDateTime;
 use tracing::{debug, error, info, warn};
@@ -220,6 +220,27 @@ impl Worker {
         }
         self.end_acting(held, resource_state).await;
         Ok(Settlement::Ack)
+    }
+
+    /// What a request's recorded end frees, done again for a copy that finds it ended: a
+    /// teardown that stopped its target forgets the target's expiry and quota place, and
+    /// a provision that ended in error gives its place back. A teardown that named a
+    /// resource id, not a request, is left to the first delivery (its owner is no longer
+    /// known once the resource is gone).
+    pub(super) async fn after_the_end(&self, request: &Request, event: &StatusEvent) {
+        let platform = self.platform.name();
+        match request.operation {
+            Operation::Teardown if event.state == State::Stopped && event.error.is_none() => {
+                if let Some(target) = &request.target_request_id {
+                    self.forget_torn_down(platform.as_str(), target.as_str())
+                        .await;
+                }
+            }
+            Operation::Provision if event.state == State::Error => {
+                self.release_quota_of(request.request_id.as_str()).await;
+            }
+            _ => {}
+        }
     }
 
     /// What a resource held in the store ends with it: its expiry (which would only send
