@@ -272,6 +272,36 @@ impl Runner {
         Ok(live)
     }
 
+    /// The member request a batch-started task belongs to when it has no request tag yet
+    /// (its worker died between RunTask and the tagging): read from its batch's marks and
+    /// place among the group's tasks, as a retry of the member reads it. `None` for a
+    /// task that is no batch's.
+    pub(crate) async fn untagged_member(
+        &self,
+        cluster: &str,
+        task: &Task,
+    ) -> Result<Option<String>, PlatformError> {
+        let (Some(fleet), Some(members)) = (tag(task, FLEET_TAG), tag(task, MEMBERS_TAG)) else {
+            return Ok(None);
+        };
+        let Some(group) = members_of(members)
+            .and_then(|m| m.first().copied())
+            .map(group_of)
+        else {
+            return Ok(None);
+        };
+        let arn = task.task_arn().unwrap_or_default();
+        let tasks = self.group_tasks(cluster, fleet, group).await?;
+        Ok(assign(fleet, &tasks)
+            .into_iter()
+            .find(|(_, t, _)| t.task_arn() == Some(arn))
+            .and_then(|(index, _, _)| {
+                provisioner_events::RequestId::new(fleet)
+                    .ok()
+                    .map(|f| f.member(index).to_string())
+            }))
+    }
+
     /// Carries out one batch: look up the group, start what is missing in one call.
     async fn flush(&self, waiting: Vec<Waiting<MemberRun, Started>>) {
         let Some(first) = waiting.first() else {

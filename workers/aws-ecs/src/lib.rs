@@ -439,6 +439,19 @@ impl EcsPlatform {
             .collect())
     }
 
+    /// The request a task was started for: its request tag, or for a batch's task not
+    /// yet tagged, its member by the batch's marks.
+    async fn request_of(
+        &self,
+        cluster: &str,
+        task: &Task,
+    ) -> Result<Option<String>, PlatformError> {
+        match tagged_request_id(task) {
+            Some(id) => Ok(Some(id)),
+            None => self.runner().untagged_member(cluster, task).await,
+        }
+    }
+
     async fn describe_tasks(
         &self,
         cluster: &str,
@@ -830,9 +843,12 @@ impl Platform for EcsPlatform {
                     if tag(&task, MANAGED_TAG) != Some("true") || last_status(&task) == "STOPPED" {
                         continue;
                     }
-                    // Without the request tag the task names no request: never touched.
-                    let Some(request_id) =
-                        tagged_request_id(&task).and_then(|id| RequestId::new(id).ok())
+                    // A task that names no request, by its tag or its batch's marks, is
+                    // never touched.
+                    let Some(request_id) = self
+                        .request_of(&cluster, &task)
+                        .await?
+                        .and_then(|id| RequestId::new(id).ok())
                     else {
                         continue;
                     };
@@ -853,9 +869,12 @@ impl Platform for EcsPlatform {
         let found = self
             .find(&TeardownTarget::Resource(resource_id.to_owned()))
             .await?;
-        Ok(found
-            .as_ref()
-            .and_then(|(_, task)| tagged_request_id(task))
+        let Some((cluster, task)) = found else {
+            return Ok(None);
+        };
+        Ok(self
+            .request_of(&cluster, &task)
+            .await?
             .and_then(|id| RequestId::new(id).ok()))
     }
 

@@ -370,3 +370,76 @@ async fn vcpus_quotas_count_a_tasks_cpu_units_on_moto() {
         .expect("cost");
     assert_eq!(vcpus(cost), Some(1));
 }
+
+/// Tasks a batch started whose worker died before tagging them with their members still
+/// name their members, by the batch's marks: the reconciler sees whose they are (and so
+/// removes them when no record explains them) instead of skipping them for good.
+#[tokio::test]
+async fn batch_tasks_not_yet_tagged_are_owned_by_their_members_on_moto() {
+    fixtures().await;
+    let platform = EcsPlatform::new(client());
+    let fleet = unique("untagged");
+    let (subnet, group) = default_network().await;
+    let tag = |key: &str, value: &str| {
+        aws_sdk_ecs::types::Tag::builder()
+            .key(key)
+            .value(value)
+            .build()
+    };
+    // A batch of members 3 and 7, started as a worker starts it, never tagged after.
+    let started = client()
+        .run_task()
+        .cluster("demo")
+        .task_definition("web:1")
+        .count(2)
+        .launch_type(aws_sdk_ecs::types::LaunchType::Fargate)
+        .started_by(provisioner_aws_ecs::group_token(&fleet, 0))
+        .network_configuration(
+            aws_sdk_ecs::types::NetworkConfiguration::builder()
+                .awsvpc_configuration(
+                    aws_sdk_ecs::types::AwsVpcConfiguration::builder()
+                        .subnets(subnet)
+                        .security_groups(group)
+                        .build()
+                        .expect("awsvpc"),
+                )
+                .build(),
+        )
+        .tags(tag(provisioner_aws_ecs::MANAGED_TAG, "true"))
+        .tags(tag(provisioner_aws_ecs::FLEET_TAG, &fleet))
+        .tags(tag(
+            provisioner_aws_ecs::MEMBERS_TAG,
+            &provisioner_aws_ecs::members_tag("b1", &[3, 7]),
+        ))
+        .send()
+        .await
+        .expect("run task");
+    let mut arns: Vec<String> = started
+        .tasks()
+        .iter()
+        .filter_map(|t| t.task_arn().map(str::to_owned))
+        .collect();
+    arns.sort();
+    assert_eq!(arns.len(), 2);
+
+    let owned = platform.owned().await.expect("owned");
+    let of = |arn: &str| {
+        owned
+            .iter()
+            .find(|o| o.resource.id == arn)
+            .map(|o| o.request_id.to_string())
+    };
+    assert_eq!(of(&arns[0]), Some(format!("{fleet}#3")));
+    assert_eq!(of(&arns[1]), Some(format!("{fleet}#7")));
+    assert_eq!(
+        platform
+            .owner_of(&arns[1])
+            .await
+            .expect("owner")
+            .map(|id| id.to_string()),
+        Some(format!("{fleet}#7"))
+    );
+    for arn in arns {
+        let _ = client().stop_task().cluster("demo").task(arn).send().await;
+    }
+}
