@@ -41,7 +41,7 @@ use provisioner_events::{ErrorClass, Request};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use crate::{LIVE_STATES, MANAGED_TAG, REQUEST_TAG, classify, instance_name, state_of, tag};
+use crate::{LIVE_STATES, MANAGED_TAG, classify, instance_name, state_of, tag};
 
 /// Tag naming the fleet a batch-launched instance belongs to.
 pub const FLEET_TAG: &str = "provisioner:fleet-id";
@@ -569,8 +569,8 @@ impl Launcher {
         }
     }
 
-    /// Every instance, in any state, launched for the members `indices` of `fleet`: in a
-    /// batch (read from its tags) or on its own (its request tag).
+    /// Every instance, in any state, launched for the members `indices` of `fleet` (always
+    /// in a batch, read from its tags): one DescribeInstances for a batch of up to 50.
     pub(crate) async fn members_instances(
         &self,
         fleet: &str,
@@ -580,27 +580,6 @@ impl Launcher {
         for instance in batch_instances(&self.client, fleet, indices, None).await? {
             if let Some((_, index)) = batch_member(&instance) {
                 found.entry(index).or_default().push(instance);
-            }
-        }
-        let ids: Vec<String> = indices.iter().map(|i| format!("{fleet}#{i}")).collect();
-        let alone = self
-            .client
-            .describe_instances()
-            .filters(
-                Filter::builder()
-                    .name(format!("tag:{REQUEST_TAG}"))
-                    .set_values(Some(ids))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| classify(&e, "looking up the members' instances"))?;
-        for instance in alone.reservations().iter().flat_map(|r| r.instances()) {
-            if let Some(index) = tag(instance, REQUEST_TAG)
-                .and_then(member_parts)
-                .map(|(_, i)| i)
-            {
-                found.entry(index).or_default().push(instance.clone());
             }
         }
         Ok(found)

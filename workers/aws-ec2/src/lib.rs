@@ -305,12 +305,9 @@ impl Ec2Platform {
         request_id: &str,
         states: &[&str],
     ) -> Result<Vec<Instance>, PlatformError> {
+        // A fleet member's instance is always launched in a batch, marked as its batch's.
         if let Some((fleet, index)) = member_parts(request_id) {
-            let launched =
-                fleet::batch_instances(&self.client, fleet, &[index], Some(states)).await?;
-            if !launched.is_empty() {
-                return Ok(launched);
-            }
+            return fleet::batch_instances(&self.client, fleet, &[index], Some(states)).await;
         }
         let output = self
             .client
