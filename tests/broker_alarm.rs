@@ -8,6 +8,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::http::{free_addr, until_status};
 use common::{TestEnv, id, rabbitmqctl};
 use provisioner_events::State;
 
@@ -37,8 +38,16 @@ async fn a_memory_alarm_pauses_the_work_with_a_clear_reason_and_it_resumes_after
     }
     let alarm = Alarm::raise();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let worker = env.start_worker("a");
+    let addr = free_addr();
+    let worker = env.start_worker_with("a", &[("METRICS_ADDR", addr.as_str())]);
     tokio::time::sleep(Duration::from_secs(10)).await;
+    // Live, but not ready: it takes no work while the broker blocks it.
+    assert!(until_status(&addr, "/live", 200, 10).await);
+    assert!(
+        until_status(&addr, "/ready", 503, 10).await,
+        "ready while blocked: {}",
+        env.worker_log("a")
+    );
     events.drain(Duration::from_millis(500)).await;
     assert!(
         events.seen.iter().all(|e| !e.state.is_terminal()),
@@ -68,6 +77,10 @@ async fn a_memory_alarm_pauses_the_work_with_a_clear_reason_and_it_resumes_after
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(resumed, "{}", env.worker_log("a"));
+    assert!(
+        until_status(&addr, "/ready", 200, 10).await,
+        "not ready again after the alarm"
+    );
     let containers = env.containers().await;
     assert!(containers.values().all(|c| c.len() == 1), "{containers:?}");
 }

@@ -157,6 +157,10 @@ pub struct WorkerSettings {
     /// `RunInstances=10/4`).
     #[arg(long, env = "RATE_LIMITS", default_value = "")]
     pub rate_limits: String,
+    /// Where to serve `/metrics` (Prometheus), `/live` and `/ready`, e.g. `0.0.0.0:9464`
+    /// (default: not served).
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl WorkerSettings {

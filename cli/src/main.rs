@@ -6,6 +6,7 @@
 
 mod config;
 mod demo_http;
+mod observe;
 mod submit;
 
 use std::process::ExitCode;
@@ -294,6 +295,15 @@ async fn worker(
     let store: Arc<dyn StateStore> = Arc::new(redis(connections).await?);
     let broker: Arc<dyn Broker> = Arc::new(amqp(connections, &config.worker_id).await?);
     let worker = Arc::new(Worker::new(platform, store, broker, config));
+    if let Some(addr) = settings.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            Failure::config(anyhow::anyhow!(
+                "METRICS_ADDR {addr}: cannot listen there: {e}"
+            ))
+        })?;
+        tracing::info!(%addr, "serving /metrics, /live and /ready");
+        tokio::spawn(observe::serve(listener, worker.metrics(), worker.health()));
+    }
     worker.run(shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)
 }

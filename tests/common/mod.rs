@@ -3,6 +3,7 @@
 //! Needs RabbitMQ, Redis and Podman as `scripts/test.sh` starts them.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod oracle;
 pub mod proxy;
 pub mod scenario;

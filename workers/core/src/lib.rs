@@ -29,6 +29,7 @@ pub mod cache;
 pub mod conformance;
 pub mod fault;
 pub mod health;
+pub mod metrics;
 pub mod names;
 pub mod platform;
 pub mod policy;

@@ -129,6 +129,7 @@ impl Worker {
                 torn_down_by,
             } => {
                 if takeover {
+                    self.metrics.takeover();
                     info!(
                         fence = fence.counter,
                         attempt, "claimed again after an earlier attempt or a lost holder"
@@ -299,7 +300,10 @@ impl Worker {
         }
         let limits = self.rate_limits_of(request);
         let pace = match self.reserve_tokens(&limits).await {
-            Pacing::Go(wait) => wait,
+            Pacing::Go(wait) => {
+                self.metrics.rate_limit_wait(wait);
+                wait
+            }
             Pacing::Later(again) => {
                 // Not an attempt: the queue holds it until its tokens come near.
                 let _ = self.store.release(held.id(), &held.fence, true).await;
@@ -341,7 +345,13 @@ impl Worker {
             let call = AssertUnwindSafe(async {
                 // Slept under the heartbeat: the lease is kept while waiting our turn.
                 tokio::time::sleep(pace).await;
+                let called = std::time::Instant::now();
                 let result = self.call_platform(request).await;
+                self.metrics.platform_call(
+                    request.operation,
+                    result.as_ref().err().map(|e| e.class),
+                    called.elapsed(),
+                );
                 self.adapt_rates(limits, &result);
                 result
             })

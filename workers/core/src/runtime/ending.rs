@@ -191,6 +191,11 @@ impl Worker {
             }
             None => info!(state = %event.state, "done"),
         }
+        self.metrics.request_ended(
+            Some(held.request.operation),
+            event.state,
+            event.error.as_ref().map(|e| e.class),
+        );
         crate::fault::point("after_record");
         let terminal = self.broker.send_status(&event).await?;
         let working = held

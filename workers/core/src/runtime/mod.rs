@@ -145,6 +145,8 @@ pub struct Worker {
     store: Arc<dyn StateStore>,
     broker: Arc<dyn Broker>,
     config: WorkerConfig,
+    metrics: Arc<crate::metrics::Metrics>,
+    health: crate::metrics::Health,
 }
 
 impl std::fmt::Debug for Worker {
@@ -181,16 +183,29 @@ impl Worker {
             platform.name(),
             config.rate_limits.clone(),
         ));
+        let metrics = Arc::new(crate::metrics::Metrics::new(platform.name()));
         Worker {
             platform,
             store,
             broker,
             config,
+            metrics,
+            health: crate::metrics::Health::default(),
         }
     }
 
     pub fn config(&self) -> &WorkerConfig {
         &self.config
+    }
+
+    /// The worker's counters and timings, for a `/metrics` endpoint.
+    pub fn metrics(&self) -> Arc<crate::metrics::Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Whether the worker takes work, for `/ready`.
+    pub fn health(&self) -> crate::metrics::Health {
+        self.health.clone()
     }
 
     /// Consumes until `shutdown` resolves, reconnecting whenever the broker goes away, and
@@ -233,6 +248,7 @@ impl Worker {
                 consumed = consumed => match consumed {
                     Ok(deliveries) => deliveries,
                     Err(e) => {
+                        self.metrics.reconnect("broker");
                         warn!(error = %e, retry_in_ms = reconnect_delay.as_millis() as u64, "cannot consume; retrying");
                         tokio::select! {
                             _ = &mut shutdown => break 'connection,
@@ -244,12 +260,14 @@ impl Worker {
                 },
             };
             info!(%platform, worker = %self.config.worker_id, "consuming");
+            self.health.set_consuming(true);
             loop {
                 while in_flight.try_join_next().is_some() {}
                 // While the broker blocks publishing (a memory or disk alarm), every status
                 // event and retry would hang or fail: take no new work until it clears.
                 if let Some(reason) = self.broker.blocked() {
                     warn!(%reason, "the broker blocks publishing; taking no work until it clears");
+                    self.health.set_consuming(false);
                     loop {
                         tokio::select! {
                             _ = &mut shutdown => break 'connection,
@@ -257,6 +275,7 @@ impl Worker {
                         }
                         if self.broker.blocked().is_none() {
                             info!("the broker publishes again; taking work");
+                            self.health.set_consuming(true);
                             break;
                         }
                     }
@@ -302,12 +321,15 @@ impl Worker {
             // Dropping the stream cancels the consumer; deliveries in flight keep their
             // channel open until they are settled.
             drop(deliveries);
+            self.health.set_consuming(false);
+            self.metrics.reconnect("broker");
             tokio::select! {
                 _ = &mut shutdown => break 'connection,
                 _ = tokio::time::sleep(reconnect_delay) => {}
             }
             reconnect_delay = (reconnect_delay * 2).min(RECONNECT_DELAY_MAX);
         }
+        self.health.set_consuming(false);
         info!(
             in_flight = in_flight.len(),
             grace_s = self.config.shutdown_grace.as_secs(),
@@ -340,6 +362,8 @@ impl Worker {
         );
         async {
             crate::fault::point("after_receive");
+            let received = std::time::Instant::now();
+            self.metrics.in_flight(true);
             let settlement = match AssertUnwindSafe(self.process(&delivery))
                 .catch_unwind()
                 .await
@@ -357,6 +381,8 @@ impl Worker {
                 }
             };
             debug!(?settlement, "settling");
+            self.metrics.delivery_settled(&settlement, received.elapsed());
+            self.metrics.in_flight(false);
             if settlement == Settlement::Ack {
                 crate::fault::point("after_publish");
             }
@@ -531,6 +557,7 @@ impl Worker {
             message,
         } = refusal;
         warn!(error.class = %class, error.message = %message, "refused");
+        self.metrics.request_rejected(operation, class);
         if let Some(request_id) = request_id {
             let event = StatusEvent {
                 schema_version: SCHEMA_VERSION,
@@ -608,6 +635,7 @@ impl Worker {
             match call().await {
                 Err(e) if e.is_unavailable() && tokio::time::Instant::now() + pause < give_up => {
                     debug!(error = %e, "state store unavailable; retrying");
+                    self.metrics.reconnect("store");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }

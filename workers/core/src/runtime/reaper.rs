@@ -110,6 +110,8 @@ impl Worker {
                 continue;
             }
             info!(request.id = %id, "ended an abandoned request");
+            self.metrics
+                .request_ended(operation, State::Error, Some(ErrorClass::Internal));
             if operation == Some(Operation::Provision) {
                 self.release_quota_of(&id).await;
             }
