@@ -114,3 +114,40 @@ async fn metrics_live_and_ready_move_with_the_work() {
     })
     .await;
 }
+
+/// `PROVISIONER_LOG_FORMAT=json`: every line a JSON object, and the lines of a delivery
+/// carry its platform, request id and attempt.
+#[tokio::test]
+async fn json_logs_carry_the_request_on_every_line_of_its_delivery() {
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_worker_with("json", &[("PROVISIONER_LOG_FORMAT", "json")]);
+    let web = env.web("json-web");
+    env.publish(&web).await;
+    assert_eq!(events.terminal(&id(&web)).await.state, State::Running);
+    // The "done" line is written before the terminal event goes out.
+    let log = env.worker_log("json");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let of_request: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["span"]["request.id"] == id(&web).as_str())
+        .collect();
+    assert!(!of_request.is_empty(), "no line of the request:\n{log}");
+    assert!(
+        of_request
+            .iter()
+            .any(|l| l["message"] == "done" && l["span"]["attempt"] == 1),
+        "no `done` line with its attempt:\n{log}"
+    );
+    for line in of_request {
+        assert_eq!(line["span"]["platform"], "docker", "{line}");
+        assert!(
+            line["level"].is_string() && line["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+}

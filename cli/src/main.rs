@@ -166,14 +166,29 @@ fn main() -> ExitCode {
         }
         _ => "error,provisioner_core=warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PROVISIONER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PROVISIONER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    match std::env::var("PROVISIONER_LOG_FORMAT").as_deref() {
+        Err(_) | Ok("" | "text") => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .init(),
+        // One JSON object a line, for a log pipeline: the event's fields at the top, and
+        // the delivery it belongs to (`span`: platform, request.id, attempt).
+        Ok("json") => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        Ok(other) => {
+            eprintln!("error: PROVISIONER_LOG_FORMAT={other:?} is not `text` or `json`");
+            return ExitCode::from(64);
+        }
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
