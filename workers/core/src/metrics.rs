@@ -201,24 +201,26 @@ impl Metrics {
         state: State,
         class: Option<ErrorClass>,
     ) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                platform: self.platform.clone(),
-                operation: operation.map(|o| o.to_string()).unwrap_or_default(),
-                outcome: state.to_string(),
-                error_class: class.map(|c| c.to_string()).unwrap_or_default(),
-            })
-            .inc();
+        self.count_request(operation, state.to_string(), class);
     }
 
     /// A message was refused before any work: it ends `rejected`.
     pub(crate) fn request_rejected(&self, operation: Option<Operation>, class: ErrorClass) {
+        self.count_request(operation, "rejected".into(), Some(class));
+    }
+
+    fn count_request(
+        &self,
+        operation: Option<Operation>,
+        outcome: String,
+        class: Option<ErrorClass>,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
                 platform: self.platform.clone(),
                 operation: operation.map(|o| o.to_string()).unwrap_or_default(),
-                outcome: "rejected".into(),
-                error_class: class.to_string(),
+                outcome,
+                error_class: class.map(|c| c.to_string()).unwrap_or_default(),
             })
             .inc();
     }

@@ -110,6 +110,22 @@ struct World {
     subnetworks: HashMap<String, String>,
 }
 
+impl World {
+    /// The operation a replayed `requestId` answers: the first call's, as it is now.
+    fn replayed(&self, request_id: Option<&String>) -> Option<Value> {
+        let key = self.request_ids.get(request_id?)?;
+        self.operations.get(key).map(|op| op.value.clone())
+    }
+
+    /// Remembers the operation a `requestId` made, for its replays.
+    fn remember(&mut self, request_id: Option<String>, zone: &str, op: &Value) {
+        if let Some(request_id) = request_id {
+            let name = op["name"].as_str().unwrap_or_default().to_owned();
+            self.request_ids.insert(request_id, (zone.to_owned(), name));
+        }
+    }
+}
+
 /// The part of a network or subnetwork reference from `marker` on, whatever form (URL,
 /// partial path) it was given in.
 fn reference_from<'a>(reference: &'a str, marker: &str) -> &'a str {
@@ -463,12 +479,8 @@ impl FakeGcp {
     fn insert(&self, zone: &str, query: &str, body: Value) -> (u16, Value) {
         let mut world = self.world.lock();
         let request_id = query_param(query, "requestId");
-        if let Some(request_id) = &request_id
-            && let Some(key) = world.request_ids.get(request_id).cloned()
-            && let Some(op) = world.operations.get(&key)
-        {
-            // A replay: the first insert's operation, as it is now.
-            return (200, op.value.clone());
+        if let Some(op) = world.replayed(request_id.as_ref()) {
+            return (200, op);
         }
         let Some(name) = body["name"].as_str().map(str::to_owned) else {
             return (
@@ -502,12 +514,7 @@ impl FakeGcp {
             &name,
             Effect::Created(name.clone()),
         );
-        if let Some(request_id) = request_id {
-            let op_name = op["name"].as_str().unwrap_or_default().to_owned();
-            world
-                .request_ids
-                .insert(request_id, (zone.to_owned(), op_name));
-        }
+        world.remember(request_id, zone, &op);
         (200, op)
     }
 
@@ -589,11 +596,8 @@ impl FakeGcp {
     fn bulk_insert(&self, zone: &str, query: &str, body: Value) -> (u16, Value) {
         let mut world = self.world.lock();
         let request_id = query_param(query, "requestId");
-        if let Some(request_id) = &request_id
-            && let Some(key) = world.request_ids.get(request_id).cloned()
-            && let Some(op) = world.operations.get(&key)
-        {
-            return (200, op.value.clone());
+        if let Some(op) = world.replayed(request_id.as_ref()) {
+            return (200, op);
         }
         let invalid = |message: &str| (400, compute_error(400, "invalid", message));
         let names: Vec<String> = body["perInstanceProperties"]
@@ -659,12 +663,7 @@ impl FakeGcp {
             &names[0],
             Effect::CreatedAll(names.clone()),
         );
-        if let Some(request_id) = request_id {
-            let op_name = op["name"].as_str().unwrap_or_default().to_owned();
-            world
-                .request_ids
-                .insert(request_id, (zone.to_owned(), op_name));
-        }
+        world.remember(request_id, zone, &op);
         (200, op)
     }
 
@@ -729,11 +728,8 @@ impl FakeGcp {
     fn instance_operation(&self, zone: &str, name: &str, verb: &str, query: &str) -> (u16, Value) {
         let mut world = self.world.lock();
         let request_id = query_param(query, "requestId");
-        if let Some(request_id) = &request_id
-            && let Some(key) = world.request_ids.get(request_id).cloned()
-            && let Some(op) = world.operations.get(&key)
-        {
-            return (200, op.value.clone());
+        if let Some(op) = world.replayed(request_id.as_ref()) {
+            return (200, op);
         }
         let key = (zone.to_owned(), name.to_owned());
         let Some(instance) = world.instances.get_mut(&key) else {
@@ -764,12 +760,7 @@ impl FakeGcp {
             _ => Effect::Status(name.to_owned(), "RUNNING"),
         };
         let op = self.new_operation(&mut world, zone, verb, name, effect);
-        if let Some(request_id) = request_id {
-            let op_name = op["name"].as_str().unwrap_or_default().to_owned();
-            world
-                .request_ids
-                .insert(request_id, (zone.to_owned(), op_name));
-        }
+        world.remember(request_id, zone, &op);
         (200, op)
     }
 
