@@ -29,6 +29,17 @@ use serde_json::{Value, json};
 pub const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000000aa";
 pub const RESOURCE_GROUP: &str = "apps";
 /// When everything the fake makes was made, with the seven fractional digits ARM writes.
+/// ARM's answer for a subscription it does not know.
+fn subscription_not_found(sub: &str) -> Answer {
+    answer(
+        404,
+        arm_error(
+            "SubscriptionNotFound",
+            &format!("The subscription '{sub}' could not be found."),
+        ),
+    )
+}
+
 /// The VM sizes every location offers here: name, cores, memory in MB.
 const VM_SIZES: [(&str, u32, u32); 6] = [
     ("Standard_B1s", 1, 1024),
@@ -281,13 +292,7 @@ impl FakeArm {
                 id,
             ] => {
                 if *sub != SUBSCRIPTION {
-                    return answer(
-                        404,
-                        arm_error(
-                            "SubscriptionNotFound",
-                            &format!("The subscription '{sub}' could not be found."),
-                        ),
-                    );
+                    return subscription_not_found(sub);
                 }
                 self.poll_operation(id)
             }
@@ -300,13 +305,7 @@ impl FakeArm {
                 rest @ ..,
             ] => {
                 if *sub != SUBSCRIPTION {
-                    return answer(
-                        404,
-                        arm_error(
-                            "SubscriptionNotFound",
-                            &format!("The subscription '{sub}' could not be found."),
-                        ),
-                    );
+                    return subscription_not_found(sub);
                 }
                 if !group.eq_ignore_ascii_case(RESOURCE_GROUP) {
                     return answer(
@@ -334,13 +333,7 @@ impl FakeArm {
                 && sizes.eq_ignore_ascii_case("vmSizes") =>
             {
                 if *sub != SUBSCRIPTION {
-                    return answer(
-                        404,
-                        arm_error(
-                            "SubscriptionNotFound",
-                            &format!("The subscription '{sub}' could not be found."),
-                        ),
-                    );
+                    return subscription_not_found(sub);
                 }
                 let value: Vec<Value> = VM_SIZES
                     .iter()

@@ -117,6 +117,13 @@ impl World {
         self.operations.get(key).map(|op| op.value.clone())
     }
 
+    /// Keeps a new instance, its reads counted from now (they time its status).
+    fn add_instance(&mut self, key: (String, String), instance: Value) {
+        self.instance_reads.restart(&key);
+        self.instances.insert(key, instance);
+        self.created += 1;
+    }
+
     /// Remembers the operation a `requestId` made, for its replays.
     fn remember(&mut self, request_id: Option<String>, zone: &str, op: &Value) {
         if let Some(request_id) = request_id {
@@ -504,9 +511,7 @@ impl FakeGcp {
             Ok(instance) => instance,
             Err(refusal) => return refusal,
         };
-        world.instances.insert(key.clone(), instance);
-        world.instance_reads.restart(&key);
-        world.created += 1;
+        world.add_instance(key, instance);
         let op = self.new_operation(
             &mut world,
             zone,
@@ -651,10 +656,7 @@ impl FakeGcp {
             }
         }
         for (name, instance) in made {
-            let key = (zone.to_owned(), name);
-            world.instances.insert(key.clone(), instance);
-            world.instance_reads.restart(&key);
-            world.created += 1;
+            world.add_instance((zone.to_owned(), name), instance);
         }
         let op = self.new_operation(
             &mut world,
