@@ -15,6 +15,10 @@ bash localstack/start-moto.sh
 for vhost in $(rabbitmqctl -q list_vhosts --no-table-headers | grep -E '^(test|lambda|bench)-[0-9a-f]{8,10}$' || true); do
   rabbitmqctl -q delete_vhost "$vhost" </dev/null
 done
+# ...and the broker users a least-privilege test made (named `<user>-<run id>`).
+for user in $(rabbitmqctl -q list_users --no-table-headers | awk '{print $1}' | grep -E '^provisioner-[a-z0-9-]+-[0-9a-f]{10}$' || true); do
+  rabbitmqctl -q delete_user "$user" </dev/null
+done
 
 export DOCKER_HOST=${DOCKER_HOST:-unix:///run/podman/podman.sock}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::scenario::Scenario;
-use common::{TestEnv, id};
+use common::{TestEnv, id, rabbitmqctl};
 use provisioner_core::amqp::{dead_letter_queue, work_queue};
 use provisioner_events::{ErrorClass, PlatformName, State};
 
@@ -415,4 +415,237 @@ async fn watch_prints_the_events_of_the_request_it_follows() {
             (id(&web), "running".to_owned())
         ]
     );
+}
+
+/// Loads the shipped definitions (`infra/rabbitmq/definitions.json`, with
+/// `rabbitmqctl import_definitions`) onto this test's vhost: the shared topology and the
+/// docker platform's (every quorum queue costs the shared test broker memory), and the
+/// users of the producer, the docker worker and the operator, named `<user>-<run id>`
+/// (users are the broker's, not the vhost's) with the password `secret`. Returns the
+/// users' names.
+fn load_shipped_definitions(env: &TestEnv) -> Vec<String> {
+    let shipped = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../infra/rabbitmq/definitions.json"
+    );
+    let mut definitions: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(shipped).expect("the shipped definitions"))
+            .expect("JSON");
+    definitions["vhosts"] = serde_json::json!([{ "name": env.vhost }]);
+    let other_platform = |name: &str| {
+        PlatformName::ALL.iter().any(|p| {
+            *p != PlatformName::Docker
+                && (name.starts_with(&format!("provisioning.{p}"))
+                    || name == format!("provisioner-worker-{p}"))
+        })
+    };
+    for kind in [
+        "exchanges",
+        "queues",
+        "bindings",
+        "users",
+        "permissions",
+        "topic_permissions",
+    ] {
+        let entities = definitions[kind].as_array_mut().expect("a list");
+        entities.retain(|e| {
+            let name = ["name", "destination", "user"]
+                .iter()
+                .find_map(|field| e[field].as_str())
+                .unwrap_or_default();
+            !other_platform(name)
+        });
+        for entity in entities.iter_mut() {
+            if kind != "users" {
+                entity["vhost"] = env.vhost.clone().into();
+            }
+            for field in ["name", "user"] {
+                if (kind.contains("permissions") || kind == "users")
+                    && let Some(user) = entity[field].as_str()
+                {
+                    entity[field] = format!("{user}-{}", env.run_id).into();
+                }
+            }
+        }
+    }
+    let users: Vec<String> = definitions["users"]
+        .as_array()
+        .expect("users")
+        .iter()
+        .map(|u| u["name"].as_str().expect("a name").to_owned())
+        .collect();
+    let file = std::env::temp_dir().join(format!("definitions-{}.json", env.run_id));
+    std::fs::write(&file, definitions.to_string()).expect("write");
+    rabbitmqctl(&["-q", "import_definitions", file.to_str().expect("a path")]);
+    let _ = std::fs::remove_file(&file);
+    for user in &users {
+        rabbitmqctl(&["-q", "change_password", user, "secret"]);
+    }
+    users
+}
+
+/// A broker set up by an operator from the shipped definitions runs the worker as it
+/// is: every declaration the worker makes finds what it declares, and requests flow
+/// before any worker ever declared a thing.
+#[tokio::test]
+async fn a_broker_set_up_from_the_shipped_definitions_runs_the_worker_as_it_is() {
+    let mut env = TestEnv::new().await;
+    let users = load_shipped_definitions(&env);
+    // The queues are there before any worker or producer declared them.
+    assert_eq!(env.queue_depth("provisioning.docker").await, 0);
+    assert_eq!(env.queue_depth("provisioning.docker.delay.4s").await, 0);
+
+    let mut events = env.events().await;
+    env.start_worker("defined");
+    let web = env.web("defined-web");
+    env.publish(&web).await;
+    assert_eq!(events.terminal(&id(&web)).await.state, State::Running);
+    let down = env.teardown("defined-down", &id(&web));
+    env.publish(&down).await;
+    assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
+    let log = env.worker_log("defined");
+    for user in users {
+        rabbitmqctl(&["-q", "delete_user", &user]);
+    }
+    assert!(
+        !log.contains("other arguments") && !log.contains("ERROR"),
+        "the worker found the broker other than it declares it:\n{log}"
+    );
+}
+
+/// Publishes one message as `url`'s user and waits for the broker's confirm: the
+/// broker's refusal (it closes the channel) as an error.
+async fn publish_as(url: &str, exchange: &str, routing_key: &str) -> Result<(), String> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let confirmed = async {
+        channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                b"{}",
+                lapin::BasicProperties::default(),
+            )
+            .await?
+            .await
+    }
+    .await;
+    let _ = connection.close(200, "OK".into()).await;
+    match confirmed {
+        Ok(lapin::Confirmation::Nack(_)) => Err("nacked".into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The users of the shipped definitions do their jobs and nothing more: the docker
+/// worker consumes, reports and fans a fleet out as its own user; the producer submits
+/// and follows it; a worker cannot publish requests (not on `provisioning.requests`,
+/// not through the default exchange, not another platform's on `provisioning.internal`)
+/// and a producer cannot publish status events or workers' messages.
+#[tokio::test]
+async fn each_user_of_the_definitions_may_do_its_job_and_nothing_more() {
+    let mut env = TestEnv::new().await;
+    let users = load_shipped_definitions(&env);
+    let url = |role: &str| {
+        format!(
+            "amqp://provisioner-{role}-{}:secret@127.0.0.1:5672/{}",
+            env.run_id, env.vhost
+        )
+    };
+    let (worker, producer) = (url("worker-docker"), url("producer"));
+    env.start_worker_with("least", &[("AMQP_URL", worker.as_str())]);
+
+    // A fleet of two: the worker publishes its members on provisioning.internal.
+    let fleet = serde_json::json!({
+        "schema_version": 1, "request_id": format!("least-fleet-{}", env.run_id),
+        "operation": "provision", "platform": "docker", "count": 2,
+        "spec": {"image": "localhost/busybox:latest", "command": ["sleep", "600"]},
+        "labels": {"test-run": env.run_id}
+    });
+    let file = std::env::temp_dir().join(format!("least-{}.json", env.run_id));
+    std::fs::write(&file, fleet.to_string()).expect("write the request");
+    let submitted = std::process::Command::new(common::BIN)
+        .args(["submit", "--wait", "--timeout-seconds", "120"])
+        .arg(&file)
+        .envs(env.env())
+        .env("AMQP_URL", &producer)
+        .output()
+        .expect("run submit");
+    let _ = std::fs::remove_file(&file);
+    let said = String::from_utf8_lossy(&submitted.stderr).into_owned();
+    assert!(
+        submitted.status.success(),
+        "{said}\n{}",
+        env.worker_log("least")
+    );
+    assert_eq!(env.containers().await.len(), 2, "{said}");
+
+    for (who, url, exchange, key) in [
+        (
+            "a worker",
+            &worker,
+            "provisioning.requests",
+            "docker.provision",
+        ),
+        ("a worker", &worker, "", "provisioning.docker"),
+        (
+            "a worker",
+            &worker,
+            "provisioning.internal",
+            "aws-ec2.provision",
+        ),
+        (
+            "a worker",
+            &worker,
+            "provisioning.delay",
+            "provisioning.aws-ec2.delay.4s",
+        ),
+        (
+            "a producer",
+            &producer,
+            "provisioning.status",
+            "docker.running",
+        ),
+        (
+            "a producer",
+            &producer,
+            "provisioning.internal",
+            "docker.provision",
+        ),
+        (
+            "a producer",
+            &producer,
+            "provisioning.dead-letter",
+            "docker.provision",
+        ),
+        ("a producer", &producer, "", "provisioning.docker"),
+    ] {
+        let published = publish_as(url, exchange, key).await;
+        assert!(
+            published
+                .as_ref()
+                .is_err_and(|e| e.to_uppercase().contains("ACCESS")),
+            "{who} published on {exchange:?} with {key:?}: {published:?}"
+        );
+    }
+    // The producer's right is the request door.
+    assert_eq!(
+        publish_as(&producer, "provisioning.requests", "docker.provision").await,
+        Ok(())
+    );
+    for user in users {
+        rabbitmqctl(&["-q", "delete_user", &user]);
+    }
 }

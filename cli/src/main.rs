@@ -8,6 +8,7 @@ mod config;
 mod demo_http;
 mod observe;
 mod submit;
+mod telemetry;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -116,6 +117,15 @@ enum Command {
         #[command(subcommand)]
         action: QuotaAction,
     },
+    /// Print the broker topology every worker declares (exchanges, queues, bindings) and
+    /// the users of a least-privilege deployment (producer, one worker per platform,
+    /// operator) as RabbitMQ definitions, for `rabbitmqctl import_definitions` or the
+    /// management API (`infra/rabbitmq/definitions.json` is this on the default vhost).
+    Definitions {
+        /// The vhost the definitions are for.
+        #[arg(long, default_value = "/")]
+        vhost: String,
+    },
     /// A tiny HTTP server, the program of the shipped process examples.
     #[command(hide = true)]
     DemoHttp {
@@ -166,29 +176,18 @@ fn main() -> ExitCode {
         }
         _ => "error,provisioner_core=warn",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PROVISIONER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    match std::env::var("PROVISIONER_LOG_FORMAT").as_deref() {
-        Err(_) | Ok("" | "text") => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_writer(std::io::stderr)
-            .init(),
-        // One JSON object a line, for a log pipeline: the event's fields at the top, and
-        // the delivery it belongs to (`span`: platform, request.id, attempt).
-        Ok("json") => tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init(),
-        Ok(other) => {
-            eprintln!("error: PROVISIONER_LOG_FORMAT={other:?} is not `text` or `json`");
-            return ExitCode::from(64);
+    let service = match cli.command {
+        Command::Worker { .. } => "provisioner-worker",
+        Command::Submit(_) => "provisioner-submit",
+        _ => "provisioner",
+    };
+    let telemetry = match telemetry::init(default_filter, service) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
         }
-    }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -196,7 +195,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli))
+    let code = runtime.block_on(run(cli));
+    drop(runtime);
+    telemetry.shutdown();
+    code
 }
 
 /// An error with the exit code it deserves.
@@ -269,6 +271,15 @@ async fn run(cli: Cli) -> ExitCode {
             reconcile(&cli.connections, platform, platforms, options).await
         }
         Command::Quota { action } => quota(&cli.connections, action).await,
+        Command::Definitions { vhost } => {
+            let config = AmqpConfig::new(String::new());
+            let definitions = provisioner_core::amqp::definitions(&config, &vhost);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&definitions).unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::DemoHttp { port } => demo_http::serve(port).await.map_err(Failure::from),
     };
     match result {

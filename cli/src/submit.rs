@@ -16,6 +16,7 @@ use provisioner_core::{Broker, MemoryBroker, MemoryStore, Worker, WorkerConfig};
 use provisioner_events::{
     FleetCounts, Operation, PlatformName, Request, State, StatusEvent, decode_request,
 };
+use tracing::Instrument;
 
 use crate::config::{Connections, PlatformSettings, build_platform};
 use crate::{EXIT_DATA, Failure};
@@ -283,11 +284,21 @@ async fn publish_and_wait(
             follow(events, &mut outcome, &bodies, deadline, args.json).await?;
         }
         bodies.insert(id.clone(), outgoing.body.clone());
+        // The request's trace starts here: its `traceparent` names this span.
+        let span = tracing::info_span!("submit", request.id = %id);
+        let trace = provisioner_core::trace::continue_trace(&span, &Default::default());
         broker
             .publish_request(&outgoing.request.routing_key(), &id, &outgoing.body)
+            .instrument(span)
             .await
             .with_context(|| format!("publishing {id}"))?;
-        eprintln!("published {id} ({})", outgoing.request.routing_key());
+        match trace {
+            Some(trace) => eprintln!(
+                "published {id} ({}, trace {trace})",
+                outgoing.request.routing_key()
+            ),
+            None => eprintln!("published {id} ({})", outgoing.request.routing_key()),
+        }
         outcome.entry(id).or_insert(None);
     }
     let Some(mut events) = events else {

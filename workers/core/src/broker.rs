@@ -63,6 +63,8 @@ pub struct Delivery {
     /// When the producer published it (the AMQP `timestamp` property), kept through
     /// retries; a message older than the state store's retention is not run again.
     pub published_at: Option<SystemTime>,
+    /// The producer's trace context (`traceparent`, `tracestate`), if it sent one.
+    pub trace: crate::trace::TraceHeaders,
     settler: Box<dyn Settle>,
 }
 
@@ -113,6 +115,7 @@ impl Delivery {
             redelivered,
             waits: 0,
             published_at: None,
+            trace: Default::default(),
             settler,
         }
     }
@@ -125,6 +128,12 @@ impl Delivery {
 
     pub fn with_published_at(mut self, published_at: Option<SystemTime>) -> Self {
         self.published_at = published_at;
+        self
+    }
+
+    /// The trace the message belongs to, from its headers.
+    pub fn with_trace(mut self, trace: crate::trace::TraceHeaders) -> Self {
+        self.trace = trace;
         self
     }
 
@@ -177,6 +186,19 @@ pub trait Broker: Send + Sync + 'static {
         request_id: &str,
         body: &[u8],
     ) -> Result<(), BrokerError>;
+
+    /// Publishes a request a worker derived from one it handles (a fleet's members, the
+    /// teardown of an expired resource). RabbitMQ takes it on the workers' own exchange,
+    /// `provisioning.internal`, so a worker's broker user needs no right to publish on
+    /// the producers' `provisioning.requests`.
+    async fn publish_derived_request(
+        &self,
+        routing_key: &str,
+        request_id: &str,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
+        self.publish_request(routing_key, request_id, body).await
+    }
 
     /// Every status event published from now on.
     async fn subscribe_status(&self) -> Result<BoxStream<'static, StatusEvent>, BrokerError>;

@@ -38,6 +38,7 @@ pub mod ratelimit;
 pub mod redis_store;
 pub mod runtime;
 pub mod store;
+pub mod trace;
 
 pub use broker::{Broker, BrokerError, Delivery, MemoryBroker, Settlement};
 pub use platform::{Described, Finding, Outcome, Owned, Platform, PlatformError, SetupError};

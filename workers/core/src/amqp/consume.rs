@@ -14,7 +14,7 @@ use tracing::warn;
 use super::publish::Letter;
 use super::{
     ATTEMPT_HEADER, AmqpBroker, ROUTING_KEY_HEADER, WAITS_HEADER, header_string, header_u32, short,
-    unavailable, work_queue,
+    trace_headers, unavailable, work_queue,
 };
 use crate::broker::{BrokerError, Delivery, DeliveryParts, DeliveryStream, Settle, Settlement};
 
@@ -149,7 +149,8 @@ impl AmqpBroker {
                     Box::new(settle),
                 )
                 .with_waits(waits)
-                .with_published_at(published_at))
+                .with_published_at(published_at)
+                .with_trace(trace_headers(properties)))
             });
             Ok(deliveries.boxed())
         }

@@ -32,10 +32,12 @@
 //! The connection is made lazily and made again after it drops.
 //!
 //! The parts: this file (names, configuration, the [`Broker`] implementation), `session`
-//! (the connection and its publishing channel), `topology` (declarations), `publish`
-//! (confirmed publishing, delay tiers, dead letters), `consume` (deliveries and their
-//! settlement), `subscribe` (status subscriptions), `journal` and `redrive` (operator
-//! reads of the journal and the dead letters).
+//! (the connection and its publishing channel), `topology` (the topology, described
+//! once: declared, or written out as RabbitMQ definitions), `publish` (confirmed
+//! publishing, delay tiers, dead letters), `consume` (deliveries and their settlement),
+//! `subscribe` (status subscriptions), `journal` and `redrive` (operator reads of the
+//! journal and the dead letters). Whatever is published from a traced span carries its
+//! W3C trace context (see [`crate::trace`]).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -57,11 +59,18 @@ mod topology;
 
 pub use publish::Letter;
 pub use redrive::DeadLetterInfo;
+pub use topology::{Topology, access_definitions, definitions};
 
 use crate::broker::{Broker, BrokerError, DeliveryStream, PendingConfirm};
 use publish::{BLOCKED, epoch_seconds, persistent};
 
 pub const DEAD_LETTER_EXCHANGE: &str = "provisioning.dead-letter";
+/// Where workers publish the requests they derive (fleet members, expiry teardowns):
+/// bound to every work queue like `provisioning.requests`, but written only by workers.
+pub const INTERNAL_EXCHANGE: &str = "provisioning.internal";
+/// Where workers park retries: each delay queue is bound by its own name. Not the
+/// default exchange, whose write right would reach every queue.
+pub const DELAY_EXCHANGE: &str = "provisioning.delay";
 pub const UNROUTED_EXCHANGE: &str = "provisioning.unrouted";
 pub const UNROUTED_QUEUE: &str = "provisioning.unrouted";
 pub const STATUS_JOURNAL_QUEUE: &str = "provisioning.status.journal";
@@ -212,6 +221,30 @@ fn header_string(properties: &BasicProperties, name: &str) -> Option<String> {
     }
 }
 
+/// The W3C trace headers of a message (`traceparent`, `tracestate`), as strings.
+fn trace_headers(properties: &BasicProperties) -> crate::trace::TraceHeaders {
+    [crate::trace::TRACEPARENT, crate::trace::TRACESTATE]
+        .into_iter()
+        .filter_map(|name| Some((name.to_owned(), header_string(properties, name)?)))
+        .collect()
+}
+
+/// Adds the current span's trace headers to a message's, unless it names its own trace.
+fn with_current_trace(properties: BasicProperties) -> BasicProperties {
+    let trace = crate::trace::current_headers();
+    if trace.is_empty() {
+        return properties;
+    }
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    if headers.inner().contains_key(crate::trace::TRACEPARENT) {
+        return properties;
+    }
+    for (name, value) in trace {
+        headers.insert(name.into(), long_string(&value));
+    }
+    properties.with_headers(headers)
+}
+
 fn short(value: &str) -> Result<ShortString, BrokerError> {
     ShortString::try_new(value.to_owned())
         .map_err(|_| BrokerError::Refused(format!("name over 255 bytes: {value:.40}…")))
@@ -259,6 +292,22 @@ impl Broker for AmqpBroker {
         // The timestamp lets a worker refuse a message older than the records it keeps.
         self.publish(
             REQUESTS_EXCHANGE,
+            routing_key,
+            body,
+            persistent(request_id, FieldTable::default())
+                .with_timestamp(epoch_seconds(SystemTime::now())),
+        )
+        .await
+    }
+
+    async fn publish_derived_request(
+        &self,
+        routing_key: &str,
+        request_id: &str,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
+        self.publish(
+            INTERNAL_EXCHANGE,
             routing_key,
             body,
             persistent(request_id, FieldTable::default())

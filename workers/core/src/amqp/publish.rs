@@ -11,7 +11,7 @@ use lapin::{BasicProperties, Confirmation, Connection};
 use provisioner_events::{ErrorClass, PlatformName};
 
 use super::{
-    ATTEMPT_HEADER, AmqpBroker, CLASS_HEADER, DEAD_LETTER_EXCHANGE, REASON_HEADER,
+    ATTEMPT_HEADER, AmqpBroker, CLASS_HEADER, DEAD_LETTER_EXCHANGE, DELAY_EXCHANGE, REASON_HEADER,
     ROUTING_KEY_HEADER, WAITS_HEADER, long_string, retry_queue, retry_tier, short, unavailable,
 };
 use crate::broker::{BrokerError, DeliveryParts, PendingConfirm};
@@ -75,6 +75,8 @@ impl AmqpBroker {
                 }
             ))
         };
+        // Whatever is published while a traced span works names it as its parent.
+        let properties = super::with_current_trace(properties);
         let sent = tokio::time::timeout_at(
             deadline,
             channel.basic_publish(
@@ -139,7 +141,7 @@ impl AmqpBroker {
             .insert(WAITS_HEADER.into(), AMQPValue::LongInt(clamp_i32(waits)))
             .insert(ROUTING_KEY_HEADER.into(), long_string(letter.routing_key));
         self.publish(
-            "",
+            DELAY_EXCHANGE,
             &retry_queue(platform, tier),
             letter.body,
             persistent(letter.message_id, headers).with_timestamp(epoch_seconds(

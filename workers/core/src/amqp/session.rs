@@ -9,7 +9,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 use tracing::debug;
 
-use super::topology::declare_exchanges;
+use super::topology::declare_shared;
 use super::{AmqpBroker, AmqpConfig, Inner, Session, short, unavailable};
 use crate::broker::BrokerError;
 
@@ -71,7 +71,7 @@ impl AmqpBroker {
                 .confirm_select(ConfirmSelectOptions::default())
                 .await
                 .map_err(unavailable)?;
-            declare_exchanges(&publisher, &self.inner.config).await?;
+            declare_shared(&connection, &self.inner.config).await?;
             Ok::<_, BrokerError>((connection, publisher))
         };
         let (connection, publisher) =

@@ -1,223 +1,617 @@
-//! Declarations: the exchanges and the status journal every client needs, and a
-//! platform's work queue, delay tiers and dead-letter queue. All idempotent; each on a
-//! channel of its own, since a refused declaration closes its channel.
+//! The broker topology, described once ([`Topology`]) and used two ways: declared
+//! idempotently by every client (the exchanges and the status journal on connecting, a
+//! platform's work queue, delay tiers and dead-letter queue before consuming or
+//! publishing), and written out as RabbitMQ definitions for an operator to load
+//! ([`Topology::definitions`], `provisioner definitions`). One description, so the two
+//! cannot drift.
+//!
+//! Each declaration runs on a channel of its own, since a refused declaration closes its
+//! channel.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
 use provisioner_events::{PlatformName, REQUESTS_EXCHANGE, STATUS_EXCHANGE};
-use tracing::warn;
+use serde_json::{Value, json};
+use tracing::{debug, warn};
 
 use super::{
-    AmqpConfig, DEAD_LETTER_EXCHANGE, RETRY_TIERS_S, STATUS_JOURNAL_QUEUE, UNROUTED_EXCHANGE,
-    UNROUTED_QUEUE, dead_letter_queue, long_string, retry_queue, short, unavailable, work_queue,
+    AmqpConfig, DEAD_LETTER_EXCHANGE, DELAY_EXCHANGE, INTERNAL_EXCHANGE, RETRY_TIERS_S,
+    STATUS_JOURNAL_QUEUE, UNROUTED_EXCHANGE, UNROUTED_QUEUE, dead_letter_queue, retry_queue, short,
+    unavailable, work_queue,
 };
 use crate::broker::BrokerError;
 
-pub(super) async fn declare_exchanges(
-    channel: &Channel,
-    config: &AmqpConfig,
-) -> Result<(), BrokerError> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let mut requests_args = FieldTable::default();
-    requests_args.insert("alternate-exchange".into(), long_string(UNROUTED_EXCHANGE));
-    channel
-        .exchange_declare(
-            UNROUTED_EXCHANGE.into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .map_err(unavailable)?;
-    channel
-        .queue_declare(
-            UNROUTED_QUEUE.into(),
-            QueueDeclareOptions::durable(),
-            quorum_args(None, None),
-        )
-        .await
-        .map_err(unavailable)?;
-    channel
-        .queue_bind(
-            UNROUTED_QUEUE.into(),
-            UNROUTED_EXCHANGE.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(unavailable)?;
-    channel
-        .exchange_declare(
-            REQUESTS_EXCHANGE.into(),
-            ExchangeKind::Topic,
-            durable,
-            requests_args,
-        )
-        .await
-        .map_err(unavailable)?;
-    channel
-        .exchange_declare(
-            STATUS_EXCHANGE.into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .map_err(unavailable)?;
-    channel
-        .exchange_declare(
-            DEAD_LETTER_EXCHANGE.into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .map_err(unavailable)?;
-    let mut journal_args = FieldTable::default();
-    journal_args
-        .insert(
-            "x-max-length".into(),
-            AMQPValue::LongLongInt(config.journal_max_length),
-        )
-        .insert("x-overflow".into(), long_string("drop-head"));
-    channel
-        .queue_declare(
-            STATUS_JOURNAL_QUEUE.into(),
-            QueueDeclareOptions::durable(),
-            journal_args,
-        )
-        .await
-        .map_err(unavailable)?;
-    channel
-        .queue_bind(
-            STATUS_JOURNAL_QUEUE.into(),
-            STATUS_EXCHANGE.into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(unavailable)?;
-    Ok(())
+/// An argument of an exchange or queue, typed as the code declares it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Argument {
+    Text(String),
+    Int(i32),
+    Long(i64),
 }
 
-fn quorum_args(delivery_limit: Option<i32>, dead_letter_exchange: Option<&str>) -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), long_string("quorum"));
-    if let Some(limit) = delivery_limit {
-        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(limit));
+impl Argument {
+    fn text(value: &str) -> Self {
+        Argument::Text(value.to_owned())
     }
-    if let Some(exchange) = dead_letter_exchange {
-        args.insert("x-dead-letter-exchange".into(), long_string(exchange));
-        at_least_once(&mut args);
+
+    fn amqp(&self) -> AMQPValue {
+        match self {
+            Argument::Text(text) => AMQPValue::LongString(text.as_str().into()),
+            Argument::Int(n) => AMQPValue::LongInt(*n),
+            Argument::Long(n) => AMQPValue::LongLongInt(*n),
+        }
     }
-    args
+
+    fn json(&self) -> Value {
+        match self {
+            Argument::Text(text) => json!(text),
+            Argument::Int(n) => json!(n),
+            Argument::Long(n) => json!(n),
+        }
+    }
+}
+
+/// Arguments in declaration order.
+pub type Arguments = Vec<(&'static str, Argument)>;
+
+fn field_table(arguments: &Arguments) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (name, value) in arguments {
+        table.insert((*name).into(), value.amqp());
+    }
+    table
+}
+
+fn json_arguments(arguments: &Arguments) -> Value {
+    Value::Object(
+        arguments
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), value.json()))
+            .collect(),
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeType {
+    Topic,
+    Fanout,
+}
+
+impl ExchangeType {
+    fn name(self) -> &'static str {
+        match self {
+            ExchangeType::Topic => "topic",
+            ExchangeType::Fanout => "fanout",
+        }
+    }
+}
+
+/// A durable exchange.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exchange {
+    pub name: String,
+    pub kind: ExchangeType,
+    pub arguments: Arguments,
+}
+
+/// A durable queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Queue {
+    pub name: String,
+    pub arguments: Arguments,
+}
+
+/// A queue bound to an exchange.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    pub exchange: String,
+    pub queue: String,
+    pub routing_key: String,
+}
+
+/// Exchanges, queues and bindings, in the order they are declared.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Topology {
+    pub exchanges: Vec<Exchange>,
+    pub queues: Vec<Queue>,
+    pub bindings: Vec<Binding>,
+}
+
+fn quorum(mut extra: Arguments) -> Arguments {
+    let mut arguments = vec![("x-queue-type", Argument::text("quorum"))];
+    arguments.append(&mut extra);
+    arguments
 }
 
 /// Dead-letters at least once: the message leaves the queue only when the target queue
 /// confirmed it. RabbitMQ honours it only with `reject-publish` overflow.
-fn at_least_once(args: &mut FieldTable) {
-    args.insert(
-        "x-dead-letter-strategy".into(),
-        long_string("at-least-once"),
-    )
-    .insert("x-overflow".into(), long_string("reject-publish"));
+fn at_least_once() -> Arguments {
+    vec![
+        ("x-dead-letter-strategy", Argument::text("at-least-once")),
+        ("x-overflow", Argument::text("reject-publish")),
+    ]
 }
 
-/// Declares the work queue; one declared by an older version with other arguments is
-/// used as it is, with a warning saying what it lacks.
-async fn declare_work_queue(
-    connection: &Connection,
-    config: &AmqpConfig,
-    work: &str,
-) -> Result<Channel, BrokerError> {
-    let channel = connection.create_channel().await.map_err(unavailable)?;
-    let declared = channel
-        .queue_declare(
-            short(work)?,
-            QueueDeclareOptions::durable(),
-            quorum_args(Some(config.delivery_limit), Some(DEAD_LETTER_EXCHANGE)),
-        )
-        .await;
-    match declared {
-        Ok(_) => Ok(channel),
-        Err(e) if e.is_amqp_soft_error() => {
-            // The refusal closed that channel; the queue exists with other arguments.
-            let channel = connection.create_channel().await.map_err(unavailable)?;
-            channel
-                .queue_declare(
-                    short(work)?,
-                    QueueDeclareOptions::default().passive(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|_| BrokerError::Refused(e.to_string()))?;
-            warn!(
-                queue = %work,
-                error = %e,
-                "the work queue was declared with other arguments (an older version?); using it as it is. It may lack at-least-once dead-lettering: set a policy with dead-letter-strategy=at-least-once and overflow=reject-publish, or recreate it when it is empty"
-            );
-            Ok(channel)
+impl Topology {
+    /// What every client needs: the requests, status and dead-letter exchanges, the
+    /// unrouted requests' exchange and queue, and the status journal.
+    pub fn shared(config: &AmqpConfig) -> Topology {
+        let exchange = |name: &str, kind, arguments| Exchange {
+            name: name.to_owned(),
+            kind,
+            arguments,
+        };
+        Topology {
+            exchanges: vec![
+                exchange(UNROUTED_EXCHANGE, ExchangeType::Fanout, vec![]),
+                exchange(
+                    REQUESTS_EXCHANGE,
+                    ExchangeType::Topic,
+                    vec![("alternate-exchange", Argument::text(UNROUTED_EXCHANGE))],
+                ),
+                exchange(STATUS_EXCHANGE, ExchangeType::Topic, vec![]),
+                exchange(DEAD_LETTER_EXCHANGE, ExchangeType::Topic, vec![]),
+                exchange(INTERNAL_EXCHANGE, ExchangeType::Topic, vec![]),
+                exchange(DELAY_EXCHANGE, ExchangeType::Topic, vec![]),
+            ],
+            queues: vec![
+                Queue {
+                    name: UNROUTED_QUEUE.to_owned(),
+                    arguments: quorum(vec![]),
+                },
+                Queue {
+                    name: STATUS_JOURNAL_QUEUE.to_owned(),
+                    arguments: vec![
+                        ("x-max-length", Argument::Long(config.journal_max_length)),
+                        ("x-overflow", Argument::text("drop-head")),
+                    ],
+                },
+            ],
+            bindings: vec![
+                Binding {
+                    exchange: UNROUTED_EXCHANGE.to_owned(),
+                    queue: UNROUTED_QUEUE.to_owned(),
+                    routing_key: String::new(),
+                },
+                Binding {
+                    exchange: STATUS_EXCHANGE.to_owned(),
+                    queue: STATUS_JOURNAL_QUEUE.to_owned(),
+                    routing_key: "#".to_owned(),
+                },
+            ],
         }
-        Err(e) => Err(unavailable(e)),
+    }
+
+    /// A platform's queues: the work queue (first), its dead letters and its delay tiers.
+    pub fn platform(config: &AmqpConfig, platform: PlatformName) -> Topology {
+        let work = work_queue(platform);
+        let dead = dead_letter_queue(platform);
+        let mut work_arguments = quorum(vec![
+            ("x-delivery-limit", Argument::Int(config.delivery_limit)),
+            (
+                "x-dead-letter-exchange",
+                Argument::text(DEAD_LETTER_EXCHANGE),
+            ),
+        ]);
+        work_arguments.extend(at_least_once());
+        let binding = |exchange: &str, queue: &str, routing_key: String| Binding {
+            exchange: exchange.to_owned(),
+            queue: queue.to_owned(),
+            routing_key,
+        };
+        let mut queues = vec![
+            Queue {
+                name: work.clone(),
+                arguments: work_arguments,
+            },
+            Queue {
+                name: dead.clone(),
+                arguments: quorum(vec![]),
+            },
+        ];
+        let mut bindings = vec![
+            binding(REQUESTS_EXCHANGE, &work, format!("{platform}.*")),
+            binding(INTERNAL_EXCHANGE, &work, format!("{platform}.*")),
+            binding(DEAD_LETTER_EXCHANGE, &dead, format!("{platform}.#")),
+            // Messages that came back from a delay queue carry the work queue's name
+            // as their key.
+            binding(DEAD_LETTER_EXCHANGE, &dead, work.clone()),
+        ];
+        for tier in RETRY_TIERS_S {
+            let delay = retry_queue(platform, tier);
+            bindings.push(binding(DELAY_EXCHANGE, &delay, delay.clone()));
+            let mut arguments = quorum(vec![
+                ("x-message-ttl", Argument::Long((tier * 1000) as i64)),
+                ("x-dead-letter-exchange", Argument::text("")),
+                ("x-dead-letter-routing-key", Argument::text(&work)),
+            ]);
+            arguments.extend(at_least_once());
+            queues.push(Queue {
+                name: delay,
+                arguments,
+            });
+        }
+        Topology {
+            exchanges: vec![],
+            queues,
+            bindings,
+        }
+    }
+
+    /// The shared topology and that of every platform.
+    pub fn everything(config: &AmqpConfig) -> Topology {
+        let mut all = Topology::shared(config);
+        for platform in PlatformName::ALL {
+            let mut of_platform = Topology::platform(config, platform);
+            all.exchanges.append(&mut of_platform.exchanges);
+            all.queues.append(&mut of_platform.queues);
+            all.bindings.append(&mut of_platform.bindings);
+        }
+        all
+    }
+
+    /// The topology as RabbitMQ definitions of `vhost` (the `exchanges`, `queues` and
+    /// `bindings` of `rabbitmqctl export_definitions`), for `import_definitions` or the
+    /// management API's `POST /api/definitions`.
+    pub fn definitions(&self, vhost: &str) -> Value {
+        json!({
+            "vhosts": [{"name": vhost}],
+            "exchanges": self.exchanges.iter().map(|e| json!({
+                "name": e.name, "vhost": vhost, "type": e.kind.name(), "durable": true,
+                "auto_delete": false, "internal": false, "arguments": json_arguments(&e.arguments),
+            })).collect::<Vec<_>>(),
+            "queues": self.queues.iter().map(|q| json!({
+                "name": q.name, "vhost": vhost, "durable": true, "auto_delete": false,
+                "arguments": json_arguments(&q.arguments),
+            })).collect::<Vec<_>>(),
+            "bindings": self.bindings.iter().map(|b| json!({
+                "source": b.exchange, "vhost": vhost, "destination": b.queue,
+                "destination_type": "queue", "routing_key": b.routing_key, "arguments": {},
+            })).collect::<Vec<_>>(),
+        })
     }
 }
 
+/// The broker users of a least-privilege deployment and what each may do on `vhost`,
+/// as RabbitMQ definitions (`users`, `permissions`, `topic_permissions`):
+///
+/// - `provisioner-producer` publishes requests and follows the status topic on queues
+///   of its own; it may publish nothing else (on the status exchange only the probe
+///   that proves its subscription hears).
+/// - `provisioner-worker-<platform>`, one per platform, consumes its platform's work
+///   queue and publishes status events, dead letters and parked retries of its
+///   platform, and the requests it derives (fleet members, expiry teardowns) on
+///   `provisioning.internal` for its platform only. It may not publish on
+///   `provisioning.requests`, nor through the default exchange to any queue.
+/// - `provisioner-operator` may do everything on the vhost (redrive, reconcile, reading
+///   the journal and the dead letters).
+///
+/// None of them may declare: the operator loads the topology with the definitions.
+/// Users come without passwords; set them with `rabbitmqctl change_password`.
+pub fn access_definitions(vhost: &str, platforms: &[PlatformName]) -> Value {
+    let user = |name: &str, tags: &[&str]| json!({"name": name, "password_hash": "", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": tags, "limits": {}});
+    let permission = |name: &str, configure: &str, write: &str, read: &str| json!({"user": name, "vhost": vhost, "configure": configure, "write": write, "read": read});
+    let topic = |name: &str, exchange: &str, write: &str| json!({"user": name, "vhost": vhost, "exchange": exchange, "write": write, "read": ".*"});
+    let escape = |name: &str| name.replace('.', "\\.");
+    let producer = "provisioner-producer";
+    let operator = "provisioner-operator";
+    let mut users = vec![user(producer, &[]), user(operator, &["management"])];
+    let mut permissions = vec![
+        permission(
+            producer,
+            "^amq\\.gen-.*$",
+            &format!(
+                "^({}|{}|amq\\.gen-.*)$",
+                escape(REQUESTS_EXCHANGE),
+                escape(STATUS_EXCHANGE)
+            ),
+            &format!("^({}|amq\\.gen-.*)$", escape(STATUS_EXCHANGE)),
+        ),
+        permission(operator, ".*", ".*", ".*"),
+    ];
+    let mut topic_permissions = vec![topic(
+        producer,
+        STATUS_EXCHANGE,
+        &format!("^{}$", escape(super::PROBE_ROUTING_KEY)),
+    )];
+    for platform in platforms {
+        let worker = format!("provisioner-worker-{platform}");
+        users.push(user(&worker, &[]));
+        permissions.push(permission(
+            &worker,
+            "^$",
+            &format!(
+                "^({}|{}|{}|{})$",
+                escape(STATUS_EXCHANGE),
+                escape(DEAD_LETTER_EXCHANGE),
+                escape(INTERNAL_EXCHANGE),
+                escape(DELAY_EXCHANGE)
+            ),
+            &format!("^{}$", escape(&work_queue(*platform))),
+        ));
+        topic_permissions.extend([
+            topic(
+                &worker,
+                DEAD_LETTER_EXCHANGE,
+                &format!("^({platform}\\..*|{})$", escape(&work_queue(*platform))),
+            ),
+            topic(&worker, INTERNAL_EXCHANGE, &format!("^{platform}\\.[^.]+$")),
+            topic(
+                &worker,
+                DELAY_EXCHANGE,
+                &format!("^{}\\.delay\\.[0-9]+s$", escape(&work_queue(*platform))),
+            ),
+        ]);
+    }
+    json!({"users": users, "permissions": permissions, "topic_permissions": topic_permissions})
+}
+
+/// The whole definitions of `vhost`: every platform's topology and the users of a
+/// least-privilege deployment (`infra/rabbitmq/definitions.json` is this on `/`).
+pub fn definitions(config: &AmqpConfig, vhost: &str) -> Value {
+    let mut all = Topology::everything(config).definitions(vhost);
+    if let (Value::Object(all), Value::Object(access)) =
+        (&mut all, access_definitions(vhost, &PlatformName::ALL))
+    {
+        all.extend(access);
+    }
+    all
+}
+
+/// Declares on a channel of its own, making a new one after each refusal (a refusal
+/// closes its channel). A client whose broker user may not declare (a least-privilege
+/// deployment, where the operator loaded the definitions) checks instead that what it
+/// would declare exists.
+struct Declarer<'a> {
+    connection: &'a Connection,
+    channel: Channel,
+}
+
+fn access_refused(error: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(e)
+            if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
+    )
+}
+
+fn missing(what: &str, name: &str, refusal: &lapin::Error) -> BrokerError {
+    BrokerError::Refused(format!(
+        "this broker user may not declare the {what} {name:?} ({refusal}) and it does not exist: load the definitions (`provisioner definitions`, infra/rabbitmq/definitions.json) or grant the user configure rights"
+    ))
+}
+
+impl<'a> Declarer<'a> {
+    async fn new(connection: &'a Connection) -> Result<Declarer<'a>, BrokerError> {
+        let channel = connection.create_channel().await.map_err(unavailable)?;
+        Ok(Declarer {
+            connection,
+            channel,
+        })
+    }
+
+    /// A fresh channel after a refusal closed the current one.
+    async fn reopen(&mut self) -> Result<(), BrokerError> {
+        self.channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn exchange(&mut self, exchange: &Exchange) -> Result<(), BrokerError> {
+        let kind = match exchange.kind {
+            ExchangeType::Topic => ExchangeKind::Topic,
+            ExchangeType::Fanout => ExchangeKind::Fanout,
+        };
+        let declared = self
+            .channel
+            .exchange_declare(
+                short(&exchange.name)?,
+                kind.clone(),
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                field_table(&exchange.arguments),
+            )
+            .await;
+        match declared {
+            Err(e) if access_refused(&e) => {
+                self.reopen().await?;
+                let checked = self
+                    .channel
+                    .exchange_declare(
+                        short(&exchange.name)?,
+                        kind,
+                        ExchangeDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await;
+                if checked.is_err() {
+                    self.reopen().await?;
+                    return Err(missing("exchange", &exchange.name, &e));
+                }
+                Ok(())
+            }
+            declared => declared.map_err(unavailable),
+        }
+    }
+
+    /// Declares a queue. A work queue declared with other arguments (by an older
+    /// version) is used as it is, with a warning saying what it may lack.
+    async fn queue(&mut self, queue: &Queue, work_queue: bool) -> Result<(), BrokerError> {
+        let declared = self
+            .channel
+            .queue_declare(
+                short(&queue.name)?,
+                QueueDeclareOptions::durable(),
+                field_table(&queue.arguments),
+            )
+            .await;
+        let refusal = match declared {
+            Ok(_) => return Ok(()),
+            Err(e) if access_refused(&e) || (work_queue && e.is_amqp_soft_error()) => e,
+            Err(e) => return Err(unavailable(e)),
+        };
+        self.reopen().await?;
+        let checked = self
+            .channel
+            .queue_declare(
+                short(&queue.name)?,
+                QueueDeclareOptions::default().passive(),
+                FieldTable::default(),
+            )
+            .await;
+        if checked.is_err() {
+            self.reopen().await?;
+            return Err(if access_refused(&refusal) {
+                missing("queue", &queue.name, &refusal)
+            } else {
+                BrokerError::Refused(refusal.to_string())
+            });
+        }
+        if !access_refused(&refusal) {
+            warn!(
+                queue = %queue.name,
+                error = %refusal,
+                "the work queue was declared with other arguments (an older version?); using it as it is. It may lack at-least-once dead-lettering: set a policy with dead-letter-strategy=at-least-once and overflow=reject-publish, or recreate it when it is empty"
+            );
+        }
+        Ok(())
+    }
+
+    /// Binds; a user that may not bind relies on the definitions' binding (AMQP has no
+    /// way to look a binding up).
+    async fn binding(&mut self, binding: &Binding) -> Result<(), BrokerError> {
+        let bound = self
+            .channel
+            .queue_bind(
+                short(&binding.queue)?,
+                short(&binding.exchange)?,
+                short(&binding.routing_key)?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await;
+        match bound {
+            Err(e) if access_refused(&e) => {
+                debug!(queue = %binding.queue, exchange = %binding.exchange, "may not bind; relying on the definitions");
+                self.reopen().await
+            }
+            bound => bound.map_err(unavailable),
+        }
+    }
+
+    /// Declares `topology`; `work_queue` names the queue an older version may have
+    /// declared with other arguments.
+    async fn topology(
+        &mut self,
+        topology: &Topology,
+        work_queue: Option<&str>,
+    ) -> Result<(), BrokerError> {
+        for exchange in &topology.exchanges {
+            self.exchange(exchange).await?;
+        }
+        for queue in &topology.queues {
+            self.queue(queue, work_queue == Some(queue.name.as_str()))
+                .await?;
+        }
+        for binding in &topology.bindings {
+            self.binding(binding).await?;
+        }
+        let _ = self.channel.close(200, "OK".into()).await;
+        Ok(())
+    }
+}
+
+/// Declares what every client needs (the exchanges and the status journal).
+pub(super) async fn declare_shared(
+    connection: &Connection,
+    config: &AmqpConfig,
+) -> Result<(), BrokerError> {
+    Declarer::new(connection)
+        .await?
+        .topology(&Topology::shared(config), None)
+        .await
+}
+
+/// Declares a platform's queues and their bindings.
 pub(super) async fn declare_platform(
     connection: &Connection,
     config: &AmqpConfig,
     platform: PlatformName,
 ) -> Result<(), BrokerError> {
-    let work = work_queue(platform);
-    let dead = dead_letter_queue(platform);
-    let channel = declare_work_queue(connection, config, &work).await?;
-    let channel = &channel;
-    let bind = |queue: String, exchange: &'static str, key: String| async move {
-        channel
-            .queue_bind(
-                short(&queue)?,
-                exchange.into(),
-                short(&key)?,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(unavailable)
-    };
-    bind(work.clone(), REQUESTS_EXCHANGE, format!("{platform}.*")).await?;
-    channel
-        .queue_declare(
-            short(&dead)?,
-            QueueDeclareOptions::durable(),
-            quorum_args(None, None),
+    Declarer::new(connection)
+        .await?
+        .topology(
+            &Topology::platform(config, platform),
+            Some(&work_queue(platform)),
         )
         .await
-        .map_err(unavailable)?;
-    bind(dead.clone(), DEAD_LETTER_EXCHANGE, format!("{platform}.#")).await?;
-    // Messages that came back from a retry queue carry the work queue's name as their key.
-    bind(dead, DEAD_LETTER_EXCHANGE, work.clone()).await?;
-    for tier in RETRY_TIERS_S {
-        let mut args = quorum_args(None, None);
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt((tier * 1000) as i64),
-        )
-        .insert("x-dead-letter-exchange".into(), long_string(""))
-        .insert("x-dead-letter-routing-key".into(), long_string(&work));
-        at_least_once(&mut args);
-        channel
-            .queue_declare(
-                short(&retry_queue(platform, tier))?,
-                QueueDeclareOptions::durable(),
-                args,
-            )
-            .await
-            .map_err(unavailable)?;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_platforms_topology_routes_its_requests_to_its_work_queue_and_its_refusals_aside() {
+        let config = AmqpConfig::new("amqp://unused");
+        let docker = Topology::platform(&config, PlatformName::Docker);
+        assert_eq!(docker.queues[0].name, "provisioning.docker");
+        assert!(docker.queues[0].arguments.contains(&(
+            "x-dead-letter-exchange",
+            Argument::text(DEAD_LETTER_EXCHANGE)
+        )));
+        assert_eq!(docker.queues.len(), 2 + RETRY_TIERS_S.len());
+        assert!(docker.bindings.contains(&Binding {
+            exchange: REQUESTS_EXCHANGE.into(),
+            queue: "provisioning.docker".into(),
+            routing_key: "docker.*".into(),
+        }));
+        let all = Topology::everything(&config);
+        assert_eq!(
+            all.queues.len(),
+            2 + PlatformName::ALL.len() * (2 + RETRY_TIERS_S.len())
+        );
+        let definitions = all.definitions("/");
+        assert_eq!(
+            definitions["queues"][0]["arguments"]["x-queue-type"],
+            "quorum"
+        );
+        assert_eq!(
+            definitions["exchanges"][1]["arguments"]["alternate-exchange"],
+            UNROUTED_EXCHANGE
+        );
     }
-    Ok(())
+
+    /// `infra/rabbitmq/definitions.json` is what the code declares, on the default vhost.
+    /// `UPDATE_GOLDEN=1` rewrites it after an intended change.
+    #[test]
+    fn the_definitions_in_infra_are_the_topology_the_code_declares() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../infra/rabbitmq/definitions.json"
+        );
+        let generated = definitions(&AmqpConfig::new("amqp://unused"), "/");
+        let text = format!(
+            "{}\n",
+            serde_json::to_string_pretty(&generated).expect("JSON")
+        );
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(path, &text).expect("write the definitions");
+        }
+        let kept = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            kept == text,
+            "{path} differs from the topology the code declares; if the change is intended, run `UPDATE_GOLDEN=1 cargo test -p provisioner-core --lib definitions` and commit the file"
+        );
+    }
 }

@@ -60,7 +60,7 @@ impl Worker {
             teardown["tenant"] = tenant.into();
         }
         self.broker
-            .publish_request(
+            .publish_derived_request(
                 &request_routing_key(platform, Operation::Teardown),
                 teardown_id,
                 teardown.to_string().as_bytes(),

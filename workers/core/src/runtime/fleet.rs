@@ -302,7 +302,7 @@ impl Worker {
                         StoreError::Corrupt(format!("cannot serialize a member: {e}"))
                     })?;
                     self.broker
-                        .publish_request(routing_key, member.request_id.as_str(), &body)
+                        .publish_derived_request(routing_key, member.request_id.as_str(), &body)
                         .await?;
                     Ok::<_, Abort>(())
                 }

@@ -359,7 +359,13 @@ impl Worker {
             attempt = tracing::field::Empty,
             redelivered = delivery.redelivered,
             waits = delivery.waits,
+            trace_id = tracing::field::Empty,
         );
+        // A child of the producer's trace (or the first span of a new one); every event
+        // and message this delivery publishes names the span as its parent.
+        if let Some(trace_id) = crate::trace::continue_trace(&span, &delivery.trace) {
+            span.record("trace_id", trace_id.as_str());
+        }
         async {
             crate::fault::point("after_receive");
             let received = std::time::Instant::now();

@@ -8,6 +8,7 @@ use provisioner_events::{
     ErrorClass, Operation, Request, RequestId, Resource, State, TeardownTarget,
 };
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use super::Worker;
 use crate::platform::PlatformError;
@@ -112,7 +113,18 @@ impl Worker {
                 Operation::Describe => self.describe_settled(&target()?).await,
             }
         };
-        match tokio::time::timeout(self.config.operation_timeout, call).await {
+        // A span of its own, so a trace shows the platform's share of the delivery.
+        let span = tracing::info_span!(
+            "platform_call",
+            operation = %request.operation,
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            error.class = tracing::field::Empty,
+        );
+        let timed = tokio::time::timeout(self.config.operation_timeout, call)
+            .instrument(span.clone())
+            .await;
+        let result = match timed {
             Ok(result) => result,
             Err(_) => Err(PlatformError::retryable(
                 ErrorClass::Timeout,
@@ -121,7 +133,12 @@ impl Worker {
                     self.config.operation_timeout.as_secs()
                 ),
             )),
+        };
+        if let Err(e) = &result {
+            span.record("otel.status_code", "ERROR");
+            span.record("error.class", e.class.as_str());
         }
+        result
     }
 
     /// `describe` ends in a terminal state: a resource in transition (starting,
