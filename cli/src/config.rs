@@ -34,6 +34,23 @@ pub struct Connections {
     /// message published longer ago is refused rather than run again.
     #[arg(long, env = "RETENTION_SECONDS", default_value_t = 7 * 24 * 3600, global = true)]
     pub retention_seconds: u64,
+    /// Signed requests: `id=secret,…` (each secret at least 32 bytes). Workers run only
+    /// requests signed with one of them; `submit` signs with the first. Prefer
+    /// REQUEST_SIGNING_KEYS_FILE, which keeps the secrets out of the environment.
+    #[arg(
+        long,
+        env = "REQUEST_SIGNING_KEYS",
+        hide_env_values = true,
+        global = true
+    )]
+    pub request_signing_keys: Option<String>,
+    /// A file holding the signing keys, one `id=secret` a line (e.g. a mounted secret).
+    #[arg(long, env = "REQUEST_SIGNING_KEYS_FILE", global = true)]
+    pub request_signing_keys_file: Option<std::path::PathBuf>,
+    /// How old a signature may be (default: RETENTION_SECONDS, since a request within it
+    /// is answered by its record and never runs twice).
+    #[arg(long, env = "REQUEST_SIGNATURE_MAX_AGE_SECONDS", global = true)]
+    pub request_signature_max_age_seconds: Option<u64>,
 }
 
 /// Hides the password of a URL for messages.
@@ -42,6 +59,33 @@ pub use provisioner_core::redact_url as redact;
 impl Connections {
     pub fn retention(&self) -> Duration {
         Duration::from_secs(self.retention_seconds.max(1))
+    }
+
+    /// The request signing keys, when this deployment signs requests.
+    pub fn signing_keys(
+        &self,
+    ) -> Result<Option<Arc<provisioner_core::signing::SigningKeys>>, Failure> {
+        let spec = match (&self.request_signing_keys, &self.request_signing_keys_file) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err(Failure::config(anyhow::anyhow!(
+                    "REQUEST_SIGNING_KEYS and REQUEST_SIGNING_KEYS_FILE are both set: give one"
+                )));
+            }
+            (Some(keys), None) => keys.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| {
+                Failure::config(anyhow::anyhow!(
+                    "REQUEST_SIGNING_KEYS_FILE {}: {e}",
+                    path.display()
+                ))
+            })?,
+        };
+        let max_age = self
+            .request_signature_max_age_seconds
+            .map_or_else(|| self.retention(), Duration::from_secs);
+        provisioner_core::signing::SigningKeys::parse(&spec, max_age)
+            .map(|keys| Some(Arc::new(keys)))
+            .map_err(|e| Failure::config(anyhow::anyhow!("request signing keys: {e}")))
     }
 
     /// Both set: the real services; neither: embedded; one alone is a mistake.

@@ -314,6 +314,7 @@ async fn worker(
 ) -> Result<ExitCode, Failure> {
     let mut config = settings.validate()?;
     config.retention = connections.retention();
+    config.signing = connections.signing_keys()?;
     connections.require_amqp()?;
     connections.require_redis()?;
     let platform = platforms.build(settings.platform).await?;

@@ -237,6 +237,7 @@ pub async fn run(connections: &Connections, args: SubmitArgs) -> Result<ExitCode
     if connections.embedded()? {
         return embedded(args, requests).await;
     }
+    let signing = connections.signing_keys()?;
     let broker = crate::amqp(connections, "provisioner-submit").await?;
     // Declaring the platforms' queues makes requests wait for a worker that is not up yet.
     for platform in platforms_of(&requests) {
@@ -245,7 +246,7 @@ pub async fn run(connections: &Connections, args: SubmitArgs) -> Result<ExitCode
             .await
             .with_context(|| format!("declaring the {platform} queue"))?;
     }
-    publish_and_wait(&broker, requests, args.wait, &args).await
+    publish_and_wait(&broker, requests, args.wait, &args, signing.as_deref()).await
 }
 
 fn platforms_of(requests: &[Outgoing]) -> BTreeSet<PlatformName> {
@@ -256,11 +257,14 @@ fn acts_on_existing(operation: Operation) -> bool {
     !matches!(operation, Operation::Provision)
 }
 
+/// Publishes each request (signed with `signing`'s first key, when given) and, with
+/// `wait`, follows them to their ends.
 async fn publish_and_wait(
     broker: &dyn Broker,
     requests: Vec<Outgoing>,
     wait: bool,
     args: &SubmitArgs,
+    signing: Option<&provisioner_core::signing::SigningKeys>,
 ) -> Result<ExitCode, Failure> {
     // Subscribe before publishing, so no event can come before we listen.
     let mut events = if wait {
@@ -287,8 +291,16 @@ async fn publish_and_wait(
         // The request's trace starts here: its `traceparent` names this span.
         let span = tracing::info_span!("submit", request.id = %id);
         let trace = provisioner_core::trace::continue_trace(&span, &Default::default());
+        let routing_key = outgoing.request.routing_key();
+        let mut headers = std::collections::BTreeMap::new();
+        if let Some(keys) = signing {
+            headers.insert(
+                provisioner_core::signing::SIGNATURE_HEADER.to_owned(),
+                keys.sign(&routing_key, &outgoing.body),
+            );
+        }
         broker
-            .publish_request(&outgoing.request.routing_key(), &id, &outgoing.body)
+            .publish_request_with_headers(&routing_key, &id, &outgoing.body, &headers)
             .instrument(span)
             .await
             .with_context(|| format!("publishing {id}"))?;
@@ -428,7 +440,8 @@ async fn embedded(args: SubmitArgs, requests: Vec<Outgoing>) -> Result<ExitCode,
             let _ = stop.wait_for(|stop| *stop).await;
         })));
     }
-    let result = publish_and_wait(broker.as_ref(), requests, true, &args).await;
+    // In process nothing crosses a broker: there is nothing to sign.
+    let result = publish_and_wait(broker.as_ref(), requests, true, &args, None).await;
     let _ = stop_tx.send(true);
     for worker in workers {
         let _ = worker.await;

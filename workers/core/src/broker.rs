@@ -65,6 +65,12 @@ pub struct Delivery {
     pub published_at: Option<SystemTime>,
     /// The producer's trace context (`traceparent`, `tracestate`), if it sent one.
     pub trace: crate::trace::TraceHeaders,
+    /// The message's signature header, if it has one (see [`crate::signing`]).
+    pub signature: Option<String>,
+    /// Whether it came through the producers' door (`provisioning.requests`), rather
+    /// than from a worker (a fleet's member, a parked retry): what a deployment that
+    /// signs requests verifies.
+    pub from_producers: bool,
     settler: Box<dyn Settle>,
 }
 
@@ -98,6 +104,8 @@ pub struct DeliveryParts {
     pub attempt: u32,
     pub waits: u32,
     pub published_at: Option<SystemTime>,
+    /// Kept on a dead letter, so a redriven request is still signed.
+    pub signature: Option<String>,
 }
 
 impl Delivery {
@@ -116,6 +124,8 @@ impl Delivery {
             waits: 0,
             published_at: None,
             trace: Default::default(),
+            signature: None,
+            from_producers: true,
             settler,
         }
     }
@@ -128,6 +138,13 @@ impl Delivery {
 
     pub fn with_published_at(mut self, published_at: Option<SystemTime>) -> Self {
         self.published_at = published_at;
+        self
+    }
+
+    /// The message's signature, and whether it came from producers.
+    pub fn with_signature(mut self, signature: Option<String>, from_producers: bool) -> Self {
+        self.signature = signature;
+        self.from_producers = from_producers;
         self
     }
 
@@ -144,6 +161,7 @@ impl Delivery {
             attempt: self.attempt,
             waits: self.waits,
             published_at: self.published_at,
+            signature: self.signature,
         };
         self.settler.settle(parts, settlement).await
     }
@@ -186,6 +204,19 @@ pub trait Broker: Send + Sync + 'static {
         request_id: &str,
         body: &[u8],
     ) -> Result<(), BrokerError>;
+
+    /// Publishes a request with headers of its own (its signature). The default, for
+    /// brokers without headers, publishes the body alone.
+    async fn publish_request_with_headers(
+        &self,
+        routing_key: &str,
+        request_id: &str,
+        body: &[u8],
+        headers: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), BrokerError> {
+        let _ = headers;
+        self.publish_request(routing_key, request_id, body).await
+    }
 
     /// Publishes a request a worker derived from one it handles (a fleet's members, the
     /// teardown of an expired resource). RabbitMQ takes it on the workers' own exchange,

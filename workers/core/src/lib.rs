@@ -37,6 +37,7 @@ pub mod ratelimit;
 #[cfg(feature = "redis")]
 pub mod redis_store;
 pub mod runtime;
+pub mod signing;
 pub mod store;
 pub mod trace;
 

@@ -13,10 +13,11 @@ use tracing::warn;
 
 use super::publish::Letter;
 use super::{
-    ATTEMPT_HEADER, AmqpBroker, ROUTING_KEY_HEADER, WAITS_HEADER, header_string, header_u32, short,
-    trace_headers, unavailable, work_queue,
+    ATTEMPT_HEADER, AmqpBroker, INTERNAL_EXCHANGE, ROUTING_KEY_HEADER, WAITS_HEADER, header_string,
+    header_u32, short, trace_headers, unavailable, work_queue,
 };
 use crate::broker::{BrokerError, Delivery, DeliveryParts, DeliveryStream, Settle, Settlement};
+use crate::signing::SIGNATURE_HEADER;
 
 struct AmqpSettle {
     broker: AmqpBroker,
@@ -131,6 +132,9 @@ impl AmqpBroker {
                     .map(|id| id.as_str().to_owned())
                     .unwrap_or_default();
                 let waits = header_u32(properties, WAITS_HEADER).unwrap_or(0);
+                // Workers' own messages come through their own exchange, or back from a
+                // delay queue through the default one; producers may write neither.
+                let from_producers = !matches!(delivery.exchange.as_str(), "" | INTERNAL_EXCHANGE);
                 let published_at = properties
                     .timestamp()
                     .map(|seconds| UNIX_EPOCH + Duration::from_secs(seconds));
@@ -150,7 +154,8 @@ impl AmqpBroker {
                 )
                 .with_waits(waits)
                 .with_published_at(published_at)
-                .with_trace(trace_headers(properties)))
+                .with_trace(trace_headers(properties))
+                .with_signature(header_string(properties, SIGNATURE_HEADER), from_producers))
             });
             Ok(deliveries.boxed())
         }

@@ -289,13 +289,27 @@ impl Broker for AmqpBroker {
         request_id: &str,
         body: &[u8],
     ) -> Result<(), BrokerError> {
+        self.publish_request_with_headers(routing_key, request_id, body, &Default::default())
+            .await
+    }
+
+    async fn publish_request_with_headers(
+        &self,
+        routing_key: &str,
+        request_id: &str,
+        body: &[u8],
+        headers: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), BrokerError> {
+        let mut table = FieldTable::default();
+        for (name, value) in headers {
+            table.insert(short(name)?, long_string(value));
+        }
         // The timestamp lets a worker refuse a message older than the records it keeps.
         self.publish(
             REQUESTS_EXCHANGE,
             routing_key,
             body,
-            persistent(request_id, FieldTable::default())
-                .with_timestamp(epoch_seconds(SystemTime::now())),
+            persistent(request_id, table).with_timestamp(epoch_seconds(SystemTime::now())),
         )
         .await
     }

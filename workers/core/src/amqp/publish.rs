@@ -15,6 +15,7 @@ use super::{
     ROUTING_KEY_HEADER, WAITS_HEADER, long_string, retry_queue, retry_tier, short, unavailable,
 };
 use crate::broker::{BrokerError, DeliveryParts, PendingConfirm};
+use crate::signing::SIGNATURE_HEADER;
 
 impl AmqpBroker {
     /// Publishes with `mandatory` and waits for the confirm; a nack or return is an error.
@@ -166,6 +167,7 @@ impl AmqpBroker {
             message_id,
             attempt,
             published_at,
+            signature,
         } = letter;
         let mut headers = FieldTable::default();
         headers
@@ -175,6 +177,10 @@ impl AmqpBroker {
                 ATTEMPT_HEADER.into(),
                 AMQPValue::LongInt(clamp_i32(attempt)),
             );
+        // A redriven request is verified again: it keeps its signature.
+        if let Some(signature) = signature {
+            headers.insert(SIGNATURE_HEADER.into(), long_string(signature));
+        }
         let mut properties = persistent(message_id, headers);
         if let Some(published_at) = published_at {
             properties = properties.with_timestamp(epoch_seconds(published_at));
@@ -195,6 +201,8 @@ pub struct Letter<'a> {
     pub attempt: u32,
     /// When its producer published it.
     pub published_at: Option<SystemTime>,
+    /// Its producer's signature, if it had one.
+    pub signature: Option<&'a str>,
 }
 
 impl<'a> Letter<'a> {
@@ -206,6 +214,7 @@ impl<'a> Letter<'a> {
             message_id,
             attempt: delivery.attempt,
             published_at: delivery.published_at,
+            signature: delivery.signature.as_deref(),
         }
     }
 }

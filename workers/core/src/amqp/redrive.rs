@@ -16,9 +16,10 @@ use provisioner_events::{PlatformName, REQUESTS_EXCHANGE};
 
 use super::publish::{epoch_seconds, persistent};
 use super::{
-    AmqpBroker, BrokerError, CLASS_HEADER, REASON_HEADER, dead_letter_queue, header_string, short,
-    unavailable, work_queue,
+    AmqpBroker, BrokerError, CLASS_HEADER, REASON_HEADER, dead_letter_queue, header_string,
+    long_string, short, unavailable, work_queue,
 };
+use crate::signing::SIGNATURE_HEADER;
 
 /// One dead letter as a person reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,8 +98,19 @@ impl AmqpBroker {
                 .map(|id| id.as_str().to_owned())
                 .or(request_id)
                 .unwrap_or_default();
-            let properties = persistent(&message_id, FieldTable::default())
-                .with_timestamp(epoch_seconds(published_at));
+            // The signature and the trace travel on; the dead letter's reasons do not.
+            let mut headers = FieldTable::default();
+            for name in [
+                SIGNATURE_HEADER,
+                crate::trace::TRACEPARENT,
+                crate::trace::TRACESTATE,
+            ] {
+                if let Some(value) = header_string(&delivery.properties, name) {
+                    headers.insert(name.into(), long_string(&value));
+                }
+            }
+            let properties =
+                persistent(&message_id, headers).with_timestamp(epoch_seconds(published_at));
             let published = if routing_key == work_queue(platform) {
                 self.publish("", &routing_key, &delivery.data, properties)
                     .await

@@ -96,6 +96,9 @@ pub struct WorkerConfig {
     /// How long a fleet's coordinator waits with no member moving before it publishes
     /// again the members that have no record (their message may have been lost).
     pub fleet_stall: Duration,
+    /// When set, only requests signed with one of these keys run (see
+    /// [`crate::signing`]); the rest are refused with class `permission`.
+    pub signing: Option<Arc<crate::signing::SigningKeys>>,
 }
 
 impl Default for WorkerConfig {
@@ -116,6 +119,7 @@ impl Default for WorkerConfig {
             reconcile: None,
             rate_limits: crate::ratelimit::RateLimitSettings::default(),
             fleet_stall: Duration::from_secs(180),
+            signing: None,
         }
     }
 }
@@ -422,6 +426,24 @@ impl Worker {
             }
         };
         tracing::Span::current().record("request.id", request.request_id.as_str());
+        // A deployment that signs runs nothing a producer did not sign; the refusal
+        // answers this message only, so a forgery cannot end the real request.
+        if let Some(keys) = &self.config.signing
+            && delivery.from_producers
+            && let Err(why) = keys.verify(
+                delivery.signature.as_deref(),
+                &delivery.routing_key,
+                &delivery.body,
+                std::time::SystemTime::now(),
+            )
+        {
+            return self
+                .refuse(
+                    delivery,
+                    Self::refusal_of(&request, ErrorClass::Permission, why),
+                )
+                .await;
+        }
         let own = self.platform.name();
         let refusal = if request.platform != own {
             Some(PlatformError::invalid(format!(

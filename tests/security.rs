@@ -1,0 +1,326 @@
+//! Doors that open only for who belongs, on the real RabbitMQ, Redis and Podman: signed
+//! requests (forged, tampered, stale and unsigned ones never run; keys rotate with two
+//! valid at once), and secrets that never reach a log line, an event or a dead letter.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use common::{BIN, TestEnv, id, rabbitmqctl};
+use provisioner_core::Broker;
+use provisioner_core::signing::{SIGNATURE_HEADER, sign_with};
+use provisioner_events::{ErrorClass, State, StatusEvent};
+
+/// A fresh secret of 40 characters, with a marker that cannot occur by chance.
+fn secret(name: &str) -> String {
+    format!("{name}{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Runs `provisioner submit --wait` on one request with `extra` settings.
+fn submit(
+    env: &TestEnv,
+    request: &serde_json::Value,
+    extra: &[(&str, &str)],
+) -> std::process::Output {
+    let file = std::env::temp_dir().join(format!(
+        "submit-{}-{}.json",
+        env.run_id,
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(&file, request.to_string()).expect("write the request");
+    let output = std::process::Command::new(BIN)
+        .args(["submit", "--wait", "--timeout-seconds", "120"])
+        .arg(&file)
+        .envs(env.env())
+        .envs(extra.iter().copied())
+        .output()
+        .expect("run submit");
+    let _ = std::fs::remove_file(&file);
+    output
+}
+
+/// Publishes a body as any producer could, with a signature header of its choosing.
+async fn publish_signed(
+    env: &TestEnv,
+    routing_key: &str,
+    request_id: &str,
+    body: &[u8],
+    signature: String,
+) {
+    env.broker
+        .declare(provisioner_events::PlatformName::Docker)
+        .await
+        .expect("declare");
+    env.broker
+        .publish_request_with_headers(
+            routing_key,
+            request_id,
+            body,
+            &BTreeMap::from([(SIGNATURE_HEADER.to_owned(), signature)]),
+        )
+        .await
+        .expect("publish");
+}
+
+/// The refusal of one message: `error`, class `permission`, about that message only.
+async fn refused(events: &mut common::Events, request_id: &str, why: &str) -> StatusEvent {
+    let id = request_id.to_owned();
+    let event = events
+        .until(
+            Duration::from_secs(60),
+            &format!("the refusal of {request_id}"),
+            move |e| e.request_id == id && e.state == State::Error,
+        )
+        .await;
+    let error = event.error.clone().expect("an error");
+    assert_eq!(error.class, ErrorClass::Permission, "{event:#?}");
+    assert!(error.message.contains(why), "{event:#?}");
+    assert!(
+        event.rejected_message.is_some(),
+        "answers the message, not the request: {event:#?}"
+    );
+    event
+}
+
+/// Every dead letter of the docker platform, headers and body, as text.
+async fn dead_letters(env: &TestEnv) -> String {
+    use lapin::options::BasicGetOptions;
+    let connection =
+        lapin::Connection::connect(&env.amqp_url, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut text = String::new();
+    while let Some(message) = channel
+        .basic_get(
+            common::dead_letter_queue("docker").as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic.get")
+    {
+        text.push_str(&format!(
+            "{:?} {}\n",
+            message.delivery.properties.headers(),
+            String::from_utf8_lossy(&message.delivery.data)
+        ));
+    }
+    assert!(!text.is_empty(), "the refused message is a dead letter");
+    text
+}
+
+#[tokio::test]
+async fn only_requests_signed_with_a_held_key_run_and_keys_rotate_with_two_valid_at_once() {
+    let (old, new) = (secret("old-"), secret("new-"));
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    let held = format!("new={new},old={old}");
+    env.start_worker_with(
+        "signed",
+        &[
+            ("REQUEST_SIGNING_KEYS", held.as_str()),
+            ("REQUEST_SIGNATURE_MAX_AGE_SECONDS", "3600"),
+        ],
+    );
+
+    // A producer still on the old key, and one on the new: both run, a fleet's members
+    // (which the worker publishes itself) included.
+    let by_old = env.web("signed-old");
+    let output = submit(
+        &env,
+        &by_old,
+        &[("REQUEST_SIGNING_KEYS", &format!("old={old}"))],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let fleet = serde_json::json!({
+        "schema_version": 1, "request_id": format!("signed-fleet-{}", env.run_id),
+        "operation": "provision", "platform": "docker", "count": 2,
+        "spec": {"image": "localhost/busybox:latest", "command": ["sleep", "600"]},
+        "labels": {"test-run": env.run_id}
+    });
+    let output = submit(&env, &fleet, &[("REQUEST_SIGNING_KEYS", held.as_str())]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Unsigned.
+    let unsigned = env.web("signed-none");
+    env.publish(&unsigned).await;
+    refused(&mut events, &id(&unsigned), "not signed").await;
+    // Signed, then altered.
+    let tampered = env.web("signed-tampered");
+    let signature = sign_with(
+        "new",
+        new.as_bytes(),
+        "docker.provision",
+        tampered.to_string().as_bytes(),
+        SystemTime::now(),
+    );
+    let mut altered = tampered.clone();
+    altered["spec"]["command"] = serde_json::json!(["sh", "-c", "echo owned; sleep 600"]);
+    publish_signed(
+        &env,
+        "docker.provision",
+        &id(&tampered),
+        altered.to_string().as_bytes(),
+        signature,
+    )
+    .await;
+    refused(&mut events, &id(&tampered), "altered").await;
+    // Signed too long ago.
+    let stale = env.web("signed-stale");
+    let body = stale.to_string();
+    let signature = sign_with(
+        "new",
+        new.as_bytes(),
+        "docker.provision",
+        body.as_bytes(),
+        SystemTime::now() - Duration::from_secs(7200),
+    );
+    publish_signed(
+        &env,
+        "docker.provision",
+        &id(&stale),
+        body.as_bytes(),
+        signature,
+    )
+    .await;
+    refused(&mut events, &id(&stale), "stale").await;
+    // Forged with a key the workers do not hold: a teardown of the running request, which
+    // must neither run nor end that request.
+    let forged = env.teardown("signed-forged", &id(&by_old));
+    let body = forged.to_string();
+    let signature = sign_with(
+        "evil",
+        b"a-key-nobody-issued-0123456789abcdef",
+        "docker.teardown",
+        body.as_bytes(),
+        SystemTime::now(),
+    );
+    publish_signed(
+        &env,
+        "docker.teardown",
+        &id(&forged),
+        body.as_bytes(),
+        signature,
+    )
+    .await;
+    refused(&mut events, &id(&forged), "does not hold").await;
+
+    // Nothing refused ran; the refused messages are dead letters; the real requests stand.
+    let containers = env.containers().await;
+    assert!(containers.contains_key(&id(&by_old)), "{containers:?}");
+    assert_eq!(
+        containers.len(),
+        3,
+        "the web and the fleet's two: {containers:?}"
+    );
+    assert!(
+        env.queue_depth(&common::dead_letter_queue("docker")).await >= 4,
+        "the refused messages are set aside"
+    );
+    let status = env.cli(&["status", &id(&by_old)]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("running"),
+        "{status:?}"
+    );
+}
+
+/// Marker secrets in every place a secret lives (the broker password, the signing keys,
+/// cloud credentials in the environment): a scenario at debug level with a success, an
+/// error, a refusal and a teardown, and a worker that cannot connect, leaves none of them
+/// in any log line, status event or dead letter.
+#[tokio::test]
+async fn no_secret_reaches_a_log_line_an_event_or_a_dead_letter() {
+    let mut env = TestEnv::new().await;
+    let password = secret("brokerpass");
+    let user = format!("provisioner-leak-{}", env.run_id);
+    rabbitmqctl(&["-q", "add_user", &user, &password]);
+    rabbitmqctl(&[
+        "-q",
+        "set_permissions",
+        "-p",
+        &env.vhost,
+        &user,
+        ".*",
+        ".*",
+        ".*",
+    ]);
+    let amqp_url = format!("amqp://{user}:{password}@127.0.0.1:5672/{}", env.vhost);
+    let signing = secret("signingkey");
+    let aws_secret = secret("awssecret");
+    let keys = format!("k1={signing}");
+    let secrets = [password.as_str(), signing.as_str(), aws_secret.as_str()];
+    let settings = [
+        ("AMQP_URL", amqp_url.as_str()),
+        ("REQUEST_SIGNING_KEYS", keys.as_str()),
+        ("AWS_ACCESS_KEY_ID", "AKIAMARKERMARKER"),
+        ("AWS_SECRET_ACCESS_KEY", aws_secret.as_str()),
+        ("PROVISIONER_LOG", "debug"),
+    ];
+    let mut events = env.events().await;
+    env.start_worker_with("leak", &settings);
+
+    let mut said = String::new();
+    let web = env.web("leak-web");
+    let missing = serde_json::json!({
+        "schema_version": 1, "request_id": format!("leak-missing-{}", env.run_id),
+        "operation": "provision", "platform": "docker",
+        "spec": {"image": "localhost/no-such-image:never"}, "labels": {"test-run": env.run_id}
+    });
+    let down = env.teardown("leak-down", &id(&web));
+    for request in [&web, &missing, &down] {
+        let output = submit(&env, request, &settings);
+        said.push_str(&String::from_utf8_lossy(&output.stdout));
+        said.push_str(&String::from_utf8_lossy(&output.stderr));
+    }
+    assert_eq!(events.terminal(&id(&web)).await.state, State::Running);
+    assert_eq!(events.terminal(&id(&missing)).await.state, State::Error);
+    assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
+    let unsigned = env.web("leak-unsigned");
+    env.publish(&unsigned).await;
+    refused(&mut events, &id(&unsigned), "not signed").await;
+    events.drain(Duration::from_secs(1)).await;
+
+    // A worker that cannot reach its broker says so without the password.
+    let unreachable = std::process::Command::new(BIN)
+        .args(["worker", "--platform", "docker"])
+        .envs(env.env())
+        .envs(settings)
+        .env(
+            "AMQP_URL",
+            format!("amqp://{user}:{password}@127.0.0.1:1/x"),
+        )
+        .output()
+        .expect("run a worker");
+    said.push_str(&String::from_utf8_lossy(&unreachable.stderr));
+    assert!(
+        said.contains("127.0.0.1:1"),
+        "it names the broker it could not reach: {said}"
+    );
+
+    let log = env.worker_log("leak");
+    assert!(
+        log.contains("DEBUG"),
+        "the worker logged at debug level:\n{log}"
+    );
+    let everything = [
+        ("the worker's log", log),
+        ("the commands' output", said),
+        ("the status events", format!("{:?}", events.seen)),
+        ("the dead letters", dead_letters(&env).await),
+    ];
+    for (place, text) in &everything {
+        for secret in secrets {
+            assert!(!text.contains(secret), "a secret is in {place}:\n{text}");
+        }
+    }
+    rabbitmqctl(&["-q", "delete_user", &user]);
+}

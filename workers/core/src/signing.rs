@@ -1,0 +1,325 @@
+//! Signed requests: who may have a worker make machines, when the broker is not trusted
+//! to say so alone.
+//!
+//! A deployment that turns signing on gives its producers and workers shared keys,
+//! each with an id. A producer signs each request it publishes with one key; the header
+//! `x-provisioner-signature: key=<id>,t=<unix seconds>,v1=<hex>` carries the key's id,
+//! the time of signing and the HMAC-SHA256, under the key, of
+//!
+//! ```text
+//! v1\n<key id>\n<t>\n<routing key>\n<the message body, byte for byte>
+//! ```
+//!
+//! Signing the exact bytes (not a re-serialised form) means any producer, in any
+//! language, signs what it sends without a canonical JSON of its own.
+//!
+//! A worker verifies every message that came through the producers' exchange: a message
+//! without a signature, signed with a key it does not hold, altered after signing (body
+//! or routing key), or signed longer ago than the allowed age (or too far in the future)
+//! is refused with class `permission` and dead-lettered, and never runs. The refusal
+//! answers that message only (`rejected_message`), so a forged message cannot end, or
+//! speak for, the real request that has its id. Messages the workers publish themselves
+//! (fleet members, expiry teardowns, parked retries) come through the workers' own
+//! exchanges, which only workers may write (see the broker users in `provisioner
+//! definitions`), and are not signed again.
+//!
+//! Keys rotate without downtime: workers hold every key still valid (the new and the
+//! old); producers move to the new key; the old key is then removed from the workers.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{KeyInit, Mac};
+
+/// The AMQP header carrying a request's signature.
+pub const SIGNATURE_HEADER: &str = "x-provisioner-signature";
+
+/// How far in the future a signature's time may be (clocks differ).
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
+/// The shortest key accepted: HMAC-SHA256 wants at least 32 bytes of secret.
+const MIN_KEY_BYTES: usize = 32;
+
+type HmacSha256 = hmac::Hmac<sha2_hmac::Sha256>;
+
+/// The keys a deployment signs and verifies with, by id; the first is the one producers
+/// sign with.
+#[derive(Clone)]
+pub struct SigningKeys {
+    keys: Vec<(String, Vec<u8>)>,
+    by_id: BTreeMap<String, usize>,
+    /// Signatures older than this are refused as stale.
+    pub max_age: Duration,
+}
+
+impl std::fmt::Debug for SigningKeys {
+    /// Names the keys, never shows them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKeys")
+            .field(
+                "ids",
+                &self.keys.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            )
+            .field("max_age", &self.max_age)
+            .finish()
+    }
+}
+
+impl SigningKeys {
+    /// Reads `id=secret,id=secret`: each secret at least 32 bytes, the first key the
+    /// one to sign with. The error names what is wrong, never a secret.
+    pub fn parse(spec: &str, max_age: Duration) -> Result<SigningKeys, String> {
+        let mut keys = Vec::new();
+        let mut by_id = BTreeMap::new();
+        for (position, entry) in spec
+            .split([',', '\n'])
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .enumerate()
+        {
+            let Some((id, secret)) = entry.split_once('=') else {
+                return Err(format!("key {} is not `id=secret`", position + 1));
+            };
+            let id = id.trim();
+            if id.is_empty()
+                || id.len() > 64
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err(format!(
+                    "key {}: its id must be 1 to 64 letters, digits, `-`, `_` or `.`",
+                    position + 1
+                ));
+            }
+            if secret.len() < MIN_KEY_BYTES {
+                return Err(format!(
+                    "key {id:?} is shorter than {MIN_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)"
+                ));
+            }
+            if by_id.insert(id.to_owned(), keys.len()).is_some() {
+                return Err(format!("key {id:?} is given twice"));
+            }
+            keys.push((id.to_owned(), secret.as_bytes().to_vec()));
+        }
+        if keys.is_empty() {
+            return Err("no key given".into());
+        }
+        Ok(SigningKeys {
+            keys,
+            by_id,
+            max_age,
+        })
+    }
+
+    /// The signature header of a message, signed now with the first key.
+    pub fn sign(&self, routing_key: &str, body: &[u8]) -> String {
+        let (id, secret) = &self.keys[0];
+        sign_with(id, secret, routing_key, body, SystemTime::now())
+    }
+
+    /// Checks a message's signature header; the error says what is wrong with it, for a
+    /// person to act on.
+    pub fn verify(
+        &self,
+        header: Option<&str>,
+        routing_key: &str,
+        body: &[u8],
+        now: SystemTime,
+    ) -> Result<(), String> {
+        let Some(header) = header else {
+            return Err(format!(
+                "the message is not signed: this deployment runs only requests signed with one of its keys (header {SIGNATURE_HEADER})"
+            ));
+        };
+        let parsed = Signature::parse(header).ok_or_else(|| {
+            format!("the {SIGNATURE_HEADER} header is not `key=<id>,t=<unix seconds>,v1=<hex>`")
+        })?;
+        let Some(&index) = self.by_id.get(parsed.key_id) else {
+            return Err(format!(
+                "the message is signed with key {:?}, which this worker does not hold (retired, or never issued)",
+                bounded(parsed.key_id)
+            ));
+        };
+        let mut mac = HmacSha256::new_from_slice(&self.keys[index].1)
+            .expect("HMAC takes a key of any length");
+        signed_text(&mut mac, parsed.key_id, parsed.at, routing_key, body);
+        if mac.verify_slice(&parsed.mac).is_err() {
+            return Err(
+                "the signature does not match the message: it was altered after signing (body or routing key), or signed with another secret"
+                    .into(),
+            );
+        }
+        let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if parsed.at > now_s.saturating_add(CLOCK_SKEW.as_secs()) {
+            return Err(format!(
+                "the message is signed {} s in the future; check the producer's clock",
+                parsed.at - now_s
+            ));
+        }
+        let age = now_s.saturating_sub(parsed.at);
+        if age > self.max_age.as_secs() {
+            return Err(format!(
+                "the signature is stale: made {age} s ago, more than the {} s allowed; publish the request again, signed anew",
+                self.max_age.as_secs()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The signature header of a message signed with `secret` (named `key_id`) at `at`.
+pub fn sign_with(
+    key_id: &str,
+    secret: &[u8],
+    routing_key: &str,
+    body: &[u8],
+    at: SystemTime,
+) -> String {
+    let at = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes a key of any length");
+    signed_text(&mut mac, key_id, at, routing_key, body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("key={key_id},t={at},v1={hex}")
+}
+
+fn signed_text(mac: &mut HmacSha256, key_id: &str, at: u64, routing_key: &str, body: &[u8]) {
+    mac.update(format!("v1\n{key_id}\n{at}\n{routing_key}\n").as_bytes());
+    mac.update(body);
+}
+
+fn bounded(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+struct Signature<'a> {
+    key_id: &'a str,
+    at: u64,
+    mac: Vec<u8>,
+}
+
+impl<'a> Signature<'a> {
+    fn parse(header: &'a str) -> Option<Signature<'a>> {
+        let (mut key_id, mut at, mut mac) = (None, None, None);
+        for part in header.split(',') {
+            let (name, value) = part.trim().split_once('=')?;
+            match name {
+                "key" => key_id = Some(value),
+                "t" => at = Some(value.parse().ok()?),
+                "v1" => mac = Some(from_hex(value)?),
+                _ => {}
+            }
+        }
+        Some(Signature {
+            key_id: key_id?,
+            at: at?,
+            mac: mac?,
+        })
+    }
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() != 64 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = "old-secret-0123456789abcdef0123456789";
+    const NEW: &str = "new-secret-0123456789abcdef0123456789";
+
+    fn keys() -> SigningKeys {
+        SigningKeys::parse(&format!("new={NEW}, old={OLD}"), Duration::from_secs(600))
+            .expect("keys")
+    }
+
+    #[test]
+    fn a_message_signed_with_any_held_key_passes_and_every_alteration_fails() {
+        let now = SystemTime::now();
+        let body = br#"{"request_id":"a"}"#;
+        let keys = keys();
+        let signed = keys.sign("docker.provision", body);
+        assert!(signed.starts_with("key=new,t="), "{signed}");
+        assert_eq!(
+            keys.verify(Some(&signed), "docker.provision", body, now),
+            Ok(())
+        );
+        let by_old = sign_with("old", OLD.as_bytes(), "docker.provision", body, now);
+        assert_eq!(
+            keys.verify(Some(&by_old), "docker.provision", body, now),
+            Ok(())
+        );
+
+        let refused = |header: Option<&str>, key: &str, body: &[u8]| {
+            keys.verify(header, key, body, now).expect_err("refused")
+        };
+        assert!(refused(None, "docker.provision", body).contains("not signed"));
+        assert!(
+            refused(Some(&signed), "docker.provision", br#"{"request_id":"b"}"#)
+                .contains("altered")
+        );
+        assert!(refused(Some(&signed), "docker.teardown", body).contains("altered"));
+        let foreign = sign_with(
+            "old",
+            b"another-secret-0123456789abcdef01234",
+            "docker.provision",
+            body,
+            now,
+        );
+        assert!(refused(Some(&foreign), "docker.provision", body).contains("altered"));
+        let retired = sign_with("older", OLD.as_bytes(), "docker.provision", body, now);
+        assert!(refused(Some(&retired), "docker.provision", body).contains("does not hold"));
+        let stale = sign_with(
+            "new",
+            NEW.as_bytes(),
+            "docker.provision",
+            body,
+            now - Duration::from_secs(601),
+        );
+        assert!(refused(Some(&stale), "docker.provision", body).contains("stale"));
+        let future = sign_with(
+            "new",
+            NEW.as_bytes(),
+            "docker.provision",
+            body,
+            now + Duration::from_secs(900),
+        );
+        assert!(refused(Some(&future), "docker.provision", body).contains("future"));
+        assert!(refused(Some("v1=zz"), "docker.provision", body).contains("header is not"));
+        // The time is signed too: moving it makes the signature wrong.
+        let moved = signed.replacen(",t=", ",t=1", 1);
+        assert!(refused(Some(&moved), "docker.provision", body).contains("altered"));
+    }
+
+    #[test]
+    fn keys_are_checked_and_never_shown() {
+        assert!(SigningKeys::parse("", Duration::ZERO).is_err());
+        assert!(
+            SigningKeys::parse("k=short", Duration::ZERO)
+                .expect_err("short")
+                .contains("shorter than 32")
+        );
+        assert!(
+            SigningKeys::parse(&format!("k={NEW},k={OLD}"), Duration::ZERO)
+                .expect_err("twice")
+                .contains("twice")
+        );
+        assert!(SigningKeys::parse(&format!("bad id={NEW}"), Duration::ZERO).is_err());
+        let shown = format!("{:?}", keys());
+        assert!(
+            !shown.contains(NEW) && !shown.contains(OLD) && shown.contains("old"),
+            "{shown}"
+        );
+    }
+}
