@@ -32,3 +32,8 @@ export PROVISIONER_TEST_ECS_ENDPOINT=${PROVISIONER_TEST_ECS_ENDPOINT:-http://127
 unset AMQP_URL
 
 cargo test --workspace --locked "$@"
+# The deployment forms in infra/ against the binary the tests just built (a run of
+# some tests only, with arguments, may not have built it).
+if [ $# -eq 0 ]; then
+  PROVISIONER_BIN="${CARGO_TARGET_DIR:-target}/debug/provisioner" bash scripts/lint-infra.sh
+fi
