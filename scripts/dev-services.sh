@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs (when missing) and starts every service the tests need on a Debian 12 machine:
-# RabbitMQ, Redis, and Podman serving the Docker Engine API with a local busybox image.
+# RabbitMQ (with a TLS listener), Redis (and a TLS-only one), and Podman serving the
+# Docker Engine API with a local busybox image.
 # Idempotent: a second run only checks that each service answers.
 # Each recipe was tried on a fresh Debian 12 machine.
 set -euo pipefail
@@ -20,6 +21,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v podman >/dev/null || missing+=(podman)
 command -v runc >/dev/null || missing+=(runc)
 [ -x /bin/busybox ] || missing+=(busybox-static)
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   as_root apt-get update -qq
@@ -60,6 +62,38 @@ rabbitmq_ready() { # within $1 seconds
   done
   return 1
 }
+# TLS, for the tests of encrypted connections: a private CA and a certificate for
+# localhost and 127.0.0.1; RabbitMQ listens for TLS on 5671 beside 5672, and a second,
+# TLS-only Redis answers on 6390. Clients trust the CA through SSL_CERT_FILE.
+TLS_DIR=${PROVISIONER_TLS_DIR:-$HOME/.cache/provisioner-tls}
+if [ ! -f "$TLS_DIR/server.pem" ]; then
+  say "making a test CA and a server certificate in $TLS_DIR"
+  mkdir -p "$TLS_DIR"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=provisioner test CA" \
+    -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' \
+    >"$TLS_DIR/server.ext"
+  openssl x509 -req -in "$TLS_DIR/server.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$TLS_DIR/server.ext" -out "$TLS_DIR/server.pem" 2>/dev/null
+fi
+RABBITMQ_TLS_CONF=/etc/rabbitmq/conf.d/10-provisioner-tls.conf
+if [ ! -f "$RABBITMQ_TLS_CONF" ]; then
+  say "configuring a TLS listener for rabbitmq on 5671"
+  as_root mkdir -p /etc/rabbitmq/conf.d /etc/rabbitmq/tls
+  as_root cp "$TLS_DIR/ca.pem" "$TLS_DIR/server.pem" "$TLS_DIR/server.key" /etc/rabbitmq/tls/
+  as_root chown -R rabbitmq:rabbitmq /etc/rabbitmq/tls
+  as_root chmod 0600 /etc/rabbitmq/tls/server.key
+  printf 'listeners.ssl.default = 5671\nssl_options.cacertfile = /etc/rabbitmq/tls/ca.pem\nssl_options.certfile = /etc/rabbitmq/tls/server.pem\nssl_options.keyfile = /etc/rabbitmq/tls/server.key\nssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n' \
+    | as_root tee "$RABBITMQ_TLS_CONF" >/dev/null
+  # A running node reads its configuration only at boot.
+  if rabbitmqctl -q status >/dev/null 2>&1; then
+    say "restarting rabbitmq for its TLS listener"
+    timeout 60 rabbitmqctl -q stop >/dev/null 2>&1 || true
+  fi
+fi
+
 if ! rabbitmqctl -q status >/dev/null 2>&1; then
   rabbitmq-diagnostics -q ping >/dev/null 2>&1 || start_rabbitmq
   if ! rabbitmq_ready 90; then
@@ -73,6 +107,23 @@ if ! rabbitmqctl -q status >/dev/null 2>&1; then
   fi
 fi
 rabbitmq_ready 120 || { say "rabbitmq does not start: see /var/log/rabbitmq/"; exit 1; }
+rabbitmq-diagnostics -q listeners 2>/dev/null | grep -q 5671 \
+  || { say "rabbitmq has no TLS listener on 5671 (see $RABBITMQ_TLS_CONF and /var/log/rabbitmq/)"; exit 1; }
+
+# The TLS-only Redis of the TLS tests (the tests make its ACL users).
+REDIS_TLS_DATA_DIR=${REDIS_TLS_DATA_DIR:-$HOME/.cache/provisioner-redis-tls}
+redis_tls() { redis-cli --tls --cacert "$TLS_DIR/ca.pem" -h 127.0.0.1 -p 6390 "$@"; }
+if ! redis_tls ping >/dev/null 2>&1; then
+  say "starting a TLS-only redis on 6390"
+  mkdir -p "$REDIS_TLS_DATA_DIR"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 0 --tls-port 6390 \
+    --tls-cert-file "$TLS_DIR/server.pem" --tls-key-file "$TLS_DIR/server.key" \
+    --tls-ca-cert-file "$TLS_DIR/ca.pem" --tls-auth-clients no \
+    --save "" --appendonly yes --appendfsync everysec --dir "$REDIS_TLS_DATA_DIR" \
+    --logfile "$LOG_DIR/redis-tls.log"
+  for _ in $(seq 50); do redis_tls ping >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+redis_tls ping >/dev/null || { say "the TLS redis does not answer: see $LOG_DIR/redis-tls.log"; exit 1; }
 
 # Podman: the Docker Engine API on a unix socket, with runc and cgroupfs (crun and the
 # default ulimits fail in this sandbox).
@@ -104,4 +155,4 @@ fi
 curl -fsS --unix-socket "$PODMAN_SOCKET_PATH" http://d/_ping >/dev/null \
   || { say "podman API did not come up; see $LOG_DIR/podman.log"; exit 1; }
 
-say "ready: AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f REDIS_URL=redis://127.0.0.1:6379 DOCKER_HOST=unix://$PODMAN_SOCKET_PATH"
+say "ready: AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f REDIS_URL=redis://127.0.0.1:6379 DOCKER_HOST=unix://$PODMAN_SOCKET_PATH (TLS: amqps://…@localhost:5671, rediss://127.0.0.1:6390, SSL_CERT_FILE=$TLS_DIR/ca.pem)"

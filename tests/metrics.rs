@@ -179,38 +179,19 @@ fn trace_of(traceparent: &str) -> Option<(&str, &str)> {
 
 /// Every status event the journal kept, with its `traceparent` header.
 async fn journal_with_traces(env: &TestEnv) -> Vec<(Option<String>, StatusEvent)> {
-    use lapin::options::BasicGetOptions;
-    let connection =
-        lapin::Connection::connect(&env.amqp_url, lapin::ConnectionProperties::default())
-            .await
-            .expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
-    let mut kept = Vec::new();
-    while let Some(message) = channel
-        .basic_get(
-            "provisioning.status.journal".into(),
-            BasicGetOptions { no_ack: true },
-        )
+    env.take_all("provisioning.status.journal")
         .await
-        .expect("basic.get")
-    {
-        let traceparent = message
-            .delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("traceparent").cloned())
-            .and_then(|v| match v {
-                lapin::types::AMQPValue::LongString(s) => {
+        .into_iter()
+        .filter_map(|(headers, body)| {
+            let traceparent = match headers.inner().get("traceparent") {
+                Some(lapin::types::AMQPValue::LongString(s)) => {
                     Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
                 }
                 _ => None,
-            });
-        if let Ok(event) = serde_json::from_slice(&message.delivery.data) {
-            kept.push((traceparent, event));
-        }
-    }
-    kept
+            };
+            Some((traceparent, serde_json::from_slice(&body).ok()?))
+        })
+        .collect()
 }
 
 /// A request published with a W3C `traceparent` by a producer of its own, and one sent by
@@ -240,11 +221,7 @@ async fn one_trace_runs_from_the_producer_through_the_worker_to_every_status_eve
     {
         use lapin::options::BasicPublishOptions;
         use lapin::types::{AMQPValue, FieldTable};
-        let connection =
-            lapin::Connection::connect(&env.amqp_url, lapin::ConnectionProperties::default())
-                .await
-                .expect("connect");
-        let channel = connection.create_channel().await.expect("channel");
+        let (_connection, channel) = env.raw_channel().await;
         let mut headers = FieldTable::default();
         headers.insert(
             "traceparent".into(),

@@ -85,29 +85,24 @@ async fn refused(events: &mut common::Events, request_id: &str, why: &str) -> St
 
 /// Every dead letter of the docker platform, headers and body, as text.
 async fn dead_letters(env: &TestEnv) -> String {
-    use lapin::options::BasicGetOptions;
-    let connection =
-        lapin::Connection::connect(&env.amqp_url, lapin::ConnectionProperties::default())
+    // A refusal's event goes out before its message is dead-lettered.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text: String = env
+            .take_all(&common::dead_letter_queue("docker"))
             .await
-            .expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
-    let mut text = String::new();
-    while let Some(message) = channel
-        .basic_get(
-            common::dead_letter_queue("docker").as_str().into(),
-            BasicGetOptions { no_ack: true },
-        )
-        .await
-        .expect("basic.get")
-    {
-        text.push_str(&format!(
-            "{:?} {}\n",
-            message.delivery.properties.headers(),
-            String::from_utf8_lossy(&message.delivery.data)
-        ));
+            .into_iter()
+            .map(|(headers, body)| format!("{headers:?} {}\n", String::from_utf8_lossy(&body)))
+            .collect();
+        if !text.is_empty() {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refused message is a dead letter"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(!text.is_empty(), "the refused message is a dead letter");
-    text
 }
 
 #[tokio::test]
@@ -222,10 +217,16 @@ async fn only_requests_signed_with_a_held_key_run_and_keys_rotate_with_two_valid
         3,
         "the web and the fleet's two: {containers:?}"
     );
-    assert!(
-        env.queue_depth(&common::dead_letter_queue("docker")).await >= 4,
-        "the refused messages are set aside"
-    );
+    // A refusal's event goes out before its message is dead-lettered: wait for the four.
+    let dead_letters = common::dead_letter_queue("docker");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while env.queue_depth(&dead_letters).await < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refused messages are set aside"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let status = env.cli(&["status", &id(&by_old)]);
     assert!(
         String::from_utf8_lossy(&status.stdout).contains("running"),
@@ -323,4 +324,131 @@ async fn no_secret_reaches_a_log_line_an_event_or_a_dead_letter() {
         }
     }
     rabbitmqctl(&["-q", "delete_user", &user]);
+}
+
+/// The TLS-only Redis of `scripts/dev-services.sh`, as an administrator.
+fn redis_tls(args: &[&str]) -> String {
+    let output = std::process::Command::new("redis-cli")
+        .args([
+            "--tls",
+            "--cacert",
+            &tls_ca(),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "6390",
+        ])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+/// The test CA `scripts/dev-services.sh` made.
+fn tls_ca() -> String {
+    let dir = std::env::var("PROVISIONER_TLS_DIR").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/provisioner-tls",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    format!("{dir}/ca.pem")
+}
+
+/// Encrypted connections to both services, with a Redis user that may run only the
+/// commands the workers need on the keys of its prefix: a worker on `amqps://` and
+/// `rediss://` provisions, runs a fleet and tears down; the Redis user is refused other
+/// keys and dangerous commands; and a worker that does not trust the broker's
+/// certificate does not connect.
+#[tokio::test]
+async fn workers_speak_tls_to_rabbitmq_and_redis_as_a_least_privilege_redis_user() {
+    let mut env = TestEnv::new().await;
+    let (user, password) = (
+        format!("provisioner-worker-{}", env.run_id),
+        secret("redispass"),
+    );
+    let prefix = env.redis_prefix.clone();
+    let acl = redis_tls(&[
+        "ACL",
+        "SETUSER",
+        &user,
+        "reset",
+        "on",
+        &format!(">{password}"),
+        &format!("~{prefix}*"),
+        "resetchannels",
+        "+@all",
+        "-@dangerous",
+    ]);
+    assert!(acl.contains("OK"), "{acl}");
+    // The worker's and the commands' Redis: the TLS one, as that user.
+    env.redis_url = format!("rediss://{user}:{password}@127.0.0.1:6390");
+    let amqps = format!("amqps://guest:guest@localhost:5671/{}", env.vhost);
+    let ca = tls_ca();
+    let tls = [("AMQP_URL", amqps.as_str()), ("SSL_CERT_FILE", ca.as_str())];
+    let mut events = env.events().await;
+    env.start_worker_with("tls", &tls);
+
+    let web = env.web("tls-web");
+    let output = submit(&env, &web, &tls);
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        env.worker_log("tls")
+    );
+    let fleet = serde_json::json!({
+        "schema_version": 1, "request_id": format!("tls-fleet-{}", env.run_id),
+        "operation": "provision", "platform": "docker", "count": 2,
+        "spec": {"image": "localhost/busybox:latest", "command": ["sleep", "600"]},
+        "labels": {"test-run": env.run_id}, "ttl_seconds": 3600, "tenant": "tls"
+    });
+    let output = submit(&env, &fleet, &tls);
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        env.worker_log("tls")
+    );
+    let down = env.teardown("tls-down", &id(&web));
+    let output = submit(&env, &down, &tls);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
+    assert_eq!(env.containers().await.len(), 2, "the fleet's two");
+    let log = env.worker_log("tls");
+    assert!(
+        !log.contains("NOPERM"),
+        "the worker needed a command or key its user lacks:\n{log}"
+    );
+
+    // The user's limits.
+    let as_user = |args: &[&str]| {
+        let mut all = vec![
+            "--user",
+            user.as_str(),
+            "--pass",
+            password.as_str(),
+            "--no-auth-warning",
+        ];
+        all.extend_from_slice(args);
+        redis_tls(&all)
+    };
+    assert!(as_user(&["GET", "someone-else:key"]).contains("NOPERM"));
+    assert!(as_user(&["FLUSHALL"]).contains("NOPERM"));
+    assert!(!as_user(&["GET", &format!("{prefix}anything")]).contains("NOPERM"));
+
+    // Without the CA, the broker's certificate is not trusted: no connection.
+    let untrusting = std::process::Command::new(BIN)
+        .args(["worker", "--platform", "docker"])
+        .envs(env.env())
+        .env("AMQP_URL", &amqps)
+        .env("SSL_CERT_FILE", "/dev/null")
+        .output()
+        .expect("run a worker");
+    assert_eq!(untrusting.status.code(), Some(69), "{untrusting:?}");
+    redis_tls(&["ACL", "DELUSER", &user]);
 }

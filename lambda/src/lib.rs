@@ -75,6 +75,20 @@ pub struct Message {
     pub queue_arn: Option<String>,
     /// SQS: the record's message attributes, carried onto a parked copy.
     pub attributes: Attributes,
+    /// The producer's W3C trace headers (RabbitMQ headers, or SQS message attributes of
+    /// the same names), so the worker's spans and events join its trace.
+    pub trace: provisioner_core::trace::TraceHeaders,
+}
+
+/// The W3C trace headers among a message's headers or attributes.
+fn trace_of(lookup: impl Fn(&str) -> Option<String>) -> provisioner_core::trace::TraceHeaders {
+    [
+        provisioner_core::trace::TRACEPARENT,
+        provisioner_core::trace::TRACESTATE,
+    ]
+    .into_iter()
+    .filter_map(|name| Some((name.to_owned(), lookup(name)?)))
+    .collect()
 }
 
 /// Reads an invocation's payload: an Amazon MQ for RabbitMQ event or an SQS event.
@@ -109,6 +123,7 @@ pub fn parse_event(
                     published_at: None,
                     queue_arn: None,
                     attributes: HashMap::new(),
+                    trace: trace_of(|name| header_text(headers.get(name))),
                 });
             }
         }
@@ -161,6 +176,10 @@ pub fn parse_event(
                         .map_or(0, |w| u32::try_from(w).unwrap_or(u32::MAX)),
                     published_at: published_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
                     queue_arn: record.event_source_arn,
+                    trace: trace_of(|name| match attributes.get(name) {
+                        Some((_, Carried::Text(text))) => Some(text.clone()),
+                        _ => None,
+                    }),
                     attributes,
                 }
             })
@@ -450,7 +469,8 @@ impl Handler {
                         Box::new(settle),
                     )
                     .with_waits(message.waits)
-                    .with_published_at(message.published_at);
+                    .with_published_at(message.published_at)
+                    .with_trace(message.trace);
                     worker.handle(delivery).await;
                     let outcome = slot
                         .lock()
@@ -522,7 +542,8 @@ mod tests {
             "eventSource": "aws:rmq",
             "rmqMessagesByQueue": {"provisioning.aws-ec2::/": [
                 {"basicProperties": {"contentType": "application/json", "contentEncoding": null,
-                    "headers": {"x-provisioner-attempt": 3, "x-provisioner-routing-key": {"bytes": [97, 119, 115, 45, 101, 99, 50, 46, 112, 114, 111, 118, 105, 115, 105, 111, 110]}},
+                    "headers": {"x-provisioner-attempt": 3, "x-provisioner-routing-key": {"bytes": [97, 119, 115, 45, 101, 99, 50, 46, 112, 114, 111, 118, 105, 115, 105, 111, 110]},
+                        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
                     "deliveryMode": 2, "priority": 0, "correlationId": null, "replyTo": null,
                     "messageId": null, "type": null, "appId": null, "clusterId": null, "bodySize": 20},
                  "redelivered": true,
@@ -545,6 +566,12 @@ mod tests {
         );
         assert_eq!(messages[1].attempt, 1);
         assert_eq!(messages[1].routing_key, "provisioning.aws-ec2");
+        assert_eq!(
+            messages[0].trace.get("traceparent").map(String::as_str),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            "the producer's trace goes on"
+        );
+        assert!(messages[1].trace.is_empty());
     }
 
     #[test]
@@ -594,6 +621,11 @@ mod tests {
         assert_eq!(
             message.attributes.get("blob"),
             Some(&("Binary".to_owned(), Carried::Binary(vec![0, 1])))
+        );
+        assert_eq!(
+            message.trace.get("traceparent").map(String::as_str),
+            Some("00-ab-cd-01"),
+            "the producer's trace goes on"
         );
     }
 

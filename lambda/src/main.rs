@@ -136,16 +136,37 @@ async fn answer(
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PROVISIONER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        // CloudWatch stamps each line itself and shows no colours.
-        .without_time()
-        .with_ansi(false)
-        .with_writer(std::io::stderr)
-        .init();
+    // Kept for the life of the process: the tracer's spans need their provider.
+    let _traces = {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::Layer;
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let logs = tracing_subscriber::fmt::layer()
+            // CloudWatch stamps each line itself and shows no colours.
+            .without_time()
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .with_filter(
+                tracing_subscriber::EnvFilter::try_from_env("PROVISIONER_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            );
+        // The provisioner's spans carry trace ids, so a request's traceparent goes on to
+        // its status events; the Lambda form exports none of them (yet).
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let traces = tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("provisioner-lambda"))
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                meta.is_span()
+                    && meta.target().starts_with("provisioner")
+                    && *meta.level() <= tracing::Level::INFO
+            }));
+        tracing_subscriber::registry()
+            .with(logs)
+            .with(traces)
+            .init();
+        provider
+    };
     let handler = match handler().await {
         Ok(handler) => Arc::new(handler),
         Err(e) => {

@@ -693,6 +693,38 @@ pub fn dead_letter_queue(platform: &str) -> String {
 }
 
 impl TestEnv {
+    /// A connection of the test's own to its vhost, as a third-party client opens one
+    /// (keep the connection: dropping it closes the channel).
+    pub async fn raw_channel(&self) -> (lapin::Connection, lapin::Channel) {
+        let connection =
+            lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default())
+                .await
+                .expect("connect");
+        let channel = connection.create_channel().await.expect("channel");
+        (connection, channel)
+    }
+
+    /// Takes every message from `queue`: its headers and its body.
+    pub async fn take_all(&self, queue: &str) -> Vec<(lapin::types::FieldTable, Vec<u8>)> {
+        let (_connection, channel) = self.raw_channel().await;
+        let mut taken = Vec::new();
+        while let Some(message) = channel
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get")
+        {
+            let delivery = message.delivery;
+            taken.push((
+                delivery.properties.headers().clone().unwrap_or_default(),
+                delivery.data,
+            ));
+        }
+        taken
+    }
+
     /// Runs a `provisioner` command against this test's broker and store.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(BIN)

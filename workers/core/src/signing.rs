@@ -31,8 +31,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{KeyInit, Mac};
 
-/// The AMQP header carrying a request's signature.
-pub const SIGNATURE_HEADER: &str = "x-provisioner-signature";
+/// The AMQP header carrying a request's signature (as the AsyncAPI document names it).
+pub const SIGNATURE_HEADER: &str = provisioner_events::asyncapi::SIGNATURE_HEADER;
 
 /// How far in the future a signature's time may be (clocks differ).
 const CLOCK_SKEW: Duration = Duration::from_secs(300);

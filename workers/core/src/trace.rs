@@ -20,8 +20,8 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// The W3C header naming the trace and the parent span.
-pub const TRACEPARENT: &str = "traceparent";
+/// The W3C header naming the trace and the parent span (as the AsyncAPI document names it).
+pub const TRACEPARENT: &str = provisioner_events::asyncapi::TRACEPARENT_HEADER;
 /// The W3C header carrying vendors' trace state along with `traceparent`.
 pub const TRACESTATE: &str = "tracestate";
 
