@@ -16,6 +16,9 @@
 //! - [`names`]: resource names and idempotency keys derived from a request id.
 //! - [`batch`]: merging concurrent calls into one where a platform's API takes many.
 //! - [`fault`]: crash points for the fault-injection tests (compiled out otherwise).
+//! - [`trace`]: W3C trace context from a request's headers to everything it sets off.
+//! - [`signing`]: signed requests (HMAC keys, verification, rotation).
+//! - [`metrics`]: the worker's Prometheus metrics and its readiness.
 //!
 //! Platform crates depend only on [`platform`] and `provisioner-events`; the RabbitMQ and
 //! Redis adapters sit behind the `rabbitmq` and `redis` features.

@@ -118,13 +118,16 @@ impl SigningKeys {
     }
 
     /// Checks a message's signature header; the error says what is wrong with it, for a
-    /// person to act on.
+    /// person to act on. A message the broker delivers again (`redelivered`: a worker
+    /// died with it or gave it back) is not refused for its age, which only its first
+    /// delivery answers for; a copy published again (a replay) is a new delivery and is.
     pub fn verify(
         &self,
         header: Option<&str>,
         routing_key: &str,
         body: &[u8],
         now: SystemTime,
+        redelivered: bool,
     ) -> Result<(), String> {
         let Some(header) = header else {
             return Err(format!(
@@ -157,7 +160,7 @@ impl SigningKeys {
             ));
         }
         let age = now_s.saturating_sub(parsed.at);
-        if age > self.max_age.as_secs() {
+        if age > self.max_age.as_secs() && !redelivered {
             return Err(format!(
                 "the signature is stale: made {age} s ago, more than the {} s allowed; publish the request again, signed anew",
                 self.max_age.as_secs()
@@ -252,17 +255,18 @@ mod tests {
         let signed = keys.sign("docker.provision", body);
         assert!(signed.starts_with("key=new,t="), "{signed}");
         assert_eq!(
-            keys.verify(Some(&signed), "docker.provision", body, now),
+            keys.verify(Some(&signed), "docker.provision", body, now, false),
             Ok(())
         );
         let by_old = sign_with("old", OLD.as_bytes(), "docker.provision", body, now);
         assert_eq!(
-            keys.verify(Some(&by_old), "docker.provision", body, now),
+            keys.verify(Some(&by_old), "docker.provision", body, now, false),
             Ok(())
         );
 
         let refused = |header: Option<&str>, key: &str, body: &[u8]| {
-            keys.verify(header, key, body, now).expect_err("refused")
+            keys.verify(header, key, body, now, false)
+                .expect_err("refused")
         };
         assert!(refused(None, "docker.provision", body).contains("not signed"));
         assert!(
@@ -288,6 +292,17 @@ mod tests {
             now - Duration::from_secs(601),
         );
         assert!(refused(Some(&stale), "docker.provision", body).contains("stale"));
+        // Delivered again after a worker died with it: its age is not held against it,
+        // but the signature still is checked.
+        assert_eq!(
+            keys.verify(Some(&stale), "docker.provision", body, now, true),
+            Ok(())
+        );
+        assert!(
+            keys.verify(Some(&stale), "docker.teardown", body, now, true)
+                .expect_err("altered")
+                .contains("altered")
+        );
         let future = sign_with(
             "new",
             NEW.as_bytes(),

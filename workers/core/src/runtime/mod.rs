@@ -435,6 +435,7 @@ impl Worker {
                 &delivery.routing_key,
                 &delivery.body,
                 std::time::SystemTime::now(),
+                delivery.redelivered,
             )
         {
             return self
