@@ -22,6 +22,7 @@ command -v podman >/dev/null || missing+=(podman)
 command -v runc >/dev/null || missing+=(runc)
 [ -x /bin/busybox ] || missing+=(busybox-static)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v curl >/dev/null || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   as_root apt-get update -qq
@@ -109,6 +110,18 @@ fi
 rabbitmq_ready 120 || { say "rabbitmq does not start: see /var/log/rabbitmq/"; exit 1; }
 rabbitmq-diagnostics -q listeners 2>/dev/null | grep -q 5671 \
   || { say "rabbitmq has no TLS listener on 5671 (see $RABBITMQ_TLS_CONF and /var/log/rabbitmq/)"; exit 1; }
+# The management API (port 15672): clients create the queue policies through it, and the
+# tests read queues' effective policies. Enabling it needs no restart.
+if ! curl -sf -o /dev/null -u guest:guest http://127.0.0.1:15672/api/overview; then
+  say "enabling the rabbitmq management plugin"
+  as_root rabbitmq-plugins -q enable rabbitmq_management >/dev/null
+  for _ in $(seq 100); do
+    curl -sf -o /dev/null -u guest:guest http://127.0.0.1:15672/api/overview && break
+    sleep 0.2
+  done
+  curl -sf -o /dev/null -u guest:guest http://127.0.0.1:15672/api/overview \
+    || { say "the rabbitmq management API does not answer on 15672"; exit 1; }
+fi
 
 # The TLS-only Redis of the TLS tests (the tests make its ACL users).
 REDIS_TLS_DATA_DIR=${REDIS_TLS_DATA_DIR:-$HOME/.cache/provisioner-redis-tls}
@@ -155,4 +168,4 @@ fi
 curl -fsS --unix-socket "$PODMAN_SOCKET_PATH" http://d/_ping >/dev/null \
   || { say "podman API did not come up; see $LOG_DIR/podman.log"; exit 1; }
 
-say "ready: AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f REDIS_URL=redis://127.0.0.1:6379 DOCKER_HOST=unix://$PODMAN_SOCKET_PATH (TLS: amqps://…@localhost:5671, rediss://127.0.0.1:6390, SSL_CERT_FILE=$TLS_DIR/ca.pem)"
+say "ready: AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f (management API on 15672) REDIS_URL=redis://127.0.0.1:6379 DOCKER_HOST=unix://$PODMAN_SOCKET_PATH (TLS: amqps://…@localhost:5671, rediss://127.0.0.1:6390, SSL_CERT_FILE=$TLS_DIR/ca.pem)"

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use common::scenario::Scenario;
 use common::{TestEnv, id, rabbitmqctl};
-use provisioner_core::amqp::{dead_letter_queue, work_queue};
+use provisioner_core::Broker;
+use provisioner_core::amqp::{
+    AmqpBroker, AmqpConfig, ManagementApi, dead_letter_queue, work_queue,
+};
 use provisioner_events::{ErrorClass, PlatformName, State};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -436,13 +439,15 @@ fn load_shipped_definitions(env: &TestEnv) -> Vec<String> {
         PlatformName::ALL.iter().any(|p| {
             *p != PlatformName::Docker
                 && (name.starts_with(&format!("provisioning.{p}"))
-                    || name == format!("provisioner-worker-{p}"))
+                    || name == format!("provisioner-worker-{p}")
+                    || name == format!("provisioner-work-{p}"))
         })
     };
     for kind in [
         "exchanges",
         "queues",
         "bindings",
+        "policies",
         "users",
         "permissions",
         "topic_permissions",
@@ -511,6 +516,163 @@ async fn a_broker_set_up_from_the_shipped_definitions_runs_the_worker_as_it_is()
         !log.contains("other arguments") && !log.contains("ERROR"),
         "the worker found the broker other than it declares it:\n{log}"
     );
+}
+
+/// A poison message (one every worker crashes on) published to the docker work queue,
+/// then returned by "crashing" consumers until the broker dead-letters it: how many
+/// deliveries that took, and whether it reached the dead letters.
+async fn poison_until_dead_lettered(env: &TestEnv, name: &str) -> (usize, u32) {
+    env.publish_raw(
+        "docker.provision",
+        &format!("{name}-{}", env.run_id),
+        b"{\"poison\": true}",
+    )
+    .await;
+    let deliveries = env.return_until_gone("provisioning.docker").await;
+    (
+        deliveries,
+        env.queue_depth("provisioning.docker.dead-letter").await,
+    )
+}
+
+/// The work queue's tunables (delivery limit, dead-lettering) are a policy, created by
+/// the first client when missing: the queue carries only its type as an argument. An
+/// operator's change to the policy takes effect on the queue as it is (no deleting,
+/// messages kept), and a worker starting later does not undo it.
+#[tokio::test]
+async fn queue_settings_are_policies_an_operator_changes_in_place() {
+    use reqwest::Method;
+    let env = TestEnv::new().await;
+    env.broker
+        .declare(PlatformName::Docker)
+        .await
+        .expect("declare");
+    let (status, policy) = env
+        .management(Method::GET, "policies/provisioner-work-docker", None)
+        .await;
+    assert_eq!(status, 200, "the worker created the missing policy");
+    assert_eq!(policy["definition"]["delivery-limit"], 10);
+    assert_eq!(
+        policy["definition"]["dead-letter-exchange"],
+        "provisioning.dead-letter"
+    );
+    let (_, queue) = env
+        .management(Method::GET, "queues/provisioning.docker", None)
+        .await;
+    assert_eq!(
+        queue["arguments"],
+        serde_json::json!({"x-queue-type": "quorum"}),
+        "no tunable is fixed as an argument"
+    );
+    let (_, journal) = env
+        .management(Method::GET, "policies/provisioner-status-journal", None)
+        .await;
+    assert_eq!(journal["definition"]["overflow"], "drop-head");
+
+    // A message waits in the queue while the operator lowers the delivery limit.
+    let waiting = env.web("waiting");
+    env.publish(&waiting).await;
+    let mut lowered = policy.clone();
+    lowered["definition"]["delivery-limit"] = 1.into();
+    let (status, _) = env
+        .management(
+            Method::PUT,
+            "policies/provisioner-work-docker",
+            Some(serde_json::json!({
+                "pattern": lowered["pattern"], "apply-to": "queues",
+                "priority": lowered["priority"], "definition": lowered["definition"],
+            })),
+        )
+        .await;
+    assert!(status == 201 || status == 204, "PUT policy: {status}");
+    let deadline = tokio::time::Instant::now() + 10 * SECOND;
+    loop {
+        let (_, queue) = env
+            .management(Method::GET, "queues/provisioning.docker", None)
+            .await;
+        if queue["effective_policy_definition"]["delivery-limit"] == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the changed policy never applied: {queue}"
+        );
+        tokio::time::sleep(SECOND / 5).await;
+    }
+    assert_eq!(
+        env.queue_depth("provisioning.docker").await,
+        1,
+        "the queue kept its message"
+    );
+    env.take_all("provisioning.docker").await;
+
+    // A client connecting later leaves the operator's policy as it is…
+    let later = AmqpBroker::connect(AmqpConfig::new(&env.amqp_url))
+        .await
+        .expect("connect");
+    later.declare(PlatformName::Docker).await.expect("declare");
+    let (_, kept) = env
+        .management(Method::GET, "policies/provisioner-work-docker", None)
+        .await;
+    assert_eq!(kept["definition"]["delivery-limit"], 1);
+    // …and the broker enforces it: a poison message is dead-lettered after its second
+    // delivery, not its eleventh.
+    let (deliveries, dead) = poison_until_dead_lettered(&env, "poison").await;
+    assert_eq!((deliveries, dead), (2, 1));
+}
+
+/// Where the management API is out of reach (a broker without the plugin, or
+/// `RABBITMQ_MANAGEMENT_URL=off`), a client still makes safe queues: they carry the
+/// policies' settings as arguments, and a poison message is dead-lettered, not lost or
+/// looping. A later client that can reach the API creates the policies and uses the
+/// queues as they are.
+#[tokio::test]
+async fn without_the_management_api_queues_carry_their_settings_as_arguments() {
+    use reqwest::Method;
+    let env = TestEnv::new().await;
+    // TestEnv's own client created the shared policies; this test is about the
+    // platform's, which nothing has declared yet.
+    for api in [
+        ManagementApi::Off,
+        ManagementApi::from_setting(Some("http://127.0.0.1:9")),
+    ] {
+        let mut config = AmqpConfig::new(&env.amqp_url);
+        config.management_api = api;
+        let without = AmqpBroker::connect(config).await.expect("connect");
+        without
+            .declare(PlatformName::Docker)
+            .await
+            .expect("declare without the management API");
+    }
+    let (status, _) = env
+        .management(Method::GET, "policies/provisioner-work-docker", None)
+        .await;
+    assert_eq!(status, 404);
+    let (_, queue) = env
+        .management(Method::GET, "queues/provisioning.docker", None)
+        .await;
+    assert_eq!(queue["arguments"]["x-delivery-limit"], 10);
+    assert_eq!(
+        queue["arguments"]["x-dead-letter-exchange"],
+        "provisioning.dead-letter"
+    );
+    assert_eq!(
+        queue["arguments"]["x-dead-letter-strategy"],
+        "at-least-once"
+    );
+
+    let (deliveries, dead) = poison_until_dead_lettered(&env, "poison").await;
+    assert_eq!((deliveries, dead), (11, 1));
+
+    // With the API in reach again, the policy is created and the queue used as it is.
+    env.broker
+        .declare(PlatformName::Docker)
+        .await
+        .expect("declare with the management API");
+    let (status, _) = env
+        .management(Method::GET, "policies/provisioner-work-docker", None)
+        .await;
+    assert_eq!(status, 200);
 }
 
 /// Publishes one message as `url`'s user and waits for the broker's confirm: the

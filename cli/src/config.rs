@@ -19,6 +19,17 @@ pub struct Connections {
     /// RabbitMQ, e.g. amqp://guest:guest@127.0.0.1:5672/%2f
     #[arg(long, env = "AMQP_URL", global = true)]
     pub amqp_url: Option<String>,
+    /// RabbitMQ's management API, where a client creates the queue policies that are
+    /// missing (never changing one that exists). Default: http://<AMQP host>:15672 with
+    /// AMQP_URL's credentials for amqp:// (none for amqps://); `off` leaves policies to
+    /// the operator. Out of reach, queues are declared with the settings as arguments.
+    #[arg(
+        long,
+        env = "RABBITMQ_MANAGEMENT_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub rabbitmq_management_url: Option<String>,
     /// Redis, e.g. redis://127.0.0.1:6379
     #[arg(long, env = "REDIS_URL", global = true)]
     pub redis_url: Option<String>,

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
-use provisioner_core::amqp::{AmqpBroker, AmqpConfig};
+use provisioner_core::amqp::{AmqpBroker, AmqpConfig, ManagementApi};
 use provisioner_core::redis_store::RedisStore;
 use provisioner_core::{Broker, Outcome, StateStore, Worker};
 use provisioner_events::PlatformName;
@@ -295,6 +295,8 @@ async fn amqp(connections: &Connections, name: &str) -> Result<AmqpBroker, Failu
     let url = connections.require_amqp()?;
     let mut config = AmqpConfig::new(url);
     config.connection_name = name.to_owned();
+    config.management_api =
+        ManagementApi::from_setting(connections.rabbitmq_management_url.as_deref());
     AmqpBroker::connect(config).await.map_err(|e| {
         Failure::unavailable(anyhow::anyhow!("RabbitMQ at {}: {e}", config::redact(url)))
     })

@@ -110,6 +110,10 @@ spec:
             secretKeyRef:
               name: provisioner-broker-{name}
               key: amqp-url
+        # The worker's broker user (from the definitions) may not set policies: the
+        # operator loaded them with the definitions.
+        - name: RABBITMQ_MANAGEMENT_URL
+          value: "off"
         - name: REDIS_URL
           valueFrom:
             secretKeyRef:

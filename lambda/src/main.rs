@@ -16,7 +16,7 @@ use std::time::Duration;
 use lambda_runtime::{LambdaEvent, service_fn};
 use provisioner_core::Broker;
 use provisioner_core::Platform;
-use provisioner_core::amqp::{AmqpBroker, AmqpConfig};
+use provisioner_core::amqp::{AmqpBroker, AmqpConfig, ManagementApi};
 use provisioner_core::policy::RetryPolicy;
 use provisioner_core::redact_url as redact;
 use provisioner_core::redis_store::{DEFAULT_RETENTION, RedisStore};
@@ -87,6 +87,7 @@ async fn handler() -> Result<Handler, String> {
     );
     let mut amqp = AmqpConfig::new(&amqp_url);
     amqp.connection_name = worker_id.clone();
+    amqp.management_api = ManagementApi::from_setting(var("RABBITMQ_MANAGEMENT_URL").as_deref());
     let broker = AmqpBroker::connect(amqp)
         .await
         .map_err(|e| format!("RabbitMQ at {}: {e}", redact(&amqp_url)))?;

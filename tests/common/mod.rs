@@ -704,6 +704,73 @@ impl TestEnv {
         (connection, channel)
     }
 
+    /// Calls RabbitMQ's management API on this test's vhost as the administrator:
+    /// `path` follows `/api/<collection>/<vhost>/` (e.g. `policies/provisioner-work-docker`).
+    /// Returns the status and the JSON body (null when there is none).
+    pub async fn management(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let (collection, rest) = path.split_once('/').unwrap_or((path, ""));
+        let url = format!(
+            "http://127.0.0.1:15672/api/{collection}/{}/{rest}",
+            self.vhost
+        );
+        let mut request = reqwest::Client::new()
+            .request(method, url)
+            .basic_auth("guest", Some("guest"));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .expect("the management API (scripts/dev-services.sh enables it)");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or_default())
+    }
+
+    /// Gets messages from `queue` one at a time and returns each to it (basic.nack with
+    /// requeue), as a worker that crashes on them would, until the queue has none left
+    /// to give: how many deliveries the broker made.
+    pub async fn return_until_gone(&self, queue: &str) -> usize {
+        let (_connection, channel) = self.raw_channel().await;
+        let mut deliveries = 0;
+        let mut empty_looks = 0;
+        while empty_looks < 20 && deliveries < 1000 {
+            let got = channel
+                .basic_get(
+                    queue.into(),
+                    lapin::options::BasicGetOptions { no_ack: false },
+                )
+                .await
+                .expect("basic.get");
+            match got {
+                Some(message) => {
+                    deliveries += 1;
+                    empty_looks = 0;
+                    message
+                        .delivery
+                        .acker
+                        .nack(lapin::options::BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("basic.nack");
+                }
+                None => {
+                    empty_looks += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        deliveries
+    }
+
     /// Takes every message from `queue`: its headers and its body.
     pub async fn take_all(&self, queue: &str) -> Vec<(lapin::types::FieldTable, Vec<u8>)> {
         let (_connection, channel) = self.raw_channel().await;

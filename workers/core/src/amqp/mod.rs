@@ -51,12 +51,14 @@ use tokio::sync::Mutex;
 
 mod consume;
 mod journal;
+mod policies;
 mod publish;
 mod redrive;
 mod session;
 mod subscribe;
 mod topology;
 
+pub use policies::ManagementApi;
 pub use publish::Letter;
 pub use redrive::DeadLetterInfo;
 pub use topology::{Topology, access_definitions, definitions};
@@ -141,6 +143,8 @@ pub struct AmqpConfig {
     pub delivery_limit: i32,
     /// How many status events the journal queue keeps (oldest dropped first).
     pub journal_max_length: i64,
+    /// Where to put the queue policies in place (`RABBITMQ_MANAGEMENT_URL`).
+    pub management_api: ManagementApi,
     /// How long connecting (handshake and topology included) may take.
     pub connect_timeout: Duration,
     /// How long a publish may wait for the broker's confirm.
@@ -154,6 +158,7 @@ impl AmqpConfig {
             connection_name: "provisioner".into(),
             delivery_limit: 10,
             journal_max_length: 10_000,
+            management_api: ManagementApi::Derived,
             connect_timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(30),
         }

@@ -5,6 +5,17 @@
 //! ([`Topology::definitions`], `provisioner definitions`). One description, so the two
 //! cannot drift.
 //!
+//! Settings an operator may want to change later (the work queues' delivery limit and
+//! dead-lettering, the journal's length) are RabbitMQ *policies*, not queue arguments: a
+//! queue's arguments are fixed for its life, while a policy changes in place
+//! (`rabbitmqctl set_policy`, the management API) on queues that keep their messages.
+//! Queues are declared with their structural arguments only (the quorum type; a delay
+//! tier's TTL and way back, which are its identity). The declaring client creates the
+//! missing policies through the management API ([`super::policies`]) and never changes
+//! one that exists. Where it cannot (no management API, a user without the right), it
+//! declares the queues it creates with the policies' settings as arguments, so a worker
+//! on an empty broker still dead-letters its poison messages.
+//!
 //! Each declaration runs on a channel of its own, since a refused declaration closes its
 //! channel.
 
@@ -13,8 +24,9 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
 use provisioner_events::{PlatformName, REQUESTS_EXCHANGE, STATUS_EXCHANGE};
 use serde_json::{Value, json};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use super::policies::{self, Policies};
 use super::{
     AmqpConfig, DEAD_LETTER_EXCHANGE, DELAY_EXCHANGE, INTERNAL_EXCHANGE, RETRY_TIERS_S,
     STATUS_JOURNAL_QUEUE, UNROUTED_EXCHANGE, UNROUTED_QUEUE, dead_letter_queue, retry_queue, short,
@@ -99,8 +111,70 @@ pub struct Exchange {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Queue {
     pub name: String,
+    /// Its structural arguments, fixed for its life.
     pub arguments: Arguments,
+    /// The policy holding its tunable settings, by name.
+    pub policy: Option<String>,
 }
+
+/// A RabbitMQ policy: settings of every queue whose name matches `pattern`, changeable
+/// at any time without redeclaring them. Only the policy of highest priority applies to
+/// a queue (policies do not merge; operator policies do).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub name: String,
+    /// A regular expression over queue names.
+    pub pattern: String,
+    pub priority: i32,
+    /// Keys as RabbitMQ's policies name them (`delivery-limit`); each is also a queue
+    /// argument with an `x-` prefix, the form used where the policy cannot be set.
+    pub definition: Arguments,
+}
+
+impl Policy {
+    /// The policy as RabbitMQ definitions and the management API write it.
+    pub fn definition_json(&self, vhost: &str) -> Value {
+        json!({
+            "vhost": vhost, "name": self.name, "pattern": self.pattern, "apply-to": "queues",
+            "priority": self.priority, "definition": json_arguments(&self.definition),
+        })
+    }
+
+    /// The definition as queue arguments (`x-delivery-limit`, …).
+    pub fn as_arguments(&self) -> Arguments {
+        self.definition
+            .iter()
+            .map(|(key, value)| (argument_name(key), value.clone()))
+            .collect()
+    }
+}
+
+/// The queue argument of a policy key: the same name with `x-`.
+fn argument_name(key: &'static str) -> &'static str {
+    match key {
+        "delivery-limit" => "x-delivery-limit",
+        "dead-letter-exchange" => "x-dead-letter-exchange",
+        "dead-letter-routing-key" => "x-dead-letter-routing-key",
+        "dead-letter-strategy" => "x-dead-letter-strategy",
+        "overflow" => "x-overflow",
+        "max-length" => "x-max-length",
+        "message-ttl" => "x-message-ttl",
+        other => panic!("no queue argument for the policy key {other:?}"),
+    }
+}
+
+/// The policy of a platform's work queue: poison messages (crash loops, panics)
+/// dead-lettered after `delivery-limit` deliveries, at least once. One per platform, so
+/// each can be tuned alone and a worker never depends on a policy written by an older
+/// version that did not know its platform.
+pub fn work_policy_name(platform: PlatformName) -> String {
+    format!("provisioner-work-{platform}")
+}
+
+/// The policy of the status journal: its length, oldest events dropped first.
+pub const JOURNAL_POLICY: &str = "provisioner-status-journal";
+/// Priority of the shipped policies: above a catch-all policy of priority 0.
+const POLICY_PRIORITY: i32 = 10;
 
 /// A queue bound to an exchange.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,12 +184,14 @@ pub struct Binding {
     pub routing_key: String,
 }
 
-/// Exchanges, queues and bindings, in the order they are declared.
+/// Exchanges, queues, bindings and the policies of the queues, in the order they are
+/// declared.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Topology {
     pub exchanges: Vec<Exchange>,
     pub queues: Vec<Queue>,
     pub bindings: Vec<Binding>,
+    pub policies: Vec<Policy>,
 }
 
 fn quorum(mut extra: Arguments) -> Arguments {
@@ -128,9 +204,29 @@ fn quorum(mut extra: Arguments) -> Arguments {
 /// confirmed it. RabbitMQ honours it only with `reject-publish` overflow.
 fn at_least_once() -> Arguments {
     vec![
-        ("x-dead-letter-strategy", Argument::text("at-least-once")),
-        ("x-overflow", Argument::text("reject-publish")),
+        ("dead-letter-strategy", Argument::text("at-least-once")),
+        ("overflow", Argument::text("reject-publish")),
     ]
+}
+
+/// A regular expression matching exactly the queue `name`.
+fn exactly(name: &str) -> String {
+    format!("^{}$", name.replace('.', "\\."))
+}
+
+/// The policy of `platform`'s work queue.
+fn work_policy(config: &AmqpConfig, platform: PlatformName) -> Policy {
+    let mut definition = vec![
+        ("delivery-limit", Argument::Int(config.delivery_limit)),
+        ("dead-letter-exchange", Argument::text(DEAD_LETTER_EXCHANGE)),
+    ];
+    definition.extend(at_least_once());
+    Policy {
+        name: work_policy_name(platform),
+        pattern: exactly(&work_queue(platform)),
+        priority: POLICY_PRIORITY,
+        definition,
+    }
 }
 
 impl Topology {
@@ -159,13 +255,12 @@ impl Topology {
                 Queue {
                     name: UNROUTED_QUEUE.to_owned(),
                     arguments: quorum(vec![]),
+                    policy: None,
                 },
                 Queue {
                     name: STATUS_JOURNAL_QUEUE.to_owned(),
-                    arguments: vec![
-                        ("x-max-length", Argument::Long(config.journal_max_length)),
-                        ("x-overflow", Argument::text("drop-head")),
-                    ],
+                    arguments: vec![],
+                    policy: Some(JOURNAL_POLICY.to_owned()),
                 },
             ],
             bindings: vec![
@@ -180,6 +275,15 @@ impl Topology {
                     routing_key: "#".to_owned(),
                 },
             ],
+            policies: vec![Policy {
+                name: JOURNAL_POLICY.to_owned(),
+                pattern: exactly(STATUS_JOURNAL_QUEUE),
+                priority: POLICY_PRIORITY,
+                definition: vec![
+                    ("max-length", Argument::Long(config.journal_max_length)),
+                    ("overflow", Argument::text("drop-head")),
+                ],
+            }],
         }
     }
 
@@ -187,14 +291,6 @@ impl Topology {
     pub fn platform(config: &AmqpConfig, platform: PlatformName) -> Topology {
         let work = work_queue(platform);
         let dead = dead_letter_queue(platform);
-        let mut work_arguments = quorum(vec![
-            ("x-delivery-limit", Argument::Int(config.delivery_limit)),
-            (
-                "x-dead-letter-exchange",
-                Argument::text(DEAD_LETTER_EXCHANGE),
-            ),
-        ]);
-        work_arguments.extend(at_least_once());
         let binding = |exchange: &str, queue: &str, routing_key: String| Binding {
             exchange: exchange.to_owned(),
             queue: queue.to_owned(),
@@ -203,11 +299,13 @@ impl Topology {
         let mut queues = vec![
             Queue {
                 name: work.clone(),
-                arguments: work_arguments,
+                arguments: quorum(vec![]),
+                policy: Some(work_policy_name(platform)),
             },
             Queue {
                 name: dead.clone(),
                 arguments: quorum(vec![]),
+                policy: None,
             },
         ];
         let mut bindings = vec![
@@ -221,21 +319,29 @@ impl Topology {
         for tier in RETRY_TIERS_S {
             let delay = retry_queue(platform, tier);
             bindings.push(binding(DELAY_EXCHANGE, &delay, delay.clone()));
+            // A tier's TTL and its way back to the work queue are what the tier is
+            // (the worker picks a tier by its delay), not settings to tune: arguments.
             let mut arguments = quorum(vec![
                 ("x-message-ttl", Argument::Long((tier * 1000) as i64)),
                 ("x-dead-letter-exchange", Argument::text("")),
                 ("x-dead-letter-routing-key", Argument::text(&work)),
             ]);
-            arguments.extend(at_least_once());
+            arguments.extend(
+                at_least_once()
+                    .into_iter()
+                    .map(|(key, value)| (argument_name(key), value)),
+            );
             queues.push(Queue {
                 name: delay,
                 arguments,
+                policy: None,
             });
         }
         Topology {
             exchanges: vec![],
             queues,
             bindings,
+            policies: vec![work_policy(config, platform)],
         }
     }
 
@@ -247,8 +353,14 @@ impl Topology {
             all.exchanges.append(&mut of_platform.exchanges);
             all.queues.append(&mut of_platform.queues);
             all.bindings.append(&mut of_platform.bindings);
+            all.policies.append(&mut of_platform.policies);
         }
         all
+    }
+
+    /// The policy named `name`.
+    pub fn policy(&self, name: &str) -> Option<&Policy> {
+        self.policies.iter().find(|policy| policy.name == name)
     }
 
     /// The topology as RabbitMQ definitions of `vhost` (the `exchanges`, `queues` and
@@ -269,6 +381,7 @@ impl Topology {
                 "source": b.exchange, "vhost": vhost, "destination": b.queue,
                 "destination_type": "queue", "routing_key": b.routing_key, "arguments": {},
             })).collect::<Vec<_>>(),
+            "policies": self.policies.iter().map(|p| p.definition_json(vhost)).collect::<Vec<_>>(),
         })
     }
 }
@@ -444,20 +557,26 @@ impl<'a> Declarer<'a> {
         }
     }
 
-    /// Declares a queue. A work queue declared with other arguments (by an older
-    /// version) is used as it is, with a warning saying what it may lack.
-    async fn queue(&mut self, queue: &Queue, work_queue: bool) -> Result<(), BrokerError> {
+    /// Declares a queue with `arguments`. A queue that exists with other arguments (an
+    /// older version's, or declared while the policies were out of reach) is used as it
+    /// is; `policies_in_place` says whether that deserves a warning.
+    async fn queue(
+        &mut self,
+        queue: &Queue,
+        arguments: &Arguments,
+        policies_in_place: bool,
+    ) -> Result<(), BrokerError> {
         let declared = self
             .channel
             .queue_declare(
                 short(&queue.name)?,
                 QueueDeclareOptions::durable(),
-                field_table(&queue.arguments),
+                field_table(arguments),
             )
             .await;
         let refusal = match declared {
             Ok(_) => return Ok(()),
-            Err(e) if access_refused(&e) || (work_queue && e.is_amqp_soft_error()) => e,
+            Err(e) if e.is_amqp_soft_error() => e,
             Err(e) => return Err(unavailable(e)),
         };
         self.reopen().await?;
@@ -477,12 +596,18 @@ impl<'a> Declarer<'a> {
                 BrokerError::Refused(refusal.to_string())
             });
         }
-        if !access_refused(&refusal) {
-            warn!(
+        if access_refused(&refusal) {
+            return Ok(());
+        }
+        match &queue.policy {
+            Some(policy) if policies_in_place => warn!(
                 queue = %queue.name,
                 error = %refusal,
-                "the work queue was declared with other arguments (an older version?); using it as it is. It may lack at-least-once dead-lettering: set a policy with dead-letter-strategy=at-least-once and overflow=reject-publish, or recreate it when it is empty"
-            );
+                "the queue exists with other arguments (declared by an older version, or while the policies were out of reach); using it as it is. Its arguments win over the policy {policy:?} (RabbitMQ takes the lower of two limits, and the argument otherwise): to let the policy govern it, delete the queue when it is empty and start a worker"
+            ),
+            _ => {
+                debug!(queue = %queue.name, error = %refusal, "the queue exists with other arguments; using it as it is")
+            }
         }
         Ok(())
     }
@@ -509,18 +634,32 @@ impl<'a> Declarer<'a> {
         }
     }
 
-    /// Declares `topology`; `work_queue` names the queue an older version may have
-    /// declared with other arguments.
+    /// Declares `topology`: its policies first, then its exchanges, queues and
+    /// bindings. Where the policies cannot be put in place, a queue is declared with
+    /// its policy's settings as arguments, so it is safe without them.
     async fn topology(
         &mut self,
+        config: &AmqpConfig,
         topology: &Topology,
-        work_queue: Option<&str>,
     ) -> Result<(), BrokerError> {
+        let policies = policies::ensure(config, &topology.policies).await;
+        if let Policies::OutOfReach(why) = &policies {
+            info!(
+                policies = ?topology.policies.iter().map(|p| &p.name).collect::<Vec<_>>(),
+                "could not check the queue policies through the management API ({why}); a queue declared now carries their settings as arguments, which a policy cannot change later. Load the definitions (`provisioner definitions`) or set RABBITMQ_MANAGEMENT_URL"
+            );
+        }
         for exchange in &topology.exchanges {
             self.exchange(exchange).await?;
         }
         for queue in &topology.queues {
-            self.queue(queue, work_queue == Some(queue.name.as_str()))
+            let mut arguments = queue.arguments.clone();
+            if policies != Policies::InPlace
+                && let Some(policy) = queue.policy.as_deref().and_then(|p| topology.policy(p))
+            {
+                arguments.extend(policy.as_arguments());
+            }
+            self.queue(queue, &arguments, policies == Policies::InPlace)
                 .await?;
         }
         for binding in &topology.bindings {
@@ -538,7 +677,7 @@ pub(super) async fn declare_shared(
 ) -> Result<(), BrokerError> {
     Declarer::new(connection)
         .await?
-        .topology(&Topology::shared(config), None)
+        .topology(config, &Topology::shared(config))
         .await
 }
 
@@ -550,10 +689,7 @@ pub(super) async fn declare_platform(
 ) -> Result<(), BrokerError> {
     Declarer::new(connection)
         .await?
-        .topology(
-            &Topology::platform(config, platform),
-            Some(&work_queue(platform)),
-        )
+        .topology(config, &Topology::platform(config, platform))
         .await
 }
 
@@ -566,7 +702,13 @@ mod tests {
         let config = AmqpConfig::new("amqp://unused");
         let docker = Topology::platform(&config, PlatformName::Docker);
         assert_eq!(docker.queues[0].name, "provisioning.docker");
-        assert!(docker.queues[0].arguments.contains(&(
+        // The work queue's tunables are its policy's, not fixed arguments.
+        assert_eq!(docker.queues[0].arguments, quorum(vec![]));
+        let policy = docker
+            .policy(docker.queues[0].policy.as_deref().expect("a policy"))
+            .expect("the policy is in the topology");
+        assert_eq!(policy.pattern, "^provisioning\\.docker$");
+        assert!(policy.as_arguments().contains(&(
             "x-dead-letter-exchange",
             Argument::text(DEAD_LETTER_EXCHANGE)
         )));
@@ -590,6 +732,36 @@ mod tests {
             definitions["exchanges"][1]["arguments"]["alternate-exchange"],
             UNROUTED_EXCHANGE
         );
+        assert_eq!(
+            definitions["policies"][1]["definition"]["dead-letter-strategy"],
+            "at-least-once"
+        );
+    }
+
+    /// Every queue with a policy is matched by it and by no other of the topology's
+    /// policies; a policy matches only its queues. Checked with a regular expression
+    /// engine as RabbitMQ reads patterns (whole-name anchors, escaped dots).
+    #[test]
+    fn each_policy_governs_exactly_its_queues() {
+        let all = Topology::everything(&AmqpConfig::new("amqp://unused"));
+        assert_eq!(all.policies.len(), 1 + PlatformName::ALL.len());
+        for policy in &all.policies {
+            let pattern = regex_lite::Regex::new(&policy.pattern).expect("a valid pattern");
+            let matched: Vec<&str> = all
+                .queues
+                .iter()
+                .filter(|queue| pattern.is_match(&queue.name))
+                .map(|queue| queue.name.as_str())
+                .collect();
+            let governed: Vec<&str> = all
+                .queues
+                .iter()
+                .filter(|queue| queue.policy.as_deref() == Some(policy.name.as_str()))
+                .map(|queue| queue.name.as_str())
+                .collect();
+            assert_eq!(matched, governed, "policy {}", policy.name);
+            assert_eq!(governed.len(), 1, "policy {}", policy.name);
+        }
     }
 
     /// `infra/rabbitmq/definitions.json` is what the code declares, on the default vhost.
