@@ -92,6 +92,10 @@ async fn metrics_live_and_ready_move_with_the_work() {
             "provisioner_requests_total{platform=\"docker\",operation=\"\",outcome=\"rejected\",error_class=\"invalid_request\"}",
             1.0,
         ),
+        (
+            "provisioner_health_wait_duration_seconds_count{platform=\"docker\",outcome=\"ready\"}",
+            1.0,
+        ),
     ] {
         let value = sample(&text, name);
         assert!(
@@ -103,6 +107,18 @@ async fn metrics_live_and_ready_move_with_the_work() {
         sample(&text, "provisioner_in_flight{platform=\"docker\"}"),
         Some(0.0)
     );
+    // The health wait is part of the provision's platform call, never longer.
+    let waited = sample(
+        &text,
+        "provisioner_health_wait_duration_seconds_sum{platform=\"docker\",outcome=\"ready\"}",
+    )
+    .expect("a health wait");
+    let called = sample(
+        &text,
+        "provisioner_platform_call_duration_seconds_sum{platform=\"docker\",operation=\"provision\",outcome=\"ok\"}",
+    )
+    .expect("a platform call");
+    assert!(waited > 0.0 && waited <= called, "health wait {waited} s, call {called} s");
 
     let down = env.teardown("observed-down", &id(&web));
     env.publish(&down).await;

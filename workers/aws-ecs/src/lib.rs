@@ -924,9 +924,13 @@ impl Platform for EcsPlatform {
         let timeout = spec
             .ready_timeout_seconds
             .map_or(DEFAULT_READY_TIMEOUT, Duration::from_secs);
-        let running = self
-            .wait_running(&spec.cluster, &arn, spec.wait_healthy, timeout)
-            .await?;
+        let running = provisioner_core::metrics::health_wait(self.wait_running(
+            &spec.cluster,
+            &arn,
+            spec.wait_healthy,
+            timeout,
+        ))
+        .await?;
         let ports = spec
             .container
             .as_ref()

@@ -477,7 +477,8 @@ impl Platform for ContainerInstancesPlatform {
             "Always" => &["Running"],
             _ => &["Running", "Succeeded"],
         };
-        let group = self.wait_state(&name, done, left()).await?;
+        let group =
+            provisioner_core::metrics::health_wait(self.wait_state(&name, done, left())).await?;
         Ok(self.resource(&group))
     }
 

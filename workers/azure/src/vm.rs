@@ -619,7 +619,8 @@ impl Platform for VmPlatform {
             info!(vm = %name, status = accepted.status, "create accepted");
             self.arm.wait(&accepted.poll, left(), &doing).await?;
         }
-        self.wait_power(&vm_id, &["running"], left()).await?;
+        provisioner_core::metrics::health_wait(self.wait_power(&vm_id, &["running"], left()))
+            .await?;
         let vm = self
             .arm
             .get::<VirtualMachine>(&vm_id, COMPUTE_API_VERSION, &doing)

@@ -141,6 +141,18 @@ impl Probe {
     pub async fn wait_ready<F, Fut>(
         &self,
         timeout: Duration,
+        still_alive: F,
+    ) -> Result<(), NotReady>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        crate::metrics::health_wait(self.probe_until_ready(timeout, still_alive)).await
+    }
+
+    async fn probe_until_ready<F, Fut>(
+        &self,
+        timeout: Duration,
         mut still_alive: F,
     ) -> Result<(), NotReady>
     where

@@ -10,6 +10,7 @@
 //! | `provisioner_deliveries_total` | settlement | deliveries settled: `ack`, `retry`, `requeue`, `dead_letter` |
 //! | `provisioner_delivery_duration_seconds` | settlement | one delivery, received to settled |
 //! | `provisioner_platform_call_duration_seconds` | operation, outcome | the platform's call for a request (health waits included), `ok` or the error class |
+//! | `provisioner_health_wait_duration_seconds` | outcome | inside a provision's call, the wait for the new resource to run and answer its health check (`ready` or `not_ready`) |
 //! | `provisioner_in_flight` | | deliveries being worked on |
 //! | `provisioner_dead_letters_total` | error_class | messages set aside, by why |
 //! | `provisioner_lease_takeovers_total` | | requests claimed again after another attempt or a lost holder |
@@ -93,7 +94,43 @@ pub struct Metrics {
     dead_letters: Family<ClassLabels, Counter>,
     takeovers: Family<PlatformLabel, Counter>,
     rate_limit_wait_seconds: Family<PlatformLabel, Histogram>,
+    health_wait_seconds: Family<OutcomeLabels, Histogram>,
     reconnects: Family<PeerLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    platform: String,
+    outcome: String,
+}
+
+tokio::task_local! {
+    /// The metrics of the worker whose platform call runs in this task.
+    static PLATFORM_CALL_METRICS: Arc<Metrics>;
+}
+
+/// Runs a platform call so that the health waits inside it ([`health_wait`]) are
+/// recorded in `metrics`.
+pub(crate) async fn recording_health_waits<F: std::future::Future>(
+    metrics: Arc<Metrics>,
+    call: F,
+) -> F::Output {
+    PLATFORM_CALL_METRICS.scope(metrics, call).await
+}
+
+/// Times a platform's wait for a resource it made to run and answer its health check
+/// (a probe, polling for RUNNING or an available rollout), as
+/// `provisioner_health_wait_duration_seconds`. Platforms wrap their waits in it; outside
+/// a worker's platform call (a test, a tool) it only runs `wait`.
+pub async fn health_wait<T, E>(
+    wait: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let started = std::time::Instant::now();
+    let result = wait.await;
+    let outcome = if result.is_ok() { "ready" } else { "not_ready" };
+    let _ =
+        PLATFORM_CALL_METRICS.try_with(|metrics| metrics.health_waited(outcome, started.elapsed()));
+    result
 }
 
 impl std::fmt::Debug for Metrics {
@@ -155,6 +192,13 @@ impl Metrics {
             "How long calls waited for their rate-limit tokens",
             rate_limit_wait_seconds.clone(),
         );
+        let health_wait_seconds =
+            Family::<OutcomeLabels, Histogram>::new_with_constructor(duration_histogram as _);
+        registry.register(
+            "health_wait_duration_seconds",
+            "Inside a provision, the wait for the new resource to run and answer its health check",
+            health_wait_seconds.clone(),
+        );
         let reconnects = Family::<PeerLabels, Counter>::default();
         registry.register(
             "reconnects",
@@ -172,6 +216,7 @@ impl Metrics {
             dead_letters,
             takeovers,
             rate_limit_wait_seconds,
+            health_wait_seconds,
             reconnects,
         };
         // Present from the first scrape, not only once something happened.
@@ -286,6 +331,16 @@ impl Metrics {
     pub(crate) fn rate_limit_wait(&self, took: Duration) {
         self.rate_limit_wait_seconds
             .get_or_create(&self.platform_label())
+            .observe(took.as_secs_f64());
+    }
+
+    /// A health wait ended `outcome` after `took`.
+    fn health_waited(&self, outcome: &str, took: Duration) {
+        self.health_wait_seconds
+            .get_or_create(&OutcomeLabels {
+                platform: self.platform.clone(),
+                outcome: outcome.to_owned(),
+            })
             .observe(took.as_secs_f64());
     }
 

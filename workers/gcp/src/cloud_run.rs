@@ -387,7 +387,8 @@ impl Platform for CloudRunPlatform {
         }
         // The service, not the operation, is polled: its Ready condition is what
         // `running` means, and it says why when it fails.
-        let service = self.wait_ready(&name, timeout).await?;
+        let service =
+            provisioner_core::metrics::health_wait(self.wait_ready(&name, timeout)).await?;
         Ok(Self::resource(&service))
     }
 

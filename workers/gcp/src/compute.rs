@@ -688,9 +688,13 @@ impl Platform for ComputePlatform {
         } else {
             info!(instance = %name, zone = %zone, "created");
         }
-        let instance = self
-            .wait_status(&zone, &name, &[instance::Status::Running], left())
-            .await?;
+        let instance = provisioner_core::metrics::health_wait(self.wait_status(
+            &zone,
+            &name,
+            &[instance::Status::Running],
+            left(),
+        ))
+        .await?;
         Ok(Self::resource(&instance))
     }
 

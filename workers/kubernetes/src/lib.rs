@@ -720,8 +720,13 @@ impl Platform for KubernetesPlatform {
             }
             None => None,
         };
-        self.wait_available(&deployments, &name, spec.replicas(), timeout)
-            .await?;
+        provisioner_core::metrics::health_wait(self.wait_available(
+            &deployments,
+            &name,
+            spec.replicas(),
+            timeout,
+        ))
+        .await?;
         Ok(self.resource(&deployment, service.as_ref()))
     }
 

@@ -346,7 +346,11 @@ impl Worker {
                 // Slept under the heartbeat: the lease is kept while waiting our turn.
                 tokio::time::sleep(pace).await;
                 let called = std::time::Instant::now();
-                let result = self.call_platform(request).await;
+                let result = crate::metrics::recording_health_waits(
+                    self.metrics.clone(),
+                    self.call_platform(request),
+                )
+                .await;
                 self.metrics.platform_call(
                     request.operation,
                     result.as_ref().err().map(|e| e.class),
