@@ -118,7 +118,10 @@ async fn metrics_live_and_ready_move_with_the_work() {
         "provisioner_platform_call_duration_seconds_sum{platform=\"docker\",operation=\"provision\",outcome=\"ok\"}",
     )
     .expect("a platform call");
-    assert!(waited > 0.0 && waited <= called, "health wait {waited} s, call {called} s");
+    assert!(
+        waited > 0.0 && waited <= called,
+        "health wait {waited} s, call {called} s"
+    );
 
     let down = env.teardown("observed-down", &id(&web));
     env.publish(&down).await;

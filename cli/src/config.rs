@@ -76,27 +76,16 @@ impl Connections {
     pub fn signing_keys(
         &self,
     ) -> Result<Option<Arc<provisioner_core::signing::SigningKeys>>, Failure> {
-        let spec = match (&self.request_signing_keys, &self.request_signing_keys_file) {
-            (None, None) => return Ok(None),
-            (Some(_), Some(_)) => {
-                return Err(Failure::config(anyhow::anyhow!(
-                    "REQUEST_SIGNING_KEYS and REQUEST_SIGNING_KEYS_FILE are both set: give one"
-                )));
-            }
-            (Some(keys), None) => keys.clone(),
-            (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| {
-                Failure::config(anyhow::anyhow!(
-                    "REQUEST_SIGNING_KEYS_FILE {}: {e}",
-                    path.display()
-                ))
-            })?,
-        };
         let max_age = self
             .request_signature_max_age_seconds
             .map_or_else(|| self.retention(), Duration::from_secs);
-        provisioner_core::signing::SigningKeys::parse(&spec, max_age)
-            .map(|keys| Some(Arc::new(keys)))
-            .map_err(|e| Failure::config(anyhow::anyhow!("request signing keys: {e}")))
+        provisioner_core::signing::SigningKeys::from_settings(
+            self.request_signing_keys.as_deref(),
+            self.request_signing_keys_file.as_deref(),
+            max_age,
+        )
+        .map(|keys| keys.map(Arc::new))
+        .map_err(|e| Failure::config(anyhow::anyhow!(e)))
     }
 
     /// Both set: the real services; neither: embedded; one alone is a mistake.

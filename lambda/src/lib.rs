@@ -37,6 +37,7 @@ use provisioner_core::amqp::{
 };
 use provisioner_core::broker::{BrokerError, Delivery, DeliveryParts, Settle, Settlement};
 use provisioner_core::runtime::{Worker, WorkerConfig};
+use provisioner_core::signing::SIGNATURE_HEADER;
 use provisioner_core::store::StateStore;
 use provisioner_core::{Broker, Platform};
 use provisioner_events::{PlatformName, RejectedMessage};
@@ -78,6 +79,33 @@ pub struct Message {
     /// The producer's W3C trace headers (RabbitMQ headers, or SQS message attributes of
     /// the same names), so the worker's spans and events join its trace.
     pub trace: provisioner_core::trace::TraceHeaders,
+    /// The request's signature (the RabbitMQ header, or the SQS message attribute of the
+    /// same name), verified when the deployment signs.
+    pub signature: Option<String>,
+}
+
+/// The routing key a message was published with, which its signature covers. Amazon MQ
+/// and SQS events do not carry it: a parked retry names it in a header, and a request
+/// for this platform was published as `<platform>.<operation>` (how producers route,
+/// and what `provisioner submit` and the workers use). Anything else is routed by the
+/// work queue's name, where its dead letter finds the platform's queue too.
+fn published_routing_key(
+    retry_header: Option<String>,
+    body: &[u8],
+    platform: PlatformName,
+) -> String {
+    if let Some(routing_key) = retry_header {
+        return routing_key;
+    }
+    let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let operation =
+        serde_json::from_value::<provisioner_events::Operation>(request["operation"].clone());
+    match operation {
+        Ok(operation) if request["platform"] == platform.as_str() => {
+            provisioner_events::request_routing_key(platform, operation)
+        }
+        _ => work_queue(platform),
+    }
 }
 
 /// The W3C trace headers among a message's headers or attributes.
@@ -112,11 +140,16 @@ pub fn parse_event(
                     .decode(&data)
                     .unwrap_or_else(|_| data.into_bytes());
                 let headers = &message.basic_properties.headers;
+                let routing_key = published_routing_key(
+                    header_text(headers.get(ROUTING_KEY_HEADER)),
+                    &body,
+                    platform,
+                );
                 messages.push(Message {
                     id: messages.len().to_string(),
                     body,
-                    routing_key: header_text(headers.get(ROUTING_KEY_HEADER))
-                        .unwrap_or_else(|| work_queue(platform)),
+                    routing_key,
+                    signature: header_text(headers.get(SIGNATURE_HEADER)),
                     attempt: header_u32(headers.get(ATTEMPT_HEADER)).unwrap_or(1).max(1),
                     redelivered: message.redelivered,
                     waits: header_u32(headers.get(WAITS_HEADER)).unwrap_or(0),
@@ -166,10 +199,15 @@ pub fn parse_event(
                     .saturating_add(receives - 1);
                 let published_ms = counted(PUBLISHED_AT_ATTRIBUTE)
                     .or_else(|| number(record.attributes.get("SentTimestamp")));
+                let body = record.body.unwrap_or_default().into_bytes();
                 Message {
                     id: record.message_id.unwrap_or_else(|| i.to_string()),
-                    body: record.body.unwrap_or_default().into_bytes(),
-                    routing_key: work_queue(platform),
+                    routing_key: published_routing_key(None, &body, platform),
+                    body,
+                    signature: match attributes.get(SIGNATURE_HEADER) {
+                        Some((_, Carried::Text(text))) => Some(text.clone()),
+                        _ => None,
+                    },
                     attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
                     redelivered: receives > 1,
                     waits: counted(WAITS_ATTRIBUTE)
@@ -470,7 +508,10 @@ impl Handler {
                     )
                     .with_waits(message.waits)
                     .with_published_at(message.published_at)
-                    .with_trace(message.trace);
+                    .with_trace(message.trace)
+                    // Verified whatever its way in, when the deployment signs: an event
+                    // does not say which exchange a message came through.
+                    .with_signature(message.signature, true);
                     worker.handle(delivery).await;
                     let outcome = slot
                         .lock()
@@ -565,7 +606,10 @@ mod tests {
             "kept as it came, for the dead letter"
         );
         assert_eq!(messages[1].attempt, 1);
-        assert_eq!(messages[1].routing_key, "provisioning.aws-ec2");
+        assert_eq!(
+            messages[1].routing_key, "provisioning.aws-ec2",
+            "no request to read a routing key from"
+        );
         assert_eq!(
             messages[0].trace.get("traceparent").map(String::as_str),
             Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
@@ -627,6 +671,46 @@ mod tests {
             Some("00-ab-cd-01"),
             "the producer's trace goes on"
         );
+    }
+
+    /// Neither event carries the routing key a signature covers: a request for this
+    /// platform gives it (`<platform>.<operation>`), and the signature comes along.
+    #[test]
+    fn a_signed_request_keeps_its_signature_and_the_routing_key_it_covers() {
+        let request = |platform: &str| {
+            serde_json::json!({"schema_version": 1, "request_id": "r", "operation": "teardown",
+                "platform": platform, "target_request_id": "t"})
+            .to_string()
+        };
+        let bytes = |text: &str| serde_json::json!({"bytes": text.as_bytes()});
+        let rabbit = |body: String| {
+            serde_json::json!({"basicProperties": {"headers": {
+                    "x-provisioner-signature": bytes("key=k1,t=1,v1=ab")},
+                    "contentType": "application/json", "contentEncoding": null, "deliveryMode": 2,
+                    "priority": 0, "correlationId": null, "replyTo": null, "messageId": null,
+                    "type": null, "appId": null, "clusterId": null, "bodySize": body.len()},
+                "redelivered": false,
+                "data": base64::engine::general_purpose::STANDARD.encode(body)})
+        };
+        let payload = serde_json::json!({"eventSource": "aws:rmq", "rmqMessagesByQueue": {
+            "provisioning.aws-ec2::/": [rabbit(request("aws-ec2")), rabbit(request("docker"))]}});
+        let (_, messages) = parse_event(&payload, PlatformName::AwsEc2).expect("event");
+        assert_eq!(messages[0].routing_key, "aws-ec2.teardown");
+        assert_eq!(messages[0].signature.as_deref(), Some("key=k1,t=1,v1=ab"));
+        assert_eq!(
+            messages[1].routing_key, "provisioning.aws-ec2",
+            "another platform's request is not given a key it was not published with"
+        );
+
+        let payload = serde_json::json!({"Records": [{
+            "messageId": "m-3", "receiptHandle": "h", "body": request("aws-ecs"),
+            "eventSource": "aws:sqs", "attributes": {"ApproximateReceiveCount": "1"},
+            "messageAttributes": {"x-provisioner-signature":
+                {"stringValue": "key=k1,t=1,v1=cd", "dataType": "String"}}
+        }]});
+        let (_, messages) = parse_event(&payload, PlatformName::AwsEcs).expect("event");
+        assert_eq!(messages[0].routing_key, "aws-ecs.teardown");
+        assert_eq!(messages[0].signature.as_deref(), Some("key=k1,t=1,v1=cd"));
     }
 
     #[test]

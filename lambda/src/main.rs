@@ -101,7 +101,21 @@ async fn handler() -> Result<Handler, String> {
     let rate_limits = provisioner_core::RateLimitSettings::parse(
         var("RATE_LIMITS").as_deref().unwrap_or_default(),
     )?;
+    // A deployment that signs: the function verifies every request (it cannot tell the
+    // exchange a message came through) and signs the requests it derives.
+    let signing = provisioner_core::signing::SigningKeys::from_settings(
+        var("REQUEST_SIGNING_KEYS").as_deref(),
+        var("REQUEST_SIGNING_KEYS_FILE")
+            .as_deref()
+            .map(std::path::Path::new),
+        Duration::from_secs(number(
+            "REQUEST_SIGNATURE_MAX_AGE_SECONDS",
+            DEFAULT_RETENTION.as_secs(),
+        )?),
+    )?
+    .map(Arc::new);
     let config = WorkerConfig {
+        signing,
         worker_id,
         prefetch,
         rate_limits,

@@ -13,9 +13,12 @@ use aws_sdk_ec2::types::Filter;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use provisioner_core::Platform;
-use provisioner_core::amqp::{AmqpBroker, AmqpConfig, dead_letter_queue, work_queue};
+use provisioner_core::amqp::{
+    ATTEMPT_HEADER, AmqpBroker, AmqpConfig, ROUTING_KEY_HEADER, dead_letter_queue, work_queue,
+};
 use provisioner_core::broker::Broker;
 use provisioner_core::redis_store::{DEFAULT_RETENTION, RedisStore};
+use provisioner_core::signing::SIGNATURE_HEADER;
 use provisioner_core::store::{ClaimRequest, StateStore};
 use provisioner_events::{ErrorClass, PlatformName, State, StatusEvent, decode_request};
 
@@ -39,6 +42,8 @@ struct Env {
     api: RuntimeApi,
     function: Option<Child>,
     log: std::path::PathBuf,
+    /// Settings of the function beyond the ones every test gives.
+    settings: Vec<(String, String)>,
 }
 
 impl Drop for Env {
@@ -84,6 +89,7 @@ impl Env {
             function: None,
             run_id,
             vhost,
+            settings: Vec::new(),
         }
     }
 
@@ -157,6 +163,7 @@ impl Env {
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("AWS_REGION", "us-east-1")
             .env("PROVISIONER_LOG", "info")
+            .envs(self.settings.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -731,4 +738,176 @@ async fn a_rabbitmq_batch_delivered_again_to_a_cold_instance_does_not_dead_lette
         env.function_log()
     );
     assert!(env.function_log().contains("already handed on"));
+}
+
+/// A deployment that signs: the function verifies every message of an Amazon MQ event,
+/// which does not say which exchange a message came through nor its routing key (the
+/// request's `<platform>.<operation>` stands for it). A signed request runs; an unsigned
+/// one, one whose body changed after signing and one signed with a key the function
+/// does not hold end in `error` class `permission`, about that message only.
+#[tokio::test]
+async fn a_signing_deployments_function_runs_only_signed_requests() {
+    const SECRET: &str = "a-secret-of-at-least-thirty-two-bytes!!";
+    let mut env = Env::new().await;
+    let mut events = env.events().await;
+    env.settings
+        .push(("REQUEST_SIGNING_KEYS".into(), format!("k1={SECRET}")));
+    env.start_function("aws-ec2", &localstack());
+    let sign = |key: &str, body: &serde_json::Value| {
+        provisioner_core::signing::sign_with(
+            key,
+            SECRET.as_bytes(),
+            "aws-ec2.teardown",
+            body.to_string().as_bytes(),
+            SystemTime::now(),
+        )
+    };
+    let signed = operation(&env.id("signed"), "aws-ec2", "teardown", &env.id("gone"));
+    let unsigned = operation(&env.id("unsigned"), "aws-ec2", "teardown", &env.id("gone"));
+    let tampered = operation(&env.id("tampered"), "aws-ec2", "teardown", &env.id("gone"));
+    let tampered_signature = sign(
+        "k1",
+        &operation(&env.id("tampered"), "aws-ec2", "teardown", &env.id("other")),
+    );
+    let unknown_key = operation(
+        &env.id("unknown-key"),
+        "aws-ec2",
+        "teardown",
+        &env.id("gone"),
+    );
+    let mut event = rabbitmq_event(
+        &work_queue(PlatformName::AwsEc2),
+        &[
+            signed.clone(),
+            unsigned.clone(),
+            tampered.clone(),
+            unknown_key.clone(),
+        ],
+    );
+    let header = |signature: String| serde_json::json!({"bytes": signature.into_bytes()});
+    let messages = event["rmqMessagesByQueue"]
+        .as_object_mut()
+        .and_then(|queues| queues.values_mut().next())
+        .and_then(|messages| messages.as_array_mut())
+        .expect("the event's messages");
+    for (message, signature) in messages.iter_mut().zip([
+        Some(sign("k1", &signed)),
+        None,
+        Some(tampered_signature),
+        Some(sign("k9", &unknown_key)),
+    ]) {
+        if let Some(signature) = signature {
+            message["basicProperties"]["headers"]["x-provisioner-signature"] = header(signature);
+        }
+    }
+    let answer = env.api.invoke(event).await;
+    assert_eq!(answer, Ok(serde_json::json!({})), "{}", env.function_log());
+
+    let ran = events.terminal_count(&env.id("signed"), 1).await;
+    assert_eq!(ran[0].state, State::Stopped, "{:#?}", ran[0]);
+    for (name, why) in [
+        ("unsigned", "is not signed"),
+        ("tampered", "does not match"),
+        ("unknown-key", "k9"),
+    ] {
+        let refused = events.terminal_count(&env.id(name), 1).await;
+        let error = refused[0].error.clone().expect("an error");
+        assert_eq!(error.class, ErrorClass::Permission, "{:#?}", refused[0]);
+        assert!(
+            error.message.contains(why),
+            "{name}: {why:?} not in {:?}",
+            error.message
+        );
+        assert!(
+            refused[0].rejected_message.is_some(),
+            "answers the message, not the request: {:#?}",
+            refused[0]
+        );
+    }
+}
+
+/// A signed request that another worker holds is parked in a retry tier: the copy keeps
+/// its signature and the routing key it covers, so when it comes back the function
+/// verifies it and runs it.
+#[tokio::test]
+async fn a_signed_request_parked_for_a_retry_keeps_its_signature_and_runs_when_it_comes_back() {
+    const SECRET: &str = "a-secret-of-at-least-thirty-two-bytes!!";
+    let mut env = Env::new().await;
+    let mut events = env.events().await;
+    env.settings
+        .push(("REQUEST_SIGNING_KEYS".into(), format!("k1={SECRET}")));
+    env.start_function("aws-ec2", &localstack());
+    let held = env.id("signed-held");
+    let request = operation(&held, "aws-ec2", "teardown", &env.id("gone"));
+    let signature = provisioner_core::signing::sign_with(
+        "k1",
+        SECRET.as_bytes(),
+        "aws-ec2.teardown",
+        request.to_string().as_bytes(),
+        SystemTime::now(),
+    );
+    let decoded = decode_request(request.to_string().as_bytes()).expect("request");
+    env.store()
+        .await
+        .claim(ClaimRequest {
+            request_id: &held,
+            payload_hash: &decoded.payload_hash(),
+            owner: "another-worker",
+            nonce: "another-worker",
+            lease: Duration::from_secs(1),
+            working_state: State::Stopping,
+            routing_key: "aws-ec2.teardown",
+        })
+        .await
+        .expect("claim");
+    let queue = work_queue(PlatformName::AwsEc2);
+    let mut event = rabbitmq_event(&queue, &[request]);
+    event["rmqMessagesByQueue"][format!("{queue}::/")][0]["basicProperties"]["headers"]
+        [SIGNATURE_HEADER] = serde_json::json!({"bytes": signature.clone().into_bytes()});
+    let answer = env.api.invoke(event).await;
+    assert_eq!(answer, Ok(serde_json::json!({})), "{}", env.function_log());
+
+    // The parked copy comes back to the work queue: take it as the event source would.
+    let connection = lapin::Connection::connect(&env.amqp_url, Default::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut parked = None;
+    for _ in 0..200 {
+        parked = channel
+            .basic_get(
+                queue.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get");
+        if parked.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let parked = parked.expect("the parked copy came back").delivery;
+    let headers = parked.properties.headers().clone().unwrap_or_default();
+    let text = |name: &str| match headers.inner().get(name) {
+        Some(lapin::types::AMQPValue::LongString(text)) => Some(text.to_string()),
+        _ => None,
+    };
+    assert_eq!(text(SIGNATURE_HEADER), Some(signature.clone()));
+    let routing_key = text(ROUTING_KEY_HEADER).expect("the routing key header");
+    assert_eq!(routing_key, "aws-ec2.teardown");
+
+    // The event source delivers it again, with its headers as Amazon MQ writes them.
+    let mut event = rabbitmq_event(
+        &queue,
+        &[serde_json::from_slice(&parked.data).expect("the request")],
+    );
+    event["rmqMessagesByQueue"][format!("{queue}::/")][0]["basicProperties"]["headers"] = serde_json::json!({
+        SIGNATURE_HEADER: {"bytes": signature.into_bytes()},
+        ROUTING_KEY_HEADER: {"bytes": routing_key.into_bytes()},
+        ATTEMPT_HEADER: 1,
+    });
+    let answer = env.api.invoke(event).await;
+    assert_eq!(answer, Ok(serde_json::json!({})), "{}", env.function_log());
+    let ended = events.terminal_count(&held, 1).await;
+    assert_eq!(ended[0].state, State::Stopped, "{:#?}", ended[0]);
 }

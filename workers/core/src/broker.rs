@@ -219,7 +219,8 @@ pub trait Broker: Send + Sync + 'static {
     }
 
     /// Publishes a request a worker derived from one it handles (a fleet's members, the
-    /// teardown of an expired resource). RabbitMQ takes it on the workers' own exchange,
+    /// teardown of an expired resource), with `headers` (its signature, in a deployment
+    /// that signs). RabbitMQ takes it on the workers' own exchange,
     /// `provisioning.internal`, so a worker's broker user needs no right to publish on
     /// the producers' `provisioning.requests`.
     async fn publish_derived_request(
@@ -227,8 +228,10 @@ pub trait Broker: Send + Sync + 'static {
         routing_key: &str,
         request_id: &str,
         body: &[u8],
+        headers: &std::collections::BTreeMap<String, String>,
     ) -> Result<(), BrokerError> {
-        self.publish_request(routing_key, request_id, body).await
+        self.publish_request_with_headers(routing_key, request_id, body, headers)
+            .await
     }
 
     /// Every status event published from now on.

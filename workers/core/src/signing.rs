@@ -111,6 +111,31 @@ impl SigningKeys {
         })
     }
 
+    /// The keys a process is given: `REQUEST_SIGNING_KEYS` (`keys`) or the file
+    /// `REQUEST_SIGNING_KEYS_FILE` names (`file`), one `id=secret` a line, never both.
+    /// Neither: the deployment does not sign.
+    pub fn from_settings(
+        keys: Option<&str>,
+        file: Option<&std::path::Path>,
+        max_age: Duration,
+    ) -> Result<Option<SigningKeys>, String> {
+        let spec = match (keys, file) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err(
+                    "REQUEST_SIGNING_KEYS and REQUEST_SIGNING_KEYS_FILE are both set: give one"
+                        .into(),
+                );
+            }
+            (Some(keys), None) => keys.to_owned(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| format!("REQUEST_SIGNING_KEYS_FILE {}: {e}", path.display()))?,
+        };
+        SigningKeys::parse(&spec, max_age)
+            .map(Some)
+            .map_err(|e| format!("request signing keys: {e}"))
+    }
+
     /// The signature header of a message, signed now with the first key.
     pub fn sign(&self, routing_key: &str, body: &[u8]) -> String {
         let (id, secret) = &self.keys[0];

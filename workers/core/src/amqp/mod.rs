@@ -199,6 +199,16 @@ fn unavailable(error: lapin::Error) -> BrokerError {
     }
 }
 
+fn header_table(
+    headers: &std::collections::BTreeMap<String, String>,
+) -> Result<FieldTable, BrokerError> {
+    let mut table = FieldTable::default();
+    for (name, value) in headers {
+        table.insert(short(name)?, long_string(value));
+    }
+    Ok(table)
+}
+
 fn long_string(value: &str) -> AMQPValue {
     AMQPValue::LongString(value.into())
 }
@@ -305,16 +315,13 @@ impl Broker for AmqpBroker {
         body: &[u8],
         headers: &std::collections::BTreeMap<String, String>,
     ) -> Result<(), BrokerError> {
-        let mut table = FieldTable::default();
-        for (name, value) in headers {
-            table.insert(short(name)?, long_string(value));
-        }
         // The timestamp lets a worker refuse a message older than the records it keeps.
         self.publish(
             REQUESTS_EXCHANGE,
             routing_key,
             body,
-            persistent(request_id, table).with_timestamp(epoch_seconds(SystemTime::now())),
+            persistent(request_id, header_table(headers)?)
+                .with_timestamp(epoch_seconds(SystemTime::now())),
         )
         .await
     }
@@ -324,12 +331,13 @@ impl Broker for AmqpBroker {
         routing_key: &str,
         request_id: &str,
         body: &[u8],
+        headers: &std::collections::BTreeMap<String, String>,
     ) -> Result<(), BrokerError> {
         self.publish(
             INTERNAL_EXCHANGE,
             routing_key,
             body,
-            persistent(request_id, FieldTable::default())
+            persistent(request_id, header_table(headers)?)
                 .with_timestamp(epoch_seconds(SystemTime::now())),
         )
         .await

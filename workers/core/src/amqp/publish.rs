@@ -141,6 +141,11 @@ impl AmqpBroker {
             )
             .insert(WAITS_HEADER.into(), AMQPValue::LongInt(clamp_i32(waits)))
             .insert(ROUTING_KEY_HEADER.into(), long_string(letter.routing_key));
+        // The Lambda form verifies a message whatever its way in: a parked copy keeps
+        // its signature (and, above, the routing key it covers).
+        if let Some(signature) = letter.signature {
+            headers.insert(SIGNATURE_HEADER.into(), long_string(signature));
+        }
         self.publish(
             DELAY_EXCHANGE,
             &retry_queue(platform, tier),

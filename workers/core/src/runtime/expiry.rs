@@ -59,12 +59,32 @@ impl Worker {
         if let Some(tenant) = tenant {
             teardown["tenant"] = tenant.into();
         }
+        self.publish_derived(
+            &request_routing_key(platform, Operation::Teardown),
+            teardown_id,
+            teardown.to_string().as_bytes(),
+        )
+        .await
+    }
+
+    /// Publishes a request this worker derived, signed with the deployment's first key
+    /// when it signs: a Lambda worker, which cannot tell the exchange a message came
+    /// through, verifies every request, derived ones included.
+    pub(super) async fn publish_derived(
+        &self,
+        routing_key: &str,
+        request_id: &str,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
+        let mut headers = std::collections::BTreeMap::new();
+        if let Some(keys) = &self.config.signing {
+            headers.insert(
+                crate::signing::SIGNATURE_HEADER.to_owned(),
+                keys.sign(routing_key, body),
+            );
+        }
         self.broker
-            .publish_derived_request(
-                &request_routing_key(platform, Operation::Teardown),
-                teardown_id,
-                teardown.to_string().as_bytes(),
-            )
+            .publish_derived_request(routing_key, request_id, body, &headers)
             .await
     }
 

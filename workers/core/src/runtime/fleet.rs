@@ -301,8 +301,7 @@ impl Worker {
                     let body = serde_json::to_vec(&member).map_err(|e| {
                         StoreError::Corrupt(format!("cannot serialize a member: {e}"))
                     })?;
-                    self.broker
-                        .publish_derived_request(routing_key, member.request_id.as_str(), &body)
+                    self.publish_derived(routing_key, member.request_id.as_str(), &body)
                         .await?;
                     Ok::<_, Abort>(())
                 }
