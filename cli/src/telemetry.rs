@@ -10,7 +10,6 @@
 //! `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SERVICE_NAME` and the `OTEL_BSP_*` batch settings.
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Level;
 use tracing_subscriber::Layer;
@@ -31,10 +30,6 @@ impl Telemetry {
             eprintln!("warning: exporting the last traces failed: {e}");
         }
     }
-}
-
-fn configured(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
 }
 
 /// Installs the logging and tracing of this process. `default_filter` applies when
@@ -67,20 +62,7 @@ pub fn init(default_filter: &str, service: &str) -> Result<Telemetry, String> {
         }
     };
 
-    let mut resource = Resource::builder();
-    if !configured("OTEL_SERVICE_NAME") {
-        resource = resource.with_service_name(service.to_owned());
-    }
-    let mut provider = SdkTracerProvider::builder().with_resource(resource.build());
-    if configured("OTEL_EXPORTER_OTLP_ENDPOINT") || configured("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .build()
-            .map_err(|e| format!("OTEL_EXPORTER_OTLP_*: cannot export traces: {e}"))?;
-        provider = provider.with_batch_exporter(exporter);
-    }
-    let provider = provider.build();
+    let provider = provisioner_core::trace::tracer_provider(service)?;
     // Only the provisioner's own spans become trace spans (not the SDKs' and clients'
     // inner spans), whatever the log filter shows; log events stay in the logs.
     let traces = tracing_opentelemetry::layer()

@@ -21,6 +21,7 @@
 //! function that times out leaves a lease that soon expires and another invocation takes
 //! the request over.
 
+pub mod emf;
 pub mod sqs;
 
 use std::collections::HashMap;
@@ -378,6 +379,9 @@ pub struct Handler {
     config: WorkerConfig,
     /// Parks SQS retries as new messages; without it they go back to SQS as failures.
     sqs: Option<Arc<SqsParker>>,
+    /// Where each invocation's metrics go as CloudWatch EMF lines (see [`emf`]); none:
+    /// not written.
+    metrics_namespace: Option<String>,
 }
 
 /// How long a handed-on RabbitMQ message is remembered in the store. Amazon MQ delivers a
@@ -427,7 +431,14 @@ impl Handler {
             broker,
             config,
             sqs: None,
+            metrics_namespace: None,
         }
+    }
+
+    /// Writes each invocation's metrics as CloudWatch EMF lines in `namespace`.
+    pub fn with_metrics_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.metrics_namespace = Some(namespace.into());
+        self
     }
 
     /// Parks the retries of SQS messages with `parker` (see [`sqs`]).
@@ -539,6 +550,15 @@ impl Handler {
             .collect();
         for (id, why) in &again {
             warn!(message = %id, %why, "message goes back to its source");
+        }
+        if let Some(namespace) = &self.metrics_namespace {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            // On stdout, apart from the logs (stderr): CloudWatch reads both.
+            for line in emf::lines(&worker.metrics().encode(), namespace, now_ms) {
+                println!("{line}");
+            }
         }
         Ok(match source {
             Source::Sqs => {

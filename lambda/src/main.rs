@@ -129,10 +129,13 @@ async fn handler() -> Result<Handler, String> {
     };
     // SQS retries are parked as new messages on their queue (see the sqs module).
     let sqs = aws_sdk_sqs::Client::new(&aws_config);
-    Ok(
-        Handler::new(platform, Arc::new(store), Arc::new(broker), config)
-            .with_sqs(SqsParker::new(sqs)),
-    )
+    let mut handler = Handler::new(platform, Arc::new(store), Arc::new(broker), config)
+        .with_sqs(SqsParker::new(sqs));
+    match var("METRICS_NAMESPACE").as_deref() {
+        Some("off") => {}
+        namespace => handler = handler.with_metrics_namespace(namespace.unwrap_or("provisioner")),
+    }
+    Ok(handler)
 }
 
 /// One invocation: the queue event in, what the event source must know out. An error
@@ -152,7 +155,7 @@ async fn answer(
 #[tokio::main]
 async fn main() -> ExitCode {
     // Kept for the life of the process: the tracer's spans need their provider.
-    let _traces = {
+    let traces = {
         use opentelemetry::trace::TracerProvider as _;
         use tracing_subscriber::Layer;
         use tracing_subscriber::layer::SubscriberExt;
@@ -167,8 +170,16 @@ async fn main() -> ExitCode {
                     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
             );
         // The provisioner's spans carry trace ids, so a request's traceparent goes on to
-        // its status events; the Lambda form exports none of them (yet).
-        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        // its status events; they are exported by OTLP when OTEL_EXPORTER_OTLP_* say
+        // where (e.g. the ADOT collector layer's http://localhost:4318), flushed at the
+        // end of each invocation, since Lambda freezes the process between them.
+        let provider = match provisioner_core::trace::tracer_provider("provisioner-lambda") {
+            Ok(provider) => provider,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(64);
+            }
+        };
         let traces = tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("provisioner-lambda"))
             .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
@@ -191,7 +202,16 @@ async fn main() -> ExitCode {
     };
     let served = lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
         let handler = handler.clone();
-        async move { answer(&handler, event).await }
+        let traces = traces.clone();
+        async move {
+            let answered = answer(&handler, event).await;
+            // Before answering: once answered, Lambda may freeze the process.
+            let flushed = tokio::task::spawn_blocking(move || traces.force_flush()).await;
+            if let Ok(Err(e)) = flushed {
+                tracing::warn!(error = %e, "could not export this invocation's traces");
+            }
+            answered
+        }
     }))
     .await;
     match served {

@@ -25,6 +25,11 @@ use provisioner_events::{ErrorClass, PlatformName, State, StatusEvent, decode_re
 #[path = "support/lambda_api.rs"]
 mod lambda_api;
 
+/// The collector the daemon's trace test uses.
+#[path = "../../tests/common/http.rs"]
+#[allow(dead_code)]
+mod http;
+
 use lambda_api::{RuntimeApi, rabbitmq_event, rabbitmqctl};
 
 const BIN: &str = env!("CARGO_BIN_EXE_provisioner-lambda");
@@ -910,4 +915,80 @@ async fn a_signed_request_parked_for_a_retry_keeps_its_signature_and_runs_when_i
     assert_eq!(answer, Ok(serde_json::json!({})), "{}", env.function_log());
     let ended = events.terminal_count(&held, 1).await;
     assert_eq!(ended[0].state, State::Stopped, "{:#?}", ended[0]);
+}
+
+/// The function exports its spans by OTLP when told where (flushed before it answers,
+/// since Lambda may freeze it right after) and continues the producer's trace; and it
+/// writes the invocation's metrics as CloudWatch EMF lines, in the daemon's families.
+#[tokio::test]
+async fn an_invocation_exports_its_spans_and_writes_its_metrics_as_emf() {
+    let collector = http::Collector::start().await;
+    let mut env = Env::new().await;
+    let mut events = env.events().await;
+    env.settings.extend([
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+            format!("http://{}", collector.addr),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_PROTOCOL".to_owned(),
+            "http/json".to_owned(),
+        ),
+        // The batch timer would wait ten minutes: only the flush at the end of the
+        // invocation can bring the spans within the test's 30 s.
+        ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "600000".to_owned()),
+        (
+            "METRICS_NAMESPACE".to_owned(),
+            "provisioner-test".to_owned(),
+        ),
+    ]);
+    env.start_function("aws-ec2", &localstack());
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let request = operation(&env.id("traced"), "aws-ec2", "teardown", &env.id("gone"));
+    let queue = work_queue(PlatformName::AwsEc2);
+    let mut event = rabbitmq_event(&queue, &[request]);
+    event["rmqMessagesByQueue"][format!("{queue}::/")][0]["basicProperties"]["headers"]["traceparent"] = serde_json::json!({
+        "bytes": format!("00-{trace_id}-00f067aa0ba902b7-01").into_bytes()
+    });
+    let answer = env.api.invoke(event).await;
+    assert_eq!(answer, Ok(serde_json::json!({})), "{}", env.function_log());
+    let ended = events.terminal_count(&env.id("traced"), 1).await;
+    assert_eq!(ended[0].state, State::Stopped);
+
+    // Exported when the invocation answered, not by the batch timer.
+    let spans = collector
+        .trace_until(trace_id, |spans| {
+            spans.iter().any(|s| s["name"] == "delivery")
+        })
+        .await;
+    let delivery = spans
+        .iter()
+        .find(|s| s["name"] == "delivery")
+        .unwrap_or_else(|| panic!("no delivery span in {spans:#?}\n{}", env.function_log()));
+    assert_eq!(
+        delivery["parentSpanId"], "00f067aa0ba902b7",
+        "the producer's span"
+    );
+
+    let emf: Vec<serde_json::Value> = env
+        .function_log()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line.get("_aws").is_some())
+        .collect();
+    let stopped = emf
+        .iter()
+        .find(|line| line["outcome"] == "stopped")
+        .unwrap_or_else(|| panic!("no EMF line of the teardown: {emf:#?}"));
+    assert_eq!(stopped["provisioner_requests_total"], 1.0);
+    assert_eq!(stopped["operation"], "teardown");
+    assert_eq!(
+        stopped["_aws"]["CloudWatchMetrics"][0]["Namespace"],
+        "provisioner-test"
+    );
+    assert!(
+        emf.iter()
+            .any(|line| line["settlement"] == "ack" && line["provisioner_deliveries_total"] == 1.0),
+        "{emf:#?}"
+    );
 }

@@ -78,6 +78,35 @@ pub fn current_headers() -> TraceHeaders {
     headers
 }
 
+/// The tracer provider of a process named `service` (unless `OTEL_SERVICE_NAME` names
+/// it): exporting by OTLP over HTTP in batches when the standard variables say where
+/// (`OTEL_EXPORTER_OTLP_ENDPOINT`, a base URL to which `/v1/traces` is added, or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; `OTEL_EXPORTER_OTLP_PROTOCOL` `http/protobuf`,
+/// the default, or `http/json`; `OTEL_EXPORTER_OTLP_HEADERS`; the `OTEL_BSP_*` batch
+/// settings), and keeping the spans to itself otherwise, so ids still travel. The error
+/// names the setting at fault.
+#[cfg(feature = "otlp")]
+pub fn tracer_provider(
+    service: &str,
+) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, String> {
+    let configured = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if !configured("OTEL_SERVICE_NAME") {
+        resource = resource.with_service_name(service.to_owned());
+    }
+    let mut provider =
+        opentelemetry_sdk::trace::SdkTracerProvider::builder().with_resource(resource.build());
+    if configured("OTEL_EXPORTER_OTLP_ENDPOINT") || configured("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+            .map_err(|e| format!("OTEL_EXPORTER_OTLP_*: cannot export traces: {e}"))?;
+        provider = provider.with_batch_exporter(exporter);
+    }
+    Ok(provider.build())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,7 +26,7 @@ use provisioner_events::{PlatformName, REQUESTS_EXCHANGE, STATUS_EXCHANGE};
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
-use super::policies::{self, Policies};
+use super::policies::{self, ManagementApi, Policies};
 use super::{
     AmqpConfig, DEAD_LETTER_EXCHANGE, DELAY_EXCHANGE, INTERNAL_EXCHANGE, RETRY_TIERS_S,
     STATUS_JOURNAL_QUEUE, UNROUTED_EXCHANGE, UNROUTED_QUEUE, dead_letter_queue, retry_queue, short,
@@ -643,7 +643,10 @@ impl<'a> Declarer<'a> {
         topology: &Topology,
     ) -> Result<(), BrokerError> {
         let policies = policies::ensure(config, &topology.policies).await;
-        if let Policies::OutOfReach(why) = &policies {
+        if let Policies::OutOfReach(why) = &policies
+            && config.management_api != ManagementApi::Off
+        {
+            // With the API off, the operator said the policies are theirs to load.
             info!(
                 policies = ?topology.policies.iter().map(|p| &p.name).collect::<Vec<_>>(),
                 "could not check the queue policies through the management API ({why}); a queue declared now carries their settings as arguments, which a policy cannot change later. Load the definitions (`provisioner definitions`) or set RABBITMQ_MANAGEMENT_URL"
