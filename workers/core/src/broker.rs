@@ -106,6 +106,8 @@ pub struct DeliveryParts {
     pub published_at: Option<SystemTime>,
     /// Kept on a dead letter, so a redriven request is still signed.
     pub signature: Option<String>,
+    /// Whether it came the producers' way (see [`Delivery::from_producers`]).
+    pub from_producers: bool,
 }
 
 impl Delivery {
@@ -162,6 +164,7 @@ impl Delivery {
             waits: self.waits,
             published_at: self.published_at,
             signature: self.signature,
+            from_producers: self.from_producers,
         };
         self.settler.settle(parts, settlement).await
     }
@@ -253,6 +256,11 @@ struct QueuedMessage {
     redelivered: bool,
     waits: u32,
     published_at: Option<SystemTime>,
+    /// The request's signature header, as RabbitMQ would carry it.
+    signature: Option<String>,
+    /// Published by a producer, not by a worker (a derived request, a retry): what
+    /// RabbitMQ tells apart by the exchange.
+    from_producers: bool,
 }
 
 /// A dead-lettered message, kept for inspection.
@@ -341,6 +349,17 @@ impl MemoryBroker {
         body: &[u8],
         published_at: SystemTime,
     ) -> Result<(), BrokerError> {
+        self.publish_new(routing_key, body, published_at, None, true)
+    }
+
+    fn publish_new(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        published_at: SystemTime,
+        signature: Option<String>,
+        from_producers: bool,
+    ) -> Result<(), BrokerError> {
         let platform = platform_of(routing_key)?;
         self.enqueue(
             platform,
@@ -351,6 +370,8 @@ impl MemoryBroker {
                 redelivered: false,
                 waits: 0,
                 published_at: Some(published_at),
+                signature,
+                from_producers,
             },
         );
         Ok(())
@@ -401,6 +422,10 @@ impl Settle for MemorySettle {
                             redelivered: false,
                             waits,
                             published_at: delivery.published_at,
+                            // A parked copy comes back the workers' way, as through
+                            // RabbitMQ's delay queues.
+                            signature: delivery.signature,
+                            from_producers: false,
                         },
                     );
                 });
@@ -427,6 +452,8 @@ impl Settle for MemorySettle {
                     redelivered: true,
                     waits: delivery.waits,
                     published_at: delivery.published_at,
+                    signature: delivery.signature,
+                    from_producers: delivery.from_producers,
                 },
             ),
         }
@@ -460,7 +487,8 @@ impl Broker for MemoryBroker {
                 }),
             )
             .with_waits(message.waits)
-            .with_published_at(message.published_at);
+            .with_published_at(message.published_at)
+            .with_signature(message.signature, message.from_producers);
             Some((Ok(delivery), (receiver, broker)))
         });
         Ok(deliveries.boxed())
@@ -479,6 +507,30 @@ impl Broker for MemoryBroker {
         body: &[u8],
     ) -> Result<(), BrokerError> {
         self.publish_request_at(routing_key, body, SystemTime::now())
+    }
+
+    async fn publish_request_with_headers(
+        &self,
+        routing_key: &str,
+        _request_id: &str,
+        body: &[u8],
+        headers: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), BrokerError> {
+        let signature = headers.get(crate::signing::SIGNATURE_HEADER).cloned();
+        self.publish_new(routing_key, body, SystemTime::now(), signature, true)
+    }
+
+    /// Like RabbitMQ's `provisioning.internal`: a worker's own request is not checked
+    /// again as a producer's.
+    async fn publish_derived_request(
+        &self,
+        routing_key: &str,
+        _request_id: &str,
+        body: &[u8],
+        headers: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), BrokerError> {
+        let signature = headers.get(crate::signing::SIGNATURE_HEADER).cloned();
+        self.publish_new(routing_key, body, SystemTime::now(), signature, false)
     }
 
     async fn subscribe_status(&self) -> Result<BoxStream<'static, StatusEvent>, BrokerError> {

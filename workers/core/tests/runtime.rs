@@ -1339,3 +1339,81 @@ async fn a_fleet_whose_member_message_was_lost_publishes_it_again_once_nothing_m
         "the lost member made once, the others not again"
     );
 }
+
+/// A signing deployment over the in-memory broker, which tells producers' messages from
+/// workers' as RabbitMQ does by the exchange: a signed fleet runs whole (the members
+/// the worker derives need no producer's signature), an unsigned request is refused,
+/// and a retry parked by the worker comes back without being refused for it.
+#[tokio::test]
+async fn a_signing_worker_runs_signed_requests_and_what_it_derives_and_refuses_the_rest() {
+    use provisioner_core::signing::{SIGNATURE_HEADER, SigningKeys};
+    let keys = Arc::new(
+        SigningKeys::parse(
+            "k1=a-secret-of-at-least-thirty-two-bytes!!",
+            Duration::from_secs(3600),
+        )
+        .expect("keys"),
+    );
+    let signing = keys.clone();
+    let mut h = harness_with(
+        1,
+        move |n| WorkerConfig {
+            signing: Some(signing.clone()),
+            ..config(n)
+        },
+        |store| store,
+    )
+    .await;
+    let signed = |body: &[u8], routing_key: &str| {
+        std::collections::BTreeMap::from([(
+            SIGNATURE_HEADER.to_owned(),
+            keys.sign(routing_key, body),
+        )])
+    };
+    let fleet = br#"{"schema_version":1,"request_id":"fleet","operation":"provision","platform":"process","count":3,"spec":{"program":"x"}}"#;
+    h.broker
+        .publish_request_with_headers(
+            "process.provision",
+            "fleet",
+            fleet,
+            &signed(fleet, "process.provision"),
+        )
+        .await
+        .expect("publish");
+    let ended = h.until_terminal("fleet", 1).await;
+    assert_eq!(
+        ended.last().map(|e| e.state),
+        Some(State::Running),
+        "{ended:#?}"
+    );
+    assert_eq!(
+        h.platform.existing.lock().expect("lock").len(),
+        3,
+        "every member ran"
+    );
+
+    // The platform answers "try again" once: the parked copy comes back and runs.
+    h.platform
+        .answers
+        .lock()
+        .expect("lock")
+        .push_back(Err(PlatformError::transient("later")));
+    let again = provision("again", "");
+    h.broker
+        .publish_request_with_headers(
+            "process.provision",
+            "again",
+            &again,
+            &signed(&again, "process.provision"),
+        )
+        .await
+        .expect("publish");
+    let ended = h.until_terminal("again", 1).await;
+    assert_eq!(ended.last().map(|e| e.state), Some(State::Running));
+
+    h.publish(&provision("unsigned", "")).await;
+    let refused = h.until_terminal("unsigned", 1).await;
+    let error = refused[0].error.clone().expect("an error");
+    assert_eq!(error.class, ErrorClass::Permission, "{refused:#?}");
+    assert!(!h.platform.exists("unsigned"));
+}

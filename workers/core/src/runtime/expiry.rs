@@ -189,4 +189,88 @@ mod tests {
             "a digest of the id, not a truncation"
         );
     }
+
+    /// A teardown the worker sends on its own is signed with the deployment's first
+    /// key, over the routing key it is published with: the Lambda form, which cannot
+    /// tell it from a producer's, verifies it like any other.
+    #[tokio::test]
+    async fn a_derived_request_is_signed_in_a_signing_deployment() {
+        use std::sync::Arc;
+
+        use async_trait::async_trait;
+        use futures_util::StreamExt;
+        use provisioner_events::{PlatformName, Request, Resource, TeardownTarget};
+
+        use crate::broker::{Broker, MemoryBroker};
+        use crate::platform::{Platform, PlatformError};
+        use crate::runtime::{Worker, WorkerConfig};
+        use crate::signing::SigningKeys;
+        use crate::store::MemoryStore;
+
+        struct Nothing;
+        #[async_trait]
+        impl Platform for Nothing {
+            fn name(&self) -> PlatformName {
+                PlatformName::Process
+            }
+            fn validate(&self, _: &Request) -> Result<(), PlatformError> {
+                Ok(())
+            }
+            async fn provision(&self, _: &Request) -> Result<Resource, PlatformError> {
+                Err(PlatformError::invalid("not in this test"))
+            }
+            async fn teardown(
+                &self,
+                _: &TeardownTarget,
+            ) -> Result<Option<Resource>, PlatformError> {
+                Ok(None)
+            }
+        }
+
+        let keys = Arc::new(
+            SigningKeys::parse(
+                "k1=a-secret-of-at-least-thirty-two-bytes!!",
+                std::time::Duration::from_secs(60),
+            )
+            .expect("keys"),
+        );
+        let broker = MemoryBroker::new();
+        let worker = Worker::new(
+            Arc::new(Nothing),
+            Arc::new(MemoryStore::new()),
+            Arc::new(broker.clone()),
+            WorkerConfig {
+                signing: Some(keys.clone()),
+                ..WorkerConfig::default()
+            },
+        );
+        worker
+            .send_teardown(
+                "batch-42.expired",
+                &TeardownTarget::Request(RequestId::new("batch-42").expect("an id")),
+                "expired".into(),
+                None,
+            )
+            .await
+            .expect("sent");
+        let delivery = broker
+            .consume(PlatformName::Process, 1)
+            .await
+            .expect("consume")
+            .next()
+            .await
+            .expect("a message")
+            .expect("a delivery");
+        assert!(!delivery.from_producers, "a worker's own message");
+        assert_eq!(
+            keys.verify(
+                delivery.signature.as_deref(),
+                &delivery.routing_key,
+                &delivery.body,
+                std::time::SystemTime::now(),
+                false,
+            ),
+            Ok(())
+        );
+    }
 }
