@@ -20,7 +20,7 @@ use provisioner_core::broker::Broker;
 use provisioner_core::redis_store::{DEFAULT_RETENTION, RedisStore};
 use provisioner_core::signing::SIGNATURE_HEADER;
 use provisioner_core::store::{ClaimRequest, StateStore};
-use provisioner_events::{ErrorClass, PlatformName, State, StatusEvent, decode_request};
+use provisioner_events::{ErrorClass, Operation, PlatformName, State, StatusEvent, decode_request};
 
 #[path = "support/lambda_api.rs"]
 mod lambda_api;
@@ -186,6 +186,28 @@ impl Env {
             stream: self.broker.subscribe_status().await.expect("subscribe"),
             seen: Vec::new(),
         }
+    }
+
+    /// Claims `request` for another worker for `lease`, as if that worker were on it.
+    async fn hold_for_another_worker(&self, request: &serde_json::Value, lease: Duration) {
+        let decoded = decode_request(request.to_string().as_bytes()).expect("request");
+        let routing_key = decoded.routing_key();
+        self.store()
+            .await
+            .claim(ClaimRequest {
+                request_id: decoded.request_id.as_str(),
+                payload_hash: &decoded.payload_hash(),
+                owner: "another-worker",
+                nonce: "another-worker",
+                lease,
+                working_state: match decoded.operation {
+                    Operation::Provision | Operation::Start => State::Starting,
+                    _ => State::Stopping,
+                },
+                routing_key: &routing_key,
+            })
+            .await
+            .expect("claim");
     }
 
     async fn store(&self) -> RedisStore {
@@ -665,20 +687,8 @@ async fn a_held_request_in_a_rabbitmq_event_comes_back_through_the_retry_tier() 
     env.start_function("aws-ec2", &localstack());
     let held = env.id("lambda-held-mq");
     let request = ec2_provision(&held, IMAGE);
-    let decoded = decode_request(request.to_string().as_bytes()).expect("request");
-    env.store()
-        .await
-        .claim(ClaimRequest {
-            request_id: &held,
-            payload_hash: &decoded.payload_hash(),
-            owner: "another-worker",
-            nonce: "another-worker",
-            lease: Duration::from_secs(1),
-            working_state: State::Starting,
-            routing_key: "aws-ec2.provision",
-        })
-        .await
-        .expect("claim");
+    env.hold_for_another_worker(&request, Duration::from_secs(1))
+        .await;
     let queue = work_queue(PlatformName::AwsEc2);
     let answer = env.api.invoke(rabbitmq_event(&queue, &[request])).await;
     assert_eq!(answer, Ok(serde_json::json!({})), "{}", env.function_log());
@@ -851,20 +861,8 @@ async fn a_signed_request_parked_for_a_retry_keeps_its_signature_and_runs_when_i
         request.to_string().as_bytes(),
         SystemTime::now(),
     );
-    let decoded = decode_request(request.to_string().as_bytes()).expect("request");
-    env.store()
-        .await
-        .claim(ClaimRequest {
-            request_id: &held,
-            payload_hash: &decoded.payload_hash(),
-            owner: "another-worker",
-            nonce: "another-worker",
-            lease: Duration::from_secs(1),
-            working_state: State::Stopping,
-            routing_key: "aws-ec2.teardown",
-        })
-        .await
-        .expect("claim");
+    env.hold_for_another_worker(&request, Duration::from_secs(1))
+        .await;
     let queue = work_queue(PlatformName::AwsEc2);
     let mut event = rabbitmq_event(&queue, &[request]);
     event["rmqMessagesByQueue"][format!("{queue}::/")][0]["basicProperties"]["headers"]
