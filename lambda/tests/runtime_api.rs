@@ -755,6 +755,18 @@ async fn a_rabbitmq_batch_delivered_again_to_a_cold_instance_does_not_dead_lette
     assert!(env.function_log().contains("already handed on"));
 }
 
+/// The secret of key `k1` in the signing tests.
+const SECRET: &str = "a-secret-of-at-least-thirty-two-bytes!!";
+
+impl Env {
+    /// Starts the EC2 function of a deployment that signs with key `k1`.
+    fn start_signing_function(&mut self) {
+        self.settings
+            .push(("REQUEST_SIGNING_KEYS".into(), format!("k1={SECRET}")));
+        self.start_function("aws-ec2", &localstack());
+    }
+}
+
 /// A deployment that signs: the function verifies every message of an Amazon MQ event,
 /// which does not say which exchange a message came through nor its routing key (the
 /// request's `<platform>.<operation>` stands for it). A signed request runs; an unsigned
@@ -762,12 +774,9 @@ async fn a_rabbitmq_batch_delivered_again_to_a_cold_instance_does_not_dead_lette
 /// does not hold end in `error` class `permission`, about that message only.
 #[tokio::test]
 async fn a_signing_deployments_function_runs_only_signed_requests() {
-    const SECRET: &str = "a-secret-of-at-least-thirty-two-bytes!!";
     let mut env = Env::new().await;
     let mut events = env.events().await;
-    env.settings
-        .push(("REQUEST_SIGNING_KEYS".into(), format!("k1={SECRET}")));
-    env.start_function("aws-ec2", &localstack());
+    env.start_signing_function();
     let sign = |key: &str, body: &serde_json::Value| {
         provisioner_core::signing::sign_with(
             key,
@@ -846,12 +855,9 @@ async fn a_signing_deployments_function_runs_only_signed_requests() {
 /// verifies it and runs it.
 #[tokio::test]
 async fn a_signed_request_parked_for_a_retry_keeps_its_signature_and_runs_when_it_comes_back() {
-    const SECRET: &str = "a-secret-of-at-least-thirty-two-bytes!!";
     let mut env = Env::new().await;
     let mut events = env.events().await;
-    env.settings
-        .push(("REQUEST_SIGNING_KEYS".into(), format!("k1={SECRET}")));
-    env.start_function("aws-ec2", &localstack());
+    env.start_signing_function();
     let held = env.id("signed-held");
     let request = operation(&held, "aws-ec2", "teardown", &env.id("gone"));
     let signature = provisioner_core::signing::sign_with(
