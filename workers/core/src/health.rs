@@ -53,8 +53,20 @@ pub enum ProbeFailure {
 pub enum NotReady {
     /// Nothing answered within the timeout; the message names the last failure.
     TimedOut(String),
+    /// Not even a refusal came back within the timeout: every connection attempt timed
+    /// out, as when packets to the address are dropped (a firewall, a broken port
+    /// forward), not when the resource is up but does not listen yet.
+    Unreachable(String),
     /// The resource stopped (exited, was removed) while being probed.
     Died(String),
+    /// A teardown cancelled the request while it was probed.
+    Cancelled,
+}
+
+impl From<crate::metrics::WaitCancelled> for NotReady {
+    fn from(_: crate::metrics::WaitCancelled) -> Self {
+        NotReady::Cancelled
+    }
 }
 
 impl NotReady {
@@ -62,8 +74,11 @@ impl NotReady {
     /// or command; one that never answered ran out of time.
     pub fn class(&self) -> provisioner_events::ErrorClass {
         match self {
-            NotReady::TimedOut(_) => provisioner_events::ErrorClass::Timeout,
+            NotReady::TimedOut(_) | NotReady::Unreachable(_) => {
+                provisioner_events::ErrorClass::Timeout
+            }
             NotReady::Died(_) => provisioner_events::ErrorClass::InvalidRequest,
+            NotReady::Cancelled => provisioner_events::ErrorClass::Conflict,
         }
     }
 }
@@ -71,7 +86,10 @@ impl NotReady {
 impl std::fmt::Display for NotReady {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            NotReady::TimedOut(why) | NotReady::Died(why) => f.write_str(why),
+            NotReady::TimedOut(why) | NotReady::Unreachable(why) | NotReady::Died(why) => {
+                f.write_str(why)
+            }
+            NotReady::Cancelled => crate::metrics::WaitCancelled.fmt(f),
         }
     }
 }
@@ -105,9 +123,14 @@ impl Probe {
                 Ok(())
             }
             Probe::Http { host, port, path } => {
+                let mut stream = tokio::time::timeout(
+                    ATTEMPT_TIMEOUT,
+                    TcpStream::connect((host.as_str(), *port)),
+                )
+                .await
+                .map_err(|_| ProbeFailure::ConnectTimedOut)??;
+                refuse_self_connection(&stream)?;
                 let exchange = async {
-                    let mut stream = TcpStream::connect((host.as_str(), *port)).await?;
-                    refuse_self_connection(&stream)?;
                     let request = format!(
                         "GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: provisioner-health\r\nConnection: close\r\n\r\n"
                     );
@@ -164,17 +187,24 @@ impl Probe {
             Duration::from_millis(50),
             Duration::from_millis(500),
         );
+        let mut ever_reached = false;
         loop {
             let last = match self.check_once().await {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
+            ever_reached |= !matches!(last, ProbeFailure::ConnectTimedOut);
             still_alive().await.map_err(NotReady::Died)?;
             if !backoff.wait().await {
-                return Err(NotReady::TimedOut(format!(
+                let why = format!(
                     "{self} did not answer within {} s (last: {last})",
                     timeout.as_secs()
-                )));
+                );
+                return Err(if ever_reached {
+                    NotReady::TimedOut(why)
+                } else {
+                    NotReady::Unreachable(why)
+                });
             }
         }
     }
@@ -229,6 +259,40 @@ mod tests {
             probe.check_once().await,
             Err(ProbeFailure::NotHttp(seen)) if seen.starts_with("SSH-2.0")
         ));
+    }
+
+    #[tokio::test]
+    async fn a_port_that_drops_every_connection_is_unreachable_not_slow() {
+        // A listener that never accepts, its queue full: the kernel drops further SYNs,
+        // so connects time out as they do behind a broken port forward.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let listener = socket.listen(0).expect("listen");
+        let address = listener.local_addr().expect("addr");
+        let mut queued = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(address)).await
+            {
+                queued.push(stream);
+            }
+        }
+        let probe = Probe::Tcp {
+            host: "127.0.0.1".into(),
+            port: address.port(),
+        };
+        let error = probe
+            .wait_ready(Duration::from_secs(3), || async { Ok(()) })
+            .await
+            .expect_err("nothing accepts");
+        assert!(
+            matches!(&error, NotReady::Unreachable(why) if why.contains("connect timed out")),
+            "{error:?}"
+        );
+        assert_eq!(error.class(), provisioner_events::ErrorClass::Timeout);
+        drop((queued, listener));
     }
 
     #[tokio::test]

@@ -105,31 +105,60 @@ struct OutcomeLabels {
 }
 
 tokio::task_local! {
-    /// The metrics of the worker whose platform call runs in this task.
-    static PLATFORM_CALL_METRICS: Arc<Metrics>;
+    /// The worker's metrics and the cancel signal of the platform call running in this
+    /// task.
+    static PLATFORM_CALL: PlatformCallScope;
+}
+
+struct PlatformCallScope {
+    metrics: Arc<Metrics>,
+    cancel: tokio::sync::watch::Receiver<bool>,
+}
+
+/// A platform's health wait cut short because a teardown cancelled the request: the
+/// resource need not become ready any more, only be removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitCancelled;
+
+impl std::fmt::Display for WaitCancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stopped waiting: a teardown cancelled the request")
+    }
 }
 
 /// Runs a platform call so that the health waits inside it ([`health_wait`]) are
-/// recorded in `metrics`.
-pub(crate) async fn recording_health_waits<F: std::future::Future>(
+/// recorded in `metrics` and end at once when `cancel` turns true. Cancelling this way,
+/// instead of dropping the call, lets a create or start already sent to the platform
+/// finish, so what it made can be removed after, not land after the removal.
+pub(crate) async fn platform_call_scope<F: std::future::Future>(
     metrics: Arc<Metrics>,
+    cancel: tokio::sync::watch::Receiver<bool>,
     call: F,
 ) -> F::Output {
-    PLATFORM_CALL_METRICS.scope(metrics, call).await
+    PLATFORM_CALL
+        .scope(PlatformCallScope { metrics, cancel }, call)
+        .await
 }
 
 /// Times a platform's wait for a resource it made to run and answer its health check
 /// (a probe, polling for RUNNING or an available rollout), as
-/// `provisioner_health_wait_duration_seconds`. Platforms wrap their waits in it; outside
-/// a worker's platform call (a test, a tool) it only runs `wait`.
-pub async fn health_wait<T, E>(
+/// `provisioner_health_wait_duration_seconds`, and ends it with [`WaitCancelled`] when a
+/// teardown cancels the request meanwhile. Platforms wrap their waits in it; outside a
+/// worker's platform call (a test, a tool) it only runs `wait`.
+pub async fn health_wait<T, E: From<WaitCancelled>>(
     wait: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, E> {
     let started = std::time::Instant::now();
-    let result = wait.await;
+    let cancel = PLATFORM_CALL.try_with(|scope| scope.cancel.clone()).ok();
+    let result = match cancel {
+        Some(mut cancel) => tokio::select! {
+            result = wait => result,
+            _ = cancel.wait_for(|cancelled| *cancelled) => Err(E::from(WaitCancelled)),
+        },
+        None => wait.await,
+    };
     let outcome = if result.is_ok() { "ready" } else { "not_ready" };
-    let _ =
-        PLATFORM_CALL_METRICS.try_with(|metrics| metrics.health_waited(outcome, started.elapsed()));
+    let _ = PLATFORM_CALL.try_with(|scope| scope.metrics.health_waited(outcome, started.elapsed()));
     result
 }
 

@@ -75,6 +75,12 @@ pub struct PlatformError {
     pub retry_after: Option<Duration>,
 }
 
+impl From<crate::metrics::WaitCancelled> for PlatformError {
+    fn from(cancelled: crate::metrics::WaitCancelled) -> Self {
+        PlatformError::permanent(ErrorClass::Conflict, cancelled.to_string())
+    }
+}
+
 impl PlatformError {
     /// A permanent failure of the given class: no retry.
     pub fn permanent(class: ErrorClass, message: impl Into<String>) -> Self {

@@ -34,9 +34,12 @@ struct Scripted {
     panic_always: AtomicBool,
     /// How long a provision takes.
     provision_ms: std::sync::atomic::AtomicU64,
+    /// How long the create step takes to land. The platform finishes it even when the
+    /// call is dropped meanwhile, as a cloud does with a request it received.
+    create_ms: std::sync::atomic::AtomicU64,
     /// Provisions dropped before they finished (their future was cancelled).
     abandoned: AtomicUsize,
-    existing: Mutex<std::collections::BTreeSet<String>>,
+    existing: Arc<Mutex<std::collections::BTreeSet<String>>>,
     describe_states: Mutex<VecDeque<State>>,
     /// When each provision call began.
     started: Mutex<Vec<tokio::time::Instant>>,
@@ -85,14 +88,25 @@ impl Platform for Scripted {
         }
         let mut unfinished = Unfinished(&self.abandoned, false);
         self.provisions.fetch_add(1, Ordering::SeqCst);
-        // Made at once, ready after a while: what a cancelled provision leaves behind.
-        self.existing
-            .lock()
-            .expect("lock")
-            .insert(request.request_id.to_string());
+        // Made first (landing even if this call is dropped), ready after a while: what a
+        // cancelled provision leaves behind.
+        let create_ms = self.create_ms.load(Ordering::SeqCst);
+        let existing = self.existing.clone();
+        let id = request.request_id.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(create_ms)).await;
+            existing.lock().expect("lock").insert(id);
+        })
+        .await
+        .expect("create");
         let ms = self.provision_ms.load(Ordering::SeqCst).max(20);
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+        let ready = provisioner_core::metrics::health_wait(async {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<(), PlatformError>(())
+        })
+        .await;
         unfinished.1 = true;
+        ready?;
         let answer = self
             .answers
             .lock()
@@ -672,8 +686,40 @@ async fn a_teardown_during_a_provision_cancels_it_and_leaves_nothing() {
         started.elapsed() < Duration::from_secs(4),
         "cancelled between steps, not after the provision's 5 s"
     );
-    assert_eq!(h.platform.abandoned.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        h.platform.abandoned.load(Ordering::SeqCst),
+        0,
+        "the call ended by itself: its health wait was cut short, the call not dropped"
+    );
     assert!(!h.platform.exists("slow"), "nothing left after stopped");
+}
+
+#[tokio::test]
+async fn a_create_still_on_its_way_when_the_teardown_comes_is_removed_once_it_lands() {
+    let mut h = harness(2).await;
+    // Longer than a dropped create is given to land: only waiting for it removes it.
+    h.platform.create_ms.store(4_000, Ordering::SeqCst);
+    let created_by = tokio::time::Instant::now() + Duration::from_millis(4_500);
+    h.publish(&provision("late", "")).await;
+    loop {
+        let event = h.events.next().await.expect("events");
+        if event.request_id == "late" && event.state == State::Starting {
+            break;
+        }
+    }
+    h.publish(&acting("teardown", "late-down", "late")).await;
+    let provision = h.until_terminal("late", 1).await;
+    let last = provision.last().expect("event");
+    assert_eq!(
+        (last.state, last.error.as_ref().map(|e| e.class)),
+        (State::Error, Some(ErrorClass::Conflict)),
+        "{last:#?}"
+    );
+    let down = h.until_terminal("late-down", 1).await;
+    assert_eq!(down.last().expect("event").state, State::Stopped);
+    tokio::time::sleep_until(created_by).await;
+    assert!(!h.platform.exists("late"), "the late create was removed");
+    assert_eq!(h.platform.provisions.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

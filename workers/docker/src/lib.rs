@@ -23,7 +23,7 @@ use bollard::query_parameters::{
     StopContainerOptionsBuilder,
 };
 use futures_util::TryStreamExt;
-use provisioner_core::health::Probe;
+use provisioner_core::health::{NotReady, Probe};
 use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Finding, Owned, Platform, PlatformError, SetupError};
 use provisioner_events::spec::HealthCheck;
@@ -31,7 +31,7 @@ use provisioner_events::spec::docker::{DockerSpec, PullPolicy};
 use provisioner_events::{
     Endpoint, ErrorClass, PlatformName, Request, RequestId, Resource, State, TeardownTarget,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Label set on every container the provisioner makes.
 pub const MANAGED_LABEL: &str = "io.provisioner.managed";
@@ -537,8 +537,26 @@ impl DockerPlatform {
                 Err(_) => Ok(()), // the engine blinked; keep probing until the timeout
             }
         };
+        let auto_port = spec
+            .ports
+            .iter()
+            .any(|p| p.container_port() == container_port && p.host_port().is_none());
         match probe.wait_ready(timeout, alive).await {
             Ok(()) => Ok(resource),
+            Err(why @ NotReady::Unreachable(_)) if auto_port => {
+                // Not even a refusal: packets to the host port are dropped, so the
+                // engine's forward for that port is broken (Podman can leave a stale
+                // rule for a port an earlier container had). The container may be fine;
+                // a new one gets another port, so remove this one and retry.
+                warn!(container.name = %name, host_port = endpoint.host_port, "the container's host port never answered; recreating it on another port");
+                self.remove(name).await?;
+                Err(PlatformError::retryable(
+                    ErrorClass::Timeout,
+                    format!(
+                        "container {name} did not pass its health check: {why}; nothing answered on its host port at all (a broken port forward), so it was removed and is made again on another port"
+                    ),
+                ))
+            }
             Err(why) => {
                 let message = format!("container {name} did not pass its health check: {why}");
                 Err(self.give_up(name, why.class(), message).await)

@@ -186,3 +186,77 @@ async fn containers_not_made_by_the_provisioner_are_left_alone_on_engine() {
         .await
         .expect("cleanup");
 }
+
+/// An iptables rule dropping TCP packets to a port, removed when dropped.
+struct DroppedPort(u16);
+
+impl DroppedPort {
+    fn rule(port: u16) -> Vec<String> {
+        [
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            &port.to_string(),
+            "-j",
+            "DROP",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// `None` where this user cannot change the firewall (rootless engines).
+    fn new(port: u16) -> Option<Self> {
+        let added = std::process::Command::new("iptables")
+            .arg("-I")
+            .args(Self::rule(port))
+            .status();
+        added.ok()?.success().then_some(DroppedPort(port))
+    }
+}
+
+impl Drop for DroppedPort {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("iptables")
+            .arg("-D")
+            .args(Self::rule(self.0))
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_container_whose_port_forward_drops_everything_is_made_again_on_engine() {
+    let platform = platform().await;
+    let id = unique("blackhole");
+    // A port no other test uses: packets to it are dropped after the engine's forward,
+    // as when a stale rule sends a host port nowhere.
+    let spec = serde_json::json!({
+        "image": "localhost/busybox:latest", "command": ["httpd", "-f", "-p", "8347"],
+        "ports": [8347], "health": {"tcp": {"port": 8347}}, "ready_timeout_seconds": 4
+    });
+    let target = TeardownTarget::Request(request(&id, spec.clone()).request_id);
+    let Some(dropped) = DroppedPort::new(8347) else {
+        eprintln!("skipped: iptables is not available to this user");
+        return;
+    };
+    let error = platform
+        .provision(&request(&id, spec.clone()))
+        .await
+        .expect_err("nothing answers through the forward");
+    drop(dropped);
+    assert_eq!(error.class, ErrorClass::Timeout, "{error}");
+    assert!(error.retryable, "an engine fault, not the image's: {error}");
+    assert!(error.message.contains("another port"), "{}", error.message);
+    assert_eq!(
+        platform.describe(&target).await.expect("describe"),
+        None,
+        "the unreachable container was removed"
+    );
+    // The retry makes a new container, which answers.
+    let resource = platform
+        .provision(&request(&id, spec))
+        .await
+        .expect("the retry provisions");
+    assert_eq!(resource.endpoints[0].port, 8347);
+    platform.teardown(&target).await.expect("teardown");
+}

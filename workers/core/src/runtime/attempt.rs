@@ -28,6 +28,10 @@ use crate::store::{Actor, Claim, ClaimRequest, Fence, QuotaGrant, TargetGrant};
 /// How long a create call dropped halfway may still take to land on the platform.
 const LATE_CREATE: Duration = Duration::from_secs(2);
 
+/// How long a cancelled platform call may take to finish the step it is in (a create,
+/// a start) before it is dropped where it stands. Its health wait ends at once.
+const CANCEL_GRACE: Duration = Duration::from_secs(30);
+
 /// The claim this attempt holds.
 pub(super) struct Held<'a> {
     pub(super) request: &'a Request,
@@ -342,12 +346,17 @@ impl Worker {
                 .get_mut()
                 .unwrap_or_else(|e| e.into_inner()) = Some(confirm);
             let mut signal = heartbeat.signal();
+            let (cancel, cancelled) = tokio::sync::watch::channel(false);
             let call = AssertUnwindSafe(async {
                 // Slept under the heartbeat: the lease is kept while waiting our turn.
                 tokio::time::sleep(pace).await;
+                if *cancelled.borrow() {
+                    return Err(crate::metrics::WaitCancelled.into());
+                }
                 let called = std::time::Instant::now();
-                let result = crate::metrics::recording_health_waits(
+                let result = crate::metrics::platform_call_scope(
                     self.metrics.clone(),
+                    cancelled.clone(),
                     self.call_platform(request),
                 )
                 .await;
@@ -369,16 +378,23 @@ impl Worker {
                     ),
                 ))
             };
+            let mut call = std::pin::pin!(call);
             tokio::select! {
-                result = call => Ok(Ok(result.unwrap_or_else(panicked))),
+                result = &mut call => Ok(Ok(result.unwrap_or_else(panicked))),
                 lost = signal.lost() => {
                     if let LeaseSignal::Cancelled { .. } = lost {
-                        // The call is dropped where it stands, and a create it had sent
-                        // may still land on the platform. So, still under the lease (the
-                        // teardown waits for it): remove, and give a late create time to
-                        // land before the removal `cancelled` does after.
-                        self.remove_what_was_made(request).await;
-                        tokio::time::sleep(LATE_CREATE).await;
+                        // A create or start already sent lands on the platform whether
+                        // we wait or not. So, still under the lease (the teardown waits
+                        // for it), let the call finish its step (its health wait ends
+                        // at once), and `cancelled` removes what it made after. Only a
+                        // call stuck past the grace is dropped where it stands: then
+                        // remove, and give a late create time to land before the
+                        // removal `cancelled` does after.
+                        cancel.send_replace(true);
+                        if tokio::time::timeout(CANCEL_GRACE, &mut call).await.is_err() {
+                            self.remove_what_was_made(request).await;
+                            tokio::time::sleep(LATE_CREATE).await;
+                        }
                     }
                     Ok::<_, Abort>(Err(lost))
                 }
