@@ -225,8 +225,28 @@ fn memory_mib(pid: u32) -> Option<(f64, f64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// The port of the Redis the benchmark uses (`REDIS_URL`), to tell its process from
+/// another Redis on the machine (the test services also run a TLS one).
+fn redis_port() -> u16 {
+    let url = std::env::var("REDIS_URL").unwrap_or_default();
+    let authority = url
+        .split_once("://")
+        .map_or(url.as_str(), |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    host.rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or(6379)
+}
+
 /// The local broker's and Redis's processes, when they run on this machine.
 fn service_pids() -> Vec<(&'static str, u32)> {
+    // Redis names its process `redis-server <address>:<port>`.
+    let redis = format!(":{}", redis_port());
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return found;
@@ -242,7 +262,13 @@ fn service_pids() -> Vec<(&'static str, u32)> {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         match comm.trim() {
             "beam.smp" => found.push(("RabbitMQ", pid)),
-            "redis-server" => found.push(("Redis", pid)),
+            "redis-server" => {
+                let title =
+                    std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if title.trim_end_matches(['\0', ' ']).ends_with(&redis) {
+                    found.push(("Redis", pid));
+                }
+            }
             _ => {}
         }
     }
