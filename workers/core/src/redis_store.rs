@@ -436,6 +436,10 @@ impl RedisStore {
         format!("{}handed-on:{key}", self.prefix)
     }
 
+    fn turn_key(&self, key: &str) -> String {
+        format!("{}turn:{key}", self.prefix)
+    }
+
     fn index(&self) -> String {
         format!("{}inflight", self.prefix)
     }
@@ -934,6 +938,20 @@ impl StateStore for RedisStore {
             .exists(self.handed_on_key(key))
             .await
             .map_err(classify)
+    }
+
+    async fn take_turn(&self, key: &str, hold: Duration) -> Result<bool, StoreError> {
+        let mut connection = self.connection.clone();
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(self.turn_key(key))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(hold.as_millis().max(1) as u64)
+            .query_async(&mut connection)
+            .await
+            .map_err(classify)?;
+        Ok(taken.is_some())
     }
 
     async fn schedule_expiry(

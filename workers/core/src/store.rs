@@ -324,6 +324,11 @@ pub trait StateStore: Send + Sync + 'static {
     /// Whether [`StateStore::remember_handed_on`] saw `key` within its `ttl`.
     async fn was_handed_on(&self, key: &str) -> Result<bool, StoreError>;
 
+    /// Takes the turn named `key` for `hold`, unless another caller holds it: true when
+    /// this caller got it. For periodic jobs of which one worker of many should run at a
+    /// time (the reconciler); the turn is never released early, only expires.
+    async fn take_turn(&self, key: &str, hold: Duration) -> Result<bool, StoreError>;
+
     /// Schedules the teardown of `request_id`'s resource (a provision of `platform`) at
     /// `at`, replacing an earlier time. Kept in the store, so the schedule outlives every
     /// worker.
@@ -513,6 +518,8 @@ pub struct MemoryStore {
     records: Mutex<HashMap<String, MemoryRecord>>,
     /// Handed-on message keys and when they are forgotten.
     handed_on: Mutex<HashMap<String, Instant>>,
+    /// Turns taken and when they end.
+    turns: Mutex<HashMap<String, Instant>>,
     /// Scheduled expiries by (platform, request id).
     expiries: Mutex<HashMap<(String, String), SystemTime>>,
     /// Tenants' limits, and which tenant each holding request counts against.
@@ -543,6 +550,7 @@ impl MemoryStore {
         MemoryStore {
             records: Mutex::new(HashMap::new()),
             handed_on: Mutex::new(HashMap::new()),
+            turns: Mutex::new(HashMap::new()),
             expiries: Mutex::new(HashMap::new()),
             quotas: Mutex::new(Quotas::default()),
             fleets: Mutex::new(HashMap::new()),
@@ -957,6 +965,17 @@ impl StateStore for MemoryStore {
         let now = Instant::now();
         let handed_on = self.handed_on.lock().unwrap_or_else(|e| e.into_inner());
         Ok(handed_on.get(key).is_some_and(|until| *until > now))
+    }
+
+    async fn take_turn(&self, key: &str, hold: Duration) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+        turns.retain(|_, until| *until > now);
+        if turns.contains_key(key) {
+            return Ok(false);
+        }
+        turns.insert(key.to_owned(), now + hold);
+        Ok(true)
     }
 
     async fn schedule_expiry(

@@ -128,6 +128,22 @@ impl Platform for Scripted {
             .exists(id)
             .then(|| provisioner_events::RequestId::new(id).expect("id")))
     }
+    async fn owned(&self) -> Result<Vec<provisioner_core::Owned>, PlatformError> {
+        // Everything it made, made long ago, marked with the request that made it.
+        let existing = self.existing.lock().expect("lock").clone();
+        Ok(existing
+            .into_iter()
+            .map(|id| provisioner_core::Owned {
+                resource: Resource {
+                    id: format!("id-{id}"),
+                    name: id.clone(),
+                    ..Default::default()
+                },
+                request_id: provisioner_events::RequestId::new(id.as_str()).expect("id"),
+                created: Some(SystemTime::UNIX_EPOCH),
+            })
+            .collect())
+    }
     async fn teardown(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
         self.teardowns.fetch_add(1, Ordering::SeqCst);
         let id = match target {
@@ -947,6 +963,9 @@ impl StateStore for RenewalsHang {
     async fn get(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
         self.0.get(id).await
     }
+    async fn take_turn(&self, key: &str, hold: Duration) -> Result<bool, StoreError> {
+        self.0.take_turn(key, hold).await
+    }
 }
 
 #[tokio::test]
@@ -1462,4 +1481,41 @@ async fn a_signing_worker_runs_signed_requests_and_what_it_derives_and_refuses_t
     let error = refused[0].error.clone().expect("an error");
     assert_eq!(error.class, ErrorClass::Permission, "{refused:#?}");
     assert!(!h.platform.exists("unsigned"));
+}
+
+#[tokio::test]
+async fn workers_reconciling_on_their_own_take_turns_and_send_one_teardown() {
+    let reconciling = |n| WorkerConfig {
+        reconcile: Some((
+            Duration::from_millis(100),
+            provisioner_core::ReconcileOptions {
+                min_age: Duration::ZERO,
+                second_look_after: Duration::from_millis(50),
+                ..provisioner_core::ReconcileOptions::default()
+            },
+        )),
+        ..config(n)
+    };
+    let mut h = harness_with(3, reconciling, |store| store).await;
+    // A resource with our marks and no record: a worker died right after creating it.
+    h.platform
+        .existing
+        .lock()
+        .expect("lock")
+        .insert("leak".into());
+    let teardown = provisioner_core::reconcile_teardown_id("leak", "id-leak");
+    // Many periods of three workers: each would send the teardown on every look while
+    // the leak is there, if they did not take turns.
+    let mut ends = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(event) = h.events.next().await {
+            if event.request_id == teardown && event.state.is_terminal() {
+                ends.push(event);
+            }
+        }
+    })
+    .await;
+    assert_eq!(ends.len(), 1, "{ends:#?}");
+    assert_eq!(ends[0].state, State::Stopped, "{ends:#?}");
+    assert!(!h.platform.exists("leak"));
 }

@@ -396,6 +396,35 @@ async fn handed_on_messages_are_remembered_for_their_time(store: &dyn StateStore
     assert!(!store.was_handed_on(key).await.expect("ask"), "forgotten");
 }
 
+/// A turn goes to one of several racing takers, and to the next only once it ends.
+async fn a_turn_is_taken_by_one_until_it_ends(store: Arc<dyn StateStore>) {
+    let hold = Duration::from_millis(400);
+    let takers = (0..4).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.take_turn("reconcile:docker", hold).await })
+    });
+    let mut taken = 0;
+    for taker in takers {
+        taken += usize::from(taker.await.expect("join").expect("take"));
+    }
+    assert_eq!(taken, 1, "one taker of four");
+    assert!(
+        store
+            .take_turn("reconcile:process", hold)
+            .await
+            .expect("take"),
+        "another turn is its own"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        store
+            .take_turn("reconcile:docker", hold)
+            .await
+            .expect("take"),
+        "the turn ended"
+    );
+}
+
 /// An expiry is taken once when due, by one of several racing takers; it comes due again
 /// only if its taker does not cancel it in time (it died before sending the teardown).
 async fn expiries_are_taken_once_when_due(store: Arc<dyn StateStore>) {
@@ -831,6 +860,7 @@ async fn conformance(store: Arc<dyn StateStore>) {
     quota_units_are_reserved_with_the_machine_and_given_back(store.clone()).await;
     expiries_are_taken_once_when_due(store.clone()).await;
     handed_on_messages_are_remembered_for_their_time(store.as_ref()).await;
+    a_turn_is_taken_by_one_until_it_ends(store.clone()).await;
     claims_leases_and_fences(store.as_ref()).await;
     a_teardown_tombstones_its_target_whatever_the_interleaving(store.as_ref()).await;
     abandoned_records_are_found_and_taken_over_once(store.as_ref()).await;
