@@ -68,13 +68,20 @@ async fn programs_off_the_allow_list_and_paths_are_refused() {
 async fn a_program_that_never_listens_fails_and_is_stopped() {
     let platform = platform();
     // httpd bound to a different port than the one the check probes never becomes ready.
+    // The probed port is held bound but not listening for the test, so it refuses every
+    // connection: no other program on the machine can start listening there meanwhile.
+    let held = tokio::net::TcpSocket::new_v4().expect("socket");
+    held.bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let probed = held.local_addr().expect("addr").port();
     let error = platform
         .provision(&request(
             "never-ready",
-            serde_json::json!({"program": "httpd", "args": ["-p", "127.0.0.1:1"], "ready_timeout_seconds": 1}),
+            serde_json::json!({"program": "httpd", "args": ["-p", "127.0.0.1:1"], "port": probed, "ready_timeout_seconds": 1}),
         ))
         .await
         .expect_err("never ready");
+    drop(held);
     assert_eq!(error.class, ErrorClass::Timeout, "{error}");
     assert!(platform.list().await.expect("list").is_empty());
 }
