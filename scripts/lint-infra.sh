@@ -118,7 +118,10 @@ for name, resource in template["Resources"].items():
         continue
     platform = resource["Properties"]["Environment"]["Variables"]["PLATFORM"]
     check(platform in {"aws-ec2", "aws-ecs"}, f"{name}: the Lambda form runs aws-ec2 and aws-ecs, not {platform}")
-    for event in resource["Properties"]["Events"].values():
+    events = resource["Properties"]["Events"].values()
+    check(any(e["Type"] == "Schedule" for e in events),
+          f"{name}: a Schedule event, whose rounds send expiries and coordinate fleets")
+    for event in events:
         if event["Type"] == "MQ":
             check(event["Properties"]["Queues"] == [f"provisioning.{platform}"]
                   and f"provisioning.{platform}" in queues, f"{name}: consumes its work queue")

@@ -20,6 +20,12 @@
 //! The lease and every platform call are bounded by the invocation's remaining time, so a
 //! function that times out leaves a lease that soon expires and another invocation takes
 //! the request over.
+//!
+//! A **scheduled event** (an EventBridge rule's `Scheduled Event`, e.g. every minute)
+//! runs the background work a daemon worker does all the time ([`Worker::keep_house`]):
+//! the teardowns of what expired, ending abandoned records, the reconciler when
+//! `RECONCILE_EVERY_SECONDS` is set, and the fleets' coordination until the invocation's
+//! time is up, so a deployment of functions alone needs no daemon worker.
 
 pub mod emf;
 pub mod sqs;
@@ -40,7 +46,7 @@ use provisioner_core::broker::{BrokerError, Delivery, DeliveryParts, Settle, Set
 use provisioner_core::runtime::{Worker, WorkerConfig};
 use provisioner_core::signing::SIGNATURE_HEADER;
 use provisioner_core::store::StateStore;
-use provisioner_core::{Broker, Platform};
+use provisioner_core::{Broker, Housekeeping, Platform};
 use provisioner_events::{PlatformName, RejectedMessage};
 use tracing::{info, warn};
 
@@ -118,6 +124,12 @@ fn trace_of(lookup: impl Fn(&str) -> Option<String>) -> provisioner_core::trace:
     .into_iter()
     .filter_map(|name| Some((name.to_owned(), lookup(name)?)))
     .collect()
+}
+
+/// Whether an invocation's payload is a scheduled event (EventBridge's `Scheduled Event`,
+/// as a rule with a schedule delivers it): the function's housekeeping round.
+pub fn is_scheduled(payload: &serde_json::Value) -> bool {
+    payload.get("detail-type").and_then(|t| t.as_str()) == Some("Scheduled Event")
 }
 
 /// Reads an invocation's payload: an Amazon MQ for RabbitMQ event or an SQS event.
@@ -225,7 +237,7 @@ pub fn parse_event(
             .collect();
         return Ok((Source::Sqs, messages));
     }
-    Err("the event is neither an Amazon MQ for RabbitMQ event (rmqMessagesByQueue) nor an SQS event (Records)".into())
+    Err("the event is neither an Amazon MQ for RabbitMQ event (rmqMessagesByQueue), an SQS event (Records) nor a scheduled event (detail-type \"Scheduled Event\")".into())
 }
 
 fn header_u32(value: Option<&serde_json::Value>) -> Option<u32> {
@@ -416,6 +428,9 @@ pub enum Answer {
     /// redelivered.
     RedeliverBatch(String),
     Sqs(SqsBatchResponse),
+    /// A scheduled event's round of housekeeping, and what it did. What it could not do
+    /// comes due again for the next round, so it never fails the invocation.
+    Housekeeping(Housekeeping),
 }
 
 impl Handler {
@@ -470,6 +485,9 @@ impl Handler {
         deadline: SystemTime,
     ) -> Result<Answer, String> {
         let platform = self.platform.name();
+        if is_scheduled(payload) {
+            return Ok(Answer::Housekeeping(self.keep_house(deadline).await));
+        }
         let (source, messages) = parse_event(payload, platform)?;
         let worker = Arc::new(Worker::new(
             self.platform.clone(),
@@ -551,15 +569,7 @@ impl Handler {
         for (id, why) in &again {
             warn!(message = %id, %why, "message goes back to its source");
         }
-        if let Some(namespace) = &self.metrics_namespace {
-            let now_ms = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis());
-            // On stdout, apart from the logs (stderr): CloudWatch reads both.
-            for line in emf::lines(&worker.metrics().encode(), namespace, now_ms) {
-                println!("{line}");
-            }
-        }
+        self.write_metrics(&worker);
         Ok(match source {
             Source::Sqs => {
                 let mut response = SqsBatchResponse::default();
@@ -584,6 +594,45 @@ impl Handler {
                     .join("; ")
             )),
         })
+    }
+}
+
+impl Handler {
+    /// A scheduled event's round: the daemon's background work, until the invocation's
+    /// deadline (less the time to answer).
+    pub async fn keep_house(&self, deadline: SystemTime) -> Housekeeping {
+        let config = self.config_until(deadline);
+        let remaining = deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .saturating_sub(SETTLE_MARGIN);
+        let until = tokio::time::Instant::now() + remaining;
+        let worker = Arc::new(Worker::new(
+            self.platform.clone(),
+            self.store.clone(),
+            self.broker.clone() as Arc<dyn Broker>,
+            config,
+        ));
+        info!(
+            remaining_ms = remaining.as_millis() as u64,
+            "scheduled invocation: housekeeping"
+        );
+        let done = worker.keep_house(until).await;
+        self.write_metrics(&worker);
+        done
+    }
+
+    /// Writes the invocation's metrics as CloudWatch EMF lines, when the function does.
+    fn write_metrics(&self, worker: &Worker) {
+        if let Some(namespace) = &self.metrics_namespace {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            // On stdout, apart from the logs (stderr): CloudWatch reads both.
+            for line in emf::lines(&worker.metrics().encode(), namespace, now_ms) {
+                println!("{line}");
+            }
+        }
     }
 }
 

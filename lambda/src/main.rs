@@ -5,6 +5,9 @@
 //! - `AMQP_URL`, `REDIS_URL` (required), `REDIS_KEY_PREFIX` (default `provisioner:`)
 //! - `LEASE_SECONDS` (30; capped by the invocation's remaining time), `PREFETCH` (16 messages
 //!   of a batch at once), `MAX_ATTEMPTS` (8), `RETRY_BASE_MS` (1000), `RETRY_MAX_SECONDS` (300)
+//! - `REAP_AFTER_SECONDS` (3600; 0: never), `RECONCILE_EVERY_SECONDS` (0: never),
+//!   `RECONCILE_MIN_AGE_SECONDS` (600): what a scheduled event's housekeeping round does
+//!   beyond expiries and fleets, as the daemon's settings of the same names
 //! - the standard AWS chain for the platform's credentials and region (the function's role)
 //!
 //! A missing or wrong setting stops the function at its start with a message saying which.
@@ -68,6 +71,14 @@ async fn handler() -> Result<Handler, String> {
     let max_attempts: u32 = number("MAX_ATTEMPTS", 8)?;
     let retry_base_ms: u64 = number("RETRY_BASE_MS", 1000)?;
     let retry_max_seconds: u64 = number("RETRY_MAX_SECONDS", 300)?;
+    let reap_after_seconds: u64 = number("REAP_AFTER_SECONDS", 3600)?;
+    let reconcile_every_seconds: u64 = number("RECONCILE_EVERY_SECONDS", 0)?;
+    let reconcile_min_age_seconds: u64 = number("RECONCILE_MIN_AGE_SECONDS", 600)?;
+    if reap_after_seconds != 0 && reap_after_seconds < 2 * lease_seconds {
+        return Err(format!(
+            "REAP_AFTER_SECONDS {reap_after_seconds} must be 0 (never) or at least two leases"
+        ));
+    }
     if lease_seconds < 2 || prefetch == 0 || max_attempts == 0 || retry_base_ms == 0 {
         return Err(
             "LEASE_SECONDS must be at least 2, PREFETCH, MAX_ATTEMPTS and RETRY_BASE_MS at least 1"
@@ -125,6 +136,16 @@ async fn handler() -> Result<Handler, String> {
             base_delay: Duration::from_millis(retry_base_ms),
             max_delay: Duration::from_secs(retry_max_seconds),
         },
+        reap_after: (reap_after_seconds > 0).then(|| Duration::from_secs(reap_after_seconds)),
+        reconcile: (reconcile_every_seconds > 0).then(|| {
+            (
+                Duration::from_secs(reconcile_every_seconds),
+                provisioner_core::ReconcileOptions {
+                    min_age: Duration::from_secs(reconcile_min_age_seconds),
+                    ..provisioner_core::ReconcileOptions::default()
+                },
+            )
+        }),
         ..WorkerConfig::default()
     };
     // SQS retries are parked as new messages on their queue (see the sqs module).
@@ -148,6 +169,7 @@ async fn answer(
     match handler.invoke(&event.payload, deadline).await? {
         Answer::Done => Ok(serde_json::json!({})),
         Answer::Sqs(response) => Ok(serde_json::to_value(response)?),
+        Answer::Housekeeping(done) => Ok(serde_json::to_value(done)?),
         Answer::RedeliverBatch(why) => Err(why.into()),
     }
 }

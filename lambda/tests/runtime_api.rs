@@ -996,3 +996,138 @@ async fn an_invocation_exports_its_spans_and_writes_its_metrics_as_emf() {
         "{emf:#?}"
     );
 }
+
+/// Takes `count` messages off the function's work queue, as the event source would.
+async fn take_from_work_queue(env: &Env, count: usize) -> Vec<serde_json::Value> {
+    let connection = lapin::Connection::connect(&env.amqp_url, Default::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let queue = work_queue(PlatformName::AwsEc2);
+    let mut taken = Vec::new();
+    for _ in 0..300 {
+        if taken.len() == count {
+            break;
+        }
+        match channel
+            .basic_get(
+                queue.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get")
+        {
+            Some(message) => {
+                taken.push(serde_json::from_slice(&message.delivery.data).expect("a request"))
+            }
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(taken.len(), count, "{taken:#?}\n{}", env.function_log());
+    taken
+}
+
+/// The states of EC2 instances, by id.
+async fn instance_states(ids: &[String]) -> Vec<String> {
+    ec2_client()
+        .describe_instances()
+        .set_instance_ids(Some(ids.to_vec()))
+        .send()
+        .await
+        .expect("describe")
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| {
+            i.state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str().to_owned())
+        })
+        .collect()
+}
+
+/// A deployment of functions alone: a scheduled event's round does a daemon's background
+/// work. It coordinates a fleet (handing it on when its time is up before the fleet
+/// ends) and sends the teardowns of what expired.
+#[tokio::test]
+async fn scheduled_rounds_coordinate_fleets_and_expire_them_without_a_daemon() {
+    let mut env = Env::new().await;
+    let mut events = env.events().await;
+    env.start_function("aws-ec2", &localstack());
+    let queue = work_queue(PlatformName::AwsEc2);
+    let id = env.id("lambda-fleet");
+    let mut request = ec2_provision(&id, IMAGE);
+    request["count"] = 3.into();
+    request["ttl_seconds"] = 15.into();
+    let answer = env.api.invoke(rabbitmq_event(&queue, &[request])).await;
+    assert_eq!(answer, Ok(serde_json::json!({})), "{}", env.function_log());
+
+    // A round before any member ran: it takes the fleet, and hands it on at its end.
+    let short = std::time::Instant::now();
+    let round = env
+        .api
+        .invoke_within(lambda_api::scheduled_event(), Duration::from_secs(8))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", env.function_log()));
+    assert_eq!(round["fleets"], 1, "{round}");
+    assert!(short.elapsed() < Duration::from_secs(8), "on time");
+
+    let members = take_from_work_queue(&env, 3).await;
+    let answer = env.api.invoke(rabbitmq_event(&queue, &members)).await;
+    assert_eq!(answer, Ok(serde_json::json!({})), "{}", env.function_log());
+    let round = env
+        .api
+        .invoke(lambda_api::scheduled_event())
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", env.function_log()));
+    assert_eq!(round["fleets"], 1, "{round}");
+    let fleet = events.terminal_count(&id, 1).await;
+    assert_eq!(fleet[0].state, State::Running, "{fleet:#?}");
+    let instances: Vec<String> = fleet[0]
+        .resource
+        .as_ref()
+        .expect("members")
+        .members
+        .iter()
+        .map(|m| m.id.clone().expect("an instance"))
+        .collect();
+    assert_eq!(instances.len(), 3);
+    assert!(
+        instance_states(&instances)
+            .await
+            .iter()
+            .all(|s| s == "running"),
+        "{instances:?}"
+    );
+
+    // Each member expires on its own; the rounds send one teardown each.
+    let mut expired = 0;
+    for _ in 0..60 {
+        let round = env
+            .api
+            .invoke(lambda_api::scheduled_event())
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", env.function_log()));
+        expired += round["expired"].as_u64().expect("expired");
+        if expired >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(expired, 3, "{}", env.function_log());
+    let teardowns = take_from_work_queue(&env, 3).await;
+    let answer = env.api.invoke(rabbitmq_event(&queue, &teardowns)).await;
+    assert_eq!(answer, Ok(serde_json::json!({})), "{}", env.function_log());
+    for i in 0..3 {
+        let teardown = provisioner_core::expiry_teardown_id(&format!("{id}#{i}"));
+        let ended = events.terminal_count(&teardown, 1).await;
+        assert_eq!(ended[0].state, State::Stopped, "{ended:#?}");
+    }
+    assert!(
+        instance_states(&instances)
+            .await
+            .iter()
+            .all(|s| s == "terminated" || s == "shutting-down"),
+        "{instances:?}"
+    );
+}

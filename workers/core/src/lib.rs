@@ -48,8 +48,8 @@ pub use broker::{Broker, BrokerError, Delivery, MemoryBroker, Settlement};
 pub use platform::{Described, Finding, Outcome, Owned, Platform, PlatformError, SetupError};
 pub use ratelimit::{CallPacer, PacerSlot, RateLimit, RateLimitSettings, TokenGrant};
 pub use runtime::{
-    ReconcileDecision, ReconcileOptions, Verdict, Worker, WorkerConfig, expiry_teardown_id,
-    reconcile_teardown_id,
+    Housekeeping, ReconcileDecision, ReconcileOptions, Verdict, Worker, WorkerConfig,
+    expiry_teardown_id, reconcile_teardown_id,
 };
 pub use store::{
     Claim, DEFAULT_TENANT, Fence, MACHINES, MemoryStore, QuotaCost, QuotaGrant, QuotaUsage,

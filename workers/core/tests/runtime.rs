@@ -1519,3 +1519,95 @@ async fn workers_reconciling_on_their_own_take_turns_and_send_one_teardown() {
     assert_eq!(ends[0].state, State::Stopped, "{ends:#?}");
     assert!(!h.platform.exists("leak"));
 }
+
+/// Handles deliveries as the Lambda form does: one `handle` each, no background tasks,
+/// so nothing coordinates fleets or sends expiries but [`Worker::keep_house`].
+async fn consume_without_background_work(h: &Harness, config: WorkerConfig) -> Arc<Worker> {
+    let worker = Arc::new(Worker::new(
+        h.platform.clone(),
+        h.store.clone(),
+        Arc::new(h.broker.clone()),
+        config,
+    ));
+    let mut deliveries = h
+        .broker
+        .consume(PlatformName::Process, 16)
+        .await
+        .expect("consume");
+    let handler = worker.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = deliveries.next().await {
+            let handler = handler.clone();
+            tokio::spawn(async move { handler.handle(delivery).await });
+        }
+    });
+    worker
+}
+
+#[tokio::test]
+async fn rounds_of_housekeeping_coordinate_a_fleet_handing_it_on_between_them() {
+    let mut h = harness(0).await;
+    h.platform.provision_ms.store(400, Ordering::SeqCst);
+    let worker = consume_without_background_work(&h, config(0)).await;
+    let quiet_round = tokio::time::Instant::now();
+    let nothing = worker
+        .keep_house(tokio::time::Instant::now() + Duration::from_secs(10))
+        .await;
+    assert_eq!(nothing, provisioner_core::Housekeeping::default());
+    assert!(
+        quiet_round.elapsed() < Duration::from_secs(2),
+        "a round with nothing to do returns at once"
+    );
+
+    h.publish(&fleet("f-rounds", 4, "")).await;
+    // The members run meanwhile; a round too short to see them end hands the fleet on.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let short = tokio::time::Instant::now();
+    let first = worker
+        .keep_house(tokio::time::Instant::now() + Duration::from_millis(150))
+        .await;
+    assert_eq!(first.fleets, 1, "{first:?}");
+    assert!(short.elapsed() < Duration::from_secs(1), "ends on time");
+    assert!(h.record("f-rounds").await.result.is_none(), "not ended yet");
+
+    let mut rounds = 1;
+    while h.record("f-rounds").await.result.is_none() {
+        assert!(rounds < 40, "the fleet never ended");
+        worker
+            .keep_house(tokio::time::Instant::now() + Duration::from_millis(150))
+            .await;
+        rounds += 1;
+    }
+    let events = h.until_terminal("f-rounds", 1).await;
+    check_fleet_events(&events, 4);
+    let last = events.last().expect("terminal");
+    assert_eq!(last.state, State::Running, "{last:#?}");
+    assert_eq!(last.resource.as_ref().expect("members").members.len(), 4);
+    // Hand-overs are not failed attempts: the fleet was never taken for abandoned.
+    assert_eq!(h.record("f-rounds").await.attempts, 1, "{rounds} rounds");
+    assert_eq!(h.platform.provisions.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn a_round_of_housekeeping_sends_the_teardown_of_what_expired() {
+    let mut h = harness(0).await;
+    let worker = consume_without_background_work(&h, config(0)).await;
+    h.publish(br#"{"schema_version":1,"request_id":"short-lived","operation":"provision","platform":"process","ttl_seconds":1,"spec":{"program":"x"}}"#)
+        .await;
+    let events = h.until_terminal("short-lived", 1).await;
+    assert_eq!(events.last().expect("running").state, State::Running);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let round = worker
+        .keep_house(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+    assert_eq!(round.expired, 1, "{round:?}");
+    let teardown = provisioner_core::expiry_teardown_id("short-lived");
+    let ends = h.until_terminal(&teardown, 1).await;
+    assert_eq!(ends.last().expect("stopped").state, State::Stopped);
+    assert!(!h.platform.exists("short-lived"));
+    // Sent once: the next round finds nothing due.
+    let again = worker
+        .keep_house(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+    assert_eq!(again.expired, 0, "{again:?}");
+}

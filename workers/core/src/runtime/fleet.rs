@@ -9,10 +9,12 @@
 //! retries, quota place, expiry and status events — and a fleet is never larger than N,
 //! since member `i` is one request id whatever is redelivered or taken over.
 //!
-//! Coordinating is a task of the long-running workers ([`Worker::run`]): one of them
+//! Coordinating is a task of the long-running workers ([`Worker::run`]), and of the
+//! Lambda form's scheduled invocations ([`Worker::keep_house`]): one of them
 //! takes the fleet from the schedule (the store hands each due entry to exactly one
 //! worker), claims the fleet under a heartbeat, and reads its members' records twice a
-//! second. It publishes the fleet's progress (`starting` events counting members by
+//! second. A coordinator that runs only so long (an invocation) gives the fleet back to
+//! the schedule when its time is up, without counting an attempt. It publishes the fleet's progress (`starting` events counting members by
 //! state) whenever the counts change, and its one terminal event — `running` with every
 //! member listed, or `error` — once every member has ended. When more members failed
 //! than `count - min_count` allows, `on_partial: rollback` tears every other member down
@@ -35,6 +37,7 @@ use provisioner_events::{
     request_routing_key,
 };
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::attempt::Held;
@@ -51,6 +54,16 @@ const WATCH_EVERY: Duration = Duration::from_millis(250);
 const TAKE_AT_ONCE: usize = 16;
 /// Member messages in flight to the broker at once.
 const PUBLISH_AT_ONCE: usize = 32;
+
+/// How a coordinator's following of its fleet ended.
+enum Followed {
+    /// Every member ended: the fleet's terminal event, to record and publish.
+    Ended(Box<StatusEvent>),
+    /// The lease says stop (lost, or a teardown tombstoned the fleet).
+    LeaseLost,
+    /// The coordinator's time is up; the fleet goes on without it.
+    TimeUp,
+}
 
 /// The store's schedule of the platform's fleets to coordinate. It is the same kind of
 /// schedule as expiries (a set of ids by due time, each due entry handed to one taker),
@@ -340,12 +353,31 @@ impl Worker {
     /// runs. Dropping it (the worker stops) stops its coordinators; their leases run out
     /// and other workers take their fleets over.
     pub(super) async fn watch_fleets_forever(self: Arc<Self>) {
+        self.watch_fleets(None).await;
+    }
+
+    /// Coordinates the fleets that come due until `until`, for a worker that runs only
+    /// so long (a scheduled Lambda invocation): returns at once when there is nothing to
+    /// coordinate, else when every fleet it took has ended or at `until`, when each
+    /// coordinator still following its fleet hands it back to the schedule, due at
+    /// once, for the next invocation or any daemon worker to go on with. Returns how many
+    /// fleets it took.
+    pub async fn coordinate_fleets_until(self: &Arc<Self>, until: Instant) -> usize {
+        self.clone().watch_fleets(Some(until)).await
+    }
+
+    /// Takes due fleets from the schedule and coordinates each, until `until` (forever
+    /// when `None`; see [`Worker::coordinate_fleets_until`]).
+    async fn watch_fleets(self: Arc<Self>, until: Option<Instant>) -> usize {
         let schedule = fleet_schedule(self.platform.name());
         let mut coordinators = JoinSet::new();
         let coordinating = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
+        let mut taken = 0;
         loop {
-            tokio::time::sleep(WATCH_EVERY).await;
             while coordinators.try_join_next().is_some() {}
+            if until.is_some_and(|until| Instant::now() >= until) {
+                break;
+            }
             let due = match self
                 .store
                 .take_due_expiries(&schedule, TAKE_AT_ONCE, self.config.lease)
@@ -354,9 +386,12 @@ impl Worker {
                 Ok(due) => due,
                 Err(e) => {
                     debug!(error = %e, "could not look for fleets to coordinate");
-                    continue;
+                    Vec::new()
                 }
             };
+            if until.is_some() && due.is_empty() && coordinators.is_empty() {
+                break;
+            }
             for (id, _) in due {
                 if !coordinating
                     .lock()
@@ -365,12 +400,13 @@ impl Worker {
                 {
                     continue;
                 }
+                taken += 1;
                 let worker = self.clone();
                 let coordinating = coordinating.clone();
                 let span = info_span!("fleet", platform = %self.platform.name(), request.id = %id);
                 coordinators.spawn(
                     async move {
-                        if let Err(e) = worker.coordinate(&id).await {
+                        if let Err(e) = worker.coordinate(&id, until).await {
                             warn!(error = %e, "coordinating the fleet stopped; it comes due again");
                         }
                         coordinating
@@ -381,11 +417,17 @@ impl Worker {
                     .instrument(span),
                 );
             }
+            let next_look = Instant::now() + WATCH_EVERY;
+            tokio::time::sleep_until(until.map_or(next_look, |until| until.min(next_look))).await;
         }
+        // Past `until`: each coordinator hands its fleet back on its own.
+        while coordinators.join_next().await.is_some() {}
+        taken
     }
 
-    /// Coordinates the fleet `id` to its end, or until its lease is lost.
-    async fn coordinate(&self, id: &str) -> Result<(), Abort> {
+    /// Coordinates the fleet `id` to its end, until its lease is lost, or until `until`,
+    /// when it gives the fleet back to the schedule, due at once.
+    async fn coordinate(&self, id: &str, until: Option<Instant>) -> Result<(), Abort> {
         let platform = self.platform.name();
         let schedule = fleet_schedule(platform);
         let forget = || async {
@@ -503,14 +545,30 @@ impl Worker {
             );
             self.publish_members(&fleet, missing).await?;
         }
-        let ended = self.follow(&mut held, &fleet, &heartbeat).await;
+        let ended = self.follow(&mut held, &fleet, &heartbeat, until).await;
         let signal = heartbeat.stop();
         match ended {
-            Ok(Some(event)) => {
-                self.record_and_publish(&mut held, event).await?;
+            Ok(Followed::Ended(event)) => {
+                self.record_and_publish(&mut held, *event).await?;
                 forget().await;
             }
-            Ok(None) => match signal {
+            Ok(Followed::TimeUp) => {
+                // An orderly hand-over, not a failed attempt: the claim gives its attempt
+                // back, so the next coordinator neither counts it toward the bound nor
+                // takes the fleet for abandoned.
+                info!("out of time; the fleet goes back to the schedule for the next coordinator");
+                let _ = self.store.release(id, &held.fence, true).await;
+                self.end_acting(&held, None).await;
+                if let Err(e) = self
+                    .store
+                    .schedule_expiry(&schedule, id, SystemTime::now())
+                    .await
+                {
+                    // Its entry still comes due again a lease after it was taken.
+                    debug!(error = %e, "could not give the fleet back to the schedule at once");
+                }
+            }
+            Ok(Followed::LeaseLost) => match signal {
                 LeaseSignal::Cancelled { by } => {
                     self.fleet_torn_down(&mut held, &by).await?;
                     forget().await;
@@ -541,13 +599,22 @@ impl Worker {
     }
 
     /// Follows the members until the fleet ends (its terminal event, to record and
-    /// publish) or the lease says stop (`None`).
+    /// publish), the lease says stop, or `until` comes.
     async fn follow(
         &self,
         held: &mut Held<'_>,
         fleet: &Fleet,
         heartbeat: &Heartbeat,
-    ) -> Result<Option<StatusEvent>, Abort> {
+        until: Option<Instant>,
+    ) -> Result<Followed, Abort> {
+        // `None`: a time that never comes.
+        let time_up = async {
+            match until {
+                Some(until) => tokio::time::sleep_until(until).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(time_up);
         let ids = fleet.member_ids();
         let mut signal = heartbeat.signal();
         let mut published: Option<FleetCounts> = None;
@@ -562,7 +629,8 @@ impl Worker {
                     debug!(error = %e, "could not read the members; trying again");
                     tokio::select! {
                         _ = tokio::time::sleep(POLL) => continue,
-                        _ = signal.lost() => return Ok(None),
+                        _ = signal.lost() => return Ok(Followed::LeaseLost),
+                        _ = &mut time_up => return Ok(Followed::TimeUp),
                     }
                 }
             };
@@ -610,9 +678,9 @@ impl Worker {
             let settled = look.all_ended
                 && (!rollback || self.rollbacks_ended(fleet, &look, &rolled_back).await?);
             if settled {
-                return Ok(Some(
+                return Ok(Followed::Ended(Box::new(
                     self.fleet_outcome(held, fleet, &records, &look, rollback),
-                ));
+                )));
             }
             if moved_at.elapsed() >= self.config.fleet_stall {
                 // Nothing moved for a long while: a member message may have been lost
@@ -639,7 +707,8 @@ impl Worker {
             }
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}
-                _ = signal.lost() => return Ok(None),
+                _ = signal.lost() => return Ok(Followed::LeaseLost),
+                _ = &mut time_up => return Ok(Followed::TimeUp),
             }
         }
     }

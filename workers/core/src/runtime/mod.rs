@@ -17,7 +17,9 @@
 //!
 //! The pieces: this file (configuration, the loop, rejections), [`attempt`] (one claimed
 //! attempt from claim to settlement), [`lease`] (the heartbeat that keeps the lease and
-//! stops the work when it cannot), [`reaper`] (ending records abandoned long ago).
+//! stops the work when it cannot), [`reaper`] (ending records abandoned long ago),
+//! [`housekeeping`] (the background work in one round, for workers that do not run for
+//! ever: the Lambda form).
 
 mod attempt;
 mod ending;
@@ -25,6 +27,8 @@ mod expiry;
 pub use expiry::{EXPIRY_RETRY, expiry_teardown_id};
 mod fleet;
 pub use fleet::fleet_schedule;
+mod housekeeping;
+pub use housekeeping::Housekeeping;
 mod lease;
 mod pacing;
 mod platform_call;

@@ -233,17 +233,27 @@ impl Worker {
         })
     }
 
+    /// Takes the platform's reconciler turn for a run every `every`: true when this
+    /// worker's run may go ahead.
+    pub(super) async fn take_reconcile_turn(
+        &self,
+        every: Duration,
+        options: &ReconcileOptions,
+    ) -> Result<bool, crate::StoreError> {
+        let turn = format!("reconcile:{}", self.platform.name());
+        let hold = every.max(options.second_look_after + Duration::from_secs(60));
+        self.store.take_turn(&turn, hold).await
+    }
+
     /// Reconciles every `every`, for as long as the worker runs, taking turns with the
     /// platform's other workers: two runs at once would each send the teardowns of the
     /// same resources, the second copy answered as a duplicate with a second `stopped`.
     /// A turn lasts the period, and at least a run (its second look, and a minute for
     /// the listing and the teardowns), so runs never overlap.
     pub(super) async fn reconcile_forever(&self, every: Duration, options: ReconcileOptions) {
-        let turn = format!("reconcile:{}", self.platform.name());
-        let hold = every.max(options.second_look_after + Duration::from_secs(60));
         loop {
             tokio::time::sleep(every).await;
-            match self.store.take_turn(&turn, hold).await {
+            match self.take_reconcile_turn(every, &options).await {
                 Ok(true) => {}
                 Ok(false) => continue, // another worker's turn
                 Err(e) => {
