@@ -161,14 +161,41 @@ async fn a_tenants_vcpus_are_counted_by_instance_type_and_refused_past_its_quota
 /// back (without the fix, the place stayed held for good).
 #[tokio::test]
 async fn a_teardown_that_dies_after_recording_its_end_still_gives_the_place_back() {
+    a_teardown_that_dies_at("after_record", Target::Request).await;
+}
+
+/// The same for a teardown naming the container by its id: once the container is gone
+/// its labels cannot say whose it was, so the teardown's record keeps its owner.
+#[tokio::test]
+async fn a_teardown_by_resource_id_that_dies_after_recording_its_end_gives_the_place_back() {
+    a_teardown_that_dies_at("after_record", Target::Resource).await;
+}
+
+/// Dying after the removal, before anything is recorded: the next attempt finds the
+/// container gone and still frees what its owner held.
+#[tokio::test]
+async fn a_teardown_by_resource_id_that_dies_after_removing_gives_the_place_back() {
+    a_teardown_that_dies_at("after_platform_call", Target::Resource).await;
+}
+
+/// How a teardown names what it removes.
+#[derive(Clone, Copy)]
+enum Target {
+    Request,
+    Resource,
+}
+
+async fn a_teardown_that_dies_at(point: &str, target: Target) {
     let mut env = TestEnv::new().await;
     let mut events = env.events().await;
     let first = env.start_worker("first");
-    quota(&env, &["set", "team-c", "1"]);
-    let web = for_tenant(&env, "qc", "team-c");
+    let tenant = format!("team-c-{}", env.run_id);
+    quota(&env, &["set", &tenant, "1"]);
+    let web = for_tenant(&env, "qc", &tenant);
     env.publish(&web).await;
-    assert_eq!(events.terminal(&id(&web)).await.state, State::Running);
-    assert_eq!(quota(&env, &["show", "team-c"])["used"], 1);
+    let running = events.terminal(&id(&web)).await;
+    assert_eq!(running.state, State::Running);
+    assert_eq!(quota(&env, &["show", &tenant])["used"], 1);
     // Only the worker that will die takes the teardown.
     let _ = env.worker(first).kill();
     let _ = env.worker(first).wait();
@@ -178,17 +205,23 @@ async fn a_teardown_that_dies_after_recording_its_end_still_gives_the_place_back
     env.start_worker_with(
         "crashy",
         &[
-            ("PROVISIONER_FAULT_POINT", "after_record"),
+            ("PROVISIONER_FAULT_POINT", point),
             ("PROVISIONER_FAULT_ONCE", marker_text.as_str()),
         ],
     );
-    let down = env.teardown("qc-down", &id(&web));
+    let mut down = env.teardown("qc-down", &id(&web));
+    if let Target::Resource = target {
+        let container = running.resource.expect("the container").id;
+        let fields = down.as_object_mut().expect("request");
+        fields.remove("target_request_id");
+        fields.insert("resource_id".into(), container.into());
+    }
     env.publish(&down).await;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     while !marker.exists() {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the worker never reached after_record: {}",
+            "the worker never reached {point}: {}",
             env.worker_log("crashy")
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -197,9 +230,10 @@ async fn a_teardown_that_dies_after_recording_its_end_still_gives_the_place_back
     let stopped = events.terminal(&id(&down)).await;
     assert_eq!(stopped.state, State::Stopped, "{:#?}", stopped.error);
     assert_eq!(
-        quota(&env, &["show", "team-c"])["used"],
+        quota(&env, &["show", &tenant])["used"],
         0,
         "the place is given back"
     );
+    assert!(env.containers().await.is_empty(), "the container is gone");
     let _ = std::fs::remove_file(marker);
 }

@@ -157,8 +157,9 @@ end
 return {1}
 "#;
 
-/// KEYS target record; ARGV actor, actor_nonce, lease_ms, tombstone, retention_ms.
-/// Returns {'granted'} | {'busy', remaining_ms, by}.
+/// KEYS target record, actor's record; ARGV actor, actor_nonce, lease_ms, tombstone,
+/// retention_ms, target id. A teardown's own record keeps the target it tombstoned
+/// (`acts_on`). Returns {'granted'} | {'busy', remaining_ms, by}.
 const ACT_ON: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'state', 'not_started', 'updated_ms', tostring(now))
@@ -167,6 +168,9 @@ end
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'result', 'owner', 'lease_until', 'tombstone',
   'actor', 'actor_until')
 if ARGV[4] == '1' and not rec[5] then redis.call('HSET', KEYS[1], 'tombstone', ARGV[1]) end
+if ARGV[4] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[2], 'acts_on', ARGV[6])
+end
 if rec[1] and rec[1] ~= '' and not rec[2] then
   local lease_until = tonumber(rec[4]) or 0
   if lease_until > now then return {'busy', tostring(lease_until - now), rec[3] or ''} end
@@ -557,6 +561,7 @@ fn record_of(
             .get("actor")
             .filter(|a| !a.is_empty() && actor_until > now_ms)
             .cloned(),
+        acts_on: fields.get("acts_on").cloned(),
     }))
 }
 
@@ -674,11 +679,13 @@ impl StateStore for RedisStore {
             .scripts
             .act_on
             .key(self.key(target))
+            .key(self.key(actor.request_id))
             .arg(actor.request_id)
             .arg(actor.nonce)
             .arg(millis(lease))
             .arg(if tombstone { "1" } else { "0" })
             .arg(millis(self.retention))
+            .arg(target)
             .invoke_async(&mut connection)
             .await
             .map_err(classify)?;

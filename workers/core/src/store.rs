@@ -102,6 +102,11 @@ pub struct RequestRecord {
     pub torn_down_by: Option<String>,
     /// The request acting on this one's resource now, if its lease is live.
     pub actor: Option<String>,
+    /// For a teardown: the request whose resource it tears (or tore) down, as its
+    /// [`StateStore::act_on`] named it. Kept because a teardown that named a resource id
+    /// cannot learn its owner again once the resource is gone, and its end must still
+    /// free what the owner held (its expiry, its quota place).
+    pub acts_on: Option<String>,
 }
 
 /// What a holder hears when it renews its lease.
@@ -222,7 +227,7 @@ pub trait StateStore: Send + Sync + 'static {
     /// Takes the actor lease on `target`'s record (created if it has none yet), unless
     /// the target's provision or another actor is at work. With `tombstone` (a teardown)
     /// the tombstone is left in any case, so the target's provision never makes anything
-    /// again.
+    /// again, and the actor's own record keeps `target` ([`RequestRecord::acts_on`]).
     async fn act_on(
         &self,
         target: &str,
@@ -489,6 +494,7 @@ struct MemoryRecord {
     result: Option<StatusEvent>,
     tombstone: Option<String>,
     actor: Option<(String, String, Instant)>,
+    acts_on: Option<String>,
     expires: Option<Instant>,
 }
 
@@ -544,6 +550,38 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The actor lease on `record` for `actor`, unless its provision or another actor is
+    /// at work.
+    fn grant_actor(
+        record: &mut MemoryRecord,
+        actor: Actor<'_>,
+        lease: Duration,
+        now: Instant,
+    ) -> TargetGrant {
+        if record.in_progress()
+            && let Some(remaining) = record.lease_live(now)
+        {
+            return TargetGrant::Busy {
+                remaining,
+                by: record.owner.clone(),
+            };
+        }
+        if let Some((other, remaining)) = record.actor_live(now)
+            && other != actor.request_id
+        {
+            return TargetGrant::Busy {
+                remaining,
+                by: other.to_owned(),
+            };
+        }
+        record.actor = Some((
+            actor.request_id.to_owned(),
+            actor.nonce.to_owned(),
+            now + lease,
+        ));
+        TargetGrant::Granted
     }
 
     pub fn with_retention(retention: Duration) -> Self {
@@ -818,28 +856,11 @@ impl StateStore for MemoryStore {
         if tombstone && record.tombstone.is_none() {
             record.tombstone = Some(actor.request_id.to_owned());
         }
-        if record.in_progress()
-            && let Some(remaining) = record.lease_live(now)
-        {
-            return Ok(TargetGrant::Busy {
-                remaining,
-                by: record.owner.clone(),
-            });
+        let grant = Self::grant_actor(record, actor, lease, now);
+        if tombstone && let Some(own) = records.get_mut(actor.request_id) {
+            own.acts_on = Some(target.to_owned());
         }
-        if let Some((other, remaining)) = record.actor_live(now)
-            && other != actor.request_id
-        {
-            return Ok(TargetGrant::Busy {
-                remaining,
-                by: other.to_owned(),
-            });
-        }
-        record.actor = Some((
-            actor.request_id.to_owned(),
-            actor.nonce.to_owned(),
-            now + lease,
-        ));
-        Ok(TargetGrant::Granted)
+        Ok(grant)
     }
 
     async fn renew_act(
@@ -950,6 +971,7 @@ impl StateStore for MemoryStore {
             result: r.result.clone(),
             torn_down_by: r.tombstone.clone(),
             actor: r.actor_live(now).map(|(id, _)| id.to_owned()),
+            acts_on: r.acts_on.clone(),
         }))
     }
 

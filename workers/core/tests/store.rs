@@ -259,6 +259,17 @@ async fn a_teardown_tombstones_its_target_whatever_the_interleaving(store: &dyn 
     let (_, _, _, _, tombstone) = claimed(store, claim("t2", "h", "b", "p3", 60_000)).await;
     assert_eq!(tombstone.as_deref(), Some("t2-down"));
 
+    // A claimed teardown's own record keeps what it tombstoned, busy or granted: once
+    // the resource is gone, that is the only place its owner is still known.
+    claimed(store, claim("t4-down", "h", "d", "p6", 60_000)).await;
+    let actor4 = Actor {
+        request_id: "t4-down",
+        nonce: "tn4",
+    };
+    store.act_on("t4", actor4, lease, true).await.expect("act");
+    let own = store.get("t4-down").await.expect("get").expect("record");
+    assert_eq!(own.acts_on.as_deref(), Some("t4"));
+
     // Two requests acting on one finished resource take turns (a stop and a start).
     let (f, ..) = claimed(store, claim("t3", "h", "a", "p4", 60_000)).await;
     store

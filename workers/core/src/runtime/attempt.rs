@@ -265,7 +265,10 @@ impl Worker {
         let target = match acted_on(request) {
             Some(target) => Some(target),
             None => match self.resource_owner(request).await {
-                Ok(owner) => owner,
+                Ok(Some(owner)) => Some(owner),
+                // Gone already: an earlier attempt of this teardown may have removed it
+                // and died before its end freed what the owner held.
+                Ok(None) => self.recorded_target(request).await,
                 Err(failure) => return self.finish(held, delivery, done_state, Err(failure)).await,
             },
         };

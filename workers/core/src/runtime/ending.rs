@@ -230,13 +230,17 @@ impl Worker {
     /// What a request's recorded end frees, done again for a copy that finds it ended: a
     /// teardown that stopped its target forgets the target's expiry and quota place, and
     /// a provision that ended in error gives its place back. A teardown that named a
-    /// resource id, not a request, is left to the first delivery (its owner is no longer
-    /// known once the resource is gone).
+    /// resource id finds its target in its own record (`acts_on`), since the gone
+    /// resource can no longer say whose it was.
     pub(super) async fn after_the_end(&self, request: &Request, event: &StatusEvent) {
         let platform = self.platform.name();
         match request.operation {
             Operation::Teardown if event.state == State::Stopped && event.error.is_none() => {
-                if let Some(target) = &request.target_request_id {
+                let target = match &request.target_request_id {
+                    Some(target) => Some(target.clone()),
+                    None => self.recorded_target(request).await,
+                };
+                if let Some(target) = target {
                     self.forget_torn_down(platform.as_str(), target.as_str())
                         .await;
                 }

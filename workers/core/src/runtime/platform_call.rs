@@ -69,6 +69,23 @@ impl Worker {
         }
     }
 
+    /// The request a teardown by resource id tombstoned in an earlier attempt, as its
+    /// own record keeps it: the owner of a resource that is gone.
+    pub(super) async fn recorded_target(&self, request: &Request) -> Option<RequestId> {
+        if request.operation != Operation::Teardown
+            || !matches!(request.target(), Ok(TeardownTarget::Resource(_)))
+        {
+            return None;
+        }
+        let record = self
+            .store
+            .get(request.request_id.as_str())
+            .await
+            .ok()
+            .flatten()?;
+        RequestId::new(record.acts_on?).ok()
+    }
+
     pub(super) async fn call_platform(&self, request: &Request) -> Result<Outcome, PlatformError> {
         if let Some(deadline) = request.deadline
             && OffsetDateTime::now_utc() >= deadline
