@@ -40,6 +40,10 @@ pub const MAX_BATCH: u32 = 10;
 /// How long a batch gathers the launches arriving with its first one.
 const GATHER: Duration = Duration::from_millis(50);
 
+/// The members of groups' tasks, looked up once each: (cluster, fleet, group) → task
+/// ARN → member index.
+pub(crate) type GroupAssignments = HashMap<(String, String, u32), HashMap<String, u32>>;
+
 /// A launch answered: the member's task (not yet running), or why there is none.
 pub(crate) type Started = Result<Task, PlatformError>;
 
@@ -275,11 +279,13 @@ impl Runner {
     /// The member request a batch-started task belongs to when it has no request tag yet
     /// (its worker died between RunTask and the tagging): read from its batch's marks and
     /// place among the group's tasks, as a retry of the member reads it. `None` for a
-    /// task that is no batch's.
+    /// task that is no batch's. `groups` keeps each group's assignment once looked up,
+    /// so the untagged tasks of one group (up to a batch's ten) cost one lookup.
     pub(crate) async fn untagged_member(
         &self,
         cluster: &str,
         task: &Task,
+        groups: &mut GroupAssignments,
     ) -> Result<Option<String>, PlatformError> {
         let (Some(fleet), Some(members)) = (tag(task, FLEET_TAG), tag(task, MEMBERS_TAG)) else {
             return Ok(None);
@@ -291,15 +297,20 @@ impl Runner {
             return Ok(None);
         };
         let arn = task.task_arn().unwrap_or_default();
-        let tasks = self.group_tasks(cluster, fleet, group).await?;
-        Ok(assign(fleet, &tasks)
-            .into_iter()
-            .find(|(_, t, _)| t.task_arn() == Some(arn))
-            .and_then(|(index, _, _)| {
-                provisioner_events::RequestId::new(fleet)
-                    .ok()
-                    .map(|f| f.member(index).to_string())
-            }))
+        let key = (cluster.to_owned(), fleet.to_owned(), group);
+        if !groups.contains_key(&key) {
+            let tasks = self.group_tasks(cluster, fleet, group).await?;
+            let assigned = assign(fleet, &tasks)
+                .into_iter()
+                .filter_map(|(index, t, _)| Some((t.task_arn()?.to_owned(), index)))
+                .collect();
+            groups.insert(key.clone(), assigned);
+        }
+        Ok(groups[&key].get(arn).and_then(|index| {
+            provisioner_events::RequestId::new(fleet)
+                .ok()
+                .map(|f| f.member(*index).to_string())
+        }))
     }
 
     /// Carries out one batch: look up the group, start what is missing in one call.

@@ -445,10 +445,11 @@ impl EcsPlatform {
         &self,
         cluster: &str,
         task: &Task,
+        groups: &mut fleet::GroupAssignments,
     ) -> Result<Option<String>, PlatformError> {
         match tagged_request_id(task) {
             Some(id) => Ok(Some(id)),
-            None => self.runner().untagged_member(cluster, task).await,
+            None => self.runner().untagged_member(cluster, task, groups).await,
         }
     }
 
@@ -818,6 +819,7 @@ impl Platform for EcsPlatform {
 
     async fn owned(&self) -> Result<Vec<Owned>, PlatformError> {
         let mut owned = Vec::new();
+        let mut groups = fleet::GroupAssignments::new();
         for cluster in self.clusters().await? {
             let mut arns = Vec::new();
             let mut next = None;
@@ -846,7 +848,7 @@ impl Platform for EcsPlatform {
                     // A task that names no request, by its tag or its batch's marks, is
                     // never touched.
                     let Some(request_id) = self
-                        .request_of(&cluster, &task)
+                        .request_of(&cluster, &task, &mut groups)
                         .await?
                         .and_then(|id| RequestId::new(id).ok())
                     else {
@@ -873,7 +875,7 @@ impl Platform for EcsPlatform {
             return Ok(None);
         };
         Ok(self
-            .request_of(&cluster, &task)
+            .request_of(&cluster, &task, &mut fleet::GroupAssignments::new())
             .await?
             .and_then(|id| RequestId::new(id).ok()))
     }

@@ -2,6 +2,8 @@
 //! http://127.0.0.1:5000), which the README's test command starts. Test names end in
 //! `_on_moto`.
 
+use std::sync::Arc;
+
 use aws_sdk_ecs::Client;
 use aws_sdk_ecs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_ecs::types::{ContainerDefinition, DesiredStatus};
@@ -371,14 +373,52 @@ async fn vcpus_quotas_count_a_tasks_cpu_units_on_moto() {
     assert_eq!(vcpus(cost), Some(1));
 }
 
+/// Counts the requests whose body holds a given text (e.g. a ListTasks `startedBy`).
+#[derive(Debug)]
+struct CountRequests {
+    holding: String,
+    seen: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl aws_sdk_ecs::config::Intercept for CountRequests {
+    fn name(&self) -> &'static str {
+        "CountRequests"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &aws_sdk_ecs::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _: &aws_sdk_ecs::config::RuntimeComponents,
+        _: &mut aws_sdk_ecs::config::ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let body = context.request().body().bytes().unwrap_or_default();
+        if String::from_utf8_lossy(body).contains(&self.holding) {
+            self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
 /// Tasks a batch started whose worker died before tagging them with their members still
 /// name their members, by the batch's marks: the reconciler sees whose they are (and so
-/// removes them when no record explains them) instead of skipping them for good.
+/// removes them when no record explains them) instead of skipping them for good. It
+/// looks each batch's group up once, not once per task.
 #[tokio::test]
 async fn batch_tasks_not_yet_tagged_are_owned_by_their_members_on_moto() {
     fixtures().await;
-    let platform = EcsPlatform::new(client());
     let fleet = unique("untagged");
+    let group_lookups = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = aws_sdk_ecs::Client::from_conf(
+        client()
+            .config()
+            .to_builder()
+            .interceptor(CountRequests {
+                holding: provisioner_aws_ecs::group_token(&fleet, 0),
+                seen: group_lookups.clone(),
+            })
+            .build(),
+    );
+    let platform = EcsPlatform::new(counted);
     let (subnet, group) = default_network().await;
     let tag = |key: &str, value: &str| {
         aws_sdk_ecs::types::Tag::builder()
@@ -386,12 +426,12 @@ async fn batch_tasks_not_yet_tagged_are_owned_by_their_members_on_moto() {
             .value(value)
             .build()
     };
-    // A batch of members 3 and 7, started as a worker starts it, never tagged after.
+    // A batch of members 3, 7 and 9, started as a worker starts it, never tagged after.
     let started = client()
         .run_task()
         .cluster("demo")
         .task_definition("web:1")
-        .count(2)
+        .count(3)
         .launch_type(aws_sdk_ecs::types::LaunchType::Fargate)
         .started_by(provisioner_aws_ecs::group_token(&fleet, 0))
         .network_configuration(
@@ -409,7 +449,7 @@ async fn batch_tasks_not_yet_tagged_are_owned_by_their_members_on_moto() {
         .tags(tag(provisioner_aws_ecs::FLEET_TAG, &fleet))
         .tags(tag(
             provisioner_aws_ecs::MEMBERS_TAG,
-            &provisioner_aws_ecs::members_tag("b1", &[3, 7]),
+            &provisioner_aws_ecs::members_tag("b1", &[3, 7, 9]),
         ))
         .send()
         .await
@@ -420,17 +460,25 @@ async fn batch_tasks_not_yet_tagged_are_owned_by_their_members_on_moto() {
         .filter_map(|t| t.task_arn().map(str::to_owned))
         .collect();
     arns.sort();
-    assert_eq!(arns.len(), 2);
+    assert_eq!(arns.len(), 3);
 
     let owned = platform.owned().await.expect("owned");
+    // One look at the group: its running and its stopped tasks.
+    assert_eq!(
+        group_lookups.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the group is looked up once for its three tasks"
+    );
     let of = |arn: &str| {
         owned
             .iter()
             .find(|o| o.resource.id == arn)
             .map(|o| o.request_id.to_string())
     };
+    // The batch's members, zipped with its tasks in ARN order.
     assert_eq!(of(&arns[0]), Some(format!("{fleet}#3")));
     assert_eq!(of(&arns[1]), Some(format!("{fleet}#7")));
+    assert_eq!(of(&arns[2]), Some(format!("{fleet}#9")));
     assert_eq!(
         platform
             .owner_of(&arns[1])
