@@ -71,10 +71,15 @@ impl Platform for Scripted {
         }
     }
     fn rate_limits(&self, request: &Request) -> Vec<provisioner_core::RateLimit> {
-        match request.spec.as_ref().and_then(|s| s.get("paced")) {
-            Some(_) => vec![provisioner_core::RateLimit::new("Create", "test", 2.0, 5.0)],
-            None => Vec::new(),
+        let spec = request.spec.as_ref();
+        if spec.and_then(|s| s.get("paced")).is_some() {
+            return vec![provisioner_core::RateLimit::new("Create", "test", 2.0, 5.0)];
         }
+        // One call every 4 s: the second waits its turn that long.
+        if spec.and_then(|s| s.get("slowly_paced")).is_some() {
+            return vec![provisioner_core::RateLimit::new("Slow", "test", 1.0, 0.25)];
+        }
+        Vec::new()
     }
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
         self.started
@@ -1610,4 +1615,35 @@ async fn a_round_of_housekeeping_sends_the_teardown_of_what_expired() {
         .keep_house(tokio::time::Instant::now() + Duration::from_secs(5))
         .await;
     assert_eq!(again.expired, 0, "{again:?}");
+}
+
+#[tokio::test]
+async fn a_teardown_ends_a_provision_still_waiting_for_its_rate_limit_turn_at_once() {
+    let mut h = harness(1).await;
+    h.publish(&provision("first-turn", r#","slowly_paced":true"#))
+        .await;
+    h.publish(&provision("next-turn", r#","slowly_paced":true"#))
+        .await;
+    let first = h.until_terminal("first-turn", 1).await;
+    assert_eq!(first.last().expect("end").state, State::Running);
+    // "next-turn" now waits about 4 s for its token, under its lease.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let torn_down_at = tokio::time::Instant::now();
+    h.publish(&acting("teardown", "next-turn-down", "next-turn"))
+        .await;
+    let ended = h.until_terminal("next-turn", 1).await;
+    let last = ended.last().expect("end");
+    assert_eq!(last.state, State::Error, "{last:#?}");
+    assert!(
+        torn_down_at.elapsed() < Duration::from_millis(2500),
+        "ended {:?} after the teardown: it waited out its turn",
+        torn_down_at.elapsed()
+    );
+    assert_eq!(
+        h.platform.provisions.load(Ordering::SeqCst),
+        1,
+        "the platform was never called for it"
+    );
+    let down = h.until_terminal("next-turn-down", 1).await;
+    assert_eq!(down.last().expect("end").state, State::Stopped);
 }

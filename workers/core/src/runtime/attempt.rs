@@ -351,8 +351,13 @@ impl Worker {
             let mut signal = heartbeat.signal();
             let (cancel, cancelled) = tokio::sync::watch::channel(false);
             let call = AssertUnwindSafe(async {
-                // Slept under the heartbeat: the lease is kept while waiting our turn.
-                tokio::time::sleep(pace).await;
+                // Slept under the heartbeat: the lease is kept while waiting our turn,
+                // and a teardown that comes meanwhile ends the wait (nothing was sent).
+                let mut cancel_seen = cancelled.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(pace) => {}
+                    _ = cancel_seen.wait_for(|cancelled| *cancelled) => {}
+                }
                 if *cancelled.borrow() {
                     return Err(crate::metrics::WaitCancelled.into());
                 }
