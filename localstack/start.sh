@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Installs (pinned to versions found working; newer dependency releases break it) and starts LocalStack on the
 # host for the EC2 API, when it is not already answering. Idempotent.
+#   --fresh          restart the LocalStack this script started, for an empty account: its
+#                    calls slow down with every instance it ever held (a DescribeInstances
+#                    walks them all), so long scenarios and benchmarks start from none. A
+#                    LocalStack started otherwise (compose, a container) is left as it is.
 #   LOCALSTACK_VENV  where the virtualenv lives (default ~/.cache/provisioner-localstack)
 #   LOCALSTACK_PORT  gateway port on 127.0.0.1 (default 4566)
 set -euo pipefail
@@ -12,6 +16,18 @@ mkdir -p "$LOG_DIR"
 health="http://127.0.0.1:$PORT/_localstack/health"
 
 say() { printf '[localstack] %s\n' "$*" >&2; }
+
+if [ "${1:-}" = "--fresh" ]; then
+  ours=$(pgrep -f "$VENV/bin/python -m localstack.runtime.main" || true)
+  if [ -n "$ours" ]; then
+    say "restarting our LocalStack for an empty account"
+    kill $ours 2>/dev/null || true
+    for _ in $(seq 60); do
+      curl -fsS -o /dev/null "$health" 2>/dev/null || break
+      sleep 0.5
+    done
+  fi
+fi
 
 if curl -fsS "$health" 2>/dev/null | grep -q '"ec2": "\(available\|running\)"'; then
   exit 0

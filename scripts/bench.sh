@@ -12,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/dev-services.sh
-bash localstack/start.sh
+# An empty account: LocalStack's calls slow down with every instance it holds.
+bash localstack/start.sh --fresh
 cargo bench --workspace --locked --bench runtime --bench cold_start --bench fleet \
   --bench ec2_fleet --bench docker_fleet
