@@ -85,6 +85,34 @@ fn setting_only_one_service_is_a_configuration_error() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("REDIS_URL"));
 }
 
+/// Signing keys make the embedded run a signing deployment in small: requests are signed,
+/// the workers verify them, and keys that cannot be read stop it before anything runs.
+#[test]
+fn the_embedded_mode_signs_and_verifies_with_the_deployments_keys() {
+    let signed = without_services()
+        .env(
+            "REQUEST_SIGNING_KEYS",
+            "k1=a-secret-of-at-least-thirty-two-bytes!!",
+        )
+        .args(["submit", "examples/embedded-demo.jsonl"])
+        .output()
+        .expect("run");
+    assert!(
+        signed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&signed.stderr)
+    );
+    let unreadable = without_services()
+        .env("REQUEST_SIGNING_KEYS", "k1=short")
+        .args(["submit", "examples/embedded-demo.jsonl"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&unreadable.stderr);
+    assert_eq!(unreadable.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("signing keys"), "{stderr}");
+    assert!(!stderr.contains("running embedded"), "{stderr}");
+}
+
 #[test]
 fn invalid_requests_are_refused_before_anything_is_published() {
     let output = without_services()

@@ -234,10 +234,10 @@ fn short_id(id: &str) -> &str {
 
 pub async fn run(connections: &Connections, args: SubmitArgs) -> Result<ExitCode, Failure> {
     let requests = read_requests(&args.file)?;
-    if connections.embedded()? {
-        return embedded(args, requests).await;
-    }
     let signing = connections.signing_keys()?;
+    if connections.embedded()? {
+        return embedded(args, requests, signing).await;
+    }
     let broker = crate::amqp(connections, "provisioner-submit").await?;
     // Declaring the platforms' queues makes requests wait for a worker that is not up yet.
     for platform in platforms_of(&requests) {
@@ -408,7 +408,13 @@ async fn follow(
 
 /// Everything in this process: an in-memory broker and store, and a worker for each
 /// platform the requests name.
-async fn embedded(args: SubmitArgs, requests: Vec<Outgoing>) -> Result<ExitCode, Failure> {
+/// With signing keys set it behaves as a signing deployment does: each request is signed
+/// with the first key and the workers run only what verifies.
+async fn embedded(
+    args: SubmitArgs,
+    requests: Vec<Outgoing>,
+    signing: Option<Arc<provisioner_core::signing::SigningKeys>>,
+) -> Result<ExitCode, Failure> {
     eprintln!(
         "no AMQP_URL/REDIS_URL: running embedded (in-process broker, state store and workers)"
     );
@@ -432,6 +438,7 @@ async fn embedded(args: SubmitArgs, requests: Vec<Outgoing>) -> Result<ExitCode,
             })?;
         let config = WorkerConfig {
             worker_id: format!("embedded-{platform_name}"),
+            signing: signing.clone(),
             ..WorkerConfig::default()
         };
         let worker = Arc::new(Worker::new(platform, store.clone(), broker.clone(), config));
@@ -440,8 +447,7 @@ async fn embedded(args: SubmitArgs, requests: Vec<Outgoing>) -> Result<ExitCode,
             let _ = stop.wait_for(|stop| *stop).await;
         })));
     }
-    // In process nothing crosses a broker: there is nothing to sign.
-    let result = publish_and_wait(broker.as_ref(), requests, true, &args, None).await;
+    let result = publish_and_wait(broker.as_ref(), requests, true, &args, signing.as_deref()).await;
     let _ = stop_tx.send(true);
     for worker in workers {
         let _ = worker.await;
