@@ -17,19 +17,37 @@ health="http://127.0.0.1:$PORT/_localstack/health"
 
 say() { printf '[localstack] %s\n' "$*" >&2; }
 
+# The LocalStack this script started on this port, by the pid it wrote.
+pid_file="$LOG_DIR/localstack-$PORT.pid"
+ours() {
+  local pid
+  pid=$(cat "$pid_file" 2>/dev/null) || return 1
+  [ -n "$pid" ] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "localstack.runtime.main" \
+    && echo "$pid"
+}
+
 if [ "${1:-}" = "--fresh" ]; then
-  ours=$(pgrep -f "$VENV/bin/python -m localstack.runtime.main" || true)
-  if [ -n "$ours" ]; then
-    say "restarting our LocalStack for an empty account"
-    kill $ours 2>/dev/null || true
+  if pid=$(ours); then
+    say "restarting our LocalStack (pid $pid) for an empty account"
+    kill "$pid" 2>/dev/null || true
     for _ in $(seq 60); do
-      curl -fsS -o /dev/null "$health" 2>/dev/null || break
+      kill -0 "$pid" 2>/dev/null || break
       sleep 0.5
     done
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -9 "$pid" 2>/dev/null || true
+      sleep 1
+    fi
+    if kill -0 "$pid" 2>/dev/null; then
+      say "LocalStack (pid $pid) did not stop"
+      exit 1
+    fi
+  elif curl -fsS -m 2 -o /dev/null "$health" 2>/dev/null; then
+    say "the LocalStack on $PORT was not started by this script: left as it is, not emptied"
   fi
 fi
 
-if curl -fsS "$health" 2>/dev/null | grep -q '"ec2": "\(available\|running\)"'; then
+if curl -fsS -m 2 "$health" 2>/dev/null | grep -q '"ec2": "\(available\|running\)"'; then
   exit 0
 fi
 
@@ -45,8 +63,9 @@ fi
 say "starting LocalStack on 127.0.0.1:$PORT"
 GATEWAY_LISTEN="127.0.0.1:$PORT" SERVICES=ec2,iam,sts EAGER_SERVICE_LOADING=1 \
   nohup "$VENV/bin/python" -m localstack.runtime.main >"$LOG_DIR/localstack.log" 2>&1 &
+echo $! >"$pid_file"
 for _ in $(seq 180); do
-  if curl -fsS "$health" 2>/dev/null | grep -q '"ec2": "\(available\|running\)"'; then
+  if curl -fsS -m 2 "$health" 2>/dev/null | grep -q '"ec2": "\(available\|running\)"'; then
     say "ready: AWS_ENDPOINT_URL=http://127.0.0.1:$PORT"
     exit 0
   fi

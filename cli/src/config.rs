@@ -268,15 +268,9 @@ impl WorkerSettings {
                 self.operation_timeout_seconds, self.broker_consumer_timeout_seconds
             ));
         }
-        if self.reap_after_seconds != 0 && self.reap_after_seconds < 2 * self.lease_seconds {
-            return bad(format!(
-                "REAP_AFTER_SECONDS {} must be 0 (never) or at least two leases",
-                self.reap_after_seconds
-            ));
-        }
         let rate_limits = provisioner_core::RateLimitSettings::parse(&self.rate_limits)
             .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
-        Ok(WorkerConfig {
+        WorkerConfig {
             worker_id,
             rate_limits,
             prefetch: self.prefetch,
@@ -289,21 +283,16 @@ impl WorkerSettings {
             max_waits: self.max_waits,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
             operation_timeout: Duration::from_secs(self.operation_timeout_seconds),
-            reap_after: (self.reap_after_seconds > 0)
-                .then(|| Duration::from_secs(self.reap_after_seconds)),
             expire_every: (self.expire_every_ms > 0)
                 .then(|| Duration::from_millis(self.expire_every_ms)),
-            reconcile: (self.reconcile_every_seconds > 0).then(|| {
-                (
-                    Duration::from_secs(self.reconcile_every_seconds),
-                    provisioner_core::ReconcileOptions {
-                        min_age: Duration::from_secs(self.reconcile_min_age_seconds),
-                        ..provisioner_core::ReconcileOptions::default()
-                    },
-                )
-            }),
             ..WorkerConfig::default()
-        })
+        }
+        .with_background(
+            self.reap_after_seconds,
+            self.reconcile_every_seconds,
+            self.reconcile_min_age_seconds,
+        )
+        .map_err(|e| Failure::config(anyhow::anyhow!(e)))
     }
 }
 

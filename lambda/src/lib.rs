@@ -58,6 +58,15 @@ use crate::sqs::{
 /// Time kept back from the invocation's deadline to settle and answer.
 const SETTLE_MARGIN: Duration = Duration::from_secs(5);
 
+/// The time an invocation ending at `deadline` has left to work: what remains less the
+/// time kept to settle and answer.
+fn working_time(deadline: SystemTime) -> Duration {
+    deadline
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+        .saturating_sub(SETTLE_MARGIN)
+}
+
 /// Where an invocation's messages came from; it decides how they are settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -465,11 +474,7 @@ impl Handler {
     /// The worker configuration for an invocation ending at `deadline`: its lease and
     /// platform calls end before the function is stopped.
     pub fn config_until(&self, deadline: SystemTime) -> WorkerConfig {
-        let remaining = deadline
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
-            .saturating_sub(SETTLE_MARGIN)
-            .max(Duration::from_secs(1));
+        let remaining = working_time(deadline).max(Duration::from_secs(1));
         WorkerConfig {
             lease: self.config.lease.min(remaining),
             operation_timeout: self.config.operation_timeout.min(remaining),
@@ -602,10 +607,7 @@ impl Handler {
     /// deadline (less the time to answer).
     pub async fn keep_house(&self, deadline: SystemTime) -> Housekeeping {
         let config = self.config_until(deadline);
-        let remaining = deadline
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
-            .saturating_sub(SETTLE_MARGIN);
+        let remaining = working_time(deadline);
         let until = tokio::time::Instant::now() + remaining;
         let worker = Arc::new(Worker::new(
             self.platform.clone(),

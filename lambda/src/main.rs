@@ -74,11 +74,6 @@ async fn handler() -> Result<Handler, String> {
     let reap_after_seconds: u64 = number("REAP_AFTER_SECONDS", 3600)?;
     let reconcile_every_seconds: u64 = number("RECONCILE_EVERY_SECONDS", 0)?;
     let reconcile_min_age_seconds: u64 = number("RECONCILE_MIN_AGE_SECONDS", 600)?;
-    if reap_after_seconds != 0 && reap_after_seconds < 2 * lease_seconds {
-        return Err(format!(
-            "REAP_AFTER_SECONDS {reap_after_seconds} must be 0 (never) or at least two leases"
-        ));
-    }
     if lease_seconds < 2 || prefetch == 0 || max_attempts == 0 || retry_base_ms == 0 {
         return Err(
             "LEASE_SECONDS must be at least 2, PREFETCH, MAX_ATTEMPTS and RETRY_BASE_MS at least 1"
@@ -136,18 +131,13 @@ async fn handler() -> Result<Handler, String> {
             base_delay: Duration::from_millis(retry_base_ms),
             max_delay: Duration::from_secs(retry_max_seconds),
         },
-        reap_after: (reap_after_seconds > 0).then(|| Duration::from_secs(reap_after_seconds)),
-        reconcile: (reconcile_every_seconds > 0).then(|| {
-            (
-                Duration::from_secs(reconcile_every_seconds),
-                provisioner_core::ReconcileOptions {
-                    min_age: Duration::from_secs(reconcile_min_age_seconds),
-                    ..provisioner_core::ReconcileOptions::default()
-                },
-            )
-        }),
         ..WorkerConfig::default()
-    };
+    }
+    .with_background(
+        reap_after_seconds,
+        reconcile_every_seconds,
+        reconcile_min_age_seconds,
+    )?;
     // SQS retries are parked as new messages on their queue (see the sqs module).
     let sqs = aws_sdk_sqs::Client::new(&aws_config);
     let mut handler = Handler::new(platform, Arc::new(store), Arc::new(broker), config)

@@ -1070,7 +1070,12 @@ async fn scheduled_rounds_coordinate_fleets_and_expire_them_without_a_daemon() {
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", env.function_log()));
     assert_eq!(round["fleets"], 1, "{round}");
-    assert!(short.elapsed() < Duration::from_secs(8), "on time");
+    // Its working time is the 8 s less the 5 s kept to answer; a second's slack.
+    assert!(
+        short.elapsed() < Duration::from_secs(4),
+        "on time: {:?}",
+        short.elapsed()
+    );
 
     let members = take_from_work_queue(&env, 3).await;
     let answer = env.api.invoke(rabbitmq_event(&queue, &members)).await;

@@ -7,7 +7,8 @@
 //! `lease_until` (ms), `fence`, `seq`, `attempts`, `state`, `route` (the routing key it
 //! was claimed under), `result` (the terminal event's JSON), `tombstone` (the teardown
 //! that removed its resource), `actor`, `actor_nonce`, `actor_until` (the request acting
-//! on its resource), `updated_ms`. Finished records and tombstones expire after the
+//! on its resource), `acts_on` (a teardown's: the request whose resource it removes),
+//! `updated_ms`. Finished records and tombstones expire after the
 //! retention period; records in progress never expire and are indexed by lease end in
 //! the sorted set `<prefix>inflight`, so abandoned ones can be found.
 //!

@@ -227,7 +227,8 @@ pub trait StateStore: Send + Sync + 'static {
     /// Takes the actor lease on `target`'s record (created if it has none yet), unless
     /// the target's provision or another actor is at work. With `tombstone` (a teardown)
     /// the tombstone is left in any case, so the target's provision never makes anything
-    /// again, and the actor's own record keeps `target` ([`RequestRecord::acts_on`]).
+    /// again, and the actor's own record, when it has one (the actor claimed itself
+    /// first), keeps `target` ([`RequestRecord::acts_on`]), busy or granted.
     async fn act_on(
         &self,
         target: &str,

@@ -261,14 +261,28 @@ async fn a_teardown_tombstones_its_target_whatever_the_interleaving(store: &dyn 
 
     // A claimed teardown's own record keeps what it tombstoned, busy or granted: once
     // the resource is gone, that is the only place its owner is still known.
-    claimed(store, claim("t4-down", "h", "d", "p6", 60_000)).await;
+    claimed(store, claim("t4", "h", "a", "p6", 60_000)).await;
+    claimed(store, claim("t4-down", "h", "d", "p7", 60_000)).await;
     let actor4 = Actor {
         request_id: "t4-down",
         nonce: "tn4",
     };
-    store.act_on("t4", actor4, lease, true).await.expect("act");
+    assert!(matches!(
+        store.act_on("t4", actor4, lease, true).await.expect("act"),
+        TargetGrant::Busy { .. }
+    ));
     let own = store.get("t4-down").await.expect("get").expect("record");
     assert_eq!(own.acts_on.as_deref(), Some("t4"));
+    // An actor that has not claimed itself gets no record from it.
+    let unclaimed = Actor {
+        request_id: "t5-down",
+        nonce: "tn5",
+    };
+    store
+        .act_on("t5", unclaimed, lease, true)
+        .await
+        .expect("act");
+    assert_eq!(store.get("t5-down").await.expect("get"), None);
 
     // Two requests acting on one finished resource take turns (a stop and a start).
     let (f, ..) = claimed(store, claim("t3", "h", "a", "p4", 60_000)).await;

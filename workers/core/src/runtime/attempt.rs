@@ -268,7 +268,7 @@ impl Worker {
                 Ok(Some(owner)) => Some(owner),
                 // Gone already: an earlier attempt of this teardown may have removed it
                 // and died before its end freed what the owner held.
-                Ok(None) => self.recorded_target(request).await,
+                Ok(None) => self.recorded_target(request).await?,
                 Err(failure) => return self.finish(held, delivery, done_state, Err(failure)).await,
             },
         };

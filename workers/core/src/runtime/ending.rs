@@ -238,7 +238,13 @@ impl Worker {
             Operation::Teardown if event.state == State::Stopped && event.error.is_none() => {
                 let target = match &request.target_request_id {
                     Some(target) => Some(target.clone()),
-                    None => self.recorded_target(request).await,
+                    None => match self.recorded_target(request).await {
+                        Ok(target) => target,
+                        Err(e) => {
+                            error!(error = %e, "could not read whose resource this teardown removed; its quota place and expiry stay until a copy of the teardown comes again");
+                            None
+                        }
+                    },
                 };
                 if let Some(target) = target {
                     self.forget_torn_down(platform.as_str(), target.as_str())

@@ -52,6 +52,8 @@ const POLL: Duration = Duration::from_millis(500);
 const WATCH_EVERY: Duration = Duration::from_millis(250);
 /// Fleets one look takes at most.
 const TAKE_AT_ONCE: usize = 16;
+/// How long after its time is up a coordinator may take to hand its fleet back.
+const HAND_OVER_GRACE: Duration = Duration::from_secs(2);
 /// Member messages in flight to the broker at once.
 const PUBLISH_AT_ONCE: usize = 32;
 
@@ -361,18 +363,22 @@ impl Worker {
     /// coordinate, else when every fleet it took has ended or at `until`, when each
     /// coordinator still following its fleet hands it back to the schedule, due at
     /// once, for the next invocation or any daemon worker to go on with. Returns how many
-    /// fleets it took.
-    pub async fn coordinate_fleets_until(self: &Arc<Self>, until: Instant) -> usize {
+    /// fleets it took, and why it could not look for them if it could not.
+    pub async fn coordinate_fleets_until(
+        self: &Arc<Self>,
+        until: Instant,
+    ) -> (usize, Option<String>) {
         self.clone().watch_fleets(Some(until)).await
     }
 
     /// Takes due fleets from the schedule and coordinates each, until `until` (forever
     /// when `None`; see [`Worker::coordinate_fleets_until`]).
-    async fn watch_fleets(self: Arc<Self>, until: Option<Instant>) -> usize {
+    async fn watch_fleets(self: Arc<Self>, until: Option<Instant>) -> (usize, Option<String>) {
         let schedule = fleet_schedule(self.platform.name());
         let mut coordinators = JoinSet::new();
         let coordinating = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
         let mut taken = 0;
+        let mut trouble = None;
         loop {
             while coordinators.try_join_next().is_some() {}
             if until.is_some_and(|until| Instant::now() >= until) {
@@ -386,6 +392,7 @@ impl Worker {
                 Ok(due) => due,
                 Err(e) => {
                     debug!(error = %e, "could not look for fleets to coordinate");
+                    trouble = Some(format!("looking for fleets to coordinate: {e}"));
                     Vec::new()
                 }
             };
@@ -420,9 +427,22 @@ impl Worker {
             let next_look = Instant::now() + WATCH_EVERY;
             tokio::time::sleep_until(until.map_or(next_look, |until| until.min(next_look))).await;
         }
-        // Past `until`: each coordinator hands its fleet back on its own.
-        while coordinators.join_next().await.is_some() {}
-        taken
+        // Past `until`: each coordinator hands its fleet back on its own, at its next
+        // look. One still busy (publishing, the store slow) after a grace is stopped
+        // where it is; its fleet comes due again after a lease, as after a crash.
+        let grace = tokio::time::sleep(HAND_OVER_GRACE);
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                joined = coordinators.join_next() => if joined.is_none() { break },
+                _ = &mut grace => {
+                    warn!(left = coordinators.len(), "coordinators still busy at the round's end; stopped");
+                    coordinators.abort_all();
+                    break;
+                }
+            }
+        }
+        (taken, trouble)
     }
 
     /// Coordinates the fleet `id` to its end, until its lease is lost, or until `until`,
@@ -516,9 +536,8 @@ impl Worker {
                 TargetGrant::Granted => held.acting_on = Some(target.clone()),
                 TargetGrant::Busy { remaining, by } => {
                     debug!(%by, "the fleet is being worked on; looking again soon");
-                    let _ = self.store.release(id, &held.fence, true).await;
                     let soon = SystemTime::now() + remaining.min(self.config.lease / 3);
-                    let _ = self.store.schedule_expiry(&schedule, id, soon).await;
+                    self.give_back(&held, soon).await;
                     return Ok(());
                 }
             }
@@ -557,16 +576,8 @@ impl Worker {
                 // back, so the next coordinator neither counts it toward the bound nor
                 // takes the fleet for abandoned.
                 info!("out of time; the fleet goes back to the schedule for the next coordinator");
-                let _ = self.store.release(id, &held.fence, true).await;
+                self.give_back(&held, SystemTime::now()).await;
                 self.end_acting(&held, None).await;
-                if let Err(e) = self
-                    .store
-                    .schedule_expiry(&schedule, id, SystemTime::now())
-                    .await
-                {
-                    // Its entry still comes due again a lease after it was taken.
-                    debug!(error = %e, "could not give the fleet back to the schedule at once");
-                }
             }
             Ok(Followed::LeaseLost) => match signal {
                 LeaseSignal::Cancelled { by } => {
@@ -585,6 +596,20 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Gives the fleet's claim back without counting an attempt (nothing failed) and
+    /// puts it on the schedule due `at`, for the next coordinator. Should either fail,
+    /// its entry still comes due a lease after it was taken.
+    async fn give_back(&self, held: &Held<'_>, at: SystemTime) {
+        let id = held.id();
+        if let Err(e) = self.store.release(id, &held.fence, true).await {
+            debug!(error = %e, "could not give the fleet's claim back");
+        }
+        let schedule = fleet_schedule(self.platform.name());
+        if let Err(e) = self.store.schedule_expiry(&schedule, id, at).await {
+            debug!(error = %e, "could not put the fleet back on the schedule");
+        }
     }
 
     /// A teardown of the fleet tombstoned it: it ends in `error`; the teardown removes

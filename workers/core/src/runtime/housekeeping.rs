@@ -7,6 +7,9 @@
 //! still growing back to the schedule for the next round. Several rounds at once (or
 //! daemon workers beside them) are safe: the store hands each due expiry, abandoned
 //! record and fleet to exactly one taker, and the reconciler's turn to one worker.
+//!
+//! Every part is cut off at the round's end: work left half done (a record being reaped,
+//! a reconciliation) comes due again, as after a crash.
 
 use std::sync::Arc;
 
@@ -27,7 +30,8 @@ pub struct Housekeeping {
     pub reaped: usize,
     /// Teardowns sent for resources whose time was up.
     pub expired: usize,
-    /// Fleets coordinated (to their end, or until the round's time was up).
+    /// Fleets taken from the schedule to coordinate (to their end, or until the round's
+    /// time was up).
     pub fleets: usize,
     /// Teardowns the reconciler sent; `None` when it did not run (not set, or another
     /// worker's turn).
@@ -37,68 +41,71 @@ pub struct Housekeeping {
     pub errors: Vec<String>,
 }
 
+/// Runs `round` (one batch, answering how many it handled) until a batch handles none,
+/// `MAX_ROUNDS` passed or `until` comes, adding up what they handled.
+async fn sweep<F, Fut, E>(
+    until: Instant,
+    what: &str,
+    errors: &mut Vec<String>,
+    mut round: F,
+) -> usize
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<usize, E>>,
+    E: std::fmt::Display,
+{
+    let mut handled = 0;
+    for _ in 0..MAX_ROUNDS {
+        match tokio::time::timeout_at(until, round()).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => handled += n,
+            Ok(Err(e)) => {
+                errors.push(format!("{what}: {e}"));
+                break;
+            }
+            Err(_) => {
+                errors.push(format!("{what}: out of time; the rest comes due again"));
+                break;
+            }
+        }
+    }
+    handled
+}
+
 impl Worker {
     /// One round of the background work of a daemon worker, ending by `until`.
     pub async fn keep_house(self: &Arc<Self>, until: Instant) -> Housekeeping {
         let mut done = Housekeeping::default();
-        let time_left = || Instant::now() < until;
         if self.config.expire_every.is_some() {
-            for _ in 0..MAX_ROUNDS {
-                match self.expire_once().await {
-                    Ok(0) => break,
-                    Ok(sent) => done.expired += sent,
-                    Err(e) => {
-                        done.errors
-                            .push(format!("looking for expired resources: {e}"));
-                        break;
-                    }
-                }
-                if !time_left() {
-                    break;
-                }
+            done.expired = sweep(until, "sending expiries", &mut done.errors, || {
+                self.expire_once()
+            })
+            .await;
+        }
+        if let Some(idle) = self.config.reap_after {
+            done.reaped = sweep(until, "ending abandoned requests", &mut done.errors, || {
+                self.reap_once(idle)
+            })
+            .await;
+        }
+        // A run needs its second look and the time to send what it decided; one cut
+        // short would hold the turn with nothing done.
+        let reconcile = self.config.reconcile.as_ref().filter(|(_, options)| {
+            Instant::now() + options.second_look_after + std::time::Duration::from_secs(10) < until
+        });
+        if let Some((every, options)) = reconcile {
+            match tokio::time::timeout_at(until, self.reconcile_in_turn(*every, options)).await {
+                Ok(Ok(removed)) => done.reconciled = removed,
+                Ok(Err(e)) => done.errors.push(format!("reconciling: {e}")),
+                Err(_) => done
+                    .errors
+                    .push("reconciling: out of time; the next turn looks again".into()),
             }
         }
-        if let Some(idle) = self.config.reap_after.filter(|_| time_left()) {
-            for _ in 0..MAX_ROUNDS {
-                match self.reap_once(idle).await {
-                    Ok(0) => break,
-                    Ok(ended) => done.reaped += ended,
-                    Err(e) => {
-                        done.errors
-                            .push(format!("looking for abandoned requests: {e}"));
-                        break;
-                    }
-                }
-                if !time_left() {
-                    break;
-                }
-            }
-        }
-        if let Some((every, options)) = &self.config.reconcile {
-            // A run needs its second look and the time to send what it decided.
-            let needs = options.second_look_after + std::time::Duration::from_secs(10);
-            if Instant::now() + needs < until {
-                match self.take_reconcile_turn(*every, options).await {
-                    Ok(true) => match self.reconcile(options).await {
-                        Ok(decisions) => {
-                            done.reconciled = Some(
-                                decisions
-                                    .iter()
-                                    .filter(|d| d.verdict == super::Verdict::Removed)
-                                    .count(),
-                            );
-                        }
-                        Err(e) => done.errors.push(format!("reconciling: {e}")),
-                    },
-                    Ok(false) => {}
-                    Err(e) => done
-                        .errors
-                        .push(format!("taking the reconciler's turn: {e}")),
-                }
-            }
-        }
-        if time_left() {
-            done.fleets = self.coordinate_fleets_until(until).await;
+        if Instant::now() < until {
+            let (fleets, error) = self.coordinate_fleets_until(until).await;
+            done.fleets = fleets;
+            done.errors.extend(error);
         }
         if done.errors.is_empty() {
             info!(

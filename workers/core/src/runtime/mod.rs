@@ -128,6 +128,37 @@ impl Default for WorkerConfig {
     }
 }
 
+impl WorkerConfig {
+    /// Sets the background work as the daemon's and the Lambda form's settings of the
+    /// same names say, in seconds (0: never): `REAP_AFTER_SECONDS` (at least two leases,
+    /// so a live holder is never taken for gone), `RECONCILE_EVERY_SECONDS` and
+    /// `RECONCILE_MIN_AGE_SECONDS`. Set the lease first.
+    pub fn with_background(
+        mut self,
+        reap_after_seconds: u64,
+        reconcile_every_seconds: u64,
+        reconcile_min_age_seconds: u64,
+    ) -> Result<Self, String> {
+        let reap_after = Duration::from_secs(reap_after_seconds);
+        if reap_after_seconds != 0 && reap_after < 2 * self.lease {
+            return Err(format!(
+                "REAP_AFTER_SECONDS {reap_after_seconds} must be 0 (never) or at least two leases"
+            ));
+        }
+        self.reap_after = (reap_after_seconds > 0).then_some(reap_after);
+        self.reconcile = (reconcile_every_seconds > 0).then(|| {
+            (
+                Duration::from_secs(reconcile_every_seconds),
+                ReconcileOptions {
+                    min_age: Duration::from_secs(reconcile_min_age_seconds),
+                    ..ReconcileOptions::default()
+                },
+            )
+        });
+        Ok(self)
+    }
+}
+
 /// Why handling a delivery stopped before it settled on its own terms.
 #[derive(Debug, thiserror::Error)]
 enum Abort {

@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use super::Worker;
 use crate::platform::PlatformError;
+use crate::store::StoreError;
 
 /// What a platform call ended with: the resource, and the state to report when it is
 /// not the operation's usual one (a `describe` reports the state it found).
@@ -70,20 +71,23 @@ impl Worker {
     }
 
     /// The request a teardown by resource id tombstoned in an earlier attempt, as its
-    /// own record keeps it: the owner of a resource that is gone.
-    pub(super) async fn recorded_target(&self, request: &Request) -> Option<RequestId> {
+    /// own record keeps it: the owner of a resource that is gone. A store that cannot
+    /// answer is an error, not "none": the end would then free nothing, for good.
+    pub(super) async fn recorded_target(
+        &self,
+        request: &Request,
+    ) -> Result<Option<RequestId>, StoreError> {
         if request.operation != Operation::Teardown
             || !matches!(request.target(), Ok(TeardownTarget::Resource(_)))
         {
-            return None;
+            return Ok(None);
         }
         let record = self
-            .store
-            .get(request.request_id.as_str())
-            .await
-            .ok()
-            .flatten()?;
-        RequestId::new(record.acts_on?).ok()
+            .store_call(|| self.store.get(request.request_id.as_str()))
+            .await?;
+        Ok(record
+            .and_then(|r| r.acts_on)
+            .and_then(|id| RequestId::new(id).ok()))
     }
 
     pub(super) async fn call_platform(&self, request: &Request) -> Result<Outcome, PlatformError> {

@@ -233,44 +233,43 @@ impl Worker {
         })
     }
 
-    /// Takes the platform's reconciler turn for a run every `every`: true when this
-    /// worker's run may go ahead.
-    pub(super) async fn take_reconcile_turn(
+    /// One reconciliation, if it is this worker's turn for a run every `every` (the
+    /// platform's workers take turns: two runs at once would each send the teardowns of
+    /// the same resources). Answers the teardowns it sent, or `None` when it was another
+    /// worker's turn. A turn lasts the period, and at least a run (its second look, and
+    /// a minute for the listing and the teardowns), so runs never overlap.
+    pub(super) async fn reconcile_in_turn(
         &self,
         every: Duration,
         options: &ReconcileOptions,
-    ) -> Result<bool, crate::StoreError> {
+    ) -> Result<Option<usize>, String> {
         let turn = format!("reconcile:{}", self.platform.name());
         let hold = every.max(options.second_look_after + Duration::from_secs(60));
-        self.store.take_turn(&turn, hold).await
+        let ours = self
+            .store
+            .take_turn(&turn, hold)
+            .await
+            .map_err(|e| format!("could not take the reconciler's turn: {e}"))?;
+        if !ours {
+            return Ok(None);
+        }
+        let decisions = self.reconcile(options).await.map_err(|e| e.to_string())?;
+        Ok(Some(
+            decisions
+                .iter()
+                .filter(|d| d.verdict == Verdict::Removed)
+                .count(),
+        ))
     }
 
-    /// Reconciles every `every`, for as long as the worker runs, taking turns with the
-    /// platform's other workers: two runs at once would each send the teardowns of the
-    /// same resources, the second copy answered as a duplicate with a second `stopped`.
-    /// A turn lasts the period, and at least a run (its second look, and a minute for
-    /// the listing and the teardowns), so runs never overlap.
+    /// Reconciles every `every`, for as long as the worker runs, in turn with the
+    /// platform's other workers.
     pub(super) async fn reconcile_forever(&self, every: Duration, options: ReconcileOptions) {
         loop {
             tokio::time::sleep(every).await;
-            match self.take_reconcile_turn(every, &options).await {
-                Ok(true) => {}
-                Ok(false) => continue, // another worker's turn
-                Err(e) => {
-                    tracing::debug!(error = %e, "could not take the reconciler's turn");
-                    continue;
-                }
-            }
-            match self.reconcile(&options).await {
-                Ok(decisions) => {
-                    let removed = decisions
-                        .iter()
-                        .filter(|d| d.verdict == Verdict::Removed)
-                        .count();
-                    if removed > 0 {
-                        info!(removed, "reconciled");
-                    }
-                }
+            match self.reconcile_in_turn(every, &options).await {
+                Ok(Some(removed)) if removed > 0 => info!(removed, "reconciled"),
+                Ok(_) => {}
                 Err(e) => tracing::debug!(error = %e, "could not reconcile"),
             }
         }
