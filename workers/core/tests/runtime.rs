@@ -37,6 +37,8 @@ struct Scripted {
     /// How long the create step takes to land. The platform finishes it even when the
     /// call is dropped meanwhile, as a cloud does with a request it received.
     create_ms: std::sync::atomic::AtomicU64,
+    /// How long a teardown takes.
+    teardown_ms: std::sync::atomic::AtomicU64,
     /// Provisions dropped before they finished (their future was cancelled).
     abandoned: AtomicUsize,
     existing: Arc<Mutex<std::collections::BTreeSet<String>>>,
@@ -151,6 +153,8 @@ impl Platform for Scripted {
     }
     async fn teardown(&self, target: &TeardownTarget) -> Result<Option<Resource>, PlatformError> {
         self.teardowns.fetch_add(1, Ordering::SeqCst);
+        let ms = self.teardown_ms.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
         let id = match target {
             TeardownTarget::Request(id) => id.to_string(),
             TeardownTarget::Resource(resource) => {
@@ -1654,4 +1658,55 @@ async fn a_teardown_ends_a_provision_still_waiting_for_its_rate_limit_turn_at_on
     );
     let down = h.until_terminal("next-turn-down", 1).await;
     assert_eq!(down.last().expect("end").state, State::Stopped);
+}
+
+#[tokio::test]
+async fn rounds_of_housekeeping_roll_a_fleet_back_with_one_teardown_a_member() {
+    let mut h = harness(0).await;
+    h.platform.provision_ms.store(1500, Ordering::SeqCst);
+    // Teardowns take a while, so a rollback spans several rounds.
+    h.platform.teardown_ms.store(1000, Ordering::SeqCst);
+    h.platform
+        .answers
+        .lock()
+        .expect("lock")
+        .push_back(Err(PlatformError::permanent(
+            ErrorClass::Capacity,
+            "no room",
+        )));
+    let worker = consume_without_background_work(&h, config(0)).await;
+    h.publish(&fleet("f-back", 4, "")).await;
+    let mut rounds = 0;
+    let ended = |h: &Harness| {
+        let store = h.store.clone();
+        async move {
+            let record = store.get("f-back").await.expect("get");
+            record.is_some_and(|r| r.result.is_some())
+        }
+    };
+    while !ended(&h).await {
+        assert!(rounds < 100, "the fleet never ended");
+        worker
+            .keep_house(tokio::time::Instant::now() + Duration::from_millis(150))
+            .await;
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every event so far: each rollback teardown ended once, however many coordinators
+    // the fleet had (a second copy would be answered again from its record).
+    let mut seen = Vec::new();
+    while let Ok(Some(event)) =
+        tokio::time::timeout(Duration::from_millis(500), h.events.next()).await
+    {
+        seen.push(event);
+    }
+    let mut ends: std::collections::BTreeMap<String, usize> = Default::default();
+    for event in &seen {
+        if event.request_id.ends_with(".rollback") && event.state.is_terminal() {
+            *ends.entry(event.request_id.clone()).or_default() += 1;
+        }
+    }
+    assert_eq!(ends.len(), 3, "{rounds} rounds: {ends:?}");
+    assert!(ends.values().all(|n| *n == 1), "{rounds} rounds: {ends:?}");
+    assert!(h.platform.existing.lock().expect("lock").is_empty());
 }

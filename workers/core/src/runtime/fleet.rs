@@ -659,6 +659,15 @@ impl Worker {
                     }
                 }
             };
+            // Rollbacks an earlier coordinator of this fleet sent and that reached their
+            // member (its tombstone names them) are not sent again by this one.
+            for (index, record) in (0..fleet.count).zip(&records) {
+                if record.as_ref().and_then(|r| r.torn_down_by.as_deref())
+                    == Some(fleet.rollback_id(index).as_str())
+                {
+                    rolled_back.insert(index);
+                }
+            }
             let look = Look::of(&records);
             if published != Some(look.counts) {
                 if !reserved {
