@@ -8,7 +8,7 @@
 //! was claimed under), `result` (the terminal event's JSON), `tombstone` (the teardown
 //! that removed its resource), `actor`, `actor_nonce`, `actor_until` (the request acting
 //! on its resource), `acts_on` (a teardown's: the request whose resource it removes),
-//! `updated_ms`. Finished records and tombstones expire after the
+//! `handed` (released in good order, until the next claim), `updated_ms`. Finished records and tombstones expire after the
 //! retention period; records in progress never expire and are indexed by lease end in
 //! the sorted set `<prefix>inflight`, so abandoned ones can be found.
 //!
@@ -44,11 +44,11 @@ if holder[1] ~= ARGV[1] or holder[2] ~= ARGV[2] then return {-1} end
 "#;
 
 /// KEYS record, index; ARGV hash, owner, nonce, lease_ms, working_state, route, id.
-/// Returns {'claimed', fence, seq, attempts, takeover, tombstone} | {'done', result} |
-/// {'held', remaining_ms, owner} | {'conflict'}.
+/// Returns {'claimed', fence, seq, attempts, takeover, tombstone, handed_over} |
+/// {'done', result} | {'held', remaining_ms, owner} | {'conflict'}.
 const CLAIM: &str = r#"
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'result', 'owner', 'lease_until', 'tombstone',
-  'actor', 'actor_until')
+  'actor', 'actor_until', 'handed')
 local existed = rec[1] ~= false and rec[1] ~= ''
 if existed then
   if rec[1] ~= ARGV[1] then return {'conflict'} end
@@ -68,7 +68,9 @@ redis.call('HSET', KEYS[1], 'hash', ARGV[1], 'owner', ARGV[2], 'nonce', ARGV[3],
   'lease_until', tostring(lease_until), 'state', ARGV[5], 'route', ARGV[6], 'updated_ms', tostring(now))
 redis.call('PERSIST', KEYS[1])
 redis.call('ZADD', KEYS[2], lease_until, ARGV[7])
-return {'claimed', tostring(fence), tostring(seq), tostring(attempts), existed and '1' or '0', rec[5] or ''}
+if rec[8] then redis.call('HDEL', KEYS[1], 'handed') end
+return {'claimed', tostring(fence), tostring(seq), tostring(attempts), existed and '1' or '0', rec[5] or '',
+  rec[8] and '1' or '0'}
 "#;
 
 /// KEYS record, index; ARGV fence, nonce, lease_ms, id. Returns {1} | {3, tombstone}.
@@ -154,6 +156,11 @@ redis.call('HSET', KEYS[1], 'lease_until', tostring(now), 'updated_ms', tostring
 redis.call('ZADD', KEYS[2], now, ARGV[4])
 if ARGV[3] == '1' and (tonumber(redis.call('HGET', KEYS[1], 'attempts')) or 0) > 0 then
   redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+end
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], 'handed', '1')
+else
+  redis.call('HDEL', KEYS[1], 'handed')
 end
 return {1}
 "#;
@@ -599,6 +606,7 @@ impl StateStore for RedisStore {
                 attempt: parse(answer.get(3), "attempts")?,
                 takeover: answer.get(4).map(String::as_str) == Some("1"),
                 torn_down_by: answer.get(5).filter(|t| !t.is_empty()).cloned(),
+                handed_over: answer.get(6).map(String::as_str) == Some("1"),
             }),
             Some("done") => {
                 let json = answer.get(1).map(String::as_str).unwrap_or_default();

@@ -72,6 +72,9 @@ pub enum Claim {
         attempt: u32,
         /// An earlier holder's lease had expired or been released.
         takeover: bool,
+        /// The last holder gave the claim back in good order, its attempt refunded (a
+        /// hand-over, not a failure): nothing it was doing is in doubt.
+        handed_over: bool,
         /// A teardown (this request id) tore the request's resource down before it could
         /// finish: end without making anything.
         torn_down_by: Option<String>,
@@ -216,7 +219,8 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Ends the lease early so a retry can claim at once. `refund` gives back the attempt
-    /// the claim counted (the claim was given back before anything was tried).
+    /// the claim counted (the claim was given back before anything was tried, or handed
+    /// over in good order), and the next claim hears so (`handed_over`).
     async fn release(
         &self,
         request_id: &str,
@@ -496,6 +500,8 @@ struct MemoryRecord {
     tombstone: Option<String>,
     actor: Option<(String, String, Instant)>,
     acts_on: Option<String>,
+    /// Released with a refund, until the next claim.
+    handed_over: bool,
     expires: Option<Instant>,
 }
 
@@ -706,6 +712,7 @@ impl StateStore for MemoryStore {
             seq: record.seq,
             attempt: record.attempts,
             takeover: existed,
+            handed_over: std::mem::take(&mut record.handed_over),
             torn_down_by: record.tombstone.clone(),
         })
     }
@@ -833,6 +840,7 @@ impl StateStore for MemoryStore {
             if refund {
                 r.attempts = r.attempts.saturating_sub(1);
             }
+            r.handed_over = refund;
             Ok(())
         })
     }

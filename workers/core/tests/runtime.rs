@@ -1710,3 +1710,62 @@ async fn rounds_of_housekeeping_roll_a_fleet_back_with_one_teardown_a_member() {
     assert!(ends.values().all(|n| *n == 1), "{rounds} rounds: {ends:?}");
     assert!(h.platform.existing.lock().expect("lock").is_empty());
 }
+
+#[tokio::test]
+async fn a_fleet_taken_over_after_a_crash_republishes_its_members_once_not_at_every_hand_over() {
+    let h = harness(0).await;
+    let worker = Arc::new(Worker::new(
+        h.platform.clone(),
+        h.store.clone(),
+        Arc::new(h.broker.clone()),
+        config(0),
+    ));
+    let body = fleet("f-crash", 3, "");
+    h.publish(&body).await;
+    // One worker takes the fleet's message and hands the fleet off: its 3 members are
+    // queued, and no worker consumes them in this test.
+    {
+        let mut deliveries = h
+            .broker
+            .consume(PlatformName::Process, 1)
+            .await
+            .expect("consume");
+        let delivery = deliveries.next().await.expect("the fleet").expect("ok");
+        worker.handle(delivery).await;
+    }
+    // A coordinator claimed it and died.
+    let hash = provisioner_events::decode_request(&body)
+        .expect("request")
+        .payload_hash();
+    let claim = h
+        .store
+        .claim(claim_request(
+            "f-crash",
+            &hash,
+            "crashed",
+            Duration::from_millis(100),
+        ))
+        .await
+        .expect("claim");
+    assert!(matches!(claim, Claim::Claimed { .. }), "{claim:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The next coordinator publishes the members again (they have no record: their
+    // first messages may be lost); the ones after a hand-over do not.
+    for _ in 0..3 {
+        worker
+            .keep_house(tokio::time::Instant::now() + Duration::from_millis(150))
+            .await;
+    }
+    let mut queued = 0;
+    let mut deliveries = h
+        .broker
+        .consume(PlatformName::Process, 1)
+        .await
+        .expect("consume");
+    while let Ok(Some(Ok(_))) =
+        tokio::time::timeout(Duration::from_millis(300), deliveries.next()).await
+    {
+        queued += 1;
+    }
+    assert_eq!(queued, 6, "3 members, published once more after the crash");
+}

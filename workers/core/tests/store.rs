@@ -70,6 +70,7 @@ async fn claimed(
             attempt,
             takeover,
             torn_down_by,
+            ..
         } => (fence, seq, attempt, takeover, torn_down_by),
         other => panic!("expected a claim, got {other:?}"),
     }
@@ -120,10 +121,23 @@ async fn claims_leases_and_fences(store: &dyn StateStore) {
     ));
     // Release lets the next claim take over at once; the attempt and seq go on.
     store.release("r1", &f1, false).await.expect("release");
-    let (f2, seq, attempt, takeover, _) = claimed(store, claim("r1", "h", "b", "n2", 60_000)).await;
+    let Claim::Claimed {
+        fence: f2,
+        seq,
+        attempt,
+        takeover,
+        handed_over,
+        ..
+    } = store
+        .claim(claim("r1", "h", "b", "n2", 60_000))
+        .await
+        .expect("claim")
+    else {
+        panic!("expected a claim");
+    };
     assert_eq!(
-        (f2.clone(), seq, attempt, takeover),
-        (fence(2, "n2"), 2, 2, true)
+        (f2.clone(), seq, attempt, takeover, handed_over),
+        (fence(2, "n2"), 2, 2, true, false)
     );
     assert!(matches!(
         store.renew("r1", &f1, Duration::from_secs(5)).await,
@@ -135,10 +149,23 @@ async fn claims_leases_and_fences(store: &dyn StateStore) {
             .await,
         Err(StoreError::Fenced(_))
     ));
-    // A refunded claim does not count: the next one is the same attempt again.
+    // A refunded claim does not count: the next one is the same attempt again, and hears
+    // that the claim was handed over in good order (a release without refund was not).
     store.release("r1", &f2, true).await.expect("release");
-    let (f3, _, attempt, _, _) = claimed(store, claim("r1", "h", "b", "n3", 60_000)).await;
+    let Claim::Claimed {
+        fence: f3,
+        attempt,
+        handed_over,
+        ..
+    } = store
+        .claim(claim("r1", "h", "b", "n3", 60_000))
+        .await
+        .expect("claim")
+    else {
+        panic!("expected a claim");
+    };
     assert_eq!(attempt, 2, "a refunded claim is not an attempt");
+    assert!(handed_over, "released with a refund");
     // Completion is stored, with its seq, and answered to every later claim.
     let done = terminal("r1", 5, State::Running);
     store.complete("r1", &f3, &done).await.expect("complete");
@@ -164,12 +191,28 @@ async fn claims_leases_and_fences(store: &dyn StateStore) {
     assert_eq!(record.result, Some(done.clone()));
     assert_eq!(record.owner, None);
 
-    // An expired lease (the holder died) is taken over with a new fence.
+    // An expired lease (the holder died) is taken over with a new fence; the mark of an
+    // earlier hand-over is the last holder's only, not this one's.
+    let (handing, ..) = claimed(store, claim("r2", "h", "a", "handing", 60_000)).await;
+    store.release("r2", &handing, true).await.expect("release");
     let (old, ..) = claimed(store, claim("r2", "h", "a", "old", 150)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (new, seq, attempt, takeover, _) =
-        claimed(store, claim("r2", "h", "b", "new", 60_000)).await;
-    assert_eq!((new.counter, seq, attempt, takeover), (2, 2, 2, true));
+    let Claim::Claimed {
+        fence: new,
+        seq,
+        attempt,
+        takeover,
+        handed_over,
+        ..
+    } = store
+        .claim(claim("r2", "h", "b", "new", 60_000))
+        .await
+        .expect("claim")
+    else {
+        panic!("expected a claim");
+    };
+    assert_eq!((new.counter, seq, attempt, takeover), (3, 3, 2, true));
+    assert!(!handed_over, "the holder before died");
     assert!(matches!(
         store.renew("r2", &old, Duration::from_secs(5)).await,
         Err(StoreError::Fenced(_))

@@ -131,6 +131,7 @@ impl Worker {
                 attempt,
                 takeover,
                 torn_down_by,
+                ..
             } => {
                 if takeover {
                     self.metrics.takeover();

@@ -488,14 +488,15 @@ impl Worker {
                 routing_key: &request.routing_key(),
             })
             .await?;
-        let (fence, seq, attempt, torn_down_by) = match claim {
+        let (fence, seq, attempt, torn_down_by, handed_over) = match claim {
             Claim::Claimed {
                 fence,
                 seq,
                 attempt,
                 torn_down_by,
+                handed_over,
                 ..
-            } => (fence, seq, attempt, torn_down_by),
+            } => (fence, seq, attempt, torn_down_by, handed_over),
             // Another worker coordinates it, and its entry comes due again meanwhile.
             Claim::Held { .. } => return Ok(()),
             Claim::Done(_) | Claim::Conflict => {
@@ -551,8 +552,10 @@ impl Worker {
             claimed_before,
             matches!(fleet.plan, Plan::Provision { .. }),
         );
-        if attempt > 1 {
-            // Taken over after a worker died: publish again whatever it may not have.
+        if attempt > 1 && !handed_over {
+            // Taken over after a worker died: publish again whatever it may not have. (A
+            // fleet handed over in good order, between Lambda rounds, keeps the attempt
+            // count of an earlier failure but has nothing in doubt.)
             let records = self.store.get_many(&fleet.member_ids()).await?;
             let missing: Vec<u32> = (0..fleet.count)
                 .filter(|i| records[*i as usize].is_none())
