@@ -76,6 +76,24 @@ async fn claimed(
     }
 }
 
+/// Claims, expecting a claim, and returns (fence, seq, attempt, takeover, handed_over).
+async fn claimed_after(
+    store: &dyn StateStore,
+    request: ClaimRequest<'_>,
+) -> (Fence, u64, u32, bool, bool) {
+    match store.claim(request).await.expect("claim") {
+        Claim::Claimed {
+            fence,
+            seq,
+            attempt,
+            takeover,
+            handed_over,
+            ..
+        } => (fence, seq, attempt, takeover, handed_over),
+        other => panic!("expected a claim, got {other:?}"),
+    }
+}
+
 async fn claims_leases_and_fences(store: &dyn StateStore) {
     // A new request: fence 1, the first attempt, seq 1 reserved for the working event.
     let (f1, seq, attempt, takeover, _) = claimed(store, claim("r1", "h", "a", "n1", 60_000)).await;
@@ -121,20 +139,8 @@ async fn claims_leases_and_fences(store: &dyn StateStore) {
     ));
     // Release lets the next claim take over at once; the attempt and seq go on.
     store.release("r1", &f1, false).await.expect("release");
-    let Claim::Claimed {
-        fence: f2,
-        seq,
-        attempt,
-        takeover,
-        handed_over,
-        ..
-    } = store
-        .claim(claim("r1", "h", "b", "n2", 60_000))
-        .await
-        .expect("claim")
-    else {
-        panic!("expected a claim");
-    };
+    let (f2, seq, attempt, takeover, handed_over) =
+        claimed_after(store, claim("r1", "h", "b", "n2", 60_000)).await;
     assert_eq!(
         (f2.clone(), seq, attempt, takeover, handed_over),
         (fence(2, "n2"), 2, 2, true, false)
@@ -152,18 +158,8 @@ async fn claims_leases_and_fences(store: &dyn StateStore) {
     // A refunded claim does not count: the next one is the same attempt again, and hears
     // that the claim was handed over in good order (a release without refund was not).
     store.release("r1", &f2, true).await.expect("release");
-    let Claim::Claimed {
-        fence: f3,
-        attempt,
-        handed_over,
-        ..
-    } = store
-        .claim(claim("r1", "h", "b", "n3", 60_000))
-        .await
-        .expect("claim")
-    else {
-        panic!("expected a claim");
-    };
+    let (f3, _, attempt, _, handed_over) =
+        claimed_after(store, claim("r1", "h", "b", "n3", 60_000)).await;
     assert_eq!(attempt, 2, "a refunded claim is not an attempt");
     assert!(handed_over, "released with a refund");
     // Completion is stored, with its seq, and answered to every later claim.
@@ -197,20 +193,8 @@ async fn claims_leases_and_fences(store: &dyn StateStore) {
     store.release("r2", &handing, true).await.expect("release");
     let (old, ..) = claimed(store, claim("r2", "h", "a", "old", 150)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let Claim::Claimed {
-        fence: new,
-        seq,
-        attempt,
-        takeover,
-        handed_over,
-        ..
-    } = store
-        .claim(claim("r2", "h", "b", "new", 60_000))
-        .await
-        .expect("claim")
-    else {
-        panic!("expected a claim");
-    };
+    let (new, seq, attempt, takeover, handed_over) =
+        claimed_after(store, claim("r2", "h", "b", "new", 60_000)).await;
     assert_eq!((new.counter, seq, attempt, takeover), (3, 3, 2, true));
     assert!(!handed_over, "the holder before died");
     assert!(matches!(
