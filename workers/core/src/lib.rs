@@ -13,6 +13,7 @@
 //!   in-memory implementation; [`amqp`] is the RabbitMQ one.
 //! - [`runtime`]: the consume loop and the per-delivery state machine.
 //! - [`conformance`]: the tests every platform must pass (each operation twice).
+//! - [`environment`]: the wall clock and random draws, the system's or a simulation's.
 //! - [`names`]: resource names and idempotency keys derived from a request id.
 //! - [`batch`]: merging concurrent calls into one where a platform's API takes many.
 //! - [`fault`]: crash points for the fault-injection tests (compiled out otherwise).
@@ -30,6 +31,7 @@ pub mod batch;
 pub mod broker;
 pub mod cache;
 pub mod conformance;
+pub mod environment;
 pub mod fault;
 pub mod health;
 pub mod metrics;
@@ -45,6 +47,7 @@ pub mod store;
 pub mod trace;
 
 pub use broker::{Broker, BrokerError, Delivery, MemoryBroker, Settlement};
+pub use environment::{Environment, SystemEnvironment};
 pub use platform::{Described, Finding, Outcome, Owned, Platform, PlatformError, SetupError};
 pub use ratelimit::{CallPacer, PacerSlot, RateLimit, RateLimitSettings, TokenGrant};
 pub use runtime::{

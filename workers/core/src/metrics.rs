@@ -152,6 +152,7 @@ pub async fn health_wait<T, E: From<WaitCancelled>>(
     let cancel = PLATFORM_CALL.try_with(|scope| scope.cancel.clone()).ok();
     let result = match cancel {
         Some(mut cancel) => tokio::select! {
+            biased;
             result = wait => result,
             _ = cancel.wait_for(|cancelled| *cancelled) => Err(E::from(WaitCancelled)),
         },

@@ -47,9 +47,11 @@ pub struct Fence {
 }
 
 impl Fence {
-    /// A fresh random nonce for a claim.
+    /// A fresh random nonce for a claim, from the system's random numbers (the runtime
+    /// draws its own from its [`Environment`](crate::Environment)).
     pub fn new_nonce() -> String {
-        uuid::Uuid::new_v4().simple().to_string()
+        let system: &dyn crate::Environment = &crate::SystemEnvironment;
+        system.nonce()
     }
 }
 
@@ -542,6 +544,8 @@ pub struct MemoryStore {
     /// API token buckets by key: tokens, when last counted, refill rate.
     buckets: Mutex<HashMap<String, (f64, Instant, f64)>>,
     retention: Duration,
+    /// The wall clock of the schedules (Redis's `TIME` in the Redis store).
+    env: std::sync::Arc<dyn crate::Environment>,
 }
 
 impl Default for MemoryStore {
@@ -601,7 +605,83 @@ impl MemoryStore {
             fleets: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
             retention,
+            env: std::sync::Arc::new(crate::SystemEnvironment),
         }
+    }
+
+    /// The same store reading the wall clock from `env` (a simulation's virtual clock).
+    /// Leases and retention run on tokio's clock, which a paused runtime makes virtual.
+    pub fn with_environment(mut self, env: std::sync::Arc<dyn crate::Environment>) -> Self {
+        self.env = env;
+        self
+    }
+
+    /// Loses the record of `request_id`, as a Redis without persistence (or an eviction)
+    /// loses a key: what the simulator's faults do. The schedules, quotas and fleets keep
+    /// their own keys.
+    pub fn lose_record(&self, request_id: &str) -> bool {
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(request_id)
+            .is_some()
+    }
+
+    /// Loses the request kept for fleet `request_id`, as a lost key does.
+    pub fn lose_fleet(&self, request_id: &str) -> bool {
+        self.fleets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(request_id)
+            .is_some()
+    }
+
+    /// The ids of every record held now, sorted (for a simulation to pick one to lose).
+    pub fn record_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.records().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// The entries of the schedule `name` (a platform's expiries, or its fleets'
+    /// schedule), sorted by id.
+    pub fn scheduled(&self, name: &str) -> Vec<(String, SystemTime)> {
+        let mut entries: Vec<(String, SystemTime)> = self
+            .expiries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|((schedule, _), _)| schedule == name)
+            .map(|((_, id), at)| (id.clone(), *at))
+            .collect();
+        entries.sort();
+        entries
+    }
+
+    /// Loses everything, as a Redis without persistence does when it restarts.
+    pub fn lose_everything(&self) {
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.handed_on
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.turns.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.expiries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        *self.quotas.lock().unwrap_or_else(|e| e.into_inner()) = Quotas::default();
+        self.fleets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     fn records(&self) -> std::sync::MutexGuard<'_, HashMap<String, MemoryRecord>> {
@@ -1026,7 +1106,7 @@ impl StateStore for MemoryStore {
         limit: usize,
         retry_in: Duration,
     ) -> Result<Vec<(String, SystemTime)>, StoreError> {
-        let now = SystemTime::now();
+        let now = self.env.now();
         let mut expiries = self.expiries.lock().unwrap_or_else(|e| e.into_inner());
         let mut due: Vec<(SystemTime, String)> = expiries
             .iter()

@@ -106,7 +106,7 @@ impl Worker {
         let id = request.request_id.as_str();
         let payload_hash = request.payload_hash();
         let routing_key = request.routing_key();
-        let nonce = Fence::new_nonce();
+        let nonce = self.env.nonce();
         // Taken before each try, so the local lease deadline never outlives the store's.
         let claimed_before = std::sync::Mutex::new(tokio::time::Instant::now());
         let claim = self
@@ -197,7 +197,7 @@ impl Worker {
                 let _ = self.store.release(id, &held.fence, false).await;
                 self.end_acting(&held, None).await;
                 Ok(Settlement::Retry {
-                    delay: policy::backoff(&self.config.retry, attempt, rand::random()),
+                    delay: policy::backoff(&self.config.retry, attempt, self.env.jitter()),
                     attempt: attempt + 1,
                     waits: delivery.waits,
                 })
@@ -356,8 +356,9 @@ impl Worker {
                 // and a teardown that comes meanwhile ends the wait (nothing was sent).
                 let mut cancel_seen = cancelled.clone();
                 tokio::select! {
-                    _ = tokio::time::sleep(pace) => {}
+                    biased;
                     _ = cancel_seen.wait_for(|cancelled| *cancelled) => {}
+                    _ = tokio::time::sleep(pace) => {}
                 }
                 if *cancelled.borrow() {
                     return Err(crate::metrics::WaitCancelled.into());
@@ -389,6 +390,7 @@ impl Worker {
             };
             let mut call = std::pin::pin!(call);
             tokio::select! {
+                biased;
                 result = &mut call => Ok(Ok(result.unwrap_or_else(panicked))),
                 lost = signal.lost() => {
                     if let LeaseSignal::Cancelled { .. } = lost {

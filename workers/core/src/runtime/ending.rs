@@ -5,7 +5,6 @@
 use provisioner_events::{
     ErrorClass, ErrorInfo, Operation, Request, Resource, State, StatusEvent, TeardownTarget,
 };
-use time::OffsetDateTime;
 use tracing::{debug, error, info, warn};
 
 use super::attempt::Held;
@@ -40,7 +39,7 @@ impl Worker {
                 );
                 self.end_acting(held, None).await;
                 Ok(Settlement::Retry {
-                    delay: policy::backoff(&self.config.retry, held.attempt, rand::random()),
+                    delay: policy::backoff(&self.config.retry, held.attempt, self.env.jitter()),
                     attempt: held.attempt + 1,
                     waits: delivery.waits,
                 })
@@ -308,9 +307,9 @@ impl Worker {
                     &failure,
                     held.attempt,
                     &self.config.retry,
-                    OffsetDateTime::now_utc(),
+                    self.env.now_utc(),
                     request.deadline,
-                    rand::random::<f64>(),
+                    self.env.jitter(),
                 );
                 match decision {
                     Decision::Retry { delay } => {

@@ -9,7 +9,7 @@
 //! before leaves it to come due again, and the teardown's fixed request id makes a second
 //! copy of it a duplicate, not a second teardown.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use provisioner_events::{
     Operation, RequestId, SCHEMA_VERSION, TeardownTarget, request_routing_key,
@@ -145,7 +145,7 @@ impl Worker {
                 .await
             {
                 Ok(()) => {
-                    info!(request.id = %request_id, teardown = %teardown_id, late_ms = SystemTime::now().duration_since(due_at).unwrap_or_default().as_millis() as u64, "expired; teardown sent");
+                    info!(request.id = %request_id, teardown = %teardown_id, late_ms = self.env.now().duration_since(due_at).unwrap_or_default().as_millis() as u64, "expired; teardown sent");
                     if let Err(e) = self
                         .store
                         .cancel_expiry(platform.as_str(), &request_id)

@@ -44,7 +44,7 @@ use super::attempt::Held;
 use super::lease::{Heartbeat, LeaseSignal};
 use super::{Abort, Worker};
 use crate::broker::Settlement;
-use crate::store::{Claim, ClaimRequest, Fence, RequestRecord, StoreError, TargetGrant};
+use crate::store::{Claim, ClaimRequest, RequestRecord, StoreError, TargetGrant};
 
 /// How often a coordinator reads its members' records.
 const POLL: Duration = Duration::from_millis(500);
@@ -260,7 +260,7 @@ impl Worker {
         let handed = async {
             self.store_call(|| self.store.put_fleet(&id, &json)).await?;
             // If this worker dies before handing over, the fleet still comes due.
-            let later = SystemTime::now() + self.config.lease;
+            let later = self.env.now() + self.config.lease;
             self.store_call(|| self.store.schedule_expiry(&schedule, &id, later))
                 .await?;
             let working = self.fleet_event(
@@ -284,10 +284,7 @@ impl Worker {
         let _ = self.store.release(&id, &held.fence, handed.is_ok()).await;
         handed?;
         if let Err(e) = self
-            .store_call(|| {
-                self.store
-                    .schedule_expiry(&schedule, &id, SystemTime::now())
-            })
+            .store_call(|| self.store.schedule_expiry(&schedule, &id, self.env.now()))
             .await
         {
             // It comes due a lease later all the same.
@@ -434,6 +431,7 @@ impl Worker {
         tokio::pin!(grace);
         loop {
             tokio::select! {
+                biased;
                 joined = coordinators.join_next() => if joined.is_none() { break },
                 _ = &mut grace => {
                     warn!(left = coordinators.len(), "coordinators still busy at the round's end; stopped");
@@ -474,7 +472,7 @@ impl Worker {
             forget().await;
             return Ok(());
         };
-        let nonce = Fence::new_nonce();
+        let nonce = self.env.nonce();
         let claimed_before = tokio::time::Instant::now();
         let claim = self
             .store
@@ -537,7 +535,7 @@ impl Worker {
                 TargetGrant::Granted => held.acting_on = Some(target.clone()),
                 TargetGrant::Busy { remaining, by } => {
                     debug!(%by, "the fleet is being worked on; looking again soon");
-                    let soon = SystemTime::now() + remaining.min(self.config.lease / 3);
+                    let soon = self.env.now() + remaining.min(self.config.lease / 3);
                     self.give_back(&held, soon).await;
                     return Ok(());
                 }
@@ -579,7 +577,7 @@ impl Worker {
                 // back, so the next coordinator neither counts it toward the bound nor
                 // takes the fleet for abandoned.
                 info!("out of time; the fleet goes back to the schedule for the next coordinator");
-                self.give_back(&held, SystemTime::now()).await;
+                self.give_back(&held, self.env.now()).await;
                 self.end_acting(&held, None).await;
             }
             Ok(Followed::LeaseLost) => match signal {
@@ -656,9 +654,10 @@ impl Worker {
                 Err(e) => {
                     debug!(error = %e, "could not read the members; trying again");
                     tokio::select! {
-                        _ = tokio::time::sleep(POLL) => continue,
+                        biased;
                         _ = signal.lost() => return Ok(Followed::LeaseLost),
                         _ = &mut time_up => return Ok(Followed::TimeUp),
+                        _ = tokio::time::sleep(POLL) => continue,
                     }
                 }
             };
@@ -743,9 +742,10 @@ impl Worker {
                 moved_at = tokio::time::Instant::now();
             }
             tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
+                biased;
                 _ = signal.lost() => return Ok(Followed::LeaseLost),
                 _ = &mut time_up => return Ok(Followed::TimeUp),
+                _ = tokio::time::sleep(POLL) => {}
             }
         }
     }

@@ -20,6 +20,11 @@
 //! stops the work when it cannot), [`reaper`] (ending records abandoned long ago),
 //! [`housekeeping`] (the background work in one round, for workers that do not run for
 //! ever: the Lambda form).
+//!
+//! Every `select!` here is `biased` (the branches are tried in the order written, the
+//! one that must win first), and the wall clock and random draws come from the worker's
+//! [`Environment`](crate::Environment): tokio would otherwise draw the order of ready
+//! branches at random, and the simulator could not replay a seed's history exactly.
 
 mod attempt;
 mod ending;
@@ -39,14 +44,13 @@ mod reaper;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use provisioner_events::{
     ErrorClass, ErrorInfo, Operation, RejectedMessage, Request, Resource, SCHEMA_VERSION, State,
     StatusEvent, decode_request,
 };
-use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -186,6 +190,8 @@ pub struct Worker {
     config: WorkerConfig,
     metrics: Arc<crate::metrics::Metrics>,
     health: crate::metrics::Health,
+    /// The wall clock and random draws: the system's, or a simulation's.
+    env: Arc<dyn crate::Environment>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -230,7 +236,15 @@ impl Worker {
             config,
             metrics,
             health: crate::metrics::Health::default(),
+            env: Arc::new(crate::SystemEnvironment),
         }
+    }
+
+    /// The same worker reading the wall clock and drawing random numbers from `env` (the
+    /// simulator's virtual clock and seeded generator) instead of the system's.
+    pub fn with_environment(mut self, env: Arc<dyn crate::Environment>) -> Self {
+        self.env = env;
+        self
     }
 
     pub fn config(&self) -> &WorkerConfig {
@@ -283,6 +297,7 @@ impl Worker {
                 self.broker.consume(platform, self.config.prefetch).await
             };
             let mut deliveries = tokio::select! {
+                biased;
                 _ = &mut shutdown => break 'connection,
                 consumed = consumed => match consumed {
                     Ok(deliveries) => deliveries,
@@ -290,6 +305,7 @@ impl Worker {
                         self.metrics.reconnect("broker");
                         warn!(error = %e, retry_in_ms = reconnect_delay.as_millis() as u64, "cannot consume; retrying");
                         tokio::select! {
+                            biased;
                             _ = &mut shutdown => break 'connection,
                             _ = tokio::time::sleep(reconnect_delay) => {}
                         }
@@ -309,6 +325,7 @@ impl Worker {
                     self.health.set_consuming(false);
                     loop {
                         tokio::select! {
+                            biased;
                             _ = &mut shutdown => break 'connection,
                             _ = tokio::time::sleep(BLOCKED_POLL) => {}
                         }
@@ -320,6 +337,7 @@ impl Worker {
                     }
                 }
                 let next = tokio::select! {
+                    biased;
                     _ = &mut shutdown => break 'connection,
                     next = deliveries.next() => next,
                     // Look at the broker's state now and then, not only when work comes.
@@ -329,6 +347,7 @@ impl Worker {
                     Some(Ok(delivery)) => {
                         reconnect_delay = Duration::from_millis(200);
                         let permit = tokio::select! {
+                            biased;
                             _ = &mut shutdown => {
                                 // Never started: straight back to the queue.
                                 if let Err(e) = delivery.settle(Settlement::Requeue).await {
@@ -363,6 +382,7 @@ impl Worker {
             self.health.set_consuming(false);
             self.metrics.reconnect("broker");
             tokio::select! {
+                biased;
                 _ = &mut shutdown => break 'connection,
                 _ = tokio::time::sleep(reconnect_delay) => {}
             }
@@ -469,7 +489,7 @@ impl Worker {
                 delivery.signature.as_deref(),
                 &delivery.routing_key,
                 &delivery.body,
-                std::time::SystemTime::now(),
+                self.env.now(),
                 delivery.redelivered,
             )
         {
@@ -546,7 +566,7 @@ impl Worker {
         delivery: &Delivery,
     ) -> Option<Settlement> {
         let published = delivery.published_at?;
-        let age = SystemTime::now().duration_since(published).ok()?;
+        let age = self.env.now().duration_since(published).ok()?;
         if age <= self.config.retention {
             return None;
         }
@@ -638,7 +658,7 @@ impl Worker {
                 state: State::Error,
                 seq: 0,
                 attempt: delivery.attempt,
-                timestamp: OffsetDateTime::now_utc(),
+                timestamp: self.env.now_utc(),
                 resource: None,
                 error: Some(ErrorInfo {
                     class,
@@ -677,7 +697,7 @@ impl Worker {
             state,
             seq,
             attempt,
-            timestamp: OffsetDateTime::now_utc(),
+            timestamp: self.env.now_utc(),
             resource,
             error,
             tenant: request.tenant.clone(),

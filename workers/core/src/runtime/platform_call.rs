@@ -7,7 +7,6 @@ use std::time::Duration;
 use provisioner_events::{
     ErrorClass, Operation, Request, RequestId, Resource, State, TeardownTarget,
 };
-use time::OffsetDateTime;
 use tracing::Instrument;
 
 use super::Worker;
@@ -92,7 +91,7 @@ impl Worker {
 
     pub(super) async fn call_platform(&self, request: &Request) -> Result<Outcome, PlatformError> {
         if let Some(deadline) = request.deadline
-            && OffsetDateTime::now_utc() >= deadline
+            && self.env.now_utc() >= deadline
         {
             return Err(PlatformError::permanent(
                 ErrorClass::Timeout,
@@ -101,7 +100,7 @@ impl Worker {
         }
         if request.operation == Operation::Provision
             && let Some(expires_at) = request.expires_at
-            && OffsetDateTime::now_utc() >= expires_at
+            && self.env.now_utc() >= expires_at
         {
             return Err(PlatformError::permanent(
                 ErrorClass::Timeout,

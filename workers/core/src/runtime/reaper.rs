@@ -10,11 +10,9 @@ use std::time::Duration;
 use provisioner_events::{
     ErrorClass, ErrorInfo, Operation, RequestId, SCHEMA_VERSION, State, StatusEvent, TeardownTarget,
 };
-use time::OffsetDateTime;
 use tracing::{debug, info, warn};
 
 use super::Worker;
-use crate::store::Fence;
 
 /// Stops the reaper when the worker stops.
 pub(super) struct AbortOnDrop(pub(super) tokio::task::JoinHandle<()>);
@@ -48,7 +46,7 @@ impl Worker {
         let stale = self.store.stale(platform.as_str(), idle, BATCH).await?;
         let mut ended = 0;
         for id in stale {
-            let nonce = Fence::new_nonce();
+            let nonce = self.env.nonce();
             let Some(reaped) = self
                 .store
                 .reap(&id, idle, &self.config.worker_id, &nonce, self.config.lease)
@@ -91,7 +89,7 @@ impl Worker {
                 state: State::Error,
                 seq: reaped.seq,
                 attempt: reaped.attempts,
-                timestamp: OffsetDateTime::now_utc(),
+                timestamp: self.env.now_utc(),
                 resource: None,
                 error: Some(ErrorInfo {
                     class: ErrorClass::Internal,

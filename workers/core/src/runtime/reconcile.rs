@@ -15,7 +15,7 @@
 //! the queue with its tombstone, fencing and status events, and a second copy of it is a
 //! duplicate.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use provisioner_events::TeardownTarget;
 use serde::Serialize;
@@ -129,7 +129,7 @@ impl Worker {
         options: &ReconcileOptions,
     ) -> Result<Vec<ReconcileDecision>, PlatformError> {
         let owned = self.platform.owned().await?;
-        let now = SystemTime::now();
+        let now = self.env.now();
         let mut decisions = Vec::new();
         let mut suspects: Vec<(Owned, String)> = Vec::new();
         for item in owned {

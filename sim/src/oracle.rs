@@ -1,0 +1,478 @@
+//! The oracle: the product's promise, checked against what a run did. Every accepted
+//! request ends once, with exactly the resources its terminal event says, whatever
+//! crashed, was duplicated or raced on the way.
+//!
+//! The cloud checks its own rule as it goes (no request ever holds two live instances,
+//! so no fleet ever holds more than its count). Once the run has settled, this judges:
+//!
+//! - **ends once**: every request id has at most one terminal outcome, and every copy of
+//!   it is the same event byte for byte;
+//! - **every message answered**: each message the broker took (from a producer or a
+//!   worker) is answered by its request's terminal event, or refused by an event naming
+//!   it, or set aside in the dead-letter queue with a worker's reason;
+//! - **sequence**: a request's events carry `seq` 1, 2, 3… without a gap or two events
+//!   under one number, and its terminal event is the last;
+//! - **nothing left in progress**, and nothing left on the schedules;
+//! - **the cloud holds what the events say**: a provision that ended `running` and was
+//!   not torn down has exactly its one instance (unless the cloud killed it); one that
+//!   ended `error`, or whose teardown said `stopped`, has none; no instance belongs to a
+//!   request nobody sent;
+//! - **quotas**: each tenant's quota in use is what it holds, in machines and vCPUs;
+//! - **expiry**: every resource whose time came was torn down;
+//! - **pacing**: while the store keeps the buckets whole, the cloud never throttled.
+//!
+//! What the contract itself does not promise is excused, and only that: a request whose
+//! record the store lost after it ended may run again (README, "Redis durability"), and
+//! the quotas of a store that lost everything start again from nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::atomic::Ordering;
+
+use provisioner_core::StateStore;
+use provisioner_events::{Operation, RejectedMessage, Request, State, StatusEvent, decode_request};
+
+use crate::broker::Message;
+use crate::run::World;
+use crate::store::Loss;
+
+/// The oracle's findings on a run.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    pub violations: Vec<String>,
+    pub stats: Stats,
+}
+
+impl Verdict {
+    pub fn is_clean(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// What a run did, for the report.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub messages: usize,
+    pub requests: usize,
+    pub events: usize,
+    /// Terminal outcomes by `state` or `state/class`.
+    pub outcomes: BTreeMap<String, usize>,
+    pub faults: BTreeMap<&'static str, u32>,
+    pub crashes: usize,
+    pub instances: usize,
+    pub cloud_calls: u64,
+    pub throttled: u32,
+    /// Duplicated outcomes the contract allows (a record lost after its request ended).
+    pub excused: usize,
+    /// Provisions that ended in error saying a teardown is needed, with an instance left.
+    pub flagged: usize,
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} requests, {} messages, {} events, {} instances, {} cloud calls; outcomes {:?}; faults {:?}, {} crashes",
+            self.requests,
+            self.messages,
+            self.events,
+            self.instances,
+            self.cloud_calls,
+            self.outcomes,
+            self.faults,
+            self.crashes
+        )
+    }
+}
+
+fn outcome_kind(event: &StatusEvent) -> String {
+    match &event.error {
+        Some(error) => format!("{}/{}", event.state, error.class),
+        None => event.state.to_string(),
+    }
+}
+
+fn same_event(a: &StatusEvent, b: &StatusEvent) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
+
+/// Judges a settled run; `stuck` says why it did not settle, if it did not.
+pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
+    let mut v = Verdict::default();
+    let violations = &mut v.violations;
+    if let Some(why) = stuck {
+        violations.push(format!(
+            "the run did not settle within 6 h of the faults' end: {why}"
+        ));
+    }
+    violations.extend(world.cloud.violations());
+    let accepted: Vec<Message> = world.broker.accepted();
+    let events: Vec<StatusEvent> = world.broker.events().into_iter().map(|l| l.event).collect();
+    let dead_letters = world.broker.dead_letters();
+    let losses = world.store.losses();
+    let lost_everything = losses.iter().any(|l| matches!(l, Loss::Everything { .. }));
+    let lost_record = |id: &str| {
+        losses.iter().any(|l| match l {
+            Loss::Record { request_id, .. } | Loss::Fleet { request_id, .. } => request_id == id,
+            Loss::Everything { .. } => true,
+        })
+    };
+    let instances = world.cloud.instances();
+
+    // Messages by request id, with what they decode to.
+    let mut bodies: BTreeMap<String, Vec<(Vec<u8>, Request)>> = BTreeMap::new();
+    let mut unreadable: Vec<Vec<u8>> = Vec::new();
+    for message in &accepted {
+        match decode_request(&message.body) {
+            Ok(request) => {
+                let copies = bodies.entry(request.request_id.to_string()).or_default();
+                if !copies.iter().any(|(b, _)| *b == message.body) {
+                    copies.push((message.body.clone(), request));
+                }
+            }
+            Err(_) => unreadable.push(message.body.clone()),
+        }
+    }
+    let mut by_id: BTreeMap<&str, Vec<&StatusEvent>> = BTreeMap::new();
+    for event in &events {
+        by_id
+            .entry(event.request_id.as_str())
+            .or_default()
+            .push(event);
+    }
+    let refused = |body: &[u8]| {
+        let hash = RejectedMessage::of(body);
+        events
+            .iter()
+            .any(|e| e.rejected_message.as_ref() == Some(&hash))
+    };
+    let set_aside_with_reason = |body: &[u8]| {
+        dead_letters
+            .iter()
+            .any(|d| d.message.body == body && d.class.is_some())
+    };
+    for body in &unreadable {
+        let known_id = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| {
+                v.get("request_id")
+                    .and_then(|i| i.as_str())
+                    .map(str::to_owned)
+            });
+        let answered = set_aside_with_reason(body) || (known_id.is_some() && refused(body));
+        if !answered {
+            violations.push(format!(
+                "a message that is no request ({}) was neither refused nor set aside",
+                String::from_utf8_lossy(&body[..body.len().min(80)])
+            ));
+        }
+    }
+
+    // The terminal outcome of each request, its events in order, and the answers.
+    let mut outcome: BTreeMap<String, StatusEvent> = BTreeMap::new();
+    for (id, copies) in &bodies {
+        let ours: Vec<&StatusEvent> = by_id
+            .get(id.as_str())
+            .map(|e| {
+                e.iter()
+                    .copied()
+                    .filter(|e| e.rejected_message.is_none())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let excused = lost_record(id);
+        let mut terminals: Vec<&StatusEvent> = Vec::new();
+        for event in ours.iter().filter(|e| e.state.is_terminal()) {
+            if !terminals.iter().any(|t| same_event(t, event)) {
+                terminals.push(event);
+            }
+        }
+        if terminals.len() > 1 {
+            if excused {
+                v.stats.excused += 1;
+            } else {
+                let told: Vec<String> = terminals
+                    .iter()
+                    .map(|t| format!("{} seq {} by attempt {}", outcome_kind(t), t.seq, t.attempt))
+                    .collect();
+                violations.push(format!("{id} ended more than once: {}", told.join("; ")));
+            }
+        }
+        let last = terminals.iter().max_by_key(|t| t.seq).copied();
+        if let Some(last) = last {
+            *v.stats.outcomes.entry(outcome_kind(last)).or_default() += 1;
+            outcome.insert(id.clone(), last.clone());
+        }
+        let held_hash = world
+            .store
+            .memory
+            .get(id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| r.payload_hash);
+        for (body, request) in copies {
+            let ran = last.is_some()
+                && (excused
+                    || held_hash.is_none()
+                    || held_hash.as_deref() == Some(&request.payload_hash()));
+            if !(ran || refused(body) || set_aside_with_reason(body)) {
+                violations.push(format!(
+                    "{id}: a {} message was accepted and never answered (no terminal event, no refusal)",
+                    request.operation
+                ));
+            }
+        }
+        // The sequence: 1, 2, 3…, one event per number, the terminal one last.
+        if !excused && !ours.is_empty() {
+            let mut by_seq: BTreeMap<u64, Vec<&StatusEvent>> = BTreeMap::new();
+            for event in &ours {
+                let same = by_seq.entry(event.seq).or_default();
+                if !same.iter().any(|e| same_event(e, event)) {
+                    same.push(event);
+                }
+            }
+            if let Some((seq, twins)) = by_seq.iter().find(|(_, e)| e.len() > 1) {
+                let told: Vec<String> = twins
+                    .iter()
+                    .map(|e| format!("{} attempt {}", outcome_kind(e), e.attempt))
+                    .collect();
+                violations.push(format!(
+                    "{id}: two events carry seq {seq}: {}",
+                    told.join(", ")
+                ));
+            }
+            let max = by_seq.keys().next_back().copied().unwrap_or(0);
+            for missing in (1..=max).filter(|s| !by_seq.contains_key(s)) {
+                if world.witness.explains_gap(id, missing).is_some() {
+                    continue;
+                }
+                let takers: Vec<String> = world
+                    .witness
+                    .takers(id, missing)
+                    .iter()
+                    .map(|r| format!("{} at {:?}", r.by, r.at))
+                    .collect();
+                violations.push(format!(
+                    "{id}: its events skip seq {missing} (they go up to {max}); taken by {takers:?}, whose work went on undisturbed"
+                ));
+            }
+            if let Some(last) = last
+                && last.seq < max
+            {
+                violations.push(format!(
+                    "{id}: an event with seq {max} came after its terminal event (seq {})",
+                    last.seq
+                ));
+            }
+        }
+    }
+    v.stats.messages = accepted.len();
+    v.stats.requests = bodies.len();
+    v.stats.events = events.len();
+
+    // Nothing in progress once settled.
+    for id in world.store.memory.record_ids() {
+        if let Ok(Some(record)) = world.store.memory.get(&id).await
+            && record.payload_hash.is_some()
+            && record.result.is_none()
+        {
+            violations.push(format!("{id} is still in progress in the store"));
+        }
+    }
+
+    // What the cloud holds against what the events say.
+    let owner_of_instance: BTreeMap<&str, &str> = instances
+        .iter()
+        .map(|i| (i.id.as_str(), i.owner.as_str()))
+        .collect();
+    let mut torn_down: BTreeSet<String> = BTreeSet::new();
+    for (id, copies) in &bodies {
+        let Some(end) = outcome.get(id) else { continue };
+        if end.state != State::Stopped || end.error.is_some() {
+            continue;
+        }
+        for (_, request) in copies {
+            if request.operation != Operation::Teardown {
+                continue;
+            }
+            if let Some(target) = &request.target_request_id {
+                torn_down.insert(target.to_string());
+            }
+            if let Some(resource) = &request.resource_id
+                && let Some(owner) = owner_of_instance.get(resource.as_str())
+            {
+                torn_down.insert((*owner).to_owned());
+            }
+        }
+    }
+    // Each provision as it ran: the message whose payload its record holds (any, if the
+    // record is gone).
+    let mut provisions: BTreeMap<&str, &Request> = BTreeMap::new();
+    for (id, copies) in &bodies {
+        let held = world
+            .store
+            .memory
+            .get(id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| r.payload_hash);
+        let ran = copies
+            .iter()
+            .find(|(_, r)| held.as_deref() == Some(r.payload_hash().as_str()))
+            .or_else(|| copies.first())
+            .map(|(_, r)| r);
+        if let Some(request) = ran
+            && request.operation == Operation::Provision
+            && !request.is_fleet()
+            && !request.dry_run
+        {
+            provisions.insert(id.as_str(), request);
+        }
+    }
+    for (id, request) in &provisions {
+        let live: Vec<&crate::cloud::Instance> = instances
+            .iter()
+            .filter(|i| i.owner == *id && i.is_live())
+            .collect();
+        let Some(end) = outcome.get(*id) else {
+            if !live.is_empty() {
+                violations.push(format!(
+                    "{id}: no outcome, yet it holds {} instance(s)",
+                    live.len()
+                ));
+            }
+            continue;
+        };
+        let said = end.resource.as_ref().map(|r| r.id.clone());
+        let died = said
+            .as_ref()
+            .is_some_and(|s| instances.iter().any(|i| i.id == *s && i.died_on_its_own));
+        let should_run =
+            end.state == State::Running && end.error.is_none() && !torn_down.contains(*id);
+        if should_run {
+            if died && live.is_empty() {
+                continue;
+            }
+            match live.as_slice() {
+                [one] if Some(&one.id) == said.as_ref() => {}
+                _ => violations.push(format!(
+                    "{id} says it runs on {said:?}, but the cloud holds {:?}",
+                    live.iter().map(|i| &i.id).collect::<Vec<_>>()
+                )),
+            }
+        } else if !live.is_empty() {
+            let says_teardown_needed = end
+                .error
+                .as_ref()
+                .is_some_and(|e| e.message.contains("send a teardown"));
+            if says_teardown_needed {
+                v.stats.flagged += 1;
+            } else {
+                violations.push(format!(
+                    "{id} ended {}{}, yet {:?} still run",
+                    outcome_kind(end),
+                    if torn_down.contains(*id) {
+                        " and was torn down"
+                    } else {
+                        ""
+                    },
+                    live.iter().map(|i| &i.id).collect::<Vec<_>>()
+                ));
+            }
+        }
+        let _ = request;
+    }
+    for instance in instances.iter().filter(|i| i.is_live()) {
+        if !provisions.contains_key(instance.owner.as_str()) {
+            violations.push(format!(
+                "{} runs for {}, which nobody asked to provision",
+                instance.id, instance.owner
+            ));
+        }
+    }
+
+    // Quotas: what each tenant holds, in machines and vCPUs.
+    if !lost_everything {
+        let mut tenants: BTreeSet<String> = BTreeSet::new();
+        for request in provisions.values() {
+            if let Some(tenant) = &request.tenant {
+                tenants.insert(tenant.clone());
+            }
+        }
+        for tenant in tenants {
+            let holding: Vec<(&str, u64)> = provisions
+                .iter()
+                .filter(|(_, r)| r.tenant.as_deref() == Some(tenant.as_str()))
+                .filter(|(id, _)| {
+                    outcome
+                        .get(**id)
+                        .is_some_and(|e| e.state == State::Running && e.error.is_none())
+                        && !torn_down.contains(**id)
+                })
+                .map(|(id, r)| {
+                    let cpus = r
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.get("cpus"))
+                        .and_then(|c| c.as_u64())
+                        .unwrap_or(1);
+                    (*id, cpus)
+                })
+                .collect();
+            let Ok(usage) = world.store.memory.quota(&tenant).await else {
+                continue;
+            };
+            let vcpus: u64 = holding.iter().map(|(_, c)| c).sum();
+            let used_vcpus = usage.units.get("vcpus").map_or(0, |u| u.used);
+            if usage.used != holding.len() as u64 || used_vcpus != vcpus {
+                violations.push(format!(
+                    "tenant {tenant} is charged {} machines and {used_vcpus} vCPUs, and holds {} ({vcpus} vCPUs): {:?}",
+                    usage.used,
+                    holding.len(),
+                    holding.iter().map(|(id, _)| id).collect::<Vec<_>>()
+                ));
+            }
+        }
+    }
+
+    // Expiry: whatever ran with a ttl or an expiry was torn down.
+    for (id, request) in &provisions {
+        if request.ttl_seconds.is_none() && request.expires_at.is_none() {
+            continue;
+        }
+        let Some(end) = outcome.get(*id) else {
+            continue;
+        };
+        if end.state == State::Running && end.error.is_none() && !torn_down.contains(*id) {
+            let died = end
+                .resource
+                .as_ref()
+                .is_some_and(|r| instances.iter().any(|i| i.id == r.id && i.died_on_its_own));
+            if !died {
+                violations.push(format!("{id} had a time to expire and was never torn down"));
+            }
+        }
+    }
+
+    // Pacing.
+    let throttled: u32 = world.cloud.throttled().values().sum();
+    if throttled > 0 && world.config.pacing_is_intact() {
+        violations.push(format!(
+            "the cloud throttled {throttled} call(s) while the workers' buckets were intact: {:?}",
+            world.cloud.throttled()
+        ));
+    }
+
+    v.stats.faults = world
+        .faults
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    v.stats.crashes = world.crashes.load(Ordering::Relaxed);
+    v.stats.instances = instances.len();
+    v.stats.cloud_calls = world.cloud.calls();
+    v.stats.throttled = throttled;
+    v
+}
