@@ -119,7 +119,7 @@ async fn a_leaked_container_is_found_and_removed_while_fresh_and_explained_ones_
     assert_ne!(teardowns[0], teardowns[1], "one teardown per resource");
     for teardown in &teardowns {
         assert!(
-            teardown.starts_with(&format!("{old_leak}.reconciled-")),
+            teardown.starts_with(&format!("{old_leak}#reconciled-")),
             "{teardown}"
         );
         let stopped = events.terminal(teardown).await;

@@ -78,7 +78,9 @@ pub struct RequestId(String);
 #[allow(dead_code)]
 struct RequestIdSchema(
     #[schemars(
-        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(#[0-9]{1,4}[A-Za-z0-9._-]*)?$"),
+        regex(
+            pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(#([0-9]{1,4}|[a-z])[A-Za-z0-9._-]*)?$"
+        ),
         length(max = 160)
     )]
     String,
@@ -118,14 +120,17 @@ impl RequestId {
             ));
         }
         if let Some(member) = member {
+            // A member's index (`<fleet>#3`, `<fleet>#3.rollback`), or the purpose of a
+            // request the workers send about one that is not a member (`<id>#expired`).
             let digits = member.chars().take_while(char::is_ascii_digit).count();
+            let head_ok = match digits {
+                0 => member.starts_with(|c: char| c.is_ascii_lowercase()),
+                n => n <= 4,
+            };
             let rest = &member[digits..];
-            if !(1..=4).contains(&digits)
-                || !rest.chars().all(allowed)
-                || id.len() > Self::MAX_MEMBER_LEN
-            {
+            if !head_ok || !rest.chars().all(allowed) || id.len() > Self::MAX_MEMBER_LEN {
                 return Err(invalid!(
-                    "request_id {id:?}: '#' only names a fleet member, as <fleet id>#<index> (at most {} characters in all)",
+                    "request_id {id:?}: '#' is kept for the workers' own requests: fleet members (<fleet id>#<index>) and what they send about a request (<id>#<purpose>), at most {} characters in all",
                     Self::MAX_MEMBER_LEN
                 ));
             }
@@ -142,7 +147,8 @@ impl RequestId {
         RequestId(format!("{}#{index}", self.0))
     }
 
-    /// Whether this id names a fleet member (or a request about one).
+    /// Whether this id is in the workers' own part of the id space (`#`): a fleet member,
+    /// or a request the workers send about a request.
     pub fn is_member(&self) -> bool {
         self.0.contains('#')
     }

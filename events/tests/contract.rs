@@ -207,10 +207,13 @@ fn request_ids_are_bounded_in_charset_and_length() {
     // Fleet members, and requests about one.
     assert!(RequestId::new(format!("{}#999", "x".repeat(128))).is_ok());
     assert!(RequestId::new("batch-7#12.expired").is_ok());
+    // ...and what the workers send about a request that is no member.
+    assert!(RequestId::new("batch-42#expired").is_ok());
+    assert!(RequestId::new("a#x").is_ok());
     assert!(RequestId::new(format!("{}#1.{}", "x".repeat(128), "y".repeat(30))).is_err());
     for bad in [
-        "", "-leading", ".x", "a/b", "a b", "a:b", "ü", "a\n", "#1", "a#", "a#x", "a#12345",
-        "a#1#2",
+        "", "-leading", ".x", "a/b", "a b", "a:b", "ü", "a\n", "#1", "a#", "a#X", "a#.x",
+        "a#12345", "a#1#2", "a#x#1",
     ] {
         assert!(RequestId::new(bad).is_err(), "{bad:?} accepted");
     }
@@ -277,7 +280,7 @@ fn sample_events() -> Vec<(&'static str, StatusEvent)> {
         ..base.clone()
     };
     let expired = StatusEvent {
-        request_id: "batch-42.expired".into(),
+        request_id: "batch-42#expired".into(),
         operation: Some(Operation::Teardown),
         state: State::Stopped,
         seq: 2,

@@ -537,7 +537,10 @@ async fn sqs_batches_report_only_what_must_come_again() {
     let provisioner_core::store::Claim::Claimed { fence, .. } = claim else {
         panic!("claimed: {claim:?}");
     };
-    store.release(&held, &fence, true).await.expect("release");
+    store
+        .release(&held, &fence, provisioner_core::store::Release::HandedOver)
+        .await
+        .expect("release");
     let message_attributes: serde_json::Map<String, serde_json::Value> = attributes
         .iter()
         .map(|(name, value)| {

@@ -437,8 +437,56 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
         }
     }
 
-    // Expiry: whatever ran with a ttl or an expiry was torn down.
+    // Fleets: the fleet's end agrees with its members'.
+    for (id, copies) in &bodies {
+        let Some((_, fleet)) = copies.iter().find(|(_, r)| r.is_fleet()) else {
+            continue;
+        };
+        let Some(end) = outcome.get(id) else { continue };
+        if lost_record(id) {
+            continue;
+        }
+        let count = fleet.count.unwrap_or(1);
+        let members: Vec<Option<&StatusEvent>> = (0..count)
+            .map(|i| outcome.get(&format!("{id}#{i}")))
+            .collect();
+        let running = members
+            .iter()
+            .filter(|m| m.is_some_and(|e| e.state == State::Running && e.error.is_none()))
+            .count() as u32;
+        let torn = end
+            .error
+            .as_ref()
+            .is_some_and(|e| e.class == provisioner_events::ErrorClass::Conflict);
+        match (&end.error, end.state) {
+            (None, State::Running) if running < fleet.fleet_min_count() => violations.push(format!(
+                "fleet {id} ended running with {running} of its members running, fewer than its min_count {}",
+                fleet.fleet_min_count()
+            )),
+            (Some(error), State::Error) if !torn && running == count => violations.push(format!(
+                "fleet {id} ended in error ({}: {}) while all {count} of its members ran",
+                error.class, error.message
+            )),
+            (Some(error), _) if error.message.contains("every member was torn down") => {
+                for i in 0..count {
+                    let member = format!("{id}#{i}");
+                    if instances.iter().any(|x| x.owner == member && x.is_live()) {
+                        violations.push(format!(
+                            "fleet {id} says every member was torn down, yet {member} still runs"
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // Expiry: whatever ran with a ttl or an expiry was torn down (unless the store lost
+    // its schedule with everything else).
     for (id, request) in &provisions {
+        if lost_everything {
+            break;
+        }
         if request.ttl_seconds.is_none() && request.expires_at.is_none() {
             continue;
         }

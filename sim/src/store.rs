@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use provisioner_core::store::{
-    Actor, Claim, ClaimRequest, Fence, QuotaCost, QuotaGrant, QuotaUsage, Reaped, Renewal,
+    Actor, Claim, ClaimRequest, Fence, QuotaCost, QuotaGrant, QuotaUsage, Reaped, Release, Renewal,
     RequestRecord, StateStore, StoreError, TargetGrant,
 };
 use provisioner_core::{MemoryStore, RateLimit, TokenGrant};
@@ -287,11 +287,11 @@ impl StateStore for StoreView {
         &self,
         request_id: &str,
         fence: &Fence,
-        refund: bool,
+        release: Release,
     ) -> Result<(), StoreError> {
-        let key = format!("{request_id} refund {refund}");
+        let key = format!("{request_id} {release:?}");
         self.call("release", &key, || {
-            self.shared.memory.release(request_id, fence, refund)
+            self.shared.memory.release(request_id, fence, release)
         })
         .await
     }

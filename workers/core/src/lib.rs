@@ -56,7 +56,7 @@ pub use runtime::{
 };
 pub use store::{
     Claim, DEFAULT_TENANT, Fence, MACHINES, MemoryStore, QuotaCost, QuotaGrant, QuotaUsage,
-    StateStore, StoreError, UnitUsage, VCPUS, cpu_millis, vcpus_cost,
+    Release, StateStore, StoreError, UnitUsage, VCPUS, cpu_millis, vcpus_cost,
 };
 
 /// Hides the password of a URL for messages.

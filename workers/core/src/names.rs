@@ -48,12 +48,15 @@ pub fn fleet_member_parts(request_id: &str) -> Option<(&str, u32)> {
 }
 
 /// The request id of a request the workers send on their own about `request_id` (the
-/// teardown of an expired or unexplained resource): `<request_id>.<purpose>` when that
-/// is a valid request id (a fleet member's `<fleet>#<i>.<purpose>` is),
-/// `<purpose>.<SHA-256 of request_id>` otherwise. Fixed for a given pair, so a second
-/// copy of such a request is a duplicate.
+/// teardown of an expired or unexplained resource, a fleet's rollback), in the part of
+/// the id space producers cannot use (`#`), so no producer's id ever takes it:
+/// `<request_id>#<purpose>`, or `<fleet>#<i>.<purpose>` for a fleet member, and
+/// `<SHA-256 of request_id>#<purpose>` when that would be too long. Fixed for a given
+/// pair, so a second copy of such a request is a duplicate. `purpose` starts with a
+/// lower-case letter.
 pub fn follow_up_request_id(request_id: &str, purpose: &str) -> String {
-    let readable = format!("{request_id}.{purpose}");
+    let separator = if request_id.contains('#') { '.' } else { '#' };
+    let readable = format!("{request_id}{separator}{purpose}");
     if provisioner_events::RequestId::new(readable.as_str()).is_ok() {
         return readable;
     }
@@ -61,7 +64,7 @@ pub fn follow_up_request_id(request_id: &str, purpose: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    format!("{purpose}.{digest}")
+    format!("{digest}#{purpose}")
 }
 
 /// A version-4-shaped UUID that is a function of the request id, for APIs that take a

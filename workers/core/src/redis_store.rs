@@ -28,7 +28,7 @@ use redis::{AsyncCommands, Script};
 use crate::ratelimit::{RateLimit, TokenGrant};
 use crate::store::{
     Actor, Claim, ClaimRequest, DEFAULT_TENANT, Fence, MACHINES, QuotaCost, QuotaGrant, QuotaUsage,
-    Reaped, Renewal, RequestRecord, StateStore, StoreError, TargetGrant, UnitUsage,
+    Reaped, Release, Renewal, RequestRecord, StateStore, StoreError, TargetGrant, UnitUsage,
 };
 
 pub use crate::store::DEFAULT_RETENTION;
@@ -150,14 +150,19 @@ redis.call('ZREM', KEYS[2], ARGV[7])
 return {1}
 "#;
 
-/// KEYS record, index; ARGV fence, nonce, refund, id. Returns {1}.
+/// KEYS record, index; ARGV fence, nonce, how (`failed` | `untried` | `handed`), id.
+/// Returns {1}.
 const RELEASE: &str = r#"
 redis.call('HSET', KEYS[1], 'lease_until', tostring(now), 'updated_ms', tostring(now))
 redis.call('ZADD', KEYS[2], now, ARGV[4])
-if ARGV[3] == '1' and (tonumber(redis.call('HGET', KEYS[1], 'attempts')) or 0) > 0 then
+local refund = ARGV[3] ~= 'failed'
+if refund and (tonumber(redis.call('HGET', KEYS[1], 'attempts')) or 0) > 0 then
   redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 end
-if ARGV[3] == '1' then
+if ARGV[3] == 'untried' and (tonumber(redis.call('HGET', KEYS[1], 'seq')) or 0) > 0 then
+  redis.call('HINCRBY', KEYS[1], 'seq', -1)
+end
+if refund then
   redis.call('HSET', KEYS[1], 'handed', '1')
 else
   redis.call('HDEL', KEYS[1], 'handed')
@@ -665,12 +670,14 @@ impl StateStore for RedisStore {
         &self,
         request_id: &str,
         fence: &Fence,
-        refund: bool,
+        release: Release,
     ) -> Result<(), StoreError> {
-        let args = [
-            if refund { "1" } else { "0" }.to_owned(),
-            request_id.to_owned(),
-        ];
+        let how = match release {
+            Release::Failed => "failed",
+            Release::Untried => "untried",
+            Release::HandedOver => "handed",
+        };
+        let args = [how.to_owned(), request_id.to_owned()];
         self.fenced(&self.scripts.release, request_id, fence, &args)
             .await
             .map(drop)

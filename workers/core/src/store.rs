@@ -75,7 +75,7 @@ pub enum Claim {
         /// An earlier holder's lease had expired or been released.
         takeover: bool,
         /// The last holder gave the claim back in good order, its attempt refunded (a
-        /// hand-over, not a failure): nothing it was doing is in doubt.
+        /// hand-over or an untried claim, not a failure): nothing it was doing is in doubt.
         handed_over: bool,
         /// A teardown (this request id) tore the request's resource down before it could
         /// finish: end without making anything.
@@ -112,6 +112,23 @@ pub struct RequestRecord {
     /// cannot learn its owner again once the resource is gone, and its end must still
     /// free what the owner held (its expiry, its quota place).
     pub acts_on: Option<String>,
+}
+
+/// How a holder gives its claim back before its request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// The attempt failed or was cut short: it counts toward the bound, and what it began
+    /// is in doubt.
+    Failed,
+    /// Given back before anything was tried or sent (its target busy, its rate-limit
+    /// turn too far off): the attempt and the status number (`seq`) the claim took are
+    /// both refunded, so the request's events stay numbered without a gap, and the next
+    /// claim hears that nothing is in doubt (`handed_over`).
+    Untried,
+    /// Handed over in good order after sending events (a fleet between coordinators):
+    /// the attempt is refunded and the next claim hears so (`handed_over`); the numbers
+    /// it used stay used.
+    HandedOver,
 }
 
 /// What a holder hears when it renews its lease.
@@ -220,14 +237,14 @@ pub trait StateStore: Send + Sync + 'static {
         event: &StatusEvent,
     ) -> Result<(), StoreError>;
 
-    /// Ends the lease early so a retry can claim at once. `refund` gives back the attempt
-    /// the claim counted (the claim was given back before anything was tried, or handed
-    /// over in good order), and the next claim hears so (`handed_over`).
+    /// Ends the lease early so a retry can claim at once, as `release` says: the attempt
+    /// failed, or was given back untried (attempt and `seq` refunded), or handed over in
+    /// good order (attempt refunded).
     async fn release(
         &self,
         request_id: &str,
         fence: &Fence,
-        refund: bool,
+        release: Release,
     ) -> Result<(), StoreError>;
 
     /// Takes the actor lease on `target`'s record (created if it has none yet), unless
@@ -913,14 +930,17 @@ impl StateStore for MemoryStore {
         &self,
         request_id: &str,
         fence: &Fence,
-        refund: bool,
+        release: Release,
     ) -> Result<(), StoreError> {
         self.with_holder(request_id, fence, |r| {
             r.lease_until = Some(Instant::now());
-            if refund {
+            if release != Release::Failed {
                 r.attempts = r.attempts.saturating_sub(1);
             }
-            r.handed_over = refund;
+            if release == Release::Untried {
+                r.seq = r.seq.saturating_sub(1);
+            }
+            r.handed_over = release != Release::Failed;
             Ok(())
         })
     }

@@ -12,8 +12,8 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use provisioner_core::policy::RetryPolicy;
 use provisioner_core::store::{
-    Actor, Claim, ClaimRequest, Fence, MemoryStore, Reaped, Renewal, RequestRecord, StateStore,
-    StoreError, TargetGrant,
+    Actor, Claim, ClaimRequest, Fence, MemoryStore, Reaped, Release, Renewal, RequestRecord,
+    StateStore, StoreError, TargetGrant,
 };
 use provisioner_core::{
     Broker, Described, MemoryBroker, Platform, PlatformError, Worker, WorkerConfig,
@@ -866,8 +866,8 @@ impl StateStore for RenewalsHang {
     async fn complete(&self, id: &str, f: &Fence, e: &StatusEvent) -> Result<(), StoreError> {
         self.0.complete(id, f, e).await
     }
-    async fn release(&self, id: &str, f: &Fence, refund: bool) -> Result<(), StoreError> {
-        self.0.release(id, f, refund).await
+    async fn release(&self, id: &str, f: &Fence, how: Release) -> Result<(), StoreError> {
+        self.0.release(id, f, how).await
     }
     async fn act_on(
         &self,

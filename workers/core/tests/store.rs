@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use provisioner_core::redis_store::RedisStore;
 use provisioner_core::store::{
-    Actor, Claim, ClaimRequest, Fence, MemoryStore, Renewal, StateStore, StoreError, TargetGrant,
+    Actor, Claim, ClaimRequest, Fence, MemoryStore, Release, Renewal, StateStore, StoreError,
+    TargetGrant,
 };
 use provisioner_events::{SCHEMA_VERSION, State, StatusEvent};
 
@@ -138,7 +139,10 @@ async fn claims_leases_and_fences(store: &dyn StateStore) {
         Err(StoreError::Fenced(_))
     ));
     // Release lets the next claim take over at once; the attempt and seq go on.
-    store.release("r1", &f1, false).await.expect("release");
+    store
+        .release("r1", &f1, Release::Failed)
+        .await
+        .expect("release");
     let (f2, seq, attempt, takeover, handed_over) =
         claimed_after(store, claim("r1", "h", "b", "n2", 60_000)).await;
     assert_eq!(
@@ -157,11 +161,25 @@ async fn claims_leases_and_fences(store: &dyn StateStore) {
     ));
     // A refunded claim does not count: the next one is the same attempt again, and hears
     // that the claim was handed over in good order (a release without refund was not).
-    store.release("r1", &f2, true).await.expect("release");
+    store
+        .release("r1", &f2, Release::HandedOver)
+        .await
+        .expect("release");
     let (f3, _, attempt, _, handed_over) =
         claimed_after(store, claim("r1", "h", "b", "n3", 60_000)).await;
     assert_eq!(attempt, 2, "a refunded claim is not an attempt");
     assert!(handed_over, "released with a refund");
+    // A claim given back untried refunds its status number too: the next claim takes it
+    // again, so the request's events are numbered without a gap.
+    let before = store.get("r1").await.expect("get").expect("record").seq;
+    store
+        .release("r1", &f3, Release::Untried)
+        .await
+        .expect("release");
+    let (f3, seq, attempt, _, handed_over) =
+        claimed_after(store, claim("r1", "h", "b", "n3b", 60_000)).await;
+    assert_eq!((seq, attempt), (before, 2), "number and attempt given back");
+    assert!(handed_over, "nothing was in doubt");
     // Completion is stored, with its seq, and answered to every later claim.
     let done = terminal("r1", 5, State::Running);
     store.complete("r1", &f3, &done).await.expect("complete");
@@ -183,14 +201,17 @@ async fn claims_leases_and_fences(store: &dyn StateStore) {
     );
     let record = store.get("r1").await.expect("get").expect("record");
     assert_eq!(record.state, State::Running);
-    assert_eq!((record.fence, record.seq, record.attempts), (3, 5, 2));
+    assert_eq!((record.fence, record.seq, record.attempts), (4, 5, 2));
     assert_eq!(record.result, Some(done.clone()));
     assert_eq!(record.owner, None);
 
     // An expired lease (the holder died) is taken over with a new fence; the mark of an
     // earlier hand-over is the last holder's only, not this one's.
     let (handing, ..) = claimed(store, claim("r2", "h", "a", "handing", 60_000)).await;
-    store.release("r2", &handing, true).await.expect("release");
+    store
+        .release("r2", &handing, Release::HandedOver)
+        .await
+        .expect("release");
     let (old, ..) = claimed(store, claim("r2", "h", "a", "old", 150)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (new, seq, attempt, takeover, handed_over) =
@@ -274,7 +295,10 @@ async fn a_teardown_tombstones_its_target_whatever_the_interleaving(store: &dyn 
     // Between retries (lease released) the provision is not held: the teardown goes
     // ahead, and the provision's next claim finds the tombstone.
     let (f, ..) = claimed(store, claim("t2", "h", "a", "p2", 60_000)).await;
-    store.release("t2", &f, false).await.expect("release");
+    store
+        .release("t2", &f, Release::Failed)
+        .await
+        .expect("release");
     let actor2 = Actor {
         request_id: "t2-down",
         nonce: "tn2",
@@ -407,7 +431,10 @@ async fn abandoned_records_are_found_and_taken_over_once(store: &dyn StateStore)
             .is_none(),
         "a live lease is not reaped"
     );
-    store.release("s3", &live, false).await.expect("release");
+    store
+        .release("s3", &live, Release::Failed)
+        .await
+        .expect("release");
 }
 
 async fn racing_claims(store: Arc<dyn StateStore>, id: &str) {
@@ -807,7 +834,10 @@ async fn fleets_number_their_events_and_are_kept(store: &dyn StateStore) {
         Err(StoreError::Fenced(_))
     ));
     // A worker taking the fleet over numbers its events after every reserved one.
-    store.release("fleet-1", &f1, false).await.expect("release");
+    store
+        .release("fleet-1", &f1, Release::Failed)
+        .await
+        .expect("release");
     let (_, seq2, _, takeover, _) = claimed(store, claim("fleet-1", "h", "b", "n2", 60_000)).await;
     assert!(takeover);
     assert_eq!(seq2, seq + 3);

@@ -23,7 +23,7 @@ use super::{Abort, Worker, panic_text};
 use crate::broker::{Delivery, PendingConfirm, Settlement};
 use crate::platform::PlatformError;
 use crate::policy;
-use crate::store::{Actor, Claim, ClaimRequest, Fence, QuotaGrant, TargetGrant};
+use crate::store::{Actor, Claim, ClaimRequest, Fence, QuotaGrant, Release, TargetGrant};
 
 /// How long a create call dropped halfway may still take to land on the platform.
 const LATE_CREATE: Duration = Duration::from_secs(2);
@@ -194,7 +194,7 @@ impl Worker {
             Err(panic) => {
                 let what = panic_text(panic.as_ref());
                 error!(panic = %what, "the attempt panicked; it counts as failed");
-                let _ = self.store.release(id, &held.fence, false).await;
+                let _ = self.store.release(id, &held.fence, Release::Failed).await;
                 self.end_acting(&held, None).await;
                 Ok(Settlement::Retry {
                     delay: policy::backoff(&self.config.retry, attempt, self.env.jitter()),
@@ -289,7 +289,10 @@ impl Worker {
                 TargetGrant::Busy { remaining, by } => {
                     // Not an attempt: give it back and look again once the target's
                     // worker has had time to see a tombstone or finish.
-                    let _ = self.store.release(held.id(), &held.fence, true).await;
+                    let _ = self
+                        .store
+                        .release(held.id(), &held.fence, Release::Untried)
+                        .await;
                     let delay = remaining.min(self.config.lease / 3) + Duration::from_millis(250);
                     return Ok(self
                         .wait_again(
@@ -314,7 +317,10 @@ impl Worker {
             }
             Pacing::Later(again) => {
                 // Not an attempt: the queue holds it until its tokens come near.
-                let _ = self.store.release(held.id(), &held.fence, true).await;
+                let _ = self
+                    .store
+                    .release(held.id(), &held.fence, Release::Untried)
+                    .await;
                 self.end_acting(held, None).await;
                 return Ok(self
                     .wait_again(
@@ -419,7 +425,10 @@ impl Worker {
             Ok(Err(signal)) => return self.stopped(held, delivery, signal).await,
             Err(abort) => {
                 // Let the redelivery claim at once instead of waiting out our lease.
-                let _ = self.store.release(held.id(), &held.fence, false).await;
+                let _ = self
+                    .store
+                    .release(held.id(), &held.fence, Release::Failed)
+                    .await;
                 self.end_acting(held, None).await;
                 return Err(abort);
             }

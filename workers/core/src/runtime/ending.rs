@@ -14,7 +14,7 @@ use super::{Abort, Worker};
 use crate::broker::{Delivery, Settlement};
 use crate::platform::PlatformError;
 use crate::policy::{self, Decision};
-use crate::store::StoreError;
+use crate::store::{Release, StoreError};
 
 impl Worker {
     /// The heartbeat stopped the work before the platform answered.
@@ -169,7 +169,9 @@ impl Worker {
             Ok(()) => {}
             Err(StoreError::TornDown(by)) => {
                 // The tombstone landed after the platform answered: this provision may
-                // only end in error, with nothing left of it.
+                // only end in error, with nothing left of it. That end takes the number
+                // of the event that was refused, which nobody saw.
+                held.seq = event.seq;
                 return Box::pin(self.cancelled(held, &by)).await;
             }
             Err(StoreError::Fenced(_)) => {
@@ -314,7 +316,10 @@ impl Worker {
                 match decision {
                     Decision::Retry { delay } => {
                         info!(error = %failure, retry_in_ms = delay.as_millis() as u64, "attempt failed; will retry");
-                        let _ = self.store.release(held.id(), &held.fence, false).await;
+                        let _ = self
+                            .store
+                            .release(held.id(), &held.fence, Release::Failed)
+                            .await;
                         self.end_acting(held, None).await;
                         return Ok(Settlement::Retry {
                             delay,

@@ -2,7 +2,7 @@
 //! `expires_at` schedules its expiry in the store when it ends `running`; every worker of
 //! the platform looks for due expiries now and then, and the store hands each to exactly
 //! one of them. The taker publishes an ordinary teardown request (request id
-//! `<id>.expired`, `cause` saying why), so the teardown goes through the queue like any
+//! `<id>#expired`, `cause` saying why), so the teardown goes through the queue like any
 //! other: retried, fenced, serialized with the provision, and reported on the status
 //! topic. An expiry whose provision a teardown already tombstoned is only forgotten. Only
 //! once the broker confirmed the teardown is the expiry forgotten; a taker that dies
@@ -182,7 +182,8 @@ mod tests {
             assert!(RequestId::new(teardown.as_str()).is_ok(), "{teardown}");
             assert_ne!(teardown, id);
         }
-        assert_eq!(expiry_teardown_id("batch-42"), "batch-42.expired");
+        assert_eq!(expiry_teardown_id("batch-42"), "batch-42#expired");
+        assert_eq!(expiry_teardown_id("batch-7#3"), "batch-7#3.expired");
         assert_ne!(
             expiry_teardown_id(&"a".repeat(128)),
             expiry_teardown_id(&"b".repeat(128)),
@@ -246,7 +247,7 @@ mod tests {
         );
         worker
             .send_teardown(
-                "batch-42.expired",
+                "batch-42#expired",
                 &TeardownTarget::Request(RequestId::new("batch-42").expect("an id")),
                 "expired".into(),
                 None,

@@ -36,6 +36,7 @@ use provisioner_events::{
     Operation, PlatformName, Request, RequestId, Resource, State, StatusEvent, TeardownTarget,
     request_routing_key,
 };
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -44,7 +45,7 @@ use super::attempt::Held;
 use super::lease::{Heartbeat, LeaseSignal};
 use super::{Abort, Worker};
 use crate::broker::Settlement;
-use crate::store::{Claim, ClaimRequest, RequestRecord, StoreError, TargetGrant};
+use crate::store::{Claim, ClaimRequest, Release, RequestRecord, StoreError, TargetGrant};
 
 /// How often a coordinator reads its members' records.
 const POLL: Duration = Duration::from_millis(500);
@@ -72,6 +73,54 @@ enum Followed {
 /// under a name of its own.
 pub fn fleet_schedule(platform: PlatformName) -> String {
     format!("{platform}/fleets")
+}
+
+/// When a fleet watcher and its coordinators give their fleets back to the schedule: at
+/// the instant a Lambda round ends, when a daemon worker is told to stop, or never. A
+/// fleet given back is refunded its attempt: handing over is not failing.
+#[derive(Debug, Clone)]
+pub(super) struct Deadline {
+    at: watch::Receiver<Option<Instant>>,
+    /// Set from the start (a round that runs only so long), not on a stop.
+    bounded: bool,
+}
+
+impl Deadline {
+    /// A round that ends at `until`.
+    pub(super) fn at(until: Instant) -> Self {
+        Deadline {
+            at: watch::channel(Some(until)).1,
+            bounded: true,
+        }
+    }
+
+    /// Never, until the worker says when (its shutdown).
+    pub(super) fn on_stop(stop: watch::Receiver<Option<Instant>>) -> Self {
+        Deadline {
+            at: stop,
+            bounded: false,
+        }
+    }
+
+    fn instant(&self) -> Option<Instant> {
+        *self.at.borrow()
+    }
+
+    fn passed(&self) -> bool {
+        self.instant().is_some_and(|at| Instant::now() >= at)
+    }
+
+    /// Resolves when the deadline comes.
+    async fn reached(&mut self) {
+        loop {
+            if let Some(at) = self.instant() {
+                return tokio::time::sleep_until(at).await;
+            }
+            if self.at.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
 }
 
 /// What a fleet request does with its members.
@@ -281,7 +330,12 @@ impl Worker {
         .await;
         self.end_acting(held, None).await;
         // Given back with its attempt: coordinating it is the next attempt's work.
-        let _ = self.store.release(&id, &held.fence, handed.is_ok()).await;
+        let how = if handed.is_ok() {
+            Release::HandedOver
+        } else {
+            Release::Failed
+        };
+        let _ = self.store.release(&id, &held.fence, how).await;
         handed?;
         if let Err(e) = self
             .store_call(|| self.store.schedule_expiry(&schedule, &id, self.env.now()))
@@ -349,10 +403,14 @@ impl Worker {
     }
 
     /// Takes fleets that no one coordinates from the schedule, for as long as the worker
-    /// runs. Dropping it (the worker stops) stops its coordinators; their leases run out
-    /// and other workers take their fleets over.
-    pub(super) async fn watch_fleets_forever(self: Arc<Self>) {
-        self.watch_fleets(None).await;
+    /// runs. When `stop` says when (the worker drains), every coordinator hands its fleet
+    /// back to the schedule in good order (no attempt counted) for another worker; one
+    /// dropped where it stands (a crash) leaves its lease to run out.
+    pub(super) async fn watch_fleets_forever(
+        self: Arc<Self>,
+        stop: watch::Receiver<Option<Instant>>,
+    ) {
+        self.watch_fleets(Deadline::on_stop(stop)).await;
     }
 
     /// Coordinates the fleets that come due until `until`, for a worker that runs only
@@ -365,12 +423,12 @@ impl Worker {
         self: &Arc<Self>,
         until: Instant,
     ) -> (usize, Option<String>) {
-        self.clone().watch_fleets(Some(until)).await
+        self.clone().watch_fleets(Deadline::at(until)).await
     }
 
-    /// Takes due fleets from the schedule and coordinates each, until `until` (forever
-    /// when `None`; see [`Worker::coordinate_fleets_until`]).
-    async fn watch_fleets(self: Arc<Self>, until: Option<Instant>) -> (usize, Option<String>) {
+    /// Takes due fleets from the schedule and coordinates each, until the deadline (see
+    /// [`Worker::coordinate_fleets_until`]).
+    async fn watch_fleets(self: Arc<Self>, mut until: Deadline) -> (usize, Option<String>) {
         let schedule = fleet_schedule(self.platform.name());
         let mut coordinators = JoinSet::new();
         let coordinating = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
@@ -378,7 +436,7 @@ impl Worker {
         let mut trouble = None;
         loop {
             while coordinators.try_join_next().is_some() {}
-            if until.is_some_and(|until| Instant::now() >= until) {
+            if until.passed() {
                 break;
             }
             let due = match self
@@ -393,7 +451,7 @@ impl Worker {
                     Vec::new()
                 }
             };
-            if until.is_some() && due.is_empty() && coordinators.is_empty() {
+            if until.bounded && due.is_empty() && coordinators.is_empty() {
                 break;
             }
             for (id, _) in due {
@@ -407,6 +465,7 @@ impl Worker {
                 taken += 1;
                 let worker = self.clone();
                 let coordinating = coordinating.clone();
+                let until = until.clone();
                 let span = info_span!("fleet", platform = %self.platform.name(), request.id = %id);
                 coordinators.spawn(
                     async move {
@@ -421,8 +480,11 @@ impl Worker {
                     .instrument(span),
                 );
             }
-            let next_look = Instant::now() + WATCH_EVERY;
-            tokio::time::sleep_until(until.map_or(next_look, |until| until.min(next_look))).await;
+            tokio::select! {
+                biased;
+                _ = until.reached() => {}
+                _ = tokio::time::sleep(WATCH_EVERY) => {}
+            }
         }
         // Past `until`: each coordinator hands its fleet back on its own, at its next
         // look. One still busy (publishing, the store slow) after a grace is stopped
@@ -445,7 +507,7 @@ impl Worker {
 
     /// Coordinates the fleet `id` to its end, until its lease is lost, or until `until`,
     /// when it gives the fleet back to the schedule, due at once.
-    async fn coordinate(&self, id: &str, until: Option<Instant>) -> Result<(), Abort> {
+    async fn coordinate(&self, id: &str, until: Deadline) -> Result<(), Abort> {
         let platform = self.platform.name();
         let schedule = fleet_schedule(platform);
         let forget = || async {
@@ -497,7 +559,16 @@ impl Worker {
             } => (fence, seq, attempt, torn_down_by, handed_over),
             // Another worker coordinates it, and its entry comes due again meanwhile.
             Claim::Held { .. } => return Ok(()),
-            Claim::Done(_) | Claim::Conflict => {
+            Claim::Done(event) => {
+                // Ended before: but the coordinator that recorded the end may have died
+                // (or the broker refused it) before its event went out. Publish it again
+                // (a copy is the same event) and only then take the fleet off the schedule.
+                self.after_the_end(&request, &event).await;
+                self.broker.publish_status(&event).await?;
+                forget().await;
+                return Ok(());
+            }
+            Claim::Conflict => {
                 forget().await;
                 return Ok(());
             }
@@ -536,7 +607,7 @@ impl Worker {
                 TargetGrant::Busy { remaining, by } => {
                     debug!(%by, "the fleet is being worked on; looking again soon");
                     let soon = self.env.now() + remaining.min(self.config.lease / 3);
-                    self.give_back(&held, soon).await;
+                    self.give_back(&held, seq, soon).await;
                     return Ok(());
                 }
             }
@@ -577,7 +648,7 @@ impl Worker {
                 // back, so the next coordinator neither counts it toward the bound nor
                 // takes the fleet for abandoned.
                 info!("out of time; the fleet goes back to the schedule for the next coordinator");
-                self.give_back(&held, self.env.now()).await;
+                self.give_back(&held, seq, self.env.now()).await;
                 self.end_acting(&held, None).await;
             }
             Ok(Followed::LeaseLost) => match signal {
@@ -591,7 +662,14 @@ impl Worker {
                 }
             },
             Err(e) => {
-                let _ = self.store.release(id, &held.fence, false).await;
+                // A broker that would not take an event is no failure of the fleet's: its
+                // next coordinator goes on where this one stopped, without an attempt.
+                let how = match (&e, held.seq == seq) {
+                    (Abort::Broker(_), true) => Release::Untried,
+                    (Abort::Broker(_), false) => Release::HandedOver,
+                    (Abort::Store(_), _) => Release::Failed,
+                };
+                let _ = self.store.release(id, &held.fence, how).await;
                 self.end_acting(&held, None).await;
                 return Err(e);
             }
@@ -600,11 +678,17 @@ impl Worker {
     }
 
     /// Gives the fleet's claim back without counting an attempt (nothing failed) and
-    /// puts it on the schedule due `at`, for the next coordinator. Should either fail,
-    /// its entry still comes due a lease after it was taken.
-    async fn give_back(&self, held: &Held<'_>, at: SystemTime) {
+    /// puts it on the schedule due `at`, for the next coordinator. `first_seq` is the
+    /// number the claim took: if no event used it, it is given back too. Should either
+    /// fail, its entry still comes due a lease after it was taken.
+    async fn give_back(&self, held: &Held<'_>, first_seq: u64, at: SystemTime) {
         let id = held.id();
-        if let Err(e) = self.store.release(id, &held.fence, true).await {
+        let how = if held.seq == first_seq {
+            Release::Untried
+        } else {
+            Release::HandedOver
+        };
+        if let Err(e) = self.store.release(id, &held.fence, how).await {
             debug!(error = %e, "could not give the fleet's claim back");
         }
         let schedule = fleet_schedule(self.platform.name());
@@ -631,15 +715,9 @@ impl Worker {
         held: &mut Held<'_>,
         fleet: &Fleet,
         heartbeat: &Heartbeat,
-        until: Option<Instant>,
+        mut until: Deadline,
     ) -> Result<Followed, Abort> {
-        // `None`: a time that never comes.
-        let time_up = async {
-            match until {
-                Some(until) => tokio::time::sleep_until(until).await,
-                None => std::future::pending().await,
-            }
-        };
+        let time_up = until.reached();
         tokio::pin!(time_up);
         let ids = fleet.member_ids();
         let mut signal = heartbeat.signal();
@@ -799,6 +877,16 @@ impl Worker {
             })
             .collect();
         let counts = look.counts;
+        // Members whose provision succeeded: the fleet's success is theirs, whatever
+        // happened to their resources since (an expiry, a teardown of one member).
+        let ran = records
+            .iter()
+            .filter(|r| {
+                r.as_ref()
+                    .and_then(|r| r.result.as_ref())
+                    .is_some_and(|e| e.state == State::Running && e.error.is_none())
+            })
+            .count() as u32;
         // The failure most worth reporting: the first that is not a rollback's doing.
         let failure = members
             .iter()
@@ -837,13 +925,13 @@ impl Worker {
                     ),
                 }),
             ),
-            Plan::Provision { min_count, .. } if counts.running < *min_count => (
+            Plan::Provision { min_count, .. } if ran < *min_count => (
                 State::Error,
                 Some(ErrorInfo {
                     class,
                     message: format!(
-                        "{} of {} members run, fewer than min_count {min_count}; they are kept (on_partial keep): tear the fleet down to remove them.{first_failure}",
-                        counts.running, fleet.count
+                        "{ran} of {} members ran, fewer than min_count {min_count}; they are kept (on_partial keep): tear the fleet down to remove them.{first_failure}",
+                        fleet.count
                     ),
                 }),
             ),

@@ -286,9 +286,12 @@ impl Worker {
                 async move { worker.expire_forever(every).await },
             ))
         });
-        let _fleets = {
+        // On shutdown the fleets' coordinators hand their fleets back in good order,
+        // within the grace period, instead of leaving their leases to run out.
+        let (stop_fleets, fleets_stop) = tokio::sync::watch::channel(None);
+        let mut fleets = {
             let worker = self.clone();
-            reaper::AbortOnDrop(tokio::spawn(worker.watch_fleets_forever()))
+            reaper::AbortOnDrop(tokio::spawn(worker.watch_fleets_forever(fleets_stop)))
         };
         tokio::pin!(shutdown);
         'connection: loop {
@@ -394,8 +397,10 @@ impl Worker {
             grace_s = self.config.shutdown_grace.as_secs(),
             "shutting down: consumer cancelled, letting in-flight requests finish"
         );
+        stop_fleets.send_replace(Some(tokio::time::Instant::now()));
         let drained = tokio::time::timeout(self.config.shutdown_grace, async {
             while in_flight.join_next().await.is_some() {}
+            let _ = (&mut fleets.0).await;
         })
         .await;
         if drained.is_err() {

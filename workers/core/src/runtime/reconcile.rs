@@ -11,7 +11,7 @@
 //! never judged (it may be a create whose record is being written), every verdict is
 //! looked at a second time after a pause before anything is done, at most `max_removals`
 //! go per run, and `dry_run` only reports. Removal is an ordinary teardown request of the
-//! resource by its id (`<id>.reconciled-<resource hash>`, with a `cause` saying why), so it goes through
+//! resource by its id (`<id>#reconciled-<resource hash>`, with a `cause` saying why), so it goes through
 //! the queue with its tombstone, fencing and status events, and a second copy of it is a
 //! duplicate.
 
@@ -79,7 +79,7 @@ pub struct ReconcileDecision {
 }
 
 /// The request id of the teardown the reconciler sends for one resource of
-/// `request_id`: `<request_id>.reconciled-<8 hex of the resource id>`, so two resources
+/// `request_id`: `<request_id>#reconciled-<8 hex of the resource id>`, so two resources
 /// leaked under one request id (a launch that ran twice) each get their own teardown,
 /// and the same resource always the same one.
 pub fn reconcile_teardown_id(request_id: &str, resource_id: &str) -> String {
