@@ -216,6 +216,9 @@ impl Cloud {
         }
         let wait = Duration::from_secs_f64((1.0 - b.tokens) / b.refill);
         *state.throttled.entry(bucket).or_default() += 1;
+        self.history.note("cloud", || {
+            format!("throttled a {bucket} call ({:.2} tokens)", b.tokens)
+        });
         Err(CloudError::Throttled(wait))
     }
 
@@ -497,6 +500,10 @@ impl Cloud {
 
     pub fn violations(&self) -> Vec<String> {
         self.state().violations.clone()
+    }
+
+    pub fn history(&self) -> &History {
+        &self.history
     }
 
     pub fn behaviour(&self) -> &CloudBehaviour {

@@ -170,6 +170,10 @@ impl RunConfig {
         let mut buckets = BTreeMap::new();
         buckets.insert("RunInstances", run_bucket);
         buckets.insert("Mutate", mutate_bucket);
+        // An instance is listed before it can run (EC2 lists a launch within seconds,
+        // and boots for longer): a teardown after a `running` event always finds it.
+        let list_lag_ms = *rng.pick(&[0, 0, 200, 1000]);
+        let boot_max = *rng.pick(&[0, 1000, 5000, 20000]);
         let cloud = CloudBehaviour {
             latency_ms: *rng.pick(&[0, 10, 100, 1000]),
             fail: p(&mut rng, 0.05),
@@ -177,8 +181,8 @@ impl RunConfig {
             late_landing_ms: *rng.pick(&[0, 0, 500, 3000]),
             capacity: p(&mut rng, 0.05),
             instance_quota: rng.chance(0.1).then(|| rng.range(3, 20) as usize),
-            list_lag_ms: *rng.pick(&[0, 0, 200, 1000]),
-            boot_ms: (0, *rng.pick(&[0, 1000, 5000, 20000])),
+            list_lag_ms,
+            boot_ms: (list_lag_ms, boot_max.max(list_lag_ms)),
             buckets,
         };
         let crash_at_boundary = p(&mut rng, 0.002);

@@ -96,6 +96,17 @@ fn same_event(a: &StatusEvent, b: &StatusEvent) -> bool {
     serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
 }
 
+/// Whether a record may stay in progress for good, as the contract allows: a fleet whose
+/// request the store lost, when no reaper ends abandoned records.
+pub fn may_stay_in_progress(world: &World, request_id: &str) -> bool {
+    world.config.worker.reap_after.is_none()
+        && world.store.losses().iter().any(|l| match l {
+            Loss::Fleet { request_id: id, .. } => id == request_id,
+            Loss::Everything { .. } => true,
+            Loss::Record { .. } => false,
+        })
+}
+
 /// Judges a settled run; `stuck` says why it did not settle, if it did not.
 pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
     let mut v = Verdict::default();
@@ -216,7 +227,17 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
                 && (excused
                     || held_hash.is_none()
                     || held_hash.as_deref() == Some(&request.payload_hash()));
-            if !(ran || refused(body) || set_aside_with_reason(body)) {
+            // A fleet lives in the store once handed over (its message is consumed):
+            // one whose request the store lost is lost with it, as the README says.
+            let fleet_lost = request.is_fleet()
+                && losses.iter().any(|l| match l {
+                    Loss::Fleet { request_id, .. } => request_id == id,
+                    Loss::Everything { .. } => true,
+                    Loss::Record { .. } => false,
+                });
+            if fleet_lost && last.is_none() {
+                v.stats.excused += 1;
+            } else if !(ran || refused(body) || set_aside_with_reason(body)) {
                 violations.push(format!(
                     "{id}: a {} message was accepted and never answered (no terminal event, no refusal)",
                     request.operation
@@ -276,6 +297,7 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
         if let Ok(Some(record)) = world.store.memory.get(&id).await
             && record.payload_hash.is_some()
             && record.result.is_none()
+            && !may_stay_in_progress(world, &id)
         {
             violations.push(format!("{id} is still in progress in the store"));
         }

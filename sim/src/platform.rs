@@ -128,6 +128,11 @@ impl SimPlatform {
     ) -> Result<T, PlatformError> {
         self.process.boundary(what).await;
         let result = call.await;
+        if let Err(e) = &result {
+            self.cloud
+                .history()
+                .note(&self.process.name, || format!("cloud {what} -> {e:?}"));
+        }
         self.process.boundary(what).await;
         result.map_err(classify)
     }
@@ -223,6 +228,11 @@ impl Platform for SimPlatform {
 
     async fn quota_cost(&self, request: &Request) -> Result<QuotaCost, PlatformError> {
         Ok(vcpus_cost(cpus_of(request)? * 1000))
+    }
+
+    fn settle_time(&self) -> Duration {
+        let behaviour = self.cloud.behaviour();
+        Duration::from_millis(behaviour.late_landing_ms + behaviour.list_lag_ms)
     }
 
     fn use_pacer(&self, pacer: Arc<dyn CallPacer>) {

@@ -267,6 +267,7 @@ async fn busy(world: &World) -> Option<String> {
         if let Ok(Some(record)) = memory.get(&id).await
             && record.payload_hash.is_some()
             && record.result.is_none()
+            && !oracle::may_stay_in_progress(world, &id)
         {
             return Some(format!("request {id} is in progress"));
         }

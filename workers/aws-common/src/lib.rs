@@ -83,6 +83,12 @@ pub async fn identity_findings(
     findings
 }
 
+/// How long EC2 and ECS may go on showing nothing of what a call just made: a launch
+/// whose answer was lost can still land, and `Describe*` by tag is eventually consistent
+/// ("may take several seconds", the EC2 API reference's "Eventual consistency" page).
+/// Removing what a failed provision made looks again after this long.
+pub const EVENTUAL_CONSISTENCY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Classifies an SDK error: transport trouble is transient (retried); an answer from the
 /// service goes by its error code through the service's own `by_code` table.
 pub fn classify<E, R>(

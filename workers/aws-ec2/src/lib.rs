@@ -768,6 +768,10 @@ impl Platform for Ec2Platform {
         self.pacer.set(pacer);
     }
 
+    fn settle_time(&self) -> std::time::Duration {
+        provisioner_aws_common::EVENTUAL_CONSISTENCY
+    }
+
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
         let spec = spec_of::<AwsEc2Spec>(request)?;
         let id = request.request_id.as_str();

@@ -901,6 +901,10 @@ impl Platform for EcsPlatform {
         self.pacer.set(pacer);
     }
 
+    fn settle_time(&self) -> std::time::Duration {
+        provisioner_aws_common::EVENTUAL_CONSISTENCY
+    }
+
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
         let spec = spec_of::<AwsEcsSpec>(request)?;
         let id = request.request_id.as_str();

@@ -172,6 +172,16 @@ pub trait Platform: Send + Sync + 'static {
         Ok(crate::store::QuotaCost::new())
     }
 
+    /// How long the platform may go on showing nothing of a resource that a create call
+    /// made: a create whose answer was lost may still land, and listings by ownership tag
+    /// may lag behind what exists (EC2's eventual consistency). When removing what a
+    /// failed provision made finds nothing, the runtime looks again after this long
+    /// before it says nothing was left. Zero (the default) for platforms whose lookups see
+    /// what exists at once: names derived from the request id, read back by name.
+    fn settle_time(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// Hands the platform the runtime's pacer, for calls it makes beyond the one paced
     /// per request (a batched launch). Platforms that make no such calls ignore it.
     fn use_pacer(&self, pacer: std::sync::Arc<dyn crate::ratelimit::CallPacer>) {

@@ -48,6 +48,8 @@ pub(super) struct Held<'a> {
     /// until then, and two confirms in flight together cost one wait.
     /// (In a mutex only to make `Held` shareable; it is reached through `&mut`.)
     pub(super) working_confirm: std::sync::Mutex<Option<PendingConfirm>>,
+    /// How often the delivery was parked before (none for a fleet's coordinator).
+    pub(super) waits: u32,
 }
 
 impl Held<'_> {
@@ -150,9 +152,15 @@ impl Worker {
                 self.broker.publish_status(&event).await?;
                 return Ok(Settlement::Ack);
             }
-            Claim::Held { .. } if self.is_handed_over_fleet(id).await => {
-                // A copy of a fleet's message: the fleet is in a worker's hands, and on
-                // the schedule should that worker die.
+            Claim::Held { remaining, .. } if self.is_handed_over_fleet(id).await => {
+                // A copy of a fleet's message: the fleet is in a worker's hands. Its
+                // holder may have died between keeping the fleet and scheduling it, so
+                // make sure it comes due once that holder's lease is out (scheduling
+                // again only moves the time).
+                let schedule = super::fleet_schedule(self.platform.name());
+                let due = self.env.now() + remaining;
+                self.store_call(|| self.store.schedule_expiry(&schedule, id, due))
+                    .await?;
                 debug!("a fleet already handed over; this copy has nothing to do");
                 return Ok(Settlement::Ack);
             }
@@ -183,6 +191,7 @@ impl Worker {
             acting_on: None,
             claimed_before: *claimed_before.lock().unwrap_or_else(|e| e.into_inner()),
             working_confirm: std::sync::Mutex::new(None),
+            waits: delivery.waits,
         };
         // From here on this worker holds the lease: whatever happens, including a panic,
         // the attempt ends in a settlement that lets the request go on or end.
@@ -220,8 +229,12 @@ impl Worker {
         if let Some(by) = torn_down_by
             && request.operation == Operation::Provision
         {
+            // Usually nothing was made. But an attempt whose record the store lost may
+            // have made something the teardown (which found no record to wait for) did
+            // not see: look, and remove it.
+            let removal = self.remove_what_was_made(request).await;
             let message = format!(
-                "{by} tore this request down before it could run; nothing was made. A request id names one request for good: use a new one to provision again"
+                "{by} tore this request down before it could run; {removal}. A request id names one request for good: use a new one to provision again"
             );
             return self
                 .end_in_error(held, ErrorClass::Conflict, message, None)

@@ -3,7 +3,8 @@
 //! works, removing what it made first, so nothing is left behind an `error`.
 
 use provisioner_events::{
-    ErrorClass, ErrorInfo, Operation, Request, Resource, State, StatusEvent, TeardownTarget,
+    ErrorClass, ErrorInfo, Operation, Request, RequestId, Resource, State, StatusEvent,
+    TeardownTarget,
 };
 use tracing::{debug, error, info, warn};
 
@@ -26,13 +27,7 @@ impl Worker {
     ) -> Result<Settlement, Abort> {
         match signal {
             LeaseSignal::Cancelled { by } => self.cancelled(held, &by).await,
-            LeaseSignal::Fenced => {
-                warn!("another worker took the request over; it finishes it");
-                if self.torn_down(held.id()).await {
-                    self.remove_what_was_made(held.request).await;
-                }
-                Ok(Settlement::Ack)
-            }
+            LeaseSignal::Fenced => self.fenced_off(held).await,
             LeaseSignal::Held | LeaseSignal::Expired => {
                 warn!(
                     "the lease could not be renewed before it ended; stopped the work (the next holder converges on the same resource)"
@@ -87,12 +82,36 @@ impl Worker {
         })
     }
 
-    /// Whether a teardown tombstoned `request_id` (read after being fenced off).
-    pub(super) async fn torn_down(&self, request_id: &str) -> bool {
-        matches!(
-            self.store.get(request_id).await,
-            Ok(Some(record)) if record.torn_down_by.is_some()
-        )
+    /// The claim is not ours any more. Usually another worker took the request over and
+    /// finishes it, and this delivery is done. But a record the store lost, and that a
+    /// teardown's tombstone made again, is held by nobody: then the request must be claimed
+    /// afresh, or it would never end. Either way, a provision torn down meanwhile removes
+    /// what it made.
+    pub(super) async fn fenced_off(&self, held: &mut Held<'_>) -> Result<Settlement, Abort> {
+        let record = self.store.get(held.id()).await;
+        if held.request.operation == Operation::Provision
+            && matches!(&record, Ok(Some(r)) if r.torn_down_by.is_some())
+        {
+            self.remove_what_was_made(held.request).await;
+        }
+        let someone_holds_it = matches!(
+            &record,
+            Ok(Some(r)) if r.payload_hash.is_some()
+                && (r.result.is_some() || r.lease_remaining.is_some())
+        );
+        self.end_acting(held, None).await;
+        if someone_holds_it {
+            warn!("fenced off: another worker took the request over and finishes it");
+            return Ok(Settlement::Ack);
+        }
+        warn!(
+            "fenced off, and nobody holds the request (its record was lost): it is claimed afresh"
+        );
+        Ok(Settlement::Retry {
+            delay: policy::backoff(&self.config.retry, held.attempt, self.env.jitter()),
+            attempt: held.attempt + 1,
+            waits: held.waits,
+        })
     }
 
     /// Removes whatever this provision may have made, by its request id (idempotent);
@@ -101,28 +120,50 @@ impl Worker {
         if request.operation != Operation::Provision || request.dry_run {
             return "nothing was made".into();
         }
-        let target = TeardownTarget::Request(request.request_id.clone());
-        let removal = tokio::time::timeout(
-            self.config.operation_timeout,
-            self.platform.teardown(&target),
-        )
-        .await;
-        match removal {
-            Ok(Ok(Some(_))) => "what it had made was removed".into(),
-            Ok(Ok(None)) => "nothing of it was left".into(),
-            Ok(Err(e)) => {
-                error!(error = %e, "could not remove what a failed provision made");
-                format!(
-                    "removing what it may have made failed ({e}): send a teardown for {}",
-                    request.request_id
-                )
+        self.remove_made_for(&request.request_id).await
+    }
+
+    /// Removes what the provision `request_id` made, each call paced as a teardown of it
+    /// is. Where the platform's view of what exists may lag ([`Platform::settle_time`]),
+    /// a removal that found nothing looks again after that long, so a create that lands
+    /// late, or a listing that lags, is not taken for nothing left.
+    ///
+    /// [`Platform::settle_time`]: crate::Platform::settle_time
+    pub(super) async fn remove_made_for(&self, request_id: &RequestId) -> String {
+        let target = TeardownTarget::Request(request_id.clone());
+        let teardown = super::expiry::teardown_request(self.platform.name(), request_id);
+        let settle = self.platform.settle_time();
+        for look in 0..2 {
+            if look == 1 {
+                if settle.is_zero() {
+                    break;
+                }
+                tokio::time::sleep(settle).await;
             }
-            Err(_) => format!(
-                "removing what it may have made took longer than {} s: send a teardown for {}",
-                self.config.operation_timeout.as_secs(),
-                request.request_id
-            ),
+            self.pacer.pace(self.platform.rate_limits(&teardown)).await;
+            let removal = tokio::time::timeout(
+                self.config.operation_timeout,
+                self.platform.teardown(&target),
+            )
+            .await;
+            match removal {
+                Ok(Ok(Some(_))) => return "what it had made was removed".into(),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    error!(error = %e, "could not remove what a failed provision made");
+                    return format!(
+                        "removing what it may have made failed ({e}): send a teardown for {request_id}"
+                    );
+                }
+                Err(_) => {
+                    return format!(
+                        "removing what it may have made took longer than {} s: send a teardown for {request_id}",
+                        self.config.operation_timeout.as_secs(),
+                    );
+                }
+            }
         }
+        "nothing of it was left".into()
     }
 
     /// Stores and publishes a terminal `error` and ends the attempt.
@@ -174,13 +215,7 @@ impl Worker {
                 held.seq = event.seq;
                 return Box::pin(self.cancelled(held, &by)).await;
             }
-            Err(StoreError::Fenced(_)) => {
-                warn!("fenced off: another worker took the request over and finishes it");
-                if held.request.operation == Operation::Provision && self.torn_down(&id).await {
-                    self.remove_what_was_made(held.request).await;
-                }
-                return Ok(Settlement::Ack);
-            }
+            Err(StoreError::Fenced(_)) => return self.fenced_off(held).await,
             Err(e) => {
                 self.end_acting(held, None).await;
                 return Err(e.into());

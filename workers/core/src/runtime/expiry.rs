@@ -12,7 +12,8 @@
 use std::time::Duration;
 
 use provisioner_events::{
-    Operation, RequestId, SCHEMA_VERSION, TeardownTarget, request_routing_key,
+    Operation, PlatformName, Request, RequestId, SCHEMA_VERSION, TeardownTarget,
+    request_routing_key,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -32,6 +33,31 @@ pub const EXPIRY_RETRY: Duration = Duration::from_secs(60);
 /// when it fits in a request id, a digest of it otherwise.
 pub fn expiry_teardown_id(request_id: &str) -> String {
     crate::names::follow_up_request_id(request_id, "expired")
+}
+
+/// A teardown of the provision `target` as a request, for what depends on the request
+/// alone (the buckets a teardown draws on).
+pub(super) fn teardown_request(platform: PlatformName, target: &RequestId) -> Request {
+    Request {
+        schema_version: SCHEMA_VERSION,
+        request_id: target.clone(),
+        operation: Operation::Teardown,
+        platform,
+        spec: None,
+        target_request_id: Some(target.clone()),
+        resource_id: None,
+        labels: Default::default(),
+        deadline: None,
+        tenant: None,
+        dry_run: false,
+        ttl_seconds: None,
+        expires_at: None,
+        cause: None,
+        count: None,
+        min_count: None,
+        on_partial: None,
+        fleet_member: None,
+    }
 }
 
 impl Worker {

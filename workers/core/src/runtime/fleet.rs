@@ -515,6 +515,14 @@ impl Worker {
                 debug!(error = %e, "could not take a fleet off the schedule");
             }
         };
+        // After this coordinator ended the fleet: off the schedule only once the store
+        // holds the end. One fenced off meanwhile leaves the fleet on the schedule, for
+        // whoever holds it or the next coordinator.
+        let forget_if_ended = || async {
+            if matches!(self.store.get(id).await, Ok(Some(r)) if r.result.is_some()) {
+                forget().await;
+            }
+        };
         let Some(json) = self.store.fleet(id).await? else {
             warn!("a scheduled fleet whose request is gone; dropped");
             forget().await;
@@ -581,6 +589,7 @@ impl Worker {
             acting_on: None,
             claimed_before,
             working_confirm: std::sync::Mutex::new(None),
+            waits: 0,
         };
         if attempt > self.config.retry.max_attempts {
             let message = format!(
@@ -589,12 +598,12 @@ impl Worker {
             );
             self.end_in_error(&mut held, ErrorClass::Internal, message, None)
                 .await?;
-            forget().await;
+            forget_if_ended().await;
             return Ok(());
         }
         if let (Some(by), Plan::Provision { .. }) = (&torn_down_by, &fleet.plan) {
             self.fleet_torn_down(&mut held, by).await?;
-            forget().await;
+            forget_if_ended().await;
             return Ok(());
         }
         if let Plan::Teardown { target } = &fleet.plan {
@@ -641,7 +650,7 @@ impl Worker {
         match ended {
             Ok(Followed::Ended(event)) => {
                 self.record_and_publish(&mut held, *event).await?;
-                forget().await;
+                forget_if_ended().await;
             }
             Ok(Followed::TimeUp) => {
                 // An orderly hand-over, not a failed attempt: the claim gives its attempt
@@ -654,7 +663,7 @@ impl Worker {
             Ok(Followed::LeaseLost) => match signal {
                 LeaseSignal::Cancelled { by } => {
                     self.fleet_torn_down(&mut held, &by).await?;
-                    forget().await;
+                    forget_if_ended().await;
                 }
                 other => {
                     warn!(signal = ?other, "lost the fleet's lease; another worker takes it over");

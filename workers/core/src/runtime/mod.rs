@@ -192,6 +192,9 @@ pub struct Worker {
     health: crate::metrics::Health,
     /// The wall clock and random draws: the system's, or a simulation's.
     env: Arc<dyn crate::Environment>,
+    /// Paces the calls the runtime makes on its own (removing what a failed provision
+    /// made), as the platform's own extra calls are.
+    pacer: Arc<dyn crate::ratelimit::CallPacer>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -223,11 +226,8 @@ impl Worker {
         broker: Arc<dyn Broker>,
         config: WorkerConfig,
     ) -> Self {
-        platform.use_pacer(Worker::call_pacer(
-            store.clone(),
-            platform.name(),
-            config.rate_limits.clone(),
-        ));
+        let pacer = Worker::call_pacer(store.clone(), platform.name(), config.rate_limits.clone());
+        platform.use_pacer(pacer.clone());
         let metrics = Arc::new(crate::metrics::Metrics::new(platform.name()));
         Worker {
             platform,
@@ -237,6 +237,7 @@ impl Worker {
             metrics,
             health: crate::metrics::Health::default(),
             env: Arc::new(crate::SystemEnvironment),
+            pacer,
         }
     }
 

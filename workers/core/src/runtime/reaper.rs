@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use provisioner_events::{
-    ErrorClass, ErrorInfo, Operation, RequestId, SCHEMA_VERSION, State, StatusEvent, TeardownTarget,
+    ErrorClass, ErrorInfo, Operation, RequestId, SCHEMA_VERSION, State, StatusEvent,
 };
 use tracing::{debug, info, warn};
 
@@ -60,24 +60,7 @@ impl Worker {
                 .and_then(|(_, op)| serde_json::from_value(serde_json::json!(op)).ok());
             let removal = match (operation, RequestId::new(id.as_str())) {
                 (Some(Operation::Provision), Ok(request_id)) => {
-                    let target = TeardownTarget::Request(request_id);
-                    match tokio::time::timeout(
-                        self.config.operation_timeout,
-                        self.platform.teardown(&target),
-                    )
-                    .await
-                    {
-                        Ok(Ok(Some(_))) => "; what it had made was removed".to_owned(),
-                        Ok(Ok(None)) => "; nothing of it was left".to_owned(),
-                        Ok(Err(e)) => {
-                            format!(
-                                "; removing what it may have made failed ({e}): send a teardown for {id}"
-                            )
-                        }
-                        Err(_) => format!(
-                            "; removing what it may have made timed out: send a teardown for {id}"
-                        ),
-                    }
+                    format!("; {}", self.remove_made_for(&request_id).await)
                 }
                 _ => String::new(),
             };
