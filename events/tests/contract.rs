@@ -285,8 +285,7 @@ fn sample_events() -> Vec<(&'static str, StatusEvent)> {
         state: State::Stopped,
         seq: 2,
         cause: Some(
-            "expired: batch-42 was to be torn down at 2026-11-30T10:00:00Z (its ttl_seconds or expires_at)"
-                .into(),
+            "expired: batch-42 reached its ttl_seconds or expires_at, and is torn down".into(),
         ),
         ..base.clone()
     };

@@ -127,7 +127,7 @@ impl SharedStore {
     /// disrupts the worker's work.
     fn draw(&self, worker: &str) -> (Duration, Option<&'static str>, bool) {
         let drawn = self.draw_weather(worker);
-        if drawn.1.is_some() || drawn.2 || drawn.3 {
+        if drawn.1.is_some() || drawn.3 {
             self.witness.disrupted(worker);
         }
         (drawn.0, drawn.1, drawn.2)
@@ -227,6 +227,9 @@ impl StoreView {
         if let Some((request_id, seq)) = result.as_ref().ok().and_then(reserved) {
             self.shared.witness.reserved(&request_id, seq, who);
         }
+        if lose_reply {
+            self.shared.witness.disrupted(who);
+        }
         self.shared.history.note(who, || {
             format!(
                 "store {op} {key} -> {result:?}{}",
@@ -318,6 +321,14 @@ impl StateStore for StoreView {
     ) -> Result<(), StoreError> {
         self.call("renew_act", target, || {
             self.shared.memory.renew_act(target, actor, lease)
+        })
+        .await
+    }
+
+    async fn lift_tombstone(&self, target: &str, teardown: &str) -> Result<(), StoreError> {
+        let key = format!("{target} by {teardown}");
+        self.call("lift_tombstone", &key, || {
+            self.shared.memory.lift_tombstone(target, teardown)
         })
         .await
     }

@@ -48,11 +48,19 @@ if holder[1] ~= ARGV[1] or holder[2] ~= ARGV[2] then return {-1} end
 /// {'done', result} | {'held', remaining_ms, owner} | {'conflict'}.
 const CLAIM: &str = r#"
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'result', 'owner', 'lease_until', 'tombstone',
-  'actor', 'actor_until', 'handed')
+  'actor', 'actor_until', 'handed', 'nonce')
 local existed = rec[1] ~= false and rec[1] ~= ''
 if existed then
   if rec[1] ~= ARGV[1] then return {'conflict'} end
   if rec[2] then return {'done', rec[2]} end
+  if rec[9] == ARGV[3] then
+    local again = redis.call('HMGET', KEYS[1], 'fence', 'seq', 'attempts')
+    local lease_until = now + tonumber(ARGV[4])
+    redis.call('HSET', KEYS[1], 'lease_until', tostring(lease_until))
+    redis.call('ZADD', KEYS[2], lease_until, ARGV[7])
+    local takeover = (tonumber(again[1]) or 0) > 1
+    return {'claimed', again[1], again[2], again[3], takeover and '1' or '0', rec[5] or '', '0'}
+  end
   local lease_until = tonumber(rec[4]) or 0
   if lease_until > now then return {'held', tostring(lease_until - now), rec[3] or ''} end
 end
@@ -216,6 +224,13 @@ end
 return 1
 "#;
 
+/// KEYS target record; ARGV teardown id. Returns 1 when it lifted the tombstone.
+const LIFT_TOMBSTONE: &str = r#"
+if redis.call('HGET', KEYS[1], 'tombstone') ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'tombstone')
+return 1
+"#;
+
 /// KEYS index; ARGV idle_ms, platform, limit, key prefix. Returns request ids.
 /// Looks at up to ten times `limit` of the oldest entries, so other platforms' stale
 /// records cannot hide this one's.
@@ -314,6 +329,7 @@ struct Scripts {
     act_on: Script,
     renew_act: Script,
     end_act: Script,
+    lift_tombstone: Script,
     stale: Script,
     reap: Script,
     take_due: Script,
@@ -336,6 +352,7 @@ impl Scripts {
             act_on: script(ACT_ON),
             renew_act: script(RENEW_ACT),
             end_act: script(END_ACT),
+            lift_tombstone: Script::new(LIFT_TOMBSTONE),
             stale: script(STALE),
             take_due: script(TAKE_DUE),
             reserve_quota: Script::new(RESERVE_QUOTA),
@@ -742,6 +759,19 @@ impl StateStore for RedisStore {
                 nonce: actor.nonce.to_owned(),
             }))
         }
+    }
+
+    async fn lift_tombstone(&self, target: &str, teardown: &str) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let _: i64 = self
+            .scripts
+            .lift_tombstone
+            .key(self.key(target))
+            .arg(teardown)
+            .invoke_async(&mut connection)
+            .await
+            .map_err(classify)?;
+        Ok(())
     }
 
     async fn end_act(

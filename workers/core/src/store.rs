@@ -217,7 +217,8 @@ pub struct ClaimRequest<'a> {
 pub trait StateStore: Send + Sync + 'static {
     /// Atomically: create the record, or report it done / held / conflicting, or take it
     /// over (new fence) when the holder's lease has expired. Counts an attempt and
-    /// reserves the working event's `seq`.
+    /// reserves the working event's `seq`. The same claim sent again (same nonce: its
+    /// reply was lost) gets the same answer, and counts and reserves nothing more.
     async fn claim(&self, claim: ClaimRequest<'_>) -> Result<Claim, StoreError>;
 
     /// Extends the holder's lease; says when a teardown tombstoned the request meanwhile.
@@ -267,6 +268,11 @@ pub trait StateStore: Send + Sync + 'static {
         actor: Actor<'_>,
         lease: Duration,
     ) -> Result<(), StoreError>;
+
+    /// Lifts the tombstone `teardown` left on `target`, if it is that teardown's: a
+    /// teardown that ended in error changes nothing about its target (its provision may
+    /// still run, its expiry stays, the reconciler keeps what it holds).
+    async fn lift_tombstone(&self, target: &str, teardown: &str) -> Result<(), StoreError>;
 
     /// Ends the actor lease. `resource_state` (after a successful teardown, stop, start)
     /// records the state the target's resource is in now; the target's own stored result
@@ -775,6 +781,19 @@ impl StateStore for MemoryStore {
             if let Some(result) = &record.result {
                 return Ok(Claim::Done(Box::new(result.clone())));
             }
+            if record.fence.nonce == claim.nonce {
+                // This very claim again (its first reply was lost): the same answer,
+                // nothing counted twice.
+                record.lease_until = Some(now + claim.lease);
+                return Ok(Claim::Claimed {
+                    fence: record.fence.clone(),
+                    seq: record.seq,
+                    attempt: record.attempts,
+                    takeover: record.fence.counter > 1,
+                    handed_over: false,
+                    torn_down_by: record.tombstone.clone(),
+                });
+            }
             if let Some(remaining) = record.lease_live(now) {
                 return Ok(Claim::Held {
                     remaining,
@@ -989,6 +1008,16 @@ impl StateStore for MemoryStore {
                 nonce: actor.nonce.to_owned(),
             })),
         }
+    }
+
+    async fn lift_tombstone(&self, target: &str, teardown: &str) -> Result<(), StoreError> {
+        let mut records = self.records();
+        if let Some(record) = records.get_mut(target)
+            && record.tombstone.as_deref() == Some(teardown)
+        {
+            record.tombstone = None;
+        }
+        Ok(())
     }
 
     async fn end_act(

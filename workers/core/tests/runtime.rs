@@ -881,6 +881,9 @@ impl StateStore for RenewalsHang {
     async fn renew_act(&self, t: &str, a: Actor<'_>, l: Duration) -> Result<(), StoreError> {
         self.0.renew_act(t, a, l).await
     }
+    async fn lift_tombstone(&self, t: &str, by: &str) -> Result<(), StoreError> {
+        self.0.lift_tombstone(t, by).await
+    }
     async fn remember_handed_on(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
         self.0.remember_handed_on(key, ttl).await
     }
@@ -1706,7 +1709,9 @@ async fn rounds_of_housekeeping_roll_a_fleet_back_with_one_teardown_a_member() {
             *ends.entry(event.request_id.clone()).or_default() += 1;
         }
     }
-    assert_eq!(ends.len(), 3, "{rounds} rounds: {ends:?}");
+    // One per member, the failed one too: its removal may have failed, and the fleet's
+    // end says every member was torn down.
+    assert_eq!(ends.len(), 4, "{rounds} rounds: {ends:?}");
     assert!(ends.values().all(|n| *n == 1), "{rounds} rounds: {ends:?}");
     assert!(h.platform.existing.lock().expect("lock").is_empty());
 }

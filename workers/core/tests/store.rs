@@ -102,6 +102,13 @@ async fn claims_leases_and_fences(store: &dyn StateStore) {
         (f1.clone(), seq, attempt, takeover),
         (fence(1, "n1"), 1, 1, false)
     );
+    // The same claim sent again (its reply was lost on the way) is answered the same,
+    // counting and reserving nothing more.
+    let again = claimed(store, claim("r1", "h", "a", "n1", 60_000)).await;
+    assert_eq!(
+        (again.0, again.1, again.2, again.3),
+        (fence(1, "n1"), 1, 1, false)
+    );
     // A live lease is held against everyone, the same owner included (a duplicate delivery).
     for owner in ["b", "a"] {
         match store
@@ -291,6 +298,16 @@ async fn a_teardown_tombstones_its_target_whatever_the_interleaving(store: &dyn 
     let record = store.get("t1").await.expect("get").expect("record");
     assert_eq!(record.torn_down_by.as_deref(), Some("t1-down"));
     assert_eq!(record.actor.as_deref(), Some("t1-down"));
+    // A teardown that failed lifts its tombstone, and only its own.
+    store
+        .lift_tombstone("t1", "someone-else")
+        .await
+        .expect("lift");
+    let record = store.get("t1").await.expect("get").expect("record");
+    assert_eq!(record.torn_down_by.as_deref(), Some("t1-down"));
+    store.lift_tombstone("t1", "t1-down").await.expect("lift");
+    let record = store.get("t1").await.expect("get").expect("record");
+    assert_eq!(record.torn_down_by, None);
 
     // Between retries (lease released) the provision is not held: the teardown goes
     // ahead, and the provision's next claim finds the tombstone.

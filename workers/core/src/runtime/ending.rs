@@ -203,6 +203,29 @@ impl Worker {
                 return Err(e.into());
             }
         }
+        if held.request.operation == Operation::Teardown && event.state == State::Error {
+            // A teardown that failed changes nothing about its target: its tombstone
+            // goes before its end is recorded (a copy of this teardown that finds the end
+            // lifts it again, should this worker die between the two). It may have left
+            // one in an earlier attempt without acting on the target in this one (giving
+            // up): then the target is the one it names, or the one its record keeps.
+            let target = match &held.acting_on {
+                Some(target) => Ok(Some(target.clone())),
+                None => match &held.request.target_request_id {
+                    Some(target) => Ok(Some(target.clone())),
+                    None => self.recorded_target(held.request).await,
+                },
+            };
+            let lifted = match target {
+                Ok(Some(target)) => self.lift_tombstone(target.as_str(), &id).await,
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = lifted {
+                self.end_acting(held, None).await;
+                return Err(e.into());
+            }
+        }
         let stored = self
             .store_call(|| self.store.complete(&id, &held.fence, &event))
             .await;
@@ -290,8 +313,27 @@ impl Worker {
             Operation::Provision if event.state == State::Error => {
                 self.release_quota_of(request.request_id.as_str()).await;
             }
+            Operation::Teardown if event.state == State::Error => {
+                let target = match &request.target_request_id {
+                    Some(target) => Some(target.clone()),
+                    None => self.recorded_target(request).await.ok().flatten(),
+                };
+                if let Some(target) = target
+                    && let Err(e) = self
+                        .lift_tombstone(target.as_str(), request.request_id.as_str())
+                        .await
+                {
+                    error!(error = %e, "could not lift a failed teardown's tombstone; a copy of the teardown lifts it");
+                }
+            }
             _ => {}
         }
+    }
+
+    /// Lifts `teardown`'s tombstone from `target` (retried while the store is away).
+    async fn lift_tombstone(&self, target: &str, teardown: &str) -> Result<(), StoreError> {
+        self.store_call(|| self.store.lift_tombstone(target, teardown))
+            .await
     }
 
     /// What a resource held in the store ends with it: its expiry (which would only send

@@ -12,12 +12,10 @@
 use std::time::Duration;
 
 use provisioner_events::{
-    Operation, PlatformName, Request, RequestId, SCHEMA_VERSION, TeardownTarget,
+    Operation, PlatformName, Request, RequestId, SCHEMA_VERSION, State, TeardownTarget,
     request_routing_key,
 };
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::Worker;
 use crate::{BrokerError, StoreError};
@@ -32,7 +30,27 @@ pub const EXPIRY_RETRY: Duration = Duration::from_secs(60);
 /// The request id of the teardown sent when `request_id`'s resource expires: readable
 /// when it fits in a request id, a digest of it otherwise.
 pub fn expiry_teardown_id(request_id: &str) -> String {
-    crate::names::follow_up_request_id(request_id, "expired")
+    expiry_teardown_id_of(request_id, 1)
+}
+
+/// How many teardowns an expiry sends, one after another failed, before it gives up.
+const EXPIRY_TEARDOWNS: u32 = 5;
+
+/// The request id of the expiry's `generation`th teardown (the next after one that
+/// ended in error): `<id>#expired`, then `<id>#expired-2`…
+fn expiry_teardown_id_of(request_id: &str, generation: u32) -> String {
+    let purpose = match generation {
+        1 => "expired".to_owned(),
+        n => format!("expired-{n}"),
+    };
+    crate::names::follow_up_request_id(request_id, &purpose)
+}
+
+/// Whether a teardown's record says it removed its target.
+fn ended_stopped(record: Option<&crate::store::RequestRecord>) -> bool {
+    record
+        .and_then(|r| r.result.as_ref())
+        .is_some_and(|end| end.state == State::Stopped && end.error.is_none())
 }
 
 /// A teardown of the provision `target` as a request, for what depends on the request
@@ -134,53 +152,87 @@ impl Worker {
             .await?;
         let mut sent = 0;
         for (request_id, due_at) in due {
-            let teardown_id = expiry_teardown_id(&request_id);
-            let due_text = OffsetDateTime::from(due_at)
-                .format(&Rfc3339)
-                .unwrap_or_else(|_| "its time".to_owned());
-            let record = self.store.get(&request_id).await.ok().flatten();
-            // A teardown already in charge (it tombstoned the provision): nothing to send.
-            if let Some(by) = record.as_ref().and_then(|r| r.torn_down_by.clone()) {
-                info!(request.id = %request_id, %by, "expired, but already torn down");
+            let forget = || async {
                 if let Err(e) = self
                     .store
                     .cancel_expiry(platform.as_str(), &request_id)
                     .await
                 {
-                    debug!(error = %e, "could not forget the expiry of what was torn down");
+                    // It comes due again, and finds what it finds then.
+                    debug!(error = %e, "could not forget an expiry");
                 }
-                continue;
+            };
+            let record = self.store.get(&request_id).await?;
+            // A teardown in charge (it tombstoned the provision): once it removed the
+            // resource the expiry is done; while it works the expiry waits (it comes due
+            // again); should it fail, it lifts its tombstone and the expiry goes on.
+            if let Some(by) = record.as_ref().and_then(|r| r.torn_down_by.clone()) {
+                let teardown = self.store.get(&by).await?;
+                if ended_stopped(teardown.as_ref()) {
+                    info!(request.id = %request_id, %by, "expired, and torn down");
+                    forget().await;
+                    continue;
+                }
+                // One that failed lifts its tombstone; one that holds it still is at work.
+                let failed = teardown
+                    .as_ref()
+                    .and_then(|t| t.result.as_ref())
+                    .is_some_and(|end| end.error.is_some());
+                if !failed {
+                    debug!(request.id = %request_id, %by, "expired while a teardown works on it; looking again later");
+                    continue;
+                }
             }
-            // The provision's tenant, so the teardown is accounted to the same one.
-            let tenant = record.and_then(|r| r.result).and_then(|event| event.tenant);
             // Only provisions' ids are scheduled; anything else was not written by us.
             let Ok(target) = RequestId::new(request_id.as_str()).map(TeardownTarget::Request)
             else {
                 warn!(entry = %request_id, "an expiry that names no request; dropped");
-                let _ = self
-                    .store
-                    .cancel_expiry(platform.as_str(), &request_id)
-                    .await;
+                forget().await;
                 continue;
             };
+            // The expiry's teardown, or, when it ended in error (the resource is still
+            // there), the next one: each is one request, sent again only while it has no
+            // record (a copy already queued is answered from the record the first makes).
+            let mut teardown_id = None;
+            for generation in 1..=EXPIRY_TEARDOWNS {
+                let id = expiry_teardown_id_of(&request_id, generation);
+                match self.store.get(&id).await? {
+                    None => {
+                        teardown_id = Some(id);
+                        break;
+                    }
+                    Some(teardown) => match &teardown.result {
+                        Some(end) if end.error.is_some() => continue,
+                        // Ended well, or at work: the target's tombstone says the rest.
+                        _ => break,
+                    },
+                }
+            }
+            let Some(teardown_id) = teardown_id else {
+                if self
+                    .store
+                    .get(&expiry_teardown_id_of(&request_id, EXPIRY_TEARDOWNS))
+                    .await?
+                    .is_some_and(|r| r.result.as_ref().is_some_and(|e| e.error.is_some()))
+                {
+                    error!(request.id = %request_id, teardowns = EXPIRY_TEARDOWNS, "every teardown of an expired resource failed; it is left as it is, see their error events");
+                    forget().await;
+                }
+                continue;
+            };
+            // The provision's tenant, so the teardown is accounted to the same one.
+            let tenant = record.and_then(|r| r.result).and_then(|event| event.tenant);
             let cause = format!(
-                "expired: {request_id} was to be torn down at {due_text} (its ttl_seconds or expires_at)"
+                "expired: {request_id} reached its ttl_seconds or expires_at, and is torn down"
             );
             match self
                 .send_teardown(&teardown_id, &target, cause, tenant)
                 .await
             {
+                // The expiry stays scheduled (a while later) until the teardown removed
+                // the resource: its end forgets it.
                 Ok(()) => {
                     info!(request.id = %request_id, teardown = %teardown_id, late_ms = self.env.now().duration_since(due_at).unwrap_or_default().as_millis() as u64, "expired; teardown sent");
-                    if let Err(e) = self
-                        .store
-                        .cancel_expiry(platform.as_str(), &request_id)
-                        .await
-                    {
-                        // It comes due again and is sent again: a duplicate of the same
-                        // teardown, answered from its record.
-                        debug!(error = %e, "could not forget a sent expiry");
-                    }
                     sent += 1;
                 }
                 Err(e) => warn!(

@@ -591,18 +591,35 @@ impl Worker {
             working_confirm: std::sync::Mutex::new(None),
             waits: 0,
         };
+        if let (Some(by), Plan::Provision { .. }) = (&torn_down_by, &fleet.plan) {
+            self.fleet_torn_down(&mut held, by).await?;
+            forget_if_ended().await;
+            return Ok(());
+        }
         if attempt > self.config.retry.max_attempts {
+            // One look before giving up: when every member has ended (and none is to be
+            // rolled back), the fleet's end is known, whatever befell its coordinators.
+            let records = self.store.get_many(&fleet.member_ids()).await?;
+            let look = Look::of(&records);
+            let rollback = match fleet.plan {
+                Plan::Provision {
+                    min_count,
+                    on_partial: OnPartial::Rollback,
+                } => look.counts.error > fleet.count - min_count,
+                _ => false,
+            };
+            if look.all_ended && !rollback {
+                let end = self.fleet_outcome(&mut held, &fleet, &records, &look, None);
+                self.record_and_publish(&mut held, end).await?;
+                forget_if_ended().await;
+                return Ok(());
+            }
             let message = format!(
                 "gave up coordinating the fleet after {} attempts that ended without an outcome (workers crashed or lost their leases; see their logs). Its members are as their own events say: tear the fleet down to remove them",
                 attempt - 1
             );
             self.end_in_error(&mut held, ErrorClass::Internal, message, None)
                 .await?;
-            forget_if_ended().await;
-            return Ok(());
-        }
-        if let (Some(by), Plan::Provision { .. }) = (&torn_down_by, &fleet.plan) {
-            self.fleet_torn_down(&mut held, by).await?;
             forget_if_ended().await;
             return Ok(());
         }
@@ -776,10 +793,12 @@ impl Worker {
                 _ => false,
             };
             if rollback {
+                // Every member not gone already, the failed ones too: a provision that
+                // failed may say its own removal failed, and the fleet's end says every
+                // member was torn down.
                 let to_remove: Vec<u32> = (0..fleet.count)
                     .filter(|i| {
-                        !matches!(look.states[*i as usize], State::Error | State::Stopped)
-                            && !rolled_back.contains(i)
+                        look.states[*i as usize] != State::Stopped && !rolled_back.contains(i)
                     })
                     .collect();
                 for index in to_remove {
@@ -798,12 +817,18 @@ impl Worker {
                     rolled_back.insert(index);
                 }
             }
-            let settled = look.all_ended
-                && (!rollback || self.rollbacks_ended(fleet, &look, &rolled_back).await?);
-            if settled {
-                return Ok(Followed::Ended(Box::new(
-                    self.fleet_outcome(held, fleet, &records, &look, rollback),
-                )));
+            let rollback_ended = match rollback {
+                true if look.all_ended => self.rollbacks_ended(fleet, &rolled_back).await?,
+                _ => None,
+            };
+            if look.all_ended && (!rollback || rollback_ended.is_some()) {
+                return Ok(Followed::Ended(Box::new(self.fleet_outcome(
+                    held,
+                    fleet,
+                    &records,
+                    &look,
+                    rollback_ended.as_deref(),
+                ))));
             }
             if moved_at.elapsed() >= self.config.fleet_stall {
                 // Nothing moved for a long while: a member message may have been lost
@@ -839,25 +864,26 @@ impl Worker {
 
     /// Whether every rollback teardown sent has ended (a member it could not remove stays
     /// listed as running).
+    /// Once every rollback teardown sent has ended, the members whose rollback failed
+    /// (their resource may still be there); `None` while some are at work.
     async fn rollbacks_ended(
         &self,
         fleet: &Fleet,
-        look: &Look,
         rolled_back: &HashSet<u32>,
-    ) -> Result<bool, Abort> {
-        let pending: Vec<u32> = rolled_back
-            .iter()
-            .copied()
-            .filter(|i| !matches!(look.states[*i as usize], State::Error | State::Stopped))
-            .collect();
-        if pending.is_empty() {
-            return Ok(true);
-        }
-        let ids: Vec<String> = pending.iter().map(|i| fleet.rollback_id(*i)).collect();
+    ) -> Result<Option<Vec<u32>>, Abort> {
+        let mut sent: Vec<u32> = rolled_back.iter().copied().collect();
+        sent.sort_unstable();
+        let ids: Vec<String> = sent.iter().map(|i| fleet.rollback_id(*i)).collect();
         let records = self.store.get_many(&ids).await?;
-        Ok(records
-            .iter()
-            .all(|r| r.as_ref().is_some_and(|r| r.result.is_some())))
+        let mut failed = Vec::new();
+        for (index, record) in sent.iter().zip(&records) {
+            match record.as_ref().and_then(|r| r.result.as_ref()) {
+                None => return Ok(None),
+                Some(end) if end.error.is_some() => failed.push(*index),
+                Some(_) => {}
+            }
+        }
+        Ok(Some(failed))
     }
 
     /// The fleet's terminal event, once every member ended.
@@ -867,7 +893,7 @@ impl Worker {
         fleet: &Fleet,
         records: &[Option<RequestRecord>],
         look: &Look,
-        rolled_back: bool,
+        rolled_back: Option<&[u32]>,
     ) -> StatusEvent {
         let members: Vec<MemberResource> = (0..fleet.count)
             .map(|index| {
@@ -924,16 +950,24 @@ impl Worker {
             ..Resource::default()
         };
         let (state, error) = match &fleet.plan {
-            Plan::Provision { min_count, .. } if rolled_back => (
-                State::Error,
-                Some(ErrorInfo {
-                    class,
-                    message: format!(
-                        "{} of {} members failed, more than min_count {min_count} allows; every member was torn down (on_partial rollback).{first_failure}",
-                        counts.error, fleet.count
+            Plan::Provision { min_count, .. } if rolled_back.is_some() => {
+                let removal = match rolled_back.unwrap_or_default() {
+                    [] => "every member was torn down".to_owned(),
+                    failed => format!(
+                        "the rollback could not tear down members {failed:?} (see their rollback teardowns' errors): send a teardown of the fleet"
                     ),
-                }),
-            ),
+                };
+                (
+                    State::Error,
+                    Some(ErrorInfo {
+                        class,
+                        message: format!(
+                            "{} of {} members failed, more than min_count {min_count} allows; {removal} (on_partial rollback).{first_failure}",
+                            counts.error, fleet.count
+                        ),
+                    }),
+                )
+            }
             Plan::Provision { min_count, .. } if ran < *min_count => (
                 State::Error,
                 Some(ErrorInfo {
