@@ -205,10 +205,14 @@ impl RunConfig {
         }
     }
 
-    /// Whether the workers pace their calls by buckets the store keeps whole: then the
-    /// cloud must never throttle them.
+    /// Whether the workers pace their calls by buckets the store keeps whole, and the
+    /// calls reach the cloud within the jitter the pacing's headroom covers (a tenth of
+    /// a token: README, "Rate limits"): then the cloud must never throttle them.
     pub fn pacing_is_intact(&self) -> bool {
+        let fastest = self.run_bucket.1.max(self.mutate_bucket.1);
+        let jitter_tokens = self.cloud.latency_ms as f64 / 1000.0 * fastest;
         !self.worker.rate_limits.off
+            && jitter_tokens <= 0.1
             && self.store.fail == 0.0
             && self.store.lose_reply == 0.0
             && self.rates.store_down == 0.0

@@ -118,7 +118,16 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
     }
     violations.extend(world.cloud.violations());
     let accepted: Vec<Message> = world.broker.accepted();
-    let events: Vec<StatusEvent> = world.broker.events().into_iter().map(|l| l.event).collect();
+    let logged = world.broker.events();
+    let events: Vec<StatusEvent> = logged.iter().map(|l| l.event.clone()).collect();
+    // When an event was first seen on the status topic.
+    let first_seen = |wanted: &StatusEvent| {
+        logged
+            .iter()
+            .find(|l| same_event(&l.event, wanted))
+            .map(|l| l.at)
+            .unwrap_or_default()
+    };
     let dead_letters = world.broker.dead_letters();
     let losses = world.store.losses();
     let lost_everything = losses.iter().any(|l| matches!(l, Loss::Everything { .. }));
@@ -157,10 +166,13 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
             .iter()
             .any(|e| e.rejected_message.as_ref() == Some(&hash))
     };
+    // In the dead-letter queue because a worker refused it: with the worker's reason, or
+    // by the queue's own dead-lettering when the reasoned publish was refused (not by
+    // the broker's delivery limit, which no worker decided).
     let set_aside_with_reason = |body: &[u8]| {
         dead_letters
             .iter()
-            .any(|d| d.message.body == body && d.class.is_some())
+            .any(|d| d.message.body == body && (d.class.is_some() || d.reason == "rejected"))
     };
     for body in &unreadable {
         let known_id = serde_json::from_slice::<serde_json::Value>(body)
@@ -209,7 +221,8 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
                 violations.push(format!("{id} ended more than once: {}", told.join("; ")));
             }
         }
-        let last = terminals.iter().max_by_key(|t| t.seq).copied();
+        // The latest end (a request run again after its record was lost ends again).
+        let last = terminals.iter().max_by_key(|t| first_seen(t)).copied();
         if let Some(last) = last {
             *v.stats.outcomes.entry(outcome_kind(last)).or_default() += 1;
             outcome.insert(id.clone(), last.clone());
@@ -308,26 +321,56 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
         .iter()
         .map(|i| (i.id.as_str(), i.owner.as_str()))
         .collect();
-    let mut torn_down: BTreeSet<String> = BTreeSet::new();
+    // Each target's last `stopped` teardown, by when its end was seen: it undoes the
+    // target's outcome only if it came after (a provision run again after its record was
+    // lost may end after the teardown that removed its first resource).
+    let mut torn_down_at: BTreeMap<String, std::time::Duration> = BTreeMap::new();
     for (id, copies) in &bodies {
         let Some(end) = outcome.get(id) else { continue };
         if end.state != State::Stopped || end.error.is_some() {
             continue;
         }
-        for (_, request) in copies {
+        // The message that ran under this id: the one whose payload its record holds, else
+        // one of the operation its end names.
+        let held = world
+            .store
+            .memory
+            .get(id)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| r.payload_hash);
+        let ran = copies
+            .iter()
+            .find(|(_, r)| held.as_deref() == Some(r.payload_hash().as_str()))
+            .or_else(|| {
+                copies
+                    .iter()
+                    .find(|(_, r)| Some(r.operation) == end.operation)
+            });
+        if let Some((_, request)) = ran {
             if request.operation != Operation::Teardown {
                 continue;
             }
             if let Some(target) = &request.target_request_id {
-                torn_down.insert(target.to_string());
+                let at = first_seen(end);
+                let entry = torn_down_at.entry(target.to_string()).or_default();
+                *entry = (*entry).max(at);
             }
             if let Some(resource) = &request.resource_id
                 && let Some(owner) = owner_of_instance.get(resource.as_str())
             {
-                torn_down.insert((*owner).to_owned());
+                let at = first_seen(end);
+                let entry = torn_down_at.entry((*owner).to_owned()).or_default();
+                *entry = (*entry).max(at);
             }
         }
     }
+    let torn_down = |id: &str| {
+        torn_down_at.get(id).is_some_and(|at| {
+            !lost_record(id) || outcome.get(id).is_none_or(|end| *at >= first_seen(end))
+        })
+    };
     // Each provision as it ran: the message whose payload its record holds (any, if the
     // record is gone).
     let mut provisions: BTreeMap<&str, &Request> = BTreeMap::new();
@@ -371,8 +414,7 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
         let died = said
             .as_ref()
             .is_some_and(|s| instances.iter().any(|i| i.id == *s && i.died_on_its_own));
-        let should_run =
-            end.state == State::Running && end.error.is_none() && !torn_down.contains(*id);
+        let should_run = end.state == State::Running && end.error.is_none() && !torn_down(id);
         if should_run {
             if died && live.is_empty() {
                 continue;
@@ -395,7 +437,7 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
                 violations.push(format!(
                     "{id} ended {}{}, yet {:?} still run",
                     outcome_kind(end),
-                    if torn_down.contains(*id) {
+                    if torn_down(id) {
                         " and was torn down"
                     } else {
                         ""
@@ -431,7 +473,7 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
                     outcome
                         .get(**id)
                         .is_some_and(|e| e.state == State::Running && e.error.is_none())
-                        && !torn_down.contains(**id)
+                        && !torn_down(id)
                 })
                 .map(|(id, r)| {
                     let cpus = r
@@ -443,6 +485,11 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
                     (*id, cpus)
                 })
                 .collect();
+            // A provision whose record was lost may run again with another payload of
+            // its id: its place stays the first run's (one per request id).
+            if holding.iter().any(|(id, _)| lost_record(id)) {
+                continue;
+            }
             let Ok(usage) = world.store.memory.quota(&tenant).await else {
                 continue;
             };
@@ -521,7 +568,7 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
         let Some(end) = outcome.get(*id) else {
             continue;
         };
-        if end.state == State::Running && end.error.is_none() && !torn_down.contains(*id) {
+        if end.state == State::Running && end.error.is_none() && !torn_down(id) {
             let died = end
                 .resource
                 .as_ref()

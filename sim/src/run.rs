@@ -183,7 +183,7 @@ async fn simulate(seed: u64, keep_history: bool) -> Outcome {
     let config = &world.config;
     world.history.note("sim", || {
         format!(
-            "seed {seed}: {:?}, {} workers, faults for {} s, lease {} s, max attempts {}, reap after {:?}, reconcile {:?}",
+            "seed {seed}: {:?}, {} workers, faults for {} s, lease {} s, max attempts {}, reap after {:?}, reconcile {:?}; cloud {:?}",
             config.weather,
             config.workers,
             config.chaos.as_secs(),
@@ -191,6 +191,7 @@ async fn simulate(seed: u64, keep_history: bool) -> Outcome {
             config.worker.retry.max_attempts,
             config.worker.reap_after,
             config.worker.reconcile.as_ref().map(|(every, _)| every),
+            config.cloud,
         )
     });
     for slot in 0..config.workers {

@@ -222,7 +222,17 @@ impl Worker {
     ) -> Result<Settlement, Abort> {
         let request = held.request;
         let (working_state, done_state) = states_of(request);
-        if held.attempt > self.config.retry.max_attempts {
+        // Past the bound, a request acting on a resource has one last try, whose failure
+        // (a panic included) ends it: an earlier attempt may have half done its work (a
+        // teardown that removed the resource and died before recording it), and only
+        // carrying it out says what became of the resource. After that, or for a
+        // provision, give up.
+        let acts_on_a_resource = matches!(
+            request.operation,
+            Operation::Teardown | Operation::Stop | Operation::Start | Operation::Reboot
+        ) && !request.dry_run;
+        let last_try = acts_on_a_resource && held.attempt == self.config.retry.max_attempts + 1;
+        if held.attempt > self.config.retry.max_attempts && !last_try {
             return self.give_up(held).await;
         }
         crate::fault::point("after_claim");
