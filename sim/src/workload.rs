@@ -4,8 +4,9 @@
 //! where it runs), stop, start, reboot and describe, `ttl_seconds` and `expires_at`,
 //! tenants and their quotas, dry runs, duplicates of the same message and reuses of an id
 //! with another payload, malformed and refused messages, request ids of every allowed
-//! shape (the longest, dotted, and ones that look like the ids the workers derive), and
-//! the operator's reconciler runs and redrives.
+//! shape (the longest, dotted, and ones that end like the ids the workers derive once
+//! did; `#` is kept for the workers' own), and the operator's reconciler runs and
+//! redrives.
 
 use std::time::Duration;
 
@@ -220,8 +221,8 @@ impl Workload {
                 }
             }
             if fleet && rng.chance(0.15) {
-                // A producer's teardown under an id shaped like a rollback's.
-                let id = format!("{target}#0.rollback");
+                // A producer's teardown of one member, by its request id.
+                let id = ids.fresh(rng);
                 published.push((
                     at(rng),
                     id.clone(),

@@ -158,16 +158,17 @@ redis.call('ZREM', KEYS[2], ARGV[7])
 return {1}
 "#;
 
-/// KEYS record, index; ARGV fence, nonce, how (`failed` | `untried` | `handed`), id.
-/// Returns {1}.
+/// KEYS record, index; ARGV fence, nonce, how (`failed` | `failed-unsent` | `untried` |
+/// `handed`), id. Returns {1}.
 const RELEASE: &str = r#"
 redis.call('HSET', KEYS[1], 'lease_until', tostring(now), 'updated_ms', tostring(now))
 redis.call('ZADD', KEYS[2], now, ARGV[4])
-local refund = ARGV[3] ~= 'failed'
+local refund = ARGV[3] == 'untried' or ARGV[3] == 'handed'
 if refund and (tonumber(redis.call('HGET', KEYS[1], 'attempts')) or 0) > 0 then
   redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 end
-if ARGV[3] == 'untried' and (tonumber(redis.call('HGET', KEYS[1], 'seq')) or 0) > 0 then
+if (ARGV[3] == 'untried' or ARGV[3] == 'failed-unsent')
+    and (tonumber(redis.call('HGET', KEYS[1], 'seq')) or 0) > 0 then
   redis.call('HINCRBY', KEYS[1], 'seq', -1)
 end
 if refund then
@@ -691,6 +692,7 @@ impl StateStore for RedisStore {
     ) -> Result<(), StoreError> {
         let how = match release {
             Release::Failed => "failed",
+            Release::FailedUnsent => "failed-unsent",
             Release::Untried => "untried",
             Release::HandedOver => "handed",
         };

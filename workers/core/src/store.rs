@@ -120,6 +120,9 @@ pub enum Release {
     /// The attempt failed or was cut short: it counts toward the bound, and what it began
     /// is in doubt.
     Failed,
+    /// The attempt failed before it sent any event: it counts, and the status number its
+    /// claim took is given back, so the request's events stay numbered without a gap.
+    FailedUnsent,
     /// Given back before anything was tried or sent (its target busy, its rate-limit
     /// turn too far off): the attempt and the status number (`seq`) the claim took are
     /// both refunded, so the request's events stay numbered without a gap, and the next
@@ -953,13 +956,14 @@ impl StateStore for MemoryStore {
     ) -> Result<(), StoreError> {
         self.with_holder(request_id, fence, |r| {
             r.lease_until = Some(Instant::now());
-            if release != Release::Failed {
+            let refund = matches!(release, Release::Untried | Release::HandedOver);
+            if refund {
                 r.attempts = r.attempts.saturating_sub(1);
             }
-            if release == Release::Untried {
+            if matches!(release, Release::Untried | Release::FailedUnsent) {
                 r.seq = r.seq.saturating_sub(1);
             }
-            r.handed_over = release != Release::Failed;
+            r.handed_over = refund;
             Ok(())
         })
     }

@@ -176,16 +176,30 @@ async fn claims_leases_and_fences(store: &dyn StateStore) {
         claimed_after(store, claim("r1", "h", "b", "n3", 60_000)).await;
     assert_eq!(attempt, 2, "a refunded claim is not an attempt");
     assert!(handed_over, "released with a refund");
+    // An attempt that failed before it sent anything counts, and gives its number back.
+    let before = store.get("r1").await.expect("get").expect("record");
+    store
+        .release("r1", &f3, Release::FailedUnsent)
+        .await
+        .expect("release");
+    let (f3, seq, attempt, _, handed_over) =
+        claimed_after(store, claim("r1", "h", "b", "n3a", 60_000)).await;
+    assert_eq!((seq, attempt), (before.seq, before.attempts + 1));
+    assert!(!handed_over, "a failure is in doubt");
     // A claim given back untried refunds its status number too: the next claim takes it
     // again, so the request's events are numbered without a gap.
-    let before = store.get("r1").await.expect("get").expect("record").seq;
+    let before = store.get("r1").await.expect("get").expect("record");
     store
         .release("r1", &f3, Release::Untried)
         .await
         .expect("release");
     let (f3, seq, attempt, _, handed_over) =
         claimed_after(store, claim("r1", "h", "b", "n3b", 60_000)).await;
-    assert_eq!((seq, attempt), (before, 2), "number and attempt given back");
+    assert_eq!(
+        (seq, attempt),
+        (before.seq, before.attempts),
+        "number and attempt given back"
+    );
     assert!(handed_over, "nothing was in doubt");
     // Completion is stored, with its seq, and answered to every later claim.
     let done = terminal("r1", 5, State::Running);
@@ -208,7 +222,7 @@ async fn claims_leases_and_fences(store: &dyn StateStore) {
     );
     let record = store.get("r1").await.expect("get").expect("record");
     assert_eq!(record.state, State::Running);
-    assert_eq!((record.fence, record.seq, record.attempts), (4, 5, 2));
+    assert_eq!((record.fence, record.seq, record.attempts), (5, 5, 3));
     assert_eq!(record.result, Some(done.clone()));
     assert_eq!(record.owner, None);
 

@@ -50,6 +50,8 @@ pub(super) struct Held<'a> {
     pub(super) working_confirm: std::sync::Mutex<Option<PendingConfirm>>,
     /// How often the delivery was parked before (none for a fleet's coordinator).
     pub(super) waits: u32,
+    /// Whether this attempt began to send an event (then the number it took is used).
+    pub(super) sent: bool,
 }
 
 impl Held<'_> {
@@ -61,6 +63,17 @@ impl Held<'_> {
         Actor {
             request_id: self.request.request_id.as_str(),
             nonce: &self.fence.nonce,
+        }
+    }
+
+    /// How to give the claim back after the attempt failed: with the status number its
+    /// claim took, too, when it never began to send an event (a publish that timed out
+    /// may have gone out, so beginning counts).
+    pub(super) fn failed(&self) -> Release {
+        if self.sent {
+            Release::Failed
+        } else {
+            Release::FailedUnsent
         }
     }
 
@@ -192,6 +205,7 @@ impl Worker {
             claimed_before: *claimed_before.lock().unwrap_or_else(|e| e.into_inner()),
             working_confirm: std::sync::Mutex::new(None),
             waits: delivery.waits,
+            sent: false,
         };
         // From here on this worker holds the lease: whatever happens, including a panic,
         // the attempt ends in a settlement that lets the request go on or end.
@@ -203,7 +217,7 @@ impl Worker {
             Err(panic) => {
                 let what = panic_text(panic.as_ref());
                 error!(panic = %what, "the attempt panicked; it counts as failed");
-                let _ = self.store.release(id, &held.fence, Release::Failed).await;
+                let _ = self.store.release(id, &held.fence, held.failed()).await;
                 self.end_acting(&held, None).await;
                 Ok(Settlement::Retry {
                     delay: policy::backoff(&self.config.retry, attempt, self.env.jitter()),
@@ -373,6 +387,7 @@ impl Worker {
             None,
         );
         let outcome = async {
+            held.sent = true;
             let confirm = self.broker.send_status(&working).await?;
             *held
                 .working_confirm
@@ -450,7 +465,7 @@ impl Worker {
                 // Let the redelivery claim at once instead of waiting out our lease.
                 let _ = self
                     .store
-                    .release(held.id(), &held.fence, Release::Failed)
+                    .release(held.id(), &held.fence, held.failed())
                     .await;
                 self.end_acting(held, None).await;
                 return Err(abort);

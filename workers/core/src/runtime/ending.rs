@@ -15,7 +15,7 @@ use super::{Abort, Worker};
 use crate::broker::{Delivery, Settlement};
 use crate::platform::PlatformError;
 use crate::policy::{self, Decision};
-use crate::store::{Release, StoreError};
+use crate::store::StoreError;
 
 impl Worker {
     /// The heartbeat stopped the work before the platform answered.
@@ -256,6 +256,7 @@ impl Worker {
             event.error.as_ref().map(|e| e.class),
         );
         crate::fault::point("after_record");
+        held.sent = true;
         let terminal = self.broker.send_status(&event).await?;
         let working = held
             .working_confirm
@@ -395,7 +396,7 @@ impl Worker {
                         info!(error = %failure, retry_in_ms = delay.as_millis() as u64, "attempt failed; will retry");
                         let _ = self
                             .store
-                            .release(held.id(), &held.fence, Release::Failed)
+                            .release(held.id(), &held.fence, held.failed())
                             .await;
                         self.end_acting(held, None).await;
                         return Ok(Settlement::Retry {

@@ -208,6 +208,15 @@ impl Fleet {
     }
 }
 
+/// Where a fleet's rollback teardowns stand.
+enum Rollbacks {
+    /// Every one ended: these members' rollback failed (their resource may still be
+    /// there).
+    Ended(Vec<u32>),
+    /// Some are at work, or have no record (`unseen`: their message or record lost).
+    Pending { unseen: Vec<u32> },
+}
+
 /// Where a member is, from its record.
 fn member_state(record: Option<&RequestRecord>) -> State {
     match record {
@@ -321,6 +330,7 @@ impl Worker {
                     ..FleetCounts::default()
                 },
             );
+            held.sent = true;
             let confirm = self.broker.send_status(&working).await?;
             self.publish_members(&fleet, (0..fleet.count).collect())
                 .await?;
@@ -333,7 +343,7 @@ impl Worker {
         let how = if handed.is_ok() {
             Release::HandedOver
         } else {
-            Release::Failed
+            held.failed()
         };
         let _ = self.store.release(&id, &held.fence, how).await;
         handed?;
@@ -590,6 +600,7 @@ impl Worker {
             claimed_before,
             working_confirm: std::sync::Mutex::new(None),
             waits: 0,
+            sent: false,
         };
         if let (Some(by), Plan::Provision { .. }) = (&torn_down_by, &fleet.plan) {
             self.fleet_torn_down(&mut held, by).await?;
@@ -693,7 +704,8 @@ impl Worker {
                 let how = match (&e, held.seq == seq) {
                     (Abort::Broker(_), true) => Release::Untried,
                     (Abort::Broker(_), false) => Release::HandedOver,
-                    (Abort::Store(_), _) => Release::Failed,
+                    (Abort::Store(_), true) => Release::FailedUnsent,
+                    (Abort::Store(_), false) => Release::Failed,
                 };
                 let _ = self.store.release(id, &held.fence, how).await;
                 self.end_acting(&held, None).await;
@@ -749,6 +761,8 @@ impl Worker {
         let mut signal = heartbeat.signal();
         let mut published: Option<FleetCounts> = None;
         let mut rolled_back: HashSet<u32> = HashSet::new();
+        // When this coordinator last sent each member's rollback.
+        let mut rollback_sent: std::collections::HashMap<u32, Instant> = Default::default();
         // The claim reserved the first event's seq; every later one is reserved in turn.
         let mut reserved = true;
         let mut moved_at = tokio::time::Instant::now();
@@ -802,23 +816,29 @@ impl Worker {
                     })
                     .collect();
                 for index in to_remove {
-                    let cause = format!(
-                        "rollback: fleet {} cannot reach its min_count, so every member is removed",
-                        fleet.id()
-                    );
-                    let target = TeardownTarget::Request(fleet.request.request_id.member(index));
-                    self.send_teardown(
-                        &fleet.rollback_id(index),
-                        &target,
-                        cause,
-                        fleet.request.tenant.clone(),
-                    )
-                    .await?;
+                    self.send_rollback(fleet, index).await?;
                     rolled_back.insert(index);
+                    rollback_sent.insert(index, Instant::now());
                 }
             }
             let rollback_ended = match rollback {
-                true if look.all_ended => self.rollbacks_ended(fleet, &rolled_back).await?,
+                true if look.all_ended => match self.rollbacks_ended(fleet, &rolled_back).await? {
+                    Rollbacks::Ended(failed) => Some(failed),
+                    Rollbacks::Pending { unseen } => {
+                        // A rollback teardown with no record: its message or its record
+                        // was lost. Sent again (the same request) a lease after the last.
+                        for index in unseen {
+                            let due = rollback_sent
+                                .get(&index)
+                                .is_none_or(|at| at.elapsed() >= self.config.lease);
+                            if due {
+                                self.send_rollback(fleet, index).await?;
+                                rollback_sent.insert(index, Instant::now());
+                            }
+                        }
+                        None
+                    }
+                },
                 _ => None,
             };
             if look.all_ended && (!rollback || rollback_ended.is_some()) {
@@ -864,26 +884,51 @@ impl Worker {
 
     /// Whether every rollback teardown sent has ended (a member it could not remove stays
     /// listed as running).
-    /// Once every rollback teardown sent has ended, the members whose rollback failed
-    /// (their resource may still be there); `None` while some are at work.
+    /// Sends the teardown that rolls member `index` back.
+    async fn send_rollback(&self, fleet: &Fleet, index: u32) -> Result<(), Abort> {
+        let cause = format!(
+            "rollback: fleet {} cannot reach its min_count, so every member is removed",
+            fleet.id()
+        );
+        let target = TeardownTarget::Request(fleet.request.request_id.member(index));
+        self.send_teardown(
+            &fleet.rollback_id(index),
+            &target,
+            cause,
+            fleet.request.tenant.clone(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Where the rollback teardowns sent stand.
     async fn rollbacks_ended(
         &self,
         fleet: &Fleet,
         rolled_back: &HashSet<u32>,
-    ) -> Result<Option<Vec<u32>>, Abort> {
+    ) -> Result<Rollbacks, Abort> {
         let mut sent: Vec<u32> = rolled_back.iter().copied().collect();
         sent.sort_unstable();
         let ids: Vec<String> = sent.iter().map(|i| fleet.rollback_id(*i)).collect();
         let records = self.store.get_many(&ids).await?;
         let mut failed = Vec::new();
+        let mut unseen = Vec::new();
+        let mut at_work = false;
         for (index, record) in sent.iter().zip(&records) {
-            match record.as_ref().and_then(|r| r.result.as_ref()) {
-                None => return Ok(None),
-                Some(end) if end.error.is_some() => failed.push(*index),
-                Some(_) => {}
+            match record {
+                None => unseen.push(*index),
+                Some(record) => match &record.result {
+                    None => at_work = true,
+                    Some(end) if end.error.is_some() => failed.push(*index),
+                    Some(_) => {}
+                },
             }
         }
-        Ok(Some(failed))
+        Ok(if unseen.is_empty() && !at_work {
+            Rollbacks::Ended(failed)
+        } else {
+            Rollbacks::Pending { unseen }
+        })
     }
 
     /// The fleet's terminal event, once every member ended.
