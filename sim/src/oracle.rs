@@ -242,7 +242,14 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
                     || held_hash.as_deref() == Some(&request.payload_hash()));
             // A fleet lives in the store once handed over (its message is consumed):
             // one whose request the store lost is lost with it, as the README says.
-            let fleet_lost = request.is_fleet()
+            let a_fleet = request.is_fleet()
+                || request.operation == Operation::Teardown
+                    && request.target_request_id.as_ref().is_some_and(|target| {
+                        bodies
+                            .get(target.as_str())
+                            .is_some_and(|c| c.iter().any(|(_, r)| r.is_fleet()))
+                    });
+            let fleet_lost = a_fleet
                 && losses.iter().any(|l| match l {
                     Loss::Fleet { request_id, .. } => request_id == id,
                     Loss::Everything { .. } => true,

@@ -120,6 +120,11 @@ impl Worker {
         let (working_state, _) = states_of(request);
         let id = request.request_id.as_str();
         let payload_hash = request.payload_hash();
+        if request.is_fleet()
+            && let Some(settlement) = self.fleet_copy(request, &payload_hash).await?
+        {
+            return Ok(settlement);
+        }
         let routing_key = request.routing_key();
         let nonce = self.env.nonce();
         // Taken before each try, so the local lease deadline never outlives the store's.
@@ -228,6 +233,39 @@ impl Worker {
         }
     }
 
+    /// A copy of a fleet's message, once the fleet is kept: its coordinators carry it on,
+    /// so the copy claims nothing (a claim would count an attempt against the fleet, and
+    /// past the bound give it up). It publishes the fleet's end again if there is one,
+    /// and otherwise makes sure the fleet is on the schedule (its first holder may have
+    /// died between keeping and scheduling it). `None`: not such a copy.
+    async fn fleet_copy(
+        &self,
+        request: &Request,
+        payload_hash: &str,
+    ) -> Result<Option<Settlement>, Abort> {
+        let id = request.request_id.as_str();
+        let record = self.store_call(|| self.store.get(id)).await?;
+        let Some(record) = record.filter(|r| r.payload_hash.as_deref() == Some(payload_hash))
+        else {
+            return Ok(None);
+        };
+        if let Some(end) = record.result {
+            debug!(state = %end.state, "the fleet ended before; publishing its end again");
+            self.after_the_end(request, &end).await;
+            self.broker.publish_status(&end).await?;
+            return Ok(Some(Settlement::Ack));
+        }
+        if !self.is_handed_over_fleet(id).await {
+            return Ok(None);
+        }
+        let schedule = super::fleet_schedule(self.platform.name());
+        let due = self.env.now() + record.lease_remaining.unwrap_or_default();
+        self.store_call(|| self.store.schedule_expiry(&schedule, id, due))
+            .await?;
+        debug!("a fleet already handed over; this copy has nothing to do");
+        Ok(Some(Settlement::Ack))
+    }
+
     async fn attempt(
         &self,
         held: &mut Held<'_>,
@@ -253,16 +291,10 @@ impl Worker {
         if let Some(by) = torn_down_by
             && request.operation == Operation::Provision
         {
-            // Usually nothing was made. But an attempt whose record the store lost may
-            // have made something the teardown (which found no record to wait for) did
-            // not see: look, and remove it.
-            let removal = self.remove_what_was_made(request).await;
-            let message = format!(
-                "{by} tore this request down before it could run; {removal}. A request id names one request for good: use a new one to provision again"
-            );
-            return self
-                .end_in_error(held, ErrorClass::Conflict, message, None)
-                .await;
+            // Usually nothing was made. But an earlier attempt (or one whose record the
+            // store lost) may have made something the teardown did not see: look, and
+            // remove it.
+            return self.end_torn_down(held, &by, "before it could run").await;
         }
         if request.operation == Operation::Provision
             && !request.dry_run

@@ -9,13 +9,41 @@ use provisioner_events::{
 use tracing::{debug, error, info, warn};
 
 use super::attempt::Held;
-use super::lease::LeaseSignal;
+use super::lease::{Heartbeat, LeaseSignal};
 use super::platform_call::Outcome;
 use super::{Abort, Worker};
 use crate::broker::{Delivery, Settlement};
 use crate::platform::PlatformError;
 use crate::policy::{self, Decision};
 use crate::store::StoreError;
+
+/// What removing a failed provision's resources came to; its text goes into the event.
+#[derive(Debug)]
+pub(super) enum Removal {
+    /// Not a provision (or a dry run): it made nothing.
+    NothingMade,
+    Removed,
+    NothingLeft,
+    /// It could not be done: what went wrong, and that a teardown is needed.
+    Failed(String),
+}
+
+impl Removal {
+    pub(super) fn failed(&self) -> bool {
+        matches!(self, Removal::Failed(_))
+    }
+}
+
+impl std::fmt::Display for Removal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Removal::NothingMade => f.write_str("nothing was made"),
+            Removal::Removed => f.write_str("what it had made was removed"),
+            Removal::NothingLeft => f.write_str("nothing of it was left"),
+            Removal::Failed(why) => f.write_str(why),
+        }
+    }
+}
 
 impl Worker {
     /// The heartbeat stopped the work before the platform answered.
@@ -49,9 +77,37 @@ impl Worker {
         by: &str,
     ) -> Result<Settlement, Abort> {
         info!(%by, "torn down while being provisioned; removing what was made");
-        let removal = self.remove_what_was_made(held.request).await;
+        self.end_torn_down(held, by, "while it was being provisioned")
+            .await
+    }
+
+    /// Ends a provision a teardown tombstoned (`when` says when it heard), once what it
+    /// made is removed. A removal that failed is tried again by the next attempt while
+    /// attempts remain: the teardown counted on this provision removing what it made
+    /// (it may have found nothing yet, a create landing late), so ending with
+    /// "removal failed" would leave it behind.
+    pub(super) async fn end_torn_down(
+        &self,
+        held: &mut Held<'_>,
+        by: &str,
+        when: &str,
+    ) -> Result<Settlement, Abort> {
+        let removal = self.remove_while_held(held).await;
+        if removal.failed() && held.attempt < self.config.retry.max_attempts {
+            warn!(%removal, "could not remove what a torn-down provision made; the next attempt tries again");
+            let _ = self
+                .store
+                .release(held.id(), &held.fence, held.failed())
+                .await;
+            self.end_acting(held, None).await;
+            return Ok(Settlement::Retry {
+                delay: policy::backoff(&self.config.retry, held.attempt, self.env.jitter()),
+                attempt: held.attempt + 1,
+                waits: held.waits,
+            });
+        }
         let message = format!(
-            "{by} tore this request down while it was being provisioned; {removal}. A request id names one request for good: use a new one to provision again"
+            "{by} tore this request down {when}; {removal}. A request id names one request for good: use a new one to provision again"
         );
         self.end_in_error(held, ErrorClass::Conflict, message, None)
             .await
@@ -62,7 +118,7 @@ impl Worker {
     pub(super) async fn give_up(&self, held: &mut Held<'_>) -> Result<Settlement, Abort> {
         let attempts = held.attempt - 1;
         let removal = if held.request.operation == Operation::Provision {
-            format!("; {}", self.remove_what_was_made(held.request).await)
+            format!("; {}", self.remove_while_held(held).await)
         } else {
             String::new()
         };
@@ -114,11 +170,34 @@ impl Worker {
         })
     }
 
+    /// Removes what the held provision made, keeping its lease meanwhile: removing waits
+    /// for the API's rate-limit turn and the platform's settle time, and a lease run out
+    /// meanwhile would hand the request to another worker under this one's feet.
+    pub(super) async fn remove_while_held(&self, held: &Held<'_>) -> Removal {
+        let renewed_from = tokio::time::Instant::now();
+        let renewed = self
+            .store
+            .renew(held.id(), &held.fence, self.config.lease)
+            .await;
+        let _heartbeat = renewed.is_ok().then(|| {
+            Heartbeat::start(
+                self.store.clone(),
+                held.id().to_owned(),
+                held.fence.clone(),
+                held.acting_on.as_ref().map(|t| t.to_string()),
+                self.config.lease,
+                renewed_from,
+                false,
+            )
+        });
+        self.remove_what_was_made(held.request).await
+    }
+
     /// Removes whatever this provision may have made, by its request id (idempotent);
     /// says how that went, for the event.
-    pub(super) async fn remove_what_was_made(&self, request: &Request) -> String {
+    pub(super) async fn remove_what_was_made(&self, request: &Request) -> Removal {
         if request.operation != Operation::Provision || request.dry_run {
-            return "nothing was made".into();
+            return Removal::NothingMade;
         }
         self.remove_made_for(&request.request_id).await
     }
@@ -129,7 +208,7 @@ impl Worker {
     /// late, or a listing that lags, is not taken for nothing left.
     ///
     /// [`Platform::settle_time`]: crate::Platform::settle_time
-    pub(super) async fn remove_made_for(&self, request_id: &RequestId) -> String {
+    pub(super) async fn remove_made_for(&self, request_id: &RequestId) -> Removal {
         let target = TeardownTarget::Request(request_id.clone());
         let teardown = super::expiry::teardown_request(self.platform.name(), request_id);
         let settle = self.platform.settle_time();
@@ -147,23 +226,23 @@ impl Worker {
             )
             .await;
             match removal {
-                Ok(Ok(Some(_))) => return "what it had made was removed".into(),
+                Ok(Ok(Some(_))) => return Removal::Removed,
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
                     error!(error = %e, "could not remove what a failed provision made");
-                    return format!(
+                    return Removal::Failed(format!(
                         "removing what it may have made failed ({e}): send a teardown for {request_id}"
-                    );
+                    ));
                 }
                 Err(_) => {
-                    return format!(
+                    return Removal::Failed(format!(
                         "removing what it may have made took longer than {} s: send a teardown for {request_id}",
                         self.config.operation_timeout.as_secs(),
-                    );
+                    ));
                 }
             }
         }
-        "nothing of it was left".into()
+        Removal::NothingLeft
     }
 
     /// Stores and publishes a terminal `error` and ends the attempt.
@@ -409,7 +488,7 @@ impl Worker {
                         // A provision that ends in error leaves nothing behind; a conflict
                         // may be someone else's resource (or a stopped one of ours).
                         if info.class != ErrorClass::Conflict {
-                            let removal = self.remove_what_was_made(request).await;
+                            let removal = self.remove_while_held(held).await;
                             if request.operation == Operation::Provision && !request.dry_run {
                                 info.message = format!("{}; {removal}", info.message);
                             }
