@@ -120,12 +120,18 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
     let accepted: Vec<Message> = world.broker.accepted();
     let logged = world.broker.events();
     let events: Vec<StatusEvent> = logged.iter().map(|l| l.event.clone()).collect();
-    // When an event was first seen on the status topic.
+    // When a terminal event was recorded in the store (else first seen on the status
+    // topic): a copy published again later says what was true when it was recorded.
     let first_seen = |wanted: &StatusEvent| {
-        logged
-            .iter()
-            .find(|l| same_event(&l.event, wanted))
-            .map(|l| l.at)
+        world
+            .witness
+            .recorded(wanted)
+            .or_else(|| {
+                logged
+                    .iter()
+                    .find(|l| same_event(&l.event, wanted))
+                    .map(|l| l.at)
+            })
             .unwrap_or_default()
     };
     let dead_letters = world.broker.dead_letters();
@@ -519,10 +525,11 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
             continue;
         };
         let Some(end) = outcome.get(id) else { continue };
-        if lost_record(id) {
+        let count = fleet.count.unwrap_or(1);
+        // A member whose record was lost may run again after the fleet ended.
+        if lost_record(id) || (0..count).any(|i| lost_record(&format!("{id}#{i}"))) {
             continue;
         }
-        let count = fleet.count.unwrap_or(1);
         let members: Vec<Option<&StatusEvent>> = (0..count)
             .map(|i| outcome.get(&format!("{id}#{i}")))
             .collect();
@@ -569,7 +576,7 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
         if lost_everything {
             break;
         }
-        if request.ttl_seconds.is_none() && request.expires_at.is_none() {
+        if request.ttl_seconds.is_none() && request.expires_at.is_none() || lost_record(id) {
             continue;
         }
         let Some(end) = outcome.get(*id) else {

@@ -280,9 +280,16 @@ impl StateStore for StoreView {
         event: &StatusEvent,
     ) -> Result<(), StoreError> {
         let key = format!("{request_id} {} seq {}", event.state, event.seq);
-        self.call("complete", &key, || {
-            self.shared.memory.complete(request_id, fence, event)
-        })
+        // Noted as soon as it is applied: the worker may die before it hears.
+        self.observed(
+            "complete",
+            &key,
+            || self.shared.memory.complete(request_id, fence, event),
+            |_| {
+                self.shared.witness.ended(event);
+                None
+            },
+        )
         .await
     }
 

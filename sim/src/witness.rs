@@ -9,7 +9,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use provisioner_events::StatusEvent;
+
 use crate::clock::Clock;
+
+fn key_of(event: &StatusEvent) -> String {
+    serde_json::to_string(event).unwrap_or_default()
+}
 
 /// A status number taken by a worker process.
 #[derive(Debug, Clone)]
@@ -25,6 +31,8 @@ pub struct Witness {
     clock: Arc<Clock>,
     reservations: Mutex<Vec<Reservation>>,
     disruptions: Mutex<BTreeMap<String, Vec<Duration>>>,
+    /// When each terminal event was recorded, by the event (its JSON).
+    recorded: Mutex<BTreeMap<String, Duration>>,
 }
 
 impl Witness {
@@ -33,7 +41,27 @@ impl Witness {
             clock,
             reservations: Mutex::new(Vec::new()),
             disruptions: Mutex::new(BTreeMap::new()),
+            recorded: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// A terminal event was recorded in the store now.
+    pub fn ended(&self, event: &StatusEvent) {
+        let at = self.clock.elapsed();
+        self.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key_of(event))
+            .or_insert(at);
+    }
+
+    /// When a terminal event was recorded.
+    pub fn recorded(&self, event: &StatusEvent) -> Option<Duration> {
+        self.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key_of(event))
+            .copied()
     }
 
     /// `by` took number `seq` of `request_id` now.

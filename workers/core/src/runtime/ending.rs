@@ -196,7 +196,8 @@ impl Worker {
     /// Removes whatever this provision may have made, by its request id (idempotent);
     /// says how that went, for the event.
     pub(super) async fn remove_what_was_made(&self, request: &Request) -> Removal {
-        if request.operation != Operation::Provision || request.dry_run {
+        // A fleet makes nothing of its own: its members are requests of their own.
+        if request.operation != Operation::Provision || request.dry_run || request.is_fleet() {
             return Removal::NothingMade;
         }
         self.remove_made_for(&request.request_id).await

@@ -46,6 +46,13 @@ fn expiry_teardown_id_of(request_id: &str, generation: u32) -> String {
     crate::names::follow_up_request_id(request_id, &purpose)
 }
 
+/// What an expiry does next.
+enum Next {
+    Send(String),
+    Wait,
+    GiveUp,
+}
+
 /// Whether a teardown's record says it removed its target.
 fn ended_stopped(record: Option<&crate::store::RequestRecord>) -> bool {
     record
@@ -168,17 +175,15 @@ impl Worker {
             // again); should it fail, it lifts its tombstone and the expiry goes on.
             if let Some(by) = record.as_ref().and_then(|r| r.torn_down_by.clone()) {
                 let teardown = self.store.get(&by).await?;
-                if ended_stopped(teardown.as_ref()) {
+                let gone = record.as_ref().is_some_and(|r| r.state == State::Stopped);
+                if gone || ended_stopped(teardown.as_ref()) {
                     info!(request.id = %request_id, %by, "expired, and torn down");
                     forget().await;
                     continue;
                 }
-                // One that failed lifts its tombstone; one that holds it still is at work.
-                let failed = teardown
-                    .as_ref()
-                    .and_then(|t| t.result.as_ref())
-                    .is_some_and(|end| end.error.is_some());
-                if !failed {
+                // One at work is waited for; one that failed (it lifts its tombstone) or
+                // whose record is gone is followed by the expiry's own.
+                if teardown.is_some_and(|t| t.result.is_none()) {
                     debug!(request.id = %request_id, %by, "expired while a teardown works on it; looking again later");
                     continue;
                 }
@@ -190,35 +195,34 @@ impl Worker {
                 forget().await;
                 continue;
             };
-            // The expiry's teardown, or, when it ended in error (the resource is still
-            // there), the next one: each is one request, sent again only while it has no
-            // record (a copy already queued is answered from the record the first makes).
-            let mut teardown_id = None;
+            // The expiry's teardown, or the next one when it ended without removing the
+            // resource now there: in error (its tombstone lifted), or before a run of the
+            // provision its record forgot (a store that lost it). Each is one request,
+            // sent again only while it has no record (a copy already queued is answered
+            // from the record the first makes); one at work is waited for.
+            let mut next = Next::GiveUp;
             for generation in 1..=EXPIRY_TEARDOWNS {
                 let id = expiry_teardown_id_of(&request_id, generation);
                 match self.store.get(&id).await? {
                     None => {
-                        teardown_id = Some(id);
+                        next = Next::Send(id);
                         break;
                     }
-                    Some(teardown) => match &teardown.result {
-                        Some(end) if end.error.is_some() => continue,
-                        // Ended well, or at work: the target's tombstone says the rest.
-                        _ => break,
-                    },
+                    Some(teardown) if teardown.result.is_none() => {
+                        next = Next::Wait;
+                        break;
+                    }
+                    Some(_) => continue,
                 }
             }
-            let Some(teardown_id) = teardown_id else {
-                if self
-                    .store
-                    .get(&expiry_teardown_id_of(&request_id, EXPIRY_TEARDOWNS))
-                    .await?
-                    .is_some_and(|r| r.result.as_ref().is_some_and(|e| e.error.is_some()))
-                {
-                    error!(request.id = %request_id, teardowns = EXPIRY_TEARDOWNS, "every teardown of an expired resource failed; it is left as it is, see their error events");
+            let teardown_id = match next {
+                Next::Send(id) => id,
+                Next::Wait => continue,
+                Next::GiveUp => {
+                    error!(request.id = %request_id, teardowns = EXPIRY_TEARDOWNS, "every teardown of an expired resource ended without removing it; it is left as it is, see their events");
                     forget().await;
+                    continue;
                 }
-                continue;
             };
             // The provision's tenant, so the teardown is accounted to the same one.
             let tenant = record.and_then(|r| r.result).and_then(|event| event.tenant);

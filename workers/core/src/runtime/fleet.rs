@@ -795,6 +795,7 @@ impl Worker {
                 }
                 reserved = false;
                 let event = self.fleet_event(fleet, held, None, look.counts);
+                held.sent = true;
                 self.broker.publish_status(&event).await?;
                 published = Some(look.counts);
                 moved_at = tokio::time::Instant::now();
