@@ -233,20 +233,35 @@ return 1
 "#;
 
 /// KEYS index; ARGV idle_ms, platform, limit, key prefix. Returns request ids.
-/// Looks at up to ten times `limit` of the oldest entries, so other platforms' stale
-/// records cannot hide this one's.
+/// The index is every platform's: it is read page by page, oldest first, until `limit`
+/// of this platform's are found or 10,000 entries were looked at, so another
+/// platform's backlog of abandoned records cannot hide this one's (it did when only the
+/// first page was read: issue 25, hole 7).
 const STALE: &str = r#"
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tostring(now - tonumber(ARGV[1])),
-  'LIMIT', 0, tonumber(ARGV[3]) * 10)
+local cutoff = tostring(now - tonumber(ARGV[1]))
+local limit = tonumber(ARGV[3])
+local page = math.max(limit * 10, 100)
 local found = {}
-for _, id in ipairs(ids) do
-  local route = redis.call('HGET', ARGV[4] .. 'req:' .. id, 'route')
-  if not route then
-    redis.call('ZREM', KEYS[1], id)
-  elseif string.sub(route, 1, string.len(ARGV[2]) + 1) == ARGV[2] .. '.' then
-    table.insert(found, id)
-    if #found >= tonumber(ARGV[3]) then break end
+local offset = 0
+local looked = 0
+while #found < limit and looked < 10000 do
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff, 'LIMIT', offset, page)
+  if #ids == 0 then break end
+  local kept = 0
+  for _, id in ipairs(ids) do
+    looked = looked + 1
+    local route = redis.call('HGET', ARGV[4] .. 'req:' .. id, 'route')
+    if not route then
+      redis.call('ZREM', KEYS[1], id)
+    else
+      kept = kept + 1
+      if string.sub(route, 1, string.len(ARGV[2]) + 1) == ARGV[2] .. '.' then
+        table.insert(found, id)
+        if #found >= limit then break end
+      end
+    end
   end
+  offset = offset + kept
 end
 return found
 "#;

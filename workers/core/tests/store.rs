@@ -414,6 +414,14 @@ async fn a_teardown_tombstones_its_target_whatever_the_interleaving(store: &dyn 
 }
 
 async fn abandoned_records_are_found_and_taken_over_once(store: &dyn StateStore) {
+    // Another platform's backlog of abandoned records, older than this platform's and
+    // many times a page of the scan, must not hide it.
+    for i in 0..250 {
+        let id = format!("backlog-{i}");
+        let mut other = claim(&id, "h", "dead", "b", 100);
+        other.routing_key = "aws-ecs.provision";
+        claimed(store, other).await;
+    }
     claimed(store, claim("s1", "h", "dead", "d1", 100)).await;
     let mut other = claim("s2", "h", "dead", "d2", 100);
     other.routing_key = "aws-ec2.provision";
