@@ -230,6 +230,20 @@ impl Workload {
                 ));
             }
         }
+        // A teardown whose target is itself a teardown (of no resource of its own).
+        if rng.chance(0.15) {
+            let teardowns: Vec<(Duration, String)> = published
+                .iter()
+                .filter(|(_, _, r)| r["operation"] == "teardown")
+                .map(|(when, id, _)| (*when, id.clone()))
+                .collect();
+            if !teardowns.is_empty() {
+                let (when, target) = rng.pick(&teardowns).clone();
+                let id = ids.fresh(rng);
+                let at = when + Duration::from_millis(rng.range(0, 3_000));
+                published.push((at, id.clone(), acting(&id, "teardown", &target)));
+            }
+        }
         // Requests about nothing that exists.
         if rng.chance(0.2) {
             let id = ids.fresh(rng);

@@ -148,7 +148,10 @@ return {1}
 /// Returns {1} | {-3, tombstone}.
 const COMPLETE: &str = r#"
 local tombstone = redis.call('HGET', KEYS[1], 'tombstone')
-if tombstone and ARGV[3] ~= 'error' then return {-3, tombstone} end
+local route = redis.call('HGET', KEYS[1], 'route') or ''
+if tombstone and ARGV[3] ~= 'error' and string.sub(route, -10) == '.provision' then
+  return {-3, tombstone}
+end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq')) or 0
 if tonumber(ARGV[5]) > seq then seq = tonumber(ARGV[5]) end
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'result', ARGV[4], 'lease_until', '0', 'owner', '',

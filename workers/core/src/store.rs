@@ -233,7 +233,8 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> Result<Renewal, StoreError>;
 
     /// Records the terminal event (its `seq` included) and ends the lease, for the holder
-    /// only. A tombstoned request may only end in `error` ([`StoreError::TornDown`]).
+    /// only. A tombstoned provision may only end in `error` ([`StoreError::TornDown`]); a
+    /// tombstone on any other request (a teardown named as a target) does not stop it.
     async fn complete(
         &self,
         request_id: &str,
@@ -933,8 +934,12 @@ impl StateStore for MemoryStore {
     ) -> Result<(), StoreError> {
         let retention = self.retention;
         self.with_holder(request_id, fence, |r| {
+            // A tombstone stops a provision only: a teardown (or stop, start, reboot)
+            // named as another teardown's target acts on no resource of its own, and
+            // ends as it ends.
             if let Some(by) = &r.tombstone
                 && event.state != State::Error
+                && r.routing_key.ends_with(".provision")
             {
                 return Err(StoreError::TornDown(by.clone()));
             }

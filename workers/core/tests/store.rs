@@ -276,6 +276,22 @@ async fn a_teardown_tombstones_its_target_whatever_the_interleaving(store: &dyn 
         .complete("t0", &f, &terminal("t0", 2, State::Error))
         .await
         .expect("it may end in error");
+    // A tombstone stops provisions only: a teardown named as another's target ends as it
+    // ends.
+    assert_eq!(
+        store
+            .act_on("td", teardown, lease, true)
+            .await
+            .expect("act"),
+        TargetGrant::Granted
+    );
+    let mut down = claim("td", "h", "a", "pd", 60_000);
+    down.routing_key = "docker.teardown";
+    let (f, ..) = claimed(store, down).await;
+    store
+        .complete("td", &f, &terminal("td", 2, State::Stopped))
+        .await
+        .expect("a teardown's end is not refused for a tombstone");
     store
         .end_act("t0", teardown, Some(State::Stopped))
         .await
