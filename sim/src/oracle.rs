@@ -379,6 +379,30 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
             }
         }
     }
+    // Targets of a teardown that gave up past MAX_ATTEMPTS: its attempts died without
+    // saying what they did, and its end says so; the resource may be there or not.
+    let mut uncertain: BTreeSet<String> = BTreeSet::new();
+    for (id, copies) in &bodies {
+        let Some(end) = outcome.get(id) else { continue };
+        if end
+            .error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("is not known: describe it"))
+        {
+            for (_, request) in copies {
+                if let Some(target) = &request.target_request_id {
+                    uncertain.insert(target.to_string());
+                }
+                if let Some(owner) = request
+                    .resource_id
+                    .as_ref()
+                    .and_then(|r| owner_of_instance.get(r.as_str()))
+                {
+                    uncertain.insert((*owner).to_owned());
+                }
+            }
+        }
+    }
     let torn_down = |id: &str| {
         torn_down_at.get(id).is_some_and(|at| {
             !lost_record(id) || outcome.get(id).is_none_or(|end| *at >= first_seen(end))
@@ -429,7 +453,7 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
             .is_some_and(|s| instances.iter().any(|i| i.id == *s && i.died_on_its_own));
         let should_run = end.state == State::Running && end.error.is_none() && !torn_down(id);
         if should_run {
-            if died && live.is_empty() {
+            if (died || uncertain.contains(*id)) && live.is_empty() {
                 continue;
             }
             match live.as_slice() {

@@ -117,10 +117,17 @@ impl Worker {
     /// panic, a lost lease). End in `error`, leave nothing behind, and set the message aside.
     pub(super) async fn give_up(&self, held: &mut Held<'_>) -> Result<Settlement, Abort> {
         let attempts = held.attempt - 1;
-        let removal = if held.request.operation == Operation::Provision {
-            format!("; {}", self.remove_while_held(held).await)
-        } else {
-            String::new()
+        let removal = match held.request.operation {
+            Operation::Provision => format!("; {}", self.remove_while_held(held).await),
+            Operation::Describe => String::new(),
+            // Its attempts died without saying what they did to the resource: one may
+            // have done it all.
+            _ => match held.request.target() {
+                Ok(target) => format!(
+                    "; what they did to {target} is not known: describe it, and send another request if need be"
+                ),
+                Err(_) => String::new(),
+            },
         };
         let message = format!(
             "gave up after {attempts} attempts that ended without an outcome (a worker crashed, panicked or lost its lease each time; see the workers' logs for request {}){removal}",

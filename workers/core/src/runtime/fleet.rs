@@ -547,11 +547,13 @@ impl Worker {
             }
         };
         let target = request.target_request_id.clone();
-        let Some(fleet) = self.fleet_of(&request, target.as_ref()).await? else {
+        let fleet = self.fleet_of(&request, target.as_ref()).await?;
+        if fleet.is_none() && request.operation != Operation::Teardown {
             warn!("a scheduled request that is no fleet; dropped");
             forget().await;
             return Ok(());
-        };
+        }
+        let working_state = fleet.as_ref().map_or(State::Stopping, Fleet::working_state);
         let nonce = self.env.nonce();
         let claimed_before = tokio::time::Instant::now();
         let claim = self
@@ -562,7 +564,7 @@ impl Worker {
                 owner: &self.config.worker_id,
                 nonce: &nonce,
                 lease: self.config.lease,
-                working_state: fleet.working_state(),
+                working_state,
                 routing_key: &request.routing_key(),
             })
             .await?;
@@ -601,6 +603,18 @@ impl Worker {
             working_confirm: std::sync::Mutex::new(None),
             waits: 0,
             sent: false,
+        };
+        let Some(fleet) = fleet else {
+            // A teardown of a fleet the store no longer knows (its request was lost with
+            // the store's data): its members cannot be listed. It ends, saying so.
+            let message = format!(
+                "the fleet {} it tears down is no longer known to the state store (its request was lost), so its members cannot be listed: tear them down by their request ids (<fleet>#<index>)",
+                target.map(|t| t.to_string()).unwrap_or_default()
+            );
+            self.end_in_error(&mut held, ErrorClass::Internal, message, None)
+                .await?;
+            forget_if_ended().await;
+            return Ok(());
         };
         if let (Some(by), Plan::Provision { .. }) = (&torn_down_by, &fleet.plan) {
             self.fleet_torn_down(&mut held, by).await?;
