@@ -117,6 +117,8 @@ struct State {
     /// Every message the broker took from a producer or a worker (not the parked
     /// copies of retries), in order: what must be answered.
     accepted: Vec<Message>,
+    /// Messages lost from a queue (purged by hand, or by a broker that lost them).
+    purged: Vec<Vec<u8>>,
 }
 
 /// The broker every view shares.
@@ -311,6 +313,31 @@ impl SharedBroker {
             state.unacked.len(),
             state.delayed
         )
+    }
+
+    /// Loses one ready message (`pick` chooses which): an operator's purge, or a broker
+    /// that lost it. Returns its routing key.
+    pub fn lose_a_message(&self, pick: u64) -> Option<String> {
+        let mut state = self.state();
+        let queue = state.ready.values_mut().find(|q| !q.is_empty())?;
+        let index = (pick % queue.len() as u64) as usize;
+        let message = queue.remove(index)?;
+        let key = match provisioner_events::decode_request(&message.body) {
+            Ok(request) => format!(
+                "{} {} ({})",
+                message.routing_key,
+                request.request_id,
+                &request.payload_hash()[..8]
+            ),
+            Err(_) => message.routing_key.clone(),
+        };
+        state.purged.push(message.body);
+        Some(key)
+    }
+
+    /// The bodies of the messages lost from queues.
+    pub fn purged(&self) -> Vec<Vec<u8>> {
+        self.state().purged.clone()
     }
 
     /// Blocks publishing (a memory or disk alarm) until `until`.

@@ -38,6 +38,7 @@ pub struct FaultRates {
     pub lose_fleet: f64,
     pub lose_everything: f64,
     pub broker_block: f64,
+    pub message_lost: f64,
     pub clock_jump: f64,
     pub instance_death: f64,
 }
@@ -151,6 +152,7 @@ impl RunConfig {
             lose_fleet: p(&mut rng, 0.05),
             lose_everything: p(&mut rng, 0.02),
             broker_block: p(&mut rng, 0.2),
+            message_lost: p(&mut rng, 0.1),
             clock_jump: p(&mut rng, 0.2),
             instance_death: p(&mut rng, 0.3),
         };

@@ -1,8 +1,8 @@
 //! The timed faults of a run, drawn from its seed and struck while the producers publish:
 //! a worker crashes, freezes past its lease and comes back (a zombie), or is drained; its
 //! broker connection drops; Redis goes down, is cut off from one worker, slows, loses a
-//! key or everything; the broker blocks publishing; the wall clock jumps; an instance
-//! dies on its own. (Crashes at step boundaries, lost replies, refused publishes and the
+//! key or everything; the broker blocks publishing or loses a message; the wall clock
+//! jumps; an instance dies on its own. (Crashes at step boundaries, lost replies, refused publishes and the
 //! cloud's own failures strike per call, in the store, broker and cloud modules.)
 
 use std::sync::Arc;
@@ -29,6 +29,7 @@ enum Fault {
     LoseFleet,
     LoseEverything,
     BrokerBlock,
+    MessageLost,
     ClockJump,
     InstanceDeath,
 }
@@ -47,6 +48,7 @@ impl Fault {
             Fault::LoseFleet => "fleet lost",
             Fault::LoseEverything => "store lost everything",
             Fault::BrokerBlock => "broker blocked",
+            Fault::MessageLost => "message lost",
             Fault::ClockJump => "clock jump",
             Fault::InstanceDeath => "instance died",
         }
@@ -71,6 +73,7 @@ pub async fn inject(world: Arc<World>) {
         (rates.lose_fleet, Fault::LoseFleet),
         (rates.lose_everything, Fault::LoseEverything),
         (rates.broker_block, Fault::BrokerBlock),
+        (rates.message_lost, Fault::MessageLost),
         (rates.clock_jump, Fault::ClockJump),
         (rates.instance_death, Fault::InstanceDeath),
     ] {
@@ -239,6 +242,13 @@ fn strike(world: &Arc<World>, rng: &mut Rng, fault: Fault) -> bool {
             });
             true
         }
+        Fault::MessageLost => match world.broker.lose_a_message(rng.next_u64()) {
+            Some(key) => {
+                history.note("broker", || format!("lost a {key} message"));
+                true
+            }
+            None => false,
+        },
         Fault::ClockJump => {
             let jump = if rng.chance(0.8) {
                 rng.range(1, 600_000) as i64

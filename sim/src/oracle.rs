@@ -96,15 +96,19 @@ fn same_event(a: &StatusEvent, b: &StatusEvent) -> bool {
     serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
 }
 
-/// Whether a record may stay in progress for good, as the contract allows: a fleet whose
-/// request the store lost, when no reaper ends abandoned records.
+/// Whether a record may stay in progress for good, as the contract allows when no reaper
+/// ends abandoned records: a fleet whose request the store lost, or a request whose
+/// message the broker lost.
 pub fn may_stay_in_progress(world: &World, request_id: &str) -> bool {
     world.config.worker.reap_after.is_none()
-        && world.store.losses().iter().any(|l| match l {
+        && (world.store.losses().iter().any(|l| match l {
             Loss::Fleet { request_id: id, .. } => id == request_id,
             Loss::Everything { .. } => true,
             Loss::Record { .. } => false,
-        })
+        }) || world.broker.purged().iter().any(|body| {
+            provisioner_events::decode_request(body)
+                .is_ok_and(|r| r.request_id.as_str() == request_id)
+        }))
 }
 
 /// Judges a settled run; `stuck` says why it did not settle, if it did not.
@@ -135,6 +139,7 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
             .unwrap_or_default()
     };
     let dead_letters = world.broker.dead_letters();
+    let purged = world.broker.purged();
     let losses = world.store.losses();
     let lost_everything = losses.iter().any(|l| matches!(l, Loss::Everything { .. }));
     let lost_record = |id: &str| {
@@ -188,7 +193,9 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
                     .and_then(|i| i.as_str())
                     .map(str::to_owned)
             });
-        let answered = set_aside_with_reason(body) || (known_id.is_some() && refused(body));
+        let answered = set_aside_with_reason(body)
+            || (known_id.is_some() && refused(body))
+            || purged.iter().any(|p| p == body);
         if !answered {
             violations.push(format!(
                 "a message that is no request ({}) was neither refused nor set aside",
@@ -261,12 +268,17 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
                     Loss::Everything { .. } => true,
                     Loss::Record { .. } => false,
                 });
-            if fleet_lost && last.is_none() {
+            // A message lost from its queue was never delivered: no one can know it was
+            // sent. (A request claimed before its message was lost is ended by the
+            // reaper, which the check of records in progress holds to.)
+            let purged_unseen = purged.iter().any(|p| p == body);
+            if fleet_lost && last.is_none() || purged_unseen && !ran {
                 v.stats.excused += 1;
             } else if !(ran || refused(body) || set_aside_with_reason(body)) {
                 violations.push(format!(
-                    "{id}: a {} message was accepted and never answered (no terminal event, no refusal)",
-                    request.operation
+                    "{id}: a {} message was accepted and never answered (no terminal event, no refusal): {}",
+                    request.operation,
+                    String::from_utf8_lossy(body)
                 ));
             }
         }
@@ -523,8 +535,12 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
                 })
                 .collect();
             // A provision whose record was lost may run again with another payload of
-            // its id: its place stays the first run's (one per request id).
-            if holding.iter().any(|(id, _)| lost_record(id)) {
+            // its id: its place stays the first run's (one per request id). One left in
+            // progress for good (its message lost, no reaper) holds what it reserved.
+            let in_progress_for_good = provisions.iter().any(|(id, r)| {
+                r.tenant.as_deref() == Some(tenant.as_str()) && may_stay_in_progress(world, id)
+            });
+            if holding.iter().any(|(id, _)| lost_record(id)) || in_progress_for_good {
                 continue;
             }
             let Ok(usage) = world.store.memory.quota(&tenant).await else {

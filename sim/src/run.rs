@@ -278,6 +278,13 @@ async fn busy(world: &World) -> Option<String> {
     if !expiries.is_empty() {
         return Some(format!("{} expiries scheduled", expiries.len()));
     }
+    let outbox = memory.scheduled(&provisioner_core::runtime::reaped_outbox(PLATFORM));
+    if !outbox.is_empty() {
+        return Some(format!(
+            "{} ends of abandoned requests to publish",
+            outbox.len()
+        ));
+    }
     let fleets = memory.scheduled(&provisioner_core::runtime::fleet_schedule(PLATFORM));
     if !fleets.is_empty() {
         return Some(format!("{} fleets scheduled", fleets.len()));
@@ -416,7 +423,7 @@ async fn publish(world: &World, routing_key: &str, body: &[u8]) {
             .broker
             .producer_publish(routing_key, body, published_at);
         let id = provisioner_events::decode_request(body)
-            .map(|r| r.request_id.to_string())
+            .map(|r| format!("{} ({})", r.request_id, &r.payload_hash()[..8]))
             .unwrap_or_else(|_| "(undecodable)".into());
         world.history.note("producer", || {
             format!("publish {routing_key} {id} -> {result:?}")

@@ -40,6 +40,7 @@ mod platform_call;
 mod reconcile;
 pub use reconcile::{ReconcileDecision, ReconcileOptions, Verdict, reconcile_teardown_id};
 mod reaper;
+pub use reaper::reaped_outbox;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

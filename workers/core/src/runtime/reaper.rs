@@ -13,6 +13,7 @@ use provisioner_events::{
 use tracing::{debug, info, warn};
 
 use super::Worker;
+use super::lease::Heartbeat;
 
 /// Stops the reaper when the worker stops.
 pub(super) struct AbortOnDrop(pub(super) tokio::task::JoinHandle<()>);
@@ -25,6 +26,12 @@ impl Drop for AbortOnDrop {
 
 /// Records looked at per round.
 const BATCH: usize = 16;
+
+/// The store's schedule of the ends of abandoned requests recorded and not yet published
+/// (of the same kind as the expiries', under a name of its own).
+pub fn reaped_outbox(platform: provisioner_events::PlatformName) -> String {
+    format!("{platform}/reaped")
+}
 
 impl Worker {
     /// Looks for abandoned records every so often (a quarter of `idle`, between 1 s and
@@ -43,10 +50,12 @@ impl Worker {
     /// Returns how many it ended.
     pub async fn reap_once(&self, idle: Duration) -> Result<usize, crate::StoreError> {
         let platform = self.platform.name();
+        self.publish_reaped_ends().await?;
         let stale = self.store.stale(platform.as_str(), idle, BATCH).await?;
         let mut ended = 0;
         for id in stale {
             let nonce = self.env.nonce();
+            let reaped_from = tokio::time::Instant::now();
             let Some(reaped) = self
                 .store
                 .reap(&id, idle, &self.config.worker_id, &nonce, self.config.lease)
@@ -54,6 +63,17 @@ impl Worker {
             else {
                 continue;
             };
+            // The lease is kept while what it made is removed (paced, and waiting for the
+            // platform to settle): a lease run out meanwhile would let a second reaper in.
+            let heartbeat = Heartbeat::start(
+                self.store.clone(),
+                id.clone(),
+                reaped.fence.clone(),
+                None,
+                self.config.lease,
+                reaped_from,
+                false,
+            );
             let operation = reaped
                 .routing_key
                 .split_once('.')
@@ -86,21 +106,65 @@ impl Worker {
                 cause: None,
                 fleet: None,
             };
-            if let Err(e) = self.store.complete(&id, &reaped.fence, &event).await {
+            // What the end frees goes first (a place given back twice is given back
+            // once), and the end goes on the outbox before it is recorded: no message of
+            // this request will come again to publish it, so a reaper that dies between
+            // recording and publishing leaves it to the next round.
+            if operation == Some(Operation::Provision) {
+                self.release_quota_of(&id).await;
+            }
+            let outbox = reaped_outbox(platform);
+            if let Err(e) = self
+                .store_call(|| self.store.schedule_expiry(&outbox, &id, self.env.now()))
+                .await
+            {
+                warn!(request.id = %id, error = %e, "could not end an abandoned request");
+                continue;
+            }
+            let stored = self.store.complete(&id, &reaped.fence, &event).await;
+            drop(heartbeat);
+            if let Err(e) = stored {
                 warn!(request.id = %id, error = %e, "could not end an abandoned request");
                 continue;
             }
             info!(request.id = %id, "ended an abandoned request");
             self.metrics
                 .request_ended(operation, State::Error, Some(ErrorClass::Internal));
-            if operation == Some(Operation::Provision) {
-                self.release_quota_of(&id).await;
-            }
-            if let Err(e) = self.broker.publish_status(&event).await {
-                warn!(request.id = %id, error = %e, "could not publish the end of an abandoned request; it is recorded");
+            match self.broker.publish_status(&event).await {
+                Ok(()) => {
+                    if let Err(e) = self.store.cancel_expiry(&outbox, &id).await {
+                        debug!(error = %e, "could not take a published end off the outbox");
+                    }
+                }
+                Err(e) => {
+                    warn!(request.id = %id, error = %e, "could not publish the end of an abandoned request; the next round does")
+                }
             }
             ended += 1;
         }
         Ok(ended)
+    }
+
+    /// Publishes the ends of abandoned requests that a reaper recorded and could not
+    /// publish (or died before it did).
+    async fn publish_reaped_ends(&self) -> Result<(), crate::StoreError> {
+        let outbox = reaped_outbox(self.platform.name());
+        let due = self
+            .store
+            .take_due_expiries(&outbox, BATCH, super::EXPIRY_RETRY)
+            .await?;
+        for (id, _) in due {
+            let end = self.store.get(&id).await?.and_then(|r| r.result);
+            let published = match &end {
+                Some(end) => self.broker.publish_status(end).await.is_ok(),
+                // Never recorded (its reaper died first): it is still abandoned, and the
+                // next reaper ends it.
+                None => true,
+            };
+            if published && let Err(e) = self.store.cancel_expiry(&outbox, &id).await {
+                debug!(error = %e, "could not take a published end off the outbox");
+            }
+        }
+        Ok(())
     }
 }
