@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use common::http::{free_addr, until_status};
 use common::{TestEnv, id, rabbitmqctl};
-use provisioner_events::State;
+use provisioner_core::Broker;
+use provisioner_core::amqp::{AmqpBroker, AmqpConfig};
+use provisioner_events::{SCHEMA_VERSION, State, StatusEvent};
 
 /// Clears the alarm however the test ends.
 struct Alarm;
@@ -38,6 +40,38 @@ async fn a_memory_alarm_pauses_the_work_with_a_clear_reason_and_it_resumes_after
     }
     let alarm = Alarm::raise();
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // The adapter itself: a publish the alarm blocks fails within its timeout, and the
+    // blocked connection is kept, so the broker goes on saying it blocks. (It was dropped
+    // as if dead: a fresh one is not blocked until it publishes, so a worker took work it
+    // could not report, one failed publish after another.)
+    {
+        let mut config = AmqpConfig::new(&env.amqp_url);
+        config.connection_name = format!("alarm-probe-{}", env.run_id);
+        config.publish_timeout = Duration::from_secs(2);
+        let broker = AmqpBroker::connect(config).await.expect("connect");
+        let event = StatusEvent {
+            schema_version: SCHEMA_VERSION,
+            request_id: "alarm-probe".into(),
+            operation: None,
+            platform: "docker".into(),
+            state: State::Starting,
+            seq: 1,
+            attempt: 1,
+            timestamp: time::OffsetDateTime::now_utc(),
+            resource: None,
+            error: None,
+            tenant: None,
+            rejected_message: None,
+            cause: None,
+            fleet: None,
+        };
+        let sent = broker.publish_status(&event).await;
+        assert!(sent.is_err(), "published while blocked: {sent:?}");
+        assert!(
+            broker.blocked().is_some(),
+            "after a blocked publish failed ({sent:?}), the broker says it does not block"
+        );
+    }
     let addr = free_addr();
     let worker = env.start_worker_with("a", &[("METRICS_ADDR", addr.as_str())]);
     tokio::time::sleep(Duration::from_secs(10)).await;

@@ -45,6 +45,9 @@ struct Args {
     /// Go on after a failing seed, printing one line per violation (for triage).
     #[arg(long)]
     keep_going: bool,
+    /// On a failing seed, print its violations only, not its history.
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn main() -> ExitCode {
@@ -121,7 +124,14 @@ fn main() -> ExitCode {
                 }
                 continue;
             }
-            report_failure(seed);
+            if args.quiet {
+                for violation in &outcome.verdict.violations {
+                    println!("seed {seed}: {violation}");
+                }
+                println!("seed {seed} broke the promise");
+            } else {
+                report_failure(seed);
+            }
             return ExitCode::FAILURE;
         }
     }

@@ -253,8 +253,10 @@ while #found < limit and looked < 10000 do
   local kept = 0
   for _, id in ipairs(ids) do
     looked = looked + 1
-    local route = redis.call('HGET', ARGV[4] .. 'req:' .. id, 'route')
-    if not route then
+    local rec = redis.call('HMGET', ARGV[4] .. 'req:' .. id, 'route', 'result')
+    local route = rec[1]
+    if not route or rec[2] then
+      -- Gone, or ended (a late release or renewal of its holder put it back).
       redis.call('ZREM', KEYS[1], id)
     else
       kept = kept + 1

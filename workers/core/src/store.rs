@@ -726,6 +726,10 @@ impl MemoryStore {
     ) -> Result<T, StoreError> {
         let mut records = self.records();
         match records.get_mut(request_id) {
+            // A record only a tombstone made was never claimed: no holder, as in Redis.
+            Some(record) if record.fence.counter == 0 => {
+                Err(StoreError::Missing(request_id.to_owned()))
+            }
             Some(record) if record.fence == *fence => f(record),
             Some(_) => Err(StoreError::Fenced(fence.clone())),
             None => Err(StoreError::Missing(request_id.to_owned())),

@@ -37,13 +37,24 @@ impl AmqpBroker {
     }
 
     /// After the broker drops a connection, lapin may report it connected for a moment:
-    /// whatever fails as unavailable makes the next call connect afresh.
+    /// whatever fails as unavailable makes the next call connect afresh. Except a
+    /// connection the broker blocks (a memory or disk alarm): it is alive, and kept, so
+    /// that [`Broker::blocked`](crate::Broker::blocked) goes on saying so and the worker
+    /// takes no work until the alarm clears (a fresh connection would not be blocked until
+    /// it published, and the worker would take work it cannot report, one failed publish
+    /// after another).
     pub(super) async fn forget_if_unavailable<T>(
         &self,
         result: Result<T, BrokerError>,
     ) -> Result<T, BrokerError> {
         if matches!(result, Err(BrokerError::Unavailable(_))) {
-            *self.inner.session.lock().await = None;
+            let mut session = self.inner.session.lock().await;
+            let blocked = session.as_ref().is_some_and(|s| {
+                s.connection.status().connected() && s.connection.status().blocked()
+            });
+            if !blocked {
+                *session = None;
+            }
         }
         result
     }

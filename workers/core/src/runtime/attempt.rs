@@ -218,7 +218,22 @@ impl Worker {
             .catch_unwind()
             .await
         {
-            Ok(settlement) => settlement,
+            Ok(Ok(settlement)) => Ok(settlement),
+            Ok(Err(abort)) => {
+                // The broker or the store failed the attempt, not the request: its claim
+                // goes back with the attempt refunded (the number it took too, if it sent
+                // nothing), and the message waits (counted toward MAX_WAITS), so an
+                // outage neither burns the request's attempts nor leaves it held until its
+                // lease runs out.
+                let how = if held.sent {
+                    Release::HandedOver
+                } else {
+                    Release::Untried
+                };
+                let _ = self.store.release(id, &held.fence, how).await;
+                self.end_acting(&held, None).await;
+                Err(abort)
+            }
             Err(panic) => {
                 let what = panic_text(panic.as_ref());
                 error!(panic = %what, "the attempt panicked; it counts as failed");
@@ -493,15 +508,8 @@ impl Worker {
         let result = match outcome {
             Ok(Ok(result)) => result,
             Ok(Err(signal)) => return self.stopped(held, delivery, signal).await,
-            Err(abort) => {
-                // Let the redelivery claim at once instead of waiting out our lease.
-                let _ = self
-                    .store
-                    .release(held.id(), &held.fence, held.failed())
-                    .await;
-                self.end_acting(held, None).await;
-                return Err(abort);
-            }
+            // Given back (with the attempt refunded) by the caller.
+            Err(abort) => return Err(abort),
         };
         if let LeaseSignal::Cancelled { by } = signal
             && request.operation == Operation::Provision

@@ -339,14 +339,13 @@ impl Worker {
         }
         .await;
         self.end_acting(held, None).await;
-        // Given back with its attempt: coordinating it is the next attempt's work.
-        let how = if handed.is_ok() {
-            Release::HandedOver
-        } else {
-            held.failed()
-        };
-        let _ = self.store.release(&id, &held.fence, how).await;
+        // A failure goes back to the caller, which gives the claim back.
         handed?;
+        // Given back with its attempt: coordinating it is the next attempt's work.
+        let _ = self
+            .store
+            .release(&id, &held.fence, Release::HandedOver)
+            .await;
         if let Err(e) = self
             .store_call(|| self.store.schedule_expiry(&schedule, &id, self.env.now()))
             .await
