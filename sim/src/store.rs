@@ -227,7 +227,10 @@ impl StoreView {
         if let Some((request_id, seq)) = result.as_ref().ok().and_then(reserved) {
             self.shared.witness.reserved(&request_id, seq, who);
         }
-        if lose_reply {
+        // A claim whose reply was lost is sent again and answered the same (the claim is
+        // idempotent by its nonce): the worker goes on undisturbed, and the number it took
+        // must still be used.
+        if lose_reply && op != "claim" {
             self.shared.witness.disrupted(who);
         }
         self.shared.history.note(who, || {

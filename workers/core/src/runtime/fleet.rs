@@ -555,16 +555,21 @@ impl Worker {
         let working_state = fleet.as_ref().map_or(State::Stopping, Fleet::working_state);
         let nonce = self.env.nonce();
         let claimed_before = tokio::time::Instant::now();
+        // Sent again (same nonce) while the store is unreachable: a claim whose reply was
+        // lost is answered the same, instead of counting another attempt a lease later.
+        let payload_hash = request.payload_hash();
+        let routing_key = request.routing_key();
         let claim = self
-            .store
-            .claim(ClaimRequest {
-                request_id: id,
-                payload_hash: &request.payload_hash(),
-                owner: &self.config.worker_id,
-                nonce: &nonce,
-                lease: self.config.lease,
-                working_state,
-                routing_key: &request.routing_key(),
+            .store_call(|| {
+                self.store.claim(ClaimRequest {
+                    request_id: id,
+                    payload_hash: &payload_hash,
+                    owner: &self.config.worker_id,
+                    nonce: &nonce,
+                    lease: self.config.lease,
+                    working_state,
+                    routing_key: &routing_key,
+                })
             })
             .await?;
         let (fence, seq, attempt, torn_down_by, handed_over) = match claim {
