@@ -195,7 +195,19 @@ fn strike(world: &Arc<World>, rng: &mut Rng, fault: Fault) -> bool {
             true
         }
         Fault::LoseRecord => {
+            // Half the time a record in progress: the loss that matters most while it
+            // happens (its holder is at work).
             let ids = world.store.memory.record_ids();
+            let working: Vec<String> = ids
+                .iter()
+                .filter(|id| world.store.memory.holder(id).is_some())
+                .cloned()
+                .collect();
+            let ids = if !working.is_empty() && rng.chance(0.5) {
+                working
+            } else {
+                ids
+            };
             if ids.is_empty() {
                 return false;
             }

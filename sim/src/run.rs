@@ -278,12 +278,9 @@ async fn busy(world: &World) -> Option<String> {
     if !expiries.is_empty() {
         return Some(format!("{} expiries scheduled", expiries.len()));
     }
-    let outbox = memory.scheduled(&provisioner_core::runtime::reaped_outbox(PLATFORM));
+    let outbox = memory.scheduled(&provisioner_core::runtime::ends_outbox(PLATFORM));
     if !outbox.is_empty() {
-        return Some(format!(
-            "{} ends of abandoned requests to publish",
-            outbox.len()
-        ));
+        return Some(format!("{} recorded ends to publish", outbox.len()));
     }
     let fleets = memory.scheduled(&provisioner_core::runtime::fleet_schedule(PLATFORM));
     if !fleets.is_empty() {

@@ -663,6 +663,16 @@ impl MemoryStore {
             .is_some()
     }
 
+    /// Who holds `request_id` now (its lease live), if anyone: for a simulation to pick
+    /// a record in progress.
+    pub fn holder(&self, request_id: &str) -> Option<String> {
+        let now = Instant::now();
+        self.records()
+            .get(request_id)
+            .filter(|r| r.in_progress() && r.lease_live(now).is_some())
+            .map(|r| r.owner.clone())
+    }
+
     /// The ids of every record held now, sorted (for a simulation to pick one to lose).
     pub fn record_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.records().keys().cloned().collect();

@@ -1088,13 +1088,15 @@ async fn a_teardown_by_resource_id_between_retries_tombstones_its_provision() {
 /// The in-memory broker, except that the broker refuses the first working event's
 /// confirm (after a moment, as a late nack would come): the event went out, the broker
 /// did not take it.
-struct FirstWorkingEventRefused {
+/// A broker that refuses (nacks) the first status event of one state.
+struct FirstEventRefused {
     broker: MemoryBroker,
+    state: State,
     refused: AtomicBool,
 }
 
 #[async_trait]
-impl Broker for FirstWorkingEventRefused {
+impl Broker for FirstEventRefused {
     async fn declare(&self, platform: PlatformName) -> Result<(), provisioner_core::BrokerError> {
         self.broker.declare(platform).await
     }
@@ -1110,7 +1112,7 @@ impl Broker for FirstWorkingEventRefused {
         event: &StatusEvent,
     ) -> Result<provisioner_core::broker::PendingConfirm, provisioner_core::BrokerError> {
         let confirm = self.broker.send_status(event).await?;
-        if event.state == State::Starting && !self.refused.swap(true, Ordering::SeqCst) {
+        if event.state == self.state && !self.refused.swap(true, Ordering::SeqCst) {
             return Ok(Box::pin(async {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 Err(provisioner_core::BrokerError::NotConfirmed(
@@ -1149,8 +1151,9 @@ async fn a_refused_working_event_is_not_acknowledged_though_its_confirm_is_await
     let worker = Arc::new(Worker::new(
         platform.clone(),
         store,
-        Arc::new(FirstWorkingEventRefused {
+        Arc::new(FirstEventRefused {
             broker: broker.clone(),
+            state: State::Starting,
             refused: AtomicBool::new(false),
         }),
         config(0),
@@ -1176,6 +1179,74 @@ async fn a_refused_working_event_is_not_acknowledged_though_its_confirm_is_await
         1,
         "answered from the record, not provisioned again"
     );
+}
+
+#[tokio::test]
+async fn an_end_the_broker_refused_goes_on_the_outbox_and_housekeeping_publishes_it() {
+    // The message comes back and its record answers with the end; but were that message
+    // lost too, only the outbox would: the end is published from it all the same.
+    let broker = MemoryBroker::new();
+    let platform = Arc::new(Scripted::default());
+    let store = Arc::new(MemoryStore::new());
+    let mut events = broker.subscribe_status().await.expect("subscribe");
+    let worker = Arc::new(Worker::new(
+        platform.clone(),
+        store.clone(),
+        Arc::new(FirstEventRefused {
+            broker: broker.clone(),
+            state: State::Running,
+            refused: AtomicBool::new(false),
+        }),
+        // No rounds of its own: the test runs the one that publishes.
+        WorkerConfig {
+            expire_every: None,
+            reap_after: None,
+            ..config(0)
+        },
+    ));
+    let outbox = provisioner_core::runtime::ends_outbox(platform.name());
+    tokio::spawn(worker.clone().run(std::future::pending()));
+    broker
+        .publish_request("process.provision", "o1", &provision("o1", ""))
+        .await
+        .expect("publish");
+    // The refused one reached the topic all the same (a nack says nothing either way),
+    // and the copy answers again from its record.
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut running = Vec::new();
+        while running.len() < 2 {
+            let event = events.next().await.expect("events");
+            if event.request_id == "o1" && event.state == State::Running {
+                running.push(event);
+            }
+        }
+        running.pop().expect("two")
+    })
+    .await
+    .expect("answered again from its record");
+    let waiting: Vec<String> = store
+        .scheduled(&outbox)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(waiting, ["o1"], "the refused end waits on the outbox");
+    worker.expire_once().await.expect("a round");
+    assert!(
+        store.scheduled(&outbox).is_empty(),
+        "published, so taken off"
+    );
+    let again = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let event = events.next().await.expect("events");
+            if event.request_id == "o1" {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("the round published the end");
+    assert_eq!(again, end, "the same end, its seq unchanged");
+    assert_eq!(platform.provisions.load(Ordering::SeqCst), 1);
 }
 
 fn fleet(id: &str, count: u32, extra: &str) -> Vec<u8> {

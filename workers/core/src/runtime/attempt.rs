@@ -112,6 +112,34 @@ fn acted_on(request: &Request) -> Option<RequestId> {
 }
 
 impl Worker {
+    /// The nonce of this delivery's claim: that of the request's unanswered claim, if
+    /// there is one, else a new one. It is taken: the same nonce is the same claimant,
+    /// so two copies in flight at once must not both send it.
+    fn claim_nonce(&self, id: &str) -> String {
+        let mut unanswered = self
+            .unanswered_claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        unanswered.remove(id).unwrap_or_else(|| self.env.nonce())
+    }
+
+    /// Remembers a claim that got no answer, for the next copy to send again.
+    fn claim_answered(&self, id: &str, nonce: &str, answered: bool) {
+        if answered {
+            return;
+        }
+        let mut unanswered = self
+            .unanswered_claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if unanswered.len() >= super::UNANSWERED_CLAIMS {
+            // Rare (the store failing thousands of claims): forgetting them all is as
+            // good as choosing, and bounded.
+            unanswered.clear();
+        }
+        unanswered.insert(id.to_owned(), nonce.to_owned());
+    }
+
     pub(super) async fn run_request(
         &self,
         request: &Request,
@@ -126,7 +154,7 @@ impl Worker {
             return Ok(settlement);
         }
         let routing_key = request.routing_key();
-        let nonce = self.env.nonce();
+        let nonce = self.claim_nonce(id);
         // Taken before each try, so the local lease deadline never outlives the store's.
         let claimed_before = std::sync::Mutex::new(tokio::time::Instant::now());
         let claim = self
@@ -143,8 +171,9 @@ impl Worker {
                     routing_key: &routing_key,
                 })
             })
-            .await?;
-        let (fence, seq, attempt, torn_down_by) = match claim {
+            .await;
+        self.claim_answered(id, &nonce, claim.is_ok());
+        let (fence, seq, attempt, torn_down_by) = match claim? {
             Claim::Claimed {
                 fence,
                 seq,
@@ -166,7 +195,7 @@ impl Worker {
                 debug!(state = %event.state, "already finished; publishing its result again");
                 // The first delivery may have died between recording its end and what
                 // follows it: give back what the end frees (both are idempotent).
-                self.after_the_end(request, &event).await;
+                self.after_the_end(request, &event).await?;
                 self.broker.publish_status(&event).await?;
                 return Ok(Settlement::Ack);
             }
@@ -266,7 +295,7 @@ impl Worker {
         };
         if let Some(end) = record.result {
             debug!(state = %end.state, "the fleet ended before; publishing its end again");
-            self.after_the_end(request, &end).await;
+            self.after_the_end(request, &end).await?;
             self.broker.publish_status(&end).await?;
             return Ok(Some(Settlement::Ack));
         }

@@ -344,33 +344,37 @@ impl Worker {
         );
         crate::fault::point("after_record");
         held.sent = true;
-        let terminal = self.broker.send_status(&event).await?;
-        let working = held
-            .working_confirm
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        match working {
-            // Both in flight at once; either one refused is the broker's trouble, and the
-            // message is run again (its record answers with this result).
-            Some(working) => {
-                let (working, terminal) = futures_util::future::join(working, terminal).await;
-                working.and(terminal)?;
+        if let Err(e) = self.publish_end(held, &event).await {
+            // The message is run again and its record answers with this end; but should
+            // the message be lost too, nothing would: the end goes on the outbox, which
+            // the housekeeping publishes from.
+            let outbox = super::ends_outbox(platform);
+            if let Err(store) = self
+                .store
+                .schedule_expiry(&outbox, &id, self.env.now())
+                .await
+            {
+                warn!(error = %store, "could not put an unpublished end on the outbox");
             }
-            None => terminal.await?,
+            return Err(e.into());
         }
         let resource_state = event.error.is_none().then_some(event.state);
+        // What the end frees, given back before the delivery is settled: should the store
+        // fail it, the message comes again, finds the end and gives it back then.
+        let mut freed = Ok(());
         if let (Some(target), Some(State::Stopped)) = (&held.acting_on, resource_state)
             && held.request.operation == Operation::Teardown
         {
-            self.forget_torn_down(platform.as_str(), target.as_str())
+            freed = self
+                .forget_torn_down(platform.as_str(), target.as_str())
                 .await;
         }
         if held.request.operation == Operation::Provision && event.state == State::Error {
             // A provision that ends in error leaves nothing behind, so holds nothing.
-            self.release_quota_of(&id).await;
+            freed = self.release_quota_of(&id).await;
         }
         self.end_acting(held, resource_state).await;
+        freed?;
         Ok(Settlement::Ack)
     }
 
@@ -378,44 +382,39 @@ impl Worker {
     /// teardown that stopped its target forgets the target's expiry and quota place, and
     /// a provision that ended in error gives its place back. A teardown that named a
     /// resource id finds its target in its own record (`acts_on`), since the gone
-    /// resource can no longer say whose it was.
-    pub(super) async fn after_the_end(&self, request: &Request, event: &StatusEvent) {
+    /// resource can no longer say whose it was. A store that fails it is an error: the
+    /// caller waits and comes again, since nothing else ever would.
+    pub(super) async fn after_the_end(
+        &self,
+        request: &Request,
+        event: &StatusEvent,
+    ) -> Result<(), StoreError> {
         let platform = self.platform.name();
+        let target = || async {
+            match &request.target_request_id {
+                Some(target) => Ok(Some(target.clone())),
+                None => self.recorded_target(request).await,
+            }
+        };
         match request.operation {
             Operation::Teardown if event.state == State::Stopped && event.error.is_none() => {
-                let target = match &request.target_request_id {
-                    Some(target) => Some(target.clone()),
-                    None => match self.recorded_target(request).await {
-                        Ok(target) => target,
-                        Err(e) => {
-                            error!(error = %e, "could not read whose resource this teardown removed; its quota place and expiry stay until a copy of the teardown comes again");
-                            None
-                        }
-                    },
-                };
-                if let Some(target) = target {
+                if let Some(target) = target().await? {
                     self.forget_torn_down(platform.as_str(), target.as_str())
-                        .await;
+                        .await?;
                 }
             }
             Operation::Provision if event.state == State::Error => {
-                self.release_quota_of(request.request_id.as_str()).await;
+                self.release_quota_of(request.request_id.as_str()).await?;
             }
             Operation::Teardown if event.state == State::Error => {
-                let target = match &request.target_request_id {
-                    Some(target) => Some(target.clone()),
-                    None => self.recorded_target(request).await.ok().flatten(),
-                };
-                if let Some(target) = target
-                    && let Err(e) = self
-                        .lift_tombstone(target.as_str(), request.request_id.as_str())
-                        .await
-                {
-                    error!(error = %e, "could not lift a failed teardown's tombstone; a copy of the teardown lifts it");
+                if let Some(target) = target().await? {
+                    self.lift_tombstone(target.as_str(), request.request_id.as_str())
+                        .await?;
                 }
             }
             _ => {}
         }
+        Ok(())
     }
 
     /// Lifts `teardown`'s tombstone from `target` (retried while the store is away).
@@ -426,21 +425,47 @@ impl Worker {
 
     /// What a resource held in the store ends with it: its expiry (which would only send
     /// a teardown of what is gone) and its place in its tenant's quota.
-    async fn forget_torn_down(&self, platform: &str, request_id: &str) {
+    async fn forget_torn_down(&self, platform: &str, request_id: &str) -> Result<(), StoreError> {
         if let Err(e) = self.store.cancel_expiry(platform, request_id).await {
+            // It comes due, finds its resource torn down and is forgotten then.
             debug!(error = %e, "could not forget the expiry of what was torn down");
         }
-        self.release_quota_of(request_id).await;
+        self.release_quota_of(request_id).await
     }
 
     /// Gives back `request_id`'s place in its tenant's quota. Retried while the store is
-    /// away: a place never given back would shrink the tenant's quota for good.
-    pub(super) async fn release_quota_of(&self, request_id: &str) {
-        if let Err(e) = self
+    /// away; past that, the caller must come back to it: a place never given back would
+    /// shrink the tenant's quota for good.
+    pub(super) async fn release_quota_of(&self, request_id: &str) -> Result<(), StoreError> {
+        let released = self
             .store_call(|| self.store.release_quota(request_id))
-            .await
-        {
-            error!(request.id = %request_id, error = %e, "could not give back a quota reservation; `provisioner quota` shows it until it is released");
+            .await;
+        if let Err(e) = &released {
+            warn!(request.id = %request_id, error = %e, "could not give back a quota reservation yet; it is tried again");
+        }
+        released
+    }
+
+    /// Publishes a recorded end, and waits for the broker to confirm it together with
+    /// the attempt's `working` event when that is still in flight; either one refused is
+    /// the broker's trouble.
+    async fn publish_end(
+        &self,
+        held: &Held<'_>,
+        event: &StatusEvent,
+    ) -> Result<(), crate::broker::BrokerError> {
+        let terminal = self.broker.send_status(event).await?;
+        let working = held
+            .working_confirm
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match working {
+            Some(working) => {
+                let (working, terminal) = futures_util::future::join(working, terminal).await;
+                working.and(terminal)
+            }
+            None => terminal.await,
         }
     }
 

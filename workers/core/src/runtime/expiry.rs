@@ -153,6 +153,8 @@ impl Worker {
     /// Returns how many it sent.
     pub async fn expire_once(&self) -> Result<usize, StoreError> {
         let platform = self.platform.name();
+        // The unpublished ends too: a worker with no reaper still has them published.
+        self.publish_pending_ends().await?;
         let due = self
             .store
             .take_due_expiries(platform.as_str(), BATCH, EXPIRY_RETRY)

@@ -40,7 +40,7 @@ mod platform_call;
 mod reconcile;
 pub use reconcile::{ReconcileDecision, ReconcileOptions, Verdict, reconcile_teardown_id};
 mod reaper;
-pub use reaper::reaped_outbox;
+pub use reaper::ends_outbox;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -196,7 +196,16 @@ pub struct Worker {
     /// Paces the calls the runtime makes on its own (removing what a failed provision
     /// made), as the platform's own extra calls are.
     pacer: Arc<dyn crate::ratelimit::CallPacer>,
+    /// Claims whose answer never came (the store failed, or the worker gave up on it while
+    /// stopping), by request id: the store may have granted them. The next delivery of
+    /// the request sends the same claim (same nonce), so a claim granted unseen is
+    /// answered again rather than left to run out, its `starting` number never published.
+    unanswered_claims: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
+
+/// Unanswered claims remembered at most; past it they are all forgotten (each then
+/// costs one lease's wait and a gap in its numbers, no more).
+const UNANSWERED_CLAIMS: usize = 4096;
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -239,6 +248,7 @@ impl Worker {
             health: crate::metrics::Health::default(),
             env: Arc::new(crate::SystemEnvironment),
             pacer,
+            unanswered_claims: Default::default(),
         }
     }
 

@@ -27,10 +27,12 @@ impl Drop for AbortOnDrop {
 /// Records looked at per round.
 const BATCH: usize = 16;
 
-/// The store's schedule of the ends of abandoned requests recorded and not yet published
-/// (of the same kind as the expiries', under a name of its own).
-pub fn reaped_outbox(platform: provisioner_events::PlatformName) -> String {
-    format!("{platform}/reaped")
+/// The store's schedule of recorded ends not yet published (of the same kind as the
+/// expiries', under a name of its own): those of abandoned requests, put there before
+/// they are recorded, since no message will come again to publish them; and those whose
+/// publishing failed, since the message that would publish them again may be lost too.
+pub fn ends_outbox(platform: provisioner_events::PlatformName) -> String {
+    format!("{platform}/ends")
 }
 
 impl Worker {
@@ -50,7 +52,7 @@ impl Worker {
     /// Returns how many it ended.
     pub async fn reap_once(&self, idle: Duration) -> Result<usize, crate::StoreError> {
         let platform = self.platform.name();
-        self.publish_reaped_ends().await?;
+        self.publish_pending_ends().await?;
         let stale = self.store.stale(platform.as_str(), idle, BATCH).await?;
         let mut ended = 0;
         for id in stale {
@@ -110,10 +112,12 @@ impl Worker {
             // once), and the end goes on the outbox before it is recorded: no message of
             // this request will come again to publish it, so a reaper that dies between
             // recording and publishing leaves it to the next round.
-            if operation == Some(Operation::Provision) {
-                self.release_quota_of(&id).await;
+            if operation == Some(Operation::Provision) && self.release_quota_of(&id).await.is_err()
+            {
+                // Still abandoned: a later round ends it.
+                continue;
             }
-            let outbox = reaped_outbox(platform);
+            let outbox = ends_outbox(platform);
             if let Err(e) = self
                 .store_call(|| self.store.schedule_expiry(&outbox, &id, self.env.now()))
                 .await
@@ -145,10 +149,12 @@ impl Worker {
         Ok(ended)
     }
 
-    /// Publishes the ends of abandoned requests that a reaper recorded and could not
-    /// publish (or died before it did).
-    async fn publish_reaped_ends(&self) -> Result<(), crate::StoreError> {
-        let outbox = reaped_outbox(self.platform.name());
+    /// Publishes the recorded ends on the outbox: those a reaper recorded and could not
+    /// publish (or died before it did), and those a worker could not publish. One
+    /// published twice is the same event twice, which consumers take once (by its
+    /// `seq`).
+    pub(super) async fn publish_pending_ends(&self) -> Result<(), crate::StoreError> {
+        let outbox = ends_outbox(self.platform.name());
         let due = self
             .store
             .take_due_expiries(&outbox, BATCH, super::EXPIRY_RETRY)
@@ -158,7 +164,7 @@ impl Worker {
             let published = match &end {
                 Some(end) => self.broker.publish_status(end).await.is_ok(),
                 // Never recorded (its reaper died first): it is still abandoned, and the
-                // next reaper ends it.
+                // next reaper ends it. (A worker only puts recorded ends there.)
                 None => true,
             };
             if published && let Err(e) = self.store.cancel_expiry(&outbox, &id).await {
