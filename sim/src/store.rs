@@ -528,11 +528,14 @@ impl StateStore for StoreView {
         &self,
         tenant: &str,
         request_id: &str,
+        fence: &Fence,
         cost: &QuotaCost,
     ) -> Result<QuotaGrant, StoreError> {
         let key = format!("{tenant} {request_id} {cost:?}");
         self.call("reserve_quota", &key, || {
-            self.shared.memory.reserve_quota(tenant, request_id, cost)
+            self.shared
+                .memory
+                .reserve_quota(tenant, request_id, fence, cost)
         })
         .await
     }

@@ -284,16 +284,20 @@ return due
 
 /// KEYS holders (set: the machines), tenant's quota (hash: `limit` of machines,
 /// `limit:<unit>` of the others), default quota (hash), holder (string: its tenant), the
-/// tenant's used units (hash), holder's cost (hash); ARGV request_id, tenant, then unit
-/// and amount pairs. Returns {'1'} or {'0', unit, limit, used, wanted}.
+/// tenant's used units (hash), holder's cost (hash), the request's record; ARGV
+/// request_id, tenant, fence, nonce, then unit and amount pairs. Returns {'1'},
+/// {'0', unit, limit, used, wanted}, {'missing'} or {'fenced'}.
 const RESERVE_QUOTA: &str = r#"
+local holder = redis.call('HMGET', KEYS[7], 'fence', 'nonce')
+if not holder[1] then return {'missing'} end
+if holder[1] ~= ARGV[3] or holder[2] ~= ARGV[4] then return {'fenced'} end
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return {'1'} end
 local limit = redis.call('HGET', KEYS[2], 'limit') or redis.call('HGET', KEYS[3], 'limit')
 local used = redis.call('SCARD', KEYS[1])
 if limit and used + 1 > tonumber(limit) then
   return {'0', 'machines', tostring(limit), tostring(used), '1'}
 end
-for i = 3, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local unit, wanted = ARGV[i], tonumber(ARGV[i + 1])
   local l = redis.call('HGET', KEYS[2], 'limit:' .. unit)
     or redis.call('HGET', KEYS[3], 'limit:' .. unit)
@@ -304,7 +308,7 @@ for i = 3, #ARGV, 2 do
 end
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[4], ARGV[2])
-for i = 3, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   redis.call('HINCRBY', KEYS[5], ARGV[i], ARGV[i + 1])
   redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
 end
@@ -1083,6 +1087,7 @@ impl StateStore for RedisStore {
         &self,
         tenant: &str,
         request_id: &str,
+        fence: &Fence,
         cost: &QuotaCost,
     ) -> Result<QuotaGrant, StoreError> {
         let mut connection = self.connection.clone();
@@ -1094,8 +1099,11 @@ impl StateStore for RedisStore {
             .key(self.quota_holder(request_id))
             .key(self.quota_used(tenant))
             .key(self.quota_holder_cost(request_id))
+            .key(self.key(request_id))
             .arg(request_id)
-            .arg(tenant);
+            .arg(tenant)
+            .arg(fence.counter.to_string())
+            .arg(&fence.nonce);
         for (unit, amount) in cost.iter().filter(|(unit, _)| unit.as_str() != MACHINES) {
             invocation.arg(unit).arg(*amount);
         }
@@ -1106,6 +1114,8 @@ impl StateStore for RedisStore {
         let number = |i: usize| answer.get(i).and_then(|n| n.parse().ok()).unwrap_or(0);
         Ok(match answer.first().map(String::as_str) {
             Some("1") => QuotaGrant::Granted,
+            Some("missing") => return Err(StoreError::Missing(request_id.to_owned())),
+            Some("fenced") => return Err(StoreError::Fenced(fence.clone())),
             _ => QuotaGrant::Exceeded {
                 unit: answer
                     .get(1)

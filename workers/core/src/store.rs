@@ -397,10 +397,15 @@ pub trait StateStore: Send + Sync + 'static {
     /// provision `request_id`, atomically with the check of every unit against the
     /// tenant's limit for it (its own, else the default set for [`DEFAULT_TENANT`]). A
     /// request holds at most one reservation, so a retry reserves nothing more.
+    ///
+    /// Only the request's holder reserves (`fence`, as its other writes): a holder taken
+    /// over meanwhile, whose request may have ended and given its place back already,
+    /// must not take one again that nothing would ever give back.
     async fn reserve_quota(
         &self,
         tenant: &str,
         request_id: &str,
+        fence: &Fence,
         cost: &QuotaCost,
     ) -> Result<QuotaGrant, StoreError>;
 
@@ -735,15 +740,29 @@ impl MemoryStore {
         f: impl FnOnce(&mut MemoryRecord) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut records = self.records();
+        held_by(&records, request_id, fence)?;
         match records.get_mut(request_id) {
-            // A record only a tombstone made was never claimed: no holder, as in Redis.
-            Some(record) if record.fence.counter == 0 => {
-                Err(StoreError::Missing(request_id.to_owned()))
-            }
-            Some(record) if record.fence == *fence => f(record),
-            Some(_) => Err(StoreError::Fenced(fence.clone())),
+            Some(record) => f(record),
             None => Err(StoreError::Missing(request_id.to_owned())),
         }
+    }
+}
+
+/// Whether `fence` holds `request_id`'s record: `Missing` when there is none, or only a
+/// tombstone made it (never claimed: no holder, as in Redis); `Fenced` when another
+/// claim took it.
+fn held_by(
+    records: &HashMap<String, MemoryRecord>,
+    request_id: &str,
+    fence: &Fence,
+) -> Result<(), StoreError> {
+    match records.get(request_id) {
+        Some(record) if record.fence.counter == 0 => {
+            Err(StoreError::Missing(request_id.to_owned()))
+        }
+        Some(record) if record.fence == *fence => Ok(()),
+        Some(_) => Err(StoreError::Fenced(fence.clone())),
+        None => Err(StoreError::Missing(request_id.to_owned())),
     }
 }
 
@@ -1203,8 +1222,13 @@ impl StateStore for MemoryStore {
         &self,
         tenant: &str,
         request_id: &str,
+        fence: &Fence,
         cost: &QuotaCost,
     ) -> Result<QuotaGrant, StoreError> {
+        // The record's lock is held throughout (records before quotas, as everywhere), so
+        // no takeover comes between the check of the holder and the reservation.
+        let records = self.records();
+        held_by(&records, request_id, fence)?;
         let mut quotas = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
         if quotas.holders.contains_key(request_id) {
             return Ok(QuotaGrant::Granted);

@@ -913,9 +913,10 @@ impl StateStore for RenewalsHang {
         &self,
         tenant: &str,
         id: &str,
+        fence: &Fence,
         cost: &provisioner_core::QuotaCost,
     ) -> Result<provisioner_core::QuotaGrant, StoreError> {
-        self.0.reserve_quota(tenant, id, cost).await
+        self.0.reserve_quota(tenant, id, fence, cost).await
     }
     async fn release_quota(&self, id: &str) -> Result<(), StoreError> {
         self.0.release_quota(id).await

@@ -95,6 +95,19 @@ async fn claimed_after(
     }
 }
 
+/// Reserves quota for `id` as its holder: claims it first (the same claim each time, so a
+/// request asking again is the same holder).
+async fn reserve(
+    store: &dyn StateStore,
+    tenant: &str,
+    id: &str,
+    cost: &provisioner_core::QuotaCost,
+) -> Result<provisioner_core::QuotaGrant, StoreError> {
+    let nonce = format!("quota-{id}");
+    let (fence, ..) = claimed(store, claim(id, "h", "w", &nonce, 60_000)).await;
+    store.reserve_quota(tenant, id, &fence, cost).await
+}
+
 async fn claims_leases_and_fences(store: &dyn StateStore) {
     // A new request: fence 1, the first attempt, seq 1 reserved for the working event.
     let (f1, seq, attempt, takeover, _) = claimed(store, claim("r1", "h", "a", "n1", 60_000)).await;
@@ -652,9 +665,7 @@ async fn quotas_are_reserved_atomically_and_given_back(store: Arc<dyn StateStore
     let racers = (0..16).map(|i| {
         let store = store.clone();
         tokio::spawn(async move {
-            store
-                .reserve_quota("team-a", &format!("qa-{i}"), &QuotaCost::new())
-                .await
+            reserve(&*store, "team-a", &format!("qa-{i}"), &QuotaCost::new()).await
         })
     });
     let mut granted = Vec::new();
@@ -666,15 +677,13 @@ async fn quotas_are_reserved_atomically_and_given_back(store: Arc<dyn StateStore
     assert_eq!(granted.len(), 3, "{granted:?}");
     // A holder asking again (a retry) is granted without counting twice.
     assert_eq!(
-        store
-            .reserve_quota("team-a", &granted[0], &none)
+        reserve(&*store, "team-a", &granted[0], &none)
             .await
             .expect("again"),
         QuotaGrant::Granted
     );
     assert_eq!(
-        store
-            .reserve_quota("team-a", "qa-late", &none)
+        reserve(&*store, "team-a", "qa-late", &none)
             .await
             .expect("late"),
         QuotaGrant::Exceeded {
@@ -684,6 +693,20 @@ async fn quotas_are_reserved_atomically_and_given_back(store: Arc<dyn StateStore
             wanted: 1
         }
     );
+    // Only the holder reserves: one taken over, or a request never claimed, gets nothing.
+    let stale = fence(1, "not-the-holder");
+    assert!(matches!(
+        store
+            .reserve_quota("team-a", &granted[1], &stale, &none)
+            .await,
+        Err(StoreError::Fenced(_))
+    ));
+    assert!(matches!(
+        store
+            .reserve_quota("team-a", "qa-never-claimed", &stale, &none)
+            .await,
+        Err(StoreError::Missing(_))
+    ));
     store.release_quota(&granted[0]).await.expect("release");
     store
         .release_quota(&granted[0])
@@ -702,8 +725,7 @@ async fn quotas_are_reserved_atomically_and_given_back(store: Arc<dyn StateStore
         }
     );
     assert_eq!(
-        store
-            .reserve_quota("team-a", "qa-late", &none)
+        reserve(&*store, "team-a", "qa-late", &none)
             .await
             .expect("late"),
         QuotaGrant::Granted
@@ -714,17 +736,11 @@ async fn quotas_are_reserved_atomically_and_given_back(store: Arc<dyn StateStore
         .await
         .expect("default");
     assert_eq!(
-        store
-            .reserve_quota("team-b", "qb-1", &none)
-            .await
-            .expect("b1"),
+        reserve(&*store, "team-b", "qb-1", &none).await.expect("b1"),
         QuotaGrant::Granted
     );
     assert_eq!(
-        store
-            .reserve_quota("team-b", "qb-2", &none)
-            .await
-            .expect("b2"),
+        reserve(&*store, "team-b", "qb-2", &none).await.expect("b2"),
         QuotaGrant::Exceeded {
             unit: MACHINES.into(),
             limit: 1,
@@ -737,10 +753,7 @@ async fn quotas_are_reserved_atomically_and_given_back(store: Arc<dyn StateStore
         .await
         .expect("lift");
     assert_eq!(
-        store
-            .reserve_quota("team-b", "qb-2", &none)
-            .await
-            .expect("b2"),
+        reserve(&*store, "team-b", "qb-2", &none).await.expect("b2"),
         QuotaGrant::Granted
     );
     assert_eq!(
@@ -780,11 +793,7 @@ async fn quota_units_are_reserved_with_the_machine_and_given_back(store: Arc<dyn
     // Eight vCPUs race in fours: two get theirs.
     let racers = (0..6).map(|i| {
         let store = store.clone();
-        tokio::spawn(async move {
-            store
-                .reserve_quota("team-u", &format!("qu-{i}"), &vcpus(4))
-                .await
-        })
+        tokio::spawn(async move { reserve(&*store, "team-u", &format!("qu-{i}"), &vcpus(4)).await })
     });
     let mut granted = Vec::new();
     for (i, racer) in racers.enumerate() {
@@ -794,8 +803,7 @@ async fn quota_units_are_reserved_with_the_machine_and_given_back(store: Arc<dyn
     }
     assert_eq!(granted.len(), 2, "{granted:?}");
     assert_eq!(
-        store
-            .reserve_quota("team-u", "qu-small", &vcpus(1))
+        reserve(&*store, "team-u", "qu-small", &vcpus(1))
             .await
             .expect("small"),
         QuotaGrant::Exceeded {
@@ -807,8 +815,7 @@ async fn quota_units_are_reserved_with_the_machine_and_given_back(store: Arc<dyn
     );
     // A retry of a holder counts nothing twice, whatever it asks.
     assert_eq!(
-        store
-            .reserve_quota("team-u", &granted[0], &vcpus(4))
+        reserve(&*store, "team-u", &granted[0], &vcpus(4))
             .await
             .expect("again"),
         QuotaGrant::Granted
@@ -846,8 +853,7 @@ async fn quota_units_are_reserved_with_the_machine_and_given_back(store: Arc<dyn
     );
     let two = QuotaCost::from([("vcpus".to_owned(), 2), ("gpus".to_owned(), 2)]);
     assert_eq!(
-        store
-            .reserve_quota("team-u", "qu-gpu", &two)
+        reserve(&*store, "team-u", "qu-gpu", &two)
             .await
             .expect("gpu"),
         QuotaGrant::Exceeded {

@@ -264,11 +264,24 @@ async fn run(
                 let tenant = if rng.random_bool(0.5) { "t1" } else { "t2" };
                 match rng.random_range(0..4) {
                     0 => {
+                        // As the holder mostly, else with a stale fence.
+                        let stale = rng.random_bool(0.15);
+                        let fence_of = |subject: &Subject| {
+                            let mut fence = subject.fences.get(id).cloned().unwrap_or_default();
+                            if stale {
+                                fence.nonce.push('x');
+                            }
+                            fence
+                        };
+                        let (mf, rf) = (fence_of(memory_subject), fence_of(&redis));
                         let cost = QuotaCost::from([("vcpus".to_owned(), rng.random_range(1..4))]);
-                        let m = memory_subject.store.reserve_quota(tenant, id, &cost).await;
-                        let r = redis.store.reserve_quota(tenant, id, &cost).await;
+                        let m = memory_subject
+                            .store
+                            .reserve_quota(tenant, id, &mf, &cost)
+                            .await;
+                        let r = redis.store.reserve_quota(tenant, id, &rf, &cost).await;
                         (
-                            format!("reserve {tenant} {id} {cost:?}"),
+                            format!("reserve {tenant} {id} {cost:?} stale {stale}"),
                             answer(&m),
                             answer(&r),
                         )

@@ -23,7 +23,9 @@ use super::{Abort, Worker, panic_text};
 use crate::broker::{Delivery, PendingConfirm, Settlement};
 use crate::platform::PlatformError;
 use crate::policy;
-use crate::store::{Actor, Claim, ClaimRequest, Fence, QuotaGrant, Release, TargetGrant};
+use crate::store::{
+    Actor, Claim, ClaimRequest, Fence, QuotaGrant, Release, StoreError, TargetGrant,
+};
 
 /// How long a create call dropped halfway may still take to land on the platform.
 const LATE_CREATE: Duration = Duration::from_secs(2);
@@ -121,6 +123,11 @@ impl Worker {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         unanswered.remove(id).unwrap_or_else(|| self.env.nonce())
+    }
+
+    /// Whether a message about to wait again has waited its fill (`max_waits`).
+    fn waited_enough(&self, delivery: &Delivery) -> bool {
+        delivery.waits.saturating_add(1) > self.config.max_waits
     }
 
     /// Remembers a claim that got no answer, for the next copy to send again.
@@ -353,8 +360,12 @@ impl Worker {
                 Err(failure) => return self.finish(held, delivery, done_state, Err(failure)).await,
             };
             let grant = self
-                .store_call(|| self.store.reserve_quota(tenant, &id, &cost))
-                .await?;
+                .store_call(|| self.store.reserve_quota(tenant, &id, &held.fence, &cost))
+                .await;
+            let grant = match grant {
+                Err(StoreError::Fenced(_)) => return self.fenced_off(held).await,
+                grant => grant?,
+            };
             if let QuotaGrant::Exceeded {
                 unit,
                 limit,
@@ -400,6 +411,17 @@ impl Worker {
             match grant {
                 TargetGrant::Granted => held.acting_on = Some(target),
                 TargetGrant::Busy { remaining, by } => {
+                    if self.waited_enough(delivery) {
+                        // This request holds its own record, which a message set aside
+                        // would leave in progress for good: it ends, saying why.
+                        let message = format!(
+                            "its target {target} was being worked on (lately by {by}) each of the {} times this request looked, so nothing was done to it; send it again once the target is free",
+                            delivery.waits + 1
+                        );
+                        return self
+                            .end_in_error(held, ErrorClass::Timeout, message, None)
+                            .await;
+                    }
                     // Not an attempt: give it back and look again once the target's
                     // worker has had time to see a tombstone or finish.
                     let _ = self
@@ -429,6 +451,15 @@ impl Worker {
                 wait
             }
             Pacing::Later(again) => {
+                if self.waited_enough(delivery) {
+                    let message = format!(
+                        "the platform's API rate limit was taken further ahead each of the {} times this request looked, so nothing was done; send it again when the platform is less busy",
+                        delivery.waits + 1
+                    );
+                    return self
+                        .end_in_error(held, ErrorClass::Throttled, message, None)
+                        .await;
+                }
                 // Not an attempt: the queue holds it until its tokens come near.
                 let _ = self
                     .store

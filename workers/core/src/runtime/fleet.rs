@@ -232,6 +232,12 @@ fn member_state(record: Option<&RequestRecord>) -> State {
     }
 }
 
+/// A record no worker attends to: only a tombstone (its request not seen yet), or a
+/// request not ended whose lease is out.
+fn unattended(record: &RequestRecord) -> bool {
+    record.payload_hash.is_none() || record.result.is_none() && record.lease_remaining.is_none()
+}
+
 /// What one look at the members found.
 struct Look {
     states: Vec<State>,
@@ -874,21 +880,26 @@ impl Worker {
                 // (a queue purged, a broker's data lost). Publishing again a member with
                 // no record is safe: a copy already queued is answered from the record
                 // the first one makes. A member known only by a tombstone (rolled back
-                // before its provision came) is one too: its provision ends at once.
+                // before its provision came) is one too: its provision ends at once. So
+                // is one not ended that nobody holds: its message may have been lost
+                // between two attempts (a copy still queued finds it held, or ended).
                 let unseen: Vec<u32> = (0..fleet.count)
-                    .filter(|i| {
-                        records[*i as usize]
-                            .as_ref()
-                            .is_none_or(|r| r.payload_hash.is_none())
-                    })
+                    .filter(|i| records[*i as usize].as_ref().is_none_or(unattended))
                     .collect();
                 if !unseen.is_empty() {
                     warn!(
                         unseen = unseen.len(),
                         stalled_s = self.config.fleet_stall.as_secs(),
-                        "no member moved for a while and some were never seen: publishing them again"
+                        "no member moved for a while and some are in no worker's hands: publishing them again"
                     );
                     self.publish_members(fleet, unseen).await?;
+                }
+                // The same for rollback teardowns that nobody holds.
+                if !rolled_back.is_empty() {
+                    for index in self.unattended_rollbacks(fleet, &rolled_back).await? {
+                        self.send_rollback(fleet, index).await?;
+                        rollback_sent.insert(index, Instant::now());
+                    }
                 }
                 moved_at = tokio::time::Instant::now();
             }
@@ -948,6 +959,25 @@ impl Worker {
         } else {
             Rollbacks::Pending { unseen }
         })
+    }
+
+    /// The rollback teardowns sent that have a record, have not ended and are in no
+    /// worker's hands: their message may have been lost between two attempts.
+    async fn unattended_rollbacks(
+        &self,
+        fleet: &Fleet,
+        rolled_back: &HashSet<u32>,
+    ) -> Result<Vec<u32>, Abort> {
+        let mut sent: Vec<u32> = rolled_back.iter().copied().collect();
+        sent.sort_unstable();
+        let ids: Vec<String> = sent.iter().map(|i| fleet.rollback_id(*i)).collect();
+        let records = self.store.get_many(&ids).await?;
+        Ok(sent
+            .into_iter()
+            .zip(records)
+            .filter(|(_, record)| record.as_ref().is_some_and(unattended))
+            .map(|(index, _)| index)
+            .collect())
     }
 
     /// The fleet's terminal event, once every member ended.

@@ -627,6 +627,9 @@ impl Worker {
         why: String,
     ) -> Settlement {
         let waits = delivery.waits.saturating_add(1);
+        // Set aside as a message: what waits here holds no record of its own (another
+        // worker holds the request, or the store was away). One that holds its record
+        // ends it instead (`waited_enough`).
         if waits > self.config.max_waits {
             let message = format!(
                 "this message waited {} times without an attempt and is set aside; the last reason: {why}. If another worker holds the request, it finishes it; otherwise publish it again",
