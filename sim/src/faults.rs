@@ -124,7 +124,7 @@ fn strike(world: &Arc<World>, rng: &mut Rng, fault: Fault) -> bool {
             // From a hiccup to well past the lease: a zombie when it comes back.
             let pause = rng.millis(100, (lease * 3).as_millis() as u64);
             process.pause_until(now + pause);
-            world.witness.disrupted(&process.name);
+            world.witness.paused(&process.name, pause);
             history.note(&process.name, || {
                 format!("paused for {} ms", pause.as_millis())
             });

@@ -100,15 +100,48 @@ fn same_event(a: &StatusEvent, b: &StatusEvent) -> bool {
 /// ends abandoned records: a fleet whose request the store lost, or a request whose
 /// message the broker lost.
 pub fn may_stay_in_progress(world: &World, request_id: &str) -> bool {
-    world.config.worker.reap_after.is_none()
-        && (world.store.losses().iter().any(|l| match l {
-            Loss::Fleet { request_id: id, .. } => id == request_id,
+    let purged = world.broker.purged().iter().any(|body| {
+        provisioner_events::decode_request(body).is_ok_and(|r| r.request_id.as_str() == request_id)
+    });
+    // Its message and its record both lost (and no claim since): nothing in the queue or
+    // the store names it any more, so no worker, reaper included, can know of it. What it
+    // made is for the reconciler; its quota place stays taken.
+    let unknown_to_all = purged
+        && world.store.losses().iter().any(|l| match l {
+            Loss::Record { request_id: id, .. } | Loss::Fleet { request_id: id, .. } => {
+                id == request_id
+            }
             Loss::Everything { .. } => true,
-            Loss::Record { .. } => false,
-        }) || world.broker.purged().iter().any(|body| {
-            provisioner_events::decode_request(body)
+        })
+        && !world
+            .store
+            .memory
+            .record_ids()
+            .iter()
+            .any(|id| id == request_id);
+    // Without a reaper, a request whose message left the queue unanswered (purged, or
+    // dead-lettered by the queue's delivery limit after workers died holding it that
+    // many times: it waits in the dead-letter queue for a redrive) stays in progress, as
+    // the README says.
+    unknown_to_all
+        || world.config.worker.reap_after.is_none()
+            && (world.store.losses().iter().any(|l| match l {
+                Loss::Fleet { request_id: id, .. } => id == request_id,
+                Loss::Everything { .. } => true,
+                Loss::Record { .. } => false,
+            }) || purged
+                || dead_lettered_at_the_limit(world, request_id))
+}
+
+/// Whether the broker dead-lettered a message of this request at the queue's delivery
+/// limit (no worker decided it, so no status event says it).
+fn dead_lettered_at_the_limit(world: &World, request_id: &str) -> bool {
+    world.broker.dead_letters().iter().any(|d| {
+        d.class.is_none()
+            && d.reason == "delivery limit"
+            && provisioner_events::decode_request(&d.message.body)
                 .is_ok_and(|r| r.request_id.as_str() == request_id)
-        }))
+    })
 }
 
 /// Judges a settled run; `stuck` says why it did not settle, if it did not.
@@ -272,7 +305,12 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
             // sent. (A request claimed before its message was lost is ended by the
             // reaper, which the check of records in progress holds to.)
             let purged_unseen = purged.iter().any(|p| p == body);
-            if fleet_lost && last.is_none() || purged_unseen && !ran {
+            // Dead-lettered at the delivery limit, and no reaper to end its record: it
+            // waits in the dead-letter queue for an operator's redrive.
+            let waits_for_a_redrive = last.is_none()
+                && dead_lettered_at_the_limit(world, id)
+                && may_stay_in_progress(world, id);
+            if fleet_lost && last.is_none() || purged_unseen && !ran || waits_for_a_redrive {
                 v.stats.excused += 1;
             } else if !(ran || refused(body) || set_aside_with_reason(body)) {
                 violations.push(format!(

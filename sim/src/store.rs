@@ -193,7 +193,7 @@ impl StoreView {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        self.observed(op, key, call, |_| None).await
+        self.observed(op, key, call, |_, _| None).await
     }
 
     /// A call whose effect, once applied, may take a status number (`reserved` says
@@ -203,7 +203,7 @@ impl StoreView {
         op: &'static str,
         key: &str,
         call: F,
-        reserved: impl FnOnce(&T) -> Option<(String, u64)>,
+        reserved: impl FnOnce(&T, bool) -> Option<(String, u64)>,
     ) -> Result<T, StoreError>
     where
         T: Debug,
@@ -224,12 +224,13 @@ impl StoreView {
             return Err(StoreError::Unavailable(why.into()));
         }
         let result = call().await;
-        if let Some((request_id, seq)) = result.as_ref().ok().and_then(reserved) {
+        if let Some((request_id, seq)) = result.as_ref().ok().and_then(|r| reserved(r, !lose_reply))
+        {
             self.shared.witness.reserved(&request_id, seq, who);
         }
         // A claim whose reply was lost is sent again and answered the same (the claim is
-        // idempotent by its nonce): the worker goes on undisturbed, and the number it took
-        // must still be used.
+        // idempotent by its nonce): the worker goes on undisturbed unless it never hears
+        // (which the witness keeps per claim).
         if lose_reply && op != "claim" {
             self.shared.witness.disrupted(who);
         }
@@ -251,14 +252,17 @@ impl StoreView {
 impl StateStore for StoreView {
     async fn claim(&self, claim: ClaimRequest<'_>) -> Result<Claim, StoreError> {
         let key = format!("{} by {}", claim.request_id, claim.owner);
-        let id = claim.request_id.to_owned();
+        let (id, nonce) = (claim.request_id.to_owned(), claim.nonce.to_owned());
+        let who = self.process.name.clone();
         self.observed(
             "claim",
             &key,
             || self.shared.memory.claim(claim),
-            |claim| match claim {
-                Claim::Claimed { seq, .. } => Some((id, *seq)),
-                _ => None,
+            |claim, heard| {
+                if let Claim::Claimed { seq, .. } = claim {
+                    self.shared.witness.claimed(&id, *seq, &who, &nonce, heard);
+                }
+                None
             },
         )
         .await
@@ -288,7 +292,7 @@ impl StateStore for StoreView {
             "complete",
             &key,
             || self.shared.memory.complete(request_id, fence, event),
-            |_| {
+            |_, _| {
                 self.shared.witness.ended(event);
                 None
             },
@@ -384,7 +388,7 @@ impl StateStore for StoreView {
                     .memory
                     .reap(request_id, idle, owner, nonce, lease)
             },
-            |reaped| reaped.as_ref().map(|r| (request_id.to_owned(), r.seq)),
+            |reaped, _| reaped.as_ref().map(|r| (request_id.to_owned(), r.seq)),
         )
         .await
     }
@@ -410,7 +414,7 @@ impl StateStore for StoreView {
             "next_seq",
             request_id,
             || self.shared.memory.next_seq(request_id, fence),
-            |seq| Some((request_id.to_owned(), *seq)),
+            |seq, _| Some((request_id.to_owned(), *seq)),
         )
         .await
     }

@@ -24,6 +24,12 @@ pub struct Reservation {
     pub seq: u64,
     pub by: String,
     pub at: Duration,
+    /// The claim's nonce, when a claim took it: the same claim sent again is the same
+    /// reservation.
+    pub nonce: Option<String>,
+    /// Whether the taker heard it took the number: a claim whose every reply was lost
+    /// left the worker not knowing (as if Redis had gone away right after it was applied).
+    pub heard: bool,
 }
 
 #[derive(Debug)]
@@ -75,7 +81,44 @@ impl Witness {
                 seq,
                 by: by.to_owned(),
                 at,
+                nonce: None,
+                heard: true,
             });
+    }
+
+    /// `by`'s claim `nonce` took number `seq` of `request_id` now; `heard`: its reply
+    /// reached the worker. The same claim again (its nonce) is the same reservation, heard
+    /// once any of its replies was.
+    pub fn claimed(&self, request_id: &str, seq: u64, by: &str, nonce: &str, heard: bool) {
+        let at = self.clock.elapsed();
+        let mut reservations = self.reservations.lock().unwrap_or_else(|e| e.into_inner());
+        let again = reservations.iter_mut().find(|r| {
+            r.request_id == request_id && r.seq == seq && r.nonce.as_deref() == Some(nonce)
+        });
+        match again {
+            Some(first) => first.heard |= heard,
+            None => reservations.push(Reservation {
+                request_id: request_id.to_owned(),
+                seq,
+                by: by.to_owned(),
+                at,
+                nonce: Some(nonce.to_owned()),
+                heard,
+            }),
+        }
+    }
+
+    /// The work of process `who` is frozen from now for `pause`. Its calls in flight
+    /// still land meanwhile (a paused process stops at its next step boundary): a
+    /// number one of them takes is taken by a process disrupted after taking it.
+    pub fn paused(&self, who: &str, pause: Duration) {
+        let at = self.clock.elapsed();
+        self.disruptions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(who.to_owned())
+            .or_default()
+            .extend([at, at + pause]);
     }
 
     /// The work of process `who` was disrupted now.
@@ -98,6 +141,12 @@ impl Witness {
             .iter()
             .filter(|r| r.request_id == request_id && r.seq == seq)
             .find_map(|r| {
+                if !r.heard {
+                    return Some(format!(
+                        "{} took it at {:?} and never heard so (the claim's replies were lost)",
+                        r.by, r.at
+                    ));
+                }
                 disruptions
                     .get(&r.by)
                     .and_then(|times| times.iter().find(|t| **t >= r.at))

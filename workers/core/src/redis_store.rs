@@ -144,9 +144,10 @@ redis.call('PEXPIRE', KEYS[1], 86400000)
 return {1}
 "#;
 
-/// KEYS record, index; ARGV fence, nonce, state, result_json, seq, retention_ms, id.
-/// Returns {1} | {-3, tombstone}.
+/// KEYS record, index, the platform's ends outbox; ARGV fence, nonce, state, result_json,
+/// seq, retention_ms, id, grace_ms. Returns {1} | {-3, tombstone}.
 const COMPLETE: &str = r#"
+if redis.call('HGET', KEYS[1], 'result') == ARGV[4] then return {1} end
 local tombstone = redis.call('HGET', KEYS[1], 'tombstone')
 local route = redis.call('HGET', KEYS[1], 'route') or ''
 if tombstone and ARGV[3] ~= 'error' and string.sub(route, -10) == '.provision' then
@@ -158,6 +159,7 @@ redis.call('HSET', KEYS[1], 'state', ARGV[3], 'result', ARGV[4], 'lease_until', 
   'seq', tostring(seq), 'updated_ms', tostring(now))
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('ZREM', KEYS[2], ARGV[7])
+redis.call('ZADD', KEYS[3], tostring(now + tonumber(ARGV[8])), ARGV[7])
 return {1}
 "#;
 
@@ -541,12 +543,25 @@ impl RedisStore {
         fence: &Fence,
         args: &[String],
     ) -> Result<Reply, StoreError> {
+        self.fenced_with(script, request_id, fence, &[], args).await
+    }
+
+    /// [`fenced`](Self::fenced), with keys of its own after the record's and the index's.
+    async fn fenced_with(
+        &self,
+        script: &Script,
+        request_id: &str,
+        fence: &Fence,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<Reply, StoreError> {
         let mut connection = self.connection.clone();
         let mut invocation = script.key(self.key(request_id));
-        invocation
-            .key(self.index())
-            .arg(fence.counter.to_string())
-            .arg(&fence.nonce);
+        invocation.key(self.index());
+        for key in keys {
+            invocation.key(key);
+        }
+        invocation.arg(fence.counter.to_string()).arg(&fence.nonce);
         for arg in args {
             invocation.arg(arg);
         }
@@ -702,8 +717,10 @@ impl StateStore for RedisStore {
             event.seq.to_string(),
             millis(self.retention),
             request_id.to_owned(),
+            millis(crate::store::ENDS_GRACE),
         ];
-        self.fenced(&self.scripts.complete, request_id, fence, &args)
+        let outbox = self.expiries(&crate::store::ends_outbox(&event.platform));
+        self.fenced_with(&self.scripts.complete, request_id, fence, &[outbox], &args)
             .await
             .map(drop)
     }

@@ -235,6 +235,9 @@ pub trait StateStore: Send + Sync + 'static {
     /// Records the terminal event (its `seq` included) and ends the lease, for the holder
     /// only. A tombstoned provision may only end in `error` ([`StoreError::TornDown`]); a
     /// tombstone on any other request (a teardown named as a target) does not stop it.
+    /// The same end sent again (its reply was lost) is answered as the first was, and
+    /// changes nothing, whatever landed in between. The end goes on its platform's
+    /// [`ends_outbox`] in the same step.
     async fn complete(
         &self,
         request_id: &str,
@@ -425,6 +428,19 @@ pub trait StateStore: Send + Sync + 'static {
     /// `tenant`'s limits (its own or the default) and what it holds, by unit.
     async fn quota(&self, tenant: &str) -> Result<QuotaUsage, StoreError>;
 }
+
+/// The schedule (of the same kind as the expiries') of recorded ends not yet known to be
+/// published, for a platform: [`StateStore::complete`] puts each end there in the same
+/// step as it records it, due [`ENDS_GRACE`] later; its publisher takes it off once the
+/// broker confirmed it. One still there when due was never confirmed (its worker died
+/// between recording and publishing, or the broker refused it, and its message may be
+/// lost too): the housekeeping rounds publish it.
+pub fn ends_outbox(platform: &str) -> String {
+    format!("{platform}/ends")
+}
+
+/// How long after its recording an end waits on the outbox for its publisher.
+pub const ENDS_GRACE: Duration = Duration::from_secs(60);
 
 /// The tenant name whose quota is the default of every tenant without one of its own.
 pub const DEFAULT_TENANT: &str = "*";
@@ -967,6 +983,11 @@ impl StateStore for MemoryStore {
     ) -> Result<(), StoreError> {
         let retention = self.retention;
         self.with_holder(request_id, fence, |r| {
+            // The same end again (its first reply was lost): done already, whatever came
+            // since (a tombstone landing after it changes nothing of it).
+            if r.result.as_ref() == Some(event) {
+                return Ok(());
+            }
             // A tombstone stops a provision only: a teardown (or stop, start, reboot)
             // named as another teardown's target acts on no resource of its own, and
             // ends as it ends.
@@ -982,6 +1003,13 @@ impl StateStore for MemoryStore {
             r.lease_until = None;
             r.owner.clear();
             r.expires = Some(Instant::now() + retention);
+            self.expiries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    (ends_outbox(&event.platform), request_id.to_owned()),
+                    self.env.now() + ENDS_GRACE,
+                );
             Ok(())
         })
     }

@@ -1183,9 +1183,9 @@ async fn a_refused_working_event_is_not_acknowledged_though_its_confirm_is_await
 }
 
 #[tokio::test]
-async fn an_end_the_broker_refused_goes_on_the_outbox_and_housekeeping_publishes_it() {
-    // The message comes back and its record answers with the end; but were that message
-    // lost too, only the outbox would: the end is published from it all the same.
+async fn an_end_the_broker_refused_goes_on_the_outbox_until_a_copy_publishes_it() {
+    // The refused end stays on the outbox; the message comes back, its record answers
+    // with the end, and that publish, confirmed, takes it off.
     let broker = MemoryBroker::new();
     let platform = Arc::new(Scripted::default());
     let store = Arc::new(MemoryStore::new());
@@ -1198,7 +1198,6 @@ async fn an_end_the_broker_refused_goes_on_the_outbox_and_housekeeping_publishes
             state: State::Running,
             refused: AtomicBool::new(false),
         }),
-        // No rounds of its own: the test runs the one that publishes.
         WorkerConfig {
             expire_every: None,
             reap_after: None,
@@ -1213,41 +1212,119 @@ async fn an_end_the_broker_refused_goes_on_the_outbox_and_housekeeping_publishes
         .expect("publish");
     // The refused one reached the topic all the same (a nack says nothing either way),
     // and the copy answers again from its record.
-    let end = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut running = Vec::new();
+    let mut running = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
         while running.len() < 2 {
             let event = events.next().await.expect("events");
             if event.request_id == "o1" && event.state == State::Running {
                 running.push(event);
             }
         }
-        running.pop().expect("two")
     })
     .await
     .expect("answered again from its record");
-    let waiting: Vec<String> = store
-        .scheduled(&outbox)
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
-    assert_eq!(waiting, ["o1"], "the refused end waits on the outbox");
-    worker.expire_once().await.expect("a round");
-    assert!(
-        store.scheduled(&outbox).is_empty(),
-        "published, so taken off"
+    assert_eq!(running[0], running[1], "the same end, its seq unchanged");
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !store.scheduled(&outbox).is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the confirmed copy took the end off the outbox");
+    assert_eq!(platform.provisions.load(Ordering::SeqCst), 1);
+}
+
+/// The system clock, moved on by as much as the test says.
+#[derive(Debug, Default)]
+struct LateClock(std::sync::atomic::AtomicU64);
+
+impl provisioner_core::Environment for LateClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now() + Duration::from_secs(self.0.load(Ordering::SeqCst))
+    }
+    fn random_u64(&self) -> u64 {
+        rand::random()
+    }
+}
+
+#[tokio::test]
+async fn an_end_recorded_by_a_worker_that_died_before_publishing_it_is_published_by_housekeeping() {
+    // The worker that recorded it died before publishing, and its message is gone too
+    // (acked by a drain, or purged): only the outbox still knows of the end.
+    let broker = MemoryBroker::new();
+    let platform = Arc::new(Scripted::default());
+    let clock = Arc::new(LateClock::default());
+    let store = Arc::new(MemoryStore::new().with_environment(clock.clone()));
+    let mut events = broker.subscribe_status().await.expect("subscribe");
+    let worker = Worker::new(
+        platform.clone(),
+        store.clone(),
+        Arc::new(broker.clone()),
+        WorkerConfig {
+            expire_every: None,
+            reap_after: None,
+            ..config(0)
+        },
     );
-    let again = tokio::time::timeout(Duration::from_secs(5), async {
+    let outbox = provisioner_core::runtime::ends_outbox(platform.name());
+    let Claim::Claimed { fence, seq, .. } = store
+        .claim(ClaimRequest {
+            request_id: "d1",
+            payload_hash: "h",
+            owner: "the-dead-one",
+            nonce: "n1",
+            lease: Duration::from_secs(30),
+            working_state: State::Starting,
+            routing_key: "process.provision",
+        })
+        .await
+        .expect("claim")
+    else {
+        panic!("a fresh record is claimed");
+    };
+    let end = StatusEvent {
+        schema_version: provisioner_events::SCHEMA_VERSION,
+        request_id: "d1".into(),
+        operation: Some(provisioner_events::Operation::Provision),
+        platform: platform.name().as_str().into(),
+        state: State::Running,
+        seq: seq + 1,
+        attempt: 1,
+        timestamp: time::OffsetDateTime::now_utc(),
+        resource: None,
+        error: None,
+        tenant: None,
+        rejected_message: None,
+        cause: None,
+        fleet: None,
+    };
+    store.complete("d1", &fence, &end).await.expect("complete");
+    worker.expire_once().await.expect("a round");
+    assert_eq!(
+        store.scheduled(&outbox).len(),
+        1,
+        "within its grace the end is left to its publisher"
+    );
+    clock.0.store(
+        provisioner_core::store::ENDS_GRACE.as_secs() + 1,
+        Ordering::SeqCst,
+    );
+    worker.expire_once().await.expect("a round");
+    let published = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             let event = events.next().await.expect("events");
-            if event.request_id == "o1" {
+            if event.request_id == "d1" {
                 return event;
             }
         }
     })
     .await
     .expect("the round published the end");
-    assert_eq!(again, end, "the same end, its seq unchanged");
-    assert_eq!(platform.provisions.load(Ordering::SeqCst), 1);
+    assert_eq!(published, end);
+    assert!(
+        store.scheduled(&outbox).is_empty(),
+        "published, so taken off"
+    );
 }
 
 fn fleet(id: &str, count: u32, extra: &str) -> Vec<u8> {

@@ -125,6 +125,42 @@ impl Worker {
         unanswered.remove(id).unwrap_or_else(|| self.env.nonce())
     }
 
+    /// Before the platform is touched: when the steps since the claim took a third of
+    /// the lease or more (a slow store, a long wait for a target), the lease is renewed
+    /// here, so a lease that ran out meanwhile is found now, not after the platform call
+    /// (the heartbeat, a task of its own, might not run before the call starts). `Some`:
+    /// how the delivery ends, the request being another worker's now.
+    async fn lease_still_ours(&self, held: &mut Held<'_>) -> Result<Option<Settlement>, Abort> {
+        let lease = self.config.lease;
+        if tokio::time::Instant::now() < held.claimed_before + lease / 3 {
+            return Ok(None);
+        }
+        let sent = tokio::time::Instant::now();
+        let renewed = self
+            .store_call(|| self.store.renew(held.id(), &held.fence, lease))
+            .await;
+        match renewed {
+            // A tombstone (`Cancelled`) is the heartbeat's to report, at its first renewal.
+            Ok(_) => held.claimed_before = sent,
+            Err(StoreError::Fenced(_) | StoreError::Missing(_)) => {
+                return self.fenced_off(held).await.map(Some);
+            }
+            Err(e) => {
+                self.end_acting(held, None).await;
+                return Err(e.into());
+            }
+        }
+        if let Some(target) = &held.acting_on
+            && let Err(e) = self
+                .store
+                .renew_act(target.as_str(), held.actor(), lease)
+                .await
+        {
+            debug!(error = %e, "could not renew the actor lease on the target; the heartbeat tries again");
+        }
+        Ok(None)
+    }
+
     /// Whether a message about to wait again has waited its fill (`max_waits`).
     fn waited_enough(&self, delivery: &Delivery) -> bool {
         delivery.waits.saturating_add(1) > self.config.max_waits
@@ -204,6 +240,11 @@ impl Worker {
                 // follows it: give back what the end frees (both are idempotent).
                 self.after_the_end(request, &event).await?;
                 self.broker.publish_status(&event).await?;
+                // Published now: off the outbox, if its first publisher never took it.
+                let outbox = super::ends_outbox(self.platform.name());
+                if let Err(e) = self.store.cancel_expiry(&outbox, id).await {
+                    debug!(error = %e, "could not take a published end off the outbox");
+                }
                 return Ok(Settlement::Ack);
             }
             Claim::Held { remaining, .. } if self.is_handed_over_fleet(id).await => {
@@ -476,6 +517,9 @@ impl Worker {
                     .await);
             }
         };
+        if let Some(settlement) = self.lease_still_ours(held).await? {
+            return Ok(settlement);
+        }
         let heartbeat = Heartbeat::start(
             self.store.clone(),
             held.id().to_owned(),

@@ -344,19 +344,23 @@ impl Worker {
         );
         crate::fault::point("after_record");
         held.sent = true;
+        let outbox = super::ends_outbox(platform);
         if let Err(e) = self.publish_end(held, &event).await {
             // The message is run again and its record answers with this end; but should
-            // the message be lost too, nothing would: the end goes on the outbox, which
-            // the housekeeping publishes from.
-            let outbox = super::ends_outbox(platform);
+            // the message be lost too, nothing would: the end, on the outbox since it was
+            // recorded, comes due at once for the housekeeping to publish.
             if let Err(store) = self
                 .store
                 .schedule_expiry(&outbox, &id, self.env.now())
                 .await
             {
-                warn!(error = %store, "could not put an unpublished end on the outbox");
+                debug!(error = %store, "could not bring an unpublished end forward on the outbox");
             }
             return Err(e.into());
+        }
+        if let Err(e) = self.store.cancel_expiry(&outbox, &id).await {
+            // Published again when it comes due: the same event twice, taken once.
+            debug!(error = %e, "could not take a published end off the outbox");
         }
         let resource_state = event.error.is_none().then_some(event.state);
         // What the end frees, given back before the delivery is settled: should the store
@@ -495,6 +499,10 @@ impl Worker {
         let outcome = match result {
             Ok(outcome) => outcome,
             Err(failure) => {
+                // An attempt that may have reached the platform before it failed (a
+                // passing fault: the answer may be what was lost), or earlier attempts
+                // that did: what they did to the target is not known.
+                let in_doubt = failure.retryable || held.attempt > 1;
                 let decision = policy::decide(
                     &failure,
                     held.attempt,
@@ -525,6 +533,22 @@ impl Worker {
                             if request.operation == Operation::Provision && !request.dry_run {
                                 info.message = format!("{}; {removal}", info.message);
                             }
+                        }
+                        if in_doubt
+                            && matches!(
+                                request.operation,
+                                Operation::Teardown
+                                    | Operation::Stop
+                                    | Operation::Start
+                                    | Operation::Reboot
+                            )
+                            && !request.dry_run
+                            && let Ok(target) = request.target()
+                        {
+                            info.message = format!(
+                                "{}; what this request's attempts did to {target} before they failed is not known: describe it, and send another request if need be",
+                                info.message
+                            );
                         }
                         let class = info.class;
                         let reason = info.message.clone();

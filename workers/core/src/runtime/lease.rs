@@ -74,7 +74,9 @@ impl Heartbeat {
         let task = tokio::spawn(async move {
             // The latest instant this worker may still count the lease as its own.
             let mut valid_until = claimed_before + lease;
-            let mut next = Instant::now() + lease / 3;
+            // A third of the lease after the claim, or at once when that is past (the
+            // steps before took long): waiting a third from now could let it run out.
+            let mut next = claimed_before + lease / 3;
             loop {
                 let stop_at = valid_until.checked_sub(margin).unwrap_or(valid_until);
                 tokio::time::sleep_until(next.min(stop_at)).await;

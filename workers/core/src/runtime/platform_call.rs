@@ -119,13 +119,26 @@ impl Worker {
             match request.operation {
                 Operation::Provision => self.platform.provision(request).await.map(Outcome::of),
                 Operation::Teardown => {
-                    self.platform
-                        .teardown(&target()?)
-                        .await
-                        .map(|gone| Outcome {
-                            resource: gone,
-                            state: None,
-                        })
+                    let target = target()?;
+                    let mut gone = self.platform.teardown(&target).await?;
+                    // Nothing found by the request's tags may be a create still landing
+                    // or a listing that lags (its provision may have ended in error a
+                    // moment ago): one more look once the platform has settled, as the
+                    // removal of a failed provision's resources does, before `stopped`
+                    // says nothing of it is left.
+                    let settle = self.platform.settle_time();
+                    if gone.is_none()
+                        && matches!(target, TeardownTarget::Request(_))
+                        && !settle.is_zero()
+                    {
+                        tokio::time::sleep(settle).await;
+                        self.pacer.pace(self.platform.rate_limits(request)).await;
+                        gone = self.platform.teardown(&target).await?;
+                    }
+                    Ok(Outcome {
+                        resource: gone,
+                        state: None,
+                    })
                 }
                 Operation::Start => self.platform.start(&target()?).await.map(Outcome::of),
                 Operation::Stop => self.platform.stop(&target()?).await.map(Outcome::of),

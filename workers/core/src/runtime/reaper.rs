@@ -27,12 +27,10 @@ impl Drop for AbortOnDrop {
 /// Records looked at per round.
 const BATCH: usize = 16;
 
-/// The store's schedule of recorded ends not yet published (of the same kind as the
-/// expiries', under a name of its own): those of abandoned requests, put there before
-/// they are recorded, since no message will come again to publish them; and those whose
-/// publishing failed, since the message that would publish them again may be lost too.
+/// The store's schedule of recorded ends not yet known to be published
+/// ([`crate::store::ends_outbox`]), for `platform`.
 pub fn ends_outbox(platform: provisioner_events::PlatformName) -> String {
-    format!("{platform}/ends")
+    crate::store::ends_outbox(platform.as_str())
 }
 
 impl Worker {
@@ -109,22 +107,15 @@ impl Worker {
                 fleet: None,
             };
             // What the end frees goes first (a place given back twice is given back
-            // once), and the end goes on the outbox before it is recorded: no message of
-            // this request will come again to publish it, so a reaper that dies between
-            // recording and publishing leaves it to the next round.
+            // once). The end goes on the outbox as it is recorded: no message of this
+            // request will come again to publish it, so a reaper that dies between
+            // recording and publishing leaves it to the housekeeping.
             if operation == Some(Operation::Provision) && self.release_quota_of(&id).await.is_err()
             {
                 // Still abandoned: a later round ends it.
                 continue;
             }
             let outbox = ends_outbox(platform);
-            if let Err(e) = self
-                .store_call(|| self.store.schedule_expiry(&outbox, &id, self.env.now()))
-                .await
-            {
-                warn!(request.id = %id, error = %e, "could not end an abandoned request");
-                continue;
-            }
             let stored = self.store.complete(&id, &reaped.fence, &event).await;
             drop(heartbeat);
             if let Err(e) = stored {
@@ -163,8 +154,7 @@ impl Worker {
             let end = self.store.get(&id).await?.and_then(|r| r.result);
             let published = match &end {
                 Some(end) => self.broker.publish_status(end).await.is_ok(),
-                // Never recorded (its reaper died first): it is still abandoned, and the
-                // next reaper ends it. (A worker only puts recorded ends there.)
+                // No end (its record since expired, or was lost): nothing to publish.
                 None => true,
             };
             if published && let Err(e) = self.store.cancel_expiry(&outbox, &id).await {
