@@ -811,3 +811,67 @@ async fn each_user_of_the_definitions_may_do_its_job_and_nothing_more() {
         rabbitmqctl(&["-q", "delete_user", &user]);
     }
 }
+
+#[tokio::test]
+async fn a_park_the_broker_refuses_gives_the_message_back_after_its_delay_not_at_once() {
+    // A delay queue that refuses every message (at its length limit, it rejects
+    // publishes): each park is nacked. Given back at once, the message would come
+    // straight back to be parked again, a hot loop for as long as the broker refuses.
+    use futures_util::StreamExt;
+    use provisioner_core::Settlement;
+    let env = TestEnv::new().await;
+    let platform = PlatformName::parse("docker").expect("a platform");
+    env.broker.declare(platform).await.expect("declare");
+    rabbitmqctl(&[
+        "-q",
+        "set_policy",
+        "-p",
+        &env.vhost,
+        "--apply-to",
+        "queues",
+        "--priority",
+        "100",
+        "refuse-parks",
+        "^provisioning\\.docker\\.delay\\.",
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+    ]);
+    tokio::time::sleep(SECOND).await;
+    env.broker
+        .publish_request("docker.provision", "park-1", b"{}")
+        .await
+        .expect("publish");
+    let mut deliveries = env.broker.consume(platform, 1).await.expect("consume");
+    async fn next(
+        deliveries: &mut provisioner_core::broker::DeliveryStream,
+    ) -> provisioner_core::Delivery {
+        tokio::time::timeout(10 * SECOND, deliveries.next())
+            .await
+            .expect("a delivery within 10 s")
+            .expect("the stream goes on")
+            .expect("a delivery")
+    }
+    let first = next(&mut deliveries).await;
+    assert_eq!(first.waits, 0);
+    let delay = 3 * SECOND;
+    let parked_at = std::time::Instant::now();
+    let parked = first
+        .settle(Settlement::Retry {
+            delay,
+            attempt: 1,
+            waits: 1,
+        })
+        .await;
+    assert!(
+        parked.is_err(),
+        "the delay queue refused the park: {parked:?}"
+    );
+    let again = next(&mut deliveries).await;
+    assert!(
+        parked_at.elapsed() >= delay,
+        "given back after {:?}, before its {delay:?} delay",
+        parked_at.elapsed()
+    );
+    assert!(again.redelivered, "the same delivery, given back");
+    assert_eq!(again.waits, 0, "a refused park is not a wait");
+    again.settle(Settlement::Ack).await.expect("ack");
+}

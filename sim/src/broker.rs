@@ -440,17 +440,22 @@ impl SharedBroker {
         tag: u64,
         worker: &str,
         settlement: Settlement,
-    ) -> Result<(), BrokerError> {
+    ) -> (Result<(), BrokerError>, Option<Duration>) {
         let mut state = self.state();
         let Some(unacked) = state.unacked.remove(&tag) else {
-            return Err(BrokerError::Unavailable(
-                "the channel closed: the broker delivers it again".into(),
-            ));
+            return (
+                Err(BrokerError::Unavailable(
+                    "the channel closed: the broker delivers it again".into(),
+                )),
+                None,
+            );
         };
         if let Some(c) = state.consumers.get_mut(&unacked.consumer) {
             c.unacked = c.unacked.saturating_sub(1);
         }
+        let consumer = unacked.consumer;
         let message = unacked.message;
+        let mut hold = None;
         let what = format!("{settlement:?}");
         let result = match settlement {
             Settlement::Ack => Ok(()),
@@ -464,7 +469,14 @@ impl SharedBroker {
                 waits,
             } => {
                 if self.chance(self.chances.refuse) {
-                    self.give_back(&mut state, message);
+                    // The adapter holds it for its delay, then gives it back
+                    // (`REFUSED_PARK_HOLD`): unacked meanwhile, so a connection that
+                    // dies gives it back at once.
+                    if let Some(c) = state.consumers.get_mut(&consumer) {
+                        c.unacked += 1;
+                    }
+                    state.unacked.insert(tag, Unacked { message, consumer });
+                    hold = Some(delay.min(provisioner_core::broker::REFUSED_PARK_HOLD));
                     Err(BrokerError::NotConfirmed(
                         "the delay queue refused the retry (nack)".into(),
                     ))
@@ -513,7 +525,22 @@ impl SharedBroker {
         self.changed.notify_waiters();
         self.history
             .note(worker, || format!("settle #{tag} {what} -> {result:?}"));
-        result
+        (result, hold)
+    }
+
+    /// Gives back a delivery held after its park was refused, unless its connection died
+    /// meanwhile (which gave it back already).
+    fn give_back_held(&self, tag: u64) {
+        let mut state = self.state();
+        let Some(unacked) = state.unacked.remove(&tag) else {
+            return;
+        };
+        if let Some(c) = state.consumers.get_mut(&unacked.consumer) {
+            c.unacked = c.unacked.saturating_sub(1);
+        }
+        self.give_back(&mut state, unacked.message);
+        drop(state);
+        self.changed.notify_waiters();
     }
 }
 
@@ -650,7 +677,11 @@ impl Settle for SimSettle {
     ) -> Result<(), BrokerError> {
         self.process.boundary("settle").await;
         let ack = settlement == Settlement::Ack;
-        let result = self.shared.settle(self.tag, &self.process.name, settlement);
+        let (result, hold) = self.shared.settle(self.tag, &self.process.name, settlement);
+        if let Some(hold) = hold {
+            tokio::time::sleep(hold).await;
+            self.shared.give_back_held(self.tag);
+        }
         if result.is_err() {
             self.shared.witness.disrupted(&self.process.name);
         }

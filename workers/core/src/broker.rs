@@ -49,6 +49,11 @@ pub enum Settlement {
     Requeue,
 }
 
+/// How long at most a delivery whose park the broker refused is held before it is given
+/// back (its delay, up to this): the pace of its redeliveries while the broker refuses,
+/// short enough for a drain to wait for.
+pub const REFUSED_PARK_HOLD: Duration = Duration::from_secs(10);
+
 /// One message taken from a platform's queue. It must be settled exactly once; dropping
 /// it unsettled leaves it to the broker to deliver again.
 pub struct Delivery {

@@ -71,6 +71,12 @@ impl Settle for AmqpSettle {
                     .schedule_retry(self.platform, letter, delay, waits)
                     .await;
                 if let Err(e) = published {
+                    // The park was refused (its delay queue full, an alarm, the channel
+                    // gone): the message comes back after its delay all the same, held
+                    // here meanwhile, not at once, or a refusing broker would get a hot
+                    // loop of redeliveries, each with its store calls. Not counted as a
+                    // wait: an outage is not one (README, "Every attempt counts").
+                    tokio::time::sleep(delay.min(crate::broker::REFUSED_PARK_HOLD)).await;
                     self.nack(true).await;
                     return Err(e);
                 }
