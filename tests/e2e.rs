@@ -814,28 +814,24 @@ async fn each_user_of_the_definitions_may_do_its_job_and_nothing_more() {
 
 #[tokio::test]
 async fn a_park_the_broker_refuses_gives_the_message_back_after_its_delay_not_at_once() {
-    // A delay queue that refuses every message (at its length limit, it rejects
-    // publishes): each park is nacked. Given back at once, the message would come
-    // straight back to be parked again, a hot loop for as long as the broker refuses.
+    // Every delay queue gone (deleted by an operator, lost with a node): each park is
+    // returned unroutable, a refusal. Given back at once, the message would come straight
+    // back to be parked again, a hot loop for as long as the broker refuses.
     use futures_util::StreamExt;
     use provisioner_core::Settlement;
+    use provisioner_core::amqp::{RETRY_TIERS_S, retry_queue};
     let env = TestEnv::new().await;
     let platform = PlatformName::parse("docker").expect("a platform");
     env.broker.declare(platform).await.expect("declare");
-    rabbitmqctl(&[
-        "-q",
-        "set_policy",
-        "-p",
-        &env.vhost,
-        "--apply-to",
-        "queues",
-        "--priority",
-        "100",
-        "refuse-parks",
-        "^provisioning\\.docker\\.delay\\.",
-        r#"{"max-length":0,"overflow":"reject-publish"}"#,
-    ]);
-    tokio::time::sleep(SECOND).await;
+    for tier in RETRY_TIERS_S {
+        rabbitmqctl(&[
+            "-q",
+            "delete_queue",
+            "-p",
+            &env.vhost,
+            &retry_queue(platform, tier),
+        ]);
+    }
     env.broker
         .publish_request("docker.provision", "park-1", b"{}")
         .await

@@ -1249,8 +1249,9 @@ impl provisioner_core::Environment for LateClock {
 
 #[tokio::test]
 async fn an_end_recorded_by_a_worker_that_died_before_publishing_it_is_published_by_housekeeping() {
-    // The worker that recorded it died before publishing, and its message is gone too
-    // (acked by a drain, or purged): only the outbox still knows of the end.
+    // The worker that recorded it died before publishing it or giving back its quota
+    // place, and its message is gone too (acked by a drain, or purged): only the outbox
+    // still knows of the end, and the round that publishes it frees what it frees.
     let broker = MemoryBroker::new();
     let platform = Arc::new(Scripted::default());
     let clock = Arc::new(LateClock::default());
@@ -1282,18 +1283,26 @@ async fn an_end_recorded_by_a_worker_that_died_before_publishing_it_is_published
     else {
         panic!("a fresh record is claimed");
     };
+    store
+        .reserve_quota("t1", "d1", &fence, &Default::default())
+        .await
+        .expect("reserve");
+    assert_eq!(store.quota("t1").await.expect("quota").used, 1);
     let end = StatusEvent {
         schema_version: provisioner_events::SCHEMA_VERSION,
         request_id: "d1".into(),
         operation: Some(provisioner_events::Operation::Provision),
         platform: platform.name().as_str().into(),
-        state: State::Running,
+        state: State::Error,
         seq: seq + 1,
         attempt: 1,
         timestamp: time::OffsetDateTime::now_utc(),
         resource: None,
-        error: None,
-        tenant: None,
+        error: Some(provisioner_events::ErrorInfo {
+            class: ErrorClass::Capacity,
+            message: "no capacity; nothing was made".into(),
+        }),
+        tenant: Some("t1".into()),
         rejected_message: None,
         cause: None,
         fleet: None,
@@ -1324,6 +1333,11 @@ async fn an_end_recorded_by_a_worker_that_died_before_publishing_it_is_published
     assert!(
         store.scheduled(&outbox).is_empty(),
         "published, so taken off"
+    );
+    assert_eq!(
+        store.quota("t1").await.expect("quota").used,
+        0,
+        "the error end gave its quota place back"
     );
 }
 

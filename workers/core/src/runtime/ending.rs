@@ -429,7 +429,11 @@ impl Worker {
 
     /// What a resource held in the store ends with it: its expiry (which would only send
     /// a teardown of what is gone) and its place in its tenant's quota.
-    async fn forget_torn_down(&self, platform: &str, request_id: &str) -> Result<(), StoreError> {
+    pub(super) async fn forget_torn_down(
+        &self,
+        platform: &str,
+        request_id: &str,
+    ) -> Result<(), StoreError> {
         if let Err(e) = self.store.cancel_expiry(platform, request_id).await {
             // It comes due, finds its resource torn down and is forgotten then.
             debug!(error = %e, "could not forget the expiry of what was torn down");

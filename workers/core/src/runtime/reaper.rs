@@ -140,6 +140,31 @@ impl Worker {
         Ok(ended)
     }
 
+    /// What a recorded end frees, from the end and its record alone (the outbox has no
+    /// message): a provision that ended in error gives its quota place back; a teardown
+    /// that stopped a target it recorded (`acts_on`, a teardown by resource id) forgets
+    /// the target's expiry and quota place. (A teardown by request id names its target
+    /// only in its message; the message, when it comes again, gives those back.)
+    async fn free_what_an_end_frees(
+        &self,
+        end: &StatusEvent,
+        acts_on: Option<&str>,
+    ) -> Result<(), crate::StoreError> {
+        match (end.operation, end.state) {
+            (Some(Operation::Provision), State::Error) => {
+                self.release_quota_of(end.request_id.as_str()).await
+            }
+            (Some(Operation::Teardown), State::Stopped) if end.error.is_none() => match acts_on {
+                Some(target) => {
+                    self.forget_torn_down(self.platform.name().as_str(), target)
+                        .await
+                }
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
     /// Publishes the recorded ends on the outbox: those a reaper recorded and could not
     /// publish (or died before it did), and those a worker could not publish. One
     /// published twice is the same event twice, which consumers take once (by its
@@ -151,7 +176,18 @@ impl Worker {
             .take_due_expiries(&outbox, BATCH, super::EXPIRY_RETRY)
             .await?;
         for (id, _) in due {
-            let end = self.store.get(&id).await?.and_then(|r| r.result);
+            let record = self.store.get(&id).await?;
+            let acts_on = record.as_ref().and_then(|r| r.acts_on.clone());
+            let end = record.and_then(|r| r.result);
+            // Its worker may have died before it gave back what the end frees, and its
+            // message may be lost: give it back here, before the end goes out (both are
+            // idempotent). A failure leaves it on the outbox for the next round.
+            if let Some(end) = &end
+                && let Err(e) = self.free_what_an_end_frees(end, acts_on.as_deref()).await
+            {
+                debug!(request.id = %id, error = %e, "could not give back what an unpublished end frees; the next round does");
+                continue;
+            }
             let published = match &end {
                 Some(end) => self.broker.publish_status(end).await.is_ok(),
                 // No end (its record since expired, or was lost): nothing to publish.
