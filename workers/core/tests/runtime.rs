@@ -1937,3 +1937,81 @@ async fn a_fleet_taken_over_after_a_crash_republishes_its_members_once_not_at_ev
     }
     assert_eq!(queued, 6, "3 members, published once more after the crash");
 }
+
+#[tokio::test]
+async fn a_coordinator_that_finds_its_fleet_ended_publishes_the_end_before_it_drops_the_fleet() {
+    // Issue 25, hole 2: the coordinator that recorded the fleet's end died before it
+    // published it. The next one finds the record ended: it publishes the end in its
+    // round, then takes the fleet off the schedule (not leaving the end to the outbox,
+    // which has it only a minute later).
+    let mut h = harness(0).await;
+    let worker = consume_without_background_work(&h, config(0)).await;
+    let body = fleet("f-done", 2, "");
+    let request = provisioner_events::decode_request(&body).expect("a fleet");
+    let Claim::Claimed { fence, seq, .. } = h
+        .store
+        .claim(ClaimRequest {
+            request_id: "f-done",
+            payload_hash: &request.payload_hash(),
+            owner: "the-dead-one",
+            nonce: "n1",
+            lease: Duration::from_secs(30),
+            working_state: State::Starting,
+            routing_key: "process.provision",
+        })
+        .await
+        .expect("claim")
+    else {
+        panic!("a fresh record is claimed");
+    };
+    h.store
+        .put_fleet("f-done", std::str::from_utf8(&body).expect("utf-8"))
+        .await
+        .expect("keep the fleet");
+    let end = StatusEvent {
+        schema_version: provisioner_events::SCHEMA_VERSION,
+        request_id: "f-done".into(),
+        operation: Some(provisioner_events::Operation::Provision),
+        platform: "process".into(),
+        state: State::Error,
+        seq: seq + 1,
+        attempt: 1,
+        timestamp: time::OffsetDateTime::now_utc(),
+        resource: None,
+        error: Some(provisioner_events::ErrorInfo {
+            class: ErrorClass::Capacity,
+            message: "no member could run; nothing was kept".into(),
+        }),
+        tenant: None,
+        rejected_message: None,
+        cause: None,
+        fleet: None,
+    };
+    h.store
+        .complete("f-done", &fence, &end)
+        .await
+        .expect("complete");
+    let schedule = provisioner_core::runtime::fleet_schedule(PlatformName::Process);
+    h.store
+        .schedule_expiry(&schedule, "f-done", SystemTime::now())
+        .await
+        .expect("on the schedule");
+    worker
+        .keep_house(tokio::time::Instant::now() + Duration::from_secs(2))
+        .await;
+    let published = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let event = h.events.next().await.expect("events");
+            if event.request_id == "f-done" {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("the round published the fleet's end");
+    assert_eq!(published, end);
+    assert!(
+        h.memory.scheduled(&schedule).is_empty(),
+        "taken off the schedule once published"
+    );
+}

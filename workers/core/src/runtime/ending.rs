@@ -344,6 +344,27 @@ impl Worker {
         );
         crate::fault::point("after_record");
         held.sent = true;
+        let resource_state = event.error.is_none().then_some(event.state);
+        // What the end frees, given back before the end goes out, so that whoever sees
+        // the end sees it freed (a copy that finds the end, and the rounds that publish
+        // the outbox, do the same). Should the store fail it, the end waits on the
+        // outbox and the message comes again, finds the end and gives it back then.
+        let mut freed = Ok(());
+        if let (Some(target), Some(State::Stopped)) = (&held.acting_on, resource_state)
+            && held.request.operation == Operation::Teardown
+        {
+            freed = self
+                .forget_torn_down(platform.as_str(), target.as_str())
+                .await;
+        }
+        if held.request.operation == Operation::Provision && event.state == State::Error {
+            // A provision that ends in error leaves nothing behind, so holds nothing.
+            freed = self.release_quota_of(&id).await;
+        }
+        if let Err(e) = freed {
+            self.end_acting(held, resource_state).await;
+            return Err(e.into());
+        }
         let outbox = super::ends_outbox(platform);
         if let Err(e) = self.publish_end(held, &event).await {
             // The message is run again and its record answers with this end; but should
@@ -362,23 +383,7 @@ impl Worker {
             // Published again when it comes due: the same event twice, taken once.
             debug!(error = %e, "could not take a published end off the outbox");
         }
-        let resource_state = event.error.is_none().then_some(event.state);
-        // What the end frees, given back before the delivery is settled: should the store
-        // fail it, the message comes again, finds the end and gives it back then.
-        let mut freed = Ok(());
-        if let (Some(target), Some(State::Stopped)) = (&held.acting_on, resource_state)
-            && held.request.operation == Operation::Teardown
-        {
-            freed = self
-                .forget_torn_down(platform.as_str(), target.as_str())
-                .await;
-        }
-        if held.request.operation == Operation::Provision && event.state == State::Error {
-            // A provision that ends in error leaves nothing behind, so holds nothing.
-            freed = self.release_quota_of(&id).await;
-        }
         self.end_acting(held, resource_state).await;
-        freed?;
         Ok(Settlement::Ack)
     }
 
