@@ -113,23 +113,21 @@ impl Witness {
     /// number one of them takes is taken by a process disrupted after taking it.
     pub fn paused(&self, who: &str, pause: Duration) {
         let at = self.clock.elapsed();
-        self.disruptions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(who.to_owned())
-            .or_default()
-            .extend([at, at + pause]);
+        self.disrupted_at(who, [at, at + pause]);
     }
 
     /// The work of process `who` was disrupted now.
     pub fn disrupted(&self, who: &str) {
-        let at = self.clock.elapsed();
+        self.disrupted_at(who, [self.clock.elapsed()]);
+    }
+
+    fn disrupted_at(&self, who: &str, at: impl IntoIterator<Item = Duration>) {
         self.disruptions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(who.to_owned())
             .or_default()
-            .push(at);
+            .extend(at);
     }
 
     /// Why number `seq` of `request_id` may be missing: the process that took it was

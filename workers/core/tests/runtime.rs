@@ -2014,4 +2014,12 @@ async fn a_coordinator_that_finds_its_fleet_ended_publishes_the_end_before_it_dr
         h.memory.scheduled(&schedule).is_empty(),
         "taken off the schedule once published"
     );
+    assert!(
+        h.memory
+            .scheduled(&provisioner_core::runtime::ends_outbox(
+                PlatformName::Process
+            ))
+            .is_empty(),
+        "and off the outbox: not published a second time a minute later"
+    );
 }

@@ -238,13 +238,7 @@ impl Worker {
                 debug!(state = %event.state, "already finished; publishing its result again");
                 // The first delivery may have died between recording its end and what
                 // follows it: give back what the end frees (both are idempotent).
-                self.after_the_end(request, &event).await?;
-                self.broker.publish_status(&event).await?;
-                // Published now: off the outbox, if its first publisher never took it.
-                let outbox = super::ends_outbox(self.platform.name());
-                if let Err(e) = self.store.cancel_expiry(&outbox, id).await {
-                    debug!(error = %e, "could not take a published end off the outbox");
-                }
+                self.publish_recorded_end(request, &event).await?;
                 return Ok(Settlement::Ack);
             }
             Claim::Held { remaining, .. } if self.is_handed_over_fleet(id).await => {
@@ -343,8 +337,7 @@ impl Worker {
         };
         if let Some(end) = record.result {
             debug!(state = %end.state, "the fleet ended before; publishing its end again");
-            self.after_the_end(request, &end).await?;
-            self.broker.publish_status(&end).await?;
+            self.publish_recorded_end(request, &end).await?;
             return Ok(Some(Settlement::Ack));
         }
         if !self.is_handed_over_fleet(id).await {

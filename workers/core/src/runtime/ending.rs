@@ -426,6 +426,28 @@ impl Worker {
         Ok(())
     }
 
+    /// Answers again with an end recorded before (a copy of the message, a coordinator
+    /// that finds its fleet ended): gives back what it frees (its first publisher may
+    /// have died first), publishes it, and takes it off the outbox.
+    pub(super) async fn publish_recorded_end(
+        &self,
+        request: &Request,
+        end: &StatusEvent,
+    ) -> Result<(), Abort> {
+        self.after_the_end(request, end).await?;
+        self.broker.publish_status(end).await?;
+        let outbox = super::ends_outbox(self.platform.name());
+        if let Err(e) = self
+            .store
+            .cancel_expiry(&outbox, request.request_id.as_str())
+            .await
+        {
+            // Published again when it comes due: the same event twice, taken once.
+            debug!(error = %e, "could not take a published end off the outbox");
+        }
+        Ok(())
+    }
+
     /// Lifts `teardown`'s tombstone from `target` (retried while the store is away).
     async fn lift_tombstone(&self, target: &str, teardown: &str) -> Result<(), StoreError> {
         self.store_call(|| self.store.lift_tombstone(target, teardown))

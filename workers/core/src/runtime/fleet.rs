@@ -593,8 +593,7 @@ impl Worker {
                 // Ended before: but the coordinator that recorded the end may have died
                 // (or the broker refused it) before its event went out. Publish it again
                 // (a copy is the same event) and only then take the fleet off the schedule.
-                self.after_the_end(&request, &event).await?;
-                self.broker.publish_status(&event).await?;
+                self.publish_recorded_end(&request, &event).await?;
                 forget().await;
                 return Ok(());
             }
