@@ -452,3 +452,104 @@ async fn workers_speak_tls_to_rabbitmq_and_redis_as_a_least_privilege_redis_user
     assert_eq!(untrusting.status.code(), Some(69), "{untrusting:?}");
     redis_tls(&["ACL", "DELUSER", &user]);
 }
+
+/// The attacker is anyone who may publish a request, with a spec made to leave the
+/// sandbox a worker gives it: a container on a named network (where Redis and RabbitMQ
+/// sit) or on Podman's modes that reach the host's loopback; a program that loads the
+/// attacker's library, or reads the worker's secrets from its environment. Each is
+/// refused before anything runs, and what does run gets none of the worker's secrets.
+#[tokio::test]
+async fn a_malicious_spec_cannot_leave_its_sandbox_on_docker_or_process() {
+    let mut env = TestEnv::new().await;
+    env.start_worker("docker-sandbox");
+    let process_allow = "httpd=/bin/busybox[httpd -f -p 127.0.0.1:{port}]";
+    env.start_platform_worker(
+        "process",
+        "process-sandbox",
+        &[
+            ("PROCESS_ALLOW", process_allow),
+            ("PROCESS_ALLOWED_ENV", "APP_*"),
+        ],
+    );
+    let mut events = env.events().await;
+
+    let mut escapes = Vec::new();
+    for (n, network) in [
+        "slirp4netns:allow_host_loopback=true",
+        "pasta:--map-gw",
+        "podman",
+        "host",
+        "container:prov-anything",
+        "ns:/proc/1/ns/net",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut request = env.web(&format!("net-{n}"));
+        request["spec"]["network_mode"] = network.into();
+        env.publish(&request).await;
+        escapes.push((id(&request), network.to_owned()));
+    }
+    for (n, spec) in [
+        serde_json::json!({"program": "httpd", "args": ["httpd", "-f", "-p", "127.0.0.1:{port}"], "env": {"LD_PRELOAD": "/tmp/evil.so"}}),
+        serde_json::json!({"program": "httpd", "args": ["httpd", "-f", "-p", "127.0.0.1:{port}"], "env": {"PATH": "/tmp/evil"}}),
+        serde_json::json!({"program": "httpd", "args": ["httpd", "-f", "-p", "127.0.0.1:{port}"], "env": {"SECRET_NAME": "x"}}),
+        serde_json::json!({"program": "httpd", "args": ["sh", "-c", "env"]}),
+        serde_json::json!({"program": "httpd", "args": ["httpd", "-f", "-p", "127.0.0.1:{port}", "-h", "/"]}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let request = serde_json::json!({
+            "schema_version": 1, "request_id": format!("proc-{n}-{}", env.run_id),
+            "operation": "provision", "platform": "process", "spec": spec
+        });
+        env.publish(&request).await;
+        escapes.push((id(&request), spec.to_string()));
+    }
+    for (request_id, what) in &escapes {
+        let event = events.terminal(request_id).await;
+        assert_eq!(event.state, State::Error, "{what}: {event:#?}");
+        let error = event.error.expect("why");
+        assert_eq!(error.class, ErrorClass::Permission, "{what}: {error:?}");
+        assert!(
+            !error.message.contains("/tmp/evil"),
+            "the value is not echoed: {}",
+            error.message
+        );
+    }
+    assert!(env.containers().await.is_empty(), "no container was made");
+
+    // What the worker does run gets the spec's allowed variables and its own, nothing of
+    // the worker's environment (AMQP_URL, REDIS_URL, …).
+    let request = serde_json::json!({
+        "schema_version": 1, "request_id": format!("proc-ok-{}", env.run_id),
+        "operation": "provision", "platform": "process",
+        "spec": {"program": "httpd", "args": ["httpd", "-f", "-p", "127.0.0.1:{port}"], "env": {"APP_MODE": "x"}}
+    });
+    env.publish(&request).await;
+    let running = events.terminal(&id(&request)).await;
+    assert_eq!(running.state, State::Running, "{running:#?}");
+    let pid = running.resource.expect("resource").id;
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("the child's environment");
+    let environ = String::from_utf8_lossy(&environ);
+    for secret in [
+        "AMQP_URL",
+        "REDIS_URL",
+        "amqp://",
+        "redis://",
+        "PROCESS_ALLOW",
+    ] {
+        assert!(
+            !environ.contains(secret),
+            "{secret} reached the child: {environ}"
+        );
+    }
+    assert!(environ.contains("APP_MODE=x"), "{environ}");
+    let teardown = serde_json::json!({
+        "schema_version": 1, "request_id": format!("proc-ok-down-{}", env.run_id),
+        "operation": "teardown", "platform": "process", "target_request_id": id(&request)
+    });
+    env.publish(&teardown).await;
+    assert_eq!(events.terminal(&id(&teardown)).await.state, State::Stopped);
+}

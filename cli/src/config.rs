@@ -304,6 +304,16 @@ fn parse_bool(value: &str) -> Result<bool, String> {
     }
 }
 
+/// The items of a comma-separated setting, trimmed, empty ones left out.
+fn comma_list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Each platform's own settings: what the worker allows.
 #[derive(Debug, Clone, Args)]
 pub struct PlatformSettings {
@@ -318,15 +328,23 @@ pub struct PlatformSettings {
     pub docker_allow_host_network: bool,
     #[arg(long, env = "DOCKER_ALLOW_CAP_ADD", value_parser = parse_bool, default_value = "false")]
     pub docker_allow_cap_add: bool,
+    /// Comma-separated networks a spec's network_mode may name besides the engine's
+    /// default bridge and `none`.
+    #[arg(long, env = "DOCKER_ALLOWED_NETWORKS", default_value = "")]
+    pub docker_allowed_networks: String,
     /// Comma-separated image patterns (`prefix*` allowed); empty allows all.
     #[arg(long, env = "DOCKER_ALLOWED_IMAGES", default_value = "")]
     pub docker_allowed_images: String,
     /// The address published ports bind to and events report.
     #[arg(long, env = "DOCKER_PUBLISH_ADDRESS", default_value = "127.0.0.1")]
     pub docker_publish_address: String,
-    /// Programs the process platform may run: name=/absolute/path,...
+    /// Programs the process platform may run: name=/absolute/path,... (`[args…]` after a
+    /// path: the only arguments a request may pass it).
     #[arg(long, env = "PROCESS_ALLOW", default_value = "")]
     pub process_allow: String,
+    /// Environment variable names a process spec may set (`PREFIX*` allowed).
+    #[arg(long, env = "PROCESS_ALLOWED_ENV", default_value = "")]
+    pub process_allowed_env: String,
 }
 
 impl PlatformSettings {
@@ -336,13 +354,8 @@ impl PlatformSettings {
             allow_host_mounts: self.docker_allow_host_mounts,
             allow_host_network: self.docker_allow_host_network,
             allow_cap_add: self.docker_allow_cap_add,
-            allowed_images: self
-                .docker_allowed_images
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect(),
+            allowed_networks: comma_list(&self.docker_allowed_networks),
+            allowed_images: comma_list(&self.docker_allowed_images),
             publish_address: self.docker_publish_address.clone(),
         }
     }
@@ -351,6 +364,7 @@ impl PlatformSettings {
     pub fn process_policy(&self, with_demo: bool) -> Result<ProcessPolicy, Failure> {
         let mut policy = ProcessPolicy::parse(&self.process_allow)
             .map_err(|e| Failure::config(anyhow::anyhow!("PROCESS_ALLOW: {e}")))?;
+        policy.allowed_env = comma_list(&self.process_allowed_env);
         if with_demo {
             let exe = std::env::current_exe().map_err(|e| {
                 Failure::config(anyhow::anyhow!("cannot find this program's path: {e}"))
@@ -360,8 +374,10 @@ impl PlatformSettings {
                 AllowedProgram {
                     path: exe,
                     leading_args: vec!["demo-http".into()],
+                    argument_patterns: Some(vec!["--port".into(), "{port}".into()]),
                 },
             );
+            policy.allowed_env.push("GREETING".into());
         }
         Ok(policy)
     }

@@ -685,8 +685,12 @@ pub fn decode_request(body: &[u8]) -> Result<Request, DecodeError> {
             known.join(", ")
         )));
     }
-    let request: Request = serde_json::from_value(value.clone())
-        .map_err(|e| readable(format!("invalid request: {e}")))?;
+    let request: Request = serde_json::from_value(value.clone()).map_err(|e| {
+        readable(format!(
+            "invalid request: {}",
+            crate::invalid::without_values(&e.to_string())
+        ))
+    })?;
     request.validate().map_err(|e| readable(e.0))?;
     Ok(request)
 }

@@ -47,7 +47,9 @@ pub struct DockerSpec {
     /// Bind mounts `host:container[:opts]`; refused unless the worker allows host mounts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub binds: Vec<String>,
-    /// `bridge` (default) or another network; `host` is refused unless the worker allows it.
+    /// `bridge` (the engine's default) or `none`; any other network only when the worker's
+    /// operator named it (`DOCKER_ALLOWED_NETWORKS`), and `host`, `container:…`, `ns:…` only
+    /// when the worker allows host networking.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_mode: Option<String>,
 }
@@ -101,6 +103,15 @@ impl DockerSpec {
             if mapping.container_port() == 0 || mapping.host_port() == Some(0) {
                 return Err("port 0 is not a port; give the container port to publish".into());
             }
+        }
+        if let Some(key) = self
+            .labels
+            .keys()
+            .find(|k| k.starts_with("io.provisioner."))
+        {
+            return Err(invalid!(
+                "label {key:?}: labels starting io.provisioner. are the worker's own (which request and tenant a container is for)"
+            ));
         }
         let mut seen = std::collections::BTreeSet::new();
         for mapping in &self.ports {

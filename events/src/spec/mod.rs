@@ -167,8 +167,12 @@ pub fn parse_spec<T: serde::de::DeserializeOwned>(
     platform: &str,
     spec: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<T, Invalid> {
-    serde_json::from_value(serde_json::Value::Object(spec.clone()))
-        .map_err(|e| invalid!("invalid {platform} spec: {e}"))
+    serde_json::from_value(serde_json::Value::Object(spec.clone())).map_err(|e| {
+        invalid!(
+            "invalid {platform} spec: {}",
+            crate::invalid::without_values(&e.to_string())
+        )
+    })
 }
 
 /// A platform's spec type: the platform it belongs to, and its checks that need no worker

@@ -6,7 +6,9 @@
 //! a teardown by request id needs no state. Safety: whoever can publish a request can start
 //! a container, so [`DockerPolicy`] refuses privileged containers, host mounts, host
 //! networking and added capabilities unless the worker's own configuration allows them,
-//! and can restrict images to an allow-list.
+//! puts containers only on networks the operator named (the engine's default bridge
+//! otherwise: a named network may be the one Redis and RabbitMQ sit on), and can
+//! restrict images to an allow-list.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -33,6 +35,8 @@ use provisioner_events::{
 };
 use tracing::{debug, info, warn};
 
+/// The prefix of the labels the worker sets itself; a request may not set any.
+pub const RESERVED_LABEL_PREFIX: &str = "io.provisioner.";
 /// Label set on every container the provisioner makes.
 pub const MANAGED_LABEL: &str = "io.provisioner.managed";
 /// Label holding the request id the container was made for.
@@ -61,6 +65,11 @@ pub struct DockerPolicy {
     pub allow_host_mounts: bool,
     pub allow_host_network: bool,
     pub allow_cap_add: bool,
+    /// Networks a spec's `network_mode` may name besides the engine's default bridge
+    /// (`bridge`, `default`) and `none`. Empty by default: a named network may be the
+    /// one the services sit on, and Podman's modes (`slirp4netns:allow_host_loopback=true`,
+    /// `pasta:…`) can open the host's loopback.
+    pub allowed_networks: Vec<String>,
     /// Image patterns allowed; empty allows every image. `prefix*` matches by prefix.
     pub allowed_images: Vec<String>,
     /// The host address published ports bind to, and that events report.
@@ -74,13 +83,51 @@ impl Default for DockerPolicy {
             allow_host_mounts: false,
             allow_host_network: false,
             allow_cap_add: false,
+            allowed_networks: Vec::new(),
             allowed_images: Vec::new(),
             publish_address: "127.0.0.1".into(),
         }
     }
 }
 
+/// Network modes every worker allows: the engine's default bridge (Docker's `bridge`,
+/// Podman's `bridge`/`default`) and no network at all.
+const DEFAULT_NETWORKS: [&str; 3] = ["bridge", "default", "none"];
+
 impl DockerPolicy {
+    /// An allow-list, not a deny-list: every mode an engine may add (Podman's `pasta:`,
+    /// `slirp4netns:` with options, `private`, a network's name or id) is refused unless
+    /// the operator named it. Host-like modes need `DOCKER_ALLOW_HOST_NETWORK` as well.
+    fn check_network(&self, mode: &str) -> Result<(), PlatformError> {
+        let host_like = mode == "host" || mode.starts_with("container:") || mode.starts_with("ns:");
+        if host_like {
+            if self.allow_host_network {
+                return Ok(());
+            }
+            return Err(PlatformError::permanent(
+                ErrorClass::Permission,
+                format!(
+                    "network mode {mode:?} shares the host's or another container's network, which this worker's policy does not allow (set DOCKER_ALLOW_HOST_NETWORK=true on the worker to allow it)"
+                ),
+            ));
+        }
+        if DEFAULT_NETWORKS.contains(&mode) || self.allowed_networks.iter().any(|n| n == mode) {
+            return Ok(());
+        }
+        let allowed: Vec<&str> = DEFAULT_NETWORKS
+            .iter()
+            .copied()
+            .chain(self.allowed_networks.iter().map(String::as_str))
+            .collect();
+        Err(PlatformError::permanent(
+            ErrorClass::Permission,
+            format!(
+                "network mode {mode:?} is not on this worker's network allow-list ({}); an operator adds a network with DOCKER_ALLOWED_NETWORKS on the worker",
+                allowed.join(", ")
+            ),
+        ))
+    }
+
     fn image_allowed(&self, image: &str) -> bool {
         self.allowed_images.is_empty()
             || self
@@ -112,14 +159,7 @@ impl DockerPolicy {
             return refuse("adding capabilities", "DOCKER_ALLOW_CAP_ADD=true");
         }
         if let Some(mode) = &spec.network_mode {
-            let host_like =
-                mode == "host" || mode.starts_with("container:") || mode.starts_with("ns:");
-            if host_like && !self.allow_host_network {
-                return refuse(
-                    &format!("network mode {mode:?}"),
-                    "DOCKER_ALLOW_HOST_NETWORK=true",
-                );
-            }
+            self.check_network(mode)?;
         }
         if !self.image_allowed(&spec.image) {
             return Err(PlatformError::permanent(
@@ -316,8 +356,16 @@ impl DockerPlatform {
     }
 
     fn create_body(&self, request: &Request, spec: &DockerSpec) -> ContainerCreateBody {
-        let mut labels: HashMap<String, String> = request.labels.clone().into_iter().collect();
-        labels.extend(spec.labels.clone());
+        // The worker's own labels say which request and tenant a container is for; a
+        // request never sets them (validation refuses them in the spec, and the request's
+        // generic labels are filtered here).
+        let mut labels: HashMap<String, String> = request
+            .labels
+            .iter()
+            .chain(&spec.labels)
+            .filter(|(key, _)| !key.starts_with(RESERVED_LABEL_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         labels.insert(MANAGED_LABEL.into(), "true".into());
         labels.insert(REQUEST_LABEL.into(), request.request_id.to_string());
         if let Some(tenant) = &request.tenant {
@@ -564,8 +612,9 @@ impl DockerPlatform {
         }
     }
 
-    /// A container that will not become healthy by retrying: keep the end of its log in
-    /// the error, then remove it rather than leak it.
+    /// A container that will not become healthy by retrying: put the end of its log in the
+    /// worker's log (never in the event, which every subscriber reads: a program's output
+    /// may hold what its environment holds), then remove it rather than leak it.
     async fn give_up(&self, name: &str, class: ErrorClass, message: String) -> PlatformError {
         let options = LogsOptionsBuilder::default()
             .stdout(true)
@@ -584,14 +633,15 @@ impl DockerPlatform {
             _ => String::new(),
         };
         let tail = tail.trim();
-        let removed = match self.remove(name).await {
-            Ok(()) => "it was removed".to_owned(),
-            Err(e) => format!("removing it failed too: {}", e.message),
-        };
         let log = if tail.is_empty() {
             String::new()
         } else {
-            format!("; its log ended with: {tail:.500}")
+            warn!(container.name = %name, log.tail = %format!("{tail:.2000}"), "the container's last log lines before it was removed");
+            "; its last log lines are in the worker's log".to_owned()
+        };
+        let removed = match self.remove(name).await {
+            Ok(()) => "it was removed".to_owned(),
+            Err(e) => format!("removing it failed too: {}", e.message),
         };
         PlatformError::permanent(class, format!("{message}{log}; {removed}"))
     }
@@ -859,6 +909,7 @@ mod tests {
             serde_json::json!({"cap_add": ["SYS_ADMIN"]}),
             serde_json::json!({"network_mode": "host"}),
             serde_json::json!({"network_mode": "container:other"}),
+            serde_json::json!({"network_mode": "ns:/proc/1/ns/net"}),
         ] {
             let error = policy
                 .check(&spec(extra.clone()))
@@ -866,9 +917,57 @@ mod tests {
             assert_eq!(error.class, ErrorClass::Permission, "{extra}");
             assert!(error.message.contains("DOCKER_ALLOW_"), "{}", error.message);
         }
-        policy
-            .check(&spec(serde_json::json!({"network_mode": "bridge"})))
-            .expect("bridge is fine");
+        for fine in ["bridge", "default", "none"] {
+            policy
+                .check(&spec(serde_json::json!({"network_mode": fine})))
+                .expect(fine);
+        }
+    }
+
+    /// The bypasses of a deny-list: a named network (the compose file's, where Redis and
+    /// RabbitMQ are), Podman's modes that open the host's loopback, and neighbours.
+    #[test]
+    fn only_networks_the_operator_named_are_allowed() {
+        let policy = DockerPolicy::default();
+        for mode in [
+            "provisioner_default",
+            "podman",
+            "slirp4netns:allow_host_loopback=true",
+            "slirp4netns",
+            "pasta:--map-gw",
+            "private",
+            "Bridge",
+            "bridge ",
+            "",
+        ] {
+            let error = policy
+                .check(&spec(serde_json::json!({ "network_mode": mode })))
+                .expect_err(mode);
+            assert_eq!(error.class, ErrorClass::Permission, "{mode}");
+            assert!(
+                error.message.contains("DOCKER_ALLOWED_NETWORKS"),
+                "{}",
+                error.message
+            );
+        }
+        let named = DockerPolicy {
+            allowed_networks: vec!["sandbox".into()],
+            ..DockerPolicy::default()
+        };
+        named
+            .check(&spec(serde_json::json!({"network_mode": "sandbox"})))
+            .expect("named by the operator");
+        assert!(
+            named
+                .check(&spec(serde_json::json!({"network_mode": "sandbox2"})))
+                .is_err()
+        );
+        // Naming networks does not open the host's.
+        assert!(
+            named
+                .check(&spec(serde_json::json!({"network_mode": "host"})))
+                .is_err()
+        );
     }
 
     #[test]

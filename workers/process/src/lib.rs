@@ -30,45 +30,172 @@ use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 use tracing::info;
 
-/// A program requests may run: the name they use, the file it is, and arguments that
-/// always come first.
+/// A program requests may run: the name they use, the file it is, arguments that always
+/// come first, and which arguments a request may add.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowedProgram {
     pub path: PathBuf,
     pub leading_args: Vec<String>,
+    /// `None`: any arguments. Otherwise each argument of a request must equal one of
+    /// these, or start with one ending in `*` (before `{port}` is replaced).
+    pub argument_patterns: Option<Vec<String>>,
 }
 
 /// The allow-list, from the worker's configuration.
 #[derive(Debug, Clone, Default)]
 pub struct ProcessPolicy {
     pub programs: BTreeMap<String, AllowedProgram>,
+    /// Environment variable names a spec may set (`PREFIX*` patterns allowed); none by
+    /// default. A child starts with a clean environment: only these, `PATH`, `PORT` and
+    /// the request id, never the worker's own (its broker and Redis URLs, signing keys,
+    /// cloud credentials).
+    pub allowed_env: Vec<String>,
+}
+
+/// Variables no allow-list opens: each makes the program load or run code other than its
+/// own (the dynamic loader's, interpreters' startup hooks), or is the platform's own.
+const NEVER_FROM_A_SPEC: [&str; 20] = [
+    "LD_*",
+    "DYLD_*",
+    "PATH",
+    "IFS",
+    "BASH_ENV",
+    "ENV",
+    "SHELLOPTS",
+    "PS4",
+    "PYTHON*",
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "PERL5*",
+    "PERLLIB",
+    "RUBYOPT",
+    "RUBYLIB",
+    "JAVA_TOOL_OPTIONS",
+    "_JAVA_OPTIONS",
+    "GCONV_PATH",
+    "PORT",
+    orphans::REQUEST_VARIABLE,
+];
+
+/// The `PATH` a child gets: the system's directories, not the worker's.
+const CHILD_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Whether `value` equals `pattern`, or starts with it when it ends in `*`.
+fn matches(pattern: &str, value: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => value.starts_with(prefix),
+        None => value == pattern,
+    }
+}
+
+/// Splits `PROCESS_ALLOW` at the commas outside `[…]`.
+fn entries(list: &str) -> Vec<&str> {
+    let (mut entries, mut depth, mut start) = (Vec::new(), 0u32, 0);
+    for (i, c) in list.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                entries.push(&list[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    entries.push(&list[start..]);
+    entries
+        .into_iter()
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect()
 }
 
 impl ProcessPolicy {
-    /// Parses `name=/abs/path,other=/abs/path2` (the `PROCESS_ALLOW` setting).
+    /// Parses `name=/abs/path,other=/abs/path2[--port {port} --mode=*]` (the
+    /// `PROCESS_ALLOW` setting): a program with `[…]` takes only the arguments listed
+    /// there (space-separated; `prefix*` matches by prefix; `[]` takes none).
     pub fn parse(list: &str) -> Result<Self, SetupError> {
         let mut programs = BTreeMap::new();
-        for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            let (name, path) = entry.split_once('=').ok_or_else(|| {
+        for entry in entries(list) {
+            let (name, rest) = entry.split_once('=').ok_or_else(|| {
                 SetupError::config(format!(
                     "allow-list entry {entry:?} is not name=/absolute/path"
                 ))
             })?;
-            let path = PathBuf::from(path);
+            let (path, argument_patterns) = match rest.split_once('[') {
+                None => (rest, None),
+                Some((path, patterns)) => {
+                    let patterns = patterns.strip_suffix(']').ok_or_else(|| {
+                        SetupError::config(format!(
+                            "allow-list entry {entry:?}: the argument list must end with ']'"
+                        ))
+                    })?;
+                    (
+                        path,
+                        Some(patterns.split_whitespace().map(str::to_owned).collect()),
+                    )
+                }
+            };
+            let path = PathBuf::from(path.trim());
             if !path.is_absolute() {
                 return Err(SetupError::config(format!(
                     "allow-list entry {entry:?}: the path must be absolute"
                 )));
             }
             programs.insert(
-                name.to_owned(),
+                name.trim().to_owned(),
                 AllowedProgram {
                     path,
                     leading_args: Vec::new(),
+                    argument_patterns,
                 },
             );
         }
-        Ok(ProcessPolicy { programs })
+        Ok(ProcessPolicy {
+            programs,
+            allowed_env: Vec::new(),
+        })
+    }
+
+    /// Refuses an environment variable or argument the worker's configuration does not
+    /// allow.
+    fn check(&self, spec: &ProcessSpec, program: &AllowedProgram) -> Result<(), PlatformError> {
+        let refuse =
+            |message: String| Err(PlatformError::permanent(ErrorClass::Permission, message));
+        for name in spec.env.keys() {
+            if NEVER_FROM_A_SPEC.iter().any(|p| matches(p, name)) {
+                return refuse(format!(
+                    "environment variable {name} cannot come from a request: it changes what code the program loads, or is the platform's own"
+                ));
+            }
+            if !self.allowed_env.iter().any(|p| matches(p, name)) {
+                return refuse(format!(
+                    "environment variable {name} is not on this worker's allow-list ({}); add it to PROCESS_ALLOWED_ENV on the worker",
+                    if self.allowed_env.is_empty() {
+                        "none".into()
+                    } else {
+                        self.allowed_env.join(", ")
+                    }
+                ));
+            }
+        }
+        if let Some(patterns) = &program.argument_patterns {
+            for (i, arg) in spec.args.iter().enumerate() {
+                if !patterns.iter().any(|p| matches(p, arg)) {
+                    return refuse(format!(
+                        "argument {i} of {} is not one this worker allows for it ({}); the operator lists them in PROCESS_ALLOW as {}=/path[…]",
+                        spec.program,
+                        if patterns.is_empty() {
+                            "none".into()
+                        } else {
+                            patterns.join(" ")
+                        },
+                        spec.program
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -240,7 +367,7 @@ impl Platform for ProcessPlatform {
     fn validate(&self, request: &Request) -> Result<(), PlatformError> {
         if request.operation == Operation::Provision {
             let spec = spec_of::<ProcessSpec>(request)?;
-            self.program(&spec)?;
+            self.policy.check(&spec, self.program(&spec)?)?;
         }
         Ok(())
     }
@@ -248,6 +375,7 @@ impl Platform for ProcessPlatform {
     async fn provision(&self, request: &Request) -> Result<Resource, PlatformError> {
         let spec = spec_of::<ProcessSpec>(request)?;
         let program = self.program(&spec)?.clone();
+        self.policy.check(&spec, &program)?;
         let id = request.request_id.to_string();
         let mut running = self.running.lock().await;
         if let Some(existing) = running.get_mut(&id) {
@@ -332,8 +460,12 @@ impl ProcessPlatform {
             .chain(&spec.args)
             .map(|arg| arg.replace("{port}", &port.to_string()))
             .collect();
+        // A clean environment: the worker's own holds its broker and Redis URLs, signing
+        // keys and cloud credentials.
         let child = Command::new(&program.path)
             .args(&args)
+            .env_clear()
+            .env("PATH", CHILD_PATH)
             .envs(&spec.env)
             .env("PORT", port.to_string())
             .env(orphans::REQUEST_VARIABLE, id)

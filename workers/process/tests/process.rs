@@ -10,15 +10,24 @@ use provisioner_events::{ErrorClass, Request, decode_request};
 use provisioner_process::{AllowedProgram, ProcessPlatform, ProcessPolicy};
 
 fn platform() -> ProcessPlatform {
+    platform_with(None, &[])
+}
+
+fn platform_with(argument_patterns: Option<&[&str]>, allowed_env: &[&str]) -> ProcessPlatform {
     let mut programs = BTreeMap::new();
     programs.insert(
         "httpd".to_owned(),
         AllowedProgram {
             path: PathBuf::from("/bin/busybox"),
             leading_args: vec!["httpd".into(), "-f".into()],
+            argument_patterns: argument_patterns
+                .map(|patterns| patterns.iter().map(|p| (*p).to_owned()).collect()),
         },
     );
-    ProcessPlatform::new(ProcessPolicy { programs })
+    ProcessPlatform::new(ProcessPolicy {
+        programs,
+        allowed_env: allowed_env.iter().map(|p| (*p).to_owned()).collect(),
+    })
 }
 
 fn request(id: &str, spec: serde_json::Value) -> Request {
@@ -92,6 +101,119 @@ fn the_allow_list_setting_parses_and_refuses_relative_paths() {
     assert_eq!(policy.programs.len(), 2);
     assert!(ProcessPolicy::parse("web=bin/web").is_err());
     assert!(ProcessPolicy::parse("web").is_err());
+    let policy =
+        ProcessPolicy::parse("web=/usr/bin/web[-p 127.0.0.1:{port} --mode=*],tool=/opt/tool[]")
+            .expect("parse");
+    assert_eq!(
+        policy.programs["web"].argument_patterns,
+        Some(vec![
+            "-p".into(),
+            "127.0.0.1:{port}".into(),
+            "--mode=*".into()
+        ])
+    );
+    assert_eq!(policy.programs["tool"].argument_patterns, Some(vec![]));
+    assert_eq!(policy.programs["tool"].path, PathBuf::from("/opt/tool"));
+    assert!(ProcessPolicy::parse("web=/usr/bin/web[-p").is_err());
+}
+
+/// The program runs with what the spec set (on the allow-list) and the platform's own
+/// variables, never the worker's environment: its broker and Redis URLs, signing keys and
+/// cloud credentials would reach whatever the request runs.
+#[tokio::test]
+async fn a_child_starts_with_a_clean_environment_not_the_workers() {
+    // The test's own environment (cargo's variables, HOME, …) stands for the worker's.
+    assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+    let platform = platform_with(None, &["APP_*"]);
+    let resource = platform
+        .provision(&request(
+            "clean-env",
+            serde_json::json!({"program": "httpd", "args": ["-p", "127.0.0.1:{port}"], "env": {"APP_MODE": "demo"}}),
+        ))
+        .await
+        .expect("runs");
+    let environ = std::fs::read(format!("/proc/{}/environ", resource.id)).expect("environ");
+    let mut names: Vec<String> = environ
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    names.sort();
+    platform
+        .teardown(&provisioner_events::TeardownTarget::Request(
+            provisioner_events::RequestId::new("clean-env").expect("id"),
+        ))
+        .await
+        .expect("teardown");
+    let port = resource.endpoints[0].host_port;
+    assert_eq!(
+        names,
+        vec![
+            "APP_MODE=demo".to_owned(),
+            "PATH=/usr/local/bin:/usr/bin:/bin".to_owned(),
+            format!("PORT={port}"),
+            "PROVISIONER_REQUEST_ID=clean-env".to_owned(),
+        ]
+    );
+}
+
+/// The loader's and interpreters' hooks are refused even where an operator allowed every
+/// name; a name off the allow-list and an argument off the program's list are refused.
+#[tokio::test]
+async fn environment_names_and_arguments_off_the_allow_lists_are_refused() {
+    let open = platform_with(None, &["*"]);
+    for name in [
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "PATH",
+        "PYTHONPATH",
+        "PYTHONSTARTUP",
+        "NODE_OPTIONS",
+        "PERL5OPT",
+        "BASH_ENV",
+        "DYLD_INSERT_LIBRARIES",
+        "PORT",
+        "PROVISIONER_REQUEST_ID",
+    ] {
+        let error = open
+            .validate(&request(
+                "bad-env",
+                serde_json::json!({"program": "httpd", "env": {name: "/tmp/x.so"}}),
+            ))
+            .expect_err(name);
+        assert_eq!(error.class, ErrorClass::Permission, "{name}");
+        assert!(
+            !error.message.contains("/tmp/x.so"),
+            "the value is not echoed: {}",
+            error.message
+        );
+    }
+    let closed = platform_with(Some(&["-p", "127.0.0.1:{port}"]), &[]);
+    let error = closed
+        .validate(&request(
+            "unlisted-env",
+            serde_json::json!({"program": "httpd", "env": {"GREETING": "hi"}}),
+        ))
+        .expect_err("no names allowed");
+    assert!(
+        error.message.contains("PROCESS_ALLOWED_ENV"),
+        "{}",
+        error.message
+    );
+    closed
+        .validate(&request(
+            "listed-args",
+            serde_json::json!({"program": "httpd", "args": ["-p", "127.0.0.1:{port}"]}),
+        ))
+        .expect("the listed arguments");
+    let error = closed
+        .validate(&request(
+            "unlisted-args",
+            serde_json::json!({"program": "httpd", "args": ["-p", "127.0.0.1:{port}", "-h", "/"]}),
+        ))
+        .expect_err("-h is not listed");
+    assert_eq!(error.class, ErrorClass::Permission);
+    assert!(error.message.contains("argument 2"), "{}", error.message);
 }
 
 #[tokio::test]
