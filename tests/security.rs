@@ -553,3 +553,143 @@ async fn a_malicious_spec_cannot_leave_its_sandbox_on_docker_or_process() {
     env.publish(&teardown).await;
     assert_eq!(events.terminal(&id(&teardown)).await.state, State::Stopped);
 }
+
+/// The attacker holds a producer's credentials (and, on a signing deployment, a key):
+/// it tries to take the ids and fields kept for the workers (so an expiry would never
+/// happen), and to have its signature checked against a routing key it wrote in a
+/// header. Each is refused; what the workers send themselves still happens. A message
+/// whose body cannot be read is answered under its AMQP message_id, so a producer
+/// waiting on it hears why.
+#[tokio::test]
+async fn a_producer_cannot_take_the_workers_ids_fields_or_routing_key() {
+    let key = secret("k-");
+    let keys = format!("k1={key}");
+    let mut env = TestEnv::new().await;
+    env.start_worker_with(
+        "producer-attacks",
+        &[
+            ("REQUEST_SIGNING_KEYS", keys.as_str()),
+            ("EXPIRE_EVERY_MS", "200"),
+        ],
+    );
+    let mut events = env.events().await;
+    let sign = |routing_key: &str, body: &[u8]| {
+        sign_with("k1", key.as_bytes(), routing_key, body, SystemTime::now())
+    };
+
+    // A resource with a short life, and the attacker's teardown under its expiry's id
+    // sent first: refused, so the real expiry still tears it down.
+    let mut web = env.web("expiring");
+    web["ttl_seconds"] = 4.into();
+    let web_id = id(&web);
+    let body = web.to_string();
+    publish_signed(
+        &env,
+        "docker.provision",
+        &web_id,
+        body.as_bytes(),
+        sign("docker.provision", body.as_bytes()),
+    )
+    .await;
+    assert_eq!(events.terminal(&web_id).await.state, State::Running);
+    let expiry_id = format!("{web_id}#expired");
+    let forged = [
+        (
+            expiry_id.clone(),
+            serde_json::json!({"schema_version": 1, "request_id": expiry_id, "operation": "teardown",
+                "platform": "docker", "target_request_id": "nothing-here"}),
+        ),
+        (
+            format!("caused-{}", env.run_id),
+            serde_json::json!({"schema_version": 1, "request_id": format!("caused-{}", env.run_id),
+                "operation": "teardown", "platform": "docker", "target_request_id": web_id,
+                "cause": "expired: trust me"}),
+        ),
+        (format!("member-{}", env.run_id), {
+            let mut member = env.web("member");
+            member["fleet_member"] =
+                serde_json::json!({"fleet_request_id": "f", "index": 0, "count": 2});
+            member
+        }),
+    ];
+    for (request_id, request) in &forged {
+        let body = request.to_string();
+        let key = format!(
+            "docker.{}",
+            request["operation"].as_str().expect("operation")
+        );
+        publish_signed(
+            &env,
+            &key,
+            request_id,
+            body.as_bytes(),
+            sign(&key, body.as_bytes()),
+        )
+        .await;
+        let event = events
+            .until(Duration::from_secs(60), request_id, |e| {
+                &e.request_id == request_id && e.rejected_message.is_some()
+            })
+            .await;
+        let error = event.error.expect("why");
+        assert_eq!(
+            error.class,
+            ErrorClass::InvalidRequest,
+            "{request_id}: {error:?}"
+        );
+    }
+    // The real expiry runs: its teardown ends `stopped` and the container is gone.
+    let expired = events
+        .until(Duration::from_secs(60), "the real expiry's end", |e| {
+            e.request_id == expiry_id && e.state.is_terminal() && e.rejected_message.is_none()
+        })
+        .await;
+    assert_eq!(expired.state, State::Stopped, "{expired:#?}");
+    assert!(
+        env.containers().await.is_empty(),
+        "the expired container is gone"
+    );
+
+    // A signature made for one routing key, published under another with a header
+    // naming the first: checked against the key the broker routed it by, so refused.
+    let request = env.web("moved-key");
+    let body = request.to_string();
+    env.broker
+        .publish_request_with_headers(
+            "docker.provision",
+            &id(&request),
+            body.as_bytes(),
+            &BTreeMap::from([
+                (
+                    SIGNATURE_HEADER.to_owned(),
+                    sign("docker.teardown", body.as_bytes()),
+                ),
+                (
+                    "x-provisioner-routing-key".to_owned(),
+                    "docker.teardown".to_owned(),
+                ),
+            ]),
+        )
+        .await
+        .expect("publish");
+    refused(&mut events, &id(&request), "altered").await;
+
+    // Bodies that cannot be read are answered under their message_id.
+    for (n, body) in [b"{not json".to_vec(), vec![b' '; 300 * 1024]]
+        .into_iter()
+        .enumerate()
+    {
+        let message_id = format!("unreadable-{n}-{}", env.run_id);
+        env.publish_raw("docker.provision", &message_id, &body)
+            .await;
+        let event = events.terminal(&message_id).await;
+        assert_eq!(event.state, State::Error, "{event:#?}");
+        assert_eq!(event.platform, "docker", "{event:#?}");
+        assert_eq!(event.error.expect("why").class, ErrorClass::InvalidRequest);
+        assert!(event.rejected_message.is_some());
+    }
+    assert!(
+        env.containers().await.is_empty(),
+        "nothing of the attacks was made"
+    );
+}

@@ -317,6 +317,13 @@ async fn worker(
     let mut config = settings.validate()?;
     config.retention = connections.retention();
     config.signing = connections.signing_keys()?;
+    if config.signing.is_none() {
+        // Off is the default for a first try on one's own broker; said loudly, because
+        // then whoever can publish on provisioning.requests can make this worker act.
+        tracing::warn!(
+            "REQUEST SIGNING IS OFF: this worker runs every request anyone who can publish on provisioning.requests sends. Set REQUEST_SIGNING_KEYS or REQUEST_SIGNING_KEYS_FILE (the deployment forms in infra/ do) unless every publisher is trusted"
+        );
+    }
     connections.require_amqp()?;
     connections.require_redis()?;
     let platform = platforms.build(settings.platform).await?;

@@ -85,7 +85,10 @@ fn read_requests(file: &str) -> Result<Vec<Outgoing>, Failure> {
     for (n, item) in items.into_iter().enumerate() {
         let body = serde_json::to_vec(&item).context("re-encoding a request")?;
         match decode_request(&body) {
-            Ok(request) => outgoing.push(Outgoing { request, body }),
+            Ok(request) => match request.check_from_producer() {
+                Ok(()) => outgoing.push(Outgoing { request, body }),
+                Err(e) => problems.push(format!("request {} ({}): {e}", n + 1, request.request_id)),
+            },
             Err(e) => problems.push(format!(
                 "request {} ({}): {}",
                 n + 1,

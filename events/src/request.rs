@@ -309,6 +309,33 @@ const MAX_TENANT_LEN: usize = 128;
 const MAX_RESOURCE_ID_LEN: usize = 256;
 
 impl Request {
+    /// Refuses what only the workers may send: an id under `#` (a fleet member's, or a
+    /// request about a request: `<id>#expired`, `<F>#3.rollback`, `<id>#reconciled-…`),
+    /// `fleet_member` and `cause`. A producer that took one first would meet the workers'
+    /// own request with a conflict, and the expiry, rollback or reconcile would never
+    /// happen; a forged `cause` would speak for the system on the status topic.
+    pub fn check_from_producer(&self) -> Result<(), Invalid> {
+        if self.request_id.as_str().contains('#') {
+            return Err(invalid!(
+                "request_id {:?} holds '#', which is kept for the requests the workers send themselves (fleet members, expiries, rollbacks, reconciles); choose an id of A-Z a-z 0-9 . _ -",
+                self.request_id.as_str()
+            ));
+        }
+        if self.fleet_member.is_some() {
+            return Err(
+                "\"fleet_member\" is set by the workers on the members of a fleet; to make several, set \"count\""
+                    .into(),
+            );
+        }
+        if self.cause.is_some() {
+            return Err(
+                "\"cause\" is set by the workers on the requests they send on someone's behalf (an expiry's teardown, a reconcile); leave it out"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// Checks everything about a request that does not depend on the platform: the schema
     /// version, the fields each operation needs, label and id shapes.
     pub fn validate(&self) -> Result<(), Invalid> {

@@ -545,7 +545,8 @@ impl Handler {
                     .with_trace(message.trace)
                     // Verified whatever its way in, when the deployment signs: an event
                     // does not say which exchange a message came through.
-                    .with_signature(message.signature, true);
+                    .with_signature(message.signature, true)
+                    .with_way_in_unknown();
                     worker.handle(delivery).await;
                     let outcome = slot
                         .lock()

@@ -76,6 +76,13 @@ pub struct Delivery {
     /// than from a worker (a fleet's member, a parked retry): what a deployment that
     /// signs requests verifies.
     pub from_producers: bool,
+    /// The way in is not known (the Lambda form: an event says no exchange): verified as
+    /// a producer's message, but the workers' own ids and fields are not refused, since
+    /// the function's own derived requests arrive the same way.
+    pub way_in_unknown: bool,
+    /// The AMQP `message_id`: the request id by the contract, so a message whose body
+    /// cannot be read (too big, not JSON) is still answered under it.
+    pub message_id: Option<String>,
     settler: Box<dyn Settle>,
 }
 
@@ -133,8 +140,22 @@ impl Delivery {
             trace: Default::default(),
             signature: None,
             from_producers: true,
+            way_in_unknown: false,
+            message_id: None,
             settler,
         }
+    }
+
+    /// The message's AMQP `message_id`.
+    pub fn with_message_id(mut self, message_id: Option<String>) -> Self {
+        self.message_id = message_id.filter(|id| !id.is_empty());
+        self
+    }
+
+    /// See [`Delivery::way_in_unknown`].
+    pub fn with_way_in_unknown(mut self) -> Self {
+        self.way_in_unknown = true;
+        self
     }
 
     /// The times it was parked before, from the message's headers.
@@ -230,17 +251,15 @@ pub trait Broker: Send + Sync + 'static {
     /// teardown of an expired resource), with `headers` (its signature, in a deployment
     /// that signs). RabbitMQ takes it on the workers' own exchange,
     /// `provisioning.internal`, so a worker's broker user needs no right to publish on
-    /// the producers' `provisioning.requests`.
+    /// the producers' `provisioning.requests`. No default: through the producers' door a
+    /// worker would refuse it (its id under '#', its `fleet_member` or `cause`).
     async fn publish_derived_request(
         &self,
         routing_key: &str,
         request_id: &str,
         body: &[u8],
         headers: &std::collections::BTreeMap<String, String>,
-    ) -> Result<(), BrokerError> {
-        self.publish_request_with_headers(routing_key, request_id, body, headers)
-            .await
-    }
+    ) -> Result<(), BrokerError>;
 
     /// Every status event published from now on.
     async fn subscribe_status(&self) -> Result<BoxStream<'static, StatusEvent>, BrokerError>;

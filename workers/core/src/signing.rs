@@ -143,17 +143,18 @@ impl SigningKeys {
     }
 
     /// Checks a message's signature header; the error says what is wrong with it, for a
-    /// person to act on. A message the broker delivers again (`redelivered`: a worker
-    /// died with it or gave it back) is not refused for its age, which only its first
-    /// delivery answers for; a copy published again (a replay) is a new delivery and is.
+    /// person to act on. A valid signature older than the allowed age is not an error
+    /// here: [`Verified::stale`] says so, and the caller refuses it unless the request is
+    /// one it already accepted (a delivery again after a worker died with it is answered
+    /// by its record). Nothing unsigned is trusted for that: not the broker's
+    /// `redelivered` flag, which a replay through a dying consumer also gets.
     pub fn verify(
         &self,
         header: Option<&str>,
         routing_key: &str,
         body: &[u8],
         now: SystemTime,
-        redelivered: bool,
-    ) -> Result<(), String> {
+    ) -> Result<Verified, String> {
         let Some(header) = header else {
             return Err(format!(
                 "the message is not signed: this deployment runs only requests signed with one of its keys (header {SIGNATURE_HEADER})"
@@ -185,14 +186,25 @@ impl SigningKeys {
             ));
         }
         let age = now_s.saturating_sub(parsed.at);
-        if age > self.max_age.as_secs() && !redelivered {
-            return Err(format!(
-                "the signature is stale: made {age} s ago, more than the {} s allowed; publish the request again, signed anew",
-                self.max_age.as_secs()
-            ));
-        }
-        Ok(())
+        Ok(Verified {
+            signed_at: UNIX_EPOCH + Duration::from_secs(parsed.at),
+            stale: (age > self.max_age.as_secs()).then(|| {
+                format!(
+                    "the signature is stale: made {age} s ago, more than the {} s allowed; publish the request again, signed anew",
+                    self.max_age.as_secs()
+                )
+            }),
+        })
     }
+}
+
+/// A signature that matches its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// When it was signed: the time the worker trusts (the AMQP `timestamp` is not signed).
+    pub signed_at: SystemTime,
+    /// Why it is too old to run, when it is.
+    pub stale: Option<String>,
 }
 
 /// The signature header of a message signed with `secret` (named `key_id`) at `at`.
@@ -279,19 +291,18 @@ mod tests {
         let keys = keys();
         let signed = keys.sign("docker.provision", body);
         assert!(signed.starts_with("key=new,t="), "{signed}");
-        assert_eq!(
-            keys.verify(Some(&signed), "docker.provision", body, now, false),
-            Ok(())
-        );
+        let fresh = |header: &str| {
+            keys.verify(Some(header), "docker.provision", body, now)
+                .expect("verified")
+                .stale
+                .is_none()
+        };
+        assert!(fresh(&signed));
         let by_old = sign_with("old", OLD.as_bytes(), "docker.provision", body, now);
-        assert_eq!(
-            keys.verify(Some(&by_old), "docker.provision", body, now, false),
-            Ok(())
-        );
+        assert!(fresh(&by_old));
 
         let refused = |header: Option<&str>, key: &str, body: &[u8]| {
-            keys.verify(header, key, body, now, false)
-                .expect_err("refused")
+            keys.verify(header, key, body, now).expect_err("refused")
         };
         assert!(refused(None, "docker.provision", body).contains("not signed"));
         assert!(
@@ -316,18 +327,24 @@ mod tests {
             body,
             now - Duration::from_secs(601),
         );
-        assert!(refused(Some(&stale), "docker.provision", body).contains("stale"));
-        // Delivered again after a worker died with it: its age is not held against it,
-        // but the signature still is checked.
+        // Stale, and said so with the signed time; the caller refuses it unless it
+        // already accepted the request.
+        let verified = keys
+            .verify(Some(&stale), "docker.provision", body, now)
+            .expect("the signature matches");
+        assert!(verified.stale.expect("stale").contains("stale"));
         assert_eq!(
-            keys.verify(Some(&stale), "docker.provision", body, now, true),
-            Ok(())
+            verified
+                .signed_at
+                .duration_since(UNIX_EPOCH)
+                .expect("after")
+                .as_secs(),
+            (now - Duration::from_secs(601))
+                .duration_since(UNIX_EPOCH)
+                .expect("after")
+                .as_secs()
         );
-        assert!(
-            keys.verify(Some(&stale), "docker.teardown", body, now, true)
-                .expect_err("altered")
-                .contains("altered")
-        );
+        assert!(refused(Some(&stale), "docker.teardown", body).contains("altered"));
         let future = sign_with(
             "new",
             NEW.as_bytes(),

@@ -1133,6 +1133,17 @@ impl Broker for FirstEventRefused {
             .publish_request(routing_key, request_id, body)
             .await
     }
+    async fn publish_derived_request(
+        &self,
+        routing_key: &str,
+        request_id: &str,
+        body: &[u8],
+        headers: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), provisioner_core::BrokerError> {
+        self.broker
+            .publish_derived_request(routing_key, request_id, body, headers)
+            .await
+    }
     async fn subscribe_status(
         &self,
     ) -> Result<BoxStream<'static, StatusEvent>, provisioner_core::BrokerError> {
@@ -1525,11 +1536,22 @@ impl Broker for LosingBroker {
         request_id: &str,
         body: &[u8],
     ) -> Result<(), provisioner_core::BrokerError> {
+        self.inner
+            .publish_request(routing_key, request_id, body)
+            .await
+    }
+    async fn publish_derived_request(
+        &self,
+        routing_key: &str,
+        request_id: &str,
+        body: &[u8],
+        headers: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), provisioner_core::BrokerError> {
         if self.lose.lock().expect("lose").remove(request_id) {
             return Ok(());
         }
         self.inner
-            .publish_request(routing_key, request_id, body)
+            .publish_derived_request(routing_key, request_id, body, headers)
             .await
     }
     async fn subscribe_status(
@@ -1656,6 +1678,71 @@ async fn a_signing_worker_runs_signed_requests_and_what_it_derives_and_refuses_t
     let error = refused[0].error.clone().expect("an error");
     assert_eq!(error.class, ErrorClass::Permission, "{refused:#?}");
     assert!(!h.platform.exists("unsigned"));
+
+    // A signature older than the allowed age: refused for a request never accepted
+    // (nothing unsigned, not the broker's `redelivered`, waives it), answered by its
+    // record for one that ran (a delivery again after a worker died with it).
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    let stale = |body: &[u8]| {
+        std::collections::BTreeMap::from([(
+            SIGNATURE_HEADER.to_owned(),
+            provisioner_core::signing::sign_with(
+                "k1",
+                b"a-secret-of-at-least-thirty-two-bytes!!",
+                "process.provision",
+                body,
+                two_hours_ago,
+            ),
+        )])
+    };
+    let old = provision("old", "");
+    h.broker
+        .publish_request_with_headers("process.provision", "old", &old, &stale(&old))
+        .await
+        .expect("publish");
+    let refused = h.until_terminal("old", 1).await;
+    let error = refused[0].error.clone().expect("an error");
+    assert!(error.message.contains("stale"), "{refused:#?}");
+    assert!(!h.platform.exists("old"));
+    h.broker
+        .publish_request_with_headers("process.provision", "again", &again, &stale(&again))
+        .await
+        .expect("publish");
+    let answered = h.until_terminal("again", 1).await;
+    assert_eq!(answered[0].state, State::Running, "{answered:#?}");
+    assert!(answered[0].rejected_message.is_none(), "{answered:#?}");
+
+    // The workers' own ids and fields, sent by a producer (signed, even): refused, so the
+    // expiry, rollback or reconcile that id is kept for still happens.
+    for (id, body) in [
+        (
+            "fleet#expired",
+            br#"{"schema_version":1,"request_id":"fleet#expired","operation":"teardown","platform":"process","target_request_id":"fleet"}"#.to_vec(),
+        ),
+        (
+            "caused",
+            br#"{"schema_version":1,"request_id":"caused","operation":"teardown","platform":"process","target_request_id":"fleet#0","cause":"expired: trust me"}"#.to_vec(),
+        ),
+        (
+            "member",
+            br#"{"schema_version":1,"request_id":"member","operation":"provision","platform":"process","spec":{"program":"x"},"fleet_member":{"fleet_request_id":"fleet","index":7,"count":9}}"#.to_vec(),
+        ),
+    ] {
+        let key = if body.windows(8).any(|w| w == b"teardown") { "process.teardown" } else { "process.provision" };
+        h.broker
+            .publish_request_with_headers(key, id, &body, &signed(&body, key))
+            .await
+            .expect("publish");
+        let refused = h.until_terminal(id, 1).await;
+        let error = refused[0].error.clone().expect("an error");
+        assert_eq!(error.class, ErrorClass::InvalidRequest, "{refused:#?}");
+        assert!(refused[0].rejected_message.is_some(), "{refused:#?}");
+    }
+    assert_eq!(
+        h.platform.existing.lock().expect("lock").len(),
+        4,
+        "the fleet's three and `again` still run"
+    );
 }
 
 #[tokio::test]

@@ -130,7 +130,14 @@ impl AmqpBroker {
                 let delivery = item.map_err(unavailable)?;
                 let properties = &delivery.properties;
                 let attempt = header_u32(properties, ATTEMPT_HEADER).unwrap_or(1);
+                // Workers' own messages come through their own exchange, or back from a
+                // delay queue through the default one; producers may write neither.
+                let from_producers = !matches!(delivery.exchange.as_str(), "" | INTERNAL_EXCHANGE);
+                // A parked copy keeps the routing key its signature covers in a header; a
+                // producer's message is checked against the key the broker routed it by,
+                // never one it wrote in a header.
                 let routing_key = header_string(properties, ROUTING_KEY_HEADER)
+                    .filter(|_| !from_producers)
                     .unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
                 let message_id = properties
                     .message_id()
@@ -138,9 +145,6 @@ impl AmqpBroker {
                     .map(|id| id.as_str().to_owned())
                     .unwrap_or_default();
                 let waits = header_u32(properties, WAITS_HEADER).unwrap_or(0);
-                // Workers' own messages come through their own exchange, or back from a
-                // delay queue through the default one; producers may write neither.
-                let from_producers = !matches!(delivery.exchange.as_str(), "" | INTERNAL_EXCHANGE);
                 let published_at = properties
                     .timestamp()
                     .map(|seconds| UNIX_EPOCH + Duration::from_secs(seconds));
@@ -149,7 +153,7 @@ impl AmqpBroker {
                     acker: delivery.acker.clone(),
                     _channel: channel.clone(),
                     platform,
-                    message_id,
+                    message_id: message_id.clone(),
                 };
                 Ok(Delivery::new(
                     delivery.data,
@@ -159,6 +163,7 @@ impl AmqpBroker {
                     Box::new(settle),
                 )
                 .with_waits(waits)
+                .with_message_id(Some(message_id))
                 .with_published_at(published_at)
                 .with_trace(trace_headers(properties))
                 .with_signature(header_string(properties, SIGNATURE_HEADER), from_producers))

@@ -16,8 +16,8 @@ use provisioner_events::{PlatformName, REQUESTS_EXCHANGE};
 
 use super::publish::{epoch_seconds, persistent};
 use super::{
-    AmqpBroker, BrokerError, CLASS_HEADER, REASON_HEADER, dead_letter_queue, header_string,
-    long_string, short, unavailable, work_queue,
+    AmqpBroker, BrokerError, CLASS_HEADER, INTERNAL_EXCHANGE, REASON_HEADER, dead_letter_queue,
+    header_string, long_string, short, unavailable, work_queue,
 };
 use crate::signing::SIGNATURE_HEADER;
 
@@ -96,7 +96,7 @@ impl AmqpBroker {
                 .message_id()
                 .as_ref()
                 .map(|id| id.as_str().to_owned())
-                .or(request_id)
+                .or(request_id.clone())
                 .unwrap_or_default();
             // The signature and the trace travel on; the dead letter's reasons do not.
             let mut headers = FieldTable::default();
@@ -111,8 +111,18 @@ impl AmqpBroker {
             }
             let properties =
                 persistent(&message_id, headers).with_timestamp(epoch_seconds(published_at));
+            // A request the workers sent themselves (a fleet's member, an expiry's
+            // teardown: an id under '#', or their own fields) goes back their way: through
+            // provisioning.requests a worker refuses it as a producer's.
+            let derived = request_id.as_deref().is_some_and(|id| id.contains('#'))
+                || body_request
+                    .as_ref()
+                    .is_some_and(|v| v.get("fleet_member").is_some() || v.get("cause").is_some());
             let published = if routing_key == work_queue(platform) {
                 self.publish("", &routing_key, &delivery.data, properties)
+                    .await
+            } else if derived {
+                self.publish(INTERNAL_EXCHANGE, &routing_key, &delivery.data, properties)
                     .await
             } else {
                 self.publish(REQUESTS_EXCHANGE, &routing_key, &delivery.data, properties)

@@ -347,15 +347,14 @@ mod tests {
             .expect("a message")
             .expect("a delivery");
         assert!(!delivery.from_producers, "a worker's own message");
-        assert_eq!(
-            keys.verify(
+        let verified = keys
+            .verify(
                 delivery.signature.as_deref(),
                 &delivery.routing_key,
                 &delivery.body,
                 std::time::SystemTime::now(),
-                false,
-            ),
-            Ok(())
-        );
+            )
+            .expect("verified");
+        assert_eq!(verified.stale, None);
     }
 }

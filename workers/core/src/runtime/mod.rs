@@ -480,15 +480,20 @@ impl Worker {
         let request = match decode_request(&delivery.body) {
             Ok(request) => request,
             Err(e) => {
-                if let Some(id) = &e.request_id {
+                // A body that cannot be read (too big, not JSON) is answered under its
+                // AMQP message_id, the request id by the contract, so a producer waiting
+                // on its request hears why instead of timing out.
+                let request_id = e.request_id.clone().or_else(|| delivery.message_id.clone());
+                if let Some(id) = &request_id {
                     tracing::Span::current().record("request.id", id.as_str());
                 }
+                let own = self.platform.name();
                 return self
                     .refuse(
                         delivery,
                         Refusal {
-                            request_id: e.request_id.as_deref(),
-                            platform: e.platform.as_deref(),
+                            request_id: request_id.as_deref(),
+                            platform: e.platform.as_deref().or(Some(own.as_str())),
                             operation: e.operation,
                             class: ErrorClass::InvalidRequest,
                             message: e.message,
@@ -500,20 +505,65 @@ impl Worker {
         tracing::Span::current().record("request.id", request.request_id.as_str());
         // A deployment that signs runs nothing a producer did not sign; the refusal
         // answers this message only, so a forgery cannot end the real request.
+        let mut signed_at = None;
         if let Some(keys) = &self.config.signing
             && delivery.from_producers
-            && let Err(why) = keys.verify(
+        {
+            let refusal = match keys.verify(
                 delivery.signature.as_deref(),
                 &delivery.routing_key,
                 &delivery.body,
                 self.env.now(),
-                delivery.redelivered,
-            )
+            ) {
+                Err(why) => Some(why),
+                Ok(verified) => {
+                    signed_at = Some(verified.signed_at);
+                    match verified.stale {
+                        None => None,
+                        // Too old to run, unless this is a request already accepted (a
+                        // delivery again after a worker died with it): its record
+                        // answers it, and a replay of it changes nothing.
+                        Some(why) => match self.store.get(request.request_id.as_str()).await {
+                            Ok(Some(record))
+                                if record.payload_hash.as_deref()
+                                    == Some(request.payload_hash().as_str()) =>
+                            {
+                                None
+                            }
+                            Ok(_) => Some(why),
+                            Err(e) => {
+                                return self
+                                    .wait_again(
+                                        &request,
+                                        delivery,
+                                        self.config.retry.base_delay.max(Duration::from_secs(2)),
+                                        format!("the state store failed: {e}"),
+                                    )
+                                    .await;
+                            }
+                        },
+                    }
+                }
+            };
+            if let Some(why) = refusal {
+                return self
+                    .refuse(
+                        delivery,
+                        Self::refusal_of(&request, ErrorClass::Permission, why),
+                    )
+                    .await;
+            }
+        }
+        // Ids under '#', `fleet_member` and `cause` are the workers' own: a producer that
+        // took one first would make an expiry, rollback or reconcile never happen.
+        if delivery.from_producers
+            && !delivery.way_in_unknown
+            && let Err(why) = request.check_from_producer()
         {
             return self
                 .refuse(
                     delivery,
-                    Self::refusal_of(&request, ErrorClass::Permission, why),
+                    Self::refusal_of(&request, ErrorClass::InvalidRequest, why.0),
                 )
                 .await;
         }
@@ -535,7 +585,7 @@ impl Worker {
                 )
                 .await;
         }
-        if let Some(settlement) = self.refuse_if_too_old(&request, delivery).await {
+        if let Some(settlement) = self.refuse_if_too_old(&request, delivery, signed_at).await {
             return settlement;
         }
         match self.run_request(&request, delivery).await {
@@ -577,12 +627,18 @@ impl Worker {
     /// A message published longer ago than the store keeps records may be a request that
     /// already ran and whose record is gone: answer it from its record if there is one,
     /// and otherwise refuse it rather than run it again.
+    /// The time judged is the earlier of the AMQP `timestamp` and the signed time: the
+    /// timestamp is not signed, and a producer that leaves it out is not spared the check.
     async fn refuse_if_too_old(
         &self,
         request: &Request,
         delivery: &Delivery,
+        signed_at: Option<std::time::SystemTime>,
     ) -> Option<Settlement> {
-        let published = delivery.published_at?;
+        let published = match (delivery.published_at, signed_at) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
         let age = self.env.now().duration_since(published).ok()?;
         if age <= self.config.retention {
             return None;
