@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::scenario::Scenario;
-use common::{TestEnv, id, rabbitmqctl};
+use common::{TestEnv, id, load_shipped_definitions, publish_as, rabbitmqctl};
 use provisioner_core::Broker;
 use provisioner_core::amqp::{
     AmqpBroker, AmqpConfig, ManagementApi, dead_letter_queue, work_queue,
@@ -420,75 +420,6 @@ async fn watch_prints_the_events_of_the_request_it_follows() {
     );
 }
 
-/// Loads the shipped definitions (`infra/rabbitmq/definitions.json`, with
-/// `rabbitmqctl import_definitions`) onto this test's vhost: the shared topology and the
-/// docker platform's (every quorum queue costs the shared test broker memory), and the
-/// users of the producer, the docker worker and the operator, named `<user>-<run id>`
-/// (users are the broker's, not the vhost's) with the password `secret`. Returns the
-/// users' names.
-fn load_shipped_definitions(env: &TestEnv) -> Vec<String> {
-    let shipped = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../infra/rabbitmq/definitions.json"
-    );
-    let mut definitions: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(shipped).expect("the shipped definitions"))
-            .expect("JSON");
-    definitions["vhosts"] = serde_json::json!([{ "name": env.vhost }]);
-    let other_platform = |name: &str| {
-        PlatformName::ALL.iter().any(|p| {
-            *p != PlatformName::Docker
-                && (name.starts_with(&format!("provisioning.{p}"))
-                    || name == format!("provisioner-worker-{p}")
-                    || name == format!("provisioner-work-{p}"))
-        })
-    };
-    for kind in [
-        "exchanges",
-        "queues",
-        "bindings",
-        "policies",
-        "users",
-        "permissions",
-        "topic_permissions",
-    ] {
-        let entities = definitions[kind].as_array_mut().expect("a list");
-        entities.retain(|e| {
-            let name = ["name", "destination", "user"]
-                .iter()
-                .find_map(|field| e[field].as_str())
-                .unwrap_or_default();
-            !other_platform(name)
-        });
-        for entity in entities.iter_mut() {
-            if kind != "users" {
-                entity["vhost"] = env.vhost.clone().into();
-            }
-            for field in ["name", "user"] {
-                if (kind.contains("permissions") || kind == "users")
-                    && let Some(user) = entity[field].as_str()
-                {
-                    entity[field] = format!("{user}-{}", env.run_id).into();
-                }
-            }
-        }
-    }
-    let users: Vec<String> = definitions["users"]
-        .as_array()
-        .expect("users")
-        .iter()
-        .map(|u| u["name"].as_str().expect("a name").to_owned())
-        .collect();
-    let file = std::env::temp_dir().join(format!("definitions-{}.json", env.run_id));
-    std::fs::write(&file, definitions.to_string()).expect("write");
-    rabbitmqctl(&["-q", "import_definitions", file.to_str().expect("a path")]);
-    let _ = std::fs::remove_file(&file);
-    for user in &users {
-        rabbitmqctl(&["-q", "change_password", user, "secret"]);
-    }
-    users
-}
-
 /// A broker set up by an operator from the shipped definitions runs the worker as it
 /// is: every declaration the worker makes finds what it declares, and requests flow
 /// before any worker ever declared a thing.
@@ -675,42 +606,6 @@ async fn without_the_management_api_queues_carry_their_settings_as_arguments() {
     assert_eq!(status, 200);
 }
 
-/// Publishes one message as `url`'s user and waits for the broker's confirm: the
-/// broker's refusal (it closes the channel) as an error.
-async fn publish_as(url: &str, exchange: &str, routing_key: &str) -> Result<(), String> {
-    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| e.to_string())?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let confirmed = async {
-        channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                b"{}",
-                lapin::BasicProperties::default(),
-            )
-            .await?
-            .await
-    }
-    .await;
-    let _ = connection.close(200, "OK".into()).await;
-    match confirmed {
-        Ok(lapin::Confirmation::Nack(_)) => Err("nacked".into()),
-        Ok(_) => Ok(()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 /// The users of the shipped definitions do their jobs and nothing more: the docker
 /// worker consumes, reports and fans a fleet out as its own user; the producer submits
 /// and follows it; a worker cannot publish requests (not on `provisioning.requests`,
@@ -743,6 +638,11 @@ async fn each_user_of_the_definitions_may_do_its_job_and_nothing_more() {
         .arg(&file)
         .envs(env.env())
         .env("AMQP_URL", &producer)
+        // The test's users carry its run id: the worker user it believes.
+        .env(
+            "STATUS_PUBLISHERS",
+            format!("provisioner-worker-{{platform}}-{}", env.run_id),
+        )
         .output()
         .expect("run submit");
     let _ = std::fs::remove_file(&file);

@@ -693,3 +693,152 @@ async fn a_producer_cannot_take_the_workers_ids_fields_or_routing_key() {
         "nothing of the attacks was made"
     );
 }
+
+/// The attackers are a producer (who may publish the subscription probe on
+/// `provisioning.status`) and one platform's worker (who may publish status events of
+/// its own platform), both with the shipped definitions' users. Their forged `running`
+/// events (under the probe's key, under a key its body does not match, with another
+/// user's `user_id`, for another platform) are refused by the broker or not believed by
+/// subscribers: a producer's `submit --wait` ends only with the real worker's event.
+#[tokio::test]
+async fn forged_status_events_are_refused_or_not_believed() {
+    let mut env = TestEnv::new().await;
+    let users = common::load_shipped_definitions(&env);
+    let url = |role: &str| {
+        format!(
+            "amqp://provisioner-{role}-{}:secret@127.0.0.1:5672/{}",
+            env.run_id, env.vhost
+        )
+    };
+    let (worker, producer) = (url("worker-docker"), url("producer"));
+    let publishers = format!("provisioner-worker-{{platform}}-{}", env.run_id);
+
+    // A producer waits on its request; no worker runs yet.
+    let request = env.web("awaited");
+    let request_id = id(&request);
+    let file = std::env::temp_dir().join(format!("awaited-{}.json", env.run_id));
+    std::fs::write(&file, request.to_string()).expect("write the request");
+    let mut waiting = std::process::Command::new(BIN)
+        .args(["submit", "--wait", "--json", "--timeout-seconds", "120"])
+        .arg(&file)
+        .envs(env.env())
+        .env("AMQP_URL", &producer)
+        .env("STATUS_PUBLISHERS", &publishers)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run submit");
+    // Until the request is in its queue, submit has not subscribed yet.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while env.queue_depth("provisioning.docker").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "submit never published"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let forged = |platform: &str| {
+        serde_json::json!({
+            "schema_version": 1, "request_id": request_id, "operation": "provision",
+            "platform": platform, "state": "running", "seq": 9, "attempt": 1,
+            "timestamp": "2026-12-07T00:00:00Z",
+            "resource": {"id": "evil", "name": "evil", "address": "203.0.113.66", "endpoints": []}
+        })
+        .to_string()
+    };
+    let docker = forged("docker");
+    let worker_user = format!("provisioner-worker-docker-{}", env.run_id);
+    for (who, url, key, body, user_id, broker_refuses) in [
+        // Allowed to publish the probe: its body is never read as an event.
+        (
+            "the producer",
+            &producer,
+            "provisioner.subscription-probe",
+            docker.clone(),
+            None,
+            false,
+        ),
+        // Another user's name in user_id: the broker refuses the message.
+        (
+            "the producer",
+            &producer,
+            "provisioner.subscription-probe",
+            docker.clone(),
+            Some(worker_user.as_str()),
+            true,
+        ),
+        // The producer may publish no event key.
+        (
+            "the producer",
+            &producer,
+            "docker.running",
+            docker.clone(),
+            None,
+            true,
+        ),
+        // The docker worker may not publish another platform's keys…
+        (
+            "the docker worker",
+            &worker,
+            "process.running",
+            forged("process"),
+            Some(worker_user.as_str()),
+            true,
+        ),
+        // …and under its own key, a body of another platform is not believed.
+        (
+            "the docker worker",
+            &worker,
+            "docker.running",
+            forged("process"),
+            Some(worker_user.as_str()),
+            false,
+        ),
+        // An event without user_id: nobody vouches for it.
+        (
+            "the docker worker",
+            &worker,
+            "docker.running",
+            docker.clone(),
+            None,
+            false,
+        ),
+    ] {
+        let published =
+            common::publish_as_with(url, "provisioning.status", key, body.as_bytes(), user_id)
+                .await;
+        assert_eq!(
+            published.is_err(),
+            broker_refuses,
+            "{who} publishing {key} with user_id {user_id:?}: {published:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        waiting.try_wait().expect("submit").is_none(),
+        "a forged event ended the wait"
+    );
+
+    // The real worker's event ends it, with the real address.
+    env.start_worker_with("real", &[("AMQP_URL", worker.as_str())]);
+    let output = tokio::task::spawn_blocking(move || waiting.wait_with_output())
+        .await
+        .expect("join")
+        .expect("submit");
+    let _ = std::fs::remove_file(&file);
+    let said = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{said}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !said.contains("203.0.113.66") && !said.contains("evil"),
+        "{said}"
+    );
+    assert!(said.contains("\"running\""), "{said}");
+    for user in users {
+        rabbitmqctl(&["-q", "delete_user", &user]);
+    }
+}

@@ -30,6 +30,17 @@ pub struct Connections {
         hide_env_values = true
     )]
     pub rabbitmq_management_url: Option<String>,
+    /// Whose status events `watch`, `submit --wait` and the journal believe: broker
+    /// users, comma-separated (`{platform}` stands for the event's platform, `prefix*`
+    /// matches by prefix), besides the client's own user. RabbitMQ vouches for the
+    /// publisher in each message's user_id.
+    #[arg(
+        long,
+        env = "STATUS_PUBLISHERS",
+        default_value = "provisioner-worker-{platform},provisioner-operator",
+        global = true
+    )]
+    pub status_publishers: String,
     /// Redis, e.g. redis://127.0.0.1:6379
     #[arg(long, env = "REDIS_URL", global = true)]
     pub redis_url: Option<String>,

@@ -215,6 +215,10 @@ impl TestEnv {
         let amqp_url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
         let mut config = AmqpConfig::new(&amqp_url);
         config.connection_name = format!("test-{run_id}");
+        // The test observes every worker, whatever broker user a test gives it; an event
+        // still needs a user_id the broker vouched for (tests/security.rs shows what a
+        // subscriber with the default trust refuses).
+        config.status_publishers = vec!["*".into()];
         let broker = AmqpBroker::connect(config)
             .await
             .expect("RabbitMQ must be running");
@@ -799,5 +803,125 @@ impl TestEnv {
             .envs(self.env())
             .output()
             .expect("run provisioner")
+    }
+}
+
+/// Loads the shipped definitions (`infra/rabbitmq/definitions.json`, with
+/// `rabbitmqctl import_definitions`) onto this test's vhost: the shared topology and the
+/// docker platform's (every quorum queue costs the shared test broker memory), and the
+/// users of the producer, the docker worker and the operator, named `<user>-<run id>`
+/// (users are the broker's, not the vhost's) with the password `secret`. Returns the
+/// users' names.
+pub fn load_shipped_definitions(env: &TestEnv) -> Vec<String> {
+    let shipped = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../infra/rabbitmq/definitions.json"
+    );
+    let mut definitions: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(shipped).expect("the shipped definitions"))
+            .expect("JSON");
+    definitions["vhosts"] = serde_json::json!([{ "name": env.vhost }]);
+    let other_platform = |name: &str| {
+        provisioner_events::PlatformName::ALL.iter().any(|p| {
+            *p != provisioner_events::PlatformName::Docker
+                && (name.starts_with(&format!("provisioning.{p}"))
+                    || name == format!("provisioner-worker-{p}")
+                    || name == format!("provisioner-work-{p}"))
+        })
+    };
+    for kind in [
+        "exchanges",
+        "queues",
+        "bindings",
+        "policies",
+        "users",
+        "permissions",
+        "topic_permissions",
+    ] {
+        let entities = definitions[kind].as_array_mut().expect("a list");
+        entities.retain(|e| {
+            let name = ["name", "destination", "user"]
+                .iter()
+                .find_map(|field| e[field].as_str())
+                .unwrap_or_default();
+            !other_platform(name)
+        });
+        for entity in entities.iter_mut() {
+            if kind != "users" {
+                entity["vhost"] = env.vhost.clone().into();
+            }
+            for field in ["name", "user"] {
+                if (kind.contains("permissions") || kind == "users")
+                    && let Some(user) = entity[field].as_str()
+                {
+                    entity[field] = format!("{user}-{}", env.run_id).into();
+                }
+            }
+        }
+    }
+    let users: Vec<String> = definitions["users"]
+        .as_array()
+        .expect("users")
+        .iter()
+        .map(|u| u["name"].as_str().expect("a name").to_owned())
+        .collect();
+    let file = std::env::temp_dir().join(format!("definitions-{}.json", env.run_id));
+    std::fs::write(&file, definitions.to_string()).expect("write");
+    rabbitmqctl(&["-q", "import_definitions", file.to_str().expect("a path")]);
+    let _ = std::fs::remove_file(&file);
+    for user in &users {
+        rabbitmqctl(&["-q", "change_password", user, "secret"]);
+    }
+    users
+}
+
+/// Publishes one message as `url`'s user and waits for the broker's confirm: the
+/// broker's refusal (it closes the channel) as an error.
+pub async fn publish_as(url: &str, exchange: &str, routing_key: &str) -> Result<(), String> {
+    publish_as_with(url, exchange, routing_key, b"{}", None).await
+}
+
+/// [`publish_as`] with a body and, when given, the `user_id` property (which the broker
+/// checks against the connection's user).
+pub async fn publish_as_with(
+    url: &str,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    user_id: Option<&str>,
+) -> Result<(), String> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| e.to_string())?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let confirmed = async {
+        channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                match user_id {
+                    Some(user) => lapin::BasicProperties::default().with_user_id(user.into()),
+                    None => lapin::BasicProperties::default(),
+                },
+            )
+            .await?
+            .await
+    }
+    .await;
+    let _ = connection.close(200, "OK".into()).await;
+    match confirmed {
+        Ok(lapin::Confirmation::Nack(_)) => Err("nacked".into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.to_string()),
     }
 }

@@ -5,15 +5,16 @@
 use lapin::options::BasicGetOptions;
 use provisioner_events::StatusEvent;
 
-use super::{AmqpBroker, BrokerError, STATUS_JOURNAL_QUEUE, unavailable};
+use super::{AmqpBroker, BrokerError, STATUS_JOURNAL_QUEUE, believed, unavailable};
 
 impl AmqpBroker {
     /// Takes up to `limit` events off the journal, oldest first. They are gone from it
-    /// afterwards: the journal has one reader at a time. Probes and anything that is not
-    /// a status event are skipped.
+    /// afterwards: the journal has one reader at a time. Probes, anything that is not
+    /// a status event and events whose publisher is not believed are skipped.
     pub async fn take_journal(&self, limit: usize) -> Result<Vec<StatusEvent>, BrokerError> {
         let (connection, _) = self.connection().await?;
         let channel = connection.create_channel().await.map_err(unavailable)?;
+        let trust = self.status_trust();
         let mut events = Vec::new();
         let mut read = 0;
         while read < limit {
@@ -28,7 +29,7 @@ impl AmqpBroker {
                 break;
             };
             read += 1;
-            if let Ok(event) = serde_json::from_slice::<StatusEvent>(&message.delivery.data) {
+            if let Some(event) = believed(&trust, &message.delivery) {
                 events.push(event);
             }
         }

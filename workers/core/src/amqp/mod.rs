@@ -45,6 +45,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection};
 use provisioner_events::{PlatformName, REQUESTS_EXCHANGE, STATUS_EXCHANGE, StatusEvent};
 use tokio::sync::Mutex;
@@ -149,6 +150,9 @@ pub struct AmqpConfig {
     pub connect_timeout: Duration,
     /// How long a publish may wait for the broker's confirm.
     pub publish_timeout: Duration,
+    /// Whose status events a subscriber believes (`STATUS_PUBLISHERS`), by the broker
+    /// user RabbitMQ vouches for in a message's `user_id`; see [`StatusTrust`].
+    pub status_publishers: Vec<String>,
 }
 
 impl AmqpConfig {
@@ -161,6 +165,85 @@ impl AmqpConfig {
             management_api: ManagementApi::Derived,
             connect_timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(30),
+            status_publishers: DEFAULT_STATUS_PUBLISHERS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+        }
+    }
+}
+
+/// The broker users whose status events a subscriber believes by default: the shipped
+/// definitions' worker user of the event's platform, and the operator.
+pub const DEFAULT_STATUS_PUBLISHERS: [&str; 2] =
+    ["provisioner-worker-{platform}", "provisioner-operator"];
+
+/// The broker user a URL logs in as (`guest` when it names none, as the client does).
+pub(super) fn login_user(url: &str) -> String {
+    url.parse::<AMQPUri>()
+        .map(|uri| uri.authority.userinfo.username)
+        .unwrap_or_default()
+}
+
+/// Which status events a subscriber believes. RabbitMQ checks a message's `user_id`
+/// property against the user of the connection that published it and refuses the
+/// message when they differ, so `user_id` says who published an event; every worker sets
+/// it. An event is believed when:
+///
+/// - it is not under the probe's routing key (a producer may publish the probe, so a
+///   probe is never an event, whatever its body);
+/// - its routing key is the one its body gives (`<platform>.<state>`): the broker's
+///   topic permissions, which let each worker user publish only its own platform's
+///   keys, then bind the body too;
+/// - its `user_id` is one of `publishers` (`{platform}` standing for the event's
+///   platform, `prefix*` matching by prefix), or the subscriber's own user (a
+///   deployment where one user does everything, as in development).
+///
+/// Anything else is dropped with a warning: a forged `running` cannot end anyone's
+/// `submit --wait`.
+#[derive(Debug, Clone)]
+pub struct StatusTrust {
+    pub own_user: String,
+    pub publishers: Vec<String>,
+}
+
+impl StatusTrust {
+    /// The event in a message, or why it is not believed.
+    pub fn check(
+        &self,
+        routing_key: &str,
+        user_id: Option<&str>,
+        body: &[u8],
+    ) -> Result<StatusEvent, String> {
+        if routing_key == PROBE_ROUTING_KEY {
+            return Err("a subscription probe, not an event".into());
+        }
+        let event: StatusEvent =
+            serde_json::from_slice(body).map_err(|e| format!("not a status event: {e}"))?;
+        if event.routing_key() != routing_key {
+            return Err(format!(
+                "published under routing key {routing_key:?}, but its body is a {} event of platform {:?}",
+                event.state, event.platform
+            ));
+        }
+        let Some(user) = user_id else {
+            return Err("published without a user_id, so nobody vouches for who sent it".into());
+        };
+        let trusted = user == self.own_user
+            || self.publishers.iter().any(|pattern| {
+                let pattern = pattern.replace("{platform}", &event.platform);
+                match pattern.strip_suffix('*') {
+                    Some(prefix) => user.starts_with(prefix),
+                    None => user == pattern,
+                }
+            });
+        if trusted {
+            Ok(event)
+        } else {
+            Err(format!(
+                "published by broker user {user:?}, who is not a status publisher for platform {:?} (STATUS_PUBLISHERS)",
+                event.platform
+            ))
         }
     }
 }
@@ -171,6 +254,8 @@ struct Session {
 }
 
 struct Inner {
+    /// The broker user this client logs in as: the `user_id` of what it publishes.
+    login_user: String,
     config: AmqpConfig,
     session: Mutex<Option<Session>>,
 }
@@ -179,6 +264,31 @@ struct Inner {
 #[derive(Clone)]
 pub struct AmqpBroker {
     inner: Arc<Inner>,
+}
+
+impl AmqpBroker {
+    /// Which status events this client believes.
+    pub fn status_trust(&self) -> StatusTrust {
+        StatusTrust {
+            own_user: self.inner.login_user.clone(),
+            publishers: self.inner.config.status_publishers.clone(),
+        }
+    }
+}
+
+/// The status event of a delivery, when its publisher is believed; warns of one that
+/// is not (a forgery, or a publisher missing from `STATUS_PUBLISHERS`).
+fn believed(trust: &StatusTrust, delivery: &lapin::message::Delivery) -> Option<StatusEvent> {
+    let user_id = delivery.properties.user_id().as_ref().map(|u| u.as_str());
+    match trust.check(delivery.routing_key.as_str(), user_id, &delivery.data) {
+        Ok(event) => Some(event),
+        Err(why) => {
+            if delivery.routing_key.as_str() != PROBE_ROUTING_KEY {
+                tracing::warn!(routing_key = %delivery.routing_key, %why, "a message on the status exchange is not believed; ignored");
+            }
+            None
+        }
+    }
 }
 
 impl std::fmt::Debug for AmqpBroker {
@@ -289,11 +399,14 @@ impl Broker for AmqpBroker {
     async fn send_status(&self, event: &StatusEvent) -> Result<PendingConfirm, BrokerError> {
         let body = serde_json::to_vec(event).map_err(|e| BrokerError::Refused(e.to_string()))?;
         let message_id = format!("{}#{}", event.request_id, event.seq);
+        // `user_id` is checked by the broker against this connection's user: it is how a
+        // subscriber knows a worker published the event (see `StatusTrust`).
         self.send(
             STATUS_EXCHANGE,
             &event.routing_key(),
             &body,
-            persistent(&message_id, FieldTable::default()),
+            persistent(&message_id, FieldTable::default())
+                .with_user_id(self.inner.login_user.as_str().into()),
         )
         .await
     }
@@ -338,7 +451,8 @@ impl Broker for AmqpBroker {
             routing_key,
             body,
             persistent(request_id, header_table(headers)?)
-                .with_timestamp(epoch_seconds(SystemTime::now())),
+                .with_timestamp(epoch_seconds(SystemTime::now()))
+                .with_user_id(self.inner.login_user.as_str().into()),
         )
         .await
     }

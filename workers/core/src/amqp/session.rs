@@ -10,7 +10,7 @@ use tokio::sync::Mutex;
 use tracing::debug;
 
 use super::topology::declare_shared;
-use super::{AmqpBroker, AmqpConfig, Inner, Session, short, unavailable};
+use super::{AmqpBroker, AmqpConfig, Inner, Session, login_user, short, unavailable};
 use crate::broker::BrokerError;
 
 impl AmqpBroker {
@@ -18,6 +18,7 @@ impl AmqpBroker {
     pub fn new(config: AmqpConfig) -> Self {
         AmqpBroker {
             inner: Arc::new(Inner {
+                login_user: login_user(&config.url),
                 config,
                 session: Mutex::new(None),
             }),

@@ -7,7 +7,7 @@ use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions}
 use lapin::types::FieldTable;
 use provisioner_events::{STATUS_EXCHANGE, StatusEvent};
 
-use super::{AmqpBroker, PROBE_PREFIX, PROBE_ROUTING_KEY, PROBE_TIMEOUT, unavailable};
+use super::{AmqpBroker, PROBE_PREFIX, PROBE_ROUTING_KEY, PROBE_TIMEOUT, believed, unavailable};
 use crate::broker::BrokerError;
 
 impl AmqpBroker {
@@ -86,15 +86,17 @@ impl AmqpBroker {
                     )));
                 }
             }
-            let decode = |delivery: lapin::message::Delivery| serde_json::from_slice::<StatusEvent>(&delivery.data).ok();
-            let early: Vec<StatusEvent> = early.into_iter().filter_map(decode).collect();
+            let trust = self.status_trust();
+            let decode = move |delivery: lapin::message::Delivery| believed(&trust, &delivery);
+            let early: Vec<StatusEvent> = early.into_iter().filter_map(decode.clone()).collect();
             let events = futures_util::stream::iter(early).chain(
                 consumer
                     .take_while(|item| std::future::ready(item.is_ok()))
                     .filter_map(move |item| {
                         let _keep_open = &channel;
-                        // Probes (ours and other subscribers') are not status events.
-                        std::future::ready(item.ok().and_then(decode))
+                        // Probes (ours and other subscribers') are not status events, nor
+                        // is anything whose publisher is not believed.
+                        std::future::ready(item.ok().and_then(&decode))
                     }),
             );
             Ok(events.boxed())

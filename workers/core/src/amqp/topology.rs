@@ -393,8 +393,8 @@ impl Topology {
 ///   of its own; it may publish nothing else (on the status exchange only the probe
 ///   that proves its subscription hears).
 /// - `provisioner-worker-<platform>`, one per platform, consumes its platform's work
-///   queue and publishes status events, dead letters and parked retries of its
-///   platform, and the requests it derives (fleet members, expiry teardowns) on
+///   queue and publishes status events (under its platform's keys only), dead letters
+///   and parked retries of its platform, and the requests it derives (fleet members, expiry teardowns) on
 ///   `provisioning.internal` for its platform only. It may not publish on
 ///   `provisioning.requests`, nor through the default exchange to any queue.
 /// - `provisioner-operator` may do everything on the vhost (redrive, reconcile, reading
@@ -450,6 +450,9 @@ pub fn access_definitions(vhost: &str, platforms: &[PlatformName]) -> Value {
                 &format!("^({platform}\\..*|{})$", escape(&work_queue(*platform))),
             ),
             topic(&worker, INTERNAL_EXCHANGE, &format!("^{platform}\\.[^.]+$")),
+            // Its own platform's status keys only: a subscriber binds the event's body to
+            // its key, so one platform's worker cannot speak for another's requests.
+            topic(&worker, STATUS_EXCHANGE, &format!("^{platform}\\.[a-z_]+$")),
             topic(
                 &worker,
                 DELAY_EXCHANGE,

@@ -177,7 +177,6 @@ enum Abort {
 #[derive(Debug)]
 struct Refusal<'a> {
     request_id: Option<&'a str>,
-    platform: Option<&'a str>,
     operation: Option<Operation>,
     class: ErrorClass,
     message: String,
@@ -487,13 +486,11 @@ impl Worker {
                 if let Some(id) = &request_id {
                     tracing::Span::current().record("request.id", id.as_str());
                 }
-                let own = self.platform.name();
                 return self
                     .refuse(
                         delivery,
                         Refusal {
                             request_id: request_id.as_deref(),
-                            platform: e.platform.as_deref().or(Some(own.as_str())),
                             operation: e.operation,
                             class: ErrorClass::InvalidRequest,
                             message: e.message,
@@ -617,7 +614,6 @@ impl Worker {
     fn refusal_of(request: &Request, class: ErrorClass, message: String) -> Refusal<'_> {
         Refusal {
             request_id: Some(request.request_id.as_str()),
-            platform: Some(request.platform.as_str()),
             operation: Some(request.operation),
             class,
             message,
@@ -711,7 +707,6 @@ impl Worker {
     async fn refuse(&self, delivery: &Delivery, refusal: Refusal<'_>) -> Settlement {
         let Refusal {
             request_id,
-            platform,
             operation,
             class,
             message,
@@ -723,14 +718,10 @@ impl Worker {
                 schema_version: SCHEMA_VERSION,
                 request_id: bounded_text(request_id, MAX_ECHOED_ID_BYTES),
                 operation,
-                platform: platform
-                    .filter(|p| {
-                        !p.is_empty()
-                            && p.len() <= 64
-                            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                    })
-                    .unwrap_or("unknown")
-                    .to_owned(),
+                // The refusing worker's platform, whatever the body claims: the message
+                // was in its queue, and its broker user may publish only its own
+                // platform's status keys.
+                platform: self.platform.name().to_string(),
                 state: State::Error,
                 seq: 0,
                 attempt: delivery.attempt,
