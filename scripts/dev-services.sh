@@ -95,6 +95,20 @@ if [ ! -f "$RABBITMQ_TLS_CONF" ]; then
   fi
 fi
 
+# The largest message the broker takes: a request is at most 256 KiB, and RabbitMQ's own
+# default (16 MiB, 128 MiB before 4.0) would let one producer put that much into every
+# consumer's memory before the body can be judged.
+RABBITMQ_LIMITS_CONF=/etc/rabbitmq/conf.d/20-provisioner-limits.conf
+if [ ! -f "$RABBITMQ_LIMITS_CONF" ]; then
+  say "limiting rabbitmq's message size to 1 MiB"
+  as_root mkdir -p /etc/rabbitmq/conf.d
+  printf 'max_message_size = 1048576\n' | as_root tee "$RABBITMQ_LIMITS_CONF" >/dev/null
+  if rabbitmqctl -q status >/dev/null 2>&1; then
+    say "restarting rabbitmq for its message size limit"
+    timeout 60 rabbitmqctl -q stop >/dev/null 2>&1 || true
+  fi
+fi
+
 if ! rabbitmqctl -q status >/dev/null 2>&1; then
   rabbitmq-diagnostics -q ping >/dev/null 2>&1 || start_rabbitmq
   if ! rabbitmq_ready 90; then

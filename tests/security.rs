@@ -555,8 +555,8 @@ async fn a_malicious_spec_cannot_leave_its_sandbox_on_docker_or_process() {
 }
 
 /// The attacker holds a producer's credentials (and, on a signing deployment, a key):
-/// it tries to take the ids and fields kept for the workers (so an expiry would never
-/// happen), and to have its signature checked against a routing key it wrote in a
+/// it tries to take the ids and fields kept for the workers, or to tear down the
+/// workers' own request before they send it (so an expiry would never happen), and to have its signature checked against a routing key it wrote in a
 /// header. Each is refused; what the workers send themselves still happens. A message
 /// whose body cannot be read is answered under its AMQP message_id, so a producer
 /// waiting on it hears why.
@@ -598,6 +598,13 @@ async fn a_producer_cannot_take_the_workers_ids_fields_or_routing_key() {
             expiry_id.clone(),
             serde_json::json!({"schema_version": 1, "request_id": expiry_id, "operation": "teardown",
                 "platform": "docker", "target_request_id": "nothing-here"}),
+        ),
+        // A teardown of the expiry itself would tombstone its id before the worker
+        // sends it.
+        (
+            format!("tomb-{}", env.run_id),
+            serde_json::json!({"schema_version": 1, "request_id": format!("tomb-{}", env.run_id),
+                "operation": "teardown", "platform": "docker", "target_request_id": expiry_id}),
         ),
         (
             format!("caused-{}", env.run_id),
@@ -691,6 +698,17 @@ async fn a_producer_cannot_take_the_workers_ids_fields_or_routing_key() {
     assert!(
         env.containers().await.is_empty(),
         "nothing of the attacks was made"
+    );
+
+    // Past the broker's message size (1 MiB, scripts/dev-services.sh and the compose
+    // file), a message is refused at publish: it never reaches a worker's memory.
+    let huge = vec![b' '; 2 << 20];
+    assert!(
+        env.broker
+            .publish_request("docker.provision", "huge", &huge)
+            .await
+            .is_err(),
+        "the broker takes no message over 1 MiB"
     );
 }
 

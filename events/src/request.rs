@@ -321,6 +321,19 @@ impl Request {
                 self.request_id.as_str()
             ));
         }
+        // A fleet's member (`<fleet>#<i>`) is a producer's to act on; a request the
+        // workers send about a request (`<id>#expired`, `<F>#3.rollback`, …) is not: a
+        // teardown naming one would tombstone it before the workers send it, and the
+        // expiry, rollback or reconcile would wait for ever.
+        if let Some(target) = &self.target_request_id
+            && let Some((_, after)) = target.as_str().split_once('#')
+            && (after.is_empty() || !after.chars().all(|c| c.is_ascii_digit()))
+        {
+            return Err(invalid!(
+                "target_request_id {:?} names a request the workers send themselves (an expiry, a rollback, a reconcile), which no producer acts on; name the resource's own request id",
+                target.as_str()
+            ));
+        }
         if self.fleet_member.is_some() {
             return Err(
                 "\"fleet_member\" is set by the workers on the members of a fleet; to make several, set \"count\""

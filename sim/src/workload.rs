@@ -197,8 +197,14 @@ impl Workload {
             for _ in 0..rng.range(0, 2) {
                 let operation = *rng.pick(operations);
                 let id = if rng.chance(0.1) {
-                    // An id shaped like the one the workers derive for this target.
-                    format!("{target}.expired")
+                    // An id shaped like the one the workers derive for this target: the
+                    // old scheme's (a producer's to take), or the workers' own (refused
+                    // from a producer, so the real expiry still happens).
+                    if rng.chance(0.5) {
+                        format!("{target}.expired")
+                    } else {
+                        format!("{target}#expired")
+                    }
                 } else {
                     ids.fresh(rng)
                 };
@@ -275,7 +281,7 @@ impl Workload {
         // Malformed and refused messages: each answers alone, with a dead letter.
         for _ in 0..rng.range(0, 2) {
             let id = ids.fresh(rng);
-            let bad = match rng.range(0, 4) {
+            let bad = match rng.range(0, 6) {
                 0 => b"{not json".to_vec(),
                 1 => body(
                     &json!({"schema_version": 1, "request_id": id, "operation": "provision", "platform": PLATFORM.as_str()}),
@@ -285,6 +291,13 @@ impl Workload {
                 ),
                 3 => body(
                     &json!({"schema_version": 1, "request_id": format!("{id}#1"), "operation": "provision", "platform": PLATFORM.as_str(), "spec": {}}),
+                ),
+                // The workers' own fields, from a producer.
+                4 => body(
+                    &json!({"schema_version": 1, "request_id": id, "operation": "provision", "platform": PLATFORM.as_str(), "spec": {}, "fleet_member": {"fleet_request_id": "f", "index": 0, "count": 2}}),
+                ),
+                5 => body(
+                    &json!({"schema_version": 1, "request_id": id, "operation": "teardown", "platform": PLATFORM.as_str(), "target_request_id": "x", "cause": "expired: forged"}),
                 ),
                 _ => body(
                     &json!({"schema_version": 1, "request_id": id, "operation": "teardown", "platform": PLATFORM.as_str()}),

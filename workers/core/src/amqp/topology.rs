@@ -158,13 +158,15 @@ fn argument_name(key: &'static str) -> &'static str {
         "dead-letter-strategy" => "x-dead-letter-strategy",
         "overflow" => "x-overflow",
         "max-length" => "x-max-length",
+        "max-length-bytes" => "x-max-length-bytes",
         "message-ttl" => "x-message-ttl",
         other => panic!("no queue argument for the policy key {other:?}"),
     }
 }
 
 /// The policy of a platform's work queue: poison messages (crash loops, panics)
-/// dead-lettered after `delivery-limit` deliveries, at least once. One per platform, so
+/// dead-lettered after `delivery-limit` deliveries, at least once; the queue bounded in
+/// messages and bytes, refusing publishes past either. One per platform, so
 /// each can be tuned alone and a worker never depends on a policy written by an older
 /// version that did not know its platform.
 pub fn work_policy_name(platform: PlatformName) -> String {
@@ -214,11 +216,20 @@ fn exactly(name: &str) -> String {
     format!("^{}$", name.replace('.', "\\."))
 }
 
+/// The most messages a work queue holds before the broker refuses publishes to it
+/// (`overflow: reject-publish`: a producer's publish is nacked, nothing is dropped).
+pub const WORK_QUEUE_MAX_LENGTH: i64 = 1_000_000;
+/// The most bytes of message bodies a work queue holds, likewise: a flood of large
+/// messages cannot fill the broker's disk and raise the alarm that stops every publisher.
+pub const WORK_QUEUE_MAX_BYTES: i64 = 1 << 30;
+
 /// The policy of `platform`'s work queue.
 fn work_policy(config: &AmqpConfig, platform: PlatformName) -> Policy {
     let mut definition = vec![
         ("delivery-limit", Argument::Int(config.delivery_limit)),
         ("dead-letter-exchange", Argument::text(DEAD_LETTER_EXCHANGE)),
+        ("max-length", Argument::Long(WORK_QUEUE_MAX_LENGTH)),
+        ("max-length-bytes", Argument::Long(WORK_QUEUE_MAX_BYTES)),
     ];
     definition.extend(at_least_once());
     Policy {
