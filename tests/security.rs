@@ -860,3 +860,89 @@ async fn forged_status_events_are_refused_or_not_believed() {
         rabbitmqctl(&["-q", "delete_user", &user]);
     }
 }
+
+/// The attacker is one team's producer on a deployment binding broker users to tenants
+/// (`TENANTS=user:…`): it names another team's tenant (to spend its quota), names none
+/// (to skip quotas), or leaves out `user_id` so nobody vouches for it. Each is refused;
+/// its own tenant's request runs. The broker refuses a `user_id` other than the
+/// publisher's own, so the binding cannot be borrowed.
+#[tokio::test]
+async fn a_producer_bound_to_a_tenant_cannot_spend_another_tenants_quota() {
+    let mut env = TestEnv::new().await;
+    let users = common::load_shipped_definitions(&env);
+    let producer_user = format!("provisioner-producer-{}", env.run_id);
+    let url = |role: &str| {
+        format!(
+            "amqp://provisioner-{role}-{}:secret@127.0.0.1:5672/{}",
+            env.run_id, env.vhost
+        )
+    };
+    let (worker, producer) = (url("worker-docker"), url("producer"));
+    let tenants = format!("user:{producer_user}=team-a");
+    env.start_worker_with(
+        "tenants",
+        &[("AMQP_URL", worker.as_str()), ("TENANTS", tenants.as_str())],
+    );
+    let mut events = env.events().await;
+    let request = |name: &str, tenant: Option<&str>| {
+        let mut request = env.web(name);
+        if let Some(tenant) = tenant {
+            request["tenant"] = tenant.into();
+        }
+        request
+    };
+    for (request, user_id) in [
+        (
+            request("other-team", Some("team-b")),
+            Some(producer_user.as_str()),
+        ),
+        (request("no-team", None), Some(producer_user.as_str())),
+        (request("unvouched", Some("team-a")), None),
+    ] {
+        common::publish_as_with(
+            &producer,
+            "provisioning.requests",
+            "docker.provision",
+            request.to_string().as_bytes(),
+            user_id,
+        )
+        .await
+        .expect("the producer may publish requests");
+        let event = events.terminal(&id(&request)).await;
+        let error = event.error.clone().expect("refused");
+        assert_eq!(error.class, ErrorClass::Permission, "{event:#?}");
+        assert!(
+            error.message.contains("team-a") || error.message.contains("user_id"),
+            "{event:#?}"
+        );
+    }
+    // Another user's name in user_id: the broker refuses the message itself.
+    let borrowed = common::publish_as_with(
+        &producer,
+        "provisioning.requests",
+        "docker.provision",
+        request("borrowed", Some("team-a")).to_string().as_bytes(),
+        Some("provisioner-operator"),
+    )
+    .await;
+    assert!(borrowed.is_err(), "{borrowed:?}");
+    assert!(
+        env.containers().await.is_empty(),
+        "nothing refused was made"
+    );
+
+    let own = request("own-team", Some("team-a"));
+    common::publish_as_with(
+        &producer,
+        "provisioning.requests",
+        "docker.provision",
+        own.to_string().as_bytes(),
+        Some(producer_user.as_str()),
+    )
+    .await
+    .expect("publish");
+    assert_eq!(events.terminal(&id(&own)).await.state, State::Running);
+    for user in users {
+        rabbitmqctl(&["-q", "delete_user", &user]);
+    }
+}

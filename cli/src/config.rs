@@ -163,6 +163,10 @@ pub struct WorkerSettings {
     /// Unique name of this worker in leases and logs (default: random).
     #[arg(long, env = "WORKER_ID")]
     pub worker_id: Option<String>,
+    /// Binds producers to tenants: `key:<signing key id>=<tenant>,user:<broker user>=<tenant>`
+    /// (`*`: any tenant). When set, a producer may name only its own tenant, and must.
+    #[arg(long, env = "TENANTS")]
+    pub tenants: Option<String>,
     /// Deliveries handled at once.
     #[arg(long, env = "PREFETCH", default_value_t = 16)]
     pub prefetch: u16,

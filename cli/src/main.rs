@@ -324,6 +324,11 @@ async fn worker(
     let mut config = settings.validate()?;
     config.retention = connections.retention();
     config.signing = connections.signing_keys()?;
+    if let Some(tenants) = &settings.tenants {
+        let binding = provisioner_core::tenants::TenantBinding::parse(tenants)
+            .map_err(|e| Failure::config(anyhow::anyhow!("TENANTS: {e}")))?;
+        config.tenants = Some(Arc::new(binding));
+    }
     if config.signing.is_none() {
         // Off is the default for a first try on one's own broker; said loudly, because
         // then whoever can publish on provisioning.requests can make this worker act.

@@ -98,6 +98,9 @@ pub struct Message {
     /// The request's signature (the RabbitMQ header, or the SQS message attribute of the
     /// same name), verified when the deployment signs.
     pub signature: Option<String>,
+    /// Amazon MQ: the broker user that published it (`basicProperties.userId`, which the
+    /// broker checks against the publisher's connection). SQS: none.
+    pub publisher: Option<String>,
 }
 
 /// The routing key a message was published with, which its signature covers. Amazon MQ
@@ -172,6 +175,7 @@ pub fn parse_event(
                     body,
                     routing_key,
                     signature: header_text(headers.get(SIGNATURE_HEADER)),
+                    publisher: message.basic_properties.user_id.clone(),
                     attempt: header_u32(headers.get(ATTEMPT_HEADER)).unwrap_or(1).max(1),
                     redelivered: message.redelivered,
                     waits: header_u32(headers.get(WAITS_HEADER)).unwrap_or(0),
@@ -230,6 +234,7 @@ pub fn parse_event(
                         Some((_, Carried::Text(text))) => Some(text.clone()),
                         _ => None,
                     },
+                    publisher: None,
                     attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
                     redelivered: receives > 1,
                     waits: counted(WAITS_ATTRIBUTE)
@@ -533,6 +538,13 @@ impl Handler {
                         attributes: message.attributes,
                     };
                     let id = message.id.clone();
+                    // On Amazon MQ every message names its publisher: the function's own
+                    // (the requests it derives, its parked retries) are a worker's; any
+                    // other user's are a producer's, held to what a producer may send. An
+                    // SQS message names nobody the broker vouched for.
+                    let own = source == Source::RabbitMq
+                        && message.publisher.as_deref() == Some(self.broker.login_user());
+                    let publisher = message.publisher.clone();
                     let delivery = Delivery::new(
                         message.body,
                         message.routing_key,
@@ -546,7 +558,12 @@ impl Handler {
                     // Verified whatever its way in, when the deployment signs: an event
                     // does not say which exchange a message came through.
                     .with_signature(message.signature, true)
-                    .with_way_in_unknown();
+                    .with_publisher(publisher);
+                    let delivery = if source == Source::Sqs || own {
+                        delivery.with_way_in_unknown()
+                    } else {
+                        delivery
+                    };
                     worker.handle(delivery).await;
                     let outcome = slot
                         .lock()

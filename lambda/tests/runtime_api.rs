@@ -395,6 +395,16 @@ async fn rabbitmq_events_make_one_instance_and_answer_duplicates_from_the_store(
         assert_eq!(ended[0].state, State::Stopped, "{ended:#?}");
     }
     assert!(live_instances(&id).await.is_empty(), "terminated");
+
+    // A producer's message under an id the workers keep for themselves is refused: the
+    // event names a publisher other than the function's own broker user.
+    let forged = operation(&format!("{id}#expired"), "aws-ec2", "teardown", &id);
+    let answer = env.api.invoke(rabbitmq_event(&queue, &[forged])).await;
+    assert_eq!(answer, Ok(serde_json::json!({})));
+    let refused = events.terminal_count(&format!("{id}#expired"), 1).await;
+    let error = refused[0].error.clone().expect("refused");
+    assert_eq!(error.class, ErrorClass::InvalidRequest, "{refused:#?}");
+    assert!(refused[0].rejected_message.is_some(), "{refused:#?}");
 }
 
 #[tokio::test]
@@ -1001,7 +1011,9 @@ async fn an_invocation_exports_its_spans_and_writes_its_metrics_as_emf() {
 }
 
 /// Takes `count` messages off the function's work queue, as the event source would.
-async fn take_from_work_queue(env: &Env, count: usize) -> Vec<serde_json::Value> {
+/// Takes `count` messages off the work queue, each with the broker user that published
+/// it (its `user_id`), as an Amazon MQ event would carry them.
+async fn take_from_work_queue(env: &Env, count: usize) -> Vec<(serde_json::Value, String)> {
     let connection = lapin::Connection::connect(&env.amqp_url, Default::default())
         .await
         .expect("connect");
@@ -1020,9 +1032,16 @@ async fn take_from_work_queue(env: &Env, count: usize) -> Vec<serde_json::Value>
             .await
             .expect("basic.get")
         {
-            Some(message) => {
-                taken.push(serde_json::from_slice(&message.delivery.data).expect("a request"))
-            }
+            Some(message) => taken.push((
+                serde_json::from_slice(&message.delivery.data).expect("a request"),
+                message
+                    .delivery
+                    .properties
+                    .user_id()
+                    .as_ref()
+                    .map(|u| u.as_str().to_owned())
+                    .unwrap_or_default(),
+            )),
             None => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
@@ -1081,7 +1100,10 @@ async fn scheduled_rounds_coordinate_fleets_and_expire_them_without_a_daemon() {
     );
 
     let members = take_from_work_queue(&env, 3).await;
-    let answer = env.api.invoke(rabbitmq_event(&queue, &members)).await;
+    let answer = env
+        .api
+        .invoke(lambda_api::rabbitmq_event_published_by(&queue, &members))
+        .await;
     assert_eq!(answer, Ok(serde_json::json!({})), "{}", env.function_log());
     let round = env
         .api
@@ -1124,7 +1146,10 @@ async fn scheduled_rounds_coordinate_fleets_and_expire_them_without_a_daemon() {
     }
     assert_eq!(expired, 3, "{}", env.function_log());
     let teardowns = take_from_work_queue(&env, 3).await;
-    let answer = env.api.invoke(rabbitmq_event(&queue, &teardowns)).await;
+    let answer = env
+        .api
+        .invoke(lambda_api::rabbitmq_event_published_by(&queue, &teardowns))
+        .await;
     assert_eq!(answer, Ok(serde_json::json!({})), "{}", env.function_log());
     for i in 0..3 {
         let teardown = provisioner_core::expiry_teardown_id(&format!("{id}#{i}"));

@@ -125,6 +125,7 @@ impl RunConfig {
             rate_limits,
             fleet_stall: Duration::from_secs(rng.range(10, 180)),
             signing: None,
+            tenants: None,
         };
         let workers = rng.range(1, 4) as usize;
         let skews_ms = (0..workers)

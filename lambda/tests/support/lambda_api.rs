@@ -177,9 +177,23 @@ pub fn scheduled_event() -> serde_json::Value {
 /// An Amazon MQ for RabbitMQ event, as its event source mapping delivers one: bodies in
 /// base64, string headers as byte arrays.
 pub fn rabbitmq_event(queue: &str, bodies: &[serde_json::Value]) -> serde_json::Value {
-    let messages: Vec<serde_json::Value> = bodies
+    let published: Vec<(serde_json::Value, String)> = bodies
         .iter()
-        .map(|body| {
+        .map(|body| (body.clone(), "AIDACKCEVSQ6C2EXAMPLE".to_owned()))
+        .collect();
+    rabbitmq_event_published_by(queue, &published)
+}
+
+/// [`rabbitmq_event`] of messages each published by the broker user named with it (the
+/// event's `userId`, the AMQP `user_id` the broker vouched for): the function tells its
+/// own messages from producers' by it.
+pub fn rabbitmq_event_published_by(
+    queue: &str,
+    published: &[(serde_json::Value, String)],
+) -> serde_json::Value {
+    let messages: Vec<serde_json::Value> = published
+        .iter()
+        .map(|(body, user_id)| {
             let data = body.to_string();
             serde_json::json!({
                 "basicProperties": {
@@ -187,7 +201,7 @@ pub fn rabbitmq_event(queue: &str, bodies: &[serde_json::Value]) -> serde_json::
                     "headers": {}, "deliveryMode": 2, "priority": 0, "correlationId": null,
                     "replyTo": null, "expiration": null, "messageId": null,
                     "timestamp": "Nov 21, 2026, 10:00:00 AM", "type": null,
-                    "userId": "AIDACKCEVSQ6C2EXAMPLE", "appId": null, "clusterId": null,
+                    "userId": user_id, "appId": null, "clusterId": null,
                     "bodySize": data.len()
                 },
                 "redelivered": false,

@@ -76,13 +76,18 @@ pub struct Delivery {
     /// than from a worker (a fleet's member, a parked retry): what a deployment that
     /// signs requests verifies.
     pub from_producers: bool,
-    /// The way in is not known (the Lambda form: an event says no exchange): verified as
-    /// a producer's message, but the workers' own ids and fields are not refused, since
-    /// the function's own derived requests arrive the same way.
+    /// The message may be a worker's own though it is verified as a producer's: the
+    /// Lambda form, whose events name no exchange, on a message its own broker user
+    /// published (a derived request, a parked retry) or from SQS (which names no
+    /// publisher the broker vouched for). The workers' own ids and fields, and the
+    /// binding of producers to tenants, are not applied to it.
     pub way_in_unknown: bool,
     /// The AMQP `message_id`: the request id by the contract, so a message whose body
     /// cannot be read (too big, not JSON) is still answered under it.
     pub message_id: Option<String>,
+    /// The broker user that published it, when the message names one in `user_id`
+    /// (RabbitMQ refuses a `user_id` other than the publisher's own).
+    pub publisher: Option<String>,
     settler: Box<dyn Settle>,
 }
 
@@ -142,8 +147,15 @@ impl Delivery {
             from_producers: true,
             way_in_unknown: false,
             message_id: None,
+            publisher: None,
             settler,
         }
+    }
+
+    /// The broker user the broker vouched for in the message's `user_id`.
+    pub fn with_publisher(mut self, publisher: Option<String>) -> Self {
+        self.publisher = publisher.filter(|user| !user.is_empty());
+        self
     }
 
     /// The message's AMQP `message_id`.

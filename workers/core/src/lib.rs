@@ -44,6 +44,7 @@ pub mod redis_store;
 pub mod runtime;
 pub mod signing;
 pub mod store;
+pub mod tenants;
 pub mod trace;
 
 pub use broker::{Broker, BrokerError, Delivery, MemoryBroker, Settlement};

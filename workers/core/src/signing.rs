@@ -187,6 +187,7 @@ impl SigningKeys {
         }
         let age = now_s.saturating_sub(parsed.at);
         Ok(Verified {
+            key_id: parsed.key_id.to_owned(),
             signed_at: UNIX_EPOCH + Duration::from_secs(parsed.at),
             stale: (age > self.max_age.as_secs()).then(|| {
                 format!(
@@ -201,6 +202,8 @@ impl SigningKeys {
 /// A signature that matches its message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
+    /// The key that signed it: who the producer is, for a binding of keys to tenants.
+    pub key_id: String,
     /// When it was signed: the time the worker trusts (the AMQP `timestamp` is not signed).
     pub signed_at: SystemTime,
     /// Why it is too old to run, when it is.

@@ -1745,6 +1745,89 @@ async fn a_signing_worker_runs_signed_requests_and_what_it_derives_and_refuses_t
     );
 }
 
+/// A deployment binding signing keys to tenants: a producer names only its own tenant,
+/// and must name it; an operator's key (`*`) names any. What is refused makes nothing.
+#[tokio::test]
+async fn a_producer_bound_to_a_tenant_spends_only_its_own() {
+    use provisioner_core::signing::{SIGNATURE_HEADER, SigningKeys};
+    use provisioner_core::tenants::TenantBinding;
+    let keys = Arc::new(
+        SigningKeys::parse(
+            "k1=a-secret-of-at-least-thirty-two-bytes!!,ops=another-secret-of-thirty-two-bytes!!",
+            Duration::from_secs(3600),
+        )
+        .expect("keys"),
+    );
+    let binding = Arc::new(TenantBinding::parse("key:k1=team-a,key:ops=*").expect("binding"));
+    let (signing, tenants) = (keys.clone(), binding.clone());
+    let mut h = harness_with(
+        1,
+        move |n| WorkerConfig {
+            signing: Some(signing.clone()),
+            tenants: Some(tenants.clone()),
+            ..config(n)
+        },
+        |store| store,
+    )
+    .await;
+    let publish = |id: &'static str, key_id: &'static str, tenant: Option<&str>| {
+        let mut request = serde_json::json!({"schema_version": 1, "request_id": id, "operation": "provision", "platform": "process", "spec": {"program": "x"}});
+        if let Some(tenant) = tenant {
+            request["tenant"] = tenant.into();
+        }
+        let body = request.to_string().into_bytes();
+        let secret: &[u8] = if key_id == "k1" {
+            b"a-secret-of-at-least-thirty-two-bytes!!"
+        } else {
+            b"another-secret-of-thirty-two-bytes!!"
+        };
+        let header = provisioner_core::signing::sign_with(
+            key_id,
+            secret,
+            "process.provision",
+            &body,
+            std::time::SystemTime::now(),
+        );
+        (
+            id,
+            body,
+            std::collections::BTreeMap::from([(SIGNATURE_HEADER.to_owned(), header)]),
+        )
+    };
+    for (id, body, headers) in [
+        publish("other-tenant", "k1", Some("team-b")),
+        publish("no-tenant", "k1", None),
+    ] {
+        h.broker
+            .publish_request_with_headers("process.provision", id, &body, &headers)
+            .await
+            .expect("publish");
+        let refused = h.until_terminal(id, 1).await;
+        let error = refused[0].error.clone().expect("an error");
+        assert_eq!(error.class, ErrorClass::Permission, "{refused:#?}");
+        assert!(error.message.contains("team-a"), "{refused:#?}");
+        assert!(!h.platform.exists(id));
+    }
+    for (id, body, headers) in [
+        publish("own-tenant", "k1", Some("team-a")),
+        publish("operator", "ops", Some("team-z")),
+        publish("operator-none", "ops", None),
+    ] {
+        h.broker
+            .publish_request_with_headers("process.provision", id, &body, &headers)
+            .await
+            .expect("publish");
+        let ended = h.until_terminal(id, 1).await;
+        assert_eq!(
+            ended.last().map(|e| e.state),
+            Some(State::Running),
+            "{ended:#?}"
+        );
+    }
+    let _ = keys;
+    let _ = binding;
+}
+
 #[tokio::test]
 async fn workers_reconciling_on_their_own_take_turns_and_send_one_teardown() {
     let reconciling = |n| WorkerConfig {

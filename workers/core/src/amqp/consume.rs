@@ -164,6 +164,7 @@ impl AmqpBroker {
                 )
                 .with_waits(waits)
                 .with_message_id(Some(message_id))
+                .with_publisher(properties.user_id().as_ref().map(|u| u.as_str().to_owned()))
                 .with_published_at(published_at)
                 .with_trace(trace_headers(properties))
                 .with_signature(header_string(properties, SIGNATURE_HEADER), from_producers))

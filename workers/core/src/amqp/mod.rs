@@ -267,6 +267,12 @@ pub struct AmqpBroker {
 }
 
 impl AmqpBroker {
+    /// The broker user this client logs in as, which every message it publishes names
+    /// in `user_id`.
+    pub fn login_user(&self) -> &str {
+        &self.inner.login_user
+    }
+
     /// Which status events this client believes.
     pub fn status_trust(&self) -> StatusTrust {
         StatusTrust {
@@ -399,14 +405,13 @@ impl Broker for AmqpBroker {
     async fn send_status(&self, event: &StatusEvent) -> Result<PendingConfirm, BrokerError> {
         let body = serde_json::to_vec(event).map_err(|e| BrokerError::Refused(e.to_string()))?;
         let message_id = format!("{}#{}", event.request_id, event.seq);
-        // `user_id` is checked by the broker against this connection's user: it is how a
+        // Sent with this connection's user in `user_id`, which the broker checks: how a
         // subscriber knows a worker published the event (see `StatusTrust`).
         self.send(
             STATUS_EXCHANGE,
             &event.routing_key(),
             &body,
-            persistent(&message_id, FieldTable::default())
-                .with_user_id(self.inner.login_user.as_str().into()),
+            persistent(&message_id, FieldTable::default()),
         )
         .await
     }
@@ -451,8 +456,7 @@ impl Broker for AmqpBroker {
             routing_key,
             body,
             persistent(request_id, header_table(headers)?)
-                .with_timestamp(epoch_seconds(SystemTime::now()))
-                .with_user_id(self.inner.login_user.as_str().into()),
+                .with_timestamp(epoch_seconds(SystemTime::now())),
         )
         .await
     }

@@ -77,7 +77,14 @@ impl AmqpBroker {
             ))
         };
         // Whatever is published while a traced span works names it as its parent.
-        let properties = super::with_current_trace(properties);
+        let mut properties = super::with_current_trace(properties);
+        // Every message says which broker user published it; RabbitMQ refuses a user_id
+        // other than the connection's, so a reader can believe it: subscribers judge
+        // status events by it, a worker binds producers to tenants by it, and the Lambda
+        // form tells its own messages from producers' by it.
+        if properties.user_id().is_none() && !self.inner.login_user.is_empty() {
+            properties = properties.with_user_id(self.inner.login_user.as_str().into());
+        }
         let sent = tokio::time::timeout_at(
             deadline,
             channel.basic_publish(

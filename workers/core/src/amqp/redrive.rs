@@ -109,6 +109,8 @@ impl AmqpBroker {
                     headers.insert(name.into(), long_string(&value));
                 }
             }
+            // Published as the operator's user (every message names its publisher): a
+            // deployment binding broker users to tenants (TENANTS) knows who redrove it.
             let properties =
                 persistent(&message_id, headers).with_timestamp(epoch_seconds(published_at));
             // A request the workers sent themselves (a fleet's member, an expiry's

@@ -108,6 +108,9 @@ pub struct WorkerConfig {
     /// When set, only requests signed with one of these keys run (see
     /// [`crate::signing`]); the rest are refused with class `permission`.
     pub signing: Option<Arc<crate::signing::SigningKeys>>,
+    /// When set, a producer may name only the tenant its key or broker user is bound to
+    /// (see [`crate::tenants`]); the rest are refused with class `permission`.
+    pub tenants: Option<Arc<crate::tenants::TenantBinding>>,
 }
 
 impl Default for WorkerConfig {
@@ -129,6 +132,7 @@ impl Default for WorkerConfig {
             rate_limits: crate::ratelimit::RateLimitSettings::default(),
             fleet_stall: Duration::from_secs(180),
             signing: None,
+            tenants: None,
         }
     }
 }
@@ -503,6 +507,7 @@ impl Worker {
         // A deployment that signs runs nothing a producer did not sign; the refusal
         // answers this message only, so a forgery cannot end the real request.
         let mut signed_at = None;
+        let mut signed_by = None;
         if let Some(keys) = &self.config.signing
             && delivery.from_producers
         {
@@ -515,6 +520,7 @@ impl Worker {
                 Err(why) => Some(why),
                 Ok(verified) => {
                     signed_at = Some(verified.signed_at);
+                    signed_by = Some(verified.key_id);
                     match verified.stale {
                         None => None,
                         // Too old to run, unless this is a request already accepted (a
@@ -561,6 +567,23 @@ impl Worker {
                 .refuse(
                     delivery,
                     Self::refusal_of(&request, ErrorClass::InvalidRequest, why.0),
+                )
+                .await;
+        }
+        // A deployment that binds producers to tenants lets each name only its own.
+        if let Some(binding) = &self.config.tenants
+            && delivery.from_producers
+            && !delivery.way_in_unknown
+            && let Err(why) = binding.check(
+                signed_by.as_deref(),
+                delivery.publisher.as_deref(),
+                request.tenant.as_deref(),
+            )
+        {
+            return self
+                .refuse(
+                    delivery,
+                    Self::refusal_of(&request, ErrorClass::Permission, why),
                 )
                 .await;
         }
