@@ -878,7 +878,8 @@ async fn a_producer_bound_to_a_tenant_cannot_spend_another_tenants_quota() {
         )
     };
     let (worker, producer) = (url("worker-docker"), url("producer"));
-    let tenants = format!("user:{producer_user}=team-a");
+    // The test's own client (guest) stands for an operator.
+    let tenants = format!("user:{producer_user}=team-a,user:guest=*");
     env.start_worker_with(
         "tenants",
         &[("AMQP_URL", worker.as_str()), ("TENANTS", tenants.as_str())],
@@ -942,6 +943,36 @@ async fn a_producer_bound_to_a_tenant_cannot_spend_another_tenants_quota() {
     .await
     .expect("publish");
     assert_eq!(events.terminal(&id(&own)).await.state, State::Running);
+
+    // Team B's resource, made by the operator: the team-a producer may not tear it
+    // down; its own, it may.
+    let theirs = request("their-team", Some("team-b"));
+    env.publish(&theirs).await;
+    assert_eq!(events.terminal(&id(&theirs)).await.state, State::Running);
+    for (name, target, state) in [
+        ("down-theirs", id(&theirs), State::Error),
+        ("down-own", id(&own), State::Stopped),
+    ] {
+        let mut teardown = env.teardown(name, &target);
+        teardown["tenant"] = "team-a".into();
+        common::publish_as_with(
+            &producer,
+            "provisioning.requests",
+            "docker.teardown",
+            teardown.to_string().as_bytes(),
+            Some(producer_user.as_str()),
+        )
+        .await
+        .expect("publish");
+        let event = events.terminal(&id(&teardown)).await;
+        assert_eq!(event.state, state, "{event:#?}");
+    }
+    let left = env.containers().await;
+    assert!(
+        left.contains_key(&id(&theirs)),
+        "team b's container stays: {left:?}"
+    );
+    assert!(!left.contains_key(&id(&own)), "{left:?}");
     for user in users {
         rabbitmqctl(&["-q", "delete_user", &user]);
     }

@@ -1,7 +1,8 @@
 //! Who a producer is, and which tenant it may spend: the binding of authenticated
 //! identities (a signing key's id, a broker user the broker vouched for in `user_id`) to
 //! tenants (`TENANTS`). Without a binding a request's `tenant` is the producer's word;
-//! with one, a producer may name only its own tenant, and must name it.
+//! with one, a producer may name only its own tenant, and must name it, and acts only on
+//! resources whose recorded end names its tenant (the runtime's `refuse_unless_owned`).
 
 use std::collections::HashMap;
 
@@ -63,7 +64,7 @@ impl TenantBinding {
         key: Option<&str>,
         user: Option<&str>,
         tenant: Option<&str>,
-    ) -> Result<(), String> {
+    ) -> Result<&Bound, String> {
         let (bound, who) = match (
             key.and_then(|k| self.by_key.get(k)),
             user.and_then(|u| self.by_user.get(u)),
@@ -82,8 +83,8 @@ impl TenantBinding {
             }
         };
         match (bound, tenant) {
-            (Bound::Any, _) => Ok(()),
-            (Bound::Tenant(own), Some(named)) if own == named => Ok(()),
+            (Bound::Any, _) => Ok(bound),
+            (Bound::Tenant(own), Some(named)) if own == named => Ok(bound),
             (Bound::Tenant(own), Some(named)) => Err(format!(
                 "the {who} is bound to tenant {own:?}, not {named:?}: a producer spends only its own tenant's quota"
             )),

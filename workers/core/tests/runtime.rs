@@ -1824,6 +1824,53 @@ async fn a_producer_bound_to_a_tenant_spends_only_its_own() {
             "{ended:#?}"
         );
     }
+
+    // Acting on a resource: only on its own tenant's. Team A's key may tear down its
+    // own provision, not the operator's team-z one, nor one never made.
+    let teardown = |id: &'static str, target: &str| {
+        let body = serde_json::json!({"schema_version": 1, "request_id": id, "operation": "teardown", "platform": "process", "target_request_id": target, "tenant": "team-a"}).to_string().into_bytes();
+        let header = provisioner_core::signing::sign_with(
+            "k1",
+            b"a-secret-of-at-least-thirty-two-bytes!!",
+            "process.teardown",
+            &body,
+            std::time::SystemTime::now(),
+        );
+        (
+            id,
+            body,
+            std::collections::BTreeMap::from([(SIGNATURE_HEADER.to_owned(), header)]),
+        )
+    };
+    for (id, body, headers) in [
+        teardown("not-mine", "operator"),
+        teardown("never-made", "nothing"),
+    ] {
+        h.broker
+            .publish_request_with_headers("process.teardown", id, &body, &headers)
+            .await
+            .expect("publish");
+        let refused = h.until_terminal(id, 1).await;
+        let error = refused[0].error.clone().expect("an error");
+        assert_eq!(error.class, ErrorClass::Permission, "{refused:#?}");
+        assert!(error.message.contains("not known to be"), "{refused:#?}");
+    }
+    assert!(
+        h.platform.exists("operator"),
+        "another tenant's resource stays"
+    );
+    let (id, body, headers) = teardown("mine", "own-tenant");
+    h.broker
+        .publish_request_with_headers("process.teardown", id, &body, &headers)
+        .await
+        .expect("publish");
+    let ended = h.until_terminal(id, 1).await;
+    assert_eq!(
+        ended.last().map(|e| e.state),
+        Some(State::Stopped),
+        "{ended:#?}"
+    );
+    assert!(!h.platform.exists("own-tenant"));
     let _ = keys;
     let _ = binding;
 }

@@ -50,7 +50,7 @@ use std::time::Duration;
 use futures_util::{FutureExt, StreamExt};
 use provisioner_events::{
     ErrorClass, ErrorInfo, Operation, RejectedMessage, Request, Resource, SCHEMA_VERSION, State,
-    StatusEvent, decode_request,
+    StatusEvent, TeardownTarget, decode_request,
 };
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -570,22 +570,36 @@ impl Worker {
                 )
                 .await;
         }
-        // A deployment that binds producers to tenants lets each name only its own.
+        // A deployment that binds producers to tenants lets each name only its own, and
+        // act only on what its own tenant made.
         if let Some(binding) = &self.config.tenants
             && delivery.from_producers
             && !delivery.way_in_unknown
-            && let Err(why) = binding.check(
+        {
+            match binding.check(
                 signed_by.as_deref(),
                 delivery.publisher.as_deref(),
                 request.tenant.as_deref(),
-            )
-        {
-            return self
-                .refuse(
-                    delivery,
-                    Self::refusal_of(&request, ErrorClass::Permission, why),
-                )
-                .await;
+            ) {
+                Err(why) => {
+                    return self
+                        .refuse(
+                            delivery,
+                            Self::refusal_of(&request, ErrorClass::Permission, why),
+                        )
+                        .await;
+                }
+                Ok(crate::tenants::Bound::Tenant(own))
+                    if request.operation != Operation::Provision =>
+                {
+                    if let Some(settlement) =
+                        self.refuse_unless_owned(&request, delivery, own).await
+                    {
+                        return settlement;
+                    }
+                }
+                Ok(_) => {}
+            }
         }
         let own = self.platform.name();
         let refusal = if request.platform != own {
@@ -632,6 +646,77 @@ impl Worker {
                 .await
             }
         }
+    }
+
+    /// For a producer bound to tenant `own`: refuses a request acting on a resource
+    /// unless its target's recorded end names `own` (a running provision of its
+    /// tenant). A target not known to be its own (another tenant's, still being made,
+    /// never made, or a resource the provisioner did not make) is refused: a bound
+    /// producer acts only on what is shown to be its tenant's.
+    async fn refuse_unless_owned(
+        &self,
+        request: &Request,
+        delivery: &Delivery,
+        own: &str,
+    ) -> Option<Settlement> {
+        let later = |why: String| async move {
+            self.wait_again(
+                request,
+                delivery,
+                self.config.retry.base_delay.max(Duration::from_secs(2)),
+                why,
+            )
+            .await
+        };
+        let target = match request.target() {
+            Ok(TeardownTarget::Request(id)) => Some(id.to_string()),
+            Ok(TeardownTarget::Resource(resource_id)) => {
+                match tokio::time::timeout(
+                    self.config.operation_timeout,
+                    self.platform.owner_of(&resource_id),
+                )
+                .await
+                {
+                    Ok(Ok(owner)) => owner.map(|id| id.to_string()),
+                    Ok(Err(e)) if !e.retryable => None,
+                    Ok(Err(e)) => {
+                        return Some(
+                            later(format!("looking up who made {resource_id}: {}", e.message))
+                                .await,
+                        );
+                    }
+                    Err(_) => {
+                        return Some(
+                            later(format!("looking up who made {resource_id} took too long")).await,
+                        );
+                    }
+                }
+            }
+            Err(_) => return None,
+        };
+        let owner_tenant = match target.as_deref() {
+            None => None,
+            Some(id) => match self.store.get(id).await {
+                Ok(record) => record.and_then(|r| r.result).and_then(|end| end.tenant),
+                Err(e) => return Some(later(format!("the state store failed: {e}")).await),
+            },
+        };
+        if owner_tenant.as_deref() == Some(own) {
+            return None;
+        }
+        let message = format!(
+            "the producer is bound to tenant {own:?}, and {} is not known to be {own:?}'s (another tenant's, not made yet, or not the provisioner's): a bound producer acts only on its own tenant's resources",
+            target
+                .as_deref()
+                .map_or_else(|| "the resource".to_owned(), |id| format!("request {id}"))
+        );
+        Some(
+            self.refuse(
+                delivery,
+                Self::refusal_of(request, ErrorClass::Permission, message),
+            )
+            .await,
+        )
     }
 
     fn refusal_of(request: &Request, class: ErrorClass, message: String) -> Refusal<'_> {
