@@ -120,8 +120,16 @@ async fn handler() -> Result<Handler, String> {
         )?),
     )?
     .map(Arc::new);
+    // Producers bound to tenants: held to them on Amazon MQ, where each message names
+    // its publisher (on SQS nobody vouches for one, and the binding is not applied).
+    let tenants = var("TENANTS")
+        .map(|setting| provisioner_core::tenants::TenantBinding::parse(&setting))
+        .transpose()
+        .map_err(|e| format!("TENANTS: {e}"))?
+        .map(Arc::new);
     let config = WorkerConfig {
         signing,
+        tenants,
         worker_id,
         prefetch,
         rate_limits,

@@ -768,6 +768,38 @@ async fn a_rabbitmq_batch_delivered_again_to_a_cold_instance_does_not_dead_lette
     assert!(env.function_log().contains("already handed on"));
 }
 
+/// A function binding producers to tenants (`TENANTS`, by the broker user an Amazon MQ
+/// event names): a producer's request naming another tenant is refused, its own runs.
+#[tokio::test]
+async fn a_function_binding_producers_to_tenants_refuses_another_tenants_request() {
+    let mut env = Env::new().await;
+    let mut events = env.events().await;
+    env.settings
+        .push(("TENANTS".into(), "user:AIDACKCEVSQ6C2EXAMPLE=team-a".into()));
+    env.start_function("aws-ec2", &localstack());
+    let (other_id, own_id) = (env.id("tenant-other"), env.id("tenant-own"));
+    let mut other = ec2_provision(&other_id, IMAGE);
+    other["tenant"] = "team-b".into();
+    other["dry_run"] = true.into();
+    let mut own = ec2_provision(&own_id, IMAGE);
+    own["tenant"] = "team-a".into();
+    own["dry_run"] = true.into();
+    let answer = env
+        .api
+        .invoke(rabbitmq_event(
+            &work_queue(PlatformName::AwsEc2),
+            &[other, own],
+        ))
+        .await;
+    assert_eq!(answer, Ok(serde_json::json!({})), "{}", env.function_log());
+    let refused = events.terminal_count(&other_id, 1).await;
+    let error = refused[0].error.clone().expect("refused");
+    assert_eq!(error.class, ErrorClass::Permission, "{refused:#?}");
+    assert!(error.message.contains("team-a"), "{refused:#?}");
+    let checked = events.terminal_count(&own_id, 1).await;
+    assert_eq!(checked[0].state, State::Checked, "{checked:#?}");
+}
+
 /// The secret of key `k1` in the signing tests.
 const SECRET: &str = "a-secret-of-at-least-thirty-two-bytes!!";
 
