@@ -700,6 +700,37 @@ async fn a_producer_cannot_take_the_workers_ids_fields_or_routing_key() {
         "nothing of the attacks was made"
     );
 
+    // The operator redrives the dead letters: the refused forgeries go back the
+    // producers' way and are refused again. A redrive never makes a producer's message
+    // a worker's (the member would otherwise run).
+    let member_id = format!("member-{}", env.run_id);
+    let redrive_at = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs() as i64;
+    let redriven = env.cli(&["redrive", "--platform", "docker"]);
+    assert!(
+        redriven.status.success(),
+        "{}",
+        String::from_utf8_lossy(&redriven.stderr)
+    );
+    let again = events
+        .until(
+            Duration::from_secs(60),
+            "the redriven member's refusal",
+            |e| {
+                e.request_id == member_id
+                    && e.rejected_message.is_some()
+                    && e.timestamp.unix_timestamp() >= redrive_at
+            },
+        )
+        .await;
+    assert_eq!(again.error.expect("why").class, ErrorClass::InvalidRequest);
+    assert!(
+        env.containers().await.is_empty(),
+        "no forgery ran once redriven"
+    );
+
     // Past the broker's message size (1 MiB, scripts/dev-services.sh and the compose
     // file), a message is refused at publish: it never reaches a worker's memory.
     let huge = vec![b' '; 2 << 20];

@@ -320,7 +320,7 @@ fn parse_bool(value: &str) -> Result<bool, String> {
 }
 
 /// The items of a comma-separated setting, trimmed, empty ones left out.
-fn comma_list(value: &str) -> Vec<String> {
+pub fn comma_list(value: &str) -> Vec<String> {
     value
         .split(',')
         .map(str::trim)

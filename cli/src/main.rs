@@ -294,13 +294,7 @@ async fn run(cli: Cli) -> ExitCode {
 async fn amqp(connections: &Connections, name: &str) -> Result<AmqpBroker, Failure> {
     let url = connections.require_amqp()?;
     let mut config = AmqpConfig::new(url);
-    config.status_publishers = connections
-        .status_publishers
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect();
+    config.status_publishers = config::comma_list(&connections.status_publishers);
     config.connection_name = name.to_owned();
     config.management_api =
         ManagementApi::from_setting(connections.rabbitmq_management_url.as_deref());

@@ -125,6 +125,8 @@ pub struct DeliveryParts {
     pub signature: Option<String>,
     /// Whether it came the producers' way (see [`Delivery::from_producers`]).
     pub from_producers: bool,
+    /// See [`Delivery::way_in_unknown`].
+    pub way_in_unknown: bool,
 }
 
 impl Delivery {
@@ -203,6 +205,7 @@ impl Delivery {
             published_at: self.published_at,
             signature: self.signature,
             from_producers: self.from_producers,
+            way_in_unknown: self.way_in_unknown,
         };
         self.settler.settle(parts, settlement).await
     }

@@ -24,6 +24,7 @@
 //! Platform crates depend only on [`platform`] and `provisioner-events`; the RabbitMQ and
 //! Redis adapters sit behind the `rabbitmq` and `redis` features.
 
+pub mod allow;
 #[cfg(feature = "rabbitmq")]
 pub mod amqp;
 pub mod backoff;

@@ -1770,12 +1770,7 @@ async fn a_producer_bound_to_a_tenant_spends_only_its_own() {
         |store| store,
     )
     .await;
-    let publish = |id: &'static str, key_id: &'static str, tenant: Option<&str>| {
-        let mut request = serde_json::json!({"schema_version": 1, "request_id": id, "operation": "provision", "platform": "process", "spec": {"program": "x"}});
-        if let Some(tenant) = tenant {
-            request["tenant"] = tenant.into();
-        }
-        let body = request.to_string().into_bytes();
+    let signed = |key_id: &str, routing_key: &str, body: &[u8]| {
         let secret: &[u8] = if key_id == "k1" {
             b"a-secret-of-at-least-thirty-two-bytes!!"
         } else {
@@ -1784,15 +1779,20 @@ async fn a_producer_bound_to_a_tenant_spends_only_its_own() {
         let header = provisioner_core::signing::sign_with(
             key_id,
             secret,
-            "process.provision",
-            &body,
+            routing_key,
+            body,
             std::time::SystemTime::now(),
         );
-        (
-            id,
-            body,
-            std::collections::BTreeMap::from([(SIGNATURE_HEADER.to_owned(), header)]),
-        )
+        std::collections::BTreeMap::from([(SIGNATURE_HEADER.to_owned(), header)])
+    };
+    let publish = |id: &'static str, key_id: &'static str, tenant: Option<&str>| {
+        let mut request = serde_json::json!({"schema_version": 1, "request_id": id, "operation": "provision", "platform": "process", "spec": {"program": "x"}});
+        if let Some(tenant) = tenant {
+            request["tenant"] = tenant.into();
+        }
+        let body = request.to_string().into_bytes();
+        let headers = signed(key_id, "process.provision", &body);
+        (id, body, headers)
     };
     for (id, body, headers) in [
         publish("other-tenant", "k1", Some("team-b")),
@@ -1829,18 +1829,8 @@ async fn a_producer_bound_to_a_tenant_spends_only_its_own() {
     // own provision, not the operator's team-z one, nor one never made.
     let teardown = |id: &'static str, target: &str| {
         let body = serde_json::json!({"schema_version": 1, "request_id": id, "operation": "teardown", "platform": "process", "target_request_id": target, "tenant": "team-a"}).to_string().into_bytes();
-        let header = provisioner_core::signing::sign_with(
-            "k1",
-            b"a-secret-of-at-least-thirty-two-bytes!!",
-            "process.teardown",
-            &body,
-            std::time::SystemTime::now(),
-        );
-        (
-            id,
-            body,
-            std::collections::BTreeMap::from([(SIGNATURE_HEADER.to_owned(), header)]),
-        )
+        let headers = signed("k1", "process.teardown", &body);
+        (id, body, headers)
     };
     for (id, body, headers) in [
         teardown("not-mine", "operator"),

@@ -133,10 +133,7 @@ impl DockerPolicy {
             || self
                 .allowed_images
                 .iter()
-                .any(|pattern| match pattern.strip_suffix('*') {
-                    Some(prefix) => image.starts_with(prefix),
-                    None => image == pattern,
-                })
+                .any(|pattern| provisioner_core::allow::matches(pattern, image))
     }
 
     /// Refuses what the worker's configuration does not allow.

@@ -17,6 +17,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use provisioner_core::allow::matches;
 use provisioner_core::health::Probe;
 use provisioner_core::platform::spec_of;
 use provisioner_core::{Described, Finding, Platform, PlatformError, SetupError};
@@ -79,14 +80,6 @@ const NEVER_FROM_A_SPEC: [&str; 20] = [
 
 /// The `PATH` a child gets: the system's directories, not the worker's.
 const CHILD_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
-
-/// Whether `value` equals `pattern`, or starts with it when it ends in `*`.
-fn matches(pattern: &str, value: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => value.starts_with(prefix),
-        None => value == pattern,
-    }
-}
 
 /// Splits `PROCESS_ALLOW` at the commas outside `[…]`.
 fn entries(list: &str) -> Vec<&str> {

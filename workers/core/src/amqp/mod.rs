@@ -231,11 +231,7 @@ impl StatusTrust {
         };
         let trusted = user == self.own_user
             || self.publishers.iter().any(|pattern| {
-                let pattern = pattern.replace("{platform}", &event.platform);
-                match pattern.strip_suffix('*') {
-                    Some(prefix) => user.starts_with(prefix),
-                    None => user == pattern,
-                }
+                crate::allow::matches(&pattern.replace("{platform}", &event.platform), user)
             });
         if trusted {
             Ok(event)

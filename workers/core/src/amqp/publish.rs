@@ -180,6 +180,7 @@ impl AmqpBroker {
             attempt,
             published_at,
             signature,
+            via_requests,
         } = letter;
         let mut headers = FieldTable::default();
         headers
@@ -192,6 +193,11 @@ impl AmqpBroker {
         // A redriven request is verified again: it keeps its signature.
         if let Some(signature) = signature {
             headers.insert(SIGNATURE_HEADER.into(), long_string(signature));
+        }
+        // A producer's message: redriven, it goes back the producers' way, however much
+        // it looks like one the workers send (that is why it was refused).
+        if via_requests {
+            headers.insert(VIA_REQUESTS_HEADER.into(), AMQPValue::Boolean(true));
         }
         let mut properties = persistent(message_id, headers);
         if let Some(published_at) = published_at {
@@ -215,6 +221,8 @@ pub struct Letter<'a> {
     pub published_at: Option<SystemTime>,
     /// Its producer's signature, if it had one.
     pub signature: Option<&'a str>,
+    /// It came through `provisioning.requests` (a producer's message, known to be).
+    pub via_requests: bool,
 }
 
 impl<'a> Letter<'a> {
@@ -227,9 +235,13 @@ impl<'a> Letter<'a> {
             attempt: delivery.attempt,
             published_at: delivery.published_at,
             signature: delivery.signature.as_deref(),
+            via_requests: delivery.from_producers && !delivery.way_in_unknown,
         }
     }
 }
+
+/// Set on a dead letter that came through `provisioning.requests`.
+pub(super) const VIA_REQUESTS_HEADER: &str = "x-provisioner-via-requests";
 
 pub(super) const BLOCKED: &str = "RabbitMQ blocks publishing on this connection (a memory or disk alarm); work resumes when the alarm clears";
 

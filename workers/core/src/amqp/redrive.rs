@@ -14,7 +14,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::FieldTable;
 use provisioner_events::{PlatformName, REQUESTS_EXCHANGE};
 
-use super::publish::{epoch_seconds, persistent};
+use super::publish::{VIA_REQUESTS_HEADER, epoch_seconds, persistent};
 use super::{
     AmqpBroker, BrokerError, CLASS_HEADER, INTERNAL_EXCHANGE, REASON_HEADER, dead_letter_queue,
     header_string, long_string, short, unavailable, work_queue,
@@ -114,12 +114,18 @@ impl AmqpBroker {
             let properties =
                 persistent(&message_id, headers).with_timestamp(epoch_seconds(published_at));
             // A request the workers sent themselves (a fleet's member, an expiry's
-            // teardown: an id under '#', or their own fields) goes back their way: through
-            // provisioning.requests a worker refuses it as a producer's.
-            let derived = request_id.as_deref().is_some_and(|id| id.contains('#'))
-                || body_request
-                    .as_ref()
-                    .is_some_and(|v| v.get("fleet_member").is_some() || v.get("cause").is_some());
+            // teardown: what a producer may not send) goes back their way, or a worker
+            // would refuse it as a producer's. Never one that came the producers' way
+            // (refused for exactly that, by a worker or, past the delivery limit, by the
+            // broker): redriving a forgery must not make it a worker's.
+            let from_producers = delivery.properties.headers().as_ref().is_some_and(|h| {
+                h.inner().contains_key(VIA_REQUESTS_HEADER)
+                    || header_string(&delivery.properties, "x-first-death-exchange").as_deref()
+                        == Some(REQUESTS_EXCHANGE)
+            });
+            let derived = !from_producers
+                && provisioner_events::decode_request(&delivery.data)
+                    .is_ok_and(|request| request.check_from_producer().is_err());
             let published = if routing_key == work_queue(platform) {
                 self.publish("", &routing_key, &delivery.data, properties)
                     .await
