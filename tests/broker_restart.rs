@@ -27,7 +27,8 @@ async fn rabbitmq_restarting_mid_run_loses_no_request_and_the_worker_survives() 
     // outcome is read where it is kept: the state store and the container engine.
     let store = RedisStore::connect(&env.redis_url, &env.redis_prefix, Duration::from_secs(600))
         .await
-        .expect("redis");
+        .expect("redis")
+        .for_platform(provisioner_events::PlatformName::Docker);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     for request_id in &request_ids {
         loop {

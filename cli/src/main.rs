@@ -63,8 +63,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show what the state store knows of a request.
-    Status { request_id: String },
+    /// Show what the state store knows of a request. Request ids are one platform's:
+    /// without --platform, every platform's record of that id is shown.
+    Status {
+        request_id: String,
+        /// Only this platform's record.
+        #[arg(long, value_parser = config::parse_platform)]
+        platform: Option<PlatformName>,
+    },
     /// Check, before sending any work, that a worker of this platform can work here:
     /// where it will act, with which credentials, and whether it holds the rights it
     /// needs. Exits 0 when nothing failed, 64 otherwise (69 when its endpoint does not
@@ -126,6 +132,16 @@ enum Command {
         #[arg(long, default_value = "/")]
         vhost: String,
     },
+    /// Print the Redis users of a least-privilege deployment as `ACL SETUSER` lines for
+    /// `redis-cli`: one worker user per platform, limited to its platform's keys and the
+    /// tenants' shared ledger, and an operator. They set no password and change none:
+    /// turn each on once with `ACL SETUSER <user> on >PASSWORD`.
+    RedisUsers,
+    /// Move the state store from key layout version 1 (everything directly under the
+    /// prefix) to version 2 (each platform's keys under `<prefix><platform>:`), with the
+    /// workers stopped, as a Redis user that reaches every key under the prefix. Safe to
+    /// run again. With signing keys set, the fleets it moves are sealed with them.
+    MigrateStore,
     /// A tiny HTTP server, the program of the shipped process examples.
     #[command(hide = true)]
     DemoHttp {
@@ -244,7 +260,18 @@ async fn run(cli: Cli) -> ExitCode {
             platform,
             json,
         } => watch(&cli.connections, request_id, platform, json).await,
-        Command::Status { request_id } => status(&cli.connections, &request_id).await,
+        Command::Status {
+            request_id,
+            platform,
+        } => status(&cli.connections, &request_id, platform).await,
+        Command::RedisUsers => {
+            for user in provisioner_core::redis_store::acl_users(&cli.connections.redis_key_prefix)
+            {
+                println!("ACL SETUSER {}", user.join(" "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::MigrateStore => migrate_store(&cli.connections).await,
         Command::Check {
             platform,
             platforms,
@@ -334,7 +361,12 @@ async fn worker(
     connections.require_redis()?;
     let platform = platforms.build(settings.platform).await?;
     log_preflight(platform.as_ref()).await;
-    let store: Arc<dyn StateStore> = Arc::new(redis(connections).await?);
+    let store = redis(connections).await?.for_platform(settings.platform);
+    store
+        .check_layout()
+        .await
+        .map_err(|e| Failure::config(anyhow::anyhow!(e)))?;
+    let store: Arc<dyn StateStore> = Arc::new(store);
     let broker: Arc<dyn Broker> = Arc::new(amqp(connections, &config.worker_id).await?);
     let worker = Arc::new(Worker::new(platform, store, broker, config));
     if let Some(addr) = settings.metrics_addr {
@@ -534,7 +566,7 @@ async fn reconcile(
     options: provisioner_core::ReconcileOptions,
 ) -> Result<ExitCode, Failure> {
     let built = platforms.build(platform).await?;
-    let store = redis(connections).await?;
+    let store = redis(connections).await?.for_platform(platform);
     let broker = amqp(connections, "provisioner-reconcile").await?;
     broker
         .declare(platform)
@@ -599,35 +631,75 @@ async fn quota(connections: &Connections, action: QuotaAction) -> Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-async fn status(connections: &Connections, request_id: &str) -> Result<ExitCode, Failure> {
+async fn status(
+    connections: &Connections,
+    request_id: &str,
+    platform: Option<PlatformName>,
+) -> Result<ExitCode, Failure> {
     let store = redis(connections).await?;
-    let Some(record) = store
-        .get(request_id)
-        .await
-        .context("reading the state store")?
-    else {
+    let platforms: Vec<PlatformName> = match platform {
+        Some(platform) => vec![platform],
+        None => PlatformName::ALL.to_vec(),
+    };
+    let mut found = 0;
+    for platform in platforms {
+        let Some(record) = store
+            .for_platform(platform)
+            .get(request_id)
+            .await
+            .context("reading the state store")?
+        else {
+            continue;
+        };
+        found += 1;
+        let output = serde_json::json!({
+            "request_id": request_id,
+            "platform": platform,
+            "state": record.state,
+            "owner": record.owner,
+            "fence": record.fence,
+            "seq": record.seq,
+            "attempts": record.attempts,
+            "torn_down_by": record.torn_down_by,
+            "acted_on_by": record.actor,
+            "lease_remaining_ms": record.lease_remaining.map(|d| d.as_millis() as u64),
+            "result": record.result,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&output).context("formatting")?
+        );
+    }
+    if found == 0 {
         eprintln!(
             "no request {request_id} is known (never received, or finished longer ago than the retention)"
         );
         return Ok(ExitCode::from(EXIT_DATA));
-    };
-    let output = serde_json::json!({
-        "request_id": request_id,
-        "state": record.state,
-        "owner": record.owner,
-        "fence": record.fence,
-        "seq": record.seq,
-        "attempts": record.attempts,
-        "torn_down_by": record.torn_down_by,
-        "acted_on_by": record.actor,
-        "lease_remaining_ms": record.lease_remaining.map(|d| d.as_millis() as u64),
-        "result": record.result,
-    });
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn migrate_store(connections: &Connections) -> Result<ExitCode, Failure> {
+    let store = redis(connections).await?;
+    let keys = connections.signing_keys()?;
+    let report = store
+        .migrate_from_v1(keys.as_deref())
+        .await
+        .context("migrating the state store")?;
     println!(
         "{}",
-        serde_json::to_string_pretty(&output).context("formatting")?
+        serde_json::to_string_pretty(&serde_json::json!({
+            "moved": report.moved,
+            "left": report.left,
+        }))
+        .context("formatting")?
     );
-    Ok(ExitCode::SUCCESS)
+    if report.left.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("some keys say no platform and were left where they are; see `left`");
+        Ok(ExitCode::from(EXIT_DATA))
+    }
 }
 
 #[cfg(test)]

@@ -103,7 +103,9 @@ async fn handler() -> Result<Handler, String> {
         .map_err(|e| format!("declaring the topology on RabbitMQ: {e}"))?;
     let store = RedisStore::connect(&redis_url, &prefix, DEFAULT_RETENTION)
         .await
-        .map_err(|e| format!("Redis at {}: {e}", redact(&redis_url)))?;
+        .map_err(|e| format!("Redis at {}: {e}", redact(&redis_url)))?
+        .for_platform(platform_name);
+    store.check_layout().await.map_err(|e| e.to_string())?;
     let rate_limits = provisioner_core::RateLimitSettings::parse(
         var("RATE_LIMITS").as_deref().unwrap_or_default(),
     )?;

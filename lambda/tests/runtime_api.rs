@@ -210,10 +210,12 @@ impl Env {
             .expect("claim");
     }
 
+    /// The store as the EC2 function sees it (every request of these tests is EC2's).
     async fn store(&self) -> RedisStore {
         RedisStore::connect(&self.redis_url, &self.prefix, DEFAULT_RETENTION)
             .await
             .expect("Redis must be running")
+            .for_platform(PlatformName::AwsEc2)
     }
 }
 

@@ -20,7 +20,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use provisioner_core::StateStore;
-use provisioner_events::{Operation, RejectedMessage, State, StatusEvent, decode_request};
+use provisioner_core::redis_store::RedisStore;
+use provisioner_events::{
+    Operation, PlatformName, RejectedMessage, State, StatusEvent, decode_request,
+};
 
 /// One message as the workload published it.
 #[derive(Debug, Clone)]
@@ -30,6 +33,8 @@ struct Sent {
     payload_hash: Option<String>,
     operation: Option<Operation>,
     target: Option<String>,
+    /// Whose records its id names (request ids are one platform's).
+    platform: Option<PlatformName>,
 }
 
 /// Events by the request id they name.
@@ -63,6 +68,7 @@ impl Ledger {
             target: decoded
                 .as_ref()
                 .and_then(|r| r.target_request_id.as_ref().map(|t| t.to_string())),
+            platform: decoded.as_ref().map(|r| r.platform),
         };
         let bodies = self.sent.entry(request_id.to_owned()).or_default();
         if !bodies.iter().any(|b| b.body == sent.body) {
@@ -157,7 +163,7 @@ pub async fn judge(
     ledger: &Ledger,
     events: &[StatusEvent],
     resources: &HashMap<String, Vec<String>>,
-    store: &dyn StateStore,
+    store: &RedisStore,
 ) -> Verdict {
     let mut verdict = Verdict {
         messages: ledger.copies,
@@ -169,7 +175,7 @@ pub async fn judge(
     let mut torn_down: BTreeSet<String> = BTreeSet::new();
     for (id, bodies) in &ledger.sent {
         let ours = by_id.get(id.as_str()).cloned().unwrap_or_default();
-        let record = read(store, id).await;
+        let record = read(store, platform_of(bodies), id).await;
         if record
             .as_ref()
             .is_some_and(|r| r.result.is_none() && r.payload_hash.is_some())
@@ -232,7 +238,7 @@ pub async fn judge(
         }
     }
     for (id, bodies) in &ledger.sent {
-        let Some(held) = read(store, id).await else {
+        let Some(held) = read(store, platform_of(bodies), id).await else {
             continue;
         };
         let is_provision = bodies.iter().any(|b| {
@@ -298,8 +304,22 @@ pub async fn judge(
     verdict
 }
 
+/// The platform whose records a request id names: the one its copies were sent to
+/// (Docker for a copy that never decoded; it has no record anywhere).
+fn platform_of(bodies: &[Sent]) -> PlatformName {
+    bodies
+        .iter()
+        .find_map(|b| b.platform)
+        .unwrap_or(PlatformName::Docker)
+}
+
 /// A record, read again while the store is reconnecting (a test may have restarted it).
-async fn read(store: &dyn StateStore, id: &str) -> Option<provisioner_core::store::RequestRecord> {
+async fn read(
+    store: &RedisStore,
+    platform: PlatformName,
+    id: &str,
+) -> Option<provisioner_core::store::RequestRecord> {
+    let store = store.for_platform(platform);
     let mut tries = 0;
     loop {
         match store.get(id).await {

@@ -54,7 +54,8 @@ impl Fleet {
                 Duration::from_secs(3600),
             )
             .await
-            .expect("Redis"),
+            .expect("Redis")
+            .for_platform(platform.name()),
         );
         let connect = || async {
             Arc::new(

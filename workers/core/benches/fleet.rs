@@ -128,7 +128,8 @@ async fn harness() {
             Duration::from_secs(3600),
         )
         .await
-        .expect("Redis"),
+        .expect("Redis")
+        .for_platform(PLATFORM),
     );
     let broker = Arc::new(
         AmqpBroker::connect(AmqpConfig::new(url.clone()))

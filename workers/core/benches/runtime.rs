@@ -91,7 +91,8 @@ async fn runtime_child(url: &str) {
         .expect("broker");
     let store = RedisStore::connect(&redis_url, &prefix, Duration::from_secs(600))
         .await
-        .expect("redis");
+        .expect("redis")
+        .for_platform(PLATFORM);
     let config = WorkerConfig {
         prefetch: env_or("BENCH_PREFETCH", 16),
         ..WorkerConfig::default()

@@ -16,6 +16,7 @@
 //! | `provisioner_lease_takeovers_total` | | requests claimed again after another attempt or a lost holder |
 //! | `provisioner_rate_limit_wait_seconds` | | how long calls waited for their rate-limit tokens |
 //! | `provisioner_reconnects_total` | peer | reconnections to the `broker`, retries of the `store` |
+//! | `provisioner_store_entries_refused_total` | kind | entries read back from the store that were not acted on: unsealed, altered, moved or stale (`fleet`) — someone wrote the store who is not a worker |
 //!
 //! [`Health`] is what `/live` and `/ready` answer: ready only while the worker consumes
 //! from a broker that takes its publishes.
@@ -96,6 +97,13 @@ pub struct Metrics {
     rate_limit_wait_seconds: Family<PlatformLabel, Histogram>,
     health_wait_seconds: Family<OutcomeLabels, Histogram>,
     reconnects: Family<PeerLabels, Counter>,
+    store_entries_refused: Family<KindLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    platform: String,
+    kind: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -235,6 +243,12 @@ impl Metrics {
             "Reconnections to the broker and retries of the state store",
             reconnects.clone(),
         );
+        let store_entries_refused = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "store_entries_refused",
+            "Entries read back from the store and not acted on: not sealed by a worker, altered, moved or stale",
+            store_entries_refused.clone(),
+        );
         let metrics = Metrics {
             platform: platform.to_string(),
             registry,
@@ -248,6 +262,7 @@ impl Metrics {
             rate_limit_wait_seconds,
             health_wait_seconds,
             reconnects,
+            store_entries_refused,
         };
         // Present from the first scrape, not only once something happened.
         drop(metrics.in_flight.get_or_create(&metrics.platform_label()));
@@ -372,6 +387,17 @@ impl Metrics {
                 outcome: outcome.to_owned(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// An entry of `kind` read back from the store was refused (see
+    /// [`crate::signing::SigningKeys::open`]).
+    pub(crate) fn store_entry_refused(&self, kind: &str) {
+        self.store_entries_refused
+            .get_or_create(&KindLabels {
+                platform: self.platform.clone(),
+                kind: kind.into(),
+            })
+            .inc();
     }
 
     /// The worker connected to its `peer` again (`broker`), or retried it (`store`).

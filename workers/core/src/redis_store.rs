@@ -1,5 +1,5 @@
-//! The state store on Redis. Each request is one hash, `<prefix>req:<request_id>`, and
-//! every transition is one Lua script, so claims, renewals and fenced writes are atomic.
+//! The state store on Redis. Each request is one hash, `<prefix><platform>:req:<request_id>`,
+//! and every transition is one Lua script, so claims, renewals and fenced writes are atomic.
 //! Lease times come from the Redis server's clock (`TIME`), never from the workers', so
 //! clock skew between worker hosts cannot shorten or stretch a lease.
 //!
@@ -10,7 +10,17 @@
 //! on its resource), `acts_on` (a teardown's: the request whose resource it removes),
 //! `handed` (released in good order, until the next claim), `updated_ms`. Finished records and tombstones expire after the
 //! retention period; records in progress never expire and are indexed by lease end in
-//! the sorted set `<prefix>inflight`, so abandoned ones can be found.
+//! the sorted set `<prefix><platform>:inflight`, so abandoned ones can be found.
+//!
+//! Key layout (version 2). Everything a platform's workers keep lives under
+//! `<prefix><platform>:` — records, fleets, schedules (`expiries:<name>`), API buckets,
+//! turns, each request's quota reservation — so a Redis user limited to that pattern
+//! (`provisioner redis-users`) works, and holding it reaches no other platform's work.
+//! Request ids are therefore one platform's. Only the tenants' ledger is shared:
+//! `<prefix>quota:<tenant>` (limits, written by the operator, read by workers),
+//! `<prefix>quota-holders:<tenant>` (the set of `<platform>:<request id>` holding a
+//! machine) and `<prefix>quota-used:<tenant>` (the other units). Version 1 kept
+//! everything under `<prefix>` directly; `provisioner migrate-store` moves it.
 //!
 //! The guarantees assume a Redis that keeps what it acknowledged: append-only with
 //! `appendfsync everysec` (at most a second of writes lost in a crash). A lost record is
@@ -21,7 +31,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use provisioner_events::{State, StatusEvent};
+use provisioner_events::{PlatformName, State, StatusEvent};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
@@ -237,11 +247,10 @@ redis.call('HDEL', KEYS[1], 'tombstone')
 return 1
 "#;
 
-/// KEYS index; ARGV idle_ms, platform, limit, key prefix. Returns request ids.
-/// The index is every platform's: it is read page by page, oldest first, until `limit`
-/// of this platform's are found or 10,000 entries were looked at, so another
-/// platform's backlog of abandoned records cannot hide this one's (it did when only the
-/// first page was read: issue 25, hole 7).
+/// KEYS index; ARGV idle_ms, platform, limit, the platform's key prefix. Returns request
+/// ids. The index is the platform's own; it is still read page by page, oldest first,
+/// until `limit` records of the platform's routes are found or 10,000 entries were looked
+/// at, so a backlog of entries that are no longer in progress cannot hide the rest.
 const STALE: &str = r#"
 local cutoff = tostring(now - tonumber(ARGV[1]))
 local limit = tonumber(ARGV[3])
@@ -287,7 +296,7 @@ return due
 /// KEYS holders (set: the machines), tenant's quota (hash: `limit` of machines,
 /// `limit:<unit>` of the others), default quota (hash), holder (string: its tenant), the
 /// tenant's used units (hash), holder's cost (hash), the request's record; ARGV
-/// request_id, tenant, fence, nonce, then unit and amount pairs. Returns {'1'},
+/// holder name (`<platform>:<request id>`), tenant, fence, nonce, then unit and amount pairs. Returns {'1'},
 /// {'0', unit, limit, used, wanted}, {'missing'} or {'fenced'}.
 const RESERVE_QUOTA: &str = r#"
 local holder = redis.call('HMGET', KEYS[7], 'fence', 'nonce')
@@ -317,7 +326,7 @@ end
 return {'1'}
 "#;
 
-/// KEYS holder (string), holder's cost (hash); ARGV key prefix, request_id.
+/// KEYS holder (string), holder's cost (hash); ARGV key prefix, holder name.
 const RELEASE_QUOTA: &str = r#"
 local tenant = redis.call('GET', KEYS[1])
 if not tenant then return 0 end
@@ -348,6 +357,7 @@ redis.call('ZADD', KEYS[2], lease_until, ARGV[5])
 return {'reaped', tostring(fence), tostring(seq), rec[4] or '', rec[5] or '0'}
 "#;
 
+#[derive(Clone)]
 struct Scripts {
     claim: Script,
     renew: Script,
@@ -393,9 +403,14 @@ impl Scripts {
 }
 
 /// The Redis [`StateStore`].
+#[derive(Clone)]
 pub struct RedisStore {
     connection: ConnectionManager,
     prefix: String,
+    /// The platform whose keys this store reaches, and their prefix
+    /// (`<prefix><platform>:`); `None` until [`RedisStore::for_platform`].
+    platform: Option<String>,
+    space: Option<String>,
     retention: Duration,
     scripts: Scripts,
 }
@@ -404,6 +419,7 @@ impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
+            .field("platform", &self.platform)
             .field("retention", &self.retention)
             .finish_non_exhaustive()
     }
@@ -474,65 +490,306 @@ impl RedisStore {
         Ok(RedisStore {
             connection,
             prefix: prefix.to_owned(),
+            platform: None,
+            space: None,
             retention,
             scripts: Scripts::new(),
         })
     }
 
-    fn key(&self, request_id: &str) -> String {
-        format!("{}req:{request_id}", self.prefix)
+    /// The same connection, reaching `platform`'s keys (`<prefix><platform>:…`) and the
+    /// shared quota keys. A worker's store is always one platform's: its Redis user may
+    /// be limited to that platform's keys (see `provisioner redis-users`), so one
+    /// platform's credentials cannot read or plant another's records.
+    pub fn for_platform(&self, platform: PlatformName) -> RedisStore {
+        let mut scoped = self.clone();
+        scoped.platform = Some(platform.as_str().to_owned());
+        scoped.space = Some(format!("{}{platform}:", self.prefix));
+        scoped
     }
 
-    /// A fleet's request, as JSON.
-    fn fleet_key(&self, request_id: &str) -> String {
-        format!("{}fleet:{request_id}", self.prefix)
+    /// The prefix every key of this deployment starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The key prefix of this store's platform: `<prefix><platform>:`.
+    fn space(&self) -> Result<&str, StoreError> {
+        self.space.as_deref().ok_or_else(|| {
+            StoreError::Corrupt(
+                "this store is not scoped to a platform (RedisStore::for_platform); it reaches only the shared quota keys".into(),
+            )
+        })
+    }
+
+    fn key(&self, request_id: &str) -> Result<String, StoreError> {
+        Ok(format!("{}req:{request_id}", self.space()?))
+    }
+
+    /// A fleet's request, as JSON (sealed by the runtime when signing is on).
+    fn fleet_key(&self, request_id: &str) -> Result<String, StoreError> {
+        Ok(format!("{}fleet:{request_id}", self.space()?))
     }
 
     /// An API token bucket: a hash of `tokens`, `ts` (ms) and `rate`.
-    fn bucket_key(&self, key: &str) -> String {
-        format!("{}ratelimit:{key}", self.prefix)
+    fn bucket_key(&self, key: &str) -> Result<String, StoreError> {
+        Ok(format!("{}ratelimit:{key}", self.space()?))
     }
 
-    fn handed_on_key(&self, key: &str) -> String {
-        format!("{}handed-on:{key}", self.prefix)
+    fn handed_on_key(&self, key: &str) -> Result<String, StoreError> {
+        Ok(format!("{}handed-on:{key}", self.space()?))
     }
 
-    fn turn_key(&self, key: &str) -> String {
-        format!("{}turn:{key}", self.prefix)
+    fn turn_key(&self, key: &str) -> Result<String, StoreError> {
+        Ok(format!("{}turn:{key}", self.space()?))
     }
 
-    fn index(&self) -> String {
-        format!("{}inflight", self.prefix)
+    /// The platform's records in progress, scored by lease end.
+    fn index(&self) -> Result<String, StoreError> {
+        Ok(format!("{}inflight", self.space()?))
     }
 
-    /// A tenant's quota: a hash with its `limit`.
+    /// A tenant's quota: a hash with its `limit` (machines) and `limit:<unit>`. Shared by
+    /// every platform; only the operator writes it.
     fn quota_key(&self, tenant: &str) -> String {
         format!("{}quota:{tenant}", self.prefix)
     }
 
-    /// The request ids that hold one of a tenant's machines.
+    /// The holders (`<platform>:<request id>`) of one of a tenant's machines. Shared.
     fn quota_holders(&self, tenant: &str) -> String {
         format!("{}quota-holders:{tenant}", self.prefix)
     }
 
-    /// Which tenant a request's reservation counts against.
-    fn quota_holder_cost(&self, request_id: &str) -> String {
-        format!("{}quota-holder-cost:{request_id}", self.prefix)
-    }
-
-    /// What a tenant holds of each unit beyond machines: a hash unit → amount.
+    /// What a tenant holds of each unit beyond machines: a hash unit → amount. Shared.
     fn quota_used(&self, tenant: &str) -> String {
         format!("{}quota-used:{tenant}", self.prefix)
     }
 
-    fn quota_holder(&self, request_id: &str) -> String {
-        format!("{}quota-holder:{request_id}", self.prefix)
+    /// A request's name among its tenant's holders: request ids are one platform's.
+    fn holder_name(&self, request_id: &str) -> Result<String, StoreError> {
+        let platform = self.platform.as_deref().unwrap_or_default();
+        self.space()?;
+        Ok(format!("{platform}:{request_id}"))
     }
 
-    /// The sorted set of a platform's scheduled expiries, scored by when they are due (ms
-    /// since the Unix epoch).
-    fn expiries(&self, platform: &str) -> String {
-        format!("{}expiries:{platform}", self.prefix)
+    /// Which tenant a request's reservation counts against.
+    fn quota_holder(&self, request_id: &str) -> Result<String, StoreError> {
+        Ok(format!("{}quota-holder:{request_id}", self.space()?))
+    }
+
+    /// What a request's reservation costs, unit by unit.
+    fn quota_holder_cost(&self, request_id: &str) -> Result<String, StoreError> {
+        Ok(format!("{}quota-holder-cost:{request_id}", self.space()?))
+    }
+
+    /// The sorted set of a schedule (expiries, fleets to coordinate, ends to publish),
+    /// scored by when each entry is due (ms since the Unix epoch).
+    fn expiries(&self, schedule: &str) -> Result<String, StoreError> {
+        Ok(format!("{}expiries:{schedule}", self.space()?))
+    }
+
+    /// Refuses to run on a store that still holds work in the layout of version 1 (keys
+    /// directly under the prefix): this platform's workers would not see it, and a
+    /// request in progress, an expiry or a fleet there would be forgotten. A Redis user
+    /// limited to the platform's keys cannot look (`NOPERM`): such a user is made for
+    /// version 2, after the migration.
+    pub async fn check_layout(&self) -> Result<(), StoreError> {
+        let platform = self.platform.as_deref().unwrap_or_default();
+        self.space()?;
+        let old = [
+            format!("{}inflight", self.prefix),
+            format!("{}expiries:{platform}", self.prefix),
+            format!("{}expiries:{platform}/fleets", self.prefix),
+            format!("{}expiries:{platform}/ends", self.prefix),
+        ];
+        let mut connection = self.connection.clone();
+        let mut pipe = redis::pipe();
+        for key in &old {
+            pipe.exists(key);
+        }
+        match pipe.query_async::<Vec<bool>>(&mut connection).await {
+            Ok(found) => match old.iter().zip(found).find(|(_, there)| *there) {
+                Some((key, _)) => Err(StoreError::Corrupt(format!(
+                    "the store holds work in the key layout of version 1 ({key}); run `provisioner migrate-store` once, as a Redis user that reaches every key under {:?}, then start the workers",
+                    self.prefix
+                ))),
+                None => Ok(()),
+            },
+            Err(e) if e.code() == Some("NOPERM") => Ok(()),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    /// Moves a store of key layout version 1 (everything directly under the prefix) to
+    /// version 2 (each platform's under `<prefix><platform>:`): records, fleets (sealed
+    /// with `keys` when the deployment signs), the in-progress index, schedules and
+    /// quota reservations. Safe to run again, and on an empty store. Run it with the
+    /// workers stopped, as a user that reaches every key under the prefix. API buckets,
+    /// turns and the Lambda's hand-on marks are short-lived and left to expire.
+    pub async fn migrate_from_v1(
+        &self,
+        keys: Option<&crate::signing::SigningKeys>,
+    ) -> Result<Migration, StoreError> {
+        let mut connection = self.connection.clone();
+        let prefix = self.prefix.as_str();
+        let mut report = Migration::default();
+        let space = |platform: &str| format!("{prefix}{platform}:");
+        let platform_of_route = |route: &str| {
+            let name = route.split('.').next().unwrap_or_default();
+            PlatformName::ALL
+                .into_iter()
+                .find(|p| p.as_str() == name)
+                .map(|p| p.as_str().to_owned())
+        };
+        // Records first: each says its platform by the route it was claimed under; a
+        // record made only to carry a tombstone (a teardown that came first) by its
+        // teardown's, or the actor's.
+        let record_keys = scan(&mut connection, &format!("{prefix}req:*")).await?;
+        let mut routes: HashMap<String, Option<String>> = HashMap::new();
+        for key in &record_keys {
+            let id = &key[prefix.len() + "req:".len()..];
+            let route: Option<String> = connection.hget(key, "route").await.map_err(classify)?;
+            routes.insert(id.to_owned(), route.as_deref().and_then(platform_of_route));
+        }
+        let mut platform_of: HashMap<String, String> = HashMap::new();
+        for key in &record_keys {
+            let id = &key[prefix.len() + "req:".len()..];
+            let found = match routes.get(id).cloned().flatten() {
+                Some(platform) => Some(platform),
+                None => {
+                    let (tombstone, actor): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                        .arg(key)
+                        .arg("tombstone")
+                        .arg("actor")
+                        .query_async(&mut connection)
+                        .await
+                        .map_err(classify)?;
+                    [tombstone, actor]
+                        .into_iter()
+                        .flatten()
+                        .find_map(|other| routes.get(&other).cloned().flatten())
+                }
+            };
+            let Some(platform) = found else {
+                report.left.push(key.clone());
+                continue;
+            };
+            move_key(
+                &mut connection,
+                key,
+                &format!("{}req:{id}", space(&platform)),
+                &mut report,
+            )
+            .await?;
+            platform_of.insert(id.to_owned(), platform);
+        }
+        // Fleets: the record of the same id says the platform; else the request does.
+        for key in scan(&mut connection, &format!("{prefix}fleet:*")).await? {
+            let id = key[prefix.len() + "fleet:".len()..].to_owned();
+            let Some(json): Option<String> = connection.get(&key).await.map_err(classify)? else {
+                continue;
+            };
+            let platform = platform_of.get(&id).cloned().or_else(|| {
+                serde_json::from_str::<serde_json::Value>(&json)
+                    .ok()
+                    .and_then(|v| v.get("platform")?.as_str().map(str::to_owned))
+                    .filter(|p| platform_of_route(p).is_some())
+            });
+            let Some(platform) = platform else {
+                report.left.push(key);
+                continue;
+            };
+            let ttl: i64 = connection.pttl(&key).await.map_err(classify)?;
+            let body = crate::signing::unsealed_body(&json);
+            let stored = match keys {
+                Some(keys) => keys.seal(&format!("fleet {platform}/{id}"), body, SystemTime::now()),
+                None => body.to_owned(),
+            };
+            let new = format!("{}fleet:{id}", space(&platform));
+            let mut set = redis::cmd("SET");
+            set.arg(&new).arg(stored);
+            if ttl > 0 {
+                set.arg("PX").arg(ttl);
+            }
+            set.query_async::<()>(&mut connection)
+                .await
+                .map_err(classify)?;
+            connection.del::<_, ()>(&key).await.map_err(classify)?;
+            report.moved += 1;
+        }
+        // The in-progress index, split by platform.
+        let index = format!("{prefix}inflight");
+        let entries: Vec<(String, f64)> = connection
+            .zrange_withscores(&index, 0, -1)
+            .await
+            .map_err(classify)?;
+        for (id, score) in entries {
+            if let Some(platform) = platform_of.get(&id) {
+                connection
+                    .zadd::<_, _, _, ()>(format!("{}inflight", space(platform)), &id, score)
+                    .await
+                    .map_err(classify)?;
+            }
+            connection
+                .zrem::<_, _, ()>(&index, &id)
+                .await
+                .map_err(classify)?;
+        }
+        // Schedules are named after their platform (`<platform>`, `<platform>/fleets`,
+        // `<platform>/ends`).
+        for key in scan(&mut connection, &format!("{prefix}expiries:*")).await? {
+            let name = &key[prefix.len() + "expiries:".len()..];
+            let Some(platform) = platform_of_route(name.split('/').next().unwrap_or_default())
+            else {
+                report.left.push(key.clone());
+                continue;
+            };
+            move_key(
+                &mut connection,
+                &key,
+                &format!("{}expiries:{name}", space(&platform)),
+                &mut report,
+            )
+            .await?;
+        }
+        // Quota reservations: the holder's keys go to its platform, and the tenant's set
+        // names it `<platform>:<id>`.
+        for (kind, pattern) in [
+            ("quota-holder", "quota-holder:*"),
+            ("quota-holder-cost", "quota-holder-cost:*"),
+        ] {
+            for key in scan(&mut connection, &format!("{prefix}{pattern}")).await? {
+                let id = &key[prefix.len() + kind.len() + 1..];
+                match platform_of.get(id) {
+                    Some(platform) => {
+                        move_key(
+                            &mut connection,
+                            &key,
+                            &format!("{}{kind}:{id}", space(platform)),
+                            &mut report,
+                        )
+                        .await?
+                    }
+                    None => report.left.push(key.clone()),
+                }
+            }
+        }
+        for key in scan(&mut connection, &format!("{prefix}quota-holders:*")).await? {
+            let members: Vec<String> = connection.smembers(&key).await.map_err(classify)?;
+            for member in members.into_iter().filter(|m| !m.contains(':')) {
+                if let Some(platform) = platform_of.get(&member) {
+                    connection
+                        .sadd::<_, _, ()>(&key, format!("{platform}:{member}"))
+                        .await
+                        .map_err(classify)?;
+                    connection
+                        .srem::<_, _, ()>(&key, &member)
+                        .await
+                        .map_err(classify)?;
+                }
+            }
+        }
+        Ok(report)
     }
 
     /// Runs a fenced script on the record and its index: ARGV fence, nonce, then `args`.
@@ -556,8 +813,8 @@ impl RedisStore {
         args: &[String],
     ) -> Result<Reply, StoreError> {
         let mut connection = self.connection.clone();
-        let mut invocation = script.key(self.key(request_id));
-        invocation.key(self.index());
+        let mut invocation = script.key(self.key(request_id)?);
+        invocation.key(self.index()?);
         for key in keys {
             invocation.key(key);
         }
@@ -576,6 +833,119 @@ impl RedisStore {
             _ => Ok(reply),
         }
     }
+}
+
+/// The Redis users of a least-privilege deployment under `prefix`, as the arguments of
+/// `ACL SETUSER` (`provisioner redis-users` prints them for `redis-cli`):
+///
+/// - `provisioner-worker-<platform>`, one per platform: its platform's keys
+///   (`~<prefix><platform>:*`), the tenants' shared ledger of holdings
+///   (`quota-holders:*`, `quota-used:*`) and, read only, their limits (`%R~…quota:*`,
+///   Redis 7). Holding it reaches no other platform's records, fleets or schedules.
+/// - `provisioner-operator`: every key under the prefix (the CLI's `status`, `quota set`,
+///   `migrate-store`).
+///
+/// Commands: everything but `@dangerous` (`KEYS`, `FLUSHALL`, `CONFIG`, `DEBUG`, …),
+/// and for the workers not `SCAN` or `RANDOMKEY`, which would name other platforms'
+/// keys. No channels. Neither sets a password nor turns a user on: run `ACL SETUSER
+/// <user> on >PASSWORD` once; running these lines again changes the rules only, never
+/// a password (no `reset`).
+pub fn acl_users(prefix: &str) -> Vec<Vec<String>> {
+    let rules = |name: String, keys: Vec<String>, extra: &[&str]| {
+        let mut args = vec![
+            name,
+            "resetkeys".into(),
+            "resetchannels".into(),
+            "-@all".into(),
+        ];
+        args.extend(keys);
+        args.extend(["+@all".into(), "-@dangerous".into()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let mut users: Vec<Vec<String>> = PlatformName::ALL
+        .into_iter()
+        .map(|platform| {
+            rules(
+                format!("provisioner-worker-{platform}"),
+                vec![
+                    format!("~{prefix}{platform}:*"),
+                    format!("~{prefix}quota-holders:*"),
+                    format!("~{prefix}quota-used:*"),
+                    format!("%R~{prefix}quota:*"),
+                ],
+                &["-scan", "-randomkey"],
+            )
+        })
+        .collect();
+    users.push(rules(
+        "provisioner-operator".into(),
+        vec![format!("~{prefix}*")],
+        &[],
+    ));
+    users
+}
+
+/// What [`RedisStore::migrate_from_v1`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Migration {
+    /// Keys moved to their platform's space.
+    pub moved: usize,
+    /// Keys whose platform nothing tells, left where they are (named for a person to
+    /// look at).
+    pub left: Vec<String>,
+}
+
+/// Every key matching `pattern`, by `SCAN` (never `KEYS`, which blocks the server).
+async fn scan(
+    connection: &mut ConnectionManager,
+    pattern: &str,
+) -> Result<Vec<String>, StoreError> {
+    let mut cursor: u64 = 0;
+    let mut found = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(connection)
+            .await
+            .map_err(classify)?;
+        found.extend(keys);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    found.sort();
+    found.dedup();
+    Ok(found)
+}
+
+/// Renames `from` to `to` (its expiry kept), unless `to` exists already: then `from`
+/// is left, and named in the report.
+async fn move_key(
+    connection: &mut ConnectionManager,
+    from: &str,
+    to: &str,
+    report: &mut Migration,
+) -> Result<(), StoreError> {
+    let moved: bool = redis::cmd("RENAMENX")
+        .arg(from)
+        .arg(to)
+        .query_async(connection)
+        .await
+        .map_err(classify)?;
+    if moved {
+        report.moved += 1;
+    } else {
+        report
+            .left
+            .push(format!("{from} (its new place {to} is taken)"));
+    }
+    Ok(())
 }
 
 fn parse<T: std::str::FromStr>(value: Option<&String>, what: &str) -> Result<T, StoreError>
@@ -646,8 +1016,8 @@ impl StateStore for RedisStore {
         let answer: Vec<String> = self
             .scripts
             .claim
-            .key(self.key(claim.request_id))
-            .key(self.index())
+            .key(self.key(claim.request_id)?)
+            .key(self.index()?)
             .arg(claim.payload_hash)
             .arg(claim.owner)
             .arg(claim.nonce)
@@ -719,7 +1089,7 @@ impl StateStore for RedisStore {
             request_id.to_owned(),
             millis(crate::store::ENDS_GRACE),
         ];
-        let outbox = self.expiries(&crate::store::ends_outbox(&event.platform));
+        let outbox = self.expiries(&crate::store::ends_outbox(&event.platform))?;
         self.fenced_with(&self.scripts.complete, request_id, fence, &[outbox], &args)
             .await
             .map(drop)
@@ -754,8 +1124,8 @@ impl StateStore for RedisStore {
         let answer: Vec<String> = self
             .scripts
             .act_on
-            .key(self.key(target))
-            .key(self.key(actor.request_id))
+            .key(self.key(target)?)
+            .key(self.key(actor.request_id)?)
             .arg(actor.request_id)
             .arg(actor.nonce)
             .arg(millis(lease))
@@ -787,7 +1157,7 @@ impl StateStore for RedisStore {
         let answer: i64 = self
             .scripts
             .renew_act
-            .key(self.key(target))
+            .key(self.key(target)?)
             .arg(actor.request_id)
             .arg(actor.nonce)
             .arg(millis(lease))
@@ -809,7 +1179,7 @@ impl StateStore for RedisStore {
         let _: i64 = self
             .scripts
             .lift_tombstone
-            .key(self.key(target))
+            .key(self.key(target)?)
             .arg(teardown)
             .invoke_async(&mut connection)
             .await
@@ -827,7 +1197,7 @@ impl StateStore for RedisStore {
         let _: i64 = self
             .scripts
             .end_act
-            .key(self.key(target))
+            .key(self.key(target)?)
             .arg(actor.request_id)
             .arg(actor.nonce)
             .arg(resource_state.map(State::as_str).unwrap_or_default())
@@ -846,11 +1216,11 @@ impl StateStore for RedisStore {
         let mut connection = self.connection.clone();
         self.scripts
             .stale
-            .key(self.index())
+            .key(self.index()?)
             .arg(millis(idle))
             .arg(platform)
             .arg(limit.max(1))
-            .arg(&self.prefix)
+            .arg(self.space()?)
             .invoke_async(&mut connection)
             .await
             .map_err(classify)
@@ -868,8 +1238,8 @@ impl StateStore for RedisStore {
         let answer: Vec<String> = self
             .scripts
             .reap
-            .key(self.key(request_id))
-            .key(self.index())
+            .key(self.key(request_id)?)
+            .key(self.index()?)
             .arg(millis(idle))
             .arg(owner)
             .arg(nonce)
@@ -909,7 +1279,7 @@ impl StateStore for RedisStore {
             let mut pipe = redis::pipe();
             pipe.cmd("TIME");
             for id in chunk {
-                pipe.hgetall(self.key(id));
+                pipe.hgetall(self.key(id)?);
             }
             let (time, all): ((u64, u64), Vec<HashMap<String, String>>) = {
                 let mut replies: Vec<redis::Value> =
@@ -936,7 +1306,7 @@ impl StateStore for RedisStore {
         let reply: Reply = self
             .scripts
             .next_seq
-            .key(self.key(request_id))
+            .key(self.key(request_id)?)
             .arg(fence.counter.to_string())
             .arg(&fence.nonce)
             .invoke_async(&mut connection)
@@ -959,7 +1329,7 @@ impl StateStore for RedisStore {
         let reply: Reply = self
             .scripts
             .take_tokens
-            .key(self.bucket_key(key))
+            .key(self.bucket_key(key)?)
             .arg(limit.capacity)
             .arg(limit.refill_per_second)
             .arg(limit.cost)
@@ -985,7 +1355,7 @@ impl StateStore for RedisStore {
         let _: Reply = self
             .scripts
             .adapt_rate
-            .key(self.bucket_key(key))
+            .key(self.bucket_key(key)?)
             .arg(limit.capacity)
             .arg(limit.refill_per_second)
             .arg(limit.floor())
@@ -999,7 +1369,7 @@ impl StateStore for RedisStore {
     async fn put_fleet(&self, request_id: &str, request_json: &str) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
         redis::cmd("SET")
-            .arg(self.fleet_key(request_id))
+            .arg(self.fleet_key(request_id)?)
             .arg(request_json)
             .arg("PX")
             .arg(self.retention.as_millis().max(1) as u64)
@@ -1011,7 +1381,7 @@ impl StateStore for RedisStore {
     async fn fleet(&self, request_id: &str) -> Result<Option<String>, StoreError> {
         let mut connection = self.connection.clone();
         connection
-            .get(self.fleet_key(request_id))
+            .get(self.fleet_key(request_id)?)
             .await
             .map_err(classify)
     }
@@ -1019,7 +1389,7 @@ impl StateStore for RedisStore {
     async fn remember_handed_on(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
         redis::cmd("SET")
-            .arg(self.handed_on_key(key))
+            .arg(self.handed_on_key(key)?)
             .arg(1)
             .arg("PX")
             .arg(ttl.as_millis().max(1) as u64)
@@ -1031,7 +1401,7 @@ impl StateStore for RedisStore {
     async fn was_handed_on(&self, key: &str) -> Result<bool, StoreError> {
         let mut connection = self.connection.clone();
         connection
-            .exists(self.handed_on_key(key))
+            .exists(self.handed_on_key(key)?)
             .await
             .map_err(classify)
     }
@@ -1039,7 +1409,7 @@ impl StateStore for RedisStore {
     async fn take_turn(&self, key: &str, hold: Duration) -> Result<bool, StoreError> {
         let mut connection = self.connection.clone();
         let taken: Option<String> = redis::cmd("SET")
-            .arg(self.turn_key(key))
+            .arg(self.turn_key(key)?)
             .arg(1)
             .arg("NX")
             .arg("PX")
@@ -1062,7 +1432,7 @@ impl StateStore for RedisStore {
             .unwrap_or_default()
             .as_millis() as u64;
         connection
-            .zadd::<_, _, _, ()>(self.expiries(platform), request_id, due_ms)
+            .zadd::<_, _, _, ()>(self.expiries(platform)?, request_id, due_ms)
             .await
             .map_err(classify)
     }
@@ -1077,7 +1447,7 @@ impl StateStore for RedisStore {
         let due: Vec<(String, f64)> = self
             .scripts
             .take_due
-            .key(self.expiries(platform))
+            .key(self.expiries(platform)?)
             .arg(limit.max(1))
             .arg(millis(retry_in))
             .invoke_async(&mut connection)
@@ -1095,7 +1465,7 @@ impl StateStore for RedisStore {
     async fn cancel_expiry(&self, platform: &str, request_id: &str) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
         connection
-            .zrem::<_, _, ()>(self.expiries(platform), request_id)
+            .zrem::<_, _, ()>(self.expiries(platform)?, request_id)
             .await
             .map_err(classify)
     }
@@ -1113,11 +1483,11 @@ impl StateStore for RedisStore {
             .key(self.quota_holders(tenant))
             .key(self.quota_key(tenant))
             .key(self.quota_key(DEFAULT_TENANT))
-            .key(self.quota_holder(request_id))
+            .key(self.quota_holder(request_id)?)
             .key(self.quota_used(tenant))
-            .key(self.quota_holder_cost(request_id))
-            .key(self.key(request_id))
-            .arg(request_id)
+            .key(self.quota_holder_cost(request_id)?)
+            .key(self.key(request_id)?)
+            .arg(self.holder_name(request_id)?)
             .arg(tenant)
             .arg(fence.counter.to_string())
             .arg(&fence.nonce);
@@ -1149,10 +1519,10 @@ impl StateStore for RedisStore {
         let mut connection = self.connection.clone();
         self.scripts
             .release_quota
-            .key(self.quota_holder(request_id))
-            .key(self.quota_holder_cost(request_id))
+            .key(self.quota_holder(request_id)?)
+            .key(self.quota_holder_cost(request_id)?)
             .arg(&self.prefix)
-            .arg(request_id)
+            .arg(self.holder_name(request_id)?)
             .invoke_async::<u8>(&mut connection)
             .await
             .map(drop)

@@ -235,6 +235,128 @@ fn signed_text(mac: &mut HmacSha256, key_id: &str, at: u64, routing_key: &str, b
     mac.update(body);
 }
 
+/// The first word of a sealed store entry ([`SigningKeys::seal`]).
+const SEAL_TAG: &str = "sealed-v1";
+
+/// A stored entry whose seal holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened<'a> {
+    /// What was sealed.
+    pub body: &'a str,
+    /// Whether it was sealed with the key this deployment now signs with; if not, the
+    /// caller seals it again so that the old key can be retired.
+    pub current_key: bool,
+}
+
+impl SigningKeys {
+    /// Seals `body`, an entry a worker keeps in the store to act on later, under `what`
+    /// (the entry's kind, platform and id, e.g. `fleet docker/web`): the entry as stored is
+    /// `sealed-v1 key=<id>,t=<unix seconds>,mac=<hex>` and a newline before the body, the
+    /// MAC the HMAC-SHA256, under the first key, of
+    ///
+    /// ```text
+    /// store-v1\n<key id>\n<t>\n<what>\n<body>
+    /// ```
+    ///
+    /// A holder of the store's credentials without the keys cannot make an entry a worker
+    /// accepts, nor move a real one to another platform or id (`what` is sealed), nor
+    /// bring one back after `max_age` (the time is sealed). The text differs from a
+    /// request signature's from its first line, so neither can pass for the other.
+    pub fn seal(&self, what: &str, body: &str, now: SystemTime) -> String {
+        let (id, secret) = &self.keys[0];
+        let at = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes a key of any length");
+        sealed_text(&mut mac, id, at, what, body);
+        let hex: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("{SEAL_TAG} key={id},t={at},mac={hex}\n{body}")
+    }
+
+    /// Opens an entry [`SigningKeys::seal`] made for `what`: its body, when it is sealed
+    /// with a held key, unaltered, sealed for `what`, and no older than `max_age`. The
+    /// error says what is wrong, never a secret.
+    pub fn open<'a>(
+        &self,
+        what: &str,
+        stored: &'a str,
+        now: SystemTime,
+        max_age: Duration,
+    ) -> Result<Opened<'a>, String> {
+        let Some((first, body)) = stored
+            .strip_prefix(SEAL_TAG)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|rest| rest.split_once('\n'))
+        else {
+            return Err(format!(
+                "it is not sealed: every entry a worker acts on is sealed with the signing keys when signing is on ({what})"
+            ));
+        };
+        let parsed = first
+            .strip_prefix("key=")
+            .and_then(|rest| rest.split_once(",t="))
+            .and_then(|(key, rest)| rest.split_once(",mac=").map(|(at, mac)| (key, at, mac)))
+            .and_then(|(key, at, mac)| Some((key, at.parse::<u64>().ok()?, from_hex(mac)?)));
+        let Some((key_id, at, expected)) = parsed else {
+            return Err(format!(
+                "its seal is not `key=<id>,t=<unix seconds>,mac=<hex>` ({what})"
+            ));
+        };
+        let Some(&index) = self.by_id.get(key_id) else {
+            return Err(format!(
+                "it is sealed with key {:?}, which this worker does not hold ({what})",
+                bounded(key_id)
+            ));
+        };
+        let mut mac = HmacSha256::new_from_slice(&self.keys[index].1)
+            .expect("HMAC takes a key of any length");
+        sealed_text(&mut mac, key_id, at, what, body);
+        if mac.verify_slice(&expected).is_err() {
+            return Err(format!(
+                "its seal does not match: altered, moved from another entry, or sealed with another secret ({what})"
+            ));
+        }
+        let now_s = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if at > now_s.saturating_add(CLOCK_SKEW.as_secs()) {
+            return Err(format!(
+                "it is sealed {} s in the future ({what})",
+                at - now_s
+            ));
+        }
+        if now_s.saturating_sub(at) > max_age.as_secs() {
+            return Err(format!(
+                "it was sealed {} s ago, longer than any entry lives ({} s): an old entry put back ({what})",
+                now_s - at,
+                max_age.as_secs()
+            ));
+        }
+        Ok(Opened {
+            body,
+            current_key: index == 0,
+        })
+    }
+}
+
+/// The body of a stored entry, sealed or not, without checking a seal: for a deployment
+/// that does not sign (whose store is then as trusted as its broker).
+pub fn unsealed_body(stored: &str) -> &str {
+    match stored
+        .strip_prefix(SEAL_TAG)
+        .and_then(|rest| rest.split_once('\n'))
+    {
+        Some((_, body)) => body,
+        None => stored,
+    }
+}
+
+fn sealed_text(mac: &mut HmacSha256, key_id: &str, at: u64, what: &str, body: &str) {
+    mac.update(format!("store-v1\n{key_id}\n{at}\n{what}\n").as_bytes());
+    mac.update(body.as_bytes());
+}
+
 fn bounded(text: &str) -> String {
     text.chars().take(64).collect()
 }
@@ -285,6 +407,56 @@ mod tests {
     fn keys() -> SigningKeys {
         SigningKeys::parse(&format!("new={NEW}, old={OLD}"), Duration::from_secs(600))
             .expect("keys")
+    }
+
+    #[test]
+    fn a_sealed_entry_opens_only_unaltered_in_its_place_with_a_held_key_and_while_fresh() {
+        let now = SystemTime::now();
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let keys = keys();
+        let body = r#"{"request_id":"web","count":3}"#;
+        let sealed = keys.seal("fleet docker/web", body, now);
+        let opened = keys
+            .open("fleet docker/web", &sealed, now, week)
+            .expect("opens");
+        assert_eq!(opened.body, body);
+        assert!(opened.current_key);
+        assert_eq!(unsealed_body(&sealed), body);
+        assert_eq!(unsealed_body(body), body);
+
+        let refused = |what: &str, stored: &str, at: SystemTime| {
+            keys.open(what, stored, at, week).expect_err("refused")
+        };
+        assert!(refused("fleet docker/web", body, now).contains("not sealed"));
+        let altered = sealed.replace("\"count\":3", "\"count\":300");
+        assert!(refused("fleet docker/web", &altered, now).contains("does not match"));
+        // Moved to another id or platform: the place is sealed with it.
+        assert!(refused("fleet docker/other", &sealed, now).contains("does not match"));
+        assert!(refused("fleet aws-ec2/web", &sealed, now).contains("does not match"));
+        // Put back after every entry of its kind is gone.
+        let later = now + week + Duration::from_secs(3600);
+        assert!(refused("fleet docker/web", &sealed, later).contains("put back"));
+        // A key nobody holds, and a request signature passed off as a seal.
+        let stranger = SigningKeys::parse(
+            "other=another-secret-0123456789abcdef01234",
+            Duration::from_secs(600),
+        )
+        .expect("keys")
+        .seal("fleet docker/web", body, now);
+        assert!(refused("fleet docker/web", &stranger, now).contains("does not hold"));
+        let signature = keys.sign("fleet docker/web", body.as_bytes());
+        let passed_off = format!("sealed-v1 {}\n{body}", signature.replace("v1=", "mac="));
+        assert!(refused("fleet docker/web", &passed_off, now).contains("does not match"));
+        // Sealed with the old key: opens, and says it wants sealing again.
+        let old = SigningKeys::parse(&format!("old={OLD}"), Duration::from_secs(600))
+            .expect("keys")
+            .seal("fleet docker/web", body, now);
+        assert!(
+            !keys
+                .open("fleet docker/web", &old, now, week)
+                .expect("opens")
+                .current_key
+        );
     }
 
     #[test]

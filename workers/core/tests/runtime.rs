@@ -1745,6 +1745,95 @@ async fn a_signing_worker_runs_signed_requests_and_what_it_derives_and_refuses_t
     );
 }
 
+/// A holder of the store's credentials (and not of the signing keys) plants fleets and
+/// puts them on the coordinators' schedule, as a worker would: unsealed, a real fleet's
+/// sealed request moved to another id, and one altered after sealing. A signing worker
+/// acts on none of them — no member published, nothing made, no record — and takes
+/// them off the schedule; the real fleet it was copied from still ran.
+#[tokio::test]
+async fn a_signing_worker_acts_on_no_fleet_planted_in_the_store() {
+    use provisioner_core::signing::{SIGNATURE_HEADER, SigningKeys};
+    let keys = Arc::new(
+        SigningKeys::parse(
+            "k1=a-secret-of-at-least-thirty-two-bytes!!",
+            Duration::from_secs(3600),
+        )
+        .expect("keys"),
+    );
+    let signing = keys.clone();
+    let mut h = harness_with(
+        1,
+        move |n| WorkerConfig {
+            signing: Some(signing.clone()),
+            ..config(n)
+        },
+        |store| store,
+    )
+    .await;
+    let fleet = br#"{"schema_version":1,"request_id":"real","operation":"provision","platform":"process","count":2,"spec":{"program":"x"}}"#;
+    let header = std::collections::BTreeMap::from([(
+        SIGNATURE_HEADER.to_owned(),
+        keys.sign("process.provision", fleet),
+    )]);
+    h.broker
+        .publish_request_with_headers("process.provision", "real", fleet, &header)
+        .await
+        .expect("publish");
+    let ended = h.until_terminal("real", 1).await;
+    assert_eq!(ended.last().map(|e| e.state), Some(State::Running));
+    let real = h.store.fleet("real").await.expect("read").expect("kept");
+    assert!(real.starts_with("sealed-v1 key=k1,"), "{real}");
+
+    let request = |id: &str, count: u32| {
+        format!(
+            r#"{{"schema_version":1,"request_id":"{id}","operation":"provision","platform":"process","count":{count},"spec":{{"program":"x"}}}}"#
+        )
+    };
+    let planted = [
+        ("plain", request("plain", 3)),
+        ("moved", real.clone()),
+        (
+            "altered",
+            real.replace("\"count\":2", "\"count\":50")
+                .replace("\"real\"", "\"altered\""),
+        ),
+    ];
+    let now = std::time::SystemTime::now();
+    for (id, stored) in &planted {
+        h.store.put_fleet(id, stored).await.expect("plant");
+        h.store
+            .schedule_expiry("process/fleets", id, now)
+            .await
+            .expect("schedule");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !h.memory.scheduled("process/fleets").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the planted fleets were never dropped: {:?}",
+            h.memory.scheduled("process/fleets")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (id, _) in &planted {
+        assert!(
+            h.store.get(id).await.expect("read").is_none(),
+            "{id} was claimed"
+        );
+        let member = format!("{id}#0");
+        assert!(
+            h.store.get(&member).await.expect("read").is_none(),
+            "{member} was published"
+        );
+        assert!(!h.platform.exists(&member));
+    }
+    assert_eq!(
+        h.platform.existing.lock().expect("lock").len(),
+        2,
+        "the real fleet's two"
+    );
+}
+
 /// A deployment binding signing keys to tenants: a producer names only its own tenant,
 /// and must name it; an operator's key (`*`) names any. What is refused makes nothing.
 #[tokio::test]

@@ -10,7 +10,7 @@ use provisioner_core::store::{
     Actor, Claim, ClaimRequest, Fence, MemoryStore, Release, Renewal, StateStore, StoreError,
     TargetGrant,
 };
-use provisioner_events::{SCHEMA_VERSION, State, StatusEvent};
+use provisioner_events::{PlatformName, SCHEMA_VERSION, State, StatusEvent};
 
 fn claim<'a>(
     id: &'a str,
@@ -1023,7 +1023,8 @@ async fn redis_store(prefix: &str) -> Arc<dyn StateStore> {
     Arc::new(
         RedisStore::connect(&redis_url(), prefix, Duration::from_secs(600))
             .await
-            .expect("Redis must be running (the README's test command starts it)"),
+            .expect("Redis must be running (the README's test command starts it)")
+            .for_platform(PlatformName::Docker),
     )
 }
 
@@ -1049,7 +1050,7 @@ async fn a_lost_record_never_lets_the_old_holder_write_on_redis() {
         .await
         .expect("connect");
     let _: () = redis::cmd("DEL")
-        .arg(format!("{prefix}req:lost"))
+        .arg(format!("{prefix}docker:req:lost"))
         .query_async(&mut redis)
         .await
         .expect("del");
@@ -1079,7 +1080,8 @@ async fn finished_records_expire_after_the_retention_and_running_ones_never_on_r
     let prefix = new_prefix();
     let store = RedisStore::connect(&redis_url(), &prefix, Duration::from_millis(300))
         .await
-        .expect("redis");
+        .expect("redis")
+        .for_platform(PlatformName::Docker);
     let (f, ..) = claimed(&store, claim("kept", "h", "a", "k", 200)).await;
     let (done, ..) = claimed(&store, claim("gone", "h", "a", "g", 60_000)).await;
     store
@@ -1109,4 +1111,169 @@ async fn an_unreachable_redis_is_reported_as_unavailable_on_redis() {
     .await
     .expect_err("nothing listens");
     assert!(error.is_unavailable(), "{error:?}");
+}
+
+/// A store written in key layout version 1 (everything directly under the prefix): a
+/// worker refuses to start on it, naming the command that moves it; the migration moves
+/// every record to its platform's space (a tombstone-only record by its teardown's),
+/// splits the in-progress index, moves schedules and quota reservations, seals the
+/// fleets it moves, names what says no platform, and is safe to run again.
+#[tokio::test]
+async fn a_store_of_layout_1_is_refused_until_migrated_and_then_each_platform_finds_its_own() {
+    use provisioner_core::signing::SigningKeys;
+    let prefix = new_prefix();
+    let mut redis = redis::Client::open(redis_url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let result = serde_json::to_string(&terminal("a", 2, State::Running)).expect("json");
+    let fleet = r#"{"schema_version":1,"request_id":"f","operation":"provision","platform":"docker","count":2,"spec":{"image":"x"}}"#;
+    let mut pipe = redis::pipe();
+    pipe.hset_multiple(
+        format!("{prefix}req:a"),
+        &[
+            ("hash", "h"),
+            ("state", "running"),
+            ("route", "docker.provision"),
+            ("fence", "1"),
+            ("seq", "2"),
+            ("attempts", "1"),
+            ("result", result.as_str()),
+        ],
+    )
+    .hset_multiple(
+        format!("{prefix}req:td"),
+        &[
+            ("hash", "h"),
+            ("state", "stopping"),
+            ("route", "docker.teardown"),
+            ("fence", "1"),
+            ("lease_until", "0"),
+        ],
+    )
+    .hset_multiple(
+        format!("{prefix}req:t"),
+        &[("state", "not_started"), ("tombstone", "td")],
+    )
+    .hset_multiple(
+        format!("{prefix}req:e"),
+        &[
+            ("hash", "h"),
+            ("state", "starting"),
+            ("route", "aws-ec2.provision"),
+            ("fence", "1"),
+            ("lease_until", "0"),
+        ],
+    )
+    .hset_multiple(
+        format!("{prefix}req:f"),
+        &[
+            ("hash", "h"),
+            ("state", "starting"),
+            ("route", "docker.provision"),
+            ("fence", "1"),
+        ],
+    )
+    .hset_multiple(format!("{prefix}req:x"), &[("state", "not_started")])
+    .zadd(format!("{prefix}inflight"), "td", 1)
+    .zadd(format!("{prefix}inflight"), "e", 1)
+    .zadd(format!("{prefix}expiries:docker"), "a", 1)
+    .zadd(format!("{prefix}expiries:docker/fleets"), "f", 1)
+    .set(format!("{prefix}fleet:f"), fleet)
+    .sadd(format!("{prefix}quota-holders:team"), "a")
+    .sadd(format!("{prefix}quota-holders:team"), "e")
+    .set(format!("{prefix}quota-holder:a"), "team")
+    .set(format!("{prefix}quota-holder:e"), "team")
+    .hset(format!("{prefix}quota-holder-cost:a"), "vcpus", 2)
+    .hset(format!("{prefix}quota-used:team"), "vcpus", 2);
+    let () = pipe.query_async(&mut redis).await.expect("seed layout 1");
+
+    let base = RedisStore::connect(&redis_url(), &prefix, Duration::from_secs(600))
+        .await
+        .expect("redis");
+    let docker = base.for_platform(PlatformName::Docker);
+    let ec2 = base.for_platform(PlatformName::AwsEc2);
+    let refused = docker.check_layout().await.expect_err("refused");
+    assert!(
+        refused.to_string().contains("provisioner migrate-store"),
+        "{refused}"
+    );
+
+    let keys = SigningKeys::parse(
+        "k1=a-secret-of-at-least-thirty-two-bytes!!",
+        Duration::from_secs(60),
+    )
+    .expect("keys");
+    let report = base.migrate_from_v1(Some(&keys)).await.expect("migrate");
+    assert_eq!(report.left, vec![format!("{prefix}req:x")], "{report:?}");
+    docker.check_layout().await.expect("layout 2");
+    ec2.check_layout().await.expect("layout 2");
+
+    let a = docker.get("a").await.expect("get").expect("moved");
+    assert_eq!(a.result.map(|r| r.state), Some(State::Running));
+    assert_eq!(
+        docker
+            .get("t")
+            .await
+            .expect("get")
+            .and_then(|r| r.torn_down_by)
+            .as_deref(),
+        Some("td"),
+        "a tombstone-only record goes with its teardown"
+    );
+    assert!(
+        docker.get("e").await.expect("get").is_none(),
+        "EC2's is not Docker's"
+    );
+    assert!(ec2.get("e").await.expect("get").is_some());
+    let idle = Duration::from_millis(1);
+    assert_eq!(
+        docker.stale("docker", idle, 10).await.expect("stale"),
+        vec!["td".to_owned()]
+    );
+    assert_eq!(
+        ec2.stale("aws-ec2", idle, 10).await.expect("stale"),
+        vec!["e".to_owned()]
+    );
+    let due = docker
+        .take_due_expiries("docker", 10, Duration::from_secs(60))
+        .await
+        .expect("due");
+    assert_eq!(
+        due.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        ["a"]
+    );
+    let due = docker
+        .take_due_expiries("docker/fleets", 10, Duration::from_secs(60))
+        .await
+        .expect("due");
+    assert_eq!(
+        due.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        ["f"]
+    );
+    let stored = docker.fleet("f").await.expect("get").expect("moved");
+    let opened = keys
+        .open(
+            "fleet docker/f",
+            &stored,
+            std::time::SystemTime::now(),
+            Duration::from_secs(600),
+        )
+        .expect("sealed by the migration");
+    assert_eq!(opened.body, fleet);
+    assert_eq!(docker.quota("team").await.expect("quota").used, 2);
+    docker.release_quota("a").await.expect("release");
+    let usage = docker.quota("team").await.expect("quota");
+    assert_eq!(
+        usage.used, 1,
+        "the holder moved with its request: {usage:?}"
+    );
+    assert_eq!(usage.units.get("vcpus").map(|u| u.used), Some(0));
+    ec2.release_quota("e").await.expect("release");
+    assert_eq!(docker.quota("team").await.expect("quota").used, 0);
+
+    let again = base.migrate_from_v1(Some(&keys)).await.expect("again");
+    assert_eq!(again.moved, 0);
+    assert_eq!(again.left, report.left);
 }

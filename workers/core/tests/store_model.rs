@@ -14,7 +14,7 @@ use provisioner_core::redis_store::RedisStore;
 use provisioner_core::store::{
     Actor, Claim, ClaimRequest, Fence, MemoryStore, QuotaCost, Release, StateStore,
 };
-use provisioner_events::{ErrorClass, ErrorInfo, SCHEMA_VERSION, State, StatusEvent};
+use provisioner_events::{ErrorClass, ErrorInfo, PlatformName, SCHEMA_VERSION, State, StatusEvent};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -366,7 +366,7 @@ async fn run(
                 // The key is lost, as a Redis without persistence loses it.
                 memory.lose_record(id);
                 let _: i64 = redis::cmd("DEL")
-                    .arg(format!("{prefix}req:{id}"))
+                    .arg(format!("{prefix}docker:req:{id}"))
                     .query_async(&mut connection)
                     .await
                     .expect("del");
@@ -412,7 +412,8 @@ async fn the_memory_store_answers_as_redis_does_on_redis() {
             store: Arc::new(
                 RedisStore::connect(&redis_url(), &prefix, Duration::from_secs(600))
                     .await
-                    .expect("Redis must be running (the README's test command starts it)"),
+                    .expect("Redis must be running (the README's test command starts it)")
+                    .for_platform(PlatformName::Docker),
             ),
             fences: BTreeMap::new(),
         };

@@ -282,14 +282,11 @@ impl Worker {
         let Some(target) = acting_on.filter(|_| request.operation == Operation::Teardown) else {
             return Ok(None);
         };
-        let Some(json) = self
-            .store_call(|| self.store.fleet(target.as_str()))
-            .await?
-        else {
+        let Some(stored) = self.read_fleet(target.as_str()).await? else {
             return Ok(None);
         };
-        let provision: Request = serde_json::from_str(&json).map_err(|e| {
-            StoreError::Corrupt(format!("the stored request of fleet {target}: {e}"))
+        let provision = stored.map_err(|reason| {
+            StoreError::Corrupt(format!("the stored request of fleet {target}: {reason}"))
         })?;
         Ok(provision.is_fleet().then(|| Fleet {
             count: provision.count.unwrap_or(1),
@@ -321,6 +318,7 @@ impl Worker {
         }
         let json = serde_json::to_string(&fleet.request)
             .map_err(|e| StoreError::Corrupt(format!("cannot serialize the fleet: {e}")))?;
+        let json = self.seal_fleet(&id, &json);
         let handed = async {
             self.store_call(|| self.store.put_fleet(&id, &json)).await?;
             // If this worker dies before handing over, the fleet still comes due.
@@ -369,6 +367,63 @@ impl Worker {
     /// Whether `id` is a fleet handed over to its coordinators (its request is kept).
     pub(super) async fn is_handed_over_fleet(&self, id: &str) -> bool {
         matches!(self.store.fleet(id).await, Ok(Some(_)))
+    }
+
+    /// The name a fleet's stored request is sealed under: its kind, platform and id.
+    fn fleet_entry(&self, id: &str) -> String {
+        format!("fleet {}/{id}", self.platform.name())
+    }
+
+    /// The fleet's request as the store keeps it: sealed with the signing keys when the
+    /// deployment signs (see [`crate::signing::SigningKeys::seal`]).
+    fn seal_fleet(&self, id: &str, json: &str) -> String {
+        match &self.config.signing {
+            Some(keys) => keys.seal(&self.fleet_entry(id), json, self.env.now()),
+            None => json.to_owned(),
+        }
+    }
+
+    /// The fleet request the store keeps under `id`, checked as a message is before
+    /// anything is done with it: sealed by a worker of this deployment (when it signs),
+    /// readable, valid, and a request of this platform under this id. `Ok(None)` when
+    /// there is none; `Ok(Some(Err(reason)))` when what is there is not to be acted on.
+    pub(super) async fn read_fleet(
+        &self,
+        id: &str,
+    ) -> Result<Option<Result<Request, String>>, Abort> {
+        let Some(stored) = self.store_call(|| self.store.fleet(id)).await? else {
+            return Ok(None);
+        };
+        let what = self.fleet_entry(id);
+        let (body, reseal) = match &self.config.signing {
+            Some(keys) => match keys.open(&what, &stored, self.env.now(), self.config.retention) {
+                Ok(opened) => (opened.body, !opened.current_key),
+                Err(reason) => return Ok(Some(Err(reason))),
+            },
+            None => (crate::signing::unsealed_body(&stored), false),
+        };
+        let request: Request = match serde_json::from_str(body) {
+            Ok(request) => request,
+            Err(e) => return Ok(Some(Err(format!("it is not a request: {e}")))),
+        };
+        if request.request_id.as_str() != id || request.platform != self.platform.name() {
+            return Ok(Some(Err(format!(
+                "it is the request {} of platform {}, kept under {what}",
+                request.request_id, request.platform
+            ))));
+        }
+        if let Err(invalid) = request.validate() {
+            return Ok(Some(Err(format!("it is not a valid request: {invalid}"))));
+        }
+        if reseal {
+            // Sealed with a key being retired: sealed again with the current one, so the
+            // old key can go while the fleet lives on.
+            let json = self.seal_fleet(id, body);
+            if let Err(e) = self.store.put_fleet(id, &json).await {
+                debug!(error = %e, "could not seal a fleet again with the current key");
+            }
+        }
+        Ok(Some(Ok(request)))
     }
 
     /// Publishes the requests of the members at `indexes`, confirmed.
@@ -538,15 +593,18 @@ impl Worker {
                 forget().await;
             }
         };
-        let Some(json) = self.store.fleet(id).await? else {
+        let Some(stored) = self.read_fleet(id).await? else {
             warn!("a scheduled fleet whose request is gone; dropped");
             forget().await;
             return Ok(());
         };
-        let request: Request = match serde_json::from_str(&json) {
+        let request = match stored {
             Ok(request) => request,
-            Err(e) => {
-                error!(error = %e, "a scheduled fleet whose request cannot be read; dropped");
+            Err(reason) => {
+                // Not what a worker of this deployment kept: planted or altered by a
+                // holder of the store's credentials. Nothing of it is acted on.
+                error!(%reason, "a scheduled fleet whose stored request is not one a worker kept; dropped, nothing published");
+                self.metrics.store_entry_refused("fleet");
                 forget().await;
                 return Ok(());
             }
