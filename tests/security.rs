@@ -1008,3 +1008,174 @@ async fn a_producer_bound_to_a_tenant_cannot_spend_another_tenants_quota() {
         rabbitmqctl(&["-q", "delete_user", &user]);
     }
 }
+
+/// The plain Redis of `scripts/dev-services.sh` (the tests' own), as `user` or as the
+/// administrator (`None`).
+fn redis_as(user: Option<(&str, &str)>, args: &[&str]) -> String {
+    let mut command = std::process::Command::new("redis-cli");
+    command.args(["-h", "127.0.0.1", "-p", "6379"]);
+    if let Some((user, password)) = user {
+        command.args(["--user", user, "--pass", password, "--no-auth-warning"]);
+    }
+    let output = command.args(args).output().expect("redis-cli");
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+/// Makes the users `provisioner redis-users` prints for the run's prefix, each named
+/// with the run's id (tests run at once), on with `password`. Returns the renaming.
+fn make_redis_users(env: &TestEnv, password: &str) -> impl Fn(&str) -> String + use<> {
+    let output = env.cli(&["redis-users"]);
+    assert!(output.status.success(), "{output:?}");
+    let run = env.run_id.clone();
+    let rename = move |user: &str| user.replacen("provisioner-", &format!("provisioner-{run}-"), 1);
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let mut args: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        assert_eq!(&args[..2], ["ACL", "SETUSER"], "{line}");
+        args[2] = rename(&args[2]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert!(redis_as(None, &args).contains("OK"), "{line}");
+        let on = redis_as(
+            None,
+            &["ACL", "SETUSER", args[2], "on", &format!(">{password}")],
+        );
+        assert!(on.contains("OK"), "{on}");
+    }
+    rename
+}
+
+/// The attacker holds one platform's Redis credentials (the Docker worker's user of
+/// `provisioner redis-users`), not the signing keys. A signing worker runs as that user
+/// through a fleet with an expiry and a teardown, needing nothing more. The attacker
+/// cannot read or write another platform's records, fleets or schedules, raise a
+/// tenant's limit, or list keys; and what it can write — a fleet put on Docker's own
+/// schedule, unsealed or a real one's sealed request moved to another id — is dropped by
+/// the coordinator, and nothing of it is published or made.
+#[tokio::test]
+async fn one_platforms_redis_user_reaches_no_other_platform_and_plants_no_fleet() {
+    let mut env = TestEnv::new().await;
+    let password = secret("redis-");
+    let rename = make_redis_users(&env, &password);
+    let user = rename("provisioner-worker-docker");
+    let prefix = env.redis_prefix.clone();
+    env.redis_url = format!("redis://{user}:{password}@127.0.0.1:6379");
+    let keys = format!("k1={}", secret("signing-key-"));
+    let signing = [("REQUEST_SIGNING_KEYS", keys.as_str())];
+    let mut events = env.events().await;
+    env.start_worker_with("docker-user", &signing);
+
+    let fleet = serde_json::json!({
+        "schema_version": 1, "request_id": format!("redis-fleet-{}", env.run_id),
+        "operation": "provision", "platform": "docker", "count": 2,
+        "spec": {"image": "localhost/busybox:latest", "command": ["sleep", "600"]},
+        "labels": {"test-run": env.run_id}, "ttl_seconds": 3600, "tenant": "redis"
+    });
+    let output = submit(&env, &fleet, &signing);
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        env.worker_log("docker-user")
+    );
+    let web = env.web("redis-web");
+    assert!(submit(&env, &web, &signing).status.success());
+    let down = env.teardown("redis-down", &id(&web));
+    assert!(submit(&env, &down, &signing).status.success());
+    assert_eq!(events.terminal(&id(&down)).await.state, State::Stopped);
+    let log = env.worker_log("docker-user");
+    assert!(
+        !log.contains("NOPERM"),
+        "the worker needed more than its user:\n{log}"
+    );
+
+    // Another platform's keys, the tenants' limits, the key space: refused.
+    let as_docker = |args: &[&str]| redis_as(Some((&user, &password)), args);
+    for attempt in [
+        vec![
+            "HSET",
+            &format!("{prefix}process:req:x") as &str,
+            "state",
+            "running",
+        ],
+        vec!["SET", &format!("{prefix}process:fleet:x"), "{}"],
+        vec![
+            "ZADD",
+            &format!("{prefix}process:expiries:process/fleets"),
+            "0",
+            "x",
+        ],
+        vec!["HGETALL", &format!("{prefix}aws-ec2:req:anything")],
+        vec!["HSET", &format!("{prefix}quota:redis"), "limit", "1000000"],
+        vec!["SCAN", "0"],
+        vec!["KEYS", "*"],
+        vec!["FLUSHALL"],
+    ] {
+        let answer = as_docker(&attempt);
+        assert!(
+            answer.contains("NOPERM"),
+            "{attempt:?} was allowed: {answer}"
+        );
+    }
+    assert!(!as_docker(&["HGET", &format!("{prefix}quota:redis"), "limit"]).contains("NOPERM"));
+
+    // Docker's own keys: a fleet planted unsealed, and the real fleet's sealed request
+    // moved to another id, each put on the coordinators' schedule.
+    let real = as_docker(&["GET", &format!("{prefix}docker:fleet:{}", id(&fleet))]);
+    assert!(real.starts_with("sealed-v1 key=k1,"), "{real}");
+    let planted = format!("planted-{}", env.run_id);
+    let moved = format!("moved-{}", env.run_id);
+    let mut plain = fleet.clone();
+    plain["request_id"] = planted.clone().into();
+    plain["count"] = 3.into();
+    for (name, stored) in [
+        (&planted, plain.to_string()),
+        (&moved, real.trim_end().to_owned()),
+    ] {
+        let set = as_docker(&["SET", &format!("{prefix}docker:fleet:{name}"), &stored]);
+        assert!(set.contains("OK"), "{set}");
+        let due = as_docker(&[
+            "ZADD",
+            &format!("{prefix}docker:expiries:docker/fleets"),
+            "0",
+            name,
+        ]);
+        assert!(!due.contains("NOPERM"), "{due}");
+    }
+    let schedule = format!("{prefix}docker:expiries:docker/fleets");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = as_docker(&["ZRANGE", &schedule, "0", "-1"]);
+        if !left.contains(&planted) && !left.contains(&moved) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the planted fleets were never dropped: {left}\n{}",
+            env.worker_log("docker-user")
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let containers = env.containers().await;
+    assert!(
+        containers
+            .keys()
+            .all(|k| !k.contains(&planted) && !k.contains(&moved)),
+        "{containers:?}"
+    );
+    assert_eq!(containers.len(), 2, "the real fleet's two: {containers:?}");
+    for name in [&planted, &moved] {
+        let member = format!("{prefix}docker:req:{name}#0");
+        assert_eq!(
+            as_docker(&["EXISTS", &member]).trim(),
+            "0",
+            "{member} was published"
+        );
+    }
+    let log = env.worker_log("docker-user");
+    assert!(log.contains("not one a worker kept"), "{log}");
+    for line in String::from_utf8_lossy(&env.cli(&["redis-users"]).stdout).lines() {
+        if let Some(name) = line.split_whitespace().nth(2) {
+            redis_as(None, &["ACL", "DELUSER", &rename(name)]);
+        }
+    }
+}

@@ -293,35 +293,33 @@ end
 return due
 "#;
 
-/// KEYS holders (set: the machines), tenant's quota (hash: `limit` of machines,
-/// `limit:<unit>` of the others), default quota (hash), holder (string: its tenant), the
-/// tenant's used units (hash), holder's cost (hash), the request's record; ARGV
-/// holder name (`<platform>:<request id>`), tenant, fence, nonce, then unit and amount pairs. Returns {'1'},
-/// {'0', unit, limit, used, wanted}, {'missing'} or {'fenced'}.
+/// KEYS holders (set: the machines), holder (string: its tenant), the tenant's used
+/// units (hash), holder's cost (hash), the request's record; ARGV holder name
+/// (`<platform>:<request id>`), tenant, fence, nonce, the limit of machines ('' for
+/// none), then unit, amount and limit ('' for none) triples. The limits are read before
+/// (they are the operator's, and a worker's Redis user may only read them). Returns
+/// {'1'}, {'0', unit, limit, used, wanted}, {'missing'} or {'fenced'}.
 const RESERVE_QUOTA: &str = r#"
-local holder = redis.call('HMGET', KEYS[7], 'fence', 'nonce')
+local holder = redis.call('HMGET', KEYS[5], 'fence', 'nonce')
 if not holder[1] then return {'missing'} end
 if holder[1] ~= ARGV[3] or holder[2] ~= ARGV[4] then return {'fenced'} end
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return {'1'} end
-local limit = redis.call('HGET', KEYS[2], 'limit') or redis.call('HGET', KEYS[3], 'limit')
 local used = redis.call('SCARD', KEYS[1])
-if limit and used + 1 > tonumber(limit) then
-  return {'0', 'machines', tostring(limit), tostring(used), '1'}
+if ARGV[5] ~= '' and used + 1 > tonumber(ARGV[5]) then
+  return {'0', 'machines', ARGV[5], tostring(used), '1'}
 end
-for i = 5, #ARGV, 2 do
-  local unit, wanted = ARGV[i], tonumber(ARGV[i + 1])
-  local l = redis.call('HGET', KEYS[2], 'limit:' .. unit)
-    or redis.call('HGET', KEYS[3], 'limit:' .. unit)
-  local u = tonumber(redis.call('HGET', KEYS[5], unit) or '0')
-  if l and u + wanted > tonumber(l) then
-    return {'0', unit, tostring(l), tostring(u), tostring(wanted)}
+for i = 6, #ARGV, 3 do
+  local unit, wanted, l = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  local u = tonumber(redis.call('HGET', KEYS[3], unit) or '0')
+  if l ~= '' and u + wanted > tonumber(l) then
+    return {'0', unit, l, tostring(u), tostring(wanted)}
   end
 end
 redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[4], ARGV[2])
-for i = 5, #ARGV, 2 do
-  redis.call('HINCRBY', KEYS[5], ARGV[i], ARGV[i + 1])
-  redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
+redis.call('SET', KEYS[2], ARGV[2])
+for i = 6, #ARGV, 3 do
+  redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
 end
 return {'1'}
 "#;
@@ -1478,11 +1476,21 @@ impl StateStore for RedisStore {
         cost: &QuotaCost,
     ) -> Result<QuotaGrant, StoreError> {
         let mut connection = self.connection.clone();
+        type Hash = HashMap<String, u64>;
+        let (own, default): (Hash, Hash) = redis::pipe()
+            .hgetall(self.quota_key(tenant))
+            .hgetall(self.quota_key(DEFAULT_TENANT))
+            .query_async(&mut connection)
+            .await
+            .map_err(classify)?;
+        let limit_of = |field: &str| {
+            own.get(field)
+                .or_else(|| default.get(field))
+                .map_or_else(String::new, u64::to_string)
+        };
         let mut invocation = self.scripts.reserve_quota.prepare_invoke();
         invocation
             .key(self.quota_holders(tenant))
-            .key(self.quota_key(tenant))
-            .key(self.quota_key(DEFAULT_TENANT))
             .key(self.quota_holder(request_id)?)
             .key(self.quota_used(tenant))
             .key(self.quota_holder_cost(request_id)?)
@@ -1490,9 +1498,13 @@ impl StateStore for RedisStore {
             .arg(self.holder_name(request_id)?)
             .arg(tenant)
             .arg(fence.counter.to_string())
-            .arg(&fence.nonce);
+            .arg(&fence.nonce)
+            .arg(limit_of("limit"));
         for (unit, amount) in cost.iter().filter(|(unit, _)| unit.as_str() != MACHINES) {
-            invocation.arg(unit).arg(*amount);
+            invocation
+                .arg(unit)
+                .arg(*amount)
+                .arg(limit_of(&format!("limit:{unit}")));
         }
         let answer: Vec<String> = invocation
             .invoke_async(&mut connection)
