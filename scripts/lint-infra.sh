@@ -93,6 +93,8 @@ for name, deployment in deployments.items():
     check(pod["terminationGracePeriodSeconds"] > grace, f"{name}: the pod outlives the drain")
     secret = env["AMQP_URL"]["valueFrom"]["secretKeyRef"]["name"]
     check(secret == f"provisioner-broker-{platform}", f"{name}: its own broker user's secret")
+    redis_secret = env["REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"]
+    check(redis_secret == f"provisioner-redis-{platform}", f"{name}: its own Redis user's secret (provisioner redis-users)")
     scaler = scaled.get(name)
     check(scaler is not None, f"{name}: has a ScaledObject")
     if scaler:
@@ -118,6 +120,12 @@ for name, resource in template["Resources"].items():
         continue
     platform = resource["Properties"]["Environment"]["Variables"]["PLATFORM"]
     check(platform in {"aws-ec2", "aws-ecs"}, f"{name}: the Lambda form runs aws-ec2 and aws-ecs, not {platform}")
+    redis_url = resource["Properties"]["Environment"]["Variables"].get("REDIS_URL", "")
+    short = platform.removeprefix("aws-").capitalize()
+    check(f"${{{short}RedisUrlSecretArn}}" in str(redis_url),
+          f"{name}: its own Redis user's secret ({short}RedisUrlSecretArn), not a shared one")
+    check("REDIS_URL" not in template["Globals"]["Function"]["Environment"]["Variables"],
+          "Lambda: no REDIS_URL shared by the functions")
     events = resource["Properties"]["Events"].values()
     check(any(e["Type"] == "Schedule" for e in events),
           f"{name}: a Schedule event, whose rounds send expiries and coordinate fleets")

@@ -39,7 +39,10 @@ out.append("""# The workers on Kubernetes: for each cloud platform a ServiceAcco
 # Secrets the pods read:
 #   provisioner-broker-<platform>  amqp-url  (the user provisioner-worker-<platform> of the
 #                                             definitions, infra/rabbitmq/definitions.json)
-#   provisioner-redis              redis-url
+#   provisioner-redis-<platform>   redis-url (the user provisioner-worker-<platform> of
+#                                             `provisioner redis-users`: that platform's
+#                                             keys only; rediss:// where the network is
+#                                             not yours)
 #   provisioner-signing-keys       keys      (one `id=secret` a line; README, Signed requests)
 #   provisioner-keda               amqp-url  (any user of the vhost: KEDA only reads queue lengths)
 """)
@@ -117,7 +120,7 @@ spec:
         - name: REDIS_URL
           valueFrom:
             secretKeyRef:
-              name: provisioner-redis
+              name: provisioner-redis-{name}
               key: redis-url
         - name: REQUEST_SIGNING_KEYS_FILE
           value: /etc/provisioner/signing/keys
