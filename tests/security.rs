@@ -1179,3 +1179,123 @@ async fn one_platforms_redis_user_reaches_no_other_platform_and_plants_no_fleet(
         }
     }
 }
+
+/// Exhausting the broker (item 7 of the threat model's read): every queue of the shipped
+/// definitions is bounded in messages and bytes on the real broker; the journal is bound
+/// to the events' keys only, so a producer's probes never push events out of it; and a
+/// dead-letter queue over its bound refuses, while what it refused waits in the work
+/// queue and arrives once there is room: nothing is lost.
+#[tokio::test]
+async fn every_queue_is_bounded_and_a_full_one_loses_nothing() {
+    use reqwest::Method;
+    let env = TestEnv::new().await;
+    common::load_shipped_definitions(&env);
+    let (_, queues) = env.management(Method::GET, "queues/", None).await;
+    let queues = queues.as_array().cloned().unwrap_or_default();
+    // Docker's (the shipped definitions, other platforms left out) and the shared ones.
+    assert_eq!(
+        queues.len(),
+        4 + provisioner_core::amqp::RETRY_TIERS_S.len(),
+        "{queues:#?}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for queue in &queues {
+        let name = queue["name"].as_str().unwrap_or_default().to_owned();
+        loop {
+            let (_, queue) = env
+                .management(Method::GET, &format!("queues/{name}"), None)
+                .await;
+            let effective = &queue["effective_policy_definition"];
+            if ["max-length", "max-length-bytes", "overflow"]
+                .iter()
+                .all(|bound| !effective[*bound].is_null())
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} is not bounded: {effective}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    // The journal keeps events only: a producer may publish the probe, and a flood of
+    // probes reaches no reader's journal.
+    let (_, bindings) = env
+        .management(
+            Method::GET,
+            "queues/provisioning.status.journal/bindings",
+            None,
+        )
+        .await;
+    let keys: Vec<&str> = bindings
+        .as_array()
+        .map(|b| b.iter().filter_map(|b| b["routing_key"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(!keys.contains(&"#"), "{keys:?}");
+    assert!(keys.contains(&"docker.*"), "{keys:?}");
+    let producer = format!(
+        "amqp://provisioner-producer-{}:secret@127.0.0.1:5672/{}",
+        env.run_id, env.vhost
+    );
+    for _ in 0..20 {
+        common::publish_as(
+            &producer,
+            "provisioning.status",
+            provisioner_core::amqp::PROBE_ROUTING_KEY,
+        )
+        .await
+        .expect("a producer may publish the probe");
+    }
+    assert_eq!(env.queue_depth("provisioning.status.journal").await, 0);
+
+    // The operator lowers Docker's dead-letter queue to one message: the second poison
+    // message is refused there and waits, then arrives once the bound is lifted.
+    let override_policy = serde_json::json!({
+        "pattern": "^provisioning\\.docker\\.dead-letter$", "apply-to": "queues", "priority": 99,
+        "definition": {"max-length": 1, "max-length-bytes": 1048576, "overflow": "reject-publish"},
+    });
+    let (status, _) = env
+        .management(Method::PUT, "policies/tight", Some(override_policy))
+        .await;
+    assert!(status == 201 || status == 204, "PUT policy: {status}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, dead) = env
+            .management(Method::GET, "queues/provisioning.docker.dead-letter", None)
+            .await;
+        if dead["effective_policy_definition"]["max-length"] == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never applied: {dead}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // (A quorum queue refuses once it is over its bound, so it may take one past it.)
+    for name in ["poison-a", "poison-b", "poison-c"] {
+        env.publish_raw(
+            "docker.provision",
+            &format!("{name}-{}", env.run_id),
+            b"{\"poison\": true}",
+        )
+        .await;
+        env.return_until_gone("provisioning.docker").await;
+    }
+    let held = env.queue_depth("provisioning.docker.dead-letter").await;
+    assert!(held < 3, "the bound refused nothing: {held}");
+    let (status, _) = env.management(Method::DELETE, "policies/tight", None).await;
+    assert!(status == 204 || status == 200, "DELETE policy: {status}");
+    // The broker's dead-letter worker sends a refused one again when its confirm timeout
+    // (`dead_letter_worker_publisher_confirm_timeout`, 3 minutes) comes round.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    while env.queue_depth("provisioning.docker.dead-letter").await < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refused dead letter was lost"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

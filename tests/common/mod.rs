@@ -826,7 +826,8 @@ pub fn load_shipped_definitions(env: &TestEnv) -> Vec<String> {
             *p != provisioner_events::PlatformName::Docker
                 && (name.starts_with(&format!("provisioning.{p}"))
                     || name == format!("provisioner-worker-{p}")
-                    || name == format!("provisioner-work-{p}"))
+                    || name == format!("provisioner-work-{p}")
+                    || name == format!("provisioner-side-{p}"))
         })
     };
     for kind in [

@@ -193,6 +193,9 @@ pub struct Topology {
     pub exchanges: Vec<Exchange>,
     pub queues: Vec<Queue>,
     pub bindings: Vec<Binding>,
+    /// Bindings of older versions that this one removes where its user may (definitions
+    /// cannot remove a binding: the README says how an operator does).
+    pub retired_bindings: Vec<Binding>,
     pub policies: Vec<Policy>,
 }
 
@@ -222,6 +225,47 @@ pub const WORK_QUEUE_MAX_LENGTH: i64 = 1_000_000;
 /// The most bytes of message bodies a work queue holds, likewise: a flood of large
 /// messages cannot fill the broker's disk and raise the alarm that stops every publisher.
 pub const WORK_QUEUE_MAX_BYTES: i64 = 1 << 30;
+
+/// The most messages a side queue (a platform's dead letters and delay tiers, the
+/// unrouted requests) holds before the broker refuses what would go there: a flood of
+/// refused or parked messages then backs up into the bounded work queue (a dead letter
+/// or a parked retry the broker refuses stays where it was), and never fills the disk.
+pub const SIDE_QUEUE_MAX_LENGTH: i64 = 100_000;
+/// The most bytes of message bodies a side queue holds, likewise.
+pub const SIDE_QUEUE_MAX_BYTES: i64 = 256 << 20;
+/// The most bytes of events the journal keeps (its oldest are dropped past it, as past
+/// its length).
+pub const JOURNAL_MAX_BYTES: i64 = 64 << 20;
+
+/// The name of the policy bounding `platform`'s dead-letter and delay queues.
+pub fn side_policy_name(platform: PlatformName) -> String {
+    format!("provisioner-side-{platform}")
+}
+
+/// The name of the policy bounding the unrouted requests' queue.
+pub const UNROUTED_POLICY: &str = "provisioner-unrouted";
+
+/// The bounds of a side queue: length and bytes, publishes refused past them.
+fn side_bounds() -> Arguments {
+    vec![
+        ("max-length", Argument::Long(SIDE_QUEUE_MAX_LENGTH)),
+        ("max-length-bytes", Argument::Long(SIDE_QUEUE_MAX_BYTES)),
+        ("overflow", Argument::text("reject-publish")),
+    ]
+}
+
+/// The policy of `platform`'s dead-letter queue and delay tiers.
+fn side_policy(platform: PlatformName) -> Policy {
+    Policy {
+        name: side_policy_name(platform),
+        pattern: format!(
+            "^provisioning\\.{}\\.(dead-letter|delay\\.[0-9]+s)$",
+            platform.as_str().replace('.', "\\.")
+        ),
+        priority: POLICY_PRIORITY,
+        definition: side_bounds(),
+    }
+}
 
 /// The policy of `platform`'s work queue.
 fn work_policy(config: &AmqpConfig, platform: PlatformName) -> Policy {
@@ -266,7 +310,7 @@ impl Topology {
                 Queue {
                     name: UNROUTED_QUEUE.to_owned(),
                     arguments: quorum(vec![]),
-                    policy: None,
+                    policy: Some(UNROUTED_POLICY.to_owned()),
                 },
                 Queue {
                     name: STATUS_JOURNAL_QUEUE.to_owned(),
@@ -274,27 +318,44 @@ impl Topology {
                     policy: Some(JOURNAL_POLICY.to_owned()),
                 },
             ],
-            bindings: vec![
-                Binding {
-                    exchange: UNROUTED_EXCHANGE.to_owned(),
-                    queue: UNROUTED_QUEUE.to_owned(),
-                    routing_key: String::new(),
+            bindings: vec![Binding {
+                exchange: UNROUTED_EXCHANGE.to_owned(),
+                queue: UNROUTED_QUEUE.to_owned(),
+                routing_key: String::new(),
+            }]
+            .into_iter()
+            // The journal keeps events: each platform's keys, never the probe's (or
+            // anything else published on the status exchange), which would push events
+            // out of it.
+            .chain(PlatformName::ALL.into_iter().map(|platform| Binding {
+                exchange: STATUS_EXCHANGE.to_owned(),
+                queue: STATUS_JOURNAL_QUEUE.to_owned(),
+                routing_key: format!("{platform}.*"),
+            }))
+            .collect(),
+            retired_bindings: vec![Binding {
+                exchange: STATUS_EXCHANGE.to_owned(),
+                queue: STATUS_JOURNAL_QUEUE.to_owned(),
+                routing_key: "#".to_owned(),
+            }],
+            policies: vec![
+                Policy {
+                    name: JOURNAL_POLICY.to_owned(),
+                    pattern: exactly(STATUS_JOURNAL_QUEUE),
+                    priority: POLICY_PRIORITY,
+                    definition: vec![
+                        ("max-length", Argument::Long(config.journal_max_length)),
+                        ("max-length-bytes", Argument::Long(JOURNAL_MAX_BYTES)),
+                        ("overflow", Argument::text("drop-head")),
+                    ],
                 },
-                Binding {
-                    exchange: STATUS_EXCHANGE.to_owned(),
-                    queue: STATUS_JOURNAL_QUEUE.to_owned(),
-                    routing_key: "#".to_owned(),
+                Policy {
+                    name: UNROUTED_POLICY.to_owned(),
+                    pattern: exactly(UNROUTED_QUEUE),
+                    priority: POLICY_PRIORITY,
+                    definition: side_bounds(),
                 },
             ],
-            policies: vec![Policy {
-                name: JOURNAL_POLICY.to_owned(),
-                pattern: exactly(STATUS_JOURNAL_QUEUE),
-                priority: POLICY_PRIORITY,
-                definition: vec![
-                    ("max-length", Argument::Long(config.journal_max_length)),
-                    ("overflow", Argument::text("drop-head")),
-                ],
-            }],
         }
     }
 
@@ -316,7 +377,7 @@ impl Topology {
             Queue {
                 name: dead.clone(),
                 arguments: quorum(vec![]),
-                policy: None,
+                policy: Some(side_policy_name(platform)),
             },
         ];
         let mut bindings = vec![
@@ -345,14 +406,15 @@ impl Topology {
             queues.push(Queue {
                 name: delay,
                 arguments,
-                policy: None,
+                policy: Some(side_policy_name(platform)),
             });
         }
         Topology {
             exchanges: vec![],
             queues,
             bindings,
-            policies: vec![work_policy(config, platform)],
+            retired_bindings: vec![],
+            policies: vec![work_policy(config, platform), side_policy(platform)],
         }
     }
 
@@ -364,6 +426,8 @@ impl Topology {
             all.exchanges.append(&mut of_platform.exchanges);
             all.queues.append(&mut of_platform.queues);
             all.bindings.append(&mut of_platform.bindings);
+            all.retired_bindings
+                .append(&mut of_platform.retired_bindings);
             all.policies.append(&mut of_platform.policies);
         }
         all
@@ -648,6 +712,27 @@ impl<'a> Declarer<'a> {
         }
     }
 
+    /// Removes an older version's binding; a user that may not leaves it to the operator.
+    async fn unbind(&mut self, binding: &Binding) -> Result<(), BrokerError> {
+        let unbound = self
+            .channel
+            .queue_unbind(
+                short(&binding.queue)?,
+                short(&binding.exchange)?,
+                short(&binding.routing_key)?,
+                FieldTable::default(),
+            )
+            .await;
+        match unbound {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_amqp_soft_error() => {
+                debug!(queue = %binding.queue, exchange = %binding.exchange, key = %binding.routing_key, error = %e, "could not remove an older version's binding; the operator removes it");
+                self.reopen().await
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     /// Declares `topology`: its policies first, then its exchanges, queues and
     /// bindings. Where the policies cannot be put in place, a queue is declared with
     /// its policy's settings as arguments, so it is safe without them.
@@ -681,6 +766,9 @@ impl<'a> Declarer<'a> {
         }
         for binding in &topology.bindings {
             self.binding(binding).await?;
+        }
+        for binding in &topology.retired_bindings {
+            self.unbind(binding).await?;
         }
         let _ = self.channel.close(200, "OK".into()).await;
         Ok(())
@@ -749,8 +837,14 @@ mod tests {
             definitions["exchanges"][1]["arguments"]["alternate-exchange"],
             UNROUTED_EXCHANGE
         );
+        let work_policy = definitions["policies"]
+            .as_array()
+            .expect("policies")
+            .iter()
+            .find(|p| p["name"] == work_policy_name(PlatformName::Docker))
+            .expect("docker's work policy");
         assert_eq!(
-            definitions["policies"][1]["definition"]["dead-letter-strategy"],
+            work_policy["definition"]["dead-letter-strategy"],
             "at-least-once"
         );
     }
@@ -761,7 +855,7 @@ mod tests {
     #[test]
     fn each_policy_governs_exactly_its_queues() {
         let all = Topology::everything(&AmqpConfig::new("amqp://unused"));
-        assert_eq!(all.policies.len(), 1 + PlatformName::ALL.len());
+        assert_eq!(all.policies.len(), 2 + 2 * PlatformName::ALL.len());
         for policy in &all.policies {
             let pattern = regex_lite::Regex::new(&policy.pattern).expect("a valid pattern");
             let matched: Vec<&str> = all
@@ -777,7 +871,22 @@ mod tests {
                 .map(|queue| queue.name.as_str())
                 .collect();
             assert_eq!(matched, governed, "policy {}", policy.name);
-            assert_eq!(governed.len(), 1, "policy {}", policy.name);
+            assert!(!governed.is_empty(), "policy {}", policy.name);
+        }
+        // Every queue is bounded in messages and bytes.
+        for queue in &all.queues {
+            let policy = queue
+                .policy
+                .as_deref()
+                .and_then(|name| all.policy(name))
+                .unwrap_or_else(|| panic!("{} has no policy", queue.name));
+            for bound in ["max-length", "max-length-bytes", "overflow"] {
+                assert!(
+                    policy.definition.iter().any(|(key, _)| *key == bound),
+                    "{} is not bounded by {bound}",
+                    queue.name
+                );
+            }
         }
     }
 
