@@ -170,6 +170,9 @@ pub struct WorkerSettings {
     /// Deliveries handled at once.
     #[arg(long, env = "PREFETCH", default_value_t = 16)]
     pub prefetch: u16,
+    /// Fleets this worker coordinates at once; more wait on the schedule for any worker.
+    #[arg(long, env = "FLEET_COORDINATORS", default_value_t = 64)]
+    pub fleet_coordinators: usize,
     /// Lease length; a crashed worker's requests are taken over after it.
     #[arg(long, env = "LEASE_SECONDS", default_value_t = 30)]
     pub lease_seconds: u64,
@@ -225,6 +228,9 @@ pub struct WorkerSettings {
 impl WorkerSettings {
     pub fn validate(&self) -> Result<WorkerConfig, Failure> {
         let bad = |what: String| Err(Failure::config(anyhow::anyhow!(what)));
+        if self.fleet_coordinators == 0 {
+            return bad("FLEET_COORDINATORS must be at least 1".into());
+        }
         if self.prefetch == 0 {
             return bad("PREFETCH must be at least 1".into());
         }
@@ -289,6 +295,7 @@ impl WorkerSettings {
             worker_id,
             rate_limits,
             prefetch: self.prefetch,
+            fleet_coordinators: self.fleet_coordinators,
             lease: Duration::from_secs(self.lease_seconds),
             retry: RetryPolicy {
                 max_attempts: self.max_attempts,

@@ -222,6 +222,7 @@ impl SharedBroker {
         routing_key: &str,
         body: &[u8],
         published_at: SystemTime,
+        signature: Option<String>,
     ) -> Result<(), BrokerError> {
         if let Some(reason) = self.blocked() {
             return Err(BrokerError::Unavailable(reason));
@@ -240,7 +241,7 @@ impl SharedBroker {
             returns: 0,
             published_at,
             from_producers: true,
-            signature: None,
+            signature,
         };
         let lost = self.chance(self.chances.confirm_lost);
         let mut state = self.state();

@@ -67,7 +67,14 @@ pub struct RunConfig {
     pub mutate_bucket: (f64, f64),
     /// How the operator's reconciler runs go.
     pub reconcile: ReconcileOptions,
+    /// When the deployment signs: the producers' key (id, secret), which the workers
+    /// hold too (`worker.signing`); fleets are then kept sealed, and the forger plants
+    /// fleets in the store that no worker may act on.
+    pub signing: Option<(String, Vec<u8>)>,
 }
+
+/// The key of a run that signs.
+const SIGNING_KEY: (&str, &str) = ("sim", "a-simulated-secret-of-at-least-32-bytes");
 
 impl RunConfig {
     pub fn draw(seed: u64) -> RunConfig {
@@ -108,7 +115,7 @@ impl RunConfig {
         } else {
             RateLimitSettings::default()
         };
-        let worker = WorkerConfig {
+        let mut worker = WorkerConfig {
             worker_id: String::new(),
             prefetch: rng.range(1, 16) as u16,
             lease,
@@ -124,9 +131,24 @@ impl RunConfig {
             reconcile,
             rate_limits,
             fleet_stall: Duration::from_secs(rng.range(10, 180)),
+            // Few enough, at times, that fleets wait on the schedule for a coordinator.
+            // A stream of its own, so the kept seeds' other draws stay what they were.
+            fleet_coordinators: Rng::stream(seed, "fleet-coordinators").range(1, 8) as usize,
             signing: None,
             tenants: None,
         };
+        // A stream of its own, so the kept seeds' other draws stay what they were.
+        let signing = Rng::stream(seed, "signing")
+            .chance(0.5)
+            .then(|| (SIGNING_KEY.0.to_owned(), SIGNING_KEY.1.as_bytes().to_vec()));
+        if signing.is_some() {
+            let keys = provisioner_core::signing::SigningKeys::parse(
+                &format!("{}={}", SIGNING_KEY.0, SIGNING_KEY.1),
+                worker.retention,
+            )
+            .expect("the simulator's key");
+            worker.signing = Some(std::sync::Arc::new(keys));
+        }
         let workers = rng.range(1, 4) as usize;
         let skews_ms = (0..workers)
             .map(|_| rng.range(0, 4000) as i64 - 2000)
@@ -205,6 +227,7 @@ impl RunConfig {
             run_bucket,
             mutate_bucket,
             reconcile: reconcile_options,
+            signing,
         }
     }
 

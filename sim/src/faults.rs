@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use provisioner_core::StateStore;
+
 use crate::process::Life;
 use crate::rng::Rng;
 use crate::run::{World, drain, lose, process_of};
@@ -272,5 +274,65 @@ fn strike(world: &Arc<World>, rng: &mut Rng, fault: Fault) -> bool {
             true
         }
         Fault::InstanceDeath => world.cloud.kill_one(rng.next_u64()).is_some(),
+    }
+}
+
+/// A holder of the store's credentials, without the signing keys, plants fleets on the
+/// coordinators' schedule while the faults strike, as a worker would keep them: one
+/// unsealed, or a real fleet's sealed request moved to a new id. Only in runs that sign
+/// (without signing the store is as trusted as the broker). The oracle holds that
+/// nothing of a planted fleet happens: no member published, no event, no instance.
+/// Drawn from a stream of its own, so the kept seeds' other draws stay what they were.
+pub async fn forge(world: Arc<World>) {
+    if world.config.signing.is_none() {
+        return;
+    }
+    let mut rng = Rng::stream(world.config.seed, "forgeries");
+    let mut plan: Vec<Duration> = (0..rng.range(1, 3))
+        .map(|_| rng.millis(0, world.config.chaos.as_millis() as u64))
+        .collect();
+    plan.sort();
+    let start = Instant::now();
+    let schedule = format!("{}/fleets", crate::platform::PLATFORM);
+    for (n, at) in plan.into_iter().enumerate() {
+        tokio::time::sleep_until(start + at).await;
+        if !world.faults_on.load(Ordering::Relaxed) {
+            return;
+        }
+        let memory = &world.store.memory;
+        let id = format!("forged-{n}");
+        let mut real = None;
+        if rng.chance(0.5) {
+            for candidate in memory.record_ids() {
+                if let Ok(Some(stored)) = memory.fleet(&candidate).await {
+                    real = Some(stored);
+                    break;
+                }
+            }
+        }
+        let how = if real.is_some() { "moved" } else { "unsealed" };
+        let stored = real.unwrap_or_else(|| {
+            format!(
+                r#"{{"schema_version":1,"request_id":"{id}","operation":"provision","platform":"{}","count":3,"spec":{{"program":"forged"}}}}"#,
+                crate::platform::PLATFORM
+            )
+        });
+        if memory.put_fleet(&id, &stored).await.is_err()
+            || memory
+                .schedule_expiry(&schedule, &id, world.clock.wall(0))
+                .await
+                .is_err()
+        {
+            continue;
+        }
+        world
+            .forged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(id.clone());
+        world
+            .history
+            .note("forger", || format!("planted fleet {id} ({how})"));
+        world.count_fault("fleet forged");
     }
 }

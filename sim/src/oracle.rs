@@ -19,7 +19,9 @@
 //!   request nobody sent;
 //! - **quotas**: each tenant's quota in use is what it holds, in machines and vCPUs;
 //! - **expiry**: every resource whose time came was torn down;
-//! - **pacing**: while the store keeps the buckets whole, the cloud never throttled.
+//! - **pacing**: while the store keeps the buckets whole, the cloud never throttled;
+//! - **planted fleets**: in a run that signs, nothing of a fleet planted in the store by
+//!   someone without the keys happens.
 //!
 //! What the contract itself does not promise is excused, and only that: a request whose
 //! record the store lost after it ended may run again (README, "Redis durability"), and
@@ -536,6 +538,27 @@ pub async fn judge(world: &World, stuck: Option<String>) -> Verdict {
             }
         }
         let _ = request;
+    }
+    // Fleets planted in the store by someone without the signing keys: nothing of them
+    // happens (no member published, no event, no instance).
+    let forged = world
+        .forged
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    for fleet in &forged {
+        let of_it = |id: &str| id == fleet || id.starts_with(&format!("{fleet}#"));
+        if bodies.keys().any(|id| of_it(id)) {
+            violations.push(format!(
+                "a request of the planted fleet {fleet} was published"
+            ));
+        }
+        if events.iter().any(|e| of_it(&e.request_id)) {
+            violations.push(format!("the planted fleet {fleet} has events"));
+        }
+        if let Some(instance) = instances.iter().find(|i| of_it(&i.owner)) {
+            violations.push(format!("the planted fleet {fleet} made {}", instance.id));
+        }
     }
     for instance in instances.iter().filter(|i| i.is_live()) {
         if !provisions.contains_key(instance.owner.as_str()) {

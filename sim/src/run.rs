@@ -66,6 +66,8 @@ pub struct World {
     pub faults: Mutex<std::collections::BTreeMap<&'static str, u32>>,
     /// Worker crashes, wherever they struck.
     pub crashes: AtomicUsize,
+    /// Fleets the forger planted in the store: nothing of them may happen.
+    pub forged: Mutex<Vec<String>>,
 }
 
 impl World {
@@ -122,6 +124,7 @@ impl World {
             producing: AtomicUsize::new(0),
             faults: Mutex::new(Default::default()),
             crashes: AtomicUsize::new(0),
+            forged: Mutex::new(Vec::new()),
         })
     }
 
@@ -199,6 +202,7 @@ async fn simulate(seed: u64, keep_history: bool) -> Outcome {
     }
     tokio::spawn(produce(world.clone()));
     tokio::spawn(crate::faults::inject(world.clone()));
+    tokio::spawn(crate::faults::forge(world.clone()));
     tokio::time::sleep(config.chaos).await;
     heal(&world);
     let settled_by = Instant::now() + SETTLE_LIMIT;
@@ -415,10 +419,15 @@ async fn produce(world: Arc<World>) {
 /// until the broker confirms (a confirm lost is a second copy).
 async fn publish(world: &World, routing_key: &str, body: &[u8]) {
     let published_at = world.clock.wall(0);
+    // Signed as a producer signs, by its own clock, when the run's deployment signs.
+    let signature = world.config.signing.as_ref().map(|(id, secret)| {
+        provisioner_core::signing::sign_with(id, secret, routing_key, body, published_at)
+    });
     for _ in 0..10 {
-        let result = world
-            .broker
-            .producer_publish(routing_key, body, published_at);
+        let result =
+            world
+                .broker
+                .producer_publish(routing_key, body, published_at, signature.clone());
         let id = provisioner_events::decode_request(body)
             .map(|r| format!("{} ({})", r.request_id, &r.payload_hash()[..8]))
             .unwrap_or_else(|_| "(undecodable)".into());

@@ -1412,6 +1412,33 @@ async fn a_fleet_is_spread_over_the_workers_and_ends_listing_its_members() {
     assert_eq!(h.record("f1#0").await.state, State::Stopped);
 }
 
+/// A worker that may coordinate one fleet at a time leaves the others due on the
+/// schedule and takes each in turn: every fleet still ends, none is dropped.
+#[tokio::test]
+async fn fleets_beyond_a_workers_coordinators_wait_their_turn_and_all_end() {
+    let mut h = harness_with(
+        1,
+        |n| WorkerConfig {
+            fleet_coordinators: 1,
+            ..config(n)
+        },
+        |store| store,
+    )
+    .await;
+    for i in 0..4 {
+        h.publish(&fleet(&format!("turn-{i}"), 3, "")).await;
+    }
+    for i in 0..4 {
+        let events = h.until_terminal(&format!("turn-{i}"), 1).await;
+        assert_eq!(
+            events.last().map(|e| e.state),
+            Some(State::Running),
+            "{events:#?}"
+        );
+    }
+    assert_eq!(h.platform.provisions.load(Ordering::SeqCst), 12);
+}
+
 #[tokio::test]
 async fn a_fleet_below_its_min_count_is_rolled_back_by_default() {
     let mut h = harness(2).await;

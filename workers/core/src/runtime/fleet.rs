@@ -509,16 +509,27 @@ impl Worker {
             if until.passed() {
                 break;
             }
-            let due = match self
-                .store
-                .take_due_expiries(&schedule, TAKE_AT_ONCE, self.config.lease)
-                .await
-            {
-                Ok(due) => due,
-                Err(e) => {
-                    debug!(error = %e, "could not look for fleets to coordinate");
-                    trouble = Some(format!("looking for fleets to coordinate: {e}"));
-                    Vec::new()
+            // Only as many as this worker may still coordinate; the rest stay due.
+            let room = self
+                .config
+                .fleet_coordinators
+                .max(1)
+                .saturating_sub(coordinators.len())
+                .min(TAKE_AT_ONCE);
+            let due = if room == 0 {
+                Vec::new()
+            } else {
+                match self
+                    .store
+                    .take_due_expiries(&schedule, room, self.config.lease)
+                    .await
+                {
+                    Ok(due) => due,
+                    Err(e) => {
+                        debug!(error = %e, "could not look for fleets to coordinate");
+                        trouble = Some(format!("looking for fleets to coordinate: {e}"));
+                        Vec::new()
+                    }
                 }
             };
             if until.bounded && due.is_empty() && coordinators.is_empty() {

@@ -105,6 +105,10 @@ pub struct WorkerConfig {
     /// How long a fleet's coordinator waits with no member moving before it publishes
     /// again the members that have no record (their message may have been lost).
     pub fleet_stall: Duration,
+    /// The most fleets this worker coordinates at once; a due fleet beyond it stays on
+    /// the schedule for another worker (or this one, once one of its fleets ended), so
+    /// a flood of fleets cannot make one worker hold a coordinator for each.
+    pub fleet_coordinators: usize,
     /// When set, only requests signed with one of these keys run (see
     /// [`crate::signing`]); the rest are refused with class `permission`.
     pub signing: Option<Arc<crate::signing::SigningKeys>>,
@@ -131,6 +135,7 @@ impl Default for WorkerConfig {
             reconcile: None,
             rate_limits: crate::ratelimit::RateLimitSettings::default(),
             fleet_stall: Duration::from_secs(180),
+            fleet_coordinators: 64,
             signing: None,
             tenants: None,
         }
