@@ -6,7 +6,9 @@
 //! Fields: `hash` (payload; absent while only a tombstone exists), `owner`, `nonce`,
 //! `lease_until` (ms), `fence`, `seq`, `attempts`, `state`, `route` (the routing key it
 //! was claimed under), `result` (the terminal event's JSON), `tombstone` (the teardown
-//! that removed its resource), `actor`, `actor_nonce`, `actor_until` (the request acting
+//! that removes its resource; `tombstone_also`, comma-separated, the other teardowns
+//! that tombstoned it meanwhile, each keeping it in place should the holder fail and lift
+//! its part), `actor`, `actor_nonce`, `actor_until` (the request acting
 //! on its resource), `acts_on` (a teardown's: the request whose resource it removes),
 //! `handed` (released in good order, until the next claim), `updated_ms`. Finished records and tombstones expire after the
 //! retention period; records in progress never expire and are indexed by lease end in
@@ -204,7 +206,17 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'result', 'owner', 'lease_until', 'tombstone',
   'actor', 'actor_until')
-if ARGV[4] == '1' and not rec[5] then redis.call('HSET', KEYS[1], 'tombstone', ARGV[1]) end
+if ARGV[4] == '1' then
+  if not rec[5] then
+    redis.call('HSET', KEYS[1], 'tombstone', ARGV[1])
+  elseif rec[5] ~= ARGV[1] then
+    -- Another teardown's tombstone: this one joins it, so it stays if that one fails.
+    local also = redis.call('HGET', KEYS[1], 'tombstone_also') or ''
+    if not string.find(',' .. also .. ',', ',' .. ARGV[1] .. ',', 1, true) then
+      redis.call('HSET', KEYS[1], 'tombstone_also', also == '' and ARGV[1] or (also .. ',' .. ARGV[1]))
+    end
+  end
+end
 if ARGV[4] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('HSET', KEYS[2], 'acts_on', ARGV[6])
 end
@@ -240,10 +252,31 @@ end
 return 1
 "#;
 
-/// KEYS target record; ARGV teardown id. Returns 1 when it lifted the tombstone.
+/// KEYS target record; ARGV teardown id. Takes the teardown out of the tombstone: the
+/// tombstone goes only when no other teardown joined it (`tombstone_also`); else the
+/// next of them holds it. Returns 1 when the teardown was part of it.
 const LIFT_TOMBSTONE: &str = r#"
-if redis.call('HGET', KEYS[1], 'tombstone') ~= ARGV[1] then return 0 end
-redis.call('HDEL', KEYS[1], 'tombstone')
+local holder = redis.call('HGET', KEYS[1], 'tombstone')
+local also = redis.call('HGET', KEYS[1], 'tombstone_also') or ''
+local rest = {}
+local joined = false
+for id in string.gmatch(also, '[^,]+') do
+  if id == ARGV[1] then joined = true else table.insert(rest, id) end
+end
+if holder == ARGV[1] then
+  if #rest > 0 then
+    redis.call('HSET', KEYS[1], 'tombstone', table.remove(rest, 1))
+  else
+    redis.call('HDEL', KEYS[1], 'tombstone')
+  end
+elseif not joined then
+  return 0
+end
+if #rest > 0 then
+  redis.call('HSET', KEYS[1], 'tombstone_also', table.concat(rest, ','))
+else
+  redis.call('HDEL', KEYS[1], 'tombstone_also')
+end
 return 1
 "#;
 

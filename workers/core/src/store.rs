@@ -276,9 +276,12 @@ pub trait StateStore: Send + Sync + 'static {
         lease: Duration,
     ) -> Result<(), StoreError>;
 
-    /// Lifts the tombstone `teardown` left on `target`, if it is that teardown's: a
-    /// teardown that ended in error changes nothing about its target (its provision may
-    /// still run, its expiry stays, the reconciler keeps what it holds).
+    /// Takes `teardown`'s part out of the tombstone on `target`: a teardown that ended in
+    /// error changes nothing about its target (its provision may still run, its expiry
+    /// stays, the reconciler keeps what it holds). Several teardowns may tombstone one
+    /// target; the tombstone goes only with the last of them, so one that failed never
+    /// lifts what another that succeeded relies on (a kept simulator seed: the provision
+    /// redelivered after such a lift ran again, past a teardown's `stopped`).
     async fn lift_tombstone(&self, target: &str, teardown: &str) -> Result<(), StoreError>;
 
     /// Ends the actor lease. `resource_state` (after a successful teardown, stop, start)
@@ -548,6 +551,9 @@ struct MemoryRecord {
     routing_key: String,
     result: Option<StatusEvent>,
     tombstone: Option<String>,
+    /// Other teardowns that tombstoned it while `tombstone` was in place: each keeps it
+    /// there should the holder fail and lift its part.
+    tombstone_also: Vec<String>,
     actor: Option<(String, String, Instant)>,
     acts_on: Option<String>,
     /// Released with a refund, until the next claim.
@@ -1053,6 +1059,13 @@ impl StateStore for MemoryStore {
             });
         if tombstone && record.tombstone.is_none() {
             record.tombstone = Some(actor.request_id.to_owned());
+        } else if tombstone
+            && record.tombstone.as_deref() != Some(actor.request_id)
+            && !record.tombstone_also.iter().any(|t| t == actor.request_id)
+        {
+            // Another teardown's tombstone: this one joins it, so it stays if that one
+            // fails and lifts its part.
+            record.tombstone_also.push(actor.request_id.to_owned());
         }
         let grant = Self::grant_actor(record, actor, lease, now);
         if tombstone && let Some(own) = records.get_mut(actor.request_id) {
@@ -1082,10 +1095,18 @@ impl StateStore for MemoryStore {
 
     async fn lift_tombstone(&self, target: &str, teardown: &str) -> Result<(), StoreError> {
         let mut records = self.records();
-        if let Some(record) = records.get_mut(target)
-            && record.tombstone.as_deref() == Some(teardown)
-        {
-            record.tombstone = None;
+        if let Some(record) = records.get_mut(target) {
+            let joined = record.tombstone_also.iter().any(|t| t == teardown);
+            record.tombstone_also.retain(|t| t != teardown);
+            if record.tombstone.as_deref() == Some(teardown) {
+                record.tombstone = if record.tombstone_also.is_empty() {
+                    None
+                } else {
+                    Some(record.tombstone_also.remove(0))
+                };
+            } else if !joined {
+                return Ok(());
+            }
         }
         Ok(())
     }

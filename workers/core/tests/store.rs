@@ -352,6 +352,63 @@ async fn a_teardown_tombstones_its_target_whatever_the_interleaving(store: &dyn 
     let record = store.get("t1").await.expect("get").expect("record");
     assert_eq!(record.torn_down_by, None);
 
+    // Two teardowns tombstone one target; the first fails and lifts its part after the
+    // second removed the resource: the tombstone stays, the second's, so a copy of the
+    // provision coming again never runs past the second's `stopped` (a kept simulator
+    // seed). It goes with the last part lifted.
+    let (f, ..) = claimed(store, claim("tj", "h", "a", "pj", 60_000)).await;
+    let first = Actor {
+        request_id: "tj-down-1",
+        nonce: "tf1",
+    };
+    let second = Actor {
+        request_id: "tj-down-2",
+        nonce: "tf2",
+    };
+    for actor in [first, second, second] {
+        assert!(matches!(
+            store.act_on("tj", actor, lease, true).await.expect("act"),
+            TargetGrant::Busy { .. }
+        ));
+    }
+    store
+        .complete("tj", &f, &terminal("tj", 2, State::Error))
+        .await
+        .expect("complete");
+    assert_eq!(
+        store.act_on("tj", second, lease, true).await.expect("act"),
+        TargetGrant::Granted
+    );
+    store
+        .end_act("tj", second, Some(State::Stopped))
+        .await
+        .expect("end");
+    store.lift_tombstone("tj", "tj-down-1").await.expect("lift");
+    let record = store.get("tj").await.expect("get").expect("record");
+    assert_eq!(record.torn_down_by.as_deref(), Some("tj-down-2"));
+    store.lift_tombstone("tj", "tj-down-1").await.expect("lift");
+    assert_eq!(
+        store
+            .get("tj")
+            .await
+            .expect("get")
+            .expect("record")
+            .torn_down_by
+            .as_deref(),
+        Some("tj-down-2"),
+        "a part lifted twice is lifted once"
+    );
+    store.lift_tombstone("tj", "tj-down-2").await.expect("lift");
+    assert_eq!(
+        store
+            .get("tj")
+            .await
+            .expect("get")
+            .expect("record")
+            .torn_down_by,
+        None
+    );
+
     // Between retries (lease released) the provision is not held: the teardown goes
     // ahead, and the provision's next claim finds the tombstone.
     let (f, ..) = claimed(store, claim("t2", "h", "a", "p2", 60_000)).await;
