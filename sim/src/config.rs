@@ -71,10 +71,17 @@ pub struct RunConfig {
     /// hold too (`worker.signing`); fleets are then kept sealed, and the forger plants
     /// fleets in the store that no worker may act on.
     pub signing: Option<(String, Vec<u8>)>,
+    /// When the deployment also binds producers to tenants (`TENANTS`): the key each
+    /// tenant's producer signs with, by tenant (the operator's key, `signing`, may name
+    /// any tenant or none).
+    pub tenant_keys: BTreeMap<String, (String, Vec<u8>)>,
 }
 
-/// The key of a run that signs.
+/// The key of a run that signs (the operator's, when tenants are bound).
 const SIGNING_KEY: (&str, &str) = ("sim", "a-simulated-secret-of-at-least-32-bytes");
+/// The tenants a workload names (`sim/src/workload.rs`), each with a key of its own when
+/// tenants are bound.
+const TENANTS: [&str; 2] = ["tenant-0", "tenant-1"];
 
 impl RunConfig {
     pub fn draw(seed: u64) -> RunConfig {
@@ -141,13 +148,34 @@ impl RunConfig {
         let signing = Rng::stream(seed, "signing")
             .chance(0.5)
             .then(|| (SIGNING_KEY.0.to_owned(), SIGNING_KEY.1.as_bytes().to_vec()));
+        // Half the runs that sign also bind producers to tenants.
+        let bound = signing.is_some() && Rng::stream(seed, "tenants").chance(0.5);
+        let tenant_keys: BTreeMap<String, (String, Vec<u8>)> = TENANTS
+            .iter()
+            .filter(|_| bound)
+            .map(|tenant| {
+                let id = format!("key-{tenant}");
+                let secret = format!("{tenant}-a-simulated-secret-of-32-bytes").into_bytes();
+                (tenant.to_string(), (id, secret))
+            })
+            .collect();
         if signing.is_some() {
-            let keys = provisioner_core::signing::SigningKeys::parse(
-                &format!("{}={}", SIGNING_KEY.0, SIGNING_KEY.1),
-                worker.retention,
-            )
-            .expect("the simulator's key");
+            let mut spec = format!("{}={}", SIGNING_KEY.0, SIGNING_KEY.1);
+            for (id, secret) in tenant_keys.values() {
+                spec.push_str(&format!(",{id}={}", String::from_utf8_lossy(secret)));
+            }
+            let keys = provisioner_core::signing::SigningKeys::parse(&spec, worker.retention)
+                .expect("the simulator's keys");
             worker.signing = Some(std::sync::Arc::new(keys));
+        }
+        if bound {
+            let mut binding = format!("key:{}=*", SIGNING_KEY.0);
+            for (tenant, (id, _)) in &tenant_keys {
+                binding.push_str(&format!(",key:{id}={tenant}"));
+            }
+            let binding = provisioner_core::tenants::TenantBinding::parse(&binding)
+                .expect("the simulator's binding");
+            worker.tenants = Some(std::sync::Arc::new(binding));
         }
         let workers = rng.range(1, 4) as usize;
         let skews_ms = (0..workers)
@@ -228,6 +256,7 @@ impl RunConfig {
             mutate_bucket,
             reconcile: reconcile_options,
             signing,
+            tenant_keys,
         }
     }
 

@@ -420,7 +420,9 @@ async fn produce(world: Arc<World>) {
 async fn publish(world: &World, routing_key: &str, body: &[u8]) {
     let published_at = world.clock.wall(0);
     // Signed as a producer signs, by its own clock, when the run's deployment signs.
-    let signature = world.config.signing.as_ref().map(|(id, secret)| {
+    let (body, key) = signer(world, body);
+    let body = body.as_slice();
+    let signature = key.map(|(id, secret)| {
         provisioner_core::signing::sign_with(id, secret, routing_key, body, published_at)
     });
     for _ in 0..10 {
@@ -438,6 +440,54 @@ async fn publish(world: &World, routing_key: &str, body: &[u8]) {
             return;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The body a producer publishes and the key it signs it with, when the run signs. With
+/// tenants bound, each tenant's producer signs its tenant's provisions with its own key
+/// and the operator the rest; now and then (drawn from the body, so a duplicate is
+/// signed alike) a tenant's producer signs what is not its own — a provision naming
+/// another tenant or none (refused), or an operation on a target, naming its tenant
+/// (run only when the target is known to be its tenant's).
+fn signer<'a>(world: &'a World, body: &[u8]) -> (Vec<u8>, Option<(&'a str, &'a [u8])>) {
+    let Some((id, secret)) = &world.config.signing else {
+        return (body.to_vec(), None);
+    };
+    let operator = Some((id.as_str(), secret.as_slice()));
+    let keys = &world.config.tenant_keys;
+    if keys.is_empty() {
+        return (body.to_vec(), operator);
+    }
+    let Ok(mut request) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return (body.to_vec(), operator);
+    };
+    let draw = body
+        .iter()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(*b)));
+    let tenants: Vec<&String> = keys.keys().collect();
+    let other = tenants[(draw / 8) as usize % tenants.len()];
+    let key_of = |tenant: &str| {
+        keys.get(tenant)
+            .map(|(id, secret)| (id.as_str(), secret.as_slice()))
+    };
+    let astray = draw % 8 == 0;
+    let provision = request.get("operation").and_then(|o| o.as_str()) == Some("provision");
+    match request.get("tenant").and_then(|t| t.as_str()) {
+        Some(tenant) if provision => {
+            let key = if astray {
+                key_of(other)
+            } else {
+                key_of(tenant)
+            };
+            (body.to_vec(), key.or(operator))
+        }
+        None if provision && astray => (body.to_vec(), key_of(other)),
+        None if !provision && astray && request.is_object() => {
+            request["tenant"] = other.clone().into();
+            let body = serde_json::to_vec(&request).unwrap_or_else(|_| body.to_vec());
+            (body, key_of(other))
+        }
+        _ => (body.to_vec(), operator),
     }
 }
 
