@@ -20,6 +20,12 @@ for user in $(rabbitmqctl -q list_users --no-table-headers | awk '{print $1}' | 
   rabbitmqctl -q delete_user "$user" </dev/null
 done
 
+# ...and the Redis users the attack suite made from `provisioner redis-users`
+# (`provisioner-<run id>-<role>`).
+for user in $(redis-cli ACL USERS 2>/dev/null | grep -E '^provisioner-[0-9a-f]{10}-' || true); do
+  redis-cli ACL DELUSER "$user" >/dev/null </dev/null
+done
+
 export DOCKER_HOST=${DOCKER_HOST:-unix:///run/podman/podman.sock}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 # The AWS tests talk to LocalStack (EC2) and moto (ECS) with dummy credentials, set per
