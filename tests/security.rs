@@ -355,32 +355,19 @@ fn tls_ca() -> String {
     format!("{dir}/ca.pem")
 }
 
-/// Encrypted connections to both services, with a Redis user that may run only the
-/// commands the workers need on the keys of its prefix: a worker on `amqps://` and
+/// Encrypted connections to both services, as the Docker worker's Redis user of
+/// `provisioner redis-users` (its platform's keys, no dangerous command): a worker on `amqps://` and
 /// `rediss://` provisions, runs a fleet and tears down; the Redis user is refused other
 /// keys and dangerous commands; and a worker that does not trust the broker's
 /// certificate does not connect.
 #[tokio::test]
 async fn workers_speak_tls_to_rabbitmq_and_redis_as_a_least_privilege_redis_user() {
     let mut env = TestEnv::new().await;
-    let (user, password) = (
-        format!("provisioner-worker-{}", env.run_id),
-        secret("redispass"),
-    );
+    let password = secret("redispass");
+    // The Docker worker's user of `provisioner redis-users`, on the TLS-only Redis.
+    let rename = make_redis_users_with(&env, &password, redis_tls);
+    let user = rename("provisioner-worker-docker");
     let prefix = env.redis_prefix.clone();
-    let acl = redis_tls(&[
-        "ACL",
-        "SETUSER",
-        &user,
-        "reset",
-        "on",
-        &format!(">{password}"),
-        &format!("~{prefix}*"),
-        "resetchannels",
-        "+@all",
-        "-@dangerous",
-    ]);
-    assert!(acl.contains("OK"), "{acl}");
     // The worker's and the commands' Redis: the TLS one, as that user.
     env.redis_url = format!("rediss://{user}:{password}@127.0.0.1:6390");
     let amqps = format!("amqps://guest:guest@localhost:5671/{}", env.vhost);
@@ -439,7 +426,8 @@ async fn workers_speak_tls_to_rabbitmq_and_redis_as_a_least_privilege_redis_user
     };
     assert!(as_user(&["GET", "someone-else:key"]).contains("NOPERM"));
     assert!(as_user(&["FLUSHALL"]).contains("NOPERM"));
-    assert!(!as_user(&["GET", &format!("{prefix}anything")]).contains("NOPERM"));
+    assert!(as_user(&["GET", &format!("{prefix}process:anything")]).contains("NOPERM"));
+    assert!(!as_user(&["GET", &format!("{prefix}docker:anything")]).contains("NOPERM"));
 
     // Without the CA, the broker's certificate is not trusted: no connection.
     let untrusting = std::process::Command::new(BIN)
@@ -450,7 +438,11 @@ async fn workers_speak_tls_to_rabbitmq_and_redis_as_a_least_privilege_redis_user
         .output()
         .expect("run a worker");
     assert_eq!(untrusting.status.code(), Some(69), "{untrusting:?}");
-    redis_tls(&["ACL", "DELUSER", &user]);
+    for line in String::from_utf8_lossy(&env.cli(&["redis-users"]).stdout).lines() {
+        if let Some(name) = line.split_whitespace().nth(2) {
+            redis_tls(&["ACL", "DELUSER", &rename(name)]);
+        }
+    }
 }
 
 /// The attacker is anyone who may publish a request, with a spec made to leave the
@@ -1021,9 +1013,19 @@ fn redis_as(user: Option<(&str, &str)>, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
 }
 
-/// Makes the users `provisioner redis-users` prints for the run's prefix, each named
-/// with the run's id (tests run at once), on with `password`. Returns the renaming.
+/// Makes the users `provisioner redis-users` prints for the run's prefix on the plain
+/// Redis, each named with the run's id (tests run at once), on with `password`. Returns
+/// the renaming.
 fn make_redis_users(env: &TestEnv, password: &str) -> impl Fn(&str) -> String + use<> {
+    make_redis_users_with(env, password, |args| redis_as(None, args))
+}
+
+/// [`make_redis_users`] through `admin` (a `redis-cli` of one Redis, as its administrator).
+fn make_redis_users_with<A: Fn(&[&str]) -> String>(
+    env: &TestEnv,
+    password: &str,
+    admin: A,
+) -> impl Fn(&str) -> String + use<A> {
     let output = env.cli(&["redis-users"]);
     assert!(output.status.success(), "{output:?}");
     let run = env.run_id.clone();
@@ -1033,11 +1035,8 @@ fn make_redis_users(env: &TestEnv, password: &str) -> impl Fn(&str) -> String + 
         assert_eq!(&args[..2], ["ACL", "SETUSER"], "{line}");
         args[2] = rename(&args[2]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        assert!(redis_as(None, &args).contains("OK"), "{line}");
-        let on = redis_as(
-            None,
-            &["ACL", "SETUSER", args[2], "on", &format!(">{password}")],
-        );
+        assert!(admin(&args).contains("OK"), "{line}");
+        let on = admin(&["ACL", "SETUSER", args[2], "on", &format!(">{password}")]);
         assert!(on.contains("OK"), "{on}");
     }
     rename
