@@ -107,7 +107,9 @@ pub fn may_stay_in_progress(world: &World, request_id: &str) -> bool {
     });
     // Its message and its record both lost (and no claim since): nothing in the queue or
     // the store names it any more, so no worker, reaper included, can know of it. What it
-    // made is for the reconciler; its quota place stays taken.
+    // made is for the reconciler; its quota place stays taken. A record another request's
+    // act_on made afresh (a reboot or teardown naming it) carries no request, and is no
+    // claim (a kept seed: a reboot recreated such a record, and the leak was blamed).
     let unknown_to_all = purged
         && world.store.losses().iter().any(|l| match l {
             Loss::Record { request_id: id, .. } | Loss::Fleet { request_id: id, .. } => {
@@ -115,12 +117,7 @@ pub fn may_stay_in_progress(world: &World, request_id: &str) -> bool {
             }
             Loss::Everything { .. } => true,
         })
-        && !world
-            .store
-            .memory
-            .record_ids()
-            .iter()
-            .any(|id| id == request_id);
+        && !world.store.memory.was_claimed(request_id);
     // Without a reaper, a request whose message left the queue unanswered (purged, or
     // dead-lettered by the queue's delivery limit after workers died holding it that
     // many times: it waits in the dead-letter queue for a redrive) stays in progress, as

@@ -707,6 +707,14 @@ impl MemoryStore {
         ids
     }
 
+    /// Whether a request of this id was claimed since its record was made: false for none,
+    /// and for a record only a teardown's tombstone or an actor made (no payload yet).
+    pub fn was_claimed(&self, request_id: &str) -> bool {
+        self.records()
+            .get(request_id)
+            .is_some_and(|r| !r.payload_hash.is_empty())
+    }
+
     /// The entries of the schedule `name` (a platform's expiries, or its fleets'
     /// schedule), sorted by id.
     pub fn scheduled(&self, name: &str) -> Vec<(String, SystemTime)> {
