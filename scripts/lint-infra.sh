@@ -126,6 +126,28 @@ for name, resource in template["Resources"].items():
           f"{name}: its own Redis user's secret ({short}RedisUrlSecretArn), not a shared one")
     check("REDIS_URL" not in template["Globals"]["Function"]["Environment"]["Variables"],
           "Lambda: no REDIS_URL shared by the functions")
+    statements = [st for policy in resource["Properties"].get("Policies", [])
+                  if isinstance(policy, dict) for st in policy.get("Statement", [])]
+    def actions(st):
+        a = st.get("Action", [])
+        return [a] if isinstance(a, str) else a
+    for st in statements:
+        if st.get("Effect") == "Allow" and "ec2:CreateTags" in actions(st):
+            check(st.get("Condition", {}).get("StringEquals", {}).get("ec2:CreateAction") == "RunInstances",
+                  f"{name}: ec2:CreateTags only with ec2:CreateAction = RunInstances (else it can tag any instance past the Deny)")
+    if any(e["Type"] == "SQS" for e in resource["Properties"]["Events"].values()):
+        check(any("sqs:GetQueueUrl" in actions(st) for st in statements),
+              f"{name}: sqs:GetQueueUrl, which parking a retry calls first")
+    if platform == "aws-ec2":
+        check(any("ec2:DescribeInstanceTypes" in actions(st) for st in statements),
+              f"{name}: ec2:DescribeInstanceTypes, which a provision with a tenant calls")
+        # The policy docs/aws-ec2.md documents grants what the function's role does.
+        documented = next(json.loads(block) for block in re.findall(r"```json\n(.*?)\n```", open("docs/aws-ec2.md").read(), re.S)
+                          if '"Statement"' in block)
+        def allowed(sts):
+            return {a for st in sts if st.get("Effect") == "Allow" for a in actions(st) if a.startswith("ec2:")}
+        check(allowed(documented["Statement"]) == allowed(statements),
+              f"docs/aws-ec2.md and {name} allow other EC2 actions: {sorted(allowed(documented['Statement']) ^ allowed(statements))}")
     events = resource["Properties"]["Events"].values()
     check(any(e["Type"] == "Schedule" for e in events),
           f"{name}: a Schedule event, whose rounds send expiries and coordinate fleets")
