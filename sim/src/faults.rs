@@ -302,15 +302,33 @@ pub async fn forge(world: Arc<World>) {
         let memory = &world.store.memory;
         let id = format!("forged-{n}");
         let mut real = None;
-        if rng.chance(0.5) {
+        if rng.chance(0.6) {
             for candidate in memory.record_ids() {
                 if let Ok(Some(stored)) = memory.fleet(&candidate).await {
-                    real = Some(stored);
+                    real = Some((candidate, stored));
                     break;
                 }
             }
         }
-        let how = if real.is_some() { "moved" } else { "unsealed" };
+        // Moved as it is (its body still names the real fleet), or altered to name the
+        // planted id under the real seal: only the seal tells that one.
+        let altered = rng.chance(0.5);
+        let how = match (&real, altered) {
+            (None, _) => "unsealed",
+            (Some(_), false) => "moved",
+            (Some(_), true) => "altered",
+        };
+        let real = real.map(|(candidate, stored)| {
+            if altered {
+                stored.replacen(
+                    &format!(r#""request_id":"{candidate}""#),
+                    &format!(r#""request_id":"{id}""#),
+                    1,
+                )
+            } else {
+                stored
+            }
+        });
         let stored = real.unwrap_or_else(|| {
             format!(
                 r#"{{"schema_version":1,"request_id":"{id}","operation":"provision","platform":"{}","count":3,"spec":{{"program":"forged"}}}}"#,

@@ -714,57 +714,111 @@ impl RedisStore {
             .await?;
             platform_of.insert(id.to_owned(), platform);
         }
-        // Fleets: the record of the same id says the platform; else the request does.
+        // An id whose v1 record is gone by now (moved by an earlier, interrupted run): its
+        // platform is the one whose space holds its record.
+        let platform_of_id = async |connection: &mut ConnectionManager,
+                                    id: &str|
+               -> Result<Option<String>, StoreError> {
+            if let Some(platform) = platform_of.get(id) {
+                return Ok(Some(platform.clone()));
+            }
+            for platform in PlatformName::ALL {
+                let there: bool = connection
+                    .exists(format!("{}req:{id}", space(platform.as_str())))
+                    .await
+                    .map_err(classify)?;
+                if there {
+                    return Ok(Some(platform.as_str().to_owned()));
+                }
+            }
+            Ok(None)
+        };
+        // Fleets: kept only if each is the request its record ran (same id, platform and
+        // payload), so a fleet planted in the old store is not sealed into the new one;
+        // sealed at the time it was first kept (its expiry tells), so sealing anew does
+        // not make it live longer.
         for key in scan(&mut connection, &format!("{prefix}fleet:*")).await? {
             let id = key[prefix.len() + "fleet:".len()..].to_owned();
             let Some(json): Option<String> = connection.get(&key).await.map_err(classify)? else {
                 continue;
             };
-            let platform = platform_of.get(&id).cloned().or_else(|| {
-                serde_json::from_str::<serde_json::Value>(&json)
-                    .ok()
-                    .and_then(|v| v.get("platform")?.as_str().map(str::to_owned))
-                    .filter(|p| platform_of_route(p).is_some())
-            });
-            let Some(platform) = platform else {
-                report.left.push(key);
+            let Some(platform) = platform_of_id(&mut connection, &id).await? else {
+                report
+                    .left
+                    .push(format!("{key} (no record says its platform)"));
                 continue;
             };
-            let ttl: i64 = connection.pttl(&key).await.map_err(classify)?;
             let body = crate::signing::unsealed_body(&json);
+            let space_of = space(&platform);
+            let recorded: Option<String> = connection
+                .hget(format!("{space_of}req:{id}"), "hash")
+                .await
+                .map_err(classify)?;
+            let kept = serde_json::from_str::<provisioner_events::Request>(body)
+                .ok()
+                .filter(|r| {
+                    r.request_id.as_str() == id
+                        && r.platform.as_str() == platform
+                        && r.validate().is_ok()
+                        && recorded.as_deref() == Some(r.payload_hash().as_str())
+                });
+            if kept.is_none() {
+                report
+                    .left
+                    .push(format!("{key} (not the request its record ran)"));
+                continue;
+            }
+            let ttl: i64 = connection.pttl(&key).await.map_err(classify)?;
+            let lived = self
+                .retention
+                .saturating_sub(Duration::from_millis(u64::try_from(ttl).unwrap_or(0)));
             let stored = match keys {
-                Some(keys) => keys.seal(&format!("fleet {platform}/{id}"), body, SystemTime::now()),
+                Some(keys) => keys.seal(
+                    &format!("fleet {platform}/{id}"),
+                    body,
+                    SystemTime::now() - lived,
+                ),
                 None => body.to_owned(),
             };
-            let new = format!("{}fleet:{id}", space(&platform));
             let mut set = redis::cmd("SET");
-            set.arg(&new).arg(stored);
+            set.arg(format!("{space_of}fleet:{id}"))
+                .arg(stored)
+                .arg("NX");
             if ttl > 0 {
                 set.arg("PX").arg(ttl);
             }
-            set.query_async::<()>(&mut connection)
-                .await
-                .map_err(classify)?;
+            let written: Option<String> =
+                set.query_async(&mut connection).await.map_err(classify)?;
+            if written.is_none() {
+                report.left.push(format!("{key} (its new place is taken)"));
+                continue;
+            }
             connection.del::<_, ()>(&key).await.map_err(classify)?;
             report.moved += 1;
         }
-        // The in-progress index, split by platform.
+        // The in-progress index, split by platform; an entry leaves the old index only
+        // once it is in its platform's.
         let index = format!("{prefix}inflight");
         let entries: Vec<(String, f64)> = connection
             .zrange_withscores(&index, 0, -1)
             .await
             .map_err(classify)?;
         for (id, score) in entries {
-            if let Some(platform) = platform_of.get(&id) {
-                connection
-                    .zadd::<_, _, _, ()>(format!("{}inflight", space(platform)), &id, score)
-                    .await
-                    .map_err(classify)?;
+            match platform_of_id(&mut connection, &id).await? {
+                Some(platform) => {
+                    connection
+                        .zadd::<_, _, _, ()>(format!("{}inflight", space(&platform)), &id, score)
+                        .await
+                        .map_err(classify)?;
+                    connection
+                        .zrem::<_, _, ()>(&index, &id)
+                        .await
+                        .map_err(classify)?;
+                }
+                None => report
+                    .left
+                    .push(format!("{index} entry {id} (no record says its platform)")),
             }
-            connection
-                .zrem::<_, _, ()>(&index, &id)
-                .await
-                .map_err(classify)?;
         }
         // Schedules are named after their platform (`<platform>`, `<platform>/fleets`,
         // `<platform>/ends`).
@@ -790,13 +844,13 @@ impl RedisStore {
             ("quota-holder-cost", "quota-holder-cost:*"),
         ] {
             for key in scan(&mut connection, &format!("{prefix}{pattern}")).await? {
-                let id = &key[prefix.len() + kind.len() + 1..];
-                match platform_of.get(id) {
+                let id = key[prefix.len() + kind.len() + 1..].to_owned();
+                match platform_of_id(&mut connection, &id).await? {
                     Some(platform) => {
                         move_key(
                             &mut connection,
                             &key,
-                            &format!("{}{kind}:{id}", space(platform)),
+                            &format!("{}{kind}:{id}", space(&platform)),
                             &mut report,
                         )
                         .await?
@@ -808,15 +862,20 @@ impl RedisStore {
         for key in scan(&mut connection, &format!("{prefix}quota-holders:*")).await? {
             let members: Vec<String> = connection.smembers(&key).await.map_err(classify)?;
             for member in members.into_iter().filter(|m| !m.contains(':')) {
-                if let Some(platform) = platform_of.get(&member) {
-                    connection
-                        .sadd::<_, _, ()>(&key, format!("{platform}:{member}"))
-                        .await
-                        .map_err(classify)?;
-                    connection
-                        .srem::<_, _, ()>(&key, &member)
-                        .await
-                        .map_err(classify)?;
+                match platform_of_id(&mut connection, &member).await? {
+                    Some(platform) => {
+                        connection
+                            .sadd::<_, _, ()>(&key, format!("{platform}:{member}"))
+                            .await
+                            .map_err(classify)?;
+                        connection
+                            .srem::<_, _, ()>(&key, &member)
+                            .await
+                            .map_err(classify)?;
+                    }
+                    None => report.left.push(format!(
+                        "{key} member {member} (no record says its platform)"
+                    )),
                 }
             }
         }

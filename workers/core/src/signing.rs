@@ -244,8 +244,11 @@ pub struct Opened<'a> {
     /// What was sealed.
     pub body: &'a str,
     /// Whether it was sealed with the key this deployment now signs with; if not, the
-    /// caller seals it again so that the old key can be retired.
+    /// caller seals it again (at `sealed_at`) so that the old key can be retired.
     pub current_key: bool,
+    /// When it was sealed: a seal made again keeps this time, so sealing anew never
+    /// makes an entry live longer than its first seal allows.
+    pub sealed_at: SystemTime,
 }
 
 impl SigningKeys {
@@ -336,6 +339,7 @@ impl SigningKeys {
         Ok(Opened {
             body,
             current_key: index == 0,
+            sealed_at: UNIX_EPOCH + Duration::from_secs(at),
         })
     }
 }

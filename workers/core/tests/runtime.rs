@@ -1859,6 +1859,25 @@ async fn a_signing_worker_acts_on_no_fleet_planted_in_the_store() {
         2,
         "the real fleet's two"
     );
+
+    // A teardown naming a planted fleet ends saying why, instead of retrying for ever or
+    // tearing down by what the plant says.
+    let down = acting("teardown", "down-plain", "plain");
+    let header = std::collections::BTreeMap::from([(
+        SIGNATURE_HEADER.to_owned(),
+        keys.sign("process.teardown", &down),
+    )]);
+    h.broker
+        .publish_request_with_headers("process.teardown", "down-plain", &down, &header)
+        .await
+        .expect("publish");
+    let ended = h.until_terminal("down-plain", 1).await;
+    let error = ended
+        .last()
+        .and_then(|e| e.error.clone())
+        .expect("an error");
+    assert_eq!(error.class, ErrorClass::Permission, "{ended:#?}");
+    assert!(error.message.contains("not one a worker"), "{error:?}");
 }
 
 /// A deployment binding signing keys to tenants: a producer names only its own tenant,

@@ -1186,6 +1186,10 @@ async fn a_store_of_layout_1_is_refused_until_migrated_and_then_each_platform_fi
         .expect("connect");
     let result = serde_json::to_string(&terminal("a", 2, State::Running)).expect("json");
     let fleet = r#"{"schema_version":1,"request_id":"f","operation":"provision","platform":"docker","count":2,"spec":{"image":"x"}}"#;
+    let fleet_hash = provisioner_events::decode_request(fleet.as_bytes())
+        .expect("a request")
+        .payload_hash();
+    let planted = r#"{"schema_version":1,"request_id":"p","operation":"provision","platform":"docker","count":9,"spec":{"image":"x"}}"#;
     let mut pipe = redis::pipe();
     pipe.hset_multiple(
         format!("{prefix}req:a"),
@@ -1226,18 +1230,27 @@ async fn a_store_of_layout_1_is_refused_until_migrated_and_then_each_platform_fi
     .hset_multiple(
         format!("{prefix}req:f"),
         &[
-            ("hash", "h"),
+            ("hash", fleet_hash.as_str()),
             ("state", "starting"),
             ("route", "docker.provision"),
             ("fence", "1"),
         ],
     )
     .hset_multiple(format!("{prefix}req:x"), &[("state", "not_started")])
+    .hset_multiple(
+        format!("{prefix}req:p"),
+        &[
+            ("hash", "h"),
+            ("state", "starting"),
+            ("route", "docker.provision"),
+        ],
+    )
     .zadd(format!("{prefix}inflight"), "td", 1)
     .zadd(format!("{prefix}inflight"), "e", 1)
     .zadd(format!("{prefix}expiries:docker"), "a", 1)
     .zadd(format!("{prefix}expiries:docker/fleets"), "f", 1)
     .set(format!("{prefix}fleet:f"), fleet)
+    .pset_ex(format!("{prefix}fleet:p"), planted, 600_000)
     .sadd(format!("{prefix}quota-holders:team"), "a")
     .sadd(format!("{prefix}quota-holders:team"), "e")
     .set(format!("{prefix}quota-holder:a"), "team")
@@ -1263,7 +1276,14 @@ async fn a_store_of_layout_1_is_refused_until_migrated_and_then_each_platform_fi
     )
     .expect("keys");
     let report = base.migrate_from_v1(Some(&keys)).await.expect("migrate");
-    assert_eq!(report.left, vec![format!("{prefix}req:x")], "{report:?}");
+    assert_eq!(
+        report.left,
+        vec![
+            format!("{prefix}req:x"),
+            format!("{prefix}fleet:p (not the request its record ran)"),
+        ],
+        "a record that says no platform, and a fleet planted in the old store: {report:?}"
+    );
     docker.check_layout().await.expect("layout 2");
     ec2.check_layout().await.expect("layout 2");
 
@@ -1333,4 +1353,21 @@ async fn a_store_of_layout_1_is_refused_until_migrated_and_then_each_platform_fi
     let again = base.migrate_from_v1(Some(&keys)).await.expect("again");
     assert_eq!(again.moved, 0);
     assert_eq!(again.left, report.left);
+
+    // A run stopped halfway: records moved, an index entry and a holder not yet. The
+    // next run finds their platform by the records in the new layout and loses neither.
+    let mut pipe = redis::pipe();
+    pipe.zadd(format!("{prefix}inflight"), "td", 5)
+        .sadd(format!("{prefix}quota-holders:team"), "a")
+        .set(format!("{prefix}quota-holder:a"), "team");
+    let () = pipe.query_async(&mut redis).await.expect("half a run");
+    let resumed = base.migrate_from_v1(Some(&keys)).await.expect("resumed");
+    assert_eq!(resumed.left, report.left, "{resumed:?}");
+    assert_eq!(
+        docker.stale("docker", idle, 10).await.expect("stale"),
+        vec!["td".to_owned()]
+    );
+    assert_eq!(docker.quota("team").await.expect("quota").used, 1);
+    docker.release_quota("a").await.expect("release");
+    assert_eq!(docker.quota("team").await.expect("quota").used, 0);
 }

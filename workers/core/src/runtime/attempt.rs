@@ -475,8 +475,14 @@ impl Worker {
             }
         }
 
-        if let Some(fleet) = self.fleet_of(request, held.acting_on.as_ref()).await? {
-            return self.hand_off_fleet(held, fleet).await;
+        match self.fleet_of(request, held.acting_on.as_ref()).await? {
+            Ok(Some(fleet)) => return self.hand_off_fleet(held, fleet).await,
+            Ok(None) => {}
+            Err(reason) => {
+                return self
+                    .end_in_error(held, ErrorClass::Permission, reason, None)
+                    .await;
+            }
         }
         let limits = self.rate_limits_of(request);
         let pace = match self.reserve_tokens(&limits).await {

@@ -275,26 +275,32 @@ impl Worker {
         &self,
         request: &Request,
         acting_on: Option<&RequestId>,
-    ) -> Result<Option<Fleet>, Abort> {
+    ) -> Result<Result<Option<Fleet>, String>, Abort> {
         if request.is_fleet() {
-            return Ok(Some(Fleet::provision(request.clone())));
+            return Ok(Ok(Some(Fleet::provision(request.clone()))));
         }
         let Some(target) = acting_on.filter(|_| request.operation == Operation::Teardown) else {
-            return Ok(None);
+            return Ok(Ok(None));
         };
         let Some(stored) = self.read_fleet(target.as_str()).await? else {
-            return Ok(None);
+            return Ok(Ok(None));
         };
-        let provision = stored.map_err(|reason| {
-            StoreError::Corrupt(format!("the stored request of fleet {target}: {reason}"))
-        })?;
-        Ok(provision.is_fleet().then(|| Fleet {
+        let provision = match stored {
+            Ok(provision) => provision,
+            Err(reason) => {
+                self.metrics.store_entry_refused("fleet");
+                return Ok(Err(format!(
+                    "the stored request of fleet {target} is not one a worker of this deployment kept ({reason}), so nothing is torn down from it; tear its members down by their ids (<id>#<i>) or resource ids"
+                )));
+            }
+        };
+        Ok(Ok(provision.is_fleet().then(|| Fleet {
             count: provision.count.unwrap_or(1),
             plan: Plan::Teardown {
                 target: target.clone(),
             },
             request: request.clone(),
-        }))
+        })))
     }
 
     /// The fleet's own delivery: keep the request, say `starting` (or `stopping`),
@@ -318,7 +324,7 @@ impl Worker {
         }
         let json = serde_json::to_string(&fleet.request)
             .map_err(|e| StoreError::Corrupt(format!("cannot serialize the fleet: {e}")))?;
-        let json = self.seal_fleet(&id, &json);
+        let json = self.seal_fleet(&id, &json, self.env.now());
         let handed = async {
             self.store_call(|| self.store.put_fleet(&id, &json)).await?;
             // If this worker dies before handing over, the fleet still comes due.
@@ -375,10 +381,10 @@ impl Worker {
     }
 
     /// The fleet's request as the store keeps it: sealed with the signing keys when the
-    /// deployment signs (see [`crate::signing::SigningKeys::seal`]).
-    fn seal_fleet(&self, id: &str, json: &str) -> String {
+    /// deployment signs (see [`crate::signing::SigningKeys::seal`]), at `at`.
+    fn seal_fleet(&self, id: &str, json: &str, at: SystemTime) -> String {
         match &self.config.signing {
-            Some(keys) => keys.seal(&self.fleet_entry(id), json, self.env.now()),
+            Some(keys) => keys.seal(&self.fleet_entry(id), json, at),
             None => json.to_owned(),
         }
     }
@@ -397,10 +403,13 @@ impl Worker {
         let what = self.fleet_entry(id);
         let (body, reseal) = match &self.config.signing {
             Some(keys) => match keys.open(&what, &stored, self.env.now(), self.config.retention) {
-                Ok(opened) => (opened.body, !opened.current_key),
+                Ok(opened) => (
+                    opened.body,
+                    (!opened.current_key).then_some(opened.sealed_at),
+                ),
                 Err(reason) => return Ok(Some(Err(reason))),
             },
-            None => (crate::signing::unsealed_body(&stored), false),
+            None => (crate::signing::unsealed_body(&stored), None),
         };
         let request: Request = match serde_json::from_str(body) {
             Ok(request) => request,
@@ -415,10 +424,11 @@ impl Worker {
         if let Err(invalid) = request.validate() {
             return Ok(Some(Err(format!("it is not a valid request: {invalid}"))));
         }
-        if reseal {
+        if let Some(sealed_at) = reseal {
             // Sealed with a key being retired: sealed again with the current one, so the
-            // old key can go while the fleet lives on.
-            let json = self.seal_fleet(id, body);
+            // old key can go while the fleet lives on — at its first seal's time, so it
+            // lives no longer than that allowed.
+            let json = self.seal_fleet(id, body, sealed_at);
             if let Err(e) = self.store.put_fleet(id, &json).await {
                 debug!(error = %e, "could not seal a fleet again with the current key");
             }
@@ -621,7 +631,14 @@ impl Worker {
             }
         };
         let target = request.target_request_id.clone();
-        let fleet = self.fleet_of(&request, target.as_ref()).await?;
+        let fleet = match self.fleet_of(&request, target.as_ref()).await? {
+            Ok(fleet) => fleet,
+            Err(reason) => {
+                error!(%reason, "a scheduled fleet teardown whose target's stored request is not one a worker kept; dropped");
+                forget().await;
+                return Ok(());
+            }
+        };
         if fleet.is_none() && request.operation != Operation::Teardown {
             warn!("a scheduled request that is no fleet; dropped");
             forget().await;
