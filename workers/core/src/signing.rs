@@ -221,13 +221,17 @@ pub fn sign_with(
     let at = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes a key of any length");
     signed_text(&mut mac, key_id, at, routing_key, body);
-    let hex: String = mac
-        .finalize()
+    let hex = finished_hex(mac);
+    format!("key={key_id},t={at},v1={hex}")
+}
+
+/// The MAC, in lowercase hex.
+fn finished_hex(mac: HmacSha256) -> String {
+    mac.finalize()
         .into_bytes()
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("key={key_id},t={at},v1={hex}")
+        .collect()
 }
 
 fn signed_text(mac: &mut HmacSha256, key_id: &str, at: u64, routing_key: &str, body: &[u8]) {
@@ -270,12 +274,7 @@ impl SigningKeys {
         let at = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes a key of any length");
         sealed_text(&mut mac, id, at, what, body);
-        let hex: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = finished_hex(mac);
         format!("{SEAL_TAG} key={id},t={at},mac={hex}\n{body}")
     }
 

@@ -255,6 +255,28 @@ async fn harness_with(
     }
 }
 
+/// One worker of a deployment that signs with the key `k1`, and the keys.
+async fn signing_harness() -> (Arc<provisioner_core::signing::SigningKeys>, Harness) {
+    let keys = Arc::new(
+        provisioner_core::signing::SigningKeys::parse(
+            "k1=a-secret-of-at-least-thirty-two-bytes!!",
+            Duration::from_secs(3600),
+        )
+        .expect("keys"),
+    );
+    let signing = keys.clone();
+    let h = harness_with(
+        1,
+        move |n| WorkerConfig {
+            signing: Some(signing.clone()),
+            ..config(n)
+        },
+        |store| store,
+    )
+    .await;
+    (keys, h)
+}
+
 fn provision(id: &str, extra: &str) -> Vec<u8> {
     format!(r#"{{"schema_version":1,"request_id":"{id}","operation":"provision","platform":"process","spec":{{"program":"x"{extra}}}}}"#).into_bytes()
 }
@@ -1635,24 +1657,8 @@ async fn a_fleet_whose_member_message_was_lost_publishes_it_again_once_nothing_m
 /// and a retry parked by the worker comes back without being refused for it.
 #[tokio::test]
 async fn a_signing_worker_runs_signed_requests_and_what_it_derives_and_refuses_the_rest() {
-    use provisioner_core::signing::{SIGNATURE_HEADER, SigningKeys};
-    let keys = Arc::new(
-        SigningKeys::parse(
-            "k1=a-secret-of-at-least-thirty-two-bytes!!",
-            Duration::from_secs(3600),
-        )
-        .expect("keys"),
-    );
-    let signing = keys.clone();
-    let mut h = harness_with(
-        1,
-        move |n| WorkerConfig {
-            signing: Some(signing.clone()),
-            ..config(n)
-        },
-        |store| store,
-    )
-    .await;
+    use provisioner_core::signing::SIGNATURE_HEADER;
+    let (keys, mut h) = signing_harness().await;
     let signed = |body: &[u8], routing_key: &str| {
         std::collections::BTreeMap::from([(
             SIGNATURE_HEADER.to_owned(),
@@ -1779,24 +1785,8 @@ async fn a_signing_worker_runs_signed_requests_and_what_it_derives_and_refuses_t
 /// them off the schedule; the real fleet it was copied from still ran.
 #[tokio::test]
 async fn a_signing_worker_acts_on_no_fleet_planted_in_the_store() {
-    use provisioner_core::signing::{SIGNATURE_HEADER, SigningKeys};
-    let keys = Arc::new(
-        SigningKeys::parse(
-            "k1=a-secret-of-at-least-thirty-two-bytes!!",
-            Duration::from_secs(3600),
-        )
-        .expect("keys"),
-    );
-    let signing = keys.clone();
-    let mut h = harness_with(
-        1,
-        move |n| WorkerConfig {
-            signing: Some(signing.clone()),
-            ..config(n)
-        },
-        |store| store,
-    )
-    .await;
+    use provisioner_core::signing::SIGNATURE_HEADER;
+    let (keys, mut h) = signing_harness().await;
     let fleet = br#"{"schema_version":1,"request_id":"real","operation":"provision","platform":"process","count":2,"spec":{"program":"x"}}"#;
     let header = std::collections::BTreeMap::from([(
         SIGNATURE_HEADER.to_owned(),
