@@ -768,10 +768,19 @@ impl RedisStore {
                     .push(format!("{key} (not the request its record ran)"));
                 continue;
             }
+            // A fleet kept without an expiry (none should be) has no age to tell: it is
+            // sealed now and given the retention, so it still ends.
             let ttl: i64 = connection.pttl(&key).await.map_err(classify)?;
-            let lived = self
-                .retention
-                .saturating_sub(Duration::from_millis(u64::try_from(ttl).unwrap_or(0)));
+            let (lived, ttl) = match u64::try_from(ttl) {
+                Ok(left) => (
+                    self.retention.saturating_sub(Duration::from_millis(left)),
+                    left,
+                ),
+                Err(_) => (
+                    Duration::ZERO,
+                    u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX),
+                ),
+            };
             let stored = match keys {
                 Some(keys) => keys.seal(
                     &format!("fleet {platform}/{id}"),
@@ -784,9 +793,7 @@ impl RedisStore {
             set.arg(format!("{space_of}fleet:{id}"))
                 .arg(stored)
                 .arg("NX");
-            if ttl > 0 {
-                set.arg("PX").arg(ttl);
-            }
+            set.arg("PX").arg(ttl.max(1));
             let written: Option<String> =
                 set.query_async(&mut connection).await.map_err(classify)?;
             if written.is_none() {

@@ -1178,6 +1178,7 @@ async fn an_unreachable_redis_is_reported_as_unavailable_on_redis() {
 #[tokio::test]
 async fn a_store_of_layout_1_is_refused_until_migrated_and_then_each_platform_finds_its_own() {
     use provisioner_core::signing::SigningKeys;
+    use redis::AsyncCommands;
     let prefix = new_prefix();
     let mut redis = redis::Client::open(redis_url())
         .expect("url")
@@ -1337,8 +1338,16 @@ async fn a_store_of_layout_1_is_refused_until_migrated_and_then_each_platform_fi
             std::time::SystemTime::now(),
             Duration::from_secs(600),
         )
-        .expect("sealed by the migration");
+        .expect("sealed by the migration (kept without an expiry, so sealed now)");
     assert_eq!(opened.body, fleet);
+    let ttl: i64 = redis
+        .pttl(format!("{prefix}docker:fleet:f"))
+        .await
+        .expect("pttl");
+    assert!(
+        ttl > 0 && ttl <= 600_000,
+        "a fleet moved without an expiry is given the retention: {ttl}"
+    );
     assert_eq!(docker.quota("team").await.expect("quota").used, 2);
     docker.release_quota("a").await.expect("release");
     let usage = docker.quota("team").await.expect("quota");
