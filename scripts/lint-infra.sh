@@ -6,7 +6,8 @@
 #     compared), every Deployment runs a platform the binary has, sets only settings the
 #     binary (or its platform's SDK) reads, probes /live and /ready on METRICS_ADDR's port,
 #     and its KEDA ScaledObject scales it on a queue the RabbitMQ definitions declare;
-#   - the Lambda functions' platforms and queues, the compose file, and the Containerfile
+#   - the Lambda functions' platforms, queues and roles (each grants exactly its
+#     platform's permission manifest, `provisioner permissions`), the compose file, and the Containerfile
 #     (multi-stage, locked build, non-root).
 # Needs the built binary: $PROVISIONER_BIN, else target/debug/provisioner.
 # scripts/test.sh runs it after the tests.
@@ -138,16 +139,25 @@ for name, resource in template["Resources"].items():
     if any(e["Type"] == "SQS" for e in resource["Properties"]["Events"].values()):
         check(any("sqs:GetQueueUrl" in actions(st) for st in statements),
               f"{name}: sqs:GetQueueUrl, which parking a retry calls first")
-    if platform == "aws-ec2":
-        check(any("ec2:DescribeInstanceTypes" in actions(st) for st in statements),
-              f"{name}: ec2:DescribeInstanceTypes, which a provision with a tenant calls")
-        # The policy docs/aws-ec2.md documents grants what the function's role does.
-        documented = next(json.loads(block) for block in re.findall(r"```json\n(.*?)\n```", open("docs/aws-ec2.md").read(), re.S)
-                          if '"Statement"' in block)
-        def allowed(sts):
-            return {a for st in sts if st.get("Effect") == "Allow" for a in actions(st) if a.startswith("ec2:")}
-        check(allowed(documented["Statement"]) == allowed(statements),
-              f"docs/aws-ec2.md and {name} allow other EC2 actions: {sorted(allowed(documented['Statement']) ^ allowed(statements))}")
+    # The role grants exactly the platform's manifest (`provisioner permissions`): every
+    # action of it, under the same condition, and no other action of its services (a
+    # Deny may guard more).
+    manifest = json.loads(subprocess.run([binary, "permissions", "--platform", platform, "--json"],
+                                         check=True, capture_output=True, text=True).stdout)["permissions"]
+    services = {p["action"].split(":")[0] for p in manifest}
+    granted = {}
+    for st in statements:
+        if st.get("Effect") == "Allow":
+            for a in actions(st):
+                if a.split(":")[0] in services:
+                    granted[a] = st.get("Condition")
+    for p in manifest:
+        check(p["action"] in granted, f"{name}: {p['action']}, which its manifest needs ({p['why']})")
+        if p["action"] in granted:
+            check(granted[p["action"]] == p["condition"],
+                  f"{name}: {p['action']} under {p['condition']}, as its manifest says, not {granted[p['action']]}")
+    extra = set(granted) - {p["action"] for p in manifest}
+    check(not extra, f"{name}: allows {sorted(extra)}, which its manifest does not use")
     events = resource["Properties"]["Events"].values()
     check(any(e["Type"] == "Schedule" for e in events),
           f"{name}: a Schedule event, whose rounds send expiries and coordinate fleets")

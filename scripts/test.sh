@@ -33,6 +33,10 @@ export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 # stays untouched).
 export PROVISIONER_TEST_AWS_ENDPOINT=${PROVISIONER_TEST_AWS_ENDPOINT:-http://127.0.0.1:4566}
 export PROVISIONER_TEST_ECS_ENDPOINT=${PROVISIONER_TEST_ECS_ENDPOINT:-http://127.0.0.1:5000}
+# The moto that enforces IAM: the EC2 and ECS workers' own tests run there as users
+# holding exactly their documented policies (localstack/start-moto.sh keeps the key of
+# its administrator, who makes those users).
+export PROVISIONER_TEST_IAM_ENDPOINT=${PROVISIONER_TEST_IAM_ENDPOINT:-http://127.0.0.1:5001}
 # Tests make their own vhosts and key prefixes; AMQP_URL would only confuse the
 # embedded-mode tests, which must see no services configured.
 unset AMQP_URL

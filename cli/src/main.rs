@@ -81,6 +81,19 @@ enum Command {
         #[command(flatten)]
         platforms: PlatformSettings,
     },
+    /// Print the rights a platform's worker uses on its cloud's API (its permission
+    /// manifest: each action, where it is granted, under what condition, and why), or
+    /// with --policy the policy document that grants exactly those (AWS: IAM JSON).
+    Permissions {
+        #[arg(long, env = "PLATFORM", value_parser = config::parse_platform)]
+        platform: PlatformName,
+        /// Print the policy document instead of the manifest.
+        #[arg(long, conflicts_with = "json")]
+        policy: bool,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move a platform's dead letters back to its work queue, once what refused them is
     /// fixed. Each goes back with its own routing key; its record decides what happens.
     Redrive {
@@ -276,6 +289,11 @@ async fn run(cli: Cli) -> ExitCode {
             platform,
             platforms,
         } => check(platform, platforms).await,
+        Command::Permissions {
+            platform,
+            policy,
+            json,
+        } => permissions(platform, policy, json),
         Command::Redrive {
             platform,
             dry_run,
@@ -414,6 +432,63 @@ async fn check(platform: PlatformName, platforms: PlatformSettings) -> Result<Ex
         println!("{platform}: {failed} check(s) failed; the worker would fail at them");
         Ok(ExitCode::from(EXIT_CONFIG))
     }
+}
+
+fn permissions(platform: PlatformName, policy: bool, json: bool) -> Result<ExitCode, Failure> {
+    let permissions = match provisioner_platforms::permissions(platform) {
+        Ok(permissions) => permissions,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    if policy {
+        return match permissions.policy {
+            Some(document) => {
+                println!("{document:#}");
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                eprintln!(
+                    "{platform} has no policy document to print; `provisioner permissions --platform {platform}` lists its rights"
+                );
+                Ok(ExitCode::from(EXIT_CONFIG))
+            }
+        };
+    }
+    if json {
+        let manifest: Vec<serde_json::Value> = permissions
+            .manifest
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "action": p.action,
+                    "scope": p.scope,
+                    "condition": (!p.condition.is_empty()).then(|| serde_json::from_str::<serde_json::Value>(p.condition).unwrap_or_else(|_| p.condition.into())),
+                    "why": p.why,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"platform": platform, "permissions": manifest})
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if permissions.manifest.is_empty() {
+        println!(
+            "{platform}: no cloud rights; it acts on this host (or its manifest is not written yet)"
+        );
+    }
+    for p in permissions.manifest {
+        let condition = if p.condition.is_empty() {
+            String::new()
+        } else {
+            format!(" when {}", p.condition)
+        };
+        println!("{}  on {}{condition}\n    {}", p.action, p.scope, p.why);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// How long a worker's start waits for its setup checks.

@@ -121,3 +121,41 @@ where
         }
     }
 }
+
+/// The IAM policy document that grants exactly `manifest`: one `Allow` statement per
+/// (resource, condition), in the manifest's order. The policies in docs/ and the test
+/// doubles' users are this document, so what is documented is what the tests run with.
+pub fn iam_policy(manifest: &[provisioner_core::permissions::Permission]) -> serde_json::Value {
+    let mut statements: Vec<(&str, &str, Vec<&str>)> = Vec::new();
+    for permission in manifest {
+        match statements.iter_mut().find(|(scope, condition, _)| {
+            *scope == permission.scope && *condition == permission.condition
+        }) {
+            Some((_, _, actions)) if !actions.contains(&permission.action) => {
+                actions.push(permission.action);
+            }
+            Some(_) => {}
+            None => statements.push((
+                permission.scope,
+                permission.condition,
+                vec![permission.action],
+            )),
+        }
+    }
+    let statements: Vec<serde_json::Value> = statements
+        .into_iter()
+        .map(|(scope, condition, actions)| {
+            let mut statement = serde_json::json!({
+                "Effect": "Allow",
+                "Action": if actions.len() == 1 { serde_json::json!(actions[0]) } else { serde_json::json!(actions) },
+                "Resource": scope,
+            });
+            if !condition.is_empty() {
+                statement["Condition"] = serde_json::from_str(condition)
+                    .unwrap_or_else(|e| panic!("the manifest's condition for {actions:?} is not JSON: {e}"));
+            }
+            statement
+        })
+        .collect();
+    serde_json::json!({"Version": "2012-10-17", "Statement": statements})
+}

@@ -8,6 +8,7 @@
 //! Fleet members launch in batches ([`fleet`]).
 
 mod fleet;
+pub mod permissions;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -664,6 +665,10 @@ impl Platform for Ec2Platform {
             Operation::Reboot => vec![bucket("RebootInstances", 50.0, 5.0)],
             Operation::Describe => vec![bucket("DescribeInstances", 100.0, 20.0)],
         }
+    }
+
+    fn permissions(&self) -> &'static [provisioner_core::permissions::Permission] {
+        permissions::PERMISSIONS
     }
 
     async fn preflight(&self) -> Vec<Finding> {

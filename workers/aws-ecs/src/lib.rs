@@ -13,6 +13,7 @@
 //! Fleet members start in batches ([`fleet`]).
 
 mod fleet;
+pub mod permissions;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -784,6 +785,10 @@ impl Platform for EcsPlatform {
             Operation::Teardown => vec![RateLimit::new("StopTask", &region, 100.0, 40.0)],
             _ => Vec::new(),
         }
+    }
+
+    fn permissions(&self) -> &'static [provisioner_core::permissions::Permission] {
+        permissions::PERMISSIONS
     }
 
     async fn preflight(&self) -> Vec<Finding> {

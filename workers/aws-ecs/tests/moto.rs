@@ -1,6 +1,9 @@
-//! The ECS platform against moto's server (`PROVISIONER_TEST_ECS_ENDPOINT`, default
-//! http://127.0.0.1:5000), which the README's test command starts. Test names end in
-//! `_on_moto`.
+//! The ECS platform against the moto that enforces IAM
+//! (`PROVISIONER_TEST_IAM_ENDPOINT`, default http://127.0.0.1:5001), which the README's
+//! test command starts. The worker under test runs as an IAM user holding exactly the
+//! documented policy (the manifest's, `provisioner_aws_ecs::permissions`), so a call it
+//! makes without the right fails here as on AWS; the tests' own setup and inspection run
+//! as moto's administrator. Test names end in `_on_moto`.
 
 use std::sync::Arc;
 
@@ -14,18 +17,37 @@ use provisioner_events::{ErrorClass, Request, TeardownTarget, decode_request};
 use tokio::sync::OnceCell;
 
 fn endpoint() -> String {
-    std::env::var("PROVISIONER_TEST_ECS_ENDPOINT")
-        .unwrap_or_else(|_| "http://127.0.0.1:5000".into())
+    provisioner_aws_test_support::endpoint()
 }
 
-fn client() -> Client {
+fn client_as(credentials: Credentials) -> Client {
     let config = aws_sdk_ecs::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .endpoint_url(endpoint())
         .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+        .credentials_provider(credentials)
         .build();
     Client::from_conf(config)
+}
+
+/// The tests' own client: moto's administrator.
+fn client() -> Client {
+    client_as(provisioner_aws_test_support::admin())
+}
+
+/// The worker's client: a user holding exactly the documented policy, made once.
+async fn worker_client() -> Client {
+    static WORKER: OnceCell<Credentials> = OnceCell::const_new();
+    let credentials = WORKER
+        .get_or_init(|| async {
+            provisioner_aws_test_support::user_with_policy(
+                "provisioner-ecs-worker",
+                &provisioner_aws_ecs::permissions::iam_policy(),
+            )
+            .await
+        })
+        .await;
+    client_as(credentials.clone())
 }
 
 /// The cluster `demo` and task definition `web:1` the example names, made once.
@@ -105,9 +127,7 @@ async fn default_network() -> (String, String) {
         .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
         .endpoint_url(endpoint())
         .region(aws_sdk_ec2::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-            "test", "test", None, None, "test",
-        ))
+        .credentials_provider(provisioner_aws_test_support::admin())
         .build();
     let ec2 = aws_sdk_ec2::Client::from_conf(config);
     let subnet = ec2
@@ -136,7 +156,7 @@ async fn default_network() -> (String, String) {
 #[tokio::test]
 async fn ecs_platform_conforms_on_moto() {
     fixtures().await;
-    let platform = EcsPlatform::new(client());
+    let platform = EcsPlatform::new(worker_client().await);
     let request = example(&unique("conf"));
     check_platform(&platform, &request, |resource| async move {
         client()
@@ -153,7 +173,7 @@ async fn ecs_platform_conforms_on_moto() {
 #[tokio::test]
 async fn a_crash_between_run_task_and_the_store_write_starts_no_second_task_on_moto() {
     fixtures().await;
-    let platform = EcsPlatform::new(client());
+    let platform = EcsPlatform::new(worker_client().await);
     let id = unique("crash");
     // The first attempt started the task and "crashed" before recording anything; the
     // retry must find it by startedBy and tag (moto ignores clientToken).
@@ -186,7 +206,7 @@ async fn a_crash_between_run_task_and_the_store_write_starts_no_second_task_on_m
 #[tokio::test]
 async fn an_inline_container_is_registered_once_and_runs_with_its_address_on_moto() {
     fixtures().await;
-    let platform = EcsPlatform::new(client());
+    let platform = EcsPlatform::new(worker_client().await);
     let (subnet, group) = default_network().await;
     let spec = serde_json::json!({
         "cluster": "demo",
@@ -242,7 +262,7 @@ async fn an_inline_container_is_registered_once_and_runs_with_its_address_on_mot
 #[tokio::test]
 async fn missing_clusters_and_definitions_are_request_errors_on_moto() {
     fixtures().await;
-    let platform = EcsPlatform::new(client());
+    let platform = EcsPlatform::new(worker_client().await);
     let no_cluster = platform
         .provision(&request(
             &unique("nocluster"),
@@ -287,7 +307,7 @@ async fn tasks_the_provisioner_did_not_start_are_left_alone_on_moto() {
         .await
         .expect("run a task by hand");
     let arn = foreign.tasks()[0].task_arn().expect("arn").to_owned();
-    let platform = EcsPlatform::new(client());
+    let platform = EcsPlatform::new(worker_client().await);
     let refused = platform
         .teardown(&TeardownTarget::Resource(arn.clone()))
         .await
@@ -305,7 +325,7 @@ async fn tasks_the_provisioner_did_not_start_are_left_alone_on_moto() {
 #[tokio::test]
 async fn the_reconciler_sees_the_tasks_the_provisioner_started_with_their_request_on_moto() {
     fixtures().await;
-    let platform = EcsPlatform::new(client());
+    let platform = EcsPlatform::new(worker_client().await);
     let id = unique("owned");
     let made = platform.provision(&example(&id)).await.expect("provision");
     let owned = platform.owned().await.expect("owned");
@@ -333,7 +353,7 @@ async fn the_reconciler_sees_the_tasks_the_provisioner_started_with_their_reques
 #[tokio::test]
 async fn vcpus_quotas_count_a_tasks_cpu_units_on_moto() {
     fixtures().await;
-    let platform = EcsPlatform::new(client());
+    let platform = EcsPlatform::new(worker_client().await);
     let vcpus = |cost: provisioner_core::QuotaCost| cost.get(provisioner_core::VCPUS).copied();
     // A registered definition's task CPU, read from ECS.
     let family = unique("quota");
@@ -409,7 +429,8 @@ async fn batch_tasks_not_yet_tagged_are_owned_by_their_members_on_moto() {
     let fleet = unique("untagged");
     let group_lookups = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = aws_sdk_ecs::Client::from_conf(
-        client()
+        worker_client()
+            .await
             .config()
             .to_builder()
             .interceptor(CountRequests {
@@ -490,4 +511,49 @@ async fn batch_tasks_not_yet_tagged_are_owned_by_their_members_on_moto() {
     for arn in arns {
         let _ = client().stop_task().cluster("demo").task(arn).send().await;
     }
+}
+
+/// The double refuses what the policy does not grant, as ECS does
+/// (`AccessDeniedException`, classed `permission`, not retried), at the call that needs
+/// it, and nothing is started: without `ecs:RunTask` a provision ends there; without
+/// `ecs:ListClusters` the setup check fails, naming the right.
+#[tokio::test]
+async fn a_right_missing_from_the_policy_is_refused_as_on_aws_on_moto() {
+    use provisioner_aws_ecs::permissions::iam_policy;
+    use provisioner_aws_test_support::{user_with_policy, without};
+    fixtures().await;
+    let no_run = user_with_policy(
+        "provisioner-ecs-norun",
+        &without(&iam_policy(), "ecs:RunTask"),
+    )
+    .await;
+    let platform = EcsPlatform::new(client_as(no_run));
+    let id = unique("norun");
+    let refused = platform
+        .provision(&example(&id))
+        .await
+        .expect_err("RunTask is refused");
+    assert_eq!(refused.class, ErrorClass::Permission, "{refused}");
+    assert!(!refused.retryable, "{refused:?}");
+    assert!(running_tasks(&id).await.is_empty(), "nothing started");
+
+    for finding in EcsPlatform::new(worker_client().await).preflight().await {
+        assert_ne!(
+            finding.outcome,
+            provisioner_core::Outcome::Fail,
+            "{finding:?}"
+        );
+    }
+    let no_list = user_with_policy(
+        "provisioner-ecs-nolist",
+        &without(&iam_policy(), "ecs:ListClusters"),
+    )
+    .await;
+    let findings = EcsPlatform::new(client_as(no_list)).preflight().await;
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.check == "ecs:ListClusters" && f.outcome == provisioner_core::Outcome::Fail),
+        "{findings:?}"
+    );
 }

@@ -20,6 +20,7 @@
 //! - [`trace`]: W3C trace context from a request's headers to everything it sets off.
 //! - [`signing`]: signed requests (HMAC keys, verification, rotation).
 //! - [`metrics`]: the worker's Prometheus metrics and its readiness.
+//! - [`permissions`]: each platform's manifest of the cloud rights it uses.
 //!
 //! Platform crates depend only on [`platform`] and `provisioner-events`; the RabbitMQ and
 //! Redis adapters sit behind the `rabbitmq` and `redis` features.
@@ -37,6 +38,7 @@ pub mod fault;
 pub mod health;
 pub mod metrics;
 pub mod names;
+pub mod permissions;
 pub mod platform;
 pub mod policy;
 pub mod ratelimit;

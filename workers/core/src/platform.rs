@@ -248,6 +248,13 @@ pub trait Platform: Send + Sync + 'static {
         Err(PlatformError::unsupported(self.name(), "dry runs"))
     }
 
+    /// Every right this platform's worker and its checks use on the cloud's API: the
+    /// manifest the documented policies are generated from or checked against, and the
+    /// test doubles grant. Empty for platforms that act on this host only.
+    fn permissions(&self) -> &'static [crate::permissions::Permission] {
+        &[]
+    }
+
     /// Checks, before any request, that this worker can work: where it will act (account,
     /// project, region, namespace), with which credentials, and whether it holds the
     /// rights its operations need, as far as the platform can tell without changing

@@ -101,6 +101,42 @@ macro_rules! registry {
 
 provisioner_events::for_each_platform!(registry);
 
+/// What a platform's worker may do on its cloud: its permission manifest, and the policy
+/// document that grants exactly that, where the cloud has one to hand out.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Permissions {
+    pub manifest: &'static [provisioner_core::permissions::Permission],
+    /// AWS: the IAM policy document.
+    pub policy: Option<serde_json::Value>,
+}
+
+/// `platform`'s [`Permissions`], without setting it up (no credentials needed).
+pub fn permissions(platform: PlatformName) -> Result<Permissions, BuildError> {
+    let none = Permissions {
+        manifest: &[],
+        policy: None,
+    };
+    match platform {
+        #[cfg(feature = "aws-ec2")]
+        PlatformName::AwsEc2 => Ok(Permissions {
+            manifest: provisioner_aws_ec2::permissions::PERMISSIONS,
+            policy: Some(provisioner_aws_ec2::permissions::iam_policy()),
+        }),
+        #[cfg(feature = "aws-ecs")]
+        PlatformName::AwsEcs => Ok(Permissions {
+            manifest: provisioner_aws_ecs::permissions::PERMISSIONS,
+            policy: Some(provisioner_aws_ecs::permissions::iam_policy()),
+        }),
+        // Built in, but acting on this host or not yet given a manifest.
+        other if built_in().contains(&other) => Ok(none),
+        other => Err(BuildError::NotBuiltIn {
+            platform: other,
+            feature: feature_of(other),
+        }),
+    }
+}
+
 #[cfg(feature = "docker")]
 async fn docker(settings: &Settings) -> Result<Arc<dyn Platform>, SetupError> {
     let docker = provisioner_docker::DockerPlatform::connect(
