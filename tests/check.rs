@@ -140,6 +140,27 @@ async fn azure_permissions_are_read_from_arm() {
     )
     .await;
     assert_eq!(code, Some(64), "{text}");
+    assert!(
+        text.contains("holds no role on missing-group")
+            && text.contains("or the group does not exist"),
+        "with the documented roles, ARM refuses a group it has none in before looking: {text}"
+    );
+    api.set_assignments(vec![provisioner_azure::fake_api::RoleAssignment::new(
+        format!("/subscriptions/{SUBSCRIPTION}"),
+        &["*"],
+        &[],
+    )]);
+    let (code, text) = check(
+        "azure-vm",
+        &[
+            ("AZURE_SUBSCRIPTION_ID", SUBSCRIPTION),
+            ("AZURE_RESOURCE_GROUP", "missing-group"),
+            ("AZURE_ENDPOINT", url.as_str()),
+            ("AZURE_CREDENTIALS", "anonymous"),
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(64), "{text}");
     assert!(text.contains("missing-group does not exist"), "{text}");
 }
 

@@ -116,3 +116,44 @@ async fn an_azure_worker_without_a_subscription_refuses_to_start() {
     assert_eq!(output.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("AZURE_SUBSCRIPTION_ID"), "{stderr}");
 }
+
+/// A right the documented role lacks (here `instanceView/read`, which the first version
+/// of the role did not grant): ARM makes the VM, then refuses the wait for its power
+/// state. The request ends in `error` (`permission`, naming the action), and the worker
+/// removes the VM it made instead of leaving a billed machine behind the error.
+#[tokio::test]
+async fn a_vm_whose_wait_is_refused_is_removed_not_left_behind() {
+    let api = FakeArm::start(2).await;
+    let role = provisioner_azure::fake_api::documented_assignments()[0].clone();
+    let actions: Vec<&str> = role
+        .actions
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "Microsoft.Compute/virtualMachines/instanceView/read")
+        .collect();
+    api.set_permissions(&actions, &[]);
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    start_worker(&mut env, &api, "azure-vm", "vm");
+    let request = serde_json::json!({
+        "schema_version": 1, "request_id": format!("az-noview-{}", env.run_id),
+        "operation": "provision", "platform": "azure-vm",
+        "spec": {"size": "Standard_B1s",
+                 "image": {"publisher": "Canonical", "offer": "ubuntu-24_04-lts", "sku": "server"},
+                 "subnet_id": format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Network/virtualNetworks/apps/subnets/default"),
+                 "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBrqcMXeHK9TbFVAntUvqrIZ+DBXzIRQgxK3oLT2lVm9 ops@example"}
+    });
+    env.publish(&request).await;
+    let event = events.terminal(&id(&request)).await;
+    assert_eq!(event.state, State::Error);
+    let error = event.error.expect("error");
+    assert_eq!(error.class, ErrorClass::Permission, "{}", error.message);
+    assert!(
+        error.message.contains("instanceView/read")
+            && error.message.contains("what it had made was removed"),
+        "{}",
+        error.message
+    );
+    assert_eq!(api.count("Microsoft.Compute/virtualMachines"), 0);
+    assert_eq!(api.count("Microsoft.Network/networkInterfaces"), 0);
+}

@@ -380,16 +380,14 @@ impl Platform for ContainerInstancesPlatform {
         PlatformName::AzureContainerInstances
     }
 
+    fn permissions(&self) -> &'static [provisioner_core::permissions::Permission] {
+        crate::permissions::ACI_PERMISSIONS
+    }
+
     async fn preflight(&self) -> Vec<Finding> {
+        use crate::permissions::{ACI_PERMISSIONS, RESOURCE_GROUP, actions_at};
         self.arm
-            .preflight(&[
-                "Microsoft.ContainerInstance/containerGroups/read",
-                "Microsoft.ContainerInstance/containerGroups/write",
-                "Microsoft.ContainerInstance/containerGroups/delete",
-                "Microsoft.ContainerInstance/containerGroups/start/action",
-                "Microsoft.ContainerInstance/containerGroups/stop/action",
-                "Microsoft.ContainerInstance/containerGroups/restart/action",
-            ])
+            .preflight(&actions_at(ACI_PERMISSIONS, RESOURCE_GROUP))
             .await
     }
 

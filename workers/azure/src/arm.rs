@@ -280,6 +280,15 @@ impl ArmClient {
                         settings.resource_group, settings.subscription_id
                     ),
                 ),
+                // ARM refuses a group the identity holds no role in before it looks,
+                // so a group that does not exist reads the same as a missing role.
+                Err(e) if e.class == ErrorClass::Permission => Finding::fail(
+                    "resource group",
+                    format!(
+                        "{}: the identity holds no role on {} in subscription {}, or the group does not exist; check AZURE_RESOURCE_GROUP, and assign the worker's role of docs/azure.md on it",
+                        e.message, settings.resource_group, settings.subscription_id
+                    ),
+                ),
                 Err(e) => Finding::of_call("resource group", Err::<(), _>(e), ""),
             },
         );
@@ -687,7 +696,7 @@ impl PermissionList {
 
 /// An ARM action pattern (`*` matches any run of characters) against an action, case
 /// insensitively, as role definitions are read.
-fn action_matches(pattern: &str, action: &str) -> bool {
+pub(crate) fn action_matches(pattern: &str, action: &str) -> bool {
     let pattern = pattern.to_ascii_lowercase();
     let action = action.to_ascii_lowercase();
     let mut parts = pattern.split('*');

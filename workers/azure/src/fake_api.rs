@@ -18,6 +18,18 @@
 //! `PUT`, a container group the `systemData.createdAt`. A location's `vmSizes` lists a
 //! few sizes with their cores. Faults can be queued: an HTTP
 //! error instead of the next matching answer, optionally after the call took effect.
+//!
+//! Authorization as ARM does it: every call is checked against the caller's role
+//! assignments ([`RoleAssignment`]: actions and not-actions at a scope, inherited by
+//! what the scope holds), by the action its method and path stand for (`GET` read, `PUT`
+//! write, `DELETE` delete, `POST …/x` the `x/action`; a list is its type's read; a VM's
+//! `instanceView` its own read; the VM sizes of a location a subscription's read), plus
+//! the linked checks ARM makes on what a body references (a network interface's subnet
+//! `…/subnets/join/action`, a VM's interface `…/networkInterfaces/join/action`). A call
+//! not granted is `403 AuthorizationFailed` naming the action and scope, before it has
+//! any effect. By default the caller holds exactly the assignments docs/azure.md
+//! documents ([`documented_assignments`]). Polling an operation the caller started is
+//! not checked (not modelled).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -116,9 +128,91 @@ struct World {
     next_id: u64,
     /// Every call, faulted or not.
     log: CallLog,
-    /// The caller's role assignments on the resource group, as `(actions, notActions)`
-    /// (`None`: `*`, as an owner).
-    permissions: Option<(Vec<String>, Vec<String>)>,
+    /// The caller's role assignments: every call is checked against them.
+    assignments: Vec<RoleAssignment>,
+}
+
+/// A role assignment of the caller: what its role grants (`*` wildcards, as role
+/// definitions write them) and excludes, at a scope (a resource id prefix:
+/// `/subscriptions/<id>`, `/subscriptions/<id>/resourceGroups/<name>`, or a resource's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleAssignment {
+    pub scope: String,
+    pub actions: Vec<String>,
+    pub not_actions: Vec<String>,
+}
+
+impl RoleAssignment {
+    pub fn new(scope: impl Into<String>, actions: &[&str], not_actions: &[&str]) -> Self {
+        let owned = |list: &[&str]| list.iter().map(|a| (*a).to_owned()).collect();
+        Self {
+            scope: scope.into(),
+            actions: owned(actions),
+            not_actions: owned(not_actions),
+        }
+    }
+
+    /// Whether this assignment grants `action` on the resource `id`: its scope holds the
+    /// resource (ARM's inheritance: a subscription's assignment reaches its groups, a
+    /// group's its resources), an action matches, no not-action does.
+    fn grants(&self, action: &str, id: &str) -> bool {
+        let scope = self.scope.trim_end_matches('/').to_ascii_lowercase();
+        let id = id.to_ascii_lowercase();
+        let within = id == scope || id.starts_with(&format!("{scope}/"));
+        within
+            && self
+                .actions
+                .iter()
+                .any(|a| crate::arm::action_matches(a, action))
+            && !self
+                .not_actions
+                .iter()
+                .any(|a| crate::arm::action_matches(a, action))
+    }
+}
+
+/// The role assignments docs/azure.md tells an operator to make, for both workers: the
+/// worker's role on the resource group (which holds the tests' virtual network too), and
+/// the subscription's role on the subscription. What the fake grants unless a test says
+/// otherwise, so every test runs the workers under exactly the documented rights.
+pub fn documented_assignments() -> Vec<RoleAssignment> {
+    use crate::permissions::{
+        ACI_PERMISSIONS, RESOURCE_GROUP as GROUP_SCOPE, SUBNET, SUBSCRIPTION as SUBSCRIPTION_SCOPE,
+        VM_PERMISSIONS, actions_at,
+    };
+    let both: Vec<_> = VM_PERMISSIONS
+        .iter()
+        .chain(ACI_PERMISSIONS)
+        .copied()
+        .collect();
+    let mut group = actions_at(&both, GROUP_SCOPE);
+    group.extend(actions_at(&both, SUBNET));
+    vec![
+        RoleAssignment::new(group_scope(), &group, &[]),
+        RoleAssignment::new(
+            format!("/subscriptions/{SUBSCRIPTION}"),
+            &actions_at(&both, SUBSCRIPTION_SCOPE),
+            &[],
+        ),
+    ]
+}
+
+fn group_scope() -> String {
+    format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}")
+}
+
+/// ARM's refusal of a call the caller's assignments do not grant
+/// (<https://learn.microsoft.com/azure/role-based-access-control/troubleshooting#symptom---authorization-failed>).
+fn authorization_failed(action: &str, scope: &str) -> Answer {
+    answer(
+        403,
+        arm_error(
+            "AuthorizationFailed",
+            &format!(
+                "The client '00000000-0000-0000-0000-0000000000cc' with object id '00000000-0000-0000-0000-0000000000cc' does not have authorization to perform action '{action}' over scope '{scope}' or the scope is invalid. If access was recently granted, please refresh your credentials."
+            ),
+        ),
+    )
 }
 
 /// The running server; it serves until the runtime ends.
@@ -157,6 +251,7 @@ impl FakeArm {
             world: Shared::default(),
             ready_after_reads,
         };
+        api.world.lock().assignments = documented_assignments();
         let served = api.clone();
         provisioner_fake_http::spawn(listener, move |call| served.serve(call));
         api
@@ -170,11 +265,123 @@ impl FakeArm {
         self.world.lock().faults.push(fault);
     }
 
-    /// The caller's rights on the resource group from now on, as ARM's permissions API
-    /// reports them.
+    /// The caller's role on the resource group from now on (its other assignments
+    /// stay): what the calls there may do, and what ARM's permissions API reports.
     pub fn set_permissions(&self, actions: &[&str], not_actions: &[&str]) {
-        let owned = |list: &[&str]| list.iter().map(|a| (*a).to_owned()).collect();
-        self.world.lock().permissions = Some((owned(actions), owned(not_actions)));
+        let mut world = self.world.lock();
+        let group = group_scope().to_ascii_lowercase();
+        world
+            .assignments
+            .retain(|a| a.scope.to_ascii_lowercase() != group);
+        world
+            .assignments
+            .push(RoleAssignment::new(group_scope(), actions, not_actions));
+    }
+
+    /// All of the caller's role assignments from now on.
+    pub fn set_assignments(&self, assignments: Vec<RoleAssignment>) {
+        self.world.lock().assignments = assignments;
+    }
+
+    /// Whether the caller's assignments grant `action` on the resource `id`.
+    fn allowed(&self, action: &str, id: &str) -> bool {
+        self.world
+            .lock()
+            .assignments
+            .iter()
+            .any(|a| a.grants(action, id))
+    }
+
+    /// The action ARM checks for a call, and the resource it is checked on; `None` for
+    /// what needs no right of its own here (polling an operation the caller started).
+    /// Linked checks (a NIC's subnet, a VM's NIC) are made where the body is read.
+    fn action_of(method: &Method, path: &str) -> Option<(String, String)> {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let lower: Vec<String> = segments.iter().map(|s| s.to_ascii_lowercase()).collect();
+        let lower: Vec<&str> = lower.iter().map(String::as_str).collect();
+        let verb = match method.as_str() {
+            "GET" => "read",
+            "PUT" => "write",
+            "DELETE" => "delete",
+            _ => "action",
+        };
+        match lower.as_slice() {
+            [
+                "subscriptions",
+                _,
+                "providers",
+                "microsoft.compute",
+                "locations",
+                _,
+                "vmsizes",
+            ] => Some((
+                "Microsoft.Compute/locations/vmSizes/read".into(),
+                format!("/{}", segments.join("/")),
+            )),
+            ["subscriptions", _, "resourcegroups", _] => Some((
+                format!("Microsoft.Resources/subscriptions/resourceGroups/{verb}"),
+                format!("/{}", segments.join("/")),
+            )),
+            [
+                "subscriptions",
+                _,
+                "resourcegroups",
+                _,
+                "providers",
+                "microsoft.authorization",
+                "permissions",
+            ] => Some((
+                "Microsoft.Authorization/permissions/read".into(),
+                format!("/{}", segments[..4].join("/")),
+            )),
+            // A list of the group's resources of a type.
+            ["subscriptions", _, "resourcegroups", _, "providers", _, _] => Some((
+                format!("{}/{}/read", segments[5], segments[6]),
+                format!("/{}", segments.join("/")),
+            )),
+            [
+                "subscriptions",
+                _,
+                "resourcegroups",
+                _,
+                "providers",
+                _,
+                _,
+                _,
+            ] => Some((
+                format!("{}/{}/{verb}", segments[5], segments[6]),
+                format!("/{}", segments.join("/")),
+            )),
+            [
+                "subscriptions",
+                _,
+                "resourcegroups",
+                _,
+                "providers",
+                _,
+                _,
+                _,
+                "instanceview",
+            ] => Some((
+                format!("{}/{}/instanceView/read", segments[5], segments[6]),
+                format!("/{}", segments[..8].join("/")),
+            )),
+            [
+                "subscriptions",
+                _,
+                "resourcegroups",
+                _,
+                "providers",
+                _,
+                _,
+                _,
+                action,
+            ] if verb == "action" => Some((
+                format!("{}/{}/{action}/action", segments[5], segments[6]),
+                format!("/{}", segments[..8].join("/")),
+            )),
+            _ => None,
+        }
     }
 
     pub fn fail_next_operation(&self, failure: OperationFailure) {
@@ -258,7 +465,12 @@ impl FakeArm {
                     "The api-version query parameter (?api-version=) is required for all requests.",
                 ),
             ),
-            _ => self.route(&method, &path, body),
+            _ => match Self::action_of(&method, &path) {
+                Some((action, id)) if !self.allowed(&action, &id) => {
+                    authorization_failed(&action, &id)
+                }
+                _ => self.route(&method, &path, body),
+            },
         };
         let (code, value, mut headers) = match &fault {
             Some(fault) if fault.after_effect => (fault.code, fault.body.clone(), Vec::new()),
@@ -373,17 +585,23 @@ impl FakeArm {
         let lower: Vec<&str> = lower.iter().map(String::as_str).collect();
         match (method.as_str(), lower.as_slice()) {
             ("GET", ["microsoft.authorization", "permissions"]) => {
-                let (actions, not_actions) = self
+                // One entry per assignment that reaches the group (at it or above it).
+                let group = group_scope().to_ascii_lowercase();
+                let value: Vec<Value> = self
                     .world
                     .lock()
-                    .permissions
-                    .clone()
-                    .unwrap_or_else(|| (vec!["*".into()], Vec::new()));
-                answer(
-                    200,
-                    json!({"value": [{"actions": actions, "notActions": not_actions,
-                                      "dataActions": [], "notDataActions": []}]}),
-                )
+                    .assignments
+                    .iter()
+                    .filter(|a| {
+                        let scope = a.scope.trim_end_matches('/').to_ascii_lowercase();
+                        group == scope || group.starts_with(&format!("{scope}/"))
+                    })
+                    .map(|a| {
+                        json!({"actions": a.actions, "notActions": a.not_actions,
+                               "dataActions": [], "notDataActions": []})
+                    })
+                    .collect();
+                answer(200, json!({"value": value}))
             }
             ("GET", ["microsoft.compute", "virtualmachines"]) => {
                 self.list("Microsoft.Compute/virtualMachines")
@@ -593,6 +811,12 @@ impl FakeArm {
                 ),
             );
         }
+        // A linked check: placing an interface in a subnet is the subnet's right.
+        let subnet = subnet.unwrap_or_default();
+        let join = "Microsoft.Network/virtualNetworks/subnets/join/action";
+        if !self.allowed(join, subnet) {
+            return authorization_failed(join, subnet);
+        }
         let id = Self::id(&format!("Microsoft.Network/networkInterfaces/{name}"));
         let key = id.to_ascii_lowercase();
         let mut world = self.world.lock();
@@ -691,6 +915,11 @@ impl FakeArm {
         let nic_id = props["networkProfile"]["networkInterfaces"][0]["id"]
             .as_str()
             .unwrap_or("");
+        // A linked check: attaching an interface is the interface's right.
+        let join = "Microsoft.Network/networkInterfaces/join/action";
+        if !nic_id.is_empty() && !self.allowed(join, nic_id) {
+            return authorization_failed(join, nic_id);
+        }
         let mut world = self.world.lock();
         if !world.resources.contains_key(&nic_id.to_ascii_lowercase()) {
             return answer(

@@ -13,6 +13,7 @@ pub mod aci;
 pub mod arm;
 #[cfg(feature = "fake-api")]
 pub mod fake_api;
+pub mod permissions;
 pub mod vm;
 
 use std::collections::BTreeMap;

@@ -507,22 +507,46 @@ impl Platform for VmPlatform {
         PlatformName::AzureVm
     }
 
+    fn permissions(&self) -> &'static [provisioner_core::permissions::Permission] {
+        crate::permissions::VM_PERMISSIONS
+    }
+
     async fn preflight(&self) -> Vec<Finding> {
-        self.arm
-            .preflight(&[
-                "Microsoft.Compute/virtualMachines/read",
-                "Microsoft.Compute/virtualMachines/write",
-                "Microsoft.Compute/virtualMachines/delete",
-                "Microsoft.Compute/virtualMachines/start/action",
-                "Microsoft.Compute/virtualMachines/deallocate/action",
-                "Microsoft.Compute/virtualMachines/restart/action",
-                "Microsoft.Network/networkInterfaces/read",
-                "Microsoft.Network/networkInterfaces/write",
-                "Microsoft.Network/networkInterfaces/delete",
-                "Microsoft.Network/networkInterfaces/join/action",
-                "Microsoft.Network/virtualNetworks/subnets/join/action",
-            ])
-            .await
+        use crate::permissions::{
+            RESOURCE_GROUP, SUBNET, SUBSCRIPTION, VM_PERMISSIONS, actions_at,
+        };
+        let mut findings = self
+            .arm
+            .preflight(&actions_at(VM_PERMISSIONS, RESOURCE_GROUP))
+            .await;
+        // The subscription's: the VM sizes of the default location, read as a provision
+        // with a tenant reads them.
+        let sizes = actions_at(VM_PERMISSIONS, SUBSCRIPTION).join(", ");
+        findings.push(match &self.arm.settings().location {
+            Some(location) => Finding::of_call(
+                &format!("{sizes} (subscription)"),
+                self.size_cores(location, "").await.or_else(|e| {
+                    if e.class == ErrorClass::InvalidRequest {
+                        Ok(0) // listed; the made-up size is simply not among them
+                    } else {
+                        Err(e)
+                    }
+                }),
+                &format!("allowed: the VM sizes of {location} were read"),
+            ),
+            None => Finding::warn(
+                format!("{sizes} (subscription)"),
+                "no AZURE_LOCATION to read the VM sizes of: assign the subscription's role of docs/azure.md",
+            ),
+        });
+        findings.push(Finding::warn(
+            format!(
+                "{} ({SUBNET})",
+                actions_at(VM_PERMISSIONS, SUBNET).join(", ")
+            ),
+            "checked on the first provision: it needs the spec's subnet",
+        ));
+        findings
     }
 
     /// ARM's subscription buckets: a VM's provision writes its NIC and the VM, its

@@ -7,7 +7,8 @@ use base64::Engine;
 use provisioner_azure::aci::group_name;
 use provisioner_azure::fake_api::Method;
 use provisioner_azure::fake_api::{
-    FakeArm, Fault, OperationFailure, RESOURCE_GROUP, SUBSCRIPTION, arm_error,
+    FakeArm, Fault, OperationFailure, RESOURCE_GROUP, RoleAssignment, SUBSCRIPTION, arm_error,
+    documented_assignments,
 };
 use provisioner_azure::vm::vm_name;
 use provisioner_azure::{AzureSettings, ContainerInstancesPlatform, VmPlatform};
@@ -415,10 +416,24 @@ async fn arm_errors_are_classified_and_retried_on_fake_arm() {
         assert_eq!(err.class, class, "{code} {arm_code}: {err}");
         assert!(err.message.contains(arm_code), "{err}");
     }
-    // A resource group that does not exist is a configuration error, said as such.
+    // A resource group that does not exist: with the documented rights (on the worker's
+    // own group), ARM refuses before it looks, as for any group the identity holds no
+    // role in; with a role on the whole subscription, it says the group is not there.
+    // Either way a configuration error, said as such.
     let mut settings = AzureSettings::for_test_server(&api.url());
     settings.resource_group = "missing".into();
     let elsewhere = VmPlatform::new(settings).expect("client");
+    let err = elsewhere
+        .provision(&vm(&unique("rg")))
+        .await
+        .expect_err("no rights there");
+    assert_eq!(err.class, ErrorClass::Permission, "{err}");
+    assert!(err.message.contains("AuthorizationFailed"), "{err}");
+    api.set_assignments(vec![RoleAssignment::new(
+        format!("/subscriptions/{SUBSCRIPTION}"),
+        &["*"],
+        &[],
+    )]);
     let err = elsewhere
         .provision(&vm(&unique("rg")))
         .await
@@ -691,4 +706,106 @@ async fn vcpus_quotas_count_a_vm_sizes_cores_and_a_groups_cpu_on_fake_arm() {
     let half = hello(&unique("q"), "mcr.microsoft.com/azuredocs/aci-helloworld");
     let cost = groups.quota_cost(&half).await.expect("cost");
     assert_eq!(vcpus(cost), Some(1), "half a core holds one vCPU");
+}
+
+/// The workers' setup checks pass under exactly the documented role assignments (the
+/// fake's default, which every other test here runs under too), and name what is
+/// missing when a right is taken away: the group's by the permissions API, the
+/// subscription's by reading the VM sizes.
+#[tokio::test]
+async fn the_setup_checks_pass_under_the_documented_roles_and_name_what_is_missing_on_fake_arm() {
+    use provisioner_core::Outcome;
+    let api = FakeArm::start(1).await;
+    for findings in [vms(&api).preflight().await, groups(&api).preflight().await] {
+        for finding in &findings {
+            assert_ne!(finding.outcome, Outcome::Fail, "{finding:?}");
+        }
+    }
+    // No subscription role: the VM sizes are refused, and said so.
+    api.set_assignments(documented_assignments().into_iter().take(1).collect());
+    let findings = vms(&api).preflight().await;
+    assert!(
+        findings.iter().any(|f| f.outcome == Outcome::Fail
+            && f.check.contains("Microsoft.Compute/locations/vmSizes/read")),
+        "{findings:?}"
+    );
+    let mut with_tenant = vm(&unique("sizes"));
+    with_tenant.tenant = Some("team-a".into());
+    let refused = vms(&api)
+        .quota_cost(&with_tenant)
+        .await
+        .expect_err("the sizes are the subscription's");
+    assert_eq!(refused.class, ErrorClass::Permission, "{refused}");
+    assert!(refused.message.contains("AuthorizationFailed"), "{refused}");
+}
+
+/// A right the role lacks is refused at the call that needs it, before it has any
+/// effect, and what was made before is not left: without `instanceView/read` the VM is
+/// made and its wait refused (`permission`), and the teardown the runtime then sends
+/// removes it; without the subnet's join nothing is made at all.
+#[tokio::test]
+async fn a_missing_right_is_refused_and_leaves_nothing_behind_on_fake_arm() {
+    let api = FakeArm::start(1).await;
+    let role = &documented_assignments()[0];
+    let without = |action: &str| -> Vec<&str> {
+        role.actions
+            .iter()
+            .map(String::as_str)
+            .filter(|a| *a != action)
+            .collect()
+    };
+    api.set_permissions(
+        &without("Microsoft.Compute/virtualMachines/instanceView/read"),
+        &[],
+    );
+    let platform = vms(&api);
+    let id = unique("noview");
+    let refused = platform
+        .provision(&vm(&id))
+        .await
+        .expect_err("the wait is refused");
+    assert_eq!(refused.class, ErrorClass::Permission, "{refused}");
+    assert!(!refused.retryable, "{refused:?}");
+    assert!(
+        refused.message.contains("instanceView/read"),
+        "names the action: {refused}"
+    );
+    assert_eq!(api.count(VMS), 1, "made before the wait was refused");
+    assert!(
+        platform
+            .teardown(&target(&id))
+            .await
+            .expect("removed")
+            .is_some(),
+        "the removal the runtime sends after a failed provision needs no instance view"
+    );
+    assert_eq!(api.count(VMS), 0);
+    assert_eq!(api.count(NICS), 0);
+
+    // A subnet in a virtual network the role is not assigned on.
+    api.set_assignments(documented_assignments());
+    let mut elsewhere = vm(&unique("nojoin"));
+    elsewhere.spec.as_mut().expect("spec").insert("subnet_id".into(), serde_json::json!(format!(
+        "/subscriptions/{SUBSCRIPTION}/resourceGroups/network/providers/Microsoft.Network/virtualNetworks/hub/subnets/default"
+    )));
+    let refused = platform
+        .provision(&elsewhere)
+        .await
+        .expect_err("joining the subnet is refused");
+    assert_eq!(refused.class, ErrorClass::Permission, "{refused}");
+    assert!(refused.message.contains("subnets/join/action"), "{refused}");
+    assert_eq!(api.count(VMS) + api.count(NICS), 0, "nothing made");
+    // Assigned on that network, as docs/azure.md says: it goes.
+    let mut assignments = documented_assignments();
+    assignments.push(RoleAssignment::new(
+        format!("/subscriptions/{SUBSCRIPTION}/resourceGroups/network/providers/Microsoft.Network/virtualNetworks/hub"),
+        &["Microsoft.Network/virtualNetworks/subnets/join/action"],
+        &[],
+    ));
+    api.set_assignments(assignments);
+    platform.provision(&elsewhere).await.expect("provisioned");
+    platform
+        .teardown(&target(elsewhere.request_id.as_str()))
+        .await
+        .expect("torn down");
 }

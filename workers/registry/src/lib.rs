@@ -107,7 +107,8 @@ provisioner_events::for_each_platform!(registry);
 #[non_exhaustive]
 pub struct Permissions {
     pub manifest: &'static [provisioner_core::permissions::Permission],
-    /// AWS: the IAM policy document.
+    /// AWS: the IAM policy document. Azure: the custom roles (both workers'), each to
+    /// assign at the scope its description names.
     pub policy: Option<serde_json::Value>,
 }
 
@@ -127,6 +128,16 @@ pub fn permissions(platform: PlatformName) -> Result<Permissions, BuildError> {
         PlatformName::AwsEcs => Ok(Permissions {
             manifest: provisioner_aws_ecs::permissions::PERMISSIONS,
             policy: Some(provisioner_aws_ecs::permissions::iam_policy()),
+        }),
+        #[cfg(feature = "azure")]
+        PlatformName::AzureVm => Ok(Permissions {
+            manifest: provisioner_azure::permissions::VM_PERMISSIONS,
+            policy: Some(serde_json::json!(provisioner_azure::permissions::roles())),
+        }),
+        #[cfg(feature = "azure")]
+        PlatformName::AzureContainerInstances => Ok(Permissions {
+            manifest: provisioner_azure::permissions::ACI_PERMISSIONS,
+            policy: Some(serde_json::json!(provisioner_azure::permissions::roles())),
         }),
         // Built in, but acting on this host or not yet given a manifest.
         other if built_in().contains(&other) => Ok(none),
