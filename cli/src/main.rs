@@ -445,7 +445,7 @@ fn permissions(platform: PlatformName, policy: bool, json: bool) -> Result<ExitC
     if policy {
         return match permissions.policy {
             Some(document) => {
-                println!("{document:#}");
+                println!("{}", document.trim_end());
                 Ok(ExitCode::SUCCESS)
             }
             None => {

@@ -322,6 +322,10 @@ impl Platform for CloudRunPlatform {
         PlatformName::GcpCloudRun
     }
 
+    fn permissions(&self) -> &'static [provisioner_core::permissions::Permission] {
+        crate::permissions::CLOUD_RUN_PERMISSIONS
+    }
+
     async fn preflight(&self) -> Vec<Finding> {
         let mut findings = crate::identity_findings(&self.settings);
         findings.push(Finding::pass("regions", self.settings.regions().join(", ")));

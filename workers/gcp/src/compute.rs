@@ -583,6 +583,10 @@ impl Platform for ComputePlatform {
         Ok(provisioner_core::vcpus_cost(cpus.saturating_mul(1000)))
     }
 
+    fn permissions(&self) -> &'static [provisioner_core::permissions::Permission] {
+        crate::permissions::COMPUTE_PERMISSIONS
+    }
+
     async fn preflight(&self) -> Vec<Finding> {
         let mut findings = crate::identity_findings(&self.settings);
         findings.push(match &self.settings.zone {

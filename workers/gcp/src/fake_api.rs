@@ -18,6 +18,14 @@
 //! `locations/-` lists every region. Enums are numbers when the client asks
 //! (`enum-encoding=int`), as Google's servers do.
 //!
+//! Authorization as the APIs do it: each call needs the permissions its method's
+//! reference page lists (an insert also those of what its body makes and sets: the boot
+//! disk, the subnetwork, an external address, metadata, labels, tags), and a Cloud Run
+//! deploy `iam.serviceAccounts.actAs` on the account the service runs as; a call the
+//! caller lacks one for is refused with the API's 403 (`forbidden` naming the
+//! permission, `PERMISSION_DENIED`), before it has any effect. By default the caller
+//! holds what the roles docs/gcp.md names grant, at their scopes ([`Grants::documented`]).
+//!
 //! Faults can be queued: an HTTP error instead of the next matching answer, optionally
 //! after the call took effect (an answer lost on the way back), or a Compute operation
 //! that finishes with an error (a stockout, a quota).
@@ -108,7 +116,50 @@ struct World {
     /// Subnetworks (`regions/<r>/subnetworks/<s>`) and the network (`global/networks/<n>`)
     /// each belongs to.
     subnetworks: HashMap<String, String>,
+    /// The caller's permissions: on the project, and on the service account Cloud Run
+    /// services run as. `None` until a test sets them: the documented roles'.
+    grants: Option<Grants>,
 }
+
+/// The permissions the caller holds, by where they are granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grants {
+    pub project: Vec<String>,
+    pub runtime_account: Vec<String>,
+}
+
+impl Grants {
+    /// What the roles docs/gcp.md names grant (the permissions of theirs the workers
+    /// rely on), each at the scope the docs grant it.
+    pub fn documented() -> Self {
+        use crate::permissions::{
+            CLOUD_RUN_ROLES, COMPUTE_ROLES, PROJECT, RUNTIME_SERVICE_ACCOUNT,
+        };
+        let at = |scope: &str| -> Vec<String> {
+            COMPUTE_ROLES
+                .iter()
+                .chain(CLOUD_RUN_ROLES)
+                .filter(|r| r.scope == scope)
+                .flat_map(|r| r.permissions.iter().map(|p| (*p).to_owned()))
+                .collect()
+        };
+        Self {
+            project: at(PROJECT),
+            runtime_account: at(RUNTIME_SERVICE_ACCOUNT),
+        }
+    }
+
+    /// These grants without `permission`, wherever it is granted.
+    pub fn without(mut self, permission: &str) -> Self {
+        self.project.retain(|p| p != permission);
+        self.runtime_account.retain(|p| p != permission);
+        self
+    }
+}
+
+/// The service account Cloud Run services run as when they name none: the project's
+/// default compute account.
+pub const DEFAULT_RUNTIME_ACCOUNT: &str = "123456789012-compute@developer.gserviceaccount.com";
 
 impl World {
     /// The operation a replayed `requestId` answers: the first call's, as it is now.
@@ -251,6 +302,120 @@ impl FakeGcp {
         self.world.lock().operation_failures.push(failure);
     }
 
+    /// The caller's permissions from now on (the documented roles' until set).
+    pub fn set_grants(&self, grants: Grants) {
+        self.world.lock().grants = Some(grants);
+    }
+
+    fn grants(&self) -> Grants {
+        self.world
+            .lock()
+            .grants
+            .clone()
+            .unwrap_or_else(Grants::documented)
+    }
+
+    /// The first of `needed` (a permission on the project) the caller lacks.
+    fn lacking(&self, needed: &[&'static str]) -> Option<&'static str> {
+        let grants = self.grants();
+        needed
+            .iter()
+            .copied()
+            .find(|p| !grants.project.iter().any(|g| g == p))
+    }
+
+    /// The permissions an instance body asks for beside `compute.instances.create`: what
+    /// it makes and sets at insert (the method page's "Authorization requires" and the
+    /// create-instance page's required permissions).
+    fn insert_permissions(&self, instance: &Value) -> Vec<&'static str> {
+        let mut needed = vec!["compute.instances.create"];
+        let disks = instance["disks"].as_array().cloned().unwrap_or_default();
+        if disks.iter().any(|d| d["initializeParams"].is_object()) {
+            needed.push("compute.disks.create");
+        }
+        let own_image = |image: &str| {
+            image.starts_with("global/images/")
+                || image.contains(&format!("projects/{}/global/images/", self.project))
+        };
+        if disks
+            .iter()
+            .filter_map(|d| d["initializeParams"]["sourceImage"].as_str())
+            .any(own_image)
+        {
+            needed.push("compute.images.useReadOnly");
+        }
+        let nics = instance["networkInterfaces"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !nics.is_empty() {
+            needed.push("compute.subnetworks.use");
+        }
+        if nics
+            .iter()
+            .any(|n| n["accessConfigs"].as_array().is_some_and(|a| !a.is_empty()))
+        {
+            needed.push("compute.subnetworks.useExternalIp");
+        }
+        if instance["metadata"]["items"]
+            .as_array()
+            .is_some_and(|i| !i.is_empty())
+        {
+            needed.push("compute.instances.setMetadata");
+        }
+        if instance["labels"]
+            .as_object()
+            .is_some_and(|l| !l.is_empty())
+        {
+            needed.push("compute.instances.setLabels");
+        }
+        if instance["tags"]["items"]
+            .as_array()
+            .is_some_and(|t| !t.is_empty())
+        {
+            needed.push("compute.instances.setTags");
+        }
+        needed
+    }
+
+    /// The permissions a Compute Engine call needs (each method's reference page).
+    fn compute_permissions(
+        &self,
+        method: &Method,
+        rest: &[&str],
+        body: &Value,
+    ) -> Vec<&'static str> {
+        match (method.as_str(), rest) {
+            ("POST", ["zones", _, "instances"]) => self.insert_permissions(body),
+            ("POST", ["zones", _, "instances", "bulkInsert"]) => {
+                self.insert_permissions(&body["instanceProperties"])
+            }
+            ("GET", ["zones", _, "instances"]) | ("GET", ["aggregated", "instances"]) => {
+                vec!["compute.instances.list"]
+            }
+            ("GET", ["zones", _, "instances", _]) => vec!["compute.instances.get"],
+            ("DELETE", ["zones", _, "instances", _]) => vec!["compute.instances.delete"],
+            ("POST", ["zones", _, "instances", _, "start"]) => vec!["compute.instances.start"],
+            ("POST", ["zones", _, "instances", _, "stop"]) => vec!["compute.instances.stop"],
+            ("POST", ["zones", _, "instances", _, "reset"]) => vec!["compute.instances.reset"],
+            ("GET", ["zones", _, "operations", _]) => vec!["compute.zoneOperations.get"],
+            ("GET", ["zones", _, "machineTypes", _]) => vec!["compute.machineTypes.get"],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The permission a Cloud Run call needs on the project.
+    fn run_permission(method: &Method, rest: &[&str]) -> Option<&'static str> {
+        match (method.as_str(), rest) {
+            ("POST", ["services"]) => Some("run.services.create"),
+            ("GET", ["services"]) => Some("run.services.list"),
+            ("GET", ["services", _]) => Some("run.services.get"),
+            ("DELETE", ["services", _]) => Some("run.services.delete"),
+            ("GET", ["operations", _]) => Some("run.operations.get"),
+            _ => None,
+        }
+    }
+
     /// Instances and services made so far (replays and adoptions do not count).
     pub fn created(&self) -> u32 {
         self.world.lock().created
@@ -384,6 +549,14 @@ impl FakeGcp {
                     ),
                 ),
             );
+        }
+        let needed = self.compute_permissions(method, rest, &body);
+        if let Some(missing) = self.lacking(&needed) {
+            let message = format!(
+                "Required '{missing}' permission for 'projects/{project}/{}'",
+                rest.join("/")
+            );
+            return (403, compute_error(403, "forbidden", &message));
         }
         match (method.as_str(), rest) {
             ("POST", ["zones", zone, "instances"]) => self.insert(zone, query, body),
@@ -851,6 +1024,32 @@ impl FakeGcp {
             );
         }
         let parent = format!("projects/{project}/locations/{region}");
+        if let Some(missing) = Self::run_permission(method, rest).and_then(|p| self.lacking(&[p])) {
+            let message = format!(
+                "Permission '{missing}' denied on resource '{parent}/{}' (or resource may not exist).",
+                rest.join("/")
+            );
+            return (403, run_error(403, "PERMISSION_DENIED", &message));
+        }
+        // Deploying a service that runs as an account is acting as it.
+        if method.as_str() == "POST" && rest == ["services"] {
+            let account = body["template"]["serviceAccount"]
+                .as_str()
+                .filter(|a| !a.is_empty())
+                .unwrap_or(DEFAULT_RUNTIME_ACCOUNT)
+                .to_owned();
+            if !self
+                .grants()
+                .runtime_account
+                .iter()
+                .any(|p| p == "iam.serviceAccounts.actAs")
+            {
+                let message = format!(
+                    "Permission 'iam.serviceaccounts.actAs' denied on service account {account} (or it may not exist)."
+                );
+                return (403, run_error(403, "PERMISSION_DENIED", &message));
+            }
+        }
         match (method.as_str(), rest) {
             ("POST", ["services"]) => {
                 let id = query_param(query, "serviceId").unwrap_or_default();

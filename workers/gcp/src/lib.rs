@@ -11,6 +11,7 @@ pub mod cloud_run;
 pub mod compute;
 #[cfg(feature = "fake-api")]
 pub mod fake_api;
+pub mod permissions;
 
 use std::time::Duration;
 

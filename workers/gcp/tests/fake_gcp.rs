@@ -921,3 +921,64 @@ async fn vcpus_quotas_count_a_machine_types_guest_cpus_on_fake_gcp() {
         "each type asked once, a custom one never: {asked:#?}"
     );
 }
+
+/// The workers' setup checks pass under the documented roles (the fake's default, which
+/// every other test here runs under too); a permission the roles would not grant is
+/// refused at the call that needs it, as Google's APIs refuse it, before anything is
+/// made: labels set at insert need `compute.instances.setLabels`, a network tag
+/// `setTags`, and a Cloud Run deploy `iam.serviceAccounts.actAs` on the account the
+/// service runs as (`roles/run.admin` alone is refused).
+#[tokio::test]
+async fn a_permission_the_documented_roles_lack_is_refused_before_anything_is_made_on_fake_gcp() {
+    use provisioner_core::Outcome;
+    use provisioner_gcp::fake_api::Grants;
+    let api = FakeGcp::start(PROJECT, 1).await;
+    for findings in [
+        compute(&api).await.preflight().await,
+        cloud_run(&api).await.preflight().await,
+    ] {
+        for finding in &findings {
+            assert_ne!(finding.outcome, Outcome::Fail, "{finding:?}");
+        }
+    }
+    for permission in [
+        "compute.instances.setLabels",
+        "compute.instances.setTags",
+        "compute.disks.create",
+    ] {
+        api.set_grants(Grants::documented().without(permission));
+        let refused = compute(&api)
+            .await
+            .provision(&vm(&unique("nolabels")))
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            refused.class,
+            ErrorClass::Permission,
+            "{permission}: {refused}"
+        );
+        assert!(refused.message.contains(permission), "{refused}");
+        assert_eq!(api.instance_count(), 0, "{permission}: nothing made");
+    }
+    api.set_grants(Grants::documented().without("compute.instances.list"));
+    let findings = compute(&api).await.preflight().await;
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.check == "compute.instances.list" && f.outcome == Outcome::Fail),
+        "{findings:?}"
+    );
+
+    api.set_grants(Grants::documented().without("iam.serviceAccounts.actAs"));
+    let refused = cloud_run(&api)
+        .await
+        .provision(&hello(
+            &unique("noactas"),
+            "us-docker.pkg.dev/cloudrun/container/hello",
+        ))
+        .await
+        .expect_err("deploying as the runtime account is refused");
+    assert_eq!(refused.class, ErrorClass::Permission, "{refused}");
+    assert!(refused.message.contains("actAs"), "{refused}");
+    assert_eq!(api.service_count(), 0);
+}

@@ -10,8 +10,12 @@
 //! its ingress after a few reads. Faults can be queued (e.g. `429` on the next create).
 //!
 //! As strict as a real API server where our mistakes would hide: labels are validated as
-//! apimachinery does (`422 Invalid`), and [`FakeApi::grant_only`] plays a caller bound to
-//! namespaced Roles, refused (`403 Forbidden`) anything cluster-wide or elsewhere.
+//! apimachinery does (`422 Invalid`), and RBAC decides every call as the API server
+//! does: the caller holds exactly the Role docs/kubernetes.md shows (the worker's
+//! manifest, `crate::permissions`), bound cluster-wide or, with
+//! [`FakeApi::grant_only`], in some namespaces; any other verb, resource or namespace is
+//! `403 Forbidden` ([`FakeApi::grant_rules`] changes the Role), and SelfSubjectAccessReview
+//! answers by the same rules.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -43,8 +47,31 @@ struct World {
     deletes: Vec<(String, String)>,
     /// Every call, faulted or not, for [`FakeApi::requests`].
     log: CallLog,
-    /// The namespaces the caller's Roles grant, when it has no cluster-wide rights.
+    /// The namespaces the caller's Role is bound in; `None`: bound cluster-wide (a
+    /// ClusterRole with the same rules).
     granted: Option<Vec<String>>,
+    /// The Role's rights (`<group>/<resource>:<verb>`); `None`: the worker's manifest,
+    /// the Role docs/kubernetes.md shows.
+    rules: Option<Vec<String>>,
+}
+
+impl World {
+    /// What RBAC decides for the caller: the Role's rules, where it is bound.
+    fn allows(&self, group: &str, resource: &str, verb: &str, namespace: Option<&str>) -> bool {
+        let bound = match &self.granted {
+            None => true,
+            Some(granted) => namespace.is_some_and(|n| granted.iter().any(|g| g == n)),
+        };
+        let group = if group.is_empty() { "core" } else { group };
+        let action = format!("{group}/{resource}:{verb}");
+        let granted = match &self.rules {
+            Some(rules) => rules.contains(&action),
+            None => crate::permissions::PERMISSIONS
+                .iter()
+                .any(|p| p.action == action),
+        };
+        bound && granted
+    }
 }
 
 /// The running server; dropped, it keeps serving until the runtime ends.
@@ -181,6 +208,12 @@ impl FakeApi {
         self.world.lock().granted = Some(namespaces.iter().map(|n| (*n).to_owned()).collect());
     }
 
+    /// From now on the caller's Role has these rights (`<group>/<resource>:<verb>`, `core`
+    /// for the core group) instead of the documented ones.
+    pub fn grant_rules(&self, actions: &[&str]) {
+        self.world.lock().rules = Some(actions.iter().map(|a| (*a).to_owned()).collect());
+    }
+
     pub fn inject(&self, fault: Fault) {
         self.world.lock().faults.push(fault);
     }
@@ -263,13 +296,14 @@ impl FakeApi {
         {
             // What RBAC would decide for the caller: everything without grants, else only
             // inside the granted namespaces.
-            let namespace = body["spec"]["resourceAttributes"]["namespace"]
-                .as_str()
-                .filter(|n| !n.is_empty());
-            let allowed = match &world.granted {
-                None => true,
-                Some(granted) => namespace.is_some_and(|n| granted.iter().any(|g| g == n)),
-            };
+            let attributes = &body["spec"]["resourceAttributes"];
+            let namespace = attributes["namespace"].as_str().filter(|n| !n.is_empty());
+            let allowed = world.allows(
+                attributes["group"].as_str().unwrap_or_default(),
+                attributes["resource"].as_str().unwrap_or_default(),
+                attributes["verb"].as_str().unwrap_or_default(),
+                namespace,
+            );
             let mut review = body;
             review["kind"] = json!("SelfSubjectAccessReview");
             review["apiVersion"] = json!("authorization.k8s.io/v1");
@@ -315,16 +349,18 @@ impl FakeApi {
         } else {
             "services"
         };
-        if let Some(granted) = &world.granted
-            && namespace.is_none_or(|n| !granted.iter().any(|g| g == n))
-        {
-            let verb = match (method.as_str(), name) {
-                ("GET", None) => "list",
-                ("GET", Some(_)) => "get",
-                ("POST", _) => "create",
-                ("DELETE", _) => "delete",
-                (other, _) => other,
-            };
+        let verb = match (method.as_str(), name) {
+            ("GET", None) if query.contains("watch=true") => "watch",
+            ("GET", None) => "list",
+            ("GET", Some(_)) => "get",
+            ("POST", _) => "create",
+            ("DELETE", _) => "delete",
+            ("PUT", _) => "update",
+            ("PATCH", _) => "patch",
+            (other, _) => other,
+        };
+        let rbac_group = if kind == "deployments" { "apps" } else { "" };
+        if !world.allows(rbac_group, kind, verb, namespace) {
             let scope = namespace.map_or("at the cluster scope".to_owned(), |n| {
                 format!("in the namespace \"{n}\"")
             });

@@ -12,6 +12,7 @@
 
 #[cfg(feature = "fake-api")]
 pub mod fake_api;
+pub mod permissions;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -554,6 +555,10 @@ impl Platform for KubernetesPlatform {
         PlatformName::Kubernetes
     }
 
+    fn permissions(&self) -> &'static [provisioner_core::permissions::Permission] {
+        permissions::PERMISSIONS
+    }
+
     async fn preflight(&self) -> Vec<Finding> {
         use k8s_openapi::api::authorization::v1::{
             ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
@@ -568,9 +573,20 @@ impl Platform for KubernetesPlatform {
         let mut findings = vec![Finding::pass("namespaces", where_)];
         let reviews = Api::<SelfSubjectAccessReview>::all(self.client.clone());
         for namespace in namespaces {
-            for (group, resource) in [("apps", "deployments"), ("", "services")] {
+            let mut kinds: Vec<(&str, &str)> = Vec::new();
+            for permission in permissions::PERMISSIONS {
+                let (group, resource, _) = permissions::split(permission.action);
+                if !kinds.contains(&(group, resource)) {
+                    kinds.push((group, resource));
+                }
+            }
+            for (group, resource) in kinds {
                 let mut denied = Vec::new();
-                for verb in ["create", "get", "list", "delete"] {
+                let verbs = permissions::PERMISSIONS.iter().filter_map(|p| {
+                    let (g, r, verb) = permissions::split(p.action);
+                    (g == group && r == resource).then_some(verb)
+                });
+                for verb in verbs {
                     let review = SelfSubjectAccessReview {
                         spec: SelfSubjectAccessReviewSpec {
                             resource_attributes: Some(ResourceAttributes {

@@ -439,3 +439,44 @@ async fn vcpus_quotas_count_the_pods_cpu_requests_on_fake_api() {
         assert_eq!(vcpus(cost), Some(cpus), "{extra}");
     }
 }
+
+/// Under exactly the documented Role (the fake's default, which every other test here
+/// runs under too) the setup checks pass; a right the Role lacks is refused by RBAC at
+/// the call that needs it (`403 Forbidden`, classed `permission`), named by the setup
+/// check, and a provision whose second object is refused leaves nothing behind once the
+/// runtime's removal (a teardown) has run.
+#[tokio::test]
+async fn a_right_the_role_lacks_is_refused_and_named_on_fake_api() {
+    use provisioner_core::Outcome;
+    use provisioner_kubernetes::permissions::PERMISSIONS;
+    let api = FakeApi::start(1).await;
+    api.grant_only(&["apps", "team-a"]);
+    let platform = platform(&api).await;
+    for finding in platform.preflight().await {
+        assert_ne!(finding.outcome, Outcome::Fail, "{finding:?}");
+    }
+    let without = |action: &str| -> Vec<&str> {
+        PERMISSIONS
+            .iter()
+            .map(|p| p.action)
+            .filter(|a| *a != action)
+            .collect()
+    };
+    api.grant_rules(&without("core/services:create"));
+    let findings = platform.preflight().await;
+    assert!(
+        findings.iter().any(|f| f.outcome == Outcome::Fail
+            && f.check == "services in apps"
+            && f.detail.contains("create")),
+        "{findings:?}"
+    );
+    let id = unique("nosvc");
+    let refused = platform
+        .provision(&request(&id, web(serde_json::json!({}))))
+        .await
+        .expect_err("the Service is refused");
+    assert_eq!(refused.class, ErrorClass::Permission, "{refused}");
+    let target = TeardownTarget::Request(RequestId::new(id).expect("id"));
+    platform.teardown(&target).await.expect("removed");
+    assert_eq!(api.count("deployments") + api.count("services"), 0);
+}

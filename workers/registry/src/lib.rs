@@ -107,9 +107,11 @@ provisioner_events::for_each_platform!(registry);
 #[non_exhaustive]
 pub struct Permissions {
     pub manifest: &'static [provisioner_core::permissions::Permission],
-    /// AWS: the IAM policy document. Azure: the custom roles (both workers'), each to
-    /// assign at the scope its description names.
-    pub policy: Option<serde_json::Value>,
+    /// The document to hand the cloud, as text. AWS: the IAM policy (JSON). Azure: the
+    /// custom roles of both workers, each to assign at the scope its description names
+    /// (JSON). GCP: the predefined roles to bind, where, and the permissions of each the
+    /// worker uses (JSON). Kubernetes: the Role's rules (YAML).
+    pub policy: Option<String>,
 }
 
 /// `platform`'s [`Permissions`], without setting it up (no credentials needed).
@@ -122,30 +124,75 @@ pub fn permissions(platform: PlatformName) -> Result<Permissions, BuildError> {
         #[cfg(feature = "aws-ec2")]
         PlatformName::AwsEc2 => Ok(Permissions {
             manifest: provisioner_aws_ec2::permissions::PERMISSIONS,
-            policy: Some(provisioner_aws_ec2::permissions::iam_policy()),
+            policy: Some(format!(
+                "{:#}",
+                provisioner_aws_ec2::permissions::iam_policy()
+            )),
         }),
         #[cfg(feature = "aws-ecs")]
         PlatformName::AwsEcs => Ok(Permissions {
             manifest: provisioner_aws_ecs::permissions::PERMISSIONS,
-            policy: Some(provisioner_aws_ecs::permissions::iam_policy()),
+            policy: Some(format!(
+                "{:#}",
+                provisioner_aws_ecs::permissions::iam_policy()
+            )),
         }),
         #[cfg(feature = "azure")]
         PlatformName::AzureVm => Ok(Permissions {
             manifest: provisioner_azure::permissions::VM_PERMISSIONS,
-            policy: Some(serde_json::json!(provisioner_azure::permissions::roles())),
+            policy: Some(format!(
+                "{:#}",
+                serde_json::json!(provisioner_azure::permissions::roles())
+            )),
         }),
         #[cfg(feature = "azure")]
         PlatformName::AzureContainerInstances => Ok(Permissions {
             manifest: provisioner_azure::permissions::ACI_PERMISSIONS,
-            policy: Some(serde_json::json!(provisioner_azure::permissions::roles())),
+            policy: Some(format!(
+                "{:#}",
+                serde_json::json!(provisioner_azure::permissions::roles())
+            )),
         }),
-        // Built in, but acting on this host or not yet given a manifest.
+        #[cfg(feature = "gcp")]
+        PlatformName::GcpCompute => Ok(Permissions {
+            manifest: provisioner_gcp::permissions::COMPUTE_PERMISSIONS,
+            policy: Some(format!(
+                "{:#}",
+                gcp_roles(provisioner_gcp::permissions::COMPUTE_ROLES)
+            )),
+        }),
+        #[cfg(feature = "gcp")]
+        PlatformName::GcpCloudRun => Ok(Permissions {
+            manifest: provisioner_gcp::permissions::CLOUD_RUN_PERMISSIONS,
+            policy: Some(format!(
+                "{:#}",
+                gcp_roles(provisioner_gcp::permissions::CLOUD_RUN_ROLES)
+            )),
+        }),
+        #[cfg(feature = "kubernetes")]
+        PlatformName::Kubernetes => Ok(Permissions {
+            manifest: provisioner_kubernetes::permissions::PERMISSIONS,
+            policy: Some(provisioner_kubernetes::permissions::role_rules()),
+        }),
+        // Built in, but acting on this host: no cloud rights.
         other if built_in().contains(&other) => Ok(none),
         other => Err(BuildError::NotBuiltIn {
             platform: other,
             feature: feature_of(other),
         }),
     }
+}
+
+/// GCP's documented grants: each predefined role, where to bind it, and the permissions
+/// of it the worker uses.
+#[cfg(feature = "gcp")]
+fn gcp_roles(roles: &[provisioner_gcp::permissions::DocumentedRole]) -> serde_json::Value {
+    serde_json::json!(
+        roles
+            .iter()
+            .map(|r| serde_json::json!({"role": r.role, "bind_on": r.scope, "used": r.permissions}))
+            .collect::<Vec<_>>()
+    )
 }
 
 #[cfg(feature = "docker")]
