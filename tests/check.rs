@@ -91,7 +91,7 @@ async fn kubernetes_rights_are_asked_with_self_subject_access_reviews() {
     let (code, text) = check("kubernetes", &vars).await;
     assert_eq!(code, Some(0), "{text}");
     assert!(
-        text.contains("deployments in team-a: create, get, list and delete allowed"),
+        text.contains("deployments in team-a: create, get, list, delete allowed"),
         "{text}"
     );
     // A Role in apps only: team-a is refused, and the check says where to bind it.

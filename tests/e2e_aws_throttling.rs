@@ -1116,3 +1116,286 @@ async fn a_fleet_of_100_instances_launches_in_batches_within_ec2s_buckets() {
 async fn a_fleet_of_1000_instances_is_paced_through_ec2s_buckets_and_torn_down() {
     ec2_fleet_through_buckets(1000, Duration::from_secs(1800)).await;
 }
+
+/// EC2's refusal of a launch past the account's running On-Demand vCPU limit
+/// (<https://docs.aws.amazon.com/ec2/latest/devguide/ec2-instance-quotas.html>): the whole
+/// `MinCount` = `MaxCount` call is refused.
+const VCPU_LIMIT_EXCEEDED: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>VcpuLimitExceeded</Code><Message>You have requested more vCPU capacity than your current vCPU limit of 12 allows for the instance bucket that the specified instance type belongs to. Please visit http://aws.amazon.com/contact-us/ec2-request to request an adjustment to this limit.</Message></Error></Errors><RequestID>quota-test</RequestID></Response>";
+
+/// A proxy to LocalStack that keeps the account's vCPU limit for running instances (t3
+/// instances: 2 vCPUs each), counting launches and terminations through it, and refuses
+/// a RunInstances past it whole, as EC2 does.
+async fn vcpu_limit_proxy(listener: TcpListener, limit: usize, refused: Arc<AtomicUsize>) {
+    let running = Arc::new(std::sync::Mutex::new(0usize));
+    loop {
+        let Ok((mut client, _)) = listener.accept().await else {
+            return;
+        };
+        let (running, refused) = (running.clone(), refused.clone());
+        tokio::spawn(async move {
+            let Some((head, body)) = read_request(&mut client).await else {
+                return;
+            };
+            let text = format!("{head}{}", String::from_utf8_lossy(&body));
+            let launching = text.contains("Action=RunInstances") && !text.contains("DryRun=true");
+            let over = launching && {
+                let vcpus = 2 * launch_count(&text);
+                let mut held = running.lock().expect("running");
+                let over = *held + vcpus > limit;
+                if !over {
+                    *held += vcpus;
+                }
+                over
+            };
+            if over {
+                refused.fetch_add(1, Ordering::SeqCst);
+                let answer = http_response("400 Bad Request", "text/xml", VCPU_LIMIT_EXCEEDED);
+                let _ = client.write_all(answer.as_bytes()).await;
+                return;
+            }
+            if text.contains("Action=TerminateInstances") {
+                let ended = 2 * text.matches("InstanceId.").count();
+                let mut held = running.lock().expect("running");
+                *held = held.saturating_sub(ended);
+            }
+            let Some(response) = forward(&common::aws_endpoint(), &head, &body).await else {
+                return;
+            };
+            let _ = client.write_all(&response).await;
+        });
+    }
+}
+
+/// A fleet that only partly fits the account's vCPU limit gets what fits: the batch of
+/// ten is refused whole (`VcpuLimitExceeded`), is launched in halves down to the members
+/// the limit refuses, and with `min_count` 6 and `on_partial: keep` the fleet runs with
+/// the six that fit, the other members ending in `quota`. Before, every member of the
+/// refused batch failed and the fleet ended in error.
+#[tokio::test]
+async fn a_fleet_past_the_vcpu_limit_gets_what_fits() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
+    let refused = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(vcpu_limit_proxy(listener, 12, refused.clone()));
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_platform_worker("aws-ec2", "a", &aws_worker_env(&proxy_url));
+    let fleet = serde_json::json!({
+        "schema_version": 1, "request_id": format!("ec2-vcpus-{}", env.run_id),
+        "operation": "provision", "platform": "aws-ec2", "count": 10, "min_count": 6,
+        "on_partial": "keep",
+        "spec": {"image_id": "ami-03cf127a", "instance_type": "t3.micro"},
+        "labels": {"test-run": env.run_id}
+    });
+    env.publish(&fleet).await;
+    let fleet_id = id(&fleet);
+    let ends = |id: String| {
+        move |e: &provisioner_events::StatusEvent| e.request_id == id && e.ends_request()
+    };
+    let end = events
+        .until(
+            Duration::from_secs(300),
+            "the fleet's end",
+            ends(fleet_id.clone()),
+        )
+        .await;
+    assert_eq!(end.state, State::Running, "{:#?}", end.error);
+    let counts = end
+        .fleet
+        .as_ref()
+        .and_then(|f| f.members)
+        .expect("the fleet's counts");
+    assert_eq!(
+        (counts.running, counts.error),
+        (6, 4),
+        "the six that fit the limit run, the other four ended: {end:#?}"
+    );
+    assert!(
+        refused.load(Ordering::SeqCst) >= 1,
+        "the whole batch was refused first"
+    );
+    let quota_ends = events
+        .seen
+        .iter()
+        .filter(|e| {
+            e.request_id.starts_with(&format!("{fleet_id}#"))
+                && e.ends_request()
+                && e.error
+                    .as_ref()
+                    .is_some_and(|e| e.class == provisioner_events::ErrorClass::Quota)
+        })
+        .count();
+    assert_eq!(quota_ends, 4, "the members past the limit end in quota");
+    assert_eq!(
+        common::ec2_instances(&env.run_id)
+            .await
+            .values()
+            .map(Vec::len)
+            .sum::<usize>(),
+        6
+    );
+    let down = serde_json::json!({
+        "schema_version": 1, "request_id": format!("ec2-vcpus-down-{}", env.run_id),
+        "operation": "teardown", "platform": "aws-ec2", "target_request_id": fleet_id
+    });
+    env.publish(&down).await;
+    let stopped = events
+        .until(
+            Duration::from_secs(300),
+            "the fleet's teardown",
+            ends(id(&down)),
+        )
+        .await;
+    assert_eq!(stopped.state, State::Stopped, "{:#?}", stopped.error);
+}
+
+/// A proxy to moto that plays ECS's partial placement
+/// (<https://docs.aws.amazon.com/AmazonECS/latest/APIReference/API_RunTask.html>: "failures"
+/// beside the tasks started): the first RunTask of more than one task starts one fewer,
+/// and its answer lists a `RESOURCE:MEMORY` failure for the one left out. Answers are kept
+/// by `clientToken` and replayed, as ECS does.
+async fn partial_placement_proxy(
+    listener: TcpListener,
+    upstream: String,
+    run_tasks: Arc<AtomicUsize>,
+    shorted: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let answered: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>> =
+        Arc::default();
+    loop {
+        let Ok((mut client, _)) = listener.accept().await else {
+            return;
+        };
+        let (upstream, answered, shorted, run_tasks) = (
+            upstream.clone(),
+            answered.clone(),
+            shorted.clone(),
+            run_tasks.clone(),
+        );
+        tokio::spawn(async move {
+            let Some((head, body)) = read_request(&mut client).await else {
+                return;
+            };
+            if !head.contains("AmazonEC2ContainerServiceV20141113.RunTask") {
+                if let Some(response) = forward(&upstream, &head, &body).await {
+                    let _ = client.write_all(&response).await;
+                }
+                return;
+            }
+            run_tasks.fetch_add(1, Ordering::SeqCst);
+            let mut asked: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let token = asked["clientToken"].as_str().unwrap_or_default().to_owned();
+            let replay = answered.lock().expect("lock").get(&token).cloned();
+            if let Some(replay) = replay {
+                let _ = client.write_all(&replay).await;
+                return;
+            }
+            let count = asked["count"].as_u64().unwrap_or(1);
+            let short = count > 1 && !shorted.swap(true, Ordering::SeqCst);
+            let (head, body) = if short {
+                asked["count"] = serde_json::json!(count - 1);
+                let body = asked.to_string().into_bytes();
+                let head: String = head
+                    .lines()
+                    .map(|line| {
+                        if line.to_ascii_lowercase().starts_with("content-length:") {
+                            format!("Content-Length: {}\r\n", body.len())
+                        } else {
+                            format!("{line}\r\n")
+                        }
+                    })
+                    .collect();
+                (head, body)
+            } else {
+                (head, body)
+            };
+            let Some(mut response) = forward(&upstream, &head, &body).await else {
+                return;
+            };
+            if short {
+                let text = String::from_utf8_lossy(&response).into_owned();
+                if let Some(mut answer) = text
+                    .split_once("\r\n\r\n")
+                    .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(b).ok())
+                {
+                    answer["failures"] = serde_json::json!([{"reason": "RESOURCE:MEMORY",
+                        "detail": "no container instance met all of its requirements"}]);
+                    response = http_response("200 OK", ECS_JSON, &answer.to_string()).into_bytes();
+                }
+            }
+            answered
+                .lock()
+                .expect("lock")
+                .insert(token, response.clone());
+            let _ = client.write_all(&response).await;
+        });
+    }
+}
+
+/// A fleet's batch that ECS places only in part: the member left out is retried (in a
+/// smaller batch, so under a new clientToken that is not answered with the old failure)
+/// and the fleet runs whole, one task per member. Before, the member left out failed for
+/// good with `capacity`.
+#[tokio::test]
+async fn ecs_members_left_out_of_a_partial_placement_are_retried() {
+    common::ecs_demo_cluster().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
+    let run_tasks = Arc::new(AtomicUsize::new(0));
+    let shorted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(partial_placement_proxy(
+        listener,
+        common::ecs_endpoint(),
+        run_tasks.clone(),
+        shorted.clone(),
+    ));
+    let mut env = TestEnv::new().await;
+    let mut events = env.events().await;
+    env.start_platform_worker("aws-ecs", "worker", &aws_worker_env(&proxy_url));
+    let fleet = serde_json::json!({
+        "schema_version": 1, "request_id": format!("ecs-partial-{}", env.run_id),
+        "operation": "provision", "platform": "aws-ecs", "count": 4,
+        "spec": {"cluster": "demo", "task_definition": "web:1",
+                 "network": {"subnets": ["subnet-0a1b2c3d"], "assign_public_ip": true}}
+    });
+    env.publish(&fleet).await;
+    let fleet_id = id(&fleet);
+    let ends = |id: String| {
+        move |e: &provisioner_events::StatusEvent| e.request_id == id && e.ends_request()
+    };
+    let end = events
+        .until(
+            Duration::from_secs(180),
+            "the fleet's end",
+            ends(fleet_id.clone()),
+        )
+        .await;
+    assert_eq!(end.state, State::Running, "{:#?}", end.error);
+    let members = end
+        .resource
+        .as_ref()
+        .map(|r| r.members.len())
+        .unwrap_or_default();
+    assert_eq!(members, 4, "every member runs: {end:#?}");
+    assert!(
+        shorted.load(Ordering::SeqCst),
+        "a batch of several members was placed in part"
+    );
+    assert!(
+        run_tasks.load(Ordering::SeqCst) >= 2,
+        "the member left out was started by a RunTask of its own"
+    );
+    let down = serde_json::json!({
+        "schema_version": 1, "request_id": format!("ecs-partial-down-{}", env.run_id),
+        "operation": "teardown", "platform": "aws-ecs", "target_request_id": fleet_id
+    });
+    env.publish(&down).await;
+    let stopped = events
+        .until(
+            Duration::from_secs(180),
+            "the fleet's teardown",
+            ends(id(&down)),
+        )
+        .await;
+    assert_eq!(stopped.state, State::Stopped, "{:#?}", stopped.error);
+}

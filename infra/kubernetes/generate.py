@@ -217,6 +217,9 @@ rules:
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["create", "get", "list", "delete"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding

@@ -16,8 +16,10 @@
 //!
 //! **All or nothing per call.** `MinCount` = `MaxCount` makes EC2 launch the whole batch or
 //! nothing, so no member is left half-assigned. When EC2 lacks the capacity for all of
-//! them, the batch is split in two and each half tried again, down to single members,
-//! whose capacity error goes back to the member to be retried like any launch.
+//! them (`InsufficientInstanceCapacity`), or the account's vCPU quota would be passed
+//! (`VcpuLimitExceeded`), the batch is split in two and each half tried again, down to
+//! single members, whose error goes back to the member (a capacity error is retried like
+//! any launch; a quota error ends the member, and the fleet's `min_count` decides).
 //!
 //! **Waiting for running** is also one call per batch: a DescribeInstances of all its
 //! instances per poll, each member answered as soon as its own instance runs.
@@ -423,8 +425,14 @@ impl Launcher {
         self.adapt(matches!(&result, Err(e) if e.class == ErrorClass::Throttled));
         let output = match result {
             Ok(output) => output,
-            Err(e) if e.class == ErrorClass::Capacity && members.len() > 1 => {
-                warn!(error = %e, members = members.len(), "not enough capacity for the whole batch; launching it in halves");
+            // Capacity or the account's vCPU quota for all of them but maybe not for
+            // fewer: halves, down to single members, so a fleet that partly fits gets
+            // what fits (and `min_count` decides) instead of every member failing.
+            Err(e)
+                if matches!(e.class, ErrorClass::Capacity | ErrorClass::Quota)
+                    && members.len() > 1 =>
+            {
+                warn!(error = %e, members = members.len(), "not enough capacity or quota for the whole batch; launching it in halves");
                 let mut members = members;
                 let second = members.split_off(members.len() / 2);
                 let mut launched = Box::pin(self.launch(launch, members, false)).await;

@@ -687,8 +687,27 @@ impl Platform for Ec2Platform {
             .send()
             .await;
         findings.push(preflight_dry_run("ec2:DescribeImages", images));
+        let types = self
+            .client
+            .describe_instance_types()
+            .instance_types(aws_sdk_ec2::types::InstanceType::T3Micro)
+            .dry_run(true)
+            .send()
+            .await;
+        findings.push(preflight_dry_run("ec2:DescribeInstanceTypes", types));
+        // The rest of the manifest needs an image or an instance to ask about.
+        let checked = [
+            "ec2:DescribeInstances",
+            "ec2:DescribeImages",
+            "ec2:DescribeInstanceTypes",
+        ];
+        let rest: Vec<&str> = permissions::PERMISSIONS
+            .iter()
+            .map(|p| p.action)
+            .filter(|a| !checked.contains(a))
+            .collect();
         findings.push(Finding::warn(
-            "ec2:RunInstances, ec2:CreateTags, ec2:StopInstances, ec2:StartInstances, ec2:RebootInstances, ec2:TerminateInstances",
+            rest.join(", "),
             "they need an image and an instance to ask about: send a provision with \"dry_run\": true to check them",
         ));
         findings

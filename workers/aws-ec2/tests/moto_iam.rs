@@ -185,6 +185,14 @@ async fn a_right_missing_from_the_policy_is_refused_as_on_aws_on_moto() {
         .await
         .expect_err("DescribeInstanceTypes is refused");
     assert_eq!(refused.class, ErrorClass::Permission, "{refused}");
+    let findings = platform.preflight().await;
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.check == "ec2:DescribeInstanceTypes"
+                && f.outcome == provisioner_core::Outcome::Fail),
+        "provisioner check names the missing right: {findings:?}"
+    );
 
     let no_launch = without(&iam_policy(), "ec2:RunInstances");
     let platform = Ec2Platform::new(

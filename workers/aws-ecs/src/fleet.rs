@@ -412,7 +412,7 @@ impl Runner {
             members = to_start.len(),
             "started a batch of fleet members"
         );
-        let shortfall = match output.failures().first() {
+        let mut shortfall = match output.failures().first() {
             Some(failure) => classify_failure(
                 failure.reason().unwrap_or("unknown"),
                 failure.detail().unwrap_or_default(),
@@ -421,6 +421,18 @@ impl Runner {
                 "RunTask started fewer tasks than asked, naming no failure",
             ),
         };
+        // A partial placement (RunTask's `failures[]` beside the tasks it started): the
+        // members left out are retried. Their next batch holds fewer members than this
+        // one, so its clientToken is new and ECS places it afresh instead of answering
+        // this call's failure again. A batch of which nothing started keeps its token
+        // for its members' next try, so its failure stands (as for one task).
+        if !started.is_empty() && shortfall.class == provisioner_events::ErrorClass::Capacity {
+            shortfall.retryable = true;
+            shortfall.message = format!(
+                "{} (left out of a partial placement: retried in a batch of its own)",
+                shortfall.message
+            );
+        }
         let mut started = started.into_iter();
         for member in to_start {
             match started.next() {

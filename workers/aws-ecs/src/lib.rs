@@ -804,8 +804,13 @@ impl Platform for EcsPlatform {
             clusters,
             &format!("allowed; {seen} cluster(s) visible"),
         ));
+        let rest: Vec<&str> = permissions::PERMISSIONS
+            .iter()
+            .map(|p| p.action)
+            .filter(|a| *a != "ecs:ListClusters")
+            .collect();
         findings.push(Finding::warn(
-            "ecs:RunTask, ecs:DescribeTasks, ecs:ListTasks, ecs:StopTask, ecs:TagResource, ecs:RegisterTaskDefinition, iam:PassRole",
+            rest.join(", "),
             "ECS has no dry run: the first request tells (the IAM policy in docs/aws-ecs.md grants them)",
         ));
         findings

@@ -336,9 +336,14 @@ impl Platform for CloudRunPlatform {
             listed,
             &format!("allowed; {seen} service(s) in the served regions"),
         ));
+        let rest: Vec<&str> = crate::permissions::CLOUD_RUN_PERMISSIONS
+            .iter()
+            .map(|p| p.action)
+            .filter(|a| *a != "run.services.list")
+            .collect();
         findings.push(Finding::warn(
-            "run.services.create, run.services.delete",
-            "checked by the first request: roles/run.admin grants them",
+            rest.join(", "),
+            "checked by the first request: roles/run.admin and roles/iam.serviceAccountUser (docs/gcp.md) grant them",
         ));
         findings
     }

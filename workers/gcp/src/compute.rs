@@ -98,6 +98,9 @@ pub struct ComputePlatform {
     /// Fleet members' inserts, merged into bulk inserts. `None` in the copy the batcher's
     /// flush works with (it needs no batcher of its own).
     bulk: Option<std::sync::Arc<bulk::BulkBatcher>>,
+    /// This worker's bulk inserts in flight (sent, operation not yet done): Compute
+    /// Engine refuses more than [`bulk::MAX_BULK_IN_FLIGHT`] at once per project.
+    bulk_in_flight: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for ComputePlatform {
@@ -132,6 +135,9 @@ impl ComputePlatform {
             settings,
             pacer: provisioner_core::PacerSlot::default(),
             bulk: None,
+            bulk_in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                bulk::MAX_BULK_IN_FLIGHT,
+            )),
         };
         platform.bulk = Some(std::sync::Arc::new(bulk::batcher(platform.clone())));
         Ok(platform)
@@ -602,9 +608,14 @@ impl Platform for ComputePlatform {
             listed,
             &format!("allowed; {seen} instance(s) of the provisioner"),
         ));
+        let rest: Vec<&str> = crate::permissions::COMPUTE_PERMISSIONS
+            .iter()
+            .map(|p| p.action)
+            .filter(|a| *a != "compute.instances.list")
+            .collect();
         findings.push(Finding::warn(
-            "compute.instances.create, delete, start, stop, reset, setMetadata, setLabels",
-            "checked by the first request: roles/compute.instanceAdmin.v1 grants them",
+            rest.join(", "),
+            "checked by the first request: roles/compute.instanceAdmin.v1 (docs/gcp.md) grant them",
         ));
         findings
     }

@@ -26,6 +26,12 @@
 //! permission, `PERMISSION_DENIED`), before it has any effect. By default the caller
 //! holds what the roles docs/gcp.md names grant, at their scopes ([`Grants::documented`]).
 //!
+//! The project's limits, where a test sets them: a region's `CPUS` quota (an insert or
+//! bulk insert past it is `403 quotaExceeded` at once), a zone's capacity (a bulk insert
+//! past it is `503 insufficientCapacity` at once, a single insert's operation fails
+//! `ZONE_RESOURCE_POOL_EXHAUSTED`), and at most [`BULK_OPERATIONS_AT_ONCE`] bulk
+//! operations running (`403 rateLimitExceeded` past them).
+//!
 //! Faults can be queued: an HTTP error instead of the next matching answer, optionally
 //! after the call took effect (an answer lost on the way back), or a Compute operation
 //! that finishes with an error (a stockout, a quota).
@@ -119,7 +125,45 @@ struct World {
     /// The caller's permissions: on the project, and on the service account Cloud Run
     /// services run as. `None` until a test sets them: the documented roles'.
     grants: Option<Grants>,
+    /// The project's `CPUS` quota per region, where a test set one.
+    cpu_quota: HashMap<String, u32>,
+    /// How many more instances each zone can place, where a test set it.
+    zone_capacity: HashMap<String, usize>,
 }
+
+impl World {
+    /// The guest CPUs of the instances in `region`'s zones.
+    fn cpus_in(&self, region: &str) -> u32 {
+        self.instances
+            .iter()
+            .filter(|((zone, _), _)| region_of(zone) == region)
+            .map(|(_, instance)| {
+                instance["machineType"]
+                    .as_str()
+                    .and_then(|t| t.rsplit('/').next())
+                    .and_then(machine_type_cpus)
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// Bulk insert operations not yet done.
+    fn bulk_in_flight(&self) -> usize {
+        self.operations
+            .values()
+            .filter(|op| op.value["operationType"] == "bulkInsert" && op.value["status"] != "DONE")
+            .count()
+    }
+}
+
+/// `europe-west1` of `europe-west1-b`.
+fn region_of(zone: &str) -> &str {
+    zone.rsplit_once('-').map_or(zone, |(region, _)| region)
+}
+
+/// Compute Engine's limit on bulk operations running at once in a project
+/// (https://cloud.google.com/compute/docs/troubleshooting/troubleshooting-bulk-vm-creation).
+pub const BULK_OPERATIONS_AT_ONCE: usize = 10;
 
 /// The permissions the caller holds, by where they are granted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -300,6 +344,78 @@ impl FakeGcp {
 
     pub fn fail_next_operation(&self, failure: OperationFailure) {
         self.world.lock().operation_failures.push(failure);
+    }
+
+    /// The project's `CPUS` quota in `region` from now on: an insert or bulk insert
+    /// that would hold more is refused at once (`403 quotaExceeded`), as Compute Engine
+    /// refuses it (https://cloud.google.com/compute/resource-usage).
+    pub fn set_cpu_quota(&self, region: &str, cpus: u32) {
+        self.world.lock().cpu_quota.insert(region.to_owned(), cpus);
+    }
+
+    /// `zone` can place `instances` more from now on: a bulk insert of more is refused at
+    /// once (`503 insufficientCapacity`), a single insert past it fails in its operation
+    /// (`ZONE_RESOURCE_POOL_EXHAUSTED`), as Compute Engine does when a zone runs out.
+    pub fn set_zone_capacity(&self, zone: &str, instances: usize) {
+        self.world
+            .lock()
+            .zone_capacity
+            .insert(zone.to_owned(), instances);
+    }
+
+    /// What the project's limits say of `count` more instances of `machine_type` in
+    /// `zone`: an immediate refusal, or `None` (and the zone's capacity taken).
+    fn refuse_past_limits(
+        &self,
+        world: &mut World,
+        zone: &str,
+        machine_type: &str,
+        count: usize,
+        bulk: bool,
+    ) -> Option<(u16, Value)> {
+        if bulk && world.bulk_in_flight() >= BULK_OPERATIONS_AT_ONCE {
+            return Some((
+                403,
+                compute_error(403, "rateLimitExceeded", "Rate Limit Exceeded"),
+            ));
+        }
+        let region = region_of(zone);
+        if let Some(limit) = world.cpu_quota.get(region).copied() {
+            let cpus = machine_type
+                .rsplit('/')
+                .next()
+                .and_then(machine_type_cpus)
+                .unwrap_or(0);
+            let wanted = world.cpus_in(region) + cpus * u32::try_from(count).unwrap_or(u32::MAX);
+            if wanted > limit {
+                let message =
+                    format!("Quota 'CPUS' exceeded.  Limit: {limit}.0 in region {region}.");
+                return Some((403, compute_error(403, "quotaExceeded", &message)));
+            }
+        }
+        if let Some(left) = world.zone_capacity.get_mut(zone) {
+            if count > *left {
+                if bulk {
+                    let message = format!(
+                        "The zone 'projects/{}/zones/{zone}' does not have enough resources available to fulfill the request.",
+                        self.project
+                    );
+                    return Some((503, compute_error(503, "insufficientCapacity", &message)));
+                }
+                world.operation_failures.push(OperationFailure {
+                    operation_type: "insert".into(),
+                    code: "ZONE_RESOURCE_POOL_EXHAUSTED".into(),
+                    message: format!(
+                        "The zone 'projects/{}/zones/{zone}' does not have enough resources available to fulfill the request.  Try a different zone, or try again later.",
+                        self.project
+                    ),
+                    http_status: 503,
+                });
+            } else {
+                *left -= count;
+            }
+        }
+        None
     }
 
     /// The caller's permissions from now on (the documented roles' until set).
@@ -680,6 +796,10 @@ impl FakeGcp {
             );
             return (409, compute_error(409, "alreadyExists", &message));
         }
+        let machine_type = body["machineType"].as_str().unwrap_or_default().to_owned();
+        if let Some(refusal) = self.refuse_past_limits(&mut world, zone, &machine_type, 1, false) {
+            return refusal;
+        }
         let instance = match self.make_instance(&mut world, zone, &name, body) {
             Ok(instance) => instance,
             Err(refusal) => return refusal,
@@ -806,6 +926,15 @@ impl FakeGcp {
             return invalid(
                 "Invalid value for field 'resource.instanceProperties.machineType': a bulk insert takes a machine type name, not a URL",
             );
+        }
+        let machine_type = properties["machineType"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if let Some(refusal) =
+            self.refuse_past_limits(&mut world, zone, &machine_type, names.len(), true)
+        {
+            return refusal;
         }
         let mut made = Vec::new();
         for name in &names {

@@ -153,10 +153,14 @@ fn class_of(
     {
         return (ErrorClass::Throttled, true);
     }
+    // A bulk insert the zone cannot place answers at once `503 insufficientCapacity`
+    // (https://cloud.google.com/compute/docs/troubleshooting/troubleshooting-bulk-vm-creation):
+    // capacity, which a smaller batch or a later try may find, not a passing fault.
     if reason_is(&[
         "ZONE_RESOURCE_POOL_EXHAUSTED",
         "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
         "resourcePoolExhausted",
+        "insufficientCapacity",
         "STOCKOUT",
     ]) || lower.contains("does not have enough resources")
     {
@@ -207,6 +211,14 @@ fn reasons(details: &[StatusDetails]) -> Vec<String> {
 /// Classifies a client error: API answers by what they say, connection and transport
 /// failures as transient, credentials by whether they may come good.
 pub fn classify(error: &GaxError, doing: &str) -> PlatformError {
+    // The client's own retries ran out (a `503` resent until its policy ended): the
+    // service's last answer is what says what happened, e.g. `insufficientCapacity`.
+    if error.is_exhausted()
+        && let Some(last) =
+            std::error::Error::source(error).and_then(|s| s.downcast_ref::<GaxError>())
+    {
+        return classify(last, doing);
+    }
     if error.is_authentication() {
         let transient = std::error::Error::source(error)
             .and_then(|s| s.downcast_ref::<google_cloud_gax::error::CredentialsError>())
@@ -348,6 +360,15 @@ mod tests {
                 None,
                 None,
                 reason("ZONE_RESOURCE_POOL_EXHAUSTED"),
+                "",
+                ErrorClass::Capacity,
+                true,
+            ),
+            // A bulk insert the zone cannot place, refused at once.
+            (
+                Some(503),
+                Some(Code::Unavailable),
+                reason("insufficientCapacity"),
                 "",
                 ErrorClass::Capacity,
                 true,

@@ -982,3 +982,71 @@ async fn a_permission_the_documented_roles_lack_is_refused_before_anything_is_ma
     assert!(refused.message.contains("actAs"), "{refused}");
     assert_eq!(api.service_count(), 0);
 }
+
+/// A fleet that only partly fits the region's `CPUS` quota gets what fits: the bulk
+/// insert of all eight is refused at once (`403 quotaExceeded`), and instead of failing
+/// every member the batch is made in halves, down to the members the quota refuses,
+/// each of which ends with the quota's error (the fleet's `min_count` then decides).
+#[tokio::test]
+async fn a_fleet_past_the_cpu_quota_gets_what_fits_on_fake_gcp() {
+    let api = FakeGcp::start(PROJECT, 1).await;
+    let platform = compute(&api).await;
+    // e2-small holds 2 CPUs: room for five of the eight.
+    api.set_cpu_quota(ZONE.rsplit_once('-').expect("a zone").0, 10);
+    let fleet = unique("quota");
+    let made = provision_together(&platform, (0..8).map(|i| member(&fleet, i, 8)).collect()).await;
+    let (ok, refused): (Vec<_>, Vec<_>) = made.into_iter().partition(Result::is_ok);
+    assert_eq!(ok.len(), 5, "what fits is made: {refused:?}");
+    for error in refused.into_iter().map(|r| r.expect_err("refused")) {
+        assert_eq!(error.class, ErrorClass::Quota, "{error}");
+        assert!(error.message.contains("CPUS"), "{error}");
+    }
+    assert_eq!(api.instance_count(), 5);
+}
+
+/// A zone that cannot place the whole bulk insert answers at once `503
+/// insufficientCapacity`: classed `capacity` (not a passing fault retried as is), and the
+/// batch is made in halves, down to what the zone can place.
+#[tokio::test]
+async fn a_bulk_insert_refused_for_capacity_at_once_is_made_in_halves_on_fake_gcp() {
+    let api = FakeGcp::start(PROJECT, 1).await;
+    let platform = compute(&api).await;
+    api.set_zone_capacity(ZONE, 6);
+    let fleet = unique("stockout");
+    let made = provision_together(&platform, (0..8).map(|i| member(&fleet, i, 8)).collect()).await;
+    let (ok, refused): (Vec<_>, Vec<_>) = made.into_iter().partition(Result::is_ok);
+    assert_eq!(ok.len(), 6, "what the zone can place is made: {refused:?}");
+    for error in refused.into_iter().map(|r| r.expect_err("refused")) {
+        assert_eq!(error.class, ErrorClass::Capacity, "{error}");
+        assert!(error.retryable, "capacity may come back: {error:?}");
+    }
+    assert_eq!(api.instance_count(), 6);
+}
+
+/// Compute Engine runs at most ten bulk operations of a project at once and refuses
+/// more (`403 rateLimitExceeded`): a worker's fleets keep within it by waiting for their
+/// own operations, so twelve fleets made at once meet no refusal.
+#[tokio::test]
+async fn bulk_operations_in_flight_stay_within_the_projects_limit_on_fake_gcp() {
+    let api = FakeGcp::start(PROJECT, 1).await;
+    let platform = compute(&api).await;
+    let members: Vec<Request> = (0..12)
+        .flat_map(|f| {
+            let fleet = unique(&format!("many{f}"));
+            (0..2).map(move |i| member(&fleet, i, 2))
+        })
+        .collect();
+    for (index, result) in provision_together(&platform, members)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        result.unwrap_or_else(|e| panic!("member {index}: {e}"));
+    }
+    assert_eq!(api.instance_count(), 24);
+    assert_eq!(
+        posts(&api, "/instances/bulkInsert"),
+        12,
+        "one bulk insert per fleet, none refused for the operations in flight"
+    );
+}

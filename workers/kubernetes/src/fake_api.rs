@@ -6,8 +6,10 @@
 //! `generation`; `409 AlreadyExists` on a second create; `404 NotFound` on get and delete
 //! of what is not there, as `Status` bodies; label-selector lists across namespaces; a
 //! cluster IP (and node port) for every Service. What it does as the controllers would:
-//! a Deployment's replicas become available after a few reads, and a LoadBalancer gets
-//! its ingress after a few reads. Faults can be queued (e.g. `429` on the next create).
+//! a Deployment's replicas become available after a few reads (one whose image names
+//! `does-not-exist` never does: after those reads it reports `Progressing` False,
+//! `ProgressDeadlineExceeded`, and its pods, listed by label, wait in
+//! `ImagePullBackOff`), and a LoadBalancer gets its ingress after a few reads. Faults can be queued (e.g. `429` on the next create).
 //!
 //! As strict as a real API server where our mistakes would hide: labels are validated as
 //! apimachinery does (`422 Invalid`), and RBAC decides every call as the API server
@@ -72,6 +74,14 @@ impl World {
         };
         bound && granted
     }
+}
+
+/// Whether a Deployment's pods cannot pull their image: its first container's image
+/// names `does-not-exist`.
+fn broken_image(deployment: &Value) -> bool {
+    deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+        .as_str()
+        .is_some_and(|image| image.contains("does-not-exist"))
 }
 
 /// The running server; dropped, it keeps serving until the runtime ends.
@@ -208,6 +218,55 @@ impl FakeApi {
         self.world.lock().granted = Some(namespaces.iter().map(|n| (*n).to_owned()).collect());
     }
 
+    /// The pods of the namespace's Deployments that match `labelSelector`, as the
+    /// ReplicaSet controller would have made them: one per replica, running, or for a
+    /// Deployment whose image cannot be pulled, waiting in `ImagePullBackOff`.
+    fn pods(&self, world: &World, namespace: &str, query: &str) -> (u16, Value) {
+        let selector = query_param(query, "labelSelector").unwrap_or_default();
+        let mut items = Vec::new();
+        for ((kind, ns, name), deployment) in &world.objects {
+            if kind != "deployments" || ns != namespace {
+                continue;
+            }
+            let template = &deployment["spec"]["template"];
+            let pod_like = json!({"metadata": {"labels": template["metadata"]["labels"].clone()}});
+            if !selector_matches(&pod_like, &selector) {
+                continue;
+            }
+            let container = template["spec"]["containers"][0]["name"]
+                .as_str()
+                .unwrap_or("main")
+                .to_owned();
+            let image = template["spec"]["containers"][0]["image"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            for i in 0..deployment["spec"]["replicas"].as_i64().unwrap_or(1) {
+                let state = if broken_image(deployment) {
+                    json!({"waiting": {"reason": "ImagePullBackOff",
+                        "message": format!("Back-off pulling image \"{image}\"")}})
+                } else {
+                    json!({"running": {"startedAt": "2026-11-21T12:00:00Z"}})
+                };
+                items.push(json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": format!("{name}-5d4f8b-{i:05}"), "namespace": ns,
+                                 "labels": template["metadata"]["labels"].clone()},
+                    "status": {"phase": if broken_image(deployment) { "Pending" } else { "Running" },
+                               "containerStatuses": [{"name": container, "image": image,
+                                   "ready": !broken_image(deployment), "restartCount": 0,
+                                   "imageID": "", "state": state}]}
+                }));
+            }
+        }
+        (
+            200,
+            json!({"apiVersion": "v1", "kind": "PodList",
+                   "metadata": {"resourceVersion": world.resource_version.to_string()},
+                   "items": items}),
+        )
+    }
+
     /// From now on the caller's Role has these rights (`<group>/<resource>:<verb>`, `core`
     /// for the core group) instead of the documented ones.
     pub fn grant_rules(&self, actions: &[&str]) {
@@ -330,6 +389,7 @@ impl FakeApi {
                 Some(("services", "v1", Some(*ns), Some(*name)))
             }
             ["api", "v1", "services"] => Some(("services", "v1", None, None)),
+            ["api", "v1", "namespaces", ns, "pods"] => Some(("pods", "v1", Some(*ns), None)),
             _ => None,
         };
         let Some((kind, api_version, namespace, name)) = route else {
@@ -339,15 +399,14 @@ impl FakeApi {
                 &format!("the server could not find the requested resource ({path})"),
             );
         };
-        let object_kind = if kind == "deployments" {
-            "Deployment"
-        } else {
-            "Service"
+        let object_kind = match kind {
+            "deployments" => "Deployment",
+            "pods" => "Pod",
+            _ => "Service",
         };
-        let group = if kind == "deployments" {
-            "deployments.apps"
-        } else {
-            "services"
+        let group = match kind {
+            "deployments" => "deployments.apps",
+            other => other,
         };
         let verb = match (method.as_str(), name) {
             ("GET", None) if query.contains("watch=true") => "watch",
@@ -372,6 +431,9 @@ impl FakeApi {
                     "{group} is forbidden: User \"system:serviceaccount:provisioner:worker\" cannot {verb} resource \"{kind}\" in API group \"{api_group}\" {scope}"
                 ),
             );
+        }
+        if kind == "pods" {
+            return self.pods(&world, namespace.unwrap_or_default(), query);
         }
         match (method.as_str(), namespace, name) {
             ("POST", Some(ns), None) => {
@@ -439,7 +501,20 @@ impl FakeApi {
                 };
                 if kind == "deployments" {
                     let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
-                    object["status"] = if ready {
+                    object["status"] = if broken_image(object) {
+                        // Its pods never run; once the progress deadline has passed (the
+                        // `ready_after_reads`-th read here) the controller says so.
+                        let mut conditions = vec![json!({"type": "Available", "status": "False",
+                            "reason": "MinimumReplicasUnavailable",
+                            "message": "Deployment does not have minimum availability."})];
+                        if ready {
+                            conditions.push(json!({"type": "Progressing", "status": "False",
+                                "reason": "ProgressDeadlineExceeded",
+                                "message": format!("ReplicaSet \"{name}-5d4f8b\" has timed out progressing.")}));
+                        }
+                        json!({"observedGeneration": 1, "replicas": replicas,
+                               "unavailableReplicas": replicas, "conditions": conditions})
+                    } else if ready {
                         json!({"observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas,
                                "readyReplicas": replicas, "availableReplicas": replicas,
                                "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable",

@@ -355,10 +355,12 @@ impl KubernetesPlatform {
         }
     }
 
-    /// Polls until the Deployment has its replicas available, within `timeout`.
+    /// Polls until the Deployment has its replicas available, within `timeout`; ends at
+    /// once when the Deployment reports it stopped progressing.
     async fn wait_available(
         &self,
         api: &Api<Deployment>,
+        namespace: &str,
         name: &str,
         replicas: u32,
         timeout: Duration,
@@ -374,6 +376,29 @@ impl KubernetesPlatform {
             let available = status.available_replicas.unwrap_or(0).max(0) as u32;
             if status.observed_generation.unwrap_or(0) >= generation && available >= replicas {
                 return Ok(());
+            }
+            // The controller gave up: `Progressing` is False with ProgressDeadlineExceeded
+            // once `progressDeadlineSeconds` (600 s by default) passed without progress
+            // (https://kubernetes.io/docs/concepts/workloads/controllers/deployment/#failed-deployment).
+            // Waiting on cannot help; the pods say why.
+            let stalled = status.conditions.iter().flatten().find(|c| {
+                c.type_ == "Progressing"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+            });
+            if let Some(stalled) = stalled {
+                let (class, why) = self.pods_reason(namespace, name).await;
+                return Err(PlatformError::permanent(
+                    class,
+                    format!(
+                        "Deployment {name} stopped progressing ({}){}",
+                        stalled
+                            .message
+                            .as_deref()
+                            .unwrap_or("ProgressDeadlineExceeded"),
+                        why.map(|w| format!(": {w}")).unwrap_or_default()
+                    ),
+                ));
             }
             if !backoff.wait().await {
                 let why = status
@@ -398,6 +423,75 @@ impl KubernetesPlatform {
                 ));
             }
         }
+    }
+
+    /// Why the pods of Deployment `name` do not run, read from their statuses: a
+    /// container waiting (an image that cannot be pulled, a crash loop, a bad config) or a
+    /// pod the scheduler cannot place; and the class that reason belongs to. `None` when
+    /// the pods cannot be read (the Role lacks `pods: list`) or say nothing.
+    async fn pods_reason(&self, namespace: &str, name: &str) -> (ErrorClass, Option<String>) {
+        use k8s_openapi::api::core::v1::Pod;
+        let pods = Api::<Pod>::namespaced(self.client.clone(), namespace);
+        let listed = match pods
+            .list(&ListParams::default().labels(&format!("{NAME_LABEL}={name}")))
+            .await
+        {
+            Ok(listed) => listed,
+            Err(e) => {
+                info!(error = %e, "could not read the Deployment's pods for the reason");
+                return (ErrorClass::Timeout, None);
+            }
+        };
+        for pod in &listed.items {
+            let pod_name = pod.metadata.name.clone().unwrap_or_default();
+            let Some(status) = &pod.status else { continue };
+            for container in status.container_statuses.iter().flatten() {
+                let Some(waiting) = container.state.as_ref().and_then(|s| s.waiting.as_ref())
+                else {
+                    continue;
+                };
+                let reason = waiting.reason.clone().unwrap_or_default();
+                let class = match reason.as_str() {
+                    "ErrImagePull"
+                    | "ImagePullBackOff"
+                    | "InvalidImageName"
+                    | "CreateContainerConfigError"
+                    | "CrashLoopBackOff" => ErrorClass::InvalidRequest,
+                    _ => ErrorClass::Timeout,
+                };
+                return (
+                    class,
+                    Some(format!(
+                        "pod {pod_name}: container {} is waiting: {reason}{}",
+                        container.name,
+                        waiting
+                            .message
+                            .as_deref()
+                            .map(|m| format!(" ({m})"))
+                            .unwrap_or_default()
+                    )),
+                );
+            }
+            for condition in status.conditions.iter().flatten() {
+                if condition.type_ == "PodScheduled"
+                    && condition.status == "False"
+                    && condition.reason.as_deref() == Some("Unschedulable")
+                {
+                    return (
+                        ErrorClass::Capacity,
+                        Some(format!(
+                            "pod {pod_name} cannot be scheduled{}",
+                            condition
+                                .message
+                                .as_deref()
+                                .map(|m| format!(" ({m})"))
+                                .unwrap_or_default()
+                        )),
+                    );
+                }
+            }
+        }
+        (ErrorClass::Timeout, None)
     }
 
     /// Polls until the Service has an address: its cluster IP, or for a LoadBalancer the
@@ -582,11 +676,14 @@ impl Platform for KubernetesPlatform {
             }
             for (group, resource) in kinds {
                 let mut denied = Vec::new();
-                let verbs = permissions::PERMISSIONS.iter().filter_map(|p| {
-                    let (g, r, verb) = permissions::split(p.action);
-                    (g == group && r == resource).then_some(verb)
-                });
-                for verb in verbs {
+                let verbs: Vec<&str> = permissions::PERMISSIONS
+                    .iter()
+                    .filter_map(|p| {
+                        let (g, r, verb) = permissions::split(p.action);
+                        (g == group && r == resource).then_some(verb)
+                    })
+                    .collect();
+                for verb in verbs.iter().copied() {
                     let review = SelfSubjectAccessReview {
                         spec: SelfSubjectAccessReviewSpec {
                             resource_attributes: Some(ResourceAttributes {
@@ -614,7 +711,7 @@ impl Platform for KubernetesPlatform {
                     .map_or("across the cluster".to_owned(), |n| format!("in {n}"));
                 let check = format!("{resource} {scope}");
                 findings.push(if denied.is_empty() {
-                    Finding::pass(check, "create, get, list and delete allowed")
+                    Finding::pass(check, format!("{} allowed", verbs.join(", ")))
                 } else {
                     Finding::fail(
                         check,
@@ -738,6 +835,7 @@ impl Platform for KubernetesPlatform {
         };
         provisioner_core::metrics::health_wait(self.wait_available(
             &deployments,
+            &namespace,
             &name,
             spec.replicas(),
             timeout,

@@ -56,6 +56,11 @@ pub const PERMISSIONS: &[Permission] = &[
         NAMESPACE,
         "teardowns and removing what a failed provision made",
     ),
+    Permission::at(
+        "core/pods:list",
+        NAMESPACE,
+        "why a Deployment stopped progressing: its pods' waiting reasons (an image that cannot be pulled, a crash loop, a pod that cannot be scheduled)",
+    ),
 ];
 
 /// An action's (API group, resource, verb); the core group is `""`.

@@ -480,3 +480,39 @@ async fn a_right_the_role_lacks_is_refused_and_named_on_fake_api() {
     platform.teardown(&target).await.expect("removed");
     assert_eq!(api.count("deployments") + api.count("services"), 0);
 }
+
+/// A Deployment that stops progressing (its pods cannot pull their image) ends the
+/// provision at once, with the pods' reason, instead of after the ready timeout; and the
+/// objects it made are removed by the teardown the runtime then sends.
+#[tokio::test]
+async fn a_deployment_past_its_progress_deadline_ends_at_once_with_the_pods_reason_on_fake_api() {
+    let api = FakeApi::start(2).await;
+    let platform = platform(&api).await;
+    let id = unique("stuck");
+    let mut spec = web(serde_json::json!({}));
+    spec["image"] = serde_json::json!("registry.example/does-not-exist:1");
+    spec["ready_timeout_seconds"] = serde_json::json!(300);
+    let started = std::time::Instant::now();
+    let refused = platform
+        .provision(&request(&id, spec))
+        .await
+        .expect_err("the Deployment cannot progress");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "ended at the controller's word, not the timeout: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(refused.class, ErrorClass::InvalidRequest, "{refused}");
+    assert!(
+        refused.message.contains("ProgressDeadlineExceeded")
+            || refused.message.contains("timed out progressing"),
+        "{refused}"
+    );
+    assert!(
+        refused.message.contains("ImagePullBackOff"),
+        "the pod's reason: {refused}"
+    );
+    let target = TeardownTarget::Request(RequestId::new(id).expect("id"));
+    platform.teardown(&target).await.expect("removed");
+    assert_eq!(api.count("deployments") + api.count("services"), 0);
+}

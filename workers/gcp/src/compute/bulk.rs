@@ -6,9 +6,12 @@
 //! project's mutation bucket (members keep joining meanwhile), looks its members'
 //! instances up by name in one list call, and makes the missing ones in one bulk insert
 //! with `count` = `minCount` = their number: all or nothing, so no member is left
-//! half-made. When the zone lacks the capacity for all of them, the batch is split in two
-//! and each half tried again, down to single members, whose error goes back to the member
-//! to be retried like any insert.
+//! half-made. When the zone lacks the capacity for all of them (`ZONE_RESOURCE_POOL_EXHAUSTED`
+//! in the operation, or `503 insufficientCapacity` at once), or the region's CPU quota
+//! would be passed (`quotaExceeded`), the batch is split in two and each half tried again,
+//! down to single members, whose error goes back to the member (capacity is retried like
+//! any insert; quota ends the member, and the fleet's `min_count` decides). A worker
+//! keeps at most [`MAX_BULK_IN_FLIGHT`] bulk operations running, Compute Engine's limit.
 //!
 //! **Which instance is whose.** Every member's instance has its member's name
 //! ([`instance_name`] of `<fleet>#<i>`), given in `perInstanceProperties`. A bulk insert's
@@ -57,6 +60,13 @@ pub const MEMBERS_KEY: &str = "provisioner-fleet-members";
 pub const MAX_BULK: usize = 50;
 /// The least a batch waits for its bulk insert's operation, whatever its deadline.
 const MIN_OPERATION_WAIT: Duration = Duration::from_secs(60);
+/// Bulk inserts one worker keeps in flight at most. Compute Engine answers `403
+/// rateLimitExceeded` to a project with more than 10 bulk operations running at once
+/// (https://cloud.google.com/compute/docs/troubleshooting/troubleshooting-bulk-vm-creation):
+/// a limit on operations in flight, not on the rate of calls, so it is kept by waiting
+/// for one to finish, never by slowing every mutation down.
+pub(crate) const MAX_BULK_IN_FLIGHT: usize = 10;
+
 /// How long a batch gathers the inserts arriving with its first one.
 const GATHER: Duration = Duration::from_millis(50);
 
@@ -310,6 +320,8 @@ impl ComputePlatform {
             bulk.spec.machine_type, bulk.fleet, bulk.zone
         );
         let seed = format!("bulk:{}:{}", bulk.fleet, members_value(&indices));
+        // Held until the operation is done: the in-flight limit counts operations.
+        let _in_flight = self.bulk_in_flight.clone().acquire_owned().await;
         let sent = self
             .send_keyed(&seed, |key| {
                 self.client
@@ -320,6 +332,12 @@ impl ComputePlatform {
                     .set_body(body.clone())
                     // Safe to resend: a replayed requestId answers the first operation.
                     .with_idempotency(true)
+                    // But not by the client: a bulk insert's refusals (a zone out of
+                    // capacity, a quota, the operations in flight) are answered by
+                    // splitting the batch or waiting, which the client's resends of the
+                    // same call would only delay; a lost answer is resent by the
+                    // member's next attempt under the same requestId.
+                    .with_retry_policy(google_cloud_gax::retry_policy::NeverRetry)
                     .send()
             })
             .await;
@@ -335,17 +353,27 @@ impl ComputePlatform {
             }
             Err(e) => Err(classify(&e, &doing)),
         };
-        self.pacer.adapt(
-            vec![mutations_bucket(&self.settings.project)],
-            matches!(&result, Err(e) if e.class == ErrorClass::Throttled),
-        );
+        drop(_in_flight);
+        // A bulk insert refused for its rate is refused for the bulk operations in flight
+        // (other workers' too: the limit is the project's); this worker's calls stay
+        // within the mutation bucket, whose rate is not the one to lower.
+        if !matches!(&result, Err(e) if e.class == ErrorClass::Throttled) {
+            self.pacer
+                .adapt(vec![mutations_bucket(&self.settings.project)], false);
+        }
         match result {
             Ok(()) => {
                 info!(fleet = %bulk.fleet, made = members.len(), zone = bulk.zone, "made a batch of fleet members");
                 names.into_iter().zip(members).collect()
             }
-            Err(e) if e.class == ErrorClass::Capacity && members.len() > 1 => {
-                warn!(error = %e, members = members.len(), "not enough capacity for the whole batch; making it in halves");
+            // Capacity or the region's CPU quota for all of them but maybe not for fewer:
+            // halves, down to single members, so a fleet that partly fits gets what
+            // fits (and its `min_count` decides).
+            Err(e)
+                if matches!(e.class, ErrorClass::Capacity | ErrorClass::Quota)
+                    && members.len() > 1 =>
+            {
+                warn!(error = %e, members = members.len(), "not enough capacity or quota for the whole batch; making it in halves");
                 let mut first = members;
                 let second = first.split_off(first.len() / 2);
                 let mut made = Box::pin(self.bulk_insert(bulk, first, false)).await;
