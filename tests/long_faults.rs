@@ -515,11 +515,13 @@ async fn rabbitmq_restarting_with_a_thousand_requests_in_flight_loses_nothing() 
     assert_eq!(verdict.outcomes.get("running"), Some(&count), "{verdict}");
 }
 
-/// How many of `requests` have a result in the store.
+/// How many of `requests` (all the Kubernetes worker's) have a result in the store.
 async fn finished(store: &RedisStore, requests: &[serde_json::Value]) -> usize {
+    // Records are one platform's (key layout 2): the run's are the Kubernetes worker's.
+    let store = store.for_platform(provisioner_events::PlatformName::Kubernetes);
     let mut done = 0;
     for request in requests {
-        if let Ok(Some(record)) = provisioner_core::StateStore::get(store, &id(request)).await
+        if let Ok(Some(record)) = provisioner_core::StateStore::get(&store, &id(request)).await
             && record.result.is_some()
         {
             done += 1;

@@ -16,7 +16,9 @@
 //! images whose reference contains `does-not-exist`) and runs after a few reads, with an
 //! IP address and a DNS name. A VM carries the `properties.timeCreated` of its first
 //! `PUT`, a container group the `systemData.createdAt`. A location's `vmSizes` lists a
-//! few sizes with their cores. Faults can be queued: an HTTP
+//! few sizes with their cores. A location's Container Instances `StandardCores` quota
+//! can be set: a group past it fails its create with `ServiceUnavailable` naming the
+//! quota, as ACI does. Faults can be queued: an HTTP
 //! error instead of the next matching answer, optionally after the call took effect.
 //!
 //! Authorization as ARM does it: every call is checked against the caller's role
@@ -130,6 +132,18 @@ struct World {
     log: CallLog,
     /// The caller's role assignments: every call is checked against them.
     assignments: Vec<RoleAssignment>,
+    /// Container Instances' `StandardCores` quota per location, where a test set one.
+    aci_cores: HashMap<String, f64>,
+}
+
+/// The CPU cores a container group's containers request.
+fn aci_cores(group: &Value) -> f64 {
+    group["properties"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["properties"]["resources"]["requests"]["cpu"].as_f64())
+        .sum()
 }
 
 /// A role assignment of the caller: what its role grants (`*` wildcards, as role
@@ -276,6 +290,17 @@ impl FakeArm {
         world
             .assignments
             .push(RoleAssignment::new(group_scope(), actions, not_actions));
+    }
+
+    /// Container Instances' `StandardCores` quota in `location` from now on: a container
+    /// group whose cores would pass it fails its create as ACI fails it, with
+    /// `ServiceUnavailable` and the quota named in the message
+    /// (<https://learn.microsoft.com/troubleshoot/azure/azure-container-instances/configuration-setup/service-unavailable-container-group-quota-exceeded>).
+    pub fn set_aci_cores_quota(&self, location: &str, cores: f64) {
+        self.world
+            .lock()
+            .aci_cores
+            .insert(location.to_ascii_lowercase(), cores);
     }
 
     /// All of the caller's role assignments from now on.
@@ -1110,6 +1135,35 @@ impl FakeArm {
                     .to_owned();
                 group["properties"]["ipAddress"]["fqdn"] =
                     json!(format!("{label}.{location}.azurecontainer.io"));
+            }
+        }
+        let location = group["location"]
+            .as_str()
+            .unwrap_or("westeurope")
+            .to_ascii_lowercase();
+        if !existed && let Some(limit) = world.aci_cores.get(&location).copied() {
+            let used: f64 = world
+                .resources
+                .values()
+                .filter(|r| {
+                    r["type"] == "Microsoft.ContainerInstance/containerGroups"
+                        && r["location"]
+                            .as_str()
+                            .map(str::to_ascii_lowercase)
+                            .as_deref()
+                            == Some(location.as_str())
+                })
+                .map(aci_cores)
+                .sum();
+            let requested = aci_cores(&group);
+            if used + requested > limit {
+                world.failures.push(OperationFailure {
+                    kind: "aci-create".into(),
+                    code: "ServiceUnavailable".into(),
+                    message: format!(
+                        "Resource type 'Microsoft.ContainerInstance/containerGroups' container group quota 'StandardCores' exceeded in region '{location}'. Limit: '{limit}', Usage: '{used}' Requested: '{requested}'."
+                    ),
+                });
             }
         }
         world.resources.insert(key.clone(), group.clone());

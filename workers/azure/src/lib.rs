@@ -387,6 +387,12 @@ pub fn class_of(status: Option<u16>, code: &str, message: &str) -> (ErrorClass, 
         "ServiceUnavailable" if lower.contains("not available in the location") => {
             return (ErrorClass::Capacity, true);
         }
+        // ACI says a quota is reached (its container groups, its cores) with this code
+        // too, naming the quota: waiting does not raise it.
+        // <https://learn.microsoft.com/troubleshoot/azure/azure-container-instances/configuration-setup/service-unavailable-container-group-quota-exceeded>
+        "ServiceUnavailable" if lower.contains("quota") && lower.contains("exceeded") => {
+            return (ErrorClass::Quota, false);
+        }
         "AuthorizationFailed"
         | "AuthenticationFailed"
         | "InvalidAuthenticationToken"

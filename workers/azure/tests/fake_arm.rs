@@ -809,3 +809,34 @@ async fn a_missing_right_is_refused_and_leaves_nothing_behind_on_fake_arm() {
         .await
         .expect("torn down");
 }
+
+/// Container Instances' cores quota: a group that would pass it fails its create with
+/// ACI's `ServiceUnavailable` naming the quota; classed `quota` and not retried (waiting
+/// does not raise a quota), where the code alone read as a passing outage.
+#[tokio::test]
+async fn a_container_group_past_the_cores_quota_is_refused_as_quota_on_fake_arm() {
+    let api = FakeArm::start(1).await;
+    api.set_aci_cores_quota("westeurope", 1.0);
+    let platform = groups(&api);
+    for _ in 0..2 {
+        platform
+            .provision(&hello(
+                &unique("fits"),
+                "mcr.microsoft.com/azuredocs/aci-helloworld",
+            ))
+            .await
+            .expect("half a core each: two fit");
+    }
+    let id = unique("over");
+    let refused = platform
+        .provision(&hello(&id, "mcr.microsoft.com/azuredocs/aci-helloworld"))
+        .await
+        .expect_err("past the quota");
+    assert_eq!(refused.class, ErrorClass::Quota, "{refused}");
+    assert!(!refused.retryable, "{refused:?}");
+    assert!(refused.message.contains("StandardCores"), "{refused}");
+    platform
+        .teardown(&target(&id))
+        .await
+        .expect("what the failed create left is removed");
+}
