@@ -1031,6 +1031,39 @@ async fn a_burst_of_launches_is_paced_within_ec2s_bucket() {
     }
 }
 
+/// The event that ends request `request_id`, within `within`.
+async fn end_of(
+    events: &mut common::Events,
+    request_id: &str,
+    within: Duration,
+    what: &str,
+) -> provisioner_events::StatusEvent {
+    let request_id = request_id.to_owned();
+    events
+        .until(within, what, move |e: &provisioner_events::StatusEvent| {
+            e.request_id == request_id && e.ends_request()
+        })
+        .await
+}
+
+/// Sends the teardown of fleet `fleet_id` on `platform` and waits for it to end
+/// `stopped`.
+async fn tear_down_fleet(
+    env: &TestEnv,
+    events: &mut common::Events,
+    platform: &str,
+    fleet_id: &str,
+    within: Duration,
+) {
+    let down = serde_json::json!({
+        "schema_version": 1, "request_id": format!("{fleet_id}-down"),
+        "operation": "teardown", "platform": platform, "target_request_id": fleet_id
+    });
+    env.publish(&down).await;
+    let stopped = end_of(events, &id(&down), within, "the fleet's teardown").await;
+    assert_eq!(stopped.state, State::Stopped, "{:#?}", stopped.error);
+}
+
 /// A fleet of `count` instances through three workers, behind the proxy keeping EC2's
 /// buckets: exactly one instance per member, no throttling in any event, and nothing left
 /// after the fleet's teardown.
@@ -1045,12 +1078,7 @@ async fn ec2_fleet_through_buckets(count: usize, within: Duration) {
     let started = std::time::Instant::now();
     env.publish(&fleet).await;
     let fleet_id = id(&fleet);
-    let ends = |id: String| {
-        move |e: &provisioner_events::StatusEvent| e.request_id == id && e.ends_request()
-    };
-    let end = events
-        .until(within, "the fleet's end", ends(fleet_id.clone()))
-        .await;
+    let end = end_of(&mut events, &fleet_id, within, "the fleet's end").await;
     let elapsed = started.elapsed();
     assert_eq!(end.state, State::Running, "{:#?}", end.error);
     let refused_launching = refused.load(Ordering::SeqCst);
@@ -1083,15 +1111,7 @@ async fn ec2_fleet_through_buckets(count: usize, within: Duration) {
         "a throttling error reached an event"
     );
 
-    let down = serde_json::json!({
-        "schema_version": 1, "request_id": format!("ec2-fleet-down-{}", env.run_id),
-        "operation": "teardown", "platform": "aws-ec2", "target_request_id": fleet_id
-    });
-    env.publish(&down).await;
-    let stopped = events
-        .until(within, "the fleet's teardown", ends(id(&down)))
-        .await;
-    assert_eq!(stopped.state, State::Stopped, "{:#?}", stopped.error);
+    tear_down_fleet(&env, &mut events, "aws-ec2", &fleet_id, within).await;
     let left: usize = common::ec2_instances(&env.run_id)
         .await
         .values()
@@ -1189,16 +1209,13 @@ async fn a_fleet_past_the_vcpu_limit_gets_what_fits() {
     });
     env.publish(&fleet).await;
     let fleet_id = id(&fleet);
-    let ends = |id: String| {
-        move |e: &provisioner_events::StatusEvent| e.request_id == id && e.ends_request()
-    };
-    let end = events
-        .until(
-            Duration::from_secs(300),
-            "the fleet's end",
-            ends(fleet_id.clone()),
-        )
-        .await;
+    let end = end_of(
+        &mut events,
+        &fleet_id,
+        Duration::from_secs(300),
+        "the fleet's end",
+    )
+    .await;
     assert_eq!(end.state, State::Running, "{:#?}", end.error);
     let counts = end
         .fleet
@@ -1234,19 +1251,14 @@ async fn a_fleet_past_the_vcpu_limit_gets_what_fits() {
             .sum::<usize>(),
         6
     );
-    let down = serde_json::json!({
-        "schema_version": 1, "request_id": format!("ec2-vcpus-down-{}", env.run_id),
-        "operation": "teardown", "platform": "aws-ec2", "target_request_id": fleet_id
-    });
-    env.publish(&down).await;
-    let stopped = events
-        .until(
-            Duration::from_secs(300),
-            "the fleet's teardown",
-            ends(id(&down)),
-        )
-        .await;
-    assert_eq!(stopped.state, State::Stopped, "{:#?}", stopped.error);
+    tear_down_fleet(
+        &env,
+        &mut events,
+        "aws-ec2",
+        &fleet_id,
+        Duration::from_secs(300),
+    )
+    .await;
 }
 
 /// A proxy to moto that plays ECS's partial placement
@@ -1360,16 +1372,13 @@ async fn ecs_members_left_out_of_a_partial_placement_are_retried() {
     });
     env.publish(&fleet).await;
     let fleet_id = id(&fleet);
-    let ends = |id: String| {
-        move |e: &provisioner_events::StatusEvent| e.request_id == id && e.ends_request()
-    };
-    let end = events
-        .until(
-            Duration::from_secs(180),
-            "the fleet's end",
-            ends(fleet_id.clone()),
-        )
-        .await;
+    let end = end_of(
+        &mut events,
+        &fleet_id,
+        Duration::from_secs(180),
+        "the fleet's end",
+    )
+    .await;
     assert_eq!(end.state, State::Running, "{:#?}", end.error);
     let members = end
         .resource
@@ -1385,17 +1394,12 @@ async fn ecs_members_left_out_of_a_partial_placement_are_retried() {
         run_tasks.load(Ordering::SeqCst) >= 2,
         "the member left out was started by a RunTask of its own"
     );
-    let down = serde_json::json!({
-        "schema_version": 1, "request_id": format!("ecs-partial-down-{}", env.run_id),
-        "operation": "teardown", "platform": "aws-ecs", "target_request_id": fleet_id
-    });
-    env.publish(&down).await;
-    let stopped = events
-        .until(
-            Duration::from_secs(180),
-            "the fleet's teardown",
-            ends(id(&down)),
-        )
-        .await;
-    assert_eq!(stopped.state, State::Stopped, "{:#?}", stopped.error);
+    tear_down_fleet(
+        &env,
+        &mut events,
+        "aws-ecs",
+        &fleet_id,
+        Duration::from_secs(180),
+    )
+    .await;
 }

@@ -60,14 +60,10 @@ mod tests {
     /// drift: a right added to the code and not to the docs fails here.
     #[test]
     fn the_documented_policy_is_the_manifests() {
-        let docs = include_str!("../../../docs/aws-ecs.md");
-        let documented: Vec<serde_json::Value> = docs
-            .split("```json\n")
-            .skip(1)
-            .filter_map(|block| block.split("\n```").next())
-            .filter(|block| block.contains("\"Statement\""))
-            .map(|block| serde_json::from_str(block).expect("the documented policy is JSON"))
-            .collect();
+        let documented = provisioner_core::permissions::documented_json(
+            include_str!("../../../docs/aws-ecs.md"),
+            "\"Statement\"",
+        );
         assert_eq!(
             documented,
             vec![super::iam_policy()],

@@ -190,22 +190,12 @@ impl RoleAssignment {
 /// the subscription's role on the subscription. What the fake grants unless a test says
 /// otherwise, so every test runs the workers under exactly the documented rights.
 pub fn documented_assignments() -> Vec<RoleAssignment> {
-    use crate::permissions::{
-        ACI_PERMISSIONS, RESOURCE_GROUP as GROUP_SCOPE, SUBNET, SUBSCRIPTION as SUBSCRIPTION_SCOPE,
-        VM_PERMISSIONS, actions_at,
-    };
-    let both: Vec<_> = VM_PERMISSIONS
-        .iter()
-        .chain(ACI_PERMISSIONS)
-        .copied()
-        .collect();
-    let mut group = actions_at(&both, GROUP_SCOPE);
-    group.extend(actions_at(&both, SUBNET));
+    use crate::permissions::{group_role_actions, subscription_role_actions};
     vec![
-        RoleAssignment::new(group_scope(), &group, &[]),
+        RoleAssignment::new(group_scope(), &group_role_actions(), &[]),
         RoleAssignment::new(
             format!("/subscriptions/{SUBSCRIPTION}"),
-            &actions_at(&both, SUBSCRIPTION_SCOPE),
+            &subscription_role_actions(),
             &[],
         ),
     ]

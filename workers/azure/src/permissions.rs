@@ -151,18 +151,34 @@ pub fn actions_at(manifest: &[Permission], scope: &str) -> Vec<&'static str> {
     actions
 }
 
+/// Both workers' rights, in manifest order.
+fn both() -> Vec<Permission> {
+    VM_PERMISSIONS
+        .iter()
+        .chain(ACI_PERMISSIONS)
+        .copied()
+        .collect()
+}
+
+/// The actions of the worker's role: what both workers do in the resource group and on
+/// the subnets' network.
+pub fn group_role_actions() -> Vec<&'static str> {
+    let both = both();
+    let mut actions = actions_at(&both, RESOURCE_GROUP);
+    actions.extend(actions_at(&both, SUBNET));
+    actions
+}
+
+/// The actions of the subscription's role: what no resource group holds.
+pub fn subscription_role_actions() -> Vec<&'static str> {
+    actions_at(&both(), SUBSCRIPTION)
+}
+
 /// The two custom roles docs/azure.md shows, for both workers: the worker's, assigned
 /// on the resource group (and on the subnets' virtual network when it is elsewhere), and
 /// the subscription's, assigned on the subscription, with only what no resource group
 /// holds.
 pub fn roles() -> Vec<serde_json::Value> {
-    let both: Vec<Permission> = VM_PERMISSIONS
-        .iter()
-        .chain(ACI_PERMISSIONS)
-        .copied()
-        .collect();
-    let mut group = actions_at(&both, RESOURCE_GROUP);
-    group.extend(actions_at(&both, SUBNET));
     let role = |name: &str, description: &str, actions: Vec<&str>| {
         serde_json::json!({
             "Name": name,
@@ -177,12 +193,12 @@ pub fn roles() -> Vec<serde_json::Value> {
         role(
             "Provisioner worker",
             "What the provisioner's azure-vm and azure-container-instances workers do in their resource group. Assign on the resource group (and the subnets' virtual network).",
-            group,
+            group_role_actions(),
         ),
         role(
             "Provisioner worker (subscription)",
             "What the provisioner's azure-vm worker reads outside any resource group. Assign on the subscription.",
-            actions_at(&both, SUBSCRIPTION),
+            subscription_role_actions(),
         ),
     ]
 }
@@ -192,14 +208,10 @@ mod tests {
     /// docs/azure.md's custom roles are the ones generated from the manifests.
     #[test]
     fn the_documented_roles_are_the_manifests() {
-        let docs = include_str!("../../../docs/azure.md");
-        let documented: Vec<serde_json::Value> = docs
-            .split("```json\n")
-            .skip(1)
-            .filter_map(|block| block.split("\n```").next())
-            .filter(|block| block.contains("\"AssignableScopes\""))
-            .map(|block| serde_json::from_str(block).expect("the documented role is JSON"))
-            .collect();
+        let documented = provisioner_core::permissions::documented_json(
+            include_str!("../../../docs/azure.md"),
+            "\"AssignableScopes\"",
+        );
         assert_eq!(
             documented,
             super::roles(),

@@ -50,13 +50,18 @@ impl Permission {
     }
 }
 
-/// The actions of `manifest`, in its order, once each.
-pub fn actions(manifest: &[Permission]) -> Vec<&'static str> {
-    let mut seen = Vec::new();
-    for permission in manifest {
-        if !seen.contains(&permission.action) {
-            seen.push(permission.action);
-        }
-    }
-    seen
+/// The JSON blocks of a Markdown page (fenced as `json`) that contain `marker`, parsed:
+/// how the tests read the policies and roles docs/ shows, to compare them with the ones
+/// generated from a manifest. A block that is not JSON panics, naming the page's fault.
+pub fn documented_json(markdown: &str, marker: &str) -> Vec<serde_json::Value> {
+    markdown
+        .split("```json\n")
+        .skip(1)
+        .filter_map(|block| block.split("\n```").next())
+        .filter(|block| block.contains(marker))
+        .map(|block| {
+            serde_json::from_str(block)
+                .unwrap_or_else(|e| panic!("a documented block is not JSON ({e}): {block}"))
+        })
+        .collect()
 }
